@@ -1,0 +1,34 @@
+use crate::BlockId;
+use cairn_storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no cairn repository at {0} (create one with `cairn init --repo {0}`)")]
+    NotARepository(String),
+    #[error("a repository already exists at {0}")]
+    AlreadyExists(String),
+    #[error("wrong password: no key of this repository opens with it")]
+    WrongPassword,
+    #[error("this repository is encrypted: give its password in CAIRN_PASSWORD or at the prompt")]
+    PasswordRequired,
+    #[error("repository data is damaged: {0}")]
+    Corrupt(String),
+    #[error("repository format error: {0}")]
+    Format(String),
+    #[error("block {} is missing from the repository ({context})", .id.short())]
+    MissingBlock { id: BlockId, context: String },
+    #[error("block {} in pack {pack} is damaged: {detail}", .id.short())]
+    DamagedBlock {
+        id: BlockId,
+        pack: String,
+        detail: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("repository is locked: {0}")]
+    Locked(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

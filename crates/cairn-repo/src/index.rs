@@ -1,0 +1,212 @@
+//! The index: where every block lives, without scanning packs.
+//!
+//! An index file lists packs and, for each, the same frame/blob table its trailer holds:
+//! ```text
+//! index file = seal("CAIRNIX1" | u32 pack_count | (pack_name [32] | contents)*)
+//! ```
+//! Index files are immutable and named by the BLAKE3 hash of their bytes. A reader loads all
+//! of them into an [`Index`]; a block may appear more than once (two writers stored it at
+//! once) and any copy serves.
+
+use crate::pack::{decode_contents_from, encode_contents_into, BlobKind, FrameEntry};
+use crate::wire::{Reader, Writer};
+use crate::{BlockId, Error, Result};
+use std::collections::HashMap;
+
+const INDEX_MAGIC: &[u8; 8] = b"CAIRNIX1";
+
+/// A pack's name as raw bytes (the hex name decoded).
+pub type PackId = [u8; 32];
+
+pub fn pack_id_from_name(name: &str) -> Option<PackId> {
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(name, &mut id).ok()?;
+    Some(id)
+}
+
+/// Everything needed to read one blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobLocation {
+    pub pack: PackId,
+    pub frame_offset: u32,
+    pub frame_stored_len: u32,
+    pub frame_raw_len: u32,
+    pub raw_offset: u32,
+    pub len: u32,
+    pub kind: BlobKind,
+}
+
+impl BlobLocation {
+    pub fn pack_name(&self) -> String {
+        hex::encode(self.pack)
+    }
+}
+
+/// Compact in-memory entries: frames are shared by up to 16 blobs, packs by thousands.
+#[derive(Clone, Copy)]
+struct FrameSlot {
+    pack: u32,
+    offset: u32,
+    stored_len: u32,
+    raw_len: u32,
+}
+
+#[derive(Clone, Copy)]
+struct BlobSlot {
+    frame: u32,
+    raw_offset: u32,
+    len: u32,
+    kind: BlobKind,
+}
+
+/// All known blob locations. ~60 bytes per block in memory (see FORMAT.md, "Known limits").
+#[derive(Default)]
+pub struct Index {
+    packs: Vec<PackId>,
+    pack_numbers: HashMap<PackId, u32>,
+    frames: Vec<FrameSlot>,
+    blobs: HashMap<BlockId, BlobSlot>,
+}
+
+impl Index {
+    pub fn len(&self) -> usize {
+        self.blobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blobs.is_empty()
+    }
+
+    pub fn contains(&self, id: &BlockId) -> bool {
+        self.blobs.contains_key(id)
+    }
+
+    pub fn pack_count(&self) -> usize {
+        self.packs.len()
+    }
+
+    pub fn has_pack(&self, pack: &PackId) -> bool {
+        self.pack_numbers.contains_key(pack)
+    }
+
+    pub fn get(&self, id: &BlockId) -> Option<BlobLocation> {
+        let b = self.blobs.get(id)?;
+        let f = self.frames[b.frame as usize];
+        Some(BlobLocation {
+            pack: self.packs[f.pack as usize],
+            frame_offset: f.offset,
+            frame_stored_len: f.stored_len,
+            frame_raw_len: f.raw_len,
+            raw_offset: b.raw_offset,
+            len: b.len,
+            kind: b.kind,
+        })
+    }
+
+    /// Adds a pack's contents. A pack already known is skipped (several index files may
+    /// list it: a session's partial files and its final one).
+    pub fn add_pack(&mut self, pack: PackId, frames: &[FrameEntry]) {
+        if self.pack_numbers.contains_key(&pack) {
+            return;
+        }
+        let pn = self.packs.len() as u32;
+        self.packs.push(pack);
+        self.pack_numbers.insert(pack, pn);
+        for f in frames {
+            let fn_ = self.frames.len() as u32;
+            self.frames.push(FrameSlot {
+                pack: pn,
+                offset: f.offset,
+                stored_len: f.stored_len,
+                raw_len: f.raw_len,
+            });
+            for b in &f.blobs {
+                self.blobs.entry(b.id).or_insert(BlobSlot {
+                    frame: fn_,
+                    raw_offset: b.raw_offset,
+                    len: b.len,
+                    kind: b.kind,
+                });
+            }
+        }
+    }
+
+    /// Every pack and the IDs the index places in it (for verify's damage reports).
+    pub fn blobs_by_pack(&self) -> HashMap<PackId, Vec<BlockId>> {
+        let mut out: HashMap<PackId, Vec<BlockId>> = HashMap::new();
+        for (id, b) in &self.blobs {
+            let pack = self.packs[self.frames[b.frame as usize].pack as usize];
+            out.entry(pack).or_default().push(*id);
+        }
+        out
+    }
+
+    pub fn packs(&self) -> &[PackId] {
+        &self.packs
+    }
+}
+
+/// Encodes the raw (unsealed) content of an index file.
+pub fn encode_index(packs: &[(PackId, Vec<FrameEntry>)]) -> Vec<u8> {
+    let mut w = Writer(Vec::new());
+    w.bytes(INDEX_MAGIC);
+    w.u32(packs.len() as u32);
+    for (id, frames) in packs {
+        w.bytes(id);
+        encode_contents_into(&mut w, frames);
+    }
+    w.0
+}
+
+pub fn decode_index(raw: &[u8]) -> Result<Vec<(PackId, Vec<FrameEntry>)>> {
+    let mut r = Reader::new(raw, "index file");
+    if r.take(8)? != INDEX_MAGIC {
+        return Err(Error::Format("not a cairn index file".into()));
+    }
+    let n = r.count(36)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(r.take(32)?);
+        out.push((id, decode_contents_from(&mut r)?));
+    }
+    if r.remaining() != 0 {
+        return Err(Error::Format("index file has trailing bytes".into()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::BlobEntry;
+
+    #[test]
+    fn encode_decode_and_lookup() {
+        let id = BlockId([5; 32]);
+        let frames = vec![FrameEntry {
+            offset: 0,
+            stored_len: 10,
+            raw_len: 100,
+            blobs: vec![BlobEntry {
+                kind: BlobKind::Data,
+                id,
+                raw_offset: 4,
+                len: 96,
+            }],
+        }];
+        let raw = encode_index(&[([9; 32], frames.clone())]);
+        let decoded = decode_index(&raw).unwrap();
+        assert_eq!(decoded, vec![([9; 32], frames)]);
+        let mut idx = Index::default();
+        idx.add_pack(decoded[0].0, &decoded[0].1);
+        idx.add_pack(decoded[0].0, &decoded[0].1);
+        assert_eq!(idx.pack_count(), 1);
+        let loc = idx.get(&id).unwrap();
+        assert_eq!(
+            (loc.pack, loc.raw_offset, loc.len, loc.frame_raw_len),
+            ([9; 32], 4, 96, 100)
+        );
+        assert!(decode_index(&raw[..raw.len() - 1]).is_err());
+    }
+}

@@ -1,0 +1,69 @@
+//! # cairn-repo: the deduplicating block store
+//!
+//! A repository stores disk images as 64 KiB blocks, each identified by its BLAKE3 hash
+//! (keyed when encrypted), deduplicated across every image and every restore point. Every
+//! restore point is a complete image map ("synthetic full"); the store underneath is shared.
+//!
+//! ## Objects (see `docs/FORMAT.md` for byte layouts)
+//! - `config`: plain JSON; its presence makes a location a repository.
+//! - `keys/*`: the master keys wrapped by a password (Argon2id + AES-256-GCM).
+//! - `packs/*/*`: sealed frames (up to 16 blocks compressed together) + a sealed trailer.
+//! - `index/*`: which pack and frame holds each block.
+//! - `points/*`: restore point documents; each disk lists its map pages (themselves blobs).
+//! - `locks/*`: who is working on the repository.
+//!
+//! All objects but locks are immutable and named by the BLAKE3 hash of their stored bytes:
+//! writers never modify a file, so concurrent writers cannot conflict.
+//!
+//! ## Write ordering (what makes a restore point visible)
+//! 1. A pack is stored durably before any index file lists it.
+//! 2. Index files listing every block a point references, including its map pages, are
+//!    stored durably before the point document.
+//! 3. The point document is stored last; from that moment the point exists.
+//!
+//! A crash at any moment therefore leaves only unreferenced packs or index entries, which
+//! readers ignore and the next backup reuses (index files are written every few seconds).
+//!
+//! ## Lock table
+//! | operation            | lock      | may run alongside            |
+//! |----------------------|-----------|------------------------------|
+//! | backup               | shared    | backups, restores, verify    |
+//! | restore, points, ls  | shared    | everything but exclusive     |
+//! | verify               | shared    | backups, restores            |
+//! | gc / prune (future)  | exclusive | nothing                      |
+//!
+//! Backups need no exclusion from each other: both may store the same block (two copies,
+//! harmless) and each only deletes the partial index files it wrote itself, after merging
+//! them into one durable file.
+//!
+//! ## Garbage collection rules (for the future `gc`)
+//! A pack may be deleted only under the exclusive lock, only if no point references any blob
+//! in it, and only if it is older than the oldest shared lock (a running backup may be about
+//! to reference blocks it found in the index).
+
+mod config;
+pub mod crypto;
+mod error;
+mod id;
+pub mod index;
+pub mod lock;
+pub mod map;
+pub mod pack;
+mod point;
+mod repo;
+mod session;
+mod wire;
+
+pub use config::{Config, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
+pub use error::{Error, Result};
+pub use id::{is_all_zero, BlockId};
+pub use index::BlobLocation;
+pub use lock::Lock;
+pub use point::{DiskImage, DiskStats, PointStats, RestorePoint};
+pub use repo::{hostname, PointList, Repository};
+pub use session::{Claims, Session, PACK_TARGET};
+
+/// The current time as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}

@@ -1,0 +1,232 @@
+//! The write side: a backup session packs sealed frames, stores packs and index files from a
+//! background thread, and finally commits a restore point.
+//!
+//! Ordering (FORMAT.md, "Write ordering"): a pack is durable before any index file lists it;
+//! every index file a point needs is durable before the point is written.
+
+use crate::crypto::Compressor;
+use crate::index::{encode_index, pack_id_from_name, PackId};
+use crate::map;
+use crate::pack::{BlobEntry, BlobKind, FinishedPack, FrameEntry, PackBuilder, SealedFrame};
+use crate::point::RestorePoint;
+use crate::{BlockId, Repository, Result};
+use cairn_storage::Kind;
+use crossbeam_channel::{bounded, Sender};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Packs are closed once they reach this size (16 MiB: few files per terabyte, and a size
+/// object stores upload efficiently).
+pub const PACK_TARGET: usize = 16 << 20;
+/// Index files are written at least this often during a session (and every
+/// [`INDEX_EVERY_PACKS`] packs), so a killed backup leaves its uploaded blocks findable.
+const INDEX_EVERY: Duration = Duration::from_secs(5);
+const INDEX_EVERY_PACKS: usize = 8;
+/// Partial index files of a session are merged into one at commit when they are this small.
+const MERGE_LIMIT: usize = 64 << 20;
+
+/// Decides which blocks a session stores: those neither in the repository's index nor
+/// already claimed by this session. Shared by the pipeline's worker threads.
+pub struct Claims {
+    repo: Arc<Repository>,
+    claimed: Mutex<HashSet<BlockId>>,
+}
+
+impl Claims {
+    /// True when the caller must store the block (first sight in this session and not in the
+    /// repository); a second caller with the same block gets false.
+    pub fn claim(&self, id: &BlockId) -> bool {
+        !self.repo.index().contains(id) && self.claimed.lock().unwrap().insert(*id)
+    }
+}
+
+struct WriterOutcome {
+    index_files: Vec<String>,
+    index_bytes: u64,
+}
+
+pub struct Session {
+    repo: Arc<Repository>,
+    claims: Arc<Claims>,
+    pack: PackBuilder,
+    tx: Option<Sender<FinishedPack>>,
+    writer: Option<JoinHandle<Result<WriterOutcome>>>,
+    pack_bytes: u64,
+    page_compressor: Compressor,
+}
+
+impl Session {
+    pub fn new(repo: Arc<Repository>) -> Session {
+        // Two packs queued at most: bounds memory while the writer fsyncs.
+        let (tx, rx) = bounded::<FinishedPack>(2);
+        let r = repo.clone();
+        let writer = std::thread::Builder::new()
+            .name("cairn-pack-writer".into())
+            .spawn(move || -> Result<WriterOutcome> {
+                let mut out = WriterOutcome {
+                    index_files: vec![],
+                    index_bytes: 0,
+                };
+                let mut pending: Vec<(PackId, Vec<FrameEntry>)> = Vec::new();
+                let mut last = Instant::now();
+                for pack in rx {
+                    r.backend().put(Kind::Pack, &pack.name, &pack.bytes)?;
+                    pending.push((pack_id_from_name(&pack.name).unwrap(), pack.frames));
+                    if pending.len() >= INDEX_EVERY_PACKS || last.elapsed() >= INDEX_EVERY {
+                        write_index(&r, &mut pending, &mut out)?;
+                        last = Instant::now();
+                    }
+                }
+                write_index(&r, &mut pending, &mut out)?;
+                Ok(out)
+            })
+            .expect("spawn pack writer");
+        Session {
+            claims: Arc::new(Claims {
+                repo: repo.clone(),
+                claimed: Mutex::new(HashSet::new()),
+            }),
+            repo,
+            pack: PackBuilder::default(),
+            tx: Some(tx),
+            writer: Some(writer),
+            pack_bytes: 0,
+            page_compressor: Compressor::new(3),
+        }
+    }
+
+    pub fn claims(&self) -> Arc<Claims> {
+        self.claims.clone()
+    }
+
+    pub fn repo(&self) -> &Arc<Repository> {
+        &self.repo
+    }
+
+    /// Bytes handed to storage so far (frames; trailers and index files come on top).
+    pub fn stored_bytes(&self) -> u64 {
+        self.pack_bytes
+    }
+
+    /// Adds a frame of claimed blocks to the current pack.
+    pub fn add_frame(&mut self, frame: SealedFrame) -> Result<()> {
+        self.pack_bytes += frame.stored.len() as u64;
+        self.pack.add(frame);
+        if self.pack.len() >= PACK_TARGET {
+            self.flush_pack()?;
+        }
+        Ok(())
+    }
+
+    /// Stores a map page (if new) and returns its ID.
+    pub fn store_map_page(&mut self, ids: &[BlockId]) -> Result<BlockId> {
+        let raw = map::encode_page(ids);
+        let id = self.repo.crypto().block_id(&raw);
+        if self.claims.claim(&id) {
+            let blob = BlobEntry {
+                kind: BlobKind::Map,
+                id,
+                raw_offset: 0,
+                len: raw.len() as u32,
+            };
+            let frame = SealedFrame::build(
+                self.repo.crypto(),
+                &mut self.page_compressor,
+                &raw,
+                vec![blob],
+            );
+            self.add_frame(frame)?;
+        }
+        Ok(id)
+    }
+
+    fn flush_pack(&mut self) -> Result<()> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::take(&mut self.pack).finish(self.repo.crypto());
+        let tx = self.tx.as_ref().expect("session is open");
+        if tx.send(pack).is_err() {
+            // The writer stopped on an error: report that error, not the closed channel.
+            return Err(self
+                .join_writer()
+                .err()
+                .unwrap_or_else(|| crate::Error::Corrupt("pack writer stopped".into())));
+        }
+        Ok(())
+    }
+
+    fn join_writer(&mut self) -> Result<WriterOutcome> {
+        drop(self.tx.take());
+        match self.writer.take() {
+            Some(h) => h.join().expect("pack writer panicked"),
+            None => Err(crate::Error::Corrupt("pack writer already stopped".into())),
+        }
+    }
+
+    /// Makes everything durable, then writes the point. Returns the point's ID.
+    pub fn commit(mut self, point: &mut RestorePoint) -> Result<String> {
+        self.flush_pack()?;
+        let mut outcome = self.join_writer()?;
+        merge_session_index(&self.repo, &mut outcome)?;
+        point.stats.repository_growth_bytes = self.pack_bytes + outcome.index_bytes;
+        self.repo.save_point(point)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // An abandoned session still finishes writing what it queued, so the next backup can
+        // reuse those blocks; the index files it leaves are valid.
+        if self.writer.is_some() {
+            let _ = self.join_writer();
+        }
+    }
+}
+
+fn write_index(
+    repo: &Repository,
+    pending: &mut Vec<(PackId, Vec<FrameEntry>)>,
+    out: &mut WriterOutcome,
+) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let sealed = repo.crypto().seal(&encode_index(pending), 3);
+    let name = blake3::hash(&sealed).to_hex().to_string();
+    repo.backend().put(Kind::Index, &name, &sealed)?;
+    out.index_files.push(name);
+    out.index_bytes += sealed.len() as u64;
+    pending.clear();
+    Ok(())
+}
+
+/// Replaces a session's several partial index files by one: the merged file is durable before
+/// any partial one is deleted, so a reader always finds every pack in some listed file.
+fn merge_session_index(repo: &Repository, out: &mut WriterOutcome) -> Result<()> {
+    if out.index_files.len() < 2 {
+        return Ok(());
+    }
+    let mut all = Vec::new();
+    let mut raw_size = 0usize;
+    for name in &out.index_files {
+        let packs = repo.read_index_file(name)?;
+        raw_size += packs
+            .iter()
+            .map(|(_, f)| f.iter().map(|f| 16 + f.blobs.len() * 41).sum::<usize>())
+            .sum::<usize>();
+        if raw_size > MERGE_LIMIT {
+            return Ok(());
+        }
+        all.extend(packs);
+    }
+    let old = std::mem::take(&mut out.index_files);
+    out.index_bytes = 0;
+    write_index(repo, &mut all, out)?;
+    for name in old {
+        repo.backend().delete(Kind::Index, &name)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! Storage backends for a cairn repository.
+//!
+//! The repository engine sees storage as a flat set of named, immutable objects grouped by
+//! [`Kind`]. Every backend (the local directory here; S3 and Azure Blob later) implements
+//! [`Backend`] and nothing else, so the engine never changes when a backend is added.
+//!
+//! # Contract every backend MUST keep
+//! - `put` is atomic and durable: when it returns `Ok`, a reader sees either nothing or the
+//!   whole object, and the object survives a crash or power loss. A partially written object
+//!   MUST never be visible under its name.
+//! - `put` is idempotent: objects other than locks are named by their content, so writing the
+//!   same name twice writes the same bytes; a second put of an existing name MAY skip the write.
+//! - `put_new` fails with [`StorageError::AlreadyExists`] when the name exists (used for the
+//!   repository config, so that two `init`s cannot both succeed).
+//! - `delete` of a missing object succeeds (idempotent).
+//! - `list` returns only complete objects (never temporary files).
+//!
+//! # Retries
+//! Every operation is idempotent, so a backend whose medium can fail transiently (a network)
+//! SHOULD retry with backoff inside the call and report only persistent failures. The local
+//! backend does not retry: a local I/O error is not transient.
+
+mod local;
+
+pub use local::LocalBackend;
+
+use std::fmt;
+
+/// The groups of objects a repository holds. Each maps to a folder (local) or key prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `config`: the single repository configuration object (name ignored).
+    Config,
+    /// `keys/`: password-wrapped master keys of an encrypted repository.
+    Key,
+    /// `packs/`: pack files of compressed, possibly encrypted blocks.
+    Pack,
+    /// `index/`: index files that locate every block in the packs.
+    Index,
+    /// `points/`: restore point documents.
+    Point,
+    /// `locks/`: lock files of running operations.
+    Lock,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Config,
+        Kind::Key,
+        Kind::Pack,
+        Kind::Index,
+        Kind::Point,
+        Kind::Lock,
+    ];
+
+    /// The folder (or key prefix) of this kind.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Config => "",
+            Kind::Key => "keys",
+            Kind::Pack => "packs",
+            Kind::Index => "index",
+            Kind::Point => "points",
+            Kind::Lock => "locks",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Config => "config",
+            other => other.dir(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{kind} object {name} does not exist")]
+    NotFound { kind: Kind, name: String },
+    #[error("{kind} object {name} already exists")]
+    AlreadyExists { kind: Kind, name: String },
+    #[error("{kind} object {name}: asked for bytes {offset}..{end} but it holds {size}")]
+    ShortRead {
+        kind: Kind,
+        name: String,
+        offset: u64,
+        end: u64,
+        size: u64,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// One object found by [`Backend::list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub size: u64,
+}
+
+/// A place that stores repository objects. See the crate docs for the contract.
+pub trait Backend: Send + Sync {
+    /// A human-readable location (a path or URL) for messages.
+    fn location(&self) -> String;
+    /// Prepares an empty location for a new repository (folders, buckets).
+    fn create(&self) -> Result<()>;
+    /// Whether a repository config exists at this location.
+    fn exists(&self, kind: Kind, name: &str) -> Result<bool>;
+    /// Stores an object atomically and durably (see the crate docs).
+    fn put(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()>;
+    /// Like `put`, but fails with `AlreadyExists` if the name is taken.
+    fn put_new(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()>;
+    /// Reads a whole object.
+    fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>>;
+    /// Reads `len` bytes at `offset`; a short object is an error, never a short read.
+    fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Lists the complete objects of a kind, in no particular order.
+    fn list(&self, kind: Kind) -> Result<Vec<Listed>>;
+    /// Deletes an object; deleting a missing one succeeds.
+    fn delete(&self, kind: Kind, name: &str) -> Result<()>;
+}
+
+/// Whether `name` is a valid object name: lowercase hex, 8 to 64 characters. Backends reject
+/// anything else, so a name can never escape its folder.
+pub fn valid_name(name: &str) -> bool {
+    (8..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A fresh random object name (for lock files), 32 hex characters.
+pub fn random_name() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system random source failed");
+    hex::encode(b)
+}

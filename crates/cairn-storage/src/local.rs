@@ -1,0 +1,323 @@
+//! The local-directory backend: one file per object, written to a temporary name, fsynced,
+//! renamed into place, and the folder fsynced, so that a crash never exposes half an object.
+
+use crate::{valid_name, Backend, Kind, Listed, Result, StorageError};
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Temporary files are named `.tmp-*`; a crashed writer leaves them behind and they are never
+/// listed. [`LocalBackend::remove_stale_temporaries`] deletes old ones.
+const TMP_PREFIX: &str = ".tmp-";
+
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+impl LocalBackend {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalBackend { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, kind: Kind, name: &str) -> Result<PathBuf> {
+        if kind == Kind::Config {
+            return Ok(self.root.join("config"));
+        }
+        if !valid_name(name) {
+            return Err(io_err(
+                format!("invalid {kind} object name {name:?}"),
+                ErrorKind::InvalidInput.into(),
+            ));
+        }
+        let mut p = self.root.join(kind.dir());
+        if kind == Kind::Pack {
+            // 256 sub-folders keep folder sizes sane for multi-terabyte repositories.
+            p.push(&name[..2]);
+        }
+        p.push(name);
+        Ok(p)
+    }
+
+    fn write_atomic(&self, path: &Path, data: &[u8], replace: bool) -> Result<()> {
+        let dir = path.parent().expect("object paths have a parent");
+        let tmp = dir.join(format!("{TMP_PREFIX}{}", crate::random_name()));
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            drop(f);
+            if replace {
+                fs::rename(&tmp, path)?;
+            } else {
+                // link() fails if the target exists: create-only without a race.
+                fs::hard_link(&tmp, path)?;
+                fs::remove_file(&tmp)?;
+            }
+            File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(|e| io_err(format!("writing {}", path.display()), e))
+    }
+
+    /// Deletes temporary files older than `max_age` left by crashed writers. Young ones may
+    /// belong to a backup that is running now and are kept.
+    pub fn remove_stale_temporaries(&self, max_age: std::time::Duration) -> Result<usize> {
+        let mut removed = 0;
+        let mut dirs = vec![self.root.clone()];
+        for kind in Kind::ALL {
+            if kind != Kind::Config {
+                dirs.push(self.root.join(kind.dir()));
+            }
+        }
+        for sub in 0..=255u8 {
+            dirs.push(self.root.join("packs").join(format!("{sub:02x}")));
+        }
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if !name.to_string_lossy().starts_with(TMP_PREFIX) {
+                    continue;
+                }
+                let old = e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok());
+                if old.is_some_and(|age| age > max_age) && fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn io_err(what: String, source: std::io::Error) -> StorageError {
+    StorageError::Io { what, source }
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn create(&self) -> Result<()> {
+        let mk = |p: PathBuf| {
+            fs::create_dir_all(&p).map_err(|e| io_err(format!("creating {}", p.display()), e))
+        };
+        mk(self.root.clone())?;
+        for kind in Kind::ALL {
+            if kind != Kind::Config {
+                mk(self.root.join(kind.dir()))?;
+            }
+        }
+        for sub in 0..=255u8 {
+            mk(self.root.join("packs").join(format!("{sub:02x}")))?;
+        }
+        File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(format!("syncing {}", self.root.display()), e))
+    }
+
+    fn exists(&self, kind: Kind, name: &str) -> Result<bool> {
+        let p = self.path(kind, name)?;
+        match fs::metadata(&p) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(format!("checking {}", p.display()), e)),
+        }
+    }
+
+    fn put(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
+        let p = self.path(kind, name)?;
+        self.write_atomic(&p, data, true)
+    }
+
+    fn put_new(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
+        let p = self.path(kind, name)?;
+        match self.write_atomic(&p, data, false) {
+            Err(StorageError::Io { source, .. }) if source.kind() == ErrorKind::AlreadyExists => {
+                Err(StorageError::AlreadyExists {
+                    kind,
+                    name: name.to_string(),
+                })
+            }
+            other => other,
+        }
+    }
+
+    fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
+        let p = self.path(kind, name)?;
+        let mut f = open(&p, kind, name)?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)
+            .map_err(|e| io_err(format!("reading {}", p.display()), e))?;
+        Ok(buf)
+    }
+
+    fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let p = self.path(kind, name)?;
+        let f = open(&p, kind, name)?;
+        let mut buf = vec![0u8; len as usize];
+        let mut done = 0usize;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    return Err(StorageError::ShortRead {
+                        kind,
+                        name: name.to_string(),
+                        offset,
+                        end: offset + len,
+                        size,
+                    });
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(format!("reading {}", p.display()), e)),
+            }
+        }
+        Ok(buf)
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<Listed>> {
+        if kind == Kind::Config {
+            let exists = self.exists(kind, "")?;
+            let size = if exists {
+                fs::metadata(self.root.join("config"))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            return Ok(if exists {
+                vec![Listed {
+                    name: "config".into(),
+                    size,
+                }]
+            } else {
+                vec![]
+            });
+        }
+        let base = self.root.join(kind.dir());
+        let mut dirs = vec![base.clone()];
+        if kind == Kind::Pack {
+            dirs = (0..=255u8).map(|s| base.join(format!("{s:02x}"))).collect();
+        }
+        let mut out = Vec::new();
+        for dir in dirs {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(format!("listing {}", dir.display()), e)),
+            };
+            for e in entries {
+                let e = e.map_err(|e| io_err(format!("listing {}", dir.display()), e))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !valid_name(&name) {
+                    continue;
+                }
+                // A file deleted between readdir and stat is simply gone.
+                if let Ok(m) = e.metadata() {
+                    out.push(Listed {
+                        name,
+                        size: m.len(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, kind: Kind, name: &str) -> Result<()> {
+        let p = self.path(kind, name)?;
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("deleting {}", p.display()), e)),
+        }
+    }
+}
+
+fn open(p: &Path, kind: Kind, name: &str) -> Result<File> {
+    File::open(p).map_err(|e| {
+        if e.kind() == ErrorKind::NotFound {
+            StorageError::NotFound {
+                kind,
+                name: name.to_string(),
+            }
+        } else {
+            io_err(format!("opening {}", p.display()), e)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.create().unwrap();
+        let name = "ab".repeat(32);
+        b.put(Kind::Pack, &name, b"hello world").unwrap();
+        assert_eq!(b.get(Kind::Pack, &name).unwrap(), b"hello world");
+        assert_eq!(b.get_range(Kind::Pack, &name, 6, 5).unwrap(), b"world");
+        assert!(matches!(
+            b.get_range(Kind::Pack, &name, 6, 50),
+            Err(StorageError::ShortRead { .. })
+        ));
+        assert_eq!(
+            b.list(Kind::Pack).unwrap(),
+            vec![Listed {
+                name: name.clone(),
+                size: 11
+            }]
+        );
+        assert!(dir.path().join("packs/ab").join(&name).exists());
+        b.delete(Kind::Pack, &name).unwrap();
+        b.delete(Kind::Pack, &name).unwrap();
+        assert!(b.get(Kind::Pack, &name).unwrap_err().is_not_found());
+    }
+
+    #[test]
+    fn put_new_refuses_existing_and_names_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.create().unwrap();
+        b.put_new(Kind::Config, "", b"one").unwrap();
+        assert!(matches!(
+            b.put_new(Kind::Config, "", b"two"),
+            Err(StorageError::AlreadyExists { .. })
+        ));
+        assert_eq!(b.get(Kind::Config, "").unwrap(), b"one");
+        assert!(b.put(Kind::Point, "../../etc/passwd", b"x").is_err());
+        assert!(b.put(Kind::Point, "ABCDEF0123", b"x").is_err());
+    }
+
+    #[test]
+    fn temporaries_are_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.create().unwrap();
+        fs::write(dir.path().join("index/.tmp-deadbeef"), b"partial").unwrap();
+        assert!(b.list(Kind::Index).unwrap().is_empty());
+        assert_eq!(
+            b.remove_stale_temporaries(std::time::Duration::ZERO)
+                .unwrap(),
+            1
+        );
+    }
+}
