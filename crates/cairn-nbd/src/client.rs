@@ -12,10 +12,7 @@ type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
     #[error("cannot connect to NBD server {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("NBD connection failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("NBD server broke the protocol: {0}")]
@@ -106,21 +103,15 @@ impl NbdClient {
             Transport::Tcp { host, port } => {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port))
                     .await
-                    .map_err(|e| NbdError::Connect {
-                        addr: addr.to_string(),
-                        source: e,
-                    })?;
+                    .map_err(|e| NbdError::Connect { addr: addr.to_string(), source: e })?;
                 s.set_nodelay(true)?;
                 let (r, w) = s.into_split();
                 (Box::new(r), Box::new(w))
             }
             Transport::Unix { socket } => {
-                let s = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-                    NbdError::Connect {
-                        addr: addr.to_string(),
-                        source: e,
-                    }
-                })?;
+                let s = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map_err(|e| NbdError::Connect { addr: addr.to_string(), source: e })?;
                 let (r, w) = s.into_split();
                 (Box::new(r), Box::new(w))
             }
@@ -175,15 +166,7 @@ impl NbdClient {
         Ok(handle)
     }
 
-    async fn send(
-        &self,
-        handle: u64,
-        cmd: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-    ) -> Result<()> {
+    async fn send(&self, handle: u64, cmd: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Result<()> {
         let mut hdr = [0u8; 28];
         hdr[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
         hdr[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -208,10 +191,7 @@ impl NbdClient {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.info.size)
-        {
+        if offset.checked_add(len).is_none_or(|end| end > self.info.size) {
             return Err(NbdError::Unsupported(format!(
                 "request {offset}+{len} is beyond the end of the export ({} bytes)",
                 self.info.size
@@ -224,15 +204,9 @@ impl NbdClient {
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
         self.check_range(offset, len as u64)?;
         let (tx, rx) = oneshot::channel();
-        let handle = self.register(Pending::Read {
-            offset,
-            buf: vec![0u8; len as usize],
-            error: None,
-            tx,
-        })?;
+        let handle = self.register(Pending::Read { offset, buf: vec![0u8; len as usize], error: None, tx })?;
         self.send(handle, CMD_READ, 0, offset, len, &[]).await?;
-        rx.await
-            .map_err(|_| NbdError::Disconnected("reply never arrived".into()))?
+        rx.await.map_err(|_| NbdError::Disconnected("reply never arrived".into()))?
     }
 
     /// Writes `data` at `offset`.
@@ -241,8 +215,7 @@ impl NbdClient {
         if self.info.read_only() {
             return Err(NbdError::Unsupported("the NBD export is read-only".into()));
         }
-        self.simple(CMD_WRITE, 0, offset, data.len() as u32, data)
-            .await
+        self.simple(CMD_WRITE, 0, offset, data.len() as u32, data).await
     }
 
     /// Zeroes a range (the server may punch a hole).
@@ -266,27 +239,20 @@ impl NbdClient {
         let (tx, rx) = oneshot::channel();
         let handle = self.register(Pending::Simple { tx })?;
         self.send(handle, cmd, flags, offset, len, data).await?;
-        rx.await
-            .map_err(|_| NbdError::Disconnected("reply never arrived".into()))?
+        rx.await.map_err(|_| NbdError::Disconnected("reply never arrived".into()))?
     }
 
     /// One block status request for `context`; the server may describe less than asked.
     pub async fn block_status(&self, context: &str, offset: u64, len: u32) -> Result<Vec<Extent>> {
         self.check_range(offset, len as u64)?;
-        let id = *self.contexts.get(context).ok_or_else(|| {
-            NbdError::Unsupported(format!("meta context {context:?} was not negotiated"))
-        })?;
+        let id = *self
+            .contexts
+            .get(context)
+            .ok_or_else(|| NbdError::Unsupported(format!("meta context {context:?} was not negotiated")))?;
         let (tx, rx) = oneshot::channel();
-        let handle = self.register(Pending::Status {
-            extents: vec![],
-            error: None,
-            tx,
-        })?;
-        self.send(handle, CMD_BLOCK_STATUS, 0, offset, len, &[])
-            .await?;
-        let all = rx
-            .await
-            .map_err(|_| NbdError::Disconnected("reply never arrived".into()))??;
+        let handle = self.register(Pending::Status { extents: vec![], error: None, tx })?;
+        self.send(handle, CMD_BLOCK_STATUS, 0, offset, len, &[]).await?;
+        let all = rx.await.map_err(|_| NbdError::Disconnected("reply never arrived".into()))??;
         let mut out = Vec::new();
         let mut pos = offset;
         for (ctx, descs) in all {
@@ -298,18 +264,12 @@ impl NbdClient {
                 if l == 0 {
                     break;
                 }
-                out.push(Extent {
-                    offset: pos,
-                    length: l,
-                    flags: f,
-                });
+                out.push(Extent { offset: pos, length: l, flags: f });
                 pos += l;
             }
         }
         if out.is_empty() {
-            return Err(NbdError::Protocol(format!(
-                "block status for {context} at {offset} returned no extents"
-            )));
+            return Err(NbdError::Protocol(format!("block status for {context} at {offset} returned no extents")));
         }
         Ok(out)
     }
@@ -327,9 +287,7 @@ impl NbdClient {
             for e in self.block_status(context, pos, want).await? {
                 pos = e.offset + e.length;
                 match out.last_mut() {
-                    Some(l) if l.flags == e.flags && l.offset + l.length == e.offset => {
-                        l.length += e.length
-                    }
+                    Some(l) if l.flags == e.flags && l.offset + l.length == e.offset => l.length += e.length,
                     _ => out.push(e),
                 }
             }
@@ -369,17 +327,13 @@ struct OptReply {
 async fn read_opt_reply<R: AsyncRead + Unpin>(r: &mut R, opt: u32) -> Result<OptReply> {
     let magic = r.read_u64().await?;
     if magic != OPT_REPLY_MAGIC {
-        return Err(NbdError::Protocol(format!(
-            "bad option reply magic {magic:#x}"
-        )));
+        return Err(NbdError::Protocol(format!("bad option reply magic {magic:#x}")));
     }
     let got_opt = r.read_u32().await?;
     let kind = r.read_u32().await?;
     let len = r.read_u32().await?;
     if got_opt != opt {
-        return Err(NbdError::Protocol(format!(
-            "reply for option {got_opt}, expected {opt}"
-        )));
+        return Err(NbdError::Protocol(format!("reply for option {got_opt}, expected {opt}")));
     }
     if len > 1 << 20 {
         return Err(NbdError::Protocol(format!("option reply of {len} bytes")));
@@ -399,11 +353,7 @@ fn refusal(opt: &str, rep: &OptReply, export: &str) -> NbdError {
         REP_ERR_INVALID => format!("{opt} was rejected as invalid"),
         k => format!("{opt} failed with reply {:#x}", k),
     };
-    NbdError::Refused(if msg.is_empty() {
-        why
-    } else {
-        format!("{why} ({msg})")
-    })
+    NbdError::Refused(if msg.is_empty() { why } else { format!("{why} ({msg})") })
 }
 
 async fn handshake<R: AsyncRead + Unpin>(
@@ -416,15 +366,11 @@ async fn handshake<R: AsyncRead + Unpin>(
         return Err(NbdError::Protocol("not an NBD server (no NBDMAGIC)".into()));
     }
     if r.read_u64().await? != IHAVEOPT {
-        return Err(NbdError::Protocol(
-            "the server speaks the old NBD handshake; newstyle is required".into(),
-        ));
+        return Err(NbdError::Protocol("the server speaks the old NBD handshake; newstyle is required".into()));
     }
     let server_flags = r.read_u16().await?;
     if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(NbdError::Protocol(
-            "the server does not support fixed newstyle negotiation".into(),
-        ));
+        return Err(NbdError::Protocol("the server does not support fixed newstyle negotiation".into()));
     }
     let client_flags = (FLAG_FIXED_NEWSTYLE | (server_flags & FLAG_NO_ZEROES)) as u32;
     w.write_all(&client_flags.to_be_bytes()).await?;
@@ -437,9 +383,7 @@ async fn handshake<R: AsyncRead + Unpin>(
     let mut granted = HashMap::new();
     if !contexts.is_empty() {
         if !structured {
-            return Err(NbdError::Unsupported(
-                "the server has no structured replies, so no block status".into(),
-            ));
+            return Err(NbdError::Unsupported("the server has no structured replies, so no block status".into()));
         }
         let mut d = Vec::new();
         d.extend_from_slice(&(export.len() as u32).to_be_bytes());
@@ -458,14 +402,8 @@ async fn handshake<R: AsyncRead + Unpin>(
                     granted.insert(String::from_utf8_lossy(&rep.data[4..]).into_owned(), id);
                 }
                 REP_ACK => break,
-                k if k & REP_FLAG_ERROR != 0 => {
-                    return Err(refusal("NBD_OPT_SET_META_CONTEXT", &rep, export))
-                }
-                k => {
-                    return Err(NbdError::Protocol(format!(
-                        "unexpected reply {k} to SET_META_CONTEXT"
-                    )))
-                }
+                k if k & REP_FLAG_ERROR != 0 => return Err(refusal("NBD_OPT_SET_META_CONTEXT", &rep, export)),
+                k => return Err(NbdError::Protocol(format!("unexpected reply {k} to SET_META_CONTEXT"))),
             }
         }
     }
@@ -508,9 +446,7 @@ async fn handshake<R: AsyncRead + Unpin>(
         }
     }
     if !have_export {
-        return Err(NbdError::Protocol(
-            "NBD_OPT_GO finished without export information".into(),
-        ));
+        return Err(NbdError::Protocol("NBD_OPT_GO finished without export information".into()));
     }
     Ok((info, granted))
 }
@@ -562,10 +498,7 @@ fn finish(p: Pending, simple_error: Option<NbdError>) {
     }
 }
 
-async fn read_replies<R: AsyncRead + Unpin>(
-    r: &mut BufReader<R>,
-    inflight: &Mutex<Inflight>,
-) -> Result<()> {
+async fn read_replies<R: AsyncRead + Unpin>(r: &mut BufReader<R>, inflight: &Mutex<Inflight>) -> Result<()> {
     loop {
         let magic = match r.read_u32().await {
             Ok(m) => m,
@@ -577,10 +510,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
                 let errno = r.read_u32().await?;
                 let handle = r.read_u64().await?;
                 let mut p = take(inflight, handle)?;
-                let err = (errno != 0).then(|| NbdError::Server {
-                    errno,
-                    message: String::new(),
-                });
+                let err = (errno != 0).then(|| NbdError::Server { errno, message: String::new() });
                 if let (Pending::Read { buf, .. }, None) = (&mut p, &err) {
                     r.read_exact(buf).await?;
                 }
@@ -599,14 +529,8 @@ async fn read_replies<R: AsyncRead + Unpin>(
                         let n = len - 8;
                         let start = at.checked_sub(*offset).map(|s| s as usize);
                         match start {
-                            Some(s) if s + n <= buf.len() => {
-                                r.read_exact(&mut buf[s..s + n]).await.map(|_| ())?
-                            }
-                            _ => {
-                                return Err(NbdError::Protocol(format!(
-                                    "read data at {at}+{n} outside the request"
-                                )))
-                            }
+                            Some(s) if s + n <= buf.len() => r.read_exact(&mut buf[s..s + n]).await.map(|_| ())?,
+                            _ => return Err(NbdError::Protocol(format!("read data at {at}+{n} outside the request"))),
                         }
                     }
                     (REPLY_TYPE_OFFSET_HOLE, Pending::Read { offset, buf, .. }) if len == 12 => {
@@ -614,16 +538,10 @@ async fn read_replies<R: AsyncRead + Unpin>(
                         let n = r.read_u32().await? as usize;
                         match at.checked_sub(*offset).map(|s| s as usize) {
                             Some(s) if s + n <= buf.len() => buf[s..s + n].fill(0),
-                            _ => {
-                                return Err(NbdError::Protocol(format!(
-                                    "hole at {at}+{n} outside the request"
-                                )))
-                            }
+                            _ => return Err(NbdError::Protocol(format!("hole at {at}+{n} outside the request"))),
                         }
                     }
-                    (REPLY_TYPE_BLOCK_STATUS, Pending::Status { extents, .. })
-                        if len >= 4 && (len - 4) % 8 == 0 =>
-                    {
+                    (REPLY_TYPE_BLOCK_STATUS, Pending::Status { extents, .. }) if len >= 4 && (len - 4) % 8 == 0 => {
                         let mut d = vec![0u8; len];
                         r.read_exact(&mut d).await?;
                         let ctx = u32::from_be_bytes(d[..4].try_into().unwrap());
@@ -643,8 +561,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
                         r.read_exact(&mut d).await?;
                         let errno = u32::from_be_bytes(d[..4].try_into().unwrap());
                         let mlen = u16::from_be_bytes([d[4], d[5]]) as usize;
-                        let message =
-                            String::from_utf8_lossy(&d[6..(6 + mlen).min(d.len())]).into_owned();
+                        let message = String::from_utf8_lossy(&d[6..(6 + mlen).min(d.len())]).into_owned();
                         let e = NbdError::Server { errno, message };
                         match &mut p {
                             Pending::Read { error, .. } | Pending::Status { error, .. } => {
@@ -655,17 +572,11 @@ async fn read_replies<R: AsyncRead + Unpin>(
                                     finish(p, Some(e));
                                     continue;
                                 }
-                                return Err(NbdError::Protocol(
-                                    "multi-chunk error for a simple command".into(),
-                                ));
+                                return Err(NbdError::Protocol("multi-chunk error for a simple command".into()));
                             }
                         }
                     }
-                    _ => {
-                        return Err(NbdError::Protocol(format!(
-                            "unexpected reply chunk type {kind} ({len} bytes)"
-                        )))
-                    }
+                    _ => return Err(NbdError::Protocol(format!("unexpected reply chunk type {kind} ({len} bytes)"))),
                 }
                 if flags & REPLY_FLAG_DONE != 0 {
                     finish(p, None);

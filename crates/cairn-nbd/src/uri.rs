@@ -17,12 +17,7 @@ pub struct NbdAddress {
 
 impl NbdAddress {
     pub fn unix(socket: impl Into<PathBuf>, export: impl Into<String>) -> Self {
-        NbdAddress {
-            transport: Transport::Unix {
-                socket: socket.into(),
-            },
-            export: export.into(),
-        }
+        NbdAddress { transport: Transport::Unix { socket: socket.into() }, export: export.into() }
     }
 
     /// Whether a string looks like an NBD URI (to tell it from a file path).
@@ -36,18 +31,14 @@ impl NbdAddress {
             format!("{s:?} is not a usable NBD URI: {why} (forms: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)")
         };
         if let Some(rest) = s.strip_prefix("nbd+unix://") {
-            let (path, query) = rest
-                .split_once('?')
-                .ok_or_else(|| bad("missing ?socket="))?;
+            let (path, query) = rest.split_once('?').ok_or_else(|| bad("missing ?socket="))?;
             let path = path.strip_prefix('/').unwrap_or(path);
             let socket = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .ok_or_else(|| bad("missing socket= parameter"))?;
             return Ok(NbdAddress {
-                transport: Transport::Unix {
-                    socket: percent_decode(socket).into(),
-                },
+                transport: Transport::Unix { socket: percent_decode(socket).into() },
                 export: percent_decode(path),
             });
         }
@@ -60,12 +51,7 @@ impl NbdAddress {
             let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
                 // [ipv6]:port
                 let (h, p) = h.split_once(']').ok_or_else(|| bad("unclosed ["))?;
-                (
-                    h.to_string(),
-                    p.strip_prefix(':')
-                        .map(|p| p.parse().map_err(|_| bad("bad port")))
-                        .transpose()?,
-                )
+                (h.to_string(), p.strip_prefix(':').map(|p| p.parse().map_err(|_| bad("bad port"))).transpose()?)
             } else {
                 match hostport.rsplit_once(':') {
                     Some((h, p)) => (h.to_string(), Some(p.parse().map_err(|_| bad("bad port"))?)),
@@ -73,10 +59,7 @@ impl NbdAddress {
                 }
             };
             return Ok(NbdAddress {
-                transport: Transport::Tcp {
-                    host,
-                    port: port.unwrap_or(10809),
-                },
+                transport: Transport::Tcp { host, port: port.unwrap_or(10809) },
                 export: percent_decode(export),
             });
         }
@@ -122,25 +105,13 @@ mod tests {
             NbdAddress::parse("nbd+unix:///full0?socket=/tmp/nbd.sock").unwrap(),
             NbdAddress::unix("/tmp/nbd.sock", "full0")
         );
-        assert_eq!(
-            NbdAddress::parse("nbd+unix://?socket=/a%20b").unwrap(),
-            NbdAddress::unix("/a b", "")
-        );
+        assert_eq!(NbdAddress::parse("nbd+unix://?socket=/a%20b").unwrap(), NbdAddress::unix("/a b", ""));
         let t = NbdAddress::parse("nbd://127.0.0.1:10810/disk").unwrap();
-        assert_eq!(
-            t.transport,
-            Transport::Tcp {
-                host: "127.0.0.1".into(),
-                port: 10810
-            }
-        );
+        assert_eq!(t.transport, Transport::Tcp { host: "127.0.0.1".into(), port: 10810 });
         assert_eq!(t.export, "disk");
         assert_eq!(
             NbdAddress::parse("nbd://host").unwrap().transport,
-            Transport::Tcp {
-                host: "host".into(),
-                port: 10809
-            }
+            Transport::Tcp { host: "host".into(), port: 10809 }
         );
         assert!(NbdAddress::parse("nbd+unix:///x").is_err());
         assert!(NbdAddress::parse("http://x").is_err());

@@ -1,8 +1,6 @@
 //! The NBD client against the real `qemu-nbd`.
 
-use cairn_nbd::proto::{
-    dirty_bitmap_context, CONTEXT_BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO,
-};
+use cairn_nbd::proto::{dirty_bitmap_context, CONTEXT_BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use cairn_nbd::{NbdAddress, NbdClient, NbdError};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,20 +31,14 @@ fn qemu_nbd(dir: &Path, image: &Path, args: &[&str]) -> Server {
         .expect("qemu-nbd (Debian package qemu-utils) must be installed");
     let t = Instant::now();
     while !socket.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "qemu-nbd did not start"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "qemu-nbd did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
     Server { child, socket }
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
         ^ std::process::id() as u64
 }
 
@@ -56,28 +48,15 @@ fn run(cmd: &mut Command) {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// A 16 MiB qcow2 with two written regions and the rest unallocated.
 fn make_qcow2(dir: &Path) -> PathBuf {
     let img = dir.join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M"));
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("16M"));
     run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x11 1M 1M",
-            "-c",
-            "write -P 0x22 8M 64k",
-        ])
+        .args(["-f", "qcow2", "-c", "write -P 0x11 1M 1M", "-c", "write -P 0x22 8M 64k"])
         .arg(&img)
         .stdout(Stdio::null()));
     img
@@ -90,21 +69,12 @@ fn reads_extents_and_pipelines() {
     let srv = qemu_nbd(dir.path(), &img, &["--read-only", "--format=qcow2"]);
     rt().block_on(async {
         let addr = NbdAddress::unix(&srv.socket, "");
-        let c = NbdClient::connect(&addr, &[CONTEXT_BASE_ALLOCATION.to_string()])
-            .await
-            .unwrap();
+        let c = NbdClient::connect(&addr, &[CONTEXT_BASE_ALLOCATION.to_string()]).await.unwrap();
         assert_eq!(c.size(), 16 << 20);
         assert!(c.info().read_only());
         assert!(c.info().structured_replies);
-        let ext = c
-            .extents(CONTEXT_BASE_ALLOCATION, 0, 16 << 20)
-            .await
-            .unwrap();
-        let data: Vec<_> = ext
-            .iter()
-            .filter(|e| e.flags & STATE_ZERO == 0)
-            .map(|e| (e.offset, e.length))
-            .collect();
+        let ext = c.extents(CONTEXT_BASE_ALLOCATION, 0, 16 << 20).await.unwrap();
+        let data: Vec<_> = ext.iter().filter(|e| e.flags & STATE_ZERO == 0).map(|e| (e.offset, e.length)).collect();
         assert_eq!(data, vec![(1 << 20, 1 << 20), (8 << 20, 65536)], "{ext:?}");
         assert!(ext.iter().any(|e| e.flags & STATE_HOLE != 0));
         assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 16 << 20);
@@ -123,21 +93,12 @@ fn reads_extents_and_pipelines() {
 
         // Errors are reported, not panicked on.
         assert!(c.read(16 << 20, 512).await.is_err());
-        assert!(
-            c.write(0, b"x").await.is_err(),
-            "read-only export must refuse writes"
-        );
+        assert!(c.write(0, b"x").await.is_err(), "read-only export must refuse writes");
         c.disconnect().await.unwrap();
 
-        let missing = NbdClient::connect(&NbdAddress::unix(&srv.socket, "nope"), &[])
-            .await
-            .err()
-            .unwrap();
+        let missing = NbdClient::connect(&NbdAddress::unix(&srv.socket, "nope"), &[]).await.err().unwrap();
         assert!(missing.to_string().contains("does not exist"), "{missing}");
-        let no_bitmap = NbdClient::connect(&addr, &[dirty_bitmap_context("nope")])
-            .await
-            .err()
-            .unwrap();
+        let no_bitmap = NbdClient::connect(&addr, &[dirty_bitmap_context("nope")]).await.err().unwrap();
         assert!(matches!(no_bitmap, NbdError::Unsupported(_)), "{no_bitmap}");
     });
 }
@@ -163,40 +124,20 @@ async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
 fn dirty_bitmap_context_shows_exact_writes() {
     let dir = tempfile::tempdir().unwrap();
     let img = make_qcow2(dir.path());
-    run(Command::new("qemu-img")
-        .args(["bitmap", "--add", "-f", "qcow2"])
-        .arg(&img)
-        .arg("bm0"));
+    run(Command::new("qemu-img").args(["bitmap", "--add", "-f", "qcow2"]).arg(&img).arg("bm0"));
     run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x33 3M 64k",
-            "-c",
-            "write -P 0x44 12M 128k",
-        ])
+        .args(["-f", "qcow2", "-c", "write -P 0x33 3M 64k", "-c", "write -P 0x44 12M 128k"])
         .arg(&img)
         .stdout(Stdio::null()));
-    let srv = qemu_nbd(
-        dir.path(),
-        &img,
-        &["--read-only", "--format=qcow2", "--bitmap=bm0"],
-    );
+    let srv = qemu_nbd(dir.path(), &img, &["--read-only", "--format=qcow2", "--bitmap=bm0"]);
     rt().block_on(async {
         let ctx = dirty_bitmap_context("bm0");
-        let c = NbdClient::connect(
-            &NbdAddress::unix(&srv.socket, ""),
-            &[CONTEXT_BASE_ALLOCATION.to_string(), ctx.clone()],
-        )
-        .await
-        .unwrap();
+        let c =
+            NbdClient::connect(&NbdAddress::unix(&srv.socket, ""), &[CONTEXT_BASE_ALLOCATION.to_string(), ctx.clone()])
+                .await
+                .unwrap();
         let ext = c.extents(&ctx, 0, c.size()).await.unwrap();
-        let dirty: Vec<_> = ext
-            .iter()
-            .filter(|e| e.flags & STATE_DIRTY != 0)
-            .map(|e| (e.offset, e.length))
-            .collect();
+        let dirty: Vec<_> = ext.iter().filter(|e| e.flags & STATE_DIRTY != 0).map(|e| (e.offset, e.length)).collect();
         assert_eq!(dirty, vec![(3 << 20, 65536), (12 << 20, 131072)]);
     });
 }
@@ -205,15 +146,10 @@ fn dirty_bitmap_context_shows_exact_writes() {
 fn writes_flush_and_a_dying_server() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("w.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("8M"));
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("8M"));
     let mut srv = qemu_nbd(dir.path(), &img, &["--format=qcow2"]);
     rt().block_on(async {
-        let c = NbdClient::connect(&NbdAddress::unix(&srv.socket, ""), &[])
-            .await
-            .unwrap();
+        let c = NbdClient::connect(&NbdAddress::unix(&srv.socket, ""), &[]).await.unwrap();
         c.write(4096, &[0x5a; 8192]).await.unwrap();
         c.write_zeroes(1 << 20, 65536).await.unwrap();
         c.flush().await.unwrap();
@@ -230,16 +166,10 @@ fn writes_flush_and_a_dying_server() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let e = failed.expect("reads must fail once the server is gone");
-        assert!(
-            matches!(e, NbdError::Disconnected(_) | NbdError::Io(_)),
-            "{e}"
-        );
+        assert!(matches!(e, NbdError::Disconnected(_) | NbdError::Io(_)), "{e}");
     });
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-r", "-c", "read -P 0x5a 4096 8192"])
-        .arg(&img)
-        .output()
-        .unwrap();
+    let out =
+        Command::new("qemu-io").args(["-f", "qcow2", "-r", "-c", "read -P 0x5a 4096 8192"]).arg(&img).output().unwrap();
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("read 8192/8192"),
         "{}",

@@ -25,10 +25,7 @@ pub struct MasterKeys {
 
 impl MasterKeys {
     fn generate() -> MasterKeys {
-        let mut k = MasterKeys {
-            data: [0; 32],
-            id: [0; 32],
-        };
+        let mut k = MasterKeys { data: [0; 32], id: [0; 32] };
         fill_random(&mut k.data);
         fill_random(&mut k.id);
         k
@@ -36,9 +33,7 @@ impl MasterKeys {
 }
 
 pub fn fill_random(buf: &mut [u8]) {
-    SystemRandom::new()
-        .fill(buf)
-        .expect("system random source failed");
+    SystemRandom::new().fill(buf).expect("system random source failed");
 }
 
 /// How a repository seals data and names blocks.
@@ -49,10 +44,7 @@ pub enum Crypto {
 
 impl Crypto {
     pub fn from_keys(keys: &MasterKeys) -> Crypto {
-        Crypto::Aes {
-            key: aes_key(&keys.data),
-            id_key: keys.id,
-        }
+        Crypto::Aes { key: aes_key(&keys.data), id_key: keys.id }
     }
 
     pub fn is_encrypted(&self) -> bool {
@@ -75,11 +67,7 @@ impl Crypto {
                 let mut nonce = [0u8; NONCE_LEN];
                 fill_random(&mut nonce);
                 let tag = key
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::empty(),
-                        &mut env,
-                    )
+                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut env)
                     .expect("AES-GCM sealing cannot fail for in-range lengths");
                 let mut out = Vec::with_capacity(NONCE_LEN + env.len() + TAG_LEN);
                 out.extend_from_slice(&nonce);
@@ -102,19 +90,13 @@ impl Crypto {
             Crypto::Plain => open_envelope(sealed, what),
             Crypto::Aes { key, .. } => {
                 if sealed.len() < NONCE_LEN + TAG_LEN {
-                    return Err(Error::Corrupt(format!(
-                        "{what}: too short to be encrypted data"
-                    )));
+                    return Err(Error::Corrupt(format!("{what}: too short to be encrypted data")));
                 }
                 let nonce = Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).unwrap();
                 let mut buf = sealed[NONCE_LEN..].to_vec();
                 let plain = key
                     .open_in_place(nonce, Aad::empty(), &mut buf)
-                    .map_err(|_| {
-                        Error::Corrupt(format!(
-                            "{what}: authentication failed (damaged or foreign data)"
-                        ))
-                    })?;
+                    .map_err(|_| Error::Corrupt(format!("{what}: authentication failed (damaged or foreign data)")))?;
                 open_envelope(plain, what)
             }
         }
@@ -133,9 +115,7 @@ pub struct Compressor {
 
 impl Compressor {
     pub fn new(level: i32) -> Compressor {
-        Compressor {
-            inner: zstd::bulk::Compressor::new(level).expect("zstd context"),
-        }
+        Compressor { inner: zstd::bulk::Compressor::new(level).expect("zstd context") }
     }
 }
 
@@ -172,16 +152,11 @@ fn open_envelope(env: &[u8], what: &str) -> Result<Vec<u8>> {
                 .and_then(|mut d| d.decompress_to_buffer(payload, &mut out))
                 .map_err(|e| Error::Corrupt(format!("{what}: zstd data is damaged ({e})")))?;
             if out.len() != raw_len {
-                return Err(Error::Corrupt(format!(
-                    "{what}: expands to {} bytes, expected {raw_len}",
-                    out.len()
-                )));
+                return Err(Error::Corrupt(format!("{what}: expands to {} bytes, expected {raw_len}", out.len())));
             }
             Ok(out)
         }
-        _ => Err(Error::Corrupt(format!(
-            "{what}: unknown or inconsistent envelope"
-        ))),
+        _ => Err(Error::Corrupt(format!("{what}: unknown or inconsistent envelope"))),
     }
 }
 
@@ -222,21 +197,11 @@ pub fn new_keys(password: &str, hostname: &str) -> Result<(MasterKeys, KeyFile)>
     let keys = MasterKeys::generate();
     let mut salt = [0u8; 16];
     fill_random(&mut salt);
-    let kek = derive_kek(
-        password,
-        &salt,
-        KDF_MEMORY_KIB,
-        KDF_ITERATIONS,
-        KDF_PARALLELISM,
-    )?;
+    let kek = derive_kek(password, &salt, KDF_MEMORY_KIB, KDF_ITERATIONS, KDF_PARALLELISM)?;
     let mut secret = Vec::with_capacity(64);
     secret.extend_from_slice(&keys.data);
     secret.extend_from_slice(&keys.id);
-    let wrapped = Crypto::Aes {
-        key: aes_key(&kek),
-        id_key: [0; 32],
-    }
-    .seal(&secret, 1);
+    let wrapped = Crypto::Aes { key: aes_key(&kek), id_key: [0; 32] }.seal(&secret, 1);
     let file = KeyFile {
         version: 1,
         kdf: "argon2id".into(),
@@ -254,31 +219,15 @@ pub fn new_keys(password: &str, hostname: &str) -> Result<(MasterKeys, KeyFile)>
 /// Unwraps master keys from a key file; `Ok(None)` when the password does not open it.
 pub fn unwrap_keys(file: &KeyFile, password: &str) -> Result<Option<MasterKeys>> {
     if file.kdf != "argon2id" {
-        return Err(Error::Format(format!(
-            "key file uses unknown KDF {:?}",
-            file.kdf
-        )));
+        return Err(Error::Format(format!("key file uses unknown KDF {:?}", file.kdf)));
     }
     let salt = hex::decode(&file.salt).map_err(|_| Error::Format("key file: bad salt".into()))?;
-    let wrapped = hex::decode(&file.wrapped)
-        .map_err(|_| Error::Format("key file: bad wrapped key".into()))?;
-    let kek = derive_kek(
-        password,
-        &salt,
-        file.memory_kib,
-        file.iterations,
-        file.parallelism,
-    )?;
-    let c = Crypto::Aes {
-        key: aes_key(&kek),
-        id_key: [0; 32],
-    };
+    let wrapped = hex::decode(&file.wrapped).map_err(|_| Error::Format("key file: bad wrapped key".into()))?;
+    let kek = derive_kek(password, &salt, file.memory_kib, file.iterations, file.parallelism)?;
+    let c = Crypto::Aes { key: aes_key(&kek), id_key: [0; 32] };
     match c.open(&wrapped, "key") {
         Ok(secret) if secret.len() == 64 => {
-            let mut k = MasterKeys {
-                data: [0; 32],
-                id: [0; 32],
-            };
+            let mut k = MasterKeys { data: [0; 32], id: [0; 32] };
             k.data.copy_from_slice(&secret[..32]);
             k.id.copy_from_slice(&secret[32..]);
             Ok(Some(k))
@@ -288,18 +237,10 @@ pub fn unwrap_keys(file: &KeyFile, password: &str) -> Result<Option<MasterKeys>>
 }
 
 /// The raw envelope parser, exposed for frame decoding with a known raw length.
-pub(crate) fn open_frame(
-    crypto: &Crypto,
-    stored: &[u8],
-    raw_len: u32,
-    what: &str,
-) -> Result<Vec<u8>> {
+pub(crate) fn open_frame(crypto: &Crypto, stored: &[u8], raw_len: u32, what: &str) -> Result<Vec<u8>> {
     let raw = crypto.open(stored, what)?;
     if raw.len() != raw_len as usize {
-        return Err(Error::Corrupt(format!(
-            "{what}: holds {} bytes, the index says {raw_len}",
-            raw.len()
-        )));
+        return Err(Error::Corrupt(format!("{what}: holds {} bytes, the index says {raw_len}", raw.len())));
     }
     Ok(raw)
 }

@@ -18,11 +18,7 @@ pub enum Error {
     #[error("block {} is missing from the repository ({context})", .id.short())]
     MissingBlock { id: BlockId, context: String },
     #[error("block {} in pack {pack} is damaged: {detail}", .id.short())]
-    DamagedBlock {
-        id: BlockId,
-        pack: String,
-        detail: String,
-    },
+    DamagedBlock { id: BlockId, pack: String, detail: String },
     #[error("{0}")]
     NotFound(String),
     #[error("repository is locked: {0}")]

@@ -54,9 +54,7 @@ impl fmt::Display for BlockId {
 /// Whether a buffer is all zero bytes; fast enough to run on every block read.
 pub fn is_all_zero(data: &[u8]) -> bool {
     let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
-    prefix.iter().all(|&b| b == 0)
-        && words.iter().all(|&w| w == 0)
-        && suffix.iter().all(|&b| b == 0)
+    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]

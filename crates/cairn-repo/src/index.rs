@@ -114,12 +114,7 @@ impl Index {
         self.pack_numbers.insert(pack, pn);
         for f in frames {
             let fn_ = self.frames.len() as u32;
-            self.frames.push(FrameSlot {
-                pack: pn,
-                offset: f.offset,
-                stored_len: f.stored_len,
-                raw_len: f.raw_len,
-            });
+            self.frames.push(FrameSlot { pack: pn, offset: f.offset, stored_len: f.stored_len, raw_len: f.raw_len });
             for b in &f.blobs {
                 self.blobs.entry(b.id).or_insert(BlobSlot {
                     frame: fn_,
@@ -188,12 +183,7 @@ mod tests {
             offset: 0,
             stored_len: 10,
             raw_len: 100,
-            blobs: vec![BlobEntry {
-                kind: BlobKind::Data,
-                id,
-                raw_offset: 4,
-                len: 96,
-            }],
+            blobs: vec![BlobEntry { kind: BlobKind::Data, id, raw_offset: 4, len: 96 }],
         }];
         let raw = encode_index(&[([9; 32], frames.clone())]);
         let decoded = decode_index(&raw).unwrap();
@@ -203,10 +193,7 @@ mod tests {
         idx.add_pack(decoded[0].0, &decoded[0].1);
         assert_eq!(idx.pack_count(), 1);
         let loc = idx.get(&id).unwrap();
-        assert_eq!(
-            (loc.pack, loc.raw_offset, loc.len, loc.frame_raw_len),
-            ([9; 32], 4, 96, 100)
-        );
+        assert_eq!((loc.pack, loc.raw_offset, loc.len, loc.frame_raw_len), ([9; 32], 4, 96, 100));
         assert!(decode_index(&raw[..raw.len() - 1]).is_err());
     }
 }

@@ -35,11 +35,7 @@ impl LockInfo {
     fn describe(&self) -> String {
         format!(
             "{} lock for {} by pid {} on {}, refreshed {}s ago",
-            if self.exclusive {
-                "an exclusive"
-            } else {
-                "a shared"
-            },
+            if self.exclusive { "an exclusive" } else { "a shared" },
             self.purpose,
             self.pid,
             self.hostname,
@@ -49,10 +45,7 @@ impl LockInfo {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -107,18 +100,12 @@ pub fn acquire(
                 let b = backend.clone();
                 let n = name.clone();
                 let refresher = std::thread::spawn(move || {
-                    while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REFRESH_EVERY)
-                    {
+                    while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REFRESH_EVERY) {
                         info.time = now_secs();
                         let _ = b.put(Kind::Lock, &n, &serde_json::to_vec(&info).unwrap());
                     }
                 });
-                return Ok(Lock {
-                    backend: backend.clone(),
-                    name,
-                    stop: Some(tx),
-                    refresher: Some(refresher),
-                });
+                return Ok(Lock { backend: backend.clone(), name, stop: Some(tx), refresher: Some(refresher) });
             }
             Ok(Some(holder)) => {
                 backend.delete(Kind::Lock, &name)?;
@@ -128,9 +115,7 @@ pub fn acquire(
                         backend.location()
                     )));
                 }
-                std::thread::sleep(Duration::from_millis(
-                    200 + (std::process::id() % 300) as u64,
-                ));
+                std::thread::sleep(Duration::from_millis(200 + (std::process::id() % 300) as u64));
             }
             Err(e) => {
                 let _ = backend.delete(Kind::Lock, &name);
@@ -140,12 +125,7 @@ pub fn acquire(
     }
 }
 
-fn conflict(
-    backend: &dyn Backend,
-    hostname: &str,
-    ours: &str,
-    exclusive: bool,
-) -> Result<Option<String>> {
+fn conflict(backend: &dyn Backend, hostname: &str, ours: &str, exclusive: bool) -> Result<Option<String>> {
     for l in backend.list(Kind::Lock)? {
         if l.name == ours {
             continue;
@@ -209,12 +189,7 @@ mod tests {
             exclusive: true,
             purpose: "gc".into(),
         };
-        b.put(
-            Kind::Lock,
-            "deadbeefdeadbeef",
-            &serde_json::to_vec(&dead).unwrap(),
-        )
-        .unwrap();
+        b.put(Kind::Lock, "deadbeefdeadbeef", &serde_json::to_vec(&dead).unwrap()).unwrap();
         let _ok = acquire(&b, "h", false, "backup", Duration::ZERO).unwrap();
     }
 }

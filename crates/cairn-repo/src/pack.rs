@@ -63,19 +63,15 @@ pub struct SealedFrame {
 
 impl SealedFrame {
     /// Compresses and seals a run of blobs as one frame.
-    pub fn build(
-        crypto: &Crypto,
-        c: &mut crypto::Compressor,
-        raw: &[u8],
-        blobs: Vec<BlobEntry>,
-    ) -> SealedFrame {
+    pub fn build(crypto: &Crypto, c: &mut crypto::Compressor, raw: &[u8], blobs: Vec<BlobEntry>) -> SealedFrame {
         let stored = crypto.seal_envelope(crypto::envelope(raw, c));
-        SealedFrame {
-            stored,
-            raw_len: raw.len() as u32,
-            blobs,
-        }
+        SealedFrame { stored, raw_len: raw.len() as u32, blobs }
     }
+}
+
+/// The name a pack with these bytes has (its BLAKE3 hash, hex).
+pub fn name_of(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
 }
 
 /// Decodes a frame's stored bytes to its raw bytes.
@@ -119,15 +115,10 @@ impl PackBuilder {
     pub fn finish(mut self, crypto: &Crypto) -> FinishedPack {
         let trailer = crypto.seal(&encode_contents(&self.frames), 3);
         self.buf.extend_from_slice(&trailer);
-        self.buf
-            .extend_from_slice(&(trailer.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(PACK_MAGIC);
-        let name = blake3::hash(&self.buf).to_hex().to_string();
-        FinishedPack {
-            name,
-            bytes: self.buf,
-            frames: self.frames,
-        }
+        let name = name_of(&self.buf);
+        FinishedPack { name, bytes: self.buf, frames: self.frames }
     }
 }
 
@@ -171,19 +162,9 @@ pub(crate) fn decode_contents_from(r: &mut Reader) -> Result<Vec<FrameEntry>> {
             if raw_offset as u64 + len as u64 > raw_len as u64 {
                 return Err(Error::Format("blob lies outside its frame".into()));
             }
-            blobs.push(BlobEntry {
-                kind,
-                id,
-                raw_offset,
-                len,
-            });
+            blobs.push(BlobEntry { kind, id, raw_offset, len });
         }
-        frames.push(FrameEntry {
-            offset,
-            stored_len,
-            raw_len,
-            blobs,
-        });
+        frames.push(FrameEntry { offset, stored_len, raw_len, blobs });
     }
     Ok(frames)
 }
@@ -195,9 +176,7 @@ pub fn trailer_range(footer: &[u8], pack_len: u64) -> Result<(u64, u64)> {
     }
     let tlen = u32::from_le_bytes(footer[..4].try_into().unwrap()) as u64;
     if tlen + FOOTER_LEN as u64 > pack_len {
-        return Err(Error::Corrupt(
-            "pack footer claims a trailer larger than the pack".into(),
-        ));
+        return Err(Error::Corrupt("pack footer claims a trailer larger than the pack".into()));
     }
     Ok((pack_len - FOOTER_LEN as u64 - tlen, tlen))
 }
@@ -215,16 +194,12 @@ pub fn parse_pack(crypto: &Crypto, bytes: &[u8], what: &str) -> Result<Vec<Frame
     let mut expect = 0u64;
     for f in &frames {
         if f.offset as u64 != expect {
-            return Err(Error::Corrupt(format!(
-                "{what}: frames do not tile the pack"
-            )));
+            return Err(Error::Corrupt(format!("{what}: frames do not tile the pack")));
         }
         expect += f.stored_len as u64;
     }
     if expect != start {
-        return Err(Error::Corrupt(format!(
-            "{what}: trailer does not cover the pack body"
-        )));
+        return Err(Error::Corrupt(format!("{what}: trailer does not cover the pack body")));
     }
     Ok(frames)
 }
@@ -232,8 +207,7 @@ pub fn parse_pack(crypto: &Crypto, bytes: &[u8], what: &str) -> Result<Vec<Frame
 pub fn parse_trailer(crypto: &Crypto, sealed: &[u8], what: &str) -> Result<Vec<FrameEntry>> {
     let raw = crypto.open(sealed, &format!("{what} trailer"))?;
     let mut r = Reader::new(&raw, "pack trailer");
-    let frames =
-        decode_contents_from(&mut r).map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+    let frames = decode_contents_from(&mut r).map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
     Ok(frames)
 }
 
@@ -251,29 +225,11 @@ mod tests {
         let mut raw = a.clone();
         raw.extend_from_slice(&b);
         let blobs = vec![
-            BlobEntry {
-                kind: BlobKind::Data,
-                id: crypto.block_id(&a),
-                raw_offset: 0,
-                len: 1000,
-            },
-            BlobEntry {
-                kind: BlobKind::Data,
-                id: crypto.block_id(&b),
-                raw_offset: 1000,
-                len: b.len() as u32,
-            },
+            BlobEntry { kind: BlobKind::Data, id: crypto.block_id(&a), raw_offset: 0, len: 1000 },
+            BlobEntry { kind: BlobKind::Data, id: crypto.block_id(&b), raw_offset: 1000, len: b.len() as u32 },
         ];
         pb.add(SealedFrame::build(&crypto, &mut c, &raw, blobs.clone()));
-        pb.add(SealedFrame::build(
-            &crypto,
-            &mut c,
-            &b,
-            vec![BlobEntry {
-                raw_offset: 0,
-                ..blobs[1].clone()
-            }],
-        ));
+        pb.add(SealedFrame::build(&crypto, &mut c, &b, vec![BlobEntry { raw_offset: 0, ..blobs[1].clone() }]));
         let p = pb.finish(&crypto);
         assert_eq!(p.name, blake3::hash(&p.bytes).to_hex().to_string());
         let frames = parse_pack(&crypto, &p.bytes, "p").unwrap();

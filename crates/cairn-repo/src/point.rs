@@ -85,19 +85,12 @@ impl RestorePoint {
         match name {
             Some(n) => self.disks.iter().find(|d| d.name == n).ok_or_else(|| {
                 let have: Vec<&str> = self.disks.iter().map(|d| d.name.as_str()).collect();
-                format!(
-                    "restore point has no disk {n:?} (it has: {})",
-                    have.join(", ")
-                )
+                format!("restore point has no disk {n:?} (it has: {})", have.join(", "))
             }),
             None if self.disks.len() == 1 => Ok(&self.disks[0]),
             None => {
                 let have: Vec<&str> = self.disks.iter().map(|d| d.name.as_str()).collect();
-                Err(format!(
-                    "restore point has {} disks; pick one with --disk ({})",
-                    self.disks.len(),
-                    have.join(", ")
-                ))
+                Err(format!("restore point has {} disks; pick one with --disk ({})", self.disks.len(), have.join(", ")))
             }
         }
     }

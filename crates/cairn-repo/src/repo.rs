@@ -51,44 +51,26 @@ impl Repository {
             id: hex::encode(id),
             created: crate::now_rfc3339(),
             block_size: DEFAULT_BLOCK_SIZE,
-            encryption: if crypto.is_encrypted() {
-                "aes-256-gcm"
-            } else {
-                "none"
-            }
-            .into(),
+            encryption: if crypto.is_encrypted() { "aes-256-gcm" } else { "none" }.into(),
             compression: "zstd".into(),
         };
         // The config goes last: it is what makes the location a repository.
-        match backend.put_new(
-            Kind::Config,
-            "",
-            &serde_json::to_vec_pretty(&config).unwrap(),
-        ) {
-            Err(StorageError::AlreadyExists { .. }) => {
-                return Err(Error::AlreadyExists(backend.location()))
-            }
+        match backend.put_new(Kind::Config, "", &serde_json::to_vec_pretty(&config).unwrap()) {
+            Err(StorageError::AlreadyExists { .. }) => return Err(Error::AlreadyExists(backend.location())),
             r => r?,
         }
         Ok(Repository::assemble(backend, config, crypto, hostname))
     }
 
     /// Opens a repository. `password` is asked only if the repository is encrypted.
-    pub fn open(
-        backend: Arc<dyn Backend>,
-        password: impl FnOnce() -> Option<String>,
-    ) -> Result<Repository> {
+    pub fn open(backend: Arc<dyn Backend>, password: impl FnOnce() -> Option<String>) -> Result<Repository> {
         let raw = match backend.get(Kind::Config, "") {
             Ok(r) => r,
             Err(e) if e.is_not_found() => return Err(Error::NotARepository(backend.location())),
             Err(e) => return Err(e.into()),
         };
-        let config: Config = serde_json::from_slice(&raw).map_err(|e| {
-            Error::Corrupt(format!(
-                "the config file at {} is unreadable ({e})",
-                backend.location()
-            ))
-        })?;
+        let config: Config = serde_json::from_slice(&raw)
+            .map_err(|e| Error::Corrupt(format!("the config file at {} is unreadable ({e})", backend.location())))?;
         if config.version > FORMAT_VERSION {
             return Err(Error::Format(format!(
                 "repository format {} is newer than this cairn understands ({FORMAT_VERSION}); upgrade cairn",
@@ -102,9 +84,7 @@ impl Repository {
                 let mut found = None;
                 let keys = backend.list(Kind::Key)?;
                 if keys.is_empty() {
-                    return Err(Error::Corrupt(
-                        "encrypted repository has no key files".into(),
-                    ));
+                    return Err(Error::Corrupt("encrypted repository has no key files".into()));
                 }
                 for k in keys {
                     let bytes = backend.get(Kind::Key, &k.name)?;
@@ -123,12 +103,7 @@ impl Repository {
         Ok(Repository::assemble(backend, config, crypto, hostname()))
     }
 
-    fn assemble(
-        backend: Arc<dyn Backend>,
-        config: Config,
-        crypto: Crypto,
-        hostname: String,
-    ) -> Repository {
+    fn assemble(backend: Arc<dyn Backend>, config: Config, crypto: Crypto, hostname: String) -> Repository {
         Repository {
             backend,
             config,
@@ -174,9 +149,7 @@ impl Repository {
                 }
                 // Removed by a concurrent session after merging it into a file listed too.
                 Err(Error::Storage(e)) if e.is_not_found() => {}
-                Err(e @ (Error::Corrupt(_) | Error::Format(_))) => {
-                    damaged.push((l.name.clone(), e.to_string()))
-                }
+                Err(e @ (Error::Corrupt(_) | Error::Format(_))) => damaged.push((l.name.clone(), e.to_string())),
                 Err(e) => return Err(e),
             }
         }
@@ -185,15 +158,10 @@ impl Repository {
         Ok(())
     }
 
-    pub fn read_index_file(
-        &self,
-        name: &str,
-    ) -> Result<Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>> {
+    pub fn read_index_file(&self, name: &str) -> Result<Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>> {
         let bytes = self.backend.get(Kind::Index, name)?;
         if blake3::hash(&bytes).to_hex().as_str() != name {
-            return Err(Error::Corrupt(format!(
-                "index file {name} does not match its name (bytes changed)"
-            )));
+            return Err(Error::Corrupt(format!("index file {name} does not match its name (bytes changed)")));
         }
         let raw = self.crypto.open(&bytes, &format!("index file {name}"))?;
         decode_index(&raw).map_err(|e| Error::Corrupt(format!("index file {name}: {e}")))
@@ -210,12 +178,7 @@ impl Repository {
     /// Reads and decodes the frame holding a blob (not yet checked against any block ID).
     pub fn read_frame(&self, loc: &BlobLocation) -> Result<Vec<u8>> {
         let name = loc.pack_name();
-        let stored = self.backend.get_range(
-            Kind::Pack,
-            &name,
-            loc.frame_offset as u64,
-            loc.frame_stored_len as u64,
-        )?;
+        let stored = self.backend.get_range(Kind::Pack, &name, loc.frame_offset as u64, loc.frame_stored_len as u64)?;
         open_frame(
             &self.crypto,
             &stored,
@@ -226,10 +189,7 @@ impl Repository {
 
     /// Reads one blob and checks it against its ID.
     pub fn read_blob(&self, id: &BlockId, context: &str) -> Result<Vec<u8>> {
-        let loc = self.index().get(id).ok_or_else(|| Error::MissingBlock {
-            id: *id,
-            context: context.into(),
-        })?;
+        let loc = self.index().get(id).ok_or_else(|| Error::MissingBlock { id: *id, context: context.into() })?;
         let frame = self.read_frame(&loc).map_err(|e| damaged(id, &loc, e))?;
         let blob = &frame[loc.raw_offset as usize..(loc.raw_offset + loc.len) as usize];
         if self.crypto.block_id(blob) != *id {
@@ -248,12 +208,9 @@ impl Repository {
             .map
             .get(page)
             .and_then(|h| BlockId::from_hex(h))
-            .ok_or_else(|| {
-                Error::Corrupt(format!("disk {} has no valid map page {page}", disk.name))
-            })?;
+            .ok_or_else(|| Error::Corrupt(format!("disk {} has no valid map page {page}", disk.name)))?;
         let raw = self.read_blob(&id, &format!("map page {page} of disk {}", disk.name))?;
-        map::decode_page(&raw)
-            .ok_or_else(|| Error::Corrupt(format!("map page {} is malformed", id.short())))
+        map::decode_page(&raw).ok_or_else(|| Error::Corrupt(format!("map page {} is malformed", id.short())))
     }
 
     /// Saves a restore point document; from this moment the point is visible.
@@ -267,16 +224,10 @@ impl Repository {
     pub fn load_point(&self, id: &str) -> Result<RestorePoint> {
         let bytes = self.backend.get(Kind::Point, id)?;
         if blake3::hash(&bytes).to_hex().as_str() != id {
-            return Err(Error::Corrupt(format!(
-                "restore point {} does not match its name (bytes changed)",
-                &id[..8]
-            )));
+            return Err(Error::Corrupt(format!("restore point {} does not match its name (bytes changed)", &id[..8])));
         }
-        let raw = self
-            .crypto
-            .open(&bytes, &format!("restore point {}", &id[..8]))?;
-        serde_json::from_slice(&raw)
-            .map_err(|e| Error::Corrupt(format!("restore point {}: {e}", &id[..8])))
+        let raw = self.crypto.open(&bytes, &format!("restore point {}", &id[..8]))?;
+        serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("restore point {}: {e}", &id[..8])))
     }
 
     pub fn list_points(&self) -> Result<PointList> {
@@ -299,25 +250,17 @@ impl Repository {
         let all = self.list_points()?.points;
         let mine: Vec<_> = all.into_iter().filter(|(_, p)| p.name == name).collect();
         if mine.is_empty() {
-            return Err(Error::NotFound(format!(
-                "no restore point named {name:?} (see `cairn points`)"
-            )));
+            return Err(Error::NotFound(format!("no restore point named {name:?} (see `cairn points`)")));
         }
         if sel == "latest" || sel.is_empty() {
             return Ok(mine.into_iter().last().unwrap());
         }
-        let matches: Vec<_> = mine
-            .into_iter()
-            .filter(|(id, p)| id.starts_with(sel) || p.time.starts_with(sel))
-            .collect();
+        let matches: Vec<_> =
+            mine.into_iter().filter(|(id, p)| id.starts_with(sel) || p.time.starts_with(sel)).collect();
         match matches.len() {
-            0 => Err(Error::NotFound(format!(
-                "{name} has no restore point matching {sel:?}"
-            ))),
+            0 => Err(Error::NotFound(format!("{name} has no restore point matching {sel:?}"))),
             1 => Ok(matches.into_iter().next().unwrap()),
-            n => Err(Error::NotFound(format!(
-                "{sel:?} matches {n} restore points of {name}; give more of the ID"
-            ))),
+            n => Err(Error::NotFound(format!("{sel:?} matches {n} restore points of {name}; give more of the ID"))),
         }
     }
 
@@ -335,21 +278,13 @@ impl Repository {
 
 fn damaged(id: &BlockId, loc: &BlobLocation, e: Error) -> Error {
     match e {
-        Error::Storage(s) if s.is_not_found() => Error::DamagedBlock {
-            id: *id,
-            pack: loc.pack_name(),
-            detail: "its pack file is missing".into(),
-        },
-        Error::Storage(StorageError::ShortRead { .. }) => Error::DamagedBlock {
-            id: *id,
-            pack: loc.pack_name(),
-            detail: "its pack file is truncated".into(),
-        },
-        Error::Corrupt(d) => Error::DamagedBlock {
-            id: *id,
-            pack: loc.pack_name(),
-            detail: d,
-        },
+        Error::Storage(s) if s.is_not_found() => {
+            Error::DamagedBlock { id: *id, pack: loc.pack_name(), detail: "its pack file is missing".into() }
+        }
+        Error::Storage(StorageError::ShortRead { .. }) => {
+            Error::DamagedBlock { id: *id, pack: loc.pack_name(), detail: "its pack file is truncated".into() }
+        }
+        Error::Corrupt(d) => Error::DamagedBlock { id: *id, pack: loc.pack_name(), detail: d },
         other => other,
     }
 }

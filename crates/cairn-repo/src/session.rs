@@ -65,10 +65,7 @@ impl Session {
         let writer = std::thread::Builder::new()
             .name("cairn-pack-writer".into())
             .spawn(move || -> Result<WriterOutcome> {
-                let mut out = WriterOutcome {
-                    index_files: vec![],
-                    index_bytes: 0,
-                };
+                let mut out = WriterOutcome { index_files: vec![], index_bytes: 0 };
                 let mut pending: Vec<(PackId, Vec<FrameEntry>)> = Vec::new();
                 let mut last = Instant::now();
                 for pack in rx {
@@ -84,10 +81,7 @@ impl Session {
             })
             .expect("spawn pack writer");
         Session {
-            claims: Arc::new(Claims {
-                repo: repo.clone(),
-                claimed: Mutex::new(HashSet::new()),
-            }),
+            claims: Arc::new(Claims { repo: repo.clone(), claimed: Mutex::new(HashSet::new()) }),
             repo,
             pack: PackBuilder::default(),
             tx: Some(tx),
@@ -125,18 +119,8 @@ impl Session {
         let raw = map::encode_page(ids);
         let id = self.repo.crypto().block_id(&raw);
         if self.claims.claim(&id) {
-            let blob = BlobEntry {
-                kind: BlobKind::Map,
-                id,
-                raw_offset: 0,
-                len: raw.len() as u32,
-            };
-            let frame = SealedFrame::build(
-                self.repo.crypto(),
-                &mut self.page_compressor,
-                &raw,
-                vec![blob],
-            );
+            let blob = BlobEntry { kind: BlobKind::Map, id, raw_offset: 0, len: raw.len() as u32 };
+            let frame = SealedFrame::build(self.repo.crypto(), &mut self.page_compressor, &raw, vec![blob]);
             self.add_frame(frame)?;
         }
         Ok(id)
@@ -186,11 +170,7 @@ impl Drop for Session {
     }
 }
 
-fn write_index(
-    repo: &Repository,
-    pending: &mut Vec<(PackId, Vec<FrameEntry>)>,
-    out: &mut WriterOutcome,
-) -> Result<()> {
+fn write_index(repo: &Repository, pending: &mut Vec<(PackId, Vec<FrameEntry>)>, out: &mut WriterOutcome) -> Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
@@ -213,10 +193,7 @@ fn merge_session_index(repo: &Repository, out: &mut WriterOutcome) -> Result<()>
     let mut raw_size = 0usize;
     for name in &out.index_files {
         let packs = repo.read_index_file(name)?;
-        raw_size += packs
-            .iter()
-            .map(|(_, f)| f.iter().map(|f| 16 + f.blobs.len() * 41).sum::<usize>())
-            .sum::<usize>();
+        raw_size += packs.iter().map(|(_, f)| f.iter().map(|f| 16 + f.blobs.len() * 41).sum::<usize>()).sum::<usize>();
         if raw_size > MERGE_LIMIT {
             return Ok(());
         }

@@ -49,10 +49,7 @@ impl<'a> Reader<'a> {
     pub fn count(&mut self, min_item: usize) -> Result<usize> {
         let n = self.u32()? as usize;
         if n.saturating_mul(min_item) > self.remaining() {
-            return Err(Error::Format(format!(
-                "{} is truncated (claims {n} entries)",
-                self.what
-            )));
+            return Err(Error::Format(format!("{} is truncated (claims {n} entries)", self.what)));
         }
         Ok(n)
     }

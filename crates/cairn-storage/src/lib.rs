@@ -20,7 +20,10 @@
 //! SHOULD retry with backoff inside the call and report only persistent failures. The local
 //! backend does not retry: a local I/O error is not transient.
 
+mod aligned;
 mod local;
+
+pub use aligned::AlignedBuf;
 
 pub use local::LocalBackend;
 
@@ -44,14 +47,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
-        Kind::Config,
-        Kind::Key,
-        Kind::Pack,
-        Kind::Index,
-        Kind::Point,
-        Kind::Lock,
-    ];
+    pub const ALL: [Kind; 6] = [Kind::Config, Kind::Key, Kind::Pack, Kind::Index, Kind::Point, Kind::Lock];
 
     /// The folder (or key prefix) of this kind.
     pub fn dir(self) -> &'static str {
@@ -82,18 +78,9 @@ pub enum StorageError {
     #[error("{kind} object {name} already exists")]
     AlreadyExists { kind: Kind, name: String },
     #[error("{kind} object {name}: asked for bytes {offset}..{end} but it holds {size}")]
-    ShortRead {
-        kind: Kind,
-        name: String,
-        offset: u64,
-        end: u64,
-        size: u64,
-    },
+    ShortRead { kind: Kind, name: String, offset: u64, end: u64, size: u64 },
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
 }
 
 impl StorageError {
@@ -136,18 +123,13 @@ pub trait Backend: Send + Sync {
 /// Whether `name` is a valid object name: lowercase hex, 8 to 64 characters. Backends reject
 /// anything else, so a name can never escape its folder.
 pub fn valid_name(name: &str) -> bool {
-    (8..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    (8..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A fresh random object name (for lock files), 32 hex characters.
 pub fn random_name() -> String {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .expect("system random source failed");
+    ring::rand::SystemRandom::new().fill(&mut b).expect("system random source failed");
     hex::encode(b)
 }

@@ -11,13 +11,24 @@ use std::path::{Path, PathBuf};
 /// listed. [`LocalBackend::remove_stale_temporaries`] deletes old ones.
 const TMP_PREFIX: &str = ".tmp-";
 
+/// Objects at least this large (packs) are written with O_DIRECT: on the machines we measured,
+/// buffered writes followed by fsync cost ~2.6 s of CPU per GB in kernel writeback, O_DIRECT
+/// 0.08 s (docs/BENCHMARKS.md). Small objects go through the page cache.
+const DIRECT_MIN: usize = 1 << 20;
+const DIRECT_ALIGN: usize = 4096;
+
 pub struct LocalBackend {
     root: PathBuf,
+    /// Reused aligned buffer for O_DIRECT writes (one writer at a time; others fall back).
+    direct_buf: std::sync::Mutex<crate::aligned::AlignedBuf>,
 }
 
 impl LocalBackend {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalBackend { root: root.into() }
+        LocalBackend {
+            root: root.into(),
+            direct_buf: std::sync::Mutex::new(crate::aligned::AlignedBuf::new(DIRECT_ALIGN)),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -29,10 +40,7 @@ impl LocalBackend {
             return Ok(self.root.join("config"));
         }
         if !valid_name(name) {
-            return Err(io_err(
-                format!("invalid {kind} object name {name:?}"),
-                ErrorKind::InvalidInput.into(),
-            ));
+            return Err(io_err(format!("invalid {kind} object name {name:?}"), ErrorKind::InvalidInput.into()));
         }
         let mut p = self.root.join(kind.dir());
         if kind == Kind::Pack {
@@ -47,10 +55,11 @@ impl LocalBackend {
         let dir = path.parent().expect("object paths have a parent");
         let tmp = dir.join(format!("{TMP_PREFIX}{}", crate::random_name()));
         let result = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            drop(f);
+            if !(data.len() >= DIRECT_MIN && self.write_direct(&tmp, data)?) {
+                let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+                f.write_all(data)?;
+                f.sync_all()?;
+            }
             if replace {
                 fs::rename(&tmp, path)?;
             } else {
@@ -64,6 +73,38 @@ impl LocalBackend {
             let _ = fs::remove_file(&tmp);
         }
         result.map_err(|e| io_err(format!("writing {}", path.display()), e))
+    }
+
+    /// Writes `data` to a new file with O_DIRECT. Returns false (and leaves no file) when
+    /// O_DIRECT is unavailable here, so the caller writes through the page cache instead.
+    fn write_direct(&self, path: &Path, data: &[u8]) -> std::io::Result<bool> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let Ok(mut buf) = self.direct_buf.try_lock() else { return Ok(false) };
+        let f = match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let padded = data.len().next_multiple_of(DIRECT_ALIGN);
+        let b = buf.prepare(padded);
+        b[..data.len()].copy_from_slice(data);
+        b[data.len()..].fill(0);
+        let r = (|| {
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(b, 0)?;
+            f.set_len(data.len() as u64)?;
+            f.sync_all()
+        })();
+        match r {
+            Ok(()) => Ok(true),
+            // Some filesystems accept the open but refuse the write.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                drop(f);
+                fs::remove_file(path)?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes temporary files older than `max_age` left by crashed writers. Young ones may
@@ -88,11 +129,7 @@ impl LocalBackend {
                 if !name.to_string_lossy().starts_with(TMP_PREFIX) {
                     continue;
                 }
-                let old = e
-                    .metadata()
-                    .ok()
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.elapsed().ok());
+                let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
                 if old.is_some_and(|age| age > max_age) && fs::remove_file(e.path()).is_ok() {
                     removed += 1;
                 }
@@ -112,9 +149,7 @@ impl Backend for LocalBackend {
     }
 
     fn create(&self) -> Result<()> {
-        let mk = |p: PathBuf| {
-            fs::create_dir_all(&p).map_err(|e| io_err(format!("creating {}", p.display()), e))
-        };
+        let mk = |p: PathBuf| fs::create_dir_all(&p).map_err(|e| io_err(format!("creating {}", p.display()), e));
         mk(self.root.clone())?;
         for kind in Kind::ALL {
             if kind != Kind::Config {
@@ -147,10 +182,7 @@ impl Backend for LocalBackend {
         let p = self.path(kind, name)?;
         match self.write_atomic(&p, data, false) {
             Err(StorageError::Io { source, .. }) if source.kind() == ErrorKind::AlreadyExists => {
-                Err(StorageError::AlreadyExists {
-                    kind,
-                    name: name.to_string(),
-                })
+                Err(StorageError::AlreadyExists { kind, name: name.to_string() })
             }
             other => other,
         }
@@ -160,8 +192,7 @@ impl Backend for LocalBackend {
         let p = self.path(kind, name)?;
         let mut f = open(&p, kind, name)?;
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf)
-            .map_err(|e| io_err(format!("reading {}", p.display()), e))?;
+        f.read_to_end(&mut buf).map_err(|e| io_err(format!("reading {}", p.display()), e))?;
         Ok(buf)
     }
 
@@ -193,21 +224,8 @@ impl Backend for LocalBackend {
     fn list(&self, kind: Kind) -> Result<Vec<Listed>> {
         if kind == Kind::Config {
             let exists = self.exists(kind, "")?;
-            let size = if exists {
-                fs::metadata(self.root.join("config"))
-                    .map(|m| m.len())
-                    .unwrap_or(0)
-            } else {
-                0
-            };
-            return Ok(if exists {
-                vec![Listed {
-                    name: "config".into(),
-                    size,
-                }]
-            } else {
-                vec![]
-            });
+            let size = if exists { fs::metadata(self.root.join("config")).map(|m| m.len()).unwrap_or(0) } else { 0 };
+            return Ok(if exists { vec![Listed { name: "config".into(), size }] } else { vec![] });
         }
         let base = self.root.join(kind.dir());
         let mut dirs = vec![base.clone()];
@@ -229,10 +247,7 @@ impl Backend for LocalBackend {
                 }
                 // A file deleted between readdir and stat is simply gone.
                 if let Ok(m) = e.metadata() {
-                    out.push(Listed {
-                        name,
-                        size: m.len(),
-                    });
+                    out.push(Listed { name, size: m.len() });
                 }
             }
         }
@@ -252,10 +267,7 @@ impl Backend for LocalBackend {
 fn open(p: &Path, kind: Kind, name: &str) -> Result<File> {
     File::open(p).map_err(|e| {
         if e.kind() == ErrorKind::NotFound {
-            StorageError::NotFound {
-                kind,
-                name: name.to_string(),
-            }
+            StorageError::NotFound { kind, name: name.to_string() }
         } else {
             io_err(format!("opening {}", p.display()), e)
         }
@@ -275,17 +287,8 @@ mod tests {
         b.put(Kind::Pack, &name, b"hello world").unwrap();
         assert_eq!(b.get(Kind::Pack, &name).unwrap(), b"hello world");
         assert_eq!(b.get_range(Kind::Pack, &name, 6, 5).unwrap(), b"world");
-        assert!(matches!(
-            b.get_range(Kind::Pack, &name, 6, 50),
-            Err(StorageError::ShortRead { .. })
-        ));
-        assert_eq!(
-            b.list(Kind::Pack).unwrap(),
-            vec![Listed {
-                name: name.clone(),
-                size: 11
-            }]
-        );
+        assert!(matches!(b.get_range(Kind::Pack, &name, 6, 50), Err(StorageError::ShortRead { .. })));
+        assert_eq!(b.list(Kind::Pack).unwrap(), vec![Listed { name: name.clone(), size: 11 }]);
         assert!(dir.path().join("packs/ab").join(&name).exists());
         b.delete(Kind::Pack, &name).unwrap();
         b.delete(Kind::Pack, &name).unwrap();
@@ -298,10 +301,7 @@ mod tests {
         let b = LocalBackend::new(dir.path());
         b.create().unwrap();
         b.put_new(Kind::Config, "", b"one").unwrap();
-        assert!(matches!(
-            b.put_new(Kind::Config, "", b"two"),
-            Err(StorageError::AlreadyExists { .. })
-        ));
+        assert!(matches!(b.put_new(Kind::Config, "", b"two"), Err(StorageError::AlreadyExists { .. })));
         assert_eq!(b.get(Kind::Config, "").unwrap(), b"one");
         assert!(b.put(Kind::Point, "../../etc/passwd", b"x").is_err());
         assert!(b.put(Kind::Point, "ABCDEF0123", b"x").is_err());
@@ -314,10 +314,6 @@ mod tests {
         b.create().unwrap();
         fs::write(dir.path().join("index/.tmp-deadbeef"), b"partial").unwrap();
         assert!(b.list(Kind::Index).unwrap().is_empty());
-        assert_eq!(
-            b.remove_stale_temporaries(std::time::Duration::ZERO)
-                .unwrap(),
-            1
-        );
+        assert_eq!(b.remove_stale_temporaries(std::time::Duration::ZERO).unwrap(), 1);
     }
 }

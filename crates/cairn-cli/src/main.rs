@@ -1,0 +1,423 @@
+//! `cairn`: host-level backup of disk images and virtual machines into a deduplicating
+//! repository.
+
+mod output;
+
+use anyhow::{bail, Context, Result};
+use cairn_engine::backup::{backup, BackupOptions, DiskInput};
+use cairn_engine::ranges::parse_changed_ranges;
+use cairn_engine::restore::{restore_disk, RestoreOptions};
+use cairn_engine::source::{open_path, ImageFormat};
+use cairn_engine::target::TargetFormat;
+use cairn_engine::Progress;
+use cairn_repo::{Error as RepoError, Repository};
+use cairn_storage::{Backend, LocalBackend};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use output::{bytes, Bar};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Exit status when `verify` finds damage (1 is any other failure, 2 a usage error).
+const EXIT_DAMAGED: i32 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Host-level backup of disk images and VMs into a deduplicating, verifiable repository",
+    long_about = "cairn backs up disk images (raw, qcow2, VHDX, VMDK, block devices, NBD exports) into a \
+repository where every restore point is a complete image built from shared, deduplicated, compressed \
+and optionally encrypted 64 KiB blocks.\n\n\
+A first session:\n  cairn init --repo /backup/repo\n  cairn backup image /var/lib/libvirt/images/web.qcow2 --repo /backup/repo --name web\n  \
+cairn points --repo /backup/repo\n  cairn restore image web --repo /backup/repo --to /tmp/web-restored.qcow2 --format qcow2\n  \
+cairn verify --repo /backup/repo\n\n\
+The repository can also come from CAIRN_REPO, the password of an encrypted repository from CAIRN_PASSWORD.\n\
+Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Repository folder
+    #[arg(long, env = "CAIRN_REPO", global = true, value_name = "DIR")]
+    repo: Option<PathBuf>,
+    /// Print results as JSON on stdout (for scripts); progress bars are hidden
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Worker threads for hashing, compression and verification (default: all cores)
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    /// How long to wait for a conflicting lock on the repository
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 60)]
+    lock_wait: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new repository
+    #[command(long_about = "Create a new, empty repository in --repo (the folder is created).\n\n\
+With --encrypt, every block, map, index and restore point is encrypted with AES-256-GCM under a random \
+master key, itself wrapped by your password (Argon2id). Block IDs are keyed hashes, so they reveal nothing \
+about content. Losing the password means losing the backups: keep it safe.")]
+    Init {
+        /// Encrypt the repository; the password comes from CAIRN_PASSWORD or a prompt
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Back up something into the repository
+    #[command(subcommand)]
+    Backup(BackupCmd),
+    /// List restore points
+    #[command(long_about = "List restore points, oldest first, with their sizes: the disk's logical size, \
+bytes read, new data written to the repository (after compression) and data that was already there \
+(deduplicated).")]
+    Points {
+        /// Only points with this name
+        name: Option<String>,
+    },
+    /// Restore from a restore point
+    #[command(subcommand)]
+    Restore(RestoreCmd),
+    /// Re-read and re-hash everything in the repository
+    #[command(long_about = "Re-read every pack, re-hash every block and every image map, and check that every \
+restore point can be restored. Damage is reported with every restore point it affects and the disk offsets \
+concerned. Exits with status 3 if anything is damaged.")]
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Back up a disk image, block device or NBD export
+    #[command(long_about = "Back up one disk image as a restore point named --name.\n\n\
+SOURCE is a raw image or block device (read directly, holes skipped with SEEK_DATA), an image in any format \
+QEMU reads (qcow2, vhdx, vmdk, vpc, vdi: opened through qemu-nbd), or an NBD URI \
+(nbd://host:port/export, nbd+unix:///export?socket=/path).\n\n\
+Every restore point is a complete image, but only blocks new to the repository are stored. With \
+--changed-ranges (or --dirty-bitmap), only the listed ranges are read; every other block is taken from \
+the latest restore point of the same name.\n\n\
+Examples:\n  cairn backup image disk.img --repo R --name web\n  \
+cairn backup image disk.img --repo R --name web --changed-ranges dirty.txt\n  \
+cairn backup image web.qcow2 --repo R --name web --dirty-bitmap backup-1")]
+    Image(BackupImage),
+}
+
+#[derive(Args)]
+struct BackupImage {
+    /// Image file, block device or NBD URI
+    source: String,
+    /// Name of the restore point (the image or machine it belongs to)
+    #[arg(long)]
+    name: String,
+    /// File listing the byte ranges changed since the last backup of --name: lines of
+    /// `OFFSET LENGTH`, or a JSON array of {"offset","length"} (as `nbdinfo --map --json` prints)
+    #[arg(long, value_name = "FILE", conflicts_with = "dirty_bitmap")]
+    changed_ranges: Option<PathBuf>,
+    /// Take the changed ranges from this QEMU dirty bitmap (qcow2 images and NBD exports)
+    #[arg(long, value_name = "BITMAP")]
+    dirty_bitmap: Option<String>,
+    /// Image format, when detection by magic number is not wanted (raw, qcow2, vhdx, vmdk, vpc, vdi)
+    #[arg(long)]
+    format: Option<String>,
+    /// Name of the disk inside the restore point
+    #[arg(long, default_value = "disk0")]
+    disk: String,
+    /// zstd level (1 fastest .. 19 smallest); 2 measured best for speed vs size (docs/BENCHMARKS.md)
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(-7..=19))]
+    compression: i32,
+}
+
+#[derive(Subcommand)]
+enum RestoreCmd {
+    /// Restore one disk of a restore point into an image file
+    #[command(long_about = "Restore a disk of a restore point into a new image file.\n\n\
+POINT selects the point: NAME (the latest), NAME@latest, NAME@ID (a prefix of the ID shown by \
+`cairn points`), or NAME@TIME (a prefix of its time, e.g. NAME@2026-11-25T10).\n\n\
+Every block is checked against its hash before it is written; on damage the restore stops, names the \
+block, its disk offset and the restore point, and leaves no file behind. Zero blocks stay holes. The \
+image is written under a temporary name and renamed when complete and synced.")]
+    Image(RestoreImage),
+}
+
+#[derive(Args)]
+struct RestoreImage {
+    /// NAME[@POINT]
+    point: String,
+    /// Where to write the image
+    #[arg(long, value_name = "PATH")]
+    to: PathBuf,
+    /// Image format to write
+    #[arg(long, value_enum, default_value_t = Format::Raw)]
+    format: Format,
+    /// Which disk of the point (needed when it has several)
+    #[arg(long)]
+    disk: Option<String>,
+    /// Replace --to if it exists
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Raw,
+    Qcow2,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Init { encrypt } => init(g, *encrypt),
+        Command::Backup(BackupCmd::Image(a)) => backup_image(g, a),
+        Command::Points { name } => points(g, name.as_deref()),
+        Command::Restore(RestoreCmd::Image(a)) => restore_image(g, a),
+        Command::Verify => verify(g),
+    }
+}
+
+fn backend(g: &Global) -> Result<Arc<LocalBackend>> {
+    let Some(dir) = &g.repo else {
+        bail!("no repository given: pass --repo DIR or set CAIRN_REPO");
+    };
+    Ok(Arc::new(LocalBackend::new(dir)))
+}
+
+fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
+    if let Ok(p) = std::env::var("CAIRN_PASSWORD") {
+        return Some(p);
+    }
+    if !std::io::stdin().is_terminal() {
+        return None;
+    }
+    let p = rpassword::prompt_password("Repository password: ").ok()?;
+    if confirm {
+        let again = rpassword::prompt_password("Repeat the password: ").ok()?;
+        if again != p {
+            eprintln!("the passwords differ");
+            return None;
+        }
+    }
+    Some(p)
+}
+
+fn open_repo(g: &Global) -> Result<Arc<Repository>> {
+    let b = backend(g)?;
+    let repo = Repository::open(b as Arc<dyn Backend>, || password_from_env_or_prompt(false))?;
+    Ok(Arc::new(repo))
+}
+
+fn workers(g: &Global) -> usize {
+    g.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)).max(1)
+}
+
+fn bar(g: &Global) -> Bar {
+    Bar::new(!g.json && !g.quiet && std::io::stderr().is_terminal())
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap());
+}
+
+fn init(g: &Global, encrypt: bool) -> Result<i32> {
+    let b = backend(g)?;
+    let password = if encrypt {
+        let p = password_from_env_or_prompt(true)
+            .context("an encrypted repository needs a password: set CAIRN_PASSWORD or run in a terminal")?;
+        if p.is_empty() {
+            bail!("the password is empty");
+        }
+        Some(p)
+    } else {
+        None
+    };
+    let repo = Repository::init(b.clone() as Arc<dyn Backend>, password.as_deref())?;
+    if g.json {
+        print_json(
+            &serde_json::json!({"repository": b.location(), "id": repo.config().id, "encryption": repo.config().encryption}),
+        );
+    } else {
+        println!(
+            "created repository {} at {} (encryption: {})",
+            &repo.config().id[..8],
+            b.location(),
+            repo.config().encryption
+        );
+    }
+    Ok(0)
+}
+
+fn backup_image(g: &Global, a: &BackupImage) -> Result<i32> {
+    let repo = open_repo(g)?;
+    let b = backend(g)?;
+    // Temporaries of backups killed more than a day ago.
+    let _ = b.remove_stale_temporaries(Duration::from_secs(24 * 3600));
+    let _lock = repo.lock(false, "backup", Duration::from_secs(g.lock_wait))?;
+    repo.load_index()?;
+    let progress = bar(g);
+    for (name, problem) in repo.damaged_index_files() {
+        progress.note(&format!(
+            "warning: index file {} is damaged ({problem}); its blocks will be stored again",
+            &name[..8]
+        ));
+    }
+    let format = a.format.as_deref().map(ImageFormat::parse).transpose()?;
+    let mut source = open_path(&a.source, format, a.dirty_bitmap.as_deref())?;
+    let changed = match (&a.changed_ranges, &a.dirty_bitmap) {
+        (Some(f), _) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read changed-ranges file {}", f.display()))?;
+            let r = parse_changed_ranges(&text)?;
+            if let Some(last) = r.last() {
+                if last.end() > source.size() {
+                    bail!(
+                        "changed range {}+{} lies beyond the end of the image ({} bytes)",
+                        last.offset,
+                        last.length,
+                        source.size()
+                    );
+                }
+            }
+            Some(r)
+        }
+        (None, Some(bm)) => Some(source.dirty_ranges(bm)?),
+        (None, None) => None,
+    };
+    let parent = if changed.is_some() {
+        match repo.select_point(&a.name) {
+            Ok(p) => Some(p),
+            Err(RepoError::NotFound(_)) => bail!(
+                "there is no earlier restore point named {:?} to apply changed ranges to; the first backup must read everything (drop --changed-ranges/--dirty-bitmap)",
+                a.name
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    let opts = BackupOptions {
+        name: a.name.clone(),
+        compression_level: a.compression,
+        workers: workers(g),
+        parent,
+        ..Default::default()
+    };
+    let disk = DiskInput { name: a.disk.clone(), source, changed };
+    let (id, point) = backup(&repo, vec![disk], &opts, &progress)?;
+    if g.json {
+        print_json(&serde_json::json!({"id": id, "point": point}));
+    } else {
+        output::print_backup(&id, &point);
+    }
+    Ok(0)
+}
+
+fn points(g: &Global, name: Option<&str>) -> Result<i32> {
+    let repo = open_repo(g)?;
+    let _lock = repo.lock(false, "points", Duration::from_secs(g.lock_wait))?;
+    let list = repo.list_points()?;
+    let pts: Vec<_> = list.points.iter().filter(|(_, p)| name.is_none_or(|n| p.name == n)).collect();
+    if g.json {
+        let v: Vec<_> = pts
+            .iter()
+            .map(|(id, p)| {
+                serde_json::json!({
+                    "id": id, "name": p.name, "time": p.time, "hostname": p.hostname, "source": p.source,
+                    "parent": p.parent, "mode": p.stats.mode,
+                    "logical_bytes": p.stats.totals.logical_bytes,
+                    "read_bytes": p.stats.totals.read_bytes,
+                    "new_bytes": p.stats.totals.new_bytes,
+                    "stored_bytes": p.stats.totals.stored_bytes,
+                    "repository_growth_bytes": p.stats.repository_growth_bytes,
+                    "dedup_bytes": p.stats.totals.dedup_bytes + p.stats.totals.unchanged_bytes,
+                    "zero_bytes": p.stats.totals.zero_bytes,
+                    "duration_ms": p.stats.duration_ms,
+                    "disks": p.disks.iter().map(|d| serde_json::json!({"name": d.name, "size": d.size, "stats": d.stats})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        print_json(&v);
+    } else {
+        output::print_points(&pts);
+    }
+    for (id, problem) in &list.damaged {
+        eprintln!("warning: restore point {} cannot be read: {problem}", &id[..8]);
+    }
+    if let Some(n) = name {
+        if pts.is_empty() {
+            bail!("no restore point named {n:?}");
+        }
+    }
+    Ok(0)
+}
+
+fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
+    let repo = open_repo(g)?;
+    let _lock = repo.lock(false, "restore", Duration::from_secs(g.lock_wait))?;
+    repo.load_index()?;
+    let (id, point) = repo.select_point(&a.point)?;
+    let disk = point.disk(a.disk.as_deref()).map_err(anyhow::Error::msg)?;
+    let opts = RestoreOptions {
+        format: match a.format {
+            Format::Raw => TargetFormat::Raw,
+            Format::Qcow2 => TargetFormat::Qcow2,
+        },
+        force: a.force,
+        workers: workers(g),
+    };
+    let progress = bar(g);
+    let report = restore_disk(&repo, &id, &point, disk, &a.to, &opts, &progress)?;
+    if g.json {
+        print_json(
+            &serde_json::json!({"point": id, "name": point.name, "time": point.time, "to": a.to, "report": report}),
+        );
+    } else {
+        println!(
+            "restored disk {} of {} ({}, {}) to {}: {} data, {} zero (left sparse), {:.1} s",
+            disk.name,
+            point.name,
+            &id[..8],
+            point.time,
+            a.to.display(),
+            bytes(report.data_bytes),
+            bytes(report.zero_bytes),
+            report.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(0)
+}
+
+fn verify(g: &Global) -> Result<i32> {
+    let repo = open_repo(g)?;
+    let _lock = repo.lock(false, "verify", Duration::from_secs(g.lock_wait))?;
+    repo.load_index()?;
+    let progress = bar(g);
+    let report = cairn_engine::verify::verify(&repo, workers(g), &progress)?;
+    if g.json {
+        print_json(&report);
+    } else {
+        output::print_verify(&report);
+    }
+    Ok(if report.ok { 0 } else { EXIT_DAMAGED })
+}

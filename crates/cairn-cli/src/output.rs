@@ -1,0 +1,163 @@
+//! Human-readable output and progress bars.
+
+use cairn_engine::verify::VerifyReport;
+use cairn_engine::Progress;
+use cairn_repo::RestorePoint;
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub fn bytes(n: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// A progress bar on stderr, or nothing when stderr is not a terminal.
+pub struct Bar {
+    pb: ProgressBar,
+}
+
+impl Bar {
+    pub fn new(visible: bool) -> Bar {
+        let pb = if visible { ProgressBar::new(0) } else { ProgressBar::hidden() };
+        pb.set_style(
+            ProgressStyle::with_template("{msg:20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap()
+                .progress_chars("=> "),
+        );
+        Bar { pb }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, phase: &str, total: u64) {
+        self.pb.reset();
+        self.pb.set_length(total);
+        self.pb.set_message(phase.to_string());
+    }
+    fn advance(&self, n: u64) {
+        self.pb.inc(n);
+    }
+    fn finish(&self) {
+        self.pb.finish_and_clear();
+    }
+    fn note(&self, msg: &str) {
+        self.pb.suspend(|| eprintln!("{msg}"));
+    }
+}
+
+pub fn print_backup(id: &str, p: &RestorePoint) {
+    let t = &p.stats.totals;
+    let secs = p.stats.duration_ms as f64 / 1000.0;
+    println!("restore point {} of {} ({}, {})", &id[..8], p.name, p.stats.mode, p.time);
+    for d in &p.disks {
+        println!("  disk {:<8} {} from {}", d.name, bytes(d.size), d.source);
+    }
+    println!(
+        "  read          {} ({} zero or unallocated, {} unchanged and not read)",
+        bytes(t.read_bytes),
+        bytes(t.zero_bytes),
+        bytes(t.unchanged_bytes)
+    );
+    println!(
+        "  new data      {} stored ({} before compression, {} blocks)",
+        bytes(t.stored_bytes),
+        bytes(t.new_bytes),
+        t.new_blocks
+    );
+    println!("  deduplicated  {}", bytes(t.dedup_bytes));
+    println!("  repository    +{}", bytes(p.stats.repository_growth_bytes));
+    println!(
+        "  time          {secs:.2} s ({}/s over the disk)",
+        bytes((t.logical_bytes as f64 / secs.max(0.001)) as u64)
+    );
+}
+
+pub fn print_points(pts: &[&(String, RestorePoint)]) {
+    if pts.is_empty() {
+        println!("no restore points");
+        return;
+    }
+    println!(
+        "{:<8}  {:<16}  {:<24}  {:<14}  {:>10}  {:>10}  {:>10}  {:>10}",
+        "ID", "NAME", "TIME", "MODE", "SIZE", "READ", "NEW", "DEDUP"
+    );
+    for (id, p) in pts {
+        let t = &p.stats.totals;
+        println!(
+            "{:<8}  {:<16}  {:<24}  {:<14}  {:>10}  {:>10}  {:>10}  {:>10}",
+            &id[..8],
+            p.name,
+            p.time,
+            p.stats.mode,
+            bytes(t.logical_bytes),
+            bytes(t.read_bytes),
+            bytes(t.stored_bytes),
+            bytes(t.dedup_bytes + t.unchanged_bytes)
+        );
+    }
+}
+
+pub fn print_verify(r: &VerifyReport) {
+    println!(
+        "checked {} packs ({}), {} blocks, {} restore points in {:.1} s",
+        r.packs_checked,
+        bytes(r.pack_bytes_checked),
+        r.blocks_checked,
+        r.points_checked,
+        r.duration_ms as f64 / 1000.0
+    );
+    if !r.unindexed_packs.is_empty() {
+        println!("note: {} pack(s) left by interrupted backups are not referenced (harmless)", r.unindexed_packs.len());
+    }
+    for p in &r.damaged_packs {
+        println!("DAMAGED pack {}: {}", &p.pack[..16.min(p.pack.len())], p.problem);
+    }
+    for f in &r.damaged_index_files {
+        println!("DAMAGED index file {}: {}", &f.id[..16], f.problem);
+    }
+    for b in &r.damaged_blocks {
+        println!("DAMAGED block {}: {}", &b.block[..16], b.problem);
+    }
+    for p in &r.damaged_points {
+        println!("DAMAGED restore point document {}: {}", &p.id[..16], p.problem);
+    }
+    for a in &r.affected_points {
+        println!("AFFECTED restore point {} ({} of {}):", &a.id[..8], a.name, a.time);
+        for d in &a.disks {
+            if !d.damaged_map_pages.is_empty() {
+                println!(
+                    "  disk {}: map pages {:?} unreadable: the disk cannot be restored",
+                    d.disk, d.damaged_map_pages
+                );
+            }
+            if d.damaged_blocks > 0 {
+                let offs: Vec<String> = d.offsets.iter().take(8).map(|o| o.to_string()).collect();
+                println!(
+                    "  disk {}: {} damaged block(s) at offsets {}{}",
+                    d.disk,
+                    d.damaged_blocks,
+                    offs.join(", "),
+                    if d.damaged_blocks > 8 { ", ..." } else { "" }
+                );
+            }
+        }
+    }
+    if r.ok {
+        println!("no damage found");
+    } else {
+        println!(
+            "repository is DAMAGED: {} block(s), {} restore point(s) affected",
+            r.damaged_blocks.len(),
+            r.affected_points.len()
+        );
+    }
+}

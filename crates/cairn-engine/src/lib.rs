@@ -1,0 +1,17 @@
+//! # cairn-engine: from a disk to a restore point and back
+//!
+//! - [`source`]: where disk data comes from (raw files, block devices, NBD, qemu-nbd);
+//! - [`backup`]: the block pipeline that turns sources into a restore point;
+//! - [`restore`] and [`target`]: restore points back into images, hash-checked;
+//! - [`verify`]: re-read and re-hash the whole repository;
+//! - [`ranges`]: changed-range lists (from a file or a dirty bitmap).
+
+pub mod backup;
+pub mod progress;
+pub mod ranges;
+pub mod restore;
+pub mod source;
+pub mod target;
+pub mod verify;
+
+pub use progress::{NoProgress, Progress};

@@ -1,0 +1,260 @@
+//! Where restored disks go: a sparse raw file, or a qcow2 image written through `qemu-nbd`.
+//! Both write to a temporary name and take the final name only when complete and durable.
+
+use crate::source::nbd_runtime;
+use crate::source::{ImageFormat, QemuNbd};
+use anyhow::{bail, Context, Result};
+use cairn_nbd::NbdClient;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetFormat {
+    Raw,
+    Qcow2,
+}
+
+pub trait Target: Send {
+    /// Writes restored bytes; ranges never written read as zeros.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Makes the image durable and gives it its final name.
+    fn finish(self: Box<Self>) -> Result<()>;
+    /// Removes the partial image (the restore failed).
+    fn abandon(self: Box<Self>);
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".cairn-partial");
+    PathBuf::from(p)
+}
+
+/// Opens a target for a disk of `size` bytes of which `data_bytes` hold data (the rest stays
+/// sparse). An existing `path` is refused unless `force`; a folder without room for the data
+/// is refused before anything is written.
+pub fn create(path: &Path, size: u64, data_bytes: u64, format: TargetFormat, force: bool) -> Result<Box<dyn Target>> {
+    if path.exists() && !force {
+        bail!("{} already exists; choose another --to, or add --force to replace it", path.display());
+    }
+    if path.is_dir() {
+        bail!("{} is a folder; --to takes the path of the image file to create", path.display());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            bail!("folder {} does not exist", parent.display());
+        }
+        check_space(parent, data_bytes)?;
+    }
+    let partial = partial_path(path);
+    let _ = std::fs::remove_file(&partial);
+    match format {
+        TargetFormat::Raw => Ok(Box::new(RawFile::create(&partial, path, size)?)),
+        TargetFormat::Qcow2 => Ok(Box::new(Qcow2Image::create(&partial, path, size)?)),
+    }
+}
+
+/// Refuses to start a restore whose data cannot fit in the free space of `dir`.
+fn check_space(dir: &Path, data_bytes: u64) -> Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+        let free = st.f_bavail as u64 * st.f_frsize as u64;
+        if free < data_bytes {
+            bail!(
+                "{} has {} MiB free but the restored disk holds {} MiB of data; free some space or restore elsewhere",
+                dir.display(),
+                free >> 20,
+                data_bytes.div_ceil(1 << 20)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A sparse raw image. Written with O_DIRECT where the filesystem allows it: buffered writes
+/// plus fsync cost ~2.6 s of CPU per GB in writeback on the machines we measured. Contiguous
+/// writes are gathered in an aligned buffer so the device sees large requests.
+struct RawFile {
+    file: File,
+    partial: PathBuf,
+    path: PathBuf,
+    size: u64,
+    direct: bool,
+    buf: cairn_storage::AlignedBuf,
+    buf_start: u64,
+    buf_len: usize,
+}
+
+const GATHER: usize = 8 << 20;
+const ALIGN: usize = 4096;
+
+impl RawFile {
+    fn create(partial: &Path, path: &Path, size: u64) -> Result<RawFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let open = |flags: i32| OpenOptions::new().write(true).create_new(true).custom_flags(flags).open(partial);
+        let (file, direct) = match open(libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", partial.display())),
+        };
+        file.set_len(size)?; // sparse: unwritten ranges stay holes
+        let mut buf = cairn_storage::AlignedBuf::new(ALIGN);
+        buf.prepare(GATHER);
+        Ok(RawFile {
+            file,
+            partial: partial.to_path_buf(),
+            path: path.to_path_buf(),
+            size,
+            direct,
+            buf,
+            buf_start: 0,
+            buf_len: 0,
+        })
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.buf_len == 0 {
+            return Ok(());
+        }
+        // Only the disk's last block can end off-alignment; its padding lies past the end of
+        // the disk and is cut by the final set_len.
+        let len = if self.direct { self.buf_len.next_multiple_of(ALIGN) } else { self.buf_len };
+        let b = self.buf.prepare(GATHER);
+        b[self.buf_len..len].fill(0);
+        let r = self.file.write_all_at(&b[..len], self.buf_start);
+        self.buf_len = 0;
+        r.with_context(|| format!("writing {}", self.partial.display()))
+    }
+}
+
+impl Target for RawFile {
+    fn write_at(&mut self, mut offset: u64, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let contiguous = self.buf_len > 0 && offset == self.buf_start + self.buf_len as u64;
+            if !contiguous || self.buf_len == GATHER {
+                self.flush()?;
+                if offset % ALIGN as u64 != 0 && self.direct {
+                    bail!("internal error: unaligned restore write at {offset}");
+                }
+                self.buf_start = offset;
+            }
+            let n = data.len().min(GATHER - self.buf_len);
+            let at = self.buf_len;
+            self.buf.prepare(GATHER)[at..at + n].copy_from_slice(&data[..n]);
+            self.buf_len += n;
+            data = &data[n..];
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.flush()?;
+        self.file.set_len(self.size)?;
+        self.file.sync_all().with_context(|| format!("syncing {}", self.partial.display()))?;
+        std::fs::rename(&self.partial, &self.path)?;
+        sync_parent(&self.path);
+        Ok(())
+    }
+
+    fn abandon(self: Box<Self>) {
+        let _ = std::fs::remove_file(&self.partial);
+    }
+}
+
+fn sync_parent(p: &Path) {
+    if let Some(d) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(f) = File::open(d) {
+            let _ = f.sync_all();
+        }
+    }
+}
+
+/// A new qcow2 image, filled through a private writable `qemu-nbd`. Writes are pipelined.
+struct Qcow2Image {
+    rt: tokio::runtime::Runtime,
+    client: Option<Arc<NbdClient>>,
+    server: Option<QemuNbd>,
+    inflight: VecDeque<tokio::task::JoinHandle<Result<(), cairn_nbd::NbdError>>>,
+    partial: PathBuf,
+    path: PathBuf,
+}
+
+const MAX_INFLIGHT_WRITES: usize = 32;
+
+impl Qcow2Image {
+    fn create(partial: &Path, path: &Path, size: u64) -> Result<Qcow2Image> {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+            .arg(partial)
+            .arg(size.to_string())
+            .output()
+            .map_err(|e| anyhow::anyhow!("qemu-img is needed to write qcow2 (apt-get install qemu-utils): {e}"))?;
+        if !out.status.success() {
+            bail!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let server = QemuNbd::serve(partial, ImageFormat::Qcow2, false, None)?;
+        let rt = nbd_runtime()?;
+        let addr = server.address();
+        let client = rt.block_on(NbdClient::connect(&addr, &[])).context("connecting to qemu-nbd")?;
+        Ok(Qcow2Image {
+            rt,
+            client: Some(Arc::new(client)),
+            server: Some(server),
+            inflight: VecDeque::new(),
+            partial: partial.to_path_buf(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn wait_one(&mut self) -> Result<()> {
+        if let Some(h) = self.inflight.pop_front() {
+            self.rt.block_on(h)?.context("writing the qcow2 image")?;
+        }
+        Ok(())
+    }
+}
+
+impl Target for Qcow2Image {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let c = self.client.clone().unwrap();
+        let max = c.max_request() as usize;
+        for (i, chunk) in data.chunks(max).enumerate() {
+            while self.inflight.len() >= MAX_INFLIGHT_WRITES {
+                self.wait_one()?;
+            }
+            let c = c.clone();
+            let buf = chunk.to_vec();
+            let at = offset + (i * max) as u64;
+            self.inflight.push_back(self.rt.spawn(async move { c.write(at, &buf).await }));
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        while !self.inflight.is_empty() {
+            self.wait_one()?;
+        }
+        let client = self.client.take().unwrap();
+        self.rt.block_on(client.flush()).context("flushing the qcow2 image")?;
+        let client = Arc::try_unwrap(client).map_err(|_| anyhow::anyhow!("NBD writes still pending"))?;
+        self.rt.block_on(client.disconnect())?;
+        // qemu-nbd exits once its only client is gone, after closing the image cleanly.
+        self.server.take().unwrap().wait_exit(Duration::from_secs(60))?;
+        File::open(&self.partial)?.sync_all()?;
+        std::fs::rename(&self.partial, &self.path)?;
+        sync_parent(&self.path);
+        Ok(())
+    }
+
+    fn abandon(mut self: Box<Self>) {
+        self.inflight.clear();
+        self.client = None;
+        self.server = None;
+        let _ = std::fs::remove_file(&self.partial);
+    }
+}
