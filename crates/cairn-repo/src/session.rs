@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 pub const PACK_TARGET: usize = 16 << 20;
 /// Index files are written at least this often during a session (and every
 /// [`INDEX_EVERY_PACKS`] packs), so a killed backup leaves its uploaded blocks findable.
-const INDEX_EVERY: Duration = Duration::from_secs(5);
+const INDEX_EVERY: Duration = Duration::from_secs(2);
 const INDEX_EVERY_PACKS: usize = 8;
 /// Partial index files of a session are merged into one at commit when they are this small.
 const MERGE_LIMIT: usize = 64 << 20;

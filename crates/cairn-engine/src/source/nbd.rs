@@ -53,7 +53,18 @@ impl NbdSource {
                 r => r,
             }
         });
-        let client = client.with_context(|| format!("opening {what}"))?;
+        let client = match (client, server) {
+            (Ok(c), server) => (c, server),
+            (Err(e), Some(mut s)) => {
+                // qemu-nbd may have refused the image or bitmap after creating its socket.
+                match s.exit_message(Duration::from_secs(2)) {
+                    Some(msg) => bail!("qemu-nbd could not serve {}: {msg}", s.image.display()),
+                    None => return Err(e).with_context(|| format!("opening {what}")),
+                }
+            }
+            (Err(e), None) => return Err(e).with_context(|| format!("opening {what}")),
+        };
+        let (client, server) = client;
         let has_allocation = client.has_context(CONTEXT_BASE_ALLOCATION);
         Ok(NbdSource { rt, client: Arc::new(client), addr, what, queue: VecDeque::new(), has_allocation, server })
     }
@@ -186,6 +197,23 @@ impl QemuNbd {
 
     pub fn address(&self) -> NbdAddress {
         NbdAddress::unix(&self.socket, "")
+    }
+
+    /// If qemu-nbd exits within `wait`, what it said on stderr.
+    fn exit_message(&mut self, wait: Duration) -> Option<String> {
+        let t = Instant::now();
+        while t.elapsed() < wait {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Some(format!("{} ({st})", err.trim()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     fn check_alive(&mut self) -> Result<()> {

@@ -1,0 +1,136 @@
+//! Damaged repositories: verify names every affected restore point, restores refuse to write
+//! a block whose hash does not match, and bad input gets a clear error.
+
+mod common;
+use common::*;
+use std::os::unix::fs::FileExt;
+
+/// Two points of two images that share most blocks, in a repository of one pack.
+fn two_points(e: &Env) -> (String, String, std::path::PathBuf) {
+    e.init();
+    let a = e.path("a.img");
+    make_image(&a, 8 * MIB, 8);
+    let b = e.path("b.img");
+    std::fs::copy(&a, &b).unwrap();
+    scatter_writes(&b, 2, 88);
+    let pa = e.backup(&a, "a", &[])["id"].as_str().unwrap().to_string();
+    let pb = e.backup(&b, "b", &[])["id"].as_str().unwrap().to_string();
+    (pa, pb, a)
+}
+
+fn flip(path: &std::path::Path, at: u64) {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x40;
+    f.write_all_at(&b, at).unwrap();
+}
+
+fn affected(v: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> =
+        v["affected_points"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn flipped_byte_is_found_named_and_never_restored() {
+    let e = Env::new();
+    let (pa, pb, _) = two_points(&e);
+    let packs = e.files("packs");
+    let first = packs.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    flip(first, 100); // inside the first frame
+
+    let o = e.run(&["verify", "--json"]);
+    assert_eq!(o.status.code(), Some(3), "verify must exit 3 on damage");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(!v["damaged_blocks"].as_array().unwrap().is_empty());
+    let mut both = vec![pa.clone(), pb.clone()];
+    both.sort();
+    assert_eq!(affected(&v), both, "both points share the damaged frame");
+    let offsets = &v["affected_points"][0]["disks"][0]["offsets"];
+    assert!(!offsets.as_array().unwrap().is_empty());
+    let human = String::from_utf8(e.run(&["verify"]).stdout).unwrap();
+    assert!(human.contains(&format!("AFFECTED restore point {}", &pa[..8])), "{human}");
+
+    let out = e.path("out.img");
+    let err = e.fails(&["restore", "image", "a", "--to", out.to_str().unwrap()], 1);
+    assert!(err.contains("is damaged") && err.contains(&pa[..8]) && err.contains("offset"), "{err}");
+    assert!(!out.exists() && !e.path("out.img.cairn-partial").exists(), "a failed restore leaves nothing");
+}
+
+#[test]
+fn truncated_and_missing_packs() {
+    let e = Env::new();
+    let (pa, pb, _) = two_points(&e);
+    let packs = e.files("packs");
+    let big = packs.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap().clone();
+    let len = std::fs::metadata(&big).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&big).unwrap().set_len(len / 2).unwrap();
+    let o = e.run(&["verify", "--json"]);
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let problems = serde_json::to_string(&v["damaged_packs"]).unwrap();
+    assert!(problems.contains("truncated") || problems.contains("footer"), "{problems}");
+    assert_eq!(affected(&v).len(), 2);
+    let err = e.fails(&["restore", "image", "b", "--to", e.path("o").to_str().unwrap()], 1);
+    assert!(err.contains(&pb[..8]), "{err}");
+
+    std::fs::remove_file(&big).unwrap();
+    let o = e.run(&["verify", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(serde_json::to_string(&v["damaged_packs"]).unwrap().contains("missing"));
+    assert!(affected(&v).contains(&pa));
+}
+
+#[test]
+fn damaged_index_and_point_files_are_reported_and_backups_go_on() {
+    let e = Env::new();
+    let (_, pb, a) = two_points(&e);
+    let idx = e.files("index");
+    for f in &idx {
+        flip(f, 20);
+    }
+    let o = e.run(&["verify", "--json"]);
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["damaged_index_files"].as_array().unwrap().len(), idx.len());
+    // A backup still works: it stores the blocks again rather than trusting a damaged index.
+    let o = e.run(&["backup", "image", a.to_str().unwrap(), "--name", "again", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("index file"), "a warning names the damaged index");
+    let out = e.path("again.img");
+    e.restore("again", &out, &[]);
+    assert!(same_content(&a, &out));
+
+    let point = e.files("points").into_iter().find(|p| p.file_name().unwrap().to_str().unwrap() == pb).unwrap();
+    flip(&point, 30);
+    let o = e.run(&["points"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("restore point {} cannot be read", &pb[..8])));
+    let v: serde_json::Value = serde_json::from_slice(&e.run(&["verify", "--json"]).stdout).unwrap();
+    assert!(serde_json::to_string(&v["damaged_points"]).unwrap().contains(&pb));
+}
+
+#[test]
+fn bad_repositories_get_clear_errors() {
+    let e = Env::new();
+    let err = e.fails(&["points"], 1);
+    assert!(err.contains("no cairn repository at") && err.contains("cairn init"), "{err}");
+    let err = e.fails(&["backup", "image", "/nonexistent.img", "--name", "x"], 1);
+    assert!(err.contains("no cairn repository"), "{err}");
+    e.init();
+    let err = e.fails(&["init"], 1);
+    assert!(err.contains("already exists"), "{err}");
+    let err = e.fails(&["backup", "image", "/nonexistent.img", "--name", "x"], 1);
+    assert!(err.contains("/nonexistent.img"), "{err}");
+    let err = e.fails(&["restore", "image", "ghost", "--to", e.path("o").to_str().unwrap()], 1);
+    assert!(err.contains("no restore point named \"ghost\""), "{err}");
+    assert!(e.ok(&["points"]).contains("no restore points"));
+    std::fs::write(e.repo().join("config"), b"{ not json").unwrap();
+    let err = e.fails(&["points"], 1);
+    assert!(err.contains("config") && err.contains("unreadable"), "{err}");
+    let o = e.cmd(&["points"]).env_remove("CAIRN_REPO").output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--repo"));
+}
