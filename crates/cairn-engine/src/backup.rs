@@ -10,6 +10,7 @@
 //! A batch is 16 blocks (1 MiB): its new blocks are compressed together as one frame, which
 //! keeps zstd's ratio close to whole-file compression while dedup stays at 64 KiB.
 
+use crate::pool::{self, Pool};
 use crate::progress::Progress;
 use crate::ranges::{Range, RangeCursor};
 use crate::source::{Allocation, Extent, Source};
@@ -169,19 +170,26 @@ fn backup_disk(
     let (done_tx, done_rx) = bounded::<Done>(opts.workers * 2);
     let changed = disk.changed.clone();
     let source = &mut disk.source;
+    let data_pool = Pool::new(opts.workers * 4 + READ_AHEAD_BYTES / (BATCH_BLOCKS * bs as usize) + 4);
+    let frame_pool = Pool::new(opts.workers * 4 + 4);
 
     let (map, stats) = std::thread::scope(|s| -> Result<(Vec<String>, DiskStats)> {
-        let planner =
-            s.spawn(move || plan_and_read(repo, source.as_mut(), parent, changed.as_deref(), bs, nblocks, work_tx));
+        let pool = data_pool.clone();
+        let planner = s.spawn(move || {
+            plan_and_read(repo, source.as_mut(), parent, changed.as_deref(), bs, nblocks, work_tx, &pool)
+        });
         for _ in 0..opts.workers.max(1) {
             let rx = work_rx.clone();
             let tx = done_tx.clone();
             let claims = claims.clone();
             let level = opts.compression_level;
+            let (data_pool, frame_pool) = (data_pool.clone(), frame_pool.clone());
             s.spawn(move || {
-                let mut comp = Compressor::new(level);
-                for b in rx {
-                    if tx.send(process(repo, &claims, &mut comp, b, bs as usize)).is_err() {
+                let mut w = Worker { comp: Compressor::new(level), raw: Vec::new(), frames: frame_pool };
+                for mut b in rx {
+                    let done = w.process(repo, &claims, &mut b, bs as usize);
+                    data_pool.put(std::mem::take(&mut b.data));
+                    if tx.send(done).is_err() {
                         break;
                     }
                 }
@@ -205,7 +213,7 @@ fn backup_disk(
                     progress.advance(d.bytes);
                     if let Some(f) = d.frame {
                         stats.stored_bytes += f.stored.len() as u64;
-                        session.add_frame(f)?;
+                        frame_pool.put(session.add_frame(f)?);
                     }
                     for id in d.ids {
                         page.push(id);
@@ -303,6 +311,7 @@ fn plan_and_read(
     bs: u64,
     nblocks: u64,
     tx: crossbeam_channel::Sender<Batch>,
+    pool: &Pool,
 ) -> Result<()> {
     let size = src.size();
     let mut alloc = AllocCursor { extents: vec![], idx: 0, window_end: 0, size };
@@ -338,7 +347,7 @@ fn plan_and_read(
                     let j = (i..count).find(|&j| !matches!(plans[j], Plan::Read)).unwrap_or(count);
                     let off = (first + i as u64) * bs;
                     let len: u64 = lens[i..j].iter().map(|&l| l as u64).sum();
-                    src.submit(off, len as usize)?;
+                    src.submit(off, len as usize, pool.get())?;
                     inflight_bytes += len as usize;
                     runs.push((i, j - i));
                     i = j;
@@ -360,10 +369,13 @@ fn plan_and_read(
                 batch.data = data; // the whole batch in one read: no copy
             } else {
                 if batch.data.is_empty() {
-                    batch.data = vec![0u8; total];
+                    // Blocks not read (zero, unchanged) are never looked at: no zeroing.
+                    batch.data = pool.get();
+                    pool::set_len(&mut batch.data, total);
                 }
                 let at = i * bs as usize;
                 batch.data[at..at + data.len()].copy_from_slice(&data);
+                pool.put(data);
             }
         }
         if tx.send(batch).is_err() {
@@ -373,63 +385,74 @@ fn plan_and_read(
     Ok(())
 }
 
-fn process(repo: &Repository, claims: &Claims, comp: &mut Compressor, b: Batch, bs: usize) -> Done {
-    let crypto = repo.crypto();
-    let mut ids = Vec::with_capacity(b.plans.len());
-    let mut stats = DiskStats::default();
-    let mut blobs = Vec::new();
-    let mut all_new = true;
-    let mut bytes = 0u64;
-    for (i, plan) in b.plans.iter().enumerate() {
-        let len = b.lens[i] as usize;
-        bytes += len as u64;
-        match plan {
-            Plan::Zero => {
-                stats.zero_bytes += len as u64;
-                ids.push(BlockId::ZERO);
-                all_new = false;
-            }
-            Plan::Keep(id) => {
-                stats.unchanged_bytes += len as u64;
-                ids.push(*id);
-                all_new = false;
-            }
-            Plan::Read => {
-                let data = &b.data[i * bs..i * bs + len];
-                stats.read_bytes += len as u64;
-                if is_all_zero(data) {
+/// A worker thread's reusable state.
+struct Worker {
+    comp: Compressor,
+    /// Gathers the new blocks of a batch that also holds old or zero blocks.
+    raw: Vec<u8>,
+    frames: Pool,
+}
+
+impl Worker {
+    fn process(&mut self, repo: &Repository, claims: &Claims, b: &mut Batch, bs: usize) -> Done {
+        let crypto = repo.crypto();
+        let mut ids = Vec::with_capacity(b.plans.len());
+        let mut stats = DiskStats::default();
+        let mut blobs = Vec::new();
+        let mut all_new = true;
+        let mut bytes = 0u64;
+        for (i, plan) in b.plans.iter().enumerate() {
+            let len = b.lens[i] as usize;
+            bytes += len as u64;
+            match plan {
+                Plan::Zero => {
                     stats.zero_bytes += len as u64;
                     ids.push(BlockId::ZERO);
                     all_new = false;
-                    continue;
                 }
-                let id = crypto.block_id(data);
-                if claims.claim(&id) {
-                    blobs.push((i, BlobEntry { kind: BlobKind::Data, id, raw_offset: 0, len: len as u32 }));
-                    stats.new_bytes += len as u64;
-                    stats.new_blocks += 1;
-                } else {
-                    stats.dedup_bytes += len as u64;
+                Plan::Keep(id) => {
+                    stats.unchanged_bytes += len as u64;
+                    ids.push(*id);
                     all_new = false;
                 }
-                ids.push(id);
+                Plan::Read => {
+                    let data = &b.data[i * bs..i * bs + len];
+                    stats.read_bytes += len as u64;
+                    if is_all_zero(data) {
+                        stats.zero_bytes += len as u64;
+                        ids.push(BlockId::ZERO);
+                        all_new = false;
+                        continue;
+                    }
+                    let id = crypto.block_id(data);
+                    if claims.claim(&id) {
+                        blobs.push((i, BlobEntry { kind: BlobKind::Data, id, raw_offset: 0, len: len as u32 }));
+                        stats.new_bytes += len as u64;
+                        stats.new_blocks += 1;
+                    } else {
+                        stats.dedup_bytes += len as u64;
+                        all_new = false;
+                    }
+                    ids.push(id);
+                }
             }
         }
+        let frame = if blobs.is_empty() {
+            None
+        } else if all_new {
+            // Every block is new and read: the batch buffer is the frame, no copy.
+            let blobs = blobs.into_iter().map(|(i, e)| BlobEntry { raw_offset: (i * bs) as u32, ..e }).collect();
+            let total = b.lens.iter().map(|&l| l as usize).sum();
+            Some(SealedFrame::build_into(crypto, &mut self.comp, &b.data[..total], blobs, self.frames.get()))
+        } else {
+            self.raw.clear();
+            let mut entries = Vec::with_capacity(blobs.len());
+            for (i, e) in blobs {
+                entries.push(BlobEntry { raw_offset: self.raw.len() as u32, ..e });
+                self.raw.extend_from_slice(&b.data[i * bs..i * bs + e.len as usize]);
+            }
+            Some(SealedFrame::build_into(crypto, &mut self.comp, &self.raw, entries, self.frames.get()))
+        };
+        Done { seq: b.seq, ids, frame, stats, bytes }
     }
-    let frame = if blobs.is_empty() {
-        None
-    } else if all_new {
-        // Every block is new and read: the batch buffer is the frame, no copy.
-        let blobs = blobs.into_iter().map(|(i, e)| BlobEntry { raw_offset: (i * bs) as u32, ..e }).collect();
-        Some(SealedFrame::build(crypto, comp, &b.data[..b.lens.iter().map(|&l| l as usize).sum()], blobs))
-    } else {
-        let mut raw = Vec::with_capacity(blobs.len() * bs);
-        let mut entries = Vec::with_capacity(blobs.len());
-        for (i, e) in blobs {
-            entries.push(BlobEntry { raw_offset: raw.len() as u32, ..e });
-            raw.extend_from_slice(&b.data[i * bs..i * bs + e.len as usize]);
-        }
-        Some(SealedFrame::build(crypto, comp, &raw, entries))
-    };
-    Done { seq: b.seq, ids, frame, stats, bytes }
 }

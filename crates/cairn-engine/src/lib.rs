@@ -7,6 +7,7 @@
 //! - [`ranges`]: changed-range lists (from a file or a dirty bitmap).
 
 pub mod backup;
+mod pool;
 pub mod progress;
 pub mod ranges;
 pub mod restore;

@@ -8,6 +8,7 @@
 //!   frame)
 //! ```
 
+use crate::pool::Pool;
 use crate::progress::Progress;
 use crate::target::{self, TargetFormat};
 use anyhow::{bail, Context, Result};
@@ -15,6 +16,7 @@ use cairn_repo::map::PAGE_BLOCKS;
 use cairn_repo::{BlobLocation, BlockId, DiskImage, Repository, RestorePoint};
 use crossbeam_channel::bounded;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -42,7 +44,13 @@ struct Item {
     disk_offset: u64,
 }
 
+/// A decoded, hash-checked frame: its bytes, the blocks to write from it, its stored size.
+type Decoded = (Vec<u8>, Vec<Item>, u32);
+
 struct FrameJob {
+    /// Position in disk order: the writer puts frames back in this order so the device sees
+    /// long sequential writes.
+    seq: u64,
     loc: BlobLocation,
     items: Vec<Item>,
 }
@@ -82,8 +90,19 @@ pub fn restore_disk(
     let mut target = target::create(to, disk.size, data_bytes.min(disk.size), opts.format, opts.force)?;
     progress.start(&format!("restore {}", disk.name), data_bytes.min(disk.size));
 
-    let (job_tx, job_rx) = bounded::<FrameJob>(opts.workers * 4);
-    let (out_tx, out_rx) = bounded::<Result<(Vec<u8>, Vec<Item>, u32)>>(opts.workers * 2);
+    // More readers than cores: a reader waiting on a pack read must not leave a core idle.
+    let readers = opts.workers.max(1) + 2;
+    // Jobs are small: a deep queue lets the planner (and its pack prefetches) run ~4 packs ahead.
+    let (job_tx, job_rx) = bounded::<FrameJob>(256);
+    let (out_tx, out_rx) = bounded::<(u64, Result<Decoded>)>(readers * 4);
+    // A reader takes a token before a job and the writer returns it once the frame is written:
+    // at most this many decoded frames wait, whatever order they finish in.
+    let in_flight = readers * 4;
+    let (token_tx, token_rx) = bounded::<()>(in_flight);
+    for _ in 0..in_flight {
+        token_tx.send(()).unwrap();
+    }
+    let frame_pool = Pool::new(in_flight + 2);
     let describe_block = |id: &BlockId, off: u64| {
         format!(
             "block {} at offset {off} of disk {} in restore point {} ({} of {})",
@@ -100,6 +119,8 @@ pub fn restore_disk(
         let planner = s.spawn(move || -> Result<()> {
             let index = repo.index();
             let mut job: Option<FrameJob> = None;
+            let mut last_pack = [0u8; 32];
+            let mut seq = 0u64;
             for p in 0..disk.map.len() {
                 let ids = repo.read_map_page(disk, p)?;
                 for (i, id) in ids.iter().enumerate() {
@@ -111,13 +132,19 @@ pub fn restore_disk(
                     let loc = index.get(id).with_context(|| {
                         format!("{} is missing from the repository", describe_block(id, disk_offset))
                     })?;
+                    if loc.pack != last_pack {
+                        // Full backups store disk order, so packs come in long runs.
+                        repo.backend().prefetch(cairn_storage::Kind::Pack, &loc.pack_name());
+                        last_pack = loc.pack;
+                    }
                     let item = Item { id: *id, raw_offset: loc.raw_offset, len: loc.len, disk_offset };
                     match &mut job {
                         Some(j) if j.loc.pack == loc.pack && j.loc.frame_offset == loc.frame_offset => {
                             j.items.push(item)
                         }
                         _ => {
-                            if let Some(j) = job.replace(FrameJob { loc, items: vec![item] }) {
+                            seq += 1;
+                            if let Some(j) = job.replace(FrameJob { seq: seq - 1, loc, items: vec![item] }) {
                                 if job_tx.send(j).is_err() {
                                     return Ok(());
                                 }
@@ -131,14 +158,20 @@ pub fn restore_disk(
             }
             Ok(())
         });
-        for _ in 0..opts.workers.max(1) {
+        for _ in 0..readers {
             let rx = job_rx.clone();
             let tx = out_tx.clone();
+            let tokens = token_rx.clone();
+            let frame_pool = frame_pool.clone();
             s.spawn(move || {
-                for job in rx {
-                    let r = (|| -> Result<(Vec<u8>, Vec<Item>, u32)> {
+                let mut stored = Vec::new();
+                while tokens.recv().is_ok() {
+                    let Ok(job) = rx.recv() else { break };
+                    let seq = job.seq;
+                    let r = (|| -> Result<Decoded> {
                         let first = &job.items[0];
-                        let frame = repo.read_frame(&job.loc).map_err(|e| {
+                        let mut frame = frame_pool.get();
+                        repo.read_frame_into(&job.loc, &mut stored, &mut frame).map_err(|e| {
                             anyhow::anyhow!(
                                 "{} is damaged: {e} (pack {})",
                                 describe_block(&first.id, first.disk_offset),
@@ -159,7 +192,7 @@ pub fn restore_disk(
                         Ok((frame, job.items, job.loc.frame_stored_len))
                     })();
                     let failed = r.is_err();
-                    if tx.send(r).is_err() || failed {
+                    if tx.send((seq, r)).is_err() || failed {
                         break;
                     }
                 }
@@ -167,34 +200,44 @@ pub fn restore_disk(
         }
         drop(job_rx);
         drop(out_tx);
+        drop(token_rx);
         let written = (|| -> Result<()> {
-            for r in out_rx.iter() {
-                let (frame, items, stored_len) = r?;
-                report.frames_read += 1;
-                report.stored_bytes_read += stored_len as u64;
-                // Merge blocks that are contiguous both in the frame and on the disk.
-                let mut i = 0;
-                while i < items.len() {
-                    let mut j = i + 1;
-                    let mut len = items[i].len as u64;
-                    while j < items.len()
-                        && items[j].disk_offset == items[i].disk_offset + len
-                        && items[j].raw_offset as u64 == items[i].raw_offset as u64 + len
-                    {
-                        len += items[j].len as u64;
-                        j += 1;
+            let mut waiting: BTreeMap<u64, Decoded> = BTreeMap::new();
+            let mut next = 0u64;
+            for (seq, r) in out_rx.iter() {
+                waiting.insert(seq, r?);
+                while let Some((frame, items, stored_len)) = waiting.remove(&next) {
+                    next += 1;
+                    report.frames_read += 1;
+                    report.stored_bytes_read += stored_len as u64;
+                    // Merge blocks that are contiguous both in the frame and on the disk.
+                    let mut i = 0;
+                    while i < items.len() {
+                        let mut j = i + 1;
+                        let mut len = items[i].len as u64;
+                        while j < items.len()
+                            && items[j].disk_offset == items[i].disk_offset + len
+                            && items[j].raw_offset as u64 == items[i].raw_offset as u64 + len
+                        {
+                            len += items[j].len as u64;
+                            j += 1;
+                        }
+                        let start = items[i].raw_offset as usize;
+                        let len = (len.min(disk.size - items[i].disk_offset)) as usize;
+                        target.write_at(items[i].disk_offset, &frame[start..start + len])?;
+                        report.data_bytes += len as u64;
+                        progress.advance(len as u64);
+                        i = j;
                     }
-                    let start = items[i].raw_offset as usize;
-                    let len = (len.min(disk.size - items[i].disk_offset)) as usize;
-                    target.write_at(items[i].disk_offset, &frame[start..start + len])?;
-                    report.data_bytes += len as u64;
-                    progress.advance(len as u64);
-                    i = j;
+                    frame_pool.put(frame);
+                    let _ = token_tx.send(());
                 }
             }
             Ok(())
         })();
+        // Readers blocked on a token or a send see these close and stop.
         drop(out_rx);
+        drop(token_tx);
         let planned = planner.join().expect("planner panicked");
         written?;
         planned

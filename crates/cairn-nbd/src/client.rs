@@ -202,9 +202,17 @@ impl NbdClient {
 
     /// Reads `len` bytes at `offset` (at most [`NbdClient::max_request`]).
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
+        self.read_into(offset, len, Vec::new()).await
+    }
+
+    /// Like [`NbdClient::read`], filling (and returning) a recycled buffer.
+    pub async fn read_into(&self, offset: u64, len: u32, mut buf: Vec<u8>) -> Result<Vec<u8>> {
         self.check_range(offset, len as u64)?;
+        // Zeroed: holes the server reports are then already in place.
+        buf.clear();
+        buf.resize(len as usize, 0);
         let (tx, rx) = oneshot::channel();
-        let handle = self.register(Pending::Read { offset, buf: vec![0u8; len as usize], error: None, tx })?;
+        let handle = self.register(Pending::Read { offset, buf, error: None, tx })?;
         self.send(handle, CMD_READ, 0, offset, len, &[]).await?;
         rx.await.map_err(|_| NbdError::Disconnected("reply never arrived".into()))?
     }

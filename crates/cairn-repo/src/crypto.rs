@@ -59,102 +59,124 @@ impl Crypto {
         }
     }
 
-    /// Seals bytes that are already in envelope form (see [`envelope`]).
-    pub fn seal_envelope(&self, mut env: Vec<u8>) -> Vec<u8> {
-        match self {
-            Crypto::Plain => env,
-            Crypto::Aes { key, .. } => {
-                let mut nonce = [0u8; NONCE_LEN];
-                fill_random(&mut nonce);
-                let tag = key
-                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut env)
-                    .expect("AES-GCM sealing cannot fail for in-range lengths");
-                let mut out = Vec::with_capacity(NONCE_LEN + env.len() + TAG_LEN);
-                out.extend_from_slice(&nonce);
-                out.extend_from_slice(&env);
-                out.extend_from_slice(tag.as_ref());
-                out
+    /// Compresses (zstd, kept only if it saves space) and seals `raw` into `out`, which is
+    /// cleared first; reusing `out` and `c` across calls keeps the hot path free of allocation.
+    pub fn seal_into(&self, raw: &[u8], c: &mut Compressor, out: &mut Vec<u8>) {
+        out.clear();
+        let pre = if self.is_encrypted() { NONCE_LEN } else { 0 };
+        out.resize(pre, 0);
+        c.scratch.clear();
+        c.scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        match c.inner.compress_to_buffer(raw, &mut c.scratch) {
+            Ok(n) if n < raw.len() => {
+                out.push(FLAG_ZSTD);
+                out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+                out.extend_from_slice(&c.scratch);
             }
+            _ => {
+                out.push(FLAG_STORED);
+                out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+                out.extend_from_slice(raw);
+            }
+        }
+        if let Crypto::Aes { key, .. } = self {
+            let mut nonce = [0u8; NONCE_LEN];
+            fill_random(&mut nonce);
+            out[..NONCE_LEN].copy_from_slice(&nonce);
+            let tag = key
+                .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut out[NONCE_LEN..])
+                .expect("AES-GCM sealing cannot fail for in-range lengths");
+            out.extend_from_slice(tag.as_ref());
         }
     }
 
-    /// Compresses (zstd at `level`, kept only if it saves space) and seals.
+    /// Compresses and seals (allocating; for small objects).
     pub fn seal(&self, raw: &[u8], level: i32) -> Vec<u8> {
-        self.seal_envelope(envelope(raw, &mut Compressor::new(level)))
+        let mut out = Vec::new();
+        self.seal_into(raw, &mut Compressor::new(level), &mut out);
+        out
     }
 
     /// Opens a sealed object: authenticates, decrypts and decompresses it. `what` names the
     /// object in errors.
     pub fn open(&self, sealed: &[u8], what: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.open_into(sealed, what, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Crypto::open`], into a reused buffer (cleared first).
+    pub fn open_into(&self, sealed: &[u8], what: &str, out: &mut Vec<u8>) -> Result<()> {
         match self {
-            Crypto::Plain => open_envelope(sealed, what),
+            Crypto::Plain => open_envelope(sealed, what, out),
             Crypto::Aes { key, .. } => {
                 if sealed.len() < NONCE_LEN + TAG_LEN {
                     return Err(Error::Corrupt(format!("{what}: too short to be encrypted data")));
                 }
                 let nonce = Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).unwrap();
-                let mut buf = sealed[NONCE_LEN..].to_vec();
-                let plain = key
-                    .open_in_place(nonce, Aad::empty(), &mut buf)
-                    .map_err(|_| Error::Corrupt(format!("{what}: authentication failed (damaged or foreign data)")))?;
-                open_envelope(plain, what)
+                OPEN_SCRATCH.with_borrow_mut(|buf| {
+                    buf.clear();
+                    buf.extend_from_slice(&sealed[NONCE_LEN..]);
+                    let plain = key.open_in_place(nonce, Aad::empty(), buf).map_err(|_| {
+                        Error::Corrupt(format!("{what}: authentication failed (damaged or foreign data)"))
+                    })?;
+                    open_envelope(plain, what, out)
+                })
             }
         }
     }
+}
+
+thread_local! {
+    /// Per-thread decryption buffer and zstd decompression context, reused across frames.
+    static OPEN_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
 }
 
 fn aes_key(k: &[u8; 32]) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, k).expect("32-byte key"))
 }
 
-/// A reusable zstd compression context: one per thread, because a fresh context per block
-/// costs more than the compression itself at 64 KiB sizes (measured in the block-store spike).
+/// A reusable zstd compression context and output scratch: one per thread, because a fresh
+/// context per block costs more than the compression itself at 64 KiB sizes (measured in the
+/// block-store spike).
 pub struct Compressor {
     inner: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
 }
 
 impl Compressor {
     pub fn new(level: i32) -> Compressor {
-        Compressor { inner: zstd::bulk::Compressor::new(level).expect("zstd context") }
+        Compressor { inner: zstd::bulk::Compressor::new(level).expect("zstd context"), scratch: Vec::new() }
     }
 }
 
-/// Builds the envelope `flag | raw_len | payload`, storing the raw bytes when compression
-/// does not shrink them (random data, already-compressed files).
-pub fn envelope(raw: &[u8], c: &mut Compressor) -> Vec<u8> {
-    let bound = zstd::zstd_safe::compress_bound(raw.len());
-    let mut out = Vec::with_capacity(ENVELOPE_HEADER + bound.max(raw.len()));
-    out.push(FLAG_ZSTD);
-    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-    out.resize(ENVELOPE_HEADER + bound, 0);
-    match c.inner.compress_to_buffer(raw, &mut out[ENVELOPE_HEADER..]) {
-        Ok(n) if n < raw.len() => out.truncate(ENVELOPE_HEADER + n),
-        _ => {
-            out.truncate(ENVELOPE_HEADER);
-            out[0] = FLAG_STORED;
-            out.extend_from_slice(raw);
-        }
-    }
-    out
-}
-
-fn open_envelope(env: &[u8], what: &str) -> Result<Vec<u8>> {
+fn open_envelope(env: &[u8], what: &str, out: &mut Vec<u8>) -> Result<()> {
+    out.clear();
     if env.len() < ENVELOPE_HEADER {
         return Err(Error::Corrupt(format!("{what}: truncated envelope")));
     }
     let raw_len = u32::from_le_bytes(env[1..5].try_into().unwrap()) as usize;
     let payload = &env[ENVELOPE_HEADER..];
     match env[0] {
-        FLAG_STORED if payload.len() == raw_len => Ok(payload.to_vec()),
+        FLAG_STORED if payload.len() == raw_len => {
+            out.extend_from_slice(payload);
+            Ok(())
+        }
         FLAG_ZSTD if raw_len <= MAX_RAW_LEN => {
-            let mut out = Vec::with_capacity(raw_len);
-            zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(payload, &mut out))
+            out.reserve(raw_len);
+            DECOMPRESSOR
+                .with_borrow_mut(|d| {
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    d.as_mut().unwrap().decompress_to_buffer(payload, out)
+                })
                 .map_err(|e| Error::Corrupt(format!("{what}: zstd data is damaged ({e})")))?;
             if out.len() != raw_len {
                 return Err(Error::Corrupt(format!("{what}: expands to {} bytes, expected {raw_len}", out.len())));
             }
-            Ok(out)
+            Ok(())
         }
         _ => Err(Error::Corrupt(format!("{what}: unknown or inconsistent envelope"))),
     }
@@ -236,13 +258,19 @@ pub fn unwrap_keys(file: &KeyFile, password: &str) -> Result<Option<MasterKeys>>
     }
 }
 
-/// The raw envelope parser, exposed for frame decoding with a known raw length.
-pub(crate) fn open_frame(crypto: &Crypto, stored: &[u8], raw_len: u32, what: &str) -> Result<Vec<u8>> {
-    let raw = crypto.open(stored, what)?;
-    if raw.len() != raw_len as usize {
-        return Err(Error::Corrupt(format!("{what}: holds {} bytes, the index says {raw_len}", raw.len())));
+/// Opens a frame into `out`, checking it has the raw length the index records.
+pub(crate) fn open_frame_into(
+    crypto: &Crypto,
+    stored: &[u8],
+    raw_len: u32,
+    what: &str,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    crypto.open_into(stored, what, out)?;
+    if out.len() != raw_len as usize {
+        return Err(Error::Corrupt(format!("{what}: holds {} bytes, the index says {raw_len}", out.len())));
     }
-    Ok(raw)
+    Ok(())
 }
 
 #[cfg(test)]

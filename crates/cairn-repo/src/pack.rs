@@ -64,8 +64,19 @@ pub struct SealedFrame {
 impl SealedFrame {
     /// Compresses and seals a run of blobs as one frame.
     pub fn build(crypto: &Crypto, c: &mut crypto::Compressor, raw: &[u8], blobs: Vec<BlobEntry>) -> SealedFrame {
-        let stored = crypto.seal_envelope(crypto::envelope(raw, c));
-        SealedFrame { stored, raw_len: raw.len() as u32, blobs }
+        Self::build_into(crypto, c, raw, blobs, Vec::new())
+    }
+
+    /// Like [`SealedFrame::build`], sealing into a recycled buffer.
+    pub fn build_into(
+        crypto: &Crypto,
+        c: &mut crypto::Compressor,
+        raw: &[u8],
+        blobs: Vec<BlobEntry>,
+        mut buf: Vec<u8>,
+    ) -> SealedFrame {
+        crypto.seal_into(raw, c, &mut buf);
+        SealedFrame { stored: buf, raw_len: raw.len() as u32, blobs }
     }
 }
 
@@ -76,7 +87,14 @@ pub fn name_of(bytes: &[u8]) -> String {
 
 /// Decodes a frame's stored bytes to its raw bytes.
 pub fn open_frame(crypto: &Crypto, stored: &[u8], raw_len: u32, what: &str) -> Result<Vec<u8>> {
-    crypto::open_frame(crypto, stored, raw_len, what)
+    let mut out = Vec::new();
+    crypto::open_frame_into(crypto, stored, raw_len, what, &mut out)?;
+    Ok(out)
+}
+
+/// Like [`open_frame`], into a reused buffer.
+pub fn open_frame_into(crypto: &Crypto, stored: &[u8], raw_len: u32, what: &str, out: &mut Vec<u8>) -> Result<()> {
+    crypto::open_frame_into(crypto, stored, raw_len, what, out)
 }
 
 /// Accumulates frames into one pack.
@@ -94,6 +112,12 @@ pub struct FinishedPack {
 }
 
 impl PackBuilder {
+    /// A builder writing into a recycled buffer (its capacity is kept).
+    pub fn with_buffer(mut buf: Vec<u8>) -> PackBuilder {
+        buf.clear();
+        PackBuilder { buf, frames: Vec::new() }
+    }
+
     pub fn len(&self) -> usize {
         self.buf.len()
     }
@@ -102,7 +126,8 @@ impl PackBuilder {
         self.frames.is_empty()
     }
 
-    pub fn add(&mut self, frame: SealedFrame) {
+    /// Appends a frame; returns its emptied buffer for reuse.
+    pub fn add(&mut self, frame: SealedFrame) -> Vec<u8> {
         self.frames.push(FrameEntry {
             offset: self.buf.len() as u32,
             stored_len: frame.stored.len() as u32,
@@ -110,6 +135,9 @@ impl PackBuilder {
             blobs: frame.blobs,
         });
         self.buf.extend_from_slice(&frame.stored);
+        let mut b = frame.stored;
+        b.clear();
+        b
     }
 
     pub fn finish(mut self, crypto: &Crypto) -> FinishedPack {

@@ -4,7 +4,7 @@ use crate::config::{Config, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
 use crate::crypto::{self, Crypto, KeyFile};
 use crate::index::{decode_index, pack_id_from_name, BlobLocation, Index};
 use crate::map;
-use crate::pack::open_frame;
+use crate::pack::open_frame_into;
 use crate::point::{DiskImage, RestorePoint};
 use crate::{BlockId, Error, Result};
 use cairn_storage::{Backend, Kind, StorageError};
@@ -177,14 +177,18 @@ impl Repository {
 
     /// Reads and decodes the frame holding a blob (not yet checked against any block ID).
     pub fn read_frame(&self, loc: &BlobLocation) -> Result<Vec<u8>> {
+        let (mut stored, mut out) = (Vec::new(), Vec::new());
+        self.read_frame_into(loc, &mut stored, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Repository::read_frame`] with reused buffers: `stored` receives the bytes as
+    /// stored, `out` the decoded frame.
+    pub fn read_frame_into(&self, loc: &BlobLocation, stored: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
         let name = loc.pack_name();
-        let stored = self.backend.get_range(Kind::Pack, &name, loc.frame_offset as u64, loc.frame_stored_len as u64)?;
-        open_frame(
-            &self.crypto,
-            &stored,
-            loc.frame_raw_len,
-            &format!("pack {} frame at {}", &name[..8], loc.frame_offset),
-        )
+        self.backend.get_range_into(Kind::Pack, &name, loc.frame_offset as u64, loc.frame_stored_len as u64, stored)?;
+        let what = format!("pack {} frame at {}", &name[..8], loc.frame_offset);
+        open_frame_into(&self.crypto, stored, loc.frame_raw_len, &what, out)
     }
 
     /// Reads one blob and checks it against its ID.

@@ -52,6 +52,8 @@ pub struct Session {
     claims: Arc<Claims>,
     pack: PackBuilder,
     tx: Option<Sender<FinishedPack>>,
+    /// Pack buffers the writer has stored, back for reuse (no fresh 16 MiB per pack).
+    recycled: crossbeam_channel::Receiver<Vec<u8>>,
     writer: Option<JoinHandle<Result<WriterOutcome>>>,
     pack_bytes: u64,
     page_compressor: Compressor,
@@ -61,6 +63,7 @@ impl Session {
     pub fn new(repo: Arc<Repository>) -> Session {
         // Two packs queued at most: bounds memory while the writer fsyncs.
         let (tx, rx) = bounded::<FinishedPack>(2);
+        let (recycle_tx, recycled) = bounded::<Vec<u8>>(3);
         let r = repo.clone();
         let writer = std::thread::Builder::new()
             .name("cairn-pack-writer".into())
@@ -70,6 +73,7 @@ impl Session {
                 let mut last = Instant::now();
                 for pack in rx {
                     r.backend().put(Kind::Pack, &pack.name, &pack.bytes)?;
+                    let _ = recycle_tx.try_send(pack.bytes);
                     pending.push((pack_id_from_name(&pack.name).unwrap(), pack.frames));
                     if pending.len() >= INDEX_EVERY_PACKS || last.elapsed() >= INDEX_EVERY {
                         write_index(&r, &mut pending, &mut out)?;
@@ -85,6 +89,7 @@ impl Session {
             repo,
             pack: PackBuilder::default(),
             tx: Some(tx),
+            recycled,
             writer: Some(writer),
             pack_bytes: 0,
             page_compressor: Compressor::new(3),
@@ -104,14 +109,20 @@ impl Session {
         self.pack_bytes
     }
 
-    /// Adds a frame of claimed blocks to the current pack.
-    pub fn add_frame(&mut self, frame: SealedFrame) -> Result<()> {
+    /// Adds a frame of claimed blocks to the current pack; returns the frame's emptied buffer
+    /// for reuse.
+    pub fn add_frame(&mut self, frame: SealedFrame) -> Result<Vec<u8>> {
         self.pack_bytes += frame.stored.len() as u64;
-        self.pack.add(frame);
+        if self.pack.is_empty() && self.pack.len() == 0 {
+            if let Ok(buf) = self.recycled.try_recv() {
+                self.pack = PackBuilder::with_buffer(buf);
+            }
+        }
+        let emptied = self.pack.add(frame);
         if self.pack.len() >= PACK_TARGET {
             self.flush_pack()?;
         }
-        Ok(())
+        Ok(emptied)
     }
 
     /// Stores a map page (if new) and returns its ID.
@@ -121,7 +132,7 @@ impl Session {
         if self.claims.claim(&id) {
             let blob = BlobEntry { kind: BlobKind::Map, id, raw_offset: 0, len: raw.len() as u32 };
             let frame = SealedFrame::build(self.repo.crypto(), &mut self.page_compressor, &raw, vec![blob]);
-            self.add_frame(frame)?;
+            let _ = self.add_frame(frame)?;
         }
         Ok(id)
     }

@@ -114,6 +114,16 @@ pub trait Backend: Send + Sync {
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>>;
     /// Reads `len` bytes at `offset`; a short object is an error, never a short read.
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Like `get_range`, into a reused buffer (replacing its contents).
+    fn get_range_into(&self, kind: Kind, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self.get_range(kind, name, offset, len)?;
+        Ok(())
+    }
+    /// A hint that the object will be read soon (a restore walking into a new pack); a backend
+    /// may start fetching it in the background. Never fails.
+    fn prefetch(&self, kind: Kind, name: &str) {
+        let _ = (kind, name);
+    }
     /// Lists the complete objects of a kind, in no particular order.
     fn list(&self, kind: Kind) -> Result<Vec<Listed>>;
     /// Deletes an object; deleting a missing one succeeds.

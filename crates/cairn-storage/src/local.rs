@@ -197,9 +197,16 @@ impl Backend for LocalBackend {
     }
 
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.get_range_into(kind, name, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range_into(&self, kind: Kind, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
         let p = self.path(kind, name)?;
         let f = open(&p, kind, name)?;
-        let mut buf = vec![0u8; len as usize];
+        // Only grows (zeroing) when the reused buffer is smaller than ever before.
+        buf.resize(len as usize, 0);
         let mut done = 0usize;
         while done < buf.len() {
             match f.read_at(&mut buf[done..], offset + done as u64) {
@@ -218,7 +225,15 @@ impl Backend for LocalBackend {
                 Err(e) => return Err(io_err(format!("reading {}", p.display()), e)),
             }
         }
-        Ok(buf)
+        Ok(())
+    }
+
+    fn prefetch(&self, kind: Kind, name: &str) {
+        use std::os::unix::io::AsRawFd;
+        if let Ok(f) = self.path(kind, name).and_then(|p| open(&p, kind, name)) {
+            // Asynchronous readahead of the whole file into the page cache.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+        }
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<Listed>> {

@@ -13,7 +13,7 @@ pub struct FileSource {
     file: File,
     size: u64,
     block_device: bool,
-    queue: VecDeque<(u64, usize)>,
+    queue: VecDeque<(u64, usize, Vec<u8>)>,
 }
 
 impl FileSource {
@@ -94,14 +94,14 @@ impl Source for FileSource {
         Ok(out)
     }
 
-    fn submit(&mut self, offset: u64, len: usize) -> Result<()> {
-        self.queue.push_back((offset, len));
+    fn submit(&mut self, offset: u64, len: usize, buf: Vec<u8>) -> Result<()> {
+        self.queue.push_back((offset, len, buf));
         Ok(())
     }
 
     fn next(&mut self) -> Result<Vec<u8>> {
-        let (offset, len) = self.queue.pop_front().expect("next() without submit()");
-        let mut buf = vec![0u8; len];
+        let (offset, len, mut buf) = self.queue.pop_front().expect("next() without submit()");
+        crate::pool::set_len(&mut buf, len);
         let mut done = 0;
         while done < len {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {

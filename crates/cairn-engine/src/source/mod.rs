@@ -40,9 +40,9 @@ pub trait Source: Send {
         let _ = bitmap;
         bail!("{} cannot report dirty bitmaps (only NBD exports and qcow2 images can)", self.describe())
     }
-    /// Queues a read.
-    fn submit(&mut self, offset: u64, len: usize) -> Result<()>;
-    /// The oldest queued read's data.
+    /// Queues a read of `len` bytes into `buf` (a recycled buffer; its contents do not matter).
+    fn submit(&mut self, offset: u64, len: usize, buf: Vec<u8>) -> Result<()>;
+    /// The oldest queued read's buffer, holding exactly its bytes.
     fn next(&mut self) -> Result<Vec<u8>>;
     /// Called once all reads are done: checks the source did not change size underneath us.
     fn finish(&mut self) -> Result<()>;

@@ -115,12 +115,12 @@ impl Source for NbdSource {
         ))
     }
 
-    fn submit(&mut self, offset: u64, len: usize) -> Result<()> {
+    fn submit(&mut self, offset: u64, len: usize, buf: Vec<u8>) -> Result<()> {
         if len > self.client.max_request() as usize {
             bail!("read of {len} bytes exceeds the server's limit of {}", self.client.max_request());
         }
         let c = self.client.clone();
-        self.queue.push_back(self.rt.spawn(async move { c.read(offset, len as u32).await }));
+        self.queue.push_back(self.rt.spawn(async move { c.read_into(offset, len as u32, buf).await }));
         Ok(())
     }
 

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Compares cairn with restic and borg (Debian's packages) on the same disk image in one run:
+# full backup, a second backup after 1% scattered 64 KiB writes (cairn with and without
+# --changed-ranges), restore, repository sizes and peak memory. Prints a Markdown table and
+# saves it under bench/results/.
+#
+#   bench/run.sh                      (8 GiB image built from /usr in bench/work/)
+#   BENCH_SRC=/usr/share BENCH_GIB=2 bench/run.sh      (a smaller run)
+#
+# Conditions: every backup starts with the image in the page cache (read once before), as a
+# backup of a recently used disk would; every restore starts with a cold page cache (the
+# repository is read from disk) and writes a new file; borg and cairn use zstd
+# (borg at level 3, cairn at its default level 2), restic its default (auto).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$PWD
+scripts/setup.sh --bench
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release --locked -p cairn-cli 2>&1 | tail -n 1
+cairn=$top/target/release/cairn
+work=${BENCH_WORK:-$top/bench/work}
+src=${BENCH_SRC:-/usr}
+gib=${BENCH_GIB:-8}
+mkdir -p "$work" "$top/bench/results"
+cd "$work"
+img=disk.img
+if [[ ! -f $img || ! -f image.built || "$(cat image.built)" != "$src $gib" ]]; then
+  echo "building the ${gib} GiB image from $src ..."
+  "$top/bench/make-image.sh" "$img" "$src" "$gib"
+  echo "$src $gib" > image.built
+fi
+cp --sparse=always "$img" work.img   # the copy that receives the scattered writes
+img=work.img
+export RESTIC_PASSWORD=bench BORG_PASSPHRASE='' BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+rm -rf r-cairn r-cairn-reread r-restic r-borg out-* times.txt
+
+warm() { cat "$img" > /dev/null; sync; }
+# Restores read their repository from disk, as they would long after the backup: a fair start
+# for every tool (a repository just written may or may not still sit in the page cache).
+cold() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "warning: cannot drop caches (not root?)"; }
+# timed NAME CMD...: wall seconds and peak RSS (KiB) into times.txt
+timed() {
+  local name=$1; shift
+  /usr/bin/time -f "$name %e %M" -a -o "$work/times.txt" "$@" > "$work/log-$name.txt" 2>&1 || { cat "$work/log-$name.txt"; exit 1; }
+}
+size() { du -sb "$1" | cut -f1; }
+
+"$cairn" init --repo r-cairn -q >/dev/null
+restic init --repository-version 2 -r r-restic -q >/dev/null
+borg init -e none r-borg
+
+warm; timed cairn-full "$cairn" backup image "$img" --repo r-cairn --name disk
+warm; timed restic-full restic -r r-restic backup -q "$img"
+warm; timed borg-full borg create --compression zstd,3 r-borg::full "$img"
+declare -A full
+for t in cairn restic borg; do full[$t]=$(size r-$t); done
+cp -a r-cairn r-cairn-reread
+
+"$top/bench/scatter-writes.py" "$img" 1 7 > changed.txt
+written=$(awk '{s+=$2} END {print s}' changed.txt)
+
+warm; timed cairn-ranges "$cairn" backup image "$img" --repo r-cairn --name disk --changed-ranges changed.txt
+warm; timed cairn-reread "$cairn" backup image "$img" --repo r-cairn-reread --name disk
+warm; timed restic-second restic -r r-restic backup -q "$img"
+warm; timed borg-second borg create --compression zstd,3 r-borg::second "$img"
+declare -A second
+for t in cairn cairn-reread restic borg; do second[$t]=$(size r-$t); done
+
+cold
+timed cairn-restore "$cairn" restore image disk --repo r-cairn --to out-cairn.img
+cmp "$img" out-cairn.img || { echo "cairn restore differs!"; exit 1; }
+rm -f out-cairn.img; cold
+mkdir -p out-restic
+timed restic-restore restic -r r-restic restore latest --target out-restic -q
+rm -rf out-restic; cold
+mkdir -p out-borg
+(cd out-borg && timed borg-restore borg extract ../r-borg::second)
+rm -rf out-borg
+
+t() { awk -v n="$1" '$1==n {print $2}' "$work/times.txt"; }
+m() { awk -v n="$1" '$1==n {printf "%d", $3/1024}' "$work/times.txt"; }
+mib() { echo $(( $1 / 1048576 )); }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1fx", a/b}'; }
+growth() { awk -v a="$1" -v b="$2" -v w="$written" 'BEGIN {printf "%d MiB (%.2fx written)", (a-b)/1048576, (a-b)/w}'; }
+
+out="$top/bench/results/$(date -u +%Y-%m-%dT%H%M).md"
+{
+  echo "Image: ${gib} GiB GPT disk, ext4 holding a copy of $src, 512 MiB swap half used; $(du -h --apparent-size $img | cut -f1) logical, $(du -h $img | cut -f1) allocated."
+  echo "Second backup after $(wc -l < changed.txt) scattered 64 KiB writes ($(mib $written) MiB, 1%). $(nproc) cores, $(uname -r)."
+  echo "Versions: $("$cairn" --version), $(restic version | cut -d' ' -f1-2), $(borg --version)."
+  echo
+  echo "| step | cairn | restic | borg | cairn vs restic | cairn vs borg |"
+  echo "|---|---|---|---|---|---|"
+  echo "| full backup (s) | $(t cairn-full) | $(t restic-full) | $(t borg-full) | $(ratio $(t restic-full) $(t cairn-full)) faster | $(ratio $(t borg-full) $(t cairn-full)) faster |"
+  echo "| second backup, --changed-ranges (s) | $(t cairn-ranges) | $(t restic-second) | $(t borg-second) | $(ratio $(t restic-second) $(t cairn-ranges)) faster | $(ratio $(t borg-second) $(t cairn-ranges)) faster |"
+  echo "| second backup, full re-read (s) | $(t cairn-reread) | | | $(ratio $(t restic-second) $(t cairn-reread)) faster | $(ratio $(t borg-second) $(t cairn-reread)) faster |"
+  echo "| restore (s) | $(t cairn-restore) | $(t restic-restore) | $(t borg-restore) | $(ratio $(t restic-restore) $(t cairn-restore)) faster | $(ratio $(t borg-restore) $(t cairn-restore)) faster |"
+  echo "| repository after full (MiB) | $(mib ${full[cairn]}) | $(mib ${full[restic]}) | $(mib ${full[borg]}) | $(awk -v a=${full[cairn]} -v b=${full[restic]} 'BEGIN {printf "%+.1f%%", (a-b)*100/b}') | |"
+  echo "| growth, second backup | $(growth ${second[cairn]} ${full[cairn]}) | $(growth ${second[restic]} ${full[restic]}) | $(growth ${second[borg]} ${full[borg]}) | | |"
+  echo "| growth, cairn full re-read | $(growth ${second[cairn-reread]} ${full[cairn]}) | | | | |"
+  echo "| peak memory, full backup (MiB) | $(m cairn-full) | $(m restic-full) | $(m borg-full) | | |"
+  echo "| peak memory, second backup (MiB) | $(m cairn-ranges) / $(m cairn-reread) | $(m restic-second) | $(m borg-second) | | |"
+  echo "| peak memory, restore (MiB) | $(m cairn-restore) | $(m restic-restore) | $(m borg-restore) | | |"
+} | tee "$out"
+echo; echo "saved $out"
+rm -f work.img
