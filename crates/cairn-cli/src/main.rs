@@ -131,7 +131,7 @@ struct BackupImage {
     /// Name of the disk inside the restore point
     #[arg(long, default_value = "disk0")]
     disk: String,
-    /// zstd level (1 fastest .. 19 smallest); 2 measured best for speed vs size (docs/BENCHMARKS.md)
+    /// zstd level (1 fastest .. 19 smallest); the default 2 is tuned for speed vs size (docs/BENCHMARKS.md)
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(-7..=19))]
     compression: i32,
 }

@@ -54,7 +54,7 @@ impl Default for BackupOptions {
     fn default() -> Self {
         BackupOptions {
             name: String::new(),
-            compression_level: 2,
+            compression_level: cairn_repo::crypto::DEFAULT_LEVEL,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             metadata: serde_json::Value::Null,
             parent: None,

@@ -61,9 +61,9 @@ pub struct Session {
 
 impl Session {
     pub fn new(repo: Arc<Repository>) -> Session {
-        // Two packs queued at most: bounds memory while the writer fsyncs.
-        let (tx, rx) = bounded::<FinishedPack>(2);
-        let (recycle_tx, recycled) = bounded::<Vec<u8>>(3);
+        // One pack queued at most (the writer stores with O_DIRECT, quickly): bounds memory.
+        let (tx, rx) = bounded::<FinishedPack>(1);
+        let (recycle_tx, recycled) = bounded::<Vec<u8>>(1);
         let r = repo.clone();
         let writer = std::thread::Builder::new()
             .name("cairn-pack-writer".into())
