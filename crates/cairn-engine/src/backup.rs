@@ -318,7 +318,9 @@ fn plan_and_read(
     let mut changed = changed.map(RangeCursor::new);
     let mut parent = parent.map(|disk| ParentMap { repo, disk, page_no: 0, page: vec![] });
     // Batches whose reads are submitted, oldest first, with their runs (block index, count).
-    let mut inflight: VecDeque<(Batch, Vec<(usize, usize)>)> = VecDeque::new();
+    // Runs are (first block, block count, bytes charged): read-ahead is charged by buffer
+    // capacity, since a recycled 1 MiB buffer may carry a 64 KiB read.
+    let mut inflight: VecDeque<(Batch, Vec<(usize, usize, usize)>)> = VecDeque::new();
     let mut inflight_bytes = 0usize;
     let mut seq = 0u64;
     let mut first = 0u64;
@@ -347,9 +349,11 @@ fn plan_and_read(
                     let j = (i..count).find(|&j| !matches!(plans[j], Plan::Read)).unwrap_or(count);
                     let off = (first + i as u64) * bs;
                     let len: u64 = lens[i..j].iter().map(|&l| l as u64).sum();
-                    src.submit(off, len as usize, pool.get())?;
-                    inflight_bytes += len as usize;
-                    runs.push((i, j - i));
+                    let buf = pool.get();
+                    let charged = buf.capacity().max(len as usize);
+                    src.submit(off, len as usize, buf)?;
+                    inflight_bytes += charged;
+                    runs.push((i, j - i, charged));
                     i = j;
                 } else {
                     i += 1;
@@ -362,9 +366,9 @@ fn plan_and_read(
         }
         let (mut batch, runs) = inflight.pop_front().unwrap();
         let total: usize = batch.lens.iter().map(|&l| l as usize).sum();
-        for (i, n) in runs {
+        for (i, n, charged) in runs {
             let data = src.next()?;
-            inflight_bytes -= data.len();
+            inflight_bytes -= charged;
             if i == 0 && n == batch.plans.len() {
                 batch.data = data; // the whole batch in one read: no copy
             } else {
