@@ -68,13 +68,16 @@ for t in cairn cairn-reread restic borg; do second[$t]=$(size r-$t); done
 
 cold
 timed cairn-restore "$cairn" restore image disk --repo r-cairn --to out-cairn.img
+timed cairn-sync sync
 cmp "$img" out-cairn.img || { echo "cairn restore differs!"; exit 1; }
 rm -f out-cairn.img; cold
 mkdir -p out-restic
 timed restic-restore restic -r r-restic restore latest --target out-restic -q
+timed restic-sync sync
 rm -rf out-restic; cold
 mkdir -p out-borg
 (cd out-borg && timed borg-restore borg extract ../r-borg::second)
+timed borg-sync sync
 rm -rf out-borg
 
 t() { awk -v n="$1" '$1==n {print $2}' "$work/times.txt"; }
@@ -95,6 +98,8 @@ out="$top/bench/results/$(date -u +%Y-%m-%dT%H%M).md"
   echo "| second backup, --changed-ranges (s) | $(t cairn-ranges) | $(t restic-second) | $(t borg-second) | $(ratio $(t restic-second) $(t cairn-ranges)) faster | $(ratio $(t borg-second) $(t cairn-ranges)) faster |"
   echo "| second backup, full re-read (s) | $(t cairn-reread) | | | $(ratio $(t restic-second) $(t cairn-reread)) faster | $(ratio $(t borg-second) $(t cairn-reread)) faster |"
   echo "| restore (s) | $(t cairn-restore) | $(t restic-restore) | $(t borg-restore) | $(ratio $(t restic-restore) $(t cairn-restore)) faster | $(ratio $(t borg-restore) $(t cairn-restore)) faster |"
+  durable() { awk -v a="$(t $1-restore)" -v b="$(t $1-sync)" 'BEGIN {printf "%.2f", a+b}'; }
+  echo "| restore until on disk (+ sync) (s) | $(durable cairn) | $(durable restic) | $(durable borg) | $(ratio $(durable restic) $(durable cairn)) faster | $(ratio $(durable borg) $(durable cairn)) faster |"
   echo "| repository after full (MiB) | $(mib ${full[cairn]}) | $(mib ${full[restic]}) | $(mib ${full[borg]}) | $(awk -v a=${full[cairn]} -v b=${full[restic]} 'BEGIN {printf "%+.1f%%", (a-b)*100/b}') | |"
   echo "| growth, second backup | $(growth ${second[cairn]} ${full[cairn]}) | $(growth ${second[restic]} ${full[restic]}) | $(growth ${second[borg]} ${full[borg]}) | | |"
   echo "| growth, cairn full re-read | $(growth ${second[cairn-reread]} ${full[cairn]}) | | | | |"

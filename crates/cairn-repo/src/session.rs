@@ -113,11 +113,6 @@ impl Session {
     /// for reuse.
     pub fn add_frame(&mut self, frame: SealedFrame) -> Result<Vec<u8>> {
         self.pack_bytes += frame.stored.len() as u64;
-        if self.pack.is_empty() && self.pack.len() == 0 {
-            if let Ok(buf) = self.recycled.try_recv() {
-                self.pack = PackBuilder::with_buffer(buf);
-            }
-        }
         let emptied = self.pack.add(frame);
         if self.pack.len() >= PACK_TARGET {
             self.flush_pack()?;
@@ -141,7 +136,8 @@ impl Session {
         if self.pack.is_empty() {
             return Ok(());
         }
-        let pack = std::mem::take(&mut self.pack).finish(self.repo.crypto());
+        let next = PackBuilder::with_buffer(self.recycled.try_recv().unwrap_or_default());
+        let pack = std::mem::replace(&mut self.pack, next).finish(self.repo.crypto());
         let tx = self.tx.as_ref().expect("session is open");
         if tx.send(pack).is_err() {
             // The writer stopped on an error: report that error, not the closed channel.

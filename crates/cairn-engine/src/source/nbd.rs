@@ -26,7 +26,6 @@ pub fn nbd_runtime() -> Result<tokio::runtime::Runtime> {
 pub struct NbdSource {
     rt: tokio::runtime::Runtime,
     client: Arc<NbdClient>,
-    addr: NbdAddress,
     what: String,
     queue: VecDeque<tokio::task::JoinHandle<Result<Vec<u8>, cairn_nbd::NbdError>>>,
     has_allocation: bool,
@@ -66,7 +65,7 @@ impl NbdSource {
         };
         let (client, server) = client;
         let has_allocation = client.has_context(CONTEXT_BASE_ALLOCATION);
-        Ok(NbdSource { rt, client: Arc::new(client), addr, what, queue: VecDeque::new(), has_allocation, server })
+        Ok(NbdSource { rt, client: Arc::new(client), what, queue: VecDeque::new(), has_allocation, server })
     }
 }
 
@@ -131,7 +130,6 @@ impl Source for NbdSource {
     }
 
     fn finish(&mut self) -> Result<()> {
-        let _ = &self.addr;
         if let Some(s) = &mut self.server {
             s.check_alive()?;
         }
