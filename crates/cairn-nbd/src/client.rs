@@ -57,9 +57,12 @@ pub struct Extent {
 }
 
 enum Pending {
+    /// `covered` counts the bytes data and hole chunks have filled: a reply that leaves part
+    /// of the buffer unfilled is a protocol error, so recycled buffers need no zeroing.
     Read {
         offset: u64,
         buf: Vec<u8>,
+        covered: usize,
         error: Option<NbdError>,
         tx: oneshot::Sender<Result<Vec<u8>>>,
     },
@@ -208,11 +211,13 @@ impl NbdClient {
     /// Like [`NbdClient::read`], filling (and returning) a recycled buffer.
     pub async fn read_into(&self, offset: u64, len: u32, mut buf: Vec<u8>) -> Result<Vec<u8>> {
         self.check_range(offset, len as u64)?;
-        // Zeroed: holes the server reports are then already in place.
-        buf.clear();
-        buf.resize(len as usize, 0);
+        // Not zeroed: data and hole chunks fill every byte, and `covered` checks that they do.
+        if buf.len() < len as usize {
+            buf.resize(len as usize, 0);
+        }
+        buf.truncate(len as usize);
         let (tx, rx) = oneshot::channel();
-        let handle = self.register(Pending::Read { offset, buf, error: None, tx })?;
+        let handle = self.register(Pending::Read { offset, buf, covered: 0, error: None, tx })?;
         self.send(handle, CMD_READ, 0, offset, len, &[]).await?;
         rx.await.map_err(|_| NbdError::Disconnected("reply never arrived".into()))?
     }
@@ -491,8 +496,11 @@ fn take(inflight: &Mutex<Inflight>, handle: u64) -> Result<Pending> {
 
 fn finish(p: Pending, simple_error: Option<NbdError>) {
     match p {
-        Pending::Read { buf, error, tx, .. } => drop(tx.send(match simple_error.or(error) {
+        Pending::Read { buf, covered, error, tx, .. } => drop(tx.send(match simple_error.or(error) {
             Some(e) => Err(e),
+            None if covered != buf.len() => {
+                Err(NbdError::Protocol(format!("read reply covered {covered} of {} bytes", buf.len())))
+            }
             None => Ok(buf),
         })),
         Pending::Status { extents, error, tx } => drop(tx.send(match simple_error.or(error) {
@@ -519,8 +527,9 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut BufReader<R>, inflight: &Mut
                 let handle = r.read_u64().await?;
                 let mut p = take(inflight, handle)?;
                 let err = (errno != 0).then(|| NbdError::Server { errno, message: String::new() });
-                if let (Pending::Read { buf, .. }, None) = (&mut p, &err) {
+                if let (Pending::Read { buf, covered, .. }, None) = (&mut p, &err) {
                     r.read_exact(buf).await?;
+                    *covered = buf.len();
                 }
                 finish(p, err);
             }
@@ -532,24 +541,32 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut BufReader<R>, inflight: &Mut
                 let mut p = take(inflight, handle)?;
                 match (kind, &mut p) {
                     (REPLY_TYPE_NONE, _) if len == 0 => {}
-                    (REPLY_TYPE_OFFSET_DATA, Pending::Read { offset, buf, .. }) if len >= 8 => {
+                    (REPLY_TYPE_OFFSET_DATA, Pending::Read { offset, buf, covered, .. }) if len >= 8 => {
                         let at = r.read_u64().await?;
                         let n = len - 8;
                         let start = at.checked_sub(*offset).map(|s| s as usize);
                         match start {
-                            Some(s) if s + n <= buf.len() => r.read_exact(&mut buf[s..s + n]).await.map(|_| ())?,
+                            Some(s) if s + n <= buf.len() => {
+                                r.read_exact(&mut buf[s..s + n]).await?;
+                                *covered += n;
+                            }
                             _ => return Err(NbdError::Protocol(format!("read data at {at}+{n} outside the request"))),
                         }
                     }
-                    (REPLY_TYPE_OFFSET_HOLE, Pending::Read { offset, buf, .. }) if len == 12 => {
+                    (REPLY_TYPE_OFFSET_HOLE, Pending::Read { offset, buf, covered, .. }) if len == 12 => {
                         let at = r.read_u64().await?;
                         let n = r.read_u32().await? as usize;
                         match at.checked_sub(*offset).map(|s| s as usize) {
-                            Some(s) if s + n <= buf.len() => buf[s..s + n].fill(0),
+                            Some(s) if s + n <= buf.len() => {
+                                buf[s..s + n].fill(0);
+                                *covered += n;
+                            }
                             _ => return Err(NbdError::Protocol(format!("hole at {at}+{n} outside the request"))),
                         }
                     }
-                    (REPLY_TYPE_BLOCK_STATUS, Pending::Status { extents, .. }) if len >= 4 && (len - 4) % 8 == 0 => {
+                    (REPLY_TYPE_BLOCK_STATUS, Pending::Status { extents, .. })
+                        if len >= 4 && (len - 4).is_multiple_of(8) =>
+                    {
                         let mut d = vec![0u8; len];
                         r.read_exact(&mut d).await?;
                         let ctx = u32::from_be_bytes(d[..4].try_into().unwrap());

@@ -69,14 +69,6 @@ pub struct Index {
 }
 
 impl Index {
-    pub fn len(&self) -> usize {
-        self.blobs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.blobs.is_empty()
-    }
-
     pub fn contains(&self, id: &BlockId) -> bool {
         self.blobs.contains_key(id)
     }
@@ -134,10 +126,6 @@ impl Index {
             out.entry(pack).or_default().push(*id);
         }
         out
-    }
-
-    pub fn packs(&self) -> &[PackId] {
-        &self.packs
     }
 }
 

@@ -149,19 +149,6 @@ fn conflict(backend: &dyn Backend, hostname: &str, ours: &str, exclusive: bool) 
     Ok(None)
 }
 
-/// The locks currently held (stale ones included, marked), for `cairn` diagnostics.
-pub fn list(backend: &dyn Backend) -> Result<Vec<LockInfo>> {
-    let mut out = Vec::new();
-    for l in backend.list(Kind::Lock)? {
-        if let Ok(b) = backend.get(Kind::Lock, &l.name) {
-            if let Ok(i) = serde_json::from_slice(&b) {
-                out.push(i);
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

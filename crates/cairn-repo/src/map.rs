@@ -18,7 +18,7 @@ pub fn encode_page(ids: &[BlockId]) -> Vec<u8> {
 }
 
 pub fn decode_page(raw: &[u8]) -> Option<Vec<BlockId>> {
-    if raw.len() % 32 != 0 || raw.len() / 32 > PAGE_BLOCKS {
+    if !raw.len().is_multiple_of(32) || raw.len() / 32 > PAGE_BLOCKS {
         return None;
     }
     Some(raw.chunks_exact(32).map(BlockId::from_slice).collect())

@@ -100,19 +100,9 @@ impl Session {
         self.claims.clone()
     }
 
-    pub fn repo(&self) -> &Arc<Repository> {
-        &self.repo
-    }
-
-    /// Bytes handed to storage so far (frames; trailers and index files come on top).
-    pub fn stored_bytes(&self) -> u64 {
-        self.pack_bytes
-    }
-
     /// Adds a frame of claimed blocks to the current pack; returns the frame's emptied buffer
     /// for reuse.
     pub fn add_frame(&mut self, frame: SealedFrame) -> Result<Vec<u8>> {
-        self.pack_bytes += frame.stored.len() as u64;
         let emptied = self.pack.add(frame);
         if self.pack.len() >= PACK_TARGET {
             self.flush_pack()?;
@@ -138,6 +128,7 @@ impl Session {
         }
         let next = PackBuilder::with_buffer(self.recycled.try_recv().unwrap_or_default());
         let pack = std::mem::replace(&mut self.pack, next).finish(self.repo.crypto());
+        self.pack_bytes += pack.bytes.len() as u64;
         let tx = self.tx.as_ref().expect("session is open");
         if tx.send(pack).is_err() {
             // The writer stopped on an error: report that error, not the closed channel.

@@ -19,7 +19,7 @@ impl AlignedBuf {
     /// A slice of exactly `len` bytes (a multiple of the alignment), reusing the allocation
     /// when it is large enough. Contents are unspecified.
     pub fn prepare(&mut self, len: usize) -> &mut [u8] {
-        assert!(len % self.align == 0);
+        assert!(len.is_multiple_of(self.align));
         if len > self.cap {
             self.free();
             let cap = len.next_power_of_two().max(self.align);

@@ -31,10 +31,6 @@ impl LocalBackend {
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn path(&self, kind: Kind, name: &str) -> Result<PathBuf> {
         if kind == Kind::Config {
             return Ok(self.root.join("config"));

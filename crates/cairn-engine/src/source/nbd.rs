@@ -5,7 +5,7 @@ use super::{Allocation, Extent, ImageFormat, Source};
 use crate::ranges::{normalize, Range};
 use anyhow::{bail, Context, Result};
 use cairn_nbd::proto::{dirty_bitmap_context, CONTEXT_BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO};
-use cairn_nbd::{NbdAddress, NbdClient};
+use cairn_nbd::{NbdAddress, NbdClient, NbdError};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,25 +45,22 @@ impl NbdSource {
             Some(s) => format!("{} ({} through qemu-nbd)", s.image.display(), s.format.qemu_name()),
             None => addr.to_string(),
         };
-        let client = rt.block_on(async {
-            match NbdClient::connect(&addr, &contexts).await {
-                // Servers without block status still serve reads.
-                Err(cairn_nbd::NbdError::Unsupported(_)) if bitmap.is_none() => NbdClient::connect(&addr, &[]).await,
-                r => r,
-            }
-        });
-        let client = match (client, server) {
-            (Ok(c), server) => (c, server),
-            (Err(e), Some(mut s)) => {
-                // qemu-nbd may have refused the image or bitmap after creating its socket.
-                match s.exit_message(Duration::from_secs(2)) {
-                    Some(msg) => bail!("qemu-nbd could not serve {}: {msg}", s.image.display()),
-                    None => return Err(e).with_context(|| format!("opening {what}")),
+        let attempt = || {
+            rt.block_on(async {
+                match NbdClient::connect(&addr, &contexts).await {
+                    // Servers without block status still serve reads.
+                    Err(cairn_nbd::NbdError::Unsupported(_)) if bitmap.is_none() => {
+                        NbdClient::connect(&addr, &[]).await
+                    }
+                    r => r,
                 }
-            }
-            (Err(e), None) => return Err(e).with_context(|| format!("opening {what}")),
+            })
         };
-        let (client, server) = client;
+        let mut server = server;
+        let client = match &mut server {
+            Some(s) => s.connect(attempt)?,
+            None => attempt().with_context(|| format!("opening {what}"))?,
+        };
         let has_allocation = client.has_context(CONTEXT_BASE_ALLOCATION);
         Ok(NbdSource { rt, client: Arc::new(client), what, queue: VecDeque::new(), has_allocation, server })
     }
@@ -195,6 +192,28 @@ impl QemuNbd {
 
     pub fn address(&self) -> NbdAddress {
         NbdAddress::unix(&self.socket, "")
+    }
+
+    /// Runs `attempt` (a connection to this server) until it succeeds. qemu-nbd creates its
+    /// socket before it listens, so a refused connection is retried while the process lives;
+    /// if qemu-nbd exits instead (a bad image or bitmap), its own message is the error.
+    pub fn connect<T>(&mut self, mut attempt: impl FnMut() -> Result<T, NbdError>) -> Result<T> {
+        let t = Instant::now();
+        loop {
+            let err = match attempt() {
+                Ok(c) => return Ok(c),
+                Err(e) => e,
+            };
+            let starting = matches!(err, NbdError::Connect { .. }) && t.elapsed() < Duration::from_secs(10);
+            if starting && self.child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            if let Some(msg) = self.exit_message(Duration::from_secs(2)) {
+                bail!("qemu-nbd could not serve {}: {msg}", self.image.display());
+            }
+            return Err(err).with_context(|| format!("opening {} through qemu-nbd", self.image.display()));
+        }
     }
 
     /// If qemu-nbd exits within `wait`, what it said on stderr.

@@ -194,7 +194,7 @@ impl Target for RawFile {
             let contiguous = self.buf_len > 0 && offset == self.buf_start + self.buf_len as u64;
             if !contiguous || self.buf_len == GATHER {
                 self.flush()?;
-                if offset % ALIGN as u64 != 0 && self.direct {
+                if !offset.is_multiple_of(ALIGN as u64) && self.direct {
                     bail!("internal error: unaligned restore write at {offset}");
                 }
                 self.buf_start = offset;
@@ -256,10 +256,10 @@ impl Qcow2Image {
         if !out.status.success() {
             bail!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        let server = QemuNbd::serve(partial, ImageFormat::Qcow2, false, None)?;
+        let mut server = QemuNbd::serve(partial, ImageFormat::Qcow2, false, None)?;
         let rt = nbd_runtime()?;
         let addr = server.address();
-        let client = rt.block_on(NbdClient::connect(&addr, &[])).context("connecting to qemu-nbd")?;
+        let client = server.connect(|| rt.block_on(NbdClient::connect(&addr, &[])))?;
         Ok(Qcow2Image {
             rt,
             client: Some(Arc::new(client)),
