@@ -1,22 +1,41 @@
 #!/usr/bin/env bash
-# Installs what cairn needs to build and test on Debian 12 (run as root). Idempotent.
-#   scripts/setup.sh           build + test dependencies
-#   scripts/setup.sh --bench   also restic and borg for bench/
+# Installs what cairn needs to build and test on Debian 12 (run as root), and starts libvirt.
+# Idempotent.
+#   scripts/setup.sh           build + test dependencies, libvirtd running, test guest built
+#   scripts/setup.sh --bench   also restic, borg and virtnbdbackup for bench/
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+cd "$(dirname "$0")/.."
 
-pkgs=(qemu-utils e2fsprogs fdisk python3 ca-certificates)
+pkgs=(e2fsprogs fdisk python3 ca-certificates pkg-config
+      qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon-system libvirt-clients libvirt-dev
+      busybox-static qemu-guest-agent cpio kmod xz-utils binutils)
 if [[ "${1:-}" == "--bench" ]]; then
-  pkgs+=(restic borgbackup time)
+  pkgs+=(restic borgbackup time virtnbdbackup)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# A machine may carry a newer qemu-utils from backports, which conflicts with Debian's
+# qemu-system-x86; pin the QEMU tools to the version qemu-system-x86 comes in.
+qemu_ver=""
+if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q '^1:7\.2'; then :; else missing+=(qemu-utils); fi
 if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}"
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  qemu_ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
+  list=()
+  for p in "${missing[@]}"; do
+    case $p in
+      qemu-utils|qemu-block-extra|qemu-system-x86) list+=("$p=$qemu_ver");;
+      *) list+=("$p");;
+    esac
+  done
+  # qemu-system-x86 and qemu-utils always go together (see above).
+  printf '%s\n' "${list[@]}" | grep -q '^qemu-utils=' || list+=("qemu-utils=$qemu_ver")
+  printf '%s\n' "${list[@]}" | grep -q '^qemu-block-extra=' || list+=("qemu-block-extra=$qemu_ver")
+  echo "installing: ${list[*]}"
+  apt-get install -y -qq --no-install-recommends --allow-downgrades $(printf '%s\n' "${list[@]}" | sort -u) >/dev/null
 fi
 
 if ! command -v cargo >/dev/null; then
@@ -26,3 +45,20 @@ if ! command -v cargo >/dev/null; then
 fi
 command -v cargo >/dev/null || { echo "cargo (Rust >= 1.85) is required: install it with rustup" >&2; exit 1; }
 command -v qemu-nbd >/dev/null || { echo "qemu-nbd missing after install" >&2; exit 1; }
+
+# libvirt: QEMU runs as root here (as the test guests' files are root's; without it a domain
+# start takes about a minute on this kind of machine), and the daemons start without systemd
+# when there is none.
+if ! grep -q '^user = "root"' /etc/libvirt/qemu.conf; then
+  printf 'user = "root"\ngroup = "root"\n' >> /etc/libvirt/qemu.conf
+  if pgrep -x libvirtd >/dev/null; then pkill -x libvirtd; sleep 1; fi
+fi
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  pgrep -x libvirtd >/dev/null || libvirtd -d
+  for _ in $(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+virsh -c qemu:///system version >/dev/null || { echo "libvirtd did not start" >&2; exit 1; }
+
+# The tiny test guest (kernel, initramfs, disks): seconds to build, reused afterwards.
+[ -f "${CAIRN_GUEST_DIR:-/var/lib/cairn-test/guest}/VERSION" ] || scripts/guest.sh build

@@ -2,6 +2,7 @@
 //! repository.
 
 mod output;
+mod vm;
 
 use anyhow::{bail, Context, Result};
 use cairn_engine::backup::{backup, BackupOptions, DiskInput};
@@ -44,7 +45,7 @@ struct Cli {
 }
 
 #[derive(Args)]
-struct Global {
+pub(crate) struct Global {
     /// Repository folder
     #[arg(long, env = "CAIRN_REPO", global = true, value_name = "DIR")]
     repo: Option<PathBuf>,
@@ -77,6 +78,9 @@ about content. Losing the password means losing the backups: keep it safe.")]
     /// Back up something into the repository
     #[command(subcommand)]
     Backup(BackupCmd),
+    /// Virtual machines on this host
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
     /// List restore points
     #[command(long_about = "List restore points, oldest first, with their sizes: the disk's logical size, \
 bytes read, new data written to the repository (after compression) and data that was already there \
@@ -93,6 +97,9 @@ bytes read, new data written to the repository (after compression) and data that
 restore point can be restored. Damage is reported with every restore point it affects and the disk offsets \
 concerned. Exits with status 3 if anything is damaged.")]
     Verify,
+    /// (internal) Guards a guest while a backup has it frozen or paused
+    #[command(hide = true)]
+    Watchdog(vm::WatchdogArgs),
 }
 
 #[derive(Subcommand)]
@@ -109,6 +116,28 @@ Examples:\n  cairn backup image disk.img --repo R --name web\n  \
 cairn backup image disk.img --repo R --name web --changed-ranges dirty.txt\n  \
 cairn backup image web.qcow2 --repo R --name web --dirty-bitmap backup-1")]
     Image(BackupImage),
+    /// Back up running or stopped VMs through libvirt, with no agent needed in the guest
+    #[command(long_about = "Back up each VM as one restore point named after it (and keyed by its UUID): \
+every disk, the VM's configuration (libvirt domain XML) and the files it names outside its disks (direct-boot \
+kernel and initrd, firmware, UEFI variables).\n\n\
+Methods for a running VM (--method):\n  \
+app-consistent    the guest agent freezes the guest's filesystems (running --pre-freeze commands first), the \
+point is taken, the guest is thawed at once (--post-thaw commands follow); needs a guest agent that answers \
+and qcow2 disks\n  \
+saved-state       the VM is paused, its memory saved into the restore point, the point taken, the VM resumed \
+(offline for well under a second or two)\n  \
+crash-consistent  the point is taken with no freeze and no pause\n  \
+auto              app-consistent when its requirements hold, else saved-state (the default)\n\
+A shut-off VM is read straight from its disk files.\n\n\
+Incremental forever: each backup leaves a libvirt checkpoint (a persistent dirty bitmap per disk); the next \
+one reads only what changed since and takes the rest from the previous restore point. If the checkpoint \
+cannot be trusted (deleted, broken by a crash, disks added or resized), the backup reads everything and says \
+why. Linux swap partitions and unallocated space are never read (--no-skip-swap keeps swap).\n\n\
+A watchdog process thaws or resumes the guest if cairn dies or hangs while the guest is frozen or paused.\n\n\
+Examples:\n  cairn backup vm web db --repo /backup/repo\n  \
+cairn backup vm web --repo R --method app-consistent --pre-freeze 'mysql -e \"FLUSH TABLES\"'\n  \
+cairn restore image web --disk vda --repo R --to /tmp/web-vda.qcow2 --format qcow2")]
+    Vm(vm::BackupVm),
 }
 
 #[derive(Args)]
@@ -194,6 +223,9 @@ fn run(cli: Cli) -> Result<i32> {
     match &cli.command {
         Command::Init { encrypt } => init(g, *encrypt),
         Command::Backup(BackupCmd::Image(a)) => backup_image(g, a),
+        Command::Backup(BackupCmd::Vm(a)) => vm::backup(g, a),
+        Command::Vm(vm::VmCmd::List(a)) => vm::list(g, a),
+        Command::Watchdog(a) => vm::run_watchdog(a),
         Command::Points { name } => points(g, name.as_deref()),
         Command::Restore(RestoreCmd::Image(a)) => restore_image(g, a),
         Command::Verify => verify(g),
@@ -225,21 +257,21 @@ fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
     Some(p)
 }
 
-fn open_repo(g: &Global) -> Result<Arc<Repository>> {
+pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     let b = backend(g)?;
     let repo = Repository::open(b as Arc<dyn Backend>, || password_from_env_or_prompt(false))?;
     Ok(Arc::new(repo))
 }
 
-fn workers(g: &Global) -> usize {
+pub(crate) fn workers(g: &Global) -> usize {
     g.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)).max(1)
 }
 
-fn bar(g: &Global) -> Bar {
+pub(crate) fn bar(g: &Global) -> Bar {
     Bar::new(!g.json && !g.quiet && std::io::stderr().is_terminal())
 }
 
-fn print_json(v: &impl serde::Serialize) {
+pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap());
 }
 
@@ -326,7 +358,8 @@ fn backup_image(g: &Global, a: &BackupImage) -> Result<i32> {
         parent,
         ..Default::default()
     };
-    let disk = DiskInput { name: a.disk.clone(), source, changed };
+    let mut disk = DiskInput::new(&a.disk, source);
+    disk.changed = changed;
     let (id, point) = backup(&repo, vec![disk], &opts, &progress)?;
     if g.json {
         print_json(&serde_json::json!({"id": id, "point": point}));

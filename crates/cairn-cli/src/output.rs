@@ -87,21 +87,38 @@ pub fn print_points(pts: &[&(String, RestorePoint)]) {
         return;
     }
     println!(
-        "{:<8}  {:<16}  {:<24}  {:<14}  {:>10}  {:>10}  {:>10}  {:>10}",
-        "ID", "NAME", "TIME", "MODE", "SIZE", "READ", "NEW", "DEDUP"
+        "{:<8}  {:<16}  {:<24}  {:<14}  {:<16}  {:>9}  {:>10}  {:>10}  {:>10}  {:>10}  {:>8}",
+        "ID", "NAME", "TIME", "MODE", "METHOD", "WINDOW", "SIZE", "READ", "NEW", "DEDUP", "TOOK"
     );
     for (id, p) in pts {
         let t = &p.stats.totals;
+        let vm = cairn_engine::vm::VmRecord::of(p);
+        let (method, window, read, took) = match &vm {
+            Some(r) => (
+                r.method.as_str().to_string(),
+                match (r.frozen_window_ms, r.offline_window_ms) {
+                    (Some(f), _) => format!("{f} ms"),
+                    (_, Some(o)) => format!("{o} ms off"),
+                    _ => "-".into(),
+                },
+                r.vm_read_bytes,
+                r.events.last().map(|e| e.t_ms).unwrap_or(p.stats.duration_ms),
+            ),
+            None => ("-".into(), "-".into(), t.read_bytes, p.stats.duration_ms),
+        };
         println!(
-            "{:<8}  {:<16}  {:<24}  {:<14}  {:>10}  {:>10}  {:>10}  {:>10}",
+            "{:<8}  {:<16}  {:<24}  {:<14}  {:<16}  {:>9}  {:>10}  {:>10}  {:>10}  {:>10}  {:>7.2}s",
             &id[..8],
             p.name,
             p.time,
             p.stats.mode,
+            method,
+            window,
             bytes(t.logical_bytes),
-            bytes(t.read_bytes),
+            bytes(read),
             bytes(t.stored_bytes),
-            bytes(t.dedup_bytes + t.unchanged_bytes)
+            bytes(t.dedup_bytes + t.unchanged_bytes),
+            took as f64 / 1000.0
         );
     }
 }

@@ -37,6 +37,18 @@ pub struct DiskInput {
     pub source: Box<dyn Source>,
     /// Only these ranges changed since the parent point; every other block comes from it.
     pub changed: Option<Vec<Range>>,
+    /// Ranges not worth reading (swap): blocks wholly inside are recorded as zeros. Normalized.
+    pub skip: Vec<Range>,
+    /// See [`DiskImage::role`].
+    pub role: Option<String>,
+    /// See [`DiskImage::path`].
+    pub path: Option<String>,
+}
+
+impl DiskInput {
+    pub fn new(name: &str, source: Box<dyn Source>) -> DiskInput {
+        DiskInput { name: name.to_string(), source, changed: None, skip: Vec::new(), role: None, path: None }
+    }
 }
 
 pub struct BackupOptions {
@@ -48,6 +60,9 @@ pub struct BackupOptions {
     pub metadata: serde_json::Value,
     /// The point changed ranges are relative to (required when any disk has `changed`).
     pub parent: Option<(String, RestorePoint)>,
+    /// Images taken over unchanged from the parent point (files that did not change): their
+    /// blocks are already durable, so nothing is read.
+    pub carry: Vec<DiskImage>,
 }
 
 impl Default for BackupOptions {
@@ -58,6 +73,7 @@ impl Default for BackupOptions {
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             metadata: serde_json::Value::Null,
             parent: None,
+            carry: Vec::new(),
         }
     }
 }
@@ -68,6 +84,18 @@ pub fn backup(
     disks: Vec<DiskInput>,
     opts: &BackupOptions,
     progress: &dyn Progress,
+) -> Result<(String, RestorePoint)> {
+    backup_with(repo, disks, opts, progress, |_| Ok(()))
+}
+
+/// [`backup`], with a last look at the point once every block is stored and before the point is
+/// written (the VM job ends its export there and records when the data was copied).
+pub fn backup_with(
+    repo: &Arc<Repository>,
+    disks: Vec<DiskInput>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    finalize: impl FnOnce(&mut RestorePoint) -> Result<()>,
 ) -> Result<(String, RestorePoint)> {
     let started = Instant::now();
     let time = cairn_repo::now_rfc3339();
@@ -107,6 +135,12 @@ pub fn backup(
         totals.add(&image.stats);
         images.push(image);
     }
+    for c in &opts.carry {
+        let mut image = c.clone();
+        image.stats = DiskStats { logical_bytes: c.size, unchanged_bytes: c.size, ..Default::default() };
+        totals.add(&image.stats);
+        images.push(image);
+    }
     let mut point = RestorePoint {
         version: 1,
         name: opts.name.clone(),
@@ -123,6 +157,7 @@ pub fn backup(
             mode: if changed_mode { "changed-ranges" } else { "full" }.into(),
         },
     };
+    finalize(&mut point)?;
     point.stats.duration_ms = started.elapsed().as_millis() as u64;
     let id = session.commit(&mut point)?;
     Ok((id, point))
@@ -131,6 +166,8 @@ pub fn backup(
 #[derive(Clone, Copy)]
 enum Plan {
     Zero,
+    /// Not worth reading (swap): stored as zeros.
+    Skip,
     Keep(BlockId),
     Read,
 }
@@ -169,6 +206,7 @@ fn backup_disk(
     let (work_tx, work_rx) = bounded::<Batch>(opts.workers * 2);
     let (done_tx, done_rx) = bounded::<Done>(opts.workers * 2);
     let changed = disk.changed.clone();
+    let skip = std::mem::take(&mut disk.skip);
     let source = &mut disk.source;
     let data_pool = Pool::new(opts.workers * 4 + READ_AHEAD_BYTES / (BATCH_BLOCKS * bs as usize) + 4);
     let frame_pool = Pool::new(opts.workers * 4 + 4);
@@ -176,7 +214,7 @@ fn backup_disk(
     let (map, stats) = std::thread::scope(|s| -> Result<(Vec<String>, DiskStats)> {
         let pool = data_pool.clone();
         let planner = s.spawn(move || {
-            plan_and_read(repo, source.as_mut(), parent, changed.as_deref(), bs, nblocks, work_tx, &pool)
+            plan_and_read(repo, source.as_mut(), parent, changed.as_deref(), &skip, bs, nblocks, work_tx, &pool)
         });
         for _ in 0..opts.workers.max(1) {
             let rx = work_rx.clone();
@@ -240,7 +278,16 @@ fn backup_disk(
     })?;
     disk.source.finish()?;
     progress.finish();
-    Ok(DiskImage { name: disk.name.clone(), size, block_size: bs as u32, source: describe, map, stats })
+    Ok(DiskImage {
+        name: disk.name.clone(),
+        size,
+        block_size: bs as u32,
+        source: describe,
+        map,
+        stats,
+        role: disk.role.clone(),
+        path: disk.path.clone(),
+    })
 }
 
 /// Tells, block by block, whether the allocation map says a block reads as zeros; asks the
@@ -308,6 +355,7 @@ fn plan_and_read(
     src: &mut dyn Source,
     parent: Option<&DiskImage>,
     changed: Option<&[Range]>,
+    skip: &[Range],
     bs: u64,
     nblocks: u64,
     tx: crossbeam_channel::Sender<Batch>,
@@ -316,6 +364,7 @@ fn plan_and_read(
     let size = src.size();
     let mut alloc = AllocCursor { extents: vec![], idx: 0, window_end: 0, size };
     let mut changed = changed.map(RangeCursor::new);
+    let mut skip = RangeCursor::new(skip);
     let mut parent = parent.map(|disk| ParentMap { repo, disk, page_no: 0, page: vec![] });
     // Batches whose reads are submitted, oldest first, with their runs (block index, count).
     // Runs are (first block, block count, bytes charged): read-ahead is charged by buffer
@@ -335,6 +384,7 @@ fn plan_and_read(
                 lens.push((end - start) as u32);
                 let unchanged = changed.as_mut().is_some_and(|c| !c.intersects(start, end));
                 let plan = match parent.as_mut() {
+                    _ if skip.covers(start, end) => Plan::Skip,
                     Some(p) if unchanged => Plan::Keep(p.get(b)?),
                     _ if alloc.is_zero(src, start, end)? => Plan::Zero,
                     _ => Plan::Read,
@@ -411,6 +461,11 @@ impl Worker {
             match plan {
                 Plan::Zero => {
                     stats.zero_bytes += len as u64;
+                    ids.push(BlockId::ZERO);
+                    all_new = false;
+                }
+                Plan::Skip => {
+                    stats.skipped_bytes += len as u64;
                     ids.push(BlockId::ZERO);
                     all_new = false;
                 }

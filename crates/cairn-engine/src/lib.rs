@@ -12,7 +12,9 @@ pub mod progress;
 pub mod ranges;
 pub mod restore;
 pub mod source;
+pub mod swap;
 pub mod target;
 pub mod verify;
+pub mod vm;
 
 pub use progress::{NoProgress, Progress};

@@ -90,6 +90,10 @@ impl<'a> RangeCursor<'a> {
         }
         self.idx < self.ranges.len() && self.ranges[self.idx].offset < end
     }
+    /// Whether one range holds all of `[start, end)` (ranges must be normalized).
+    pub fn covers(&mut self, start: u64, end: u64) -> bool {
+        self.intersects(start, end) && self.ranges[self.idx].offset <= start && self.ranges[self.idx].end() >= end
+    }
 }
 
 #[cfg(test)]
@@ -121,5 +125,7 @@ mod tests {
         assert!(!c.intersects(200, 300));
         assert!(c.intersects(300, 400));
         assert!(!c.intersects(400, 500));
+        let mut c = RangeCursor::new(&r);
+        assert!(c.covers(100, 110) && !c.covers(105, 111) && !c.covers(200, 300));
     }
 }

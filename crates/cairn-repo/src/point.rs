@@ -34,6 +34,20 @@ pub struct DiskImage {
     /// IDs (hex) of the map pages, in disk order.
     pub map: Vec<String>,
     pub stats: DiskStats,
+    /// What this image is when it is not one of the VM's disks: `kernel`, `initrd`, `loader`,
+    /// `nvram` (files the VM configuration names) or `memory-state` (saved-state backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Where the disk or file lived on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl DiskImage {
+    /// Whether this is one of the machine's disks (not a file it needs or its memory state).
+    pub fn is_disk(&self) -> bool {
+        self.role.is_none()
+    }
 }
 
 /// What a backup did for one disk, in bytes of disk data.
@@ -45,6 +59,9 @@ pub struct DiskStats {
     pub read_bytes: u64,
     /// Bytes known to be zero or unallocated (not stored).
     pub zero_bytes: u64,
+    /// Bytes not read because they hold no state worth keeping (Linux swap); restored as zeros.
+    #[serde(default)]
+    pub skipped_bytes: u64,
     /// Bytes taken from the parent point without reading (changed-ranges backups).
     pub unchanged_bytes: u64,
     /// Bytes read whose blocks the repository already held.
@@ -61,6 +78,7 @@ impl DiskStats {
         self.logical_bytes += o.logical_bytes;
         self.read_bytes += o.read_bytes;
         self.zero_bytes += o.zero_bytes;
+        self.skipped_bytes += o.skipped_bytes;
         self.unchanged_bytes += o.unchanged_bytes;
         self.dedup_bytes += o.dedup_bytes;
         self.new_bytes += o.new_bytes;

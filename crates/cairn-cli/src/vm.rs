@@ -1,0 +1,278 @@
+//! `cairn vm list`, `cairn backup vm` and the hidden `cairn watchdog`.
+
+use crate::output::{bytes, Bar};
+use crate::{bar, open_repo, print_json, workers, Global};
+use anyhow::{Context, Result};
+use cairn_engine::vm::{app_consistent_requirements, backup_vm, choose_method, Method, VmBackupOptions, VmRecord};
+use cairn_engine::Progress;
+use cairn_hypervisor::libvirt::{Libvirt, DEFAULT_URI};
+use cairn_hypervisor::watchdog::{self, Watchdog};
+use cairn_hypervisor::{AgentStatus, Hypervisor, VmState};
+use clap::{Args, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Show every VM on the host and which backup method it qualifies for
+    #[command(long_about = "Show every VM the hypervisor knows: name, UUID, state, disks (path, format, \
+size), whether a guest agent channel exists and answers, and the backup method `--method auto` would \
+pick for it, with the reason.")]
+    List(ListArgs),
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Hypervisor connection URI
+    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
+    connect: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MethodArg {
+    Auto,
+    AppConsistent,
+    SavedState,
+    CrashConsistent,
+}
+
+#[derive(Args)]
+pub struct BackupVm {
+    /// VMs to back up, by name or UUID; each becomes one restore point named after the VM
+    #[arg(required = true, value_name = "NAME_OR_UUID")]
+    vms: Vec<String>,
+    /// Hypervisor connection URI
+    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
+    connect: String,
+    /// How the point in time is taken from a running VM
+    #[arg(long, value_enum, default_value_t = MethodArg::Auto)]
+    method: MethodArg,
+    /// Read every disk in full, starting a new chain, even when the last checkpoint is usable
+    #[arg(long)]
+    full: bool,
+    /// Also copy Linux swap partitions (skipped by default: they restore as zeros)
+    #[arg(long)]
+    no_skip_swap: bool,
+    /// Shell command to run in the guest (through the agent) before the freeze; repeatable.
+    /// A failure stops the backup before anything is frozen
+    #[arg(long, value_name = "COMMAND")]
+    pre_freeze: Vec<String>,
+    /// Shell command to run in the guest after the thaw; repeatable
+    #[arg(long, value_name = "COMMAND")]
+    post_thaw: Vec<String>,
+    /// Host folder for NBD sockets, scratch (fleecing) files and memory state
+    #[arg(long, default_value = "/var/tmp/cairn", value_name = "DIR")]
+    work_dir: PathBuf,
+    /// The watchdog thaws or resumes a guest frozen or paused longer than this
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    freeze_limit: u64,
+    /// zstd level (1 fastest .. 19 smallest)
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(-7..=19))]
+    compression: i32,
+    /// Testing aid: also pull every export with qemu-img into DIR
+    #[arg(long, hide = true, value_name = "DIR")]
+    debug_oracle: Option<PathBuf>,
+    /// Testing aid: stay frozen this many seconds after the point is taken
+    #[arg(long, hide = true, value_name = "SECONDS")]
+    debug_hold_frozen: Option<f64>,
+}
+
+#[derive(Args)]
+pub struct WatchdogArgs {
+    #[arg(long)]
+    connect: String,
+    #[arg(long)]
+    vm: String,
+    #[arg(long)]
+    limit: u64,
+}
+
+fn connect(uri: &str) -> Result<Libvirt> {
+    Libvirt::connect(uri)
+}
+
+pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
+    let hv = connect(&a.connect)?;
+    let vms = hv.list()?;
+    let mut rows = Vec::new();
+    for vm in &vms {
+        let (method, why) = match choose_method(&hv, vm, Method::Auto) {
+            Ok((m, why)) => (m.as_str().to_string(), why),
+            Err(e) => ("none".to_string(), e.to_string()),
+        };
+        let app = app_consistent_requirements(&hv, vm);
+        rows.push((vm, method, why, app));
+    }
+    if g.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(vm, method, why, app)| {
+                serde_json::json!({
+                    "name": vm.name, "uuid": vm.uuid, "state": vm.state,
+                    "disks": vm.config.disks, "files": vm.config.files, "nics": vm.config.nics,
+                    "memory_bytes": vm.config.memory_bytes, "vcpus": vm.config.vcpus,
+                    "agent": vm.agent, "agent_channel": vm.config.agent_channel,
+                    "method": method, "method_reason": why,
+                    "app_consistent": app.is_ok(),
+                    "app_consistent_reason": match app { Ok(s) | Err(s) => s },
+                })
+            })
+            .collect();
+        print_json(&v);
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("no VMs on {}", a.connect);
+    }
+    for (vm, method, why, _) in &rows {
+        println!("{}  {}  {}", vm.name, vm.uuid, vm.state.as_str());
+        println!(
+            "  {} vCPU, {} memory, {} NIC(s)",
+            vm.config.vcpus,
+            bytes(vm.config.memory_bytes),
+            vm.config.nics.len()
+        );
+        for d in &vm.config.disks {
+            println!(
+                "  disk {:<5} {:<6} {:<6} {:>10}  {}{}",
+                d.target,
+                d.device,
+                d.format,
+                d.size.map(bytes).unwrap_or_else(|| "-".into()),
+                d.path.as_deref().unwrap_or("(no source)"),
+                if d.is_backed_up() { "" } else { "  (not backed up)" }
+            );
+        }
+        for f in &vm.config.files {
+            println!("  file {:<7} {}", f.role, f.path);
+        }
+        let agent = match &vm.agent {
+            AgentStatus::NoChannel => "no channel".to_string(),
+            AgentStatus::NotAnswering(e) => format!("channel present, not answering ({e})"),
+            AgentStatus::Answering => "answering".to_string(),
+        };
+        println!("  guest agent: {agent}");
+        println!("  backup method: {method} ({why})");
+    }
+    Ok(0)
+}
+
+pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
+    let hv = connect(&a.connect)?;
+    let repo = open_repo(g)?;
+    let _lock = repo.lock(false, "backup vm", Duration::from_secs(g.lock_wait))?;
+    repo.load_index()?;
+    let progress = bar(g);
+    let opts = VmBackupOptions {
+        method: match a.method {
+            MethodArg::Auto => Method::Auto,
+            MethodArg::AppConsistent => Method::AppConsistent,
+            MethodArg::SavedState => Method::SavedState,
+            MethodArg::CrashConsistent => Method::CrashConsistent,
+        },
+        full: a.full,
+        skip_swap: !a.no_skip_swap,
+        pre_freeze: a.pre_freeze.clone(),
+        post_thaw: a.post_thaw.clone(),
+        work_dir: a.work_dir.clone(),
+        compression_level: a.compression,
+        workers: workers(g),
+        oracle_dir: a.debug_oracle.clone(),
+        hold_frozen: a.debug_hold_frozen.map(Duration::from_secs_f64),
+    };
+    let mut results = Vec::new();
+    let mut failed = 0;
+    for name in &a.vms {
+        match backup_one(&hv, &repo, name, &opts, a, &progress) {
+            Ok((id, point, record)) => {
+                if !g.json {
+                    print_vm_backup(&id, &point, &record);
+                }
+                let mut rec = serde_json::to_value(&record)?;
+                rec.as_object_mut().map(|o| o.remove("config"));
+                results.push(serde_json::json!({"vm": name, "ok": true, "id": id, "record": rec, "stats": point.stats,
+                    "disks": point.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>()}));
+            }
+            Err(e) => {
+                failed += 1;
+                progress.note(&format!("error: backup of VM {name} failed: {e:#}"));
+                results.push(serde_json::json!({"vm": name, "ok": false, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    if g.json {
+        print_json(&results);
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+fn backup_one(
+    hv: &Libvirt,
+    repo: &std::sync::Arc<cairn_repo::Repository>,
+    name: &str,
+    opts: &VmBackupOptions,
+    a: &BackupVm,
+    progress: &Bar,
+) -> Result<(String, cairn_repo::RestorePoint, VmRecord)> {
+    let vm = hv.find(name)?;
+    // The watchdog guards running VMs only: nothing is frozen or paused otherwise.
+    let mut dog = if vm.state == VmState::Running {
+        let exe = std::env::current_exe().context("locating the cairn executable for the watchdog")?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["watchdog", "--connect", &a.connect, "--vm", &vm.uuid, "--limit", &a.freeze_limit.to_string()]);
+        Watchdog::spawn(cmd)?
+    } else {
+        Watchdog::none()
+    };
+    let r = backup_vm(hv, repo, &vm, opts, &mut dog, progress as &dyn Progress);
+    if r.is_ok() {
+        dog.done();
+    }
+    r
+}
+
+pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {
+    let hv = connect(&a.connect)?;
+    watchdog::run(&hv, &a.vm, Duration::from_secs(a.limit))?;
+    Ok(0)
+}
+
+fn print_vm_backup(id: &str, p: &cairn_repo::RestorePoint, r: &VmRecord) {
+    let t = &p.stats.totals;
+    println!("restore point {} of VM {} ({}), {}", &id[..8], p.name, r.uuid, p.time);
+    println!("  method        {} ({})", r.method.as_str(), r.method_reason);
+    println!("  chain         {} ({})", r.chain, r.chain_reason);
+    if let Some(ms) = r.frozen_window_ms {
+        println!("  frozen window {ms} ms");
+    }
+    if let Some(ms) = r.offline_window_ms {
+        println!("  offline       {ms} ms");
+    }
+    for d in &p.disks {
+        let what = match &d.role {
+            None => format!("disk {}", d.name),
+            Some(role) => role.clone(),
+        };
+        println!(
+            "  {:<14}{:>10}  read {:>10}  new {:>10}  {}",
+            what,
+            bytes(d.size),
+            bytes(d.stats.read_bytes),
+            bytes(d.stats.stored_bytes),
+            d.path.as_deref().unwrap_or("")
+        );
+    }
+    let swap: u64 = r.skipped_swap.iter().map(|s| s.length).sum();
+    println!(
+        "  read from VM  {} ({} unallocated or zero, {} swap skipped, {} unchanged)",
+        bytes(r.vm_read_bytes),
+        bytes(t.zero_bytes),
+        bytes(swap),
+        bytes(t.unchanged_bytes)
+    );
+    println!("  repository    +{}", bytes(p.stats.repository_growth_bytes));
+    let events: Vec<String> = r.events.iter().map(|e| format!("{} +{}ms", e.event, e.t_ms)).collect();
+    println!("  events        {}", events.join(", "));
+    let total = r.events.last().map(|e| e.t_ms).unwrap_or(p.stats.duration_ms);
+    println!("  time          {:.2} s", total as f64 / 1000.0);
+}

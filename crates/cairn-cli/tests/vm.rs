@@ -1,0 +1,412 @@
+//! VM backups against real libvirt and real QEMU guests (TCG), built and started by
+//! `scripts/guest.sh` (scripts/setup.sh starts libvirtd and builds the guest).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn guest_sh() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/guest.sh")
+}
+
+fn sh(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn virsh(args: &[&str]) -> String {
+    sh(Command::new("virsh").arg("-q").args(args))
+}
+
+/// A libvirt test guest, removed (domain, checkpoints, disks) when dropped.
+struct Guest {
+    name: String,
+}
+
+impl Guest {
+    fn start(test: &str, opts: &[&str]) -> Guest {
+        let name = format!("cairn-{test}-{}", std::process::id());
+        let g = Guest { name };
+        let _ = Command::new(guest_sh()).args(["remove", &g.name]).output();
+        let mut args = vec!["define", g.name.as_str(), "--wait"];
+        args.extend_from_slice(opts);
+        sh(Command::new(guest_sh()).args(&args));
+        g
+    }
+
+    /// Runs a shell command in the guest through the agent.
+    fn exec(&self, cmd: &str) -> String {
+        sh(Command::new(guest_sh()).args(["exec", &self.name, cmd]))
+    }
+
+    fn disk(&self, target: &str) -> PathBuf {
+        Path::new("/var/lib/cairn-test/vms").join(&self.name).join(format!("{target}.qcow2"))
+    }
+
+    fn state(&self) -> String {
+        virsh(&["domstate", &self.name]).trim().to_string()
+    }
+
+    fn checkpoints(&self) -> Vec<String> {
+        virsh(&["checkpoint-list", &self.name, "--name"])
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    fn agent(&self, cmd: &str) -> Value {
+        serde_json::from_str(&virsh(&["qemu-agent-command", &self.name, cmd])).unwrap()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = Command::new(guest_sh()).args(["remove", &self.name]).output();
+    }
+}
+
+struct VmEnv {
+    env: Env,
+}
+
+impl VmEnv {
+    fn new() -> VmEnv {
+        let env = Env::new();
+        env.init();
+        VmEnv { env }
+    }
+
+    /// `cairn backup vm` with --json: the one VM's result object.
+    fn backup(&self, g: &Guest, extra: &[&str]) -> Value {
+        let work = self.env.path("work");
+        let mut args = vec!["backup", "vm", g.name.as_str(), "--work-dir", work.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let v = self.env.json(&args);
+        let r = v[0].clone();
+        assert_eq!(r["ok"], true, "{r}");
+        r
+    }
+
+    fn restore(&self, id: &str, name: &str, disk: &str, to: &Path) {
+        let point = format!("{name}@{}", &id[..8]);
+        self.env.ok(&["restore", "image", &point, "--disk", disk, "--to", to.to_str().unwrap(), "--force"]);
+    }
+}
+
+fn record(r: &Value) -> &Value {
+    &r["record"]
+}
+
+/// Compares two raw images; bytes inside `zeroed` must be zero in `restored` instead.
+fn assert_same_except(restored: &Path, oracle: &Path, zeroed: &[(u64, u64)]) {
+    let (mut a, mut b) = (std::fs::File::open(restored).unwrap(), std::fs::File::open(oracle).unwrap());
+    assert_eq!(a.metadata().unwrap().len(), b.metadata().unwrap().len(), "sizes differ");
+    let mut off = 0u64;
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = a.read(&mut ba).unwrap();
+        if n == 0 {
+            break;
+        }
+        b.read_exact(&mut bb[..n]).unwrap();
+        for i in (0..n).step_by(4096) {
+            let at = off + i as u64;
+            let end = (i + 4096).min(n);
+            let in_zeroed = zeroed.iter().any(|&(o, l)| at >= o && at < o + l);
+            if in_zeroed {
+                assert!(
+                    ba[i..end].iter().all(|&x| x == 0),
+                    "{}: offset {at} should be zero (skipped swap)",
+                    restored.display()
+                );
+            } else {
+                assert!(
+                    ba[i..end] == bb[i..end],
+                    "{} differs from {} at offset {at}",
+                    restored.display(),
+                    oracle.display()
+                );
+            }
+        }
+        off += n as u64;
+    }
+}
+
+#[test]
+fn full_then_incremental_of_a_two_disk_vm_match_the_exports_byte_for_byte() {
+    let e = VmEnv::new();
+    let g = Guest::start("inc", &["--two-disks"]);
+    // A pre-freeze command kept with the VM (domain metadata) and one from the command line.
+    virsh(&[
+        "metadata",
+        &g.name,
+        "https://cairn.dev/xmlns/hooks/1",
+        "--key",
+        "cairn",
+        "--set",
+        "<hooks><pre-freeze>echo quiesced &gt; /run/app-state</pre-freeze></hooks>",
+    ]);
+    let o1 = e.env.path("oracle1");
+    let r1 = e.backup(&g, &["--debug-oracle", o1.to_str().unwrap(), "--post-thaw", "cat /run/app-state"]);
+    let rec = record(&r1);
+    let hooks = rec["hooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 2, "{hooks:?}");
+    assert_eq!((hooks[0]["when"].as_str(), hooks[0]["exit_code"].as_i64()), (Some("pre-freeze"), Some(0)));
+    assert_eq!((hooks[1]["when"].as_str(), hooks[1]["output"].as_str()), (Some("post-thaw"), Some("quiesced\n")));
+    assert_eq!(rec["method"], "app-consistent", "{rec}");
+    assert_eq!(rec["chain"], "full");
+    assert!(rec["frozen_window_ms"].as_u64().unwrap() < 1000, "frozen window {}", rec["frozen_window_ms"]);
+    let events: Vec<&str> = rec["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    for want in ["prepare", "freeze", "frozen", "point created", "thawed", "data copied"] {
+        assert!(events.contains(&want), "event {want} missing: {events:?}");
+    }
+    // The GPT disk's swap partition (1 MiB .. 65 MiB, in use by the guest) is not copied.
+    let swap = rec["skipped_swap"].as_array().unwrap();
+    assert_eq!(swap.len(), 1, "{swap:?}");
+    assert_eq!(
+        (swap[0]["disk"].as_str(), swap[0]["offset"].as_u64(), swap[0]["length"].as_u64()),
+        (Some("vdb"), Some(MIB), Some(64 * MIB))
+    );
+    let roles: Vec<_> = r1["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["role"].as_str().unwrap_or(d["name"].as_str().unwrap()).to_string())
+        .collect();
+    assert_eq!(roles, ["vda", "vdb", "kernel", "initrd"]);
+
+    // The guest's writer keeps appending while we back up; add a burst of new data too.
+    g.exec("dd if=/dev/urandom of=/data/burst.bin bs=64k count=48 conv=fsync 2>/dev/null");
+    let o2 = e.env.path("oracle2");
+    let r2 = e.backup(&g, &["--debug-oracle", o2.to_str().unwrap()]);
+    assert_eq!(record(&r2)["chain"], "incremental", "{}", record(&r2));
+    let read2 = record(&r2)["vm_read_bytes"].as_u64().unwrap();
+    assert!(read2 >= 3 * MIB && read2 < 8 * MIB, "incremental read {read2} bytes for a 3 MiB burst");
+
+    for (r, o) in [(&r1, &o1), (&r2, &o2)] {
+        let id = r["id"].as_str().unwrap();
+        for disk in ["vda", "vdb"] {
+            let out = e.env.path(&format!("{}-{disk}.raw", &id[..8]));
+            e.restore(id, &g.name, disk, &out);
+            let zeroed: &[(u64, u64)] = if disk == "vdb" { &[(MIB, 64 * MIB)] } else { &[] };
+            assert_same_except(&out, &o.join(format!("{disk}.raw")), zeroed);
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+    // The kernel the VM boots from is in the point too, byte for byte.
+    let k = e.env.path("kernel");
+    e.restore(r2["id"].as_str().unwrap(), &g.name, "kernel", &k);
+    assert!(same_content(&k, Path::new("/var/lib/cairn-test/guest/kernel")));
+    // One checkpoint is left: the one the newest point refers to.
+    assert_eq!(g.checkpoints(), [record(&r2)["checkpoint"].as_str().unwrap().to_string()]);
+    assert_eq!(g.state(), "running");
+    let v = e.env.json(&["verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn incremental_reads_exactly_the_guests_writes() {
+    let e = VmEnv::new();
+    let g = Guest::start("exact", &[]);
+    // Quiet guest: writer paused, everything flushed.
+    g.exec("touch /run/writer.pause; sync; sleep 1");
+    let r1 = e.backup(&g, &["--method", "crash-consistent"]);
+    assert_eq!(record(&r1)["chain"], "full");
+    // Known bytes at known offsets in the raw scratch area (192..256 MiB): 4 KiB, 128 KiB, 1 MiB.
+    let writes = [(192 * MIB, 4096u64), (200 * MIB + 32 * 1024, 128 * 1024), (250 * MIB, MIB)];
+    let mut sums = Vec::new();
+    for (i, (off, len)) in writes.iter().enumerate() {
+        g.exec(&format!(
+            "dd if=/dev/urandom of=/tmp/w{i} bs={len} count=1 2>/dev/null; dd if=/tmp/w{i} of=/dev/vda bs=4096 seek={} oflag=direct conv=notrunc 2>/dev/null",
+            off / 4096
+        ));
+        sums.push(g.exec(&format!("sha256sum /tmp/w{i} | cut -d' ' -f1")).trim().to_string());
+    }
+    let written: u64 = writes.iter().map(|w| w.1).sum();
+    let o = e.env.path("oracle");
+    let r2 = e.backup(&g, &["--method", "crash-consistent", "--debug-oracle", o.to_str().unwrap()]);
+    let rec = record(&r2);
+    assert_eq!(rec["chain"], "incremental", "{rec}");
+    let read = rec["vm_read_bytes"].as_u64().unwrap();
+    // 64 KiB granularity: the writes cover 64 KiB + 192 KiB + 1 MiB of clusters.
+    assert_eq!(read, 64 * 1024 + 192 * 1024 + MIB, "read {read} bytes for {written} written");
+    assert!(read as f64 <= 1.5 * written as f64);
+    let out = e.env.path("vda.raw");
+    e.restore(r2["id"].as_str().unwrap(), &g.name, "vda", &out);
+    assert_same_except(&out, &o.join("vda.raw"), &[]);
+    let data = std::fs::read(&out).unwrap();
+    for ((off, len), sum) in writes.iter().zip(&sums) {
+        let mut f = std::fs::File::create(e.env.path("region")).unwrap();
+        std::io::Write::write_all(&mut f, &data[*off as usize..(*off + *len) as usize]).unwrap();
+        let got = sh(Command::new("sha256sum").arg(e.env.path("region")));
+        assert_eq!(got.split_whitespace().next().unwrap(), sum, "region at {off}");
+    }
+}
+
+#[test]
+fn auto_falls_back_to_saved_state_without_an_agent() {
+    let e = VmEnv::new();
+    let g = Guest::start("noagent", &["--no-agent"]);
+    let list = e.env.json(&["vm", "list"]);
+    let me = list.as_array().unwrap().iter().find(|v| v["name"] == g.name.as_str()).unwrap().clone();
+    assert_eq!(me["method"], "saved-state", "{me}");
+    assert!(me["method_reason"].as_str().unwrap().contains("no guest agent channel"), "{me}");
+    let r = e.backup(&g, &[]);
+    let rec = record(&r);
+    assert_eq!(rec["method"], "saved-state");
+    assert!(rec["method_reason"].as_str().unwrap().contains("no guest agent channel"), "{rec}");
+    let offline = rec["offline_window_ms"].as_u64().unwrap();
+    assert!(offline < 2000, "offline for {offline} ms");
+    assert_eq!(rec["memory_state"], "memory-state");
+    let mem = r["disks"].as_array().unwrap().iter().find(|d| d["role"] == "memory-state").cloned().unwrap();
+    assert!(mem["size"].as_u64().unwrap() > 10 * MIB, "{mem}");
+    assert_eq!(g.state(), "running");
+    // The stored memory state is a libvirt save image of this VM.
+    let st = e.env.path("state");
+    e.restore(r["id"].as_str().unwrap(), &g.name, "memory-state", &st);
+    let xml = virsh(&["save-image-dumpxml", st.to_str().unwrap()]);
+    assert!(xml.contains(&format!("<name>{}</name>", g.name)), "{xml}");
+    // No leftovers: no snapshot metadata, no memory file, no scratch files.
+    assert_eq!(virsh(&["snapshot-list", &g.name, "--name"]).trim(), "");
+    let uuid = rec["uuid"].as_str().unwrap();
+    let left: Vec<_> =
+        std::fs::read_dir(e.env.path("work").join(uuid)).unwrap().flatten().map(|f| f.file_name()).collect();
+    assert_eq!(left, [std::ffi::OsString::from("lock")], "{left:?}");
+}
+
+#[test]
+fn untrustworthy_checkpoints_and_changed_disks_force_full_reads_with_the_reason() {
+    let e = VmEnv::new();
+    let g = Guest::start("chain", &[]);
+    let full = |r: &Value, why: &str| {
+        let rec = record(r);
+        assert_eq!(rec["chain"], "full", "{rec}");
+        assert!(rec["chain_reason"].as_str().unwrap().contains(why), "expected {why:?} in {}", rec["chain_reason"]);
+    };
+    let r = e.backup(&g, &[]);
+    full(&r, "first backup");
+    // A removed checkpoint (bitmap gone).
+    virsh(&["checkpoint-delete", &g.name, record(&r)["checkpoint"].as_str().unwrap()]);
+    let r = e.backup(&g, &[]);
+    full(&r, "no longer exists");
+    let r = e.backup(&g, &[]);
+    assert_eq!(record(&r)["chain"], "incremental");
+    let r = e.backup(&g, &["--full"]);
+    full(&r, "--full");
+
+    // QEMU killed: its bitmaps were never written to the image.
+    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", g.name)).unwrap();
+    sh(Command::new("kill").args(["-9", pid.trim()]));
+    let t = Instant::now();
+    while g.state() == "running" && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    virsh(&["start", &g.name]);
+    sh(Command::new(guest_sh()).args(["wait", &g.name]));
+    let r = e.backup(&g, &[]);
+    full(&r, "cannot be used");
+    let r = e.backup(&g, &[]);
+    assert_eq!(record(&r)["chain"], "incremental");
+
+    // Shut off: read from the files, with no method.
+    virsh(&["destroy", &g.name]);
+    let r = e.backup(&g, &[]);
+    assert_eq!(record(&r)["method"], "offline");
+    full(&r, "shut off");
+
+    // A disk added: a new chain.
+    let extra = g.disk("vdc");
+    sh(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&extra).arg("64M"));
+    virsh(&["attach-disk", &g.name, extra.to_str().unwrap(), "vdc", "--subdriver", "qcow2", "--config"]);
+    virsh(&["start", &g.name]);
+    sh(Command::new(guest_sh()).args(["wait", &g.name]));
+    let r = e.backup(&g, &[]);
+    full(&r, "disks changed");
+    let names: Vec<_> = r["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["role"].is_null())
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["vda", "vdc"]);
+    let r = e.backup(&g, &[]);
+    assert_eq!(record(&r)["chain"], "incremental");
+    let v = e.env.json(&["verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn a_killed_backup_never_leaves_the_guest_frozen_and_the_next_run_cleans_up() {
+    let e = VmEnv::new();
+    let g = Guest::start("kill", &[]);
+    let work = e.env.path("work");
+    let mut child = e
+        .env
+        .cmd(&[
+            "backup",
+            "vm",
+            &g.name,
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--debug-hold-frozen",
+            "60",
+            "--freeze-limit",
+            "30",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let frozen = |g: &Guest| g.agent(r#"{"execute":"guest-fsfreeze-status"}"#)["return"] == "frozen";
+    let t = Instant::now();
+    while !frozen(&g) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the guest never froze");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed = Instant::now();
+    while frozen(&g) {
+        assert!(killed.elapsed() < Duration::from_secs(5), "guest still frozen 5 s after cairn was killed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("thawed {} ms after the kill", killed.elapsed().as_millis());
+    // The watchdog ended the backup job too; the half-made checkpoint is cleaned by the next run.
+    let t = Instant::now();
+    while Command::new("virsh").args(["-q", "backup-dumpxml", &g.name]).output().unwrap().status.success() {
+        assert!(t.elapsed() < Duration::from_secs(10), "backup job still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = e.backup(&g, &[]);
+    assert_eq!(record(&r)["chain"], "full");
+    assert_eq!(g.checkpoints(), [record(&r)["checkpoint"].as_str().unwrap().to_string()]);
+    let uuid = record(&r)["uuid"].as_str().unwrap().to_string();
+    let left: Vec<_> = std::fs::read_dir(work.join(uuid)).unwrap().flatten().map(|f| f.file_name()).collect();
+    assert_eq!(left, [std::ffi::OsString::from("lock")], "{left:?}");
+}
+
+#[test]
+fn an_unreachable_libvirt_gives_a_clear_error() {
+    let e = Env::new();
+    e.init();
+    let err = e.fails(&["vm", "list", "--connect", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"], 1);
+    assert!(err.contains("cannot connect to libvirt") && err.contains("Is libvirtd running"), "{err}");
+    let err =
+        e.fails(&["backup", "vm", "nope", "--connect", "qemu+unix:///system?socket=/nonexistent/libvirt-sock"], 1);
+    assert!(err.contains("Is libvirtd running"), "{err}");
+    let err = e.fails(&["backup", "vm", "no-such-vm-here"], 1);
+    assert!(err.contains("no VM named"), "{err}");
+}

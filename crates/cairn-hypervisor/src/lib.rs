@@ -1,0 +1,167 @@
+//! The hypervisor boundary.
+//!
+//! The VM backup job (in `cairn-engine`) talks to hypervisors only through the [`Hypervisor`]
+//! trait: inventory, the guest agent, freeze/thaw, pause/resume, memory state, checkpoints
+//! (persistent dirty bitmaps) and pull-mode backup exports served over NBD. [`libvirt`] implements
+//! it over libvirt; a bare-QEMU (QMP) or another hypervisor implements the same trait and the
+//! engine does not change.
+//!
+//! Rules every implementation keeps:
+//! - VMs are addressed by UUID (names change; UUIDs follow a VM across hosts and migrations).
+//! - `begin_backup` creates the point in time and the checkpoint atomically: the checkpoint's
+//!   bitmap starts recording exactly at the exported point, so the next incremental misses no write.
+//! - A point's exports stay readable, unchanged, while the guest runs on, until `end_backup`.
+//! - `end_backup` removes the exports and their scratch files; it never deletes checkpoints (the
+//!   caller decides which checkpoint a finished or failed backup keeps).
+
+pub mod domain_xml;
+pub mod libvirt;
+pub mod watchdog;
+
+use anyhow::Result;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+pub use domain_xml::{DomainConfig, VmDisk, VmFile};
+
+/// What a VM is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    Running,
+    Paused,
+    ShutOff,
+    Crashed,
+    Other,
+}
+
+impl VmState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::ShutOff => "shut off",
+            VmState::Crashed => "crashed",
+            VmState::Other => "other",
+        }
+    }
+}
+
+/// Whether the guest agent can be used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", content = "detail", rename_all = "kebab-case")]
+pub enum AgentStatus {
+    /// The VM has no guest agent channel in its configuration.
+    NoChannel,
+    /// There is a channel but nothing answered `guest-ping` (agent not installed or not running,
+    /// or the VM is not running).
+    NotAnswering(String),
+    Answering,
+}
+
+/// One VM as the inventory shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmSummary {
+    pub name: String,
+    pub uuid: String,
+    pub state: VmState,
+    pub config: DomainConfig,
+    pub agent: AgentStatus,
+}
+
+/// A filesystem the guest agent reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct GuestFilesystem {
+    pub mountpoint: String,
+    pub fs_type: String,
+    pub devices: Vec<String>,
+}
+
+/// A checkpoint: a named point from which the hypervisor tracks writes (one dirty bitmap per disk).
+#[derive(Clone, Debug, Serialize)]
+pub struct Checkpoint {
+    pub name: String,
+    pub parent: Option<String>,
+    pub description: String,
+    pub creation_time: u64,
+    /// Disk targets with a bitmap in this checkpoint.
+    pub disks: Vec<String>,
+}
+
+/// What `begin_backup` should do.
+pub struct BackupRequest<'a> {
+    /// Disk targets to export.
+    pub disks: &'a [String],
+    /// The checkpoint created at the point (its bitmap records every later write).
+    pub new_checkpoint: &'a str,
+    pub checkpoint_description: &'a str,
+    /// Export each disk's changes since this checkpoint as a dirty-bitmap context.
+    pub incremental_from: Option<&'a str>,
+    /// Folder for the NBD socket and the scratch (fleecing) files.
+    pub work_dir: &'a Path,
+}
+
+/// A running pull-mode backup: one NBD export per disk.
+#[derive(Clone, Debug)]
+pub struct BackupExport {
+    pub socket: PathBuf,
+    pub disks: Vec<ExportedDisk>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ExportedDisk {
+    pub target: String,
+    /// `nbd+unix:///EXPORT?socket=PATH`
+    pub uri: String,
+    /// The NBD meta context holding the writes since `incremental_from`, when asked for.
+    pub dirty_context: Option<String>,
+}
+
+/// Output of a command run in the guest.
+#[derive(Clone, Debug, Serialize)]
+pub struct GuestExec {
+    pub exit_code: i64,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The operations a VM backup needs from a hypervisor. Blocking; every method names the VM by UUID.
+pub trait Hypervisor: Send + Sync {
+    /// Where this connects, for messages and for the watchdog (`qemu:///system`).
+    fn uri(&self) -> &str;
+    fn list(&self) -> Result<Vec<VmSummary>>;
+    /// Finds a VM by name or UUID.
+    fn find(&self, name_or_uuid: &str) -> Result<VmSummary>;
+    fn state(&self, uuid: &str) -> Result<VmState>;
+    /// The VM's full configuration document (libvirt domain XML), inactive-config form for a
+    /// stopped VM and live form for a running one.
+    fn config_document(&self, uuid: &str) -> Result<String>;
+
+    fn agent_ping(&self, uuid: &str) -> Result<()>;
+    fn agent_filesystems(&self, uuid: &str) -> Result<Vec<GuestFilesystem>>;
+    /// Runs `/bin/sh -c COMMAND` in the guest and waits for it (bounded by `timeout_s`).
+    fn agent_exec(&self, uuid: &str, command: &str, timeout_s: u64) -> Result<GuestExec>;
+    /// Freezes the guest's filesystems (runs its fsfreeze hooks); returns how many.
+    fn freeze(&self, uuid: &str) -> Result<u32>;
+    fn thaw(&self, uuid: &str) -> Result<u32>;
+    /// "frozen" or "thawed".
+    fn freeze_status(&self, uuid: &str) -> Result<String>;
+
+    fn pause(&self, uuid: &str) -> Result<()>;
+    fn resume(&self, uuid: &str) -> Result<()>;
+    /// Writes the paused VM's memory and device state to `path` (the VM stays paused). The file
+    /// can bring the VM back in this state (libvirt: `virsh restore`).
+    fn save_memory(&self, uuid: &str, path: &Path) -> Result<()>;
+
+    fn checkpoints(&self, uuid: &str) -> Result<Vec<Checkpoint>>;
+    /// Deletes a checkpoint; its bitmap's bits are merged into its parent's, so other chains keep working.
+    fn delete_checkpoint(&self, uuid: &str, name: &str) -> Result<()>;
+
+    /// Takes the point in time (with a new checkpoint) and exports every disk over NBD.
+    fn begin_backup(&self, uuid: &str, req: &BackupRequest) -> Result<BackupExport>;
+    /// The socket of the VM's running backup job, if one runs (a leftover of a killed run, or
+    /// someone else's).
+    fn running_backup(&self, uuid: &str) -> Result<Option<PathBuf>>;
+    /// Ends the VM's backup job; its exports and scratch files go away.
+    fn end_backup(&self, uuid: &str) -> Result<()>;
+}

@@ -1,0 +1,397 @@
+//! [`Hypervisor`] over libvirt (the `virt` crate; backup jobs and checkpoints through its raw
+//! `virt-sys` layer, which `virt` 0.5 does not wrap).
+
+use crate::{
+    domain_xml, AgentStatus, BackupExport, BackupRequest, Checkpoint, ExportedDisk, GuestExec, GuestFilesystem,
+    Hypervisor, VmState, VmSummary,
+};
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine as _;
+use serde_json::{json, Value};
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+pub const DEFAULT_URI: &str = "qemu:///system";
+
+pub struct Libvirt {
+    uri: String,
+    conn: Connect,
+}
+
+/// The last libvirt error, as text.
+fn last_error() -> String {
+    virt::error::Error::last_error().message().to_string()
+}
+
+impl Libvirt {
+    pub fn connect(uri: &str) -> Result<Libvirt> {
+        // libvirt prints every error to stderr by default; ours carry the message instead.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(|e| {
+            anyhow!(
+                "cannot connect to libvirt at {uri}: {}\nIs libvirtd running on this host? Start it (`systemctl start libvirtd`, or `libvirtd -d`), or pass --connect URI.",
+                e.message()
+            )
+        })?;
+        Ok(Libvirt { uri: uri.to_string(), conn })
+    }
+
+    fn domain(&self, uuid: &str) -> Result<Domain> {
+        self.conn.lookup_domain_by_uuid_string(uuid).map_err(|e| anyhow!("VM {uuid}: {}", e.message()))
+    }
+
+    fn summary(&self, dom: &Domain) -> Result<VmSummary> {
+        let state = state_of(dom)?;
+        let flags = if state == VmState::ShutOff { sys::VIR_DOMAIN_XML_INACTIVE } else { 0 };
+        let xml = dom.xml_desc(flags).map_err(|e| anyhow!("reading the VM's configuration: {}", e.message()))?;
+        let mut config = domain_xml::parse(&xml)?;
+        for d in config.disks.iter_mut().filter(|d| d.is_backed_up()) {
+            d.size = dom.block_info(&d.target, 0).ok().map(|b| b.capacity);
+        }
+        let agent = if !config.agent_channel {
+            AgentStatus::NoChannel
+        } else if state != VmState::Running {
+            AgentStatus::NotAnswering(format!("the VM is {}", state.as_str()))
+        } else {
+            match agent_command(dom, &json!({"execute": "guest-ping"}), 3) {
+                Ok(_) => AgentStatus::Answering,
+                Err(e) => AgentStatus::NotAnswering(e.to_string()),
+            }
+        };
+        Ok(VmSummary { name: config.name.clone(), uuid: config.uuid.clone(), state, config, agent })
+    }
+}
+
+fn state_of(dom: &Domain) -> Result<VmState> {
+    let (s, _) = dom.state().map_err(|e| anyhow!("reading the VM's state: {}", e.message()))?;
+    use virt::domain::DomainState as S;
+    Ok(match s.known() {
+        Some(S::Running) | Some(S::Blocked) => VmState::Running,
+        Some(S::Paused) | Some(S::PMSuspended) => VmState::Paused,
+        Some(S::Shutoff) | Some(S::Shutdown) => VmState::ShutOff,
+        Some(S::Crashed) => VmState::Crashed,
+        _ => VmState::Other,
+    })
+}
+
+fn agent_command(dom: &Domain, cmd: &Value, timeout_s: i32) -> Result<Value> {
+    let reply = dom.qemu_agent_command(&cmd.to_string(), timeout_s, 0).map_err(|e| anyhow!("{}", e.message()))?;
+    let v: Value = serde_json::from_str(&reply).context("the guest agent's reply is not JSON")?;
+    Ok(v.get("return").cloned().unwrap_or(Value::Null))
+}
+
+fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).context("a string for libvirt holds a NUL byte")
+}
+
+/// Escapes text for an XML attribute or element.
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+}
+
+impl Hypervisor for Libvirt {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn list(&self) -> Result<Vec<VmSummary>> {
+        let doms = self.conn.list_all_domains(0).map_err(|e| anyhow!("listing VMs: {}", e.message()))?;
+        let mut out = Vec::new();
+        for d in &doms {
+            out.push(self.summary(d)?);
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn find(&self, name_or_uuid: &str) -> Result<VmSummary> {
+        let dom = self
+            .conn
+            .lookup_domain_by_uuid_string(name_or_uuid)
+            .or_else(|_| self.conn.lookup_domain_by_name(name_or_uuid))
+            .map_err(|_| anyhow!("no VM named or with UUID '{name_or_uuid}' on {} (see `cairn vm list`)", self.uri))?;
+        self.summary(&dom)
+    }
+
+    fn state(&self, uuid: &str) -> Result<VmState> {
+        state_of(&self.domain(uuid)?)
+    }
+
+    fn config_document(&self, uuid: &str) -> Result<String> {
+        let dom = self.domain(uuid)?;
+        let flags = if state_of(&dom)? == VmState::ShutOff { sys::VIR_DOMAIN_XML_INACTIVE } else { 0 };
+        dom.xml_desc(flags | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(|e| anyhow!("reading the VM's configuration: {}", e.message()))
+    }
+
+    fn agent_ping(&self, uuid: &str) -> Result<()> {
+        agent_command(&self.domain(uuid)?, &json!({"execute": "guest-ping"}), 3).map(|_| ())
+    }
+
+    fn agent_filesystems(&self, uuid: &str) -> Result<Vec<GuestFilesystem>> {
+        let v = agent_command(&self.domain(uuid)?, &json!({"execute": "guest-get-fsinfo"}), 10)?;
+        let list = v.as_array().context("guest-get-fsinfo did not return a list")?;
+        Ok(list
+            .iter()
+            .map(|f| GuestFilesystem {
+                mountpoint: f["mountpoint"].as_str().unwrap_or("").into(),
+                fs_type: f["type"].as_str().unwrap_or("").into(),
+                devices: f["disk"]
+                    .as_array()
+                    .map(|d| d.iter().filter_map(|x| x["dev"].as_str().map(String::from)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    fn agent_exec(&self, uuid: &str, command: &str, timeout_s: u64) -> Result<GuestExec> {
+        let dom = self.domain(uuid)?;
+        let started = agent_command(
+            &dom,
+            &json!({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", command], "capture-output": true}}),
+            10,
+        )
+        .with_context(|| format!("starting `{command}` in the guest"))?;
+        let pid = started["pid"].as_i64().context("guest-exec returned no pid")?;
+        let t0 = Instant::now();
+        loop {
+            let s = agent_command(&dom, &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}), 10)?;
+            if s["exited"].as_bool() == Some(true) {
+                let decode = |k: &str| {
+                    s[k].as_str()
+                        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default()
+                };
+                return Ok(GuestExec {
+                    exit_code: s["exitcode"].as_i64().unwrap_or(if s["signal"].is_i64() { 128 } else { 0 }),
+                    stdout: decode("out-data"),
+                    stderr: decode("err-data"),
+                });
+            }
+            if t0.elapsed() > Duration::from_secs(timeout_s) {
+                bail!("`{command}` did not finish in the guest within {timeout_s} s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn freeze(&self, uuid: &str) -> Result<u32> {
+        let dom = self.domain(uuid)?;
+        let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+        if n < 0 {
+            bail!("freezing the guest's filesystems failed: {}", last_error());
+        }
+        Ok(n as u32)
+    }
+
+    fn thaw(&self, uuid: &str) -> Result<u32> {
+        let dom = self.domain(uuid)?;
+        let n = unsafe { sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+        if n < 0 {
+            bail!("thawing the guest's filesystems failed: {}", last_error());
+        }
+        Ok(n as u32)
+    }
+
+    fn freeze_status(&self, uuid: &str) -> Result<String> {
+        let v = agent_command(&self.domain(uuid)?, &json!({"execute": "guest-fsfreeze-status"}), 5)?;
+        Ok(v.as_str().unwrap_or("unknown").to_string())
+    }
+
+    fn pause(&self, uuid: &str) -> Result<()> {
+        self.domain(uuid)?.suspend().map_err(|e| anyhow!("pausing the VM: {}", e.message()))
+    }
+
+    fn resume(&self, uuid: &str) -> Result<()> {
+        self.domain(uuid)?.resume().map_err(|e| anyhow!("resuming the VM: {}", e.message()))
+    }
+
+    fn save_memory(&self, uuid: &str, path: &Path) -> Result<()> {
+        // A memory-only external snapshot: libvirt writes the save-image format (`virsh restore`
+        // reads it) and, unlike virDomainSave, keeps the QEMU process: the VM stays paused, not
+        // stopped, so it resumes in milliseconds. The snapshot's metadata is dropped at once: the
+        // file is all we keep.
+        let dom = self.domain(uuid)?;
+        let cfg = domain_xml::parse(&dom.xml_desc(0).map_err(|e| anyhow!("{}", e.message()))?)?;
+        let name = format!("cairn-state-{}", std::process::id());
+        let mut xml = format!(
+            "<domainsnapshot><name>{name}</name><memory snapshot='external' file='{}'/><disks>",
+            xml_escape(&path.to_string_lossy())
+        );
+        for d in &cfg.disks {
+            xml.push_str(&format!("<disk name='{}' snapshot='no'/>", xml_escape(&d.target)));
+        }
+        xml.push_str("</disks></domainsnapshot>");
+        let snap =
+            dom.create_snapshot_xml(&xml, 0).map_err(|e| anyhow!("saving the VM's memory state: {}", e.message()))?;
+        snap.delete(sys::VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+            .map_err(|e| anyhow!("dropping the memory snapshot's metadata: {}", e.message()))
+    }
+
+    fn checkpoints(&self, uuid: &str) -> Result<Vec<Checkpoint>> {
+        let dom = self.domain(uuid)?;
+        let mut list: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
+        let n = unsafe { sys::virDomainListAllCheckpoints(dom.as_ptr(), &mut list, 0) };
+        if n < 0 {
+            bail!("listing the VM's checkpoints: {}", last_error());
+        }
+        let mut out = Vec::new();
+        for i in 0..n as usize {
+            let cp = unsafe { *list.add(i) };
+            let xml = unsafe { sys::virDomainCheckpointGetXMLDesc(cp, 0) };
+            if !xml.is_null() {
+                let text = unsafe { CStr::from_ptr(xml) }.to_string_lossy().into_owned();
+                unsafe { libc::free(xml as *mut libc::c_void) };
+                out.push(parse_checkpoint(&text)?);
+            }
+            unsafe { sys::virDomainCheckpointFree(cp) };
+        }
+        unsafe { libc::free(list as *mut libc::c_void) };
+        out.sort_by_key(|c| c.creation_time);
+        Ok(out)
+    }
+
+    fn delete_checkpoint(&self, uuid: &str, name: &str) -> Result<()> {
+        let dom = self.domain(uuid)?;
+        let cname = cstring(name)?;
+        let cp = unsafe { sys::virDomainCheckpointLookupByName(dom.as_ptr(), cname.as_ptr(), 0) };
+        if cp.is_null() {
+            bail!("no checkpoint {name}: {}", last_error());
+        }
+        let mut r = unsafe { sys::virDomainCheckpointDelete(cp, 0) };
+        if r < 0 {
+            // The bitmap is already gone from the disk (QEMU killed, image replaced): drop the
+            // metadata so it cannot be mistaken for a usable checkpoint again.
+            r = unsafe { sys::virDomainCheckpointDelete(cp, sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY) };
+        }
+        let err = if r < 0 { Some(last_error()) } else { None };
+        unsafe { sys::virDomainCheckpointFree(cp) };
+        match err {
+            Some(e) => bail!("deleting checkpoint {name}: {e}"),
+            None => Ok(()),
+        }
+    }
+
+    fn begin_backup(&self, uuid: &str, req: &BackupRequest) -> Result<BackupExport> {
+        let dom = self.domain(uuid)?;
+        let socket = req.work_dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&socket);
+        let mut backup = format!(
+            "<domainbackup mode='pull'>{}<server transport='unix' socket='{}'/><disks>",
+            req.incremental_from.map(|c| format!("<incremental>{}</incremental>", xml_escape(c))).unwrap_or_default(),
+            xml_escape(&socket.to_string_lossy())
+        );
+        let mut checkpoint = format!(
+            "<domaincheckpoint><name>{}</name><description>{}</description><disks>",
+            xml_escape(req.new_checkpoint),
+            xml_escape(req.checkpoint_description)
+        );
+        let cfg = domain_xml::parse(&dom.xml_desc(0).map_err(|e| anyhow!("{}", e.message()))?)?;
+        for d in &cfg.disks {
+            let wanted = req.disks.contains(&d.target);
+            if wanted {
+                let scratch = req.work_dir.join(format!("{}.scratch.qcow2", d.target));
+                let _ = std::fs::remove_file(&scratch);
+                backup.push_str(&format!(
+                    "<disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>",
+                    xml_escape(&d.target),
+                    xml_escape(&scratch.to_string_lossy())
+                ));
+            } else {
+                backup.push_str(&format!("<disk name='{}' backup='no'/>", xml_escape(&d.target)));
+            }
+            let bitmap = if wanted && d.supports_checkpoints() { "bitmap" } else { "no" };
+            checkpoint.push_str(&format!("<disk name='{}' checkpoint='{bitmap}'/>", xml_escape(&d.target)));
+        }
+        backup.push_str("</disks></domainbackup>");
+        checkpoint.push_str("</disks></domaincheckpoint>");
+        let (b, c) = (cstring(&backup)?, cstring(&checkpoint)?);
+        let r = unsafe { sys::virDomainBackupBegin(dom.as_ptr(), b.as_ptr(), c.as_ptr(), 0) };
+        if r < 0 {
+            bail!("starting the backup job: {}", last_error());
+        }
+        let disks = req
+            .disks
+            .iter()
+            .map(|t| ExportedDisk {
+                target: t.clone(),
+                uri: format!("nbd+unix:///{t}?socket={}", socket.display()),
+                dirty_context: req.incremental_from.map(|_| format!("qemu:dirty-bitmap:backup-{t}")),
+            })
+            .collect();
+        Ok(BackupExport { socket, disks })
+    }
+
+    fn running_backup(&self, uuid: &str) -> Result<Option<PathBuf>> {
+        let dom = self.domain(uuid)?;
+        if state_of(&dom)? == VmState::ShutOff {
+            return Ok(None);
+        }
+        let xml = unsafe { sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0) };
+        if xml.is_null() {
+            return Ok(None); // no backup job
+        }
+        let text = unsafe { CStr::from_ptr(xml) }.to_string_lossy().into_owned();
+        unsafe { libc::free(xml as *mut libc::c_void) };
+        let doc = roxmltree::Document::parse(&text)?;
+        let socket = doc.descendants().find(|n| n.has_tag_name("server")).and_then(|s| s.attribute("socket"));
+        Ok(Some(PathBuf::from(socket.unwrap_or(""))))
+    }
+
+    fn end_backup(&self, uuid: &str) -> Result<()> {
+        let dom = self.domain(uuid)?;
+        if unsafe { sys::virDomainAbortJob(dom.as_ptr()) } < 0 {
+            bail!("ending the backup job: {}", last_error());
+        }
+        Ok(())
+    }
+}
+
+fn parse_checkpoint(xml: &str) -> Result<Checkpoint> {
+    let doc = roxmltree::Document::parse(xml).context("parsing a checkpoint document")?;
+    let root = doc.root_element();
+    let text =
+        |tag: &str| root.children().find(|c| c.has_tag_name(tag)).and_then(|n| n.text()).map(|t| t.trim().to_string());
+    let parent = root
+        .children()
+        .find(|c| c.has_tag_name("parent"))
+        .and_then(|p| p.children().find(|c| c.has_tag_name("name")).and_then(|n| n.text()).map(String::from));
+    let disks = root
+        .children()
+        .find(|c| c.has_tag_name("disks"))
+        .map(|ds| {
+            ds.children()
+                .filter(|d| d.has_tag_name("disk") && d.attribute("checkpoint") == Some("bitmap"))
+                .filter_map(|d| d.attribute("name").map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Checkpoint {
+        name: text("name").unwrap_or_default(),
+        parent,
+        description: text("description").unwrap_or_default(),
+        creation_time: text("creationTime").and_then(|t| t.parse().ok()).unwrap_or(0),
+        disks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_checkpoint_documents() {
+        let c = super::parse_checkpoint(
+            "<domaincheckpoint><name>cp2</name><description>cairn repo=ab</description><parent><name>cp1</name></parent>\
+             <creationTime>1764073467</creationTime><disks><disk name='vda' checkpoint='bitmap' bitmap='cp2'/>\
+             <disk name='vdb' checkpoint='no'/></disks><domain/></domaincheckpoint>",
+        )
+        .unwrap();
+        assert_eq!((c.name.as_str(), c.parent.as_deref(), c.creation_time), ("cp2", Some("cp1"), 1764073467));
+        assert_eq!(c.disks, ["vda"]);
+        assert_eq!(c.description, "cairn repo=ab");
+    }
+}
