@@ -389,7 +389,12 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
                     "dedup_bytes": p.stats.totals.dedup_bytes + p.stats.totals.unchanged_bytes,
                     "zero_bytes": p.stats.totals.zero_bytes,
                     "duration_ms": p.stats.duration_ms,
-                    "disks": p.disks.iter().map(|d| serde_json::json!({"name": d.name, "size": d.size, "stats": d.stats})).collect::<Vec<_>>(),
+                    "disks": p.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>(),
+                    "vm": cairn_engine::vm::VmRecord::of(p).map(|r| {
+                        let mut v = serde_json::to_value(r).unwrap_or_default();
+                        v.as_object_mut().map(|o| o.remove("config"));
+                        v
+                    }),
                 })
             })
             .collect();

@@ -4,7 +4,9 @@
 //! - [`backup`]: the block pipeline that turns sources into a restore point;
 //! - [`restore`] and [`target`]: restore points back into images, hash-checked;
 //! - [`verify`]: re-read and re-hash the whole repository;
-//! - [`ranges`]: changed-range lists (from a file or a dirty bitmap).
+//! - [`ranges`]: changed-range lists (from a file or a dirty bitmap);
+//! - [`vm`]: the VM backup job (method, point in time, checkpoints, files) over a hypervisor;
+//! - [`swap`]: Linux swap areas a backup skips.
 
 pub mod backup;
 mod pool;
