@@ -87,7 +87,7 @@ pub fn restore_disk(
     }
     let data_blocks = count_data_blocks(repo, disk)?;
     let data_bytes = data_blocks * bs;
-    let mut target = target::create(to, disk.size, data_bytes.min(disk.size), opts.format, opts.force)?;
+    let mut target = target::create(to, disk.size, bs, data_bytes.min(disk.size), opts.format, opts.force)?;
     progress.start(&format!("restore {}", disk.name), data_bytes.min(disk.size));
 
     // More readers than cores: a reader waiting on a pack read must not leave a core idle.

@@ -1,5 +1,8 @@
-//! Where restored disks go: a sparse raw file, or a qcow2 image written through `qemu-nbd`.
-//! Both write to a temporary name and take the final name only when complete and durable.
+//! Where restored disks go: a sparse raw file, or a qcow2 image (written by us when the blocks
+//! are 64 KiB clusters, else through `qemu-nbd`). All write to a temporary name and take the
+//! final name only when complete and durable.
+
+mod qcow2;
 
 use crate::source::nbd_runtime;
 use crate::source::{ImageFormat, QemuNbd};
@@ -37,7 +40,14 @@ fn partial_path(path: &Path) -> PathBuf {
 /// Opens a target for a disk of `size` bytes of which `data_bytes` hold data (the rest stays
 /// sparse). An existing `path` is refused unless `force`; a folder without room for the data
 /// is refused before anything is written.
-pub fn create(path: &Path, size: u64, data_bytes: u64, format: TargetFormat, force: bool) -> Result<Box<dyn Target>> {
+pub fn create(
+    path: &Path,
+    size: u64,
+    block_size: u64,
+    data_bytes: u64,
+    format: TargetFormat,
+    force: bool,
+) -> Result<Box<dyn Target>> {
     if path.exists() && !force {
         bail!("{} already exists; choose another --to, or add --force to replace it", path.display());
     }
@@ -54,6 +64,9 @@ pub fn create(path: &Path, size: u64, data_bytes: u64, format: TargetFormat, for
     let _ = std::fs::remove_file(&partial);
     match format {
         TargetFormat::Raw => Ok(Box::new(RawFile::create(&partial, path, size)?)),
+        TargetFormat::Qcow2 if block_size == qcow2::CLUSTER => {
+            Ok(Box::new(qcow2::Qcow2Writer::new(RawFile::create(&partial, path, 0)?, size)))
+        }
         TargetFormat::Qcow2 => Ok(Box::new(Qcow2Image::create(&partial, path, size)?)),
     }
 }
