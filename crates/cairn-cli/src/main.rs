@@ -125,10 +125,13 @@ app-consistent    the guest agent freezes the guest's filesystems (running --pre
 point is taken, the guest is thawed at once (--post-thaw commands follow); needs a guest agent that answers \
 and qcow2 disks\n  \
 saved-state       the VM is paused, its memory saved into the restore point, the point taken, the VM resumed \
-(offline for well under a second or two)\n  \
+(offline a fraction of a second for a small VM); its disks are read in full (deduplicated)\n  \
 crash-consistent  the point is taken with no freeze and no pause\n  \
 auto              app-consistent when its requirements hold, else saved-state (the default)\n\
 A shut-off VM is read straight from its disk files.\n\n\
+Pre-freeze and post-thaw commands can also live with the VM, in its libvirt metadata:\n  \
+virsh metadata web https://cairn.dev/xmlns/hooks/1 --key cairn --set \
+'<hooks><pre-freeze>CMD</pre-freeze><post-thaw>CMD</post-thaw></hooks>'\n\n\
 Incremental forever: each backup leaves a libvirt checkpoint (a persistent dirty bitmap per disk); the next \
 one reads only what changed since and takes the rest from the previous restore point. If the checkpoint \
 cannot be trusted (deleted, broken by a crash, disks added or resized), the backup reads everything and says \
