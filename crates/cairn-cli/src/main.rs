@@ -128,7 +128,7 @@ saved-state       the VM is paused, its memory saved into the restore point, the
 (offline a fraction of a second for a small VM); its disks are read in full (deduplicated)\n  \
 crash-consistent  the point is taken with no freeze and no pause\n  \
 auto              app-consistent when its requirements hold, else saved-state (the default)\n\
-A shut-off VM is read straight from its disk files.\n\n\
+A shut-off VM is read straight from its disk files (only the changes, when QEMU stored its bitmaps on a clean stop).\n\n\
 Pre-freeze and post-thaw commands can also live with the VM, in its libvirt metadata:\n  \
 virsh metadata web https://cairn.dev/xmlns/hooks/1 --key cairn --set \
 '<hooks><pre-freeze>CMD</pre-freeze><post-thaw>CMD</post-thaw></hooks>'\n\n\

@@ -361,18 +361,44 @@ pub fn backup_vm(
     progress.note(&format!("{}: method {} ({})", vm.name, method.as_str(), record.method_reason));
 
     if method == Method::Offline {
-        record.chain_reason = "the VM is shut off: its disks are read from their files in full (deduplicated)".into();
-        let mut inputs = Vec::new();
-        for d in &disks {
-            let path = d
-                .path
-                .as_deref()
-                .with_context(|| format!("disk {} of the shut-off VM has no file or device to read", d.target))?;
-            let format = ImageFormat::parse(&d.format).unwrap_or(ImageFormat::Raw);
-            let src =
-                open_path(path, Some(format), None).with_context(|| format!("opening disk {} ({path})", d.target))?;
-            inputs.push(disk_input(d, src, None, opts.skip_swap, &mut record)?);
+        let mut chain = if opts.full {
+            Err("--full asked for a full read".to_string())
+        } else {
+            trust_checkpoint(hv, uuid, &disks, last.as_ref(), last_record.as_ref())
+        };
+        let mut inputs = None;
+        if let Ok(cp) = chain.clone() {
+            // QEMU stored the checkpoint's bitmap in each qcow2 image when it closed them cleanly;
+            // after a crash it is missing or marked inconsistent, and qemu-nbd refuses it.
+            match open_files(&disks, Some(&cp), opts.skip_swap, &mut record) {
+                Ok(i) => inputs = Some(i),
+                Err(e) => {
+                    record.skipped_swap.clear();
+                    chain = Err(format!("checkpoint {cp} cannot be used: {e:#}"));
+                }
+            }
         }
+        let inputs = match inputs {
+            Some(i) => i,
+            None => open_files(&disks, None, opts.skip_swap, &mut record)?,
+        };
+        match chain {
+            Ok(cp) => {
+                record.chain = "incremental".into();
+                record.chain_reason = format!(
+                    "the VM is shut off; the bitmap of checkpoint {cp}, stored in its disk images, lists every change since restore point {}",
+                    &last.as_ref().unwrap().0[..8]
+                );
+                // The checkpoint keeps recording from where it started: it stays this chain's base.
+                record.incremental_from = Some(cp.clone());
+                record.checkpoint = Some(cp);
+            }
+            Err(why) => {
+                record.chain_reason =
+                    format!("the VM is shut off: its disk files are read in full (deduplicated); {why}");
+            }
+        }
+        progress.note(&format!("{}: {} read ({})", vm.name, record.chain, record.chain_reason));
         clock.mark("point created");
         return commit(repo, vm, inputs, last, record, clock, opts, progress);
     }
@@ -490,6 +516,32 @@ pub fn backup_vm(
             Err(e)
         }
     }
+}
+
+/// Opens a shut-off VM's disk files; with `bitmap`, each disk's changed ranges come from that
+/// persistent dirty bitmap in its qcow2 image.
+fn open_files(
+    disks: &[VmDisk],
+    bitmap: Option<&str>,
+    skip_swap: bool,
+    record: &mut VmRecord,
+) -> Result<Vec<DiskInput>> {
+    let mut inputs = Vec::new();
+    for d in disks {
+        let path = d
+            .path
+            .as_deref()
+            .with_context(|| format!("disk {} of the shut-off VM has no file or device to read", d.target))?;
+        let format = ImageFormat::parse(&d.format).unwrap_or(ImageFormat::Raw);
+        let mut src =
+            open_path(path, Some(format), bitmap).with_context(|| format!("opening disk {} ({path})", d.target))?;
+        let changed = match bitmap {
+            Some(b) => Some(src.dirty_ranges(b)?),
+            None => None,
+        };
+        inputs.push(disk_input(d, src, changed, skip_swap, record)?);
+    }
+    Ok(inputs)
 }
 
 /// Decides whether the checkpoint of the VM's last restore point can be trusted.
