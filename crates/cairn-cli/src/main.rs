@@ -125,7 +125,7 @@ app-consistent    the guest agent freezes the guest's filesystems (running --pre
 point is taken, the guest is thawed at once (--post-thaw commands follow); needs a guest agent that answers \
 and qcow2 disks\n  \
 saved-state       the VM is paused, its memory saved into the restore point, the point taken, the VM resumed \
-(offline a fraction of a second for a small VM); its disks are read in full (deduplicated)\n  \
+(offline a fraction of a second for a small VM)\n  \
 crash-consistent  the point is taken with no freeze and no pause\n  \
 auto              app-consistent when its requirements hold, else saved-state (the default)\n\
 A shut-off VM is read straight from its disk files (only the changes, when QEMU stored its bitmaps on a clean stop).\n\n\

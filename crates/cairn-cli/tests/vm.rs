@@ -284,6 +284,21 @@ fn auto_falls_back_to_saved_state_without_an_agent() {
     let left: Vec<_> =
         std::fs::read_dir(e.env.path("work").join(uuid)).unwrap().flatten().map(|f| f.file_name()).collect();
     assert_eq!(left, [std::ffi::OsString::from("lock")], "{left:?}");
+
+    // The next saved-state backup is incremental (the changes are listed while the VM is paused,
+    // before its memory is saved) and equals what QEMU itself exports at that point.
+    std::thread::sleep(Duration::from_secs(2)); // the guest's logger appends once a second
+    let o = e.env.path("oracle");
+    let r2 = e.backup(&g, &["--debug-oracle", o.to_str().unwrap()]);
+    let rec2 = record(&r2);
+    assert_eq!((rec2["method"].as_str(), rec2["chain"].as_str()), (Some("saved-state"), Some("incremental")), "{rec2}");
+    assert!(rec2["offline_window_ms"].as_u64().unwrap() < 2000);
+    let read = rec2["vm_read_bytes"].as_u64().unwrap();
+    assert!(read > 0 && read < 4 * MIB, "saved-state incremental read {read} bytes");
+    let out = e.env.path("vda.raw");
+    e.restore(r2["id"].as_str().unwrap(), &g.name, "vda", &out);
+    assert_same_except(&out, &o.join("vda.raw"), &[]);
+    assert_eq!(g.checkpoints(), [rec2["checkpoint"].as_str().unwrap().to_string()]);
 }
 
 #[test]

@@ -406,11 +406,6 @@ pub fn backup_vm(
     // Live: is the last checkpoint usable?
     let mut incremental = if opts.full {
         Err("--full asked for a full read".to_string())
-    } else if method == Method::SavedState {
-        // While the memory state is written QEMU holds its disks inactive, and libvirt then cannot
-        // export a checkpoint's changes; a new checkpoint can still be made for the next backup.
-        Err("saved-state backups read every disk in full (QEMU's bitmaps are inactive while the memory state is saved)"
-            .to_string())
     } else {
         trust_checkpoint(hv, uuid, &disks, last.as_ref(), last_record.as_ref())
     };
@@ -422,7 +417,7 @@ pub fn backup_vm(
 
     // Told before the job exists, like every guard: a kill right after it starts is covered.
     watchdog.tell(Guard::Job)?;
-    let export = loop {
+    let (export, listed_changes) = loop {
         let from = incremental.as_ref().ok().map(|s| s.as_str());
         let req = BackupRequest {
             disks: &targets,
@@ -441,6 +436,7 @@ pub fn backup_vm(
             }
             Err(e) => {
                 let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
+                let _ = hv.delete_checkpoint(uuid, &format!("{new_checkpoint}-pre"));
                 watchdog.tell(Guard::JobEnded)?;
                 return Err(e);
             }
@@ -468,7 +464,7 @@ pub fn backup_vm(
             pull_with_qemu_img(&export, o)?;
         }
         let mut inputs = Vec::new();
-        for (d, e) in disks.iter().zip(&export.disks) {
+        for (i, (d, e)) in disks.iter().zip(&export.disks).enumerate() {
             let addr = cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?;
             let bitmap = match (&incremental, &e.dirty_context) {
                 (Ok(_), Some(c)) => c.strip_prefix("qemu:dirty-bitmap:").map(String::from),
@@ -476,9 +472,10 @@ pub fn backup_vm(
             };
             let mut src = NbdSource::connect(addr, bitmap.as_deref(), None)
                 .with_context(|| format!("connecting to the export of disk {}", d.target))?;
-            let changed = match &bitmap {
-                Some(b) => Some(src.dirty_ranges(b)?),
-                None => None,
+            let changed = match (&listed_changes, &bitmap) {
+                (Some(listed), _) => Some(listed[i].clone()),
+                (None, Some(b)) => Some(src.dirty_ranges(b)?),
+                (None, None) => None,
             };
             inputs.push(disk_input(d, Box::new(src), changed, opts.skip_swap, &mut record)?);
         }
@@ -604,7 +601,7 @@ fn take_point(
     watchdog: &mut Watchdog,
     clock: &mut Clock,
     record: &mut VmRecord,
-) -> Result<BackupExport> {
+) -> Result<(BackupExport, Option<Vec<Vec<Range>>>)> {
     let uuid = vm.uuid.as_str();
     match method {
         Method::AppConsistent => {
@@ -661,7 +658,7 @@ fn take_point(
                     }),
                 }
             }
-            Ok(export)
+            Ok((export, None))
         }
         Method::SavedState => {
             let _ = std::fs::remove_file(memory_file);
@@ -674,10 +671,39 @@ fn take_point(
                     return Err(e);
                 }
             };
-            let point = hv.save_memory(uuid, memory_file).and_then(|_| {
+            let mut listed = None;
+            let point = (|| {
+                if let Some(from) = req.incremental_from {
+                    // Saving the memory leaves QEMU's bitmaps inactive, and libvirt then refuses an
+                    // incremental export. So a first short job, while the VM is paused and its
+                    // bitmaps active, lists the changes since `from`; the point itself is taken
+                    // after the memory is saved, of the same (paused) disks.
+                    let pre_name = format!("{}-pre", req.new_checkpoint);
+                    let pre = BackupRequest {
+                        disks: req.disks,
+                        new_checkpoint: &pre_name,
+                        checkpoint_description: req.checkpoint_description,
+                        incremental_from: Some(from),
+                        work_dir: req.work_dir,
+                    };
+                    let export = hv.begin_backup(uuid, &pre)?;
+                    let ranges = list_changes(&export);
+                    let ended = hv.end_backup(uuid);
+                    listed = Some(ranges?);
+                    ended?;
+                    clock.mark("changes listed");
+                }
+                hv.save_memory(uuid, memory_file)?;
                 clock.mark("memory saved");
-                hv.begin_backup(uuid, req)
-            });
+                let full = BackupRequest {
+                    disks: req.disks,
+                    new_checkpoint: req.new_checkpoint,
+                    checkpoint_description: req.checkpoint_description,
+                    incremental_from: None,
+                    work_dir: req.work_dir,
+                };
+                hv.begin_backup(uuid, &full)
+            })();
             if point.is_ok() {
                 clock.mark("point created");
             }
@@ -686,15 +712,30 @@ fn take_point(
             watchdog.tell(Guard::Resumed)?;
             record.offline_window_ms = Some(t.duration_since(paused).as_millis() as u64);
             resumed.context("resuming the VM")?;
-            point
+            Ok((point?, listed))
         }
         Method::CrashConsistent => {
             let e = hv.begin_backup(uuid, req)?;
             clock.mark("point created");
-            Ok(e)
+            Ok((e, None))
         }
         Method::Auto | Method::Offline => Err(anyhow!("internal error: method {} here", method.as_str())),
     }
+}
+
+/// The dirty extents of every disk of an incremental export.
+fn list_changes(export: &BackupExport) -> Result<Vec<Vec<Range>>> {
+    let mut out = Vec::new();
+    for e in &export.disks {
+        let context =
+            e.dirty_context.as_deref().context("internal error: an incremental export without a dirty bitmap")?;
+        let bitmap = context.strip_prefix("qemu:dirty-bitmap:").unwrap_or(context);
+        let addr = cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?;
+        let mut src = NbdSource::connect(addr, Some(bitmap), None)
+            .with_context(|| format!("connecting to the export of disk {}", e.target))?;
+        out.push(src.dirty_ranges(bitmap)?);
+    }
+    Ok(out)
 }
 
 fn disk_input(
