@@ -72,9 +72,9 @@ pub struct BackupVm {
     /// Testing aid: also pull every export with qemu-img into DIR
     #[arg(long, hide = true, value_name = "DIR")]
     debug_oracle: Option<PathBuf>,
-    /// Testing aid: stay frozen this many seconds after the point is taken
+    /// Testing aid: stay frozen (or paused) this many seconds after the point is taken
     #[arg(long, hide = true, value_name = "SECONDS")]
-    debug_hold_frozen: Option<f64>,
+    debug_hold: Option<f64>,
 }
 
 #[derive(Args)]
@@ -178,7 +178,7 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
         compression_level: a.compression,
         workers: workers(g),
         oracle_dir: a.debug_oracle.clone(),
-        hold_frozen: a.debug_hold_frozen.map(Duration::from_secs_f64),
+        hold_point: a.debug_hold.map(Duration::from_secs_f64),
     };
     let mut results = Vec::new();
     let mut failed = 0;

@@ -385,7 +385,7 @@ fn a_killed_backup_never_leaves_the_guest_frozen_and_the_next_run_cleans_up() {
             &g.name,
             "--work-dir",
             work.to_str().unwrap(),
-            "--debug-hold-frozen",
+            "--debug-hold",
             "60",
             "--freeze-limit",
             "30",
@@ -420,6 +420,52 @@ fn a_killed_backup_never_leaves_the_guest_frozen_and_the_next_run_cleans_up() {
     let uuid = record(&r)["uuid"].as_str().unwrap().to_string();
     let left: Vec<_> = std::fs::read_dir(work.join(uuid)).unwrap().flatten().map(|f| f.file_name()).collect();
     assert_eq!(left, [std::ffi::OsString::from("lock")], "{left:?}");
+}
+
+#[test]
+fn a_killed_saved_state_backup_never_leaves_the_vm_paused() {
+    let e = VmEnv::new();
+    let g = Guest::start("killpause", &["--no-agent"]);
+    let work = e.env.path("work");
+    let mut child = e
+        .env
+        .cmd(&[
+            "backup",
+            "vm",
+            &g.name,
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--debug-hold",
+            "60",
+            "--freeze-limit",
+            "30",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while g.state() != "paused" {
+        assert!(t.elapsed() < Duration::from_secs(30), "the VM never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Past the memory save: the backup job exists once the point is created.
+    while !Command::new("virsh").args(["-q", "backup-dumpxml", &g.name]).output().unwrap().status.success() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the point was never created");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = Instant::now();
+    while g.state() != "running" {
+        assert!(killed.elapsed() < Duration::from_secs(5), "VM still {} 5 s after cairn was killed", g.state());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("running again {} ms after the kill", killed.elapsed().as_millis());
+    let r = e.backup(&g, &[]);
+    assert_eq!(record(&r)["method"], "saved-state");
+    assert_eq!(g.checkpoints(), [record(&r)["checkpoint"].as_str().unwrap().to_string()]);
+    assert_eq!(virsh(&["snapshot-list", &g.name, "--name"]).trim(), "");
 }
 
 #[test]

@@ -72,8 +72,8 @@ pub struct VmBackupOptions {
     /// Testing aid: also pull each export with `qemu-img convert` into this folder (an
     /// independent reader of the same point).
     pub oracle_dir: Option<PathBuf>,
-    /// Testing aid: stay frozen this long after the point is taken.
-    pub hold_frozen: Option<Duration>,
+    /// Testing aid: stay frozen (or paused) this long after the point is taken.
+    pub hold_point: Option<Duration>,
 }
 
 /// One step of a backup with when it happened.
@@ -631,7 +631,7 @@ fn take_point(
             let point = hv.begin_backup(uuid, req);
             if point.is_ok() {
                 clock.mark("point created");
-                if let Some(d) = opts.hold_frozen {
+                if let Some(d) = opts.hold_point {
                     std::thread::sleep(d);
                 }
             }
@@ -706,6 +706,9 @@ fn take_point(
             })();
             if point.is_ok() {
                 clock.mark("point created");
+                if let Some(d) = opts.hold_point {
+                    std::thread::sleep(d);
+                }
             }
             let resumed = hv.resume(uuid);
             let t = clock.mark("resumed");
