@@ -215,8 +215,8 @@ fn backup_one(
     progress: &Bar,
 ) -> Result<(String, cairn_repo::RestorePoint, VmRecord)> {
     let vm = hv.find(name)?;
-    // The watchdog guards running VMs only: nothing is frozen or paused otherwise.
-    let mut dog = if vm.state == VmState::Running {
+    // A shut-off VM has nothing to guard: no freeze, no pause, no backup job.
+    let mut dog = if vm.state != VmState::ShutOff {
         let exe = std::env::current_exe().context("locating the cairn executable for the watchdog")?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["watchdog", "--connect", &a.connect, "--vm", &vm.uuid, "--limit", &a.freeze_limit.to_string()]);
@@ -238,7 +238,6 @@ pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {
 }
 
 fn print_vm_backup(id: &str, p: &cairn_repo::RestorePoint, r: &VmRecord) {
-    let t = &p.stats.totals;
     println!("restore point {} of VM {} ({}), {}", &id[..8], p.name, r.uuid, p.time);
     println!("  method        {} ({})", r.method.as_str(), r.method_reason);
     println!("  chain         {} ({})", r.chain, r.chain_reason);
@@ -263,12 +262,14 @@ fn print_vm_backup(id: &str, p: &cairn_repo::RestorePoint, r: &VmRecord) {
         );
     }
     let swap: u64 = r.skipped_swap.iter().map(|s| s.length).sum();
+    let disks = p.disks.iter().filter(|d| d.is_disk());
+    let (zero, unchanged) = disks.fold((0, 0), |(z, u), d| (z + d.stats.zero_bytes, u + d.stats.unchanged_bytes));
     println!(
         "  read from VM  {} ({} unallocated or zero, {} swap skipped, {} unchanged)",
         bytes(r.vm_read_bytes),
-        bytes(t.zero_bytes),
+        bytes(zero),
         bytes(swap),
-        bytes(t.unchanged_bytes)
+        bytes(unchanged)
     );
     println!("  repository    +{}", bytes(p.stats.repository_growth_bytes));
     let events: Vec<String> = r.events.iter().map(|e| format!("{} +{}ms", e.event, e.t_ms)).collect();

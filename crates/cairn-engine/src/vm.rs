@@ -573,12 +573,12 @@ fn trust_checkpoint(
             }
         }
     }
-    let Some(cp) = record.and_then(|r| r.checkpoint.clone()) else {
-        return Err(format!("the previous restore point {short} left no checkpoint"));
-    };
     if let Some(raw) = disks.iter().find(|d| !d.supports_checkpoints()) {
         return Err(format!("disk {} is {}", raw.target, raw.format));
     }
+    let Some(cp) = record.and_then(|r| r.checkpoint.clone()) else {
+        return Err(format!("the previous restore point {short} left no checkpoint"));
+    };
     let cps = hv.checkpoints(uuid).map_err(|e| format!("cannot list the VM's checkpoints: {e:#}"))?;
     let Some(found) = cps.iter().find(|c| c.name == cp) else {
         return Err(format!("checkpoint {cp} of restore point {short} no longer exists on the VM"));

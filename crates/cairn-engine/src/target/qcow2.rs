@@ -93,7 +93,7 @@ impl Qcow2Writer {
 
 impl Target for Qcow2Writer {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        if offset % CLUSTER != 0 {
+        if !offset.is_multiple_of(CLUSTER) {
             bail!("internal error: unaligned qcow2 write at {offset}");
         }
         for (i, chunk) in data.chunks(CLUSTER as usize).enumerate() {
