@@ -85,6 +85,9 @@ pub struct WatchdogArgs {
     vm: String,
     #[arg(long)]
     limit: u64,
+    /// Backup jobs whose NBD socket lies under this folder are ours to end
+    #[arg(long)]
+    job_dir: PathBuf,
 }
 
 fn connect(uri: &str) -> Result<Libvirt> {
@@ -174,7 +177,8 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
         skip_swap: !a.no_skip_swap,
         pre_freeze: a.pre_freeze.clone(),
         post_thaw: a.post_thaw.clone(),
-        work_dir: a.work_dir.clone(),
+        // libvirt wants absolute socket and scratch paths.
+        work_dir: std::path::absolute(&a.work_dir).context("resolving --work-dir")?,
         compression_level: a.compression,
         workers: workers(g),
         oracle_dir: a.debug_oracle.clone(),
@@ -220,6 +224,7 @@ fn backup_one(
         let exe = std::env::current_exe().context("locating the cairn executable for the watchdog")?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["watchdog", "--connect", &a.connect, "--vm", &vm.uuid, "--limit", &a.freeze_limit.to_string()]);
+        cmd.arg("--job-dir").arg(cairn_engine::vm::vm_work_dir(&opts.work_dir, &vm.uuid));
         Watchdog::spawn(cmd)?
     } else {
         Watchdog::none()
@@ -233,7 +238,7 @@ fn backup_one(
 
 pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {
     let hv = connect(&a.connect)?;
-    watchdog::run(&hv, &a.vm, Duration::from_secs(a.limit))?;
+    watchdog::run(&hv, &a.vm, Duration::from_secs(a.limit), &a.job_dir)?;
     Ok(0)
 }
 

@@ -273,6 +273,11 @@ fn checkpoint_prefix(repo: &Repository) -> String {
     format!("cairn-{}-", &repo.config().id[..8.min(repo.config().id.len())])
 }
 
+/// The folder of one VM's sockets, scratch files and memory state.
+pub fn vm_work_dir(work_dir: &Path, uuid: &str) -> PathBuf {
+    work_dir.join(uuid)
+}
+
 /// Backs up one VM as one restore point.
 pub fn backup_vm(
     hv: &dyn Hypervisor,
@@ -285,7 +290,7 @@ pub fn backup_vm(
     let mut clock = Clock { t0: Instant::now(), events: Vec::new() };
     clock.mark("prepare");
     let uuid = vm.uuid.as_str();
-    let dir = opts.work_dir.join(uuid);
+    let dir = vm_work_dir(&opts.work_dir, uuid);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create work folder {}", dir.display()))?;
     let _lock = lock_vm(&dir, &vm.name)?;
     let prefix = checkpoint_prefix(repo);

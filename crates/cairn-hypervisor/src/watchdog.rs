@@ -11,9 +11,29 @@
 use crate::Hypervisor;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// Ends the dead job's backup job. The job may have died while its request to start one was in
+/// flight: the hypervisor can still complete it after we look, so keep looking for a while.
+fn end_own_job(hv: &dyn Hypervisor, uuid: &str, job_dir: &Path, say: &dyn Fn(&str)) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        match hv.running_backup(uuid) {
+            Ok(Some(socket)) if socket.starts_with(job_dir) => {
+                match hv.end_backup(uuid) {
+                    Ok(()) => say("ended the backup job the backup process left"),
+                    Err(e) => say(&format!("ending the backup job: {e}")),
+                }
+                return;
+            }
+            Ok(Some(_)) => return, // someone else's job
+            Ok(None) | Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
 
 /// What the job is about to do or has undone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,8 +123,9 @@ impl Drop for Watchdog {
 }
 
 /// The watchdog process's main loop: reads guards from stdin, acts on `uuid` through `hv`.
-/// Prints "ready" on stdout first. Returns when the job says "done" or goes away.
-pub fn run(hv: &dyn Hypervisor, uuid: &str, limit: Duration) -> Result<()> {
+/// Prints "ready" on stdout first. Returns when the job says "done" or goes away. Backup jobs
+/// whose NBD socket lies under `job_dir` are the job's own.
+pub fn run(hv: &dyn Hypervisor, uuid: &str, limit: Duration, job_dir: &Path) -> Result<()> {
     let (tx, rx) = mpsc::channel::<Option<String>>();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -152,7 +173,7 @@ pub fn run(hv: &dyn Hypervisor, uuid: &str, limit: Duration) -> Result<()> {
                     }
                 }
                 if job {
-                    let _ = hv.end_backup(uuid);
+                    end_own_job(hv, uuid, job_dir, &say);
                 }
                 return Ok(());
             }
