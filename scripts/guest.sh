@@ -2,7 +2,7 @@
 # guest.sh - tiny Linux test guests for cairn, built in seconds and run by libvirt under TCG.
 #
 #   scripts/guest.sh build                 kernel + initramfs + base disks into $CAIRN_GUEST_DIR
-#   scripts/guest.sh define NAME [--no-agent] [--two-disks] [--kvm] [--start] [--wait]
+#   scripts/guest.sh define NAME [--no-agent] [--two-disks] [--network NET] [--kvm] [--start] [--wait]
 #                                          copy the base disks to $CAIRN_VM_DIR/NAME and define
 #                                          (and start) a libvirt domain NAME
 #   scripts/guest.sh wait NAME [SECONDS]   wait until the guest agent answers (or the serial
@@ -178,10 +178,11 @@ SF
 
 define() {
   local name=$1; shift
-  local agent=1 two=0 start=0 wait=0 accel=qemu
+  local agent=1 two=0 start=0 wait=0 accel=qemu net=""
   while [ $# -gt 0 ]; do
     case $1 in
       --no-agent) agent=0;; --two-disks) two=1;; --start) start=1;; --wait) start=1; wait=1;;
+      --network) net=$2; shift;;
       --kvm) accel=kvm;; *) die "define: unknown option $1";;
     esac; shift
   done
@@ -205,6 +206,7 @@ define() {
     echo "  <devices>"
     echo "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$dir/vda.qcow2'/><target dev='vda' bus='virtio'/></disk>"
     [ $two = 1 ] && echo "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$dir/vdb.qcow2'/><target dev='vdb' bus='virtio'/></disk>"
+    [ -n "$net" ] && echo "    <interface type='network'><source network='$net'/><model type='virtio'/></interface>"
     [ $agent = 1 ] && echo "    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
     echo "    <serial type='file'><source path='$dir/serial.log'/><target port='0'/></serial>"
     echo "    <video><model type='vga'/></video>"

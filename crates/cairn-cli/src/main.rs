@@ -178,6 +178,22 @@ Every block is checked against its hash before it is written; on damage the rest
 block, its disk offset and the restore point, and leaves no file behind. Zero blocks stay holes. The \
 image is written under a temporary name and renamed when complete and synced.")]
     Image(RestoreImage),
+    /// Recover a whole VM from a restore point onto this host and a storage folder
+    #[command(long_about = "Recover a VM from a VM restore point: every disk is written into --storage \
+(qcow2 by default, sparse, every block checked against its hash), then the VM is defined again from its \
+stored configuration (vCPUs, memory, disks, NICs, other devices) on the host of --connect.\n\n\
+By default it is a new VM (NAME-restored, or --as NAME) with a new UUID and new MAC addresses, its disk \
+paths pointing into --storage, so it can run next to the original. With --replace it takes the original's \
+place: same name, UUID and MACs; the original is stopped and undefined first (after a question, or --yes).\n\n\
+Before anything is written, the point's networks, bridges and host devices are checked on this host: \
+missing ones stop the recovery unless mapped (--map-network OLD=NEW) or left out (--drop-missing), and \
+the storage folder must have room for the data.\n\n\
+A saved-state restore point can come back running from its saved memory (--resume-state); other points \
+cold-boot with --start.\n\n\
+Examples:\n  cairn restore vm web --repo R --storage /var/lib/libvirt/images --start\n  \
+cairn restore vm web@2026-11-25T10 --repo R --storage /srv/vms --as web-test --map-network prod=lab --start\n  \
+cairn restore vm web --repo R --storage /var/lib/libvirt/images --replace --yes --resume-state")]
+    Vm(vm::RestoreVm),
 }
 
 #[derive(Args)]
@@ -231,6 +247,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Watchdog(a) => vm::run_watchdog(a),
         Command::Points { name } => points(g, name.as_deref()),
         Command::Restore(RestoreCmd::Image(a)) => restore_image(g, a),
+        Command::Restore(RestoreCmd::Vm(a)) => vm::restore(g, a),
         Command::Verify => verify(g),
     }
 }

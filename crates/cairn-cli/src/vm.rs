@@ -77,6 +77,50 @@ pub struct BackupVm {
     debug_hold: Option<f64>,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+#[derive(Args)]
+pub struct RestoreVm {
+    /// NAME[@POINT] of a VM restore point (see `cairn points`)
+    point: String,
+    /// Folder where the VM's disks and files are written
+    #[arg(long, value_name = "DIR")]
+    storage: PathBuf,
+    /// Hypervisor connection URI of the host to recover onto
+    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
+    connect: String,
+    /// Name of the recovered VM (default: NAME-restored, or NAME with --replace)
+    #[arg(long = "as", value_name = "NEW_NAME")]
+    as_name: Option<String>,
+    /// Start the VM once it is defined
+    #[arg(long)]
+    start: bool,
+    /// Replace the original VM: same name, UUID and MAC addresses; the original is stopped and
+    /// undefined first (its disk files are left alone unless they are where the restore writes)
+    #[arg(long)]
+    replace: bool,
+    /// Do not ask before replacing
+    #[arg(long, short)]
+    yes: bool,
+    /// Start from the memory state of a saved-state restore point: the guest runs on from where
+    /// it was, instead of booting
+    #[arg(long)]
+    resume_state: bool,
+    /// Disk image format to write
+    #[arg(long, value_enum, default_value_t = DiskFormat::Qcow2)]
+    format: DiskFormat,
+    /// Attach NICs of network or bridge OLD to NEW on this host; repeatable
+    #[arg(long, value_name = "OLD=NEW")]
+    map_network: Vec<String>,
+    /// Leave out NICs and host devices that do not exist on this host instead of refusing
+    #[arg(long)]
+    drop_missing: bool,
+}
+
 #[derive(Args)]
 pub struct WatchdogArgs {
     #[arg(long)]
@@ -234,6 +278,89 @@ fn backup_one(
         dog.done();
     }
     r
+}
+
+pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
+    use cairn_engine::recover::{recover_vm, RecoverOptions};
+    use cairn_engine::target::TargetFormat;
+    use std::io::{BufRead, IsTerminal, Write};
+    let hv = connect(&a.connect)?;
+    let repo = open_repo(g)?;
+    let _lock = repo.lock(false, "restore vm", Duration::from_secs(g.lock_wait))?;
+    repo.load_index()?;
+    let (id, point) = repo.select_point(&a.point)?;
+    let mut network_map = Vec::new();
+    for m in &a.map_network {
+        let (old, new) = m.split_once('=').with_context(|| format!("--map-network {m:?}: expected OLD=NEW"))?;
+        network_map.push((old.to_string(), new.to_string()));
+    }
+    let opts = RecoverOptions {
+        storage: a.storage.clone(),
+        name: a.as_name.clone(),
+        replace: a.replace,
+        start: a.start,
+        resume_state: a.resume_state,
+        format: match a.format {
+            DiskFormat::Qcow2 => TargetFormat::Qcow2,
+            DiskFormat::Raw => TargetFormat::Raw,
+        },
+        network_map,
+        drop_missing: a.drop_missing,
+        workers: workers(g),
+    };
+    let yes = a.yes;
+    let confirm = move |question: &str| -> bool {
+        if yes {
+            return true;
+        }
+        if !std::io::stdin().is_terminal() {
+            eprintln!("{question} Not asked (no terminal): add --yes to replace.");
+            return false;
+        }
+        eprint!("{question} [y/N] ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        matches!(line.trim(), "y" | "Y" | "yes")
+    };
+    let progress = bar(g);
+    let report = recover_vm(&hv, &repo, &id, &point, &opts, &confirm, &progress as &dyn Progress)?;
+    if g.json {
+        print_json(&report);
+        return Ok(0);
+    }
+    println!(
+        "{} VM {} ({}) from restore point {} of {} ({})",
+        if report.replaced { "replaced" } else { "recovered" },
+        report.name,
+        report.uuid,
+        &id[..8],
+        point.name,
+        point.time
+    );
+    for f in &report.files {
+        println!(
+            "  {:<14} {}  ({} data)",
+            f.role.as_deref().map(|r| r.to_string()).unwrap_or(format!("disk {}", f.name)),
+            f.path.display(),
+            bytes(f.data_bytes)
+        );
+    }
+    for d in &report.dropped {
+        println!("  left out: {d}");
+    }
+    println!(
+        "  {} in {:.1} s",
+        if report.resumed_state {
+            "running from its saved memory state"
+        } else if report.started {
+            "started"
+        } else {
+            "defined (start it with `virsh start` or add --start)"
+        },
+        report.duration_ms as f64 / 1000.0
+    );
+    Ok(0)
 }
 
 pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {

@@ -3,6 +3,7 @@
 //! - [`source`]: where disk data comes from (raw files, block devices, NBD, qemu-nbd);
 //! - [`backup`]: the block pipeline that turns sources into a restore point;
 //! - [`restore`] and [`target`]: restore points back into images, hash-checked;
+//! - [`recover`]: a VM restore point back into a running VM on any host and storage;
 //! - [`verify`]: re-read and re-hash the whole repository;
 //! - [`ranges`]: changed-range lists (from a file or a dirty bitmap);
 //! - [`vm`]: the VM backup job (method, point in time, checkpoints, files) over a hypervisor;
@@ -12,6 +13,7 @@ pub mod backup;
 mod pool;
 pub mod progress;
 pub mod ranges;
+pub mod recover;
 pub mod restore;
 pub mod source;
 pub mod swap;

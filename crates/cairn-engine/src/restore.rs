@@ -55,6 +55,11 @@ struct FrameJob {
     items: Vec<Item>,
 }
 
+/// Bytes of a disk image that hold data (what a restore writes); reads every map page.
+pub fn data_bytes(repo: &Repository, disk: &DiskImage) -> Result<u64> {
+    Ok((count_data_blocks(repo, disk)? * disk.block_size as u64).min(disk.size))
+}
+
 /// Counts the blocks that hold data (checks every map page on the way).
 fn count_data_blocks(repo: &Repository, disk: &DiskImage) -> Result<u64> {
     let mut n = 0;

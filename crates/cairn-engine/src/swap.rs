@@ -138,9 +138,20 @@ fn logical_candidates(src: &mut dyn Source, ext_lba: u64, out: &mut Vec<(u64, u6
     Ok(())
 }
 
+/// What of a swap area is kept: its header (signature, UUID, label) in the first page, rounded
+/// to a block, so the restored guest's `swapon` (by UUID or label, as fstab says) still finds a
+/// valid, empty swap area instead of stalling its boot.
+pub const KEEP_HEADER: u64 = 64 * 1024;
+
+/// The part of a swap area that is skipped (everything after its header).
+pub fn skipped_part(area: &SwapArea) -> Option<Range> {
+    (area.range.length > KEEP_HEADER)
+        .then(|| Range { offset: area.range.offset + KEEP_HEADER, length: area.range.length - KEEP_HEADER })
+}
+
 /// The ranges to skip, as the backup engine wants them.
 pub fn skip_ranges(areas: &[SwapArea]) -> Vec<Range> {
-    normalize(areas.iter().map(|a| a.range).collect())
+    normalize(areas.iter().filter_map(skipped_part).collect())
 }
 
 #[cfg(test)]

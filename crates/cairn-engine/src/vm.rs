@@ -759,12 +759,14 @@ fn disk_input(
         Vec::new()
     };
     for a in &areas {
-        record.skipped_swap.push(SkippedSwap {
-            disk: d.target.clone(),
-            location: a.location.clone(),
-            offset: a.range.offset,
-            length: a.range.length,
-        });
+        if let Some(r) = crate::swap::skipped_part(a) {
+            record.skipped_swap.push(SkippedSwap {
+                disk: d.target.clone(),
+                location: a.location.clone(),
+                offset: r.offset,
+                length: r.length,
+            });
+        }
     }
     let mut input = DiskInput::new(&d.target, src);
     input.skip = skip_ranges(&areas);

@@ -194,3 +194,197 @@ mod tests {
         assert_eq!(c.post_thaw, ["echo done"]);
     }
 }
+
+/// How a stored configuration becomes the configuration of a recovered VM.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigEdit {
+    pub name: String,
+    /// Keep the UUID and MAC addresses: the VM replaces the original, or resumes its memory state.
+    /// Otherwise both are removed and the hypervisor makes new ones.
+    pub keep_identity: bool,
+    /// Disk target → (image path, format).
+    pub disks: Vec<(String, String, String)>,
+    /// File role (`kernel`, `initrd`, `dtb`, `loader`, `nvram`) → path.
+    pub files: Vec<(String, String)>,
+    /// Network or bridge name changes: (old, new).
+    pub network_map: Vec<(String, String)>,
+    /// Interfaces to leave out, by their (old) network or bridge name.
+    pub drop_nics: Vec<String>,
+    /// Leave out host devices (PCI/USB passthrough).
+    pub drop_hostdevs: bool,
+    /// Folder for file-backed serial consoles and logs, which must not be shared with the original.
+    pub log_dir: Option<String>,
+}
+
+/// Applies `edit` to a stored domain document.
+pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<String> {
+    use xmltree::{Element, XMLNode};
+    let mut root = Element::parse(xml.as_bytes()).context("parsing the stored VM configuration")?;
+    fn set_text(e: &mut Element, text: &str) {
+        e.children = vec![XMLNode::Text(text.to_string())];
+    }
+    if let Some(n) = root.get_mut_child("name") {
+        set_text(n, &edit.name);
+    }
+    if !edit.keep_identity {
+        while root.take_child("uuid").is_some() {}
+    }
+    if let Some(os) = root.get_mut_child("os") {
+        for (role, path) in &edit.files {
+            if let Some(e) = os.get_mut_child(role.as_str()) {
+                set_text(e, path);
+            }
+        }
+    }
+    let log_dir = edit.log_dir.clone();
+    let name = edit.name.clone();
+    if let Some(devices) = root.get_mut_child("devices") {
+        let mut kept = Vec::new();
+        for node in std::mem::take(&mut devices.children) {
+            let XMLNode::Element(mut d) = node else {
+                kept.push(node);
+                continue;
+            };
+            match d.name.as_str() {
+                "disk" => {
+                    let target =
+                        d.get_child("target").and_then(|t| t.attributes.get("dev").cloned()).unwrap_or_default();
+                    if let Some((_, path, format)) = edit.disks.iter().find(|(t, _, _)| *t == target) {
+                        d.attributes.insert("type".into(), "file".into());
+                        while d.take_child("source").is_some() {}
+                        while d.take_child("backingStore").is_some() {}
+                        let mut src = Element::new("source");
+                        src.attributes.insert("file".into(), path.clone());
+                        d.children.insert(0, XMLNode::Element(src));
+                        match d.get_mut_child("driver") {
+                            Some(drv) => {
+                                drv.attributes.insert("type".into(), format.clone());
+                            }
+                            None => {
+                                let mut drv = Element::new("driver");
+                                drv.attributes.insert("name".into(), "qemu".into());
+                                drv.attributes.insert("type".into(), format.clone());
+                                d.children.insert(0, XMLNode::Element(drv));
+                            }
+                        }
+                    }
+                }
+                "interface" => {
+                    let src_name = d
+                        .get_child("source")
+                        .and_then(|s| s.attributes.get("network").or(s.attributes.get("bridge")).cloned());
+                    if let Some(old) = &src_name {
+                        if edit.drop_nics.contains(old) {
+                            continue;
+                        }
+                        if let Some((_, new)) = edit.network_map.iter().find(|(o, _)| o == old) {
+                            if let Some(s) = d.get_mut_child("source") {
+                                for k in ["network", "bridge"] {
+                                    if s.attributes.contains_key(k) {
+                                        s.attributes.insert(k.into(), new.clone());
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if !edit.keep_identity {
+                        while d.take_child("mac").is_some() {}
+                    }
+                }
+                "hostdev" if edit.drop_hostdevs => continue,
+                "serial" | "console" | "channel" if d.attributes.get("type").map(|t| t.as_str()) == Some("file") => {
+                    if let (Some(dir), Some(src)) = (&log_dir, d.get_mut_child("source")) {
+                        if let Some(p) = src.attributes.get("path").cloned() {
+                            let base = std::path::Path::new(&p).file_name().map(|b| b.to_string_lossy().into_owned());
+                            src.attributes.insert(
+                                "path".into(),
+                                format!("{dir}/{name}-{}", base.unwrap_or_else(|| "log".into())),
+                            );
+                        }
+                    }
+                }
+                _ => {}
+            }
+            kept.push(XMLNode::Element(d));
+        }
+        devices.children = kept;
+    }
+    let mut out = Vec::new();
+    let cfg = xmltree::EmitterConfig::new().write_document_declaration(false).perform_indent(true);
+    root.write_with_config(&mut out, cfg).context("writing the VM configuration")?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// Host devices (PCI/USB passthrough) a configuration names, as `pci 0000:03:00.0` or `usb 046d:c52b`.
+pub fn host_devices(xml: &str) -> Result<Vec<String>> {
+    let doc = roxmltree::Document::parse(xml).context("parsing the VM configuration")?;
+    let mut out = Vec::new();
+    for h in doc.descendants().filter(|n| n.has_tag_name("hostdev")) {
+        let kind = h.attribute("type").unwrap_or("");
+        let Some(src) = h.children().find(|c| c.has_tag_name("source")) else { continue };
+        if let Some(a) = src.children().find(|c| c.has_tag_name("address")) {
+            let f = |k: &str| a.attribute(k).map(|v| v.trim_start_matches("0x").to_string()).unwrap_or_default();
+            match kind {
+                "pci" => {
+                    out.push(format!("pci {:0>4}:{:0>2}:{:0>2}.{}", f("domain"), f("bus"), f("slot"), f("function")))
+                }
+                "usb" => out.push(format!("usb bus {} device {}", f("bus"), f("device"))),
+                _ => out.push(format!("{kind} device")),
+            }
+        } else if let (Some(v), Some(p)) = (
+            src.children().find(|c| c.has_tag_name("vendor")).and_then(|v| v.attribute("id")),
+            src.children().find(|c| c.has_tag_name("product")).and_then(|p| p.attribute("id")),
+        ) {
+            out.push(format!("{kind} {}:{}", v.trim_start_matches("0x"), p.trim_start_matches("0x")));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod rewrite_tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_identity_disks_files_networks_and_logs() {
+        let xml = r#"<domain type='qemu'><name>web</name><uuid>2da463bf-4dab-4b65-afda-bf83f46eb22d</uuid>
+          <os><type>hvm</type><kernel>/old/kernel</kernel><nvram>/old/nvram.fd</nvram></os>
+          <devices>
+            <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/sdz'/><backingStore/><target dev='vda' bus='virtio'/></disk>
+            <disk type='file' device='cdrom'><target dev='sda'/></disk>
+            <interface type='network'><mac address='52:54:00:aa:bb:cc'/><source network='prod'/></interface>
+            <interface type='bridge'><mac address='52:54:00:aa:bb:cd'/><source bridge='br-gone'/></interface>
+            <hostdev mode='subsystem' type='pci'><source><address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/></source></hostdev>
+            <serial type='file'><source path='/old/vm/serial.log'/><target port='0'/></serial>
+          </devices></domain>"#;
+        assert_eq!(host_devices(xml).unwrap(), ["pci 0000:03:00.0"]);
+        let edit = ConfigEdit {
+            name: "web-restored".into(),
+            keep_identity: false,
+            disks: vec![("vda".into(), "/st/web-restored-vda.qcow2".into(), "qcow2".into())],
+            files: vec![("kernel".into(), "/st/web-restored-kernel".into())],
+            network_map: vec![("prod".into(), "lab".into())],
+            drop_nics: vec!["br-gone".into()],
+            drop_hostdevs: true,
+            log_dir: Some("/st".into()),
+        };
+        let out = rewrite(xml, &edit).unwrap();
+        let c = parse(&out).unwrap();
+        assert_eq!(c.name, "web-restored");
+        assert!(c.uuid.is_empty(), "{out}");
+        assert_eq!(c.disks[0].path.as_deref(), Some("/st/web-restored-vda.qcow2"));
+        assert_eq!((c.disks[0].format.as_str(), c.disks[0].source_type.as_str()), ("qcow2", "file"));
+        assert!(!out.contains("backingStore") && !out.contains("/dev/sdz"));
+        assert_eq!(c.disks[1].device, "cdrom");
+        assert_eq!(c.nics.len(), 1);
+        assert_eq!((c.nics[0].source.as_deref(), c.nics[0].mac.as_deref()), (Some("lab"), None));
+        assert_eq!(c.files[0].path, "/st/web-restored-kernel");
+        assert_eq!(c.files[1].path, "/old/nvram.fd");
+        assert!(host_devices(&out).unwrap().is_empty());
+        assert!(out.contains("/st/web-restored-serial.log"), "{out}");
+        // Keeping the identity keeps UUID and MACs.
+        let kept = parse(&rewrite(xml, &ConfigEdit { keep_identity: true, ..edit }).unwrap()).unwrap();
+        assert_eq!(kept.uuid, "2da463bf-4dab-4b65-afda-bf83f46eb22d");
+        assert_eq!(kept.nics[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+    }
+}

@@ -133,8 +133,8 @@ pub trait Hypervisor: Send + Sync {
     /// Finds a VM by name or UUID.
     fn find(&self, name_or_uuid: &str) -> Result<VmSummary>;
     fn state(&self, uuid: &str) -> Result<VmState>;
-    /// The VM's full configuration document (libvirt domain XML), inactive-config form for a
-    /// stopped VM and live form for a running one.
+    /// The VM's persistent configuration document (libvirt domain XML, with secrets): what a
+    /// recovery defines again.
     fn config_document(&self, uuid: &str) -> Result<String>;
 
     fn agent_ping(&self, uuid: &str) -> Result<()>;
@@ -164,4 +164,19 @@ pub trait Hypervisor: Send + Sync {
     fn running_backup(&self, uuid: &str) -> Result<Option<PathBuf>>;
     /// Ends the VM's backup job; its exports and scratch files go away.
     fn end_backup(&self, uuid: &str) -> Result<()>;
+
+    // Recovery.
+    /// Registers a VM from a configuration document; returns its UUID.
+    fn define(&self, config: &str) -> Result<String>;
+    fn start(&self, uuid: &str) -> Result<()>;
+    /// Stops a VM at once (power off), if it runs.
+    fn power_off(&self, uuid: &str) -> Result<()>;
+    /// Removes a VM's definition and its checkpoint metadata; its disks and NVRAM file stay.
+    fn undefine(&self, uuid: &str) -> Result<()>;
+    /// Starts a VM from a memory state file saved by [`Hypervisor::save_memory`], with this
+    /// configuration (same identity, disks possibly elsewhere); it runs on from that state.
+    fn start_from_memory(&self, path: &Path, config: &str) -> Result<()>;
+    /// Whether a NIC can attach to `name`: `kind` is `network` (a hypervisor network, which must
+    /// be active) or `bridge` (a host bridge).
+    fn network_available(&self, kind: &str, name: &str) -> Result<bool>;
 }

@@ -350,6 +350,52 @@ impl Hypervisor for Libvirt {
         }
         Ok(())
     }
+
+    fn define(&self, config: &str) -> Result<String> {
+        let dom = self.conn.define_domain_xml(config).map_err(|e| Self::recovery_error("defining the VM", e))?;
+        dom.uuid_string().map_err(|e| Self::recovery_error("reading the new VM's UUID", e))
+    }
+
+    fn start(&self, uuid: &str) -> Result<()> {
+        self.domain(uuid)?.create().map_err(|e| Self::recovery_error("starting the VM", e))
+    }
+
+    fn power_off(&self, uuid: &str) -> Result<()> {
+        let dom = self.domain(uuid)?;
+        if dom.is_active().unwrap_or(false) {
+            dom.destroy().map_err(|e| Self::recovery_error("stopping the VM", e))?;
+        }
+        Ok(())
+    }
+
+    fn undefine(&self, uuid: &str) -> Result<()> {
+        let dom = self.domain(uuid)?;
+        let flags = sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM;
+        dom.undefine_flags(flags).map_err(|e| Self::recovery_error("removing the VM's definition", e))
+    }
+
+    fn start_from_memory(&self, path: &Path, config: &str) -> Result<()> {
+        self.conn
+            .restore_domain_flags(&path.to_string_lossy(), Some(config), sys::VIR_DOMAIN_SAVE_RUNNING)
+            .map_err(|e| Self::recovery_error("starting the VM from its saved memory state", e))
+    }
+
+    fn network_available(&self, kind: &str, name: &str) -> Result<bool> {
+        Ok(match kind {
+            "network" => self.conn.lookup_network_by_name(name).and_then(|n| n.is_active()).unwrap_or(false),
+            "bridge" => Path::new("/sys/class/net").join(name).join("bridge").exists(),
+            _ => true,
+        })
+    }
+}
+
+impl Libvirt {
+    fn recovery_error(what: &str, e: virt::error::Error) -> anyhow::Error {
+        anyhow!("{what}: {}", e.message())
+    }
 }
 
 fn parse_checkpoint(xml: &str) -> Result<Checkpoint> {

@@ -1,6 +1,8 @@
 //! Helpers for the CLI integration tests: run the real `cairn` binary on real files.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use serde_json::Value;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

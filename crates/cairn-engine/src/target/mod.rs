@@ -72,7 +72,7 @@ pub fn create(
 }
 
 /// Refuses to start a restore whose data cannot fit in the free space of `dir`.
-fn check_space(dir: &Path, data_bytes: u64) -> Result<()> {
+pub fn check_space(dir: &Path, data_bytes: u64) -> Result<()> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {

@@ -1,0 +1,197 @@
+//! Whole-VM recovery (`cairn restore vm`) against real libvirt and QEMU guests.
+
+mod common;
+
+use common::guest::*;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// An isolated libvirt network (no DHCP, no uplink), removed when dropped.
+struct Network {
+    name: String,
+}
+
+impl Network {
+    fn create(tag: &str) -> Network {
+        let name = format!("cairn-{tag}-{}", std::process::id());
+        let bridge = format!("cbr{}{}", tag.chars().next().unwrap(), std::process::id() % 100000);
+        let xml = std::env::temp_dir().join(format!("{name}.xml"));
+        std::fs::write(&xml, format!("<network><name>{name}</name><bridge name='{bridge}'/></network>")).unwrap();
+        let _ = Command::new("virsh").args(["-q", "net-destroy", &name]).output();
+        let _ = Command::new("virsh").args(["-q", "net-undefine", &name]).output();
+        virsh(&["net-define", xml.to_str().unwrap()]);
+        virsh(&["net-start", &name]);
+        Network { name }
+    }
+    fn stop(&self) {
+        virsh(&["net-destroy", &self.name]);
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh").args(["-q", "net-destroy", &self.name]).output();
+        let _ = Command::new("virsh").args(["-q", "net-undefine", &self.name]).output();
+    }
+}
+
+/// A VM recovered by a test, removed (with its storage files) when dropped.
+struct Recovered(String);
+
+impl Drop for Recovered {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh").args(["-q", "destroy", &self.0]).output();
+        let _ = Command::new("virsh").args(["-q", "undefine", &self.0, "--checkpoints-metadata"]).output();
+    }
+}
+
+fn storage(e: &VmEnv, name: &str) -> PathBuf {
+    let d = e.env.path(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|f| f.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+fn restore_vm(e: &VmEnv, args: &[&str]) -> Value {
+    let mut a = vec!["restore", "vm"];
+    a.extend_from_slice(args);
+    e.env.json(&a)
+}
+
+fn dumpxml(name: &str) -> String {
+    virsh(&["dumpxml", name, "--inactive"])
+}
+
+#[test]
+fn recovers_a_vm_next_to_the_original_and_checks_devices_before_writing() {
+    let e = VmEnv::new();
+    let net = Network::create("rec");
+    let g = Guest::start("rec", &["--two-disks", "--network", &net.name]);
+    g.exec("echo precious-data > /data/precious.txt; sync");
+    let r = e.backup(&g, &[]);
+    let point = format!("{}@{}", g.name, &r["id"].as_str().unwrap()[..8]);
+    g.exec("echo after-the-backup > /data/precious.txt; sync");
+
+    // As a new VM next to the original: new identity, disks in the storage folder, booted.
+    let st = storage(&e, "storage");
+    let new_name = format!("{}-copy", g.name);
+    let _cleanup = Recovered(new_name.clone());
+    let rep = restore_vm(&e, &[&point, "--storage", st.to_str().unwrap(), "--as", &new_name, "--start"]);
+    assert_eq!(rep["name"], new_name.as_str());
+    assert_eq!(rep["started"], true);
+    let orig_uuid = virsh(&["domuuid", &g.name]).trim().to_string();
+    assert_ne!(rep["uuid"].as_str().unwrap(), orig_uuid);
+    let xml = dumpxml(&new_name);
+    let orig_xml = dumpxml(&g.name);
+    let mac = |x: &str| x.split("<mac address='").nth(1).map(|m| m[..17].to_string());
+    assert!(mac(&xml).is_some() && mac(&xml) != mac(&orig_xml), "MAC not renewed");
+    assert!(xml.contains(&net.name));
+    for disk in ["vda", "vdb"] {
+        let p = st.join(format!("{new_name}-{disk}.qcow2"));
+        assert!(xml.contains(p.to_str().unwrap()), "{disk} not in storage: {xml}");
+        let info = sh(Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&p));
+        assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+    }
+    sh(Command::new(guest_sh()).args(["wait", &new_name]));
+    let copy = Guest { name: new_name.clone() };
+    assert_eq!(copy.exec("cat /data/precious.txt").trim(), "precious-data");
+    // Swap was not copied, but its header was: the guest has its swap again.
+    assert!(copy.exec("cat /proc/swaps").contains("/dev/vdb1"));
+    std::mem::forget(copy); // removed by _cleanup; its files live in the test folder
+    assert_eq!(g.state(), "running");
+    assert_eq!(g.exec("cat /data/precious.txt").trim(), "after-the-backup");
+
+    // A name in use is refused.
+    let err = e.env.fails(&["restore", "vm", &point, "--storage", st.to_str().unwrap(), "--as", &g.name], 1);
+    assert!(err.contains("already exists"), "{err}");
+
+    // The network is gone: reported before anything is written, then mapped or left out.
+    net.stop();
+    let st2 = storage(&e, "storage2");
+    let err = e.env.fails(&["restore", "vm", &point, "--storage", st2.to_str().unwrap(), "--as", "cairn-never"], 1);
+    assert!(err.contains(&format!("network {}", net.name)) && err.contains("--map-network"), "{err}");
+    assert!(files_in(&st2).is_empty(), "{:?}", files_in(&st2));
+    let other = Network::create("oth");
+    let mapped = format!("{}-mapped", g.name);
+    let _c2 = Recovered(mapped.clone());
+    let map = format!("{}={}", net.name, other.name);
+    restore_vm(&e, &[&point, "--storage", st2.to_str().unwrap(), "--as", &mapped, "--map-network", &map]);
+    let x = dumpxml(&mapped);
+    assert!(x.contains(&format!("network='{}'", other.name)) && !x.contains(&format!("network='{}'", net.name)), "{x}");
+    let st3 = storage(&e, "storage3");
+    let dropped = format!("{}-nonic", g.name);
+    let _c3 = Recovered(dropped.clone());
+    let rep = restore_vm(&e, &[&point, "--storage", st3.to_str().unwrap(), "--as", &dropped, "--drop-missing"]);
+    assert_eq!(rep["dropped"].as_array().unwrap().len(), 1, "{rep}");
+    assert!(!dumpxml(&dropped).contains("<interface"));
+}
+
+#[test]
+fn replace_with_resume_state_continues_the_guest_where_it_was() {
+    let e = VmEnv::new();
+    let g = Guest::start("resume", &[]);
+    // In memory only (tmpfs): survives a resume, not a boot.
+    g.exec("echo in-memory > /run/marker");
+    let r = e.backup(&g, &["--method", "saved-state"]);
+    assert_eq!(record(&r)["method"], "saved-state");
+    let uuid = virsh(&["domuuid", &g.name]).trim().to_string();
+    g.exec("echo after-the-backup > /data/after.txt; sync");
+    let st = storage(&e, "storage");
+    // Without --yes and without a terminal, nothing is replaced.
+    let err =
+        e.env.fails(&["restore", "vm", &g.name, "--storage", st.to_str().unwrap(), "--replace", "--resume-state"], 1);
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(g.state(), "running");
+    assert!(files_in(&st).is_empty(), "{:?}", files_in(&st));
+
+    let rep = restore_vm(&e, &[&g.name, "--storage", st.to_str().unwrap(), "--replace", "--yes", "--resume-state"]);
+    assert_eq!((rep["replaced"].as_bool(), rep["resumed_state"].as_bool()), (Some(true), Some(true)), "{rep}");
+    assert_eq!(rep["uuid"].as_str().unwrap(), uuid);
+    assert_eq!(g.state(), "running");
+    sh(Command::new(guest_sh()).args(["wait", &g.name]));
+    assert_eq!(g.exec("cat /run/marker").trim(), "in-memory");
+    assert_eq!(g.exec("test -e /data/after.txt && echo present || echo absent").trim(), "absent");
+    assert!(dumpxml(&g.name).contains(st.to_str().unwrap()));
+    assert!(!files_in(&st).iter().any(|f| f.contains("memory-state")), "{:?}", files_in(&st));
+}
+
+#[test]
+fn a_damaged_block_stops_recovery_and_leaves_nothing_behind() {
+    let e = VmEnv::new();
+    let g = Guest::start("damage", &[]);
+    let r = e.backup(&g, &[]);
+    let id = r["id"].as_str().unwrap();
+    // Flip bytes in the middle of every pack: every data frame there fails its hash check.
+    for pack in e.env.files("packs") {
+        let mut data = std::fs::read(&pack).unwrap();
+        let mid = data.len() / 2;
+        for b in &mut data[mid..mid + 64] {
+            *b ^= 0xff;
+        }
+        std::fs::write(&pack, &data).unwrap();
+    }
+    let st = storage(&e, "storage");
+    let name = format!("{}-broken", g.name);
+    let err = e.env.fails(
+        &["restore", "vm", &format!("{}@{}", g.name, &id[..8]), "--storage", st.to_str().unwrap(), "--as", &name],
+        1,
+    );
+    assert!(err.contains("damaged") || err.contains("hash"), "{err}");
+    assert!(files_in(&st).is_empty(), "left behind: {:?}", files_in(&st));
+    assert!(!Command::new("virsh").args(["-q", "dominfo", &name]).output().unwrap().status.success(), "VM defined");
+    // Not enough room: refused before writing.
+    let tiny = e.env.path("tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    sh(Command::new("mount").args(["-t", "tmpfs", "-o", "size=2M", "tmpfs"]).arg(&tiny));
+    let err = e.env.fails(&["restore", "vm", &g.name, "--storage", tiny.to_str().unwrap()], 1);
+    let _ = Command::new("umount").arg(&tiny).output();
+    assert!(err.contains("free"), "{err}");
+}
