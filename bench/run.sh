@@ -71,6 +71,14 @@ timed cairn-restore "$cairn" restore image disk --repo r-cairn --to out-cairn.im
 timed cairn-sync sync
 cmp "$img" out-cairn.img || { echo "cairn restore differs!"; exit 1; }
 rm -f out-cairn.img; cold
+timed cairn-qcow2 "$cairn" restore image disk --repo r-cairn --format qcow2 --to out-cairn.qcow2
+timed cairn-qcow2-sync sync
+qemu-img compare -q -f raw -F qcow2 "$img" out-cairn.qcow2 || { echo "cairn qcow2 restore differs!"; exit 1; }
+rm -f out-cairn.qcow2; cold
+# The floor of any restore: copying the raw image itself, holes kept.
+timed cp-sparse cp --sparse=always "$img" out-cp.img
+timed cp-sync sync
+rm -f out-cp.img; cold
 mkdir -p out-restic
 timed restic-restore restic -r r-restic restore latest --target out-restic -q
 timed restic-sync sync
@@ -100,6 +108,9 @@ out="$top/bench/results/$(date -u +%Y-%m-%dT%H%M).md"
   echo "| restore (s) | $(t cairn-restore) | $(t restic-restore) | $(t borg-restore) | $(ratio $(t restic-restore) $(t cairn-restore)) faster | $(ratio $(t borg-restore) $(t cairn-restore)) faster |"
   durable() { awk -v a="$(t $1-restore)" -v b="$(t $1-sync)" 'BEGIN {printf "%.2f", a+b}'; }
   echo "| restore until on disk (+ sync) (s) | $(durable cairn) | $(durable restic) | $(durable borg) | $(ratio $(durable restic) $(durable cairn)) faster | $(ratio $(durable borg) $(durable cairn)) faster |"
+  plus() { awk -v a="$(t $1)" -v b="$(t $2)" 'BEGIN {printf "%.2f", a+b}'; }
+  echo "| restore to qcow2, as \`restore vm\` writes (+ sync) (s) | $(plus cairn-qcow2 cairn-qcow2-sync) | | | $(ratio $(durable restic) $(plus cairn-qcow2 cairn-qcow2-sync)) faster | |"
+  echo "| \`cp --sparse=always\` of the raw image (+ sync) (s) | $(plus cp-sparse cp-sync) | | | cairn raw restore takes $(ratio $(durable cairn) $(plus cp-sparse cp-sync)) the time of cp, qcow2 $(ratio $(plus cairn-qcow2 cairn-qcow2-sync) $(plus cp-sparse cp-sync)) | |"
   echo "| repository after full (MiB) | $(mib ${full[cairn]}) | $(mib ${full[restic]}) | $(mib ${full[borg]}) | $(awk -v a=${full[cairn]} -v b=${full[restic]} 'BEGIN {printf "%+.1f%%", (a-b)*100/b}') | |"
   echo "| growth, second backup | $(growth ${second[cairn]} ${full[cairn]}) | $(growth ${second[restic]} ${full[restic]}) | $(growth ${second[borg]} ${full[borg]}) | | |"
   echo "| growth, cairn full re-read | $(growth ${second[cairn-reread]} ${full[cairn]}) | | | | |"

@@ -97,6 +97,16 @@ bytes read, new data written to the repository (after compression) and data that
 restore point can be restored. Damage is reported with every restore point it affects and the disk offsets \
 concerned. Exits with status 3 if anything is damaged.")]
     Verify,
+    /// Serve a restore point's disks read-only over NBD, straight from the repository
+    #[command(long_about = "Serve every disk of a restore point as a read-only NBD export (export name = the \
+disk's name: vda, disk0, ...; the first disk is also the default export). Blocks are read from the \
+repository on demand and checked against their hashes; nothing is restored first. Runs until stopped \
+(Ctrl-C).\n\n\
+Examples:\n  cairn serve-nbd web --repo R --socket /run/web.sock\n  \
+qemu-img convert -O qcow2 'nbd+unix:///vda?socket=/run/web.sock' web-vda.qcow2\n  \
+cairn serve-nbd web@2026-11-25T10 --repo R --listen 127.0.0.1:10809\n  \
+qemu-system-x86_64 ... -drive file=nbd://127.0.0.1:10809/vda,format=raw,snapshot=on")]
+    ServeNbd(ServeNbd),
     /// (internal) Guards a guest while a backup has it frozen or paused
     #[command(hide = true)]
     Watchdog(vm::WatchdogArgs),
@@ -214,6 +224,18 @@ struct RestoreImage {
     force: bool,
 }
 
+#[derive(Args)]
+struct ServeNbd {
+    /// NAME[@POINT]
+    point: String,
+    /// Unix socket to listen on
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
+    socket: Option<PathBuf>,
+    /// TCP address to listen on (HOST:PORT)
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Raw,
@@ -245,6 +267,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Backup(BackupCmd::Vm(a)) => vm::backup(g, a),
         Command::Vm(vm::VmCmd::List(a)) => vm::list(g, a),
         Command::Watchdog(a) => vm::run_watchdog(a),
+        Command::ServeNbd(a) => serve_nbd(g, a),
         Command::Points { name } => points(g, name.as_deref()),
         Command::Restore(RestoreCmd::Image(a)) => restore_image(g, a),
         Command::Restore(RestoreCmd::Vm(a)) => vm::restore(g, a),
@@ -465,6 +488,57 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
             bytes(report.zero_bytes),
             report.duration_ms as f64 / 1000.0
         );
+    }
+    Ok(0)
+}
+
+fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
+    use cairn_nbd::server::{serve_tcp, serve_unix, Export, Exports};
+    let repo = open_repo(g)?;
+    // Held while serving: maintenance (gc) must not remove packs a client is reading.
+    let _lock = repo.lock(false, "serve-nbd", Duration::from_secs(g.lock_wait))?;
+    repo.load_index()?;
+    let (id, point) = repo.select_point(&a.point)?;
+    let exports = Exports(
+        point
+            .disks
+            .iter()
+            .map(|d| {
+                let e: Arc<dyn Export> = Arc::new(cairn_engine::serve::PointDisk::new(repo.clone(), d.clone()));
+                (d.name.clone(), e)
+            })
+            .collect(),
+    );
+    let names: Vec<&str> = point.disks.iter().map(|d| d.name.as_str()).collect();
+    let describe = |uri: &dyn Fn(&str) -> String| -> Vec<serde_json::Value> {
+        names.iter().map(|n| serde_json::json!({"export": n, "uri": uri(n)})).collect()
+    };
+    let say = |list: Vec<serde_json::Value>| {
+        if g.json {
+            print_json(&serde_json::json!({"point": id, "name": point.name, "time": point.time, "exports": list}));
+        } else {
+            println!("serving restore point {} of {} ({}), read-only; Ctrl-C stops", &id[..8], point.name, point.time);
+            for e in &list {
+                println!("  {}  {}", e["export"].as_str().unwrap_or(""), e["uri"].as_str().unwrap_or(""));
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    };
+    if let Some(addr) = &a.listen {
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        let local = l.local_addr()?;
+        say(describe(&|n| format!("nbd://{local}/{n}")));
+        serve_tcp(l, exports)?;
+    } else {
+        let path =
+            a.socket.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("cairn-nbd-{}.sock", &id[..8])));
+        let path = std::path::absolute(&path)?;
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        say(describe(&|n| format!("nbd+unix:///{n}?socket={}", path.display())));
+        serve_unix(l, exports)?;
     }
     Ok(0)
 }

@@ -4,6 +4,7 @@
 //! - [`backup`]: the block pipeline that turns sources into a restore point;
 //! - [`restore`] and [`target`]: restore points back into images, hash-checked;
 //! - [`recover`]: a VM restore point back into a running VM on any host and storage;
+//! - [`serve`]: restore points as read-only NBD exports, read straight from the repository;
 //! - [`verify`]: re-read and re-hash the whole repository;
 //! - [`ranges`]: changed-range lists (from a file or a dirty bitmap);
 //! - [`vm`]: the VM backup job (method, point in time, checkpoints, files) over a hypervisor;
@@ -15,6 +16,7 @@ pub mod progress;
 pub mod ranges;
 pub mod recover;
 pub mod restore;
+pub mod serve;
 pub mod source;
 pub mod swap;
 pub mod target;

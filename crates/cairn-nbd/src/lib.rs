@@ -5,10 +5,13 @@
 //! flight on one connection: every request gets a handle, and a reader task routes each reply
 //! chunk to its request. Reads land directly in the caller's buffer.
 //!
+//! [`server`] is the other side: a small read-only NBD server for restore points.
+//!
 //! Tested against QEMU's `qemu-nbd` (see `tests/`).
 
 mod client;
 pub mod proto;
+pub mod server;
 mod uri;
 
 pub use client::{ExportInfo, Extent, NbdClient, NbdError};

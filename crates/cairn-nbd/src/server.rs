@@ -1,0 +1,235 @@
+//! A small read-only NBD server: the fixed newstyle handshake (`NBD_OPT_GO`, `NBD_OPT_INFO`,
+//! `NBD_OPT_LIST`, `NBD_OPT_EXPORT_NAME`) and simple replies. It serves restore points to any NBD
+//! client (QEMU, qemu-img, nbdcopy, the kernel's nbd driver). One thread per connection; the
+//! export does the caching.
+
+use crate::proto::*;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::sync::Arc;
+
+/// What an export serves: a read-only disk.
+pub trait Export: Send + Sync {
+    fn size(&self) -> u64;
+    /// Fills `buf` with the bytes at `offset` (never past the end: the server checks).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// Named exports; the first one is also the default export (empty name).
+#[derive(Clone)]
+pub struct Exports(pub Vec<(String, Arc<dyn Export>)>);
+
+impl Exports {
+    fn find(&self, name: &str) -> Option<&Arc<dyn Export>> {
+        if name.is_empty() {
+            return self.0.first().map(|(_, e)| e);
+        }
+        self.0.iter().find(|(n, _)| n == name).map(|(_, e)| e)
+    }
+}
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const REP_SERVER: u32 = 2;
+const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+/// Largest read we serve, as advertised in the block size info.
+const MAX_REQUEST: u32 = 32 << 20;
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes(b[at..at + 2].try_into().unwrap())
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn option_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    w.write_all(&OPT_REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&option.to_be_bytes())?;
+    w.write_all(&kind.to_be_bytes())?;
+    w.write_all(&(data.len() as u32).to_be_bytes())?;
+    w.write_all(data)?;
+    w.flush()
+}
+
+fn transmission_flags() -> u16 {
+    TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN
+}
+
+/// Serves one client on `stream` until it disconnects.
+pub fn serve_connection<S: Read + Write>(stream: S, exports: &Exports) -> io::Result<()>
+where
+    for<'a> &'a S: Read + Write,
+{
+    let mut r = BufReader::new(&stream);
+    let mut w = BufWriter::new(&stream);
+    w.write_all(&NBDMAGIC.to_be_bytes())?;
+    w.write_all(&IHAVEOPT.to_be_bytes())?;
+    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    w.flush()?;
+    let mut b4 = [0u8; 4];
+    r.read_exact(&mut b4)?;
+    let no_zeroes = u32::from_be_bytes(b4) & FLAG_NO_ZEROES as u32 != 0;
+
+    // Option haggling until an export is chosen.
+    let export = loop {
+        let mut hdr = [0u8; 16];
+        r.read_exact(&mut hdr)?;
+        if u64_at(&hdr, 0) != IHAVEOPT {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad option magic"));
+        }
+        let (option, len) = (u32_at(&hdr, 8), u32_at(&hdr, 12));
+        if len > 64 * 1024 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "option too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data)?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(e) = exports.find(&name) else {
+                    return Err(io::Error::new(io::ErrorKind::NotFound, format!("no export {name:?}")));
+                };
+                w.write_all(&e.size().to_be_bytes())?;
+                w.write_all(&transmission_flags().to_be_bytes())?;
+                if !no_zeroes {
+                    w.write_all(&[0u8; 124])?;
+                }
+                w.flush()?;
+                break e.clone();
+            }
+            OPT_GO | OPT_INFO => {
+                if data.len() < 6 {
+                    option_reply(&mut w, option, REP_ERR_INVALID, b"malformed request")?;
+                    continue;
+                }
+                let n = u32_at(&data, 0) as usize;
+                let name = String::from_utf8_lossy(data.get(4..4 + n).unwrap_or_default()).into_owned();
+                let Some(e) = exports.find(&name) else {
+                    option_reply(&mut w, option, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
+                    continue;
+                };
+                let mut info = Vec::new();
+                info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                info.extend_from_slice(&e.size().to_be_bytes());
+                info.extend_from_slice(&transmission_flags().to_be_bytes());
+                option_reply(&mut w, option, REP_INFO, &info)?;
+                let mut bs = Vec::new();
+                bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+                bs.extend_from_slice(&1u32.to_be_bytes());
+                bs.extend_from_slice(&65536u32.to_be_bytes());
+                bs.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                option_reply(&mut w, option, REP_INFO, &bs)?;
+                option_reply(&mut w, option, REP_ACK, &[])?;
+                if option == OPT_GO {
+                    break e.clone();
+                }
+            }
+            OPT_LIST => {
+                for (name, _) in &exports.0 {
+                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    option_reply(&mut w, option, REP_SERVER, &d)?;
+                }
+                option_reply(&mut w, option, REP_ACK, &[])?;
+            }
+            OPT_ABORT => {
+                let _ = option_reply(&mut w, option, REP_ACK, &[]);
+                return Ok(());
+            }
+            _ => option_reply(&mut w, option, REP_ERR_UNSUP, &[])?,
+        }
+    };
+
+    // Transmission: simple replies, one request at a time.
+    let size = export.size();
+    let mut buf = Vec::new();
+    loop {
+        let mut req = [0u8; 28];
+        match r.read_exact(&mut req) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if u32_at(&req, 0) != REQUEST_MAGIC {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request magic"));
+        }
+        let (kind, handle, offset, len) = (u16_at(&req, 6), u64_at(&req, 8), u64_at(&req, 16), u32_at(&req, 24));
+        let reply = |w: &mut BufWriter<&S>, error: u32| -> io::Result<()> {
+            w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
+            w.write_all(&error.to_be_bytes())?;
+            w.write_all(&handle.to_be_bytes())
+        };
+        match kind {
+            CMD_READ => {
+                if len > MAX_REQUEST || offset.checked_add(len as u64).is_none_or(|end| end > size) {
+                    reply(&mut w, EINVAL)?;
+                } else {
+                    buf.resize(len as usize, 0);
+                    match export.read_at(offset, &mut buf) {
+                        Ok(()) => {
+                            reply(&mut w, 0)?;
+                            w.write_all(&buf)?;
+                        }
+                        Err(e) => {
+                            eprintln!("cairn nbd: read of {len} bytes at {offset} failed: {e}");
+                            reply(&mut w, EIO)?;
+                        }
+                    }
+                }
+            }
+            CMD_WRITE => {
+                // Read and drop the payload: the export is read-only.
+                io::copy(&mut (&mut r).take(len as u64), &mut io::sink())?;
+                reply(&mut w, EPERM)?;
+            }
+            CMD_FLUSH => reply(&mut w, 0)?,
+            CMD_DISC => {
+                w.flush()?;
+                return Ok(());
+            }
+            CMD_WRITE_ZEROES => reply(&mut w, EPERM)?,
+            _ => reply(&mut w, EINVAL)?,
+        }
+        w.flush()?;
+    }
+}
+
+/// Accepts clients on a Unix socket until the process ends, one thread each.
+pub fn serve_unix(listener: std::os::unix::net::UnixListener, exports: Exports) -> io::Result<()> {
+    for conn in listener.incoming() {
+        let conn = conn?;
+        let exports = exports.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = serve_connection(conn, &exports) {
+                if e.kind() != io::ErrorKind::UnexpectedEof && e.kind() != io::ErrorKind::ConnectionReset {
+                    eprintln!("cairn nbd: connection ended: {e}");
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Accepts clients on a TCP socket until the process ends, one thread each.
+pub fn serve_tcp(listener: std::net::TcpListener, exports: Exports) -> io::Result<()> {
+    for conn in listener.incoming() {
+        let conn = conn?;
+        let _ = conn.set_nodelay(true);
+        let exports = exports.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = serve_connection(conn, &exports) {
+                if e.kind() != io::ErrorKind::UnexpectedEof && e.kind() != io::ErrorKind::ConnectionReset {
+                    eprintln!("cairn nbd: connection ended: {e}");
+                }
+            }
+        });
+    }
+    Ok(())
+}
