@@ -282,6 +282,8 @@ fn backend(g: &Global) -> Result<Arc<LocalBackend>> {
     Ok(Arc::new(LocalBackend::new(dir)))
 }
 
+pub(crate) static PROMPTED_PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
     if let Ok(p) = std::env::var("CAIRN_PASSWORD") {
         return Some(p);
@@ -290,6 +292,8 @@ fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
         return None;
     }
     let p = rpassword::prompt_password("Repository password: ").ok()?;
+    // Helper processes this run starts (instant recovery's NBD server) need it too.
+    let _ = PROMPTED_PASSWORD.set(p.clone());
     if confirm {
         let again = rpassword::prompt_password("Repeat the password: ").ok()?;
         if again != p {

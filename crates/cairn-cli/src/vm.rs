@@ -119,6 +119,14 @@ pub struct RestoreVm {
     /// Leave out NICs and host devices that do not exist on this host instead of refusing
     #[arg(long)]
     drop_missing: bool,
+    /// Start the VM at once from the repository (its disks served over NBD, writes to local
+    /// overlays), then move its disks into --storage while it runs. If interrupted, the VM keeps
+    /// running; the same command again finishes the move
+    #[arg(long, conflicts_with = "resume_state")]
+    instant: bool,
+    /// Testing aid: stop once the VM runs, as an interrupted instant recovery would
+    #[arg(long, hide = true)]
+    debug_stop_after_start: bool,
 }
 
 #[derive(Args)]
@@ -324,7 +332,45 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         matches!(line.trim(), "y" | "Y" | "yes")
     };
     let progress = bar(g);
-    let report = recover_vm(&hv, &repo, &id, &point, &opts, &confirm, &progress as &dyn Progress)?;
+    let repo_dir = std::path::absolute(g.repo.as_ref().context("no repository: pass --repo DIR or set CAIRN_REPO")?)?;
+    let server_point = format!("{}@{}", point.name, id);
+    let launch = |socket: &std::path::Path| -> Result<u32> {
+        let exe = std::env::current_exe()?;
+        let log = std::fs::File::create(socket.with_extension("log"))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["serve-nbd", &server_point, "--socket"]).arg(socket).arg("--repo").arg(&repo_dir);
+        if let Some(p) = crate::PROMPTED_PASSWORD.get() {
+            cmd.env("CAIRN_PASSWORD", p);
+        }
+        use std::os::unix::process::CommandExt;
+        // Its own process group: it must outlive this command (and its Ctrl-C) while the VM needs it.
+        cmd.process_group(0).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let mut child = cmd.spawn().context("starting the NBD server")?;
+        let t = std::time::Instant::now();
+        while !socket.exists() {
+            if let Some(st) = child.try_wait()? {
+                anyhow::bail!("the NBD server exited ({st}); see {}", socket.with_extension("log").display());
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                anyhow::bail!("the NBD server did not start listening in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child.id())
+    };
+    let instant =
+        cairn_engine::recover::InstantMode { launch_server: &launch, stop_after_start: a.debug_stop_after_start };
+    let report = recover_vm(
+        &hv,
+        &repo,
+        &id,
+        &point,
+        &opts,
+        &confirm,
+        a.instant.then_some(&instant),
+        &progress as &dyn Progress,
+    )?;
     if g.json {
         print_json(&report);
         return Ok(0);

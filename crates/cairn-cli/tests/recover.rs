@@ -195,3 +195,50 @@ fn a_damaged_block_stops_recovery_and_leaves_nothing_behind() {
     let _ = Command::new("umount").arg(&tiny).output();
     assert!(err.contains("free"), "{err}");
 }
+
+#[test]
+fn instant_recovery_boots_from_the_repository_and_an_interrupted_move_is_finished_by_a_rerun() {
+    let e = VmEnv::new();
+    let g = Guest::start("instant", &[]);
+    g.exec("echo precious-data > /data/precious.txt; sync");
+    e.backup(&g, &[]);
+    let st = storage(&e, "storage");
+    let name = format!("{}-inst", g.name);
+    let _cleanup = Recovered(name.clone());
+    let args =
+        ["restore", "vm", g.name.as_str(), "--storage", st.to_str().unwrap(), "--as", name.as_str(), "--instant"];
+    // Interrupted right after the start, as a killed or disconnected recovery would be.
+    let t0 = std::time::Instant::now();
+    let mut first = args.to_vec();
+    first.push("--debug-stop-after-start");
+    e.env.ok(&first);
+    sh(Command::new(guest_sh()).args(["wait", &name]));
+    let up = t0.elapsed();
+    assert!(up.as_secs_f64() < 15.0, "guest agent answered {:.1} s after the command", up.as_secs_f64());
+    eprintln!("instant recovery: guest agent answered after {:.1} s", up.as_secs_f64());
+    let copy = Guest { name: name.clone() };
+    assert_eq!(copy.exec("cat /data/precious.txt").trim(), "precious-data");
+    assert!(virsh(&["domblklist", &name]).contains(".instant.qcow2"));
+    // The guest writes while on the overlay; the marker in memory shows it never reboots.
+    copy.exec("echo written-during-recovery > /data/during.txt; sync; echo same-boot > /run/marker");
+
+    // The rerun finishes the move: the VM runs on its own disk, with no tie to the repository.
+    e.env.ok(&args);
+    let blk = virsh(&["domblklist", &name]);
+    let fin = st.join(format!("{name}-vda.qcow2"));
+    assert!(blk.contains(fin.to_str().unwrap()), "{blk}");
+    let info = sh(Command::new("qemu-img").args(["info", "-U"]).arg(&fin));
+    assert!(!info.contains("backing file"), "{info}");
+    assert!(
+        !files_in(&st).iter().any(|f| f.ends_with(".instant.qcow2") || f.starts_with(".cairn-instant")),
+        "{:?}",
+        files_in(&st)
+    );
+    assert!(!Command::new("pgrep").args(["-f", &format!("serve-nbd {}@", g.name)]).output().unwrap().status.success());
+    assert_eq!(copy.exec("cat /run/marker").trim(), "same-boot");
+    assert_eq!(copy.exec("cat /data/precious.txt /data/during.txt"), "precious-data\nwritten-during-recovery\n");
+    // The whole disk reads back from local storage alone.
+    copy.exec("dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null");
+    assert!(virsh(&["dumpxml", &name, "--inactive"]).contains(fin.to_str().unwrap()));
+    std::mem::forget(copy);
+}

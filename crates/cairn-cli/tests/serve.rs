@@ -43,6 +43,8 @@ fn qemu_reads_a_restore_point_served_over_nbd_and_cannot_write_it() {
     let copy = e.path("copy.raw");
     run_tool(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&copy));
     assert!(same_content(&img, &copy), "served image differs");
+    // Holes are reported (base:allocation), so the copy is as sparse as the image.
+    assert!(allocated(&copy) <= allocated(&img) + MIB, "copy {} vs image {}", allocated(&copy), allocated(&img));
     // Our own NBD client too: a backup of the served point is the same point again.
     let again = e.backup(Path::new(&uri), "again", &[]);
     assert_eq!(stat(&again, "new_bytes"), 0, "{again}");

@@ -61,6 +61,65 @@ pub struct RecoverReport {
 /// Asks the user whether to go on (replacing a VM); false stops.
 pub type Confirm<'a> = &'a dyn Fn(&str) -> bool;
 
+/// Instant recovery: the VM starts at once on overlays over NBD exports of the point (served by
+/// a process of its own, so an interrupted recovery leaves the VM running), then its disks move to
+/// the storage folder while it runs, and the tie to the repository goes.
+pub struct InstantMode<'a> {
+    /// Starts a detached `serve-nbd` of the point on this socket; returns its PID once it listens.
+    pub launch_server: &'a dyn Fn(&Path) -> Result<u32>,
+    /// Testing aid: stop once the VM runs, as an interrupted recovery would.
+    pub stop_after_start: bool,
+}
+
+/// What an instant recovery in progress keeps next to its disks, so a rerun can finish it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+struct InstantState {
+    point: String,
+    uuid: String,
+    server_pid: u32,
+    socket: PathBuf,
+    /// (target, overlay, final image, format)
+    disks: Vec<(String, PathBuf, PathBuf, String)>,
+}
+
+fn instant_dir(storage: &Path, name: &str) -> PathBuf {
+    storage.join(format!(".cairn-instant-{name}"))
+}
+
+fn process_alive(pid: u32) -> bool {
+    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+}
+
+/// Moves every disk still on its overlay into its final image, then drops the NBD server and the
+/// overlays.
+fn finish_instant(hv: &dyn Hypervisor, dir: &Path, st: &InstantState, progress: &dyn Progress) -> Result<()> {
+    for (target, _overlay, fin, format) in &st.disks {
+        if hv.disk_source(&st.uuid, target)?.as_deref() == Some(&*fin.to_string_lossy()) {
+            continue; // moved by an earlier run
+        }
+        let _ = std::fs::remove_file(fin); // a half-made copy of an interrupted run
+        progress.start(&format!("moving {target}"), 0);
+        let last = std::sync::atomic::AtomicU64::new(0);
+        hv.move_disk(&st.uuid, target, fin, format, &|cur, end| {
+            let prev = last.swap(cur, std::sync::atomic::Ordering::Relaxed);
+            if prev == 0 {
+                progress.start(&format!("moving {target}"), end);
+            }
+            progress.advance(cur.saturating_sub(prev));
+        })
+        .with_context(|| format!("moving disk {target} off the repository"))?;
+        progress.finish();
+    }
+    if process_alive(st.server_pid) {
+        unsafe { libc::kill(st.server_pid as i32, libc::SIGTERM) };
+    }
+    for (_, overlay, _, _) in &st.disks {
+        let _ = std::fs::remove_file(overlay);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
 fn extension(format: TargetFormat) -> &'static str {
     match format {
         TargetFormat::Raw => "raw",
@@ -75,6 +134,7 @@ pub fn recover_vm(
     point: &RestorePoint,
     opts: &RecoverOptions,
     confirm: Confirm,
+    instant: Option<&InstantMode>,
     progress: &dyn Progress,
 ) -> Result<RecoverReport> {
     let started = Instant::now();
@@ -95,6 +155,48 @@ pub fn recover_vm(
     });
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c)) || name.is_empty() {
         bail!("{name:?} is not a usable VM name (letters, digits, - _ . +)");
+    }
+
+    // An interrupted instant recovery of this VM: finish moving its disks.
+    if instant.is_some() {
+        let dir = instant_dir(&std::path::absolute(&opts.storage)?, &name);
+        if let Ok(text) = std::fs::read_to_string(dir.join("state.json")) {
+            let st: InstantState = serde_json::from_str(&text).context("reading the instant recovery's state")?;
+            if hv.find(&st.uuid).is_ok() {
+                if !process_alive(st.server_pid) || !st.socket.exists() {
+                    let inst = instant.unwrap();
+                    let pid = (inst.launch_server)(&st.socket)?;
+                    let st2 = InstantState { server_pid: pid, ..st.clone() };
+                    std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st2)?)?;
+                    finish_instant(hv, &dir, &st2, progress)?;
+                } else {
+                    finish_instant(hv, &dir, &st, progress)?;
+                }
+                return Ok(RecoverReport {
+                    point: st.point.clone(),
+                    name,
+                    uuid: st.uuid.clone(),
+                    replaced: false,
+                    files: st
+                        .disks
+                        .iter()
+                        .map(|(t, _, f, _)| RecoveredFile {
+                            name: t.clone(),
+                            role: None,
+                            path: f.clone(),
+                            data_bytes: 0,
+                        })
+                        .collect(),
+                    dropped: vec![],
+                    started: true,
+                    resumed_state: false,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        }
+        if opts.resume_state {
+            bail!("--instant and --resume-state do not go together: an instant recovery boots the VM");
+        }
     }
 
     // Identity: a new VM by default; the original's own with --replace or to resume its memory.
@@ -198,6 +300,9 @@ pub fn recover_vm(
         if file.exists() && !(opts.replace && Some(file.to_string_lossy().as_ref()) == img.path.as_deref()) {
             bail!("{} already exists; choose another --storage or --as name", file.display());
         }
+        if instant.is_some() && img.role.is_none() {
+            continue; // moved into place while the VM runs
+        }
         plan.push((img, file, bytes));
     }
     check_space(&storage, total)?;
@@ -236,6 +341,16 @@ pub fn recover_vm(
             Some(_) => {}
         }
     }
+    let mut instant_state = None;
+    if let Some(inst) = instant {
+        match start_overlays(&storage, &name, point_id, point, opts.format, inst, &mut edit) {
+            Ok(st) => instant_state = Some(st),
+            Err(e) => {
+                cleanup(&written);
+                return Err(e);
+            }
+        }
+    }
     let config = domain_xml::rewrite(&record.config, &edit)?;
 
     // Define (replacing the original if asked), then start.
@@ -254,10 +369,22 @@ pub fn recover_vm(
             replaced = true;
         }
     }
+    let drop_instant = |st: &Option<InstantState>| {
+        if let Some(st) = st {
+            if process_alive(st.server_pid) {
+                unsafe { libc::kill(st.server_pid as i32, libc::SIGTERM) };
+            }
+            let _ = std::fs::remove_dir_all(instant_dir(&storage, &name));
+            for (_, o, _, _) in &st.disks {
+                let _ = std::fs::remove_file(o);
+            }
+        }
+    };
     let uuid = match hv.define(&config) {
         Ok(u) => u,
         Err(e) => {
             cleanup(&written);
+            drop_instant(&instant_state);
             return Err(e.context("the restored disks were removed"));
         }
     };
@@ -271,6 +398,28 @@ pub fn recover_vm(
         r?;
         resumed_state = true;
         started_vm = true;
+    } else if let Some(mut st) = instant_state {
+        st.uuid = uuid.clone();
+        let dir = instant_dir(&storage, &name);
+        std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+        if let Err(e) = hv.start(&uuid) {
+            let _ = hv.undefine(&uuid);
+            cleanup(&written);
+            drop_instant(&Some(st));
+            return Err(e);
+        }
+        started_vm = true;
+        progress.note(&format!(
+            "{name} is running from the repository ({:.1} s); moving its disks into {}",
+            started.elapsed().as_secs_f64(),
+            storage.display()
+        ));
+        if !instant.unwrap().stop_after_start {
+            finish_instant(hv, &dir, &st, progress)?;
+        }
+        for (t, _, f, _) in &st.disks {
+            written.push(RecoveredFile { name: t.clone(), role: None, path: f.clone(), data_bytes: 0 });
+        }
     } else if opts.start {
         hv.start(&uuid)?;
         started_vm = true;
@@ -287,6 +436,47 @@ pub fn recover_vm(
         resumed_state,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Starts the NBD server for the point and creates one overlay per disk over its export; points
+/// the configuration's disks at the overlays.
+fn start_overlays(
+    storage: &Path,
+    name: &str,
+    point_id: &str,
+    point: &RestorePoint,
+    format: TargetFormat,
+    inst: &InstantMode,
+    edit: &mut ConfigEdit,
+) -> Result<InstantState> {
+    let dir = instant_dir(storage, name);
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("nbd.sock");
+    let pid = (inst.launch_server)(&socket)?;
+    let mut st = InstantState {
+        point: point_id.to_string(),
+        uuid: String::new(),
+        server_pid: pid,
+        socket: socket.clone(),
+        disks: vec![],
+    };
+    for img in point.disks.iter().filter(|d| d.is_disk()) {
+        let overlay = storage.join(format!("{name}-{}.instant.qcow2", img.name));
+        let fin = storage.join(format!("{name}-{}.{}", img.name, extension(format)));
+        let backing = format!("nbd+unix:///{}?socket={}", img.name, socket.display());
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
+            .arg(&overlay)
+            .output()
+            .context("running qemu-img")?;
+        if !out.status.success() {
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            bail!("creating the overlay of {}: {}", img.name, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        edit.disks.push((img.name.clone(), overlay.to_string_lossy().into_owned(), "qcow2".into()));
+        st.disks.push((img.name.clone(), overlay, fin, extension(format).to_string()));
+    }
+    Ok(st)
 }
 
 /// Whether a host device named by [`domain_xml::host_devices`] exists here.

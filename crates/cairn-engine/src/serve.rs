@@ -102,4 +102,24 @@ impl Export for PointDisk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.read(offset, buf).map_err(|e| io::Error::other(format!("{e:#}")))
     }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        let bs = self.disk.block_size as u64;
+        let end = (offset + len).min(self.disk.size);
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end && runs.len() < 4096 {
+            let block = at / bs;
+            let page =
+                self.page((block / PAGE_BLOCKS as u64) as usize).map_err(|e| io::Error::other(format!("{e:#}")))?;
+            let zero = page[(block % PAGE_BLOCKS as u64) as usize].is_zero();
+            let next = ((block + 1) * bs).min(end);
+            match runs.last_mut() {
+                Some((l, z)) if *z == zero => *l += next - at,
+                _ => runs.push((next - at, zero)),
+            }
+            at = next;
+        }
+        Ok(runs)
+    }
 }

@@ -179,4 +179,11 @@ pub trait Hypervisor: Send + Sync {
     /// Whether a NIC can attach to `name`: `kind` is `network` (a hypervisor network, which must
     /// be active) or `bridge` (a host bridge).
     fn network_available(&self, kind: &str, name: &str) -> Result<bool>;
+    /// Copies a running VM's disk (its whole backing chain, flattened) into a new image at
+    /// `dest` while the guest runs, then switches the VM onto it; the VM's definition follows.
+    /// `progress` gets (copied, total) bytes.
+    fn move_disk(&self, uuid: &str, target: &str, dest: &Path, format: &str, progress: &dyn Fn(u64, u64))
+        -> Result<()>;
+    /// The file a VM's disk currently reads from.
+    fn disk_source(&self, uuid: &str, target: &str) -> Result<Option<String>>;
 }

@@ -383,6 +383,76 @@ impl Hypervisor for Libvirt {
             .map_err(|e| Self::recovery_error("starting the VM from its saved memory state", e))
     }
 
+    fn move_disk(
+        &self,
+        uuid: &str,
+        target: &str,
+        dest: &Path,
+        format: &str,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<()> {
+        let dom = self.domain(uuid)?;
+        let disk = cstring(target)?;
+        let xml = format!(
+            "<disk type='file'><source file='{}'/><driver type='{}' discard='unmap' detect_zeroes='unmap'/></disk>",
+            xml_escape(&dest.to_string_lossy()),
+            xml_escape(format)
+        );
+        let dxml = cstring(&xml)?;
+        // A transient job: the VM stays persistent, and libvirt updates its definition on pivot.
+        let flags = sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB;
+        if unsafe {
+            sys::virDomainBlockCopy(dom.as_ptr(), disk.as_ptr(), dxml.as_ptr(), std::ptr::null_mut(), 0, flags)
+        } < 0
+        {
+            bail!("starting the copy of disk {target} to {}: {}", dest.display(), last_error());
+        }
+        let t0 = Instant::now();
+        let mut info: sys::virDomainBlockJobInfo = unsafe { std::mem::zeroed() };
+        loop {
+            let r = unsafe { sys::virDomainGetBlockJobInfo(dom.as_ptr(), disk.as_ptr(), &mut info, 0) };
+            if r < 0 {
+                bail!("following the copy of disk {target}: {}", last_error());
+            }
+            if r == 0 {
+                bail!("the copy of disk {target} stopped before it was complete");
+            }
+            progress(info.cur, info.end);
+            // Mirrored and in step: switch the VM onto the copy. Until the job reports itself
+            // ready the pivot is refused; then try again.
+            if info.end > 0 && info.cur == info.end {
+                if unsafe {
+                    sys::virDomainBlockJobAbort(dom.as_ptr(), disk.as_ptr(), sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                } == 0
+                {
+                    break;
+                }
+                let e = last_error();
+                if !e.contains("not ready") && !e.contains("not yet") {
+                    bail!("switching disk {target} to its copy: {e}");
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(24 * 3600) {
+                bail!("the copy of disk {target} did not finish in a day");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The pivot completes asynchronously: wait until the VM reads from the copy.
+        while self.disk_source(uuid, target)?.as_deref() != Some(&*dest.to_string_lossy()) {
+            if t0.elapsed() > Duration::from_secs(24 * 3600) {
+                bail!("disk {target} was not switched to its copy");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn disk_source(&self, uuid: &str, target: &str) -> Result<Option<String>> {
+        let dom = self.domain(uuid)?;
+        let cfg = domain_xml::parse(&dom.xml_desc(0).map_err(|e| anyhow!("{}", e.message()))?)?;
+        Ok(cfg.disks.into_iter().find(|d| d.target == target).and_then(|d| d.path))
+    }
+
     fn network_available(&self, kind: &str, name: &str) -> Result<bool> {
         Ok(match kind {
             "network" => self.conn.lookup_network_by_name(name).and_then(|n| n.is_active()).unwrap_or(false),

@@ -12,6 +12,12 @@ pub trait Export: Send + Sync {
     fn size(&self) -> u64;
     /// Fills `buf` with the bytes at `offset` (never past the end: the server checks).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Allocation from `offset` on, for at most `len` bytes: (length, reads as zeros) runs that
+    /// cover at least the first byte. Lets clients skip holes (`base:allocation`).
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        let _ = offset;
+        Ok(vec![(len, false)])
+    }
 }
 
 /// Named exports; the first one is also the default export (empty name).
@@ -30,6 +36,9 @@ impl Exports {
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+/// The one meta context we serve.
+const BASE_ALLOCATION_ID: u32 = 1;
 const REP_SERVER: u32 = 2;
 const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
@@ -78,6 +87,8 @@ where
     let no_zeroes = u32::from_be_bytes(b4) & FLAG_NO_ZEROES as u32 != 0;
 
     // Option haggling until an export is chosen.
+    let mut structured = false;
+    let mut base_allocation = false;
     let export = loop {
         let mut hdr = [0u8; 16];
         r.read_exact(&mut hdr)?;
@@ -143,6 +154,31 @@ where
                 let _ = option_reply(&mut w, option, REP_ACK, &[]);
                 return Ok(());
             }
+            OPT_STRUCTURED_REPLY => {
+                structured = true;
+                option_reply(&mut w, option, REP_ACK, &[])?;
+            }
+            OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT => {
+                if option == OPT_SET_META_CONTEXT && !structured {
+                    option_reply(&mut w, option, REP_ERR_INVALID, b"structured replies first")?;
+                    continue;
+                }
+                let Some(queries) = meta_queries(&data) else {
+                    option_reply(&mut w, option, REP_ERR_INVALID, b"malformed request")?;
+                    continue;
+                };
+                let wanted = queries.iter().any(|q| q == CONTEXT_BASE_ALLOCATION || q == "base:")
+                    || (option == OPT_LIST_META_CONTEXT && queries.is_empty());
+                if wanted {
+                    let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    d.extend_from_slice(CONTEXT_BASE_ALLOCATION.as_bytes());
+                    option_reply(&mut w, option, REP_META_CONTEXT, &d)?;
+                    if option == OPT_SET_META_CONTEXT {
+                        base_allocation = true;
+                    }
+                }
+                option_reply(&mut w, option, REP_ACK, &[])?;
+            }
             _ => option_reply(&mut w, option, REP_ERR_UNSUP, &[])?,
         }
     };
@@ -160,7 +196,10 @@ where
         if u32_at(&req, 0) != REQUEST_MAGIC {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request magic"));
         }
-        let (kind, handle, offset, len) = (u16_at(&req, 6), u64_at(&req, 8), u64_at(&req, 16), u32_at(&req, 24));
+        let (cmd_flags, kind) = (u16_at(&req, 4), u16_at(&req, 6));
+        let (handle, offset, len) = (u64_at(&req, 8), u64_at(&req, 16), u32_at(&req, 24));
+        // NBD_CMD_FLAG_REQ_ONE: the client wants a single extent per context (QEMU always asks so).
+        let max_extents = if cmd_flags & (1 << 3) != 0 { 1 } else { 4096 };
         let reply = |w: &mut BufWriter<&S>, error: u32| -> io::Result<()> {
             w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
             w.write_all(&error.to_be_bytes())?;
@@ -173,13 +212,22 @@ where
                 } else {
                     buf.resize(len as usize, 0);
                     match export.read_at(offset, &mut buf) {
+                        Ok(()) if structured => {
+                            chunk(&mut w, REPLY_TYPE_OFFSET_DATA, handle, 8 + len)?;
+                            w.write_all(&offset.to_be_bytes())?;
+                            w.write_all(&buf)?;
+                        }
                         Ok(()) => {
                             reply(&mut w, 0)?;
                             w.write_all(&buf)?;
                         }
                         Err(e) => {
                             eprintln!("cairn nbd: read of {len} bytes at {offset} failed: {e}");
-                            reply(&mut w, EIO)?;
+                            if structured {
+                                structured_error(&mut w, handle, EIO, &e.to_string())?;
+                            } else {
+                                reply(&mut w, EIO)?;
+                            }
                         }
                     }
                 }
@@ -195,10 +243,70 @@ where
                 return Ok(());
             }
             CMD_WRITE_ZEROES => reply(&mut w, EPERM)?,
+            CMD_BLOCK_STATUS if base_allocation => {
+                if offset >= size || len == 0 {
+                    structured_error(&mut w, handle, EINVAL, "out of range")?;
+                } else {
+                    let want = (len as u64).min(size - offset);
+                    match export.extents(offset, want) {
+                        Ok(ext) => {
+                            let mut body = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                            let mut total = 0u64;
+                            for (l, zero) in ext.into_iter().take(max_extents) {
+                                let l = l.min(want - total).min(u32::MAX as u64 & !4095);
+                                if l == 0 {
+                                    break;
+                                }
+                                body.extend_from_slice(&(l as u32).to_be_bytes());
+                                body.extend_from_slice(&(if zero { STATE_HOLE | STATE_ZERO } else { 0 }).to_be_bytes());
+                                total += l;
+                                if total >= want {
+                                    break;
+                                }
+                            }
+                            chunk(&mut w, REPLY_TYPE_BLOCK_STATUS, handle, body.len() as u32)?;
+                            w.write_all(&body)?;
+                        }
+                        Err(e) => structured_error(&mut w, handle, EIO, &e.to_string())?,
+                    }
+                }
+            }
             _ => reply(&mut w, EINVAL)?,
         }
         w.flush()?;
     }
+}
+
+/// Parses the export name and queries of a meta context option.
+fn meta_queries(data: &[u8]) -> Option<Vec<String>> {
+    let n = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let mut at = 4 + n;
+    let count = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?);
+    at += 4;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let l = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+        out.push(String::from_utf8_lossy(data.get(at + 4..at + 4 + l)?).into_owned());
+        at += 4 + l;
+    }
+    Some(out)
+}
+
+/// The header of a final structured reply chunk.
+fn chunk(w: &mut impl Write, kind: u16, handle: u64, len: u32) -> io::Result<()> {
+    w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
+    w.write_all(&kind.to_be_bytes())?;
+    w.write_all(&handle.to_be_bytes())?;
+    w.write_all(&len.to_be_bytes())
+}
+
+fn structured_error(w: &mut impl Write, handle: u64, error: u32, msg: &str) -> io::Result<()> {
+    let msg = &msg.as_bytes()[..msg.len().min(1024)];
+    chunk(w, REPLY_TYPE_ERROR, handle, 6 + msg.len() as u32)?;
+    w.write_all(&error.to_be_bytes())?;
+    w.write_all(&(msg.len() as u16).to_be_bytes())?;
+    w.write_all(msg)
 }
 
 /// Accepts clients on a Unix socket until the process ends, one thread each.
