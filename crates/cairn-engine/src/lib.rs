@@ -8,9 +8,12 @@
 //! - [`verify`]: re-read and re-hash the whole repository;
 //! - [`ranges`]: changed-range lists (from a file or a dirty bitmap);
 //! - [`vm`]: the VM backup job (method, point in time, checkpoints, files) over a hypervisor;
-//! - [`swap`]: Linux swap areas a backup skips.
+//! - [`swap`]: Linux swap areas a backup skips; [`partitions`]: MBR and GPT tables;
+//! - [`files`]: partitions and ext4 filesystems browsed straight from restore points.
 
 pub mod backup;
+pub mod files;
+pub mod partitions;
 mod pool;
 pub mod progress;
 pub mod ranges;

@@ -7,6 +7,7 @@ use cairn_repo::map::PAGE_BLOCKS;
 use cairn_repo::{BlockId, DiskImage, Repository};
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Decoded frames kept: reads of neighbouring blocks (a guest booting, a sequential copy) hit
@@ -20,11 +21,36 @@ pub struct PointDisk {
     disk: DiskImage,
     pages: Mutex<HashMap<usize, Arc<Vec<BlockId>>>>,
     frames: Mutex<VecDeque<(FrameKey, Arc<Vec<u8>>)>>,
+    /// Bytes read from the repository (stored frames and map pages), for read amplification.
+    stored_read: AtomicU64,
 }
 
 impl PointDisk {
     pub fn new(repo: Arc<Repository>, disk: DiskImage) -> PointDisk {
-        PointDisk { repo, disk, pages: Mutex::new(HashMap::new()), frames: Mutex::new(VecDeque::new()) }
+        PointDisk {
+            repo,
+            disk,
+            pages: Mutex::new(HashMap::new()),
+            frames: Mutex::new(VecDeque::new()),
+            stored_read: AtomicU64::new(0),
+        }
+    }
+
+    pub fn image(&self) -> &DiskImage {
+        &self.disk
+    }
+
+    /// Bytes read from the repository so far.
+    pub fn stored_bytes_read(&self) -> u64 {
+        self.stored_read.load(Ordering::Relaxed)
+    }
+
+    /// Reads bytes of the disk (zeros for holes), every block checked against its hash.
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.disk.size) {
+            anyhow::bail!("read of {} bytes at {offset} is past the end of disk {}", buf.len(), self.disk.name);
+        }
+        self.read(offset, buf)
     }
 
     fn page(&self, p: usize) -> Result<Arc<Vec<BlockId>>> {
@@ -32,6 +58,7 @@ impl PointDisk {
             return Ok(page.clone());
         }
         let page = Arc::new(self.repo.read_map_page(&self.disk, p)?);
+        self.stored_read.fetch_add(page.len() as u64 * 32, Ordering::Relaxed);
         self.pages.lock().unwrap().insert(p, page.clone());
         Ok(page)
     }
@@ -51,6 +78,7 @@ impl PointDisk {
             Some(f) => f,
             None => {
                 let f = Arc::new(self.repo.read_frame(&loc)?);
+                self.stored_read.fetch_add(loc.frame_stored_len as u64, Ordering::Relaxed);
                 let mut frames = self.frames.lock().unwrap();
                 if frames.len() == CACHED_FRAMES {
                     frames.pop_front();

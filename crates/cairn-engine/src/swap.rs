@@ -7,14 +7,11 @@
 //! signature counts too. Anything unusual (a table that does not parse, a partition past the end)
 //! means "no swap found": skipping too little is safe, skipping too much is not.
 
+use crate::partitions::{read_table, Table, GPT_LINUX_SWAP};
 use crate::ranges::{normalize, Range};
 use crate::source::Source;
 use anyhow::Result;
 
-/// GPT partition type GUID for Linux swap, 0657FD6D-A4AB-43C4-84E5-0933C84B4F4F, as stored
-/// on disk (the first three fields little-endian).
-const GPT_SWAP: [u8; 16] =
-    [0x6d, 0xfd, 0x57, 0x06, 0xab, 0xa4, 0xc4, 0x43, 0x84, 0xe5, 0x09, 0x33, 0xc8, 0x4b, 0x4f, 0x4f];
 const PAGE: u64 = 4096;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,100 +39,26 @@ fn has_swap_signature(src: &mut dyn Source, start: u64, len: u64) -> Result<bool
 /// The swap areas of a disk, sorted.
 pub fn find_swap(src: &mut dyn Source) -> Result<Vec<SwapArea>> {
     let size = src.size();
-    if size < 64 * 1024 {
-        return Ok(vec![]);
-    }
-    let mut candidates: Vec<(u64, u64, String)> = Vec::new();
-    let mbr = read_at(src, 0, 512)?;
-    if mbr[510] == 0x55 && mbr[511] == 0xaa {
-        let entry = |i: usize| {
-            let e = &mbr[446 + 16 * i..446 + 16 * (i + 1)];
-            (
-                e[4],
-                u32::from_le_bytes(e[8..12].try_into().unwrap()) as u64,
-                u32::from_le_bytes(e[12..16].try_into().unwrap()) as u64,
-            )
-        };
-        if (0..4).any(|i| entry(i).0 == 0xee) {
-            gpt_candidates(src, &mut candidates)?;
-        } else {
-            for i in 0..4 {
-                let (kind, lba, count) = entry(i);
-                match kind {
-                    0x82 => candidates.push((lba * 512, count * 512, format!("mbr partition {}", i + 1))),
-                    0x05 | 0x0f | 0x85 => logical_candidates(src, lba, &mut candidates)?,
-                    _ => {}
-                }
-            }
-        }
-    }
-    if candidates.is_empty() && has_swap_signature(src, 0, size)? {
+    let table = read_table(&mut |off, len| read_at(src, off, len), size)?;
+    let candidates: Vec<(u64, u64, String)> = table
+        .iter()
+        .filter(|p| matches!(p.table, Table::Mbr(0x82)) || p.table == Table::Gpt(GPT_LINUX_SWAP))
+        .map(|p| {
+            let kind = if matches!(p.table, Table::Mbr(_)) { "mbr" } else { "gpt" };
+            (p.offset, p.length, format!("{kind} partition {}", p.number))
+        })
+        .collect();
+    if table.is_empty() && size >= 64 * 1024 && has_swap_signature(src, 0, size)? {
         return Ok(vec![SwapArea { range: Range { offset: 0, length: size }, location: "whole disk".into() }]);
     }
     let mut out = Vec::new();
     for (start, len, location) in candidates {
-        if len == 0 || start.checked_add(len).is_none_or(|end| end > size) {
-            continue;
-        }
         if has_swap_signature(src, start, len)? {
             out.push(SwapArea { range: Range { offset: start, length: len }, location });
         }
     }
     out.sort_by_key(|a| a.range.offset);
     Ok(out)
-}
-
-fn gpt_candidates(src: &mut dyn Source, out: &mut Vec<(u64, u64, String)>) -> Result<()> {
-    for sector in [512u64, 4096] {
-        let hdr = read_at(src, sector, 512)?;
-        if &hdr[..8] != b"EFI PART" {
-            continue;
-        }
-        let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
-        let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64;
-        let (entries_lba, count, entry_size) = (le64(&hdr, 72), le32(&hdr, 80).min(1024), le32(&hdr, 84));
-        if !(128..=4096).contains(&entry_size) {
-            return Ok(());
-        }
-        let table = read_at(src, entries_lba * sector, (count * entry_size) as usize)?;
-        for i in 0..count as usize {
-            let e = &table[i * entry_size as usize..(i + 1) * entry_size as usize];
-            if e[..16] == GPT_SWAP {
-                let (first, last) = (le64(e, 32), le64(e, 40));
-                if last >= first {
-                    out.push((first * sector, (last - first + 1) * sector, format!("gpt partition {}", i + 1)));
-                }
-            }
-        }
-        return Ok(());
-    }
-    Ok(())
-}
-
-/// Walks the chain of extended boot records (logical partitions are numbered from 5).
-fn logical_candidates(src: &mut dyn Source, ext_lba: u64, out: &mut Vec<(u64, u64, String)>) -> Result<()> {
-    let mut ebr_lba = ext_lba;
-    for n in 5..64 {
-        if (ebr_lba + 1) * 512 > src.size() {
-            return Ok(());
-        }
-        let ebr = read_at(src, ebr_lba * 512, 512)?;
-        if ebr[510] != 0x55 || ebr[511] != 0xaa {
-            return Ok(());
-        }
-        let field = |i: usize, at: usize| {
-            u32::from_le_bytes(ebr[446 + 16 * i + at..446 + 16 * i + at + 4].try_into().unwrap()) as u64
-        };
-        if ebr[446 + 4] == 0x82 {
-            out.push(((ebr_lba + field(0, 8)) * 512, field(0, 12) * 512, format!("mbr partition {n}")));
-        }
-        let next = field(1, 8);
-        if next == 0 {
-            return Ok(());
-        }
-        ebr_lba = ext_lba + next;
-    }
-    Ok(())
 }
 
 /// What of a swap area is kept: its header (signature, UUID, label) in the first page, rounded

@@ -1,0 +1,110 @@
+//! File-level recovery (`cairn files ls|get`) from a restore point of a GPT disk with an ext4
+//! partition and a swap partition, built with the real mke2fs/mkswap/sfdisk.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// A 200 MiB GPT disk: p1 = 160 MiB ext4 holding `src`, p2 = swap.
+fn make_disk(e: &Env, src: &std::path::Path) -> std::path::PathBuf {
+    let part = e.path("p1.img");
+    run_tool(Command::new("mke2fs").args(["-q", "-t", "ext4", "-L", "files", "-d"]).arg(src).arg(&part).arg("160M"));
+    let swap = e.path("p2.img");
+    std::fs::File::create(&swap).unwrap().set_len(16 << 20).unwrap();
+    run_tool(Command::new("mkswap").arg("-q").arg(&swap));
+    let disk = e.path("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(200 << 20).unwrap();
+    let mut c = Command::new("sfdisk").arg("-q").arg(&disk).stdin(Stdio::piped()).spawn().unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=160MiB, type=linux\nstart=329728, size=16MiB, type=swap\n")
+        .unwrap();
+    assert!(c.wait().unwrap().success());
+    run_tool(Command::new("dd").arg(format!("if={}", part.display())).arg(format!("of={}", disk.display())).args([
+        "bs=1M",
+        "seek=1",
+        "conv=notrunc,sparse",
+        "status=none",
+    ]));
+    run_tool(Command::new("dd").arg(format!("if={}", swap.display())).arg(format!("of={}", disk.display())).args([
+        "bs=512",
+        "seek=329728",
+        "conv=notrunc,sparse",
+        "status=none",
+    ]));
+    disk
+}
+
+#[test]
+fn files_come_out_of_a_restore_point_reading_little_more_than_their_size() {
+    let e = Env::new();
+    e.init();
+    let src = e.path("src");
+    std::fs::create_dir_all(src.join("etc/app")).unwrap();
+    let mut big = vec![0u8; 100 << 20];
+    Rng::new(5).fill(&mut big);
+    std::fs::write(src.join("big.bin"), &big).unwrap();
+    std::fs::write(src.join("etc/app/config.toml"), "answer = 42\n").unwrap();
+    std::os::unix::fs::symlink("app/config.toml", src.join("etc/current")).unwrap();
+    let disk = make_disk(&e, &src);
+    e.backup(&disk, "filesrv", &[]);
+
+    let v = e.json(&["files", "ls", "filesrv"]);
+    let vols: Vec<(String, String)> = v["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["name"].as_str().unwrap().to_string(), x["filesystem"].as_str().unwrap_or("-").to_string()))
+        .collect();
+    assert_eq!(vols, [("disk01".to_string(), "ext4".to_string()), ("disk02".to_string(), "swap".to_string())]);
+
+    let ls = e.json(&["files", "ls", "filesrv", "disk01", "/etc"]);
+    let names: Vec<(&str, &str)> = ls["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["name"].as_str().unwrap(), x["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, [("app", "dir"), ("current", "symlink")]);
+    // With one ext4 volume, it may be left out.
+    let root = e.json(&["files", "ls", "filesrv", "/"]);
+    assert!(root["entries"].as_array().unwrap().iter().any(|x| x["name"] == "big.bin" && x["size"] == 100u64 << 20));
+
+    // A 100 MiB file: byte for byte, at most 1.2x its size read from the repository.
+    let out = e.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let r = e.json(&["files", "get", "filesrv", "disk01", "/big.bin", "--to", out.to_str().unwrap()]);
+    assert!(std::fs::read(out.join("big.bin")).unwrap() == big, "big.bin differs");
+    let read = r["report"]["repository_bytes_read"].as_u64().unwrap();
+    assert!(read as f64 <= 1.2 * (100u64 << 20) as f64, "read {read} bytes from the repository for a 100 MiB file");
+    eprintln!("files get: {read} bytes read for 104857600 ({:.3}x)", read as f64 / (100u64 << 20) as f64);
+    // A tree, with its symlink.
+    e.json(&["files", "get", "filesrv", "disk01", "/etc", "--to", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(out.join("etc/app/config.toml")).unwrap(), "answer = 42\n");
+    assert_eq!(std::fs::read_link(out.join("etc/current")).unwrap().to_str(), Some("app/config.toml"));
+    // Refusals that say what to do.
+    let err = e.fails(&["files", "ls", "filesrv", "disk02", "/"], 1);
+    assert!(err.contains("swap"), "{err}");
+    let err = e.fails(&["files", "get", "filesrv", "disk01", "/nope", "--to", out.to_str().unwrap()], 1);
+    assert!(err.contains("/nope"), "{err}");
+    let err = e.fails(&["files", "get", "filesrv", "disk01", "/big.bin", "--to", out.to_str().unwrap()], 1);
+    assert!(err.contains("already exists"), "{err}");
+
+    // A damaged block of the file: the copy stops, names the block, leaves no file.
+    for pack in e.files("packs") {
+        let mut data = std::fs::read(&pack).unwrap();
+        let mid = data.len() / 3;
+        for b in &mut data[mid..mid + 64] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&pack, &data).unwrap();
+    }
+    let out2 = e.path("out2");
+    std::fs::create_dir_all(&out2).unwrap();
+    let err = e.fails(&["files", "get", "filesrv", "disk01", "/big.bin", "--to", out2.to_str().unwrap()], 1);
+    assert!(err.contains("damaged") || err.contains("hash") || err.contains("authentic"), "{err}");
+    assert_eq!(std::fs::read_dir(&out2).unwrap().count(), 0, "partial file left behind");
+}
