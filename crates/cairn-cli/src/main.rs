@@ -1,6 +1,7 @@
 //! `cairn`: host-level backup of disk images and virtual machines into a deduplicating
 //! repository.
 
+mod mount;
 mod output;
 mod vm;
 
@@ -100,6 +101,18 @@ concerned. Exits with status 3 if anything is damaged.")]
     /// Browse and copy files out of a restore point, without restoring its disks
     #[command(subcommand)]
     Files(FilesCmd),
+    /// Mount a restore point's disks and partitions as read-only files (FUSE)
+    #[command(long_about = "Expose every disk of a restore point, and each partition of them, as a read-only \
+file under MOUNTPOINT (vda, vda1, vdb2, ...), read from the repository on demand and hash-checked. Any \
+filesystem the kernel knows can then be loop-mounted from them. Stays mounted until Ctrl-C or \
+`umount MOUNTPOINT`. Needs root and /dev/fuse.\n\n\
+Example:\n  cairn mount web /mnt/web-point --repo R &\n  mount -o loop,ro /mnt/web-point/vda1 /mnt/web-root")]
+    Mount {
+        /// NAME[@POINT]
+        point: String,
+        /// An existing empty folder
+        mountpoint: PathBuf,
+    },
     /// Serve a restore point's disks read-only over NBD, straight from the repository
     #[command(long_about = "Serve every disk of a restore point as a read-only NBD export (export name = the \
 disk's name: vda, disk0, ...; the first disk is also the default export). Blocks are read from the \
@@ -306,6 +319,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Watchdog(a) => vm::run_watchdog(a),
         Command::ServeNbd(a) => serve_nbd(g, a),
         Command::Files(c) => files(g, c),
+        Command::Mount { point, mountpoint } => mount::mount(g, point, mountpoint),
         Command::Points { name } => points(g, name.as_deref()),
         Command::Restore(RestoreCmd::Image(a)) => restore_image(g, a),
         Command::Restore(RestoreCmd::Vm(a)) => vm::restore(g, a),

@@ -108,3 +108,69 @@ fn files_come_out_of_a_restore_point_reading_little_more_than_their_size() {
     assert!(err.contains("damaged") || err.contains("hash") || err.contains("authentic"), "{err}");
     assert_eq!(std::fs::read_dir(&out2).unwrap().count(), 0, "partial file left behind");
 }
+
+#[test]
+fn mount_exposes_disks_and_partitions_that_loop_mount() {
+    let e = Env::new();
+    e.init();
+    let src = e.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), "from the restore point\n").unwrap();
+    let disk = make_disk(&e, &src);
+    e.backup(&disk, "mnt", &[]);
+    let mnt = e.path("mnt");
+    let inner = e.path("inner");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(&inner).unwrap();
+    let mut child = e.cmd(&["mount", "mnt", mnt.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+    let part = mnt.join("disk01");
+    let t = std::time::Instant::now();
+    while !part.exists() {
+        assert!(t.elapsed().as_secs() < 10, "mount did not appear");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The partition file is exactly that slice of the disk.
+    let whole = std::fs::read(&disk).unwrap();
+    let p = std::fs::read(&part).unwrap();
+    assert_eq!(p.len(), 160 << 20);
+    assert!(p[..] == whole[1 << 20..(1 << 20) + (160 << 20)], "partition content differs");
+    assert!(std::fs::read(mnt.join("disk0")).unwrap() == whole, "disk content differs");
+    run_tool(Command::new("mount").args(["-o", "loop,ro"]).arg(&part).arg(&inner));
+    let text = std::fs::read_to_string(inner.join("hello.txt"));
+    let _ = Command::new("umount").arg(&inner).status();
+    assert_eq!(text.unwrap(), "from the restore point\n");
+    // Ctrl-C unmounts and ends it.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(mnt.to_str().unwrap()), "still mounted");
+}
+
+#[test]
+fn reads_are_safe_while_a_backup_writes_into_the_repository() {
+    let e = Env::new();
+    e.init();
+    let src = e.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 8 << 20];
+    Rng::new(9).fill(&mut data);
+    std::fs::write(src.join("data.bin"), &data).unwrap();
+    let disk = make_disk(&e, &src);
+    e.backup(&disk, "steady", &[]);
+    // A second, big image is backed up while we read the first one's files and serve it.
+    let big = e.path("big.img");
+    make_image(&big, 512 * MIB, 3);
+    let mut writer = e.cmd(&["backup", "image", big.to_str().unwrap(), "--name", "busy", "-q"]).spawn().unwrap();
+    for i in 0..5 {
+        let out = e.path(&format!("out{i}"));
+        e.json(&["files", "get", "steady", "disk01", "/data.bin", "--to", out.to_str().unwrap()]);
+        assert!(std::fs::read(&out).unwrap() == data);
+        let img = e.path(&format!("restored{i}.img"));
+        e.restore("steady", &img, &[]);
+        assert!(same_content(&img, &disk));
+        std::fs::remove_file(&img).unwrap();
+    }
+    assert!(writer.wait().unwrap().success());
+    let v = e.json(&["verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+}
