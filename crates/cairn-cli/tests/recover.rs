@@ -3,7 +3,6 @@
 mod common;
 
 use common::guest::*;
-use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;

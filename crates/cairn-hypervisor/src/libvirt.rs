@@ -122,9 +122,10 @@ impl Hypervisor for Libvirt {
     }
 
     fn config_document(&self, uuid: &str) -> Result<String> {
+        // The persistent definition, not the live one: it is what a recovery defines again (the
+        // live form carries runtime details such as pty paths, aliases and the domain id).
         let dom = self.domain(uuid)?;
-        let flags = if state_of(&dom)? == VmState::ShutOff { sys::VIR_DOMAIN_XML_INACTIVE } else { 0 };
-        dom.xml_desc(flags | sys::VIR_DOMAIN_XML_SECURE)
+        dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
             .map_err(|e| anyhow!("reading the VM's configuration: {}", e.message()))
     }
 

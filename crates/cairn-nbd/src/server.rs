@@ -309,9 +309,13 @@ fn structured_error(w: &mut impl Write, handle: u64, error: u32, msg: &str) -> i
     w.write_all(msg)
 }
 
-/// Accepts clients on a Unix socket until the process ends, one thread each.
-pub fn serve_unix(listener: std::os::unix::net::UnixListener, exports: Exports) -> io::Result<()> {
-    for conn in listener.incoming() {
+/// Serves every connection of `incoming` on a thread of its own, until the listener fails.
+fn serve_all<S>(incoming: impl Iterator<Item = io::Result<S>>, exports: Exports) -> io::Result<()>
+where
+    S: Read + Write + Send + 'static,
+    for<'a> &'a S: Read + Write,
+{
+    for conn in incoming {
         let conn = conn?;
         let exports = exports.clone();
         std::thread::spawn(move || {
@@ -325,19 +329,19 @@ pub fn serve_unix(listener: std::os::unix::net::UnixListener, exports: Exports) 
     Ok(())
 }
 
+/// Accepts clients on a Unix socket until the process ends, one thread each.
+pub fn serve_unix(listener: std::os::unix::net::UnixListener, exports: Exports) -> io::Result<()> {
+    serve_all(listener.incoming(), exports)
+}
+
 /// Accepts clients on a TCP socket until the process ends, one thread each.
 pub fn serve_tcp(listener: std::net::TcpListener, exports: Exports) -> io::Result<()> {
-    for conn in listener.incoming() {
-        let conn = conn?;
-        let _ = conn.set_nodelay(true);
-        let exports = exports.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = serve_connection(conn, &exports) {
-                if e.kind() != io::ErrorKind::UnexpectedEof && e.kind() != io::ErrorKind::ConnectionReset {
-                    eprintln!("cairn nbd: connection ended: {e}");
-                }
-            }
-        });
-    }
-    Ok(())
+    serve_all(
+        listener.incoming().map(|c| {
+            c.inspect(|c| {
+                let _ = c.set_nodelay(true);
+            })
+        }),
+        exports,
+    )
 }
