@@ -7,7 +7,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 cd "$(dirname "$0")/.."
 
-pkgs=(e2fsprogs fdisk python3 ca-certificates pkg-config
+pkgs=(e2fsprogs fdisk python3 ca-certificates pkg-config procps mount
       qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon-system libvirt-clients libvirt-dev
       busybox-static qemu-guest-agent cpio kmod xz-utils binutils)
 if [[ "${1:-}" == "--bench" ]]; then

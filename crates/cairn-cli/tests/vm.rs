@@ -280,7 +280,20 @@ fn a_killed_backup_never_leaves_the_guest_frozen_and_the_next_run_cleans_up() {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("thawed {} ms after the kill", killed.elapsed().as_millis());
-    // The watchdog ended the backup job too; the half-made checkpoint is cleaned by the next run.
+    // The watchdog ended the backup job too (it may have started after the kill: the watchdog
+    // watches for it a while); the half-made checkpoint is cleaned by the next run.
+    let uuid = virsh(&["domuuid", &g.name]).trim().to_string();
+    let t = Instant::now();
+    while Command::new("pgrep")
+        .args(["-f", &format!("watchdog --connect .* --vm {uuid}")])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "watchdog still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let t = Instant::now();
     while Command::new("virsh").args(["-q", "backup-dumpxml", &g.name]).output().unwrap().status.success() {
         assert!(t.elapsed() < Duration::from_secs(10), "backup job still running");

@@ -303,7 +303,12 @@ pub fn backup_vm(
         if let Some(socket) = hv.running_backup(uuid)? {
             if socket.starts_with(&dir) {
                 progress.note(&format!("{}: ending the backup job a killed cairn run left behind", vm.name));
-                hv.end_backup(uuid)?;
+                // Its watchdog may be ending it at this very moment: gone is as good as ended.
+                if let Err(e) = hv.end_backup(uuid) {
+                    if hv.running_backup(uuid)?.is_some() {
+                        return Err(e);
+                    }
+                }
             } else {
                 bail!(
                     "VM {} already has a backup job that cairn did not start (NBD socket {}); end it first (virsh domjobabort {})",
