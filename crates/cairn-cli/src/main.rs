@@ -1,6 +1,7 @@
 //! `cairn`: host-level backup of disk images and virtual machines into a deduplicating
 //! repository.
 
+mod boot;
 mod mount;
 mod output;
 mod vm;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Exit status when `verify` finds damage (1 is any other failure, 2 a usage error).
-const EXIT_DAMAGED: i32 = 3;
+pub(crate) const EXIT_DAMAGED: i32 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -97,7 +98,12 @@ bytes read, new data written to the repository (after compression) and data that
     #[command(long_about = "Re-read every pack, re-hash every block and every image map, and check that every \
 restore point can be restored. Damage is reported with every restore point it affects and the disk offsets \
 concerned. Exits with status 3 if anything is damaged.")]
-    Verify,
+    Verify {
+        #[command(subcommand)]
+        what: Option<VerifyCmd>,
+    },
+    /// A VM's restore points with their verification history (and an HTML page)
+    Report(boot::Report),
     /// Browse and copy files out of a restore point, without restoring its disks
     #[command(subcommand)]
     Files(FilesCmd),
@@ -241,6 +247,20 @@ struct RestoreImage {
 }
 
 #[derive(Subcommand)]
+enum VerifyCmd {
+    /// Boot a VM restore point in a sandbox, screenshot it, record and mail the verdict
+    #[command(long_about = "Boot a VM restore point in an isolated sandbox and check that its OS comes up: the \
+sandbox runs straight from the repository (instant-recovery overlays over an NBD export), under a name and \
+identity of its own, with no network and no host devices; the original VM is never touched. The OS is up \
+when the guest agent answers (VMs with an agent channel), otherwise when the screen has settled on \
+something that is not blank. Its screen is captured (PNG), the sandbox and everything it created removed, \
+and the verdict stored in the repository's catalog (see `cairn report`) and mailed with the screenshot \
+(--mail-to). Exits 3 when the point did not boot.\n\n\
+Example:\n  cairn verify boot web --repo R --mail-to ops@example.com --smtp-server mail.example.com:587 --smtp-tls starttls")]
+    Boot(boot::VerifyBoot),
+}
+
+#[derive(Subcommand)]
 enum FilesCmd {
     /// List a restore point's volumes, or a directory of one of them
     #[command(long_about = "With only NAME[@POINT]: the point's volumes (each disk's partitions, from its MBR or \
@@ -323,7 +343,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Points { name } => points(g, name.as_deref()),
         Command::Restore(RestoreCmd::Image(a)) => restore_image(g, a),
         Command::Restore(RestoreCmd::Vm(a)) => vm::restore(g, a),
-        Command::Verify => verify(g),
+        Command::Verify { what: None } => verify(g),
+        Command::Verify { what: Some(VerifyCmd::Boot(a)) } => boot::verify_boot_cmd(g, a),
+        Command::Report(a) => boot::report(g, a),
     }
 }
 

@@ -334,31 +334,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     let progress = bar(g);
     let repo_dir = std::path::absolute(g.repo.as_ref().context("no repository: pass --repo DIR or set CAIRN_REPO")?)?;
     let server_point = format!("{}@{}", point.name, id);
-    let launch = |socket: &std::path::Path| -> Result<u32> {
-        let exe = std::env::current_exe()?;
-        let log = std::fs::File::create(socket.with_extension("log"))?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args(["serve-nbd", &server_point, "--socket"]).arg(socket).arg("--repo").arg(&repo_dir);
-        if let Some(p) = crate::PROMPTED_PASSWORD.get() {
-            cmd.env("CAIRN_PASSWORD", p);
-        }
-        use std::os::unix::process::CommandExt;
-        // Its own process group: it must outlive this command (and its Ctrl-C) while the VM needs it.
-        cmd.process_group(0).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        let mut child = cmd.spawn().context("starting the NBD server")?;
-        let t = std::time::Instant::now();
-        while !socket.exists() {
-            if let Some(st) = child.try_wait()? {
-                anyhow::bail!("the NBD server exited ({st}); see {}", socket.with_extension("log").display());
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                anyhow::bail!("the NBD server did not start listening in 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(child.id())
-    };
+    let launch = |socket: &std::path::Path| launch_nbd_server(&repo_dir, &server_point, socket);
     let instant =
         cairn_engine::recover::InstantMode { launch_server: &launch, stop_after_start: a.debug_stop_after_start };
     let report = recover_vm(
@@ -407,6 +383,33 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         report.duration_ms as f64 / 1000.0
     );
     Ok(0)
+}
+
+/// Starts `cairn serve-nbd POINT --socket SOCKET` as a detached process (its own process group,
+/// so it outlives this command and its Ctrl-C) and returns its PID once it listens.
+pub fn launch_nbd_server(repo_dir: &std::path::Path, point: &str, socket: &std::path::Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let log = std::fs::File::create(socket.with_extension("log"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["serve-nbd", point, "--socket"]).arg(socket).arg("--repo").arg(repo_dir);
+    if let Some(p) = crate::PROMPTED_PASSWORD.get() {
+        cmd.env("CAIRN_PASSWORD", p);
+    }
+    cmd.process_group(0).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    let mut child = cmd.spawn().context("starting the NBD server")?;
+    let t = std::time::Instant::now();
+    while !socket.exists() {
+        if let Some(st) = child.try_wait()? {
+            anyhow::bail!("the NBD server exited ({st}); see {}", socket.with_extension("log").display());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            anyhow::bail!("the NBD server did not start listening in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.id())
 }
 
 pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {

@@ -4,6 +4,7 @@
 //! - [`backup`]: the block pipeline that turns sources into a restore point;
 //! - [`restore`] and [`target`]: restore points back into images, hash-checked;
 //! - [`recover`]: a VM restore point back into a running VM on any host and storage;
+//! - [`boot`]: boot verification of a restore point in a network-less sandbox, with a screenshot;
 //! - [`serve`]: restore points as read-only NBD exports, read straight from the repository;
 //! - [`verify`]: re-read and re-hash the whole repository;
 //! - [`ranges`]: changed-range lists (from a file or a dirty bitmap);
@@ -12,6 +13,7 @@
 //! - [`files`]: partitions and ext4 filesystems browsed straight from restore points.
 
 pub mod backup;
+pub mod boot;
 pub mod files;
 pub mod partitions;
 mod pool;

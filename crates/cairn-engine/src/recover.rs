@@ -463,20 +463,29 @@ fn start_overlays(
     for img in point.disks.iter().filter(|d| d.is_disk()) {
         let overlay = storage.join(format!("{name}-{}.instant.qcow2", img.name));
         let fin = storage.join(format!("{name}-{}.{}", img.name, extension(format)));
-        let backing = format!("nbd+unix:///{}?socket={}", img.name, socket.display());
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
-            .arg(&overlay)
-            .output()
-            .context("running qemu-img")?;
-        if !out.status.success() {
+        if let Err(e) = create_overlay(&overlay, &socket, &img.name) {
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            bail!("creating the overlay of {}: {}", img.name, String::from_utf8_lossy(&out.stderr).trim());
+            return Err(e);
         }
         edit.disks.push((img.name.clone(), overlay.to_string_lossy().into_owned(), "qcow2".into()));
         st.disks.push((img.name.clone(), overlay, fin, extension(format).to_string()));
     }
     Ok(st)
+}
+
+/// A qcow2 overlay whose backing file is export `export` of the NBD server on `socket`: reads
+/// come from the restore point until written, writes stay in the overlay.
+pub(crate) fn create_overlay(overlay: &Path, socket: &Path, export: &str) -> Result<()> {
+    let backing = format!("nbd+unix:///{export}?socket={}", socket.display());
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
+        .arg(overlay)
+        .output()
+        .context("running qemu-img")?;
+    if !out.status.success() {
+        bail!("creating the overlay of {export}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Whether a host device named by [`domain_xml::host_devices`] exists here.

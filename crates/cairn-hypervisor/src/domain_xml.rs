@@ -212,6 +212,8 @@ pub struct ConfigEdit {
     pub drop_nics: Vec<String>,
     /// Leave out host devices (PCI/USB passthrough).
     pub drop_hostdevs: bool,
+    /// Leave out every network interface (a sandbox: no network at all).
+    pub drop_all_nics: bool,
     /// Folder for file-backed serial consoles and logs, which must not be shared with the original.
     pub log_dir: Option<String>,
 }
@@ -269,6 +271,7 @@ pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<String> {
                         }
                     }
                 }
+                "interface" if edit.drop_all_nics => continue,
                 "interface" => {
                     let src_name = d
                         .get_child("source")

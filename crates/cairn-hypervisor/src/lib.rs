@@ -184,6 +184,11 @@ pub trait Hypervisor: Send + Sync {
     /// `progress` gets (copied, total) bytes.
     fn move_disk(&self, uuid: &str, target: &str, dest: &Path, format: &str, progress: &dyn Fn(u64, u64))
         -> Result<()>;
+    /// Starts a throwaway VM from a configuration: it exists only while it runs (libvirt:
+    /// transient), so stopping it leaves nothing behind. Returns its UUID.
+    fn start_transient(&self, config: &str) -> Result<String>;
+    /// The VM's screen, as an image; returns (bytes, MIME type).
+    fn screenshot(&self, uuid: &str) -> Result<(Vec<u8>, String)>;
     /// The file a VM's disk currently reads from.
     fn disk_source(&self, uuid: &str, target: &str) -> Result<Option<String>>;
 }

@@ -448,6 +448,30 @@ impl Hypervisor for Libvirt {
         Ok(())
     }
 
+    fn start_transient(&self, config: &str) -> Result<String> {
+        let dom =
+            self.conn.create_domain_xml(config, 0).map_err(|e| Self::recovery_error("starting the sandbox VM", e))?;
+        dom.uuid_string().map_err(|e| Self::recovery_error("reading the sandbox's UUID", e))
+    }
+
+    fn screenshot(&self, uuid: &str) -> Result<(Vec<u8>, String)> {
+        let dom = self.domain(uuid)?;
+        let stream =
+            virt::stream::Stream::new(&self.conn, 0).map_err(|e| anyhow!("opening a stream: {}", e.message()))?;
+        let mime = dom.screenshot(&stream, 0, 0).map_err(|e| anyhow!("taking a screenshot: {}", e.message()))?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.recv(&mut buf).map_err(|e| anyhow!("reading the screenshot: {}", e.message()))?;
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        let _ = stream.finish();
+        Ok((out, mime))
+    }
+
     fn disk_source(&self, uuid: &str, target: &str) -> Result<Option<String>> {
         let dom = self.domain(uuid)?;
         let cfg = domain_xml::parse(&dom.xml_desc(0).map_err(|e| anyhow!("{}", e.message()))?)?;

@@ -234,6 +234,31 @@ impl Repository {
         serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("restore point {}: {e}", &id[..8])))
     }
 
+    /// Stores a catalog record (boot verification results and the like), sealed like a point.
+    pub fn save_record(&self, record: &serde_json::Value) -> Result<String> {
+        let sealed = self.crypto.seal(&serde_json::to_vec(record).unwrap(), 3);
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        self.backend.put(Kind::Catalog, &name, &sealed)?;
+        Ok(name)
+    }
+
+    /// Every catalog record that can be read, with its name; damaged ones are skipped.
+    pub fn load_records(&self) -> Result<Vec<(String, serde_json::Value)>> {
+        let mut out = Vec::new();
+        for l in self.backend.list(Kind::Catalog)? {
+            let Ok(bytes) = self.backend.get(Kind::Catalog, &l.name) else { continue };
+            if blake3::hash(&bytes).to_hex().as_str() != l.name {
+                continue;
+            }
+            if let Ok(raw) = self.crypto.open(&bytes, "catalog record") {
+                if let Ok(v) = serde_json::from_slice(&raw) {
+                    out.push((l.name, v));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn list_points(&self) -> Result<PointList> {
         let mut points = Vec::new();
         let mut damaged = Vec::new();

@@ -44,10 +44,13 @@ pub enum Kind {
     Point,
     /// `locks/`: lock files of running operations.
     Lock,
+    /// `catalog/`: records about restore points written after them (boot verifications).
+    Catalog,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::Config, Kind::Key, Kind::Pack, Kind::Index, Kind::Point, Kind::Lock];
+    pub const ALL: [Kind; 7] =
+        [Kind::Config, Kind::Key, Kind::Pack, Kind::Index, Kind::Point, Kind::Lock, Kind::Catalog];
 
     /// The folder (or key prefix) of this kind.
     pub fn dir(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Kind {
             Kind::Index => "index",
             Kind::Point => "points",
             Kind::Lock => "locks",
+            Kind::Catalog => "catalog",
         }
     }
 }

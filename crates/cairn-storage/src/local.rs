@@ -51,6 +51,10 @@ impl LocalBackend {
         let dir = path.parent().expect("object paths have a parent");
         let tmp = dir.join(format!("{TMP_PREFIX}{}", crate::random_name()));
         let result = (|| {
+            // Kinds newer than the repository (catalog/) get their folder on first use.
+            if !dir.exists() {
+                fs::create_dir_all(dir)?;
+            }
             if !(data.len() >= DIRECT_MIN && self.write_direct(&tmp, data)?) {
                 let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
                 f.write_all(data)?;

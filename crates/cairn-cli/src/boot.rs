@@ -1,0 +1,273 @@
+//! `cairn verify boot` (boot a restore point in a sandbox, screenshot it, mail the verdict) and
+//! `cairn report` (a VM's restore points with their verification history).
+
+use crate::output::bytes;
+use crate::{bar, open_repo, print_json, workers, Global};
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use cairn_engine::boot::{verify_boot, BootCheck, BootOptions};
+use cairn_engine::vm::VmRecord;
+use cairn_engine::Progress;
+use cairn_hypervisor::libvirt::{Libvirt, DEFAULT_URI};
+use clap::{Args, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SmtpTls {
+    None,
+    Starttls,
+    Tls,
+}
+
+#[derive(Args)]
+pub struct VerifyBoot {
+    /// NAME[@POINT] of a VM restore point
+    point: String,
+    /// Hypervisor connection URI
+    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
+    connect: String,
+    /// How long the OS may take to come up
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    timeout: u64,
+    /// Folder for the sandbox's overlays (emptied afterwards)
+    #[arg(long, default_value = "/var/tmp/cairn", value_name = "DIR")]
+    work_dir: PathBuf,
+    /// Mail the verdict and the screenshot to this address
+    #[arg(long, value_name = "ADDR")]
+    mail_to: Option<String>,
+    /// SMTP server
+    #[arg(long, value_name = "HOST:PORT", env = "CAIRN_SMTP_SERVER", default_value = "localhost:25")]
+    smtp_server: String,
+    /// SMTP security: none, starttls, or tls (implicit TLS, port 465)
+    #[arg(long, value_enum, env = "CAIRN_SMTP_TLS", default_value_t = SmtpTls::None)]
+    smtp_tls: SmtpTls,
+    /// SMTP user; the password comes from CAIRN_SMTP_PASSWORD
+    #[arg(long, env = "CAIRN_SMTP_USER")]
+    smtp_user: Option<String>,
+    /// Sender address
+    #[arg(long, env = "CAIRN_MAIL_FROM", default_value = "cairn@localhost")]
+    mail_from: String,
+}
+
+pub fn verify_boot_cmd(g: &Global, a: &VerifyBoot) -> Result<i32> {
+    let hv = Libvirt::connect(&a.connect)?;
+    let repo = open_repo(g)?;
+    let _lock = repo.lock(false, "verify boot", Duration::from_secs(g.lock_wait))?;
+    repo.load_index()?;
+    let (id, point) = repo.select_point(&a.point)?;
+    let repo_dir = std::path::absolute(g.repo.as_ref().context("no repository: pass --repo DIR or set CAIRN_REPO")?)?;
+    let server_point = format!("{}@{}", point.name, id);
+    let launch = |socket: &Path| crate::vm::launch_nbd_server(&repo_dir, &server_point, socket);
+    let opts = BootOptions {
+        work_dir: std::path::absolute(&a.work_dir)?,
+        timeout: Duration::from_secs(a.timeout),
+        launch_server: &launch,
+        workers: workers(g),
+    };
+    let progress = bar(g);
+    let (check, shot) = verify_boot(&hv, &repo, &id, &point, &opts, &progress as &dyn Progress)?;
+    let mut record = serde_json::to_value(&check)?;
+    if let Some(png) = &shot {
+        record["screenshot"] = base64::engine::general_purpose::STANDARD.encode(png).into();
+    }
+    let mut mailed = None;
+    if let Some(to) = &a.mail_to {
+        match send_mail(a, to, &check, shot.as_deref()) {
+            Ok(()) => mailed = Some(to.clone()),
+            Err(e) => progress.note(&format!("warning: the report could not be mailed to {to}: {e:#}")),
+        }
+    }
+    record["mailed_to"] = mailed.clone().into();
+    let record_id = repo.save_record(&record)?;
+    if g.json {
+        let mut out = serde_json::to_value(&check)?;
+        out["record"] = record_id.clone().into();
+        out["mailed_to"] = mailed.into();
+        print_json(&out);
+    } else {
+        println!(
+            "boot verification of {} ({}, {}): {} ({})",
+            check.vm,
+            &id[..8],
+            check.point_time,
+            check.verdict.to_uppercase(),
+            check.reason
+        );
+        println!(
+            "  sandbox {} (no network), up in {:.1} s, {:.1} s in all; screenshot {}; {}",
+            check.sandbox,
+            check.boot_ms as f64 / 1000.0,
+            check.total_ms as f64 / 1000.0,
+            shot.as_ref().map(|s| format!("{} PNG", bytes(s.len() as u64))).unwrap_or("none".into()),
+            mailed.map(|m| format!("mailed to {m}")).unwrap_or("not mailed".into())
+        );
+        println!("  stored in the repository's catalog as {}", &record_id[..8]);
+    }
+    Ok(if check.passed() { 0 } else { crate::EXIT_DAMAGED })
+}
+
+fn send_mail(a: &VerifyBoot, to: &str, check: &BootCheck, png: Option<&[u8]>) -> Result<()> {
+    use lettre::message::{header::ContentType, Attachment, MultiPart, SinglePart};
+    use lettre::transport::smtp::authentication::Credentials;
+    use lettre::{Message, SmtpTransport, Transport};
+    let subject = format!(
+        "cairn boot verification {}: {} restore point {} ({})",
+        check.verdict.to_uppercase(),
+        check.vm,
+        &check.point[..8],
+        check.point_time
+    );
+    let body = format!(
+        "VM: {} ({})\nRestore point: {} taken {}\nVerdict: {}\nWhy: {}\nMethod: {}\nUp after: {:.1} s; verification took {:.1} s\nSandbox: {} (no network, removed afterwards)\n{}\n",
+        check.vm,
+        check.uuid,
+        check.point,
+        check.point_time,
+        check.verdict.to_uppercase(),
+        check.reason,
+        check.method,
+        check.boot_ms as f64 / 1000.0,
+        check.total_ms as f64 / 1000.0,
+        check.sandbox,
+        if png.is_some() { "The screen of the booted VM is attached." } else { "No screenshot could be taken." }
+    );
+    let mut parts = MultiPart::mixed().singlepart(SinglePart::plain(body));
+    if let Some(png) = png {
+        parts = parts
+            .singlepart(Attachment::new("screenshot.png".into()).body(png.to_vec(), ContentType::parse("image/png")?));
+    }
+    let msg = Message::builder()
+        .from(a.mail_from.parse().context("--mail-from is not an address")?)
+        .to(to.parse().context("--mail-to is not an address")?)
+        .subject(subject)
+        .multipart(parts)?;
+    let (host, port) = match a.smtp_server.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse::<u16>().context("SMTP port")?),
+        None => (a.smtp_server.clone(), 25),
+    };
+    let mut t = match a.smtp_tls {
+        SmtpTls::None => SmtpTransport::builder_dangerous(&host),
+        SmtpTls::Starttls => SmtpTransport::starttls_relay(&host)?,
+        SmtpTls::Tls => SmtpTransport::relay(&host)?,
+    }
+    .port(port)
+    .timeout(Some(Duration::from_secs(30)));
+    if let Some(user) = &a.smtp_user {
+        let pass = std::env::var("CAIRN_SMTP_PASSWORD").context("--smtp-user needs CAIRN_SMTP_PASSWORD")?;
+        t = t.credentials(Credentials::new(user.clone(), pass));
+    }
+    t.build().send(&msg).with_context(|| format!("sending through {}", a.smtp_server))?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct Report {
+    /// The VM (or image) name
+    name: String,
+    /// Also write an HTML page, screenshots inline
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+}
+
+pub fn report(g: &Global, a: &Report) -> Result<i32> {
+    let repo = open_repo(g)?;
+    let _lock = repo.lock(false, "report", Duration::from_secs(g.lock_wait))?;
+    let points: Vec<_> = repo.list_points()?.points.into_iter().filter(|(_, p)| p.name == a.name).collect();
+    if points.is_empty() {
+        bail!("no restore point named {:?}", a.name);
+    }
+    let records = repo.load_records()?;
+    let mut rows = Vec::new();
+    for (id, p) in &points {
+        let mut checks: Vec<&serde_json::Value> =
+            records.iter().filter(|(_, r)| r["point"] == id.as_str()).map(|(_, r)| r).collect();
+        checks.sort_by_key(|r| r["time"].as_str().unwrap_or("").to_string());
+        let vm = VmRecord::of(p);
+        rows.push(serde_json::json!({
+            "id": id, "time": p.time, "mode": p.stats.mode,
+            "method": vm.as_ref().map(|r| r.method.as_str()),
+            "frozen_window_ms": vm.as_ref().and_then(|r| r.frozen_window_ms),
+            "logical_bytes": p.stats.totals.logical_bytes, "stored_bytes": p.stats.totals.stored_bytes,
+            "verifications": checks.iter().map(|c| {
+                let mut c = (*c).clone();
+                c.as_object_mut().map(|o| o.remove("screenshot"));
+                c
+            }).collect::<Vec<_>>(),
+        }));
+    }
+    if let Some(file) = &a.html {
+        std::fs::write(file, html(&a.name, &points, &records))
+            .with_context(|| format!("writing {}", file.display()))?;
+    }
+    if g.json {
+        print_json(&serde_json::json!({"name": a.name, "points": rows}));
+        return Ok(0);
+    }
+    println!("restore points of {}", a.name);
+    for r in &rows {
+        println!(
+            "  {}  {}  {:<14} {:<16} {}",
+            &r["id"].as_str().unwrap()[..8],
+            r["time"].as_str().unwrap_or(""),
+            r["mode"].as_str().unwrap_or(""),
+            r["method"].as_str().unwrap_or("-"),
+            bytes(r["logical_bytes"].as_u64().unwrap_or(0))
+        );
+        for c in r["verifications"].as_array().unwrap() {
+            println!(
+                "      boot verification {}: {} ({}){}",
+                c["time"].as_str().unwrap_or(""),
+                c["verdict"].as_str().unwrap_or("").to_uppercase(),
+                c["reason"].as_str().unwrap_or(""),
+                c["mailed_to"].as_str().map(|m| format!(", mailed to {m}")).unwrap_or_default()
+            );
+        }
+    }
+    if let Some(file) = &a.html {
+        println!("wrote {}", file.display());
+    }
+    Ok(0)
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn html(name: &str, points: &[(String, cairn_repo::RestorePoint)], records: &[(String, serde_json::Value)]) -> String {
+    let mut h = format!(
+        "<!doctype html><html><head><meta charset='utf-8'><title>cairn report: {0}</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;text-align:left;vertical-align:top}}\
+         .passed{{color:#070}}.failed{{color:#b00}}img{{max-width:480px;border:1px solid #999}}</style></head>\
+         <body><h1>Restore points of {0}</h1><table><tr><th>Point</th><th>Time</th><th>Mode</th><th>Method</th><th>Size</th><th>Boot verifications</th></tr>",
+        esc(name)
+    );
+    for (id, p) in points {
+        let vm = VmRecord::of(p);
+        let mut cell = String::new();
+        for (_, r) in records.iter().filter(|(_, r)| r["point"] == id.as_str()) {
+            let verdict = r["verdict"].as_str().unwrap_or("");
+            cell.push_str(&format!(
+                "<div class='{v}'><b>{V}</b> {t}: {why}</div>",
+                v = esc(verdict),
+                V = esc(&verdict.to_uppercase()),
+                t = esc(r["time"].as_str().unwrap_or("")),
+                why = esc(r["reason"].as_str().unwrap_or(""))
+            ));
+            if let Some(img) = r["screenshot"].as_str() {
+                cell.push_str(&format!("<img alt='screen of the booted VM' src='data:image/png;base64,{img}'>"));
+            }
+        }
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            &id[..8],
+            esc(&p.time),
+            esc(&p.stats.mode),
+            esc(vm.as_ref().map(|r| r.method.as_str()).unwrap_or("-")),
+            bytes(p.stats.totals.logical_bytes),
+            if cell.is_empty() { "none".into() } else { cell }
+        ));
+    }
+    h.push_str("</table></body></html>\n");
+    h
+}

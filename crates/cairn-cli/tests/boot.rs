@@ -1,0 +1,179 @@
+//! Boot verification (`cairn verify boot`) against real libvirt and QEMU guests, with a real
+//! SMTP server (aiosmtpd, Debian's python3-aiosmtpd) receiving the reports.
+
+mod common;
+
+use common::guest::*;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// aiosmtpd delivering into a maildir; stopped when dropped.
+struct Smtp {
+    child: Child,
+    port: u16,
+    maildir: PathBuf,
+}
+
+impl Smtp {
+    fn start(dir: &Path) -> Smtp {
+        let maildir = dir.join("mail");
+        for d in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(maildir.join(d)).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3-aiosmtpd (scripts/setup.sh installs it)");
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed().as_secs() < 10, "SMTP server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Smtp { child, port, maildir }
+    }
+
+    /// Every message received: (subject, text part, PNG attachment), decoded by Python's email.
+    fn messages(&self) -> Vec<(String, String, Option<Vec<u8>>)> {
+        let mut out = Vec::new();
+        for f in std::fs::read_dir(self.maildir.join("new")).unwrap().flatten() {
+            let script = "import email,sys,json,base64\nm=email.message_from_binary_file(open(sys.argv[1],'rb'))\n\
+                text='';png=None\nfor p in m.walk():\n  t=p.get_content_type()\n  \
+                if t=='text/plain': text=p.get_payload(decode=True).decode()\n  \
+                if t=='image/png': png=base64.b64encode(p.get_payload(decode=True)).decode()\n\
+                print(json.dumps({'subject':' '.join(str(m['subject']).split()),'text':text,'png':png}))";
+            let o = Command::new("/usr/bin/python3").args(["-c", script]).arg(f.path()).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let png = v["png"].as_str().map(|b| {
+                let o = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+                use std::io::Write;
+                o.stdin.as_ref().unwrap().write_all(b.as_bytes()).unwrap();
+                o.wait_with_output().unwrap().stdout
+            });
+            out.push((v["subject"].as_str().unwrap().to_string(), v["text"].as_str().unwrap().to_string(), png));
+        }
+        out
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Decodes a PNG; returns (width, height, distinct first-row-and-column colours > 1).
+fn png_info(bytes: &[u8]) -> (u32, u32, bool) {
+    let mut r = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let data = &buf[..info.buffer_size()];
+    let first = &data[..px];
+    (info.width, info.height, data.chunks(px).any(|p| p != first))
+}
+
+fn sandboxes() -> Vec<String> {
+    virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with("cairn-verify-")).map(String::from).collect()
+}
+
+#[test]
+fn boot_verification_mails_a_screenshot_and_never_touches_the_original() {
+    let e = VmEnv::new();
+    let smtp = Smtp::start(e.env.dir.path());
+    let g = Guest::start("bootok", &[]);
+    let r = e.backup(&g, &[]);
+    let id = r["id"].as_str().unwrap().to_string();
+    let uuid = virsh(&["domuuid", &g.name]).trim().to_string();
+    let xml_before = virsh(&["dumpxml", &g.name, "--inactive"]);
+    let server = format!("127.0.0.1:{}", smtp.port);
+    let t = std::time::Instant::now();
+    let v = e.env.json(&[
+        "verify",
+        "boot",
+        &g.name,
+        "--mail-to",
+        "ops@example.com",
+        "--smtp-server",
+        &server,
+        "--timeout",
+        "60",
+    ]);
+    let took = t.elapsed().as_secs_f64();
+    eprintln!("boot verification took {took:.1} s");
+    assert!(took < 30.0, "boot verification took {took:.1} s");
+    assert_eq!(v["verdict"], "passed", "{v}");
+    assert_eq!(v["method"], "guest agent");
+    assert_eq!(v["mailed_to"], "ops@example.com");
+    assert!(sandboxes().is_empty(), "sandbox left: {:?}", sandboxes());
+    // The original: same state, identity and configuration.
+    assert_eq!(g.state(), "running");
+    assert_eq!(virsh(&["domuuid", &g.name]).trim(), uuid);
+    assert_eq!(virsh(&["dumpxml", &g.name, "--inactive"]), xml_before);
+
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 1);
+    let (subject, text, png) = &mails[0];
+    assert!(subject.contains("PASSED") && subject.contains(&g.name) && subject.contains(&id[..8]), "{subject}");
+    assert!(text.contains("guest agent answered"), "{text}");
+    let (w, h, not_blank) = png_info(png.as_ref().expect("no screenshot attached"));
+    assert!(w >= 640 && h >= 400 && not_blank, "{w}x{h}, not blank: {not_blank}");
+
+    // The catalog keeps it: `cairn report` shows it, and the HTML page carries the image.
+    let html = e.env.path("report.html");
+    let rep = e.env.json(&["report", &g.name, "--html", html.to_str().unwrap()]);
+    let checks = rep["points"][0]["verifications"].as_array().unwrap();
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[0]["verdict"], "passed");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("data:image/png;base64,") && page.contains("PASSED"));
+}
+
+#[test]
+fn a_point_that_never_boots_fails_and_the_mail_says_so() {
+    let e = VmEnv::new();
+    let smtp = Smtp::start(e.env.dir.path());
+    // A VM whose initramfs is garbage: the kernel panics and the agent never answers.
+    let name = format!("cairn-bootbad-{}", std::process::id());
+    let _ = Command::new(guest_sh()).args(["remove", &name]).output();
+    sh(Command::new(guest_sh()).args(["define", &name]));
+    let g = Guest { name: name.clone() };
+    let bad = Path::new("/var/lib/cairn-test/vms").join(&name).join("bad-initrd");
+    let mut junk = vec![0u8; 1 << 20];
+    Rng::new(1).fill(&mut junk);
+    std::fs::write(&bad, &junk).unwrap();
+    let xml = virsh(&["dumpxml", &name, "--inactive"]);
+    let start = xml.find("<initrd>").unwrap() + "<initrd>".len();
+    let end = xml.find("</initrd>").unwrap();
+    let fixed = format!("{}{}{}", &xml[..start], bad.display(), &xml[end..]);
+    let f = e.env.path("bad.xml");
+    std::fs::write(&f, fixed).unwrap();
+    virsh(&["define", f.to_str().unwrap()]);
+    e.backup(&g, &[]); // shut off: read from its files
+    let server = format!("127.0.0.1:{}", smtp.port);
+    let o = e.env.run(&[
+        "verify",
+        "boot",
+        &name,
+        "--mail-to",
+        "ops@example.com",
+        "--smtp-server",
+        &server,
+        "--timeout",
+        "15",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["verdict"], "failed", "{v}");
+    assert!(sandboxes().is_empty(), "sandbox left: {:?}", sandboxes());
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 1);
+    assert!(mails[0].0.contains("FAILED"), "{}", mails[0].0);
+    assert!(mails[0].1.contains("did not answer"), "{}", mails[0].1);
+}

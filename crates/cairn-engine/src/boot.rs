@@ -1,0 +1,205 @@
+//! Boot verification: a restore point is booted in an isolated sandbox, straight from the
+//! repository (instant-recovery overlays over an NBD export), until its OS is up; its screen is
+//! captured; then the sandbox and everything it created go away. The original VM is never
+//! touched: the sandbox has a name of its own, a new identity, no network and no host devices.
+
+use crate::progress::Progress;
+use crate::recover::create_overlay;
+use crate::restore::{restore_disk, RestoreOptions};
+use crate::target::TargetFormat;
+use crate::vm::VmRecord;
+use anyhow::{Context, Result};
+use cairn_hypervisor::domain_xml::{self, ConfigEdit};
+use cairn_hypervisor::Hypervisor;
+use cairn_repo::{Repository, RestorePoint};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct BootOptions<'a> {
+    /// A folder for the sandbox's overlays and files (removed afterwards).
+    pub work_dir: PathBuf,
+    pub timeout: Duration,
+    /// Starts a detached NBD server of the point on this socket; returns its PID.
+    pub launch_server: &'a dyn Fn(&Path) -> Result<u32>,
+    pub workers: usize,
+}
+
+/// The result of one boot verification, as stored in the repository's catalog (without the
+/// screenshot, which is stored next to it, base64).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BootCheck {
+    pub kind: String,
+    pub point: String,
+    pub vm: String,
+    pub uuid: String,
+    pub point_time: String,
+    pub sandbox: String,
+    pub time: String,
+    /// "passed" or "failed".
+    pub verdict: String,
+    pub reason: String,
+    /// "guest agent" or "screen".
+    pub method: String,
+    /// From the sandbox's start to the OS being up (or to the timeout).
+    pub boot_ms: u64,
+    pub total_ms: u64,
+    pub screenshot_png: bool,
+}
+
+impl BootCheck {
+    pub fn passed(&self) -> bool {
+        self.verdict == "passed"
+    }
+}
+
+/// Boots the point in a sandbox; returns the verdict and the screenshot (PNG), if one was taken.
+pub fn verify_boot(
+    hv: &dyn Hypervisor,
+    repo: &Repository,
+    point_id: &str,
+    point: &RestorePoint,
+    opts: &BootOptions,
+    progress: &dyn Progress,
+) -> Result<(BootCheck, Option<Vec<u8>>)> {
+    let started = Instant::now();
+    let short = &point_id[..8];
+    let record = VmRecord::of(point)
+        .with_context(|| format!("restore point {short} is not a VM backup: only VM points can be booted"))?;
+    let sandbox = format!("cairn-verify-{}-{short}-{}", record.name, std::process::id());
+    let dir = opts.work_dir.join(&sandbox);
+    std::fs::create_dir_all(&dir)?;
+    let mut check = BootCheck {
+        kind: "boot-verification".into(),
+        point: point_id.to_string(),
+        vm: record.name.clone(),
+        uuid: record.uuid.clone(),
+        point_time: point.time.clone(),
+        sandbox: sandbox.clone(),
+        time: cairn_repo::now_rfc3339(),
+        verdict: "failed".into(),
+        reason: String::new(),
+        method: if domain_xml::parse(&record.config)?.agent_channel { "guest agent" } else { "screen" }.into(),
+        boot_ms: 0,
+        total_ms: 0,
+        screenshot_png: false,
+    };
+    let mut server = None;
+    let mut uuid = None;
+    let outcome = (|| -> Result<Option<Vec<u8>>> {
+        // Files the configuration names (kernel, initrd, NVRAM) are small: restored whole.
+        let mut edit = ConfigEdit {
+            name: sandbox.clone(),
+            keep_identity: false,
+            drop_all_nics: true,
+            drop_hostdevs: true,
+            log_dir: Some(dir.to_string_lossy().into_owned()),
+            ..Default::default()
+        };
+        for img in point.disks.iter().filter(|d| d.role.is_some() && d.role.as_deref() != Some("memory-state")) {
+            let role = img.role.clone().unwrap();
+            let to = dir.join(&role);
+            let ropts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: opts.workers };
+            restore_disk(repo, point_id, point, img, &to, &ropts, progress)?;
+            edit.files.push((role, to.to_string_lossy().into_owned()));
+        }
+        let socket = dir.join("nbd.sock");
+        server = Some((opts.launch_server)(&socket)?);
+        for img in point.disks.iter().filter(|d| d.is_disk()) {
+            let overlay = dir.join(format!("{}.qcow2", img.name));
+            create_overlay(&overlay, &socket, &img.name)?;
+            edit.disks.push((img.name.clone(), overlay.to_string_lossy().into_owned(), "qcow2".into()));
+        }
+        let config = domain_xml::rewrite(&record.config, &edit)?;
+        let boot = Instant::now();
+        let id = hv.start_transient(&config)?;
+        uuid = Some(id.clone());
+        progress.note(&format!("{sandbox}: booting restore point {short} of {} (no network)", record.name));
+        let up = if check.method == "guest agent" {
+            wait_agent(hv, &id, opts.timeout)
+        } else {
+            wait_screen(hv, &id, opts.timeout)
+        };
+        check.boot_ms = boot.elapsed().as_millis() as u64;
+        let shot = hv.screenshot(&id).ok().and_then(|(bytes, mime)| (mime == "image/png").then_some(bytes));
+        match up {
+            Ok(why) => {
+                if shot.as_deref().is_some_and(is_blank) {
+                    check.reason = format!("{why}, but the screen is blank");
+                } else {
+                    check.verdict = "passed".into();
+                    check.reason = why;
+                }
+            }
+            Err(why) => check.reason = why,
+        }
+        Ok(shot)
+    })();
+    // The sandbox goes, whatever happened: a transient VM vanishes when stopped.
+    if let Some(id) = &uuid {
+        let _ = hv.power_off(id);
+    }
+    if let Some(pid) = server {
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let shot = match outcome {
+        Ok(s) => s,
+        Err(e) => {
+            check.reason = format!("the sandbox could not be started: {e:#}");
+            None
+        }
+    };
+    check.screenshot_png = shot.is_some();
+    check.total_ms = started.elapsed().as_millis() as u64;
+    Ok((check, shot))
+}
+
+fn wait_agent(hv: &dyn Hypervisor, uuid: &str, timeout: Duration) -> std::result::Result<String, String> {
+    let t = Instant::now();
+    loop {
+        if hv.agent_ping(uuid).is_ok() {
+            return Ok(format!("the guest agent answered {:.1} s after the start", t.elapsed().as_secs_f64()));
+        }
+        if t.elapsed() > timeout {
+            return Err(format!("the guest agent did not answer within {} s", timeout.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Without an agent: up when the screen has stopped changing for 3 s and is not blank.
+fn wait_screen(hv: &dyn Hypervisor, uuid: &str, timeout: Duration) -> std::result::Result<String, String> {
+    let t = Instant::now();
+    let mut last: Option<Vec<u8>> = None;
+    let mut same_since = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let shot = hv.screenshot(uuid).map(|(b, _)| b).map_err(|e| format!("{e:#}"))?;
+        if last.as_ref() != Some(&shot) || is_blank(&shot) {
+            same_since = Instant::now();
+        } else if same_since.elapsed() >= Duration::from_secs(3) {
+            return Ok(format!("the screen settled {:.1} s after the start", t.elapsed().as_secs_f64()));
+        }
+        last = Some(shot);
+        if t.elapsed() > timeout {
+            return Err(format!(
+                "the screen did not settle on something other than blank within {} s",
+                timeout.as_secs()
+            ));
+        }
+    }
+}
+
+/// Whether a PNG is one flat colour (a screen with nothing on it). Undecodable counts as blank.
+pub fn is_blank(png_bytes: &[u8]) -> bool {
+    let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    let Ok(mut reader) = decoder.read_info() else { return true };
+    let Some(size) = reader.output_buffer_size() else { return true };
+    let mut buf = vec![0u8; size];
+    let Ok(info) = reader.next_frame(&mut buf) else { return true };
+    let px = info.color_type.samples() * if info.bit_depth == png::BitDepth::Sixteen { 2 } else { 1 };
+    let data = &buf[..info.buffer_size()];
+    let first = &data[..px.min(data.len())];
+    data.chunks(px).all(|p| p == first)
+}
