@@ -99,6 +99,14 @@ bytes read, new data written to the repository (after compression) and data that
 restore point can be restored. Damage is reported with every restore point it affects and the disk offsets \
 concerned. Exits with status 3 if anything is damaged.")]
     Verify {
+        /// Only these restore points (NAME[@POINT]; repeatable): their maps and the packs holding
+        /// their blocks. Damage found is still reported with every point it affects
+        #[arg(long = "points", value_name = "NAME[@POINT]")]
+        points: Vec<String>,
+        /// Only this percentage of the packs, those verified longest ago first: a scheduled
+        /// `verify --sample 10` covers the whole repository every 10 runs
+        #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+        sample: Option<f64>,
         #[command(subcommand)]
         what: Option<VerifyCmd>,
     },
@@ -343,8 +351,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Points { name } => points(g, name.as_deref()),
         Command::Restore(RestoreCmd::Image(a)) => restore_image(g, a),
         Command::Restore(RestoreCmd::Vm(a)) => vm::restore(g, a),
-        Command::Verify { what: None } => verify(g),
-        Command::Verify { what: Some(VerifyCmd::Boot(a)) } => boot::verify_boot_cmd(g, a),
+        Command::Verify { what: None, points, sample } => verify(g, points, *sample),
+        Command::Verify { what: Some(VerifyCmd::Boot(a)), .. } => boot::verify_boot_cmd(g, a),
         Command::Report(a) => boot::report(g, a),
     }
 }
@@ -693,16 +701,66 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
     Ok(0)
 }
 
-fn verify(g: &Global) -> Result<i32> {
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage between 0 and 100")),
+    }
+}
+
+fn verify(g: &Global, points: &[String], sample: Option<f64>) -> Result<i32> {
     let repo = open_repo(g)?;
     let _lock = repo.lock(false, "verify", Duration::from_secs(g.lock_wait))?;
     repo.load_index()?;
     let progress = bar(g);
-    let report = cairn_engine::verify::verify(&repo, workers(g), &progress)?;
+    // When each pack was last verified: kept in the catalog by earlier runs.
+    let mut states: Vec<(String, serde_json::Value)> =
+        repo.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "verify-state").collect();
+    states.sort_by_key(|(_, r)| r["time"].as_str().unwrap_or("").to_string());
+    let mut last: std::collections::HashMap<String, String> =
+        states.last().and_then(|(_, r)| serde_json::from_value(r["packs"].clone()).ok()).unwrap_or_default();
+    let selected = if points.is_empty() {
+        None
+    } else {
+        Some(points.iter().map(|p| repo.select_point(p).map(|(id, _)| id)).collect::<Result<Vec<_>, _>>()?)
+    };
+    let opts =
+        cairn_engine::verify::VerifyOptions { points: selected, sample_percent: sample, last_verified: last.clone() };
+    let report = cairn_engine::verify::verify_with(&repo, workers(g), &opts, &progress)?;
+    let now = cairn_repo::now_rfc3339();
+    let damaged: std::collections::HashSet<&str> = report.damaged_packs.iter().map(|d| d.pack.as_str()).collect();
+    for p in &report.packs_verified {
+        if !damaged.contains(p.as_str()) {
+            last.insert(p.clone(), now.clone());
+        }
+    }
+    let present: std::collections::HashSet<String> = repo.stored_packs()?.into_iter().map(|(n, _)| n).collect();
+    last.retain(|p, _| present.contains(p));
+    let never = present.iter().filter(|p| !last.contains_key(*p)).count();
+    let since = last.values().min().cloned();
+    if !report.packs_verified.is_empty() {
+        let name = repo.save_record(&serde_json::json!({"kind": "verify-state", "time": now, "packs": last}))?;
+        for (old, _) in states {
+            if old != name {
+                let _ = repo.delete_record(&old);
+            }
+        }
+    }
     if g.json {
-        print_json(&report);
+        let mut v = serde_json::to_value(&report)?;
+        v["packs_never_verified"] = never.into();
+        v["all_verified_since"] = if never == 0 { since.clone().into() } else { serde_json::Value::Null };
+        print_json(&v);
     } else {
         output::print_verify(&report);
+        if report.packs_verified.len() as u64 != report.packs_total {
+            println!("read {} of {} packs this run", report.packs_verified.len(), report.packs_total);
+        }
+        if never > 0 {
+            println!("{never} pack(s) not verified yet by any run");
+        } else if let Some(t) = since {
+            println!("every pack verified at least once since {t}");
+        }
     }
     Ok(if report.ok { 0 } else { EXIT_DAMAGED })
 }

@@ -134,3 +134,51 @@ fn bad_repositories_get_clear_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--repo"));
 }
+
+#[test]
+fn sampled_and_selected_verification_covers_the_repository_over_runs() {
+    let e = Env::new();
+    e.init();
+    for i in 1..=3 {
+        let img = e.path(&format!("img{i}.raw"));
+        make_image(&img, 40 * MIB, 100 + i);
+        e.backup(&img, &format!("img{i}"), &[]);
+    }
+    // A third of the packs per run, least recently verified first: three runs cover everything.
+    let mut seen = std::collections::HashSet::new();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..3 {
+        last = e.json(&["verify", "--sample", "34"]);
+        assert_eq!(last["ok"], true, "{last}");
+        for p in last["packs_verified"].as_array().unwrap() {
+            seen.insert(p.as_str().unwrap().to_string());
+        }
+        assert!(last["packs_verified"].as_array().unwrap().len() < last["packs_total"].as_u64().unwrap() as usize);
+    }
+    assert_eq!(seen.len() as u64, last["packs_total"].as_u64().unwrap());
+    assert_eq!(last["packs_never_verified"], 0);
+    assert!(last["all_verified_since"].is_string());
+
+    // Damage in a pack only img1 uses: verifying img2 alone does not read it; img1 does, and
+    // names img1.
+    let img1_only = |name: &str| -> Vec<String> {
+        let v = e.json(&["verify", "--points", name]);
+        v["packs_verified"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
+    };
+    let p1 = img1_only("img1");
+    let p2 = img1_only("img2");
+    let target = p1.iter().find(|p| !p2.contains(p)).expect("a pack of img1 alone").clone();
+    let path = e.files("packs").into_iter().find(|f| f.file_name().unwrap().to_str() == Some(&target)).unwrap();
+    let mut data = std::fs::read(&path).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&path, &data).unwrap();
+    let v = e.json(&["verify", "--points", "img2"]);
+    assert_eq!(v["ok"], true, "{v}");
+    let o = e.run(&["verify", "--points", "img1", "--json"]);
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> =
+        v["affected_points"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["img1"]);
+}

@@ -242,6 +242,11 @@ impl Repository {
         Ok(name)
     }
 
+    /// Removes a catalog record (superseded state).
+    pub fn delete_record(&self, name: &str) -> Result<()> {
+        Ok(self.backend.delete(Kind::Catalog, name)?)
+    }
+
     /// Every catalog record that can be read, with its name; damaged ones are skipped.
     pub fn load_records(&self) -> Result<Vec<(String, serde_json::Value)>> {
         let mut out = Vec::new();
