@@ -727,6 +727,17 @@ fn verify(g: &Global, points: &[String], sample: Option<f64>) -> Result<i32> {
     let opts =
         cairn_engine::verify::VerifyOptions { points: selected, sample_percent: sample, last_verified: last.clone() };
     let report = cairn_engine::verify::verify_with(&repo, workers(g), &opts, &progress)?;
+    // Self-healing: damaged copies are quarantined, so the next backup that reads those blocks
+    // from their source stores them again (and verify then passes).
+    let copies: Vec<(String, String)> = report
+        .damaged_blocks
+        .iter()
+        .filter(|b| !b.pack.is_empty())
+        .map(|b| (b.pack.clone(), b.block.clone()))
+        .collect();
+    if !copies.is_empty() {
+        repo.add_to_quarantine(&copies)?;
+    }
     let now = cairn_repo::now_rfc3339();
     let damaged: std::collections::HashSet<&str> = report.damaged_packs.iter().map(|d| d.pack.as_str()).collect();
     for p in &report.packs_verified {

@@ -182,3 +182,42 @@ fn sampled_and_selected_verification_covers_the_repository_over_runs() {
         v["affected_points"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["img1"]);
 }
+
+#[test]
+fn the_next_backup_heals_damaged_blocks_and_verify_then_passes() {
+    let e = Env::new();
+    e.init();
+    let img = e.path("disk.raw");
+    make_image(&img, 48 * MIB, 77);
+    let first = e.backup(&img, "heal", &[]);
+    let first_id = first["id"].as_str().unwrap().to_string();
+    // Damage a data frame in the middle of the biggest pack.
+    let pack = e.files("packs").into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let mut data = std::fs::read(&pack).unwrap();
+    let mid = data.len() / 2;
+    for b in &mut data[mid..mid + 256] {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&pack, &data).unwrap();
+    let o = e.run(&["verify", "--json"]);
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["affected_points"][0]["name"], "heal", "{v}");
+    // Until a backup reads those blocks again, verify keeps saying so, and why.
+    let o = e.run(&["verify", "--json"]);
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["damaged_blocks"][0]["problem"].as_str().unwrap().contains("quarantined"), "{v}");
+    // An incremental with nothing changed still reads the quarantined blocks from the source.
+    let ranges = e.path("none.txt");
+    std::fs::write(&ranges, "").unwrap();
+    let healed = e.backup(&img, "heal", &["--changed-ranges", ranges.to_str().unwrap()]);
+    assert!(stat(&healed, "read_bytes") > 0, "{healed}");
+    let v = e.json(&["verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(!v["quarantined_packs"].as_array().unwrap().is_empty());
+    // The old point restores again, byte for byte.
+    let out = e.path("restored.raw");
+    e.restore(&format!("heal@{}", &first_id[..8]), &out, &[]);
+    assert!(same_content(&img, &out));
+}

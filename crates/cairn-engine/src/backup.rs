@@ -385,7 +385,13 @@ fn plan_and_read(
                 let unchanged = changed.as_mut().is_some_and(|c| !c.intersects(start, end));
                 let plan = match parent.as_mut() {
                     _ if skip.covers(start, end) => Plan::Skip,
-                    Some(p) if unchanged => Plan::Keep(p.get(b)?),
+                    // A block the index no longer has (its only copy was quarantined as
+                    // damaged) is read again from the source: that heals the repository.
+                    Some(p) if unchanged => match p.get(b)? {
+                        id if id.is_zero() || repo.index().contains(&id) => Plan::Keep(id),
+                        _ if alloc.is_zero(src, start, end)? => Plan::Zero,
+                        _ => Plan::Read,
+                    },
                     _ if alloc.is_zero(src, start, end)? => Plan::Zero,
                     _ => Plan::Read,
                 };

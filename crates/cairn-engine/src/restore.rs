@@ -135,7 +135,14 @@ pub fn restore_disk(
                     let block = (p * PAGE_BLOCKS + i) as u64;
                     let disk_offset = block * bs;
                     let loc = index.get(id).with_context(|| {
-                        format!("{} is missing from the repository", describe_block(id, disk_offset))
+                        if index.has_quarantined_copy(id) {
+                            format!(
+                                "{} is damaged (verify quarantined its only copy); back up its source again to heal it",
+                                describe_block(id, disk_offset)
+                            )
+                        } else {
+                            format!("{} is missing from the repository", describe_block(id, disk_offset))
+                        }
                     })?;
                     if loc.pack != last_pack {
                         // Full backups store disk order, so packs come in long runs.

@@ -27,6 +27,9 @@ pub struct VerifyReport {
     pub affected_points: Vec<AffectedPoint>,
     /// Packs no index lists: left by interrupted backups. Harmless; not an error.
     pub unindexed_packs: Vec<String>,
+    /// Packs holding damaged copies that are quarantined (see `Repository::quarantine`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub quarantined_packs: Vec<String>,
     /// Packs in the repository, and the ones this run read (all, unless a selection or sample).
     pub packs_total: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -139,6 +142,9 @@ pub fn verify_with(
         let keep: HashSet<PackId> = order.into_iter().take(take).map(|(_, id)| id).collect();
         stored.retain(|id, _| keep.contains(id));
     }
+    let quarantined = index.quarantined_packs();
+    report.quarantined_packs = quarantined.iter().map(hex::encode).collect();
+    report.quarantined_packs.sort();
     report.packs_verified = stored.values().map(|(n, _)| n.clone()).collect();
     report.packs_verified.sort();
 
@@ -178,6 +184,7 @@ pub fn verify_with(
             let shared = &shared;
             let by_pack = &by_pack;
             let index = &index;
+            let quarantined = &quarantined;
             s.spawn(move || {
                 for (pack, name) in rx {
                     let mut pd = Vec::new();
@@ -201,7 +208,10 @@ pub fn verify_with(
                         }
                     };
                     progress.advance(bytes.len() as u64);
-                    if cairn_repo::pack::name_of(&bytes) != name {
+                    // A pack whose damaged copies are quarantined (and so no longer used) still
+                    // differs from its name: that is known, not new damage. Its other blocks are
+                    // checked one by one below.
+                    if cairn_repo::pack::name_of(&bytes) != name && !quarantined.contains(&pack) {
                         pd.push(PackDamage {
                             pack: name.clone(),
                             problem: "bytes changed (hash does not match the pack's name)".into(),
@@ -324,10 +334,17 @@ pub fn verify_with(
                             let bad = damaged.contains_key(bid) || !index.contains(bid);
                             if bad {
                                 if !index.contains(bid) && seen_missing.insert(*bid) {
+                                    let q = quarantined.iter().find(|p| index.is_quarantined(p, bid));
                                     damaged.entry(*bid).or_insert(BlockDamage {
                                         block: bid.to_hex(),
                                         pack: String::new(),
-                                        problem: "missing from every index".into(),
+                                        problem: match q {
+                                            Some(p) => format!(
+                                                "damaged in pack {} and quarantined: the next backup that reads this block stores it again",
+                                                &hex::encode(p)[..8]
+                                            ),
+                                            None => "missing from every index".into(),
+                                        },
                                     });
                                 }
                                 ad.damaged_blocks += 1;

@@ -66,6 +66,8 @@ pub struct Index {
     pack_numbers: HashMap<PackId, u32>,
     frames: Vec<FrameSlot>,
     blobs: HashMap<BlockId, BlobSlot>,
+    /// Copies verify found damaged: never used, so a backup stores the block again.
+    quarantine: std::collections::HashSet<(PackId, BlockId)>,
 }
 
 impl Index {
@@ -95,6 +97,26 @@ impl Index {
         })
     }
 
+    /// Sets the damaged copies to leave out (before packs are added).
+    pub fn set_quarantine(&mut self, q: std::collections::HashSet<(PackId, BlockId)>) {
+        self.quarantine = q;
+    }
+
+    /// Whether this copy of a block is quarantined.
+    pub fn is_quarantined(&self, pack: &PackId, id: &BlockId) -> bool {
+        self.quarantine.contains(&(*pack, *id))
+    }
+
+    /// Whether some copy of this block is quarantined.
+    pub fn has_quarantined_copy(&self, id: &BlockId) -> bool {
+        self.quarantine.iter().any(|(_, b)| b == id)
+    }
+
+    /// Packs holding quarantined copies.
+    pub fn quarantined_packs(&self) -> std::collections::HashSet<PackId> {
+        self.quarantine.iter().map(|(p, _)| *p).collect()
+    }
+
     /// Adds a pack's contents. A pack already known is skipped (several index files may
     /// list it: a session's partial files and its final one).
     pub fn add_pack(&mut self, pack: PackId, frames: &[FrameEntry]) {
@@ -108,6 +130,9 @@ impl Index {
             let fn_ = self.frames.len() as u32;
             self.frames.push(FrameSlot { pack: pn, offset: f.offset, stored_len: f.stored_len, raw_len: f.raw_len });
             for b in &f.blobs {
+                if !self.quarantine.is_empty() && self.quarantine.contains(&(pack, b.id)) {
+                    continue;
+                }
                 self.blobs.entry(b.id).or_insert(BlobSlot {
                     frame: fn_,
                     raw_offset: b.raw_offset,

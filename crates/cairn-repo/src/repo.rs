@@ -139,6 +139,7 @@ impl Repository {
     /// [`Repository::damaged_index_files`]): backups then simply store those blocks again.
     pub fn load_index(&self) -> Result<()> {
         let mut idx = Index::default();
+        idx.set_quarantine(self.quarantine()?);
         let mut damaged = Vec::new();
         for l in self.backend.list(Kind::Index)? {
             match self.read_index_file(&l.name) {
@@ -240,6 +241,45 @@ impl Repository {
         let name = blake3::hash(&sealed).to_hex().to_string();
         self.backend.put(Kind::Catalog, &name, &sealed)?;
         Ok(name)
+    }
+
+    /// The block copies verify found damaged (pack, block): the index leaves them out, so the
+    /// next backup that reads those blocks stores them again (self-healing).
+    pub fn quarantine(&self) -> Result<std::collections::HashSet<(crate::index::PackId, BlockId)>> {
+        let mut out = std::collections::HashSet::new();
+        for (_, r) in self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "quarantine") {
+            for e in r["copies"].as_array().into_iter().flatten() {
+                let pack = e[0].as_str().and_then(crate::index::pack_id_from_name);
+                let block = e[1].as_str().and_then(BlockId::from_hex);
+                if let (Some(p), Some(b)) = (pack, block) {
+                    out.insert((p, b));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds damaged copies to the quarantine (one record holds it all; older ones go).
+    pub fn add_to_quarantine(&self, copies: &[(String, String)]) -> Result<()> {
+        let old: Vec<(String, serde_json::Value)> =
+            self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "quarantine").collect();
+        let mut all: std::collections::BTreeSet<(String, String)> = copies.iter().cloned().collect();
+        for (_, r) in &old {
+            for e in r["copies"].as_array().into_iter().flatten() {
+                if let (Some(p), Some(b)) = (e[0].as_str(), e[1].as_str()) {
+                    all.insert((p.to_string(), b.to_string()));
+                }
+            }
+        }
+        let list: Vec<[String; 2]> = all.into_iter().map(|(p, b)| [p, b]).collect();
+        let name =
+            self.save_record(&serde_json::json!({"kind": "quarantine", "time": crate::now_rfc3339(), "copies": list}))?;
+        for (n, _) in old {
+            if n != name {
+                self.delete_record(&n)?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes a catalog record (superseded state).
