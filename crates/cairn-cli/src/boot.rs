@@ -27,12 +27,19 @@ pub struct VerifyBoot {
     /// Hypervisor connection URI
     #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
     connect: String,
-    /// How long the OS may take to come up
-    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
-    timeout: u64,
     /// Folder for the sandbox's overlays (emptied afterwards)
     #[arg(long, default_value = "/var/tmp/cairn", value_name = "DIR")]
     work_dir: PathBuf,
+    #[command(flatten)]
+    pub mail: BootMail,
+}
+
+/// How long a boot may take and where its report goes (shared with `backup vm --verify-boot`).
+#[derive(Args, Clone)]
+pub struct BootMail {
+    /// How long the OS may take to come up
+    #[arg(long = "boot-timeout", alias = "timeout", default_value_t = 120, value_name = "SECONDS")]
+    timeout: u64,
     /// Mail the verdict and the screenshot to this address
     #[arg(long, value_name = "ADDR")]
     mail_to: Option<String>,
@@ -56,17 +63,60 @@ pub fn verify_boot_cmd(g: &Global, a: &VerifyBoot) -> Result<i32> {
     let _lock = repo.lock(false, "verify boot", Duration::from_secs(g.lock_wait))?;
     repo.load_index()?;
     let (id, point) = repo.select_point(&a.point)?;
+    let (check, record_id, mailed, shot) = boot_and_report(g, &hv, &repo, &id, &point, &a.work_dir, &a.mail)?;
+    if g.json {
+        let mut out = serde_json::to_value(&check)?;
+        out["record"] = record_id.clone().into();
+        out["mailed_to"] = mailed.into();
+        print_json(&out);
+    } else {
+        print_check(&check, &record_id, mailed, shot.as_deref());
+    }
+    Ok(if check.passed() { 0 } else { crate::EXIT_DAMAGED })
+}
+
+pub fn print_check(check: &BootCheck, record_id: &str, mailed: Option<String>, shot: Option<&[u8]>) {
+    println!(
+        "boot verification of {} ({}, {}): {} ({})",
+        check.vm,
+        &check.point[..8],
+        check.point_time,
+        check.verdict.to_uppercase(),
+        check.reason
+    );
+    println!(
+        "  sandbox {} (no network), up in {:.1} s, {:.1} s in all; screenshot {}; {}",
+        check.sandbox,
+        check.boot_ms as f64 / 1000.0,
+        check.total_ms as f64 / 1000.0,
+        shot.map(|s| format!("{} PNG", bytes(s.len() as u64))).unwrap_or("none".into()),
+        mailed.map(|m| format!("mailed to {m}")).unwrap_or("not mailed".into())
+    );
+    println!("  stored in the repository's catalog as {}", &record_id[..8]);
+}
+
+/// Boots the point in a sandbox, mails and stores the verdict. Returns (check, catalog record,
+/// mailed to, screenshot).
+pub fn boot_and_report(
+    g: &Global,
+    hv: &Libvirt,
+    repo: &std::sync::Arc<cairn_repo::Repository>,
+    id: &str,
+    point: &cairn_repo::RestorePoint,
+    work_dir: &Path,
+    a: &BootMail,
+) -> Result<(BootCheck, String, Option<String>, Option<Vec<u8>>)> {
     let repo_dir = std::path::absolute(g.repo.as_ref().context("no repository: pass --repo DIR or set CAIRN_REPO")?)?;
     let server_point = format!("{}@{}", point.name, id);
     let launch = |socket: &Path| crate::vm::launch_nbd_server(&repo_dir, &server_point, socket);
     let opts = BootOptions {
-        work_dir: std::path::absolute(&a.work_dir)?,
+        work_dir: std::path::absolute(work_dir)?,
         timeout: Duration::from_secs(a.timeout),
         launch_server: &launch,
         workers: workers(g),
     };
     let progress = bar(g);
-    let (check, shot) = verify_boot(&hv, &repo, &id, &point, &opts, &progress as &dyn Progress)?;
+    let (check, shot) = verify_boot(hv, repo, id, point, &opts, &progress as &dyn Progress)?;
     let mut record = serde_json::to_value(&check)?;
     if let Some(png) = &shot {
         record["screenshot"] = base64::engine::general_purpose::STANDARD.encode(png).into();
@@ -80,34 +130,10 @@ pub fn verify_boot_cmd(g: &Global, a: &VerifyBoot) -> Result<i32> {
     }
     record["mailed_to"] = mailed.clone().into();
     let record_id = repo.save_record(&record)?;
-    if g.json {
-        let mut out = serde_json::to_value(&check)?;
-        out["record"] = record_id.clone().into();
-        out["mailed_to"] = mailed.into();
-        print_json(&out);
-    } else {
-        println!(
-            "boot verification of {} ({}, {}): {} ({})",
-            check.vm,
-            &id[..8],
-            check.point_time,
-            check.verdict.to_uppercase(),
-            check.reason
-        );
-        println!(
-            "  sandbox {} (no network), up in {:.1} s, {:.1} s in all; screenshot {}; {}",
-            check.sandbox,
-            check.boot_ms as f64 / 1000.0,
-            check.total_ms as f64 / 1000.0,
-            shot.as_ref().map(|s| format!("{} PNG", bytes(s.len() as u64))).unwrap_or("none".into()),
-            mailed.map(|m| format!("mailed to {m}")).unwrap_or("not mailed".into())
-        );
-        println!("  stored in the repository's catalog as {}", &record_id[..8]);
-    }
-    Ok(if check.passed() { 0 } else { crate::EXIT_DAMAGED })
+    Ok((check, record_id, mailed, shot))
 }
 
-fn send_mail(a: &VerifyBoot, to: &str, check: &BootCheck, png: Option<&[u8]>) -> Result<()> {
+fn send_mail(a: &BootMail, to: &str, check: &BootCheck, png: Option<&[u8]>) -> Result<()> {
     use lettre::message::{header::ContentType, Attachment, MultiPart, SinglePart};
     use lettre::transport::smtp::authentication::Credentials;
     use lettre::{Message, SmtpTransport, Transport};

@@ -69,6 +69,12 @@ pub struct BackupVm {
     /// zstd level (1 fastest .. 19 smallest)
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(-7..=19))]
     compression: i32,
+    /// Right after each backup, boot the new restore point in a sandbox and check it comes up
+    /// (see `cairn verify boot`); a point that does not boot makes the command exit 3
+    #[arg(long)]
+    verify_boot: bool,
+    #[command(flatten)]
+    mail: crate::boot::BootMail,
     /// Testing aid: also pull every export with qemu-img into DIR
     #[arg(long, hide = true, value_name = "DIR")]
     debug_oracle: Option<PathBuf>,
@@ -238,6 +244,7 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
     };
     let mut results = Vec::new();
     let mut failed = 0;
+    let mut unbootable = 0;
     for name in &a.vms {
         match backup_one(&hv, &repo, name, &opts, a, &progress) {
             Ok((id, point, record)) => {
@@ -246,8 +253,28 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
                 }
                 let mut rec = serde_json::to_value(&record)?;
                 rec.as_object_mut().map(|o| o.remove("config"));
-                results.push(serde_json::json!({"vm": name, "ok": true, "id": id, "record": rec, "stats": point.stats,
-                    "disks": point.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>()}));
+                let mut result = serde_json::json!({"vm": name, "ok": true, "id": id, "record": rec, "stats": point.stats,
+                    "disks": point.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>()});
+                if a.verify_boot {
+                    match crate::boot::boot_and_report(g, &hv, &repo, &id, &point, &opts.work_dir, &a.mail) {
+                        Ok((check, record_id, mailed, shot)) => {
+                            if !check.passed() {
+                                unbootable += 1;
+                            }
+                            if !g.json {
+                                crate::boot::print_check(&check, &record_id, mailed.clone(), shot.as_deref());
+                            }
+                            result["boot_verification"] = serde_json::to_value(&check)?;
+                            result["boot_verification"]["mailed_to"] = mailed.into();
+                        }
+                        Err(e) => {
+                            unbootable += 1;
+                            progress.note(&format!("error: boot verification of {name} failed: {e:#}"));
+                            result["boot_verification"] = serde_json::json!({"error": format!("{e:#}")});
+                        }
+                    }
+                }
+                results.push(result);
             }
             Err(e) => {
                 failed += 1;
@@ -259,7 +286,13 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
     if g.json {
         print_json(&results);
     }
-    Ok(if failed > 0 { 1 } else { 0 })
+    Ok(if failed > 0 {
+        1
+    } else if unbootable > 0 {
+        crate::EXIT_DAMAGED
+    } else {
+        0
+    })
 }
 
 fn backup_one(

@@ -124,12 +124,19 @@ fn boot_verification_mails_a_screenshot_and_never_touches_the_original() {
     let (w, h, not_blank) = png_info(png.as_ref().expect("no screenshot attached"));
     assert!(w >= 640 && h >= 400 && not_blank, "{w}x{h}, not blank: {not_blank}");
 
-    // The catalog keeps it: `cairn report` shows it, and the HTML page carries the image.
+    // Right after a backup, with --verify-boot.
+    let r2 = e.backup(&g, &["--verify-boot", "--mail-to", "ops@example.com", "--smtp-server", &server]);
+    assert_eq!(r2["boot_verification"]["verdict"], "passed", "{r2}");
+    assert_eq!(smtp.messages().len(), 2);
+    assert!(sandboxes().is_empty());
+
+    // The catalog keeps them: `cairn report` shows them, and the HTML page carries the image.
     let html = e.env.path("report.html");
     let rep = e.env.json(&["report", &g.name, "--html", html.to_str().unwrap()]);
     let checks = rep["points"][0]["verifications"].as_array().unwrap();
     assert_eq!(checks.len(), 1);
     assert_eq!(checks[0]["verdict"], "passed");
+    assert_eq!(rep["points"][1]["verifications"][0]["verdict"], "passed");
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("data:image/png;base64,") && page.contains("PASSED"));
 }
