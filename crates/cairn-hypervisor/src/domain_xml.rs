@@ -369,6 +369,7 @@ mod rewrite_tests {
             network_map: vec![("prod".into(), "lab".into())],
             drop_nics: vec!["br-gone".into()],
             drop_hostdevs: true,
+            drop_all_nics: false,
             log_dir: Some("/st".into()),
         };
         let out = rewrite(xml, &edit).unwrap();
@@ -385,6 +386,9 @@ mod rewrite_tests {
         assert_eq!(c.files[1].path, "/old/nvram.fd");
         assert!(host_devices(&out).unwrap().is_empty());
         assert!(out.contains("/st/web-restored-serial.log"), "{out}");
+        // A sandbox has no network at all.
+        let sandbox = parse(&rewrite(xml, &ConfigEdit { drop_all_nics: true, ..edit.clone() }).unwrap()).unwrap();
+        assert!(sandbox.nics.is_empty());
         // Keeping the identity keeps UUID and MACs.
         let kept = parse(&rewrite(xml, &ConfigEdit { keep_identity: true, ..edit }).unwrap()).unwrap();
         assert_eq!(kept.uuid, "2da463bf-4dab-4b65-afda-bf83f46eb22d");
