@@ -78,8 +78,10 @@ fn png_info(bytes: &[u8]) -> (u32, u32, bool) {
     (info.width, info.height, data.chunks(px).any(|p| p != first))
 }
 
-fn sandboxes() -> Vec<String> {
-    virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with("cairn-verify-")).map(String::from).collect()
+/// Sandboxes of this VM still defined (tests run in parallel: only look at our own).
+fn sandboxes(vm: &str) -> Vec<String> {
+    let prefix = format!("cairn-verify-{vm}-");
+    virsh(&["list", "--all", "--name"]).lines().filter(|l| l.starts_with(&prefix)).map(String::from).collect()
 }
 
 #[test]
@@ -110,7 +112,7 @@ fn boot_verification_mails_a_screenshot_and_never_touches_the_original() {
     assert_eq!(v["verdict"], "passed", "{v}");
     assert_eq!(v["method"], "guest agent");
     assert_eq!(v["mailed_to"], "ops@example.com");
-    assert!(sandboxes().is_empty(), "sandbox left: {:?}", sandboxes());
+    assert!(sandboxes(&g.name).is_empty(), "sandbox left: {:?}", sandboxes(&g.name));
     // The original: same state, identity and configuration.
     assert_eq!(g.state(), "running");
     assert_eq!(virsh(&["domuuid", &g.name]).trim(), uuid);
@@ -128,7 +130,7 @@ fn boot_verification_mails_a_screenshot_and_never_touches_the_original() {
     let r2 = e.backup(&g, &["--verify-boot", "--mail-to", "ops@example.com", "--smtp-server", &server]);
     assert_eq!(r2["boot_verification"]["verdict"], "passed", "{r2}");
     assert_eq!(smtp.messages().len(), 2);
-    assert!(sandboxes().is_empty());
+    assert!(sandboxes(&g.name).is_empty());
 
     // The catalog keeps them: `cairn report` shows them, and the HTML page carries the image.
     let html = e.env.path("report.html");
@@ -178,7 +180,7 @@ fn a_point_that_never_boots_fails_and_the_mail_says_so() {
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["verdict"], "failed", "{v}");
-    assert!(sandboxes().is_empty(), "sandbox left: {:?}", sandboxes());
+    assert!(sandboxes(&name).is_empty(), "sandbox left: {:?}", sandboxes(&name));
     let mails = smtp.messages();
     assert_eq!(mails.len(), 1);
     assert!(mails[0].0.contains("FAILED"), "{}", mails[0].0);
