@@ -320,10 +320,66 @@ enum Format {
     Qcow2,
 }
 
+/// The host configuration file: settings that belong to the machine, not to a repository (mail
+/// server and its credentials). `CAIRN_CONFIG` names it; by default `/etc/cairn/cairn.toml`, if
+/// present. Each setting becomes the environment variable the matching option reads, unless that
+/// variable is already set, so the command line and the environment still win:
+///
+/// ```toml
+/// [mail]
+/// server = "mail.example.com:587"   # CAIRN_SMTP_SERVER
+/// tls = "starttls"                  # CAIRN_SMTP_TLS: none, starttls, tls
+/// user = "backup"                   # CAIRN_SMTP_USER
+/// password = "..."                  # CAIRN_SMTP_PASSWORD
+/// from = "cairn@example.com"        # CAIRN_MAIL_FROM
+/// ```
+fn load_host_config() -> Result<()> {
+    let (path, required) = match std::env::var_os("CAIRN_CONFIG") {
+        Some(p) => (PathBuf::from(p), true),
+        None => (PathBuf::from("/etc/cairn/cairn.toml"), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read the configuration file {}", path.display())),
+    };
+    let doc: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let known = [
+        ("server", "CAIRN_SMTP_SERVER"),
+        ("tls", "CAIRN_SMTP_TLS"),
+        ("user", "CAIRN_SMTP_USER"),
+        ("password", "CAIRN_SMTP_PASSWORD"),
+        ("from", "CAIRN_MAIL_FROM"),
+    ];
+    for (section, table) in &doc {
+        let Some(table) = table.as_table().filter(|_| section == "mail") else {
+            bail!("{}: unknown section [{section}] (known: [mail])", path.display());
+        };
+        for (key, value) in table {
+            let Some((_, var)) = known.iter().find(|(k, _)| k == key) else {
+                bail!("{}: unknown setting mail.{key} (known: server, tls, user, password, from)", path.display());
+            };
+            let value = match value {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if std::env::var_os(var).is_none() {
+                // Single-threaded here, before anything else runs.
+                unsafe { std::env::set_var(var, value) };
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     // Like other Unix tools, end quietly when the reader of our output goes away
     // (`cairn points | head`) instead of panicking on a broken pipe.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    if let Err(e) = load_host_config() {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => std::process::exit(code),

@@ -126,9 +126,32 @@ fn boot_verification_mails_a_screenshot_and_never_touches_the_original() {
     let (w, h, not_blank) = png_info(png.as_ref().expect("no screenshot attached"));
     assert!(w >= 640 && h >= 400 && not_blank, "{w}x{h}, not blank: {not_blank}");
 
-    // Right after a backup, with --verify-boot.
-    let r2 = e.backup(&g, &["--verify-boot", "--mail-to", "ops@example.com", "--smtp-server", &server]);
+    // Right after a backup, with --verify-boot; the mail server from the host configuration file.
+    let conf = e.env.path("cairn.toml");
+    std::fs::write(&conf, format!("[mail]\nserver = \"{server}\"\ntls = \"none\"\nfrom = \"backup@example.com\"\n"))
+        .unwrap();
+    let work = e.env.path("work");
+    let o = e
+        .env
+        .cmd(&[
+            "backup",
+            "vm",
+            &g.name,
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--verify-boot",
+            "--mail-to",
+            "ops@example.com",
+            "--json",
+        ])
+        .env("CAIRN_CONFIG", &conf)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r2: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r2 = &r2[0];
     assert_eq!(r2["boot_verification"]["verdict"], "passed", "{r2}");
+    assert_eq!(r2["boot_verification"]["mailed_to"], "ops@example.com", "{r2}");
     assert_eq!(smtp.messages().len(), 2);
     assert!(sandboxes(&g.name).is_empty());
 
