@@ -808,7 +808,11 @@ fn commit(
         let same = last_files
             .iter()
             .find(|o| o.path == rec.path && o.size == rec.size && o.mtime_ns == rec.mtime_ns && o.role == rec.role);
-        let old_image = same.and_then(|o| last.as_ref()?.1.disks.iter().find(|d| d.name == o.image).cloned());
+        // Carried over only while all its blocks are sound: a quarantined block (found damaged
+        // by verify) makes the file be read again, which heals it.
+        let old_image = same
+            .and_then(|o| last.as_ref()?.1.disks.iter().find(|d| d.name == o.image).cloned())
+            .filter(|img| all_blocks_indexed(repo, img));
         match old_image {
             Some(img) => {
                 let mut img = img;
@@ -843,6 +847,18 @@ fn commit(
     })?;
     let record = VmRecord::of(&point).context("internal error: VM record lost")?;
     Ok((id, point, record))
+}
+
+/// Whether every data block of an image is in the index (none missing or quarantined).
+fn all_blocks_indexed(repo: &Repository, img: &DiskImage) -> bool {
+    (0..img.map.len()).all(|p| {
+        repo.read_map_page(img, p)
+            .map(|ids| {
+                let index = repo.index();
+                ids.iter().all(|id| id.is_zero() || index.contains(id))
+            })
+            .unwrap_or(false)
+    })
 }
 
 /// Testing aid: an independent copy of each export, pulled by QEMU's own NBD client.
