@@ -30,14 +30,14 @@ pub(crate) const EXIT_DAMAGED: i32 = 3;
     name = "cairn",
     version,
     about = "Host-level backup of disk images and VMs into a deduplicating, verifiable repository",
-    long_about = "cairn backs up disk images (raw, qcow2, VHDX, VMDK, block devices, NBD exports) into a \
-repository where every restore point is a complete image built from shared, deduplicated, compressed \
-and optionally encrypted 64 KiB blocks.\n\n\
-A first session:\n  cairn init --repo /backup/repo\n  cairn backup image /var/lib/libvirt/images/web.qcow2 --repo /backup/repo --name web\n  \
-cairn points --repo /backup/repo\n  cairn restore image web --repo /backup/repo --to /tmp/web-restored.qcow2 --format qcow2\n  \
-cairn verify --repo /backup/repo\n\n\
+    long_about = "cairn backs up running VMs (through libvirt, with no agent in the guest) and disk images (raw, \
+qcow2, VHDX, VMDK, block devices, NBD exports) into a repository where every restore point is a complete \
+image built from shared, deduplicated, compressed and optionally encrypted 64 KiB blocks.\n\n\
+A first session:\n  cairn init --repo /backup/repo\n  cairn vm list\n  cairn backup vm web --repo /backup/repo\n  \
+cairn points --repo /backup/repo\n  cairn restore vm web --repo /backup/repo --storage /var/lib/libvirt/images --start\n  \
+cairn files ls web --repo /backup/repo\n  cairn verify --repo /backup/repo\n  cairn verify boot web --repo /backup/repo\n\n\
 The repository can also come from CAIRN_REPO, the password of an encrypted repository from CAIRN_PASSWORD.\n\
-Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage."
+Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage or a restore point did not boot."
 )]
 struct Cli {
     #[command(flatten)]
