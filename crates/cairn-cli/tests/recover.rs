@@ -241,3 +241,30 @@ fn instant_recovery_boots_from_the_repository_and_an_interrupted_move_is_finishe
     assert!(virsh(&["dumpxml", &name, "--inactive"]).contains(fin.to_str().unwrap()));
     std::mem::forget(copy);
 }
+
+#[test]
+fn a_missing_host_device_is_reported_before_writing_and_can_be_left_out() {
+    let e = VmEnv::new();
+    // A shut-off VM (never started) passing through a PCI device this host does not have.
+    let name = format!("cairn-hostdev-{}", std::process::id());
+    let _ = Command::new(guest_sh()).args(["remove", &name]).output();
+    sh(Command::new(guest_sh()).args(["define", &name]));
+    let g = Guest { name: name.clone() };
+    let xml = dumpxml(&name);
+    let hostdev = "<hostdev mode='subsystem' type='pci' managed='yes'><source>\
+                   <address domain='0x0000' bus='0xfe' slot='0x1f' function='0x7'/></source></hostdev>";
+    let with = xml.replacen("</devices>", &format!("{hostdev}</devices>"), 1);
+    let f = e.env.path("hostdev.xml");
+    std::fs::write(&f, with).unwrap();
+    virsh(&["define", f.to_str().unwrap()]);
+    e.backup(&g, &[]);
+    let st = storage(&e, "storage");
+    let err = e.env.fails(&["restore", "vm", &name, "--storage", st.to_str().unwrap()], 1);
+    assert!(err.contains("host device pci 0000:fe:1f.7") && err.contains("--drop-missing"), "{err}");
+    assert!(files_in(&st).is_empty(), "{:?}", files_in(&st));
+    let copy = format!("{name}-restored");
+    let _c = Recovered(copy.clone());
+    let rep = restore_vm(&e, &[&name, "--storage", st.to_str().unwrap(), "--drop-missing"]);
+    assert_eq!(rep["dropped"][0], "host device pci 0000:fe:1f.7", "{rep}");
+    assert!(!dumpxml(&copy).contains("<hostdev"));
+}
