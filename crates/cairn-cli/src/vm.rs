@@ -148,12 +148,8 @@ pub struct WatchdogArgs {
     job_dir: PathBuf,
 }
 
-fn connect(uri: &str) -> Result<Libvirt> {
-    Libvirt::connect(uri)
-}
-
 pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
-    let hv = connect(&a.connect)?;
+    let hv = Libvirt::connect(&a.connect)?;
     let vms = hv.list()?;
     let mut rows = Vec::new();
     for vm in &vms {
@@ -219,7 +215,7 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
 }
 
 pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
-    let hv = connect(&a.connect)?;
+    let hv = Libvirt::connect(&a.connect)?;
     let repo = open_repo(g)?;
     let _lock = repo.lock(false, "backup vm", Duration::from_secs(g.lock_wait))?;
     repo.load_index()?;
@@ -325,7 +321,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     use cairn_engine::recover::{recover_vm, RecoverOptions};
     use cairn_engine::target::TargetFormat;
     use std::io::{BufRead, IsTerminal, Write};
-    let hv = connect(&a.connect)?;
+    let hv = Libvirt::connect(&a.connect)?;
     let repo = open_repo(g)?;
     let _lock = repo.lock(false, "restore vm", Duration::from_secs(g.lock_wait))?;
     repo.load_index()?;
@@ -446,7 +442,7 @@ pub fn launch_nbd_server(repo_dir: &std::path::Path, point: &str, socket: &std::
 }
 
 pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {
-    let hv = connect(&a.connect)?;
+    let hv = Libvirt::connect(&a.connect)?;
     watchdog::run(&hv, &a.vm, Duration::from_secs(a.limit), &a.job_dir)?;
     Ok(0)
 }

@@ -110,6 +110,12 @@ fn finish_instant(hv: &dyn Hypervisor, dir: &Path, st: &InstantState, progress: 
         .with_context(|| format!("moving disk {target} off the repository"))?;
         progress.finish();
     }
+    drop_instant(dir, st);
+    Ok(())
+}
+
+/// Stops the NBD server of an instant recovery and removes its overlays and state.
+fn drop_instant(dir: &Path, st: &InstantState) {
     if process_alive(st.server_pid) {
         unsafe { libc::kill(st.server_pid as i32, libc::SIGTERM) };
     }
@@ -117,7 +123,6 @@ fn finish_instant(hv: &dyn Hypervisor, dir: &Path, st: &InstantState, progress: 
         let _ = std::fs::remove_file(overlay);
     }
     let _ = std::fs::remove_dir_all(dir);
-    Ok(())
 }
 
 fn extension(format: TargetFormat) -> &'static str {
@@ -163,15 +168,12 @@ pub fn recover_vm(
         if let Ok(text) = std::fs::read_to_string(dir.join("state.json")) {
             let st: InstantState = serde_json::from_str(&text).context("reading the instant recovery's state")?;
             if hv.find(&st.uuid).is_ok() {
+                let mut st = st;
                 if !process_alive(st.server_pid) || !st.socket.exists() {
-                    let inst = instant.unwrap();
-                    let pid = (inst.launch_server)(&st.socket)?;
-                    let st2 = InstantState { server_pid: pid, ..st.clone() };
-                    std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st2)?)?;
-                    finish_instant(hv, &dir, &st2, progress)?;
-                } else {
-                    finish_instant(hv, &dir, &st, progress)?;
+                    st.server_pid = (instant.unwrap().launch_server)(&st.socket)?;
+                    std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
                 }
+                finish_instant(hv, &dir, &st, progress)?;
                 return Ok(RecoverReport {
                     point: st.point.clone(),
                     name,
@@ -369,22 +371,13 @@ pub fn recover_vm(
             replaced = true;
         }
     }
-    let drop_instant = |st: &Option<InstantState>| {
-        if let Some(st) = st {
-            if process_alive(st.server_pid) {
-                unsafe { libc::kill(st.server_pid as i32, libc::SIGTERM) };
-            }
-            let _ = std::fs::remove_dir_all(instant_dir(&storage, &name));
-            for (_, o, _, _) in &st.disks {
-                let _ = std::fs::remove_file(o);
-            }
-        }
-    };
     let uuid = match hv.define(&config) {
         Ok(u) => u,
         Err(e) => {
             cleanup(&written);
-            drop_instant(&instant_state);
+            if let Some(st) = &instant_state {
+                drop_instant(&instant_dir(&storage, &name), st);
+            }
             return Err(e.context("the restored disks were removed"));
         }
     };
@@ -405,7 +398,7 @@ pub fn recover_vm(
         if let Err(e) = hv.start(&uuid) {
             let _ = hv.undefine(&uuid);
             cleanup(&written);
-            drop_instant(&Some(st));
+            drop_instant(&dir, &st);
             return Err(e);
         }
         started_vm = true;

@@ -108,6 +108,8 @@ pub fn verify_with(
         .into_iter()
         .filter_map(|(n, size)| pack_id_from_name(&n).map(|id| (id, (n, size))))
         .collect();
+    // Every pack present, before a selection or sample narrows what is read.
+    let all_stored: HashSet<PackId> = stored.keys().copied().collect();
     report.packs_total = stored.len() as u64;
     let list = repo.list_points()?;
     let selected: Option<HashSet<&str>> = opts.points.as_ref().map(|v| v.iter().map(|s| s.as_str()).collect());
@@ -148,8 +150,6 @@ pub fn verify_with(
     report.packs_verified = stored.values().map(|(n, _)| n.clone()).collect();
     report.packs_verified.sort();
 
-    let all_stored: HashSet<PackId> =
-        repo.stored_packs()?.into_iter().filter_map(|(n, _)| pack_id_from_name(&n)).collect();
     let mut damaged: HashMap<BlockId, BlockDamage> = HashMap::new();
     for (pack, ids) in &by_pack {
         if !all_stored.contains(pack) {

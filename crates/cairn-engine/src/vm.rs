@@ -155,6 +155,14 @@ pub struct HookRun {
     pub output: String,
 }
 
+impl HookRun {
+    /// Runs a hook command in the guest through the agent (bounded to 5 minutes).
+    fn run(hv: &dyn Hypervisor, uuid: &str, when: &str, cmd: &str) -> Result<HookRun> {
+        let r = hv.agent_exec(uuid, cmd, 300)?;
+        Ok(HookRun { when: when.into(), command: cmd.into(), exit_code: r.exit_code, output: r.stdout + &r.stderr })
+    }
+}
+
 impl VmRecord {
     /// The VM record of a restore point, if it is a VM backup.
     pub fn of(point: &RestorePoint) -> Option<VmRecord> {
@@ -617,15 +625,12 @@ fn take_point(
         Method::AppConsistent => {
             let pre: Vec<&String> = vm.config.pre_freeze.iter().chain(&opts.pre_freeze).collect();
             for cmd in pre {
-                let r = hv.agent_exec(uuid, cmd, 300).with_context(|| format!("pre-freeze command `{cmd}`"))?;
-                record.hooks.push(HookRun {
-                    when: "pre-freeze".into(),
-                    command: cmd.clone(),
-                    exit_code: r.exit_code,
-                    output: r.stdout + &r.stderr,
-                });
-                if r.exit_code != 0 {
-                    bail!("pre-freeze command `{cmd}` failed in the guest (exit {}); nothing was frozen", r.exit_code);
+                let run =
+                    HookRun::run(hv, uuid, "pre-freeze", cmd).with_context(|| format!("pre-freeze command `{cmd}`"))?;
+                let code = run.exit_code;
+                record.hooks.push(run);
+                if code != 0 {
+                    bail!("pre-freeze command `{cmd}` failed in the guest (exit {code}); nothing was frozen");
                 }
             }
             watchdog.tell(Guard::Frozen)?;
@@ -653,20 +658,14 @@ fn take_point(
             let export = point?;
             let post: Vec<&String> = vm.config.post_thaw.iter().chain(&opts.post_thaw).collect();
             for cmd in post {
-                match hv.agent_exec(uuid, cmd, 300) {
-                    Ok(r) => record.hooks.push(HookRun {
-                        when: "post-thaw".into(),
-                        command: cmd.clone(),
-                        exit_code: r.exit_code,
-                        output: r.stdout + &r.stderr,
-                    }),
-                    Err(e) => record.hooks.push(HookRun {
-                        when: "post-thaw".into(),
-                        command: cmd.clone(),
-                        exit_code: -1,
-                        output: format!("{e:#}"),
-                    }),
-                }
+                // The point is taken: a failing post-thaw command is recorded, not fatal.
+                let run = HookRun::run(hv, uuid, "post-thaw", cmd).unwrap_or_else(|e| HookRun {
+                    when: "post-thaw".into(),
+                    command: cmd.clone(),
+                    exit_code: -1,
+                    output: format!("{e:#}"),
+                });
+                record.hooks.push(run);
             }
             Ok((export, None))
         }
