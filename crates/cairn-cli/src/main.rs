@@ -273,7 +273,8 @@ enum FilesCmd {
     /// List a restore point's volumes, or a directory of one of them
     #[command(long_about = "With only NAME[@POINT]: the point's volumes (each disk's partitions, from its MBR or \
 GPT, or the whole disk when it has no table) with the filesystem found on each. With VOLUME (vda1, or vda \
-for a disk without partitions) and PATH: that directory of its ext2/3/4 filesystem. Only the blocks the \
+for a disk without partitions) and PATH: that directory of its filesystem (ext2/3/4, NTFS or FAT12/16/32; \
+NTFS and FAT names match without regard to case, as on Windows). Only the blocks the \
 listing needs are read from the repository.\n\n\
 Examples:\n  cairn files ls web --repo R\n  cairn files ls web vda1 /etc --repo R")]
     Ls {

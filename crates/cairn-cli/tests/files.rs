@@ -38,6 +38,16 @@ fn make_disk(e: &Env, src: &std::path::Path) -> std::path::PathBuf {
     disk
 }
 
+/// (name, filesystem) of each volume in `files ls NAME --json`.
+fn volume_list(v: &serde_json::Value) -> Vec<(String, String)> {
+    v["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["name"].as_str().unwrap().to_string(), x["filesystem"].as_str().unwrap_or("-").to_string()))
+        .collect()
+}
+
 #[test]
 fn files_come_out_of_a_restore_point_reading_little_more_than_their_size() {
     let e = Env::new();
@@ -53,12 +63,7 @@ fn files_come_out_of_a_restore_point_reading_little_more_than_their_size() {
     e.backup(&disk, "filesrv", &[]);
 
     let v = e.json(&["files", "ls", "filesrv"]);
-    let vols: Vec<(String, String)> = v["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| (x["name"].as_str().unwrap().to_string(), x["filesystem"].as_str().unwrap_or("-").to_string()))
-        .collect();
+    let vols = volume_list(&v);
     assert_eq!(vols, [("disk01".to_string(), "ext4".to_string()), ("disk02".to_string(), "swap".to_string())]);
 
     let ls = e.json(&["files", "ls", "filesrv", "disk01", "/etc"]);
@@ -173,4 +178,128 @@ fn reads_are_safe_while_a_backup_writes_into_the_repository() {
     assert!(writer.wait().unwrap().success());
     let v = e.json(&["verify"]);
     assert_eq!(v["ok"], true, "{v}");
+}
+
+/// A Windows-style disk: GPT with a FAT32 EFI system partition (p1, filled with mtools) and an
+/// NTFS partition (p2, made by mkntfs and filled through ntfs-3g).
+fn make_windows_disk(e: &Env, big: &[u8]) -> std::path::PathBuf {
+    let esp = e.path("esp.img");
+    std::fs::File::create(&esp).unwrap().set_len(40 << 20).unwrap();
+    run_tool(Command::new("mkfs.vfat").args(["-F", "32", "-n", "EFI"]).arg(&esp));
+    let boot = e.path("bootx64.efi");
+    std::fs::write(&boot, b"MZ not really a boot loader\n").unwrap();
+    let img = format!("{}", esp.display());
+    run_tool(Command::new("mmd").args(["-i", &img, "::/EFI", "::/EFI/Boot"]));
+    run_tool(Command::new("mcopy").args(["-i", &img]).arg(&boot).arg("::/EFI/Boot/bootx64.efi"));
+
+    let ntfs = e.path("ntfs.img");
+    std::fs::File::create(&ntfs).unwrap().set_len(120 << 20).unwrap();
+    run_tool(Command::new("mkntfs").args(["-F", "-Q", "-q", "-L", "Windows"]).arg(&ntfs));
+    let mnt = e.path("ntfs-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_tool(Command::new("ntfs-3g").arg(&ntfs).arg(&mnt));
+    let filled = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(mnt.join("Users/Alice/Documents"))?;
+        std::fs::write(mnt.join("Users/Alice/Documents/Quarterly Report 2026.txt"), "revenue: up\r\n")?;
+        std::fs::write(mnt.join("Users/Alice/big.bin"), big)?;
+        std::fs::write(mnt.join("pagefile.sys"), vec![7u8; 1 << 20])?;
+        Ok(())
+    })();
+    run_tool(Command::new("umount").arg(&mnt));
+    filled.unwrap();
+
+    let disk = e.path("win.img");
+    std::fs::File::create(&disk).unwrap().set_len(200 << 20).unwrap();
+    let mut c = Command::new("sfdisk").arg("-q").arg(&disk).stdin(Stdio::piped()).spawn().unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=40MiB, type=uefi\nstart=83968, size=120MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n")
+        .unwrap();
+    assert!(c.wait().unwrap().success());
+    for (part, seek) in [(&esp, "1"), (&ntfs, "41")] {
+        run_tool(
+            Command::new("dd").arg(format!("if={}", part.display())).arg(format!("of={}", disk.display())).args([
+                "bs=1M",
+                &format!("seek={seek}"),
+                "conv=notrunc,sparse",
+                "status=none",
+            ]),
+        );
+    }
+    disk
+}
+
+#[test]
+fn files_come_out_of_ntfs_and_fat_volumes() {
+    let e = Env::new();
+    e.init();
+    let mut big = vec![0u8; 30 << 20];
+    Rng::new(11).fill(&mut big);
+    let disk = make_windows_disk(&e, &big);
+    e.backup(&disk, "winsrv", &[]);
+
+    let v = e.json(&["files", "ls", "winsrv"]);
+    let vols = volume_list(&v);
+    assert_eq!(vols, [("disk01".to_string(), "fat".to_string()), ("disk02".to_string(), "ntfs".to_string())]);
+
+    // NTFS: the root without the metadata files ($MFT, ...), names as Windows shows them.
+    let names = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x["name"].as_str().unwrap().to_string(), x["kind"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let root = e.json(&["files", "ls", "winsrv", "disk02", "/"]);
+    let root_names = names(&root);
+    assert!(root_names.contains(&("Users".into(), "dir".into())), "{root_names:?}");
+    assert!(root_names.contains(&("pagefile.sys".into(), "file".into())), "{root_names:?}");
+    assert!(root_names.iter().all(|(n, _)| !n.starts_with('$') && n != "."), "{root_names:?}");
+    let docs = e.json(&["files", "ls", "winsrv", "disk02", "/Users/Alice/Documents"]);
+    assert_eq!(names(&docs), [("Quarterly Report 2026.txt".to_string(), "file".to_string())]);
+    let alice = e.json(&["files", "ls", "winsrv", "disk02", "/Users/Alice"]);
+    let big_entry = alice["entries"].as_array().unwrap().iter().find(|x| x["name"] == "big.bin").unwrap().clone();
+    assert_eq!(big_entry["size"], 30u64 << 20);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((big_entry["modified"].as_i64().unwrap() - now).abs() < 600, "{big_entry}");
+
+    // Windows paths are case-insensitive; a file and a whole tree come out byte for byte.
+    let out = e.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let r = e.json(&[
+        "files",
+        "get",
+        "winsrv",
+        "disk02",
+        "/users/alice/BIG.BIN",
+        "--to",
+        out.join("big.bin").to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(out.join("big.bin")).unwrap() == big, "big.bin differs");
+    let read = r["report"]["repository_bytes_read"].as_u64().unwrap();
+    assert!(read as f64 <= 1.2 * big.len() as f64, "read {read} bytes for a 30 MiB file");
+    e.json(&["files", "get", "winsrv", "disk02", "/Users", "--to", out.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("Users/Alice/Documents/Quarterly Report 2026.txt")).unwrap(),
+        "revenue: up\r\n"
+    );
+    assert!(std::fs::read(out.join("Users/Alice/big.bin")).unwrap() == big);
+
+    // FAT32: the EFI system partition.
+    let efi = e.json(&["files", "ls", "winsrv", "disk01", "/EFI/Boot"]);
+    assert_eq!(names(&efi), [("bootx64.efi".to_string(), "file".to_string())]);
+    e.json(&[
+        "files",
+        "get",
+        "winsrv",
+        "disk01",
+        "/efi/boot/BOOTX64.EFI",
+        "--to",
+        out.join("boot.efi").to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(out.join("boot.efi")).unwrap(), b"MZ not really a boot loader\n");
+    let err = e.fails(&["files", "ls", "winsrv", "disk02", "/Users/Bob"], 1);
+    assert!(err.contains("/Users/Bob"), "{err}");
 }
