@@ -70,7 +70,11 @@ cold
 timed cairn-restore "$cairn" restore image disk --repo r-cairn --to out-cairn.img
 timed cairn-sync sync
 cmp "$img" out-cairn.img || { echo "cairn restore differs!"; exit 1; }
+restored=$(du -B1 out-cairn.img | cut -f1)
 rm -f out-cairn.img; cold
+# What the disk itself allows: the same pack reads and data writes, no CPU work.
+timed io-floor "$top/bench/io-floor.sh" r-cairn "$restored" "$work"
+cold
 timed cairn-qcow2 "$cairn" restore image disk --repo r-cairn --format qcow2 --to out-cairn.qcow2
 timed cairn-qcow2-sync sync
 qemu-img compare -q -f raw -F qcow2 "$img" out-cairn.qcow2 || { echo "cairn qcow2 restore differs!"; exit 1; }
@@ -111,6 +115,7 @@ out="$top/bench/results/$(date -u +%Y-%m-%dT%H%M).md"
   plus() { awk -v a="$(t $1)" -v b="$(t $2)" 'BEGIN {printf "%.2f", a+b}'; }
   echo "| restore to qcow2, as \`restore vm\` writes (+ sync) (s) | $(plus cairn-qcow2 cairn-qcow2-sync) | | | $(ratio $(durable restic) $(plus cairn-qcow2 cairn-qcow2-sync)) faster | |"
   echo "| \`cp --sparse=always\` of the raw image (+ sync) (s) | $(plus cp-sparse cp-sync) | | | cairn raw restore takes $(ratio $(durable cairn) $(plus cp-sparse cp-sync)) the time of cp, qcow2 $(ratio $(plus cairn-qcow2 cairn-qcow2-sync) $(plus cp-sparse cp-sync)) | |"
+  echo "| disk floor: the same pack reads and data writes by \`dd\` (O_DIRECT), no decoding (s) | $(t io-floor) | | | cairn raw restore takes $(ratio $(durable cairn) $(t io-floor)) the floor's time | |"
   echo "| repository after full (MiB) | $(mib ${full[cairn]}) | $(mib ${full[restic]}) | $(mib ${full[borg]}) | $(awk -v a=${full[cairn]} -v b=${full[restic]} 'BEGIN {printf "%+.1f%%", (a-b)*100/b}') | |"
   echo "| growth, second backup | $(growth ${second[cairn]} ${full[cairn]}) | $(growth ${second[restic]} ${full[restic]}) | $(growth ${second[borg]} ${full[borg]}) | | |"
   echo "| growth, cairn full re-read | $(growth ${second[cairn-reread]} ${full[cairn]}) | | | | |"

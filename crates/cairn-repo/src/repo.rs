@@ -188,7 +188,13 @@ impl Repository {
     pub fn read_frame_into(&self, loc: &BlobLocation, stored: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
         let name = loc.pack_name();
         self.backend.get_range_into(Kind::Pack, &name, loc.frame_offset as u64, loc.frame_stored_len as u64, stored)?;
-        let what = format!("pack {} frame at {}", &name[..8], loc.frame_offset);
+        self.decode_frame_into(loc, stored, out)
+    }
+
+    /// Decodes the stored bytes of the frame at `loc` (read by the caller, e.g. as part of a
+    /// larger span of its pack) into `out`.
+    pub fn decode_frame_into(&self, loc: &BlobLocation, stored: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let what = format!("pack {} frame at {}", &loc.pack_name()[..8], loc.frame_offset);
         open_frame_into(&self.crypto, stored, loc.frame_raw_len, &what, out)
     }
 

@@ -123,10 +123,20 @@ pub trait Backend: Send + Sync {
         *buf = self.get_range(kind, name, offset, len)?;
         Ok(())
     }
-    /// A hint that the object will be read soon (a restore walking into a new pack); a backend
-    /// may start fetching it in the background. Never fails.
-    fn prefetch(&self, kind: Kind, name: &str) {
-        let _ = (kind, name);
+    /// Reads a large range that is read once and streamed through (a restore walking a pack):
+    /// the bytes of `[offset, offset + len)` land at the returned range of `buf`, which is
+    /// reused across calls. A backend may read around the range to bypass its caches (O_DIRECT
+    /// needs aligned offsets); the same errors as `get_range`.
+    fn get_span(
+        &self,
+        kind: Kind,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<std::ops::Range<usize>> {
+        self.get_range_into(kind, name, offset, len, buf)?;
+        Ok(0..len as usize)
     }
     /// Lists the complete objects of a kind, in no particular order.
     fn list(&self, kind: Kind) -> Result<Vec<Listed>>;

@@ -207,33 +207,51 @@ impl Backend for LocalBackend {
         let f = open(&p, kind, name)?;
         // Only grows (zeroing) when the reused buffer is smaller than ever before.
         buf.resize(len as usize, 0);
-        let mut done = 0usize;
-        while done < buf.len() {
-            match f.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    return Err(StorageError::ShortRead {
-                        kind,
-                        name: name.to_string(),
-                        offset,
-                        end: offset + len,
-                        size,
-                    });
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(format!("reading {}", p.display()), e)),
-            }
-        }
-        Ok(())
+        read_fully(&f, buf, offset, len as usize).map_err(|e| read_error(e, &f, &p, kind, name, offset, len))
     }
 
-    fn prefetch(&self, kind: Kind, name: &str) {
-        use std::os::unix::io::AsRawFd;
-        if let Ok(f) = self.path(kind, name).and_then(|p| open(&p, kind, name)) {
-            // Asynchronous readahead of the whole file into the page cache.
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+    fn get_span(
+        &self,
+        kind: Kind,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<std::ops::Range<usize>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.path(kind, name)?;
+        // Page-cache reads of packs cost more CPU (page allocation, copies, readahead) than
+        // decoding them: a restore reads each byte once, so it goes around the cache.
+        let f = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&p) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.get_range_into(kind, name, offset, len, buf)?;
+                return Ok(0..len as usize);
+            }
+            Err(_) => open(&p, kind, name)?, // reports NotFound and others the usual way
+        };
+        let start = offset - offset % DIRECT_ALIGN as u64;
+        let end = (offset + len).next_multiple_of(DIRECT_ALIGN as u64);
+        let span = (end - start) as usize;
+        // An aligned window inside the (unaligned) Vec; only grows when the span is larger
+        // than ever before.
+        if buf.len() < span + DIRECT_ALIGN {
+            buf.resize(span + DIRECT_ALIGN, 0);
         }
+        let pad = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let window = &mut buf[pad..pad + span];
+        let need = (offset + len - start) as usize;
+        match read_fully(&f, window, start, need) {
+            Ok(()) => {}
+            // Some filesystems accept the open but refuse unbuffered reads.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.get_range_into(kind, name, offset, len, buf)?;
+                return Ok(0..len as usize);
+            }
+            Err(e) => return Err(read_error(e, &f, &p, kind, name, offset, len)),
+        }
+        let at = pad + (offset - start) as usize;
+        Ok(at..at + len as usize)
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<Listed>> {
@@ -279,6 +297,31 @@ impl Backend for LocalBackend {
     }
 }
 
+/// Reads at least `need` bytes into `buf` from `offset` (more when the file and buffer have
+/// them); end of file first is an `UnexpectedEof` error.
+fn read_fully(f: &File, buf: &mut [u8], offset: u64, need: usize) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < need {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The storage error for a failed read of `[offset, offset + len)`.
+fn read_error(e: std::io::Error, f: &File, p: &Path, kind: Kind, name: &str, offset: u64, len: u64) -> StorageError {
+    if e.kind() == ErrorKind::UnexpectedEof {
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        StorageError::ShortRead { kind, name: name.to_string(), offset, end: offset + len, size }
+    } else {
+        io_err(format!("reading {}", p.display()), e)
+    }
+}
+
 fn open(p: &Path, kind: Kind, name: &str) -> Result<File> {
     File::open(p).map_err(|e| {
         if e.kind() == ErrorKind::NotFound {
@@ -308,6 +351,27 @@ mod tests {
         b.delete(Kind::Pack, &name).unwrap();
         b.delete(Kind::Pack, &name).unwrap();
         assert!(b.get(Kind::Pack, &name).unwrap_err().is_not_found());
+    }
+
+    #[test]
+    fn spans_are_read_around_the_cache_at_any_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.create().unwrap();
+        let name = "cd".repeat(32);
+        let data: Vec<u8> = (0..3 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+        b.put(Kind::Pack, &name, &data).unwrap();
+        let mut buf = Vec::new();
+        // Unaligned start and end, one ending exactly at the end of the object, one tiny.
+        for (off, len) in [(1, 100_000), (4095, 2 << 20), (5000, (3 << 20) - 5000), (3 << 20, 0), (12_345, 1)] {
+            let r = b.get_span(Kind::Pack, &name, off as u64, len as u64, &mut buf).unwrap();
+            assert!(buf[r] == data[off..off + len], "span {off}+{len}");
+        }
+        assert!(matches!(
+            b.get_span(Kind::Pack, &name, (3 << 20) - 10, 20, &mut buf),
+            Err(StorageError::ShortRead { .. })
+        ));
+        assert!(b.get_span(Kind::Pack, &"ee".repeat(32), 0, 10, &mut buf).unwrap_err().is_not_found());
     }
 
     #[test]

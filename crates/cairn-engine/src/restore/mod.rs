@@ -3,10 +3,13 @@
 //!
 //! ```text
 //!  planner ──frame jobs──▶ workers (N) ──verified frames──▶ writer (target)
-//!  (walks map pages,       (read frame, decrypt,           (pwrite / NBD write;
-//!   groups blocks by        decompress, BLAKE3 check)        zeros stay holes)
-//!   frame)
+//!  (walks map pages,       (decrypt, decompress,           (pwrite / NBD write;
+//!   groups blocks by        BLAKE3 check)                    zeros stay holes)
+//!   frame, starts span          ▲
+//!   reads)  ──spans──▶ fetchers ┘ (large reads of pack spans, around the page cache)
 //! ```
+
+mod fetch;
 
 use crate::pool::Pool;
 use crate::progress::Progress;
@@ -18,6 +21,8 @@ use crossbeam_channel::bounded;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 pub struct RestoreOptions {
@@ -97,8 +102,8 @@ pub fn restore_disk(
 
     // More readers than cores: a reader waiting on a pack read must not leave a core idle.
     let readers = opts.workers.max(1) + 2;
-    // Jobs are small: a deep queue lets the planner (and its pack prefetches) run ~4 packs ahead.
-    let (job_tx, job_rx) = bounded::<FrameJob>(256);
+    // Jobs are small: a deep queue keeps the span reads well ahead of the workers.
+    let (job_tx, job_rx) = bounded::<(FrameJob, Arc<fetch::SpanSlot>)>(256);
     let (out_tx, out_rx) = bounded::<(u64, Result<Decoded>)>(readers * 4);
     // A reader takes a token before a job and the writer returns it once the frame is written:
     // at most this many decoded frames wait, whatever order they finish in.
@@ -120,12 +125,19 @@ pub fn restore_disk(
     };
 
     let mut report = RestoreReport { disk: disk.name.clone(), size: disk.size, ..Default::default() };
+    let stopped = &AtomicBool::new(false);
     let result = std::thread::scope(|s| -> Result<()> {
+        let (mut windows, read_rx) = fetch::Windows::new(stopped);
+        for _ in 0..fetch::FETCHERS {
+            let (requests, pool) = (read_rx.clone(), windows.pool());
+            s.spawn(move || fetch::fetch_spans(repo, requests, pool));
+        }
+        drop(read_rx);
         let planner = s.spawn(move || -> Result<()> {
             let index = repo.index();
             let mut job: Option<FrameJob> = None;
-            let mut last_pack = [0u8; 32];
             let mut seq = 0u64;
+            let mut send = |j: FrameJob, slot| job_tx.send((j, slot)).is_ok();
             for p in 0..disk.map.len() {
                 let ids = repo.read_map_page(disk, p)?;
                 for (i, id) in ids.iter().enumerate() {
@@ -144,11 +156,6 @@ pub fn restore_disk(
                             format!("{} is missing from the repository", describe_block(id, disk_offset))
                         }
                     })?;
-                    if loc.pack != last_pack {
-                        // Full backups store disk order, so packs come in long runs.
-                        repo.backend().prefetch(cairn_storage::Kind::Pack, &loc.pack_name());
-                        last_pack = loc.pack;
-                    }
                     let item = Item { id: *id, raw_offset: loc.raw_offset, len: loc.len, disk_offset };
                     match &mut job {
                         Some(j) if j.loc.pack == loc.pack && j.loc.frame_offset == loc.frame_offset => {
@@ -157,7 +164,8 @@ pub fn restore_disk(
                         _ => {
                             seq += 1;
                             if let Some(j) = job.replace(FrameJob { seq: seq - 1, loc, items: vec![item] }) {
-                                if job_tx.send(j).is_err() {
+                                let loc = j.loc;
+                                if !windows.add(j, loc, &mut send) {
                                     return Ok(());
                                 }
                             }
@@ -166,8 +174,10 @@ pub fn restore_disk(
                 }
             }
             if let Some(j) = job {
-                let _ = job_tx.send(j);
+                let loc = j.loc;
+                windows.add(j, loc, &mut send);
             }
+            windows.flush(&mut send);
             Ok(())
         });
         for _ in 0..readers {
@@ -176,14 +186,20 @@ pub fn restore_disk(
             let tokens = token_rx.clone();
             let frame_pool = frame_pool.clone();
             s.spawn(move || {
-                let mut stored = Vec::new();
                 while tokens.recv().is_ok() {
-                    let Ok(job) = rx.recv() else { break };
+                    let Ok((job, slot)) = rx.recv() else { break };
                     let seq = job.seq;
                     let r = (|| -> Result<Decoded> {
                         let first = &job.items[0];
                         let mut frame = frame_pool.get();
-                        repo.read_frame_into(&job.loc, &mut stored, &mut frame).map_err(|e| {
+                        let decoded = match slot.wait() {
+                            Ok(span) => {
+                                repo.decode_frame_into(&job.loc, span.frame(&job.loc), &mut frame).map_err(Into::into)
+                            }
+                            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+                        };
+                        drop(slot);
+                        decoded.map_err(|e| {
                             anyhow::anyhow!(
                                 "{} is damaged: {e} (pack {})",
                                 describe_block(&first.id, first.disk_offset),
@@ -247,7 +263,9 @@ pub fn restore_disk(
             }
             Ok(())
         })();
-        // Readers blocked on a token or a send see these close and stop.
+        // Readers blocked on a token or a send see these close and stop; so does the planner
+        // waiting for span buffers that queued jobs hold.
+        stopped.store(true, Ordering::Relaxed);
         drop(out_rx);
         drop(token_tx);
         let planned = planner.join().expect("planner panicked");
