@@ -293,6 +293,12 @@ fn a_killed_backup_never_leaves_the_guest_frozen_and_the_next_run_cleans_up() {
         assert!(t.elapsed() < Duration::from_secs(30), "the guest never froze");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A second backup of the same VM, even with another work folder, is refused at once and
+    // leaves the guest as it is.
+    let other = e.env.path("other-work");
+    let err = e.env.fails(&["backup", "vm", &g.name, "--work-dir", other.to_str().unwrap()], 1);
+    assert!(err.contains("another cairn backup"), "{err}");
+    assert!(frozen(&g), "the refused backup thawed the guest");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let killed = Instant::now();

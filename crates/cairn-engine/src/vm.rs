@@ -264,17 +264,34 @@ impl Clock {
 }
 
 /// A lock on one VM on this host: two backups of the same VM would fight over its checkpoints.
+/// Held in the VM's work folder and, so that runs with different `--work-dir`s also exclude
+/// each other, in the host's lock folder (when we may write there).
 struct VmLock {
-    _file: std::fs::File,
+    _files: Vec<std::fs::File>,
 }
 
-fn lock_vm(dir: &Path, name: &str) -> Result<VmLock> {
+/// The host-wide lock folder.
+const HOST_LOCK_DIR: &str = "/run/lock/cairn";
+
+fn lock_vm(dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
     use std::os::unix::io::AsRawFd;
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("another cairn backup of VM {name} is running on this host; wait for it to finish");
+    let mut paths = vec![dir.join("lock")];
+    if std::fs::create_dir_all(HOST_LOCK_DIR).is_ok() {
+        paths.push(Path::new(HOST_LOCK_DIR).join(format!("vm-{uuid}.lock")));
     }
-    Ok(VmLock { _file: f })
+    let mut files = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        let f = match std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(p) {
+            Ok(f) => f,
+            Err(_) if i > 0 => continue, // the host folder is a second line of defence
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", p.display())),
+        };
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!("another cairn backup of VM {name} is running on this host; wait for it to finish");
+        }
+        files.push(f);
+    }
+    Ok(VmLock { _files: files })
 }
 
 fn checkpoint_prefix(repo: &Repository) -> String {
@@ -300,7 +317,7 @@ pub fn backup_vm(
     let uuid = vm.uuid.as_str();
     let dir = vm_work_dir(&opts.work_dir, uuid);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create work folder {}", dir.display()))?;
-    let _lock = lock_vm(&dir, &vm.name)?;
+    let _lock = lock_vm(&dir, uuid, &vm.name)?;
     let prefix = checkpoint_prefix(repo);
     let last = last_point_of(repo, uuid)?;
     let last_record = last.as_ref().and_then(|(_, p)| VmRecord::of(p));
