@@ -272,15 +272,15 @@ Example:\n  cairn verify boot web --repo R --mail-to ops@example.com --smtp-serv
 enum FilesCmd {
     /// List a restore point's volumes, or a directory of one of them
     #[command(long_about = "With only NAME[@POINT]: the point's volumes (each disk's partitions, from its MBR or \
-GPT, or the whole disk when it has no table) with the filesystem found on each. With VOLUME (vda1, or vda \
-for a disk without partitions) and PATH: that directory of its filesystem (ext2/3/4, NTFS or FAT12/16/32; \
+GPT, or the whole disk when it has no table, and the linear LVM logical volumes on them, named vg/lv) with \
+the filesystem found on each. With VOLUME (vda1, vda for a disk without partitions, or vg/lv) and PATH: that directory of its filesystem (ext2/3/4, NTFS or FAT12/16/32; \
 NTFS and FAT names match without regard to case, as on Windows). Only the blocks the \
 listing needs are read from the repository.\n\n\
 Examples:\n  cairn files ls web --repo R\n  cairn files ls web vda1 /etc --repo R")]
     Ls {
         /// NAME[@POINT]
         point: String,
-        /// vda1, or vda for a disk without partitions (may be left out when there is one filesystem)
+        /// vda1, vda for a disk without partitions, or vg/lv (may be left out when there is one filesystem)
         volume: Option<String>,
         /// Directory or file in the volume (default /)
         path: Option<String>,
@@ -293,7 +293,7 @@ Example:\n  cairn files get web vda1 /etc/nginx/nginx.conf --to /tmp/ --repo R")
     Get {
         /// NAME[@POINT]
         point: String,
-        /// vda1, or vda for a disk without partitions
+        /// vda1, vda for a disk without partitions, or vg/lv
         volume: String,
         /// File or directory in the volume
         path: String,

@@ -3,7 +3,7 @@
 
 use crate::{open_repo, Global};
 use anyhow::{bail, Context, Result};
-use cairn_engine::files::volumes;
+use cairn_engine::files::{volumes, Volume};
 use cairn_engine::serve::PointDisk;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr,
@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 struct Node {
+    /// The volume's name, with `/` (LVM's vg/lv) made `-` as device-mapper does.
     name: String,
     disk: Arc<PointDisk>,
-    offset: u64,
+    volume: Volume,
     size: u64,
 }
 
@@ -92,7 +93,7 @@ impl Filesystem for PointFs {
         }
         let len = (size as u64).min(n.size - offset) as usize;
         let mut buf = vec![0u8; len];
-        match n.disk.read_exact_at(n.offset + offset, &mut buf) {
+        match n.volume.read_at(&n.disk, offset, &mut buf) {
             Ok(()) => reply.data(&buf),
             Err(e) => {
                 eprintln!("cairn mount: {}: {e:#}", n.name);
@@ -138,12 +139,12 @@ pub fn mount(g: &Global, point: &str, mountpoint: &Path) -> Result<i32> {
     let mut nodes = Vec::new();
     for img in &p.disks {
         let disk = Arc::new(PointDisk::new(repo.clone(), img.clone()));
-        nodes.push(Node { name: img.name.clone(), disk, offset: 0, size: img.size });
+        nodes.push(Node { name: img.name.clone(), disk, volume: Volume::disk(img), size: img.size });
     }
     for v in volumes(&repo, &p)? {
-        if v.partition.is_some() {
+        if v.name != v.disk {
             let disk = nodes.iter().find(|n| n.name == v.disk).map(|n| n.disk.clone()).context("disk vanished")?;
-            nodes.push(Node { name: v.name.clone(), disk, offset: v.offset, size: v.length });
+            nodes.push(Node { name: v.name.replace('/', "-"), disk, size: v.length, volume: v });
         }
     }
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();

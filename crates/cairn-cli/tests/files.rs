@@ -303,3 +303,127 @@ fn files_come_out_of_ntfs_and_fat_volumes() {
     let err = e.fails(&["files", "ls", "winsrv", "disk02", "/Users/Bob"], 1);
     assert!(err.contains("/Users/Bob"), "{err}");
 }
+
+/// Runs an LVM tool on one device only, without device-mapper (volumes stay inactive) and
+/// without writing metadata backups to the host's /etc/lvm.
+fn lvm(dev: &str, args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .args(["--driverloaded", "n", "--devices", dev, "--config", "backup { backup = 0 archive = 0 }"])
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A GPT disk whose partition 1 is an LVM physical volume (made by the real lvm tools) of
+/// volume group `cairntest`: `data` (60 MiB in two segments, the second after `small`) holds
+/// an ext4 filesystem with `src`; `small` (20 MiB) holds nothing. Returns the disk and the
+/// ext4 image written into `data`.
+fn make_lvm_disk(e: &Env, src: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pv = e.path("pv.img");
+    std::fs::File::create(&pv).unwrap().set_len(120 << 20).unwrap();
+    let out = Command::new("losetup").args(["-f", "--show"]).arg(&pv).output().unwrap();
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let made = std::panic::catch_unwind(|| {
+        lvm(&dev, &["pvcreate", "-q", &dev]);
+        lvm(&dev, &["vgcreate", "-q", "cairntest", &dev]);
+        lvm(&dev, &["lvcreate", "-q", "-an", "-Zn", "-L", "40M", "-n", "data", "cairntest"]);
+        lvm(&dev, &["lvcreate", "-q", "-an", "-Zn", "-L", "20M", "-n", "small", "cairntest"]);
+        lvm(&dev, &["lvextend", "-q", "-L", "+20M", "cairntest/data"]);
+        let pe_start: u64 =
+            lvm(&dev, &["pvs", "--noheadings", "--nosuffix", "--units", "b", "-o", "pe_start"]).trim().parse().unwrap();
+        // "0 10 /dev/loop0:0-9" per segment: start and size in extents (4 MiB), PV extents.
+        let segs =
+            lvm(&dev, &["lvs", "--noheadings", "-o", "seg_start_pe,seg_size_pe,seg_pe_ranges", "cairntest/data"]);
+        (pe_start, segs)
+    });
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    let (pe_start, segs) = made.unwrap();
+    let fs = e.path("lv.img");
+    run_tool(Command::new("mke2fs").args(["-q", "-t", "ext4", "-d"]).arg(src).arg(&fs).arg("60M"));
+    let segments: Vec<Vec<u64>> = segs
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let first_pe = f[2].rsplit(':').next().unwrap().split('-').next().unwrap();
+            vec![f[0].parse().unwrap(), f[1].parse().unwrap(), first_pe.parse().unwrap()]
+        })
+        .collect();
+    assert_eq!(segments.len(), 2, "{segs}");
+    for s in &segments {
+        run_tool(Command::new("dd").arg(format!("if={}", fs.display())).arg(format!("of={}", pv.display())).args([
+            "bs=1M",
+            &format!("skip={}", s[0] * 4),
+            &format!("seek={}", pe_start / (1 << 20) + s[2] * 4),
+            &format!("count={}", s[1] * 4),
+            "conv=notrunc",
+            "status=none",
+        ]));
+    }
+    let disk = e.path("lvm-disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(130 << 20).unwrap();
+    let mut c = Command::new("sfdisk").arg("-q").arg(&disk).stdin(Stdio::piped()).spawn().unwrap();
+    c.stdin.take().unwrap().write_all(b"label: gpt\nstart=2048, size=120MiB, type=lvm\n").unwrap();
+    assert!(c.wait().unwrap().success());
+    run_tool(Command::new("dd").arg(format!("if={}", pv.display())).arg(format!("of={}", disk.display())).args([
+        "bs=1M",
+        "seek=1",
+        "conv=notrunc,sparse",
+        "status=none",
+    ]));
+    (disk, fs)
+}
+
+#[test]
+fn files_come_out_of_lvm_logical_volumes_in_several_segments() {
+    let e = Env::new();
+    e.init();
+    let src = e.path("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    // Larger than the volume's first segment (40 MiB): its end lies in the second.
+    let mut big = vec![0u8; 45 << 20];
+    Rng::new(13).fill(&mut big);
+    std::fs::write(src.join("big.bin"), &big).unwrap();
+    std::fs::write(src.join("etc/hostname"), "lvm-guest\n").unwrap();
+    let (disk, fs) = make_lvm_disk(&e, &src);
+    e.backup(&disk, "lvmsrv", &[]);
+
+    let v = e.json(&["files", "ls", "lvmsrv"]);
+    assert_eq!(
+        volume_list(&v),
+        [
+            ("disk01".to_string(), "lvm".to_string()),
+            ("cairntest/data".to_string(), "ext4".to_string()),
+            ("cairntest/small".to_string(), "-".to_string())
+        ]
+    );
+    let data = v["volumes"].as_array().unwrap().iter().find(|x| x["name"] == "cairntest/data").unwrap();
+    assert_eq!(data["length"], 60u64 << 20);
+    assert_eq!(data["runs"].as_array().unwrap().len(), 2, "{data}");
+
+    // The one filesystem may be left out; a file across both segments comes out whole.
+    let root = e.json(&["files", "ls", "lvmsrv", "/etc"]);
+    assert_eq!(root["entries"][0]["name"], "hostname");
+    let out = e.path("out");
+    std::fs::create_dir_all(&out).unwrap();
+    e.json(&["files", "get", "lvmsrv", "cairntest/data", "/big.bin", "--to", out.to_str().unwrap()]);
+    assert!(std::fs::read(out.join("big.bin")).unwrap() == big, "big.bin differs");
+
+    // `cairn mount` shows the volume as one file, byte for byte the filesystem image.
+    let mnt = e.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut child = e.cmd(&["mount", "lvmsrv", mnt.to_str().unwrap()]).stdout(Stdio::null()).spawn().unwrap();
+    let node = mnt.join("cairntest-data");
+    let t = std::time::Instant::now();
+    while !node.exists() {
+        assert!(t.elapsed().as_secs() < 10, "mount did not appear");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let same = std::fs::read(&node).unwrap() == std::fs::read(&fs).unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    assert!(same, "the mounted volume differs from the filesystem image");
+}

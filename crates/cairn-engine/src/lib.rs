@@ -15,6 +15,7 @@
 pub mod backup;
 pub mod boot;
 pub mod files;
+pub mod lvm;
 pub mod partitions;
 mod pool;
 pub mod progress;

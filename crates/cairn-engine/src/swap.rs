@@ -4,8 +4,10 @@
 //! A range is skipped only when both the partition table and the on-disk signature agree: an MBR
 //! partition of type 0x82 (primary or logical) or a GPT partition of the Linux swap type, whose
 //! first page ends with `SWAPSPACE2` (or the old `SWAP-SPACE`). A whole disk holding a swap
-//! signature counts too. Anything unusual (a table that does not parse, a partition past the end)
-//! means "no swap found": skipping too little is safe, skipping too much is not.
+//! signature counts too, and so does an LVM logical volume (Debian's and Ubuntu's `vg/swap_1`)
+//! that begins with the signature, when its volume group's metadata parses and the volume is
+//! linear. Anything unusual (a table that does not parse, a partition past the end) means "no
+//! swap found": skipping too little is safe, skipping too much is not.
 
 use crate::partitions::{read_table, Table, GPT_LINUX_SWAP};
 use crate::ranges::{normalize, Range};
@@ -55,6 +57,21 @@ pub fn find_swap(src: &mut dyn Source) -> Result<Vec<SwapArea>> {
     for (start, len, location) in candidates {
         if has_swap_signature(src, start, len)? {
             out.push(SwapArea { range: Range { offset: start, length: len }, location });
+        }
+    }
+    // Swap in LVM logical volumes, on any partition (or the whole disk) holding a PV.
+    let pvs: Vec<(u64, u64)> =
+        if table.is_empty() { vec![(0, size)] } else { table.iter().map(|p| (p.offset, p.length)).collect() };
+    for (start, len) in pvs {
+        let Ok(pv) = crate::lvm::read_pv(&mut |off, n| read_at(src, off, n), start, len) else { continue };
+        for lv in pv.volumes {
+            let first = start + lv.runs[0].pv_offset;
+            if has_swap_signature(src, first, lv.size)? {
+                for r in &lv.runs {
+                    let range = Range { offset: start + r.pv_offset, length: r.len };
+                    out.push(SwapArea { range, location: format!("lvm volume {}/{}", lv.vg, lv.name) });
+                }
+            }
         }
     }
     out.sort_by_key(|a| a.range.offset);
@@ -126,5 +143,56 @@ mod tests {
         let blank = dir.path().join("blank.img");
         std::fs::File::create(&blank).unwrap().set_len(8 << 20).unwrap();
         assert!(find_swap(&mut FileSource::open(&blank).unwrap()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn finds_swap_in_an_lvm_volume_in_every_segment() {
+        if !tool("lvcreate") || !tool("mkswap") || !tool("losetup") {
+            eprintln!("lvm2/mkswap/losetup missing: skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pv = dir.path().join("pv.img");
+        std::fs::File::create(&pv).unwrap().set_len(64 << 20).unwrap();
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(&pv).output().unwrap();
+        if !out.status.success() {
+            eprintln!("no loop device: skipped");
+            return;
+        }
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let lvm = |args: &[&str]| {
+            let ok = Command::new(args[0])
+                .args(&args[1..])
+                .args(["--driverloaded", "n", "--devices", &dev, "--config", "backup { backup = 0 archive = 0 }"])
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            assert!(ok, "{args:?}");
+        };
+        let made = std::panic::catch_unwind(|| {
+            lvm(&["pvcreate", "-q", &dev]);
+            lvm(&["vgcreate", "-q", "-s", "1M", "cairnswap", &dev]);
+            lvm(&["lvcreate", "-q", "-an", "-Zn", "-L", "12M", "-n", "swap_1", "cairnswap"]);
+            lvm(&["lvcreate", "-q", "-an", "-Zn", "-L", "8M", "-n", "root", "cairnswap"]);
+            lvm(&["lvextend", "-q", "-L", "+4M", "cairnswap/swap_1"]);
+        });
+        let _ = Command::new("losetup").args(["-d", &dev]).status();
+        made.unwrap();
+        // pe_start is 1 MiB: swap_1 is extents 0-11 and 20-23, root 12-19 (1 MiB extents).
+        let part = dir.path().join("swap");
+        std::fs::File::create(&part).unwrap().set_len(16 << 20).unwrap();
+        assert!(Command::new("mkswap").arg("-q").arg(&part).status().unwrap().success());
+        let mut disk = std::fs::read(&pv).unwrap();
+        disk[1 << 20..(1 << 20) + 4096].copy_from_slice(&std::fs::read(&part).unwrap()[..4096]);
+        std::fs::write(&pv, &disk).unwrap();
+        let found = find_swap(&mut FileSource::open(&pv).unwrap()).unwrap();
+        let ranges: Vec<Range> = found.iter().map(|a| a.range).collect();
+        assert_eq!(ranges, [Range { offset: 1 << 20, length: 12 << 20 }, Range { offset: 21 << 20, length: 4 << 20 }]);
+        assert_eq!(found[0].location, "lvm volume cairnswap/swap_1");
+        // Without the signature, nothing is skipped.
+        disk[(1 << 20) + 4086..(1 << 20) + 4096].fill(0);
+        std::fs::write(&pv, &disk).unwrap();
+        assert!(find_swap(&mut FileSource::open(&pv).unwrap()).unwrap().is_empty());
     }
 }

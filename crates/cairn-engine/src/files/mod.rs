@@ -18,16 +18,71 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A disk or one of its partitions.
+/// A disk, one of its partitions, or an LVM logical volume on one of them.
 #[derive(Clone, Debug, Serialize)]
 pub struct Volume {
-    /// `vda` (a whole disk without a partition table) or `vda1`.
+    /// `vda` (a whole disk without a partition table), `vda1`, or `vg0/root` (LVM).
     pub name: String,
     pub disk: String,
     pub partition: Option<u32>,
+    /// Where the volume starts on its disk.
     pub offset: u64,
     pub length: u64,
     pub filesystem: Option<&'static str>,
+    /// Where its bytes are on the disk, in volume order: one run, or several for an LVM
+    /// volume that was extended.
+    pub runs: Vec<Run>,
+}
+
+/// `len` bytes at `at` in a volume are at `disk_offset` on its disk.
+#[derive(Clone, Debug, Serialize)]
+pub struct Run {
+    pub at: u64,
+    pub disk_offset: u64,
+    pub len: u64,
+}
+
+impl Volume {
+    /// A whole disk of a restore point as a volume.
+    pub fn disk(img: &cairn_repo::DiskImage) -> Volume {
+        Volume::whole(img.name.clone(), &img.name, None, 0, img.size)
+    }
+
+    fn whole(name: String, disk: &str, partition: Option<u32>, offset: u64, length: u64) -> Volume {
+        let runs = vec![Run { at: 0, disk_offset: offset, len: length }];
+        Volume { name, disk: disk.to_string(), partition, offset, length, filesystem: None, runs }
+    }
+
+    /// The pieces of the disk that hold `[at, at + len)` of the volume, in order.
+    fn pieces(&self, mut at: u64, mut len: u64) -> Result<Vec<(u64, usize)>> {
+        if at.checked_add(len).is_none_or(|end| end > self.length) {
+            bail!("read past the end of volume {} at {at}", self.name);
+        }
+        let mut out = Vec::new();
+        for r in &self.runs {
+            if len == 0 {
+                break;
+            }
+            if r.at + r.len <= at {
+                continue;
+            }
+            let n = (r.at + r.len - at).min(len);
+            out.push((r.disk_offset + (at - r.at), n as usize));
+            at += n;
+            len -= n;
+        }
+        Ok(out)
+    }
+
+    /// Reads `buf.len()` bytes at `at` of the volume from the restore point's disk.
+    pub fn read_at(&self, disk: &PointDisk, at: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        for (off, n) in self.pieces(at, buf.len() as u64)? {
+            disk.read_exact_at(off, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// The volumes of every disk of a point (files it carries, such as kernels, are not disks).
@@ -49,47 +104,62 @@ fn disk_volumes(disk: &PointDisk) -> Result<Vec<Volume>> {
         Ok(b)
     };
     let table = read_table(&mut read, img.size)?;
-    if table.is_empty() {
-        let fs = detect_filesystem(&mut read, 0, img.size)?;
-        return Ok(vec![Volume {
-            name: img.name.clone(),
-            disk: img.name.clone(),
-            partition: None,
-            offset: 0,
-            length: img.size,
-            filesystem: fs,
-        }]);
+    let mut out = if table.is_empty() {
+        vec![Volume::whole(img.name.clone(), &img.name, None, 0, img.size)]
+    } else {
+        table
+            .iter()
+            .map(|p| Volume::whole(format!("{}{}", img.name, p.number), &img.name, Some(p.number), p.offset, p.length))
+            .collect()
+    };
+    let mut lvs = Vec::new();
+    for v in &mut out {
+        v.filesystem = detect_filesystem(&mut read, v.offset, v.length)?;
+        if v.filesystem != Some("lvm") {
+            continue;
+        }
+        // A PV whose label or metadata cannot be read is listed as lvm, without volumes.
+        let Ok(pv) = crate::lvm::read_pv(&mut read, v.offset, v.length) else { continue };
+        for lv in pv.volumes {
+            let runs: Vec<Run> =
+                lv.runs.iter().map(|r| Run { at: r.at, disk_offset: v.offset + r.pv_offset, len: r.len }).collect();
+            let mut vol = Volume {
+                name: format!("{}/{}", lv.vg, lv.name),
+                disk: img.name.clone(),
+                partition: None,
+                offset: runs[0].disk_offset,
+                length: lv.size,
+                filesystem: None,
+                runs,
+            };
+            let mut read_lv = |at: u64, len: usize| -> Result<Vec<u8>> {
+                let len = len.min(vol.length.saturating_sub(at) as usize);
+                let mut b = vec![0u8; len];
+                vol.read_at(disk, at, &mut b)?;
+                Ok(b)
+            };
+            let fs = detect_filesystem(&mut read_lv, 0, lv.size)?;
+            vol.filesystem = fs;
+            lvs.push(vol);
+        }
     }
-    let mut out = Vec::new();
-    for p in table {
-        out.push(Volume {
-            name: format!("{}{}", img.name, p.number),
-            disk: img.name.clone(),
-            partition: Some(p.number),
-            offset: p.offset,
-            length: p.length,
-            filesystem: detect_filesystem(&mut read, p.offset, p.length)?,
-        });
-    }
+    out.extend(lvs);
     Ok(out)
 }
 
-/// A volume's bytes: a range of a restore point's disk, read through its hash-checked block
-/// cache. Positioned reads for ext4, `Read + Seek` for the NTFS and FAT readers.
+/// A volume's bytes, read from a restore point's disk through its hash-checked block cache.
+/// Positioned reads for ext4, `Read + Seek` for the NTFS and FAT readers.
 #[derive(Clone)]
 pub(crate) struct VolumeReader {
     disk: Arc<PointDisk>,
-    offset: u64,
+    volume: Arc<Volume>,
     length: u64,
     pos: u64,
 }
 
 impl VolumeReader {
     pub(crate) fn read_at(&self, start: u64, dst: &mut [u8]) -> Result<()> {
-        if start.checked_add(dst.len() as u64).is_none_or(|end| end > self.length) {
-            bail!("read past the end of the volume at {start}");
-        }
-        self.disk.read_exact_at(self.offset + start, dst)
+        self.volume.read_at(&self.disk, start, dst)
     }
 }
 
@@ -172,8 +242,8 @@ pub struct GetReport {
 }
 
 impl Browser {
-    /// Opens the volume `name` (`vda1`, or `vda` for a disk without partitions; may be omitted
-    /// when the point has a single volume with a filesystem cairn reads).
+    /// Opens the volume `name` (`vda1`, `vda` for a disk without partitions, or `vg0/root`;
+    /// may be omitted when the point has a single volume with a filesystem cairn reads).
     pub fn open(repo: &Arc<Repository>, point: &RestorePoint, name: Option<&str>) -> Result<Browser> {
         let all = volumes(repo, point)?;
         let volume = match name {
@@ -200,7 +270,8 @@ impl Browser {
         };
         let img = point.disks.iter().find(|d| d.name == volume.disk).context("disk vanished")?;
         let disk = Arc::new(PointDisk::new(repo.clone(), img.clone()));
-        let reader = VolumeReader { disk: disk.clone(), offset: volume.offset, length: volume.length, pos: 0 };
+        let reader =
+            VolumeReader { disk: disk.clone(), volume: Arc::new(volume.clone()), length: volume.length, pos: 0 };
         let fs: Box<dyn Filesystem> = match volume.filesystem {
             Some("ext4") => opened(&volume, ext4::Ext4Fs::open(reader))?,
             Some("ntfs") => opened(&volume, ntfs::NtfsFs::open(reader))?,
