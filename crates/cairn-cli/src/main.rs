@@ -135,7 +135,11 @@ repository on demand and checked against their hashes; nothing is restored first
 Examples:\n  cairn serve-nbd web --repo R --socket /run/web.sock\n  \
 qemu-img convert -O qcow2 'nbd+unix:///vda?socket=/run/web.sock' web-vda.qcow2\n  \
 cairn serve-nbd web@2026-11-25T10 --repo R --listen 127.0.0.1:10809\n  \
-qemu-system-x86_64 ... -drive file=nbd://127.0.0.1:10809/vda,format=raw,snapshot=on")]
+qemu-system-x86_64 ... -drive file=nbd://127.0.0.1:10809/vda,format=raw,snapshot=on\n\n\
+Over a network, require TLS with a certificate (clients verify it against their CA):\n  \
+cairn serve-nbd web --repo R --listen 0.0.0.0:10809 --tls-cert server-cert.pem --tls-key server-key.pem\n  \
+qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=/etc/pki/qemu \\\n    \
+--image-opts driver=nbd,host=backup.example.com,port=10809,export=vda,tls-creds=tls0")]
     ServeNbd(ServeNbd),
     /// (internal) Guards a guest while a backup has it frozen or paused
     #[command(hide = true)]
@@ -313,6 +317,12 @@ struct ServeNbd {
     /// TCP address to listen on (HOST:PORT)
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
+    /// Require TLS: the server's certificate chain (PEM, server certificate first)
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -714,6 +724,12 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
     let _lock = repo.lock(false, "serve-nbd", Duration::from_secs(g.lock_wait))?;
     repo.load_index()?;
     let (id, point) = repo.select_point(&a.point)?;
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(cairn_nbd::server::tls_config(cert, key).context("loading the TLS certificate")?)
+        }
+        _ => None,
+    };
     let exports = Exports(
         point
             .disks
@@ -730,9 +746,17 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
     };
     let say = |list: Vec<serde_json::Value>| {
         if g.json {
-            print_json(&serde_json::json!({"point": id, "name": point.name, "time": point.time, "exports": list}));
+            print_json(
+                &serde_json::json!({"point": id, "name": point.name, "time": point.time, "tls": tls.is_some(), "exports": list}),
+            );
         } else {
-            println!("serving restore point {} of {} ({}), read-only; Ctrl-C stops", &id[..8], point.name, point.time);
+            let tls_note = if tls.is_some() { ", TLS required" } else { "" };
+            println!(
+                "serving restore point {} of {} ({}), read-only{tls_note}; Ctrl-C stops",
+                &id[..8],
+                point.name,
+                point.time
+            );
             for e in &list {
                 println!("  {}  {}", e["export"].as_str().unwrap_or(""), e["uri"].as_str().unwrap_or(""));
             }
@@ -744,7 +768,7 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
         let l = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
         let local = l.local_addr()?;
         say(describe(&|n| format!("nbd://{local}/{n}")));
-        serve_tcp(l, exports)?;
+        serve_tcp(l, exports, tls)?;
     } else {
         let path =
             a.socket.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("cairn-nbd-{}.sock", &id[..8])));
@@ -753,7 +777,7 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
         let l = std::os::unix::net::UnixListener::bind(&path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         say(describe(&|n| format!("nbd+unix:///{n}?socket={}", path.display())));
-        serve_unix(l, exports)?;
+        serve_unix(l, exports, tls)?;
     }
     Ok(0)
 }

@@ -2,9 +2,15 @@
 //! `NBD_OPT_LIST`, `NBD_OPT_EXPORT_NAME`) and simple replies. It serves restore points to any NBD
 //! client (QEMU, qemu-img, nbdcopy, the kernel's nbd driver). One thread per connection; the
 //! export does the caching.
+//!
+//! With a TLS configuration ([`tls_config`]), TLS is required, as the NBD protocol specifies
+//! it: before `NBD_OPT_STARTTLS` every option but `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD`;
+//! after it, the handshake and then everything else runs inside TLS (rustls).
 
 use crate::proto::*;
+use std::cell::RefCell;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
 use std::sync::Arc;
 
 /// What an export serves: a read-only disk.
@@ -35,6 +41,7 @@ impl Exports {
 
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_LIST: u32 = 3;
+const OPT_STARTTLS: u32 = 5;
 const OPT_INFO: u32 = 6;
 const OPT_LIST_META_CONTEXT: u32 = 9;
 /// The one meta context we serve.
@@ -71,36 +78,115 @@ fn transmission_flags() -> u16 {
     TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN
 }
 
-/// Serves one client on `stream` until it disconnects.
-pub fn serve_connection<S: Read + Write>(stream: S, exports: &Exports) -> io::Result<()>
+/// A server TLS configuration from PEM files: the certificate chain (server first) and its
+/// private key.
+pub fn tls_config(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &Path, e: &dyn std::fmt::Display| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{}: {e}", what.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(cert, &e))?;
+    if chain.is_empty() {
+        return Err(bad(cert, &"no certificate in the file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
+        .map_err(|e| bad(cert, &e))?;
+    Ok(Arc::new(config))
+}
+
+/// One owned stream used for reads and writes in turn (a TLS stream cannot be split).
+struct Duplex<S>(RefCell<S>);
+
+impl<S: Read> Read for &Duplex<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl<S: Write> Write for &Duplex<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.borrow_mut().flush()
+    }
+}
+
+/// Reads one option request: (option, data).
+fn read_option(r: &mut impl Read) -> io::Result<(u32, Vec<u8>)> {
+    let mut hdr = [0u8; 16];
+    r.read_exact(&mut hdr)?;
+    if u64_at(&hdr, 0) != IHAVEOPT {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad option magic"));
+    }
+    let (option, len) = (u32_at(&hdr, 8), u32_at(&hdr, 12));
+    if len > 64 * 1024 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "option too long"));
+    }
+    let mut data = vec![0u8; len as usize];
+    r.read_exact(&mut data)?;
+    Ok((option, data))
+}
+
+/// Serves one client on `stream` until it disconnects; with `tls`, only over TLS.
+pub fn serve_connection<S: Read + Write>(
+    stream: S,
+    exports: &Exports,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> io::Result<()>
 where
     for<'a> &'a S: Read + Write,
 {
-    let mut r = BufReader::new(&stream);
-    let mut w = BufWriter::new(&stream);
+    let mut w = &stream;
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
     w.flush()?;
     let mut b4 = [0u8; 4];
-    r.read_exact(&mut b4)?;
+    (&stream).read_exact(&mut b4)?;
     let no_zeroes = u32::from_be_bytes(b4) & FLAG_NO_ZEROES as u32 != 0;
+    let Some(tls) = tls else { return haggle_and_serve(&stream, exports, no_zeroes) };
+    loop {
+        let (option, _) = read_option(&mut &stream)?;
+        match option {
+            OPT_STARTTLS => {
+                option_reply(&mut &stream, option, REP_ACK, &[])?;
+                let conn = rustls::ServerConnection::new(tls.clone()).map_err(io::Error::other)?;
+                let secure = Duplex(RefCell::new(rustls::StreamOwned::new(conn, stream)));
+                return haggle_and_serve::<Duplex<rustls::StreamOwned<_, S>>>(&secure, exports, no_zeroes);
+            }
+            OPT_ABORT => {
+                let _ = option_reply(&mut &stream, option, REP_ACK, &[]);
+                return Ok(());
+            }
+            OPT_EXPORT_NAME => {
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, "client did not start TLS"));
+            }
+            _ => option_reply(&mut &stream, option, REP_ERR_TLS_REQD, b"this server requires TLS")?,
+        }
+    }
+}
+
+/// Option haggling, then transmission, on a stream past the greeting.
+fn haggle_and_serve<S>(stream: &S, exports: &Exports, no_zeroes: bool) -> io::Result<()>
+where
+    for<'a> &'a S: Read + Write,
+{
+    let mut r = BufReader::new(stream);
+    let mut w = BufWriter::new(stream);
 
     // Option haggling until an export is chosen.
     let mut structured = false;
     let mut base_allocation = false;
     let export = loop {
-        let mut hdr = [0u8; 16];
-        r.read_exact(&mut hdr)?;
-        if u64_at(&hdr, 0) != IHAVEOPT {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad option magic"));
-        }
-        let (option, len) = (u32_at(&hdr, 8), u32_at(&hdr, 12));
-        if len > 64 * 1024 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "option too long"));
-        }
-        let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data)?;
+        let (option, data) = read_option(&mut r)?;
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
@@ -310,16 +396,20 @@ fn structured_error(w: &mut impl Write, handle: u64, error: u32, msg: &str) -> i
 }
 
 /// Serves every connection of `incoming` on a thread of its own, until the listener fails.
-fn serve_all<S>(incoming: impl Iterator<Item = io::Result<S>>, exports: Exports) -> io::Result<()>
+fn serve_all<S>(
+    incoming: impl Iterator<Item = io::Result<S>>,
+    exports: Exports,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()>
 where
     S: Read + Write + Send + 'static,
     for<'a> &'a S: Read + Write,
 {
     for conn in incoming {
         let conn = conn?;
-        let exports = exports.clone();
+        let (exports, tls) = (exports.clone(), tls.clone());
         std::thread::spawn(move || {
-            if let Err(e) = serve_connection(conn, &exports) {
+            if let Err(e) = serve_connection(conn, &exports, tls.as_ref()) {
                 if e.kind() != io::ErrorKind::UnexpectedEof && e.kind() != io::ErrorKind::ConnectionReset {
                     eprintln!("cairn nbd: connection ended: {e}");
                 }
@@ -330,12 +420,20 @@ where
 }
 
 /// Accepts clients on a Unix socket until the process ends, one thread each.
-pub fn serve_unix(listener: std::os::unix::net::UnixListener, exports: Exports) -> io::Result<()> {
-    serve_all(listener.incoming(), exports)
+pub fn serve_unix(
+    listener: std::os::unix::net::UnixListener,
+    exports: Exports,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
+    serve_all(listener.incoming(), exports, tls)
 }
 
 /// Accepts clients on a TCP socket until the process ends, one thread each.
-pub fn serve_tcp(listener: std::net::TcpListener, exports: Exports) -> io::Result<()> {
+pub fn serve_tcp(
+    listener: std::net::TcpListener,
+    exports: Exports,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
     serve_all(
         listener.incoming().map(|c| {
             c.inspect(|c| {
@@ -343,5 +441,6 @@ pub fn serve_tcp(listener: std::net::TcpListener, exports: Exports) -> io::Resul
             })
         }),
         exports,
+        tls,
     )
 }
