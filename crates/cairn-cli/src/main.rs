@@ -179,7 +179,7 @@ virsh metadata web https://cairn.dev/xmlns/hooks/1 --key cairn --set \
 Incremental forever: each backup leaves a libvirt checkpoint (a persistent dirty bitmap per disk); the next \
 one reads only what changed since and takes the rest from the previous restore point. If the checkpoint \
 cannot be trusted (deleted, broken by a crash, disks added or resized), the backup reads everything and says \
-why. Linux swap partitions and unallocated space are never read (--no-skip-swap keeps swap).\n\n\
+why. Swap (Linux swap partitions and LVM volumes, Windows pagefile.sys and swapfile.sys) and unallocated space are never read (--no-skip-swap keeps swap).\n\n\
 A watchdog process thaws or resumes the guest if cairn dies or hangs while the guest is frozen or paused.\n\n\
 Examples:\n  cairn backup vm web db --repo /backup/repo\n  \
 cairn backup vm web --repo R --method app-consistent --pre-freeze 'mysql -e \"FLUSH TABLES\"'\n  \

@@ -50,7 +50,7 @@ pub struct BackupVm {
     /// Read every disk in full, starting a new chain, even when the last checkpoint is usable
     #[arg(long)]
     full: bool,
-    /// Also copy Linux swap partitions (skipped by default: they restore as zeros)
+    /// Also copy swap: Linux swap partitions and LVM volumes, Windows page files (skipped by default: they restore as zeros)
     #[arg(long)]
     no_skip_swap: bool,
     /// Shell command to run in the guest (through the agent) before the freeze; repeatable.

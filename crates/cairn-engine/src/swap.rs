@@ -6,8 +6,10 @@
 //! first page ends with `SWAPSPACE2` (or the old `SWAP-SPACE`). A whole disk holding a swap
 //! signature counts too, and so does an LVM logical volume (Debian's and Ubuntu's `vg/swap_1`)
 //! that begins with the signature, when its volume group's metadata parses and the volume is
-//! linear. Anything unusual (a table that does not parse, a partition past the end) means "no
-//! swap found": skipping too little is safe, skipping too much is not.
+//! linear. Windows guests page to files: `pagefile.sys` and `swapfile.sys` in the root of an
+//! NTFS volume, whose clusters are read from the MFT (their data runs). Anything unusual (a
+//! table that does not parse, a partition past the end, an MFT record we cannot follow) means
+//! "no swap found": skipping too little is safe, skipping too much is not.
 
 use crate::partitions::{read_table, Table, GPT_LINUX_SWAP};
 use crate::ranges::{normalize, Range};
@@ -74,8 +76,97 @@ pub fn find_swap(src: &mut dyn Source) -> Result<Vec<SwapArea>> {
             }
         }
     }
+    // Windows page files on NTFS volumes.
+    let volumes: Vec<(u64, u64, String)> = if table.is_empty() {
+        vec![(0, size, "whole disk".to_string())]
+    } else {
+        table.iter().map(|p| (p.offset, p.length, format!("partition {}", p.number))).collect()
+    };
+    for (start, len, where_) in volumes {
+        if len < 64 * 1024 || read_at(src, start, 512)?.get(3..11) != Some(b"NTFS    ".as_slice()) {
+            continue;
+        }
+        let mut volume = SourceVolume { src: &mut *src, start, len, pos: 0 };
+        for (name, runs) in ntfs_page_files(&mut volume).unwrap_or_default() {
+            for (at, n) in runs {
+                let range = Range { offset: start + at, length: n };
+                out.push(SwapArea { range, location: format!("ntfs {where_}: {name}") });
+            }
+        }
+    }
     out.sort_by_key(|a| a.range.offset);
     Ok(out)
+}
+
+/// Page files of Windows, by their names in the volume's root.
+const PAGE_FILES: [&str; 2] = ["pagefile.sys", "swapfile.sys"];
+
+/// A page file's name and its clusters: (offset in the volume, length) in file order.
+type PageFile = (String, Vec<(u64, u64)>);
+
+/// The page files of an NTFS volume. Only plain non-resident files (no attribute list):
+/// anything else is left alone.
+fn ntfs_page_files<T: std::io::Read + std::io::Seek>(fs: &mut T) -> Result<Vec<PageFile>> {
+    use ntfs::attribute_value::NtfsAttributeValue;
+    use ntfs::indexes::NtfsFileNameIndex;
+    let mut ntfs = ntfs::Ntfs::new(fs)?;
+    ntfs.read_upcase_table(fs)?;
+    let root = ntfs.root_directory(fs)?;
+    let index = root.directory_index(fs)?;
+    let mut out = Vec::new();
+    for name in PAGE_FILES {
+        let mut finder = index.finder();
+        let Some(entry) = NtfsFileNameIndex::find(&mut finder, &ntfs, fs, name) else { continue };
+        let file = entry?.to_file(&ntfs, fs)?;
+        let Some(data) = file.data(fs, "") else { continue };
+        let data = data?;
+        let attribute = data.to_attribute()?;
+        let NtfsAttributeValue::NonResident(value) = attribute.value(fs)? else { continue };
+        let mut runs = Vec::new();
+        for run in value.data_runs() {
+            let run = run?;
+            // Sparse runs have no position: nothing on disk to skip.
+            if let Some(pos) = run.data_position().value() {
+                runs.push((pos.get(), run.allocated_size()));
+            }
+        }
+        out.push((name.to_string(), runs));
+    }
+    Ok(out)
+}
+
+/// A volume of a backup source, for the NTFS reader.
+struct SourceVolume<'a> {
+    src: &'a mut dyn Source,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl std::io::Read for SourceVolume<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let data = read_at(self.src, self.start + self.pos, n).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        buf[..n].copy_from_slice(&data);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for SourceVolume<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let pos = match to {
+            std::io::SeekFrom::Start(p) => Some(p),
+            std::io::SeekFrom::End(d) => self.len.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos =
+            pos.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the volume"))?;
+        Ok(self.pos)
+    }
 }
 
 /// What of a swap area is kept: its header (signature, UUID, label) in the first page, rounded
@@ -194,5 +285,76 @@ mod tests {
         disk[(1 << 20) + 4086..(1 << 20) + 4096].fill(0);
         std::fs::write(&pv, &disk).unwrap();
         assert!(find_swap(&mut FileSource::open(&pv).unwrap()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn finds_the_clusters_of_windows_page_files_on_ntfs() {
+        if !tool("mkntfs") || !tool("ntfs-3g") || !tool("sfdisk") {
+            eprintln!("mkntfs/ntfs-3g/sfdisk missing: skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("ntfs.img");
+        std::fs::File::create(&part).unwrap().set_len(48 << 20).unwrap();
+        let ok = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(ok(Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&part)));
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        if !ok(Command::new("ntfs-3g").arg(&part).arg(&mnt)) {
+            eprintln!("cannot mount with ntfs-3g (no FUSE): skipped");
+            return;
+        }
+        // Random contents, so where they land in the image can be checked byte for byte.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect()
+        };
+        let (pagefile, other) = (random(6 << 20), random(2 << 20));
+        let written = (|| -> std::io::Result<()> {
+            std::fs::write(mnt.join("data.bin"), &other)?;
+            std::fs::write(mnt.join("pagefile.sys"), &pagefile)
+        })();
+        assert!(ok(Command::new("umount").arg(&mnt)));
+        written.unwrap();
+
+        let img = dir.path().join("win.img");
+        std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+        let mut c = Command::new("sfdisk").arg("-q").arg(&img).stdin(std::process::Stdio::piped()).spawn().unwrap();
+        use std::io::Write;
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(b"label: gpt\nstart=2048, size=48MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n")
+            .unwrap();
+        assert!(c.wait().unwrap().success());
+        let mut disk = std::fs::read(&img).unwrap();
+        disk[1 << 20..(1 << 20) + (48 << 20)].copy_from_slice(&std::fs::read(&part).unwrap());
+        std::fs::write(&img, &disk).unwrap();
+
+        let found = find_swap(&mut FileSource::open(&img).unwrap()).unwrap();
+        assert!(!found.is_empty());
+        assert!(found.iter().all(|a| a.location == "ntfs partition 1: pagefile.sys"), "{found:?}");
+        // The areas (in disk order) are the page file's pieces: each one's bytes are found in
+        // the file, and together they tile it exactly.
+        let mut pieces: Vec<(usize, &[u8])> = found
+            .iter()
+            .map(|a| {
+                let bytes = &disk[a.range.offset as usize..(a.range.offset + a.range.length) as usize];
+                let at =
+                    pagefile.windows(4096).position(|w| w == &bytes[..4096]).expect("not a piece of the page file");
+                (at, bytes)
+            })
+            .collect();
+        pieces.sort_by_key(|p| p.0);
+        let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.1.iter().copied()).collect();
+        assert_eq!(pieces[0].0, 0);
+        assert!(bytes == pagefile, "the skipped clusters are not the page file's");
     }
 }
