@@ -82,6 +82,11 @@ fn truncated_and_missing_packs() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(serde_json::to_string(&v["damaged_packs"]).unwrap().contains("missing"));
     assert!(affected(&v).contains(&pa));
+    // A restore that needs the missing pack names the point and leaves no file behind.
+    let out = e.path("o2");
+    let err = e.fails(&["restore", "image", "a", "--to", out.to_str().unwrap()], 1);
+    assert!(err.contains(&pa[..8]) && err.contains("missing"), "{err}");
+    assert!(!out.exists() && !e.path("o2.cairn-partial").exists(), "a failed restore leaves nothing");
 }
 
 #[test]

@@ -95,7 +95,14 @@ pub fn restore_disk(
             nblocks
         );
     }
-    let data_blocks = count_data_blocks(repo, disk)?;
+    let data_blocks = count_data_blocks(repo, disk).with_context(|| {
+        format!(
+            "restore point {} ({} of {}) cannot be read; `cairn verify` names what is damaged",
+            &point_id[..8],
+            point.name,
+            point.time
+        )
+    })?;
     let data_bytes = data_blocks * bs;
     let mut target = target::create(to, disk.size, bs, data_bytes.min(disk.size), opts.format, opts.force)?;
     progress.start(&format!("restore {}", disk.name), data_bytes.min(disk.size));
