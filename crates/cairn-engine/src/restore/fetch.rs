@@ -31,6 +31,8 @@ const WINDOW_SPANS: usize = 4;
 pub(super) const SPAN_BUFFERS: usize = 10;
 /// Span reads in flight: the device serves several at once faster than one.
 pub(super) const FETCHERS: usize = 4;
+// The deadlock-freedom argument above needs a window to fit in the pool.
+const _: () = assert!(WINDOW_SPANS <= SPAN_BUFFERS);
 
 /// A span's stored bytes; the buffer goes back to the pool when the last frame is decoded.
 pub(super) struct SpanData {
