@@ -208,9 +208,9 @@ fn section<'a>(s: &'a [(String, Value)], key: &str) -> Option<&'a [(String, Valu
 
 #[derive(Debug, PartialEq)]
 enum Token {
+    /// A bare word: a key, a section name, or a number (names may be all digits).
     Word(String),
     Str(String),
-    Int(i64),
     Punct(char),
 }
 
@@ -248,10 +248,7 @@ fn tokens(text: &str) -> Result<Vec<Token>> {
                 if w.is_empty() {
                     bail!("LVM2 metadata: unexpected {c:?}");
                 }
-                out.push(match w.parse::<i64>() {
-                    Ok(i) => Token::Int(i),
-                    Err(_) => Token::Word(w),
-                });
+                out.push(Token::Word(w));
             }
         }
     }
@@ -296,8 +293,10 @@ fn entries(t: &[Token], pos: &mut usize) -> Result<Vec<(String, Value)>> {
 fn value(t: &[Token], pos: &mut usize) -> Result<Value> {
     let v = match t.get(*pos) {
         Some(Token::Str(s)) => Value::Str(s.clone()),
-        Some(Token::Int(i)) => Value::Int(*i),
-        Some(Token::Word(w)) => Value::Str(w.clone()), // floats and bare words: kept as text
+        Some(Token::Word(w)) => match w.parse::<i64>() {
+            Ok(i) => Value::Int(i),
+            Err(_) => Value::Str(w.clone()), // floats and bare words: kept as text
+        },
         Some(Token::Punct('[')) => {
             *pos += 1;
             let mut items = Vec::new();
@@ -401,6 +400,15 @@ creation_time = 1764000000 # Tue Nov 25 2025
         // Another PV's uuid, and a PV too short for its extents.
         assert!(volumes_of(&config, "x".repeat(32).as_str(), 1 << 30).is_err());
         assert!(volumes_of(&config, "ABCDEFghijklmnopqrstuvwxyz012345", 20 << 20).unwrap().volumes.is_empty());
+    }
+
+    #[test]
+    fn names_may_be_all_digits() {
+        let config = parse("007 {\nextent_size = 8\nphysical_volumes { 1 { id = \"x\" } }\n}").unwrap();
+        assert_eq!(config[0].0, "007");
+        let Value::Section(vg) = &config[0].1 else { panic!() };
+        assert_eq!(int(vg, "extent_size"), Some(8));
+        assert!(section(vg, "physical_volumes").is_some_and(|p| p[0].0 == "1"));
     }
 
     #[test]
