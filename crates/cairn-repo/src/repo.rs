@@ -154,6 +154,7 @@ impl Repository {
                 Err(e) => return Err(e),
             }
         }
+        idx.seal();
         *self.index.write().unwrap() = idx;
         *self.damaged_index_files.write().unwrap() = damaged;
         Ok(())
