@@ -149,11 +149,9 @@ fn disk_volumes(disk: &PointDisk) -> Result<Vec<Volume>> {
 
 /// A volume's bytes, read from a restore point's disk through its hash-checked block cache.
 /// Positioned reads for ext4, `Read + Seek` for the NTFS and FAT readers.
-#[derive(Clone)]
 pub(crate) struct VolumeReader {
     disk: Arc<PointDisk>,
-    volume: Arc<Volume>,
-    length: u64,
+    volume: Volume,
     pos: u64,
 }
 
@@ -165,7 +163,7 @@ impl VolumeReader {
 
 impl Read for VolumeReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.length.saturating_sub(self.pos)) as usize;
+        let n = (buf.len() as u64).min(self.volume.length.saturating_sub(self.pos)) as usize;
         self.read_at(self.pos, &mut buf[..n]).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         self.pos += n as u64;
         Ok(n)
@@ -176,7 +174,7 @@ impl Seek for VolumeReader {
     fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
         let base = match to {
             SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.length.checked_add_signed(d),
+            SeekFrom::End(d) => self.volume.length.checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
         self.pos =
@@ -270,8 +268,7 @@ impl Browser {
         };
         let img = point.disks.iter().find(|d| d.name == volume.disk).context("disk vanished")?;
         let disk = Arc::new(PointDisk::new(repo.clone(), img.clone()));
-        let reader =
-            VolumeReader { disk: disk.clone(), volume: Arc::new(volume.clone()), length: volume.length, pos: 0 };
+        let reader = VolumeReader { disk: disk.clone(), volume: volume.clone(), pos: 0 };
         let fs: Box<dyn Filesystem> = match volume.filesystem {
             Some("ext4") => opened(&volume, ext4::Ext4Fs::open(reader))?,
             Some("ntfs") => opened(&volume, ntfs::NtfsFs::open(reader))?,
