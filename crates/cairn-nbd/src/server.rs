@@ -144,11 +144,10 @@ pub fn serve_connection<S: Read + Write>(
 where
     for<'a> &'a S: Read + Write,
 {
-    let mut w = &stream;
-    w.write_all(&NBDMAGIC.to_be_bytes())?;
-    w.write_all(&IHAVEOPT.to_be_bytes())?;
-    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
-    w.flush()?;
+    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    (&stream).write_all(&greeting)?;
     let mut b4 = [0u8; 4];
     (&stream).read_exact(&mut b4)?;
     let no_zeroes = u32::from_be_bytes(b4) & FLAG_NO_ZEROES as u32 != 0;
