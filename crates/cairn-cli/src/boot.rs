@@ -2,7 +2,7 @@
 //! `cairn report` (a VM's restore points with their verification history).
 
 use crate::output::bytes;
-use crate::{bar, open_repo, print_json, workers, Global};
+use crate::{bar, open_indexed, open_repo, print_json, workers, Global};
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use cairn_engine::boot::{verify_boot, BootCheck, BootOptions};
@@ -59,9 +59,7 @@ pub struct BootMail {
 
 pub fn verify_boot_cmd(g: &Global, a: &VerifyBoot) -> Result<i32> {
     let hv = Libvirt::connect(&a.connect)?;
-    let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "verify boot", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
+    let (repo, _lock) = open_indexed(g, "verify boot")?;
     let (id, point) = repo.select_point(&a.point)?;
     let (check, record_id, mailed, shot) = boot_and_report(g, &hv, &repo, &id, &point, &a.work_dir, &a.mail)?;
     if g.json {

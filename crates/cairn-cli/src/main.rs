@@ -459,6 +459,15 @@ pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     Ok(Arc::new(repo))
 }
 
+/// Opens the repository for reading or adding (a shared lock, held while the returned lock
+/// lives) with its index loaded.
+pub(crate) fn open_indexed(g: &Global, purpose: &str) -> Result<(Arc<Repository>, cairn_repo::Lock)> {
+    let repo = open_repo(g)?;
+    let lock = repo.lock(false, purpose, Duration::from_secs(g.lock_wait))?;
+    repo.load_index()?;
+    Ok((repo, lock))
+}
+
 pub(crate) fn workers(g: &Global) -> usize {
     g.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)).max(1)
 }
@@ -610,9 +619,7 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
 }
 
 fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
-    let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "restore", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
+    let (repo, _lock) = open_indexed(g, "restore")?;
     let (id, point) = repo.select_point(&a.point)?;
     let disk = point.disk(a.disk.as_deref()).map_err(anyhow::Error::msg)?;
     let opts = RestoreOptions {
@@ -647,9 +654,7 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
 
 fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
     use cairn_engine::files::{volumes, Browser};
-    let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "files", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
+    let (repo, _lock) = open_indexed(g, "files")?;
     match c {
         FilesCmd::Ls { point, volume, path } => {
             let (id, p) = repo.select_point(point)?;
@@ -719,10 +724,8 @@ fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
 
 fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
     use cairn_nbd::server::{serve_tcp, serve_unix, Export, Exports};
-    let repo = open_repo(g)?;
     // Held while serving: maintenance (gc) must not remove packs a client is reading.
-    let _lock = repo.lock(false, "serve-nbd", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
+    let (repo, _lock) = open_indexed(g, "serve-nbd")?;
     let (id, point) = repo.select_point(&a.point)?;
     let tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => {
@@ -790,9 +793,7 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 }
 
 fn verify(g: &Global, points: &[String], sample: Option<f64>) -> Result<i32> {
-    let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "verify", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
+    let (repo, _lock) = open_indexed(g, "verify")?;
     let progress = bar(g);
     // When each pack was last verified: kept in the catalog by earlier runs.
     let mut states: Vec<(String, serde_json::Value)> =

@@ -1,7 +1,7 @@
 //! `cairn mount`: a restore point's disks and partitions as read-only files, through FUSE, so
 //! any filesystem the kernel knows can be loop-mounted from them.
 
-use crate::{open_repo, Global};
+use crate::{open_indexed, Global};
 use anyhow::{bail, Context, Result};
 use cairn_engine::files::{volumes, Volume};
 use cairn_engine::serve::PointDisk;
@@ -19,7 +19,6 @@ struct Node {
     name: String,
     disk: Arc<PointDisk>,
     volume: Volume,
-    size: u64,
 }
 
 struct PointFs {
@@ -35,7 +34,7 @@ impl PointFs {
             (FileType::Directory, 0, 0o555)
         } else {
             let n = self.nodes.get(ino as usize - 2)?;
-            (FileType::RegularFile, n.size, 0o444)
+            (FileType::RegularFile, n.volume.length, 0o444)
         };
         Some(FileAttr {
             ino: INodeNo(ino),
@@ -88,10 +87,10 @@ impl Filesystem for PointFs {
         let Some(n) = (u64::from(ino) as usize).checked_sub(2).and_then(|i| self.nodes.get(i)) else {
             return reply.error(Errno::ENOENT);
         };
-        if offset >= n.size {
+        if offset >= n.volume.length {
             return reply.data(&[]);
         }
-        let len = (size as u64).min(n.size - offset) as usize;
+        let len = (size as u64).min(n.volume.length - offset) as usize;
         let mut buf = vec![0u8; len];
         match n.volume.read_at(&n.disk, offset, &mut buf) {
             Ok(()) => reply.data(&buf),
@@ -128,9 +127,7 @@ fn mounted(path: &Path) -> bool {
 }
 
 pub fn mount(g: &Global, point: &str, mountpoint: &Path) -> Result<i32> {
-    let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "mount", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
+    let (repo, _lock) = open_indexed(g, "mount")?;
     let (id, p) = repo.select_point(point)?;
     if !mountpoint.is_dir() {
         bail!("{} is not a folder; create it first", mountpoint.display());
@@ -139,12 +136,12 @@ pub fn mount(g: &Global, point: &str, mountpoint: &Path) -> Result<i32> {
     let mut nodes = Vec::new();
     for img in &p.disks {
         let disk = Arc::new(PointDisk::new(repo.clone(), img.clone()));
-        nodes.push(Node { name: img.name.clone(), disk, volume: Volume::disk(img), size: img.size });
+        nodes.push(Node { name: img.name.clone(), disk, volume: Volume::disk(img) });
     }
     for v in volumes(&repo, &p)? {
         if v.name != v.disk {
             let disk = nodes.iter().find(|n| n.name == v.disk).map(|n| n.disk.clone()).context("disk vanished")?;
-            nodes.push(Node { name: v.name.replace('/', "-"), disk, size: v.length, volume: v });
+            nodes.push(Node { name: v.name.replace('/', "-"), disk, volume: v });
         }
     }
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();

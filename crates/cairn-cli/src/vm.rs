@@ -1,7 +1,7 @@
 //! `cairn vm list`, `cairn backup vm` and the hidden `cairn watchdog`.
 
 use crate::output::{bytes, Bar};
-use crate::{bar, open_repo, print_json, workers, Global};
+use crate::{bar, open_indexed, print_json, workers, Global};
 use anyhow::{Context, Result};
 use cairn_engine::vm::{app_consistent_requirements, backup_vm, choose_method, Method, VmBackupOptions, VmRecord};
 use cairn_engine::Progress;
@@ -216,9 +216,7 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
 
 pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
     let hv = Libvirt::connect(&a.connect)?;
-    let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "backup vm", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
+    let (repo, _lock) = open_indexed(g, "backup vm")?;
     let progress = bar(g);
     let opts = VmBackupOptions {
         method: match a.method {
@@ -322,9 +320,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     use cairn_engine::target::TargetFormat;
     use std::io::{BufRead, IsTerminal, Write};
     let hv = Libvirt::connect(&a.connect)?;
-    let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "restore vm", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
+    let (repo, _lock) = open_indexed(g, "restore vm")?;
     let (id, point) = repo.select_point(&a.point)?;
     let mut network_map = Vec::new();
     for m in &a.map_network {

@@ -61,28 +61,24 @@ pub fn find_swap(src: &mut dyn Source) -> Result<Vec<SwapArea>> {
             out.push(SwapArea { range: Range { offset: start, length: len }, location });
         }
     }
-    // Swap in LVM logical volumes, on any partition (or the whole disk) holding a PV.
-    let pvs: Vec<(u64, u64)> =
-        if table.is_empty() { vec![(0, size)] } else { table.iter().map(|p| (p.offset, p.length)).collect() };
-    for (start, len) in pvs {
-        let Ok(pv) = crate::lvm::read_pv(&mut |off, n| read_at(src, off, n), start, len) else { continue };
-        for lv in pv.volumes {
-            let first = start + lv.runs[0].pv_offset;
-            if has_swap_signature(src, first, lv.size)? {
-                for r in &lv.runs {
-                    let range = Range { offset: start + r.pv_offset, length: r.len };
-                    out.push(SwapArea { range, location: format!("lvm volume {}/{}", lv.vg, lv.name) });
-                }
-            }
-        }
-    }
-    // Windows page files on NTFS volumes.
+    // Each partition (or the whole disk): an LVM PV with swap volumes, or NTFS with page files.
     let volumes: Vec<(u64, u64, String)> = if table.is_empty() {
         vec![(0, size, "whole disk".to_string())]
     } else {
         table.iter().map(|p| (p.offset, p.length, format!("partition {}", p.number))).collect()
     };
     for (start, len, where_) in volumes {
+        if let Ok(pv) = crate::lvm::read_pv(&mut |off, n| read_at(src, off, n), start, len) {
+            for lv in pv.volumes {
+                if has_swap_signature(src, start + lv.runs[0].pv_offset, lv.size)? {
+                    for r in &lv.runs {
+                        let range = Range { offset: start + r.pv_offset, length: r.len };
+                        out.push(SwapArea { range, location: format!("lvm volume {}/{}", lv.vg, lv.name) });
+                    }
+                }
+            }
+            continue;
+        }
         if len < 64 * 1024 || read_at(src, start, 512)?.get(3..11) != Some(b"NTFS    ".as_slice()) {
             continue;
         }
@@ -158,13 +154,7 @@ impl std::io::Read for SourceVolume<'_> {
 
 impl std::io::Seek for SourceVolume<'_> {
     fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
-        let pos = match to {
-            std::io::SeekFrom::Start(p) => Some(p),
-            std::io::SeekFrom::End(d) => self.len.checked_add_signed(d),
-            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos =
-            pos.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the volume"))?;
+        self.pos = crate::files::seek_position(self.pos, self.len, to)?;
         Ok(self.pos)
     }
 }

@@ -53,33 +53,22 @@ impl Volume {
         Volume { name, disk: disk.to_string(), partition, offset, length, filesystem: None, runs }
     }
 
-    /// The pieces of the disk that hold `[at, at + len)` of the volume, in order.
-    fn pieces(&self, mut at: u64, mut len: u64) -> Result<Vec<(u64, usize)>> {
-        if at.checked_add(len).is_none_or(|end| end > self.length) {
+    /// Reads `buf.len()` bytes at `at` of the volume from the restore point's disk, run by run.
+    pub fn read_at(&self, disk: &PointDisk, mut at: u64, mut buf: &mut [u8]) -> Result<()> {
+        if at.checked_add(buf.len() as u64).is_none_or(|end| end > self.length) {
             bail!("read past the end of volume {} at {at}", self.name);
         }
-        let mut out = Vec::new();
         for r in &self.runs {
-            if len == 0 {
+            if buf.is_empty() {
                 break;
             }
             if r.at + r.len <= at {
                 continue;
             }
-            let n = (r.at + r.len - at).min(len);
-            out.push((r.disk_offset + (at - r.at), n as usize));
-            at += n;
-            len -= n;
-        }
-        Ok(out)
-    }
-
-    /// Reads `buf.len()` bytes at `at` of the volume from the restore point's disk.
-    pub fn read_at(&self, disk: &PointDisk, at: u64, buf: &mut [u8]) -> Result<()> {
-        let mut done = 0;
-        for (off, n) in self.pieces(at, buf.len() as u64)? {
-            disk.read_exact_at(off, &mut buf[done..done + n])?;
-            done += n;
+            let n = (r.at + r.len - at).min(buf.len() as u64) as usize;
+            let (head, rest) = buf.split_at_mut(n);
+            disk.read_exact_at(r.disk_offset + (at - r.at), head)?;
+            (at, buf) = (at + n as u64, rest);
         }
         Ok(())
     }
@@ -95,14 +84,20 @@ pub fn volumes(repo: &Arc<Repository>, point: &RestorePoint) -> Result<Vec<Volum
     Ok(out)
 }
 
+/// Reads of up to `len` bytes at an offset of `vol` (shorter at its end), for the table and
+/// filesystem probes.
+fn probe<'a>(vol: &'a Volume, disk: &'a PointDisk) -> impl FnMut(u64, usize) -> Result<Vec<u8>> + 'a {
+    move |at, len| {
+        let mut b = vec![0u8; len.min(vol.length.saturating_sub(at) as usize)];
+        vol.read_at(disk, at, &mut b)?;
+        Ok(b)
+    }
+}
+
 fn disk_volumes(disk: &PointDisk) -> Result<Vec<Volume>> {
     let img = disk.image();
-    let mut read = |off: u64, len: usize| -> Result<Vec<u8>> {
-        let len = len.min(img.size.saturating_sub(off) as usize);
-        let mut b = vec![0u8; len];
-        disk.read_exact_at(off, &mut b)?;
-        Ok(b)
-    };
+    let whole = Volume::disk(img);
+    let mut read = probe(&whole, disk);
     let table = read_table(&mut read, img.size)?;
     let mut out = if table.is_empty() {
         vec![Volume::whole(img.name.clone(), &img.name, None, 0, img.size)]
@@ -132,13 +127,7 @@ fn disk_volumes(disk: &PointDisk) -> Result<Vec<Volume>> {
                 filesystem: None,
                 runs,
             };
-            let mut read_lv = |at: u64, len: usize| -> Result<Vec<u8>> {
-                let len = len.min(vol.length.saturating_sub(at) as usize);
-                let mut b = vec![0u8; len];
-                vol.read_at(disk, at, &mut b)?;
-                Ok(b)
-            };
-            let fs = detect_filesystem(&mut read_lv, 0, lv.size)?;
+            let fs = detect_filesystem(&mut probe(&vol, disk), 0, lv.size)?;
             vol.filesystem = fs;
             lvs.push(vol);
         }
@@ -172,15 +161,19 @@ impl Read for VolumeReader {
 
 impl Seek for VolumeReader {
     fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        let base = match to {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.volume.length.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos =
-            base.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the volume"))?;
+        self.pos = seek_position(self.pos, self.volume.length, to)?;
         Ok(self.pos)
     }
+}
+
+/// Where a seek from `pos` in something `len` bytes long lands (`Seek` for volume readers).
+pub(crate) fn seek_position(pos: u64, len: u64, to: SeekFrom) -> std::io::Result<u64> {
+    match to {
+        SeekFrom::Start(p) => Some(p),
+        SeekFrom::End(d) => len.checked_add_signed(d),
+        SeekFrom::Current(d) => pos.checked_add_signed(d),
+    }
+    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the volume"))
 }
 
 /// The volume is read-only: the FAT reader wants a writable device type, and only ever writes
