@@ -47,6 +47,11 @@ impl Crypto {
         Crypto::Aes { key: aes_key(&keys.data), id_key: keys.id }
     }
 
+    /// An encrypting `Crypto` over given raw keys (fuzz targets and tests: a fixed key).
+    pub fn with_raw_keys(data_key: [u8; 32], id_key: [u8; 32]) -> Crypto {
+        Crypto::Aes { key: aes_key(&data_key), id_key }
+    }
+
     pub fn is_encrypted(&self) -> bool {
         matches!(self, Crypto::Aes { .. })
     }
