@@ -110,6 +110,9 @@ concerned. Exits with status 3 if anything is damaged.")]
         #[command(subcommand)]
         what: Option<VerifyCmd>,
     },
+    /// Repair the repository's metadata from what its data says about itself
+    #[command(subcommand)]
+    Repair(RepairCmd),
     /// A VM's restore points with their verification history (and an HTML page)
     Report(boot::Report),
     /// Browse and copy files out of a restore point, without restoring its disks
@@ -256,6 +259,25 @@ struct RestoreImage {
     /// Replace --to if it exists
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Subcommand)]
+enum RepairCmd {
+    /// Rebuild the index from the pack files
+    #[command(
+        long_about = "Rebuild the index (where every block lives) from the packs themselves: entries of sound index files are kept for packs that exist, packs no sound index file lists are read by their trailers (packs left by interrupted backups, or listed only in damaged index files), entries of missing packs are dropped. The new index files are stored durably before the old ones are removed, so an interruption leaves nothing missing.
+
+Run it when verify reports damaged index files, or restore points fail with \"missing from the repository\" although their packs are intact. Takes the exclusive lock: no backup runs meanwhile. Exits with status 3 when some pack could not be read (run `cairn verify` to see which restore points that affects).
+
+Examples:
+  cairn repair index --repo R --dry-run
+  cairn repair index --repo R"
+    )]
+    Index {
+        /// Show what would be done, change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -420,6 +442,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Restore(RestoreCmd::Vm(a)) => vm::restore(g, a),
         Command::Verify { what: None, points, sample } => verify(g, points, *sample),
         Command::Verify { what: Some(VerifyCmd::Boot(a)), .. } => boot::verify_boot_cmd(g, a),
+        Command::Repair(RepairCmd::Index { dry_run }) => repair_index(g, *dry_run),
         Command::Report(a) => boot::report(g, a),
     }
 }
@@ -456,6 +479,16 @@ fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
 pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     let b = backend(g)?;
     let repo = Repository::open(b as Arc<dyn Backend>, || password_from_env_or_prompt(false))?;
+    // A password was given for a repository that says it is not encrypted: either the wrong
+    // repository, or its config was altered to turn encryption off. Writing plaintext where
+    // the operator expects ciphertext is the worse mistake, so stop.
+    if !repo.crypto().is_encrypted() && std::env::var_os("CAIRN_PASSWORD").is_some() {
+        bail!(
+            "the repository at {} is not encrypted, but CAIRN_PASSWORD is set: if it should be encrypted, its \
+             config was altered (do not use it); if not, unset CAIRN_PASSWORD",
+            repo.backend().location()
+        );
+    }
     Ok(Arc::new(repo))
 }
 
@@ -785,6 +818,38 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
     Ok(0)
 }
 
+fn repair_index(g: &Global, dry_run: bool) -> Result<i32> {
+    let repo = open_repo(g)?;
+    let _lock = repo.lock(true, "repair index", Duration::from_secs(g.lock_wait))?;
+    let r = cairn_engine::repair::rebuild_index(&repo, dry_run, &bar(g))?;
+    if g.json {
+        print_json(&r);
+    } else {
+        println!(
+            "{} packs: {} listed by sound index files, {} read from their trailers, {} unreadable",
+            r.packs_stored,
+            r.packs_from_index,
+            r.packs_from_trailers.len(),
+            r.unreadable_packs.len()
+        );
+        for u in &r.unreadable_packs {
+            println!("UNREADABLE pack {}: {}", &u.pack[..16], u.problem);
+        }
+        if !r.missing_packs.is_empty() {
+            println!("{} pack(s) listed by the index are missing: their entries are dropped", r.missing_packs.len());
+        }
+        if !r.damaged_index_files.is_empty() {
+            println!("{} damaged index file(s) replaced", r.damaged_index_files.len());
+        }
+        if dry_run {
+            println!("dry run: nothing changed");
+        } else {
+            println!("wrote {} index file(s) and removed {} old one(s)", r.index_files_written, r.index_files_removed);
+        }
+    }
+    Ok(if r.unreadable_packs.is_empty() { 0 } else { EXIT_DAMAGED })
+}
+
 fn parse_percent(s: &str) -> Result<f64, String> {
     match s.trim_end_matches('%').parse::<f64>() {
         Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
@@ -795,63 +860,24 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 fn verify(g: &Global, points: &[String], sample: Option<f64>) -> Result<i32> {
     let (repo, _lock) = open_indexed(g, "verify")?;
     let progress = bar(g);
-    // When each pack was last verified: kept in the catalog by earlier runs.
-    let mut states: Vec<(String, serde_json::Value)> =
-        repo.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "verify-state").collect();
-    states.sort_by_key(|(_, r)| r["time"].as_str().unwrap_or("").to_string());
-    let mut last: std::collections::HashMap<String, String> =
-        states.last().and_then(|(_, r)| serde_json::from_value(r["packs"].clone()).ok()).unwrap_or_default();
     let selected = if points.is_empty() {
         None
     } else {
         Some(points.iter().map(|p| repo.select_point(p).map(|(id, _)| id)).collect::<Result<Vec<_>, _>>()?)
     };
-    let opts =
-        cairn_engine::verify::VerifyOptions { points: selected, sample_percent: sample, last_verified: last.clone() };
-    let report = cairn_engine::verify::verify_with(&repo, workers(g), &opts, &progress)?;
-    // Self-healing: damaged copies are quarantined, so the next backup that reads those blocks
-    // from their source stores them again (and verify then passes).
-    let copies: Vec<(String, String)> = report
-        .damaged_blocks
-        .iter()
-        .filter(|b| !b.pack.is_empty())
-        .map(|b| (b.pack.clone(), b.block.clone()))
-        .collect();
-    if !copies.is_empty() {
-        repo.add_to_quarantine(&copies)?;
-    }
-    let now = cairn_repo::now_rfc3339();
-    let damaged: std::collections::HashSet<&str> = report.damaged_packs.iter().map(|d| d.pack.as_str()).collect();
-    for p in &report.packs_verified {
-        if !damaged.contains(p.as_str()) {
-            last.insert(p.clone(), now.clone());
-        }
-    }
-    let present: std::collections::HashSet<String> = repo.stored_packs()?.into_iter().map(|(n, _)| n).collect();
-    last.retain(|p, _| present.contains(p));
-    let never = present.iter().filter(|p| !last.contains_key(*p)).count();
-    let since = last.values().min().cloned();
-    if !report.packs_verified.is_empty() {
-        let name = repo.save_record(&serde_json::json!({"kind": "verify-state", "time": now, "packs": last}))?;
-        for (old, _) in states {
-            if old != name {
-                let _ = repo.delete_record(&old);
-            }
-        }
-    }
+    let opts = cairn_engine::verify::VerifyOptions { points: selected, sample_percent: sample, ..Default::default() };
+    let run = cairn_engine::verify::run(&repo, workers(g), opts, &progress)?;
+    let report = &run.report;
     if g.json {
-        let mut v = serde_json::to_value(&report)?;
-        v["packs_never_verified"] = never.into();
-        v["all_verified_since"] = if never == 0 { since.clone().into() } else { serde_json::Value::Null };
-        print_json(&v);
+        print_json(&run);
     } else {
-        output::print_verify(&report);
+        output::print_verify(report);
         if report.packs_verified.len() as u64 != report.packs_total {
             println!("read {} of {} packs this run", report.packs_verified.len(), report.packs_total);
         }
-        if never > 0 {
-            println!("{never} pack(s) not verified yet by any run");
-        } else if let Some(t) = since {
+        if run.packs_never_verified > 0 {
+            println!("{} pack(s) not verified yet by any run", run.packs_never_verified);
+        } else if let Some(t) = &run.all_verified_since {
             println!("every pack verified at least once since {t}");
         }
     }

@@ -138,6 +138,12 @@ pub fn print_verify(r: &VerifyReport) {
     for p in &r.damaged_packs {
         println!("DAMAGED pack {}: {}", &p.pack[..16.min(p.pack.len())], p.problem);
     }
+    for p in &r.unreadable_packs {
+        println!("UNREADABLE pack {}: {} (run verify again)", &p.pack[..16.min(p.pack.len())], p.problem);
+    }
+    if !r.released_copies.is_empty() {
+        println!("{} quarantined block copies read back sound and were released", r.released_copies.len());
+    }
     for f in &r.damaged_index_files {
         println!("DAMAGED index file {}: {}", &f.id[..16], f.problem);
     }
@@ -170,6 +176,13 @@ pub fn print_verify(r: &VerifyReport) {
     }
     if r.ok {
         println!("no damage found");
+    } else if !r.unreadable_packs.is_empty()
+        && r.damaged_blocks.is_empty()
+        && r.damaged_packs.is_empty()
+        && r.damaged_index_files.is_empty()
+        && r.damaged_points.is_empty()
+    {
+        println!("verification INCOMPLETE: {} pack(s) could not be read", r.unreadable_packs.len());
     } else {
         println!(
             "repository is DAMAGED: {} block(s), {} restore point(s) affected",

@@ -6,7 +6,7 @@
 //! - [`recover`]: a VM restore point back into a running VM on any host and storage;
 //! - [`boot`]: boot verification of a restore point in a network-less sandbox, with a screenshot;
 //! - [`serve`]: restore points as read-only NBD exports, read straight from the repository;
-//! - [`verify`]: re-read and re-hash the whole repository;
+//! - [`verify`]: re-read and re-hash the whole repository; [`repair`]: rebuild the index from packs;
 //! - [`ranges`]: changed-range lists (from a file or a dirty bitmap);
 //! - [`vm`]: the VM backup job (method, point in time, checkpoints, files) over a hypervisor;
 //! - [`swap`]: Linux swap areas a backup skips; [`partitions`]: MBR and GPT tables;
@@ -21,6 +21,7 @@ mod pool;
 pub mod progress;
 pub mod ranges;
 pub mod recover;
+pub mod repair;
 pub mod restore;
 pub mod serve;
 pub mod source;

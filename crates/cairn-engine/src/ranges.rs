@@ -10,8 +10,17 @@ pub struct Range {
 }
 
 impl Range {
+    /// The first byte after the range (saturating: a range reaching past 2^64 ends there, and
+    /// parsers refuse such ranges from outside).
     pub fn end(&self) -> u64 {
-        self.offset + self.length
+        self.offset.saturating_add(self.length)
+    }
+
+    fn checked(self, what: &str) -> Result<Range> {
+        if self.offset.checked_add(self.length).is_none() {
+            bail!("{what}: range {}+{} ends beyond 2^64 bytes", self.offset, self.length);
+        }
+        Ok(self)
     }
 }
 
@@ -45,12 +54,12 @@ pub fn parse_changed_ranges(text: &str) -> Result<Vec<Range>> {
         }
         let v: Vec<J> =
             serde_json::from_str(t).context("changed-ranges file is not a JSON array of {offset, length}")?;
-        return Ok(normalize(
-            v.into_iter()
-                .filter(|j| j.description.as_deref().is_none_or(|d| d == "dirty"))
-                .map(|j| Range { offset: j.offset, length: j.length })
-                .collect(),
-        ));
+        let ranges = v
+            .into_iter()
+            .filter(|j| j.description.as_deref().is_none_or(|d| d == "dirty"))
+            .map(|j| Range { offset: j.offset, length: j.length }.checked("changed-ranges file"))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(normalize(ranges));
     }
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -69,7 +78,7 @@ pub fn parse_changed_ranges(text: &str) -> Result<Vec<Range>> {
             };
             r.with_context(|| format!("changed-ranges line {}: {s:?} is not a number", n + 1))
         };
-        out.push(Range { offset: num(a)?, length: num(b)? });
+        out.push(Range { offset: num(a)?, length: num(b)? }.checked(&format!("changed-ranges line {}", n + 1))?);
     }
     Ok(normalize(out))
 }
@@ -113,6 +122,10 @@ mod tests {
             vec![Range { offset: 0, length: 10 }, Range { offset: 100, length: 1 }]
         );
         assert!(parse_changed_ranges("1 2 3").is_err());
+        // A range whose end overflows is refused, not wrapped (in release) or panicked on.
+        let e = parse_changed_ranges("18446744073709551615 2").unwrap_err().to_string();
+        assert!(e.contains("beyond 2^64"), "{e}");
+        assert!(parse_changed_ranges(r#"[{"offset":18446744073709551615,"length":2}]"#).is_err());
         assert!(parse_changed_ranges("abc 1").is_err());
     }
 

@@ -1,9 +1,16 @@
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+/// Block sizes a reader accepts: powers of two in this range (cairn writes 64 KiB). Anything
+/// else in a config is damage or tampering, and would otherwise divide by zero or size huge
+/// buffers.
+pub const MIN_BLOCK_SIZE: u32 = 4 * 1024;
+pub const MAX_BLOCK_SIZE: u32 = 1024 * 1024;
 
-/// The repository's `config` object (plain JSON: it must be readable before any key is).
+/// The repository's `config` object (plain JSON: it must be readable before any key is; in an
+/// encrypted repository every key file authenticates it, see FORMAT.md §3).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     pub version: u32,
@@ -16,4 +23,39 @@ pub struct Config {
     pub encryption: String,
     /// "zstd".
     pub compression: String,
+}
+
+impl Config {
+    /// Parses and checks a stored config: every field a reader relies on must make sense.
+    pub fn parse(raw: &[u8], location: &str) -> Result<Config> {
+        let config: Config = serde_json::from_slice(raw)
+            .map_err(|e| Error::Corrupt(format!("the config file at {location} is unreadable ({e})")))?;
+        if config.version > FORMAT_VERSION {
+            return Err(Error::Format(format!(
+                "repository format {} is newer than this cairn understands ({FORMAT_VERSION}); upgrade cairn",
+                config.version
+            )));
+        }
+        let bad = |what: String| Err(Error::Corrupt(format!("the config file at {location} is invalid: {what}")));
+        if config.version == 0 {
+            return bad("format version 0".into());
+        }
+        if config.id.len() != 32 || !config.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad(format!("repository id {:?} is not 32 hex digits", config.id));
+        }
+        if !config.block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&config.block_size) {
+            return bad(format!("block size {} is not a power of two from 4 KiB to 1 MiB", config.block_size));
+        }
+        if config.compression != "zstd" {
+            return bad(format!("unknown compression {:?}", config.compression));
+        }
+        if !matches!(config.encryption.as_str(), "none" | "aes-256-gcm") {
+            return Err(Error::Format(format!("unknown encryption {:?}", config.encryption)));
+        }
+        Ok(config)
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.encryption == "aes-256-gcm"
+    }
 }

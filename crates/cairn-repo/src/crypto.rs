@@ -229,7 +229,18 @@ pub struct KeyFile {
     pub wrapped: String,
     pub created: String,
     pub hostname: String,
+    /// Keyed BLAKE3 (under a key derived from the data key) of the exact `config` bytes this
+    /// key belongs to: authenticates the plain config and binds the key to one repository.
+    /// Absent in key files written before 2026-11-29 (their config is only sanity-checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_mac: Option<String>,
 }
+
+/// Limits on the Argon2 costs a key file may ask for: a tampered key file must not make
+/// opening take terabytes of memory or hours (cairn writes 64 MiB, 3 passes, 1 lane).
+const KDF_MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+const KDF_MAX_ITERATIONS: u32 = 64;
+const KDF_MAX_PARALLELISM: u32 = 16;
 
 /// Argon2id costs: 64 MiB and 3 passes (~170 ms here); the costs are stored per key file so
 /// they can be raised later without breaking old repositories.
@@ -268,14 +279,37 @@ pub fn new_keys(password: &str, hostname: &str) -> Result<(MasterKeys, KeyFile)>
         wrapped: hex::encode(wrapped),
         created: crate::now_rfc3339(),
         hostname: hostname.to_string(),
+        config_mac: None,
     };
     Ok((keys, file))
 }
 
-/// Unwraps master keys from a key file; `Ok(None)` when the password does not open it.
+/// The authentication tag of a repository config under these master keys (hex).
+pub fn config_mac(keys: &MasterKeys, config: &[u8]) -> String {
+    let mac_key = blake3::derive_key("cairn 2026-11-29 repository config authentication", &keys.data);
+    blake3::keyed_hash(&mac_key, config).to_hex().to_string()
+}
+
+/// Whether `config` is the config these keys were created for. Constant-time comparison is
+/// not needed: the tag is not secret and an attacker learns nothing from timing it.
+pub fn config_matches(keys: &MasterKeys, file: &KeyFile, config: &[u8]) -> Option<bool> {
+    file.config_mac.as_ref().map(|mac| *mac == config_mac(keys, config))
+}
+
+/// Unwraps master keys from a key file; `Ok(None)` when the password does not open it. A key
+/// file asking for an unknown KDF or absurd costs is an error (the caller tries other keys).
 pub fn unwrap_keys(file: &KeyFile, password: &str) -> Result<Option<MasterKeys>> {
     if file.kdf != "argon2id" {
         return Err(Error::Format(format!("key file uses unknown KDF {:?}", file.kdf)));
+    }
+    if file.memory_kib > KDF_MAX_MEMORY_KIB
+        || file.iterations > KDF_MAX_ITERATIONS
+        || file.parallelism > KDF_MAX_PARALLELISM
+    {
+        return Err(Error::Format(format!(
+            "key file asks for Argon2 costs beyond any cairn writes ({} KiB, {} passes, {} lanes)",
+            file.memory_kib, file.iterations, file.parallelism
+        )));
     }
     let salt = hex::decode(&file.salt).map_err(|_| Error::Format("key file: bad salt".into()))?;
     let wrapped = hex::decode(&file.wrapped).map_err(|_| Error::Format("key file: bad wrapped key".into()))?;
@@ -300,6 +334,9 @@ pub(crate) fn open_frame_into(
     what: &str,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    if raw_len as usize > crate::pack::MAX_FRAME_RAW {
+        return Err(Error::Corrupt(format!("{what}: the index claims {raw_len} bytes, more than any frame holds")));
+    }
     crypto.open_into(stored, what, out)?;
     if out.len() != raw_len as usize {
         return Err(Error::Corrupt(format!("{what}: holds {} bytes, the index says {raw_len}", out.len())));

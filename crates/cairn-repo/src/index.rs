@@ -61,37 +61,44 @@ struct BlobSlot {
 
 /// All known blob locations: ~49 bytes per block in memory (see FORMAT.md, "Known limits").
 /// Built with [`Index::add_pack`], then [`Index::seal`]ed before lookups.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Index {
     packs: Vec<PackId>,
     pack_numbers: HashMap<PackId, u32>,
     frames: Vec<FrameSlot>,
-    /// Sorted by ID once sealed, one entry per ID (the copy added first). A sorted array costs
+    /// Sorted by ID once sealed, one entry per copy (the copy added first first). A sorted array costs
     /// 48 bytes per entry where a hash table costs 80-105 (measured: its growth leaves it
     /// 44-87% full); lookups are a binary search.
     blobs: Vec<(BlockId, BlobSlot)>,
     sealed: bool,
-    /// Copies verify found damaged: never used, so a backup stores the block again.
+    /// Copies verify found damaged: not among a block's copies, so a backup stores the block
+    /// again; kept apart (sorted like `blobs`) as a restore's last resort, still hash-checked.
     quarantine: std::collections::HashSet<(PackId, BlockId)>,
+    quarantined_blobs: Vec<(BlockId, BlobSlot)>,
 }
 
 impl Index {
-    fn slot(&self, id: &BlockId) -> Option<&BlobSlot> {
+    /// The entries of `id`: every copy, the first added first.
+    fn slots(&self, id: &BlockId) -> &[(BlockId, BlobSlot)] {
         debug_assert!(self.sealed || self.blobs.is_empty(), "Index::seal must follow add_pack");
-        self.blobs.binary_search_by(|(k, _)| k.cmp(id)).ok().map(|i| &self.blobs[i].1)
+        let start = self.blobs.partition_point(|(k, _)| k < id);
+        let end = start + self.blobs[start..].partition_point(|(k, _)| k == id);
+        &self.blobs[start..end]
     }
 
     pub fn contains(&self, id: &BlockId) -> bool {
-        self.slot(id).is_some()
+        !self.slots(id).is_empty()
     }
 
-    /// Orders the blobs for lookups, keeping the first copy added of each.
+    /// Orders the blobs for lookups. Every copy of a block is kept (two sessions stored it at
+    /// once; rare, so it costs little), the first added first: reads use it, and fall back to
+    /// the others when it is damaged.
     pub fn seal(&mut self) {
         // In place (a stable sort would borrow half the array again); frame numbers grow in
         // the order packs were added, so the first copy added sorts first.
         self.blobs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.frame.cmp(&b.1.frame)));
-        self.blobs.dedup_by(|later, first| later.0 == first.0);
         self.blobs.shrink_to_fit();
+        self.quarantined_blobs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.frame.cmp(&b.1.frame)));
         self.sealed = true;
     }
 
@@ -103,10 +110,27 @@ impl Index {
         self.pack_numbers.contains_key(pack)
     }
 
+    /// Where the first copy of a block lives.
     pub fn get(&self, id: &BlockId) -> Option<BlobLocation> {
-        let b = self.slot(id)?;
+        self.slots(id).first().map(|(_, b)| self.location(b))
+    }
+
+    /// Every copy of a block, the first added first (quarantined ones are not copies).
+    pub fn copies(&self, id: &BlockId) -> impl Iterator<Item = BlobLocation> + '_ {
+        self.slots(id).iter().map(|(_, b)| self.location(b))
+    }
+
+    /// The quarantined copies of a block: what a reader tries when no other copy is sound
+    /// (verify may have quarantined a sound copy after a misread; the hash check decides).
+    pub fn quarantined_copies(&self, id: &BlockId) -> impl Iterator<Item = BlobLocation> + '_ {
+        let start = self.quarantined_blobs.partition_point(|(k, _)| k < id);
+        let end = start + self.quarantined_blobs[start..].partition_point(|(k, _)| k == id);
+        self.quarantined_blobs[start..end].iter().map(|(_, b)| self.location(b))
+    }
+
+    fn location(&self, b: &BlobSlot) -> BlobLocation {
         let f = self.frames[b.frame as usize];
-        Some(BlobLocation {
+        BlobLocation {
             pack: self.packs[f.pack as usize],
             frame_offset: f.offset,
             frame_stored_len: f.stored_len,
@@ -114,7 +138,7 @@ impl Index {
             raw_offset: b.raw_offset,
             len: b.len,
             kind: b.kind,
-        })
+        }
     }
 
     /// Sets the damaged copies to leave out (before packs are added).
@@ -130,6 +154,11 @@ impl Index {
     /// Whether some copy of this block is quarantined.
     pub fn has_quarantined_copy(&self, id: &BlockId) -> bool {
         self.quarantine.iter().any(|(_, b)| b == id)
+    }
+
+    /// Whether some copy in this pack is quarantined.
+    pub fn has_quarantined_copies_in(&self, pack: &PackId) -> bool {
+        self.quarantine.iter().any(|(p, _)| p == pack)
     }
 
     /// Packs holding quarantined copies.
@@ -152,6 +181,8 @@ impl Index {
             self.frames.push(FrameSlot { pack: pn, offset: f.offset, stored_len: f.stored_len, raw_len: f.raw_len });
             for b in &f.blobs {
                 if !self.quarantine.is_empty() && self.quarantine.contains(&(pack, b.id)) {
+                    let slot = BlobSlot { frame: fn_, raw_offset: b.raw_offset, len: b.len, kind: b.kind };
+                    self.quarantined_blobs.push((b.id, slot));
                     continue;
                 }
                 self.blobs.push((b.id, BlobSlot { frame: fn_, raw_offset: b.raw_offset, len: b.len, kind: b.kind }));
@@ -159,12 +190,12 @@ impl Index {
         }
     }
 
-    /// Every pack and the IDs the index places in it (for verify's damage reports).
-    pub fn blobs_by_pack(&self) -> HashMap<PackId, Vec<BlockId>> {
-        let mut out: HashMap<PackId, Vec<BlockId>> = HashMap::new();
+    /// Every pack and the copies the index places in it (for verify).
+    pub fn blobs_by_pack(&self) -> HashMap<PackId, Vec<(BlockId, BlobLocation)>> {
+        let mut out: HashMap<PackId, Vec<(BlockId, BlobLocation)>> = HashMap::new();
         for (id, b) in &self.blobs {
-            let pack = self.packs[self.frames[b.frame as usize].pack as usize];
-            out.entry(pack).or_default().push(*id);
+            let loc = self.location(b);
+            out.entry(loc.pack).or_default().push((*id, loc));
         }
         out
     }
@@ -228,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn the_first_copy_of_a_block_wins_and_every_id_is_found() {
+    fn the_first_copy_of_a_block_comes_first_and_every_copy_is_kept() {
         let frame = |ids: &[u8], raw_offset: u32| FrameEntry {
             offset: raw_offset,
             stored_len: 10,
@@ -246,6 +277,9 @@ mod tests {
             assert_eq!(idx.get(&BlockId([id; 32])).unwrap().pack, pack, "block {id}");
         }
         assert!(!idx.contains(&BlockId([4; 32])));
-        assert_eq!(idx.blobs_by_pack().values().map(|v| v.len()).sum::<usize>(), 4);
+        // Both copies of 3 and 9 are kept, the first added first.
+        let packs = |id: u8| idx.copies(&BlockId([id; 32])).map(|l| l.pack[0]).collect::<Vec<_>>();
+        assert_eq!((packs(3), packs(9), packs(7)), (vec![1, 2], vec![1, 2], vec![1]));
+        assert_eq!(idx.blobs_by_pack().values().map(|v| v.len()).sum::<usize>(), 6);
     }
 }

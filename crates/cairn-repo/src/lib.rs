@@ -59,7 +59,7 @@ pub use error::{Error, Result};
 pub use id::{is_all_zero, BlockId};
 pub use index::BlobLocation;
 pub use lock::Lock;
-pub use point::{DiskImage, DiskStats, PointStats, RestorePoint};
+pub use point::{safe_name, DiskImage, DiskStats, PointStats, RestorePoint, MAX_DISK_SIZE};
 pub use repo::{hostname, PointList, Repository};
 pub use session::{Claims, Session, PACK_TARGET};
 

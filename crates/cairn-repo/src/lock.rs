@@ -11,6 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// A lock not refreshed for this long is stale, whoever holds it.
 pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
 const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+const REFRESH_RETRY: Duration = Duration::from_secs(30);
+/// A holder that could not refresh for this long counts its lock as lost: well before others
+/// may judge it stale ([`STALE_AFTER`]).
+const LOST_AFTER: Duration = Duration::from_secs(20 * 60);
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LockInfo {
@@ -20,16 +24,34 @@ pub struct LockInfo {
     pub time: u64,
     pub exclusive: bool,
     pub purpose: String,
+    /// Which machine, boot and PID namespace `pid` belongs to (`machine-id:boot-id:pidns`),
+    /// so a PID is probed only where it means something (hosts and containers can share a
+    /// hostname). Absent in locks written before 2026-11-29.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
 }
 
 impl LockInfo {
-    fn is_stale(&self, our_host: &str) -> bool {
+    fn is_stale(&self, our_host: &str, our_id: Option<&str>) -> bool {
         let age = now_secs().saturating_sub(self.time);
         if age > STALE_AFTER.as_secs() {
             return true;
         }
-        // On our own host we can tell a dead holder at once (a kill -9'd backup).
-        self.hostname == our_host && !pid_alive(self.pid)
+        match (self.host_id.as_deref(), our_id) {
+            (Some(theirs), Some(ours)) => {
+                let (t, o): (Vec<&str>, Vec<&str>) = (theirs.split(':').collect(), ours.split(':').collect());
+                if t.len() != 3 || o.len() != 3 || t[0] != o[0] {
+                    return false; // another machine: only time tells
+                }
+                if t[1] != o[1] {
+                    return true; // this machine, an earlier boot: its processes are gone
+                }
+                // Same boot: the PID is ours to probe only in the same PID namespace.
+                t[2] == o[2] && !pid_alive(self.pid)
+            }
+            // A kill -9'd holder on our own host shows at once.
+            _ => self.hostname == our_host && !pid_alive(self.pid),
+        }
     }
 
     fn describe(&self) -> String {
@@ -42,6 +64,15 @@ impl LockInfo {
             now_secs().saturating_sub(self.time)
         )
     }
+}
+
+/// This process's `machine-id:boot-id:pidns`, when the system tells (see [`LockInfo::host_id`]).
+pub fn host_id() -> Option<String> {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let machine = read("/etc/machine-id").or_else(|| read("/var/lib/dbus/machine-id"))?;
+    let boot = read("/proc/sys/kernel/random/boot_id")?;
+    let pidns = std::fs::read_link("/proc/self/ns/pid").ok()?.to_string_lossy().into_owned();
+    Some(format!("{machine}:{boot}:{}", pidns.replace(':', "")))
 }
 
 fn now_secs() -> u64 {
@@ -60,6 +91,51 @@ pub struct Lock {
     name: String,
     stop: Option<mpsc::Sender<()>>,
     refresher: Option<JoinHandle<()>>,
+    health: Arc<LockHealth>,
+}
+
+/// Whether a held lock is still ours: the refresher records here when it could not refresh
+/// the lock in time, or found it deleted (another process judged it stale).
+#[derive(Default)]
+pub struct LockHealth {
+    lost: std::sync::Mutex<Option<String>>,
+}
+
+impl LockHealth {
+    fn lose(&self, why: String) {
+        self.lost.lock().unwrap().get_or_insert(why);
+    }
+
+    /// `Err` once the lock is lost: a writer MUST NOT make a restore point visible then (a
+    /// maintenance job may already be deleting what it references).
+    pub fn check(&self) -> Result<()> {
+        match &*self.lost.lock().unwrap() {
+            Some(why) => {
+                Err(Error::Locked(format!("our lock on the repository was lost ({why}); nothing was committed")))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Lock {
+    pub fn health(&self) -> Arc<LockHealth> {
+        self.health.clone()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Checks the lock is still held: not lost by the refresher, and its file still there.
+    pub fn check(&self) -> Result<()> {
+        self.health.check()?;
+        if !self.backend.exists(Kind::Lock, &self.name)? {
+            self.health.lose("its lock file was removed by another process".into());
+            return self.health.check();
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Lock {
@@ -82,30 +158,27 @@ pub fn acquire(
     wait: Duration,
 ) -> Result<Lock> {
     let deadline = std::time::Instant::now() + wait;
-    let mut info = LockInfo {
+    let our_id = host_id();
+    let info = LockInfo {
         hostname: hostname.to_string(),
         pid: std::process::id(),
         time: now_secs(),
         exclusive,
         purpose: purpose.into(),
+        host_id: our_id.clone(),
     };
     loop {
         let name = cairn_storage::random_name();
         backend.put(Kind::Lock, &name, &serde_json::to_vec(&info).unwrap())?;
+        cairn_storage::crash_point("lock.written");
         // Write first, then look: two racing exclusive lockers both see each other and both
         // back off, so at most one ever proceeds.
-        match conflict(backend.as_ref(), hostname, &name, exclusive) {
+        match conflict(backend.as_ref(), hostname, our_id.as_deref(), &name, exclusive) {
             Ok(None) => {
                 let (tx, rx) = mpsc::channel::<()>();
-                let b = backend.clone();
-                let n = name.clone();
-                let refresher = std::thread::spawn(move || {
-                    while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REFRESH_EVERY) {
-                        info.time = now_secs();
-                        let _ = b.put(Kind::Lock, &n, &serde_json::to_vec(&info).unwrap());
-                    }
-                });
-                return Ok(Lock { backend: backend.clone(), name, stop: Some(tx), refresher: Some(refresher) });
+                let health = Arc::new(LockHealth::default());
+                let refresher = spawn_refresher(backend.clone(), name.clone(), info, rx, health.clone());
+                return Ok(Lock { backend: backend.clone(), name, stop: Some(tx), refresher: Some(refresher), health });
             }
             Ok(Some(holder)) => {
                 backend.delete(Kind::Lock, &name)?;
@@ -125,7 +198,52 @@ pub fn acquire(
     }
 }
 
-fn conflict(backend: &dyn Backend, hostname: &str, ours: &str, exclusive: bool) -> Result<Option<String>> {
+/// Refreshes the lock every [`REFRESH_EVERY`] (sooner after a failure) until told to stop. The
+/// lock is lost when its file has vanished, or when no refresh succeeded for long enough that
+/// others may judge it stale.
+fn spawn_refresher(
+    backend: Arc<dyn Backend>,
+    name: String,
+    mut info: LockInfo,
+    stop: mpsc::Receiver<()>,
+    health: Arc<LockHealth>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut every = REFRESH_EVERY;
+        let mut last_ok = std::time::Instant::now();
+        while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+            match backend.exists(Kind::Lock, &name) {
+                Ok(false) => {
+                    health.lose("its lock file was removed by another process".into());
+                    return;
+                }
+                Ok(true) => {}
+                Err(_) => {}
+            }
+            info.time = now_secs();
+            match backend.put(Kind::Lock, &name, &serde_json::to_vec(&info).unwrap()) {
+                Ok(()) => {
+                    last_ok = std::time::Instant::now();
+                    every = REFRESH_EVERY;
+                }
+                Err(e) => {
+                    if last_ok.elapsed() >= LOST_AFTER {
+                        health.lose(format!("not refreshed for {} s: {e}", last_ok.elapsed().as_secs()));
+                    }
+                    every = REFRESH_RETRY;
+                }
+            }
+        }
+    })
+}
+
+fn conflict(
+    backend: &dyn Backend,
+    hostname: &str,
+    our_id: Option<&str>,
+    ours: &str,
+    exclusive: bool,
+) -> Result<Option<String>> {
     for l in backend.list(Kind::Lock)? {
         if l.name == ours {
             continue;
@@ -138,7 +256,7 @@ fn conflict(backend: &dyn Backend, hostname: &str, ours: &str, exclusive: bool) 
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e.into()),
         };
-        if info.is_stale(hostname) {
+        if info.is_stale(hostname, our_id) {
             let _ = backend.delete(Kind::Lock, &l.name);
             continue;
         }
@@ -175,6 +293,7 @@ mod tests {
             time: now_secs(),
             exclusive: true,
             purpose: "gc".into(),
+            host_id: None,
         };
         b.put(Kind::Lock, "deadbeefdeadbeef", &serde_json::to_vec(&dead).unwrap()).unwrap();
         let _ok = acquire(&b, "h", false, "backup", Duration::ZERO).unwrap();

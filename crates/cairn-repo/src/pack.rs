@@ -14,6 +14,12 @@ use crate::{BlockId, Error, Result};
 
 pub const PACK_MAGIC: &[u8; 8] = b"CAIRNPK1";
 const FOOTER_LEN: usize = 12;
+/// The most raw bytes one frame may hold: 16 blobs of the largest block size (cairn writes
+/// 1 MiB frames of 64 KiB blocks, or one 128 KiB map page). Larger claims are damage or
+/// tampering; the bound keeps every buffer sized from a trailer or index small.
+pub const MAX_FRAME_RAW: usize = 16 * crate::config::MAX_BLOCK_SIZE as usize;
+/// Sealing adds at most this much to a frame (envelope header, nonce, tag).
+const MAX_SEAL_OVERHEAD: usize = 64;
 
 /// What a stored blob holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -180,6 +186,9 @@ pub(crate) fn decode_contents_from(r: &mut Reader) -> Result<Vec<FrameEntry>> {
         let offset = r.u32()?;
         let stored_len = r.u32()?;
         let raw_len = r.u32()?;
+        if raw_len as usize > MAX_FRAME_RAW || stored_len as usize > MAX_FRAME_RAW + MAX_SEAL_OVERHEAD {
+            return Err(Error::Format(format!("a frame claims {raw_len} raw / {stored_len} stored bytes")));
+        }
         let nb = r.count(41)?;
         let mut blobs = Vec::with_capacity(nb);
         for _ in 0..nb {
@@ -219,17 +228,23 @@ pub fn parse_pack(crypto: &Crypto, bytes: &[u8], what: &str) -> Result<Vec<Frame
     let (start, len) = trailer_range(&bytes[bytes.len() - FOOTER_LEN..], bytes.len() as u64)
         .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
     let frames = parse_trailer(crypto, &bytes[start as usize..(start + len) as usize], what)?;
+    check_tiling(&frames, start).map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+    Ok(frames)
+}
+
+/// Checks that frames tile a pack body of `body_len` bytes exactly, in order (FORMAT.md §5).
+pub fn check_tiling(frames: &[FrameEntry], body_len: u64) -> std::result::Result<(), &'static str> {
     let mut expect = 0u64;
-    for f in &frames {
+    for f in frames {
         if f.offset as u64 != expect {
-            return Err(Error::Corrupt(format!("{what}: frames do not tile the pack")));
+            return Err("frames do not tile the pack");
         }
         expect += f.stored_len as u64;
     }
-    if expect != start {
-        return Err(Error::Corrupt(format!("{what}: trailer does not cover the pack body")));
+    if expect != body_len {
+        return Err("trailer does not cover the pack body");
     }
-    Ok(frames)
+    Ok(())
 }
 
 pub fn parse_trailer(crypto: &Crypto, sealed: &[u8], what: &str) -> Result<Vec<FrameEntry>> {

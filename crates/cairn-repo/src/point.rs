@@ -1,5 +1,6 @@
 //! Restore points: the documents that make backups visible.
 
+use crate::map::PAGE_BLOCKS;
 use serde::{Deserialize, Serialize};
 
 /// One backup of one machine or image: every disk as a complete block map ("synthetic full"),
@@ -43,11 +44,62 @@ pub struct DiskImage {
     pub path: Option<String>,
 }
 
+/// Largest disk a restore point may describe (1 PiB): far beyond any virtual disk, and small
+/// enough that sizes derived from it (block counts, qcow2 tables) never overflow.
+pub const MAX_DISK_SIZE: u64 = 1 << 50;
+
 impl DiskImage {
     /// Whether this is one of the machine's disks (not a file it needs or its memory state).
     pub fn is_disk(&self) -> bool {
         self.role.is_none()
     }
+
+    /// How many blocks the disk has.
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(self.block_size.max(1) as u64)
+    }
+
+    /// How many block IDs map page `page` holds: [`PAGE_BLOCKS`], except the last page.
+    pub fn page_len(&self, page: usize) -> usize {
+        let before = page as u64 * PAGE_BLOCKS as u64;
+        self.blocks().saturating_sub(before).min(PAGE_BLOCKS as u64) as usize
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !safe_name(&self.name) {
+            return Err(format!("disk name {:?} is not made of letters, digits, '.', '_' and '-'", self.name));
+        }
+        if let Some(role) = &self.role {
+            if !safe_name(role) {
+                return Err(format!("disk {} has an invalid role {role:?}", self.name));
+            }
+        }
+        if !self.block_size.is_power_of_two()
+            || !(crate::config::MIN_BLOCK_SIZE..=crate::config::MAX_BLOCK_SIZE).contains(&self.block_size)
+        {
+            return Err(format!("disk {} has an invalid block size {}", self.name, self.block_size));
+        }
+        if self.size > MAX_DISK_SIZE {
+            return Err(format!("disk {} claims {} bytes, more than any disk cairn stores", self.name, self.size));
+        }
+        let pages = crate::map::page_count(self.blocks());
+        if self.map.len() as u64 != pages {
+            return Err(format!("disk {} has {} map pages where its size needs {pages}", self.name, self.map.len()));
+        }
+        if let Some(bad) = self.map.iter().find(|h| crate::BlockId::from_hex(h).is_none()) {
+            return Err(format!("disk {} has an invalid map page ID {bad:?}", self.name));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a name from a restore point is safe to use in host paths and messages: 1 to 64 of
+/// `[A-Za-z0-9._-]`, and not `.` or `..`.
+pub fn safe_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// What a backup did for one disk, in bytes of disk data.
@@ -99,6 +151,24 @@ pub struct PointStats {
 }
 
 impl RestorePoint {
+    /// Checks what readers rely on (FORMAT.md §7): known version, safe disk names and roles,
+    /// sane block sizes and disk sizes, exactly the map pages each disk's size needs, no two
+    /// disks with one name. Points are authenticated only in encrypted repositories, so a
+    /// reader checks them before use.
+    pub fn check(&self) -> Result<(), String> {
+        if self.version == 0 || self.version > 1 {
+            return Err(format!("unknown restore point version {}", self.version));
+        }
+        let mut names = std::collections::HashSet::new();
+        for d in &self.disks {
+            d.check()?;
+            if !names.insert(d.name.as_str()) {
+                return Err(format!("two disks are named {}", d.name));
+            }
+        }
+        Ok(())
+    }
+
     pub fn disk(&self, name: Option<&str>) -> Result<&DiskImage, String> {
         match name {
             Some(n) => self.disks.iter().find(|d| d.name == n).ok_or_else(|| {

@@ -8,16 +8,24 @@ use crate::pack::open_frame_into;
 use crate::point::{DiskImage, RestorePoint};
 use crate::{BlockId, Error, Result};
 use cairn_storage::{Backend, Kind, StorageError};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub struct Repository {
     backend: Arc<dyn Backend>,
     config: Config,
     crypto: Crypto,
-    index: RwLock<Index>,
+    /// Replaced or copied on write, never locked while in use: a reader keeps the snapshot it
+    /// took, and a refresh never waits for it.
+    index: RwLock<Arc<Index>>,
+    /// The index files the in-memory index was built from (sound or damaged), so a refresh
+    /// reads only new ones; `None` until the index is first loaded.
+    index_files: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
     damaged_index_files: RwLock<Vec<(String, String)>>,
     hostname: String,
+    /// The locks this process took through [`Repository::lock`] (file name, health), checked
+    /// before a restore point is made visible.
+    locks: std::sync::Mutex<Vec<(String, std::sync::Weak<crate::lock::LockHealth>)>>,
 }
 
 /// The restore points of a repository, and any point documents that could not be read.
@@ -34,16 +42,12 @@ impl Repository {
             return Err(Error::AlreadyExists(backend.location()));
         }
         backend.create()?;
+        // Key files without a config are what an interrupted init left: they belong to no
+        // repository, and a plain repository must hold none (see `open`).
+        for orphan in backend.list(Kind::Key)? {
+            backend.delete(Kind::Key, &orphan.name)?;
+        }
         let hostname = hostname();
-        let crypto = match password {
-            Some(pw) => {
-                let (keys, file) = crypto::new_keys(pw, &hostname)?;
-                let bytes = serde_json::to_vec_pretty(&file).unwrap();
-                backend.put(Kind::Key, &blake3::hash(&bytes).to_hex(), &bytes)?;
-                Crypto::from_keys(&keys)
-            }
-            None => Crypto::Plain,
-        };
         let mut id = [0u8; 16];
         crypto::fill_random(&mut id);
         let config = Config {
@@ -51,54 +55,83 @@ impl Repository {
             id: hex::encode(id),
             created: crate::now_rfc3339(),
             block_size: DEFAULT_BLOCK_SIZE,
-            encryption: if crypto.is_encrypted() { "aes-256-gcm" } else { "none" }.into(),
+            encryption: if password.is_some() { "aes-256-gcm" } else { "none" }.into(),
             compression: "zstd".into(),
         };
-        // The config goes last: it is what makes the location a repository.
-        match backend.put_new(Kind::Config, "", &serde_json::to_vec_pretty(&config).unwrap()) {
-            Err(StorageError::AlreadyExists { .. }) => return Err(Error::AlreadyExists(backend.location())),
-            r => r?,
+        let config_bytes = serde_json::to_vec_pretty(&config).unwrap();
+        let (crypto, key_name) = match password {
+            Some(pw) => {
+                let (keys, mut file) = crypto::new_keys(pw, &hostname)?;
+                // The key authenticates this exact config (FORMAT.md §3).
+                file.config_mac = Some(crypto::config_mac(&keys, &config_bytes));
+                let bytes = serde_json::to_vec_pretty(&file).unwrap();
+                let name = blake3::hash(&bytes).to_hex().to_string();
+                // Confirmed before the config exists: a config without its key is a lost repository.
+                Self::store_in(backend.as_ref(), Kind::Key, &name, &bytes)?;
+                cairn_storage::crash_point("init.key_written");
+                (Crypto::from_keys(&keys), Some(name))
+            }
+            None => (Crypto::Plain, None),
+        };
+        // The config goes last: it is what makes the location a repository. If it is surely
+        // not ours, our key file goes too, so no second master key is left behind; if it may
+        // be ours (an error after the write), the key stays: a config without its key would
+        // be a repository nobody can open.
+        if let Err(e) = backend.put_new(Kind::Config, "", &config_bytes) {
+            let ours = backend.get(Kind::Config, "").is_ok_and(|b| b == config_bytes);
+            if !ours {
+                if let Some(name) = &key_name {
+                    let _ = backend.delete(Kind::Key, name);
+                }
+            }
+            return Err(match e {
+                StorageError::AlreadyExists { .. } => Error::AlreadyExists(backend.location()),
+                e => e.into(),
+            });
         }
+        if !backend.exists(Kind::Config, "")? {
+            if let Some(name) = &key_name {
+                let _ = backend.delete(Kind::Key, name);
+            }
+            return Err(Error::Corrupt(format!(
+                "storage at {} acknowledged the config but does not hold it",
+                backend.location()
+            )));
+        }
+        cairn_storage::crash_point("init.config_written");
         Ok(Repository::assemble(backend, config, crypto, hostname))
     }
 
     /// Opens a repository. `password` is asked only if the repository is encrypted.
+    ///
+    /// The config is plain JSON, so it is checked before anything relies on it: in an
+    /// encrypted repository the key that opens must authenticate the config's exact bytes; a
+    /// config that says "none" while key files exist is refused (it would make cairn read
+    /// unauthenticated data and write plaintext into an encrypted repository).
     pub fn open(backend: Arc<dyn Backend>, password: impl FnOnce() -> Option<String>) -> Result<Repository> {
         let raw = match backend.get(Kind::Config, "") {
             Ok(r) => r,
             Err(e) if e.is_not_found() => return Err(Error::NotARepository(backend.location())),
             Err(e) => return Err(e.into()),
         };
-        let config: Config = serde_json::from_slice(&raw)
-            .map_err(|e| Error::Corrupt(format!("the config file at {} is unreadable ({e})", backend.location())))?;
-        if config.version > FORMAT_VERSION {
-            return Err(Error::Format(format!(
-                "repository format {} is newer than this cairn understands ({FORMAT_VERSION}); upgrade cairn",
-                config.version
-            )));
-        }
-        let crypto = match config.encryption.as_str() {
-            "none" => Crypto::Plain,
-            "aes-256-gcm" => {
-                let pw = password().ok_or(Error::PasswordRequired)?;
-                let mut found = None;
-                let keys = backend.list(Kind::Key)?;
-                if keys.is_empty() {
-                    return Err(Error::Corrupt("encrypted repository has no key files".into()));
-                }
-                for k in keys {
-                    let bytes = backend.get(Kind::Key, &k.name)?;
-                    let Ok(file) = serde_json::from_slice::<KeyFile>(&bytes) else {
-                        continue;
-                    };
-                    if let Some(mk) = crypto::unwrap_keys(&file, &pw)? {
-                        found = Some(Crypto::from_keys(&mk));
-                        break;
-                    }
-                }
-                found.ok_or(Error::WrongPassword)?
+        let config = Config::parse(&raw, &backend.location())?;
+        let key_files = backend.list(Kind::Key)?;
+        let crypto = if !config.is_encrypted() {
+            if !key_files.is_empty() {
+                return Err(Error::Corrupt(format!(
+                    "the config at {} says the repository is not encrypted, but it holds {} key file(s): \
+                     the config was altered; refusing to read or write this repository",
+                    backend.location(),
+                    key_files.len()
+                )));
             }
-            other => return Err(Error::Format(format!("unknown encryption {other:?}"))),
+            Crypto::Plain
+        } else {
+            if key_files.is_empty() {
+                return Err(Error::Corrupt("encrypted repository has no key files".into()));
+            }
+            let pw = password().ok_or(Error::PasswordRequired)?;
+            open_keys(backend.as_ref(), &key_files, &pw, &raw)?
         };
         Ok(Repository::assemble(backend, config, crypto, hostname()))
     }
@@ -108,9 +141,11 @@ impl Repository {
             backend,
             config,
             crypto,
-            index: RwLock::new(Index::default()),
+            index: RwLock::new(Arc::new(Index::default())),
+            index_files: std::sync::Mutex::new(None),
             damaged_index_files: RwLock::new(Vec::new()),
             hostname,
+            locks: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -132,31 +167,106 @@ impl Repository {
 
     /// Takes a shared (backup, restore, verify) or exclusive (maintenance) lock.
     pub fn lock(&self, exclusive: bool, purpose: &str, wait: Duration) -> Result<crate::Lock> {
-        crate::lock::acquire(&self.backend, &self.hostname, exclusive, purpose, wait)
+        let lock = crate::lock::acquire(&self.backend, &self.hostname, exclusive, purpose, wait)?;
+        let mut held = self.locks.lock().unwrap();
+        held.retain(|(_, h)| h.strong_count() > 0);
+        held.push((lock.name().to_string(), Arc::downgrade(&lock.health())));
+        Ok(lock)
+    }
+
+    /// Fails if a lock this process holds on the repository was lost (its file removed by
+    /// someone who judged it stale, or not refreshed in time): nothing may become visible
+    /// then, since maintenance may be deleting what it references (as restic does).
+    pub fn check_locks(&self) -> Result<()> {
+        let held: Vec<_> =
+            self.locks.lock().unwrap().iter().filter_map(|(n, h)| Some((n.clone(), h.upgrade()?))).collect();
+        for (name, health) in held {
+            health.check()?;
+            if !self.backend.exists(Kind::Lock, &name)? {
+                return Err(Error::Locked(
+                    "our lock on the repository was removed by another process; nothing was committed".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Loads every index file. Damaged index files are skipped and remembered (see
     /// [`Repository::damaged_index_files`]): backups then simply store those blocks again.
     pub fn load_index(&self) -> Result<()> {
+        let mut files = self.index_files.lock().unwrap();
         let mut idx = Index::default();
         idx.set_quarantine(self.quarantine()?);
+        let mut seen = std::collections::HashSet::new();
         let mut damaged = Vec::new();
-        for l in self.backend.list(Kind::Index)? {
-            match self.read_index_file(&l.name) {
-                Ok(packs) => {
-                    for (pack, frames) in packs {
-                        idx.add_pack(pack, &frames);
-                    }
+        self.read_new_index_files(&mut idx, &mut seen, &mut damaged)?;
+        *self.index.write().unwrap() = Arc::new(idx);
+        *self.damaged_index_files.write().unwrap() = damaged;
+        *files = Some(seen);
+        Ok(())
+    }
+
+    /// Adds the index files written since the index was loaded (a no-op before the first
+    /// load). Readers list restore points *after* loading the index, so a point committed in
+    /// between may reference blocks only newer index files list; by the write ordering
+    /// (FORMAT.md §8) a listing made after the point was seen covers them all. `list_points`
+    /// calls this, so every reader sees an index that covers the points it lists.
+    pub fn refresh_index(&self) -> Result<()> {
+        let mut files = self.index_files.lock().unwrap();
+        let Some(seen) = files.as_mut() else { return Ok(()) };
+        // Damaged files are read again: a sound copy may have replaced one since.
+        if self.backend.list(Kind::Index)?.iter().all(|l| seen.contains(&l.name)) {
+            return Ok(());
+        }
+        // Copy-on-write: readers holding the current snapshot keep it.
+        let mut idx = Index::clone(&self.index());
+        let mut damaged = Vec::new();
+        self.read_new_index_files(&mut idx, seen, &mut damaged)?;
+        *self.index.write().unwrap() = Arc::new(idx);
+        *self.damaged_index_files.write().unwrap() = damaged;
+        Ok(())
+    }
+
+    /// Reads every listed index file not in `seen` into `idx` (then sealed). A file can vanish
+    /// between the listing and the read (a session merged it into one file and deleted it):
+    /// the merged file is durable before the deletion, so listing again finds it.
+    fn read_new_index_files(
+        &self,
+        idx: &mut Index,
+        seen: &mut std::collections::HashSet<String>,
+        damaged: &mut Vec<(String, String)>,
+    ) -> Result<()> {
+        for _attempt in 0..8 {
+            let mut vanished = false;
+            for l in self.backend.list(Kind::Index)? {
+                if seen.contains(&l.name) {
+                    continue;
                 }
-                // Removed by a concurrent session after merging it into a file listed too.
-                Err(Error::Storage(e)) if e.is_not_found() => {}
-                Err(e @ (Error::Corrupt(_) | Error::Format(_))) => damaged.push((l.name.clone(), e.to_string())),
-                Err(e) => return Err(e),
+                match self.read_index_file(&l.name) {
+                    Ok(packs) => {
+                        for (pack, frames) in packs {
+                            idx.add_pack(pack, &frames);
+                        }
+                    }
+                    Err(Error::Storage(e)) if e.is_not_found() => {
+                        vanished = true;
+                        continue;
+                    }
+                    // Not marked as seen: the same name may be written again, sound (object
+                    // names are content hashes), and a refresh must then read it.
+                    Err(e @ (Error::Corrupt(_) | Error::Format(_))) => {
+                        damaged.push((l.name.clone(), e.to_string()));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+                seen.insert(l.name);
+            }
+            if !vanished {
+                break;
             }
         }
         idx.seal();
-        *self.index.write().unwrap() = idx;
-        *self.damaged_index_files.write().unwrap() = damaged;
         Ok(())
     }
 
@@ -169,8 +279,9 @@ impl Repository {
         decode_index(&raw).map_err(|e| Error::Corrupt(format!("index file {name}: {e}")))
     }
 
-    pub fn index(&self) -> RwLockReadGuard<'_, Index> {
-        self.index.read().unwrap()
+    /// The current index (a snapshot: cheap to take, never blocks a refresh).
+    pub fn index(&self) -> Arc<Index> {
+        self.index.read().unwrap().clone()
     }
 
     pub fn damaged_index_files(&self) -> Vec<(String, String)> {
@@ -199,22 +310,52 @@ impl Repository {
         open_frame_into(&self.crypto, stored, loc.frame_raw_len, &what, out)
     }
 
-    /// Reads one blob and checks it against its ID.
+    /// Reads one blob and checks it against its ID. When a copy is damaged (unreadable, or not
+    /// matching its hash), the other copies are tried, quarantined ones last; the first copy's
+    /// problem is reported if none is sound.
     pub fn read_blob(&self, id: &BlockId, context: &str) -> Result<Vec<u8>> {
-        let loc = self.index().get(id).ok_or_else(|| Error::MissingBlock { id: *id, context: context.into() })?;
-        let frame = self.read_frame(&loc).map_err(|e| damaged(id, &loc, e))?;
-        let blob = &frame[loc.raw_offset as usize..(loc.raw_offset + loc.len) as usize];
-        if self.crypto.block_id(blob) != *id {
-            return Err(Error::DamagedBlock {
+        let index = self.index();
+        let copies: Vec<BlobLocation> = index.copies(id).chain(index.quarantined_copies(id)).collect();
+        if copies.is_empty() {
+            return Err(Error::MissingBlock { id: *id, context: context.into() });
+        }
+        let mut first_error = None;
+        for loc in copies {
+            match self.read_copy(id, &loc) {
+                Ok(blob) => return Ok(blob),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("at least one copy was tried"))
+    }
+
+    /// A sound copy of a block other than the one in `pack` (restore falls back to it when that
+    /// copy is damaged; quarantined copies last); `None` when there is none.
+    pub fn read_other_copy(&self, id: &BlockId, pack: &crate::index::PackId) -> Option<Vec<u8>> {
+        let index = self.index();
+        let copies: Vec<BlobLocation> =
+            index.copies(id).chain(index.quarantined_copies(id)).filter(|l| l.pack != *pack).collect();
+        copies.iter().find_map(|loc| self.read_copy(id, loc).ok())
+    }
+
+    /// Reads the copy of a block at `loc` and checks it against its ID.
+    fn read_copy(&self, id: &BlockId, loc: &BlobLocation) -> Result<Vec<u8>> {
+        let frame = self.read_frame(loc).map_err(|e| damaged(id, loc, e))?;
+        let end = loc.raw_offset as usize + loc.len as usize;
+        match frame.get(loc.raw_offset as usize..end) {
+            Some(blob) if self.crypto.block_id(blob) == *id => Ok(blob.to_vec()),
+            _ => Err(Error::DamagedBlock {
                 id: *id,
                 pack: loc.pack_name(),
                 detail: "content does not match its hash".into(),
-            });
+            }),
         }
-        Ok(blob.to_vec())
     }
 
-    /// Reads a disk's map, page by page (each page checked against its ID).
+    /// Reads a disk's map, page by page (each page checked against its ID, and holding
+    /// exactly the block IDs its position needs: callers index it without further checks).
     pub fn read_map_page(&self, disk: &DiskImage, page: usize) -> Result<Vec<BlockId>> {
         let id = disk
             .map
@@ -222,24 +363,39 @@ impl Repository {
             .and_then(|h| BlockId::from_hex(h))
             .ok_or_else(|| Error::Corrupt(format!("disk {} has no valid map page {page}", disk.name)))?;
         let raw = self.read_blob(&id, &format!("map page {page} of disk {}", disk.name))?;
-        map::decode_page(&raw).ok_or_else(|| Error::Corrupt(format!("map page {} is malformed", id.short())))
+        let ids =
+            map::decode_page(&raw).ok_or_else(|| Error::Corrupt(format!("map page {} is malformed", id.short())))?;
+        if ids.len() != disk.page_len(page) {
+            return Err(Error::Corrupt(format!(
+                "map page {page} of disk {} holds {} block IDs where {} are needed",
+                disk.name,
+                ids.len(),
+                disk.page_len(page)
+            )));
+        }
+        Ok(ids)
     }
 
-    /// Saves a restore point document; from this moment the point is visible.
+    /// Saves a restore point document; from this moment the point is visible. Refused when a
+    /// lock this process took was lost.
     pub fn save_point(&self, point: &RestorePoint) -> Result<String> {
+        self.check_locks()?;
         let sealed = self.crypto.seal(&serde_json::to_vec(point).unwrap(), 3);
         let name = blake3::hash(&sealed).to_hex().to_string();
-        self.backend.put(Kind::Point, &name, &sealed)?;
+        self.store(Kind::Point, &name, &sealed)?;
         Ok(name)
     }
 
     pub fn load_point(&self, id: &str) -> Result<RestorePoint> {
         let bytes = self.backend.get(Kind::Point, id)?;
         if blake3::hash(&bytes).to_hex().as_str() != id {
-            return Err(Error::Corrupt(format!("restore point {} does not match its name (bytes changed)", &id[..8])));
+            return Err(Error::Corrupt(format!("restore point {} does not match its name (bytes changed)", short(id))));
         }
-        let raw = self.crypto.open(&bytes, &format!("restore point {}", &id[..8]))?;
-        serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("restore point {}: {e}", &id[..8])))
+        let raw = self.crypto.open(&bytes, &format!("restore point {}", short(id)))?;
+        let point: RestorePoint =
+            serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("restore point {}: {e}", short(id))))?;
+        point.check().map_err(|e| Error::Corrupt(format!("restore point {}: {e}", short(id))))?;
+        Ok(point)
     }
 
     /// Stores a catalog record (boot verification results and the like), sealed like a point.
@@ -266,11 +422,16 @@ impl Repository {
         Ok(out)
     }
 
-    /// Adds damaged copies to the quarantine (one record holds it all; older ones go).
-    pub fn add_to_quarantine(&self, copies: &[(String, String)]) -> Result<()> {
+    /// Adds damaged copies to the quarantine and releases copies that read back sound, as
+    /// `(pack name, block ID)` pairs. One record holds the whole quarantine: the new one is
+    /// durable before the older ones go, and readers take the union of what they find.
+    pub fn update_quarantine(&self, add: &[(String, String)], release: &[(String, String)]) -> Result<()> {
+        if add.is_empty() && release.is_empty() {
+            return Ok(());
+        }
         let old: Vec<(String, serde_json::Value)> =
             self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "quarantine").collect();
-        let mut all: std::collections::BTreeSet<(String, String)> = copies.iter().cloned().collect();
+        let mut all: std::collections::BTreeSet<(String, String)> = add.iter().cloned().collect();
         for (_, r) in &old {
             for e in r["copies"].as_array().into_iter().flatten() {
                 if let (Some(p), Some(b)) = (e[0].as_str(), e[1].as_str()) {
@@ -278,13 +439,22 @@ impl Repository {
                 }
             }
         }
+        for r in release {
+            all.remove(r);
+        }
         let list: Vec<[String; 2]> = all.into_iter().map(|(p, b)| [p, b]).collect();
         let name =
             self.save_record(&serde_json::json!({"kind": "quarantine", "time": crate::now_rfc3339(), "copies": list}))?;
+        cairn_storage::crash_point("quarantine.saved");
         for (n, _) in old {
             if n != name {
                 self.delete_record(&n)?;
+                cairn_storage::crash_point("quarantine.old_deleted");
             }
+        }
+        // What this process reads next (a backup that heals, a restore) must see the change.
+        if self.index_files.lock().unwrap().is_some() {
+            self.load_index()?;
         }
         Ok(())
     }
@@ -311,6 +481,8 @@ impl Repository {
         Ok(out)
     }
 
+    /// Every restore point, oldest first. Once the index is loaded, it is refreshed after the
+    /// listing, so it covers every point listed (see [`Repository::refresh_index`]).
     pub fn list_points(&self) -> Result<PointList> {
         let mut points = Vec::new();
         let mut damaged = Vec::new();
@@ -322,6 +494,7 @@ impl Repository {
             }
         }
         points.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        self.refresh_index()?;
         Ok(PointList { points, damaged })
     }
 
@@ -345,6 +518,53 @@ impl Repository {
         }
     }
 
+    /// Reads a whole pack (verify, repair).
+    pub fn read_pack(&self, name: &str) -> Result<Vec<u8>> {
+        Ok(self.backend.get(Kind::Pack, name)?)
+    }
+
+    /// Stores an object of the write-ordering chain (pack, index file, point) and confirms
+    /// that storage shows it: what comes next in the chain relies on it, so a write the
+    /// medium acknowledged but lost (an eventually consistent store, a lying disk) must fail
+    /// the operation here rather than leave a point referencing nothing.
+    pub fn store(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
+        Self::store_in(self.backend.as_ref(), kind, name, data)
+    }
+
+    fn store_in(backend: &dyn Backend, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
+        backend.put(kind, name, data)?;
+        if !backend.exists(kind, name)? {
+            return Err(Error::Corrupt(format!(
+                "storage at {} acknowledged {kind} {} but does not hold it",
+                backend.location(),
+                short(name)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores an index file listing `packs` (durably, before returning); returns its name and
+    /// stored size.
+    pub fn write_index_file(
+        &self,
+        packs: &[(crate::index::PackId, Vec<crate::pack::FrameEntry>)],
+    ) -> Result<(String, u64)> {
+        let sealed = self.crypto.seal(&crate::index::encode_index(packs), 3);
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        self.store(Kind::Index, &name, &sealed)?;
+        Ok((name, sealed.len() as u64))
+    }
+
+    /// The names of every index file in storage.
+    pub fn index_file_names(&self) -> Result<Vec<String>> {
+        Ok(self.backend.list(Kind::Index)?.into_iter().map(|l| l.name).collect())
+    }
+
+    /// Deletes an index file (only once what it lists is durable in others: FORMAT.md §8).
+    pub fn delete_index_file(&self, name: &str) -> Result<()> {
+        Ok(self.backend.delete(Kind::Index, name)?)
+    }
+
     /// The pack IDs present in storage.
     pub fn stored_packs(&self) -> Result<Vec<(String, u64)>> {
         Ok(self
@@ -355,6 +575,65 @@ impl Repository {
             .map(|l| (l.name, l.size))
             .collect())
     }
+}
+
+/// Finds the key file `password` opens and checks that it authenticates `config`. Key files
+/// that cannot be read or parsed, or that ask for absurd costs, are skipped (another may open).
+fn open_keys(
+    backend: &dyn Backend,
+    key_files: &[cairn_storage::Listed],
+    password: &str,
+    config: &[u8],
+) -> Result<Crypto> {
+    let mut problems = Vec::new();
+    let mut foreign = 0;
+    let mut tried = 0;
+    for k in key_files {
+        let file = match backend.get(Kind::Key, &k.name).map(|b| serde_json::from_slice::<KeyFile>(&b)) {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                problems.push(format!("key file {}: {e}", short(&k.name)));
+                continue;
+            }
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let keys = match crypto::unwrap_keys(&file, password) {
+            Ok(Some(keys)) => keys,
+            Ok(None) => {
+                tried += 1;
+                continue;
+            }
+            Err(e) => {
+                problems.push(format!("key file {}: {e}", short(&k.name)));
+                continue;
+            }
+        };
+        match crypto::config_matches(&keys, &file, config) {
+            // Written before configs were authenticated: the sanity checks are all we have.
+            None | Some(true) => return Ok(Crypto::from_keys(&keys)),
+            // Opens, but belongs to another config: an interrupted init's key, or the config
+            // was changed. Another key file may still match.
+            Some(false) => foreign += 1,
+        }
+    }
+    if foreign > 0 {
+        return Err(Error::Corrupt(format!(
+            "the password opens {foreign} key file(s), but none of them authenticates the repository config: \
+             the config was altered (or replaced by another repository's); refusing to use it"
+        )));
+    }
+    if tried == 0 && !problems.is_empty() {
+        return Err(Error::Corrupt(format!(
+            "no key file opens with this password; unusable key files: {}",
+            problems.join("; ")
+        )));
+    }
+    Err(Error::WrongPassword)
+}
+
+fn short(name: &str) -> &str {
+    &name[..name.len().min(8)]
 }
 
 fn damaged(id: &BlockId, loc: &BlobLocation, e: Error) -> Error {

@@ -5,7 +5,7 @@
 //! every index file a point needs is durable before the point is written.
 
 use crate::crypto::Compressor;
-use crate::index::{encode_index, pack_id_from_name, PackId};
+use crate::index::{pack_id_from_name, PackId};
 use crate::map;
 use crate::pack::{BlobEntry, BlobKind, FinishedPack, FrameEntry, PackBuilder, SealedFrame};
 use crate::point::RestorePoint;
@@ -72,7 +72,8 @@ impl Session {
                 let mut pending: Vec<(PackId, Vec<FrameEntry>)> = Vec::new();
                 let mut last = Instant::now();
                 for pack in rx {
-                    r.backend().put(Kind::Pack, &pack.name, &pack.bytes)?;
+                    r.store(Kind::Pack, &pack.name, &pack.bytes)?;
+                    cairn_storage::crash_point("session.pack_stored");
                     let _ = recycle_tx.try_send(pack.bytes);
                     pending.push((pack_id_from_name(&pack.name).unwrap(), pack.frames));
                     if pending.len() >= INDEX_EVERY_PACKS || last.elapsed() >= INDEX_EVERY {
@@ -154,7 +155,14 @@ impl Session {
         let mut outcome = self.join_writer()?;
         merge_session_index(&self.repo, &mut outcome)?;
         point.stats.repository_growth_bytes = self.pack_bytes + outcome.index_bytes;
-        self.repo.save_point(point)
+        cairn_storage::crash_point("commit.before_point");
+        let id = self.repo.save_point(point)?;
+        cairn_storage::crash_point("commit.point_saved");
+        // This process may read the point next (a VM job, a server): its blocks join the
+        // in-memory index. The point is committed whatever happens here; a reader that finds
+        // the index stale refreshes it again.
+        let _ = self.repo.refresh_index();
+        Ok(id)
     }
 }
 
@@ -172,11 +180,10 @@ fn write_index(repo: &Repository, pending: &mut Vec<(PackId, Vec<FrameEntry>)>, 
     if pending.is_empty() {
         return Ok(());
     }
-    let sealed = repo.crypto().seal(&encode_index(pending), 3);
-    let name = blake3::hash(&sealed).to_hex().to_string();
-    repo.backend().put(Kind::Index, &name, &sealed)?;
+    let (name, size) = repo.write_index_file(pending)?;
+    cairn_storage::crash_point("session.index_written");
     out.index_files.push(name);
-    out.index_bytes += sealed.len() as u64;
+    out.index_bytes += size;
     pending.clear();
     Ok(())
 }
@@ -200,8 +207,10 @@ fn merge_session_index(repo: &Repository, out: &mut WriterOutcome) -> Result<()>
     let old = std::mem::take(&mut out.index_files);
     out.index_bytes = 0;
     write_index(repo, &mut all, out)?;
+    cairn_storage::crash_point("commit.merged_index_written");
     for name in old {
-        repo.backend().delete(Kind::Index, &name)?;
+        repo.delete_index_file(&name)?;
+        cairn_storage::crash_point("commit.partial_index_deleted");
     }
     Ok(())
 }

@@ -21,9 +21,12 @@
 //! backend does not retry: a local I/O error is not transient.
 
 mod aligned;
+mod crash;
+pub mod faulty;
 mod local;
 
 pub use aligned::AlignedBuf;
+pub use crash::crash_point;
 
 pub use local::LocalBackend;
 

@@ -47,19 +47,24 @@ impl LocalBackend {
         Ok(p)
     }
 
-    fn write_atomic(&self, path: &Path, data: &[u8], replace: bool) -> Result<()> {
+    fn write_atomic(&self, kind: Kind, path: &Path, data: &[u8], replace: bool) -> Result<()> {
         let dir = path.parent().expect("object paths have a parent");
         let tmp = dir.join(format!("{TMP_PREFIX}{}", crate::random_name()));
         let result = (|| {
-            // Kinds newer than the repository (catalog/) get their folder on first use.
+            // Kinds newer than the repository (catalog/) get their folder on first use; the
+            // new folder's entry is made durable before anything relies on it.
             if !dir.exists() {
                 fs::create_dir_all(dir)?;
+                if let Some(parent) = dir.parent() {
+                    File::open(parent)?.sync_all()?;
+                }
             }
             if !(data.len() >= DIRECT_MIN && self.write_direct(&tmp, data)?) {
                 let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
                 f.write_all(data)?;
                 f.sync_all()?;
             }
+            crash_step(kind, "tmp_synced");
             if replace {
                 fs::rename(&tmp, path)?;
             } else {
@@ -67,7 +72,10 @@ impl LocalBackend {
                 fs::hard_link(&tmp, path)?;
                 fs::remove_file(&tmp)?;
             }
-            File::open(dir)?.sync_all()
+            crash_step(kind, "renamed");
+            File::open(dir)?.sync_all()?;
+            crash_step(kind, "dir_synced");
+            Ok(())
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -139,6 +147,14 @@ impl LocalBackend {
     }
 }
 
+/// A crash point named after the kind of object being written (`pack.renamed`, ...).
+fn crash_step(kind: Kind, step: &str) {
+    #[cfg(debug_assertions)]
+    crate::crash_point(&format!("{}.{step}", kind.to_string().trim_end_matches('s')));
+    #[cfg(not(debug_assertions))]
+    let _ = (kind, step);
+}
+
 fn io_err(what: String, source: std::io::Error) -> StorageError {
     StorageError::Io { what, source }
 }
@@ -150,6 +166,9 @@ impl Backend for LocalBackend {
 
     fn create(&self) -> Result<()> {
         let mk = |p: PathBuf| fs::create_dir_all(&p).map_err(|e| io_err(format!("creating {}", p.display()), e));
+        let sync = |p: &Path| {
+            File::open(p).and_then(|d| d.sync_all()).map_err(|e| io_err(format!("syncing {}", p.display()), e))
+        };
         mk(self.root.clone())?;
         for kind in Kind::ALL {
             if kind != Kind::Config {
@@ -159,9 +178,14 @@ impl Backend for LocalBackend {
         for sub in 0..=255u8 {
             mk(self.root.join("packs").join(format!("{sub:02x}")))?;
         }
-        File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(format!("syncing {}", self.root.display()), e))
+        // Every new folder's entry is durable in its parent before any object goes in it (a
+        // pack fsynced into a folder whose own entry is lost would be lost with it).
+        sync(&self.root.join("packs"))?;
+        sync(&self.root)?;
+        if let Some(parent) = std::path::absolute(&self.root).ok().as_deref().and_then(Path::parent) {
+            sync(parent)?;
+        }
+        Ok(())
     }
 
     fn exists(&self, kind: Kind, name: &str) -> Result<bool> {
@@ -175,12 +199,12 @@ impl Backend for LocalBackend {
 
     fn put(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
         let p = self.path(kind, name)?;
-        self.write_atomic(&p, data, true)
+        self.write_atomic(kind, &p, data, true)
     }
 
     fn put_new(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
         let p = self.path(kind, name)?;
-        match self.write_atomic(&p, data, false) {
+        match self.write_atomic(kind, &p, data, false) {
             Err(StorageError::Io { source, .. }) if source.kind() == ErrorKind::AlreadyExists => {
                 Err(StorageError::AlreadyExists { kind, name: name.to_string() })
             }

@@ -74,6 +74,27 @@ fn count_data_blocks(repo: &Repository, disk: &DiskImage) -> Result<u64> {
     Ok(n)
 }
 
+/// Whether a block of a decoded frame matches its ID.
+fn block_matches(repo: &Repository, frame: &[u8], it: &Item) -> bool {
+    let start = it.raw_offset as usize;
+    frame.get(start..start + it.len as usize).is_some_and(|b| repo.crypto().block_id(b) == it.id)
+}
+
+/// Rebuilds `frame` from sound copies of its blocks held in other packs (the copy at `loc` is
+/// damaged), laying them out one after another and pointing `items` at them. False when some
+/// block has no sound copy elsewhere.
+fn from_other_copies(repo: &Repository, loc: &BlobLocation, items: &mut [Item], frame: &mut Vec<u8>) -> bool {
+    let mut rebuilt = Vec::new();
+    for it in items.iter_mut() {
+        let Some(blob) = repo.read_other_copy(&it.id, &loc.pack) else { return false };
+        it.raw_offset = rebuilt.len() as u32;
+        it.len = blob.len() as u32;
+        rebuilt.extend_from_slice(&blob);
+    }
+    *frame = rebuilt;
+    true
+}
+
 pub fn restore_disk(
     repo: &Repository,
     point_id: &str,
@@ -153,7 +174,9 @@ pub fn restore_disk(
                     }
                     let block = (p * PAGE_BLOCKS + i) as u64;
                     let disk_offset = block * bs;
-                    let loc = index.get(id).with_context(|| {
+                    // The first copy, or as a last resort a quarantined one (hash-checked
+                    // like any other: verify may have quarantined it after a misread).
+                    let loc = index.get(id).or_else(|| index.quarantined_copies(id).next()).with_context(|| {
                         if index.has_quarantined_copy(id) {
                             format!(
                                 "{} is damaged (verify quarantined its only copy); back up its source again to heal it",
@@ -197,7 +220,6 @@ pub fn restore_disk(
                     let Ok((job, slot)) = rx.recv() else { break };
                     let seq = job.seq;
                     let r = (|| -> Result<Decoded> {
-                        let first = &job.items[0];
                         let mut frame = frame_pool.get();
                         let decoded = match slot.wait() {
                             Ok(span) => {
@@ -206,25 +228,27 @@ pub fn restore_disk(
                             Err(e) => Err(anyhow::anyhow!("{e:#}")),
                         };
                         drop(slot);
-                        decoded.map_err(|e| {
-                            anyhow::anyhow!(
-                                "{} is damaged: {e} (pack {})",
-                                describe_block(&first.id, first.disk_offset),
-                                job.loc.pack_name()
-                            )
-                        })?;
-                        for it in &job.items {
-                            let end = it.raw_offset as usize + it.len as usize;
-                            if end > frame.len() || repo.crypto().block_id(&frame[it.raw_offset as usize..end]) != it.id
-                            {
+                        let bad = match decoded {
+                            Err(e) => Some((0, format!("{e}"))),
+                            Ok(()) => job
+                                .items
+                                .iter()
+                                .position(|it| !block_matches(repo, &frame, it))
+                                .map(|i| (i, "its content does not match its hash".to_string())),
+                        };
+                        let mut items = job.items;
+                        if let Some((i, problem)) = bad {
+                            // This copy is damaged: take every block of the frame from another
+                            // sound copy, or stop.
+                            if !from_other_copies(repo, &job.loc, &mut items, &mut frame) {
                                 bail!(
-                                    "{} is damaged: its content does not match its hash (pack {}); restore stopped",
-                                    describe_block(&it.id, it.disk_offset),
+                                    "{} is damaged: {problem} (pack {}) and no other copy is sound; restore stopped",
+                                    describe_block(&items[i].id, items[i].disk_offset),
                                     job.loc.pack_name()
                                 );
                             }
                         }
-                        Ok((frame, job.items, job.loc.frame_stored_len))
+                        Ok((frame, items, job.loc.frame_stored_len))
                     })();
                     let failed = r.is_err();
                     if tx.send((seq, r)).is_err() || failed {
