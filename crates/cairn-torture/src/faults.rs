@@ -1,0 +1,527 @@
+//! The fault-injection harness: each operation runs once through a counting backend to learn
+//! how many storage calls of each class it makes, then once per (call, fault) pair with that
+//! one call failing (`cairn_storage::faulty`). After each run the repository is reopened on a
+//! clean backend and checked:
+//!
+//! 1. the operation returned (a panic is a violation), successfully or with an error;
+//! 2. every restore point that existed before is still listed and restores byte for byte;
+//!    a new point exists only if it restores to the image that was backed up, and an
+//!    operation that returned a point left it listed;
+//! 3. verify finds nothing wrong, except the injected object itself after a torn write
+//!    (a contract the storage broke, detected and named, never used);
+//! 4. nothing is quarantined that is not damaged;
+//! 5. the next backup succeeds and restores byte for byte;
+//! 6. no lock file is left, unless the fault hit the lock file's own deletion.
+
+use crate::workload::{self, same_bytes, IMAGE_SIZE};
+use anyhow::{anyhow, bail, Context, Result};
+use cairn_engine::backup::{backup, BackupOptions, DiskInput};
+use cairn_engine::restore::{restore_disk, RestoreOptions};
+use cairn_engine::source::FileSource;
+use cairn_engine::target::TargetFormat;
+use cairn_engine::NoProgress;
+use cairn_repo::Repository;
+use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Injected, Op};
+use cairn_storage::{Backend, Kind, LocalBackend};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const OPS: [&str; 6] = ["init", "backup", "backup-changed", "restore", "verify", "repair"];
+const PASSWORD: &str = "torture";
+
+/// The images and repository templates every run starts from.
+struct Setup {
+    dir: PathBuf,
+    /// Oracles by point ID, per template.
+    points: HashMap<&'static str, Vec<(String, PathBuf)>>,
+    image_p: PathBuf,
+    image_a: PathBuf,
+    image_a2: PathBuf,
+    ranges_a2: Vec<cairn_engine::ranges::Range>,
+    /// The damaged copies of the `damaged` template: (pack, block).
+    damaged_copies: BTreeSet<(String, String)>,
+}
+
+#[derive(Default, Serialize)]
+pub struct Summary {
+    pub harness: &'static str,
+    pub op: String,
+    pub calls: BTreeMap<String, u64>,
+    pub injections: u64,
+    pub succeeded: u64,
+    pub failed_cleanly: u64,
+    pub not_reached: u64,
+    pub torn_detected: u64,
+    pub violations: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub violation_examples: Vec<String>,
+    pub leaked_temporaries_max: u64,
+    pub leaked_pack_bytes_max: u64,
+    /// Bytes the next backup stored, at most, after a failed backup (reuse of what the failed
+    /// one uploaded: compare with the clean run's `clean_backup_stored_bytes`).
+    pub next_backup_stored_bytes_max: u64,
+    pub clean_backup_stored_bytes: u64,
+    pub duration_s: f64,
+}
+
+pub fn run(ops: &[String], jobs: usize, keep: bool) -> Result<Vec<Summary>> {
+    let tmp = tempfile::Builder::new().prefix("cairn-faults-").tempdir()?;
+    let setup = Setup::new(tmp.path())?;
+    let mut out = Vec::new();
+    for op in ops {
+        if !OPS.contains(&op.as_str()) {
+            bail!("unknown operation {op:?} (known: {})", OPS.join(", "));
+        }
+        out.push(run_op(&setup, op, jobs)?);
+    }
+    if keep {
+        println!("kept {}", tmp.keep().display());
+    }
+    Ok(out)
+}
+
+impl Setup {
+    fn new(dir: &Path) -> Result<Setup> {
+        let image_p = dir.join("p.img");
+        let image_a = dir.join("a.img");
+        let image_a2 = dir.join("a2.img");
+        workload::make_image(&image_p, 1)?;
+        // A shares half of P; A' is A with scattered writes (a changed-ranges backup).
+        workload::mutate(&image_p, &image_a, 256, 2)?;
+        let ranges = workload::mutate(&image_a, &image_a2, 48, 3)?;
+        let ranges_a2 = cairn_engine::ranges::parse_changed_ranges(&ranges)?;
+        let mut s = Setup {
+            dir: dir.to_path_buf(),
+            points: HashMap::new(),
+            image_p,
+            image_a,
+            image_a2,
+            ranges_a2,
+            damaged_copies: BTreeSet::new(),
+        };
+        // "p": a repository holding P; "pa": P and A; "damaged": "pa" with one byte of A's
+        // first pack flipped; "unindexed": "pa" without the index files that list A's packs.
+        let p = s.template("p")?;
+        let repo = Arc::new(Repository::init(local(&p), None)?);
+        let id_p = backup_image(&repo, "p", &s.image_p, None)?;
+        s.points.insert("p", vec![(id_p.clone(), s.image_p.clone())]);
+        let pa = s.template("pa")?;
+        workload::copy_tree(&p, &pa)?;
+        let index_before: BTreeSet<String> = list(&pa, Kind::Index)?;
+        let packs_before: BTreeSet<String> = list(&pa, Kind::Pack)?;
+        let repo = open(local(&pa))?;
+        let id_a = backup_image(&repo, "a", &s.image_a, None)?;
+        s.points.insert("pa", vec![(id_p.clone(), s.image_p.clone()), (id_a.clone(), s.image_a.clone())]);
+        let new_packs: Vec<String> = list(&pa, Kind::Pack)?.difference(&packs_before).cloned().collect();
+        let new_index: Vec<String> = list(&pa, Kind::Index)?.difference(&index_before).cloned().collect();
+
+        let damaged = s.template("damaged")?;
+        workload::copy_tree(&pa, &damaged)?;
+        let pack = new_packs.first().context("backing up A stored no pack")?;
+        let path = damaged.join("packs").join(&pack[..2]).join(pack);
+        let mut bytes = std::fs::read(&path)?;
+        let at = bytes.len() / 3;
+        bytes[at] ^= 0x40;
+        std::fs::write(&path, &bytes)?;
+        let r = cairn_engine::verify::verify(&*open(local(&damaged))?, 1, &NoProgress)?;
+        s.damaged_copies = r.damaged_blocks.iter().map(|b| (b.pack.clone(), b.block.clone())).collect();
+        if s.damaged_copies.is_empty() {
+            bail!("the damaged template shows no damaged block");
+        }
+        s.points.insert("damaged", s.points["pa"].clone());
+
+        let unindexed = s.template("unindexed")?;
+        workload::copy_tree(&pa, &unindexed)?;
+        for name in &new_index {
+            std::fs::remove_file(unindexed.join("index").join(name))?;
+        }
+        s.points.insert("unindexed", s.points["pa"].clone());
+        s.points.insert("empty", vec![]);
+        s.template("empty")?;
+        Ok(s)
+    }
+
+    fn template(&self, name: &str) -> Result<PathBuf> {
+        let p = self.dir.join("templates").join(name);
+        std::fs::create_dir_all(&p)?;
+        Ok(p)
+    }
+}
+
+fn local(dir: &Path) -> Arc<dyn Backend> {
+    Arc::new(LocalBackend::new(dir))
+}
+
+fn open(b: Arc<dyn Backend>) -> Result<Arc<Repository>> {
+    let repo = Repository::open(b, || Some(PASSWORD.to_string()))?;
+    repo.load_index()?;
+    Ok(Arc::new(repo))
+}
+
+fn list(dir: &Path, kind: Kind) -> Result<BTreeSet<String>> {
+    Ok(LocalBackend::new(dir).list(kind)?.into_iter().map(|l| l.name).collect())
+}
+
+/// Backs up an image as a point named `name` (with changed ranges relative to the newest
+/// point of that name, if given).
+fn backup_image(
+    repo: &Arc<Repository>,
+    name: &str,
+    image: &Path,
+    changed: Option<&[cairn_engine::ranges::Range]>,
+) -> Result<String> {
+    let _lock = repo.lock(false, "backup", Duration::from_secs(5))?;
+    let parent = match changed {
+        Some(_) => Some(repo.select_point(name)?),
+        None => None,
+    };
+    let mut disk = DiskInput::new("disk0", Box::new(FileSource::open(image)?));
+    disk.changed = changed.map(|c| c.to_vec());
+    let opts = BackupOptions { name: name.into(), workers: 1, parent, ..Default::default() };
+    Ok(backup(repo, vec![disk], &opts, &NoProgress)?.0)
+}
+
+/// Restores a point's disk and compares it with its oracle.
+fn restores_exactly(repo: &Repository, id: &str, oracle: &Path, scratch: &Path) -> Result<()> {
+    let point = repo.load_point(id)?;
+    let out = scratch.join(format!("restore-{}.img", &id[..8]));
+    let opts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: 1 };
+    restore_disk(repo, id, &point, &point.disks[0], &out, &opts, &NoProgress)?;
+    let same = same_bytes(&out, oracle)?;
+    std::fs::remove_file(&out)?;
+    if !same {
+        bail!("point {} restores to bytes that differ from its image", &id[..8]);
+    }
+    Ok(())
+}
+
+/// The operation under test, on a repository in `dir` reached through `backend`. Returns the
+/// ID of the point it made, if it made one.
+fn operation(op: &str, s: &Setup, dir: &Path, backend: Arc<dyn Backend>) -> Result<Option<String>> {
+    match op {
+        "init" => {
+            Repository::init(backend, Some(PASSWORD))?;
+            Ok(None)
+        }
+        "backup" => Ok(Some(backup_image(&open(backend)?, "a", &s.image_a, None)?)),
+        "backup-changed" => Ok(Some(backup_image(&open(backend)?, "a", &s.image_a2, Some(&s.ranges_a2))?)),
+        "restore" => {
+            let repo = open(backend)?;
+            let _lock = repo.lock(false, "restore", Duration::from_secs(5))?;
+            let (id, point) = repo.select_point("a")?;
+            let out = dir.join("restored.img");
+            let opts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: 1 };
+            restore_disk(&repo, &id, &point, &point.disks[0], &out, &opts, &NoProgress)?;
+            if !same_bytes(&out, &s.image_a)? {
+                bail!("VIOLATION: restore succeeded with bytes that differ from the image");
+            }
+            Ok(None)
+        }
+        "verify" => {
+            let repo = open(backend)?;
+            let _lock = repo.lock(false, "verify", Duration::from_secs(5))?;
+            cairn_engine::verify::run(&repo, 1, Default::default(), &NoProgress)?;
+            Ok(None)
+        }
+        "repair" => {
+            let repo = Repository::open(backend, || Some(PASSWORD.into()))?;
+            let _lock = repo.lock(true, "repair index", Duration::from_secs(5))?;
+            cairn_engine::repair::rebuild_index(&repo, false, &NoProgress)?;
+            Ok(None)
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// The template each operation starts from.
+fn template_of(op: &str) -> &'static str {
+    match op {
+        "init" => "empty",
+        "backup" => "p",
+        "backup-changed" | "restore" => "pa",
+        "verify" => "damaged",
+        "repair" => "unindexed",
+        _ => unreachable!(),
+    }
+}
+
+/// The image the next backup after the operation reads (and the name it goes under).
+fn next_image<'a>(op: &str, s: &'a Setup) -> (&'static str, &'a Path) {
+    match op {
+        "backup-changed" => ("a", &s.image_a2),
+        _ => ("a", &s.image_a),
+    }
+}
+
+/// What one injected run found.
+#[derive(Default)]
+struct Finding {
+    succeeded: bool,
+    reached: bool,
+    torn_detected: bool,
+    violations: Vec<String>,
+    temporaries: u64,
+    unindexed_bytes: u64,
+    next_stored: u64,
+}
+
+fn run_op(s: &Setup, op: &str, jobs: usize) -> Result<Summary> {
+    let started = Instant::now();
+    let mut summary = Summary { harness: "faults", op: op.to_string(), ..Default::default() };
+    // The clean run: how many calls of each class, and what a clean backup stores.
+    let dir = s.dir.join("runs").join(format!("{op}-clean"));
+    workload::copy_tree(&s.dir.join("templates").join(template_of(op)), &dir)?;
+    let counting = Arc::new(FaultyBackend::counting(LocalBackend::new(&dir)));
+    let clean = operation(op, s, &dir, counting.clone());
+    if let Err(e) = &clean {
+        bail!("{op} fails without any fault: {e:#}");
+    }
+    let plans: Vec<FaultPlan> = [Op::Write, Op::Read, Op::List, Op::Delete]
+        .into_iter()
+        .flat_map(|o| {
+            summary.calls.insert(format!("{o:?}").to_lowercase(), counting.calls(o));
+            (1..=counting.calls(o))
+                .flat_map(move |at| Fault::for_op(o).iter().map(move |&fault| FaultPlan { op: o, at, fault }))
+        })
+        .collect();
+    if op.starts_with("backup") {
+        summary.clean_backup_stored_bytes = open(local(&dir))?.select_point("a")?.1.stats.repository_growth_bytes;
+    }
+    std::fs::remove_dir_all(&dir)?;
+
+    let queue = Mutex::new(plans.into_iter().enumerate().collect::<Vec<_>>());
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| loop {
+                let Some((n, plan)) = queue.lock().unwrap().pop() else { break };
+                let f = one_injection(s, op, n, plan);
+                results.lock().unwrap().push((plan, f));
+            });
+        }
+    });
+    for (plan, f) in results.into_inner().unwrap() {
+        summary.injections += 1;
+        if !f.reached {
+            summary.not_reached += 1;
+        } else if f.succeeded {
+            summary.succeeded += 1;
+        } else {
+            summary.failed_cleanly += 1;
+        }
+        summary.torn_detected += f.torn_detected as u64;
+        summary.leaked_temporaries_max = summary.leaked_temporaries_max.max(f.temporaries);
+        summary.leaked_pack_bytes_max = summary.leaked_pack_bytes_max.max(f.unindexed_bytes);
+        if !f.succeeded {
+            summary.next_backup_stored_bytes_max = summary.next_backup_stored_bytes_max.max(f.next_stored);
+        }
+        if !f.violations.is_empty() {
+            summary.violations += 1;
+            if summary.violation_examples.len() < 10 {
+                summary.violation_examples.push(format!(
+                    "{} at {:?} call {}: {}",
+                    plan.fault.name(),
+                    plan.op,
+                    plan.at,
+                    f.violations.join("; ")
+                ));
+            }
+        }
+    }
+    summary.duration_s = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+    Ok(summary)
+}
+
+fn one_injection(s: &Setup, op: &str, n: usize, plan: FaultPlan) -> Finding {
+    let dir = s.dir.join("runs").join(format!("{op}-{n}"));
+    let mut f = Finding::default();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
+        workload::copy_tree(&s.dir.join("templates").join(template_of(op)), &dir)?;
+        let faulty = Arc::new(FaultyBackend::new(LocalBackend::new(&dir), Some(plan)));
+        let outcome = operation(op, s, &dir, faulty.clone());
+        let injected = faulty.injected();
+        f.reached = injected.is_some();
+        f.succeeded = outcome.is_ok();
+        if let Err(e) = &outcome {
+            if format!("{e:#}").contains("VIOLATION") {
+                f.violations.push(format!("{e:#}"));
+            }
+        }
+        check(s, op, &dir, plan, injected.as_ref(), outcome.as_ref().ok().cloned().flatten(), &mut f)
+    }));
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => f.violations.push(format!("{e:#}")),
+        Err(p) => f.violations.push(format!(
+            "panicked: {}",
+            p.downcast_ref::<String>().cloned().or(p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+        )),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    f
+}
+
+/// The invariants of the module docs, on a clean backend.
+fn check(
+    s: &Setup,
+    op: &str,
+    dir: &Path,
+    plan: FaultPlan,
+    injected: Option<&Injected>,
+    made: Option<String>,
+    f: &mut Finding,
+) -> Result<()> {
+    let torn = plan.fault == Fault::Torn && injected.is_some();
+    let hit = |kind: Kind| injected.is_some_and(|i| i.kind == kind);
+    let fault_on = |kind: Kind, call: &str| injected.is_some_and(|i| i.kind == kind && i.call == call);
+    if op == "restore" {
+        let out = dir.join("restored.img");
+        let partial = dir.join("restored.img.cairn-partial");
+        if !f.succeeded && (out.exists() || partial.exists()) {
+            f.violations.push("a failed restore left its image behind".into());
+        }
+    }
+    // Locks: the operation dropped its lock, which deletes the file.
+    let locks = list(dir, Kind::Lock)?;
+    if !locks.is_empty() && !fault_on(Kind::Lock, "delete") && !(torn && hit(Kind::Lock)) {
+        f.violations.push(format!("{} lock file(s) left", locks.len()));
+    }
+    for l in &locks {
+        std::fs::remove_file(dir.join("locks").join(l))?;
+    }
+    if op == "init" {
+        return check_init(dir, torn && hit(Kind::Config), f);
+    }
+    if op == "repair" {
+        // Whatever the faulty run did, a clean one must bring every point back.
+        let repo = Repository::open(local(dir), || None)?;
+        let _lock = repo.lock(true, "repair index", Duration::from_secs(5))?;
+        cairn_engine::repair::rebuild_index(&repo, false, &NoProgress)?;
+    }
+    let repo = open(local(dir))?;
+    let listed = repo.list_points()?;
+    let before = &s.points[template_of(op)];
+    let scratch = dir.join("scratch");
+    std::fs::create_dir_all(&scratch)?;
+    // On the damaged template, A's point cannot restore until a backup heals it (below).
+    let healed_later = |id: &str| op == "verify" && s.points["pa"].last().is_some_and(|(a, _)| a == id);
+    for (id, oracle) in before {
+        if !listed.points.iter().any(|(i, _)| i == id) {
+            f.violations.push(format!("point {} that existed before is gone", &id[..8]));
+            continue;
+        }
+        if healed_later(id) {
+            continue;
+        }
+        if let Err(e) = restores_exactly(&repo, id, oracle, &scratch) {
+            f.violations.push(format!("old point: {e:#}"));
+        }
+    }
+    let (next_name, next_image) = next_image(op, s);
+    for (id, _) in listed.points.iter().filter(|(i, _)| !before.iter().any(|(b, _)| b == i)) {
+        if !op.starts_with("backup") {
+            f.violations.push(format!("{op} made a restore point {}", &id[..8]));
+        } else if let Err(e) = restores_exactly(&repo, id, next_image, &scratch) {
+            f.violations.push(format!("new point: {e:#}"));
+        }
+    }
+    if let Some(id) = &made {
+        if !listed.points.iter().any(|(i, _)| i == id) {
+            f.violations.push(format!("the backup returned point {} but it is not listed", &id[..8]));
+        }
+    }
+    if op == "verify" {
+        // A clean verify first: what a misread during the faulty one put in quarantine, it
+        // releases (and it quarantines the real damage if the faulty run could not).
+        cairn_engine::verify::run(&repo, 1, Default::default(), &NoProgress)?;
+    }
+    let report = cairn_engine::verify::verify(&repo, 1, &NoProgress)?;
+    f.unindexed_bytes = report.unindexed_packs.len() as u64 * 16 * workload::MIB;
+    f.temporaries = workload::temporaries(dir).0;
+    let damage = damage_names(&report);
+    // The damaged template's damage is expected: its pack, and its blocks (named by ID once
+    // quarantined).
+    let expected: BTreeSet<String> = if op == "verify" {
+        s.damaged_copies.iter().flat_map(|(p, b)| [p.clone(), b.clone()]).collect()
+    } else {
+        BTreeSet::new()
+    };
+    let unexpected: Vec<&String> = damage.iter().filter(|d| !expected.contains(*d)).collect();
+    let injected_name = injected.map(|i| i.name.clone()).unwrap_or_default();
+    if !unexpected.is_empty() {
+        if torn && unexpected.iter().all(|d| **d == injected_name) {
+            f.torn_detected = true;
+        } else {
+            f.violations.push(format!("verify reports damage the fault does not explain: {unexpected:?}"));
+        }
+    }
+    if op == "verify" {
+        // The clean verify left exactly the damaged copies in quarantine.
+        let q: BTreeSet<(String, String)> =
+            repo.quarantine()?.into_iter().map(|(p, b)| (hex::encode(p), b.to_hex())).collect();
+        if q != s.damaged_copies {
+            f.violations.push(format!("quarantine holds {} copies, {} are damaged", q.len(), s.damaged_copies.len()));
+        }
+    } else if !repo.quarantine()?.is_empty() {
+        f.violations.push("something was quarantined".into());
+    }
+    // The next backup succeeds and restores exactly.
+    let parent_ranges = (op == "backup-changed").then_some(s.ranges_a2.as_slice());
+    let id = if parent_ranges.is_some() && !listed.points.iter().any(|(_, p)| p.name == "a") {
+        None
+    } else {
+        Some(backup_image(&repo, next_name, next_image, parent_ranges).context("the next backup failed")?)
+    };
+    if let Some(id) = id {
+        restores_exactly(&repo, &id, next_image, &scratch).context("the next backup's point")?;
+        f.next_stored = repo.load_point(&id)?.stats.repository_growth_bytes;
+    }
+    // The damaged point is healed by that backup (its damaged blocks were quarantined).
+    for (id, oracle) in before.iter().filter(|(id, _)| healed_later(id)) {
+        restores_exactly(&repo, id, oracle, &scratch).context("the damaged point after the healing backup")?;
+    }
+    let _ = IMAGE_SIZE;
+    Ok(())
+}
+
+/// Every object verify names as damaged (packs, index files, point documents; blocks by pack).
+fn damage_names(r: &cairn_engine::verify::VerifyReport) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    out.extend(r.damaged_packs.iter().map(|d| d.pack.clone()));
+    out.extend(r.damaged_blocks.iter().map(|d| if d.pack.is_empty() { d.block.clone() } else { d.pack.clone() }));
+    out.extend(r.damaged_index_files.iter().map(|d| d.id.clone()));
+    out.extend(r.damaged_points.iter().map(|d| d.id.clone()));
+    out.extend(r.unreadable_packs.iter().map(|d| d.pack.clone()));
+    out
+}
+
+/// After an `init` with a fault: either a repository that opens with its password and holds
+/// exactly one key, or no repository, and then a clean init succeeds (and leaves one key).
+fn check_init(dir: &Path, torn_config: bool, f: &mut Finding) -> Result<()> {
+    let b = local(dir);
+    if b.exists(Kind::Config, "")? {
+        match Repository::open(b.clone(), || Some(PASSWORD.into())) {
+            Ok(_) => {}
+            Err(e) if torn_config => {
+                f.torn_detected = true;
+                let _ = e;
+                return Ok(());
+            }
+            Err(e) => f.violations.push(format!("init left a config that does not open: {e}")),
+        }
+    } else {
+        if f.succeeded {
+            f.violations.push("init succeeded but left no config".into());
+        }
+        Repository::init(b.clone(), Some(PASSWORD)).map_err(|e| anyhow!("a clean init after the failed one: {e}"))?;
+    }
+    let keys = b.list(Kind::Key)?.len();
+    if keys != 1 {
+        f.violations.push(format!("{keys} key files"));
+    }
+    Repository::open(b, || Some(PASSWORD.into())).map_err(|e| anyhow!("the repository does not open: {e}"))?;
+    Ok(())
+}
