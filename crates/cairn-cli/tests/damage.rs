@@ -226,3 +226,52 @@ fn the_next_backup_heals_damaged_blocks_and_verify_then_passes() {
     e.restore(&format!("heal@{}", &first_id[..8]), &out, &[]);
     assert!(same_content(&img, &out));
 }
+
+#[test]
+fn repair_index_brings_back_what_a_damaged_index_file_hid() {
+    let e = Env::new();
+    let (pa, _pb, a) = two_points(&e);
+    for f in e.files("index") {
+        flip(&f, 20);
+    }
+    let out = e.path("out.img");
+    let err = e.fails(&["restore", "image", "a", "--to", out.to_str().unwrap()], 1);
+    assert!(err.contains("missing"), "{err}");
+    let dry = e.json(&["repair", "index", "--dry-run"]);
+    assert_eq!(dry["dry_run"], true);
+    assert!(!dry["packs_from_trailers"].as_array().unwrap().is_empty(), "{dry}");
+    let e2 = e.fails(&["restore", "image", "a", "--to", out.to_str().unwrap()], 1);
+    assert!(e2.contains("missing"), "a dry run changed something: {e2}");
+    let human = e.ok(&["repair", "index"]);
+    assert!(human.contains("read from their trailers") && human.contains("damaged index file"), "{human}");
+    e.restore(&format!("a@{}", &pa[..12]), &out, &[]);
+    assert!(same_content(&a, &out));
+    assert_eq!(e.json(&["verify"])["ok"], true);
+}
+
+#[test]
+fn a_pack_that_cannot_be_read_is_reported_but_never_quarantined() {
+    let e = Env::new();
+    let (_pa, _pb, a) = two_points(&e);
+    // A pack that reads with an I/O error (here EISDIR: the path is a folder), which proves
+    // nothing about its bytes.
+    let pack = e.files("packs").into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let aside = e.path("aside");
+    std::fs::rename(&pack, &aside).unwrap();
+    std::fs::create_dir(&pack).unwrap();
+    let o = e.run(&["verify", "--json"]);
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["unreadable_packs"].as_array().unwrap().len(), 1, "{v}");
+    assert!(v["damaged_blocks"].as_array().unwrap().is_empty(), "an I/O error taken for damage: {v}");
+    let human = String::from_utf8(e.run(&["verify"]).stdout).unwrap();
+    assert!(human.contains("UNREADABLE") && human.contains("INCOMPLETE"), "{human}");
+    std::fs::remove_dir(&pack).unwrap();
+    std::fs::rename(&aside, &pack).unwrap();
+    let v = e.json(&["verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v.get("quarantined_packs").is_none(), "something was quarantined: {v}");
+    let out = e.path("out.img");
+    e.restore("a", &out, &[]);
+    assert!(same_content(&a, &out));
+}

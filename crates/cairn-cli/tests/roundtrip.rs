@@ -141,3 +141,30 @@ fn dedup_across_images_and_restore_points() {
     let human = e.ok(&["points"]);
     assert!(human.contains("DEDUP") && human.lines().count() == 4, "{human}");
 }
+
+#[test]
+fn a_repository_whose_config_was_altered_to_turn_encryption_off_is_refused() {
+    let mut e = Env::new();
+    e.password = Some("pw".into());
+    e.ok(&["init", "--encrypt"]);
+    let img = e.path("disk.img");
+    make_image(&img, 4 * MIB, 5);
+    e.backup(&img, "x", &[]);
+    let config = e.repo().join("config");
+    let text = std::fs::read_to_string(&config).unwrap().replace("aes-256-gcm", "none");
+    std::fs::write(&config, text).unwrap();
+    let packs_before = e.files("packs").len();
+    // Without a password (an operator at a terminal), and with one (a scheduled job).
+    for password in [None, Some("pw")] {
+        e.password = password.map(String::from);
+        let err = e.fails(&["backup", "image", img.to_str().unwrap(), "--name", "x"], 1);
+        assert!(err.contains("altered"), "{err}");
+    }
+    assert_eq!(e.files("packs").len(), packs_before, "nothing may be written in plaintext");
+    // A plain repository with a password given is the wrong repository, or an altered one.
+    let mut plain = Env::new();
+    plain.init();
+    plain.password = Some("pw".into());
+    let err = plain.fails(&["points"], 1);
+    assert!(err.contains("not encrypted") && err.contains("CAIRN_PASSWORD"), "{err}");
+}
