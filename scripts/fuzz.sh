@@ -25,7 +25,7 @@ while (($#)); do
   esac
 done
 export PATH="$HOME/.cargo/bin:$PATH"
-command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.1
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 rustup toolchain list | grep -q '^nightly' || { echo "fuzzing needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 2; }
 ((${#targets[@]})) || mapfile -t targets < <(cd fuzz && cargo +nightly fuzz list)
 # One build for all targets (address sanitizer, debug assertions and overflow checks on).

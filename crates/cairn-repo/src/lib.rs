@@ -20,9 +20,14 @@
 //! 2. Index files listing every block a point references, including its map pages, are
 //!    stored durably before the point document.
 //! 3. The point document is stored last; from that moment the point exists.
+//! 4. Each of these objects is confirmed present before the next relies on it
+//!    ([`Repository::store`]), and no point is written once the writer's lock is lost.
 //!
 //! A crash at any moment therefore leaves only unreferenced packs or index entries, which
 //! readers ignore and the next backup reuses (index files are written every few seconds).
+//! Readers list points *after* loading the index, and [`Repository::list_points`] then reads
+//! the index files written meanwhile, so a reader never sees a just-committed point's blocks as
+//! missing.
 //!
 //! ## Lock table
 //! | operation            | lock      | may run alongside            |
@@ -30,11 +35,18 @@
 //! | backup               | shared    | backups, restores, verify    |
 //! | restore, points, ls  | shared    | everything but exclusive     |
 //! | verify               | shared    | backups, restores            |
+//! | repair index         | exclusive | nothing                      |
 //! | gc / prune (future)  | exclusive | nothing                      |
 //!
 //! Backups need no exclusion from each other: both may store the same block (two copies,
 //! harmless) and each only deletes the partial index files it wrote itself, after merging
 //! them into one durable file.
+//!
+//! ## Trust in what is read
+//! Every object is checked before use: names against hashes, seals against their tags, the
+//! config against the keys (an edited config, or one turned to "none", is refused), restore
+//! points against FORMAT.md §7 (safe names, sizes, exact map pages). A block has every copy the
+//! index files list; a damaged copy makes readers try the others, quarantined ones last.
 //!
 //! ## Garbage collection rules (for the future `gc`)
 //! A pack may be deleted only under the exclusive lock, only if no point references any blob
@@ -60,7 +72,7 @@ pub use id::{is_all_zero, BlockId};
 pub use index::BlobLocation;
 pub use lock::Lock;
 pub use point::{safe_name, DiskImage, DiskStats, PointStats, RestorePoint, MAX_DISK_SIZE};
-pub use repo::{hostname, PointList, Repository};
+pub use repo::{hostname, quarantine_copies, PointList, Repository};
 pub use session::{Claims, Session, PACK_TARGET};
 
 /// The current time as RFC 3339 UTC with milliseconds.

@@ -32,7 +32,9 @@ pub struct LockInfo {
 }
 
 impl LockInfo {
-    fn is_stale(&self, our_host: &str, our_id: Option<&str>) -> bool {
+    /// Whether the lock may be deleted: not refreshed for [`STALE_AFTER`], or its holder is
+    /// known gone (a dead PID on this very machine, boot and PID namespace, or an earlier boot).
+    pub fn is_stale(&self, our_host: &str, our_id: Option<&str>) -> bool {
         let age = now_secs().saturating_sub(self.time);
         if age > STALE_AFTER.as_secs() {
             return true;

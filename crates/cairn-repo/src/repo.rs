@@ -411,13 +411,7 @@ impl Repository {
     pub fn quarantine(&self) -> Result<std::collections::HashSet<(crate::index::PackId, BlockId)>> {
         let mut out = std::collections::HashSet::new();
         for (_, r) in self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "quarantine") {
-            for e in r["copies"].as_array().into_iter().flatten() {
-                let pack = e[0].as_str().and_then(crate::index::pack_id_from_name);
-                let block = e[1].as_str().and_then(BlockId::from_hex);
-                if let (Some(p), Some(b)) = (pack, block) {
-                    out.insert((p, b));
-                }
-            }
+            out.extend(quarantine_copies(&r));
         }
         Ok(out)
     }
@@ -433,11 +427,7 @@ impl Repository {
             self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "quarantine").collect();
         let mut all: std::collections::BTreeSet<(String, String)> = add.iter().cloned().collect();
         for (_, r) in &old {
-            for e in r["copies"].as_array().into_iter().flatten() {
-                if let (Some(p), Some(b)) = (e[0].as_str(), e[1].as_str()) {
-                    all.insert((p.to_string(), b.to_string()));
-                }
-            }
+            all.extend(quarantine_copies(r).into_iter().map(|(p, b)| (hex::encode(p), b.to_hex())));
         }
         for r in release {
             all.remove(r);
@@ -575,6 +565,20 @@ impl Repository {
             .map(|l| (l.name, l.size))
             .collect())
     }
+}
+
+/// The copies a quarantine record lists (FORMAT.md §11: `copies` as `[pack name, block ID]`
+/// pairs); entries that are not two valid hex names are skipped.
+pub fn quarantine_copies(record: &serde_json::Value) -> Vec<(crate::index::PackId, BlockId)> {
+    let entries = record["copies"].as_array().map(|a| a.as_slice()).unwrap_or(&[]);
+    entries
+        .iter()
+        .filter_map(|e| {
+            let pack = e.get(0)?.as_str().and_then(crate::index::pack_id_from_name)?;
+            let block = e.get(1)?.as_str().and_then(BlockId::from_hex)?;
+            Some((pack, block))
+        })
+        .collect()
 }
 
 /// Finds the key file `password` opens and checks that it authenticates `config`. Key files
