@@ -253,7 +253,8 @@ struct RestoreImage {
     /// Which disk of the point (needed when it has several)
     #[arg(long)]
     disk: Option<String>,
-    /// Replace --to if it exists
+    /// Replace --to if it exists; a block device (/dev/vg/lv) is written into, in place: it must
+    /// hold at least the disk's size, and the format must be raw
     #[arg(long)]
     force: bool,
 }
