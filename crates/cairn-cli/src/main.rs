@@ -435,6 +435,9 @@ fn backend(g: &Global) -> Result<Arc<LocalBackend>> {
 pub(crate) static PROMPTED_PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
+    if let Some(p) = vm::password_from_fd() {
+        return Some(p);
+    }
     if let Ok(p) = std::env::var("CAIRN_PASSWORD") {
         return Some(p);
     }
