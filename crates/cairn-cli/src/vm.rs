@@ -309,7 +309,8 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
         run_token: String::new(), // one per VM, in backup_one
         freeze_limit: Duration::from_secs(a.freeze_limit),
     };
-    let mail = crate::boot::BootMail::from(&a.mail).settings()?;
+    // Checked before any backup: a mail setting that cannot work should not wait for a boot.
+    let mail = if a.verify_boot { Some(crate::boot::BootMail::from(&a.mail).settings()?) } else { None };
     let mut results = Vec::new();
     let mut failed = 0;
     let mut unbootable = 0;
@@ -323,8 +324,8 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
                 rec.as_object_mut().map(|o| o.remove("config"));
                 let mut result = serde_json::json!({"vm": name, "ok": true, "id": id, "record": rec, "stats": point.stats,
                     "disks": point.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>()});
-                if a.verify_boot {
-                    match crate::boot::boot_and_report(g, &hv, &repo, &id, &point, &opts.work_dir, &mail) {
+                if let Some(mail) = &mail {
+                    match crate::boot::boot_and_report(g, &hv, &repo, &id, &point, &opts.work_dir, mail) {
                         Ok((check, record_id, mailed, shot)) => {
                             if !check.passed() {
                                 unbootable += 1;

@@ -122,11 +122,6 @@ impl Watchdog {
         Watchdog { child: None, stdin: None }
     }
 
-    /// The watchdog process's ID, if one runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
     pub fn tell(&mut self, g: Guard) -> Result<()> {
         if let Some(s) = self.stdin.as_mut() {
             writeln!(s, "{}", g.word()).and_then(|_| s.flush()).context("the watchdog process is gone")?;
