@@ -27,41 +27,108 @@ pub struct VerifyBoot {
     /// Hypervisor connection URI
     #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
     connect: String,
-    /// Folder for the sandbox's overlays (emptied afterwards)
-    #[arg(long, default_value = "/var/tmp/cairn", value_name = "DIR")]
+    /// Folder for the sandbox's overlays (emptied afterwards); created 0700, and refused if
+    /// another user could write in it
+    #[arg(long, default_value = crate::vm::DEFAULT_WORK_DIR, value_name = "DIR")]
     work_dir: PathBuf,
     #[command(flatten)]
     pub mail: BootMail,
 }
 
-/// How long a boot may take and where its report goes (shared with `backup vm --verify-boot`).
-#[derive(Args, Clone)]
-pub struct BootMail {
-    /// How long the OS may take to come up
-    #[arg(long = "boot-timeout", alias = "timeout", default_value_t = 120, value_name = "SECONDS")]
+/// The boot check's options, declared twice: as `verify boot` takes them, and as `backup vm`
+/// does, where each needs `--verify-boot` (clap refuses them without it, instead of ignoring
+/// them). The SMTP settings also come from the environment (and the host configuration file),
+/// read in [`BootMail::settings`], not by clap: a setting in the environment is not a flag given.
+macro_rules! boot_mail {
+    ($(#[$m:meta])* $name:ident $(, $requires:literal)?) => {
+        $(#[$m])*
+        #[derive(Args, Clone, Default)]
+        pub struct $name {
+            /// How long the OS may take to come up [default: 120]
+            #[arg(long = "boot-timeout", alias = "timeout", value_name = "SECONDS" $(, requires = $requires)?)]
+            timeout: Option<u64>,
+            /// Mail the verdict and the screenshot to this address
+            #[arg(long, value_name = "ADDR" $(, requires = $requires)?)]
+            mail_to: Option<String>,
+            /// SMTP server [default: localhost:25; env: CAIRN_SMTP_SERVER]
+            #[arg(long, value_name = "HOST:PORT" $(, requires = $requires)?)]
+            smtp_server: Option<String>,
+            /// SMTP security: none, starttls, or tls (implicit TLS, port 465) [default: none;
+            /// env: CAIRN_SMTP_TLS]. A user and password are only ever sent over TLS
+            #[arg(long, value_enum $(, requires = $requires)?)]
+            smtp_tls: Option<SmtpTls>,
+            /// SMTP user [env: CAIRN_SMTP_USER]; the password comes from CAIRN_SMTP_PASSWORD
+            #[arg(long $(, requires = $requires)?)]
+            smtp_user: Option<String>,
+            /// Sender address [default: cairn@localhost; env: CAIRN_MAIL_FROM]
+            #[arg(long $(, requires = $requires)?)]
+            mail_from: Option<String>,
+        }
+    };
+}
+
+boot_mail!(
+    /// How long a boot may take and where its report goes.
+    BootMail
+);
+boot_mail!(
+    /// [`BootMail`] for `backup vm`: every one needs `--verify-boot`.
+    BackupBootMail,
+    "verify_boot"
+);
+
+impl From<&BackupBootMail> for BootMail {
+    fn from(b: &BackupBootMail) -> BootMail {
+        let BackupBootMail { timeout, mail_to, smtp_server, smtp_tls, smtp_user, mail_from } = b.clone();
+        BootMail { timeout, mail_to, smtp_server, smtp_tls, smtp_user, mail_from }
+    }
+}
+
+/// [`BootMail`] with the environment and defaults applied, checked.
+pub struct MailSettings {
     timeout: u64,
-    /// Mail the verdict and the screenshot to this address
-    #[arg(long, value_name = "ADDR")]
     mail_to: Option<String>,
-    /// SMTP server
-    #[arg(long, value_name = "HOST:PORT", env = "CAIRN_SMTP_SERVER", default_value = "localhost:25")]
     smtp_server: String,
-    /// SMTP security: none, starttls, or tls (implicit TLS, port 465)
-    #[arg(long, value_enum, env = "CAIRN_SMTP_TLS", default_value_t = SmtpTls::None)]
     smtp_tls: SmtpTls,
-    /// SMTP user; the password comes from CAIRN_SMTP_PASSWORD
-    #[arg(long, env = "CAIRN_SMTP_USER")]
     smtp_user: Option<String>,
-    /// Sender address
-    #[arg(long, env = "CAIRN_MAIL_FROM", default_value = "cairn@localhost")]
     mail_from: String,
 }
 
+impl BootMail {
+    /// Flags first, then CAIRN_SMTP_* / CAIRN_MAIL_FROM, then defaults. Refuses credentials
+    /// without TLS before anything is booted.
+    pub fn settings(&self) -> Result<MailSettings> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let smtp_tls = match (self.smtp_tls, env("CAIRN_SMTP_TLS")) {
+            (Some(t), _) => t,
+            (None, Some(v)) => SmtpTls::from_str(&v, true)
+                .map_err(|_| anyhow::anyhow!("CAIRN_SMTP_TLS={v:?}: expected none, starttls or tls"))?,
+            (None, None) => SmtpTls::None,
+        };
+        let s = MailSettings {
+            timeout: self.timeout.unwrap_or(120),
+            mail_to: self.mail_to.clone(),
+            smtp_server: self.smtp_server.clone().or_else(|| env("CAIRN_SMTP_SERVER")).unwrap_or("localhost:25".into()),
+            smtp_tls,
+            smtp_user: self.smtp_user.clone().or_else(|| env("CAIRN_SMTP_USER")),
+            mail_from: self.mail_from.clone().or_else(|| env("CAIRN_MAIL_FROM")).unwrap_or("cairn@localhost".into()),
+        };
+        if s.mail_to.is_some() && s.smtp_user.is_some() && matches!(s.smtp_tls, SmtpTls::None) {
+            bail!(
+                "refusing to send the SMTP user's password unencrypted to {}: set --smtp-tls starttls (or tls), or leave out the user",
+                s.smtp_server
+            );
+        }
+        Ok(s)
+    }
+}
+
 pub fn verify_boot_cmd(g: &Global, a: &VerifyBoot) -> Result<i32> {
+    let mail = a.mail.settings()?;
     let hv = Libvirt::connect(&a.connect)?;
     let (repo, _lock) = open_indexed(g, "verify boot")?;
     let (id, point) = repo.select_point(&a.point)?;
-    let (check, record_id, mailed, shot) = boot_and_report(g, &hv, &repo, &id, &point, &a.work_dir, &a.mail)?;
+    let (check, record_id, mailed, shot) = boot_and_report(g, &hv, &repo, &id, &point, &a.work_dir, &mail)?;
     if g.json {
         let mut out = serde_json::to_value(&check)?;
         out["record"] = record_id.clone().into();
@@ -102,7 +169,7 @@ pub fn boot_and_report(
     id: &str,
     point: &cairn_repo::RestorePoint,
     work_dir: &Path,
-    a: &BootMail,
+    a: &MailSettings,
 ) -> Result<(BootCheck, String, Option<String>, Option<Vec<u8>>)> {
     let repo_dir = std::path::absolute(g.repo.as_ref().context("no repository: pass --repo DIR or set CAIRN_REPO")?)?;
     let server_point = format!("{}@{}", point.name, id);
@@ -131,7 +198,7 @@ pub fn boot_and_report(
     Ok((check, record_id, mailed, shot))
 }
 
-fn send_mail(a: &BootMail, to: &str, check: &BootCheck, png: Option<&[u8]>) -> Result<()> {
+fn send_mail(a: &MailSettings, to: &str, check: &BootCheck, png: Option<&[u8]>) -> Result<()> {
     use lettre::message::{header::ContentType, Attachment, MultiPart, SinglePart};
     use lettre::transport::smtp::authentication::Credentials;
     use lettre::{Message, SmtpTransport, Transport};
@@ -177,6 +244,7 @@ fn send_mail(a: &BootMail, to: &str, check: &BootCheck, png: Option<&[u8]>) -> R
     }
     .port(port)
     .timeout(Some(Duration::from_secs(30)));
+    // MailSettings only exist with TLS when there is a user (BootMail::settings).
     if let Some(user) = &a.smtp_user {
         let pass = std::env::var("CAIRN_SMTP_PASSWORD").context("--smtp-user needs CAIRN_SMTP_PASSWORD")?;
         t = t.credentials(Credentials::new(user.clone(), pass));
@@ -254,6 +322,11 @@ pub fn report(g: &Global, a: &Report) -> Result<i32> {
     Ok(0)
 }
 
+/// Whether `s` is made of the base64 alphabet only (so it cannot end an attribute or a tag).
+fn is_base64(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -278,7 +351,8 @@ fn html(name: &str, points: &[(String, cairn_repo::RestorePoint)], records: &[(S
                 t = esc(r["time"].as_str().unwrap_or("")),
                 why = esc(r["reason"].as_str().unwrap_or(""))
             ));
-            if let Some(img) = r["screenshot"].as_str() {
+            // The catalog record comes from the repository: only base64 goes into the page.
+            if let Some(img) = r["screenshot"].as_str().filter(|i| is_base64(i)) {
                 cell.push_str(&format!("<img alt='screen of the booted VM' src='data:image/png;base64,{img}'>"));
             }
         }
@@ -294,4 +368,47 @@ fn html(name: &str, points: &[(String, cairn_repo::RestorePoint)], records: &[(S
     }
     h.push_str("</table></body></html>\n");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(point: &str, shot: &str) -> (String, serde_json::Value) {
+        let r =
+            serde_json::json!({"point": point, "verdict": "passed", "time": "t", "reason": "r", "screenshot": shot});
+        ("rec".into(), r)
+    }
+
+    #[test]
+    fn the_report_page_takes_only_base64_screenshots() {
+        let stats = serde_json::to_value(cairn_repo::PointStats::default()).unwrap();
+        let point: cairn_repo::RestorePoint = serde_json::from_value(serde_json::json!({"version": 1, "name": "web",
+            "time": "t", "hostname": "h", "source": "s", "disks": [], "stats": stats}))
+        .unwrap();
+        let id = "0123456789abcdef".to_string();
+        let good = html("web", &[(id.clone(), point.clone())], &[record(&id, "iVBORw0KGgo+/=")]);
+        assert!(good.contains("src='data:image/png;base64,iVBORw0KGgo+/='"), "{good}");
+        let evil = "x'><script>alert(1)</script><img src='";
+        let page = html("web", &[(id.clone(), point)], &[record(&id, evil)]);
+        assert!(!page.contains("<script>") && !page.contains("alert"), "{page}");
+        assert!(page.contains("PASSED"));
+    }
+
+    #[test]
+    fn smtp_credentials_need_tls() {
+        let mut m = BootMail {
+            mail_to: Some("ops@example.com".into()),
+            smtp_user: Some("backup".into()),
+            smtp_tls: Some(SmtpTls::None),
+            ..Default::default()
+        };
+        let err = m.settings().err().expect("credentials without TLS accepted").to_string();
+        assert!(err.contains("unencrypted") && err.contains("starttls"), "{err}");
+        m.smtp_tls = Some(SmtpTls::Starttls);
+        assert!(m.settings().is_ok());
+        m.smtp_user = None;
+        m.smtp_tls = Some(SmtpTls::None);
+        assert!(m.settings().is_ok(), "no credentials, no TLS needed");
+    }
 }

@@ -256,7 +256,8 @@ struct RestoreImage {
     /// Which disk of the point (needed when it has several)
     #[arg(long)]
     disk: Option<String>,
-    /// Replace --to if it exists
+    /// Replace --to if it exists; a block device (/dev/vg/lv) is written into, in place: it must
+    /// hold at least the disk's size, and the format must be raw
     #[arg(long)]
     force: bool,
 }
@@ -457,6 +458,9 @@ fn backend(g: &Global) -> Result<Arc<LocalBackend>> {
 pub(crate) static PROMPTED_PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
+    if let Some(p) = vm::password_from_fd() {
+        return Some(p);
+    }
     if let Ok(p) = std::env::var("CAIRN_PASSWORD") {
         return Some(p);
     }

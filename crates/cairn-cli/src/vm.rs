@@ -3,7 +3,9 @@
 use crate::output::{bytes, Bar};
 use crate::{bar, open_indexed, print_json, workers, Global};
 use anyhow::{Context, Result};
-use cairn_engine::vm::{app_consistent_requirements, backup_vm, choose_method, Method, VmBackupOptions, VmRecord};
+use cairn_engine::vm::{
+    app_consistent_requirements, backup_vm, choose_method, new_run_token, Method, VmBackupOptions, VmRecord,
+};
 use cairn_engine::Progress;
 use cairn_hypervisor::libvirt::{Libvirt, DEFAULT_URI};
 use cairn_hypervisor::watchdog::{self, Watchdog};
@@ -60,10 +62,12 @@ pub struct BackupVm {
     /// Shell command to run in the guest after the thaw; repeatable
     #[arg(long, value_name = "COMMAND")]
     post_thaw: Vec<String>,
-    /// Host folder for NBD sockets, scratch (fleecing) files and memory state
-    #[arg(long, default_value = "/var/tmp/cairn", value_name = "DIR")]
+    /// Host folder for NBD sockets, scratch (fleecing) files and memory state; created 0700, and
+    /// refused if it is a symbolic link, another user's, or writable by other users
+    #[arg(long, default_value = DEFAULT_WORK_DIR, value_name = "DIR")]
     work_dir: PathBuf,
-    /// The watchdog thaws or resumes a guest frozen or paused longer than this
+    /// The watchdog thaws or resumes a guest frozen or paused longer than this (retrying for
+    /// minutes if the thaw or resume fails); a point that took longer to take is discarded
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     freeze_limit: u64,
     /// zstd level (1 fastest .. 19 smallest)
@@ -74,7 +78,7 @@ pub struct BackupVm {
     #[arg(long)]
     verify_boot: bool,
     #[command(flatten)]
-    mail: crate::boot::BootMail,
+    mail: crate::boot::BackupBootMail,
     /// Testing aid: also pull every export with qemu-img into DIR
     #[arg(long, hide = true, value_name = "DIR")]
     debug_oracle: Option<PathBuf>,
@@ -143,9 +147,75 @@ pub struct WatchdogArgs {
     vm: String,
     #[arg(long)]
     limit: u64,
-    /// Backup jobs whose NBD socket lies under this folder are ours to end
+    /// The backup job whose NBD socket is named with this token is ours to end
     #[arg(long)]
-    job_dir: PathBuf,
+    job_token: String,
+}
+
+/// Where `backup vm` and `verify boot` keep sockets, scratch files and sandboxes: root's own
+/// folder, not the world-writable /var/tmp where another user could create it first.
+pub const DEFAULT_WORK_DIR: &str = "/var/lib/cairn/work";
+
+/// The environment variable naming an inherited file descriptor the repository password can be
+/// read from (once, to its end). Helpers we start (the detached NBD server of an instant recovery
+/// or a boot check) get the password this way, never in their environment, where it would sit in
+/// /proc/PID/environ for their whole life.
+pub const PASSWORD_FD_ENV: &str = "CAIRN_PASSWORD_FD";
+
+/// The password passed through [`PASSWORD_FD_ENV`], if any (read once).
+pub fn password_from_fd() -> Option<String> {
+    static READ: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    READ.get_or_init(|| {
+        use std::io::Read;
+        use std::os::unix::io::FromRawFd;
+        let fd: i32 = std::env::var(PASSWORD_FD_ENV).ok()?.parse().ok()?;
+        // Never stdin/stdout/stderr, and only an open descriptor: File takes it over and closes it.
+        if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return None;
+        }
+        let mut p = String::new();
+        unsafe { std::fs::File::from_raw_fd(fd) }.read_to_string(&mut p).ok()?;
+        Some(p)
+    })
+    .clone()
+}
+
+/// The repository password this process was given (prompted, from a descriptor, or from the
+/// environment), for a helper that opens the same repository.
+fn repository_password() -> Option<String> {
+    crate::PROMPTED_PASSWORD.get().cloned().or_else(password_from_fd).or_else(|| std::env::var("CAIRN_PASSWORD").ok())
+}
+
+/// Gives `cmd` the password on descriptor 3 through a pipe ([`PASSWORD_FD_ENV`]); returns the
+/// read end to close once the child started.
+fn pass_password(cmd: &mut std::process::Command, password: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let mut fds = [0i32; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating a pipe for the password");
+    }
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // A pipe holds 64 KiB: the write completes before the child reads.
+    std::fs::File::from(write).write_all(password.as_bytes()).context("writing the password to its pipe")?;
+    let r = fds[0];
+    cmd.env(PASSWORD_FD_ENV, "3");
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 clears close-on-exec on the copy; if it already is 3, clear it by hand.
+            if r == 3 {
+                let flags = libc::fcntl(3, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(r, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    Ok(read)
 }
 
 pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
@@ -226,6 +296,7 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
             MethodArg::CrashConsistent => Method::CrashConsistent,
         },
         full: a.full,
+        // Never for saved-state points: their memory may refer to swapped-out pages (the job decides).
         skip_swap: !a.no_skip_swap,
         pre_freeze: a.pre_freeze.clone(),
         post_thaw: a.post_thaw.clone(),
@@ -235,7 +306,11 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
         workers: workers(g),
         oracle_dir: a.debug_oracle.clone(),
         hold_point: a.debug_hold.map(Duration::from_secs_f64),
+        run_token: String::new(), // one per VM, in backup_one
+        freeze_limit: Duration::from_secs(a.freeze_limit),
     };
+    // Checked before any backup: a mail setting that cannot work should not wait for a boot.
+    let mail = if a.verify_boot { Some(crate::boot::BootMail::from(&a.mail).settings()?) } else { None };
     let mut results = Vec::new();
     let mut failed = 0;
     let mut unbootable = 0;
@@ -249,8 +324,8 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
                 rec.as_object_mut().map(|o| o.remove("config"));
                 let mut result = serde_json::json!({"vm": name, "ok": true, "id": id, "record": rec, "stats": point.stats,
                     "disks": point.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>()});
-                if a.verify_boot {
-                    match crate::boot::boot_and_report(g, &hv, &repo, &id, &point, &opts.work_dir, &a.mail) {
+                if let Some(mail) = &mail {
+                    match crate::boot::boot_and_report(g, &hv, &repo, &id, &point, &opts.work_dir, mail) {
                         Ok((check, record_id, mailed, shot)) => {
                             if !check.passed() {
                                 unbootable += 1;
@@ -298,17 +373,26 @@ fn backup_one(
     progress: &Bar,
 ) -> Result<(String, cairn_repo::RestorePoint, VmRecord)> {
     let vm = hv.find(name)?;
+    let opts = VmBackupOptions { run_token: new_run_token(), ..opts.clone() };
     // A shut-off VM has nothing to guard: no freeze, no pause, no backup job.
     let mut dog = if vm.state != VmState::ShutOff {
         let exe = std::env::current_exe().context("locating the cairn executable for the watchdog")?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args(["watchdog", "--connect", &a.connect, "--vm", &vm.uuid, "--limit", &a.freeze_limit.to_string()]);
-        cmd.arg("--job-dir").arg(cairn_engine::vm::vm_work_dir(&opts.work_dir, &vm.uuid));
-        Watchdog::spawn(cmd)?
+        let args: Vec<String> = vec![
+            "watchdog".into(),
+            "--connect".into(),
+            a.connect.clone(),
+            "--vm".into(),
+            vm.uuid.clone(),
+            "--limit".into(),
+            a.freeze_limit.to_string(),
+            "--job-token".into(),
+            opts.run_token.clone(),
+        ];
+        Watchdog::spawn(watchdog::host_command(&exe, &args))?
     } else {
         Watchdog::none()
     };
-    let r = backup_vm(hv, repo, &vm, opts, &mut dog, progress as &dyn Progress);
+    let r = backup_vm(hv, repo, &vm, &opts, &mut dog, progress as &dyn Progress);
     if r.is_ok() {
         dog.done();
     }
@@ -396,6 +480,9 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     for d in &report.dropped {
         println!("  left out: {d}");
     }
+    for r in &report.removed {
+        println!("  left out: {r}");
+    }
     println!(
         "  {} in {:.1} s",
         if report.resumed_state {
@@ -418,11 +505,15 @@ pub fn launch_nbd_server(repo_dir: &std::path::Path, point: &str, socket: &std::
     let log = std::fs::File::create(socket.with_extension("log"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["serve-nbd", point, "--socket"]).arg(socket).arg("--repo").arg(repo_dir);
-    if let Some(p) = crate::PROMPTED_PASSWORD.get() {
-        cmd.env("CAIRN_PASSWORD", p);
-    }
+    cmd.env_remove("CAIRN_PASSWORD");
+    let pipe = match repository_password() {
+        Some(p) => Some(pass_password(&mut cmd, &p)?),
+        None => None,
+    };
     cmd.process_group(0).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    let mut child = cmd.spawn().context("starting the NBD server")?;
+    let spawned = cmd.spawn().context("starting the NBD server");
+    drop(pipe); // the child has its copy
+    let mut child = spawned?;
     let t = std::time::Instant::now();
     while !socket.exists() {
         if let Some(st) = child.try_wait()? {
@@ -438,8 +529,8 @@ pub fn launch_nbd_server(repo_dir: &std::path::Path, point: &str, socket: &std::
 }
 
 pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {
-    let hv = Libvirt::connect(&a.connect)?;
-    watchdog::run(&hv, &a.vm, Duration::from_secs(a.limit), &a.job_dir)?;
+    let connect = || -> Result<Box<dyn Hypervisor>> { Ok(Box::new(Libvirt::connect(&a.connect)?)) };
+    watchdog::run(&connect, &a.vm, Duration::from_secs(a.limit), &a.job_token)?;
     Ok(0)
 }
 

@@ -197,7 +197,8 @@ fn a_damaged_block_stops_recovery_and_leaves_nothing_behind() {
 
 #[test]
 fn instant_recovery_boots_from_the_repository_and_an_interrupted_move_is_finished_by_a_rerun() {
-    let e = VmEnv::new();
+    // Encrypted: the detached NBD server needs the password, but never in its environment.
+    let e = VmEnv::encrypted();
     let g = Guest::start("instant", &[]);
     g.exec("echo precious-data > /data/precious.txt; sync");
     e.backup(&g, &[]);
@@ -220,9 +221,23 @@ fn instant_recovery_boots_from_the_repository_and_an_interrupted_move_is_finishe
     assert!(virsh(&["domblklist", &name]).contains(".instant.qcow2"));
     // The guest writes while on the overlay; the marker in memory shows it never reboots.
     copy.exec("echo written-during-recovery > /data/during.txt; sync; echo same-boot > /run/marker");
+    // The server serves the encrypted repository without the password in its environment.
+    let state_file = st.join(format!(".cairn-instant-{name}")).join("state.json");
+    let mut state: Value = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    let server = state["server_pid"].as_u64().unwrap() as u32;
+    assert!(!env_has(server, "CAIRN_PASSWORD"), "the NBD server has the password in its environment");
+    // A state file naming an unrelated live process (a reused PID, an older state file).
+    let mut unrelated = Command::new("sleep").arg("120").spawn().unwrap();
+    state["server_pid"] = unrelated.id().into();
+    state["server_start"] = Value::Null;
+    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
 
     // The rerun finishes the move: the VM runs on its own disk, with no tie to the repository.
     e.env.ok(&args);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(unrelated.try_wait().unwrap().is_none(), "the rerun signalled a process it did not start");
+    let _ = unrelated.kill();
+    let _ = unrelated.wait();
     let blk = virsh(&["domblklist", &name]);
     let fin = st.join(format!("{name}-vda.qcow2"));
     assert!(blk.contains(fin.to_str().unwrap()), "{blk}");
@@ -233,6 +248,7 @@ fn instant_recovery_boots_from_the_repository_and_an_interrupted_move_is_finishe
         "{:?}",
         files_in(&st)
     );
+    // Its own server was found by its socket, and stopped.
     assert!(!Command::new("pgrep").args(["-f", &format!("serve-nbd {}@", g.name)]).output().unwrap().status.success());
     assert_eq!(copy.exec("cat /run/marker").trim(), "same-boot");
     assert_eq!(copy.exec("cat /data/precious.txt /data/during.txt"), "precious-data\nwritten-during-recovery\n");
@@ -240,6 +256,93 @@ fn instant_recovery_boots_from_the_repository_and_an_interrupted_move_is_finishe
     copy.exec("dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null");
     assert!(virsh(&["dumpxml", &name, "--inactive"]).contains(fin.to_str().unwrap()));
     std::mem::forget(copy);
+}
+
+#[test]
+fn resume_state_keeps_what_the_guest_had_swapped_out() {
+    let e = VmEnv::new();
+    let g = Guest::start("swapres", &["--two-disks"]);
+    // Random bytes in tmpfs, more than the guest's free memory: part of them must go to swap
+    // (vdb1). Only their checksum, taken now, knows what they are.
+    let sum = g
+        .exec(
+            "mkdir -p /mnt/big && mount -t tmpfs -o size=400M tmpfs /mnt/big && \
+             n=$(awk '/MemAvailable/{print int($2/1024)+24}' /proc/meminfo) && \
+             dd if=/dev/urandom of=/mnt/big/f bs=1M count=$n 2>/dev/null && sha256sum /mnt/big/f | cut -d' ' -f1",
+        )
+        .trim()
+        .to_string();
+    let kib = |k: &str| -> u64 {
+        let m = g.exec("cat /proc/meminfo");
+        m.lines().find(|l| l.starts_with(k)).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let swapped = kib("SwapTotal:") - kib("SwapFree:");
+    eprintln!("{} MiB of the guest's memory in swap", swapped >> 10);
+    assert!(swapped > 8 << 10, "only {swapped} KiB in swap: the test would prove nothing");
+
+    let o = e.env.path("oracle");
+    let r = e.backup(&g, &["--method", "saved-state", "--debug-oracle", o.to_str().unwrap()]);
+    let rec = record(&r);
+    assert_eq!(rec["method"], "saved-state");
+    // The swap partition is in the point as it was exported: not skipped, not zeros.
+    assert_eq!(rec["skipped_swap"].as_array().unwrap().len(), 0, "{rec}");
+    let vdb = e.env.path("vdb.raw");
+    e.restore(r["id"].as_str().unwrap(), &g.name, "vdb", &vdb);
+    assert_same_except(&vdb, &o.join("vdb.raw"), &[]);
+    std::fs::remove_file(&vdb).unwrap();
+
+    let st = storage(&e, "storage");
+    let rep = restore_vm(&e, &[&g.name, "--storage", st.to_str().unwrap(), "--replace", "--yes", "--resume-state"]);
+    assert_eq!(rep["resumed_state"], true, "{rep}");
+    sh(Command::new(guest_sh()).args(["wait", &g.name]));
+    // The pages come back from swap as they were.
+    assert_eq!(g.exec("sha256sum /mnt/big/f | cut -d' ' -f1").trim(), sum);
+}
+
+#[test]
+fn a_stored_configuration_never_brings_its_own_emulator_or_qemu_arguments() {
+    let e = VmEnv::new();
+    // A shut-off VM whose configuration (as a tampered repository could hold it) names an
+    // emulator of its own (a link to the real one, so it would run) and extra QEMU arguments.
+    let name = format!("cairn-qemuns-{}", std::process::id());
+    let _ = Command::new(guest_sh()).args(["remove", &name]).output();
+    sh(Command::new(guest_sh()).args(["define", &name]));
+    let g = Guest { name: name.clone() };
+    let emulator = Path::new("/var/lib/cairn-test/vms").join(&name).join("my-qemu");
+    std::os::unix::fs::symlink("/usr/bin/qemu-system-x86_64", &emulator).unwrap();
+    let xml = dumpxml(&name);
+    let start = xml.find("<emulator>").unwrap();
+    let end = xml.find("</emulator>").unwrap() + "</emulator>".len();
+    let xml = format!("{}<emulator>{}</emulator>{}", &xml[..start], emulator.display(), &xml[end..])
+        .replacen("<domain type='qemu'>", "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>", 1)
+        .replacen(
+            "</domain>",
+            "<qemu:commandline><qemu:arg value='-fw_cfg'/><qemu:arg value='name=opt/cairn.test,string=tampered'/></qemu:commandline></domain>",
+            1,
+        );
+    let f = e.env.path("tampered.xml");
+    std::fs::write(&f, xml).unwrap();
+    virsh(&["define", f.to_str().unwrap()]);
+    let stored = dumpxml(&name);
+    assert!(stored.contains("qemu:commandline") && stored.contains("my-qemu"), "libvirt dropped them: {stored}");
+    e.backup(&g, &[]);
+
+    let st = storage(&e, "storage");
+    let copy = format!("{name}-restored");
+    let _c = Recovered(copy.clone());
+    let rep = restore_vm(&e, &[&name, "--storage", st.to_str().unwrap(), "--start"]);
+    let said = rep["removed"].to_string();
+    assert!(said.contains("qemu:commandline") && said.contains("my-qemu"), "{rep}");
+    assert_eq!(rep["started"], true);
+    let live = virsh(&["dumpxml", &copy]);
+    for x in [live.as_str(), dumpxml(&copy).as_str()] {
+        assert!(!x.contains("commandline") && !x.contains("fw_cfg") && !x.contains("my-qemu"), "{x}");
+        assert!(x.contains("<emulator>/usr/bin/qemu-system-x86_64</emulator>"), "{x}");
+    }
+    // The boot check's sandbox gets the same treatment.
+    let o = e.env.run(&["verify", "boot", &name, "--timeout", "60", "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("left out <qemu:commandline>") && err.contains("my-qemu"), "{err}");
 }
 
 #[test]

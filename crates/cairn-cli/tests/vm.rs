@@ -376,3 +376,184 @@ fn an_unreachable_libvirt_gives_a_clear_error() {
     let err = e.fails(&["backup", "vm", "no-such-vm-here"], 1);
     assert!(err.contains("no VM named"), "{err}");
 }
+
+#[test]
+fn mail_flags_without_verify_boot_are_refused() {
+    let e = Env::new();
+    e.init();
+    for flag in [
+        &["--mail-to", "ops@example.com"][..],
+        &["--smtp-server", "mail:25"],
+        &["--smtp-tls", "starttls"],
+        &["--boot-timeout", "30"],
+        &["--mail-from", "a@b"],
+    ] {
+        let mut args = vec!["backup", "vm", "web"];
+        args.extend_from_slice(flag);
+        let err = e.fails(&args, 2);
+        assert!(err.contains("--verify-boot"), "{flag:?}: {err}");
+    }
+    // From the environment (or the host's configuration file), the settings are no flags given.
+    let o = e.cmd(&["backup", "vm", "no-such-vm-here"]).env("CAIRN_SMTP_SERVER", "mail:25").output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no VM named"));
+    // Credentials are never sent in clear.
+    let err =
+        e.fails(&["backup", "vm", "web", "--verify-boot", "--mail-to", "ops@example.com", "--smtp-user", "backup"], 1);
+    assert!(err.contains("unencrypted") && err.contains("--smtp-tls"), "{err}");
+}
+
+#[test]
+fn the_watchdog_outlives_signals_aimed_at_the_job_and_ends_on_stdin_eof() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["watchdog", "--connect", "qemu:///system", "--vm", "00000000-0000-4000-8000-000000000000"])
+        .args(["--limit", "10", "--job-token", "t0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "the watchdog died of a signal meant for the job");
+    drop(child.stdin.take()); // the job goes away
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the watchdog did not end after its job went away");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn an_unsafe_work_folder_is_refused_before_the_guest_is_touched() {
+    let e = VmEnv::new();
+    let g = Guest::start("workdir", &[]);
+    let uuid = virsh(&["domuuid", &g.name]).trim().to_string();
+    let refused = |work: &Path, why: &str| {
+        let err = e.env.fails(&["backup", "vm", &g.name, "--work-dir", work.to_str().unwrap()], 1);
+        assert!(err.contains("refusing to use folder") && err.contains(why), "{err}");
+        assert!(!frozen(&g), "the guest was frozen");
+        assert!(g.checkpoints().is_empty(), "a checkpoint was made: {:?}", g.checkpoints());
+        assert!(!Command::new("virsh").args(["-q", "backup-dumpxml", &g.name]).output().unwrap().status.success());
+    };
+    // Made by another user (here nobody) before us: they could swap our sockets.
+    let theirs = e.env.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    sh(Command::new("chown").args(["nobody"]).arg(&theirs));
+    refused(&theirs, "belongs to user");
+    // The VM's own folder inside a good one, made by another user.
+    let work = e.env.path("work");
+    std::fs::create_dir_all(work.join(&uuid)).unwrap();
+    sh(Command::new("chown").args(["nobody"]).arg(work.join(&uuid)));
+    refused(&work, "belongs to user");
+    // A symbolic link to a good folder.
+    let good = e.env.path("good");
+    std::fs::create_dir(&good).unwrap();
+    let link = e.env.path("link");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    refused(&link, "symbolic link");
+    // Group-writable.
+    let open = e.env.path("open");
+    std::fs::create_dir(&open).unwrap();
+    sh(Command::new("chmod").args(["0770"]).arg(&open));
+    refused(&open, "other users can write");
+    // A new folder is made 0700, and the backup runs.
+    let fresh = e.env.path("fresh/work");
+    let v = e.env.json(&["backup", "vm", &g.name, "--work-dir", fresh.to_str().unwrap()]);
+    assert_eq!(v[0]["ok"], true, "{v}");
+    for d in [e.env.path("fresh"), fresh.clone(), fresh.join(&uuid)] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&d).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o700, "{}", d.display());
+    }
+}
+
+#[test]
+fn the_freeze_limit_thaws_the_guest_while_cairn_still_runs() {
+    // Encrypted: the password must reach no helper process through its environment.
+    let e = VmEnv::encrypted();
+    let g = Guest::start("limit", &[]);
+    let uuid = virsh(&["domuuid", &g.name]).trim().to_string();
+    let work = e.env.path("work");
+    let limit = 2;
+    let mut child = e
+        .env
+        .cmd(&["backup", "vm", &g.name, "--work-dir", work.to_str().unwrap(), "--json"])
+        .args(["--debug-hold", "8", "--freeze-limit", &limit.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !frozen(&g) {
+        assert!(t.elapsed() < Duration::from_secs(30), "the guest never froze");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen_frozen = Instant::now();
+    let dogs = pgrep(&format!("watchdog --connect .* --vm {uuid}"));
+    assert_eq!(dogs.len(), 1, "{dogs:?}");
+    assert!(!env_has(dogs[0], "CAIRN_PASSWORD"), "the watchdog was given the repository password");
+    while frozen(&g) {
+        assert!(
+            seen_frozen.elapsed() < Duration::from_secs(limit + 2),
+            "still frozen {:.1} s after it froze, with a limit of {limit} s",
+            seen_frozen.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let thawed = seen_frozen.elapsed();
+    eprintln!("thawed by the watchdog {:.1} s after the freeze was seen", thawed.as_secs_f64());
+    assert!(thawed >= Duration::from_secs(limit) - Duration::from_millis(500), "thawed before the limit");
+    assert!(child.try_wait().unwrap().is_none(), "cairn had ended: the thaw was not the limit's");
+    // The point was created while the guest was frozen (before the limit): the backup completes,
+    // and says the watchdog thawed the guest.
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rec = record(&v[0]);
+    assert_eq!(rec["method"], "app-consistent");
+    let events: Vec<&str> = rec["events"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert!(events.contains(&"already thawed by the watchdog"), "{events:?}");
+    assert!(!frozen(&g));
+    assert_eq!(g.checkpoints(), [rec["checkpoint"].as_str().unwrap().to_string()]);
+    let v = e.env.json(&["verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn a_dead_runs_watchdog_never_ends_the_next_runs_job() {
+    let e = VmEnv::new();
+    let g = Guest::start("token", &[]);
+    let work = e.env.path("work");
+    // Killed while a pre-freeze command runs: its watchdog was told of a job that does not exist
+    // yet, and looks for it for a while after the kill.
+    let mut child = e
+        .env
+        .cmd(&["backup", "vm", &g.name, "--work-dir", work.to_str().unwrap(), "--pre-freeze", "sleep 20"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let uuid = virsh(&["domuuid", &g.name]).trim().to_string();
+    let t = Instant::now();
+    while pgrep(&format!("watchdog --connect .* --vm {uuid}")).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(30), "no watchdog");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // in the pre-freeze command
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // At once, in the same folder: the new run's job must survive the old watchdog's search.
+    let o2 = e.env.path("oracle");
+    let r = e.backup(&g, &["--debug-oracle", o2.to_str().unwrap()]);
+    assert_eq!(record(&r)["method"], "app-consistent");
+    assert!(!frozen(&g));
+}

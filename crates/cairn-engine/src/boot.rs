@@ -4,10 +4,10 @@
 //! touched: the sandbox has a name of its own, a new identity, no network and no host devices.
 
 use crate::progress::Progress;
-use crate::recover::create_overlay;
+use crate::recover::{check_image_name, create_overlay, process_start_time, stop_server, KNOWN_ROLES};
 use crate::restore::{restore_disk, RestoreOptions};
 use crate::target::TargetFormat;
-use crate::vm::VmRecord;
+use crate::vm::{private_dir, VmRecord};
 use anyhow::{Context, Result};
 use cairn_hypervisor::domain_xml::{self, ConfigEdit};
 use cairn_hypervisor::Hypervisor;
@@ -66,9 +66,18 @@ pub fn verify_boot(
     let short = &point_id[..8];
     let record = VmRecord::of(point)
         .with_context(|| format!("restore point {short} is not a VM backup: only VM points can be booted"))?;
-    let sandbox = format!("cairn-verify-{}-{short}-{}", record.name, std::process::id());
+    // The name comes from the repository: only safe characters go into a name and a path.
+    let vm_name: String =
+        record.name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    let sandbox = format!("cairn-verify-{vm_name}-{short}-{}", std::process::id());
+    // The sandbox's overlays, files and NBD socket: in a folder only we can write.
+    private_dir(&opts.work_dir).context("the work folder")?;
     let dir = opts.work_dir.join(&sandbox);
-    std::fs::create_dir_all(&dir)?;
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        // A crashed run of a process with our PID: inside our private folder, so its own.
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    private_dir(&dir)?;
     let mut check = BootCheck {
         kind: "boot-verification".into(),
         point: point_id.to_string(),
@@ -84,7 +93,7 @@ pub fn verify_boot(
         total_ms: 0,
         screenshot_png: false,
     };
-    let mut server = None;
+    let mut server: Option<(u32, Option<u64>)> = None;
     let mut uuid = None;
     let outcome = (|| -> Result<Option<Vec<u8>>> {
         // Files the configuration names (kernel, initrd, NVRAM) are small: restored whole.
@@ -93,10 +102,19 @@ pub fn verify_boot(
             keep_identity: false,
             drop_all_nics: true,
             drop_hostdevs: true,
+            drop_filesystems: true,
             log_dir: Some(dir.to_string_lossy().into_owned()),
+            host_emulators: hv.emulators().unwrap_or_default(),
             ..Default::default()
         };
-        for img in point.disks.iter().filter(|d| d.role.is_some() && d.role.as_deref() != Some("memory-state")) {
+        for img in &point.disks {
+            check_image_name(short, img)?;
+        }
+        let files = point
+            .disks
+            .iter()
+            .filter(|d| d.role.as_deref().is_some_and(|r| r != "memory-state" && KNOWN_ROLES.contains(&r)));
+        for img in files {
             let role = img.role.clone().unwrap();
             let to = dir.join(&role);
             let ropts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: opts.workers };
@@ -104,15 +122,19 @@ pub fn verify_boot(
             edit.files.push((role, to.to_string_lossy().into_owned()));
         }
         let socket = dir.join("nbd.sock");
-        server = Some((opts.launch_server)(&socket)?);
+        let pid = (opts.launch_server)(&socket)?;
+        server = Some((pid, process_start_time(pid)));
         for img in point.disks.iter().filter(|d| d.is_disk()) {
             let overlay = dir.join(format!("{}.qcow2", img.name));
             create_overlay(&overlay, &socket, &img.name)?;
             edit.disks.push((img.name.clone(), overlay.to_string_lossy().into_owned(), "qcow2".into()));
         }
-        let config = domain_xml::rewrite(&record.config, &edit)?;
+        let rewritten = domain_xml::rewrite(&record.config, &edit)?;
+        for r in &rewritten.removed {
+            progress.note(&format!("{sandbox}: left out {r} from the stored configuration"));
+        }
         let boot = Instant::now();
-        let id = hv.start_transient(&config)?;
+        let id = hv.start_transient(&rewritten.xml)?;
         uuid = Some(id.clone());
         progress.note(&format!("{sandbox}: booting restore point {short} of {} (no network)", record.name));
         let up = if check.method == "guest agent" {
@@ -139,8 +161,8 @@ pub fn verify_boot(
     if let Some(id) = &uuid {
         let _ = hv.power_off(id);
     }
-    if let Some(pid) = server {
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    if let Some((pid, start)) = server {
+        stop_server(pid, start, &dir.join("nbd.sock"));
     }
     let _ = std::fs::remove_dir_all(&dir);
     let shot = match outcome {

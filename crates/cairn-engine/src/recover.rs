@@ -10,7 +10,7 @@
 use crate::progress::Progress;
 use crate::restore::{data_bytes, restore_disk, RestoreOptions};
 use crate::target::{check_space, TargetFormat};
-use crate::vm::VmRecord;
+use crate::vm::{private_dir, VmRecord};
 use anyhow::{bail, Context, Result};
 use cairn_hypervisor::domain_xml::{self, ConfigEdit};
 use cairn_hypervisor::Hypervisor;
@@ -53,6 +53,9 @@ pub struct RecoverReport {
     pub files: Vec<RecoveredFile>,
     /// Devices left out because they do not exist on this host.
     pub dropped: Vec<String>,
+    /// What was left out because a restore must not run or write it (QEMU overrides, another
+    /// host's emulator, unknown images).
+    pub removed: Vec<String>,
     pub started: bool,
     pub resumed_state: bool,
     pub duration_ms: u64,
@@ -77,6 +80,10 @@ struct InstantState {
     point: String,
     uuid: String,
     server_pid: u32,
+    /// The server's start time ([`process_start_time`]): with the PID, it names the process for
+    /// good. A PID alone may name another process after a reboot. (Absent in older state files.)
+    #[serde(default)]
+    server_start: Option<u64>,
     socket: PathBuf,
     /// (target, overlay, final image, format)
     disks: Vec<(String, PathBuf, PathBuf, String)>,
@@ -86,8 +93,110 @@ fn instant_dir(storage: &Path, name: &str) -> PathBuf {
     storage.join(format!(".cairn-instant-{name}"))
 }
 
-fn process_alive(pid: u32) -> bool {
-    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+/// The start time of process `pid` (clock ticks after boot, /proc/PID/stat field 22): a PID is
+/// reused by other processes, a PID and its start time are not.
+pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2, the command name, is in parentheses and may hold spaces or ')': count after the last.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether process `pid` is the NBD server we started on `socket`: its command line is
+/// `... serve-nbd ... --socket SOCKET ...` and, when we recorded it, its start time matches.
+pub(crate) fn is_our_server(pid: u32, start_time: Option<u64>, socket: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    if pid == 0 || start_time.is_some_and(|t| process_start_time(pid) != Some(t)) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.contains(&&b"serve-nbd"[..])
+        && args.windows(2).any(|w| w[0] == b"--socket" && w[1] == socket.as_os_str().as_bytes())
+}
+
+/// Our NBD server of `socket`, found by its command line among our user's processes: (PID,
+/// start time).
+fn find_server(socket: &Path) -> Option<(u32, Option<u64>)> {
+    use std::os::unix::fs::MetadataExt;
+    let me = unsafe { libc::geteuid() };
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let owner = e.metadata().ok()?.uid();
+        (owner == me && is_our_server(pid, None, socket)).then(|| (pid, process_start_time(pid)))
+    })
+}
+
+/// Stops the NBD server we started, if `pid` still is it; returns whether it was. The process is
+/// pinned by a pidfd before it is checked, and signalled through that pidfd, so a PID reused in
+/// between cannot be hit.
+pub(crate) fn stop_server(pid: u32, start_time: Option<u64>, socket: &Path) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return false;
+    }
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+    if fd < 0 {
+        let nosys = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS);
+        // A kernel without pidfds (before 5.3): check, then signal by PID.
+        if nosys && is_our_server(pid, start_time, socket) {
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            return true;
+        }
+        return false; // gone
+    }
+    let ours = is_our_server(pid, start_time, socket);
+    if ours {
+        unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGTERM, std::ptr::null::<libc::siginfo_t>(), 0)
+        };
+    }
+    unsafe { libc::close(fd) };
+    ours
+}
+
+/// Whether a disk name or role from a restore point may become part of a file name: the points
+/// of a tampered repository must not reach outside the storage folder (`../../etc/x`).
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The image roles this version knows (FORMAT.md §7); readers ignore others.
+pub const KNOWN_ROLES: [&str; 6] = ["kernel", "initrd", "dtb", "loader", "nvram", "memory-state"];
+
+/// Refuses an image whose name could not be a file name.
+pub(crate) fn check_image_name(short: &str, img: &cairn_repo::DiskImage) -> Result<()> {
+    if !is_safe_name(&img.name) || img.role.as_deref().is_some_and(|r| !is_safe_name(r)) {
+        bail!(
+            "restore point {short} holds an image named {:?} (role {:?}) that cannot be a file name (letters, digits, . _ - only): the point is damaged or was tampered with; nothing was written",
+            img.name,
+            img.role
+        );
+    }
+    Ok(())
+}
+
+/// Whether the saved memory state of a point may be resumed: it must have one, and the point must
+/// hold everything that memory refers to. Points taken before swap was kept in saved-state
+/// backups recorded their swap areas as zeros: the guest's swapped-out pages would read as zeros.
+pub fn check_resumable(record: &VmRecord, short: &str) -> Result<()> {
+    if record.memory_state.is_none() {
+        bail!(
+            "restore point {short} was taken with the {} method and holds no memory state; drop --resume-state to cold-boot it",
+            record.method.as_str()
+        );
+    }
+    if !record.skipped_swap.is_empty() {
+        let areas: Vec<String> = record
+            .skipped_swap
+            .iter()
+            .map(|s| format!("{} on disk {} ({} MiB)", s.location, s.disk, s.length >> 20))
+            .collect();
+        bail!(
+            "restore point {short} recorded its swap areas as zeros ({}), and its saved memory may refer to pages swapped out there: resumed, the guest would read zeros instead of them. Cold-boot it instead (drop --resume-state)",
+            areas.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Moves every disk still on its overlay into its final image, then drops the NBD server and the
@@ -116,9 +225,7 @@ fn finish_instant(hv: &dyn Hypervisor, dir: &Path, st: &InstantState, progress: 
 
 /// Stops the NBD server of an instant recovery and removes its overlays and state.
 fn drop_instant(dir: &Path, st: &InstantState) {
-    if process_alive(st.server_pid) {
-        unsafe { libc::kill(st.server_pid as i32, libc::SIGTERM) };
-    }
+    stop_server(st.server_pid, st.server_start, &st.socket);
     for (_, overlay, _, _) in &st.disks {
         let _ = std::fs::remove_file(overlay);
     }
@@ -165,12 +272,25 @@ pub fn recover_vm(
     // An interrupted instant recovery of this VM: finish moving its disks.
     if instant.is_some() {
         let dir = instant_dir(&std::path::absolute(&opts.storage)?, &name);
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            private_dir(&dir)?; // what it says is only trusted if only we could write it
+        }
         if let Ok(text) = std::fs::read_to_string(dir.join("state.json")) {
             let st: InstantState = serde_json::from_str(&text).context("reading the instant recovery's state")?;
             if hv.find(&st.uuid).is_ok() {
                 let mut st = st;
-                if !process_alive(st.server_pid) || !st.socket.exists() {
+                if !is_our_server(st.server_pid, st.server_start, &st.socket) {
+                    // The PID it names is not our server (reused, or the file is old): the server
+                    // of this socket may still run under another PID.
+                    if let Some((pid, start)) = find_server(&st.socket) {
+                        (st.server_pid, st.server_start) = (pid, start);
+                        std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+                    }
+                }
+                if !is_our_server(st.server_pid, st.server_start, &st.socket) || !st.socket.exists() {
+                    stop_server(st.server_pid, st.server_start, &st.socket); // one without its socket
                     st.server_pid = (instant.unwrap().launch_server)(&st.socket)?;
+                    st.server_start = process_start_time(st.server_pid);
                     std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
                 }
                 finish_instant(hv, &dir, &st, progress)?;
@@ -190,6 +310,7 @@ pub fn recover_vm(
                         })
                         .collect(),
                     dropped: vec![],
+                    removed: vec![],
                     started: true,
                     resumed_state: false,
                     duration_ms: started.elapsed().as_millis() as u64,
@@ -203,11 +324,8 @@ pub fn recover_vm(
 
     // Identity: a new VM by default; the original's own with --replace or to resume its memory.
     let original = hv.find(&record.uuid).ok();
-    if opts.resume_state && record.memory_state.is_none() {
-        bail!(
-            "restore point {short} was taken with the {} method and holds no memory state; drop --resume-state to cold-boot it",
-            record.method.as_str()
-        );
+    if opts.resume_state {
+        check_resumable(&record, short)?;
     }
     if opts.resume_state && !opts.replace && original.is_some() {
         bail!(
@@ -234,10 +352,12 @@ pub fn recover_vm(
         keep_identity,
         network_map: opts.network_map.clone(),
         log_dir: Some(opts.storage.to_string_lossy().into_owned()),
+        host_emulators: hv.emulators().unwrap_or_default(),
         ..Default::default()
     };
     let mut missing = Vec::new();
     let mut dropped = Vec::new();
+    let mut removed = Vec::new();
     for nic in &stored.nics {
         let Some(src) = &nic.source else { continue };
         if !matches!(nic.kind.as_str(), "network" | "bridge") {
@@ -286,6 +406,12 @@ pub fn recover_vm(
     let mut plan = Vec::new();
     let mut total = 0;
     for img in &point.disks {
+        check_image_name(short, img)?;
+        if let Some(role) = img.role.as_deref().filter(|r| !KNOWN_ROLES.contains(r)) {
+            // A newer writer's kind of image: readers ignore roles they do not know.
+            removed.push(format!("image {} (role {role}, unknown to this version)", img.name));
+            continue;
+        }
         if img.role.as_deref() == Some("memory-state") && !opts.resume_state {
             continue;
         }
@@ -353,7 +479,12 @@ pub fn recover_vm(
             }
         }
     }
-    let config = domain_xml::rewrite(&record.config, &edit)?;
+    let rewritten = domain_xml::rewrite(&record.config, &edit)?;
+    let config = rewritten.xml;
+    removed.extend(rewritten.removed.into_iter().map(|r| format!("{r} from the stored configuration")));
+    for r in &removed {
+        progress.note(&format!("left out: {r}"));
+    }
 
     // Define (replacing the original if asked), then start.
     let mut replaced = false;
@@ -425,6 +556,7 @@ pub fn recover_vm(
         replaced,
         files,
         dropped,
+        removed,
         started: started_vm,
         resumed_state,
         duration_ms: started.elapsed().as_millis() as u64,
@@ -443,13 +575,15 @@ fn start_overlays(
     edit: &mut ConfigEdit,
 ) -> Result<InstantState> {
     let dir = instant_dir(storage, name);
-    std::fs::create_dir_all(&dir)?;
+    // It holds the socket the VM's disks are read through: ours alone.
+    private_dir(&dir)?;
     let socket = dir.join("nbd.sock");
     let pid = (inst.launch_server)(&socket)?;
     let mut st = InstantState {
         point: point_id.to_string(),
         uuid: String::new(),
         server_pid: pid,
+        server_start: process_start_time(pid),
         socket: socket.clone(),
         disks: vec![],
     };
@@ -457,7 +591,7 @@ fn start_overlays(
         let overlay = storage.join(format!("{name}-{}.instant.qcow2", img.name));
         let fin = storage.join(format!("{name}-{}.{}", img.name, extension(format)));
         if let Err(e) = create_overlay(&overlay, &socket, &img.name) {
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            stop_server(pid, st.server_start, &socket);
             return Err(e);
         }
         edit.disks.push((img.name.clone(), overlay.to_string_lossy().into_owned(), "qcow2".into()));
@@ -473,6 +607,7 @@ pub(crate) fn create_overlay(overlay: &Path, socket: &Path, export: &str) -> Res
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
         .arg(overlay)
+        .env_remove("CAIRN_PASSWORD")
         .output()
         .context("running qemu-img")?;
     if !out.status.success() {
@@ -486,5 +621,96 @@ fn host_device_present(dev: &str) -> bool {
     match dev.strip_prefix("pci ") {
         Some(addr) => Path::new("/sys/bus/pci/devices").join(addr).exists(),
         None => true, // USB and others: the hypervisor reports them at start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    fn record(memory: bool, swap: bool) -> VmRecord {
+        let mut v = serde_json::json!({
+            "uuid": "u-1", "name": "web", "hypervisor": "fake", "host": "h", "state": "running",
+            "method": "saved-state", "method_reason": "", "chain": "full", "chain_reason": "",
+            "events": [], "vm_read_bytes": 0, "skipped_swap": [], "files": [], "config": ""
+        });
+        if memory {
+            v["memory_state"] = "memory-state".into();
+        }
+        if swap {
+            v["skipped_swap"] =
+                serde_json::json!([{"disk": "vdb", "location": "partition 1", "offset": 1114112, "length": 66060288}]);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn resuming_a_point_whose_swap_was_skipped_is_refused() {
+        check_resumable(&record(true, false), "0123abcd").unwrap();
+        let e = check_resumable(&record(true, true), "0123abcd").unwrap_err().to_string();
+        assert!(e.contains("swap") && e.contains("partition 1 on disk vdb") && e.contains("Cold-boot"), "{e}");
+        let e = check_resumable(&record(false, false), "0123abcd").unwrap_err().to_string();
+        assert!(e.contains("no memory state"), "{e}");
+    }
+
+    #[test]
+    fn names_from_a_point_stay_file_names() {
+        for ok in ["vda", "disk0", "memory-state", "sda.1", "a_b"] {
+            assert!(is_safe_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "../etc", "a/b", "/etc/passwd", "a\0b", "vda ", "é"] {
+            assert!(!is_safe_name(bad), "{bad:?}");
+        }
+    }
+
+    /// `sh -c 'sleep 60; true' serve-nbd --socket SOCKET`: a process whose command line names
+    /// serve-nbd and the socket, as our NBD server's does.
+    fn fake_server(socket: &Path) -> std::process::Child {
+        Command::new("sh")
+            .args(["-c", "sleep 20; true", "serve-nbd", "--socket"])
+            .arg(socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn alive(c: &mut std::process::Child) -> bool {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        c.try_wait().unwrap().is_none()
+    }
+
+    #[test]
+    fn only_our_own_server_is_signalled() {
+        let socket = Path::new("/st/.cairn-instant-web/nbd.sock");
+        // An unrelated process under a PID a state file names (a reboot, a reused PID).
+        let mut sleep = Command::new("sleep").arg("20").spawn().unwrap();
+        assert!(!stop_server(sleep.id(), None, socket));
+        assert!(alive(&mut sleep), "an unrelated process was signalled");
+        // Our server, but the start time recorded is another process's.
+        let mut server = fake_server(socket);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let start = process_start_time(server.id()).unwrap();
+        assert!(!stop_server(server.id(), Some(start + 1), socket));
+        assert!(!stop_server(server.id(), Some(start), Path::new("/other.sock")));
+        assert!(alive(&mut server));
+        // Ours, start time and socket matching: stopped.
+        assert!(stop_server(server.id(), Some(start), socket));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(server.try_wait().unwrap().is_some(), "our server still runs");
+        // The cleanup of an instant recovery whose state names the unrelated process.
+        let dir = tempfile::tempdir().unwrap();
+        let st = InstantState {
+            point: "p".into(),
+            uuid: "u".into(),
+            server_pid: sleep.id(),
+            server_start: None,
+            socket: dir.path().join("nbd.sock"),
+            disks: vec![],
+        };
+        drop_instant(dir.path(), &st);
+        assert!(alive(&mut sleep), "drop_instant signalled an unrelated process");
+        let _ = sleep.kill();
+        let _ = sleep.wait();
     }
 }

@@ -57,6 +57,7 @@ impl Method {
     }
 }
 
+#[derive(Clone)]
 pub struct VmBackupOptions {
     pub method: Method,
     /// Read every disk in full even when the checkpoint could be trusted.
@@ -74,6 +75,24 @@ pub struct VmBackupOptions {
     pub oracle_dir: Option<PathBuf>,
     /// Testing aid: stay frozen (or paused) this long after the point is taken.
     pub hold_point: Option<Duration>,
+    /// Names this run's NBD socket, scratch and memory files (see [`new_run_token`]); the
+    /// watchdog is given the same token, so it ends this run's backup job and no other.
+    pub run_token: String,
+    /// The watchdog's limit: a guest frozen or paused longer is thawed or resumed by it. A point
+    /// that took longer than this to take is discarded, since the guest may have run on before it.
+    pub freeze_limit: Duration,
+}
+
+/// A new random token naming one run's files and backup job.
+pub fn new_run_token() -> String {
+    let mut b = [0u8; 8];
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy source: time and process still make it unique on this host.
+        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        b = (t ^ ((std::process::id() as u64) << 32)).to_le_bytes();
+    }
+    hex::encode(b)
 }
 
 /// One step of a backup with when it happened.
@@ -270,22 +289,34 @@ struct VmLock {
     _files: Vec<std::fs::File>,
 }
 
-/// The host-wide lock folder.
-const HOST_LOCK_DIR: &str = "/run/lock/cairn";
+/// The host-wide lock folder: root's own, unlike the world-writable /run/lock where any local
+/// user could create it first and hold our locks.
+pub const HOST_LOCK_DIR: &str = "/run/cairn/locks";
 
 fn lock_vm(dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
+    lock_vm_in(dir, Path::new(HOST_LOCK_DIR), uuid, name)
+}
+
+fn lock_vm_in(dir: &Path, host_dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     let mut paths = vec![dir.join("lock")];
-    if std::fs::create_dir_all(HOST_LOCK_DIR).is_ok() {
-        paths.push(Path::new(HOST_LOCK_DIR).join(format!("vm-{uuid}.lock")));
+    match private_dir(host_dir) {
+        Ok(()) => paths.push(host_dir.join(format!("vm-{uuid}.lock"))),
+        // Not ours to create (not root): the host folder is a second line of defence.
+        Err(e) if is_permission_denied(&e) => {}
+        Err(e) => return Err(e),
     }
     let mut files = Vec::new();
-    for (i, p) in paths.iter().enumerate() {
-        let f = match std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(p) {
-            Ok(f) => f,
-            Err(_) if i > 0 => continue, // the host folder is a second line of defence
-            Err(e) => return Err(e).with_context(|| format!("cannot create {}", p.display())),
-        };
+    for p in &paths {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
+            .with_context(|| format!("cannot open the lock file {}", p.display()))?;
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             bail!("another cairn backup of VM {name} is running on this host; wait for it to finish");
         }
@@ -293,6 +324,129 @@ fn lock_vm(dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
     }
     Ok(VmLock { _files: files })
 }
+
+fn is_permission_denied(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied))
+}
+
+/// Makes `path` a folder only we can write, or checks that it is one: created with mode 0700
+/// (and any missing parent too); an existing one must be a real folder (not a symbolic link),
+/// owned by our effective user, and writable by nobody else. Its parents must be owned by root or
+/// us and be writable by nobody else unless sticky (like /tmp), and no symbolic link on the way
+/// may belong to another user: otherwise someone could swap the folder, or what we put in it (NBD
+/// sockets the backup reads, scratch files, memory states, lock files), for their own.
+pub fn private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    check_parents(&path)?;
+    match std::fs::symlink_metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("cannot create folder {}", path.display()))?,
+        Err(e) => return Err(e).with_context(|| format!("cannot read folder {}", path.display())),
+    }
+    check_private(&path)
+}
+
+/// Owned by us, a folder not a symlink, writable only by us.
+fn check_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| -> anyhow::Error {
+        anyhow!("refusing to use folder {}: {why}; remove it (or use another folder)", path.display())
+    };
+    let m = std::fs::symlink_metadata(path).with_context(|| format!("cannot read folder {}", path.display()))?;
+    if m.file_type().is_symlink() {
+        return Err(refuse("it is a symbolic link".into()));
+    }
+    if !m.is_dir() {
+        return Err(refuse("it is not a folder".into()));
+    }
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(refuse(format!("it belongs to user {}, not to us (user {me})", m.uid())));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(refuse(format!("other users can write in it (mode {:04o})", m.mode() & 0o7777)));
+    }
+    Ok(())
+}
+
+/// The folders above `path`: see [`private_dir`].
+fn check_parents(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = unsafe { libc::geteuid() };
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    // Symbolic links on the way: their owner could point them elsewhere after our checks.
+    for p in path.ancestors().skip(1) {
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            if m.file_type().is_symlink() && !trusted(m.uid()) {
+                bail!(
+                    "refusing to use folder {}: {} is a symbolic link that belongs to user {}",
+                    path.display(),
+                    p.display(),
+                    m.uid()
+                );
+            }
+        }
+    }
+    // The real folders above it (the deepest one that exists, resolved, and every parent).
+    let Some(existing) = path.ancestors().skip(1).find(|p| p.exists()) else { return Ok(()) };
+    let real = std::fs::canonicalize(existing).with_context(|| format!("resolving {}", existing.display()))?;
+    for p in real.ancestors() {
+        let m = std::fs::symlink_metadata(p).with_context(|| format!("cannot read folder {}", p.display()))?;
+        let open = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        if !trusted(m.uid()) || open {
+            bail!(
+                "refusing to use folder {}: {} {}",
+                path.display(),
+                p.display(),
+                if open {
+                    format!("can be written by other users (mode {:04o}, not sticky)", m.mode() & 0o7777)
+                } else {
+                    format!("belongs to user {}", m.uid())
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Ends the backup job this run started, if it runs (a failure after `begin_backup`).
+fn end_our_job(hv: &dyn Hypervisor, uuid: &str, token: &str) {
+    let ours = cairn_hypervisor::job_socket_name(token);
+    if let Ok(Some(socket)) = hv.running_backup(uuid) {
+        if socket.file_name().is_some_and(|n| n == ours.as_str()) {
+            let _ = hv.end_backup(uuid);
+        }
+    }
+}
+
+/// The point took longer to take than the watchdog's limit: the guest may have been thawed or
+/// resumed before it, so it is not what the method promises.
+#[derive(Debug)]
+struct LimitExceeded {
+    what: &'static str,
+    took: Duration,
+    limit: Duration,
+}
+
+impl std::fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "taking the point took {:.1} s, longer than the freeze limit of {:.1} s: the watchdog may have {} before it, so the point was discarded; raise the freeze limit if the guest can bear it",
+            self.took.as_secs_f64(),
+            self.limit.as_secs_f64(),
+            self.what
+        )
+    }
+}
+
+impl std::error::Error for LimitExceeded {}
 
 fn checkpoint_prefix(repo: &Repository) -> String {
     format!("cairn-{}-", &repo.config().id[..8.min(repo.config().id.len())])
@@ -316,7 +470,9 @@ pub fn backup_vm(
     clock.mark("prepare");
     let uuid = vm.uuid.as_str();
     let dir = vm_work_dir(&opts.work_dir, uuid);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create work folder {}", dir.display()))?;
+    // Before anything touches the guest: the folder where libvirt puts the sockets we read from.
+    private_dir(&opts.work_dir).context("the work folder")?;
+    private_dir(&dir).context("the VM's work folder")?;
     let _lock = lock_vm(&dir, uuid, &vm.name)?;
     let prefix = checkpoint_prefix(repo);
     let last = last_point_of(repo, uuid)?;
@@ -346,7 +502,10 @@ pub fn backup_vm(
     }
     for e in std::fs::read_dir(&dir)?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n.ends_with(".scratch.qcow2") || n == "memory.state" || n == "nbd.sock" {
+        let run_file = n.ends_with(".scratch.qcow2")
+            || (n.starts_with("memory") && n.ends_with(".state"))
+            || (n.starts_with("nbd") && n.ends_with(".sock"));
+        if run_file {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -405,7 +564,7 @@ pub fn backup_vm(
         if let Ok(cp) = chain.clone() {
             // QEMU stored the checkpoint's bitmap in each qcow2 image when it closed them cleanly;
             // after a crash it is missing or marked inconsistent, and qemu-nbd refuses it.
-            match open_files(&disks, Some(&cp), opts.skip_swap, &mut record) {
+            match open_files(&disks, Some(&cp), skip_swap(opts, method), &mut record) {
                 Ok(i) => inputs = Some(i),
                 Err(e) => {
                     record.skipped_swap.clear();
@@ -415,7 +574,7 @@ pub fn backup_vm(
         }
         let inputs = match inputs {
             Some(i) => i,
-            None => open_files(&disks, None, opts.skip_swap, &mut record)?,
+            None => open_files(&disks, None, skip_swap(opts, method), &mut record)?,
         };
         match chain {
             Ok(cp) => {
@@ -448,7 +607,7 @@ pub fn backup_vm(
     let all_qcow2 = disks.iter().all(|d| d.supports_checkpoints());
     let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
     let description = format!("cairn repository {} (restore points of {})", repo.config().id, vm.name);
-    let memory_file = dir.join("memory.state");
+    let memory_file = dir.join(format!("memory-{}.state", opts.run_token));
 
     // Told before the job exists, like every guard: a kill right after it starts is covered.
     watchdog.tell(Guard::Job)?;
@@ -460,10 +619,16 @@ pub fn backup_vm(
             checkpoint_description: &description,
             incremental_from: from,
             work_dir: &dir,
+            run_token: &opts.run_token,
         };
-        match take_point(hv, vm, method, &req, opts, &memory_file, watchdog, &mut clock, &mut record) {
+        let taken = take_point(hv, vm, method, &req, opts, &memory_file, watchdog, &mut clock, &mut record);
+        if taken.is_err() {
+            // A failure after the job started (a thaw that failed, a point too late) leaves it.
+            end_our_job(hv, uuid, &opts.run_token);
+        }
+        match taken {
             Ok(e) => break e,
-            Err(e) if from.is_some() => {
+            Err(e) if from.is_some() && e.downcast_ref::<LimitExceeded>().is_none() => {
                 // A broken or missing bitmap: libvirt refuses the incremental. Start a new chain.
                 let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
                 incremental = Err(format!("checkpoint {} cannot be used: {e:#}", from.unwrap()));
@@ -512,7 +677,7 @@ pub fn backup_vm(
                 (None, Some(b)) => Some(src.dirty_ranges(b)?),
                 (None, None) => None,
             };
-            inputs.push(disk_input(d, Box::new(src), changed, opts.skip_swap, &mut record)?);
+            inputs.push(disk_input(d, Box::new(src), changed, skip_swap(opts, method), &mut record)?);
         }
         if record.method == Method::SavedState {
             let mut input = DiskInput::new("memory-state", Box::new(FileSource::open(&memory_file)?));
@@ -548,6 +713,13 @@ pub fn backup_vm(
             Err(e)
         }
     }
+}
+
+/// Whether swap areas are recorded as zeros instead of read. Never for a point that keeps the
+/// guest's memory: the memory state refers to pages swapped out to those areas, and a guest
+/// resumed from it would read zeros there (corrupt processes, a crashed kernel).
+fn skip_swap(opts: &VmBackupOptions, method: Method) -> bool {
+    opts.skip_swap && method != Method::SavedState
 }
 
 /// Opens a shut-off VM's disk files; with `bitmap`, each disk's changed ranges come from that
@@ -650,10 +822,12 @@ fn take_point(
                     bail!("pre-freeze command `{cmd}` failed in the guest (exit {code}); nothing was frozen");
                 }
             }
+            // The watchdog's limit runs from when it reads this line: later than now.
+            let told = Instant::now();
             watchdog.tell(Guard::Frozen)?;
             clock.mark("freeze");
-            let frozen = match hv.freeze(uuid) {
-                Ok(_) => clock.mark("frozen"),
+            let (frozen, count) = match hv.freeze(uuid) {
+                Ok(n) => (clock.mark("frozen"), n),
                 Err(e) => {
                     let _ = hv.thaw(uuid);
                     watchdog.tell(Guard::Thawed)?;
@@ -661,6 +835,7 @@ fn take_point(
                 }
             };
             let point = hv.begin_backup(uuid, req);
+            let took = told.elapsed();
             if point.is_ok() {
                 clock.mark("point created");
                 if let Some(d) = opts.hold_point {
@@ -671,6 +846,13 @@ fn take_point(
             let t = clock.mark("thawed");
             watchdog.tell(Guard::Thawed)?;
             record.frozen_window_ms = Some(t.duration_since(frozen).as_millis() as u64);
+            if matches!(thawed, Ok(0)) && count > 0 {
+                // Nothing left to thaw: the watchdog did it (the guest was frozen past the limit).
+                clock.mark("already thawed by the watchdog");
+            }
+            if point.is_ok() && took >= opts.freeze_limit {
+                return Err(LimitExceeded { what: "thawed the guest", took, limit: opts.freeze_limit }.into());
+            }
             thawed.context("thawing the guest")?;
             let export = point?;
             let post: Vec<&String> = vm.config.post_thaw.iter().chain(&opts.post_thaw).collect();
@@ -688,6 +870,7 @@ fn take_point(
         }
         Method::SavedState => {
             let _ = std::fs::remove_file(memory_file);
+            let told = Instant::now();
             watchdog.tell(Guard::Paused)?;
             clock.mark("pause");
             let paused = match hv.pause(uuid) {
@@ -711,6 +894,7 @@ fn take_point(
                         checkpoint_description: req.checkpoint_description,
                         incremental_from: Some(from),
                         work_dir: req.work_dir,
+                        run_token: req.run_token,
                     };
                     let export = hv.begin_backup(uuid, &pre)?;
                     let ranges = list_changes(&export);
@@ -727,19 +911,30 @@ fn take_point(
                     checkpoint_description: req.checkpoint_description,
                     incremental_from: None,
                     work_dir: req.work_dir,
+                    run_token: req.run_token,
                 };
                 hv.begin_backup(uuid, &full)
             })();
+            let took = told.elapsed();
             if point.is_ok() {
                 clock.mark("point created");
                 if let Some(d) = opts.hold_point {
                     std::thread::sleep(d);
                 }
             }
-            let resumed = hv.resume(uuid);
+            let mut resumed = hv.resume(uuid);
+            if resumed.is_err() && hv.state(uuid).ok() == Some(VmState::Running) {
+                // Already running: the watchdog resumed it (paused past the limit).
+                clock.mark("already resumed by the watchdog");
+                resumed = Ok(());
+            }
             let t = clock.mark("resumed");
             watchdog.tell(Guard::Resumed)?;
             record.offline_window_ms = Some(t.duration_since(paused).as_millis() as u64);
+            if point.is_ok() && took >= opts.freeze_limit {
+                // The memory state and the disks' point may be apart by what the guest did.
+                return Err(LimitExceeded { what: "resumed the VM", took, limit: opts.freeze_limit }.into());
+            }
             resumed.context("resuming the VM")?;
             Ok((point?, listed))
         }
@@ -885,6 +1080,7 @@ fn pull_with_qemu_img(export: &BackupExport, dir: &Path) -> Result<()> {
         let st = std::process::Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "raw", &d.uri])
             .arg(&out)
+            .env_remove("CAIRN_PASSWORD")
             .status()
             .context("running qemu-img")?;
         if !st.success() {
@@ -892,4 +1088,197 @@ fn pull_with_qemu_img(export: &BackupExport, dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_hypervisor::fake::{Fake, Handle};
+    use cairn_hypervisor::{DomainConfig, VmDisk};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    const NOBODY: u32 = 65534;
+
+    fn chown(p: &Path, uid: u32) {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::lchown(c.as_ptr(), uid, uid) }, 0, "chown {}", p.display());
+    }
+
+    #[test]
+    fn private_folders_are_made_0700_and_foreign_ones_refused() {
+        let t = tempfile::tempdir().unwrap();
+        // Created, with its missing parents, 0700 and ours.
+        let new = t.path().join("a/b/work");
+        private_dir(&new).unwrap();
+        for p in [t.path().join("a"), t.path().join("a/b"), new.clone()] {
+            let m = std::fs::metadata(&p).unwrap();
+            assert_eq!(m.mode() & 0o777, 0o700, "{}", p.display());
+            assert_eq!(m.uid(), unsafe { libc::geteuid() });
+        }
+        private_dir(&new).unwrap(); // and accepted again
+                                    // A symbolic link to a good folder.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&new, &link).unwrap();
+        let e = private_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        // Writable by others.
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = private_dir(&open).unwrap_err().to_string();
+        assert!(e.contains("other users can write"), "{e}");
+        // Another user's (tests run as root, who can give it away).
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = t.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            chown(&theirs, NOBODY);
+            let e = private_dir(&theirs).unwrap_err().to_string();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+            // Under another user's folder, even one we would create: they could swap it.
+            let e = private_dir(&theirs.join("work")).unwrap_err().to_string();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+            assert!(!theirs.join("work").exists());
+            // Through another user's symbolic link.
+            let their_link = t.path().join("their-link");
+            std::os::unix::fs::symlink(t.path().join("a"), &their_link).unwrap();
+            chown(&their_link, NOBODY);
+            let e = private_dir(&their_link.join("b/work")).unwrap_err().to_string();
+            assert!(e.contains("symbolic link that belongs to user 65534"), "{e}");
+        }
+        // Under a world-writable folder without the sticky bit: anyone could rename ours away.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = private_dir(&open.join("work")).unwrap_err().to_string();
+        assert!(e.contains("not sticky"), "{e}");
+        // A sticky one (like /tmp) is fine.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        private_dir(&open.join("work")).unwrap();
+    }
+
+    #[test]
+    fn a_host_lock_folder_someone_else_made_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let vm_dir = t.path().join("vm");
+        private_dir(&vm_dir).unwrap();
+        let host = t.path().join("locks");
+        let lock = lock_vm_in(&vm_dir, &host, "u-1", "web").unwrap();
+        let f = host.join("vm-u-1.lock");
+        assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
+        // Held: a second backup of the VM is refused.
+        let e = lock_vm_in(&vm_dir, &host, "u-1", "web").err().unwrap().to_string();
+        assert!(e.contains("another cairn backup"), "{e}");
+        drop(lock);
+        // A lock file replaced by a symbolic link (to a file the lock would create or truncate).
+        std::fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink(t.path().join("victim"), &f).unwrap();
+        assert!(lock_vm_in(&vm_dir, &host, "u-1", "web").is_err());
+        assert!(!t.path().join("victim").exists());
+        // A folder another user could write in.
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = lock_vm_in(&vm_dir, &host, "u-2", "web").err().unwrap().to_string();
+        assert!(e.contains("other users can write"), "{e}");
+    }
+
+    #[test]
+    fn swap_is_kept_when_the_point_keeps_memory() {
+        let opts = options(Duration::from_secs(10));
+        assert!(!skip_swap(&opts, Method::SavedState));
+        for m in [Method::AppConsistent, Method::CrashConsistent, Method::Offline] {
+            assert!(skip_swap(&opts, m), "{m:?}");
+        }
+        let asked_to_keep = VmBackupOptions { skip_swap: false, ..opts };
+        assert!(!skip_swap(&asked_to_keep, Method::AppConsistent));
+    }
+
+    fn options(limit: Duration) -> VmBackupOptions {
+        VmBackupOptions {
+            method: Method::Auto,
+            full: false,
+            skip_swap: true,
+            pre_freeze: vec![],
+            post_thaw: vec![],
+            work_dir: PathBuf::from("/nonexistent"),
+            compression_level: 1,
+            workers: 1,
+            oracle_dir: None,
+            hold_point: None,
+            run_token: "tok".into(),
+            freeze_limit: limit,
+        }
+    }
+
+    fn vm() -> VmSummary {
+        let disk = VmDisk {
+            target: "vda".into(),
+            device: "disk".into(),
+            source_type: "file".into(),
+            path: Some("/v/a.qcow2".into()),
+            format: "qcow2".into(),
+            readonly: false,
+            size: None,
+        };
+        VmSummary {
+            name: "web".into(),
+            uuid: "u-1".into(),
+            state: VmState::Running,
+            config: DomainConfig { disks: vec![disk], ..Default::default() },
+            agent: AgentStatus::Answering,
+        }
+    }
+
+    fn record() -> VmRecord {
+        serde_json::from_value(serde_json::json!({
+            "uuid": "u-1", "name": "web", "hypervisor": "fake", "host": "h", "state": "running",
+            "method": "app-consistent", "method_reason": "", "chain": "full", "chain_reason": "",
+            "events": [], "vm_read_bytes": 0, "skipped_swap": [], "files": [], "config": ""
+        }))
+        .unwrap()
+    }
+
+    /// Takes a point through the fake; returns the result and the fake.
+    fn take(method: Method, limit: Duration, begin: Duration) -> (Result<()>, Arc<Fake>) {
+        let fake = Arc::new(Fake::default());
+        *fake.begin_delay.lock().unwrap() = begin;
+        let hv = Handle(fake.clone());
+        let disks = vec!["vda".to_string()];
+        let req = BackupRequest {
+            disks: &disks,
+            new_checkpoint: "cp",
+            checkpoint_description: "",
+            incremental_from: None,
+            work_dir: Path::new("/w"),
+            run_token: "tok",
+        };
+        let mut clock = Clock { t0: Instant::now(), events: vec![] };
+        let r = take_point(
+            &hv,
+            &vm(),
+            method,
+            &req,
+            &options(limit),
+            Path::new("/w/memory.state"),
+            &mut Watchdog::none(),
+            &mut clock,
+            &mut record(),
+        );
+        (r.map(|_| ()), fake)
+    }
+
+    #[test]
+    fn a_point_taken_later_than_the_freeze_limit_is_discarded() {
+        for method in [Method::AppConsistent, Method::SavedState] {
+            let (r, fake) = take(method, Duration::from_secs(5), Duration::ZERO);
+            r.unwrap();
+            assert!(!*fake.frozen.lock().unwrap() && !*fake.paused.lock().unwrap());
+            // begin_backup returns after the limit: the watchdog may have thawed or resumed the
+            // guest before the point, which would then not be what the method says.
+            let (r, fake) = take(method, Duration::from_millis(100), Duration::from_millis(300));
+            let e = r.unwrap_err();
+            assert!(e.downcast_ref::<LimitExceeded>().is_some(), "{e:#}");
+            assert!(e.to_string().contains("freeze limit"), "{e}");
+            assert!(
+                !*fake.frozen.lock().unwrap() && !*fake.paused.lock().unwrap(),
+                "{method:?}: guest left frozen or paused"
+            );
+        }
+    }
 }

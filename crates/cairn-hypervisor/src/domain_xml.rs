@@ -3,7 +3,7 @@
 //! variable store). The document itself is stored whole in each restore point; this is the index
 //! into it.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -76,6 +76,7 @@ pub struct VmFile {
 }
 
 pub fn parse(xml: &str) -> Result<DomainConfig> {
+    check_depth(xml)?;
     let doc = roxmltree::Document::parse(xml).context("parsing the libvirt domain document")?;
     let root = doc.root_element();
     fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
@@ -90,7 +91,9 @@ pub fn parse(xml: &str) -> Result<DomainConfig> {
     };
     if let Some(m) = child(root, "memory") {
         let v: u64 = m.text().unwrap_or("0").trim().parse().unwrap_or(0);
-        c.memory_bytes = v * unit_bytes(m.attribute("unit").unwrap_or("KiB"));
+        c.memory_bytes = v
+            .checked_mul(unit_bytes(m.attribute("unit").unwrap_or("KiB")))
+            .context("the domain's memory size does not fit in 64 bits")?;
     }
     c.vcpus = text(child(root, "vcpu")).and_then(|t| t.parse().ok()).unwrap_or(1);
     if let Some(os) = child(root, "os") {
@@ -214,17 +217,130 @@ pub struct ConfigEdit {
     pub drop_hostdevs: bool,
     /// Leave out every network interface (a sandbox: no network at all).
     pub drop_all_nics: bool,
+    /// Leave out host folders shared with the guest (`<filesystem>`): a sandbox touches nothing
+    /// of the host.
+    pub drop_filesystems: bool,
     /// Folder for file-backed serial consoles and logs, which must not be shared with the original.
     pub log_dir: Option<String>,
+    /// The emulators this host offers ([`crate::Hypervisor::emulators`]). A stored `<emulator>`
+    /// not among them is removed, so the hypervisor puts its own default in.
+    pub host_emulators: Vec<String>,
 }
 
-/// Applies `edit` to a stored domain document.
-pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<String> {
+/// The libvirt namespace of QEMU-specific overrides: `<qemu:commandline>` (extra QEMU arguments
+/// and environment), `<qemu:capabilities>`, `<qemu:override>`, `<qemu:deprecation>`.
+pub const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
+
+/// Nesting deeper than this is refused: no libvirt document comes near it (about 6), and our XML
+/// parsers recurse once per level.
+pub const MAX_DEPTH: usize = 64;
+
+/// A rewritten configuration, and what was removed from the stored one because a restore must
+/// never run it (said to the operator).
+#[derive(Clone, Debug, Default)]
+pub struct Rewritten {
+    pub xml: String,
+    pub removed: Vec<String>,
+}
+
+/// Refuses a document whose elements nest deeper than [`MAX_DEPTH`], before any parser sees it:
+/// the XML parsers we use recurse once per level, so a document from a tampered repository
+/// nested 100 000 deep would overflow the stack. The scan is iterative and counts what a parser
+/// would (comments, CDATA, processing instructions, declarations and quoted attribute values
+/// are skipped); for text that is not XML it may count wrong, and the parser refuses that anyway.
+pub fn check_depth(xml: &str) -> Result<()> {
+    let b = xml.as_bytes();
+    let find = |from: usize, pat: &[u8]| -> usize {
+        b[from.min(b.len())..]
+            .windows(pat.len())
+            .position(|w| w == pat)
+            .map(|p| from + p + pat.len())
+            .unwrap_or(b.len())
+    };
+    let (mut i, mut depth) = (0usize, 0usize);
+    while i < b.len() {
+        if b[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        let rest = &b[i..];
+        if rest.starts_with(b"<!--") {
+            i = find(i + 4, b"-->");
+        } else if rest.starts_with(b"<![CDATA[") {
+            i = find(i + 9, b"]]>");
+        } else if rest.starts_with(b"<?") {
+            i = find(i + 2, b"?>");
+        } else if rest.starts_with(b"<!") {
+            i = find(i + 2, b">");
+        } else if rest.starts_with(b"</") {
+            depth = depth.saturating_sub(1);
+            i = find(i + 2, b">");
+        } else {
+            // An opening tag: to its '>', outside quoted attribute values.
+            let mut j = i + 1;
+            let mut quote = None;
+            while j < b.len() {
+                match (quote, b[j]) {
+                    (None, b'"' | b'\'') => quote = Some(b[j]),
+                    (Some(q), c) if c == q => quote = None,
+                    (None, b'>') => break,
+                    _ => {}
+                }
+                j += 1;
+            }
+            if j >= b.len() || b[j - 1] != b'/' {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    bail!("the VM configuration nests elements more than {MAX_DEPTH} levels deep: it is not a libvirt domain document");
+                }
+            }
+            i = j + 1;
+        }
+    }
+    Ok(())
+}
+
+/// Applies `edit` to a stored domain document. The stored document may come from a tampered
+/// repository, so whatever would run code on this host as the hypervisor's user is removed
+/// whatever the edit says: elements of the QEMU namespace, an emulator this host does not offer,
+/// and disks the restore did not write (they would open host paths).
+pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<Rewritten> {
     use xmltree::{Element, XMLNode};
+    check_depth(xml)?;
     let mut root = Element::parse(xml.as_bytes()).context("parsing the stored VM configuration")?;
+    if root.name != "domain" || root.namespace.is_some() {
+        bail!("the stored VM configuration is not a libvirt domain (root element <{}>)", root.name);
+    }
+    // libvirt reads devices from every <devices> element (and files from every <os>), we edit
+    // one: a second one could carry what the edit removes from the first.
+    for once in ["devices", "os", "name", "uuid"] {
+        let n = root.children.iter().filter(|c| matches!(c, XMLNode::Element(e) if e.name == once)).count();
+        if n > 1 {
+            bail!("the stored VM configuration has {n} <{once}> elements: it is not a libvirt domain");
+        }
+    }
+    let mut removed = Vec::new();
     fn set_text(e: &mut Element, text: &str) {
         e.children = vec![XMLNode::Text(text.to_string())];
     }
+    fn drop_qemu_namespace(e: &mut Element, removed: &mut Vec<String>) {
+        if let Some(ns) = e.namespaces.as_mut() {
+            ns.0.retain(|_, uri| uri != QEMU_NAMESPACE);
+        }
+        e.children.retain(|c| match c {
+            XMLNode::Element(x) if x.namespace.as_deref() == Some(QEMU_NAMESPACE) => {
+                removed.push(format!("<qemu:{}> (QEMU-specific overrides)", x.name));
+                false
+            }
+            _ => true,
+        });
+        for c in &mut e.children {
+            if let XMLNode::Element(x) = c {
+                drop_qemu_namespace(x, removed);
+            }
+        }
+    }
+    drop_qemu_namespace(&mut root, &mut removed);
     if let Some(n) = root.get_mut_child("name") {
         set_text(n, &edit.name);
     }
@@ -248,6 +364,14 @@ pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<String> {
                 continue;
             };
             match d.name.as_str() {
+                "emulator" => {
+                    let path = d.get_text().map(|t| t.trim().to_string()).unwrap_or_default();
+                    if !edit.host_emulators.contains(&path) {
+                        // Without one, the hypervisor takes its default for the machine type.
+                        removed.push(format!("emulator {path:?} (not one of this host's; its default is used)"));
+                        continue;
+                    }
+                }
                 "disk" => {
                     let target =
                         d.get_child("target").and_then(|t| t.attributes.get("dev").cloned()).unwrap_or_default();
@@ -269,6 +393,11 @@ pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<String> {
                                 d.children.insert(0, XMLNode::Element(drv));
                             }
                         }
+                    } else if is_storage(&d) && d.get_child("source").is_some() {
+                        // A disk the point does not hold: its source is a path of the host it was
+                        // made on (or one a tampered document chose). Media (cdrom, floppy) stay.
+                        removed.push(format!("disk {target} (not in the restore point)"));
+                        continue;
                     }
                 }
                 "interface" if edit.drop_all_nics => continue,
@@ -295,6 +424,10 @@ pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<String> {
                     }
                 }
                 "hostdev" if edit.drop_hostdevs => continue,
+                "filesystem" if edit.drop_filesystems => {
+                    removed.push("a host folder shared with the guest (<filesystem>)".to_string());
+                    continue;
+                }
                 "serial" | "console" | "channel" if d.attributes.get("type").map(|t| t.as_str()) == Some("file") => {
                     if let (Some(dir), Some(src)) = (&log_dir, d.get_mut_child("source")) {
                         if let Some(p) = src.attributes.get("path").cloned() {
@@ -315,11 +448,17 @@ pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<String> {
     let mut out = Vec::new();
     let cfg = xmltree::EmitterConfig::new().write_document_declaration(false).perform_indent(true);
     root.write_with_config(&mut out, cfg).context("writing the VM configuration")?;
-    Ok(String::from_utf8(out)?)
+    Ok(Rewritten { xml: String::from_utf8(out)?, removed })
+}
+
+/// Whether a `<disk>` is storage the VM owns (not removable media).
+fn is_storage(d: &xmltree::Element) -> bool {
+    matches!(d.attributes.get("device").map(|s| s.as_str()).unwrap_or("disk"), "disk" | "lun")
 }
 
 /// Host devices (PCI/USB passthrough) a configuration names, as `pci 0000:03:00.0` or `usb 046d:c52b`.
 pub fn host_devices(xml: &str) -> Result<Vec<String>> {
+    check_depth(xml)?;
     let doc = roxmltree::Document::parse(xml).context("parsing the VM configuration")?;
     let mut out = Vec::new();
     for h in doc.descendants().filter(|n| n.has_tag_name("hostdev")) {
@@ -369,10 +508,10 @@ mod rewrite_tests {
             network_map: vec![("prod".into(), "lab".into())],
             drop_nics: vec!["br-gone".into()],
             drop_hostdevs: true,
-            drop_all_nics: false,
             log_dir: Some("/st".into()),
+            ..Default::default()
         };
-        let out = rewrite(xml, &edit).unwrap();
+        let out = rewrite(xml, &edit).unwrap().xml;
         let c = parse(&out).unwrap();
         assert_eq!(c.name, "web-restored");
         assert!(c.uuid.is_empty(), "{out}");
@@ -387,11 +526,77 @@ mod rewrite_tests {
         assert!(host_devices(&out).unwrap().is_empty());
         assert!(out.contains("/st/web-restored-serial.log"), "{out}");
         // A sandbox has no network at all.
-        let sandbox = parse(&rewrite(xml, &ConfigEdit { drop_all_nics: true, ..edit.clone() }).unwrap()).unwrap();
+        let sandbox = parse(&rewrite(xml, &ConfigEdit { drop_all_nics: true, ..edit.clone() }).unwrap().xml).unwrap();
         assert!(sandbox.nics.is_empty());
         // Keeping the identity keeps UUID and MACs.
-        let kept = parse(&rewrite(xml, &ConfigEdit { keep_identity: true, ..edit }).unwrap()).unwrap();
+        let kept = parse(&rewrite(xml, &ConfigEdit { keep_identity: true, ..edit }).unwrap().xml).unwrap();
         assert_eq!(kept.uuid, "2da463bf-4dab-4b65-afda-bf83f46eb22d");
         assert_eq!(kept.nics[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+    }
+
+    /// A stored configuration as a tampered repository could hold it: extra QEMU arguments and
+    /// capabilities (under any prefix), an emulator of the attacker's choice, a host disk the
+    /// point does not hold.
+    const HOSTILE: &str = r#"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' xmlns:q2='http://libvirt.org/schemas/domain/qemu/1.0'>
+          <name>web</name><memory unit='MiB'>256</memory>
+          <os><type>hvm</type></os>
+          <devices>
+            <emulator>/tmp/evil/qemu-system-x86_64</emulator>
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/v/a.qcow2'/><target dev='vda'/></disk>
+            <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/sda'/><target dev='vdz'/></disk>
+            <disk type='file' device='cdrom'><source file='/iso/install.iso'/><target dev='sda'/><readonly/></disk>
+            <filesystem type='mount'><source dir='/'/><target dir='host'/></filesystem>
+          </devices>
+          <qemu:commandline><qemu:arg value='-fw_cfg'/><qemu:arg value='name=opt/x,string=y'/><qemu:env name='X' value='1'/></qemu:commandline>
+          <q2:capabilities><q2:del capability='sandbox'/></q2:capabilities>
+          <metadata><qemu:override xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'/></metadata>
+        </domain>"#;
+
+    #[test]
+    fn rewrite_removes_qemu_overrides_foreign_emulators_and_unrestored_disks() {
+        let edit = ConfigEdit {
+            name: "web-restored".into(),
+            disks: vec![("vda".into(), "/st/web-restored-vda.qcow2".into(), "qcow2".into())],
+            host_emulators: vec!["/usr/bin/qemu-system-x86_64".into()],
+            ..Default::default()
+        };
+        let r = rewrite(HOSTILE, &edit).unwrap();
+        for gone in ["commandline", "qemu:arg", "fw_cfg", "capabilities", "override", "/tmp/evil", "/dev/sda", "vdz"] {
+            assert!(!r.xml.contains(gone), "{gone} still in\n{}", r.xml);
+        }
+        assert!(!r.xml.contains("http://libvirt.org/schemas/domain/qemu/1.0"), "{}", r.xml);
+        let c = parse(&r.xml).unwrap();
+        let disks: Vec<_> = c.disks.iter().map(|d| (d.target.as_str(), d.path.as_deref())).collect();
+        assert_eq!(disks, [("vda", Some("/st/web-restored-vda.qcow2")), ("sda", Some("/iso/install.iso"))]);
+        // Each removal is said.
+        let said = r.removed.join("; ");
+        for what in ["qemu:commandline", "qemu:capabilities", "qemu:override", "/tmp/evil", "disk vdz"] {
+            assert!(said.contains(what), "{what} not reported: {said}");
+        }
+        // Host folders stay for a recovery (the operator's shares), and go from a sandbox.
+        assert!(r.xml.contains("<filesystem"));
+        let sandbox = rewrite(HOSTILE, &ConfigEdit { drop_filesystems: true, ..edit.clone() }).unwrap();
+        assert!(!sandbox.xml.contains("<filesystem"), "{}", sandbox.xml);
+        // This host's own emulator stays, silently.
+        let own = HOSTILE.replace("/tmp/evil/qemu-system-x86_64", "/usr/bin/qemu-system-x86_64");
+        let r = rewrite(&own, &edit).unwrap();
+        assert!(r.xml.contains("<emulator>/usr/bin/qemu-system-x86_64</emulator>"), "{}", r.xml);
+        assert!(!r.removed.iter().any(|m| m.contains("emulator")), "{:?}", r.removed);
+    }
+
+    #[test]
+    fn deep_or_foreign_documents_are_refused_without_recursing() {
+        let deep = format!("<domain>{}{}</domain>", "<a>".repeat(200_000), "</a>".repeat(200_000));
+        for f in [parse(&deep).err(), host_devices(&deep).err(), rewrite(&deep, &ConfigEdit::default()).err()] {
+            assert!(f.unwrap().to_string().contains("levels deep"));
+        }
+        // A second <devices> (libvirt reads them all; an edit of the first would miss it).
+        let two = HOSTILE.replacen("<devices>", "<devices></devices><devices>", 1);
+        assert!(rewrite(&two, &ConfigEdit::default()).unwrap_err().to_string().contains("2 <devices>"));
+        // Quoted '>' and comments do not fool the count; self-closing elements do not nest.
+        let ok = format!("<domain a='x>y'><!-- <b><b><b> -->{}</domain>", "<e/>".repeat(1000));
+        check_depth(&ok).unwrap();
+        assert!(rewrite("<network><name>x</name></network>", &ConfigEdit::default()).is_err());
+        assert!(parse("<domain><memory unit='TiB'>99999999</memory></domain>").is_err(), "memory overflow accepted");
     }
 }

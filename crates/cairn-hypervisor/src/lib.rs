@@ -15,6 +15,8 @@
 //!   caller decides which checkpoint a finished or failed backup keeps).
 
 pub mod domain_xml;
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
 pub mod libvirt;
 pub mod watchdog;
 
@@ -99,6 +101,19 @@ pub struct BackupRequest<'a> {
     pub incremental_from: Option<&'a str>,
     /// Folder for the NBD socket and the scratch (fleecing) files.
     pub work_dir: &'a Path,
+    /// Names this run's socket and scratch files (see [`job_socket_name`]), so that a job can be
+    /// told apart from another run's in the same folder: a dead run's watchdog ends only its own.
+    pub run_token: &'a str,
+}
+
+/// The file name of the NBD socket of the backup job started by the run with `token`.
+pub fn job_socket_name(token: &str) -> String {
+    format!("nbd-{token}.sock")
+}
+
+/// The file name of the scratch (fleecing) file of disk `target` in the run with `token`.
+pub fn job_scratch_name(target: &str, token: &str) -> String {
+    format!("{target}-{token}.scratch.qcow2")
 }
 
 /// A running pull-mode backup: one NBD export per disk.
@@ -191,4 +206,7 @@ pub trait Hypervisor: Send + Sync {
     fn screenshot(&self, uuid: &str) -> Result<(Vec<u8>, String)>;
     /// The file a VM's disk currently reads from.
     fn disk_source(&self, uuid: &str, target: &str) -> Result<Option<String>>;
+    /// The emulator binaries this host's hypervisor offers (libvirt capabilities): the only ones a
+    /// recovered configuration may name.
+    fn emulators(&self) -> Result<Vec<String>>;
 }

@@ -241,18 +241,20 @@ impl Hypervisor for Libvirt {
         if n < 0 {
             bail!("listing the VM's checkpoints: {}", last_error());
         }
-        let mut out = Vec::new();
+        // Every handle and the list are freed before anything is parsed: an early return can
+        // leak nothing.
+        let mut docs = Vec::with_capacity(n as usize);
         for i in 0..n as usize {
             let cp = unsafe { *list.add(i) };
             let xml = unsafe { sys::virDomainCheckpointGetXMLDesc(cp, 0) };
             if !xml.is_null() {
-                let text = unsafe { CStr::from_ptr(xml) }.to_string_lossy().into_owned();
+                docs.push(unsafe { CStr::from_ptr(xml) }.to_string_lossy().into_owned());
                 unsafe { libc::free(xml as *mut libc::c_void) };
-                out.push(parse_checkpoint(&text)?);
             }
             unsafe { sys::virDomainCheckpointFree(cp) };
         }
         unsafe { libc::free(list as *mut libc::c_void) };
+        let mut out = docs.iter().map(|d| parse_checkpoint(d)).collect::<Result<Vec<_>>>()?;
         out.sort_by_key(|c| c.creation_time);
         Ok(out)
     }
@@ -280,7 +282,7 @@ impl Hypervisor for Libvirt {
 
     fn begin_backup(&self, uuid: &str, req: &BackupRequest) -> Result<BackupExport> {
         let dom = self.domain(uuid)?;
-        let socket = req.work_dir.join("nbd.sock");
+        let socket = req.work_dir.join(crate::job_socket_name(req.run_token));
         let _ = std::fs::remove_file(&socket);
         let mut backup = format!(
             "<domainbackup mode='pull'>{}<server transport='unix' socket='{}'/><disks>",
@@ -296,7 +298,7 @@ impl Hypervisor for Libvirt {
         for d in &cfg.disks {
             let wanted = req.disks.contains(&d.target);
             if wanted {
-                let scratch = req.work_dir.join(format!("{}.scratch.qcow2", d.target));
+                let scratch = req.work_dir.join(crate::job_scratch_name(&d.target, req.run_token));
                 let _ = std::fs::remove_file(&scratch);
                 backup.push_str(&format!(
                     "<disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>",
@@ -335,7 +337,13 @@ impl Hypervisor for Libvirt {
         }
         let xml = unsafe { sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0) };
         if xml.is_null() {
-            return Ok(None); // no backup job
+            // NULL is an error; "no backup job" is one particular error. Any other (a broken
+            // connection, a busy domain) must not be taken for "no job": the caller would then
+            // start one next to a job that is still running, or stop looking for a dead run's.
+            if unsafe { sys::virGetLastErrorCode() } == sys::VIR_ERR_NO_DOMAIN_BACKUP as i32 {
+                return Ok(None);
+            }
+            bail!("reading the VM's backup job: {}", last_error());
         }
         let text = unsafe { CStr::from_ptr(xml) }.to_string_lossy().into_owned();
         unsafe { libc::free(xml as *mut libc::c_void) };
@@ -478,6 +486,20 @@ impl Hypervisor for Libvirt {
         Ok(cfg.disks.into_iter().find(|d| d.target == target).and_then(|d| d.path))
     }
 
+    fn emulators(&self) -> Result<Vec<String>> {
+        let caps = self.conn.capabilities().map_err(|e| anyhow!("reading the host's capabilities: {}", e.message()))?;
+        let doc = roxmltree::Document::parse(&caps).context("parsing the host's capabilities")?;
+        let mut out: Vec<String> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("emulator"))
+            .filter_map(|n| n.text().map(|t| t.trim().to_string()))
+            .filter(|t| !t.is_empty())
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     fn network_available(&self, kind: &str, name: &str) -> Result<bool> {
         Ok(match kind {
             "network" => self.conn.lookup_network_by_name(name).and_then(|n| n.is_active()).unwrap_or(false),
@@ -493,7 +515,10 @@ impl Libvirt {
     }
 }
 
-fn parse_checkpoint(xml: &str) -> Result<Checkpoint> {
+/// Reads a libvirt checkpoint document (public for the fuzz targets: these come from libvirt, which
+/// may hold whatever an earlier writer of the VM's metadata put there).
+pub fn parse_checkpoint(xml: &str) -> Result<Checkpoint> {
+    domain_xml::check_depth(xml)?;
     let doc = roxmltree::Document::parse(xml).context("parsing a checkpoint document")?;
     let root = doc.root_element();
     let text =

@@ -4,7 +4,7 @@
 
 use cairn_repo::crypto::Compressor;
 use cairn_repo::pack::{BlobEntry, BlobKind, SealedFrame};
-use cairn_repo::{BlockId, DiskImage, Error, PointStats, Repository, RestorePoint, Session};
+use cairn_repo::{DiskImage, Error, PointStats, Repository, RestorePoint, Session};
 use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Op};
 use cairn_storage::{Backend, Kind, LocalBackend};
 use std::path::Path;

@@ -84,6 +84,14 @@ impl VmEnv {
         VmEnv { env }
     }
 
+    /// With an encrypted repository (its password in CAIRN_PASSWORD for every command).
+    pub fn encrypted() -> VmEnv {
+        let mut env = Env::new();
+        env.password = Some("correct horse battery staple".into());
+        env.ok(&["init", "--encrypt"]);
+        VmEnv { env }
+    }
+
     /// `cairn backup vm` with --json: the one VM's result object.
     pub fn backup(&self, g: &Guest, extra: &[&str]) -> Value {
         let work = self.env.path("work");
@@ -138,4 +146,21 @@ pub fn assert_same_except(restored: &Path, oracle: &Path, zeroed: &[(u64, u64)])
         }
         off += n as u64;
     }
+}
+
+/// Whether process `pid`'s environment holds `var`.
+pub fn env_has(pid: u32, var: &str) -> bool {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    env.split(|b| *b == 0).any(|kv| kv.starts_with(format!("{var}=").as_bytes()))
+}
+
+/// PIDs of processes whose command line matches `pattern` (pgrep -f).
+pub fn pgrep(pattern: &str) -> Vec<u32> {
+    let o = Command::new("pgrep").args(["-f", pattern]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// Whether the guest's filesystems are frozen (guest agent).
+pub fn frozen(g: &Guest) -> bool {
+    g.agent(r#"{"execute":"guest-fsfreeze-status"}"#)["return"] == "frozen"
 }

@@ -164,6 +164,7 @@ impl QemuNbd {
             cmd.arg(format!("--bitmap={b}"));
         }
         cmd.arg(image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.env_remove("CAIRN_PASSWORD"); // not its business; it would sit in /proc/PID/environ
         let child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow::anyhow!(

@@ -1,6 +1,7 @@
 //! Where restored disks go: a sparse raw file, or a qcow2 image (written by us when the blocks
 //! are 64 KiB clusters, else through `qemu-nbd`). All write to a temporary name and take the
-//! final name only when complete and durable.
+//! final name only when complete and durable; a block device (an LV, a zvol, a disk) is written
+//! into in place, zeros included.
 
 mod qcow2;
 
@@ -48,6 +49,23 @@ pub fn create(
     format: TargetFormat,
     force: bool,
 ) -> Result<Box<dyn Target>> {
+    use std::os::unix::fs::FileTypeExt;
+    // Following symlinks: /dev/vg/lv names /dev/dm-3.
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+        if !force {
+            bail!(
+                "{} is a block device: add --force to write the disk into it (everything on it is overwritten)",
+                path.display()
+            );
+        }
+        if format != TargetFormat::Raw {
+            bail!(
+                "{} is a block device: a disk is written into it as raw (--format raw), not as qcow2",
+                path.display()
+            );
+        }
+        return Ok(Box::new(RawFile::device(path, size)?));
+    }
     if path.exists() && !force {
         bail!("{} already exists; choose another --to, or add --force to replace it", path.display());
     }
@@ -99,6 +117,11 @@ struct RawFile {
     path: PathBuf,
     size: u64,
     direct: bool,
+    /// Written into a block device in place: no temporary name, and what the restore does not
+    /// write (zero blocks) is zeroed, since the device holds old data, not holes.
+    device: bool,
+    /// Everything below this offset is written or zeroed (block devices).
+    covered: u64,
     buf: AlignedBuf,
     buf_start: u64,
     buf_len: usize,
@@ -130,6 +153,37 @@ impl RawFile {
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", partial.display())),
         };
         file.set_len(size)?; // sparse: unwritten ranges stay holes
+        Self::start(file, partial, path, size, direct, false)
+    }
+
+    /// Writes into the block device `path` in place. It is opened exclusively (O_EXCL: refused
+    /// while mounted or held by device-mapper, md or another exclusive opener) and must hold at
+    /// least `size` bytes; bytes past `size` are left alone.
+    fn device(path: &Path, size: u64) -> Result<RawFile> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        let open = |flags: i32| OpenOptions::new().write(true).custom_flags(libc::O_EXCL | flags).open(path);
+        // O_DIRECT only when every write, the padded last one too, ends inside the disk.
+        let (file, direct) = match size.is_multiple_of(ALIGN as u64).then(|| open(libc::O_DIRECT)) {
+            Some(Ok(f)) => (f, true),
+            _ => (
+                open(0)
+                    .with_context(|| format!("cannot open block device {} for writing (in use?)", path.display()))?,
+                false,
+            ),
+        };
+        let capacity =
+            (&file).seek(SeekFrom::End(0)).with_context(|| format!("reading the size of {}", path.display()))?;
+        if capacity < size {
+            bail!(
+                "block device {} holds {capacity} bytes, less than the disk's {size}: nothing was written",
+                path.display()
+            );
+        }
+        Self::start(file, path, path, size, direct, true)
+    }
+
+    fn start(file: File, partial: &Path, path: &Path, size: u64, direct: bool, device: bool) -> Result<RawFile> {
         let file = Arc::new(file);
         let (to_io, from_main) = crossbeam_channel::bounded::<(AlignedBuf, u64, usize)>(IO_DEPTH);
         let (give_back, free) = crossbeam_channel::bounded::<AlignedBuf>(IO_DEPTH);
@@ -155,6 +209,8 @@ impl RawFile {
             path: path.to_path_buf(),
             size,
             direct,
+            device,
+            covered: 0,
             buf: gather_buf(),
             buf_start: 0,
             buf_len: 0,
@@ -201,8 +257,30 @@ impl RawFile {
     }
 }
 
-impl Target for RawFile {
-    fn write_at(&mut self, mut offset: u64, mut data: &[u8]) -> Result<()> {
+const BLKZEROOUT: libc::c_ulong = 0x127f; // _IO(0x12, 127): zero a byte range of a block device
+
+impl RawFile {
+    /// Zeroes [from, to) of the device: in the device itself where it can (BLKZEROOUT: discards
+    /// or write-zeroes, no data through memory), else by writing zeros.
+    fn zero(&mut self, from: u64, to: u64) -> Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let range = [from, to - from];
+        let aligned = from.is_multiple_of(512) && to.is_multiple_of(512);
+        if aligned && unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } == 0 {
+            return Ok(());
+        }
+        let zeros = vec![0u8; GATHER];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(GATHER as u64) as usize;
+            self.put(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Gathers `data` for the I/O threads.
+    fn put(&mut self, mut offset: u64, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
             let contiguous = self.buf_len > 0 && offset == self.buf_start + self.buf_len as u64;
             if !contiguous || self.buf_len == GATHER {
@@ -221,29 +299,56 @@ impl Target for RawFile {
         }
         Ok(())
     }
+}
+
+impl Target for RawFile {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.device {
+            // Restores write in disk order and skip zero blocks: zero the gap before this write.
+            if offset > self.covered {
+                self.zero(self.covered, offset)?;
+            }
+            self.covered = self.covered.max(offset + data.len() as u64);
+        }
+        self.put(offset, data)
+    }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
+        if self.device {
+            if self.covered < self.size {
+                self.zero(self.covered, self.size)?;
+            }
+            self.flush()?;
+            self.stop_io()?;
+            // Flushes the device's write cache too: the disk is on stable storage when we return.
+            return self.file.sync_all().with_context(|| format!("syncing {}", self.path.display()));
+        }
         self.flush()?;
         self.stop_io()?;
         self.file.set_len(self.size)?;
         self.file.sync_all().with_context(|| format!("syncing {}", self.partial.display()))?;
         std::fs::rename(&self.partial, &self.path)?;
-        sync_parent(&self.path);
-        Ok(())
+        sync_parent(&self.path)
     }
 
     fn abandon(mut self: Box<Self>) {
         let _ = self.stop_io();
-        let _ = std::fs::remove_file(&self.partial);
+        if !self.device {
+            let _ = std::fs::remove_file(&self.partial);
+        }
     }
 }
 
-fn sync_parent(p: &Path) {
-    if let Some(d) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(f) = File::open(d) {
-            let _ = f.sync_all();
-        }
-    }
+/// Makes a rename in `p`'s folder durable. An error fails the restore: the image may not have
+/// its name after a power cut, and saying "restored" would be a lie.
+fn sync_parent(p: &Path) -> Result<()> {
+    let d = match p.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(d) => d,
+        None => Path::new("."),
+    };
+    File::open(d)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing folder {} after naming {}", d.display(), p.display()))
 }
 
 /// A new qcow2 image, filled through a private writable `qemu-nbd`. Writes are pipelined.
@@ -264,6 +369,7 @@ impl Qcow2Image {
             .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
             .arg(partial)
             .arg(size.to_string())
+            .env_remove("CAIRN_PASSWORD")
             .output()
             .map_err(|e| anyhow::anyhow!("qemu-img is needed to write qcow2 (apt-get install qemu-utils): {e}"))?;
         if !out.status.success() {
@@ -319,8 +425,7 @@ impl Target for Qcow2Image {
         self.server.take().unwrap().wait_exit(Duration::from_secs(60))?;
         File::open(&self.partial)?.sync_all()?;
         std::fs::rename(&self.partial, &self.path)?;
-        sync_parent(&self.path);
-        Ok(())
+        sync_parent(&self.path)
     }
 
     fn abandon(mut self: Box<Self>) {
@@ -328,5 +433,82 @@ impl Target for Qcow2Image {
         self.client = None;
         self.server = None;
         let _ = std::fs::remove_file(&self.partial);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn a_folder_that_cannot_be_synced_fails_the_restore() {
+        let e = sync_parent(Path::new("/nonexistent-folder/disk.raw")).unwrap_err();
+        assert!(format!("{e:#}").contains("syncing folder /nonexistent-folder"), "{e:#}");
+        let t = tempfile::tempdir().unwrap();
+        sync_parent(&t.path().join("disk.raw")).unwrap();
+    }
+
+    /// A loop device over a file of `len` bytes of 0xAA; detached when dropped.
+    struct Loop {
+        dev: PathBuf,
+        file: PathBuf,
+    }
+
+    impl Loop {
+        fn new(dir: &Path, len: usize) -> Option<Loop> {
+            let file = dir.join("backing");
+            std::fs::write(&file, vec![0xAAu8; len]).unwrap();
+            let out = Command::new("losetup").args(["-f", "--show"]).arg(&file).output().ok()?;
+            if !out.status.success() {
+                eprintln!("skipped: losetup failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                return None;
+            }
+            Some(Loop { dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()), file })
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+        }
+    }
+
+    #[test]
+    fn a_block_device_is_written_in_place_zeros_included() {
+        let t = tempfile::tempdir().unwrap();
+        let Some(lo) = Loop::new(t.path(), 4 << 20) else { return };
+        // 3 MiB (O_DIRECT) and 3 MiB + 512 (unaligned: buffered); blocks 1 and 3 hold data, the
+        // rest is zero blocks the restore never writes: they must read as zeros, not old bytes.
+        for size in [3u64 << 20, (3 << 20) + 512] {
+            let block = 1u64 << 20;
+            let mut target = create(&lo.dev, size, block, 2 * block, TargetFormat::Raw, true).unwrap();
+            target.write_at(block, &vec![1u8; block as usize]).unwrap();
+            let last = (size - 2 * block - block / 2) as usize;
+            target.write_at(2 * block + block / 2, &vec![3u8; last]).unwrap();
+            target.finish().unwrap();
+            let got = std::fs::read(&lo.file).unwrap();
+            let want = |i: u64| -> u8 {
+                match i {
+                    i if i >= size => 0xAA, // past the disk: left alone
+                    i if (block..2 * block).contains(&i) => 1,
+                    i if i >= 2 * block + block / 2 => 3,
+                    _ => 0,
+                }
+            };
+            for (i, b) in got.iter().enumerate() {
+                assert_eq!(*b, want(i as u64), "size {size}: byte {i}");
+            }
+            assert!(lo.dev.exists(), "the device node was replaced");
+            std::fs::write(&lo.file, vec![0xAAu8; 4 << 20]).unwrap();
+        }
+        // Refused: without force, as qcow2, and larger than the device (nothing written).
+        let e = create(&lo.dev, 1 << 20, 65536, 0, TargetFormat::Raw, false).err().unwrap().to_string();
+        assert!(e.contains("block device") && e.contains("--force"), "{e}");
+        let e = create(&lo.dev, 1 << 20, 65536, 0, TargetFormat::Qcow2, true).err().unwrap().to_string();
+        assert!(e.contains("raw"), "{e}");
+        let e = create(&lo.dev, 5 << 20, 65536, 0, TargetFormat::Raw, true).err().unwrap().to_string();
+        assert!(e.contains("less than the disk"), "{e}");
+        assert!(std::fs::read(&lo.file).unwrap().iter().all(|b| *b == 0xAA));
     }
 }
