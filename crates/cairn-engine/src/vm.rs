@@ -693,12 +693,14 @@ pub fn backup_vm(
     let _ = std::fs::remove_file(&export.socket);
     match result {
         Ok(done) => {
+            cairn_storage::crash_point("vm.point_committed");
             ended.context("ending the backup job")?;
             watchdog.tell(Guard::JobEnded)?;
             // The new checkpoint now backs the newest point: older ones of this repository go.
             for cp in hv.checkpoints(uuid)? {
                 if cp.name.starts_with(&prefix) && cp.name != new_checkpoint {
                     hv.delete_checkpoint(uuid, &cp.name)?;
+                    cairn_storage::crash_point("vm.checkpoint_deleted");
                 }
             }
             if done.2.checkpoint.is_none() {
@@ -827,7 +829,10 @@ fn take_point(
             watchdog.tell(Guard::Frozen)?;
             clock.mark("freeze");
             let (frozen, count) = match hv.freeze(uuid) {
-                Ok(n) => (clock.mark("frozen"), n),
+                Ok(n) => {
+                    cairn_storage::crash_point("vm.frozen");
+                    (clock.mark("frozen"), n)
+                }
                 Err(e) => {
                     let _ = hv.thaw(uuid);
                     watchdog.tell(Guard::Thawed)?;
@@ -837,6 +842,7 @@ fn take_point(
             let point = hv.begin_backup(uuid, req);
             let took = told.elapsed();
             if point.is_ok() {
+                cairn_storage::crash_point("vm.job_started");
                 clock.mark("point created");
                 if let Some(d) = opts.hold_point {
                     std::thread::sleep(d);
@@ -874,7 +880,10 @@ fn take_point(
             watchdog.tell(Guard::Paused)?;
             clock.mark("pause");
             let paused = match hv.pause(uuid) {
-                Ok(()) => clock.mark("paused"),
+                Ok(()) => {
+                    cairn_storage::crash_point("vm.paused");
+                    clock.mark("paused")
+                }
                 Err(e) => {
                     watchdog.tell(Guard::Resumed)?;
                     return Err(e);

@@ -327,7 +327,9 @@ impl Target for RawFile {
         self.stop_io()?;
         self.file.set_len(self.size)?;
         self.file.sync_all().with_context(|| format!("syncing {}", self.partial.display()))?;
+        cairn_storage::crash_point("restore.image_synced");
         std::fs::rename(&self.partial, &self.path)?;
+        cairn_storage::crash_point("restore.image_renamed");
         sync_parent(&self.path)
     }
 
