@@ -124,21 +124,9 @@ impl Coverage {
 type StatusChunks = Vec<(u32, Vec<(u32, u32)>)>;
 
 enum Pending {
-    Read {
-        offset: u64,
-        buf: Vec<u8>,
-        written: Coverage,
-        error: Option<NbdError>,
-        tx: oneshot::Sender<Result<Vec<u8>>>,
-    },
-    Status {
-        extents: StatusChunks,
-        error: Option<NbdError>,
-        tx: oneshot::Sender<Result<StatusChunks>>,
-    },
-    Simple {
-        tx: oneshot::Sender<Result<()>>,
-    },
+    Read { offset: u64, buf: Vec<u8>, written: Coverage, error: Option<NbdError>, tx: oneshot::Sender<Result<Vec<u8>>> },
+    Status { extents: StatusChunks, error: Option<NbdError>, tx: oneshot::Sender<Result<StatusChunks>> },
+    Simple { tx: oneshot::Sender<Result<()>> },
 }
 
 impl Pending {
