@@ -63,7 +63,6 @@ const MAX_REQUEST: u32 = 32 << 20;
 /// Reads are answered in structured data chunks of at most this much, so a connection holds
 /// one such buffer whatever the request size.
 const READ_PIECE: usize = 1 << 20;
-const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
 /// What one server grants its clients.
 #[derive(Clone, Debug)]
