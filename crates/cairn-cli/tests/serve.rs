@@ -299,14 +299,19 @@ fn a_connection_flood_beyond_the_cap_is_refused_while_clients_keep_reading() {
     let (server, v) = start_server(&e, &["serve-nbd", "flooded", "--listen", "127.0.0.1:0", "--json"]);
     let port = port_of(v["exports"][0]["uri"].as_str().unwrap());
     let uri = format!("nbd://127.0.0.1:{port}/disk0");
-    // A client in the middle of its work: it reads, waits while the flood comes, reads again.
-    let reader = Command::new("qemu-io")
-        .args(["-r", "-f", "raw", "-c", "read 0 64k", "-c", "sleep 4000", "-c", "read 1M 64k", &uri])
+    // A client in the middle of its work: it reads, waits while the flood comes, reads again
+    // (stdbuf: its lines arrive as printed, so the flood starts once it is connected).
+    let mut reader = Command::new("stdbuf")
+        .args(["-oL", "qemu-io", "-r", "-f", "raw", "-c", "read 0 64k", "-c", "sleep 4000", "-c", "read 1M 64k", &uri])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    let mut lines = BufReader::new(reader.stdout.take().unwrap());
+    let mut first = String::new();
+    while !first.contains("read 65536/65536") {
+        assert!(lines.read_line(&mut first).unwrap() > 0, "qemu-io did not read: {first}");
+    }
     // 15 more fill the 16 slots (they stop at the handshake); every one past that is refused.
     let holders: Vec<_> = (0..15).map(|_| raw_client(&port)).collect();
     assert!(holders.iter().all(|(_, got)| *got == 18), "a client within the limit got no greeting");
@@ -314,9 +319,11 @@ fn a_connection_flood_beyond_the_cap_is_refused_while_clients_keep_reading() {
         let (_, got) = raw_client(&port);
         assert_eq!(got, 0, "a client past the limit was served");
     }
+    let mut rest = String::new();
+    lines.read_to_string(&mut rest).unwrap();
     let out = reader.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.matches("read 65536/65536").count() == 2, "{text}");
+    let text = rest + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("read 65536/65536 bytes at offset 1048576"), "{text}");
     assert!(server.log().contains("16 clients are connected already"), "{}", server.log());
 
     // Clients that never finish the handshake lose their slot after 10 s (QEMU's own limit).
