@@ -135,12 +135,18 @@ Example:\n  cairn mount web /mnt/web-point --repo R &\n  mount -o loop,ro /mnt/w
 disk's name: vda, disk0, ...; the first disk is also the default export). Blocks are read from the \
 repository on demand and checked against their hashes; nothing is restored first. Runs until stopped \
 (Ctrl-C).\n\n\
+Without --socket or --listen, the socket is made in a private folder (/run/cairn-nbd for root, \
+$XDG_RUNTIME_DIR/cairn-nbd otherwise) and printed.\n\n\
 Examples:\n  cairn serve-nbd web --repo R --socket /run/web.sock\n  \
 qemu-img convert -O qcow2 'nbd+unix:///vda?socket=/run/web.sock' web-vda.qcow2\n  \
 cairn serve-nbd web@2026-11-25T10 --repo R --listen 127.0.0.1:10809\n  \
 qemu-system-x86_64 ... -drive file=nbd://127.0.0.1:10809/vda,format=raw,snapshot=on\n\n\
-Over a network, require TLS with a certificate (clients verify it against their CA):\n  \
-cairn serve-nbd web --repo R --listen 0.0.0.0:10809 --tls-cert server-cert.pem --tls-key server-key.pem\n  \
+NBD has no authentication of its own: whoever reaches the server reads every disk of the point, \
+decrypted. So a non-loopback address needs TLS (or --insecure), and clients should be made to \
+present a certificate of your CA (--tls-client-ca); the client's folder then holds ca-cert.pem, \
+client-cert.pem and client-key.pem:\n  \
+cairn serve-nbd web --repo R --listen 192.0.2.10:10809 --tls-cert server-cert.pem --tls-key server-key.pem \
+--tls-client-ca clients-ca.pem\n  \
 qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=/etc/pki/qemu \\\n    \
 --image-opts driver=nbd,host=backup.example.com,port=10809,export=vda,tls-creds=tls0")]
     ServeNbd(ServeNbd),
@@ -346,6 +352,18 @@ struct ServeNbd {
     /// The private key of --tls-cert (PEM)
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Require clients to present a certificate signed by a CA of this file (PEM)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve a non-loopback --listen address without TLS (anyone reaching it reads the disks)
+    #[arg(long)]
+    insecure: bool,
+    /// Clients served at once; more are refused
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    max_connections: u16,
+    /// Disconnect a client that sends no request for this long (e.g. 30m; 0 never does)
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -760,15 +778,21 @@ fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
 }
 
 fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
-    use cairn_nbd::server::{serve_tcp, serve_unix, Export, Exports};
+    use cairn_nbd::server::{serve_tcp, serve_unix, Export, Exports, Limits};
     // Held while serving: maintenance (gc) must not remove packs a client is reading.
     let (repo, _lock) = open_indexed(g, "serve-nbd")?;
     let (id, point) = repo.select_point(&a.point)?;
     let tls = match (&a.tls_cert, &a.tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(cairn_nbd::server::tls_config(cert, key).context("loading the TLS certificate")?)
-        }
+        (Some(cert), Some(key)) => Some(
+            cairn_nbd::server::tls_config(cert, key, a.tls_client_ca.as_deref())
+                .context("loading the TLS certificate")?,
+        ),
         _ => None,
+    };
+    let limits = Limits {
+        max_connections: a.max_connections.into(),
+        idle_timeout: (!a.idle_timeout.is_zero()).then_some(a.idle_timeout),
+        ..Limits::default()
     };
     let exports = Exports(
         point
@@ -784,13 +808,17 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
     let describe = |uri: &dyn Fn(&str) -> String| -> Vec<serde_json::Value> {
         names.iter().map(|n| serde_json::json!({"export": n, "uri": uri(n)})).collect()
     };
+    let client_certs = a.tls_client_ca.is_some();
     let say = |list: Vec<serde_json::Value>| {
         if g.json {
-            print_json(
-                &serde_json::json!({"point": id, "name": point.name, "time": point.time, "tls": tls.is_some(), "exports": list}),
-            );
+            print_json(&serde_json::json!({"point": id, "name": point.name, "time": point.time,
+                "tls": tls.is_some(), "client_certificates": client_certs, "exports": list}));
         } else {
-            let tls_note = if tls.is_some() { ", TLS required" } else { "" };
+            let tls_note = match (tls.is_some(), client_certs) {
+                (true, true) => ", TLS and a client certificate required",
+                (true, false) => ", TLS required",
+                _ => "",
+            };
             println!(
                 "serving restore point {} of {} ({}), read-only{tls_note}; Ctrl-C stops",
                 &id[..8],
@@ -805,19 +833,25 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
         let _ = std::io::stdout().flush();
     };
     if let Some(addr) = &a.listen {
-        let l = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        let addrs = listen_addresses(addr, a)?;
+        let l = std::net::TcpListener::bind(&addrs[..]).with_context(|| format!("cannot listen on {addr}"))?;
         let local = l.local_addr()?;
         say(describe(&|n| format!("nbd://{local}/{n}")));
-        serve_tcp(l, exports, tls)?;
+        serve_tcp(l, exports, tls, limits)?;
     } else {
-        let path =
-            a.socket.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("cairn-nbd-{}.sock", &id[..8])));
-        let path = std::path::absolute(&path)?;
-        let _ = std::fs::remove_file(&path);
+        let (path, private) = match &a.socket {
+            Some(p) => (std::path::absolute(p)?, false),
+            None => (private_socket_dir()?.join(format!("cairn-nbd-{}.sock", &id[..8])), true),
+        };
+        clear_stale_socket(&path)?;
         let l = std::os::unix::net::UnixListener::bind(&path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
-        say(describe(&|n| format!("nbd+unix:///{n}?socket={}", path.display())));
-        serve_unix(l, exports, tls)?;
+        if private {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        say(describe(&|n| cairn_nbd::NbdAddress::unix(&path, n).to_string()));
+        serve_unix(l, exports, tls, limits)?;
     }
     Ok(0)
 }
@@ -852,6 +886,81 @@ fn repair_index(g: &Global, dry_run: bool) -> Result<i32> {
         }
     }
     Ok(if r.unreadable_packs.is_empty() { 0 } else { EXIT_DAMAGED })
+}
+
+/// The addresses `--listen` resolves to, refused when one is not loopback and nothing
+/// protects it: NBD has no authentication of its own.
+fn listen_addresses(addr: &str, a: &ServeNbd) -> Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = addr.to_socket_addrs().with_context(|| format!("cannot listen on {addr}"))?.collect();
+    let exposed = addrs.iter().any(|s| !s.ip().is_loopback());
+    if exposed && a.tls_cert.is_none() && !a.insecure {
+        bail!(
+            "refusing to serve on {addr} without TLS: NBD has no authentication of its own, so anyone who \
+             can reach this address could read every disk of the point, decrypted. Give --tls-cert and \
+             --tls-key with --tls-client-ca (clients must then present a certificate signed by that CA), \
+             listen on a loopback address or a --socket, or add --insecure to serve in the clear anyway"
+        );
+    }
+    if exposed && a.tls_cert.is_some() && a.tls_client_ca.is_none() {
+        eprintln!(
+            "warning: {addr} is reachable from other hosts and no client certificate is required: anyone \
+             who can reach it can read every disk of the point (add --tls-client-ca)"
+        );
+    }
+    Ok(addrs)
+}
+
+/// A folder only this user can enter, for the default socket: /run/cairn-nbd for root,
+/// $XDG_RUNTIME_DIR/cairn-nbd otherwise (never a predictable name in a world-writable folder).
+fn private_socket_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let euid = unsafe { libc::geteuid() };
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|_| euid != 0) {
+        Some(run) => PathBuf::from(run).join("cairn-nbd"),
+        None if euid == 0 => PathBuf::from("/run/cairn-nbd"),
+        None => bail!("no private folder for the socket ($XDG_RUNTIME_DIR is not set): give --socket PATH"),
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+        }
+        _ => {}
+    }
+    // Whoever made it must be us, and nobody else may enter it (lstat: no symlink followed).
+    let m = std::fs::symlink_metadata(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if !m.is_dir() || m.uid() != euid || m.mode() & 0o077 != 0 {
+        bail!(
+            "{} is not a private folder of this user (owner uid {}, mode {:o}); remove it, or give --socket PATH",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        );
+    }
+    Ok(dir)
+}
+
+/// Removes `path` only when it is a socket nobody listens on (a server that died); anything
+/// else there is left alone and refused.
+fn clear_stale_socket(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r.with_context(|| format!("cannot read {}", path.display()))?,
+    };
+    if !m.file_type().is_socket() {
+        bail!("{} exists and is not a socket: remove it or choose another --socket", path.display());
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => bail!("a server is already listening on {}: stop it or choose another --socket", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))
+        }
+        Err(e) => bail!(
+            "cannot tell whether a server still listens on {} ({e}): remove it if none does, or choose another --socket",
+            path.display()
+        ),
+    }
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {

@@ -3,27 +3,45 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-struct Server(std::process::Child);
+struct Server {
+    child: std::process::Child,
+    /// What the server wrote on stderr (its log).
+    log: PathBuf,
+}
+
+impl Server {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 /// Starts `cairn serve-nbd` with `args` and returns it with the JSON it printed once listening.
 fn start_server(e: &Env, args: &[&str]) -> (Server, serde_json::Value) {
-    let mut child = e.cmd(args).stdout(Stdio::piped()).spawn().unwrap();
+    let log = e.path(&format!("serve-{}.log", rand_tag()));
+    let mut child = e.cmd(args).stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
     let mut out = String::new();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     while !out.contains('}') || serde_json::from_str::<serde_json::Value>(&out).is_err() {
-        assert!(reader.read_line(&mut out).unwrap() > 0, "serve-nbd ended: {out}");
+        let read = reader.read_line(&mut out).unwrap();
+        assert!(read > 0, "serve-nbd ended: {out}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     }
-    (Server(child), serde_json::from_str(&out).unwrap())
+    (Server { child, log }, serde_json::from_str(&out).unwrap())
+}
+
+fn rand_tag() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
 #[test]
@@ -57,8 +75,6 @@ fn qemu_reads_a_restore_point_served_over_nbd_and_cannot_write_it() {
     assert!(same_content(&img, &copy2));
 }
 
-use std::path::Path;
-
 /// A test CA and a server certificate for localhost signed by it, made with openssl.
 fn make_certs(dir: &Path) {
     let sh = |script: &str| {
@@ -76,6 +92,99 @@ fn make_certs(dir: &Path) {
     .unwrap();
     sh("openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 \
         -extfile ext.cnf -out server-cert.pem 2>/dev/null");
+    // And a client certificate from the same CA (what QEMU presents from client-cert.pem).
+    std::fs::write(
+        dir.join("client-ext.cnf"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    sh("openssl req -newkey rsa:2048 -nodes -subj /CN=cairn-test-client -keyout client-key.pem -out client.csr \
+        2>/dev/null");
+    sh("openssl x509 -req -in client.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 \
+        -extfile client-ext.cnf -out client-cert.pem 2>/dev/null");
+}
+
+/// A folder of QEMU client credentials: `cas` (concatenated as ca-cert.pem) and, if given,
+/// a client certificate and key.
+fn client_pki(dir: &Path, cas: &[&Path], cert: Option<&Path>) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca: Vec<u8> = cas.iter().flat_map(|p| std::fs::read(p.join("ca-cert.pem")).unwrap()).collect();
+    std::fs::write(dir.join("ca-cert.pem"), ca).unwrap();
+    if let Some(from) = cert {
+        std::fs::copy(from.join("client-cert.pem"), dir.join("client-cert.pem")).unwrap();
+        std::fs::copy(from.join("client-key.pem"), dir.join("client-key.pem")).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// qemu-img `command` on export disk0 at localhost:`port` over TLS with the credentials in
+/// `pki`; `out` is the copy's path for `convert`.
+fn qemu_img_tls(command: &str, port: &str, pki: &Path, out: Option<&Path>) -> std::process::Output {
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg(command);
+    if out.is_some() {
+        cmd.args(["-O", "raw"]);
+    }
+    cmd.arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", pki.display()))
+        .arg("--image-opts")
+        .arg(format!("driver=nbd,host=localhost,port={port},export=disk0,tls-creds=tls0"))
+        .args(out);
+    cmd.output().unwrap()
+}
+
+fn port_of(uri: &str) -> String {
+    uri.rsplit(':').next().unwrap().split('/').next().unwrap().to_string()
+}
+
+#[test]
+fn with_a_client_ca_only_clients_holding_a_certificate_of_that_ca_read() {
+    let e = Env::new();
+    e.init();
+    let img = e.path("disk.img");
+    make_image(&img, 16 * MIB, 23);
+    e.backup(&img, "guarded", &[]);
+    let (pki, other) = (e.path("pki"), e.path("other-pki"));
+    for d in [&pki, &other] {
+        std::fs::create_dir_all(d).unwrap();
+        make_certs(d);
+    }
+    let arg = |p: PathBuf| p.to_str().unwrap().to_string();
+    let args = [
+        "serve-nbd".to_string(),
+        "guarded".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--json".into(),
+        "--tls-cert".into(),
+        arg(pki.join("server-cert.pem")),
+        "--tls-key".into(),
+        arg(pki.join("server-key.pem")),
+        "--tls-client-ca".into(),
+        arg(pki.join("ca-cert.pem")),
+    ];
+    let (server, v) = start_server(&e, &args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert_eq!(v["client_certificates"], true);
+    let port = port_of(v["exports"][0]["uri"].as_str().unwrap());
+
+    // A client with a certificate of the CA reads the point, byte for byte.
+    let good = client_pki(&e.path("good"), &[&pki], Some(&pki));
+    let copy = e.path("copy.raw");
+    let o = qemu_img_tls("convert", &port, &good, Some(&copy));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(same_content(&img, &copy), "image read with a client certificate differs");
+
+    // Without a certificate, and with one from another CA, the server refuses the client.
+    let none = client_pki(&e.path("none"), &[&pki], None);
+    let o = qemu_img_tls("info", &port, &none, None);
+    assert!(!o.status.success(), "a client without a certificate read the export");
+    // (Both CAs in its ca-cert.pem, so QEMU itself accepts its certificate and the server decides.)
+    let stranger = client_pki(&e.path("stranger"), &[&pki, &other], Some(&other));
+    let o = qemu_img_tls("info", &port, &stranger, None);
+    assert!(!o.status.success(), "a client with a certificate of another CA read the export");
+    let log = server.log();
+    assert!(log.contains("peer sent no certificates"), "{log}");
+    assert!(log.contains("invalid peer certificate"), "{log}");
 }
 
 #[test]
@@ -137,4 +246,163 @@ fn with_a_certificate_the_server_speaks_only_tls_and_qemu_reads_through_it() {
     let args = serve(&other.join("server-key.pem"));
     let err = e.fails(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), 1);
     assert!(err.contains("TLS"), "{err}");
+}
+
+/// A point of a small image in a fresh repository: (env, image).
+fn served_point(name: &str) -> (Env, PathBuf) {
+    let e = Env::new();
+    e.init();
+    let img = e.path("disk.img");
+    make_image(&img, 8 * MIB, 29);
+    e.backup(&img, name, &[]);
+    (e, img)
+}
+
+#[test]
+fn a_non_loopback_address_without_tls_is_refused_unless_insecure() {
+    let (e, img) = served_point("exposed");
+    let err = e.fails(&["serve-nbd", "exposed", "--listen", "0.0.0.0:0"], 1);
+    assert!(err.contains("without TLS") && err.contains("--insecure") && err.contains("no authentication"), "{err}");
+    // A client CA needs a server certificate to go with it.
+    e.fails(&["serve-nbd", "exposed", "--listen", "127.0.0.1:0", "--tls-client-ca", "/dev/null"], 2);
+
+    let (_server, v) = start_server(&e, &["serve-nbd", "exposed", "--listen", "0.0.0.0:0", "--insecure", "--json"]);
+    let port = port_of(v["exports"][0]["uri"].as_str().unwrap());
+    let copy = e.path("copy.raw");
+    let uri = format!("nbd://127.0.0.1:{port}/disk0");
+    run_tool(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&copy));
+    assert!(same_content(&img, &copy));
+    // Loopback names need nothing.
+    let (_local, v) = start_server(&e, &["serve-nbd", "exposed", "--listen", "localhost:0", "--json"]);
+    assert!(v["exports"][0]["uri"].as_str().unwrap().starts_with("nbd://127.0.0.1:"), "{v}");
+}
+
+/// Connects a raw TCP client and reads what the server says first: its 18-byte greeting, or
+/// nothing when it refuses (closes) the connection.
+fn raw_client(port: &str) -> (std::net::TcpStream, usize) {
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = [0u8; 18];
+    let mut got = 0;
+    while got < greeting.len() {
+        match s.read(&mut greeting[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    (s, got)
+}
+
+#[test]
+fn a_connection_flood_beyond_the_cap_is_refused_while_clients_keep_reading() {
+    let (e, _img) = served_point("flooded");
+    let (server, v) = start_server(&e, &["serve-nbd", "flooded", "--listen", "127.0.0.1:0", "--json"]);
+    let port = port_of(v["exports"][0]["uri"].as_str().unwrap());
+    let uri = format!("nbd://127.0.0.1:{port}/disk0");
+    // A client in the middle of its work: it reads, waits while the flood comes, reads again
+    // (stdbuf: its lines arrive as printed, so the flood starts once it is connected).
+    let mut reader = Command::new("stdbuf")
+        .args(["-oL", "qemu-io", "-r", "-f", "raw", "-c", "read 0 64k", "-c", "sleep 4000", "-c", "read 1M 64k", &uri])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(reader.stdout.take().unwrap());
+    let mut first = String::new();
+    while !first.contains("read 65536/65536") {
+        assert!(lines.read_line(&mut first).unwrap() > 0, "qemu-io did not read: {first}");
+    }
+    // 15 more fill the 16 slots (they stop at the handshake); every one past that is refused.
+    let holders: Vec<_> = (0..15).map(|_| raw_client(&port)).collect();
+    assert!(holders.iter().all(|(_, got)| *got == 18), "a client within the limit got no greeting");
+    for _ in 0..5 {
+        let (_, got) = raw_client(&port);
+        assert_eq!(got, 0, "a client past the limit was served");
+    }
+    let mut rest = String::new();
+    lines.read_to_string(&mut rest).unwrap();
+    let out = reader.wait_with_output().unwrap();
+    let text = rest + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("read 65536/65536 bytes at offset 1048576"), "{text}");
+    assert!(server.log().contains("16 clients are connected already"), "{}", server.log());
+
+    // Clients that never finish the handshake lose their slot after 10 s (QEMU's own limit).
+    let started = Instant::now();
+    for (mut s, _) in holders {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(15), "slots held for {waited:?}");
+    let info = Command::new("qemu-img").args(["info", "-f", "raw", &uri]).output().unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    assert!(server.log().contains("did not finish the handshake in time"), "{}", server.log());
+}
+
+#[test]
+fn an_idle_client_is_disconnected_only_when_asked() {
+    let (e, _img) = served_point("idle");
+    let (server, v) =
+        start_server(&e, &["serve-nbd", "idle", "--listen", "127.0.0.1:0", "--idle-timeout", "1s", "--json"]);
+    let uri = format!("nbd://127.0.0.1:{}/disk0", port_of(v["exports"][0]["uri"].as_str().unwrap()));
+    let out = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read 0 64k", "-c", "sleep 2500", "-c", "read 0 64k", &uri])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(text.matches("read 65536/65536").count(), 1, "{text}");
+    assert!(server.log().contains("idle for 1 s"), "{}", server.log());
+}
+
+#[test]
+fn the_default_socket_is_private_and_an_existing_path_is_removed_only_when_stale() {
+    use std::os::unix::fs::PermissionsExt;
+    let (e, img) = served_point("local");
+    let runtime = e.path("runtime");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut cmd = e.cmd(&["serve-nbd", "local", "--json"]);
+    cmd.env("XDG_RUNTIME_DIR", &runtime); // used when not root; root gets /run/cairn-nbd
+    let log = e.path("default.log");
+    let mut child = cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let mut line = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    while serde_json::from_str::<serde_json::Value>(&line).is_err() {
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "{}", std::fs::read_to_string(&log).unwrap());
+    }
+    let server = Server { child, log };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let uri = v["exports"][0]["uri"].as_str().unwrap().to_string();
+    let socket = PathBuf::from(uri.split("socket=").nth(1).unwrap());
+    let folder = socket.parent().unwrap();
+    assert!(folder == Path::new("/run/cairn-nbd") || folder == runtime.join("cairn-nbd"), "{uri}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(folder), 0o700, "{}", folder.display());
+    assert_eq!(mode(&socket), 0o600, "{}", socket.display());
+    let copy = e.path("copy.raw");
+    run_tool(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&copy));
+    assert!(same_content(&img, &copy));
+    drop(server);
+
+    // Something that is not a socket is never removed.
+    let path = e.path("taken.sock");
+    std::fs::write(&path, b"precious").unwrap();
+    let err = e.fails(&["serve-nbd", "local", "--socket", path.to_str().unwrap()], 1);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    // Nor a socket someone listens on.
+    let live = e.path("live.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let err = e.fails(&["serve-nbd", "local", "--socket", live.to_str().unwrap()], 1);
+    assert!(err.contains("already listening"), "{err}");
+    // A socket left by a server that died is taken over.
+    drop(listener);
+    assert!(live.exists());
+    let (_server, v) = start_server(&e, &["serve-nbd", "local", "--socket", live.to_str().unwrap(), "--json"]);
+    let info = Command::new("qemu-img")
+        .args(["info", "-f", "raw", v["exports"][0]["uri"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
 }

@@ -14,5 +14,5 @@ pub mod proto;
 pub mod server;
 mod uri;
 
-pub use client::{ExportInfo, Extent, NbdClient, NbdError};
+pub use client::{ClientOptions, ExportInfo, Extent, NbdClient, NbdError};
 pub use uri::{NbdAddress, Transport};

@@ -5,13 +5,19 @@
 //!
 //! With a TLS configuration ([`tls_config`]), TLS is required, as the NBD protocol specifies
 //! it: before `NBD_OPT_STARTTLS` every option but `NBD_OPT_ABORT` gets `NBD_REP_ERR_TLS_REQD`;
-//! after it, the handshake and then everything else runs inside TLS (rustls).
+//! after it, the handshake and then everything else runs inside TLS (rustls). Given a client
+//! CA, clients must present a certificate it signed: NBD itself authenticates nobody.
+//!
+//! Every client is bounded ([`Limits`]): a number of connections (hence threads), a time to
+//! finish the handshake, an idle time, and about 1 MiB of buffer (reads are answered in pieces).
 
 use crate::proto::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// What an export serves: a read-only disk.
 pub trait Export: Send + Sync {
@@ -54,6 +60,117 @@ const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 /// Largest read we serve, as advertised in the block size info.
 const MAX_REQUEST: u32 = 32 << 20;
+/// Reads are answered in structured data chunks of at most this much, so a connection holds
+/// one such buffer whatever the request size.
+const READ_PIECE: usize = 1 << 20;
+
+/// What one server grants its clients.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Clients served at once (one thread each); more are refused when they connect.
+    pub max_connections: usize,
+    /// Time from connecting to choosing an export (TLS included), as QEMU's own server limits
+    /// it: a client that says nothing cannot hold a connection slot for long.
+    pub handshake_timeout: Duration,
+    /// A client silent for this long once serving (no request) is disconnected; `None` keeps it.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 16, handshake_timeout: Duration::from_secs(10), idle_timeout: None }
+    }
+}
+
+/// A connection whose reads and writes can be given a time limit (a socket).
+pub trait Socket {
+    fn set_timeouts(&self, limit: Option<Duration>) -> io::Result<()>;
+}
+
+impl Socket for std::net::TcpStream {
+    fn set_timeouts(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)?;
+        self.set_write_timeout(limit)
+    }
+}
+
+impl Socket for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(limit)?;
+        self.set_write_timeout(limit)
+    }
+}
+
+/// Which time limit a connection is under: the handshake's deadline, then the idle time.
+struct Clock {
+    handshake_until: Cell<Option<Instant>>,
+    idle: Option<Duration>,
+    /// The limit last given to the socket (a system call only when it changes).
+    armed: Cell<Option<Option<Duration>>>,
+}
+
+impl Clock {
+    fn handshake_done(&self) {
+        self.handshake_until.set(None);
+    }
+
+    /// Sets the socket's limit for the next read or write; fails once the handshake is late.
+    fn arm(&self, sock: &impl Socket) -> io::Result<()> {
+        let limit = match self.handshake_until.get() {
+            Some(until) => {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client did not finish the handshake in time",
+                    ));
+                }
+                Some(left)
+            }
+            None => self.idle,
+        };
+        if self.armed.get() != Some(limit) {
+            sock.set_timeouts(limit)?;
+            self.armed.set(Some(limit));
+        }
+        Ok(())
+    }
+
+    fn explain(&self, e: io::Error) -> io::Error {
+        if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            return e;
+        }
+        let why = match (self.handshake_until.get(), self.idle) {
+            (Some(_), _) => "the client did not finish the handshake in time".to_string(),
+            (None, Some(idle)) => format!("the client was idle for {} s", idle.as_secs()),
+            (None, None) => return e,
+        };
+        io::Error::new(io::ErrorKind::TimedOut, why)
+    }
+}
+
+/// A socket under a [`Clock`]: every read and write within the current limit.
+struct Timed<'c, S> {
+    sock: S,
+    clock: &'c Clock,
+}
+
+impl<S: Socket + Read> Read for Timed<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.clock.arm(&self.sock)?;
+        self.sock.read(buf).map_err(|e| self.clock.explain(e))
+    }
+}
+
+impl<S: Socket + Write> Write for Timed<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.clock.arm(&self.sock)?;
+        self.sock.write(buf).map_err(|e| self.clock.explain(e))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes(b[at..at + 2].try_into().unwrap())
@@ -79,25 +196,43 @@ fn transmission_flags() -> u16 {
 }
 
 /// A server TLS configuration from PEM files: the certificate chain (server first) and its
-/// private key.
-pub fn tls_config(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerConfig>> {
+/// private key; with `client_ca`, clients must present a certificate signed by one of the
+/// certificates in that file.
+pub fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> io::Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |what: &Path, e: &dyn std::fmt::Display| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{}: {e}", what.display()))
     };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| bad(cert, &e))?;
-    if chain.is_empty() {
-        return Err(bad(cert, &"no certificate in the file"));
-    }
+    let certs = |path: &Path| {
+        let list = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| bad(path, &e))?;
+        if list.is_empty() {
+            return Err(bad(path, &"no certificate in the file"));
+        }
+        Ok(list)
+    };
+    let chain = certs(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
         .map_err(|e| bad(cert, &e))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs(ca)? {
+                roots.add(c).map_err(|e| bad(ca, &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| bad(ca, &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(chain, key_der).map_err(|e| bad(cert, &e))?;
     Ok(Arc::new(config))
 }
 
@@ -135,49 +270,58 @@ fn read_option(r: &mut impl Read) -> io::Result<(u32, Vec<u8>)> {
     Ok((option, data))
 }
 
-/// Serves one client on `stream` until it disconnects; with `tls`, only over TLS.
-pub fn serve_connection<S: Read + Write>(
+/// Serves one client on `stream` until it disconnects; with `tls`, only over TLS. The
+/// handshake and idle limits of `limits` apply (the connection count is the caller's).
+pub fn serve_connection<S: Socket + Read + Write>(
     stream: S,
     exports: &Exports,
     tls: Option<&Arc<rustls::ServerConfig>>,
-) -> io::Result<()>
-where
-    for<'a> &'a S: Read + Write,
-{
+    limits: &Limits,
+) -> io::Result<()> {
+    let clock = Clock {
+        handshake_until: Cell::new(Some(Instant::now() + limits.handshake_timeout)),
+        idle: limits.idle_timeout,
+        armed: Cell::new(None),
+    };
+    let mut stream = Timed { sock: stream, clock: &clock };
     let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
     greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    (&stream).write_all(&greeting)?;
+    stream.write_all(&greeting)?;
     let mut b4 = [0u8; 4];
-    (&stream).read_exact(&mut b4)?;
+    stream.read_exact(&mut b4)?;
     let no_zeroes = u32::from_be_bytes(b4) & FLAG_NO_ZEROES as u32 != 0;
-    let Some(tls) = tls else { return haggle_and_serve(&stream, exports, no_zeroes) };
+    let Some(tls) = tls else {
+        return haggle_and_serve(&Duplex(RefCell::new(stream)), exports, no_zeroes, &clock);
+    };
     loop {
-        let (option, _) = read_option(&mut &stream)?;
+        let (option, _) = read_option(&mut stream)?;
         match option {
             OPT_STARTTLS => {
-                option_reply(&mut &stream, option, REP_ACK, &[])?;
+                option_reply(&mut stream, option, REP_ACK, &[])?;
                 let conn = rustls::ServerConnection::new(tls.clone()).map_err(io::Error::other)?;
                 let secure = Duplex(RefCell::new(rustls::StreamOwned::new(conn, stream)));
-                return haggle_and_serve::<Duplex<rustls::StreamOwned<_, S>>>(&secure, exports, no_zeroes);
+                return haggle_and_serve(&secure, exports, no_zeroes, &clock);
             }
             OPT_ABORT => {
-                let _ = option_reply(&mut &stream, option, REP_ACK, &[]);
+                let _ = option_reply(&mut stream, option, REP_ACK, &[]);
                 return Ok(());
             }
             OPT_EXPORT_NAME => {
                 return Err(io::Error::new(io::ErrorKind::PermissionDenied, "client did not start TLS"));
             }
-            _ => option_reply(&mut &stream, option, REP_ERR_TLS_REQD, b"this server requires TLS")?,
+            _ => option_reply(&mut stream, option, REP_ERR_TLS_REQD, b"this server requires TLS")?,
         }
     }
 }
 
 /// Option haggling, then transmission, on a stream past the greeting.
-fn haggle_and_serve<S>(stream: &S, exports: &Exports, no_zeroes: bool) -> io::Result<()>
-where
-    for<'a> &'a S: Read + Write,
-{
+fn haggle_and_serve<S: Read + Write>(
+    stream: &Duplex<S>,
+    exports: &Exports,
+    no_zeroes: bool,
+    clock: &Clock,
+) -> io::Result<()> {
     let mut r = BufReader::new(stream);
     let mut w = BufWriter::new(stream);
 
@@ -268,7 +412,8 @@ where
         }
     };
 
-    // Transmission: simple replies, one request at a time.
+    // Transmission: one request at a time.
+    clock.handshake_done();
     let size = export.size();
     let mut buf = Vec::new();
     loop {
@@ -285,39 +430,39 @@ where
         let (handle, offset, len) = (u64_at(&req, 8), u64_at(&req, 16), u32_at(&req, 24));
         // NBD_CMD_FLAG_REQ_ONE: the client wants a single extent per context (QEMU always asks so).
         let max_extents = if cmd_flags & (1 << 3) != 0 { 1 } else { 4096 };
-        let reply = |w: &mut BufWriter<&S>, error: u32| -> io::Result<()> {
+        let reply = |w: &mut BufWriter<&Duplex<S>>, error: u32| -> io::Result<()> {
             w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
             w.write_all(&error.to_be_bytes())?;
             w.write_all(&handle.to_be_bytes())
         };
         match kind {
             CMD_READ => {
-                if len > MAX_REQUEST || offset.checked_add(len as u64).is_none_or(|end| end > size) {
+                if len == 0 || len > MAX_REQUEST || offset.checked_add(len as u64).is_none_or(|end| end > size) {
                     reply(&mut w, EINVAL)?;
+                } else if structured {
+                    read_in_pieces(&mut w, &*export, handle, offset, len, &mut buf)?;
                 } else {
+                    // A simple reply cannot fail half-way: the whole read comes first.
                     buf.resize(len as usize, 0);
                     match export.read_at(offset, &mut buf) {
-                        Ok(()) if structured => {
-                            chunk(&mut w, REPLY_TYPE_OFFSET_DATA, handle, 8 + len)?;
-                            w.write_all(&offset.to_be_bytes())?;
-                            w.write_all(&buf)?;
-                        }
                         Ok(()) => {
                             reply(&mut w, 0)?;
                             w.write_all(&buf)?;
                         }
                         Err(e) => {
                             eprintln!("cairn nbd: read of {len} bytes at {offset} failed: {e}");
-                            if structured {
-                                structured_error(&mut w, handle, EIO, &e.to_string())?;
-                            } else {
-                                reply(&mut w, EIO)?;
-                            }
+                            reply(&mut w, EIO)?;
                         }
+                    }
+                    if buf.capacity() > READ_PIECE {
+                        buf = Vec::new();
                     }
                 }
             }
             CMD_WRITE => {
+                if len > MAX_REQUEST {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a write of {len} bytes")));
+                }
                 // Read and drop the payload: the export is read-only.
                 io::copy(&mut (&mut r).take(len as u64), &mut io::sink())?;
                 reply(&mut w, EPERM)?;
@@ -330,7 +475,7 @@ where
             CMD_WRITE_ZEROES => reply(&mut w, EPERM)?,
             CMD_BLOCK_STATUS if base_allocation => {
                 if offset >= size || len == 0 {
-                    structured_error(&mut w, handle, EINVAL, "out of range")?;
+                    structured_error(&mut w, handle, EINVAL, "out of range", None)?;
                 } else {
                     let want = (len as u64).min(size - offset);
                     match export.extents(offset, want) {
@@ -349,10 +494,10 @@ where
                                     break;
                                 }
                             }
-                            chunk(&mut w, REPLY_TYPE_BLOCK_STATUS, handle, body.len() as u32)?;
+                            chunk(&mut w, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, handle, body.len() as u32)?;
                             w.write_all(&body)?;
                         }
-                        Err(e) => structured_error(&mut w, handle, EIO, &e.to_string())?,
+                        Err(e) => structured_error(&mut w, handle, EIO, &e.to_string(), None)?,
                     }
                 }
             }
@@ -362,60 +507,138 @@ where
     }
 }
 
+/// Answers a read with structured data chunks of at most [`READ_PIECE`] bytes, and an error
+/// chunk at the first piece that cannot be read.
+fn read_in_pieces(
+    w: &mut impl Write,
+    export: &dyn Export,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let end = offset + len as u64;
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(READ_PIECE as u64) as usize;
+        buf.resize(n, 0);
+        if let Err(e) = export.read_at(at, buf) {
+            eprintln!("cairn nbd: read of {n} bytes at {at} failed: {e}");
+            return structured_error(w, handle, EIO, &e.to_string(), Some(at));
+        }
+        let flags = if at + n as u64 == end { REPLY_FLAG_DONE } else { 0 };
+        chunk(w, flags, REPLY_TYPE_OFFSET_DATA, handle, 8 + n as u32)?;
+        w.write_all(&at.to_be_bytes())?;
+        w.write_all(buf)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Parses the export name and queries of a meta context option.
 fn meta_queries(data: &[u8]) -> Option<Vec<String>> {
-    let n = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
-    let mut at = 4 + n;
-    let count = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?);
+    let field = |at: usize, len: usize| data.get(at..at.checked_add(len)?);
+    let u32_field = |at: usize| Some(u32::from_be_bytes(field(at, 4)?.try_into().ok()?) as usize);
+    let mut at = 4usize.checked_add(u32_field(0)?)?;
+    let count = u32_field(at)?;
     at += 4;
     let mut out = Vec::new();
     for _ in 0..count {
-        let l = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
-        out.push(String::from_utf8_lossy(data.get(at + 4..at + 4 + l)?).into_owned());
+        let l = u32_field(at)?;
+        out.push(String::from_utf8_lossy(field(at + 4, l)?).into_owned());
         at += 4 + l;
     }
     Some(out)
 }
 
-/// The header of a final structured reply chunk.
-fn chunk(w: &mut impl Write, kind: u16, handle: u64, len: u32) -> io::Result<()> {
+/// The header of a structured reply chunk.
+fn chunk(w: &mut impl Write, flags: u16, kind: u16, handle: u64, len: u32) -> io::Result<()> {
     w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
-    w.write_all(&REPLY_FLAG_DONE.to_be_bytes())?;
+    w.write_all(&flags.to_be_bytes())?;
     w.write_all(&kind.to_be_bytes())?;
     w.write_all(&handle.to_be_bytes())?;
     w.write_all(&len.to_be_bytes())
 }
 
-fn structured_error(w: &mut impl Write, handle: u64, error: u32, msg: &str) -> io::Result<()> {
+/// A final error chunk; with `at`, the offset where a read failed.
+fn structured_error(w: &mut impl Write, handle: u64, error: u32, msg: &str, at: Option<u64>) -> io::Result<()> {
     let msg = &msg.as_bytes()[..msg.len().min(1024)];
-    chunk(w, REPLY_TYPE_ERROR, handle, 6 + msg.len() as u32)?;
+    let (kind, extra) = if at.is_some() { (REPLY_TYPE_ERROR_OFFSET, 8) } else { (REPLY_TYPE_ERROR, 0) };
+    chunk(w, REPLY_FLAG_DONE, kind, handle, 6 + msg.len() as u32 + extra)?;
     w.write_all(&error.to_be_bytes())?;
     w.write_all(&(msg.len() as u16).to_be_bytes())?;
-    w.write_all(msg)
+    w.write_all(msg)?;
+    if let Some(at) = at {
+        w.write_all(&at.to_be_bytes())?;
+    }
+    Ok(())
 }
 
-/// Serves every connection of `incoming` on a thread of its own, until the listener fails.
+/// Serves every connection of `incoming` on a thread of its own, at most
+/// `limits.max_connections` at once, until the listener fails.
 fn serve_all<S>(
     incoming: impl Iterator<Item = io::Result<S>>,
     exports: Exports,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
 ) -> io::Result<()>
 where
-    S: Read + Write + Send + 'static,
-    for<'a> &'a S: Read + Write,
+    S: Socket + Read + Write + Send + 'static,
 {
+    let active = Arc::new(AtomicUsize::new(0));
     for conn in incoming {
-        let conn = conn?;
-        let (exports, tls) = (exports.clone(), tls.clone());
-        std::thread::spawn(move || {
-            if let Err(e) = serve_connection(conn, &exports, tls.as_ref()) {
+        let conn = match conn {
+            Ok(c) => c,
+            // A client gone before it was accepted, or no file descriptor free for a moment.
+            Err(e) if accept_error_passes(&e) => {
+                eprintln!("cairn nbd: accepting a connection failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if active.load(Ordering::Acquire) >= limits.max_connections {
+            eprintln!(
+                "cairn nbd: refused a connection: {} clients are connected already (the limit)",
+                limits.max_connections
+            );
+            continue; // dropping it closes it
+        }
+        active.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(active.clone());
+        let (exports, tls, limits) = (exports.clone(), tls.clone(), limits.clone());
+        let started = std::thread::Builder::new().name("cairn-nbd-conn".into()).spawn(move || {
+            let _slot = slot;
+            if let Err(e) = serve_connection(conn, &exports, tls.as_ref(), &limits) {
                 if e.kind() != io::ErrorKind::UnexpectedEof && e.kind() != io::ErrorKind::ConnectionReset {
                     eprintln!("cairn nbd: connection ended: {e}");
                 }
             }
         });
+        if let Err(e) = started {
+            eprintln!("cairn nbd: refused a connection: no thread for it ({e})");
+        }
     }
     Ok(())
+}
+
+/// A connection slot, given back when its thread ends (or never starts).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Errors of `accept` that concern one client or a passing shortage, not the listener.
+fn accept_error_passes(e: &io::Error) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOBUFS: i32 = 105;
+    const ENOMEM: i32 = 12;
+    matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted)
+        || matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
 }
 
 /// Accepts clients on a Unix socket until the process ends, one thread each.
@@ -423,8 +646,9 @@ pub fn serve_unix(
     listener: std::os::unix::net::UnixListener,
     exports: Exports,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
 ) -> io::Result<()> {
-    serve_all(listener.incoming(), exports, tls)
+    serve_all(listener.incoming(), exports, tls, limits)
 }
 
 /// Accepts clients on a TCP socket until the process ends, one thread each.
@@ -432,6 +656,7 @@ pub fn serve_tcp(
     listener: std::net::TcpListener,
     exports: Exports,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
 ) -> io::Result<()> {
     serve_all(
         listener.incoming().map(|c| {
@@ -441,5 +666,6 @@ pub fn serve_tcp(
         }),
         exports,
         tls,
+        limits,
     )
 }

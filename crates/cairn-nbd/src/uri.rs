@@ -1,5 +1,6 @@
 //! NBD URIs (the subset of the NBD URI standard that QEMU and libnbd use).
 
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -32,32 +33,44 @@ impl NbdAddress {
         };
         if let Some(rest) = s.strip_prefix("nbd+unix://") {
             let (path, query) = rest.split_once('?').ok_or_else(|| bad("missing ?socket="))?;
-            let path = path.strip_prefix('/').unwrap_or(path);
+            let Some(export) = path.strip_prefix('/').or((path.is_empty()).then_some("")) else {
+                return Err(bad("a Unix socket URI has no host (nbd+unix:///EXPORT?socket=PATH)"));
+            };
             let socket = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("socket="))
+                .filter(|p| !p.is_empty())
                 .ok_or_else(|| bad("missing socket= parameter"))?;
             return Ok(NbdAddress {
                 transport: Transport::Unix { socket: percent_decode(socket).into() },
-                export: percent_decode(path),
+                export: percent_decode(export),
             });
         }
         if let Some(rest) = s.strip_prefix("nbd://") {
             let rest = rest.split('?').next().unwrap_or("");
             let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
-            if hostport.is_empty() {
-                return Err(bad("missing host"));
-            }
+            let port = |p: &str| p.parse::<u16>().map_err(|_| bad("bad port"));
             let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
                 // [ipv6]:port
                 let (h, p) = h.split_once(']').ok_or_else(|| bad("unclosed ["))?;
-                (h.to_string(), p.strip_prefix(':').map(|p| p.parse().map_err(|_| bad("bad port"))).transpose()?)
+                let p = match p {
+                    "" => None,
+                    p => Some(port(p.strip_prefix(':').ok_or_else(|| bad("junk after ]"))?)?),
+                };
+                (h.to_string(), p)
             } else {
                 match hostport.rsplit_once(':') {
-                    Some((h, p)) => (h.to_string(), Some(p.parse().map_err(|_| bad("bad port"))?)),
+                    Some((h, p)) => (h.to_string(), Some(port(p)?)),
                     None => (hostport.to_string(), None),
                 }
             };
+            if host.is_empty() {
+                return Err(bad("missing host"));
+            }
+            // RFC 3986: an IPv6 address is written in brackets, and brackets mean nothing else.
+            if host.contains(['[', ']']) || (host.contains(':') && !hostport.starts_with('[')) {
+                return Err(bad("a host with ':' must be in brackets, as in nbd://[::1]:10809/EXPORT"));
+            }
             return Ok(NbdAddress {
                 transport: Transport::Tcp { host, port: port.unwrap_or(10809) },
                 export: percent_decode(export),
@@ -67,33 +80,27 @@ impl NbdAddress {
     }
 }
 
+/// What an export name or socket path must escape to read back as itself: the separators the
+/// parser splits on, `%` itself, and anything not printable ASCII.
+const ESCAPED: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'?').add(b'&').add(b'#').add(b'"');
+
 impl fmt::Display for NbdAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let export = utf8_percent_encode(&self.export, ESCAPED);
         match &self.transport {
-            Transport::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
+            Transport::Tcp { host, port } if host.contains(':') => write!(f, "nbd://[{host}]:{port}/{export}"),
+            Transport::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{export}"),
             Transport::Unix { socket } => {
-                write!(f, "nbd+unix:///{}?socket={}", self.export, socket.display())
+                let socket = socket.to_string_lossy();
+                write!(f, "nbd+unix:///{export}?socket={}", utf8_percent_encode(&socket, ESCAPED))
             }
         }
     }
 }
 
+/// `%XX` escapes decoded; a `%` not followed by two hex digits stays as it is.
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 #[cfg(test)]
@@ -115,5 +122,58 @@ mod tests {
         );
         assert!(NbdAddress::parse("nbd+unix:///x").is_err());
         assert!(NbdAddress::parse("http://x").is_err());
+        let v6 = NbdAddress::parse("nbd://[::1]:10810/vda").unwrap();
+        assert_eq!(v6.transport, Transport::Tcp { host: "::1".into(), port: 10810 });
+        assert_eq!(v6.to_string(), "nbd://[::1]:10810/vda");
+    }
+
+    #[test]
+    fn a_percent_before_a_multibyte_character_is_kept_not_panicked_on() {
+        // Found by the operator review: `%a` then a two-byte character split a char boundary.
+        assert_eq!(NbdAddress::parse("nbd://h/%aé").unwrap().export, "%aé");
+        assert_eq!(NbdAddress::parse("nbd://h/%éa").unwrap().export, "%éa");
+        assert_eq!(NbdAddress::parse("nbd+unix:///x?socket=/s%€").unwrap(), NbdAddress::unix("/s%€", "x"));
+        assert_eq!(NbdAddress::parse("nbd://h/a%").unwrap().export, "a%");
+        assert_eq!(NbdAddress::parse("nbd://h/a%4").unwrap().export, "a%4");
+    }
+
+    #[test]
+    fn a_trailing_escape_is_decoded() {
+        assert_eq!(NbdAddress::parse("nbd://h/disk%20").unwrap().export, "disk ");
+        assert_eq!(NbdAddress::parse("nbd+unix:///x?socket=/run/a%2Bb").unwrap(), NbdAddress::unix("/run/a+b", "x"));
+        assert_eq!(NbdAddress::parse("nbd://h/%41").unwrap().export, "A");
+    }
+
+    #[test]
+    fn printed_addresses_parse_back_to_themselves() {
+        for a in [
+            NbdAddress::unix("/run/a b&c%d?e", "vd a?%"),
+            NbdAddress::unix("/s", ""),
+            NbdAddress { transport: Transport::Tcp { host: "fe80::1".into(), port: 0 }, export: "x/y#z".into() },
+            NbdAddress { transport: Transport::Tcp { host: "backup".into(), port: 10809 }, export: "é".into() },
+        ] {
+            assert_eq!(NbdAddress::parse(&a.to_string()).unwrap(), a, "{a}");
+        }
+    }
+
+    #[test]
+    fn malformed_hosts_and_sockets_are_refused() {
+        // The first ambiguous host was found by the nbd_uri fuzz target (its printed form did
+        // not parse back).
+        for s in [
+            "nbd://",
+            "nbd://:10809/x",
+            "nbd://[]:1/x",
+            "nbd://[::1]junk/x",
+            "nbd://h:99999/x",
+            "nbd://#::1]:10809/vda",
+            "nbd://::1:10809/x",
+            "nbd://[[::1]:1/x",
+        ] {
+            assert!(NbdAddress::parse(s).is_err(), "{s}");
+        }
+        for s in ["nbd+unix:///x?socket=", "nbd+unix://host/x?socket=/s"] {
+            assert!(NbdAddress::parse(s).is_err(), "{s}");
+        }
     }
 }
