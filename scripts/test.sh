@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine (as root) and runs every test: unit tests and the
-# integration tests against real files, qemu-img, qemu-io, qemu-nbd, libvirt and QEMU test guests.
+# integration tests against real files, qemu-img, qemu-io, qemu-nbd, libvirt and QEMU test guests;
+# then the short forms of the torture harnesses and of the fuzz targets (docs/RELIABILITY.md
+# gives the full runs, their commands and their figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+t0=$SECONDS
 cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
 cargo test --workspace --locked -- --test-threads=2
+echo "tests: $((SECONDS - t0)) s"; t0=$SECONDS
+# A fault at every storage call of one small backup; kill -9 at every crash point of a backup,
+# a repair and a VM backup (each followed by the invariant checks). Exit 1 on any violation.
+target/debug/cairn-torture faults --ops backup
+target/debug/cairn-torture kills --ops backup,repair,backup-vm --random 2 --per-point 1
+echo "torture: $((SECONDS - t0)) s"; t0=$SECONDS
+# Every fuzz target: its seed corpus, then 30 s of new inputs.
+scripts/fuzz.sh --seconds 30
+echo "fuzz: $((SECONDS - t0)) s"
