@@ -439,7 +439,12 @@ fn check(
         cairn_engine::verify::run(&repo, 1, Default::default(), &NoProgress)?;
     }
     let report = cairn_engine::verify::verify(&repo, 1, &NoProgress)?;
-    f.unindexed_bytes = report.unindexed_packs.len() as u64 * 16 * workload::MIB;
+    f.unindexed_bytes = report
+        .unindexed_packs
+        .iter()
+        .filter_map(|p| std::fs::metadata(dir.join("packs").join(&p[..2]).join(p)).ok())
+        .map(|m| m.len())
+        .sum();
     f.temporaries = workload::temporaries(dir).0;
     let damage = damage_names(&report);
     // The damaged template's damage is expected: its pack, and its blocks (named by ID once

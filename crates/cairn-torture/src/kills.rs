@@ -65,7 +65,12 @@ pub struct Summary {
     /// stores without a kill before it (1.0: nothing the killed run wrote was reused).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_backup_stored_ratio_max: Option<f64>,
-    /// Bytes of packs no index lists plus temporary files, after a kill (reclaimed by gc).
+    /// The smallest such ratio: a kill after an index file was written lets the next backup
+    /// reuse what the killed one stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_backup_stored_ratio_min: Option<f64>,
+    /// Bytes of packs no index lists plus temporary files, in a repository that took up to 25
+    /// kills (reclaimed by gc, once it exists).
     pub leaked_bytes_max: u64,
     /// VM backups: the longest a guest stayed frozen or paused after its backup was killed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -417,10 +422,16 @@ impl Harness {
         } else if !o.status.success() {
             bail!("verify after the kill: {}", String::from_utf8_lossy(&o.stdout));
         }
-        let unindexed = v["unindexed_packs"].as_array().map(|a| a.len()).unwrap_or(0) as u64;
-        let (tmp_n, tmp_bytes) = workload::temporaries(&self.repo);
-        let _ = tmp_n;
-        self.summary.leaked_bytes_max = self.summary.leaked_bytes_max.max(unindexed * 16 * workload::MIB + tmp_bytes);
+        let unindexed: u64 = v["unindexed_packs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .filter_map(|p| std::fs::metadata(self.repo.join("packs").join(&p[..2]).join(p)).ok())
+            .map(|m| m.len())
+            .sum();
+        let (_, tmp_bytes) = workload::temporaries(&self.repo);
+        self.summary.leaked_bytes_max = self.summary.leaked_bytes_max.max(unindexed + tmp_bytes);
         // 2. points: nothing lost, at most one new, and it is the image being backed up.
         let listed: Vec<String> =
             self.json(&["points"])?.as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect();
@@ -468,8 +479,11 @@ impl Harness {
                     .unwrap_or(0);
                 if let (Some(clean), true) = (self.clean_stored, ended.killed) {
                     let r = stored as f64 / clean.max(1) as f64;
+                    let r = (r * 1000.0).round() / 1000.0;
                     let m = self.summary.next_backup_stored_ratio_max.get_or_insert(0.0);
-                    *m = m.max((r * 1000.0).round() / 1000.0);
+                    *m = m.max(r);
+                    let m = self.summary.next_backup_stored_ratio_min.get_or_insert(f64::MAX);
+                    *m = m.min(r);
                 }
                 self.points.insert(id, Some(img.clone()));
                 self.latest = Some(img);
