@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut file) = serde_json::from_slice::<KeyFile>(data) else { return };
     let t = std::time::Instant::now();
     // Absurd costs must be refused before any work.
-    let absurd = file.memory_kib > 4 * 1024 * 1024 || file.iterations > 64 || file.parallelism > 16;
+    let absurd = file.memory_kib > 1024 * 1024 || file.iterations > 32 || file.parallelism > 16;
     if absurd {
         assert!(unwrap_keys(&file, "pw").is_err());
         assert!(t.elapsed() < std::time::Duration::from_millis(50));
@@ -18,5 +18,7 @@ fuzz_target!(|data: &[u8]| {
     // Plausible costs: keep the run cheap, but exercise the rest of the path.
     file.memory_kib = file.memory_kib.min(64);
     file.iterations = file.iterations.min(1);
-    let _ = unwrap_keys(&file, "pw");
+    if let Ok(Some(opened)) = unwrap_keys(&file, "pw") {
+        let _ = opened.authenticates(b"{}");
+    }
 });

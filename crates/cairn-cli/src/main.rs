@@ -504,7 +504,9 @@ pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     // A password was given for a repository that says it is not encrypted: either the wrong
     // repository, or its config was altered to turn encryption off. Writing plaintext where
     // the operator expects ciphertext is the worse mistake, so stop.
-    if !repo.crypto().is_encrypted() && std::env::var_os("CAIRN_PASSWORD").is_some() {
+    let password_given =
+        std::env::var_os("CAIRN_PASSWORD").is_some() || std::env::var_os(vm::PASSWORD_FD_ENV).is_some();
+    if !repo.crypto().is_encrypted() && password_given {
         bail!(
             "the repository at {} is not encrypted, but CAIRN_PASSWORD is set: if it should be encrypted, its \
              config was altered (do not use it); if not, unset CAIRN_PASSWORD",

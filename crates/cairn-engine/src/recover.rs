@@ -14,7 +14,7 @@ use crate::vm::{private_dir, VmRecord};
 use anyhow::{bail, Context, Result};
 use cairn_hypervisor::domain_xml::{self, ConfigEdit};
 use cairn_hypervisor::Hypervisor;
-use cairn_repo::{Repository, RestorePoint};
+use cairn_repo::{safe_name, Repository, RestorePoint};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -154,18 +154,13 @@ pub(crate) fn stop_server(pid: u32, start_time: Option<u64>, socket: &Path) -> b
     ours
 }
 
-/// Whether a disk name or role from a restore point may become part of a file name: the points
-/// of a tampered repository must not reach outside the storage folder (`../../etc/x`).
-pub fn is_safe_name(s: &str) -> bool {
-    !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
 /// The image roles this version knows (FORMAT.md §7); readers ignore others.
 pub const KNOWN_ROLES: [&str; 6] = ["kernel", "initrd", "dtb", "loader", "nvram", "memory-state"];
 
-/// Refuses an image whose name could not be a file name.
+/// Refuses an image whose name could not be a file name. Points are checked when loaded
+/// (`cairn_repo::RestorePoint::check`); this guards the place where names become paths.
 pub(crate) fn check_image_name(short: &str, img: &cairn_repo::DiskImage) -> Result<()> {
-    if !is_safe_name(&img.name) || img.role.as_deref().is_some_and(|r| !is_safe_name(r)) {
+    if !safe_name(&img.name) || img.role.as_deref().is_some_and(|r| !safe_name(r)) {
         bail!(
             "restore point {short} holds an image named {:?} (role {:?}) that cannot be a file name (letters, digits, . _ - only): the point is damaged or was tampered with; nothing was written",
             img.name,
@@ -657,10 +652,10 @@ mod tests {
     #[test]
     fn names_from_a_point_stay_file_names() {
         for ok in ["vda", "disk0", "memory-state", "sda.1", "a_b"] {
-            assert!(is_safe_name(ok), "{ok}");
+            assert!(safe_name(ok), "{ok}");
         }
         for bad in ["", ".", "..", "../etc", "a/b", "/etc/passwd", "a\0b", "vda ", "é"] {
-            assert!(!is_safe_name(bad), "{bad:?}");
+            assert!(!safe_name(bad), "{bad:?}");
         }
     }
 

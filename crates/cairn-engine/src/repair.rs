@@ -104,10 +104,12 @@ pub fn rebuild_index(repo: &Repository, dry_run: bool, progress: &dyn Progress) 
     let mut missing: BTreeMap<PackId, ()> = BTreeMap::new();
     progress.start("read index files", old_files.len() as u64);
     for name in &old_files {
-        match repo.read_index_file(name) {
+        // A damaged-looking file is read once more: a misread must not cost its entries.
+        match repo.read_index_file(name).or_else(|_| repo.read_index_file(name)) {
             Ok(list) => {
                 for (pack, frames) in list {
-                    if stored.contains_key(&pack) {
+                    // Dropped only when storage confirms the pack is gone (a listing is no proof).
+                    if stored.contains_key(&pack) || repo.pack_exists(&hex::encode(pack)).unwrap_or(true) {
                         packs.entry(pack).or_insert(frames);
                     } else {
                         missing.insert(pack, ());

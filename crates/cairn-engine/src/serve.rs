@@ -94,10 +94,21 @@ impl PointDisk {
         match self.first_copy(id) {
             Some((frame, range)) => self.copy_part(id, at, &frame[range], out, from),
             None => {
-                let blob = self
-                    .repo
-                    .read_blob(id, &format!("disk offset {at}"))
-                    .map_err(|e| anyhow::anyhow!("block {} at disk offset {at}: {e}", id.to_hex()))?;
+                // The first copy is damaged (another copy, then quarantined ones), or there is
+                // none but quarantined ones.
+                let first = self.repo.index().get(id).map(|l| l.pack);
+                let blob = match first {
+                    Some(pack) => self.repo.read_other_copy(id, &pack).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "block {} at disk offset {at} is damaged (content does not match its hash) and no other copy is sound",
+                            id.to_hex()
+                        )
+                    })?,
+                    None => self
+                        .repo
+                        .read_blob(id, &format!("disk offset {at}"))
+                        .map_err(|e| anyhow::anyhow!("block {} at disk offset {at}: {e}", id.to_hex()))?,
+                };
                 self.copy_part(id, at, &blob, out, from)
             }
         }

@@ -227,13 +227,14 @@ pub fn verify_with(
 
     // Damaged copies, by (pack, block): a block is lost only when every copy is.
     let mut damaged: HashMap<(PackId, BlockId), BlockDamage> = HashMap::new();
-    for (pack, copies) in &by_pack {
-        if !all_stored.contains(pack) {
+    for (pack, positions) in &by_pack {
+        // Not listed: missing only if storage confirms it (a listing is not proof).
+        if !all_stored.contains(pack) && !repo.pack_exists(&hex::encode(pack)).unwrap_or(true) {
             let name = hex::encode(pack);
             report.damaged_packs.push(PackDamage { pack: name.clone(), problem: "pack file is missing".into() });
-            for (id, _) in copies {
+            for id in positions.iter().map(|&p| index.entry(p).0) {
                 damaged.insert(
-                    (*pack, *id),
+                    (*pack, id),
                     BlockDamage { block: id.to_hex(), pack: name.clone(), problem: "its pack file is missing".into() },
                 );
             }
@@ -258,8 +259,9 @@ pub fn verify_with(
             let (rx, found, by_pack, index) = (rx.clone(), &found, &by_pack, &index);
             s.spawn(move || {
                 for (pack, name, size) in rx {
-                    let copies = by_pack.get(&pack).map(|v| v.as_slice()).unwrap_or(&[]);
-                    let f = check_pack(repo, index, &pack, &name, size, copies);
+                    let copies: Vec<(BlockId, BlobLocation)> =
+                        by_pack.get(&pack).into_iter().flatten().map(|&p| index.entry(p)).collect();
+                    let f = check_pack(repo, index, &pack, &name, size, &copies);
                     progress.advance(size);
                     found.lock().unwrap().push((pack, f));
                 }

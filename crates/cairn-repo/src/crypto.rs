@@ -225,21 +225,33 @@ pub struct KeyFile {
     pub iterations: u32,
     pub parallelism: u32,
     pub salt: String,
-    /// `nonce | AES-256-GCM(kek, data_key | id_key) | tag`, hex.
+    /// `nonce | AES-256-GCM(kek, data_key | id_key | config tag) | tag`, hex. The config tag
+    /// (32 bytes, since 2026-11-29; see [`config_tag`]) sits inside the seal, so it cannot be
+    /// stripped or changed without the password: older key files wrap 64 bytes.
     pub wrapped: String,
     pub created: String,
     pub hostname: String,
-    /// Keyed BLAKE3 (under a key derived from the data key) of the exact `config` bytes this
-    /// key belongs to: authenticates the plain config and binds the key to one repository.
-    /// Absent in key files written before 2026-11-29 (their config is only sanity-checked).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config_mac: Option<String>,
+}
+
+/// What a key file holds once its password opened it.
+pub struct Unwrapped {
+    pub keys: MasterKeys,
+    /// The tag of the config this key was made for (`None`: a key file from before tags).
+    config_tag: Option<[u8; 32]>,
+}
+
+impl Unwrapped {
+    /// Whether `config` is the exact config this key was made for; `None` for an older key
+    /// file, which carries no tag (its config can only be sanity-checked).
+    pub fn authenticates(&self, config: &[u8]) -> Option<bool> {
+        self.config_tag.map(|t| t == config_tag(&self.keys, config))
+    }
 }
 
 /// Limits on the Argon2 costs a key file may ask for: a tampered key file must not make
-/// opening take terabytes of memory or hours (cairn writes 64 MiB, 3 passes, 1 lane).
-const KDF_MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
-const KDF_MAX_ITERATIONS: u32 = 64;
+/// opening take gigabytes of memory or minutes (cairn writes 64 MiB, 3 passes, 1 lane).
+const KDF_MAX_MEMORY_KIB: u32 = 1024 * 1024;
+const KDF_MAX_ITERATIONS: u32 = 32;
 const KDF_MAX_PARALLELISM: u32 = 16;
 
 /// Argon2id costs: 64 MiB and 3 passes (~170 ms here); the costs are stored per key file so
@@ -247,6 +259,30 @@ const KDF_MAX_PARALLELISM: u32 = 16;
 const KDF_MEMORY_KIB: u32 = 64 * 1024;
 const KDF_ITERATIONS: u32 = 3;
 const KDF_PARALLELISM: u32 = 1;
+
+impl KeyFile {
+    /// What unwrapping this key costs (memory × passes), to try the cheapest first.
+    pub fn cost(&self) -> u64 {
+        self.memory_kib as u64 * self.iterations.max(1) as u64
+    }
+
+    /// Refuses an unknown KDF or costs beyond any cairn writes, before any work is done.
+    pub fn check_costs(&self) -> Result<()> {
+        if self.kdf != "argon2id" {
+            return Err(Error::Format(format!("key file uses unknown KDF {:?}", self.kdf)));
+        }
+        if self.memory_kib > KDF_MAX_MEMORY_KIB
+            || self.iterations > KDF_MAX_ITERATIONS
+            || self.parallelism > KDF_MAX_PARALLELISM
+        {
+            return Err(Error::Format(format!(
+                "key file asks for Argon2 costs beyond any cairn writes ({} KiB, {} passes, {} lanes)",
+                self.memory_kib, self.iterations, self.parallelism
+            )));
+        }
+        Ok(())
+    }
+}
 
 fn derive_kek(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 32]> {
     let params = argon2::Params::new(m, t, p, Some(32))
@@ -259,15 +295,17 @@ fn derive_kek(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8
     Ok(out)
 }
 
-/// Creates new master keys and a key file that wraps them with `password`.
-pub fn new_keys(password: &str, hostname: &str) -> Result<(MasterKeys, KeyFile)> {
+/// Creates new master keys and a key file that wraps them with `password`, together with the
+/// tag of `config`, the exact bytes of the repository config they belong to.
+pub fn new_keys(password: &str, hostname: &str, config: &[u8]) -> Result<(MasterKeys, KeyFile)> {
     let keys = MasterKeys::generate();
     let mut salt = [0u8; 16];
     fill_random(&mut salt);
     let kek = derive_kek(password, &salt, KDF_MEMORY_KIB, KDF_ITERATIONS, KDF_PARALLELISM)?;
-    let mut secret = Vec::with_capacity(64);
+    let mut secret = Vec::with_capacity(96);
     secret.extend_from_slice(&keys.data);
     secret.extend_from_slice(&keys.id);
+    secret.extend_from_slice(&config_tag(&keys, config));
     let wrapped = Crypto::Aes { key: aes_key(&kek), id_key: [0; 32] }.seal(&secret, 1);
     let file = KeyFile {
         version: 1,
@@ -279,51 +317,34 @@ pub fn new_keys(password: &str, hostname: &str) -> Result<(MasterKeys, KeyFile)>
         wrapped: hex::encode(wrapped),
         created: crate::now_rfc3339(),
         hostname: hostname.to_string(),
-        config_mac: None,
     };
     Ok((keys, file))
 }
 
-/// The authentication tag of a repository config under these master keys (hex).
-pub fn config_mac(keys: &MasterKeys, config: &[u8]) -> String {
+/// The tag that authenticates a repository config under these master keys: keyed BLAKE3 of
+/// its exact bytes, under a key derived from the data key.
+fn config_tag(keys: &MasterKeys, config: &[u8]) -> [u8; 32] {
     let mac_key = blake3::derive_key("cairn 2026-11-29 repository config authentication", &keys.data);
-    blake3::keyed_hash(&mac_key, config).to_hex().to_string()
+    *blake3::keyed_hash(&mac_key, config).as_bytes()
 }
 
-/// Whether `config` is the config these keys were created for. Constant-time comparison is
-/// not needed: the tag is not secret and an attacker learns nothing from timing it.
-pub fn config_matches(keys: &MasterKeys, file: &KeyFile, config: &[u8]) -> Option<bool> {
-    file.config_mac.as_ref().map(|mac| *mac == config_mac(keys, config))
-}
-
-/// Unwraps master keys from a key file; `Ok(None)` when the password does not open it. A key
-/// file asking for an unknown KDF or absurd costs is an error (the caller tries other keys).
-pub fn unwrap_keys(file: &KeyFile, password: &str) -> Result<Option<MasterKeys>> {
-    if file.kdf != "argon2id" {
-        return Err(Error::Format(format!("key file uses unknown KDF {:?}", file.kdf)));
-    }
-    if file.memory_kib > KDF_MAX_MEMORY_KIB
-        || file.iterations > KDF_MAX_ITERATIONS
-        || file.parallelism > KDF_MAX_PARALLELISM
-    {
-        return Err(Error::Format(format!(
-            "key file asks for Argon2 costs beyond any cairn writes ({} KiB, {} passes, {} lanes)",
-            file.memory_kib, file.iterations, file.parallelism
-        )));
-    }
+/// Unwraps a key file; `Ok(None)` when the password does not open it. A key file asking for
+/// an unknown KDF or absurd costs is an error (the caller tries other keys).
+pub fn unwrap_keys(file: &KeyFile, password: &str) -> Result<Option<Unwrapped>> {
+    file.check_costs()?;
     let salt = hex::decode(&file.salt).map_err(|_| Error::Format("key file: bad salt".into()))?;
     let wrapped = hex::decode(&file.wrapped).map_err(|_| Error::Format("key file: bad wrapped key".into()))?;
     let kek = derive_kek(password, &salt, file.memory_kib, file.iterations, file.parallelism)?;
     let c = Crypto::Aes { key: aes_key(&kek), id_key: [0; 32] };
-    match c.open(&wrapped, "key") {
-        Ok(secret) if secret.len() == 64 => {
-            let mut k = MasterKeys { data: [0; 32], id: [0; 32] };
-            k.data.copy_from_slice(&secret[..32]);
-            k.id.copy_from_slice(&secret[32..]);
-            Ok(Some(k))
-        }
-        _ => Ok(None),
+    let Ok(secret) = c.open(&wrapped, "key") else { return Ok(None) };
+    if secret.len() != 64 && secret.len() != 96 {
+        return Ok(None);
     }
+    let mut keys = MasterKeys { data: [0; 32], id: [0; 32] };
+    keys.data.copy_from_slice(&secret[..32]);
+    keys.id.copy_from_slice(&secret[32..64]);
+    let config_tag = (secret.len() == 96).then(|| secret[64..].try_into().unwrap());
+    Ok(Some(Unwrapped { keys, config_tag }))
 }
 
 /// Opens a frame into `out`, checking it has the raw length the index records.
@@ -364,7 +385,7 @@ mod tests {
 
     #[test]
     fn encrypted_round_trip_detects_tamper_and_keys_ids() {
-        let (keys, file) = new_keys("pw", "h").unwrap();
+        let (keys, file) = new_keys("pw", "h", b"config").unwrap();
         let c = Crypto::from_keys(&keys);
         let s = c.seal(b"secret data secret data", 3);
         assert_eq!(c.open(&s, "t").unwrap(), b"secret data secret data");
@@ -374,7 +395,10 @@ mod tests {
         assert!(matches!(c.open(&bad, "t"), Err(Error::Corrupt(_))));
         assert_ne!(c.block_id(b"x"), Crypto::Plain.block_id(b"x"));
         assert!(unwrap_keys(&file, "wrong").unwrap().is_none());
-        let again = Crypto::from_keys(&unwrap_keys(&file, "pw").unwrap().unwrap());
+        let opened = unwrap_keys(&file, "pw").unwrap().unwrap();
+        assert_eq!(opened.authenticates(b"config"), Some(true));
+        assert_eq!(opened.authenticates(b"other config"), Some(false));
+        let again = Crypto::from_keys(&opened.keys);
         assert_eq!(again.block_id(b"x"), c.block_id(b"x"));
         assert_eq!(again.open(&s, "t").unwrap(), b"secret data secret data");
     }

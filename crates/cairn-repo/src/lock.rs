@@ -46,7 +46,10 @@ impl LockInfo {
                     return false; // another machine: only time tells
                 }
                 if t[1] != o[1] {
-                    return true; // this machine, an earlier boot: its processes are gone
+                    // This machine, another boot: its processes are gone if the lock was last
+                    // refreshed before we booted. (Machines cloned from one image share a
+                    // machine-id; their live locks were refreshed after our boot.)
+                    return boot_time().is_some_and(|booted| self.time + BOOT_MARGIN_SECS < booted);
                 }
                 // Same boot: the PID is ours to probe only in the same PID namespace.
                 t[2] == o[2] && !pid_alive(self.pid)
@@ -68,10 +71,21 @@ impl LockInfo {
     }
 }
 
+/// Clock slack allowed when comparing a lock's refresh time with this machine's boot time.
+const BOOT_MARGIN_SECS: u64 = 120;
+
+/// When this machine booted (unix seconds), from `/proc/stat`.
+fn boot_time() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok())
+}
+
 /// This process's `machine-id:boot-id:pidns`, when the system tells (see [`LockInfo::host_id`]).
 pub fn host_id() -> Option<String> {
     let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
-    let machine = read("/etc/machine-id").or_else(|| read("/var/lib/dbus/machine-id"))?;
+    let machine = read("/etc/machine-id")
+        .or_else(|| read("/var/lib/dbus/machine-id"))
+        .filter(|m| m != "uninitialized" && m.bytes().all(|b| b.is_ascii_hexdigit()))?;
     let boot = read("/proc/sys/kernel/random/boot_id")?;
     let pidns = std::fs::read_link("/proc/self/ns/pid").ok()?.to_string_lossy().into_owned();
     Some(format!("{machine}:{boot}:{}", pidns.replace(':', "")))
@@ -98,9 +112,16 @@ pub struct Lock {
 
 /// Whether a held lock is still ours: the refresher records here when it could not refresh
 /// the lock in time, or found it deleted (another process judged it stale).
-#[derive(Default)]
 pub struct LockHealth {
     lost: std::sync::Mutex<Option<String>>,
+    /// When the lock file was last written successfully.
+    refreshed: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for LockHealth {
+    fn default() -> Self {
+        LockHealth { lost: Default::default(), refreshed: std::sync::Mutex::new(std::time::Instant::now()) }
+    }
 }
 
 impl LockHealth {
@@ -111,6 +132,10 @@ impl LockHealth {
     /// `Err` once the lock is lost: a writer MUST NOT make a restore point visible then (a
     /// maintenance job may already be deleting what it references).
     pub fn check(&self) -> Result<()> {
+        let since = self.refreshed.lock().unwrap().elapsed();
+        if since >= LOST_AFTER {
+            self.lose(format!("not refreshed for {} s", since.as_secs()));
+        }
         match &*self.lost.lock().unwrap() {
             Some(why) => {
                 Err(Error::Locked(format!("our lock on the repository was lost ({why}); nothing was committed")))
@@ -118,6 +143,17 @@ impl LockHealth {
             None => Ok(()),
         }
     }
+}
+
+/// Checks that the lock `name` is still held: not lost by its refresher, and its file still
+/// there (someone may have judged it stale and removed it).
+pub fn check_held(backend: &dyn Backend, name: &str, health: &LockHealth) -> Result<()> {
+    health.check()?;
+    if !backend.exists(Kind::Lock, name)? {
+        health.lose("its lock file was removed by another process".into());
+        return health.check();
+    }
+    Ok(())
 }
 
 impl Lock {
@@ -129,14 +165,9 @@ impl Lock {
         &self.name
     }
 
-    /// Checks the lock is still held: not lost by the refresher, and its file still there.
+    /// Checks the lock is still held (see [`check_held`]).
     pub fn check(&self) -> Result<()> {
-        self.health.check()?;
-        if !self.backend.exists(Kind::Lock, &self.name)? {
-            self.health.lose("its lock file was removed by another process".into());
-            return self.health.check();
-        }
-        Ok(())
+        check_held(self.backend.as_ref(), &self.name, &self.health)
     }
 }
 
@@ -226,6 +257,7 @@ fn spawn_refresher(
             match backend.put(Kind::Lock, &name, &serde_json::to_vec(&info).unwrap()) {
                 Ok(()) => {
                     last_ok = std::time::Instant::now();
+                    *health.refreshed.lock().unwrap() = last_ok;
                     every = REFRESH_EVERY;
                 }
                 Err(e) => {
@@ -246,7 +278,15 @@ fn conflict(
     ours: &str,
     exclusive: bool,
 ) -> Result<Option<String>> {
-    for l in backend.list(Kind::Lock)? {
+    let listed = backend.list(Kind::Lock)?;
+    // Our own lock must show: a store that lost it would let a conflicting locker in.
+    if !listed.iter().any(|l| l.name == ours) {
+        return Err(Error::Locked(format!(
+            "our lock file does not show in {}/locks after writing it; refusing to go on",
+            backend.location()
+        )));
+    }
+    for l in listed {
         if l.name == ours {
             continue;
         }

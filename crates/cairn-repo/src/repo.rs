@@ -42,8 +42,19 @@ impl Repository {
             return Err(Error::AlreadyExists(backend.location()));
         }
         backend.create()?;
-        // Key files without a config are what an interrupted init left: they belong to no
-        // repository, and a plain repository must hold none (see `open`).
+        // Data without a config is a repository that lost its config, not an empty place: its
+        // key files are the only way to its data, so nothing here may touch them.
+        for kind in [Kind::Pack, Kind::Index, Kind::Point] {
+            if !backend.list(kind)?.is_empty() {
+                return Err(Error::Corrupt(format!(
+                    "{} holds repository data ({kind}) but no config: it is not an empty place for a new \
+                     repository (restore its config from a copy instead)",
+                    backend.location()
+                )));
+            }
+        }
+        // Key files with no data and no config are what an interrupted init left: they open
+        // nothing, and a plain repository must hold none (see `open`).
         for orphan in backend.list(Kind::Key)? {
             backend.delete(Kind::Key, &orphan.name)?;
         }
@@ -59,46 +70,50 @@ impl Repository {
             compression: "zstd".into(),
         };
         let config_bytes = serde_json::to_vec_pretty(&config).unwrap();
-        let (crypto, key_name) = match password {
+        let (crypto, key) = match password {
             Some(pw) => {
-                let (keys, mut file) = crypto::new_keys(pw, &hostname)?;
                 // The key authenticates this exact config (FORMAT.md §3).
-                file.config_mac = Some(crypto::config_mac(&keys, &config_bytes));
+                let (keys, file) = crypto::new_keys(pw, &hostname, &config_bytes)?;
                 let bytes = serde_json::to_vec_pretty(&file).unwrap();
                 let name = blake3::hash(&bytes).to_hex().to_string();
                 // Confirmed before the config exists: a config without its key is a lost repository.
                 Self::store_in(backend.as_ref(), Kind::Key, &name, &bytes)?;
                 cairn_storage::crash_point("init.key_written");
-                (Crypto::from_keys(&keys), Some(name))
+                (Crypto::from_keys(&keys), Some((name, bytes)))
             }
             None => (Crypto::Plain, None),
         };
-        // The config goes last: it is what makes the location a repository. If it is surely
-        // not ours, our key file goes too, so no second master key is left behind; if it may
-        // be ours (an error after the write), the key stays: a config without its key would
-        // be a repository nobody can open.
+        // The config goes last: it is what makes the location a repository.
         if let Err(e) = backend.put_new(Kind::Config, "", &config_bytes) {
-            let ours = backend.get(Kind::Config, "").is_ok_and(|b| b == config_bytes);
-            if !ours {
-                if let Some(name) = &key_name {
-                    let _ = backend.delete(Kind::Key, name);
-                }
+            // Our key goes only when the config is surely not ours (absent, or another init's):
+            // a config without its key would be a repository nobody can open, while a stray
+            // key opens nothing (it authenticates another config) and the next init removes it.
+            let theirs = match backend.get(Kind::Config, "") {
+                Ok(b) => b != config_bytes,
+                Err(e) => e.is_not_found(),
+            };
+            if let (true, Some((name, _))) = (theirs, &key) {
+                let _ = backend.delete(Kind::Key, name);
             }
             return Err(match e {
                 StorageError::AlreadyExists { .. } => Error::AlreadyExists(backend.location()),
                 e => e.into(),
             });
         }
+        cairn_storage::crash_point("init.config_written");
         if !backend.exists(Kind::Config, "")? {
-            if let Some(name) = &key_name {
-                let _ = backend.delete(Kind::Key, name);
-            }
             return Err(Error::Corrupt(format!(
-                "storage at {} acknowledged the config but does not hold it",
+                "storage at {} acknowledged the config but does not show it yet; run `init` again later",
                 backend.location()
             )));
         }
-        cairn_storage::crash_point("init.config_written");
+        // An init racing ours may have taken our key for an orphan before our config existed:
+        // the config is ours now, so the key must be there.
+        if let Some((name, bytes)) = &key {
+            if !backend.exists(Kind::Key, name)? {
+                Self::store_in(backend.as_ref(), Kind::Key, name, bytes)?;
+            }
+        }
         Ok(Repository::assemble(backend, config, crypto, hostname))
     }
 
@@ -181,12 +196,7 @@ impl Repository {
         let held: Vec<_> =
             self.locks.lock().unwrap().iter().filter_map(|(n, h)| Some((n.clone(), h.upgrade()?))).collect();
         for (name, health) in held {
-            health.check()?;
-            if !self.backend.exists(Kind::Lock, &name)? {
-                return Err(Error::Locked(
-                    "our lock on the repository was removed by another process; nothing was committed".into(),
-                ));
-            }
+            crate::lock::check_held(self.backend.as_ref(), &name, &health)?;
         }
         Ok(())
     }
@@ -199,7 +209,12 @@ impl Repository {
         idx.set_quarantine(self.quarantine()?);
         let mut seen = std::collections::HashSet::new();
         let mut damaged = Vec::new();
-        self.read_new_index_files(&mut idx, &mut seen, &mut damaged)?;
+        for packs in self.read_listed_index_files(&mut seen, &mut damaged, |_| true)? {
+            for (pack, frames) in packs {
+                idx.add_pack(pack, &frames);
+            }
+        }
+        idx.seal();
         *self.index.write().unwrap() = Arc::new(idx);
         *self.damaged_index_files.write().unwrap() = damaged;
         *files = Some(seen);
@@ -210,50 +225,73 @@ impl Repository {
     /// load). Readers list restore points *after* loading the index, so a point committed in
     /// between may reference blocks only newer index files list; by the write ordering
     /// (FORMAT.md §8) a listing made after the point was seen covers them all. `list_points`
-    /// calls this, so every reader sees an index that covers the points it lists.
+    /// calls this, so every reader sees an index that covers the points it lists. Files known
+    /// to be damaged are not read again here (see [`Repository::add_index_files`]).
     pub fn refresh_index(&self) -> Result<()> {
+        let known_damaged: std::collections::HashSet<String> =
+            self.damaged_index_files.read().unwrap().iter().map(|(n, _)| n.clone()).collect();
+        self.add_new_index_files(|name| !known_damaged.contains(name))
+    }
+
+    /// Adds these index files (a session's own, just written) to the loaded index, even under
+    /// a name once found damaged: names are content hashes, so a sound file may have replaced
+    /// a damaged one.
+    pub fn add_index_files(&self, names: &[String]) -> Result<()> {
+        let wanted: std::collections::HashSet<&str> = names.iter().map(|n| n.as_str()).collect();
+        self.add_new_index_files(|name| wanted.contains(name))
+    }
+
+    /// Reads the listed index files not yet in the index that `pick` wants, and adds their
+    /// packs: copy-on-write, so readers holding a snapshot keep theirs, and only when there
+    /// is something to add.
+    fn add_new_index_files(&self, pick: impl Fn(&str) -> bool) -> Result<()> {
         let mut files = self.index_files.lock().unwrap();
         let Some(seen) = files.as_mut() else { return Ok(()) };
-        // Damaged files are read again: a sound copy may have replaced one since.
-        if self.backend.list(Kind::Index)?.iter().all(|l| seen.contains(&l.name)) {
-            return Ok(());
-        }
-        // Copy-on-write: readers holding the current snapshot keep it.
-        let mut idx = Index::clone(&self.index());
         let mut damaged = Vec::new();
-        self.read_new_index_files(&mut idx, seen, &mut damaged)?;
-        *self.index.write().unwrap() = Arc::new(idx);
-        *self.damaged_index_files.write().unwrap() = damaged;
+        let found = self.read_listed_index_files(seen, &mut damaged, pick)?;
+        if !found.is_empty() {
+            let mut current = self.index.write().unwrap();
+            let idx = Arc::make_mut(&mut current);
+            for (pack, frames) in found.into_iter().flatten() {
+                idx.add_pack(pack, &frames);
+            }
+            idx.seal();
+        }
+        let mut known = self.damaged_index_files.write().unwrap();
+        known.retain(|(n, _)| !seen.contains(n));
+        for d in damaged {
+            if !known.iter().any(|(n, _)| *n == d.0) {
+                known.push(d);
+            }
+        }
         Ok(())
     }
 
-    /// Reads every listed index file not in `seen` into `idx` (then sealed). A file can vanish
-    /// between the listing and the read (a session merged it into one file and deleted it):
-    /// the merged file is durable before the deletion, so listing again finds it.
-    fn read_new_index_files(
+    /// Reads every listed index file not in `seen` that `pick` wants; marks the sound ones
+    /// seen. A file can vanish between the listing and the read (a session merged it into
+    /// one file and deleted it): the merged file is durable before the deletion, so listing
+    /// again finds it. Damaged files are not marked seen (a sound file of the same name may
+    /// come: names are content hashes).
+    #[allow(clippy::type_complexity)]
+    fn read_listed_index_files(
         &self,
-        idx: &mut Index,
         seen: &mut std::collections::HashSet<String>,
         damaged: &mut Vec<(String, String)>,
-    ) -> Result<()> {
+        pick: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>>> {
+        let mut found = Vec::new();
         for _attempt in 0..8 {
             let mut vanished = false;
             for l in self.backend.list(Kind::Index)? {
-                if seen.contains(&l.name) {
+                if seen.contains(&l.name) || !pick(&l.name) || damaged.iter().any(|(n, _)| *n == l.name) {
                     continue;
                 }
                 match self.read_index_file(&l.name) {
-                    Ok(packs) => {
-                        for (pack, frames) in packs {
-                            idx.add_pack(pack, &frames);
-                        }
-                    }
+                    Ok(packs) => found.push(packs),
                     Err(Error::Storage(e)) if e.is_not_found() => {
                         vanished = true;
                         continue;
                     }
-                    // Not marked as seen: the same name may be written again, sound (object
-                    // names are content hashes), and a refresh must then read it.
                     Err(e @ (Error::Corrupt(_) | Error::Format(_))) => {
                         damaged.push((l.name.clone(), e.to_string()));
                         continue;
@@ -266,8 +304,7 @@ impl Repository {
                 break;
             }
         }
-        idx.seal();
-        Ok(())
+        Ok(found)
     }
 
     pub fn read_index_file(&self, name: &str) -> Result<Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>> {
@@ -300,6 +337,15 @@ impl Repository {
     pub fn read_frame_into(&self, loc: &BlobLocation, stored: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
         let name = loc.pack_name();
         self.backend.get_range_into(Kind::Pack, &name, loc.frame_offset as u64, loc.frame_stored_len as u64, stored)?;
+        if stored.len() != loc.frame_stored_len as usize {
+            return Err(Error::Storage(StorageError::ShortRead {
+                kind: Kind::Pack,
+                name,
+                offset: loc.frame_offset as u64,
+                end: loc.frame_offset as u64 + loc.frame_stored_len as u64,
+                size: loc.frame_offset as u64 + stored.len() as u64,
+            }));
+        }
         self.decode_frame_into(loc, stored, out)
     }
 
@@ -508,6 +554,34 @@ impl Repository {
         }
     }
 
+    /// Whether a pack is in storage (asked of the object itself, not a listing).
+    pub fn pack_exists(&self, name: &str) -> Result<bool> {
+        Ok(self.backend.exists(Kind::Pack, name)?)
+    }
+
+    /// Reads `[offset, offset + len)` of a pack into `buf` (reused), around the page cache
+    /// where the backend can (restores); returns where in `buf` the bytes are. A backend that
+    /// answers with fewer bytes than asked is an error here, never a short slice later.
+    pub fn read_pack_span(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<std::ops::Range<usize>> {
+        let range = self.backend.get_span(Kind::Pack, name, offset, len, buf)?;
+        if range.len() as u64 != len || range.end > buf.len() {
+            return Err(Error::Storage(StorageError::ShortRead {
+                kind: Kind::Pack,
+                name: name.to_string(),
+                offset,
+                end: offset + len,
+                size: offset + range.len() as u64,
+            }));
+        }
+        Ok(range)
+    }
+
     /// Reads a whole pack (verify, repair).
     pub fn read_pack(&self, name: &str) -> Result<Vec<u8>> {
         Ok(self.backend.get(Kind::Pack, name)?)
@@ -582,7 +656,8 @@ pub fn quarantine_copies(record: &serde_json::Value) -> Vec<(crate::index::PackI
 }
 
 /// Finds the key file `password` opens and checks that it authenticates `config`. Key files
-/// that cannot be read or parsed, or that ask for absurd costs, are skipped (another may open).
+/// that cannot be read or parsed, or that ask for absurd costs, are skipped (another may open);
+/// the cheapest are tried first, so planted expensive ones cost nothing once the real one opens.
 fn open_keys(
     backend: &dyn Backend,
     key_files: &[cairn_storage::Listed],
@@ -590,32 +665,36 @@ fn open_keys(
     config: &[u8],
 ) -> Result<Crypto> {
     let mut problems = Vec::new();
+    let mut files = Vec::new();
+    for k in key_files {
+        match backend.get(Kind::Key, &k.name).map(|b| serde_json::from_slice::<KeyFile>(&b)) {
+            Ok(Ok(f)) => match f.check_costs() {
+                Ok(()) => files.push((k.name.clone(), f)),
+                Err(e) => problems.push(format!("key file {}: {e}", short(&k.name))),
+            },
+            Ok(Err(e)) => problems.push(format!("key file {}: {e}", short(&k.name))),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    files.sort_by_key(|(_, f)| f.cost());
     let mut foreign = 0;
     let mut tried = 0;
-    for k in key_files {
-        let file = match backend.get(Kind::Key, &k.name).map(|b| serde_json::from_slice::<KeyFile>(&b)) {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                problems.push(format!("key file {}: {e}", short(&k.name)));
-                continue;
-            }
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let keys = match crypto::unwrap_keys(&file, password) {
-            Ok(Some(keys)) => keys,
+    for (name, file) in &files {
+        let opened = match crypto::unwrap_keys(file, password) {
+            Ok(Some(opened)) => opened,
             Ok(None) => {
                 tried += 1;
                 continue;
             }
             Err(e) => {
-                problems.push(format!("key file {}: {e}", short(&k.name)));
+                problems.push(format!("key file {}: {e}", short(name)));
                 continue;
             }
         };
-        match crypto::config_matches(&keys, &file, config) {
+        match opened.authenticates(config) {
             // Written before configs were authenticated: the sanity checks are all we have.
-            None | Some(true) => return Ok(Crypto::from_keys(&keys)),
+            None | Some(true) => return Ok(Crypto::from_keys(&opened.keys)),
             // Opens, but belongs to another config: an interrupted init's key, or the config
             // was changed. Another key file may still match.
             Some(false) => foreign += 1,

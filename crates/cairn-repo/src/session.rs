@@ -161,7 +161,7 @@ impl Session {
         // This process may read the point next (a VM job, a server): its blocks join the
         // in-memory index. The point is committed whatever happens here; a reader that finds
         // the index stale refreshes it again.
-        let _ = self.repo.refresh_index();
+        let _ = self.repo.add_index_files(&outcome.index_files);
         Ok(id)
     }
 }

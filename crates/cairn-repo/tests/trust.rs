@@ -260,3 +260,67 @@ fn a_write_the_storage_loses_fails_the_backup_before_its_point_exists() {
     let clean = Repository::open(local(dir.path()), || None).unwrap();
     assert!(clean.list_points().unwrap().points.is_empty());
 }
+
+#[test]
+fn init_refuses_a_place_that_holds_data_but_lost_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Arc::new(Repository::init(local(dir.path()), Some("pw")).unwrap());
+    repo.load_index().unwrap();
+    let id = store_point(&repo, "x", &blocks(7, 2)).unwrap();
+    let config = std::fs::read(dir.path().join("config")).unwrap();
+    std::fs::remove_file(dir.path().join("config")).unwrap();
+    let e = Repository::init(local(dir.path()), Some("other")).err().expect("init over data");
+    assert!(e.to_string().contains("no config"), "{e}");
+    // The key is untouched: with the config back, everything reads again.
+    std::fs::write(dir.path().join("config"), config).unwrap();
+    let again = Repository::open(local(dir.path()), pw("pw")).unwrap();
+    again.load_index().unwrap();
+    assert_eq!(read_point(&again, &id).unwrap(), blocks(7, 2));
+}
+
+/// A backend on which another init, racing, removes every key file (taking them for orphans)
+/// just before our config is written.
+struct RacingInit(LocalBackend);
+
+impl Backend for RacingInit {
+    fn location(&self) -> String {
+        self.0.location()
+    }
+    fn create(&self) -> cairn_storage::Result<()> {
+        self.0.create()
+    }
+    fn exists(&self, k: Kind, n: &str) -> cairn_storage::Result<bool> {
+        self.0.exists(k, n)
+    }
+    fn put(&self, k: Kind, n: &str, d: &[u8]) -> cairn_storage::Result<()> {
+        self.0.put(k, n, d)
+    }
+    fn put_new(&self, k: Kind, n: &str, d: &[u8]) -> cairn_storage::Result<()> {
+        if k == Kind::Config {
+            for key in self.0.list(Kind::Key)? {
+                self.0.delete(Kind::Key, &key.name)?;
+            }
+        }
+        self.0.put_new(k, n, d)
+    }
+    fn get(&self, k: Kind, n: &str) -> cairn_storage::Result<Vec<u8>> {
+        self.0.get(k, n)
+    }
+    fn get_range(&self, k: Kind, n: &str, o: u64, l: u64) -> cairn_storage::Result<Vec<u8>> {
+        self.0.get_range(k, n, o, l)
+    }
+    fn list(&self, k: Kind) -> cairn_storage::Result<Vec<cairn_storage::Listed>> {
+        self.0.list(k)
+    }
+    fn delete(&self, k: Kind, n: &str) -> cairn_storage::Result<()> {
+        self.0.delete(k, n)
+    }
+}
+
+#[test]
+fn an_init_whose_key_a_racing_init_removed_puts_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    Repository::init(Arc::new(RacingInit(LocalBackend::new(dir.path()))), Some("pw")).unwrap();
+    assert_eq!(local(dir.path()).list(Kind::Key).unwrap().len(), 1);
+    assert!(Repository::open(local(dir.path()), pw("pw")).is_ok());
+}

@@ -36,6 +36,9 @@ pub enum Fault {
     Short,
     /// A read returns the object with one bit flipped in its middle.
     Flip,
+    /// A read succeeds but returns only the first half of what was asked (a backend breaking
+    /// its contract: readers must notice, never use the missing bytes as data).
+    Truncate,
     /// The call waits this long, then proceeds normally.
     Stall(Duration),
 }
@@ -47,7 +50,7 @@ impl Fault {
         const ENOSPC: Fault = Fault::Errno(libc::ENOSPC);
         match op {
             Op::Write => &[ENOSPC, EIO, Fault::Torn, Fault::Lost],
-            Op::Read => &[EIO, Fault::Short, Fault::Flip],
+            Op::Read => &[EIO, Fault::Short, Fault::Flip, Fault::Truncate],
             Op::List | Op::Delete => &[EIO],
         }
     }
@@ -61,6 +64,7 @@ impl Fault {
             Fault::Lost => "lost write".into(),
             Fault::Short => "short read".into(),
             Fault::Flip => "flipped bit".into(),
+            Fault::Truncate => "truncated read".into(),
             Fault::Stall(d) => format!("stall {} ms", d.as_millis()),
         }
     }
@@ -80,6 +84,9 @@ pub struct Injected {
     pub kind: Kind,
     pub name: String,
     pub call: &'static str,
+    /// False when the fault has no meaning for the call it landed on (a flipped bit on
+    /// `exists`): nothing was injected.
+    pub applied: bool,
 }
 
 pub struct FaultyBackend<B> {
@@ -116,8 +123,15 @@ impl<B: Backend> FaultyBackend<B> {
         if plan.op != op || plan.at != n {
             return None;
         }
-        *self.injected.lock().unwrap() = Some(Injected { kind, name: name.to_string(), call });
+        *self.injected.lock().unwrap() = Some(Injected { kind, name: name.to_string(), call, applied: true });
         Some(plan.fault)
+    }
+
+    /// The fault that fired has no effect on this call.
+    fn not_applied(&self) {
+        if let Some(i) = self.injected.lock().unwrap().as_mut() {
+            i.applied = false;
+        }
     }
 }
 
@@ -148,13 +162,20 @@ impl<B: Backend> FaultyBackend<B> {
                 std::thread::sleep(d);
                 put(data)
             }
-            Some(Fault::Short | Fault::Flip) => put(data),
+            Some(Fault::Short | Fault::Flip | Fault::Truncate) => {
+                self.not_applied();
+                put(data)
+            }
         }
     }
 
     fn read(&self, kind: Kind, name: &str, call: &'static str, f: impl FnOnce() -> Result<Vec<u8>>) -> Result<Vec<u8>> {
         match self.fires(Op::Read, kind, name, call) {
-            None | Some(Fault::Torn | Fault::Lost) => f(),
+            None => f(),
+            Some(Fault::Torn | Fault::Lost) => {
+                self.not_applied();
+                f()
+            }
             Some(Fault::Errno(e)) => Err(errno(e, kind, name)),
             Some(Fault::Short) => {
                 let data = f()?;
@@ -167,6 +188,10 @@ impl<B: Backend> FaultyBackend<B> {
                 })
             }
             Some(Fault::Flip) => f().map(flip),
+            Some(Fault::Truncate) => f().map(|mut d| {
+                d.truncate(d.len() / 2);
+                d
+            }),
             Some(Fault::Stall(d)) => {
                 std::thread::sleep(d);
                 f()
@@ -182,15 +207,23 @@ impl<B: Backend> Backend for FaultyBackend<B> {
 
     fn create(&self) -> Result<()> {
         match self.fires(Op::Write, Kind::Config, "", "create") {
+            None => self.inner.create(),
             Some(Fault::Errno(e)) => Err(errno(e, Kind::Config, "")),
-            _ => self.inner.create(),
+            Some(_) => {
+                self.not_applied();
+                self.inner.create()
+            }
         }
     }
 
     fn exists(&self, kind: Kind, name: &str) -> Result<bool> {
         match self.fires(Op::Read, kind, name, "exists") {
+            None => self.inner.exists(kind, name),
             Some(Fault::Errno(e)) => Err(errno(e, kind, name)),
-            _ => self.inner.exists(kind, name),
+            Some(_) => {
+                self.not_applied();
+                self.inner.exists(kind, name)
+            }
         }
     }
 
@@ -224,25 +257,34 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         buf: &mut Vec<u8>,
     ) -> Result<std::ops::Range<usize>> {
         self.get_range_into(kind, name, offset, len, buf)?;
-        Ok(0..len as usize)
+        // What it holds, which a truncating fault makes shorter than asked.
+        Ok(0..buf.len())
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<Listed>> {
         match self.fires(Op::List, kind, "", "list") {
+            None => self.inner.list(kind),
             Some(Fault::Errno(e)) => Err(errno(e, kind, "")),
             Some(Fault::Stall(d)) => {
                 std::thread::sleep(d);
                 self.inner.list(kind)
             }
-            _ => self.inner.list(kind),
+            Some(_) => {
+                self.not_applied();
+                self.inner.list(kind)
+            }
         }
     }
 
     fn delete(&self, kind: Kind, name: &str) -> Result<()> {
         match self.fires(Op::Delete, kind, name, "delete") {
+            None => self.inner.delete(kind, name),
             Some(Fault::Errno(e)) => Err(errno(e, kind, name)),
             Some(Fault::Lost) => Ok(()),
-            _ => self.inner.delete(kind, name),
+            Some(_) => {
+                self.not_applied();
+                self.inner.delete(kind, name)
+            }
         }
     }
 }

@@ -302,9 +302,12 @@ impl Backend for LocalBackend {
                 if !valid_name(&name) {
                     continue;
                 }
-                // A file deleted between readdir and stat is simply gone.
-                if let Ok(m) = e.metadata() {
-                    out.push(Listed { name, size: m.len() });
+                // A file deleted between readdir and stat is simply gone; any other error is
+                // an error (a listing that silently drops objects would make them look lost).
+                match e.metadata() {
+                    Ok(m) => out.push(Listed { name, size: m.len() }),
+                    Err(err) if err.kind() == ErrorKind::NotFound => {}
+                    Err(err) => return Err(io_err(format!("listing {}", e.path().display()), err)),
                 }
             }
         }

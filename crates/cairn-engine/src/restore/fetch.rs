@@ -177,8 +177,7 @@ impl<'a, J> Windows<'a, J> {
 /// A fetcher thread: reads spans until the planner is done.
 pub(super) fn fetch_spans(repo: &Repository, requests: Receiver<ReadRequest>, pool: Sender<Vec<u8>>) {
     for (pack, start, len, mut buf, slot) in requests {
-        let r: Result<_> =
-            repo.backend().get_span(cairn_storage::Kind::Pack, &pack, start, len, &mut buf).map_err(Into::into);
+        let r: Result<_> = repo.read_pack_span(&pack, start, len, &mut buf).map_err(Into::into);
         slot.fill(match r {
             Ok(range) => Ok(Arc::new(SpanData { buf, at: range.start, start, pool: pool.clone() })),
             Err(e) => {

@@ -105,17 +105,8 @@ pub fn restore_disk(
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
+    // The point was checked when loaded (FORMAT.md §7): block size and map pages fit the disk.
     let bs = disk.block_size as u64;
-    let nblocks = disk.size.div_ceil(bs);
-    if (disk.map.len() as u64) != cairn_repo::map::page_count(nblocks) {
-        bail!(
-            "restore point {} disk {} has {} map pages for {} blocks: the point is damaged",
-            &point_id[..8],
-            disk.name,
-            disk.map.len(),
-            nblocks
-        );
-    }
     let data_blocks = count_data_blocks(repo, disk).with_context(|| {
         format!(
             "restore point {} ({} of {}) cannot be read; `cairn verify` names what is damaged",
