@@ -1,6 +1,6 @@
 //! ext2/3/4 through `ext4-view`.
 
-use super::{base_name, Entry, Filesystem, VolumeReader};
+use super::{base_name, Entry, Filesystem, Ident, VolumeReader};
 use anyhow::Result;
 use ext4_view::{Ext4, Ext4Read};
 use std::io::Write;
@@ -43,16 +43,26 @@ impl Filesystem for Ext4Fs {
             size: md.len(),
             mode: md.mode(),
             modified: md.modified().seconds(),
+            // ext4-view keeps inode numbers to itself; the whole inode metadata (times to the
+            // nanosecond among it) stands in.
+            ident: Ident::digest(&md),
         })
     }
 
     fn read_dir(&self, path: &str) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
         for e in self.0.read_dir(path).map_err(err(path))? {
-            let name = e.map_err(err(path))?.file_name().display().to_string();
-            if name != "." && name != ".." {
-                out.push(self.stat(&super::join(path, &name))?);
+            let e = e.map_err(err(path))?;
+            let name = e.file_name().display().to_string();
+            if name == "." || name == ".." {
+                continue;
             }
+            if e.file_name().as_str().is_err() {
+                // Paths here are UTF-8: such an entry can be listed, not read.
+                out.push(Entry { name, kind: "other", size: 0, mode: 0, modified: 0, ident: Ident::Unknown });
+                continue;
+            }
+            out.push(self.stat(&super::join(path, &name))?);
         }
         Ok(out)
     }
