@@ -14,10 +14,11 @@
 //! file run outside its volume) means "nothing skipped there", with a warning: skipping too
 //! little is safe, skipping too much is not, and a guest must never fail its own backup.
 
+use crate::files::guarded;
 use crate::partitions::{detect_filesystem, read_table, Table, GPT_LINUX_SWAP};
 use crate::ranges::{normalize, Range};
 use crate::source::Source;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 
 const PAGE: u64 = 4096;
 
@@ -59,19 +60,6 @@ fn has_swap_signature(src: &mut dyn Source, start: u64, len: u64) -> Result<bool
     let page = read_at(src, start, PAGE as usize)?;
     let tail = &page[PAGE as usize - 10..];
     Ok(tail == b"SWAPSPACE2" || tail == b"SWAP-SPACE")
-}
-
-/// Runs one step of detection, turning a panic (a bug, or a parser crate tripping on a crafted
-/// structure) into an error, so that it costs a warning instead of the backup.
-fn guarded<T>(step: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".into());
-        Err(anyhow!("internal error while reading it: {why}"))
-    })
 }
 
 /// The swap areas of a disk. Never fails: what cannot be read is reported in `warnings` and
@@ -672,7 +660,7 @@ mod tests {
         fn next(&mut self) -> Result<Vec<u8>> {
             let (offset, len) = self.queue.pop_front().unwrap();
             let end = offset.checked_add(len as u64).filter(|&e| e <= self.bytes.len() as u64);
-            let end = end.ok_or_else(|| anyhow!("read past the end of the export"))?;
+            let end = end.ok_or_else(|| anyhow::anyhow!("read past the end of the export"))?;
             Ok(self.bytes[offset as usize..end as usize].to_vec())
         }
         fn finish(&mut self) -> Result<()> {

@@ -493,9 +493,9 @@ impl Browser {
         let budget = Arc::new(AtomicU64::new(u64::MAX));
         let reader = VolumeReader { disk: disk.clone(), volume: volume.clone(), pos: 0, budget };
         let fs: Box<dyn Filesystem> = match volume.filesystem {
-            Some("ext4") => opened(&volume, ext4::Ext4Fs::open(reader))?,
-            Some("ntfs") => opened(&volume, ntfs::NtfsFs::open(reader))?,
-            Some("fat") => opened(&volume, fat::FatFs::open(reader))?,
+            Some("ext4") => opened(&volume, || ext4::Ext4Fs::open(reader))?,
+            Some("ntfs") => opened(&volume, || ntfs::NtfsFs::open(reader))?,
+            Some("fat") => opened(&volume, || fat::FatFs::open(reader))?,
             Some(other) => bail!(
                 "volume {} holds {other}; file-level recovery reads ext2/3/4, NTFS and FAT (restore the disk, or `cairn mount` it and loop-mount the partition)",
                 volume.name
@@ -758,10 +758,46 @@ fn listing_digest(entries: &[Entry]) -> u64 {
     h.finish()
 }
 
-fn opened<F: Filesystem + 'static>(volume: &Volume, fs: Result<F>) -> Result<Box<dyn Filesystem>> {
-    let fs =
-        fs.with_context(|| format!("reading the {} filesystem of {}", volume.filesystem.unwrap_or("?"), volume.name))?;
-    Ok(Box::new(fs))
+fn opened<F: Filesystem + 'static>(volume: &Volume, open: impl FnOnce() -> Result<F>) -> Result<Box<dyn Filesystem>> {
+    let kind = volume.filesystem.unwrap_or("?");
+    let fs = guarded(open).with_context(|| format!("reading the {kind} filesystem of {}", volume.name))?;
+    Ok(Box::new(Guarded { fs: Box::new(fs), kind }))
+}
+
+/// Runs a step that parses a guest's bytes, turning a panic (a bug, or a parser crate tripping
+/// on a crafted structure: `ntfs`, `fatfs` and `ext4-view` do not promise to never panic) into
+/// an error, so that it costs that step, not the process.
+pub(crate) fn guarded<T>(step: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Err(anyhow::anyhow!("internal error while reading it: {why}"))
+    })
+}
+
+/// A filesystem reader whose every call is [`guarded`]: a panic is an error naming the path.
+/// The reader's state stays usable: its borrows end as the panic unwinds.
+struct Guarded {
+    fs: Box<dyn Filesystem>,
+    kind: &'static str,
+}
+
+impl Filesystem for Guarded {
+    fn stat(&self, path: &str) -> Result<Entry> {
+        guarded(|| self.fs.stat(path)).with_context(|| format!("{path}: reading the {} filesystem", self.kind))
+    }
+    fn read_dir(&self, path: &str) -> Result<Vec<Entry>> {
+        guarded(|| self.fs.read_dir(path)).with_context(|| format!("{path}: reading the {} filesystem", self.kind))
+    }
+    fn read_link(&self, path: &str) -> Result<String> {
+        guarded(|| self.fs.read_link(path)).with_context(|| format!("{path}: reading the {} filesystem", self.kind))
+    }
+    fn copy_to(&self, path: &str, out: &mut dyn Write) -> Result<u64> {
+        guarded(|| self.fs.copy_to(path, out)).with_context(|| format!("{path}: reading the {} filesystem", self.kind))
+    }
 }
 
 /// Copies a whole file out in 1 MiB reads (the readers fetch whole blocks anyway).
@@ -805,4 +841,43 @@ fn join(dir: &str, name: &str) -> String {
 /// The last component of a normalized path (empty for the root).
 fn base_name(path: &str) -> String {
     path.rsplit('/').next().unwrap_or_default().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk from a fuzz input (fuzz/fuzz_targets/guest_disk: size, then offset, length,
+    /// bytes chunks), in memory.
+    fn fuzz_disk(input: &[u8]) -> Arc<dyn DiskRead> {
+        let u64_at = |at: usize| u64::from_le_bytes(input[at..at + 8].try_into().unwrap());
+        let mut bytes = vec![0u8; (u64_at(0) % (64 << 20)) as usize];
+        let mut at = 8;
+        while at + 10 <= input.len() {
+            let (offset, len) = (u64_at(at) as usize % bytes.len(), u16::from_le_bytes([input[at + 8], input[at + 9]]));
+            let chunk = &input[at + 10..(at + 10 + len as usize).min(input.len())];
+            let n = chunk.len().min(bytes.len() - offset);
+            bytes[offset..offset + n].copy_from_slice(&chunk[..n]);
+            at += 10 + len as usize;
+        }
+        Arc::new(MemoryDisk { name: "fuzz".into(), bytes })
+    }
+
+    /// What the files_tree fuzz target found: NTFS index entries that make the `ntfs` crate
+    /// slice past its buffer. Listing and copying are errors, not a panic of the process.
+    #[test]
+    fn a_filesystem_crate_panicking_on_a_crafted_volume_is_an_error() {
+        let input = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../fuzz/corpus/files_tree/regression-ntfs-index-entry-panic"),
+        )
+        .unwrap();
+        let b = Browser::open_disks(&[fuzz_disk(&input)], None).unwrap();
+        assert_eq!(b.volume.filesystem, Some("ntfs"));
+        let err = b.list("/").unwrap_err();
+        assert!(format!("{err:#}").contains("internal error while reading it"), "{err:#}");
+        let out = tempfile::tempdir().unwrap();
+        assert!(b.get("/", out.path()).is_err());
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0, "nothing left behind");
+    }
 }
