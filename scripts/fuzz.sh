@@ -47,7 +47,7 @@ run_one() {
   fi
   end=$(date +%s)
   local execs corpus crashes
-  execs=$(awk -F: '/stat::number_of_executed_units/{gsub(/ /,"",$2); print $2}' "$log" | tail -n 1)
+  execs=$(awk '/stat::number_of_executed_units/{print $NF}' "$log" | tail -n 1)
   corpus=$(find "$work" "$seeds" -type f | wc -l)
   crashes=$(find "$art" -type f | wc -l)
   printf '{"harness":"fuzz","target":"%s","mode":"%s","seconds":%s,"executions":%s,"corpus":%s,"crashes":%s,"status":%s}\n' \
