@@ -8,10 +8,11 @@ TMP=$(mktemp -d)
 trap 'umount "$TMP"/mnt 2>/dev/null || true; for d in $(losetup -j "$TMP" -n -O NAME 2>/dev/null); do losetup -d "$d"; done; rm -rf "$TMP"' EXIT
 export PATH=$PATH:/sbin:/usr/sbin LVM_SUPPRESS_FD_WARNINGS=1
 
-# corpus_dir TARGET: its seed folder, emptied.
+# corpus_dir TARGET: its seed folder, emptied but for regression-* inputs (what the fuzzer
+# found, kept as seeds and read by unit tests).
 corpus_dir() {
   local d=$SEEDS/../corpus/$1
-  rm -rf "$d"; mkdir -p "$d"; echo "$d"
+  mkdir -p "$d"; find "$d" -maxdepth 1 -type f ! -name 'regression-*' -delete; echo "$d"
 }
 
 # sparse IMAGE OUTPUT [SIZE]
