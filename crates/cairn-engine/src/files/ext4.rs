@@ -1,7 +1,7 @@
 //! ext2/3/4 through `ext4-view`.
 
 use super::{base_name, Entry, Filesystem, Ident, VolumeReader};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use ext4_view::{Ext4, Ext4Read};
 use std::io::Write;
 
@@ -15,10 +15,41 @@ impl Ext4Read for At {
     }
 }
 
+/// The most block groups a volume may have here: 128 TiB at 4 KiB blocks (8 TiB at 1 KiB).
+const MAX_BLOCK_GROUPS: u64 = 1 << 20;
+
 impl Ext4Fs {
     pub(super) fn open(volume: VolumeReader) -> Result<Ext4Fs> {
+        check_geometry(&volume)?;
         Ok(Ext4Fs(Ext4::load(Box::new(At(volume))).map_err(|e| anyhow::anyhow!("{e}"))?))
     }
+}
+
+/// ext4-view sizes its table of block groups from the superblock before reading any of them: a
+/// guest's superblock claiming billions of groups would have it allocate gigabytes. A
+/// filesystem larger than its volume (which Linux refuses to mount too), or with more than
+/// [`MAX_BLOCK_GROUPS`], is refused first. The fields are read as ext4-view reads them.
+fn check_geometry(volume: &VolumeReader) -> Result<()> {
+    let mut sb = [0u8; 1024];
+    volume.read_at(1024, &mut sb)?;
+    let le32 = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().unwrap()) as u64;
+    let blocks = le32(0x150) << 32 | le32(0x4);
+    let (first_data_block, log_block_size, per_group) = (le32(0x14), le32(0x18), le32(0x20));
+    if log_block_size > 6 || per_group == 0 {
+        bail!("the ext4 superblock is damaged (block size or blocks per group)");
+    }
+    let bytes = blocks.checked_mul(1024 << log_block_size);
+    if bytes.is_none_or(|b| b > volume.volume.length) {
+        bail!(
+            "the ext4 superblock claims {blocks} blocks, more than its volume of {} bytes holds",
+            volume.volume.length
+        );
+    }
+    let groups = blocks.saturating_sub(first_data_block).div_ceil(per_group);
+    if groups > MAX_BLOCK_GROUPS {
+        bail!("the ext4 superblock claims {groups} block groups (more than {MAX_BLOCK_GROUPS})");
+    }
+    Ok(())
 }
 
 fn err(path: &str) -> impl Fn(ext4_view::Ext4Error) -> anyhow::Error + '_ {

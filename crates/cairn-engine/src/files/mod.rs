@@ -432,7 +432,7 @@ impl Walk {
 }
 
 /// Why a name from the guest cannot be a file name under the destination, if it cannot.
-pub fn unsafe_name(name: &str) -> Option<&'static str> {
+fn unsafe_name(name: &str) -> Option<&'static str> {
     if name.is_empty() {
         Some("its name is empty")
     } else if name == "." || name == ".." {
@@ -861,6 +861,19 @@ mod tests {
             at += 10 + len as usize;
         }
         Arc::new(MemoryDisk { name: "fuzz".into(), bytes })
+    }
+
+    fn regression_input(name: &str) -> Vec<u8> {
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/files_tree").join(name)).unwrap()
+    }
+
+    /// What the files_tree fuzz target found: an ext4 superblock claiming 2^31 block groups, for
+    /// which ext4-view would allocate 32 GiB before reading any. Refused first, with the reason.
+    #[test]
+    fn an_ext4_superblock_claiming_more_than_its_volume_is_refused_before_ext4_view_allocates() {
+        let disk = fuzz_disk(&regression_input("regression-ext4-huge-group-count"));
+        let err = Browser::open_disks(&[disk], None).err().unwrap();
+        assert!(format!("{err:#}").contains("ext4 superblock claims"), "{err:#}");
     }
 
     /// What the files_tree fuzz target found: NTFS index entries that make the `ntfs` crate
