@@ -15,6 +15,11 @@ impl Ext4Read for At {
     }
 }
 
+/// The longest symlink target read (Linux's PATH_MAX), and the most symlinks one path follows
+/// (as Linux).
+const MAX_SYMLINK: u64 = 4096;
+const MAX_LINKS: usize = 40;
+
 /// The most block groups a volume may have here: 128 TiB at 4 KiB blocks (8 TiB at 1 KiB).
 const MAX_BLOCK_GROUPS: u64 = 1 << 20;
 
@@ -99,7 +104,49 @@ impl Filesystem for Ext4Fs {
     }
 
     fn read_link(&self, path: &str) -> Result<String> {
+        // ext4-view reads a target whole, at the size its inode claims: Linux makes none longer
+        // than PATH_MAX.
+        let len = self.0.symlink_metadata(path).map_err(err(path))?.len();
+        if len > MAX_SYMLINK {
+            bail!("{path}: a symlink whose target would be {len} bytes (more than {MAX_SYMLINK})");
+        }
         Ok(self.0.read_link(path).map_err(err(path))?.display().to_string())
+    }
+
+    /// Resolves the symlinks before the last component here, through [`Self::read_link`], so
+    /// that ext4-view never follows one itself (it would read a crafted target of any size).
+    fn resolve(&self, path: &str) -> Result<String> {
+        let mut pending: Vec<String> = path.split('/').filter(|c| !c.is_empty()).rev().map(String::from).collect();
+        let (mut done, mut links) = (Vec::<String>::new(), 0);
+        while let Some(part) = pending.pop() {
+            match part.as_str() {
+                "." => continue,
+                ".." => {
+                    done.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            let here = format!("/{}", done.iter().chain([&part]).cloned().collect::<Vec<_>>().join("/"));
+            let is_link = self.0.symlink_metadata(here.as_str()).map_err(err(&here))?.is_symlink();
+            if !is_link || pending.is_empty() {
+                done.push(part);
+                continue;
+            }
+            links += 1;
+            if links > MAX_LINKS {
+                bail!("{path}: more than {MAX_LINKS} symlinks to follow");
+            }
+            let target = self.read_link(&here)?;
+            if target.starts_with('/') {
+                done.clear();
+            }
+            pending.extend(target.split('/').filter(|c| !c.is_empty()).rev().map(String::from));
+            if pending.iter().map(|p| p.len() + 1).sum::<usize>() > 4096 {
+                bail!("{path}: its symlinks make a path longer than 4096 bytes");
+            }
+        }
+        Ok(format!("/{}", done.join("/")))
     }
 
     fn copy_to(&self, path: &str, out: &mut dyn Write) -> Result<u64> {

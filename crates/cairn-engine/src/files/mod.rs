@@ -332,6 +332,12 @@ pub(crate) trait Filesystem {
     fn read_link(&self, path: &str) -> Result<String>;
     /// Writes the content of file `path` to `out`; returns its length.
     fn copy_to(&self, path: &str, out: &mut dyn Write) -> Result<u64>;
+    /// `path` with the symlinks before its last component resolved, for readers that follow
+    /// symlinks in paths (the others return it as it is). Paths the walks of `get` build from
+    /// listings hold none: only a path given by the user needs this.
+    fn resolve(&self, path: &str) -> Result<String> {
+        Ok(path.to_string())
+    }
 }
 
 /// The filesystems file-level recovery reads, by the name [`detect_filesystem`] gives them.
@@ -511,12 +517,17 @@ impl Browser {
 
     /// The entries of directory `path` sorted by name, or the entry of file `path`.
     pub fn list(&self, path: &str) -> Result<Vec<Entry>> {
-        let path = normalize(path);
-        let me = self.fs.stat(&path)?;
+        let path = self.fs.resolve(&normalize(path))?;
+        self.list_resolved(&path)
+    }
+
+    /// [`Browser::list`] of a path without symlinks before its last component.
+    fn list_resolved(&self, path: &str) -> Result<Vec<Entry>> {
+        let me = self.fs.stat(path)?;
         if me.kind != "dir" {
             return Ok(vec![me]);
         }
-        let mut out = self.fs.read_dir(&path)?;
+        let mut out = self.fs.read_dir(path)?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -533,7 +544,7 @@ impl Browser {
     /// or sticky bit); folders deeper than [`MAX_DEPTH`], and folders met again (a loop, or one
     /// folder under two parents), are skipped with a warning.
     pub fn get(&self, path: &str, dest: &Path) -> Result<GetReport> {
-        let path = normalize(path);
+        let path = self.fs.resolve(&normalize(path))?;
         let me = self.fs.stat(&path)?;
         let (parent, name): (&Path, OsString) = if dest.is_dir() {
             let base = Path::new(&path).file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "root".into());
@@ -551,7 +562,7 @@ impl Browser {
         }
         let mut walk = Walk::default();
         let skipped = if me.kind == "dir" {
-            let entries = self.list(&path)?;
+            let entries = self.list_resolved(&path)?;
             walk.ancestors.push(folder_key(&me, &entries));
             self.get_dir(&path, &me, entries, dir.as_fd(), &name, &mut walk)?
         } else {
@@ -615,7 +626,7 @@ impl Browser {
             walk.skip(path, format_args!("it is more than {MAX_DEPTH} folders deep"));
             return Ok(None);
         }
-        let entries = self.list(path)?;
+        let entries = self.list_resolved(path)?;
         let key = folder_key(me, &entries);
         let has_subfolders = entries.iter().any(|e| e.kind == "dir");
         let repeats = walk.ancestors.iter().filter(|k| **k == key).count();
@@ -798,6 +809,9 @@ impl Filesystem for Guarded {
     fn copy_to(&self, path: &str, out: &mut dyn Write) -> Result<u64> {
         guarded(|| self.fs.copy_to(path, out)).with_context(|| format!("{path}: reading the {} filesystem", self.kind))
     }
+    fn resolve(&self, path: &str) -> Result<String> {
+        guarded(|| self.fs.resolve(path)).with_context(|| format!("{path}: reading the {} filesystem", self.kind))
+    }
 }
 
 /// Copies a whole file out in 1 MiB reads (the readers fetch whole blocks anyway).
@@ -874,6 +888,20 @@ mod tests {
         let disk = fuzz_disk(&regression_input("regression-ext4-huge-group-count"));
         let err = Browser::open_disks(&[disk], None).err().unwrap();
         assert!(format!("{err:#}").contains("ext4 superblock claims"), "{err:#}");
+    }
+
+    /// What the files_tree fuzz target found: an ext4 symlink whose inode claims a target of
+    /// about 1 TB, which ext4-view reads whole into memory. Refused by its size, on copy and
+    /// when a path goes through it.
+    #[test]
+    fn an_ext4_symlink_claiming_a_huge_target_is_refused_before_it_is_read() {
+        let b = Browser::open_disks(&[fuzz_disk(&regression_input("regression-ext4-symlink-size"))], None).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let err = b.get("/", out.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("a symlink whose target would be"), "{err:#}");
+        assert_eq!(b.list("/etc/current").unwrap()[0].kind, "symlink");
+        let through = b.list("/etc/current/x").unwrap_err();
+        assert!(format!("{through:#}").contains("a symlink whose target would be"), "{through:#}");
     }
 
     /// What the files_tree fuzz target found: NTFS index entries that make the `ntfs` crate
