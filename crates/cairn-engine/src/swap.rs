@@ -327,6 +327,11 @@ pub fn skip_ranges(areas: &[SwapArea]) -> Vec<Range> {
     normalize(areas.iter().filter_map(skipped_part).collect())
 }
 
+/// The fuzz targets' allocation counter: what detection holds at its peak, in tests.
+#[cfg(test)]
+#[path = "../../../fuzz/fuzz_targets/guest_disk/counting.rs"]
+mod counting;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,51 +673,10 @@ mod tests {
         }
     }
 
-    /// Counts the bytes each thread has allocated, to bound what detection holds at its peak.
-    mod counting {
-        use std::alloc::{GlobalAlloc, Layout, System};
-        use std::cell::Cell;
+    use super::counting;
 
-        pub struct Counting;
-
-        thread_local! {
-            static LIVE: Cell<isize> = const { Cell::new(0) };
-            static PEAK: Cell<isize> = const { Cell::new(0) };
-        }
-
-        fn add(n: isize) {
-            let _ = LIVE.try_with(|l| {
-                l.set(l.get() + n);
-                let _ = PEAK.try_with(|p| p.set(p.get().max(l.get())));
-            });
-        }
-
-        unsafe impl GlobalAlloc for Counting {
-            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-                add(layout.size() as isize);
-                unsafe { System.alloc(layout) }
-            }
-            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-                add(-(layout.size() as isize));
-                unsafe { System.dealloc(ptr, layout) }
-            }
-            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-                add(new as isize - layout.size() as isize);
-                unsafe { System.realloc(ptr, layout, new) }
-            }
-        }
-
-        #[global_allocator]
-        static ALLOCATOR: Counting = Counting;
-
-        /// What `f` returns, and the most it had allocated at once beyond what was live before.
-        pub fn peak<T>(f: impl FnOnce() -> T) -> (T, usize) {
-            let start = LIVE.with(|l| l.get());
-            PEAK.with(|p| p.set(start));
-            let out = f();
-            (out, (PEAK.with(|p| p.get()) - start).max(0) as usize)
-        }
-    }
+    #[global_allocator]
+    static ALLOCATOR: counting::Counting = counting::Counting;
 
     /// An MBR disk whose partitions (type 0x8e, LVM) hold these PV images, one after another
     /// from 1 MiB.

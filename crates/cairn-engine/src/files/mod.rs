@@ -857,23 +857,23 @@ fn base_name(path: &str) -> String {
     path.rsplit('/').next().unwrap_or_default().to_string()
 }
 
+/// The fuzz targets' sparse disks, to read their regression inputs in tests.
+#[cfg(test)]
+#[path = "../../../../fuzz/fuzz_targets/guest_disk/sparse.rs"]
+#[allow(dead_code)]
+mod sparse;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A disk from a fuzz input (fuzz/fuzz_targets/guest_disk: size, then offset, length,
-    /// bytes chunks), in memory.
+    use super::sparse;
+
+    /// A disk from a fuzz input (the fuzz targets' sparse disks), in memory.
     fn fuzz_disk(input: &[u8]) -> Arc<dyn DiskRead> {
-        let u64_at = |at: usize| u64::from_le_bytes(input[at..at + 8].try_into().unwrap());
-        let mut bytes = vec![0u8; (u64_at(0) % (64 << 20)) as usize];
-        let mut at = 8;
-        while at + 10 <= input.len() {
-            let (offset, len) = (u64_at(at) as usize % bytes.len(), u16::from_le_bytes([input[at + 8], input[at + 9]]));
-            let chunk = &input[at + 10..(at + 10 + len as usize).min(input.len())];
-            let n = chunk.len().min(bytes.len() - offset);
-            bytes[offset..offset + n].copy_from_slice(&chunk[..n]);
-            at += 10 + len as usize;
-        }
+        let disk = sparse::SparseDisk::parse(input, 64 << 20);
+        let mut bytes = vec![0u8; disk.size as usize];
+        disk.read(0, &mut bytes);
         Arc::new(MemoryDisk { name: "fuzz".into(), bytes })
     }
 
