@@ -728,11 +728,12 @@ fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
                     println!("volumes of {} ({}, {})", p.name, &id[..8], p.time);
                     for v in &vols {
                         println!(
-                            "  {:<8} {:>10}  at {:>12}  {}",
+                            "  {:<8} {:>10}  at {:>12}  {}{}",
                             v.name,
                             bytes(v.length),
                             v.offset,
-                            v.filesystem.unwrap_or("-")
+                            v.filesystem.unwrap_or("-"),
+                            v.problem.as_ref().map(|p| format!("  ({p})")).unwrap_or_default()
                         );
                     }
                 }
@@ -757,6 +758,9 @@ fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
             let (id, p) = repo.select_point(point)?;
             let b = Browser::open(&repo, &p, Some(volume))?;
             let r = b.get(path, to)?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
             if g.json {
                 print_json(
                     &serde_json::json!({"point": id, "volume": b.volume.name, "path": path, "to": to, "report": r}),

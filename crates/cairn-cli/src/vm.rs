@@ -573,4 +573,7 @@ fn print_vm_backup(id: &str, p: &cairn_repo::RestorePoint, r: &VmRecord) {
     println!("  events        {}", events.join(", "));
     let total = r.events.last().map(|e| e.t_ms).unwrap_or(p.stats.duration_ms);
     println!("  time          {:.2} s", total as f64 / 1000.0);
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
 }

@@ -427,3 +427,333 @@ fn files_come_out_of_lvm_logical_volumes_in_several_segments() {
     assert!(child.wait().unwrap().success());
     assert!(same, "the mounted volume differs from the filesystem image");
 }
+
+/// Every path under `root` (not following symlinks), except the repository.
+fn tree(root: &std::path::Path, repo: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.starts_with(repo) {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.insert(p);
+        }
+    }
+    out
+}
+
+fn utf16(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(|c| c.to_le_bytes()).collect()
+}
+
+fn positions(hay: &[u8], needle: &[u8]) -> Vec<usize> {
+    hay.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect()
+}
+
+/// Renames, in a FAT image, every long file name `from` to `to` (no longer): long names are
+/// spread over directory entries of attribute 0x0F, 13 characters each at bytes 1, 14 and 28,
+/// the last part first, ended by a 0 and padded with 0xFFFF. The names' checksums cover the
+/// short name only.
+fn fat_rename(img: &mut [u8], from: &str, to: &[u16]) -> usize {
+    const SLOTS: [usize; 13] = [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30];
+    let from: Vec<u16> = from.encode_utf16().collect();
+    assert!(from.len() >= to.len());
+    let mut to = to.to_vec();
+    if to.len() < from.len() {
+        to.push(0);
+        to.resize(from.len(), 0xffff);
+    }
+    let mut renamed = 0;
+    let mut at = 0;
+    while at + 32 <= img.len() {
+        // A run of long-name entries starting with the one flagged last (0x40), down to part 1.
+        let parts = (img[at] & 0x3f) as usize;
+        if img[at + 11] != 0x0f || img[at] & 0x40 == 0 || parts == 0 || at + 32 * (parts + 1) > img.len() {
+            at += 32;
+            continue;
+        }
+        let entry = |k: usize| at + 32 * (parts - 1 - k); // part k+1
+        let mut name = Vec::new();
+        for k in 0..parts {
+            for s in SLOTS {
+                let e = entry(k);
+                name.push(u16::from_le_bytes([img[e + s], img[e + s + 1]]));
+            }
+        }
+        let len = name.iter().position(|&c| c == 0 || c == 0xffff).unwrap_or(name.len());
+        if name[..len] == from[..] {
+            for (i, c) in to.iter().enumerate() {
+                let e = entry(i / 13) + SLOTS[i % 13];
+                img[e..e + 2].copy_from_slice(&c.to_le_bytes());
+            }
+            renamed += 1;
+        }
+        at += 32 * parts;
+    }
+    renamed
+}
+
+/// In an NTFS image (sector-aligned), renames every name `from` to `to` (no longer) in the
+/// files' $FILE_NAME attributes and their folders' index entries alike: the name's length
+/// (the byte before its namespace) and its characters. Bytes at the end of a sector are where
+/// NTFS keeps its update sequence: a name there would need the array changed too (asserted
+/// not).
+fn ntfs_rename(img: &mut [u8], from: &str, to: &[u16]) -> usize {
+    let hits = positions(img, &utf16(from));
+    for &p in &hits {
+        assert!((p - 2..p + 2 * to.len()).all(|b| b % 512 < 510), "{from}: a name across a sector's update sequence");
+        assert_eq!(img[p - 2] as usize, from.encode_utf16().count());
+        img[p - 2] = to.len() as u8;
+        for (i, c) in to.iter().enumerate() {
+            img[p + 2 * i..p + 2 * i + 2].copy_from_slice(&c.to_le_bytes());
+        }
+    }
+    hits.len()
+}
+
+/// The NTFS index entries naming `name`: (offset of the entry, its file reference).
+fn ntfs_index_entries(img: &[u8], name: &str) -> Vec<(usize, u64)> {
+    positions(img, &utf16(name))
+        .into_iter()
+        .filter_map(|p| {
+            let e = p.checked_sub(0x52)?;
+            let key_len = u16::from_le_bytes([img[e + 10], img[e + 11]]) as usize;
+            (key_len == 0x42 + 2 * name.encode_utf16().count() && img[p - 2] as usize == name.encode_utf16().count())
+                .then(|| (e, u64::from_le_bytes(img[e..e + 8].try_into().unwrap()) & 0xffff_ffff_ffff))
+        })
+        .collect()
+}
+
+/// Mode bits of a path, without following it.
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Names a guest may write into its directories that must never become host paths.
+struct Hostile {
+    /// (placeholder the tools create, what the name is patched to)
+    names: Vec<(String, Vec<u16>)>,
+}
+
+impl Hostile {
+    fn new(kind: &str, letter: char, escape_to: &std::path::Path) -> Hostile {
+        let targets: Vec<Vec<u16>> = vec![
+            format!("../../escape-{kind}").encode_utf16().collect(),
+            format!("{}/abs-{kind}", escape_to.display()).encode_utf16().collect(),
+            "..".encode_utf16().collect(),
+            ".".encode_utf16().collect(),
+            format!("sub/../../../escape2-{kind}").encode_utf16().collect(),
+        ];
+        // Distinct placeholders, mixed case and at least 6 characters so that FAT keeps a long
+        // name: an upper-case letter, then `letter`s. The letter sorts on the same side of
+        // `good.txt` as the name it becomes: NTFS finds names in its index by their order.
+        let names = targets
+            .into_iter()
+            .zip("ABCDS".chars())
+            .map(|(t, first)| {
+                let p: String = std::iter::once(first).chain(std::iter::repeat_n(letter, t.len().max(6) - 1)).collect();
+                (p, t)
+            })
+            .collect();
+        Hostile { names }
+    }
+
+    /// Creates the placeholders in `dir`, and a file at `dir` + `escape_to`/abs-KIND, so that
+    /// the absolute name resolves in the guest's own tree (a reader that joined paths would
+    /// find a file to copy there).
+    fn create(&self, dir: &std::path::Path, kind: &str, escape_to: &std::path::Path) {
+        for (p, _) in &self.names {
+            std::fs::write(dir.join(p), b"guest bytes that must not land outside --to\n").unwrap();
+        }
+        let inside = dir.join(escape_to.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::write(inside.join(format!("abs-{kind}")), b"resolvable\n").unwrap();
+    }
+}
+
+/// Runs `files get` of `path` into a fresh folder under `work`, and checks that nothing
+/// appeared anywhere but under it. Returns the report and the folder.
+fn get_confined(
+    e: &Env,
+    point: &str,
+    volume: &str,
+    path: &str,
+    work: &std::path::Path,
+) -> (serde_json::Value, std::path::PathBuf) {
+    let out = work.join(format!("out-{}", volume.replace('/', "-")));
+    std::fs::create_dir_all(&out).unwrap();
+    let before = tree(e.dir.path(), &e.repo());
+    let t = std::time::Instant::now();
+    let r = e.json(&["files", "get", point, volume, path, "--to", out.to_str().unwrap()]);
+    assert!(t.elapsed().as_secs() < 60, "files get took {:?}", t.elapsed());
+    let after = tree(e.dir.path(), &e.repo());
+    let outside: Vec<_> = after.difference(&before).filter(|p| !p.starts_with(&out)).collect();
+    assert!(outside.is_empty(), "files get {volume} {path} wrote outside --to: {outside:?}");
+    let leftovers: Vec<_> = after.iter().filter(|p| p.to_string_lossy().ends_with(".cairn-partial")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    (r["report"].clone(), out)
+}
+
+fn warnings(report: &serde_json::Value) -> Vec<String> {
+    report["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn guest_names_modes_and_loops_never_reach_outside_files_get_destination() {
+    let e = Env::new();
+    e.init();
+    let work = e.path("w");
+    std::fs::create_dir_all(&work).unwrap();
+
+    // ext4 (mke2fs -d, no metadata checksums so that debugfs may link a folder into itself):
+    // setuid, setgid and sticky modes, and /a/b/loop, a hard link to /a.
+    let src = e.path("src");
+    std::fs::create_dir_all(src.join("a/b")).unwrap();
+    std::fs::create_dir_all(src.join("shared")).unwrap();
+    std::fs::create_dir_all(src.join("group")).unwrap();
+    std::fs::write(src.join("suid"), b"#!/bin/sh\n").unwrap();
+    std::fs::write(src.join("a/b/deep.txt"), b"deep\n").unwrap();
+    std::fs::write(src.join("group/file"), b"g\n").unwrap();
+    let chmod = |p: &str, m: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(src.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    chmod("suid", 0o4755);
+    chmod("shared", 0o1777);
+    chmod("group", 0o2775);
+    let ext4 = e.path("ext4.img");
+    run_tool(
+        Command::new("mke2fs").args(["-q", "-t", "ext4", "-O", "^metadata_csum", "-d"]).arg(&src).arg(&ext4).arg("16M"),
+    );
+    run_tool(Command::new("debugfs").args(["-w", "-R", "link /a /a/b/loop"]).arg(&ext4));
+
+    // FAT16 (mkfs.vfat + mtools): hostile long names, and /cyc/sub whose cluster is /cyc's.
+    let fat = e.path("fat.img");
+    std::fs::File::create(&fat).unwrap().set_len(16 << 20).unwrap();
+    run_tool(Command::new("mkfs.vfat").args(["-F", "16"]).arg(&fat));
+    let fat_src = e.path("fat-src");
+    std::fs::create_dir_all(fat_src.join("dir")).unwrap();
+    std::fs::write(fat_src.join("dir/good.txt"), b"good\n").unwrap();
+    let fat_names = Hostile::new("fat", 'f', &work);
+    fat_names.create(&fat_src.join("dir"), "fat", &work);
+    std::fs::create_dir_all(fat_src.join("cyc/sub")).unwrap();
+    std::fs::write(fat_src.join("cyc/sub/x.txt"), b"x\n").unwrap();
+    let fi = fat.to_str().unwrap().to_string();
+    run_tool(
+        Command::new("mcopy").args(["-s", "-i", &fi]).arg(fat_src.join("dir")).arg(fat_src.join("cyc")).arg("::/"),
+    );
+    let mut img = std::fs::read(&fat).unwrap();
+    for (p, to) in &fat_names.names {
+        assert_eq!(fat_rename(&mut img, p, to), 1, "{p}");
+    }
+    let short = |name: &[u8; 11]| {
+        let at = positions(&img, name).into_iter().find(|&p| p % 32 == 0 && img[p + 11] == 0x10).unwrap();
+        (at, u16::from_le_bytes([img[at + 26], img[at + 27]]))
+    };
+    let ((sub, _), (_, cyc_cluster)) = (short(b"SUB        "), short(b"CYC        "));
+    img[sub + 26..sub + 28].copy_from_slice(&cyc_cluster.to_le_bytes());
+    std::fs::write(&fat, &img).unwrap();
+
+    // NTFS (mkntfs + ntfs-3g): hostile names (also a NUL inside one, and an empty one), and
+    // /loop/inner whose index entry points at /loop's own record.
+    let ntfs = e.path("ntfs.img");
+    std::fs::File::create(&ntfs).unwrap().set_len(16 << 20).unwrap();
+    run_tool(Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&ntfs));
+    let mnt = e.path("ntfs-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_tool(Command::new("ntfs-3g").arg(&ntfs).arg(&mnt));
+    let mut ntfs_names = Hostile::new("ntfs", 'n', &work);
+    ntfs_names.names.push(("NulXbyte".into(), "nul\0byte".encode_utf16().collect()));
+    ntfs_names.names.push(("Emptyname".into(), vec![]));
+    let filled = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(mnt.join("dir"))?;
+        std::fs::write(mnt.join("dir/good.txt"), b"good\n")?;
+        ntfs_names.create(&mnt.join("dir"), "ntfs", &work);
+        std::fs::create_dir_all(mnt.join("loop/inner"))?;
+        std::fs::write(mnt.join("loop/inner/x.txt"), b"x\n")
+    })();
+    run_tool(Command::new("umount").arg(&mnt));
+    filled.unwrap();
+    let mut img = std::fs::read(&ntfs).unwrap();
+    for (p, to) in &ntfs_names.names {
+        assert!(ntfs_rename(&mut img, p, to) >= 2, "{p}: in its record and its folder's index");
+    }
+    let loop_record = ntfs_index_entries(&img, "loop")[0].1;
+    let inner = ntfs_index_entries(&img, "inner");
+    assert_eq!(inner.len(), 1);
+    img[inner[0].0..inner[0].0 + 6].copy_from_slice(&loop_record.to_le_bytes()[..6]);
+    std::fs::write(&ntfs, &img).unwrap();
+
+    // One GPT disk: p1 ext4, p2 FAT, p3 NTFS.
+    let disk = e.path("hostile.img");
+    std::fs::File::create(&disk).unwrap().set_len(52 << 20).unwrap();
+    let mut c = Command::new("sfdisk").arg("-q").arg(&disk).stdin(Stdio::piped()).spawn().unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nstart=2048, size=16MiB, type=linux\nstart=34816, size=16MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\nstart=67584, size=16MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n")
+        .unwrap();
+    assert!(c.wait().unwrap().success());
+    for (part, seek) in [(&ext4, "1"), (&fat, "17"), (&ntfs, "33")] {
+        run_tool(
+            Command::new("dd").arg(format!("if={}", part.display())).arg(format!("of={}", disk.display())).args([
+                "bs=1M",
+                &format!("seek={seek}"),
+                "conv=notrunc",
+                "status=none",
+            ]),
+        );
+    }
+    e.backup(&disk, "hostile", &[]);
+    let v = e.json(&["files", "ls", "hostile"]);
+    assert_eq!(
+        volume_list(&v),
+        [("disk01".into(), "ext4".into()), ("disk02".into(), "fat".into()), ("disk03".into(), "ntfs".into())]
+    );
+
+    // ext4: modes lose setuid, setgid and sticky bits; the folder linked into itself is copied
+    // a bounded number of times and reported.
+    let (r, out) = get_confined(&e, "hostile", "disk01", "/", &work);
+    let root = out.join("root");
+    assert_eq!(std::fs::read(root.join("a/b/deep.txt")).unwrap(), b"deep\n");
+    assert_eq!(mode(&root.join("suid")), 0o755);
+    assert_eq!(mode(&root.join("shared")), 0o777);
+    assert_eq!(mode(&root.join("group")), 0o775);
+    let w = warnings(&r);
+    assert!(w.iter().any(|w| w.contains("/a/b/loop") && w.contains("loop")), "{w:?}");
+    assert_eq!(r["skipped"].as_u64().unwrap() as usize, w.len());
+    let copies = tree(&root, &e.repo()).iter().filter(|p| p.ends_with("deep.txt")).count();
+    assert!((2..=4).contains(&copies), "{copies} copies of the looping folder's file");
+
+    // FAT and NTFS: each bad name is skipped and named, the good entries come out, the loop
+    // ends.
+    for (volume, names, looped) in [("disk02", &fat_names, "/cyc/sub"), ("disk03", &ntfs_names, "/loop/inner")] {
+        let (r, out) = get_confined(&e, "hostile", volume, "/dir", &work);
+        assert_eq!(std::fs::read(out.join("dir/good.txt")).unwrap(), b"good\n", "{volume}");
+        let w = warnings(&r);
+        for (_, to) in &names.names {
+            let name = String::from_utf16(to).unwrap();
+            assert!(
+                w.iter().any(|w| w.contains(&format!("{:?}", format!("/dir/{name}")))),
+                "{volume}: {name:?}: {w:?}"
+            );
+        }
+        assert_eq!(r["skipped"].as_u64().unwrap() as usize, names.names.len(), "{volume}: {w:?}");
+        let copied: Vec<_> = std::fs::read_dir(out.join("dir")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(copied.len(), 2, "{volume}: only good.txt and tmp/: {copied:?}");
+        let inside = out.join("dir").join(work.strip_prefix("/").unwrap());
+        assert!(inside.is_dir(), "{volume}: the tree the absolute name resolves to is copied, inside");
+        let top = looped.split('/').nth(1).unwrap();
+        let (r, out) = get_confined(&e, "hostile", volume, &format!("/{top}"), &work);
+        let w = warnings(&r);
+        assert!(w.iter().any(|w| w.contains("loop")), "{volume}: {w:?}");
+        let depth = tree(&out, &e.repo()).iter().map(|p| p.components().count()).max().unwrap();
+        assert!(depth <= out.components().count() + 8, "{volume}: {depth} levels deep");
+    }
+}

@@ -38,10 +38,21 @@ pub struct PhysicalVolume {
     pub skipped: Vec<String>,
 }
 
+/// The most metadata text read from a PV. LVM's default metadata area is 1 MiB and holds two
+/// copies of the text, so real metadata is far smaller; a header claiming more is not believed.
+pub const MAX_METADATA_TEXT: u64 = 1 << 20;
+
+/// How deeply sections and lists may nest in the metadata text (LVM's own nest 4 deep).
+pub const MAX_NESTING: usize = 64;
+
 /// Reads the LVM label and current metadata of the PV at `offset` (`length` bytes) through
-/// `read` (which reads the disk).
+/// `read` (which reads the disk). Every offset and length in the label and metadata comes from
+/// the guest: each is checked against the PV before it is read or used.
 pub fn read_pv(read: &mut ReadFn, offset: u64, length: u64) -> Result<PhysicalVolume> {
     // The label sits in one of the first four sectors.
+    if length < 4 * SECTOR || offset.checked_add(length).is_none() {
+        bail!("too small for an LVM2 label");
+    }
     let head = read(offset, 4 * SECTOR as usize)?;
     let label = (0..4)
         .map(|s| s * SECTOR as usize)
@@ -65,32 +76,60 @@ pub fn read_pv(read: &mut ReadFn, offset: u64, length: u64) -> Result<PhysicalVo
             list.push((off, size));
         }
     }
-    let (mda_offset, _) = *lists[1].first().context("this PV keeps no metadata copy")?;
-    let text = read_metadata(read, offset + mda_offset)?;
+    let (mda_offset, mda_size) = *lists[1].first().context("this PV keeps no metadata copy")?;
+    if mda_offset.checked_add(mda_size).is_none_or(|end| end > length) || mda_size < MDA_HEADER_SIZE {
+        bail!("LVM2 label: the metadata area lies outside the PV");
+    }
+    let text = read_metadata(read, offset + mda_offset, mda_size)?;
     let config = parse(&text)?;
     let uuid = String::from_utf8_lossy(&uuid).into_owned();
     volumes_of(&config, &uuid, length)
 }
 
-/// The current metadata text of the metadata area at `mda` (absolute).
-fn read_metadata(read: &mut ReadFn, mda: u64) -> Result<String> {
+/// The current metadata text of the metadata area at `mda` (absolute) of `area` bytes (as the
+/// label says; already checked to lie inside the PV).
+fn read_metadata(read: &mut ReadFn, mda: u64, area: u64) -> Result<String> {
     let h = read(mda, MDA_HEADER_SIZE as usize)?;
     if h.len() < 64 || &h[4..20] != MDA_MAGIC {
         bail!("LVM2 metadata area: bad magic");
     }
     let mda_size = le64(&h, 32);
     let (text_off, text_len) = (le64(&h, 40), le64(&h, 48));
-    if text_len == 0 || text_off < MDA_HEADER_SIZE || text_off >= mda_size || text_len > mda_size {
+    if mda_size > area || mda_size <= MDA_HEADER_SIZE {
+        bail!("LVM2 metadata area: its header says {mda_size} bytes, its label {area}");
+    }
+    if text_len == 0 || text_off < MDA_HEADER_SIZE || text_off >= mda_size || text_len > mda_size - MDA_HEADER_SIZE {
         bail!("LVM2 metadata area: no current metadata");
     }
-    // A circular buffer after the header: the text may wrap to its start.
+    if text_len > MAX_METADATA_TEXT {
+        bail!("LVM2 metadata area: {text_len} bytes of text (more than the {MAX_METADATA_TEXT} read)");
+    }
+    // A circular buffer after the header: the text may wrap to its start. All sums stay below
+    // mda + mda_size, inside the PV.
     let first = text_len.min(mda_size - text_off);
     let mut bytes = read(mda + text_off, first as usize)?;
     if first < text_len {
         bytes.extend(read(mda + MDA_HEADER_SIZE, (text_len - first) as usize)?);
     }
+    if bytes.len() as u64 != text_len {
+        bail!("LVM2 metadata area: truncated text");
+    }
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+}
+
+/// LVM's rule for VG and LV names (lvm(8), "VALID NAMES"): what it never writes is not a name.
+fn valid_name(name: &str) -> bool {
+    (1..=127).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b))
+}
+
+/// A non-negative number of `unit`-byte units as bytes, when it fits.
+fn bytes_of(n: i64, unit: u64) -> Option<u64> {
+    u64::try_from(n).ok()?.checked_mul(unit)
 }
 
 fn volumes_of(config: &[(String, Value)], pv_uuid: &str, pv_length: u64) -> Result<PhysicalVolume> {
@@ -98,7 +137,13 @@ fn volumes_of(config: &[(String, Value)], pv_uuid: &str, pv_length: u64) -> Resu
         .iter()
         .find_map(|(k, v)| if let Value::Section(s) = v { Some((k, s)) } else { None })
         .context("LVM2 metadata: no volume group")?;
-    let extent = int(body, "extent_size").context("LVM2 metadata: no extent_size")? as u64 * SECTOR;
+    if !valid_name(vg) {
+        bail!("LVM2 metadata: {vg:?} is not a volume group name");
+    }
+    let extent = int(body, "extent_size")
+        .and_then(|e| bytes_of(e, SECTOR))
+        .filter(|&e| e > 0)
+        .context("LVM2 metadata: no valid extent_size")?;
     // Which pvN of the metadata this PV is (uuids there carry dashes).
     let pvs = section(body, "physical_volumes").context("LVM2 metadata: no physical_volumes")?;
     let (pv_key, pe_start) = pvs
@@ -106,9 +151,10 @@ fn volumes_of(config: &[(String, Value)], pv_uuid: &str, pv_length: u64) -> Resu
         .find_map(|(k, v)| {
             let Value::Section(pv) = v else { return None };
             let id = string(pv, "id")?.replace('-', "");
-            (id == pv_uuid).then(|| (k.clone(), int(pv, "pe_start").unwrap_or(0) as u64 * SECTOR))
+            (id == pv_uuid).then(|| (k.clone(), bytes_of(int(pv, "pe_start").unwrap_or(0), SECTOR)))
         })
         .context("LVM2 metadata does not describe this PV")?;
+    let pe_start = pe_start.context("LVM2 metadata: invalid pe_start")?;
     let mut out = PhysicalVolume::default();
     for (name, lv) in section(body, "logical_volumes").unwrap_or(&[]) {
         let Value::Section(lv) = lv else { continue };
@@ -117,8 +163,13 @@ fn volumes_of(config: &[(String, Value)], pv_uuid: &str, pv_length: u64) -> Resu
         if !visible {
             continue; // internal volumes (thin pool data, mirror logs)
         }
+        if !valid_name(name) {
+            out.skipped.push(format!("{vg}/{name:?}: not a logical volume name"));
+            continue;
+        }
         match lv_runs(lv, &pv_key, pe_start, extent, pv_length) {
             Ok(runs) => {
+                // The runs tile [0, size) without gaps (checked), so the sum cannot overflow.
                 let size = runs.iter().map(|r| r.len).sum();
                 out.volumes.push(LogicalVolume { vg: vg.clone(), name: name.clone(), size, runs });
             }
@@ -143,21 +194,25 @@ fn lv_runs(lv: &[(String, Value)], pv_key: &str, pe_start: u64, extent: u64, pv_
         if pv != pv_key {
             bail!("has extents on another physical volume");
         }
-        let (start, count) =
-            (int(seg, "start_extent").unwrap_or(0) as u64, int(seg, "extent_count").unwrap_or(0) as u64);
-        let run = LvRun { at: start * extent, pv_offset: pe_start + *first_pe as u64 * extent, len: count * extent };
-        if run.pv_offset + run.len > pv_length {
+        let extents = |n: Option<i64>| bytes_of(n.unwrap_or(0), extent);
+        let at = extents(int(seg, "start_extent"));
+        let len = extents(int(seg, "extent_count")).filter(|&n| n > 0);
+        let pv_offset = extents(Some(*first_pe)).and_then(|o| o.checked_add(pe_start));
+        let (Some(at), Some(len), Some(pv_offset)) = (at, len, pv_offset) else {
+            bail!("a segment's extents are out of range");
+        };
+        if pv_offset.checked_add(len).is_none_or(|end| end > pv_length) {
             bail!("extends past the end of its physical volume");
         }
-        runs.push(run);
+        runs.push(LvRun { at, pv_offset, len });
     }
     runs.sort_by_key(|r| r.at);
-    let mut next = 0;
+    let mut next = 0u64;
     for r in &runs {
         if r.at != next {
             bail!("segments leave a gap");
         }
-        next += r.len;
+        next = next.checked_add(r.len).context("segments overflow")?;
     }
     if runs.is_empty() {
         bail!("no segments");
@@ -214,75 +269,105 @@ enum Token {
     Punct(char),
 }
 
-fn tokens(text: &str) -> Result<Vec<Token>> {
-    let mut out = Vec::new();
-    let mut chars = text.chars().peekable();
-    while let Some(&c) = chars.peek() {
-        match c {
-            '#' => while chars.next_if(|&c| c != '\n').is_some() {},
-            c if c.is_whitespace() => {
-                chars.next();
-            }
-            '{' | '}' | '[' | ']' | '=' | ',' => {
-                out.push(Token::Punct(c));
-                chars.next();
-            }
-            '"' => {
-                chars.next();
-                let mut s = String::new();
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => s.push(chars.next().context("LVM2 metadata: unterminated string")?),
-                        Some(c) => s.push(c),
-                        None => bail!("LVM2 metadata: unterminated string"),
+/// The tokens of the text, one at a time (no token list: the text may be 1 MiB of `{`).
+struct Lexer<'a> {
+    chars: std::iter::Peekable<std::str::Chars<'a>>,
+    peeked: Option<Token>,
+}
+
+impl Lexer<'_> {
+    fn peek(&mut self) -> Result<Option<&Token>> {
+        if self.peeked.is_none() {
+            self.peeked = self.lex()?;
+        }
+        Ok(self.peeked.as_ref())
+    }
+
+    fn next(&mut self) -> Result<Option<Token>> {
+        self.peek()?;
+        Ok(self.peeked.take())
+    }
+
+    fn lex(&mut self) -> Result<Option<Token>> {
+        let chars = &mut self.chars;
+        while let Some(&c) = chars.peek() {
+            match c {
+                '#' => while chars.next_if(|&c| c != '\n').is_some() {},
+                c if c.is_whitespace() => {
+                    chars.next();
+                }
+                '{' | '}' | '[' | ']' | '=' | ',' => {
+                    chars.next();
+                    return Ok(Some(Token::Punct(c)));
+                }
+                '"' => {
+                    chars.next();
+                    let mut s = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('"') => break,
+                            Some('\\') => s.push(chars.next().context("LVM2 metadata: unterminated string")?),
+                            Some(c) => s.push(c),
+                            None => bail!("LVM2 metadata: unterminated string"),
+                        }
                     }
+                    return Ok(Some(Token::Str(s)));
                 }
-                out.push(Token::Str(s));
-            }
-            _ => {
-                let mut w = String::new();
-                while let Some(c) = chars.next_if(|c| !c.is_whitespace() && !"{}[]=,\"#".contains(*c)) {
-                    w.push(c);
+                _ => {
+                    let mut w = String::new();
+                    while let Some(c) = chars.next_if(|c| !c.is_whitespace() && !"{}[]=,\"#".contains(*c)) {
+                        w.push(c);
+                    }
+                    if w.is_empty() {
+                        bail!("LVM2 metadata: unexpected {c:?}");
+                    }
+                    return Ok(Some(Token::Word(w)));
                 }
-                if w.is_empty() {
-                    bail!("LVM2 metadata: unexpected {c:?}");
-                }
-                out.push(Token::Word(w));
             }
         }
+        Ok(None)
     }
-    Ok(out)
+}
+
+/// The logical volumes LVM2 text metadata (the text of a PV's metadata area, or an
+/// `/etc/lvm/backup` file) places on the PV with UUID `pv_uuid` (without dashes), `pv_length`
+/// bytes long. [`read_pv`] reads the text from the disk; public for fuzzing.
+pub fn volumes_in_text(text: &str, pv_uuid: &str, pv_length: u64) -> Result<PhysicalVolume> {
+    volumes_of(&parse(text)?, pv_uuid, pv_length)
 }
 
 /// Parses the text metadata into its top-level entries.
 fn parse(text: &str) -> Result<Vec<(String, Value)>> {
-    let toks = tokens(text)?;
-    let mut pos = 0;
-    let entries = entries(&toks, &mut pos)?;
-    if pos != toks.len() {
+    let mut lex = Lexer { chars: text.chars().peekable(), peeked: None };
+    let entries = entries(&mut lex, 0)?;
+    if lex.peek()?.is_some() {
         bail!("LVM2 metadata: unbalanced braces");
     }
     Ok(entries)
 }
 
-fn entries(t: &[Token], pos: &mut usize) -> Result<Vec<(String, Value)>> {
+fn nested(depth: usize) -> Result<usize> {
+    if depth >= MAX_NESTING {
+        bail!("LVM2 metadata: nested more than {MAX_NESTING} deep");
+    }
+    Ok(depth + 1)
+}
+
+fn entries(lex: &mut Lexer, depth: usize) -> Result<Vec<(String, Value)>> {
     let mut out = Vec::new();
-    while let Some(Token::Word(key)) = t.get(*pos) {
-        *pos += 1;
-        match t.get(*pos) {
+    while let Some(Token::Word(_)) = lex.peek()? {
+        let Some(Token::Word(key)) = lex.next()? else { unreachable!() };
+        match lex.next()? {
             Some(Token::Punct('{')) => {
-                *pos += 1;
-                let body = entries(t, pos)?;
-                if t.get(*pos) != Some(&Token::Punct('}')) {
+                let body = entries(lex, nested(depth)?)?;
+                if lex.next()? != Some(Token::Punct('}')) {
                     bail!("LVM2 metadata: section {key} not closed");
                 }
-                *pos += 1;
-                out.push((key.clone(), Value::Section(body)));
+                out.push((key, Value::Section(body)));
             }
             Some(Token::Punct('=')) => {
-                *pos += 1;
-                out.push((key.clone(), value(t, pos)?));
+                let v = value(lex, depth)?;
+                out.push((key, v));
             }
             _ => bail!("LVM2 metadata: expected = or {{ after {key}"),
         }
@@ -290,28 +375,30 @@ fn entries(t: &[Token], pos: &mut usize) -> Result<Vec<(String, Value)>> {
     Ok(out)
 }
 
-fn value(t: &[Token], pos: &mut usize) -> Result<Value> {
-    let v = match t.get(*pos) {
-        Some(Token::Str(s)) => Value::Str(s.clone()),
+fn value(lex: &mut Lexer, depth: usize) -> Result<Value> {
+    Ok(match lex.next()? {
+        Some(Token::Str(s)) => Value::Str(s),
         Some(Token::Word(w)) => match w.parse::<i64>() {
             Ok(i) => Value::Int(i),
-            Err(_) => Value::Str(w.clone()), // floats and bare words: kept as text
+            Err(_) => Value::Str(w), // floats and bare words: kept as text
         },
         Some(Token::Punct('[')) => {
-            *pos += 1;
+            let depth = nested(depth)?;
             let mut items = Vec::new();
-            while t.get(*pos) != Some(&Token::Punct(']')) {
-                items.push(value(t, pos)?);
-                if t.get(*pos) == Some(&Token::Punct(',')) {
-                    *pos += 1;
+            loop {
+                if lex.peek()? == Some(&Token::Punct(']')) {
+                    lex.next()?;
+                    break;
+                }
+                items.push(value(lex, depth)?);
+                if lex.peek()? == Some(&Token::Punct(',')) {
+                    lex.next()?;
                 }
             }
             Value::List(items)
         }
         _ => bail!("LVM2 metadata: expected a value"),
-    };
-    *pos += 1;
-    Ok(v)
+    })
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
@@ -322,8 +409,137 @@ fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The UUID of the PVs [`pv_image`] makes, as their label holds it (metadata adds dashes).
+    pub(crate) const PV_UUID: &str = "ABCDEFghijklmnopqrstuvwxyz012345";
+
+    /// Metadata text of VG `vg0` on PV [`PV_UUID`] (1 MiB extents, data from 1 MiB): `swap_1`
+    /// linear over extents 0-3.
+    pub(crate) fn swap_vg_text() -> String {
+        "vg0 {\nextent_size = 2048\nphysical_volumes {\npv0 {\nid = \"ABCDEF-ghij-klmn-opqr-stuv-wxyz-012345\"\n\
+         pe_start = 2048\n}\n}\nlogical_volumes {\nswap_1 {\nstatus = [\"READ\", \"WRITE\", \"VISIBLE\"]\n\
+         segment1 {\nstart_extent = 0\nextent_count = 4\ntype = \"striped\"\nstripe_count = 1\n\
+         stripes = [\"pv0\", 0]\n}\n}\n}\n}\n"
+            .into()
+    }
+
+    /// A PV of `size` bytes laid out as pvcreate does: the label in sector 1, one metadata area
+    /// at 4 KiB of `mda_size` bytes whose header says the text at 512 in it is `text_len`
+    /// bytes long (the text itself is written up to the area's end).
+    pub(crate) fn pv_image(size: usize, text: &[u8], mda_size: u64, text_len: u64) -> Vec<u8> {
+        let mut d = vec![0u8; size];
+        let label = 512;
+        d[label..label + 8].copy_from_slice(b"LABELONE");
+        d[label + 8..label + 16].copy_from_slice(&1u64.to_le_bytes());
+        d[label + 20..label + 24].copy_from_slice(&32u32.to_le_bytes());
+        d[label + 24..label + 32].copy_from_slice(b"LVM2 001");
+        let pvh = label + 32;
+        d[pvh..pvh + 32].copy_from_slice(PV_UUID.as_bytes());
+        d[pvh + 32..pvh + 40].copy_from_slice(&(size as u64).to_le_bytes());
+        // Data areas: one at 1 MiB, then the end; metadata areas: one at 4 KiB, then the end.
+        d[pvh + 40..pvh + 48].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        d[pvh + 72..pvh + 80].copy_from_slice(&4096u64.to_le_bytes());
+        d[pvh + 80..pvh + 88].copy_from_slice(&mda_size.to_le_bytes());
+        let mda = 4096;
+        d[mda + 4..mda + 20].copy_from_slice(MDA_MAGIC);
+        d[mda + 20..mda + 24].copy_from_slice(&1u32.to_le_bytes());
+        d[mda + 24..mda + 32].copy_from_slice(&4096u64.to_le_bytes());
+        d[mda + 32..mda + 40].copy_from_slice(&mda_size.to_le_bytes());
+        d[mda + 40..mda + 48].copy_from_slice(&512u64.to_le_bytes());
+        d[mda + 48..mda + 56].copy_from_slice(&text_len.to_le_bytes());
+        let room = (1 << 20) - mda - 512;
+        d[mda + 512..mda + 512 + text.len().min(room)].copy_from_slice(&text[..text.len().min(room)]);
+        d
+    }
+
+    fn read_mem(d: &[u8]) -> impl FnMut(u64, usize) -> Result<Vec<u8>> + '_ {
+        crate::partitions::tests::strict(d)
+    }
+
+    #[test]
+    fn a_pv_in_memory_reads_back() {
+        let text = swap_vg_text();
+        let d = pv_image(8 << 20, text.as_bytes(), (1 << 20) - 4096, text.len() as u64);
+        let pv = read_pv(&mut read_mem(&d), 0, d.len() as u64).unwrap();
+        assert_eq!(pv.volumes.len(), 1);
+        assert_eq!(pv.volumes[0].runs, [LvRun { at: 0, pv_offset: 1 << 20, len: 4 << 20 }]);
+    }
+
+    #[test]
+    fn metadata_lengths_from_the_disk_are_bounded_before_anything_is_read() {
+        let text = swap_vg_text();
+        let ok = (1u64 << 20) - 4096;
+        let cases: [(u64, u64, &str); 5] = [
+            // (metadata area size in the label and its header, text length, why)
+            (1 << 41, 1 << 40, "outside the PV"),
+            (ok, 1 << 40, "no current metadata"),
+            (u64::MAX, u64::MAX - 512, "outside the PV"),
+            (ok, 0, "no current metadata"),
+            (100, 10, "outside the PV"),
+        ];
+        for (mda_size, text_len, why) in cases {
+            let d = pv_image(8 << 20, text.as_bytes(), mda_size, text_len);
+            let mut longest = 0;
+            let mut read = read_mem(&d);
+            let err = read_pv(
+                &mut |at, len| {
+                    longest = longest.max(len);
+                    read(at, len)
+                },
+                0,
+                d.len() as u64,
+            )
+            .unwrap_err();
+            assert!(format!("{err:#}").contains(why), "{mda_size} {text_len}: {err:#}");
+            assert!(longest <= 2048, "read {longest} bytes");
+        }
+        // An area large enough for 2 MiB of text: more than is ever read.
+        let big = pv_image(64 << 20, text.as_bytes(), 32 << 20, 2 << 20);
+        let err = read_pv(&mut read_mem(&big), 0, 64 << 20).unwrap_err();
+        assert!(format!("{err:#}").contains("more than the 1048576 read"), "{err:#}");
+    }
+
+    #[test]
+    fn nesting_is_bounded_and_deep_metadata_is_an_error_not_a_stack_overflow() {
+        for deep in ["a {".repeat(100_000), format!("a = {}", "[".repeat(100_000)), "{".repeat(1 << 20)] {
+            let err = parse(&deep).unwrap_err();
+            assert!(format!("{err:#}").contains("nested") || format!("{err:#}").contains("unbalanced"), "{err:#}");
+        }
+        let ok = format!("{}{}", "a {".repeat(MAX_NESTING), "}".repeat(MAX_NESTING));
+        parse(&ok).unwrap();
+        let too_deep = format!("{}{}", "a {".repeat(MAX_NESTING + 1), "}".repeat(MAX_NESTING + 1));
+        assert!(parse(&too_deep).is_err());
+    }
+
+    #[test]
+    fn numbers_out_of_range_leave_a_volume_out_instead_of_overflowing() {
+        let text = swap_vg_text();
+        for (from, to) in [
+            ("extent_count = 4", "extent_count = -4"),
+            ("extent_count = 4", "extent_count = 9223372036854775807"),
+            ("extent_count = 4", "extent_count = 0"),
+            ("start_extent = 0", "start_extent = 9223372036854775807"),
+            ("\"pv0\", 0]", "\"pv0\", 9007199254740993]"),
+            ("\"pv0\", 0]", "\"pv0\", -1]"),
+            ("swap_1 {", "../../x {"),
+        ] {
+            let bad = text.replace(from, to);
+            assert_ne!(bad, text);
+            let pv = volumes_in_text(&bad, PV_UUID, 8 << 20).unwrap();
+            assert!(pv.volumes.is_empty() && pv.skipped.len() == 1, "{to}: {pv:?}");
+        }
+        for (from, to) in [("extent_size = 2048", "extent_size = -2048"), ("pe_start = 2048", "pe_start = -1")] {
+            assert!(volumes_in_text(&text.replace(from, to), PV_UUID, 8 << 20).is_err(), "{to}");
+        }
+        // Segments whose sizes overflow when added up.
+        let two = text.replace(
+            "segment1 {",
+            "segment2 {\nstart_extent = 4\nextent_count = 9007199254740000\ntype = \"striped\"\nstripe_count = 1\nstripes = [\"pv0\", 0]\n}\nsegment1 {",
+        );
+        assert!(volumes_in_text(&two, PV_UUID, u64::MAX).unwrap().volumes.is_empty());
+    }
 
     const META: &str = r#"vg0 {
 id = "abc"

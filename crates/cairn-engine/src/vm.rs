@@ -155,6 +155,10 @@ pub struct VmRecord {
     /// Bytes read from the VM's disks (not counting files and memory state).
     pub vm_read_bytes: u64,
     pub skipped_swap: Vec<SkippedSwap>,
+    /// What the backup could not do but went on without (a guest structure that could not be
+    /// read: nothing skipped there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     pub files: Vec<FileRecord>,
     /// The image holding the saved memory and device state (saved-state method).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -547,6 +551,7 @@ pub fn backup_vm(
         offline_window_ms: None,
         vm_read_bytes: 0,
         skipped_swap: Vec::new(),
+        warnings: Vec::new(),
         files: Vec::new(),
         memory_state: None,
         hooks: Vec::new(),
@@ -979,7 +984,9 @@ fn disk_input(
     record: &mut VmRecord,
 ) -> Result<DiskInput> {
     let areas = if skip_swap {
-        find_swap(src.as_mut()).with_context(|| format!("looking for swap on disk {}", d.target))?
+        let scan = find_swap(src.as_mut());
+        record.warnings.extend(scan.warnings.iter().map(|w| format!("disk {}: swap detection: {w}", d.target)));
+        scan.areas
     } else {
         Vec::new()
     };

@@ -1,16 +1,37 @@
 //! FAT12/16/32 (EFI system partitions, USB images, old Windows guests) through `fatfs`.
 //! Names are matched case-insensitively, long names preferred.
 
-use super::{base_name, Entry, Filesystem, VolumeReader};
+use super::{base_name, Entry, Filesystem, Ident, VolumeReader};
 use anyhow::{bail, Context, Result};
 use fatfs::{FileSystem, FsOptions};
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-pub(super) struct FatFs(FileSystem<VolumeReader>);
+pub(super) struct FatFs {
+    fs: FileSystem<VolumeReader>,
+    /// The volume reader's read budget: `fatfs` follows cluster chains without noticing a loop.
+    budget: Arc<AtomicU64>,
+}
+
+/// What one folder may take to read: FAT folders hold at most 65536 entries of 32 bytes (2 MiB),
+/// plus the FAT entries of their clusters.
+const FOLDER_READ_BUDGET: u64 = 4 << 20;
 
 impl FatFs {
     pub(super) fn open(volume: VolumeReader) -> Result<FatFs> {
-        Ok(FatFs(FileSystem::new(volume, FsOptions::new())?))
+        let budget = volume.budget.clone();
+        Ok(FatFs { fs: FileSystem::new(volume, FsOptions::new())?, budget })
+    }
+
+    /// Runs a walk of `path` with reads bounded by what FAT folders can hold on the way, so that
+    /// a folder whose cluster chain loops is an error, not an endless read.
+    fn bounded<T>(&self, path: &str, walk: impl FnOnce() -> Result<T>) -> Result<T> {
+        let folders = path.split('/').filter(|c| !c.is_empty()).count() as u64 + 1;
+        self.budget.store(FOLDER_READ_BUDGET.saturating_mul(folders), Ordering::Relaxed);
+        let result = walk();
+        self.budget.store(u64::MAX, Ordering::Relaxed);
+        result
     }
 
     fn find(&self, path: &str) -> Result<Option<fatfs::DirEntry<'_, VolumeReader>>> {
@@ -18,19 +39,21 @@ impl FatFs {
         if name.is_empty() {
             return Ok(None); // the root has no entry of its own
         }
-        let dir = self.open_dir(parent)?;
-        for e in dir.iter() {
-            let e = e?;
-            if e.file_name().eq_ignore_ascii_case(name) || e.short_file_name().eq_ignore_ascii_case(name) {
-                return Ok(Some(e));
+        self.bounded(path, || {
+            let dir = self.open_dir(parent)?;
+            for e in dir.iter() {
+                let e = e?;
+                if e.file_name().eq_ignore_ascii_case(name) || e.short_file_name().eq_ignore_ascii_case(name) {
+                    return Ok(Some(e));
+                }
             }
-        }
-        bail!("{path}: no such file or folder")
+            bail!("{path}: no such file or folder")
+        })
     }
 
     fn open_dir(&self, path: &str) -> Result<fatfs::Dir<'_, VolumeReader>> {
         let path = path.trim_start_matches('/');
-        let root = self.0.root_dir();
+        let root = self.fs.root_dir();
         if path.is_empty() {
             Ok(root)
         } else {
@@ -43,7 +66,10 @@ fn entry(e: &fatfs::DirEntry<'_, VolumeReader>) -> Entry {
     let read_only = e.attributes().contains(fatfs::FileAttributes::READ_ONLY);
     let (kind, size, mode) =
         if e.is_dir() { ("dir", 0, 0o755) } else { ("file", e.len(), if read_only { 0o444 } else { 0o644 }) };
-    Entry { name: e.file_name(), kind, size, mode, modified: unix_time(e.modified()) }
+    // fatfs keeps an entry's first cluster to itself; its Debug output shows the raw entry,
+    // cluster included, which is what identifies the file.
+    let ident = Ident::digest(format!("{e:?}"));
+    Entry { name: e.file_name(), kind, size, mode, modified: unix_time(e.modified()), ident }
 }
 
 /// FAT stores local time without a zone; it is read as UTC.
@@ -63,22 +89,27 @@ impl Filesystem for FatFs {
     fn stat(&self, path: &str) -> Result<Entry> {
         Ok(match self.find(path)? {
             Some(e) => Entry { name: base_name(path), ..entry(&e) },
-            None => Entry { name: String::new(), kind: "dir", size: 0, mode: 0o755, modified: 0 },
+            None => {
+                Entry { name: String::new(), kind: "dir", size: 0, mode: 0o755, modified: 0, ident: Ident::Unknown }
+            }
         })
     }
 
     fn read_dir(&self, path: &str) -> Result<Vec<Entry>> {
-        let mut out = Vec::new();
-        for e in self.open_dir(path)?.iter() {
-            let e = e?;
-            let name = e.file_name();
-            // Volume labels are entries too; `.` and `..` are in every folder but the root.
-            if name == "." || name == ".." || e.attributes().contains(fatfs::FileAttributes::VOLUME_ID) {
-                continue;
+        self.bounded(path, || {
+            let mut out = Vec::new();
+            for e in self.open_dir(path)?.iter() {
+                let e = e?;
+                // Volume labels are entries too; `.` and `..` are in every folder but the root
+                // (told by their short names: a long name `..` is a guest's, and is listed).
+                let short = e.short_file_name_as_bytes();
+                if short == b"." || short == b".." || e.attributes().contains(fatfs::FileAttributes::VOLUME_ID) {
+                    continue;
+                }
+                out.push(entry(&e));
             }
-            out.push(entry(&e));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn read_link(&self, path: &str) -> Result<String> {

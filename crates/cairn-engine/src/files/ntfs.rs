@@ -1,7 +1,7 @@
 //! NTFS (Windows guests) through the `ntfs` crate. Names are looked up case-insensitively, as
 //! Windows does, with the volume's own $UpCase table.
 
-use super::{base_name, Entry, Filesystem, VolumeReader};
+use super::{base_name, Entry, Filesystem, Ident, VolumeReader};
 use anyhow::{bail, Context, Result};
 use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
@@ -56,7 +56,7 @@ impl NtfsFs {
             ("file", size, if read_only { 0o444 } else { 0o644 })
         };
         let modified = (info.modification_time().nt_timestamp() / 10_000_000) as i64 - EPOCH_DIFF_SECS;
-        Ok(Entry { name, kind, size, mode, modified })
+        Ok(Entry { name, kind, size, mode, modified, ident: Ident::Exact(file.file_record_number()) })
     }
 }
 
