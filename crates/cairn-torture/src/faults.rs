@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const OPS: [&str; 6] = ["init", "backup", "backup-changed", "restore", "verify", "repair"];
+pub const OPS: [&str; 7] = ["init", "backup", "backup-encrypted", "backup-changed", "restore", "verify", "repair"];
 const PASSWORD: &str = "torture";
 
 /// The images and repository templates every run starts from.
@@ -141,6 +141,11 @@ impl Setup {
         s.points.insert("unindexed", s.points["pa"].clone());
         s.points.insert("empty", vec![]);
         s.template("empty")?;
+        // "pe": P in an encrypted repository (sealed objects, keys, the config tag).
+        let pe = s.template("pe")?;
+        let repo = Arc::new(Repository::init(local(&pe), Some(PASSWORD))?);
+        let id_pe = backup_image(&repo, "p", &s.image_p, None)?;
+        s.points.insert("pe", vec![(id_pe, s.image_p.clone())]);
         Ok(s)
     }
 
@@ -206,7 +211,7 @@ fn operation(op: &str, s: &Setup, dir: &Path, backend: Arc<dyn Backend>) -> Resu
             Repository::init(backend, Some(PASSWORD))?;
             Ok(None)
         }
-        "backup" => Ok(Some(backup_image(&open(backend)?, "a", &s.image_a, None)?)),
+        "backup" | "backup-encrypted" => Ok(Some(backup_image(&open(backend)?, "a", &s.image_a, None)?)),
         "backup-changed" => Ok(Some(backup_image(&open(backend)?, "a", &s.image_a2, Some(&s.ranges_a2))?)),
         "restore" => {
             let repo = open(backend)?;
@@ -241,6 +246,7 @@ fn template_of(op: &str) -> &'static str {
     match op {
         "init" => "empty",
         "backup" => "p",
+        "backup-encrypted" => "pe",
         "backup-changed" | "restore" => "pa",
         "verify" => "damaged",
         "repair" => "unindexed",
@@ -343,7 +349,9 @@ fn one_injection(s: &Setup, op: &str, n: usize, plan: FaultPlan) -> Finding {
         let faulty = Arc::new(FaultyBackend::new(LocalBackend::new(&dir), Some(plan)));
         let outcome = operation(op, s, &dir, faulty.clone());
         let injected = faulty.injected();
-        f.reached = injected.is_some();
+        // A fault with no meaning for the call it landed on (a flipped bit on `exists`)
+        // injected nothing: counted as not reached.
+        f.reached = injected.as_ref().is_some_and(|i| i.applied);
         f.succeeded = outcome.is_ok();
         if let Err(e) = &outcome {
             if format!("{e:#}").contains("VIOLATION") {
@@ -394,6 +402,31 @@ fn check(
     }
     if op == "init" {
         return check_init(dir, torn && hit(Kind::Config), f);
+    }
+    if op == "verify" {
+        // Straight after the faulty run: nothing sound was quarantined (verify reads a pack
+        // twice before it believes damage; a single misread must not do it).
+        let repo = open(local(dir))?;
+        let q: BTreeSet<(String, String)> =
+            repo.quarantine()?.into_iter().map(|(p, b)| (hex::encode(p), b.to_hex())).collect();
+        if !q.is_subset(&s.damaged_copies) {
+            f.violations.push(format!(
+                "the faulty verify quarantined {} sound copies",
+                q.difference(&s.damaged_copies).count()
+            ));
+        }
+    }
+    if op == "repair" {
+        // Straight after the faulty run: every point that restored before still does (a
+        // repair never hides what a point needs, whatever failed).
+        let repo = open(local(dir))?;
+        let scratch = dir.join("scratch");
+        std::fs::create_dir_all(&scratch)?;
+        for (id, oracle) in &s.points["p"] {
+            if let Err(e) = restores_exactly(&repo, id, oracle, &scratch) {
+                f.violations.push(format!("after the faulty repair: {e:#}"));
+            }
+        }
     }
     if op == "repair" {
         // Whatever the faulty run did, a clean one must bring every point back.

@@ -21,7 +21,8 @@ enum Command {
     /// Fail every storage call of an operation in turn (ENOSPC, EIO, torn and lost writes,
     /// short and flipped reads), checking the repository after each
     Faults {
-        /// Operations to torture (default: all): init, backup, backup-changed, restore, verify, repair
+        /// Operations to torture (default: all): init, backup, backup-encrypted, backup-changed,
+        /// restore, verify, repair
         #[arg(long, value_delimiter = ',')]
         ops: Vec<String>,
         /// Injections run in parallel
