@@ -687,6 +687,8 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
         force: a.force,
         workers: workers(g),
     };
+    // A block device a running VM uses is refused: the engine asks when --to is one.
+    cairn_engine::target::check_device_users(Box::new(running_vm_disks));
     let progress = bar(g);
     let report = restore_disk(&repo, &id, &point, disk, &a.to, &opts, &progress)?;
     if g.json {
@@ -694,8 +696,12 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
             &serde_json::json!({"point": id, "name": point.name, "time": point.time, "to": a.to, "report": report}),
         );
     } else {
+        use std::os::unix::fs::FileTypeExt;
+        // A device holds old data where a file has holes: its zero ranges were zeroed (unmapped
+        // where the device can, as a thin LV or a zvol does), not left alone.
+        let device = std::fs::metadata(&a.to).is_ok_and(|m| m.file_type().is_block_device());
         println!(
-            "restored disk {} of {} ({}, {}) to {}: {} data, {} zero (left sparse), {:.1} s",
+            "restored disk {} of {} ({}, {}) to {}: {} data, {} zero ({}), {:.1} s",
             disk.name,
             point.name,
             &id[..8],
@@ -703,10 +709,48 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
             a.to.display(),
             bytes(report.data_bytes),
             bytes(report.zero_bytes),
+            if device { "zeroed on the device" } else { "left sparse" },
             report.duration_ms as f64 / 1000.0
         );
     }
     Ok(0)
+}
+
+/// The disks of the VMs running (or paused) on this host's libvirt, as ("VM NAME (running),
+/// disk vda", path), asked through virsh. Without virsh there is no libvirt VM to protect; when
+/// libvirt does not answer, a warning says the check was not made.
+fn running_vm_disks() -> Vec<(String, PathBuf)> {
+    let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| cairn_hypervisor::libvirt::DEFAULT_URI.into());
+    let virsh = |args: &[&str]| -> Result<Option<String>> {
+        let out = match std::process::Command::new("virsh").args(["-q", "-c", &uri]).args(args).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            r => r.context("running virsh")?,
+        };
+        if !out.status.success() {
+            bail!("virsh {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let disks = || -> Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        // `list` shows the active VMs: running, paused, in shutdown.
+        let Some(uuids) = virsh(&["list", "--uuid"])? else { return Ok(out) };
+        for uuid in uuids.split_whitespace() {
+            // A VM that stopped since the list has nothing open.
+            let Ok(Some(xml)) = virsh(&["dumpxml", uuid]) else { continue };
+            let config = cairn_hypervisor::domain_xml::parse(&xml)?;
+            for d in config.disks {
+                if let Some(path) = d.path {
+                    out.push((format!("VM {} (running), disk {}", config.name, d.target), PathBuf::from(path)));
+                }
+            }
+        }
+        Ok(out)
+    };
+    disks().unwrap_or_else(|e| {
+        eprintln!("warning: could not ask libvirt ({uri}) which block devices its VMs use: {e:#}");
+        Vec::new()
+    })
 }
 
 fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
