@@ -355,6 +355,32 @@ fn an_idle_client_is_disconnected_only_when_asked() {
     assert!(server.log().contains("idle for 1 s"), "{}", server.log());
 }
 
+/// A client whose host vanishes leaves a half-open connection that no read or write on our
+/// side would notice while it waits for the next request: keepalives do, after a minute idle.
+#[test]
+fn served_tcp_connections_probe_with_keepalives_after_a_minute_idle() {
+    let (e, _img) = served_point("keepalive");
+    let (_server, v) = start_server(&e, &["serve-nbd", "keepalive", "--listen", "127.0.0.1:0", "--json"]);
+    let port = port_of(v["exports"][0]["uri"].as_str().unwrap());
+    let (_client, got) = raw_client(&port);
+    assert_eq!(got, 18);
+    // The server's end of the connection (source port = the server's): its keepalive timer.
+    let out = Command::new("ss").args(["-tnoH", "state", "established", &format!("( sport = :{port} )")]).output();
+    let Ok(out) = out else {
+        eprintln!("skipped: no ss (iproute2)");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let timer = text.split("timer:(keepalive,").nth(1).unwrap_or_else(|| panic!("no keepalive timer: {text:?}"));
+    let left = timer.split(',').next().unwrap();
+    let secs: u64 = match left.strip_suffix("sec") {
+        Some(s) => s.parse().unwrap(),
+        None if left.starts_with("1min") => 60,
+        None => panic!("keepalive due in {left}, not within a minute: {text:?}"),
+    };
+    assert!(secs <= 60, "{text:?}");
+}
+
 #[test]
 fn the_default_socket_is_private_and_an_existing_path_is_removed_only_when_stale() {
     use std::os::unix::fs::PermissionsExt;
