@@ -374,8 +374,8 @@ pub(crate) enum Ident {
     /// A number unique to the file in its volume (NTFS: its MFT record).
     Exact(u64),
     /// A digest of what the entry records about its file (ext4: the inode's metadata; FAT: the
-    /// raw directory entry, first cluster included), because `ext4-view` and `fatfs` do not
-    /// expose inode or cluster numbers: the same for the same file, and rarely for another.
+    /// directory entry's fields, first cluster included), because `ext4-view` and `fatfs` do
+    /// not expose inode or cluster numbers: the same for the same file, and rarely for another.
     Digest(u64),
     #[default]
     Unknown,
