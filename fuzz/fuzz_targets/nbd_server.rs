@@ -59,7 +59,7 @@ impl Write for Client<'_> {
 }
 
 impl Socket for Client<'_> {
-    fn set_timeouts(&self, _: Option<Duration>) -> io::Result<()> {
+    fn set_timeouts(&self, _: Option<Duration>, _: Option<Duration>) -> io::Result<()> {
         Ok(())
     }
 }

@@ -504,12 +504,12 @@ pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     // A password was given for a repository that says it is not encrypted: either the wrong
     // repository, or its config was altered to turn encryption off. Writing plaintext where
     // the operator expects ciphertext is the worse mistake, so stop.
-    let password_given =
-        std::env::var_os("CAIRN_PASSWORD").is_some() || std::env::var_os(vm::PASSWORD_FD_ENV).is_some();
-    if !repo.crypto().is_encrypted() && password_given {
+    // Named as given: an operator told to unset CAIRN_PASSWORD when it is not set is lost.
+    let given_by = ["CAIRN_PASSWORD", vm::PASSWORD_FD_ENV].into_iter().find(|v| std::env::var_os(v).is_some());
+    if let Some(var) = given_by.filter(|_| !repo.crypto().is_encrypted()) {
         bail!(
-            "the repository at {} is not encrypted, but CAIRN_PASSWORD is set: if it should be encrypted, its \
-             config was altered (do not use it); if not, unset CAIRN_PASSWORD",
+            "the repository at {} is not encrypted, but {var} is set: if it should be encrypted, its \
+             config was altered (do not use it); if not, unset {var}",
             repo.backend().location()
         );
     }
@@ -687,6 +687,8 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
         force: a.force,
         workers: workers(g),
     };
+    // A block device a running VM uses is refused: the engine asks when --to is one.
+    cairn_engine::target::check_device_users(Box::new(running_vm_disks));
     let progress = bar(g);
     let report = restore_disk(&repo, &id, &point, disk, &a.to, &opts, &progress)?;
     if g.json {
@@ -694,8 +696,12 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
             &serde_json::json!({"point": id, "name": point.name, "time": point.time, "to": a.to, "report": report}),
         );
     } else {
+        use std::os::unix::fs::FileTypeExt;
+        // A device holds old data where a file has holes: its zero ranges were zeroed (unmapped
+        // where the device can, as a thin LV or a zvol does), not left alone.
+        let device = std::fs::metadata(&a.to).is_ok_and(|m| m.file_type().is_block_device());
         println!(
-            "restored disk {} of {} ({}, {}) to {}: {} data, {} zero (left sparse), {:.1} s",
+            "restored disk {} of {} ({}, {}) to {}: {} data, {} zero ({}), {:.1} s",
             disk.name,
             point.name,
             &id[..8],
@@ -703,10 +709,48 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
             a.to.display(),
             bytes(report.data_bytes),
             bytes(report.zero_bytes),
+            if device { "zeroed on the device" } else { "left sparse" },
             report.duration_ms as f64 / 1000.0
         );
     }
     Ok(0)
+}
+
+/// The disks of the VMs running (or paused) on this host's libvirt, as ("VM NAME (running),
+/// disk vda", path), asked through virsh. Without virsh there is no libvirt VM to protect; when
+/// libvirt does not answer, a warning says the check was not made.
+fn running_vm_disks() -> Vec<(String, PathBuf)> {
+    let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| cairn_hypervisor::libvirt::DEFAULT_URI.into());
+    let virsh = |args: &[&str]| -> Result<Option<String>> {
+        let out = match std::process::Command::new("virsh").args(["-q", "-c", &uri]).args(args).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            r => r.context("running virsh")?,
+        };
+        if !out.status.success() {
+            bail!("virsh {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let disks = || -> Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        // `list` shows the active VMs: running, paused, in shutdown.
+        let Some(uuids) = virsh(&["list", "--uuid"])? else { return Ok(out) };
+        for uuid in uuids.split_whitespace() {
+            // A VM that stopped since the list has nothing open.
+            let Ok(Some(xml)) = virsh(&["dumpxml", uuid]) else { continue };
+            let config = cairn_hypervisor::domain_xml::parse(&xml)?;
+            for d in config.disks {
+                if let Some(path) = d.path {
+                    out.push((format!("VM {} (running), disk {}", config.name, d.target), PathBuf::from(path)));
+                }
+            }
+        }
+        Ok(out)
+    };
+    disks().unwrap_or_else(|e| {
+        eprintln!("warning: could not ask libvirt ({uri}) which block devices its VMs use: {e:#}");
+        Vec::new()
+    })
 }
 
 fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
@@ -920,26 +964,22 @@ fn listen_addresses(addr: &str, a: &ServeNbd) -> Result<Vec<std::net::SocketAddr
 /// A folder only this user can enter, for the default socket: /run/cairn-nbd for root,
 /// $XDG_RUNTIME_DIR/cairn-nbd otherwise (never a predictable name in a world-writable folder).
 fn private_socket_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    use std::os::unix::fs::MetadataExt;
     let euid = unsafe { libc::geteuid() };
     let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|_| euid != 0) {
         Some(run) => PathBuf::from(run).join("cairn-nbd"),
         None if euid == 0 => PathBuf::from("/run/cairn-nbd"),
         None => bail!("no private folder for the socket ($XDG_RUNTIME_DIR is not set): give --socket PATH"),
     };
-    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            return Err(e).with_context(|| format!("cannot create {}", dir.display()));
-        }
-        _ => {}
-    }
-    // Whoever made it must be us, and nobody else may enter it (lstat: no symlink followed).
+    // The engine's check for its own folders: made 0700 if missing, else ours, a real folder
+    // writable by nobody else, under parents nobody else can write or swap.
+    cairn_engine::vm::private_dir(&dir).context("the folder for the socket (or give --socket PATH)")?;
+    // Nobody else may even enter it: the socket takes its mode 0600 only after it exists.
     let m = std::fs::symlink_metadata(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    if !m.is_dir() || m.uid() != euid || m.mode() & 0o077 != 0 {
+    if m.mode() & 0o077 != 0 {
         bail!(
-            "{} is not a private folder of this user (owner uid {}, mode {:o}); remove it, or give --socket PATH",
+            "{} can be entered by other users (mode {:o}): make it 0700 or remove it, or give --socket PATH",
             dir.display(),
-            m.uid(),
             m.mode() & 0o7777
         );
     }

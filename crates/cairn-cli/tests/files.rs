@@ -38,6 +38,45 @@ fn make_disk(e: &Env, src: &std::path::Path) -> std::path::PathBuf {
     disk
 }
 
+/// Runs cairn with --json under `strace`, recording its sync calls (with the paths of their
+/// descriptors) in `log`; without strace, runs it plainly.
+fn strace_syncs(e: &Env, log: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    if Command::new("strace").arg("-V").output().is_err() {
+        return e.json(args);
+    }
+    let plain = e.cmd(args);
+    let mut c = Command::new("strace");
+    c.args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync,syncfs,sync,sync_file_range", "-o"]).arg(log);
+    c.arg(plain.get_program()).args(plain.get_args()).arg("--json");
+    for (k, v) in plain.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The sync calls `strace_syncs` saw on `dir` and descriptors under it, by name; None without
+/// a log.
+fn syncs_of(log: &std::path::Path, dir: &std::path::Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let dir = dir.to_str().unwrap();
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                // "PID syncfs(5</tmp/x/out>) = 0": the call and the path of its descriptor.
+                let call = l.split_whitespace().nth(1)?;
+                let (name, rest) = call.split_once('(')?;
+                let path = rest.split_once('<')?.1.split('>').next()?;
+                (path == dir || path.starts_with(&format!("{dir}/"))).then(|| name.to_string())
+            })
+            .collect(),
+    )
+}
+
 /// (name, filesystem) of each volume in `files ls NAME --json`.
 fn volume_list(v: &serde_json::Value) -> Vec<(String, String)> {
     v["volumes"]
@@ -59,6 +98,9 @@ fn files_come_out_of_a_restore_point_reading_little_more_than_their_size() {
     std::fs::write(src.join("big.bin"), &big).unwrap();
     std::fs::write(src.join("etc/app/config.toml"), "answer = 42\n").unwrap();
     std::os::unix::fs::symlink("app/config.toml", src.join("etc/current")).unwrap();
+    // ext4 allows names of 255 bytes: no temporary suffix may make one too long here.
+    let long = "l".repeat(250);
+    std::fs::write(src.join("etc/app").join(&long), "long name\n").unwrap();
     let disk = make_disk(&e, &src);
     e.backup(&disk, "filesrv", &[]);
 
@@ -74,6 +116,8 @@ fn files_come_out_of_a_restore_point_reading_little_more_than_their_size() {
         .map(|x| (x["name"].as_str().unwrap(), x["kind"].as_str().unwrap()))
         .collect();
     assert_eq!(names, [("app", "dir"), ("current", "symlink")]);
+    let app = e.json(&["files", "ls", "filesrv", "disk01", "/etc/app"]);
+    assert_eq!(app["entries"].as_array().unwrap().len(), 2, "{app}");
     // With one ext4 volume, it may be left out.
     let root = e.json(&["files", "ls", "filesrv", "/"]);
     assert!(root["entries"].as_array().unwrap().iter().any(|x| x["name"] == "big.bin" && x["size"] == 100u64 << 20));
@@ -86,10 +130,16 @@ fn files_come_out_of_a_restore_point_reading_little_more_than_their_size() {
     let read = r["report"]["repository_bytes_read"].as_u64().unwrap();
     assert!(read as f64 <= 1.2 * (100u64 << 20) as f64, "read {read} bytes from the repository for a 100 MiB file");
     eprintln!("files get: {read} bytes read for 104857600 ({:.3}x)", read as f64 / (100u64 << 20) as f64);
-    // A tree, with its symlink.
-    e.json(&["files", "get", "filesrv", "disk01", "/etc", "--to", out.to_str().unwrap()]);
+    // A tree, with its symlink and its longest name; synced once, not file by file.
+    let syncs = e.path("syncs.strace");
+    let r = strace_syncs(&e, &syncs, &["files", "get", "filesrv", "disk01", "/etc", "--to", out.to_str().unwrap()]);
+    assert_eq!(r["report"]["warnings"].as_array().unwrap().len(), 0, "{r}");
     assert_eq!(std::fs::read_to_string(out.join("etc/app/config.toml")).unwrap(), "answer = 42\n");
     assert_eq!(std::fs::read_link(out.join("etc/current")).unwrap().to_str(), Some("app/config.toml"));
+    assert_eq!(std::fs::read_to_string(out.join("etc/app").join(&long)).unwrap(), "long name\n");
+    if let Some(calls) = syncs_of(&syncs, &out) {
+        assert_eq!(calls, ["syncfs"], "sync calls on the copy");
+    }
     // Refusals that say what to do.
     let err = e.fails(&["files", "ls", "filesrv", "disk02", "/"], 1);
     assert!(err.contains("swap"), "{err}");
@@ -595,7 +645,9 @@ fn get_confined(
     let after = tree(e.dir.path(), &e.repo());
     let outside: Vec<_> = after.difference(&before).filter(|p| !p.starts_with(&out)).collect();
     assert!(outside.is_empty(), "files get {volume} {path} wrote outside --to: {outside:?}");
-    let leftovers: Vec<_> = after.iter().filter(|p| p.to_string_lossy().ends_with(".cairn-partial")).collect();
+    // Temporary files (where the filesystem has no O_TMPFILE) are named .cairn-<random>.
+    let temporary = |p: &std::path::Path| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".cairn-"));
+    let leftovers: Vec<_> = after.iter().filter(|p| temporary(p)).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     (r["report"].clone(), out)
 }

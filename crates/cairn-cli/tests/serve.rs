@@ -355,6 +355,32 @@ fn an_idle_client_is_disconnected_only_when_asked() {
     assert!(server.log().contains("idle for 1 s"), "{}", server.log());
 }
 
+/// A client whose host vanishes leaves a half-open connection that no read or write on our
+/// side would notice while it waits for the next request: keepalives do, after a minute idle.
+#[test]
+fn served_tcp_connections_probe_with_keepalives_after_a_minute_idle() {
+    let (e, _img) = served_point("keepalive");
+    let (_server, v) = start_server(&e, &["serve-nbd", "keepalive", "--listen", "127.0.0.1:0", "--json"]);
+    let port = port_of(v["exports"][0]["uri"].as_str().unwrap());
+    let (_client, got) = raw_client(&port);
+    assert_eq!(got, 18);
+    // The server's end of the connection (source port = the server's): its keepalive timer.
+    let out = Command::new("ss").args(["-tnoH", "state", "established", &format!("( sport = :{port} )")]).output();
+    let Ok(out) = out else {
+        eprintln!("skipped: no ss (iproute2)");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let timer = text.split("timer:(keepalive,").nth(1).unwrap_or_else(|| panic!("no keepalive timer: {text:?}"));
+    let left = timer.split(',').next().unwrap();
+    let secs: u64 = match left.strip_suffix("sec") {
+        Some(s) => s.parse().unwrap(),
+        None if left.starts_with("1min") => 60,
+        None => panic!("keepalive due in {left}, not within a minute: {text:?}"),
+    };
+    assert!(secs <= 60, "{text:?}");
+}
+
 #[test]
 fn the_default_socket_is_private_and_an_existing_path_is_removed_only_when_stale() {
     use std::os::unix::fs::PermissionsExt;
@@ -405,4 +431,92 @@ fn the_default_socket_is_private_and_an_existing_path_is_removed_only_when_stale
         .output()
         .unwrap();
     assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+}
+
+/// `cmd` run as user nobody (setpriv), its environment kept.
+fn as_nobody(cmd: &Command) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// Waits up to 60 s for `child` to end; its status, or None if it still runs (then killed).
+fn ended(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// A user's default socket folder ($XDG_RUNTIME_DIR/cairn-nbd) gets the checks of the engine's
+/// own private folders: one under a folder other users can write is refused (they could swap
+/// it for theirs), one under a proper runtime folder is used.
+#[test]
+fn the_default_socket_folder_of_a_user_is_refused_under_a_folder_others_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    if Command::new("setpriv").arg("--version").output().is_err() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root and setpriv to run as another user");
+        return;
+    }
+    let (e, _img) = served_point("user");
+    // User nobody reads and locks the repository.
+    run_tool(Command::new("chown").args(["-R", "65534:65534"]).arg(e.repo()));
+    std::fs::set_permissions(e.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let open = e.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = e.cmd(&["serve-nbd", "user", "--json"]);
+    cmd.env("XDG_RUNTIME_DIR", &open);
+    let log = e.path("open.log");
+    let mut child = as_nobody(&cmd).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let status = ended(&mut child);
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "served from a folder under {}: {err}", open.display());
+    assert!(err.contains("can be written by other users") && err.contains("--socket"), "{err}");
+    assert!(!open.join("cairn-nbd").exists(), "the folder was made");
+
+    // A runtime folder of its own: served from there.
+    let run = e.path("run");
+    std::fs::create_dir(&run).unwrap();
+    run_tool(Command::new("chown").args(["65534:65534"]).arg(&run));
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut cmd = e.cmd(&["serve-nbd", "user", "--json"]);
+    cmd.env("XDG_RUNTIME_DIR", &run);
+    let log = e.path("run.log");
+    let mut child =
+        as_nobody(&cmd).stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let mut line = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    while serde_json::from_str::<serde_json::Value>(&line).is_err() {
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "{}", std::fs::read_to_string(&log).unwrap());
+    }
+    let _server = Server { child, log };
+    assert!(line.contains(run.join("cairn-nbd").to_str().unwrap()), "{line}");
+}
+
+/// The guard against a plain repository where a password is given names the variable that
+/// gave it.
+#[test]
+fn a_plain_repository_with_a_password_by_descriptor_names_that_variable() {
+    let (e, _img) = served_point("plain");
+    let out = e.cmd(&["serve-nbd", "plain"]).env("CAIRN_PASSWORD_FD", "3").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not encrypted, but CAIRN_PASSWORD_FD is set") && err.contains("unset CAIRN_PASSWORD_FD"),
+        "{err}"
+    );
+    assert!(!err.contains("CAIRN_PASSWORD "), "{err}");
 }

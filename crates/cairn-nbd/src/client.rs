@@ -339,8 +339,10 @@ impl NbdClient {
             let sent = self.send(handle, cmd, 0, offset, len, data);
             tokio::pin!(sent);
             tokio::select! {
+                // Polled first: a send that finished counts as finished, whatever else is ready.
+                biased;
                 r = &mut sent => r?,
-                reply = &mut rx => return reply.map_err(lost)?,
+                reply = &mut rx => return self.replied_before_sent(reply.map_err(lost)?),
             }
             rx.await.map_err(lost)?
         };
@@ -354,6 +356,19 @@ impl NbdClient {
                 self.kill(&why);
                 Err(NbdError::TimedOut(why))
             }
+        }
+    }
+
+    /// A reply came while its request was still being written (the server stopped reading
+    /// it). Dropping the send leaves part of the request on the wire, which the next request
+    /// would follow: the connection is closed. A success cannot stand either: the server
+    /// cannot have received all of a write's data.
+    fn replied_before_sent<T>(&self, reply: Result<T>) -> Result<T> {
+        let why = "the NBD server replied to a request before it was completely sent; the connection was closed";
+        self.kill(why);
+        match reply {
+            Ok(_) => Err(NbdError::Protocol(why.into())),
+            Err(e) => Err(e),
         }
     }
 

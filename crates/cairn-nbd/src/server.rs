@@ -9,7 +9,9 @@
 //! CA, clients must present a certificate it signed: NBD itself authenticates nobody.
 //!
 //! Every client is bounded ([`Limits`]): a number of connections (hence threads), a time to
-//! finish the handshake, an idle time, and about 1 MiB of buffer (reads are answered in pieces).
+//! finish the handshake, an idle time, a time to take in each reply, and about 1 MiB of buffer
+//! (reads are answered in pieces). TCP connections use keepalives, so a client whose host
+//! vanished (a half-open connection) is noticed within minutes even when no idle time is set.
 
 use crate::proto::*;
 use std::cell::{Cell, RefCell};
@@ -74,39 +76,67 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// A client silent for this long once serving (no request) is disconnected; `None` keeps it.
     pub idle_timeout: Option<Duration>,
+    /// A client that takes in nothing of a reply for this long (it stopped reading, or its
+    /// host is gone) is disconnected once serving, whatever the idle time: it would otherwise
+    /// hold its slot and thread for good.
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: 16, handshake_timeout: Duration::from_secs(10), idle_timeout: None }
+        Limits {
+            max_connections: 16,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            write_timeout: Duration::from_secs(300),
+        }
     }
 }
 
-/// A connection whose reads and writes can be given a time limit (a socket).
+/// A connection whose reads and writes can be given time limits (a socket).
 pub trait Socket {
-    fn set_timeouts(&self, limit: Option<Duration>) -> io::Result<()>;
+    /// Limits each read and each write to these times (`None`: no limit).
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
 }
 
 impl Socket for std::net::TcpStream {
-    fn set_timeouts(&self, limit: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(limit)?;
-        self.set_write_timeout(limit)
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
     }
 }
 
 impl Socket for std::os::unix::net::UnixStream {
-    fn set_timeouts(&self, limit: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(limit)?;
-        self.set_write_timeout(limit)
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
     }
 }
 
-/// Which time limit a connection is under: the handshake's deadline, then the idle time.
+/// TCP keepalive probes after a minute without traffic, every 10 s, 6 unanswered probes
+/// ending the connection: a client whose host vanished is noticed in about two minutes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
+
+/// Sets a served TCP connection's options: no Nagle delay, and keepalives.
+fn tune_tcp(c: &std::net::TcpStream) -> io::Result<()> {
+    c.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(c).set_tcp_keepalive(&keepalive)
+}
+
+/// Which time limits a connection is under: the handshake's deadline, then the idle time for
+/// reads and the write time for writes.
 struct Clock {
     handshake_until: Cell<Option<Instant>>,
     idle: Option<Duration>,
-    /// The limit last given to the socket (a system call only when it changes).
-    armed: Cell<Option<Option<Duration>>>,
+    write: Duration,
+    /// The limits last given to the socket (a system call only when they change).
+    armed: Cell<Option<(Option<Duration>, Option<Duration>)>>,
 }
 
 impl Clock {
@@ -114,9 +144,9 @@ impl Clock {
         self.handshake_until.set(None);
     }
 
-    /// Sets the socket's limit for the next read or write; fails once the handshake is late.
+    /// Sets the socket's limits for the next read or write; fails once the handshake is late.
     fn arm(&self, sock: &impl Socket) -> io::Result<()> {
-        let limit = match self.handshake_until.get() {
+        let limits = match self.handshake_until.get() {
             Some(until) => {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -125,23 +155,27 @@ impl Clock {
                         "the client did not finish the handshake in time",
                     ));
                 }
-                Some(left)
+                (Some(left), Some(left))
             }
-            None => self.idle,
+            None => (self.idle, Some(self.write)),
         };
-        if self.armed.get() != Some(limit) {
-            sock.set_timeouts(limit)?;
-            self.armed.set(Some(limit));
+        if self.armed.get() != Some(limits) {
+            sock.set_timeouts(limits.0, limits.1)?;
+            self.armed.set(Some(limits));
         }
         Ok(())
     }
 
-    fn explain(&self, e: io::Error) -> io::Error {
+    /// Says which limit a timed-out read or write (`writing`) ran into.
+    fn explain(&self, e: io::Error, writing: bool) -> io::Error {
         if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
             return e;
         }
         let why = match (self.handshake_until.get(), self.idle) {
             (Some(_), _) => "the client did not finish the handshake in time".to_string(),
+            (None, _) if writing => {
+                format!("the client took in nothing of a reply for {} s (it stopped reading)", self.write.as_secs())
+            }
             (None, Some(idle)) => format!("the client was idle for {} s", idle.as_secs()),
             (None, None) => return e,
         };
@@ -158,14 +192,14 @@ struct Timed<'c, S> {
 impl<S: Socket + Read> Read for Timed<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.clock.arm(&self.sock)?;
-        self.sock.read(buf).map_err(|e| self.clock.explain(e))
+        self.sock.read(buf).map_err(|e| self.clock.explain(e, false))
     }
 }
 
 impl<S: Socket + Write> Write for Timed<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.clock.arm(&self.sock)?;
-        self.sock.write(buf).map_err(|e| self.clock.explain(e))
+        self.sock.write(buf).map_err(|e| self.clock.explain(e, true))
     }
     fn flush(&mut self) -> io::Result<()> {
         self.sock.flush()
@@ -271,7 +305,7 @@ fn read_option(r: &mut impl Read) -> io::Result<(u32, Vec<u8>)> {
 }
 
 /// Serves one client on `stream` until it disconnects; with `tls`, only over TLS. The
-/// handshake and idle limits of `limits` apply (the connection count is the caller's).
+/// handshake, idle and write limits of `limits` apply (the connection count is the caller's).
 pub fn serve_connection<S: Socket + Read + Write>(
     stream: S,
     exports: &Exports,
@@ -281,6 +315,7 @@ pub fn serve_connection<S: Socket + Read + Write>(
     let clock = Clock {
         handshake_until: Cell::new(Some(Instant::now() + limits.handshake_timeout)),
         idle: limits.idle_timeout,
+        write: limits.write_timeout,
         armed: Cell::new(None),
     };
     let mut stream = Timed { sock: stream, clock: &clock };
@@ -661,7 +696,9 @@ pub fn serve_tcp(
     serve_all(
         listener.incoming().map(|c| {
             c.inspect(|c| {
-                let _ = c.set_nodelay(true);
+                if let Err(e) = tune_tcp(c) {
+                    eprintln!("cairn nbd: cannot set a connection's TCP options (keepalive): {e}");
+                }
             })
         }),
         exports,

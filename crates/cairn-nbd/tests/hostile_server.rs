@@ -17,6 +17,15 @@ type BlockSizes = Option<(u32, u32, u32)>;
 /// The server's half of a correct handshake: one export of [`SIZE`] bytes, structured
 /// replies, `base:allocation` (context ID 1) when asked.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, sizes: BlockSizes) -> std::io::Result<()> {
+    handshake_with_flags(s, sizes, TFLAG_READ_ONLY | 1).await
+}
+
+/// [`handshake`] announcing transmission flags `flags`.
+async fn handshake_with_flags<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    sizes: BlockSizes,
+    flags: u16,
+) -> std::io::Result<()> {
     s.write_u64(NBDMAGIC).await?;
     s.write_u64(IHAVEOPT).await?;
     s.write_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).await?;
@@ -37,7 +46,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, sizes: BlockSiz
             OPT_GO => {
                 let mut d = INFO_EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&SIZE.to_be_bytes());
-                d.extend_from_slice(&(TFLAG_READ_ONLY | 1).to_be_bytes());
+                d.extend_from_slice(&flags.to_be_bytes());
                 option_reply(s, option, REP_INFO, &d).await?;
                 if let Some((min, pref, max)) = sizes {
                     let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
@@ -91,12 +100,21 @@ where
     F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
     Fut: Future<Output = std::io::Result<()>> + Send,
 {
+    serve_with_flags(sizes, TFLAG_READ_ONLY | 1, script)
+}
+
+/// [`serve`] of an export with transmission flags `flags` (writable without TFLAG_READ_ONLY).
+fn serve_with_flags<F, Fut>(sizes: BlockSizes, flags: u16, script: F) -> (tempfile::TempDir, PathBuf)
+where
+    F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<()>> + Send,
+{
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        if handshake(&mut s, sizes).await.is_ok() {
+        if handshake_with_flags(&mut s, sizes, flags).await.is_ok() {
             let _ = script(s).await;
         }
     });
@@ -341,4 +359,38 @@ async fn a_panic_in_the_reply_reader_fails_every_request_instead_of_hanging() {
     }
     assert!(matches!(c.read(0, 512).await, Err(NbdError::Disconnected(_))));
     serving.abort();
+}
+
+/// A server that answers a write before reading its data: the client is still sending it, and
+/// dropping that send would leave part of the write on the wire for the next request to follow.
+/// The write fails (a success cannot be: the data did not all arrive) and the connection is
+/// closed, so the next request fails at once instead of being read as write data.
+#[tokio::test]
+async fn a_reply_to_a_request_still_being_sent_closes_the_connection() {
+    for (answer, errno) in [("success", 0u32), ("an error", 1)] {
+        let (_dir, path) = serve_with_flags(None, 1, move |mut s| async move {
+            let (cmd, h, _, len) = request(&mut s).await?;
+            assert_eq!((cmd, len), (CMD_WRITE, SIZE as u32));
+            s.write_u32(SIMPLE_REPLY_MAGIC).await?;
+            s.write_u32(errno).await?;
+            s.write_u64(h).await?;
+            // Then read on, as a server would: whatever comes is taken as the write's data.
+            let mut sink = vec![0u8; 1 << 16];
+            while s.read(&mut sink).await? > 0 {}
+            Ok(())
+        });
+        let c = NbdClient::connect(&NbdAddress::unix(&path, ""), &[]).await.unwrap();
+        // 1 MiB: more than the socket holds, so the send is still going when the reply comes.
+        let r = promptly(5, c.write(0, &vec![7u8; SIZE as usize])).await;
+        match (errno, &r) {
+            (0, Err(NbdError::Protocol(why))) => assert!(why.contains("before it was completely sent"), "{why}"),
+            (1, Err(NbdError::Server { errno: 1, .. })) => {}
+            _ => panic!("{answer}: the write gave {r:?}"),
+        }
+        let later = promptly(5, c.read(0, 4096)).await;
+        assert!(
+            matches!(later, Err(NbdError::Disconnected(ref why)) if why.contains("completely sent")),
+            "{answer}: {later:?}"
+        );
+    }
 }

@@ -121,7 +121,7 @@ impl std::io::Write for Scripted {
 }
 
 impl Socket for Scripted {
-    fn set_timeouts(&self, _: Option<std::time::Duration>) -> std::io::Result<()> {
+    fn set_timeouts(&self, _: Option<std::time::Duration>, _: Option<std::time::Duration>) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -195,4 +195,77 @@ fn recorded_client_sessions_replay_identically() {
     // The client asked for export disk0 here; the fuzz target asks for the default export.
     assert_eq!(common::replay(true, &ops, pieces.clone()), live);
     common::save_seed("nbd_client", "cairn-server", &common::client_case(true, &ops, &pieces));
+}
+
+/// A 64 MiB export of zeros.
+struct Zeros;
+
+impl Export for Zeros {
+    fn size(&self) -> u64 {
+        64 << 20
+    }
+    fn read_at(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// Connects to `port`, takes the default export (NBD_OPT_EXPORT_NAME, simple replies) and
+/// asks for `len` bytes at 0.
+fn raw_read_request(port: u16, len: u32) -> std::net::TcpStream {
+    use cairn_nbd::proto::*;
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&(FLAG_FIXED_NEWSTYLE as u32 | FLAG_NO_ZEROES as u32).to_be_bytes()).unwrap();
+    s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+    s.write_all(&1u32.to_be_bytes()).unwrap(); // NBD_OPT_EXPORT_NAME
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).unwrap();
+    let mut req = REQUEST_MAGIC.to_be_bytes().to_vec();
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&CMD_READ.to_be_bytes());
+    req.extend_from_slice(&7u64.to_be_bytes());
+    req.extend_from_slice(&0u64.to_be_bytes());
+    req.extend_from_slice(&len.to_be_bytes());
+    s.write_all(&req).unwrap();
+    s
+}
+
+/// A client that asks for a large read and then stops reading would hold its slot and thread
+/// for good (no idle time is set); the write time ends it and frees the slot.
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_write_timeout_and_its_slot_freed() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let exports = Exports(vec![("disk0".into(), Arc::new(Zeros) as Arc<dyn Export>)]);
+    let limits = Limits { max_connections: 1, write_timeout: std::time::Duration::from_secs(1), ..Limits::default() };
+    std::thread::spawn(move || cairn_nbd::server::serve_tcp(listener, exports, None, limits));
+
+    // 32 MiB in one simple reply: far more than the socket buffers hold.
+    let stuck = raw_read_request(port, 32 << 20);
+    let started = std::time::Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let served = loop {
+        // The only slot is the stuck client's until the server gives up on it.
+        let addr = NbdAddress::parse(&format!("nbd://127.0.0.1:{port}/disk0")).unwrap();
+        match rt.block_on(async { NbdClient::connect(&addr, &[]).await?.read(0, 4096).await }) {
+            Ok(data) => break data,
+            Err(e) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                eprintln!("not served yet: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => panic!("the stuck client still holds the only slot after 30 s: {e}"),
+        }
+    };
+    assert!(served.iter().all(|b| *b == 0));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "{:?}", started.elapsed());
+    // And the stuck client's connection was closed: after what the buffers held, it ends.
+    let mut rest = Vec::new();
+    let mut s = stuck;
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    assert!(rest.len() < (32 << 20) + 16, "the whole reply arrived: {} bytes", rest.len());
 }

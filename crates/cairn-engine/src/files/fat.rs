@@ -66,10 +66,26 @@ fn entry(e: &fatfs::DirEntry<'_, VolumeReader>) -> Entry {
     let read_only = e.attributes().contains(fatfs::FileAttributes::READ_ONLY);
     let (kind, size, mode) =
         if e.is_dir() { ("dir", 0, 0o755) } else { ("file", e.len(), if read_only { 0o444 } else { 0o644 }) };
-    // fatfs keeps an entry's first cluster to itself; its Debug output shows the raw entry,
-    // cluster included, which is what identifies the file.
-    let ident = Ident::digest(format!("{e:?}"));
+    // What the entry records of its file, its first cluster above all (the rest tells apart
+    // little: equal names, sizes and times are common in separate folders).
+    let recorded = (e.short_file_name_as_bytes(), e.attributes().bits(), e.len(), unix_time(e.created()));
+    let ident = Ident::digest((recorded, unix_time(e.modified()), first_cluster(e)));
     Entry { name: e.file_name(), kind, size, mode, modified: unix_time(e.modified()), ident }
+}
+
+/// The entry's first cluster, which identifies its file or folder. `fatfs` (0.3.6, its latest
+/// release) keeps it to itself and offers nothing else that identifies an entry; its Debug
+/// output of the raw entry shows the two cluster fields, so they are read from there, by name.
+/// None if an upgrade changes that (a unit test then fails: `fat_entries_are_told_apart_by_
+/// their_first_cluster`).
+fn first_cluster(e: &fatfs::DirEntry<'_, VolumeReader>) -> Option<u32> {
+    let raw = format!("{e:?}");
+    let field = |name: &str| -> Option<u32> {
+        let value = raw.split(&format!("{name}: ")).nth(1)?;
+        value.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let (hi, lo) = (field("first_cluster_hi")?, field("first_cluster_lo")?);
+    (hi <= 0xffff && lo <= 0xffff).then_some(hi << 16 | lo)
 }
 
 /// FAT stores local time without a zone; it is read as UTC.
@@ -123,5 +139,62 @@ impl Filesystem for FatFs {
         }
         let mut file = e.to_file();
         super::copy_all(&mut file, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::{Browser, DiskRead, MemoryDisk};
+    use std::process::Command;
+
+    fn run(cmd: &mut Command) {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (dosfstools and mtools are needed)"));
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Two entries alike in everything but their first cluster (same short name, size, times
+    /// and attributes, in two folders) get different identities, and the cluster read from
+    /// `fatfs` is the one on the disk: this fails if a `fatfs` upgrade stops showing it.
+    #[test]
+    fn fat_entries_are_told_apart_by_their_first_cluster() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("fat.img");
+        std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        run(Command::new("mkfs.vfat").args(["-F", "16"]).arg(&img));
+        let src = t.path().join("same.txt");
+        std::fs::write(&src, b"same\n").unwrap();
+        let i = img.to_str().unwrap();
+        run(Command::new("mmd").args(["-i", i, "::/a", "::/b"]));
+        run(Command::new("mcopy").args(["-m", "-i", i]).arg(&src).arg("::/a/"));
+        run(Command::new("mcopy").args(["-m", "-i", i]).arg(&src).arg("::/b/"));
+        // Make the second entry the first's twin but for its cluster (bytes 20-21 and 26-27).
+        let mut bytes = std::fs::read(&img).unwrap();
+        let at: Vec<usize> =
+            (0..bytes.len() - 32).step_by(32).filter(|&p| &bytes[p..p + 11] == b"SAME    TXT").collect();
+        assert_eq!(at.len(), 2, "{at:?}");
+        let first = bytes[at[0]..at[0] + 32].to_vec();
+        for (k, b) in first.iter().enumerate().filter(|(k, _)| !matches!(k, 20 | 21 | 26 | 27)) {
+            bytes[at[1] + k] = *b;
+        }
+        let clusters: Vec<u32> =
+            at.iter().map(|&p| u16::from_le_bytes([bytes[p + 26], bytes[p + 27]]) as u32).collect();
+        assert_ne!(clusters[0], clusters[1]);
+
+        let disk: Arc<dyn DiskRead> = Arc::new(MemoryDisk { name: "fat".into(), bytes });
+        let b = Browser::open_disks(&[disk], None).unwrap();
+        let (a, bb) = (b.list("/a").unwrap(), b.list("/b").unwrap());
+        let (x, y) = (&a[0], &bb[0]);
+        assert_eq!((x.name.as_str(), x.size, x.modified), (y.name.as_str(), y.size, y.modified));
+        assert_ne!(x.ident, y.ident, "entries differing only by cluster look the same");
+        assert_eq!(b.list("/a").unwrap()[0].ident, x.ident, "the same entry read twice");
+
+        let budget = Arc::new(AtomicU64::new(u64::MAX));
+        let reader = VolumeReader { disk: b.disk.clone(), volume: b.volume.clone(), pos: 0, budget };
+        let fat = FatFs::open(reader).unwrap();
+        for (dir, cluster) in [("a", clusters[0]), ("b", clusters[1])] {
+            let e = fat.find(&format!("/{dir}/same.txt")).unwrap().unwrap();
+            assert_eq!(first_cluster(&e), Some(cluster), "/{dir}/same.txt");
+        }
     }
 }

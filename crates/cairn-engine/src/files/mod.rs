@@ -374,8 +374,8 @@ pub(crate) enum Ident {
     /// A number unique to the file in its volume (NTFS: its MFT record).
     Exact(u64),
     /// A digest of what the entry records about its file (ext4: the inode's metadata; FAT: the
-    /// raw directory entry, first cluster included), because `ext4-view` and `fatfs` do not
-    /// expose inode or cluster numbers: the same for the same file, and rarely for another.
+    /// directory entry's fields, first cluster included), because `ext4-view` and `fatfs` do
+    /// not expose inode or cluster numbers: the same for the same file, and rarely for another.
     Digest(u64),
     #[default]
     Unknown,
@@ -533,8 +533,10 @@ impl Browser {
     }
 
     /// Copies a file, or a directory tree, to `dest` (a new path, or an existing folder to put
-    /// it in). Files are written under a temporary name and renamed when complete; each folder
-    /// is synced once its entries are in, and so is the one holding the copy.
+    /// it in). Each file takes its name only when complete (written nameless where the
+    /// filesystem allows, O_TMPFILE, else under a short random name), so a guest name of any
+    /// length the host allows fits, and the filesystem holding the copy is synced once at the
+    /// end (syncfs), not file by file: only then is the copy reported done.
     ///
     /// The guest chooses every name and mode, so: entries whose name cannot be a file name here
     /// (empty, `.`, `..`, with `/` or NUL) are skipped with a warning in the report; everything
@@ -571,7 +573,9 @@ impl Browser {
         if let Some(why) = skipped {
             bail!("cannot create {}: {why}", target.display());
         }
-        rustix::fs::fsync(&dir).with_context(|| format!("syncing {}", parent.display()))?;
+        // One sync for everything: data, modes and names of the whole tree (a tree of many
+        // small files would spend most of its time in one fsync per file and folder).
+        rustix::fs::syncfs(&dir).with_context(|| format!("syncing the filesystem of {}", parent.display()))?;
         let mut report = walk.report;
         report.repository_bytes_read = self.repository_bytes_read();
         Ok(report)
@@ -616,7 +620,6 @@ impl Browser {
         }
         rustix::fs::fchmod(&dir, Mode::from_raw_mode(me.mode as u32 & 0o777))
             .with_context(|| format!("setting the mode of {}", display()))?;
-        rustix::fs::fsync(&dir).with_context(|| format!("syncing {}", display()))?;
         Ok(None)
     }
 
@@ -690,43 +693,114 @@ impl Browser {
                 ))
             }
         }
-        let mut partial = name.to_os_string();
-        partial.push(".cairn-partial");
-        let created = open_beneath(dir, &partial, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL);
-        let fd = match created {
-            Ok(fd) => fd,
-            Err(e) => {
-                return match skippable(e) {
-                    Some(why) => Ok(Some(why)),
-                    None => Err(e).with_context(|| format!("cannot create {}", Path::new(&partial).display())),
-                }
-            }
+        let file = match NewFile::create(dir) {
+            Ok(f) => f,
+            Err(e) => return Err(e).context("cannot create a file to copy into"),
         };
         let written = (|| -> Result<u64> {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd));
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(file.fd.try_clone()?));
             let n = self.fs.copy_to(path, &mut out).with_context(|| format!("reading {path}"))?;
-            let file = out.into_inner().map_err(|e| e.into_error())?;
-            rustix::fs::fchmod(&file, Mode::from_raw_mode(me.mode as u32 & 0o777))?;
-            file.sync_all()?;
+            let out = out.into_inner().map_err(|e| e.into_error())?;
+            rustix::fs::fchmod(&out, Mode::from_raw_mode(me.mode as u32 & 0o777))?;
             Ok(n)
         })();
-        let placed = written.and_then(|n| Ok((n, rename_new(dir, &partial, name)?)));
-        match placed {
-            Ok((n, None)) => {
+        let written = match written {
+            Ok(n) => n,
+            Err(e) => {
+                file.discard(dir);
+                return Err(e);
+            }
+        };
+        match file.name(dir, name)? {
+            None => {
                 report.files += 1;
-                report.bytes += n;
+                report.bytes += written;
                 Ok(None)
             }
-            Ok((_, Some(why))) => {
-                let _ = rustix::fs::unlinkat(dir, &partial, AtFlags::empty());
-                Ok(Some(why))
-            }
-            Err(e) => {
-                let _ = rustix::fs::unlinkat(dir, &partial, AtFlags::empty());
-                Err(e)
-            }
+            Some(why) => Ok(Some(why)),
         }
     }
+}
+
+/// A file being written beneath a folder, without its final name until it is complete.
+struct NewFile {
+    fd: OwnedFd,
+    /// Its temporary name; None when it has none (O_TMPFILE).
+    temporary: Option<OsString>,
+}
+
+impl NewFile {
+    /// A new file in `dir`: nameless where the filesystem allows (O_TMPFILE), else under a short
+    /// random name (a guest name plus a suffix could exceed the host's 255 bytes, or be a
+    /// guest's own name). Created 0600 until its mode is set.
+    fn create(dir: BorrowedFd) -> rustix::io::Result<NewFile> {
+        let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+        match rustix::fs::openat(dir, ".", flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => return Ok(NewFile { fd, temporary: None }),
+            // Not supported by this filesystem (EOPNOTSUPP) or kernel (EISDIR, EINVAL).
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
+            Err(e) => return Err(e),
+        }
+        for _ in 0..64 {
+            let name = OsString::from(format!(".cairn-{:016x}", random_u64()));
+            match open_beneath(dir, &name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL) {
+                Ok(fd) => return Ok(NewFile { fd, temporary: Some(name) }),
+                Err(Errno::EXIST) => continue, // taken (by a guest's file): another
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Errno::EXIST)
+    }
+
+    /// Gives the complete file its name `to` in `dir`, unless that name exists: Ok(Some(why))
+    /// then, and the file is gone.
+    fn name(self, dir: BorrowedFd, to: &OsStr) -> Result<Option<&'static str>> {
+        let Some(temporary) = &self.temporary else {
+            return match link_anonymous(&self.fd, dir, to) {
+                Ok(()) => Ok(None),
+                Err(e) => match skippable(e) {
+                    Some(why) => Ok(Some(why)),
+                    None => Err(e).with_context(|| format!("cannot name {}", Path::new(to).display())),
+                },
+            };
+        };
+        let placed = rename_new(dir, temporary, to);
+        if !matches!(placed, Ok(None)) {
+            let _ = rustix::fs::unlinkat(dir, temporary, AtFlags::empty());
+        }
+        placed
+    }
+
+    /// Removes what was written (a nameless file goes with its descriptor).
+    fn discard(self, dir: BorrowedFd) {
+        if let Some(temporary) = &self.temporary {
+            let _ = rustix::fs::unlinkat(dir, temporary, AtFlags::empty());
+        }
+    }
+}
+
+/// Links the nameless file `fd` (O_TMPFILE) as `to` in `dir`; an existing `to` is refused
+/// (EEXIST), never replaced. By the descriptor itself where we may (AT_EMPTY_PATH needs
+/// CAP_DAC_READ_SEARCH), else through /proc/self/fd.
+fn link_anonymous(fd: &OwnedFd, dir: BorrowedFd, to: &OsStr) -> rustix::io::Result<()> {
+    match rustix::fs::linkat(fd, "", dir, to, AtFlags::EMPTY_PATH) {
+        Err(Errno::NOENT | Errno::PERM) => {}
+        other => return other,
+    }
+    use rustix::fd::AsRawFd;
+    let by_fd = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::linkat(rustix::fs::CWD, by_fd.as_str(), dir, to, AtFlags::SYMLINK_FOLLOW)
+}
+
+/// 64 random bits for temporary names (getrandom; the time and our process id if it fails).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == b.len() as isize {
+        return u64::from_ne_bytes(b);
+    }
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 32)
 }
 
 /// Opens `name` in `dir` without following a symlink there (the last component is all there
@@ -920,5 +994,56 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         assert!(b.get("/", out.path()).is_err());
         assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0, "nothing left behind");
+    }
+
+    /// Writes `bytes` through a [`NewFile`] in `dir` and names it `name`.
+    fn new_file(dir: &Path, name: &OsStr, bytes: &[u8]) -> (bool, Result<Option<&'static str>>) {
+        let d = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let f = NewFile::create(d.as_fd()).unwrap();
+        let nameless = f.temporary.is_none();
+        std::fs::File::from(f.fd.try_clone().unwrap()).write_all(bytes).unwrap();
+        (nameless, f.name(d.as_fd(), name))
+    }
+
+    /// Files take their name only when complete, without a suffix that would make a guest name
+    /// of 242-255 bytes too long, and never replace an entry; nothing else is left.
+    fn new_files_take_their_name_whole(dir: &Path) -> bool {
+        let long = OsString::from("n".repeat(250));
+        let (nameless, named) = new_file(dir, &long, b"long\n");
+        assert_eq!(named.unwrap(), None);
+        assert_eq!(std::fs::read(dir.join(&long)).unwrap(), b"long\n");
+        let (_, again) = new_file(dir, &long, b"other\n");
+        assert_eq!(again.unwrap(), Some("an entry of the same name is already there"));
+        assert_eq!(std::fs::read(dir.join(&long)).unwrap(), b"long\n");
+        let left: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, [long], "temporary files left");
+        nameless
+    }
+
+    #[test]
+    fn files_get_names_each_file_only_when_complete() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(new_files_take_their_name_whole(t.path()), "O_TMPFILE was not used on {}", t.path().display());
+    }
+
+    /// On a filesystem without O_TMPFILE (NTFS through ntfs-3g), a short random temporary name.
+    #[test]
+    fn files_get_falls_back_to_a_short_temporary_name_without_o_tmpfile() {
+        use std::process::Command;
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("ntfs.img");
+        std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        let made = Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&img).output();
+        let mnt = t.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mounted = made.is_ok_and(|o| o.status.success())
+            && Command::new("ntfs-3g").arg(&img).arg(&mnt).status().is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot make and mount an NTFS image here (ntfs-3g)");
+            return;
+        }
+        let nameless = std::panic::catch_unwind(|| new_files_take_their_name_whole(&mnt));
+        let _ = Command::new("umount").arg(&mnt).status();
+        assert!(!nameless.unwrap(), "ntfs-3g took O_TMPFILE");
     }
 }

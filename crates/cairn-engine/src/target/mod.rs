@@ -1,7 +1,7 @@
 //! Where restored disks go: a sparse raw file, or a qcow2 image (written by us when the blocks
 //! are 64 KiB clusters, else through `qemu-nbd`). All write to a temporary name and take the
 //! final name only when complete and durable; a block device (an LV, a zvol, a disk) is written
-//! into in place, zeros included.
+//! into in place, its zero ranges unmapped where the device can (see [`RawFile::zero`]).
 
 mod qcow2;
 
@@ -10,11 +10,12 @@ use crate::source::{ImageFormat, QemuNbd};
 use anyhow::{bail, Context, Result};
 use cairn_nbd::NbdClient;
 use cairn_storage::AlignedBuf;
+use rustix::fd::{AsRawFd, OwnedFd};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +41,8 @@ fn partial_path(path: &Path) -> PathBuf {
 
 /// Opens a target for a disk of `size` bytes of which `data_bytes` hold data (the rest stays
 /// sparse). An existing `path` is refused unless `force`; a folder without room for the data
-/// is refused before anything is written.
+/// is refused before anything is written. A block device is written into in place, when no
+/// VM uses it (see [`check_device_users`]) and QEMU holds no lock on it.
 pub fn create(
     path: &Path,
     size: u64,
@@ -49,9 +51,7 @@ pub fn create(
     format: TargetFormat,
     force: bool,
 ) -> Result<Box<dyn Target>> {
-    use std::os::unix::fs::FileTypeExt;
-    // Following symlinks: /dev/vg/lv names /dev/dm-3.
-    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+    if let Some((node, rdev)) = find_block_device(path)? {
         if !force {
             bail!(
                 "{} is a block device: add --force to write the disk into it (everything on it is overwritten)",
@@ -64,7 +64,17 @@ pub fn create(
                 path.display()
             );
         }
-        return Ok(Box::new(RawFile::device(path, size)?));
+        refuse_device_users(path, rdev)?;
+        // O_DIRECT only when every write, the padded last one too, ends inside the disk.
+        let (file, direct) = open_device(&node, rdev, path, size.is_multiple_of(ALIGN as u64))?;
+        if qemu_holds_lock(&file) {
+            bail!(
+                "{} is in use: a QEMU process (a VM, qemu-nbd or qemu-img) holds its image lock; stop it \
+                 first, nothing was written",
+                path.display()
+            );
+        }
+        return Ok(Box::new(RawFile::device(file, path, size, direct)?));
     }
     if path.exists() && !force {
         bail!("{} already exists; choose another --to, or add --force to replace it", path.display());
@@ -107,6 +117,118 @@ pub fn check_space(dir: &Path, data_bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Who uses block devices on this host besides the restore, as (who, device path) pairs, e.g.
+/// ("VM web (running), disk vda", "/dev/vg/web"). The CLI tells, asking libvirt, which this
+/// crate does not link.
+pub type DeviceUsers = dyn Fn() -> Vec<(String, PathBuf)> + Send + Sync;
+
+static DEVICE_USERS: OnceLock<Box<DeviceUsers>> = OnceLock::new();
+
+/// Makes every later restore into a block device ask `users` first, and refuse a device that
+/// one of them uses (the device itself, a partition of it, or the disk it is a partition of):
+/// O_EXCL does not keep out a QEMU that opened it without. Set once per process.
+pub fn check_device_users(users: Box<DeviceUsers>) {
+    let _ = DEVICE_USERS.set(users);
+}
+
+fn refuse_device_users(path: &Path, rdev: u64) -> Result<()> {
+    let Some(users) = DEVICE_USERS.get() else { return Ok(()) };
+    let using = users_of(rdev, &users());
+    if !using.is_empty() {
+        bail!(
+            "{} is a disk of {}: writing into it would corrupt that VM; shut it down first (nothing was written)",
+            path.display(),
+            using.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Which of `users` use the block device `rdev` or one sharing sectors with it.
+fn users_of(rdev: u64, users: &[(String, PathBuf)]) -> Vec<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    users
+        .iter()
+        .filter(|(_, p)| {
+            std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device() && overlaps(m.rdev(), rdev))
+        })
+        .map(|(who, _)| who.clone())
+        .collect()
+}
+
+/// Whether two block devices share sectors: the same device, or one a partition of the other.
+fn overlaps(a: u64, b: u64) -> bool {
+    let sys = Path::new("/sys");
+    a == b || whole_disk(sys, a) == Some(b) || whole_disk(sys, b) == Some(a)
+}
+
+/// The disk a partition belongs to (from sysfs at `sys`), None for anything else.
+fn whole_disk(sys: &Path, rdev: u64) -> Option<u64> {
+    let node = sys.join(format!("dev/block/{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev)));
+    if !node.join("partition").exists() {
+        return None;
+    }
+    // The link leads to .../block/sda/sda1: the parent folder is the disk's.
+    let dev = std::fs::read_to_string(node.join("../dev")).ok()?;
+    let (major, minor) = dev.trim().split_once(':')?;
+    Some(rustix::fs::makedev(major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// `path`, when it is a block device: a descriptor that names it without opening it (O_PATH:
+/// no device driver, FIFO or terminal is opened by looking), and its device number. Symbolic
+/// links are followed (/dev/vg/lv names /dev/dm-3), once: the device is then opened through
+/// this descriptor, never by its path again.
+fn find_block_device(path: &Path) -> Result<Option<(OwnedFd, u64)>> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let node = match rustix::fs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        // Nothing there (or a parent missing): a new image file, checked as such.
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot look up {}", path.display())),
+    };
+    let st = rustix::fs::fstat(&node).with_context(|| format!("cannot read {}", path.display()))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::BlockDevice {
+        return Ok(None);
+    }
+    Ok(Some((node, st.st_rdev)))
+}
+
+/// Opens the device `node` names for writing, exclusively (O_EXCL: refused while mounted or
+/// held by device-mapper, md or another exclusive opener), with O_DIRECT when `direct` and the
+/// device allows it. Through /proc/self/fd: the same inode, not a new lookup of the path.
+fn open_device(node: &OwnedFd, rdev: u64, path: &Path, direct: bool) -> Result<(File, bool)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let by_fd = format!("/proc/self/fd/{}", node.as_raw_fd());
+    let open = |flags: i32| OpenOptions::new().write(true).custom_flags(libc::O_EXCL | flags).open(&by_fd);
+    let (file, direct) = match direct.then(|| open(libc::O_DIRECT)) {
+        Some(Ok(f)) => (f, true),
+        _ => (
+            open(0).with_context(|| {
+                format!("cannot open block device {} for writing (mounted, or in use?)", path.display())
+            })?,
+            false,
+        ),
+    };
+    let m = file.metadata().with_context(|| format!("cannot read {}", path.display()))?;
+    if !m.file_type().is_block_device() || m.rdev() != rdev {
+        bail!("{} changed while it was being opened; nothing was written", path.display());
+    }
+    Ok((file, direct))
+}
+
+/// Whether some process holds a lock where QEMU puts its image locks (OFD locks on bytes
+/// 100-105 and 200-205 of every image it opens, a device included): a VM, qemu-nbd or qemu-img
+/// has the device open. Kernels without OFD locks answer no.
+fn qemu_holds_lock(file: &File) -> bool {
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = 100;
+    lock.l_len = 200;
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+    r == 0 && lock.l_type != libc::F_UNLCK as libc::c_short
+}
+
 /// A sparse raw image. Written with O_DIRECT where the filesystem allows it: buffered writes
 /// plus fsync cost ~2.6 s of CPU per GB in writeback on the machines we measured. Contiguous
 /// writes are gathered in aligned 8 MiB buffers, which an I/O thread writes while the next
@@ -122,6 +244,8 @@ struct RawFile {
     device: bool,
     /// Everything below this offset is written or zeroed (block devices).
     covered: u64,
+    /// Ways of zeroing in the device not refused yet (block devices): see [`RawFile::zero`].
+    zero_modes: Vec<ZeroMode>,
     buf: AlignedBuf,
     buf_start: u64,
     buf_len: usize,
@@ -156,22 +280,10 @@ impl RawFile {
         Self::start(file, partial, path, size, direct, false)
     }
 
-    /// Writes into the block device `path` in place. It is opened exclusively (O_EXCL: refused
-    /// while mounted or held by device-mapper, md or another exclusive opener) and must hold at
-    /// least `size` bytes; bytes past `size` are left alone.
-    fn device(path: &Path, size: u64) -> Result<RawFile> {
+    /// Writes into the block device `file` (opened by [`open_device`]) in place. It must hold
+    /// at least `size` bytes; bytes past `size` are left alone.
+    fn device(file: File, path: &Path, size: u64, direct: bool) -> Result<RawFile> {
         use std::io::{Seek, SeekFrom};
-        use std::os::unix::fs::OpenOptionsExt;
-        let open = |flags: i32| OpenOptions::new().write(true).custom_flags(libc::O_EXCL | flags).open(path);
-        // O_DIRECT only when every write, the padded last one too, ends inside the disk.
-        let (file, direct) = match size.is_multiple_of(ALIGN as u64).then(|| open(libc::O_DIRECT)) {
-            Some(Ok(f)) => (f, true),
-            _ => (
-                open(0)
-                    .with_context(|| format!("cannot open block device {} for writing (in use?)", path.display()))?,
-                false,
-            ),
-        };
         let capacity =
             (&file).seek(SeekFrom::End(0)).with_context(|| format!("reading the size of {}", path.display()))?;
         if capacity < size {
@@ -211,6 +323,7 @@ impl RawFile {
             direct,
             device,
             covered: 0,
+            zero_modes: vec![ZeroMode::Unmap, ZeroMode::ZeroRange, ZeroMode::ZeroOut],
             buf: gather_buf(),
             buf_start: 0,
             buf_len: 0,
@@ -259,15 +372,56 @@ impl RawFile {
 
 const BLKZEROOUT: libc::c_ulong = 0x127f; // _IO(0x12, 127): zero a byte range of a block device
 
+/// Ways a block device zeroes a range itself, in the order tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ZeroMode {
+    /// fallocate(PUNCH_HOLE): the device's write-zeroes allowed to unmap, never falling back
+    /// to writing zeros. A thin LV, a zvol or a loop device over a sparse file gives the space
+    /// back: a restore must not provision the whole device (it could fill a thin pool).
+    Unmap,
+    /// fallocate(ZERO_RANGE): zeroes, allocated (written if the device has no faster way).
+    ZeroRange,
+    /// The BLKZEROOUT ioctl, the same for kernels before 4.9.
+    ZeroOut,
+}
+
+impl ZeroMode {
+    fn apply(self, file: &File, from: u64, len: u64) -> rustix::io::Result<()> {
+        use rustix::fs::FallocateFlags as F;
+        match self {
+            ZeroMode::Unmap => rustix::fs::fallocate(file, F::PUNCH_HOLE | F::KEEP_SIZE, from, len),
+            ZeroMode::ZeroRange => rustix::fs::fallocate(file, F::ZERO_RANGE | F::KEEP_SIZE, from, len),
+            ZeroMode::ZeroOut => {
+                let range = [from, len];
+                match unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } {
+                    0 => Ok(()),
+                    _ => Err(rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+                        .unwrap_or(rustix::io::Errno::IO)),
+                }
+            }
+        }
+    }
+}
+
 impl RawFile {
-    /// Zeroes [from, to) of the device: in the device itself where it can (BLKZEROOUT: discards
-    /// or write-zeroes, no data through memory), else by writing zeros.
+    /// Zeroes [from, to) of the device: in the device itself where it can (the first
+    /// [`ZeroMode`] it accepts; one the device does not support is not tried again), else by
+    /// writing zeros.
     fn zero(&mut self, from: u64, to: u64) -> Result<()> {
-        use std::os::unix::io::AsRawFd;
-        let range = [from, to - from];
-        let aligned = from.is_multiple_of(512) && to.is_multiple_of(512);
-        if aligned && unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } == 0 {
-            return Ok(());
+        use rustix::io::Errno;
+        if from.is_multiple_of(512) && to.is_multiple_of(512) {
+            let mut i = 0;
+            while let Some(mode) = self.zero_modes.get(i) {
+                match mode.apply(&self.file, from, to - from) {
+                    Ok(()) => return Ok(()),
+                    // Not supported by this device (ENODEV: a kernel before 4.9).
+                    Err(Errno::OPNOTSUPP | Errno::NOTTY | Errno::NODEV) => {
+                        self.zero_modes.remove(i);
+                    }
+                    // Refused for this range only (a larger sector size, say).
+                    Err(_) => i += 1,
+                }
+            }
         }
         let zeros = vec![0u8; GATHER];
         let mut at = from;
@@ -476,6 +630,11 @@ mod tests {
         }
     }
 
+    fn allocated_bytes(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    }
+
     #[test]
     fn a_block_device_is_written_in_place_zeros_included() {
         let t = tempfile::tempdir().unwrap();
@@ -502,6 +661,11 @@ mod tests {
                 assert_eq!(*b, want(i as u64), "size {size}: byte {i}");
             }
             assert!(lo.dev.exists(), "the device node was replaced");
+            // The zero ranges were unmapped, not written: the backing file has holes there
+            // (a thin LV or a zvol would give its space back the same way).
+            let allocated = allocated_bytes(&lo.file);
+            let kept = 2 * block - block / 2 + (4 << 20) - size; // data, and the bytes past the disk
+            assert!(allocated <= kept + 65536, "size {size}: {allocated} bytes allocated, {kept} hold data");
             std::fs::write(&lo.file, vec![0xAAu8; 4 << 20]).unwrap();
         }
         // Refused: without force, as qcow2, and larger than the device (nothing written).
@@ -512,5 +676,74 @@ mod tests {
         let e = create(&lo.dev, 5 << 20, 65536, 0, TargetFormat::Raw, true).err().unwrap().to_string();
         assert!(e.contains("less than the disk"), "{e}");
         assert!(std::fs::read(&lo.file).unwrap().iter().all(|b| *b == 0xAA));
+    }
+
+    /// A device QEMU has open (qemu-nbd here, a VM alike) is refused: QEMU opens without
+    /// O_EXCL, so only its image lock tells.
+    #[test]
+    fn a_block_device_qemu_holds_is_refused_untouched() {
+        let t = tempfile::tempdir().unwrap();
+        let Some(lo) = Loop::new(t.path(), 4 << 20) else { return };
+        let sock = t.path().join("nbd.sock");
+        let mut qemu = Command::new("qemu-nbd")
+            .args(["-f", "raw", "--socket"])
+            .arg(&sock)
+            .arg(&lo.dev)
+            .spawn()
+            .expect("qemu-nbd (qemu-utils) must be installed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !sock.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let refused = create(&lo.dev, 1 << 20, 65536, 0, TargetFormat::Raw, true).err().map(|e| e.to_string());
+        let _ = qemu.kill();
+        let _ = qemu.wait();
+        let e = refused.expect("a device qemu-nbd serves was opened for the restore");
+        assert!(e.contains("in use") && e.contains("QEMU"), "{e}");
+        assert!(std::fs::read(&lo.file).unwrap().iter().all(|b| *b == 0xAA));
+        // Once QEMU is gone, the device is free again.
+        create(&lo.dev, 1 << 20, 65536, 0, TargetFormat::Raw, true).unwrap().abandon();
+    }
+
+    /// Devices VMs use are matched by device number.
+    #[test]
+    fn the_users_of_a_device_are_found_by_device_number() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let (Some(one), Some(two)) = (Loop::new(&a, 1 << 20), Loop::new(&b, 1 << 20)) else { return };
+        let link = t.path().join("lv");
+        std::os::unix::fs::symlink(&one.dev, &link).unwrap();
+        let rdev = |p: &Path| std::fs::metadata(p).unwrap().rdev();
+        let users = vec![
+            ("VM a, disk vda".to_string(), link.clone()),
+            ("VM b, disk vdb".to_string(), two.dev.clone()),
+            ("VM c, disk vdc".to_string(), t.path().join("gone")),
+            ("VM d, disk vdd".to_string(), one.file.clone()), // a file, not the device
+        ];
+        assert_eq!(users_of(rdev(&one.dev), &users), ["VM a, disk vda"]);
+        assert_eq!(users_of(rdev(&two.dev), &users), ["VM b, disk vdb"]);
+    }
+
+    /// A partition and its disk share sectors (sysfs tells which disk a partition is of; a
+    /// copy of its layout here: loop devices here have no partitions).
+    #[test]
+    fn a_partition_overlaps_its_disk_only() {
+        let t = tempfile::tempdir().unwrap();
+        let sys = t.path();
+        let disk = sys.join("devices/virtual/block/sdz");
+        std::fs::create_dir_all(disk.join("sdz1")).unwrap();
+        std::fs::write(disk.join("dev"), "8:0\n").unwrap();
+        std::fs::write(disk.join("sdz1/dev"), "8:1\n").unwrap();
+        std::fs::write(disk.join("sdz1/partition"), "1\n").unwrap();
+        std::fs::create_dir_all(sys.join("dev/block")).unwrap();
+        std::os::unix::fs::symlink("../../devices/virtual/block/sdz", sys.join("dev/block/8:0")).unwrap();
+        std::os::unix::fs::symlink("../../devices/virtual/block/sdz/sdz1", sys.join("dev/block/8:1")).unwrap();
+        let dev = |minor| rustix::fs::makedev(8, minor);
+        assert_eq!(whole_disk(sys, dev(1)), Some(dev(0)));
+        assert_eq!(whole_disk(sys, dev(0)), None, "a disk is no partition");
+        assert_eq!(whole_disk(sys, dev(2)), None, "no such device");
     }
 }
