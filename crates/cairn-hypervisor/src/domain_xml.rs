@@ -243,7 +243,8 @@ pub struct Rewritten {
     pub removed: Vec<String>,
 }
 
-/// Refuses a document whose elements nest deeper than [`MAX_DEPTH`], before any parser sees it:
+/// Refuses a document whose elements nest deeper than [`MAX_DEPTH`], or that declares a document
+/// type (whose entities a parser would expand), before any parser sees it:
 /// the XML parsers we use recurse once per level, so a document from a tampered repository
 /// nested 100 000 deep would overflow the stack. The scan is iterative and counts what a parser
 /// would (comments, CDATA, processing instructions, declarations and quoted attribute values
@@ -270,6 +271,10 @@ pub fn check_depth(xml: &str) -> Result<()> {
             i = find(i + 9, b"]]>");
         } else if rest.starts_with(b"<?") {
             i = find(i + 2, b"?>");
+        } else if rest.len() >= 9 && rest[..9].eq_ignore_ascii_case(b"<!DOCTYPE") {
+            // Entities a DTD declares would be expanded by some parsers (xmltree does), into
+            // paths or text our checks never saw; libvirt never writes one.
+            bail!("the VM configuration declares a document type (<!DOCTYPE>): it is not a libvirt domain document");
         } else if rest.starts_with(b"<!") {
             i = find(i + 2, b">");
         } else if rest.starts_with(b"</") {
@@ -598,5 +603,18 @@ mod rewrite_tests {
         check_depth(&ok).unwrap();
         assert!(rewrite("<network><name>x</name></network>", &ConfigEdit::default()).is_err());
         assert!(parse("<domain><memory unit='TiB'>99999999</memory></domain>").is_err(), "memory overflow accepted");
+    }
+
+    #[test]
+    fn a_document_type_is_refused_before_any_parser_expands_its_entities() {
+        // xmltree expands internal entities: a path no check of ours would see as written.
+        let xml = r#"<!DOCTYPE domain [<!ENTITY e "/etc/shadow">]><domain type='kvm'><name>x</name><devices>
+            <serial type='file'><source path='&e;'/></serial></devices></domain>"#;
+        let edit = ConfigEdit { name: "x".into(), ..Default::default() };
+        for e in [rewrite(xml, &edit).err(), parse(xml).err(), host_devices(xml).err(), check_depth(xml).err()] {
+            assert!(e.expect("accepted").to_string().contains("<!DOCTYPE>"));
+        }
+        // In a comment it declares nothing.
+        check_depth("<!-- <!DOCTYPE x> --><domain/>").unwrap();
     }
 }
