@@ -68,7 +68,7 @@ pub struct BackupVm {
     work_dir: PathBuf,
     /// The watchdog thaws or resumes a guest frozen or paused longer than this (retrying for
     /// minutes if the thaw or resume fails); a point that took longer to take is discarded
-    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     freeze_limit: u64,
     /// zstd level (1 fastest .. 19 smallest)
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(-7..=19))]
@@ -183,7 +183,7 @@ pub fn password_from_fd() -> Option<String> {
 /// The repository password this process was given (prompted, from a descriptor, or from the
 /// environment), for a helper that opens the same repository.
 fn repository_password() -> Option<String> {
-    crate::PROMPTED_PASSWORD.get().cloned().or_else(password_from_fd).or_else(|| std::env::var("CAIRN_PASSWORD").ok())
+    crate::PROMPTED_PASSWORD.get().cloned().or_else(password_from_fd).or_else(crate::env_password)
 }
 
 /// Gives `cmd` the password on descriptor 3 through a pipe ([`PASSWORD_FD_ENV`]); returns the
@@ -388,7 +388,9 @@ fn backup_one(
             "--job-token".into(),
             opts.run_token.clone(),
         ];
-        Watchdog::spawn(watchdog::host_command(&exe, &args))?
+        let dog = Watchdog::start(&exe, &args)?;
+        progress.note(&format!("{}: watchdog running {}", vm.name, dog.mode()));
+        dog
     } else {
         Watchdog::none()
     };
@@ -505,7 +507,6 @@ pub fn launch_nbd_server(repo_dir: &std::path::Path, point: &str, socket: &std::
     let log = std::fs::File::create(socket.with_extension("log"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["serve-nbd", point, "--socket"]).arg(socket).arg("--repo").arg(repo_dir);
-    cmd.env_remove("CAIRN_PASSWORD");
     let pipe = match repository_password() {
         Some(p) => Some(pass_password(&mut cmd, &p)?),
         None => None,

