@@ -129,6 +129,11 @@ pub struct RestoreVm {
     /// Leave out NICs and host devices that do not exist on this host instead of refusing
     #[arg(long)]
     drop_missing: bool,
+    /// Keep the host devices passed through to the VM (PCI, USB, SCSI, mediated <hostdev>) and
+    /// the host folders shared with it (<filesystem>). Left out by default: a restore point, which
+    /// may come from a tampered repository, could name any device or folder of this host
+    #[arg(long)]
+    keep_host_devices: bool,
     /// Start the VM at once from the repository (its disks served over NBD, writes to local
     /// overlays), then move its disks into --storage while it runs. If interrupted, the VM keeps
     /// running; the same command again finishes the move
@@ -425,6 +430,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         },
         network_map,
         drop_missing: a.drop_missing,
+        keep_host_devices: a.keep_host_devices,
         workers: workers(g),
     };
     let yes = a.yes;

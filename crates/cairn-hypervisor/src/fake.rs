@@ -198,4 +198,7 @@ impl Hypervisor for Handle {
         }
         Ok(vec!["/usr/bin/qemu-system-x86_64".into()])
     }
+    fn firmware(&self) -> Result<Vec<String>> {
+        Ok(vec!["/usr/share/OVMF/OVMF_CODE.fd".into()])
+    }
 }
