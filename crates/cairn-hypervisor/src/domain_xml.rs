@@ -763,7 +763,9 @@ impl Rewrite<'_> {
         d.attributes.insert("type".into(), "file".into());
         match restored {
             Some((_, path, format)) => {
-                if device == "lun" {
+                // What the restore wrote is a disk image (a LUN, or a device kind libvirt does
+                // not know, would not be).
+                if device != "disk" {
                     d.attributes.insert("device".into(), "disk".into());
                 }
                 let mut src = xmltree::Element::new("source");
@@ -1517,6 +1519,18 @@ mod rewrite_tests {
             assert_eq!(count(&r.xml, tag), count(ORDINARY, tag), "<{tag}> lost:\n{}", r.xml);
         }
         assert!(r.xml.contains("/st/fedora-restored-nvram") && r.xml.contains("/dev/urandom"), "{}", r.xml);
+    }
+
+    #[test]
+    fn a_restored_image_is_always_a_disk() {
+        // Found by fuzzing: a device kind libvirt does not know, on a target the restore wrote.
+        let xml = "<domain><name>x</name><devices><disk type='file' device='di\u{7f}sk'>\
+                   <source file='/v/a.qcow2'/><target dev='vda'/></disk></devices></domain>";
+        let c = parse(&rewrite(xml, &edit()).unwrap().xml).unwrap();
+        assert_eq!(
+            (c.disks[0].device.as_str(), c.disks[0].path.as_deref()),
+            ("disk", Some("/st/web-restored-vda.qcow2"))
+        );
     }
 
     #[test]
