@@ -53,7 +53,9 @@ fuzz_target!(|data: &[u8]| {
     assert!(root.children().filter(|c| c.has_tag_name("devices")).count() <= 1);
     for n in doc.descendants().filter(|n| n.is_element()) {
         assert_ne!(n.tag_name().namespace(), Some(QEMU_NAMESPACE), "a QEMU-namespace element is left:\n{x}");
-        let opaque = n.ancestors().any(|a| matches!(a.tag_name().name(), "metadata" | "title" | "description"));
+        let opaque = n.ancestors().any(|a| {
+            matches!(a.tag_name().name(), "metadata" | "title" | "description" | "sysinfo" | "launchSecurity")
+        });
         if opaque {
             continue;
         }
@@ -74,7 +76,9 @@ fuzz_target!(|data: &[u8]| {
         }
         let text: String = n.children().filter(|c| c.is_text()).filter_map(|c| c.text()).collect();
         let text = text.trim();
-        if text.starts_with('/') && !matches!(name, "cmdline" | "initarg") {
+        let guest_text =
+            matches!(name, "cmdline" | "initarg" | "serial" | "wwn" | "vendor" | "product" | "model" | "label" | "name");
+        if text.starts_with('/') && !guest_text {
             let host_own = match name {
                 "emulator" => text == HOST_EMULATOR,
                 "loader" => text == HOST_FIRMWARE,

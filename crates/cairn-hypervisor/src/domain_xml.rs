@@ -446,6 +446,14 @@ const PATH_TEXT: &[&str] = &[
 const PATH_ATTRS: &[&str] =
     &["file", "path", "dir", "script", "socket", "template", "xauth", "tap", "vhost", "logFile", "runtimeDir"];
 
+/// Elements whose text is the guest's (a command line, serial numbers, names), never a host
+/// path, though it may start with '/'.
+const FREE_TEXT: &[&str] = &["cmdline", "initarg", "serial", "wwn", "vendor", "product", "model", "label", "name"];
+
+/// Parts whose content libvirt keeps for others or hands to the guest as data (SMBIOS strings, SEV
+/// certificates in base64, which may start with '/'): no host path in them.
+const OPAQUE: &[&str] = &["metadata", "title", "description", "sysinfo", "launchSecurity"];
+
 /// Random-number sources a `<rng>` may read (libvirt's own list).
 const RNG_SOURCES: &[&str] = &["/dev/random", "/dev/urandom", "/dev/hwrng"];
 
@@ -854,10 +862,17 @@ impl Rewrite<'_> {
         }
         match kind {
             "" | "pty" | "null" | "vc" | "spicevmc" | "spiceport" | "qemu-vdagent" => {
-                if kind.is_empty() || kind == "pty" {
-                    // A stored pty path is the old host's; libvirt allocates one.
-                    retain_children(&mut d, |c| c.name != "source");
+                // None of these reads a host path (a stored pty path is the old host's; libvirt
+                // allocates one); a SPICE port is named by its channel.
+                for c in d.children.iter_mut() {
+                    if let xmltree::XMLNode::Element(s) = c {
+                        if s.name == "source" {
+                            s.attributes.retain(|k, _| kind == "spiceport" && k == "channel");
+                            s.children.clear();
+                        }
+                    }
                 }
+                retain_children(&mut d, |c| c.name != "source" || kind == "spiceport");
                 Some(d)
             }
             "file" => {
@@ -982,12 +997,12 @@ impl Rewrite<'_> {
         }
         let text = text_of(e);
         let path_like = (PATH_TEXT.contains(&e.name.as_str()) && !text.is_empty())
-            || (text.starts_with('/') && !matches!(e.name.as_str(), "cmdline" | "initarg"));
+            || (text.starts_with('/') && !FREE_TEXT.contains(&e.name.as_str()));
         if path_like && !self.allowed(&e.name, None, &text) {
             bail!("the rewritten VM configuration would still name the host path {text:?} (<{}>), outside the storage folder {}: refusing to define it (this part of the configuration is unknown to cairn)", e.name, self.edit.storage_dir);
         }
         for c in elements(e) {
-            if !matches!(c.name.as_str(), "metadata" | "title" | "description") {
+            if !OPAQUE.contains(&c.name.as_str()) {
                 self.check_paths(c)?;
             }
         }
@@ -1556,6 +1571,9 @@ mod rewrite_tests {
             assert!(err.contains("outside the storage folder /st"), "{bad}: {err}");
         }
         for ok in [
+            "<domain><launchSecurity type='sev'><dhCert>/AbC+dEf=</dhCert></launchSecurity></domain>",
+            "<domain><sysinfo type='smbios'><system><entry name='serial'>/x</entry></system></sysinfo></domain>",
+            "<domain><devices><disk><serial>/x</serial></disk></devices></domain>",
             "<domain><os><loader>/usr/share/OVMF/OVMF_CODE.fd</loader></os></domain>",
             "<domain><devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices></domain>",
             "<domain><metadata><x file='/etc/shadow'>/etc/shadow</x></metadata><description>/etc</description></domain>",
