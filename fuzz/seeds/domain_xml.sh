@@ -2,7 +2,7 @@
 # Seeds for the domain_xml fuzz target: real libvirt documents of a test guest (scripts/guest.sh):
 # its persistent and live domain XML, one of its checkpoints, and the persistent XML as a
 # tampered repository could hold it (QEMU namespace, a foreign emulator, a host disk, a shared
-# host folder, a second <devices>). Needs libvirtd and the test guest; writes fuzz/corpus/domain_xml.
+# host folder, a second <devices>; NIC scripts, logs, fw_cfg files and other host paths). Needs libvirtd and the test guest; writes fuzz/corpus/domain_xml.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=fuzz/corpus/domain_xml
@@ -21,4 +21,10 @@ sed -e "s|<domain type='qemu'>|<domain type='qemu' xmlns:qemu='http://libvirt.or
     -e "s|</domain>|<qemu:commandline><qemu:arg value='-fw_cfg'/><qemu:arg value='name=opt/x,string=y'/></qemu:commandline><devices><emulator>/tmp/evil2</emulator></devices></domain>|" \
     "$out/persistent.xml" > "$out/tampered-two-devices.xml"
 sed -e 's|<devices><emulator>/tmp/evil2</emulator></devices>||' "$out/tampered-two-devices.xml" > "$out/tampered.xml"
+# What the second review found reaching the host: a NIC script, logs, fw_cfg files, a static
+# security label, host boot files, host media, evdev input, a TPM passthrough, a pipe console.
+sed -e "s|<os>|<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel><sysinfo type='fwcfg'><entry name='opt/x' file='/etc/shadow'/></sysinfo><os>|" \
+    -e "s|</os>|<dtb>/boot/x.dtb</dtb><loader type='pflash'>/tmp/evil.fd</loader><nvram template='/etc/shadow'>/etc/passwd</nvram><acpi><table type='slic'>/etc/shadow</table></acpi></os>|" \
+    -e "s|<serial type='file'>|<interface type='ethernet'><script path='/tmp/up.sh'/></interface><disk type='block' device='cdrom'><source dev='/dev/sda'/><target dev='hdc'/></disk><serial type='pty'><log file='/etc/cron.d/x'/><target port='1'/></serial><parallel type='pipe'><source path='/tmp/fifo'/></parallel><input type='evdev'><source dev='/dev/input/event0'/></input><tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm><serial type='file'>|" \
+    "$out/persistent.xml" > "$out/reaches-host.xml"
 ls -l "$out"

@@ -157,6 +157,9 @@ pub fn print_check(check: &BootCheck, record_id: &str, mailed: Option<String>, s
         shot.map(|s| format!("{} PNG", bytes(s.len() as u64))).unwrap_or("none".into()),
         mailed.map(|m| format!("mailed to {m}")).unwrap_or("not mailed".into())
     );
+    for r in &check.left_out {
+        println!("  left out: {r}");
+    }
     println!("  stored in the repository's catalog as {}", &record_id[..8]);
 }
 

@@ -424,7 +424,25 @@ fn load_host_config() -> Result<()> {
     Ok(())
 }
 
+/// CAIRN_PASSWORD as this process was given it, taken out of its environment at startup.
+static ENV_PASSWORD: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+/// Reads CAIRN_PASSWORD once and removes it from our environment, so that no process started from
+/// this one inherits it (where it would sit in /proc/PID/environ): not our helpers, not the ones a
+/// library starts (libvirt's session daemon, qemu-img, qemu-nbd), not a hook. Called first in
+/// main, before any thread exists (another thread reading the environment meanwhile would race).
+fn take_env_password() {
+    let _ = ENV_PASSWORD.set(std::env::var_os("CAIRN_PASSWORD"));
+    unsafe { std::env::remove_var("CAIRN_PASSWORD") };
+}
+
+/// The password given in CAIRN_PASSWORD, if any (and if it is text).
+pub(crate) fn env_password() -> Option<String> {
+    ENV_PASSWORD.get()?.as_ref()?.to_str().map(String::from)
+}
+
 fn main() {
+    take_env_password();
     // Like other Unix tools, end quietly when the reader of our output goes away
     // (`cairn points | head`) instead of panicking on a broken pipe.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
@@ -479,7 +497,7 @@ fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
     if let Some(p) = vm::password_from_fd() {
         return Some(p);
     }
-    if let Ok(p) = std::env::var("CAIRN_PASSWORD") {
+    if let Some(p) = env_password() {
         return Some(p);
     }
     if !std::io::stdin().is_terminal() {
@@ -505,7 +523,12 @@ pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     // repository, or its config was altered to turn encryption off. Writing plaintext where
     // the operator expects ciphertext is the worse mistake, so stop.
     // Named as given: an operator told to unset CAIRN_PASSWORD when it is not set is lost.
-    let given_by = ["CAIRN_PASSWORD", vm::PASSWORD_FD_ENV].into_iter().find(|v| std::env::var_os(v).is_some());
+    // CAIRN_PASSWORD itself was taken out of the environment at startup (take_env_password).
+    let given_by = if ENV_PASSWORD.get().is_some_and(|p| p.is_some()) {
+        Some("CAIRN_PASSWORD")
+    } else {
+        std::env::var_os(vm::PASSWORD_FD_ENV).map(|_| vm::PASSWORD_FD_ENV)
+    };
     if let Some(var) = given_by.filter(|_| !repo.crypto().is_encrypted()) {
         bail!(
             "the repository at {} is not encrypted, but {var} is set: if it should be encrypted, its \

@@ -68,7 +68,7 @@ pub struct BackupVm {
     work_dir: PathBuf,
     /// The watchdog thaws or resumes a guest frozen or paused longer than this (retrying for
     /// minutes if the thaw or resume fails); a point that took longer to take is discarded
-    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     freeze_limit: u64,
     /// zstd level (1 fastest .. 19 smallest)
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(-7..=19))]
@@ -129,6 +129,11 @@ pub struct RestoreVm {
     /// Leave out NICs and host devices that do not exist on this host instead of refusing
     #[arg(long)]
     drop_missing: bool,
+    /// Keep the host devices passed through to the VM (PCI, USB, SCSI, mediated <hostdev>) and
+    /// the host folders shared with it (<filesystem>). Left out by default: a restore point, which
+    /// may come from a tampered repository, could name any device or folder of this host
+    #[arg(long)]
+    keep_host_devices: bool,
     /// Start the VM at once from the repository (its disks served over NBD, writes to local
     /// overlays), then move its disks into --storage while it runs. If interrupted, the VM keeps
     /// running; the same command again finishes the move
@@ -183,7 +188,7 @@ pub fn password_from_fd() -> Option<String> {
 /// The repository password this process was given (prompted, from a descriptor, or from the
 /// environment), for a helper that opens the same repository.
 fn repository_password() -> Option<String> {
-    crate::PROMPTED_PASSWORD.get().cloned().or_else(password_from_fd).or_else(|| std::env::var("CAIRN_PASSWORD").ok())
+    crate::PROMPTED_PASSWORD.get().cloned().or_else(password_from_fd).or_else(crate::env_password)
 }
 
 /// Gives `cmd` the password on descriptor 3 through a pipe ([`PASSWORD_FD_ENV`]); returns the
@@ -388,7 +393,9 @@ fn backup_one(
             "--job-token".into(),
             opts.run_token.clone(),
         ];
-        Watchdog::spawn(watchdog::host_command(&exe, &args))?
+        let dog = Watchdog::start(&exe, &args)?;
+        progress.note(&format!("{}: watchdog running {}", vm.name, dog.mode()));
+        dog
     } else {
         Watchdog::none()
     };
@@ -423,6 +430,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         },
         network_map,
         drop_missing: a.drop_missing,
+        keep_host_devices: a.keep_host_devices,
         workers: workers(g),
     };
     let yes = a.yes;
@@ -505,7 +513,6 @@ pub fn launch_nbd_server(repo_dir: &std::path::Path, point: &str, socket: &std::
     let log = std::fs::File::create(socket.with_extension("log"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["serve-nbd", point, "--socket"]).arg(socket).arg("--repo").arg(repo_dir);
-    cmd.env_remove("CAIRN_PASSWORD");
     let pipe = match repository_password() {
         Some(p) => Some(pass_password(&mut cmd, &p)?),
         None => None,

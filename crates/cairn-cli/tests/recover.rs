@@ -362,12 +362,106 @@ fn a_missing_host_device_is_reported_before_writing_and_can_be_left_out() {
     virsh(&["define", f.to_str().unwrap()]);
     e.backup(&g, &[]);
     let st = storage(&e, "storage");
-    let err = e.env.fails(&["restore", "vm", &name, "--storage", st.to_str().unwrap()], 1);
+    // Host devices are kept only when asked; then a missing one is refused before writing.
+    let err = e.env.fails(&["restore", "vm", &name, "--storage", st.to_str().unwrap(), "--keep-host-devices"], 1);
     assert!(err.contains("host device pci 0000:fe:1f.7") && err.contains("--drop-missing"), "{err}");
     assert!(files_in(&st).is_empty(), "{:?}", files_in(&st));
     let copy = format!("{name}-restored");
     let _c = Recovered(copy.clone());
-    let rep = restore_vm(&e, &[&name, "--storage", st.to_str().unwrap(), "--drop-missing"]);
+    let rep = restore_vm(&e, &[&name, "--storage", st.to_str().unwrap(), "--keep-host-devices", "--drop-missing"]);
     assert_eq!(rep["dropped"][0], "host device pci 0000:fe:1f.7", "{rep}");
     assert!(!dumpxml(&copy).contains("<hostdev"));
+    // Not asked: left out, and said.
+    let st2 = storage(&e, "storage2");
+    let unasked = format!("{name}-unasked");
+    let _c2 = Recovered(unasked.clone());
+    let rep = restore_vm(&e, &[&name, "--storage", st2.to_str().unwrap(), "--as", &unasked]);
+    assert!(rep["removed"].to_string().contains("host device pci 0000:fe:1f.7"), "{rep}");
+    assert!(!dumpxml(&unasked).contains("<hostdev"));
+}
+
+#[test]
+fn a_stored_configuration_never_reaches_the_host() {
+    // A shut-off VM whose configuration (as a tampered repository could hold it, and as libvirt
+    // accepts it without running anything) would, once recovered and started, run a script of
+    // its choice as root, have virtlogd write a file of its choice, read a host file into the
+    // guest, run QEMU as root, give the guest a host file as a CD and share a host folder.
+    let e = VmEnv::new();
+    let name = format!("cairn-hostile-{}", std::process::id());
+    let _ = Command::new(guest_sh()).args(["remove", &name]).output();
+    sh(Command::new(guest_sh()).args(["define", &name]));
+    let g = Guest { name: name.clone() };
+    let watched = e.env.path("watched");
+    std::fs::create_dir_all(watched.join("share")).unwrap();
+    let w = |f: &str| watched.join(f).to_string_lossy().into_owned();
+    for (f, body) in [("up.sh", format!("#!/bin/sh\ntouch {}\n", w("script-ran"))), ("secret", "host secret".into())] {
+        std::fs::write(watched.join(f), body).unwrap();
+    }
+    std::fs::write(watched.join("host.iso"), vec![0u8; 1 << 20]).unwrap();
+    sh(Command::new("chmod").arg("755").arg(watched.join("up.sh")));
+    let before = files_in(&watched);
+    let xml = dumpxml(&name)
+        .replacen(
+            "<os>",
+            &format!(
+                "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>\
+                 <sysinfo type='fwcfg'><entry name='opt/cairn/secret' file='{}'/></sysinfo><os>",
+                w("secret")
+            ),
+            1,
+        )
+        .replacen(
+            "</devices>",
+            &format!(
+                "<interface type='ethernet'><script path='{up}'/><downscript path='{up}'/><model type='virtio'/></interface>\
+                 <serial type='pty'><log file='{log}'/><target port='1'/></serial>\
+                 <disk type='file' device='cdrom'><source file='{iso}'/><target dev='sda' bus='sata'/><readonly/></disk>\
+                 <filesystem type='mount' accessmode='passthrough'><source dir='{share}'/><target dir='share'/></filesystem>\
+                 </devices>",
+                up = w("up.sh"),
+                log = w("serial1.log"),
+                iso = w("host.iso"),
+                share = w("share"),
+            ),
+            1,
+        );
+    let f = e.env.path("hostile.xml");
+    std::fs::write(&f, xml).unwrap();
+    virsh(&["define", f.to_str().unwrap()]);
+    let stored = dumpxml(&name);
+    for x in ["<script", "<log file", "fwcfg", "+0:+0", "host.iso", "<filesystem"] {
+        assert!(stored.contains(x), "libvirt did not keep {x}: {stored}");
+    }
+    e.backup(&g, &[]);
+
+    let st = storage(&e, "storage");
+    let copy = format!("{name}-restored");
+    let _c = Recovered(copy.clone());
+    let rep = restore_vm(&e, &[&name, "--storage", st.to_str().unwrap(), "--start"]);
+    assert_eq!(rep["started"], true, "{rep}");
+    let said = rep["removed"].to_string();
+    for what in
+        ["NIC of type ethernet", "up.sh", "log file of serial 1", "fwcfg", "<seclabel>", "host.iso", "host folder"]
+    {
+        assert!(said.contains(what), "{what} not said: {rep}");
+    }
+    sh(Command::new(guest_sh()).args(["wait", &copy]));
+    for x in [virsh(&["dumpxml", &copy]), dumpxml(&copy)] {
+        assert!(!x.contains(watched.to_str().unwrap()), "a watched path is in the recovered VM:\n{x}");
+        // (This host's own label, dynamic, is libvirt's: qemu.conf may say root.)
+        for gone in ["<script", "type='ethernet'", "<log file", "fwcfg", "type='static'", "<filesystem"] {
+            assert!(!x.contains(gone), "{gone} in the recovered VM:\n{x}");
+        }
+    }
+    // The boot check's sandbox gets the same treatment.
+    let o = e.env.run(&["verify", "boot", &name, "--timeout", "60", "--json"]);
+    let check: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let left_out = check["left_out"].to_string();
+    for what in ["fwcfg", "log file of serial 1", "<seclabel>", "host.iso", "host folder"] {
+        assert!(left_out.contains(what), "{what} not said: {check}\n{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(check["verdict"], "passed", "{check}");
+    // Nothing ran, nothing was written where the configuration said.
+    assert_eq!(files_in(&watched), before, "files appeared in the watched folder");
+    assert_eq!(std::fs::read_to_string(watched.join("secret")).unwrap(), "host secret");
 }

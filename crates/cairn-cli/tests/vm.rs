@@ -375,6 +375,9 @@ fn an_unreachable_libvirt_gives_a_clear_error() {
     assert!(err.contains("Is libvirtd running"), "{err}");
     let err = e.fails(&["backup", "vm", "no-such-vm-here"], 1);
     assert!(err.contains("no VM named"), "{err}");
+    // A limit of 0 would discard every point: refused before anything runs.
+    let err = e.fails(&["backup", "vm", "no-such-vm-here", "--freeze-limit", "0"], 2);
+    assert!(err.contains("--freeze-limit"), "{err}");
 }
 
 #[test]
@@ -428,6 +431,46 @@ fn the_watchdog_outlives_signals_aimed_at_the_job_and_ends_on_stdin_eof() {
             break s;
         }
         assert!(t.elapsed() < Duration::from_secs(10), "the watchdog did not end after its job went away");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn the_watchdog_outlives_its_stderr_reader() {
+    // `cairn backup vm ... 2>&1 | tee log`, and Ctrl-C stops tee: the watchdog's stderr is a pipe
+    // nobody reads. Its next message must not kill it (SIGPIPE) or panic it (EPIPE).
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read); // the reader is gone before the watchdog says anything
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["watchdog", "--connect", "qemu:///system", "--vm", "00000000-0000-4000-8000-000000000000"])
+        .args(["--limit", "1", "--job-token", "t0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(write))
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let mut stdin = child.stdin.take().unwrap();
+    // "Frozen" past its 1 s limit: it thaws (a VM that does not exist: the thaw fails) and says
+    // so on stderr, again and again.
+    writeln!(stdin, "frozen").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(child.try_wait().unwrap().is_none(), "the watchdog died writing to a closed stderr");
+    writeln!(stdin, "thawed").unwrap();
+    writeln!(stdin, "done").unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the watchdog did not end on done");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");

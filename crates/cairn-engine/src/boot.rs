@@ -45,6 +45,9 @@ pub struct BootCheck {
     pub boot_ms: u64,
     pub total_ms: u64,
     pub screenshot_png: bool,
+    /// What the sandbox left out of the stored configuration (it would have reached the host).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
 }
 
 impl BootCheck {
@@ -92,6 +95,7 @@ pub fn verify_boot(
         boot_ms: 0,
         total_ms: 0,
         screenshot_png: false,
+        left_out: Vec::new(),
     };
     let mut server: Option<(u32, Option<u64>)> = None;
     let mut uuid = None;
@@ -101,19 +105,22 @@ pub fn verify_boot(
             name: sandbox.clone(),
             keep_identity: false,
             drop_all_nics: true,
-            drop_hostdevs: true,
-            drop_filesystems: true,
-            log_dir: Some(dir.to_string_lossy().into_owned()),
-            host_emulators: hv.emulators().unwrap_or_default(),
+            keep_host_devices: false,
+            storage_dir: std::path::absolute(&dir)?.to_string_lossy().into_owned(),
+            host_emulators: crate::recover::host_emulators(hv, progress),
+            host_firmware: crate::recover::host_firmware(hv, progress),
             ..Default::default()
         };
         for img in &point.disks {
             check_image_name(short, img)?;
         }
-        let files = point
-            .disks
-            .iter()
-            .filter(|d| d.role.as_deref().is_some_and(|r| r != "memory-state" && KNOWN_ROLES.contains(&r)));
+        // This host's own firmware stays where it is (like in a recovery); any other file the
+        // configuration names comes from the point.
+        let files = point.disks.iter().filter(|d| {
+            d.role.as_deref().is_some_and(|r| r != "memory-state" && KNOWN_ROLES.contains(&r))
+                && !(d.role.as_deref() == Some("loader")
+                    && d.path.as_ref().is_some_and(|p| edit.host_firmware.contains(p)))
+        });
         for img in files {
             let role = img.role.clone().unwrap();
             let to = dir.join(&role);
@@ -133,6 +140,7 @@ pub fn verify_boot(
         for r in &rewritten.removed {
             progress.note(&format!("{sandbox}: left out {r} from the stored configuration"));
         }
+        check.left_out = rewritten.removed.clone();
         let boot = Instant::now();
         let id = hv.start_transient(&rewritten.xml)?;
         uuid = Some(id.clone());

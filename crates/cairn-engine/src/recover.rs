@@ -33,6 +33,10 @@ pub struct RecoverOptions {
     pub network_map: Vec<(String, String)>,
     /// Leave out NICs and host devices that do not exist here, instead of refusing.
     pub drop_missing: bool,
+    /// Keep the host devices passed through to the VM and the host folders shared with it: a
+    /// restore point could name any device or folder of this host, so they are left out unless
+    /// the operator asks.
+    pub keep_host_devices: bool,
     pub workers: usize,
 }
 
@@ -342,12 +346,15 @@ pub fn recover_vm(
     }
 
     // Devices the target host must provide.
+    let host_firmware = host_firmware(hv, progress);
     let mut edit = ConfigEdit {
         name: name.clone(),
         keep_identity,
         network_map: opts.network_map.clone(),
-        log_dir: Some(opts.storage.to_string_lossy().into_owned()),
-        host_emulators: hv.emulators().unwrap_or_default(),
+        keep_host_devices: opts.keep_host_devices,
+        storage_dir: std::path::absolute(&opts.storage)?.to_string_lossy().into_owned(),
+        host_emulators: host_emulators(hv, progress),
+        host_firmware: host_firmware.clone(),
         ..Default::default()
     };
     let mut missing = Vec::new();
@@ -374,7 +381,8 @@ pub fn recover_vm(
             }
         }
     }
-    for dev in domain_xml::host_devices(&record.config)? {
+    let passed_through = if opts.keep_host_devices { domain_xml::host_devices(&record.config)? } else { vec![] };
+    for dev in passed_through {
         if host_device_present(&dev) {
             continue;
         }
@@ -410,8 +418,9 @@ pub fn recover_vm(
         if img.role.as_deref() == Some("memory-state") && !opts.resume_state {
             continue;
         }
-        // A firmware image shared by every VM stays where the host has it.
-        if img.role.as_deref() == Some("loader") && img.path.as_deref().is_some_and(|p| Path::new(p).exists()) {
+        // Firmware this host's hypervisor offers stays where the host has it (shared by every VM);
+        // any other loader is the VM's own and comes from the point.
+        if img.role.as_deref() == Some("loader") && img.path.as_ref().is_some_and(|p| host_firmware.contains(p)) {
             continue;
         }
         let bytes = data_bytes(repo, img)?;
@@ -602,13 +611,34 @@ pub(crate) fn create_overlay(overlay: &Path, socket: &Path, export: &str) -> Res
     let out = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
         .arg(overlay)
-        .env_remove("CAIRN_PASSWORD")
         .output()
         .context("running qemu-img")?;
     if !out.status.success() {
         bail!("creating the overlay of {export}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+/// The emulators this host offers. If the hypervisor cannot tell, the stored `<emulator>` is
+/// replaced by the hypervisor's default all the same (never kept unchecked), with a warning.
+pub(crate) fn host_emulators(hv: &dyn Hypervisor, progress: &dyn Progress) -> Vec<String> {
+    hv.emulators().unwrap_or_else(|e| {
+        progress.note(&format!(
+            "warning: cannot list this host's emulators ({e:#}): the VM gets the hypervisor's default emulator"
+        ));
+        Vec::new()
+    })
+}
+
+/// The firmware files this host offers; none (with a warning) if the hypervisor cannot tell: a
+/// loader is then restored from the point like any other file.
+pub(crate) fn host_firmware(hv: &dyn Hypervisor, progress: &dyn Progress) -> Vec<String> {
+    hv.firmware().unwrap_or_else(|e| {
+        progress.note(&format!(
+            "warning: cannot list this host's firmware ({e:#}): a VM's loader is restored from the restore point"
+        ));
+        Vec::new()
+    })
 }
 
 /// Whether a host device named by [`domain_xml::host_devices`] exists here.
@@ -647,6 +677,28 @@ mod tests {
         assert!(e.contains("swap") && e.contains("partition 1 on disk vdb") && e.contains("Cold-boot"), "{e}");
         let e = check_resumable(&record(false, false), "0123abcd").unwrap_err().to_string();
         assert!(e.contains("no memory state"), "{e}");
+    }
+
+    #[test]
+    fn emulators_that_cannot_be_listed_are_warned_about() {
+        struct Notes(std::sync::Mutex<Vec<String>>);
+        impl Progress for Notes {
+            fn start(&self, _: &str, _: u64) {}
+            fn advance(&self, _: u64) {}
+            fn finish(&self) {}
+            fn note(&self, m: &str) {
+                self.0.lock().unwrap().push(m.to_string());
+            }
+        }
+        let fake = std::sync::Arc::new(cairn_hypervisor::fake::Fake::default());
+        let hv = cairn_hypervisor::fake::Handle(fake.clone());
+        let notes = Notes(Default::default());
+        assert_eq!(host_emulators(&hv, &notes), ["/usr/bin/qemu-system-x86_64"]);
+        assert!(notes.0.lock().unwrap().is_empty());
+        *fake.emulators_fail.lock().unwrap() = true;
+        assert!(host_emulators(&hv, &notes).is_empty());
+        let said = notes.0.lock().unwrap().join("\n");
+        assert!(said.contains("warning") && said.contains("cannot read the host's capabilities"), "{said}");
     }
 
     #[test]

@@ -341,19 +341,33 @@ fn is_permission_denied(e: &anyhow::Error) -> bool {
 /// may belong to another user: otherwise someone could swap the folder, or what we put in it (NBD
 /// sockets the backup reads, scratch files, memory states, lock files), for their own.
 pub fn private_dir(path: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    // What exists now is what check_parents vouches for; everything below it is created by us.
+    let existing = path.ancestors().find(|p| std::fs::symlink_metadata(p).is_ok()).unwrap_or(Path::new("/"));
+    let existing = existing.to_path_buf();
     check_parents(&path)?;
-    match std::fs::symlink_metadata(&path) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&path)
-            .with_context(|| format!("cannot create folder {}", path.display()))?,
-        Err(e) => return Err(e).with_context(|| format!("cannot read folder {}", path.display())),
-    }
+    create_private(&path, &existing)?;
     check_private(&path)
+}
+
+/// Creates the folders of `path` below `existing` (its deepest folder that existed when the
+/// parents were checked) one at a time, top down, each 0700, and checks each right after: under a
+/// sticky folder such as /tmp another user may create a missing one between our check of the
+/// parents and our mkdir, and we must not go on inside theirs. (Once one is ours, nobody else can
+/// create or swap anything beneath it.)
+fn create_private(path: &Path, existing: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let missing: Vec<&Path> = path.ancestors().take_while(|p| *p != existing).collect();
+    for p in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o700).create(p) {
+            Ok(()) => {}
+            // Made by someone else meanwhile: only good if it is ours (a cairn run of ours).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create folder {}", p.display())),
+        }
+        check_private(p)?;
+    }
+    Ok(())
 }
 
 /// Owned by us, a folder not a symlink, writable only by us.
@@ -419,13 +433,68 @@ fn check_parents(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Ends the backup job this run started, if it runs (a failure after `begin_backup`).
-fn end_our_job(hv: &dyn Hypervisor, uuid: &str, token: &str) {
-    let ours = cairn_hypervisor::job_socket_name(token);
-    if let Ok(Some(socket)) = hv.running_backup(uuid) {
-        if socket.file_name().is_some_and(|n| n == ours.as_str()) {
-            let _ = hv.end_backup(uuid);
-        }
+/// Ends the backup job this run started, if it runs (a failure after `begin_backup`). Ok once no
+/// job of this run runs: the watchdog may then forget it, and not before.
+fn end_our_job(hv: &dyn Hypervisor, uuid: &str, token: &str) -> Result<()> {
+    match hv.running_backup(uuid)? {
+        Some(socket) if is_ours(&socket, token) => end_job(hv, uuid, token),
+        _ => Ok(()),
+    }
+}
+
+/// Ends the VM's backup job, started by this run. An end that failed but left no job of this run
+/// (it ended anyway, or a watchdog ended it) counts as done.
+fn end_job(hv: &dyn Hypervisor, uuid: &str, token: &str) -> Result<()> {
+    let Err(e) = hv.end_backup(uuid) else { return Ok(()) };
+    match hv.running_backup(uuid) {
+        Ok(Some(socket)) if is_ours(&socket, token) => Err(e),
+        Ok(_) => Ok(()),
+        Err(_) => Err(e),
+    }
+}
+
+fn is_ours(socket: &Path, token: &str) -> bool {
+    socket.file_name().is_some_and(|n| *n == *cairn_hypervisor::job_socket_name(token))
+}
+
+/// The guest could not be thawed or resumed: the watchdog keeps its mark and goes on trying (a
+/// new point is not tried on a guest in that state).
+#[derive(Debug)]
+struct NotUndone(&'static str);
+
+impl std::fmt::Display for NotUndone {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{} failed; the watchdog goes on trying", self.0)
+    }
+}
+
+/// Thaws the guest; Ok(frozen filesystems thawed) only if it is thawed now (a failed call after
+/// which the guest reports itself thawed counts).
+fn thaw(hv: &dyn Hypervisor, uuid: &str) -> Result<u32> {
+    match hv.thaw(uuid) {
+        Ok(n) => Ok(n),
+        Err(_) if hv.freeze_status(uuid).is_ok_and(|s| s == "thawed") => Ok(0),
+        Err(e) => Err(e.context(NotUndone("thawing the guest"))),
+    }
+}
+
+/// Resumes the VM; Ok(false) when it already ran (the watchdog resumed it), Ok(true) when we did,
+/// an error if it is still paused.
+fn resume(hv: &dyn Hypervisor, uuid: &str) -> Result<bool> {
+    match hv.resume(uuid) {
+        Ok(()) => Ok(true),
+        Err(_) if hv.state(uuid).is_ok_and(|s| s == VmState::Running) => Ok(false),
+        Err(e) => Err(e.context(NotUndone("resuming the VM"))),
+    }
+}
+
+/// A file removed when dropped: the memory state (a dump of guest RAM) must not outlive the run,
+/// whatever path the run leaves by.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
     }
 }
 
@@ -613,6 +682,7 @@ pub fn backup_vm(
     let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
     let description = format!("cairn repository {} (restore points of {})", repo.config().id, vm.name);
     let memory_file = dir.join(format!("memory-{}.state", opts.run_token));
+    let _memory_file = RemoveOnDrop(&memory_file);
 
     // Told before the job exists, like every guard: a kill right after it starts is covered.
     watchdog.tell(Guard::Job)?;
@@ -627,13 +697,16 @@ pub fn backup_vm(
             run_token: &opts.run_token,
         };
         let taken = take_point(hv, vm, method, &req, opts, &memory_file, watchdog, &mut clock, &mut record);
-        if taken.is_err() {
-            // A failure after the job started (a thaw that failed, a point too late) leaves it.
-            end_our_job(hv, uuid, &opts.run_token);
-        }
+        // A failure after the job started (a thaw that failed, a point too late) leaves it.
+        let job_gone = if taken.is_err() { end_our_job(hv, uuid, &opts.run_token) } else { Ok(()) };
         match taken {
             Ok(e) => break e,
-            Err(e) if from.is_some() && e.downcast_ref::<LimitExceeded>().is_none() => {
+            Err(e)
+                if from.is_some()
+                    && job_gone.is_ok()
+                    && e.downcast_ref::<LimitExceeded>().is_none()
+                    && e.downcast_ref::<NotUndone>().is_none() =>
+            {
                 // A broken or missing bitmap: libvirt refuses the incremental. Start a new chain.
                 let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
                 incremental = Err(format!("checkpoint {} cannot be used: {e:#}", from.unwrap()));
@@ -642,6 +715,10 @@ pub fn backup_vm(
             Err(e) => {
                 let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
                 let _ = hv.delete_checkpoint(uuid, &format!("{new_checkpoint}-pre"));
+                if let Err(end) = job_gone {
+                    // The watchdog keeps the job's mark and ends it once we are gone.
+                    return Err(e.context(format!("ending the backup job failed too ({end:#})")));
+                }
                 watchdog.tell(Guard::JobEnded)?;
                 return Err(e);
             }
@@ -693,8 +770,8 @@ pub fn backup_vm(
         commit(repo, vm, inputs, last, record, clock, opts, progress)
     })();
     // The job ends either way; its scratch files go with it.
-    let ended = hv.end_backup(uuid);
-    let _ = std::fs::remove_file(&memory_file);
+    let ended = end_job(hv, uuid, &opts.run_token);
+    drop(_memory_file);
     let _ = std::fs::remove_file(&export.socket);
     match result {
         Ok(done) => {
@@ -714,7 +791,10 @@ pub fn backup_vm(
             Ok(done)
         }
         Err(e) => {
-            let _ = watchdog.tell(Guard::JobEnded);
+            // Told only if it ended: otherwise the watchdog ends it once we are gone.
+            if ended.is_ok() {
+                let _ = watchdog.tell(Guard::JobEnded);
+            }
             // Half-made: the old checkpoint absorbs the new one's bits and still matches the last point.
             let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
             Err(e)
@@ -839,7 +919,11 @@ fn take_point(
                     (clock.mark("frozen"), n)
                 }
                 Err(e) => {
-                    let _ = hv.thaw(uuid);
+                    // A freeze that timed out here may still complete in the guest: the watchdog
+                    // forgets its mark only once the guest says it is thawed.
+                    if let Err(t) = thaw(hv, uuid) {
+                        return Err(t.context(format!("freezing the guest failed ({e:#})")));
+                    }
                     watchdog.tell(Guard::Thawed)?;
                     return Err(e);
                 }
@@ -853,18 +937,20 @@ fn take_point(
                     std::thread::sleep(d);
                 }
             }
-            let thawed = hv.thaw(uuid);
+            let thawed = thaw(hv, uuid);
             let t = clock.mark("thawed");
-            watchdog.tell(Guard::Thawed)?;
+            if thawed.is_ok() {
+                watchdog.tell(Guard::Thawed)?;
+            }
             record.frozen_window_ms = Some(t.duration_since(frozen).as_millis() as u64);
             if matches!(thawed, Ok(0)) && count > 0 {
                 // Nothing left to thaw: the watchdog did it (the guest was frozen past the limit).
                 clock.mark("already thawed by the watchdog");
             }
+            thawed?;
             if point.is_ok() && took >= opts.freeze_limit {
                 return Err(LimitExceeded { what: "thawed the guest", took, limit: opts.freeze_limit }.into());
             }
-            thawed.context("thawing the guest")?;
             let export = point?;
             let post: Vec<&String> = vm.config.post_thaw.iter().chain(&opts.post_thaw).collect();
             for cmd in post {
@@ -881,7 +967,8 @@ fn take_point(
         }
         Method::SavedState => {
             let _ = std::fs::remove_file(memory_file);
-            let told = Instant::now();
+            // The watchdog's limit runs from when it reads this line: later than now.
+            let mut told = Instant::now();
             watchdog.tell(Guard::Paused)?;
             clock.mark("pause");
             let paused = match hv.pause(uuid) {
@@ -890,11 +977,17 @@ fn take_point(
                     clock.mark("paused")
                 }
                 Err(e) => {
+                    // Paused after all (the reply was lost)? The watchdog forgets its mark only
+                    // once the VM runs.
+                    if let Err(r) = resume(hv, uuid) {
+                        return Err(r.context(format!("pausing the VM failed ({e:#})")));
+                    }
                     watchdog.tell(Guard::Resumed)?;
                     return Err(e);
                 }
             };
             let mut listed = None;
+            let mut took = Duration::ZERO;
             let point = (|| {
                 if let Some(from) = req.incremental_from {
                     // Saving the memory leaves QEMU's bitmaps inactive, and libvirt then refuses an
@@ -917,8 +1010,19 @@ fn take_point(
                     ended?;
                     clock.mark("changes listed");
                 }
+                // The limit guards the guest against a job that hangs, not the save: writing a few
+                // GiB of memory takes longer than it, and libvirt refuses a resume meanwhile. So
+                // the watchdog stops counting during the save and starts again after it; the
+                // windows before and after it are each held to the limit.
+                took = told.elapsed();
+                if took >= opts.freeze_limit {
+                    return Err(LimitExceeded { what: "resumed the VM", took, limit: opts.freeze_limit }.into());
+                }
+                watchdog.tell(Guard::Saving)?;
                 hv.save_memory(uuid, memory_file)?;
                 clock.mark("memory saved");
+                told = Instant::now();
+                watchdog.tell(Guard::Paused)?;
                 let full = BackupRequest {
                     disks: req.disks,
                     new_checkpoint: req.new_checkpoint,
@@ -929,27 +1033,28 @@ fn take_point(
                 };
                 hv.begin_backup(uuid, &full)
             })();
-            let took = told.elapsed();
+            took = took.max(told.elapsed());
             if point.is_ok() {
                 clock.mark("point created");
                 if let Some(d) = opts.hold_point {
                     std::thread::sleep(d);
                 }
             }
-            let mut resumed = hv.resume(uuid);
-            if resumed.is_err() && hv.state(uuid).ok() == Some(VmState::Running) {
+            let resumed = resume(hv, uuid);
+            if matches!(resumed, Ok(false)) {
                 // Already running: the watchdog resumed it (paused past the limit).
                 clock.mark("already resumed by the watchdog");
-                resumed = Ok(());
             }
             let t = clock.mark("resumed");
-            watchdog.tell(Guard::Resumed)?;
+            if resumed.is_ok() {
+                watchdog.tell(Guard::Resumed)?;
+            }
             record.offline_window_ms = Some(t.duration_since(paused).as_millis() as u64);
+            resumed?;
             if point.is_ok() && took >= opts.freeze_limit {
                 // The memory state and the disks' point may be apart by what the guest did.
                 return Err(LimitExceeded { what: "resumed the VM", took, limit: opts.freeze_limit }.into());
             }
-            resumed.context("resuming the VM")?;
             Ok((point?, listed))
         }
         Method::CrashConsistent => {
@@ -1096,7 +1201,6 @@ fn pull_with_qemu_img(export: &BackupExport, dir: &Path) -> Result<()> {
         let st = std::process::Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "raw", &d.uri])
             .arg(&out)
-            .env_remove("CAIRN_PASSWORD")
             .status()
             .context("running qemu-img")?;
         if !st.success() {
@@ -1254,29 +1358,26 @@ mod tests {
     fn take(method: Method, limit: Duration, begin: Duration) -> (Result<()>, Arc<Fake>) {
         let fake = Arc::new(Fake::default());
         *fake.begin_delay.lock().unwrap() = begin;
+        let r = take_with(&fake, method, limit, &mut Watchdog::none());
+        (r, fake)
+    }
+
+    fn take_with(fake: &Arc<Fake>, method: Method, limit: Duration, watchdog: &mut Watchdog) -> Result<()> {
         let hv = Handle(fake.clone());
         let disks = vec!["vda".to_string()];
+        let dir = tempfile::tempdir().unwrap();
         let req = BackupRequest {
             disks: &disks,
             new_checkpoint: "cp",
             checkpoint_description: "",
             incremental_from: None,
-            work_dir: Path::new("/w"),
+            work_dir: dir.path(),
             run_token: "tok",
         };
         let mut clock = Clock { t0: Instant::now(), events: vec![] };
-        let r = take_point(
-            &hv,
-            &vm(),
-            method,
-            &req,
-            &options(limit),
-            Path::new("/w/memory.state"),
-            &mut Watchdog::none(),
-            &mut clock,
-            &mut record(),
-        );
-        (r.map(|_| ()), fake)
+        let memory = dir.path().join("memory.state");
+        let r = take_point(&hv, &vm(), method, &req, &options(limit), &memory, watchdog, &mut clock, &mut record());
+        r.map(|_| ())
     }
 
     #[test]
@@ -1296,5 +1397,193 @@ mod tests {
                 "{method:?}: guest left frozen or paused"
             );
         }
+    }
+
+    /// What the job writes to its watchdog, fed line by line to [`guard`] on a thread; the end of
+    /// the writer is the job going away.
+    struct Lines(std::sync::mpsc::Sender<Option<String>>, Vec<u8>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.1.extend_from_slice(b);
+            while let Some(i) = self.1.iter().position(|c| *c == b'\n') {
+                let line: Vec<u8> = self.1.drain(..=i).collect();
+                let _ = self.0.send(Some(String::from_utf8_lossy(&line).trim().to_string()));
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Lines {
+        fn drop(&mut self) {
+            let _ = self.0.send(None);
+        }
+    }
+
+    /// A watchdog (the real state machine) over the same fake, on a thread.
+    fn watchdog_on(fake: &Arc<Fake>, limit: Duration, token: &str) -> (Watchdog, std::thread::JoinHandle<()>) {
+        use cairn_hypervisor::watchdog::{guard, Retry};
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (fake, token) = (fake.clone(), token.to_string());
+        let t = std::thread::spawn(move || {
+            let connect = move || -> Result<Box<dyn Hypervisor>> { Ok(Box::new(Handle(fake.clone()))) };
+            let retry = Retry {
+                first_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(50),
+                give_up: Duration::from_secs(5),
+                job_search: Duration::from_millis(300),
+            };
+            guard(&connect, None, "vm", limit, &token, &rx, retry, &|m| eprintln!("watchdog: {m}"));
+        });
+        (Watchdog::to_writer(Box::new(Lines(tx, Vec::new()))), t)
+    }
+
+    #[test]
+    fn a_thaw_that_fails_leaves_the_watchdog_thawing() {
+        // The job's own thaw fails: the point is given up, and the watchdog must not have been
+        // told "thawed", or the guest stays frozen for good.
+        let fake = Arc::new(Fake::default());
+        *fake.thaw_failures.lock().unwrap() = 2;
+        let (mut dog, t) = watchdog_on(&fake, Duration::from_secs(60), "tok");
+        let e = take_with(&fake, Method::AppConsistent, Duration::from_secs(60), &mut dog).unwrap_err();
+        assert!(e.downcast_ref::<NotUndone>().is_some(), "{e:#}");
+        assert!(*fake.frozen.lock().unwrap());
+        drop(dog); // the job goes away
+        t.join().unwrap();
+        assert!(!*fake.frozen.lock().unwrap(), "the guest was left frozen");
+        assert_eq!(fake.count("thaw"), 3, "one thaw by the job, two by the watchdog");
+        // A freeze that timed out in libvirt but completed in the guest, and a thaw that fails.
+        let fake = Arc::new(Fake::default());
+        *fake.freeze_failures.lock().unwrap() = 1;
+        *fake.thaw_failures.lock().unwrap() = 1;
+        let (mut dog, t) = watchdog_on(&fake, Duration::from_secs(60), "tok");
+        let e = take_with(&fake, Method::AppConsistent, Duration::from_secs(60), &mut dog).unwrap_err();
+        assert!(format!("{e:#}").contains("freezing the guest failed"), "{e:#}");
+        drop(dog);
+        t.join().unwrap();
+        assert!(!*fake.frozen.lock().unwrap(), "the guest was left frozen after a failed freeze");
+        // A failed thaw after which the guest reports itself thawed: done, the watchdog forgets.
+        let fake = Arc::new(Fake::default());
+        *fake.thaw_failures.lock().unwrap() = 1;
+        *fake.thaw_fails_after_thawing.lock().unwrap() = true;
+        let (mut dog, t) = watchdog_on(&fake, Duration::from_secs(60), "tok");
+        take_with(&fake, Method::AppConsistent, Duration::from_secs(60), &mut dog).unwrap();
+        dog.done();
+        t.join().unwrap();
+        assert_eq!(fake.count("thaw"), 1);
+    }
+
+    #[test]
+    fn a_resume_that_fails_leaves_the_watchdog_resuming() {
+        let fake = Arc::new(Fake::default());
+        *fake.resume_failures.lock().unwrap() = 2;
+        let (mut dog, t) = watchdog_on(&fake, Duration::from_secs(60), "tok");
+        let e = take_with(&fake, Method::SavedState, Duration::from_secs(60), &mut dog).unwrap_err();
+        assert!(e.downcast_ref::<NotUndone>().is_some(), "{e:#}");
+        assert!(*fake.paused.lock().unwrap());
+        drop(dog);
+        t.join().unwrap();
+        assert!(!*fake.paused.lock().unwrap(), "the VM was left paused");
+        assert_eq!(fake.count("resume"), 3);
+    }
+
+    #[test]
+    fn a_memory_save_longer_than_the_limit_keeps_the_point() {
+        // Writing the memory takes longer than the limit: the VM stays paused through it (the
+        // watchdog does not count the save) and the point is kept.
+        let fake = Arc::new(Fake::default());
+        *fake.save_delay.lock().unwrap() = Duration::from_millis(700);
+        let limit = Duration::from_millis(300);
+        let (mut dog, t) = watchdog_on(&fake, limit, "tok");
+        take_with(&fake, Method::SavedState, limit, &mut dog).unwrap();
+        dog.done();
+        t.join().unwrap();
+        assert_eq!(fake.count("resume"), 1, "the watchdog resumed the VM during the save");
+        assert!(!*fake.paused.lock().unwrap());
+    }
+
+    /// Backs up the fake's VM into a new repository, with a watchdog on a thread.
+    fn backup_through(fake: &Arc<Fake>, method: Method, uuid: &str) -> (Result<()>, PathBuf, tempfile::TempDir) {
+        let t = tempfile::tempdir().unwrap();
+        let backend = Arc::new(cairn_storage::LocalBackend::new(t.path().join("repo")));
+        let repo = Arc::new(Repository::init(backend, None).unwrap());
+        let mut opts = options(Duration::from_secs(60));
+        opts.method = method;
+        opts.work_dir = t.path().join("work");
+        let token = opts.run_token.clone();
+        let (mut dog, thread) = watchdog_on(fake, Duration::from_secs(60), &token);
+        let mut summary = vm();
+        summary.uuid = uuid.into();
+        let hv = Handle(fake.clone());
+        let r = backup_vm(&hv, &repo, &summary, &opts, &mut dog, &crate::progress::NoProgress);
+        drop(dog);
+        thread.join().unwrap();
+        let memory = vm_work_dir(&opts.work_dir, uuid).join(format!("memory-{token}.state"));
+        (r.map(|_| ()), memory, t)
+    }
+
+    #[test]
+    fn a_job_that_could_not_be_ended_is_left_to_the_watchdog() {
+        // The point is taken, reading it fails (nobody serves the exports), and ending the job
+        // fails: the watchdog keeps its mark and ends the job once the run is gone.
+        let fake = Arc::new(Fake::default());
+        *fake.end_failures.lock().unwrap() = 1;
+        let (r, _, _t) = backup_through(&fake, Method::AppConsistent, "u-end-1");
+        assert!(r.is_err());
+        assert_eq!(fake.count("end_backup"), 2, "the watchdog did not end the job");
+        assert!(fake.job_socket.lock().unwrap().is_none(), "the backup job was left running");
+        // Taking the point fails after the job started (a thaw that fails): the same.
+        let fake = Arc::new(Fake::default());
+        *fake.end_failures.lock().unwrap() = 1;
+        *fake.thaw_failures.lock().unwrap() = 1;
+        let (r, _, _t) = backup_through(&fake, Method::AppConsistent, "u-end-2");
+        assert!(r.is_err());
+        assert!(fake.job_socket.lock().unwrap().is_none(), "the backup job was left running");
+        assert!(!*fake.frozen.lock().unwrap());
+    }
+
+    #[test]
+    fn the_memory_state_never_outlives_a_failed_run() {
+        // The point cannot be taken after the memory was saved.
+        let fake = Arc::new(Fake::default());
+        *fake.begin_failures.lock().unwrap() = 1;
+        let (r, memory, _t) = backup_through(&fake, Method::SavedState, "u-mem-1");
+        assert!(r.is_err());
+        assert_eq!(fake.count("save_memory"), 1);
+        assert!(!memory.exists(), "the guest's memory was left in {}", memory.display());
+        // The VM cannot be resumed.
+        let fake = Arc::new(Fake::default());
+        *fake.resume_failures.lock().unwrap() = 1;
+        let (r, memory, _t) = backup_through(&fake, Method::SavedState, "u-mem-2");
+        assert!(r.is_err());
+        assert!(!memory.exists(), "the guest's memory was left in {}", memory.display());
+        // Reading the point fails.
+        let fake = Arc::new(Fake::default());
+        let (r, memory, _t) = backup_through(&fake, Method::SavedState, "u-mem-3");
+        assert!(r.is_err());
+        assert!(!memory.exists(), "the guest's memory was left in {}", memory.display());
+    }
+
+    #[test]
+    fn a_missing_folder_someone_else_made_meanwhile_is_not_entered() {
+        // Between our check of the parents and our mkdir, another user creates a missing middle
+        // folder (under a sticky folder anyone may create in): we must not create ours in it.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // giving a folder away needs root
+        }
+        let t = tempfile::tempdir().unwrap();
+        let theirs = t.path().join("a");
+        std::fs::create_dir(&theirs).unwrap();
+        chown(&theirs, NOBODY);
+        let e = create_private(&theirs.join("b/work"), t.path()).unwrap_err().to_string();
+        assert!(e.contains("belongs to user 65534"), "{e}");
+        assert!(!theirs.join("b").exists(), "created inside another user's folder");
+        // Our own, made by another run of ours meanwhile: fine.
+        create_private(&t.path().join("ours/b/work"), t.path()).unwrap();
+        create_private(&t.path().join("ours/b/work"), t.path()).unwrap();
+        assert!(t.path().join("ours/b/work").is_dir());
     }
 }

@@ -10,8 +10,15 @@ use std::time::Duration;
 
 #[derive(Default)]
 pub struct Fake {
+    pub freeze_failures: Mutex<u32>,
     pub thaw_failures: Mutex<u32>,
+    /// A failing thaw still thaws (its reply was lost).
+    pub thaw_fails_after_thawing: Mutex<bool>,
     pub resume_failures: Mutex<u32>,
+    pub begin_failures: Mutex<u32>,
+    pub end_failures: Mutex<u32>,
+    /// How long `save_memory` takes.
+    pub save_delay: Mutex<Duration>,
     /// How long `begin_backup` takes.
     pub begin_delay: Mutex<Duration>,
     /// The socket of the VM's running backup job.
@@ -19,6 +26,8 @@ pub struct Fake {
     pub frozen: Mutex<bool>,
     pub paused: Mutex<bool>,
     pub calls: Mutex<Vec<String>>,
+    /// `emulators` fails (libvirt cannot read the host's capabilities).
+    pub emulators_fail: Mutex<bool>,
 }
 
 impl Fake {
@@ -29,6 +38,14 @@ impl Fake {
     pub fn count(&self, call: &str) -> usize {
         self.calls.lock().unwrap().iter().filter(|c| *c == call).count()
     }
+}
+
+/// Counts one failure down: whether this call fails.
+fn fail(left: &Mutex<u32>) -> bool {
+    let mut f = left.lock().unwrap();
+    let fails = *f > 0;
+    *f = f.saturating_sub(1);
+    fails
 }
 
 /// A connection to the one [`Fake`] a test holds (each "reconnection" hands out another).
@@ -48,7 +65,7 @@ impl Hypervisor for Handle {
         Ok(if *self.0.paused.lock().unwrap() { VmState::Paused } else { VmState::Running })
     }
     fn config_document(&self, _: &str) -> Result<String> {
-        unimplemented!()
+        Ok("<domain type='kvm'><name>web</name></domain>".into())
     }
     fn agent_ping(&self, _: &str) -> Result<()> {
         Ok(())
@@ -61,14 +78,19 @@ impl Hypervisor for Handle {
     }
     fn freeze(&self, _: &str) -> Result<u32> {
         self.0.log("freeze");
+        // A freeze that times out still completes in the guest.
         *self.0.frozen.lock().unwrap() = true;
+        if fail(&self.0.freeze_failures) {
+            bail!("guest agent timed out");
+        }
         Ok(1)
     }
     fn thaw(&self, _: &str) -> Result<u32> {
         self.0.log("thaw");
-        let mut f = self.0.thaw_failures.lock().unwrap();
-        if *f > 0 {
-            *f -= 1;
+        if fail(&self.0.thaw_failures) {
+            if *self.0.thaw_fails_after_thawing.lock().unwrap() {
+                *self.0.frozen.lock().unwrap() = false;
+            }
             bail!("guest agent busy");
         }
         let mut frozen = self.0.frozen.lock().unwrap();
@@ -86,9 +108,7 @@ impl Hypervisor for Handle {
     }
     fn resume(&self, _: &str) -> Result<()> {
         self.0.log("resume");
-        let mut f = self.0.resume_failures.lock().unwrap();
-        if *f > 0 {
-            *f -= 1;
+        if fail(&self.0.resume_failures) {
             bail!("domain has active snapshot job");
         }
         let mut paused = self.0.paused.lock().unwrap();
@@ -98,8 +118,10 @@ impl Hypervisor for Handle {
         *paused = false;
         Ok(())
     }
-    fn save_memory(&self, _: &str, _: &Path) -> Result<()> {
+    fn save_memory(&self, _: &str, path: &Path) -> Result<()> {
         self.0.log("save_memory");
+        std::thread::sleep(*self.0.save_delay.lock().unwrap());
+        std::fs::write(path, b"guest memory")?;
         Ok(())
     }
     fn checkpoints(&self, _: &str) -> Result<Vec<Checkpoint>> {
@@ -112,15 +134,31 @@ impl Hypervisor for Handle {
     fn begin_backup(&self, _: &str, req: &BackupRequest) -> Result<BackupExport> {
         self.0.log("begin_backup");
         std::thread::sleep(*self.0.begin_delay.lock().unwrap());
+        if fail(&self.0.begin_failures) {
+            bail!("cannot begin the backup");
+        }
         let socket = req.work_dir.join(crate::job_socket_name(req.run_token));
         *self.0.job_socket.lock().unwrap() = Some(socket.clone());
-        Ok(BackupExport { socket, disks: vec![] })
+        // Exports nobody serves: a reader fails to connect.
+        let disks = req
+            .disks
+            .iter()
+            .map(|d| crate::ExportedDisk {
+                target: d.clone(),
+                uri: format!("nbd+unix:///{d}?socket={}", socket.display()),
+                dirty_context: None,
+            })
+            .collect();
+        Ok(BackupExport { socket, disks })
     }
     fn running_backup(&self, _: &str) -> Result<Option<PathBuf>> {
         Ok(self.0.job_socket.lock().unwrap().clone())
     }
     fn end_backup(&self, _: &str) -> Result<()> {
         self.0.log("end_backup");
+        if fail(&self.0.end_failures) {
+            bail!("libvirtd is restarting");
+        }
         *self.0.job_socket.lock().unwrap() = None;
         Ok(())
     }
@@ -155,6 +193,12 @@ impl Hypervisor for Handle {
         unimplemented!()
     }
     fn emulators(&self) -> Result<Vec<String>> {
+        if *self.0.emulators_fail.lock().unwrap() {
+            bail!("cannot read the host's capabilities");
+        }
         Ok(vec!["/usr/bin/qemu-system-x86_64".into()])
+    }
+    fn firmware(&self) -> Result<Vec<String>> {
+        Ok(vec!["/usr/share/OVMF/OVMF_CODE.fd".into()])
     }
 }

@@ -209,4 +209,7 @@ pub trait Hypervisor: Send + Sync {
     /// The emulator binaries this host's hypervisor offers (libvirt capabilities): the only ones a
     /// recovered configuration may name.
     fn emulators(&self) -> Result<Vec<String>>;
+    /// The firmware files (UEFI code, BIOS images) this host's hypervisor offers (libvirt domain
+    /// capabilities): the only host files a recovered configuration may name as its loader.
+    fn firmware(&self) -> Result<Vec<String>>;
 }

@@ -500,6 +500,24 @@ impl Hypervisor for Libvirt {
         Ok(out)
     }
 
+    fn firmware(&self) -> Result<Vec<String>> {
+        // The default machine, and q35 (where UEFI firmware with secure boot is offered).
+        let mut out = Vec::new();
+        let mut failed = None;
+        for machine in [None, Some("q35")] {
+            match self.conn.domain_capabilities(None, None, machine, None, 0) {
+                Ok(caps) => out.extend(parse_firmware(&caps)?),
+                Err(e) => failed = Some(e.message().to_string()),
+            }
+        }
+        if let (true, Some(e)) = (out.is_empty(), failed) {
+            bail!("reading the host's domain capabilities: {e}");
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     fn network_available(&self, kind: &str, name: &str) -> Result<bool> {
         Ok(match kind {
             "network" => self.conn.lookup_network_by_name(name).and_then(|n| n.is_active()).unwrap_or(false),
@@ -513,6 +531,18 @@ impl Libvirt {
     fn recovery_error(what: &str, e: virt::error::Error) -> anyhow::Error {
         anyhow!("{what}: {}", e.message())
     }
+}
+
+/// The firmware files a libvirt domain-capabilities document lists (`<os><loader><value>`).
+pub fn parse_firmware(caps: &str) -> Result<Vec<String>> {
+    let doc = roxmltree::Document::parse(caps).context("parsing the host's domain capabilities")?;
+    Ok(doc
+        .descendants()
+        .filter(|n| n.has_tag_name("loader") && n.parent().is_some_and(|p| p.has_tag_name("os")))
+        .flat_map(|l| l.children().filter(|v| v.has_tag_name("value")))
+        .filter_map(|v| v.text().map(|t| t.trim().to_string()))
+        .filter(|t| t.starts_with('/'))
+        .collect())
 }
 
 /// Reads a libvirt checkpoint document (public for the fuzz targets: these come from libvirt, which
@@ -559,5 +589,26 @@ mod tests {
         assert_eq!((c.name.as_str(), c.parent.as_deref(), c.creation_time), ("cp2", Some("cp1"), 1764073467));
         assert_eq!(c.disks, ["vda"]);
         assert_eq!(c.description, "cairn repo=ab");
+    }
+
+    #[test]
+    fn firmware_is_read_from_domain_capabilities() {
+        // As libvirt 9 lists it on a host with OVMF: the paths, not the enum values.
+        let caps = "<domainCapabilities><os supported='yes'><enum name='firmware'><value>efi</value></enum>\
+            <loader supported='yes'><value>/usr/share/OVMF/OVMF_CODE_4M.fd</value>\
+            <value>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd</value>\
+            <enum name='type'><value>rom</value><value>pflash</value></enum></loader></os>\
+            <devices><disk><enum name='x'><value>/not/firmware</value></enum></disk></devices></domainCapabilities>";
+        assert_eq!(
+            super::parse_firmware(caps).unwrap(),
+            ["/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"]
+        );
+        // This host's libvirt (no OVMF here: none, but no error either).
+        if let Ok(hv) = super::Libvirt::connect(super::DEFAULT_URI) {
+            use crate::Hypervisor;
+            for f in hv.firmware().unwrap() {
+                assert!(std::path::Path::new(&f).exists(), "{f}");
+            }
+        }
     }
 }

@@ -15,16 +15,20 @@
 //!   does not reach it) and ignores SIGTERM, SIGHUP and SIGINT, so a `kill` of the job's group,
 //!   or of the whole service (systemd's stop sends SIGTERM to every process of the unit), leaves
 //!   it to see its stdin close and undo. Where systemd runs, it is started in a scope of its own
-//!   (`systemd-run --scope`), outside the job's cgroup: stopping or OOM-killing the job's service
-//!   does not take it down with the job.
+//!   (`systemd-run --scope`, `--user` when not root), outside the job's cgroup: stopping or
+//!   OOM-killing the job's service does not take it down with the job. Where `systemd-run` cannot
+//!   make a scope (no D-Bus in a container, no user manager), it runs as a plain child.
+//! - Its reader going away: SIGPIPE is ignored and nothing it logs can panic.
+//! - An undo that failed: the job tells "thawed" or "resumed" only once the guest is thawed or
+//!   running again, so the watchdog's mark stays and it goes on trying.
 //! - Another run: it ends only the backup job whose NBD socket carries its run's token
 //!   ([`crate::job_socket_name`]), never a job a later run started in the same folder.
 
 use crate::Hypervisor;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +38,10 @@ pub enum Guard {
     Frozen,
     Thawed,
     Paused,
+    /// The paused VM's memory is being saved: the limit stops counting until the next
+    /// [`Guard::Paused`] (a save of a few GiB takes longer than the limit, and libvirt refuses a
+    /// resume while it writes the state anyway). If the job goes away meanwhile, the VM is resumed.
+    Saving,
     Resumed,
     Job,
     JobEnded,
@@ -45,6 +53,7 @@ impl Guard {
             Guard::Frozen => "frozen",
             Guard::Thawed => "thawed",
             Guard::Paused => "paused",
+            Guard::Saving => "saving",
             Guard::Resumed => "resumed",
             Guard::Job => "job",
             Guard::JobEnded => "job-ended",
@@ -55,50 +64,90 @@ impl Guard {
 /// The job's side: a handle on the watchdog process.
 pub struct Watchdog {
     child: Option<Child>,
-    stdin: Option<ChildStdin>,
+    stdin: Option<Box<dyn Write + Send>>,
+    mode: String,
 }
 
 /// The systemd tool that starts a process in a scope of its own, when systemd runs this host.
-fn systemd_run() -> Option<std::path::PathBuf> {
+fn systemd_run() -> Option<PathBuf> {
     // sd_booted(): systemd is the init system iff this folder exists.
     if !Path::new("/run/systemd/system").is_dir() {
         return None;
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join("systemd-run")).find(|p| p.is_file())
+    find_in_path(&std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()), "systemd-run")
 }
 
-/// How the watchdog process is started: `program args` directly, or, where systemd runs, through
-/// `systemd-run --scope` so that it lives in a cgroup of its own (a `systemctl stop`, a stop
-/// timeout or an OOM kill of the job's service then spares it). `systemd-run --scope` executes the
-/// program in place, so it stays our child with our pipes.
-pub fn command(program: &Path, args: &[String], systemd_run: Option<&Path>) -> Command {
+/// The first executable file named `name` in the folders of `path` (a PATH value).
+fn find_in_path(path: &std::ffi::OsStr, name: &str) -> Option<PathBuf> {
+    std::env::split_paths(path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// How the watchdog process is started: `program args` directly, or through `systemd-run --scope`
+/// (`--user` too when we are not root: only root may talk to the system manager) so that it lives
+/// in a cgroup of its own (a `systemctl stop`, a stop timeout or an OOM kill of the job's service
+/// then spares it). `systemd-run --scope` executes the program in place, so it stays our child
+/// with our pipes.
+pub fn command(program: &Path, args: &[String], systemd_run: Option<&Path>, user: bool) -> Command {
     let mut cmd = match systemd_run {
         Some(sr) => {
             let mut c = Command::new(sr);
+            if user {
+                c.arg("--user");
+            }
             c.args(["--scope", "--quiet", "--collect", "--description=cairn watchdog"]).arg(program);
             c
         }
         None => Command::new(program),
     };
     cmd.args(args);
-    // The repository password is none of its business (and would sit in /proc/PID/environ).
-    cmd.env_remove("CAIRN_PASSWORD");
     cmd
 }
 
-/// [`command`] with systemd's scope when systemd runs this host.
-pub fn host_command(program: &Path, args: &[String]) -> Command {
-    command(program, args, systemd_run().as_deref())
+/// What came of starting one watchdog process.
+enum Started {
+    Ready(Watchdog),
+    /// It exited (or closed its output) without saying "ready": why.
+    Exited(String),
 }
 
 impl Watchdog {
-    /// Starts `cmd` (a program that calls [`run`]; see [`host_command`]) and waits until it is
-    /// connected and ready.
-    pub fn spawn(mut cmd: Command) -> Result<Watchdog> {
+    /// Starts `program args` (a program that calls [`run`]), in a systemd scope where systemd runs
+    /// this host, and waits until it is connected and ready. If `systemd-run` cannot make the
+    /// scope (no D-Bus in a container, no user manager for a non-root user) and exits before the
+    /// watchdog is ready, the watchdog runs as a plain child instead: [`Watchdog::mode`] says which.
+    pub fn start(program: &Path, args: &[String]) -> Result<Watchdog> {
+        Self::start_with(program, args, systemd_run().as_deref())
+    }
+
+    /// [`Watchdog::start`] with `systemd-run` at this path (None: a plain child).
+    pub fn start_with(program: &Path, args: &[String], systemd_run: Option<&Path>) -> Result<Watchdog> {
+        let user = unsafe { libc::geteuid() } != 0;
+        let mut why_direct = "systemd does not run this host".to_string();
+        if let Some(sr) = systemd_run {
+            match Self::spawn_ready(command(program, args, Some(sr), user))? {
+                Started::Ready(mut w) => {
+                    w.mode = if user { "in a systemd user scope" } else { "in a systemd scope" }.into();
+                    return Ok(w);
+                }
+                Started::Exited(why) => why_direct = format!("{} could not start it in a scope: {why}", sr.display()),
+            }
+        }
+        match Self::spawn_ready(command(program, args, None, user))? {
+            Started::Ready(mut w) => {
+                w.mode = format!("as a plain child process ({why_direct})");
+                Ok(w)
+            }
+            Started::Exited(why) => bail!(
+                "the watchdog process did not start ({why}; it guards the guest while it is frozen or paused); the backup did not touch the VM"
+            ),
+        }
+    }
+
+    /// Starts `cmd` and waits for its "ready".
+    fn spawn_ready(mut cmd: Command) -> Result<Started> {
         use std::os::unix::process::CommandExt;
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).process_group(0);
-        let mut child = cmd.spawn().context("starting the watchdog process")?;
+        let mut child = cmd.spawn().with_context(|| format!("starting the watchdog process ({cmd:?})"))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().context("watchdog stdout")?;
         let (tx, rx) = mpsc::channel();
@@ -108,18 +157,43 @@ impl Watchdog {
             let _ = tx.send(line);
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) if l.trim() == "ready" => Ok(Watchdog { child: Some(child), stdin }),
-            _ => {
+            Ok(l) if l.trim() == "ready" => Ok(Started::Ready(Watchdog {
+                child: Some(child),
+                stdin: stdin.map(|s| Box::new(s) as Box<dyn Write + Send>),
+                mode: String::new(),
+            })),
+            Ok(l) => {
+                drop(stdin);
+                let _ = child.kill();
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                Ok(Started::Exited(if l.is_empty() {
+                    format!("it exited ({status}) before it was ready")
+                } else {
+                    format!("it said {:?} instead of ready", l.trim())
+                }))
+            }
+            Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("the watchdog process did not start (it guards the guest while it is frozen or paused); the backup did not touch the VM")
+                bail!("the watchdog process was not ready after 30 s (it guards the guest while it is frozen or paused); the backup did not touch the VM")
             }
         }
     }
 
     /// A watchdog that guards nothing (for callers that do not freeze or pause, and tests).
     pub fn none() -> Watchdog {
-        Watchdog { child: None, stdin: None }
+        Watchdog { child: None, stdin: None, mode: "none".into() }
+    }
+
+    /// A watchdog reached through `w` (one line per guard, as the process gets them on its stdin);
+    /// for tests that run [`guard`] in a thread. Dropping it drops `w`.
+    pub fn to_writer(w: Box<dyn Write + Send>) -> Watchdog {
+        Watchdog { child: None, stdin: Some(w), mode: "in this process".into() }
+    }
+
+    /// How the watchdog runs: in a systemd scope, or as a plain child process and why.
+    pub fn mode(&self) -> &str {
+        &self.mode
     }
 
     pub fn tell(&mut self, g: Guard) -> Result<()> {
@@ -133,6 +207,7 @@ impl Watchdog {
     pub fn done(mut self) {
         if let Some(mut s) = self.stdin.take() {
             let _ = writeln!(s, "done");
+            let _ = s.flush();
         }
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
@@ -197,17 +272,24 @@ pub fn run(connect: Connect, uuid: &str, limit: Duration, job_token: &str) -> Re
         }
         let _ = tx.send(None);
     });
-    println!("ready");
-    std::io::stdout().flush()?;
-    let say = |m: &str| eprintln!("cairn watchdog ({uuid}): {m}");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready").and_then(|_| out.flush()).context("telling the job the watchdog is ready")?;
+    drop(out);
+    // Never eprintln!: it panics when stderr is gone (`cairn ... | tee log` stopped by Ctrl-C), and
+    // the watchdog must outlive its reader. What cannot be said is lost, the undo is not.
+    let say = |m: &str| {
+        let _ = writeln!(std::io::stderr(), "cairn watchdog ({uuid}): {m}");
+    };
     guard(connect, Some(first), uuid, limit, job_token, &rx, Retry::default(), &say);
     Ok(())
 }
 
 /// SIGTERM, SIGHUP and SIGINT sent to the job (or its whole group, or service) must not stop the
 /// one process that undoes what the job did; it ends when its stdin closes and all is undone.
+/// SIGPIPE neither: the job's cairn sets it back to its default (so that `cairn points | head`
+/// ends quietly) and we inherit that, but a watchdog whose stderr reader went away must go on.
 fn ignore_termination_signals() {
-    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGPIPE] {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
 }
@@ -306,6 +388,8 @@ pub fn guard(
     let mut conn = Conn { connect, hv: first };
     let mut frozen: Option<Instant> = None;
     let mut paused: Option<Instant> = None;
+    // The memory is being saved: the VM is paused, but the limit waits for the save to end.
+    let mut saving = false;
     let mut job = false;
     let mut thaw: Option<(Pending, String)> = None;
     let mut resume: Option<(Pending, String)> = None;
@@ -319,8 +403,9 @@ pub fn guard(
                     // A new mark replaces any undo still pending for the old one.
                     "frozen" => (frozen, thaw) = (Some(Instant::now()), None),
                     "thawed" => (frozen, thaw) = (None, None),
-                    "paused" => (paused, resume) = (Some(Instant::now()), None),
-                    "resumed" => (paused, resume) = (None, None),
+                    "paused" => (paused, saving, resume) = (Some(Instant::now()), false, None),
+                    "saving" => (paused, saving, resume) = (Some(Instant::now()), true, None),
+                    "resumed" => (paused, saving, resume) = (None, false, None),
                     "job" => job = true,
                     "job-ended" => job = false,
                     "done" => return,
@@ -348,14 +433,14 @@ pub fn guard(
             frozen = None;
             thaw = Some((Pending::now(), format!("the guest stayed frozen longer than {} s", limit.as_secs_f64())));
         }
-        if paused.is_some_and(|t| t.elapsed() > limit) {
+        if !saving && paused.is_some_and(|t| t.elapsed() > limit) {
             // While libvirt writes a memory state it refuses a resume: keep trying, the save ends.
             paused = None;
             resume = Some((Pending::now(), format!("the VM stayed paused longer than {} s", limit.as_secs_f64())));
         }
         // The guest first, then the job.
         if let Some((p, why)) = thaw.as_mut() {
-            match attempt(p, &retry, "thawing the guest", say, &mut || conn.call(|hv| hv.thaw(uuid)).map(|_| ())) {
+            match attempt(p, &retry, "thawing the guest", say, &mut || conn.call(|hv| thaw_confirmed(hv, uuid))) {
                 Outcome::Done => {
                     say(&format!("{why}: thawed it"));
                     thaw = None;
@@ -365,7 +450,7 @@ pub fn guard(
             }
         }
         if let Some((p, why)) = resume.as_mut() {
-            match attempt(p, &retry, "resuming the VM", say, &mut || conn.call(|hv| hv.resume(uuid))) {
+            match attempt(p, &retry, "resuming the VM", say, &mut || conn.call(|hv| resume_confirmed(hv, uuid))) {
                 Outcome::Done => {
                     say(&format!("{why}: resumed it"));
                     resume = None;
@@ -384,6 +469,31 @@ pub fn guard(
             return;
         }
     }
+}
+
+/// Thaws the guest. A thaw that failed may still have left it thawed (someone else thawed it, the
+/// reply was lost): then the guest's own freeze status says so, and that is success. A guest that
+/// no longer runs has nothing frozen.
+pub fn thaw_confirmed(hv: &dyn Hypervisor, uuid: &str) -> Result<()> {
+    let Err(e) = hv.thaw(uuid) else { return Ok(()) };
+    if hv.freeze_status(uuid).is_ok_and(|s| s == "thawed") || not_running(hv, uuid) {
+        return Ok(());
+    }
+    Err(e)
+}
+
+/// Resumes the VM. A resume that failed may still find it running (resumed by someone else, or
+/// the reply was lost): then it is done. A VM that was shut off or crashed has nothing to resume.
+pub fn resume_confirmed(hv: &dyn Hypervisor, uuid: &str) -> Result<()> {
+    let Err(e) = hv.resume(uuid) else { return Ok(()) };
+    if hv.state(uuid).is_ok_and(|s| s == crate::VmState::Running) || not_running(hv, uuid) {
+        return Ok(());
+    }
+    Err(e)
+}
+
+fn not_running(hv: &dyn Hypervisor, uuid: &str) -> bool {
+    hv.state(uuid).is_ok_and(|s| matches!(s, crate::VmState::ShutOff | crate::VmState::Crashed))
 }
 
 /// Ends the dead job's backup job, recognised by its socket's name. The job may have died while
@@ -505,6 +615,7 @@ mod tests {
         let fake = Arc::new(Fake::default());
         // libvirt refuses while it writes the memory state: say, for 10 attempts.
         *fake.resume_failures.lock().unwrap() = 10;
+        *fake.paused.lock().unwrap() = true;
         let (tx, t) = start(&fake, Duration::from_millis(100), "tok", Arc::new(Mutex::new(0)));
         send(&tx, "paused");
         let t0 = Instant::now();
@@ -542,20 +653,119 @@ mod tests {
     #[test]
     fn the_command_runs_in_a_systemd_scope_where_systemd_runs() {
         let args = vec!["watchdog".to_string(), "--vm".into(), "x".into()];
-        let direct = command(Path::new("/usr/bin/cairn"), &args, None);
+        let direct = command(Path::new("/usr/bin/cairn"), &args, None, false);
         assert_eq!(direct.get_program(), "/usr/bin/cairn");
         assert_eq!(direct.get_args().collect::<Vec<_>>(), ["watchdog", "--vm", "x"]);
-        let scoped = command(Path::new("/usr/bin/cairn"), &args, Some(Path::new("/usr/bin/systemd-run")));
+        let scoped = command(Path::new("/usr/bin/cairn"), &args, Some(Path::new("/usr/bin/systemd-run")), false);
         assert_eq!(scoped.get_program(), "/usr/bin/systemd-run");
         let a: Vec<_> = scoped.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(a[0], "--scope");
         assert_eq!(&a[a.len() - 4..], ["/usr/bin/cairn", "watchdog", "--vm", "x"]);
+        // Not root: the user's own manager (the system one refuses a scope to other users).
+        let user = command(Path::new("/usr/bin/cairn"), &args, Some(Path::new("/usr/bin/systemd-run")), true);
+        let a: Vec<_> = user.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(&a[..2], ["--user", "--scope"]);
         // This host has no systemd: the fallback (a direct child) is what runs here.
         if !Path::new("/run/systemd/system").is_dir() {
             assert!(systemd_run().is_none());
         }
-        for c in [&direct, &scoped] {
-            assert!(c.get_envs().any(|(k, v)| k == "CAIRN_PASSWORD" && v.is_none()), "password not removed");
+    }
+
+    /// A folder with an executable script `name` in it.
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_systemd_run_that_cannot_make_a_scope_falls_back_to_a_plain_child() {
+        let t = tempfile::tempdir().unwrap();
+        // The watchdog: says ready, then records each line it gets until "done".
+        let log = t.path().join("lines");
+        let dog = script(
+            t.path(),
+            "dog",
+            &format!(
+                "echo ready; while read l; do echo \"$l\" >> {}; [ \"$l\" = done ] && exit 0; done",
+                log.display()
+            ),
+        );
+        // A systemd-run as in a container without D-Bus: it fails before running anything.
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        script(&bin, "systemd-run", "echo 'Failed to connect to bus: No such file or directory' >&2; exit 1");
+        let found = find_in_path(&std::env::join_paths([&bin, Path::new("/usr/bin")]).unwrap(), "systemd-run");
+        let sr = found.expect("the fake systemd-run on PATH is found");
+        let mut w = Watchdog::start_with(&dog, &[], Some(&sr)).unwrap();
+        assert!(w.mode().starts_with("as a plain child process"), "{}", w.mode());
+        assert!(w.mode().contains("exited"), "{}", w.mode());
+        w.tell(Guard::Frozen).unwrap();
+        w.done();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "frozen\ndone\n");
+        // One that works (runs the program in place): the watchdog runs in its scope.
+        script(&bin, "systemd-run", "while [ \"${1#--}\" != \"$1\" ]; do shift; done; exec \"$@\"");
+        std::fs::remove_file(&log).unwrap();
+        let w = Watchdog::start_with(&dog, &[], Some(&sr)).unwrap();
+        assert!(w.mode().contains("systemd") && w.mode().contains("scope"), "{}", w.mode());
+        w.done();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "done\n");
+        // A watchdog that cannot start at all is an error, not a backup without a guard.
+        let dead = script(t.path(), "dead", "exit 3");
+        let e = Watchdog::start_with(&dead, &[], Some(&sr)).err().unwrap().to_string();
+        assert!(e.contains("did not start"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_undo_that_still_happened_counts_as_done() {
+        // The thaw call fails, but the guest is thawed (its reply was lost): no retries for 5 s.
+        let fake = Arc::new(Fake::default());
+        *fake.frozen.lock().unwrap() = true;
+        *fake.thaw_failures.lock().unwrap() = 1;
+        *fake.thaw_fails_after_thawing.lock().unwrap() = true;
+        let (tx, t) = start(&fake, Duration::from_secs(60), "tok", Arc::new(Mutex::new(0)));
+        send(&tx, "frozen");
+        drop(tx);
+        t.join().unwrap();
+        assert_eq!(fake.count("thaw"), 1, "a thaw that happened was retried");
+        assert!(!*fake.frozen.lock().unwrap());
+        // A resume refused because the VM already runs: done, not retried for 15 minutes.
+        let fake = Arc::new(Fake::default());
+        let (tx, t) = start(&fake, Duration::from_secs(60), "tok", Arc::new(Mutex::new(0)));
+        send(&tx, "paused");
+        drop(tx);
+        t.join().unwrap();
+        assert_eq!(fake.count("resume"), 1);
+    }
+
+    #[test]
+    fn the_limit_does_not_count_while_the_memory_is_saved() {
+        let fake = Arc::new(Fake::default());
+        *fake.paused.lock().unwrap() = true;
+        let (tx, t) = start(&fake, Duration::from_millis(200), "tok", Arc::new(Mutex::new(0)));
+        send(&tx, "paused");
+        send(&tx, "saving");
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(fake.count("resume"), 0, "resumed during the save");
+        // The save is over: the limit counts again, from now.
+        send(&tx, "paused");
+        let t0 = Instant::now();
+        while fake.count("resume") == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(3), "not resumed after the limit");
+            std::thread::sleep(Duration::from_millis(10));
         }
+        assert!(t0.elapsed() >= Duration::from_millis(150), "resumed before the limit");
+        send(&tx, "done");
+        t.join().unwrap();
+        // The job dies during the save: the VM is resumed (retried until the save is over).
+        let fake = Arc::new(Fake::default());
+        *fake.paused.lock().unwrap() = true;
+        let (tx, t) = start(&fake, Duration::from_secs(60), "tok", Arc::new(Mutex::new(0)));
+        send(&tx, "saving");
+        drop(tx);
+        t.join().unwrap();
+        assert!(!*fake.paused.lock().unwrap());
     }
 }

@@ -31,8 +31,9 @@ fn qemu_nbd(dir: &Path, image: &Path, args: &[&str]) -> Server {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("qemu-nbd (Debian package qemu-utils) must be installed");
+    // The socket file appears at bind(), before listen(): wait until a connection is accepted.
     let t = Instant::now();
-    while !socket.exists() {
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(t.elapsed() < Duration::from_secs(10), "qemu-nbd did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
