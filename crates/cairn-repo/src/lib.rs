@@ -63,6 +63,7 @@ pub mod map;
 pub mod pack;
 mod point;
 mod repo;
+pub mod retention;
 mod session;
 mod wire;
 
