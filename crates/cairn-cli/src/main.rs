@@ -2,6 +2,7 @@
 //! repository.
 
 mod boot;
+mod maintenance;
 mod mount;
 mod output;
 mod vm;
@@ -109,6 +110,51 @@ concerned. Exits with status 3 if anything is damaged.")]
         sample: Option<f64>,
         #[command(subcommand)]
         what: Option<VerifyCmd>,
+    },
+    /// Remove restore points a retention policy no longer keeps
+    #[command(long_about = "Apply a retention policy to each VM (identified by its UUID, across renames and \
+hosts) and each image name, and remove the restore points it does not keep. Their data stays in the \
+repository until `cairn prune` (or --prune) reclaims it; backups may run meanwhile.\n\n\
+Rules, applied in this order to each group's points, newest first (as Proxmox Backup Server does):\n  \
+--keep-within D   every point taken within D before now (not counted by the rules below)\n  \
+--keep-last N     the N newest points\n  \
+--keep-hourly N, --keep-daily N, --keep-weekly N (ISO weeks), --keep-monthly N, --keep-yearly N\n                    \
+the newest point of each of the N newest periods that have one, periods already covered by an earlier \
+rule skipped\n\
+Protected points (`cairn protect`), points dated in the future and points whose time cannot be read are \
+always kept and count toward no rule. Periods follow this host's time zone.\n\n\
+Removing a VM's newest point is allowed: its next backup reads every disk in full and says why.\n\n\
+Examples:\n  cairn forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run\n  \
+cairn forget web --keep-last 3 --prune\n  cairn forget --keep-within 30days --keep-monthly 24")]
+    Forget(maintenance::ForgetArgs),
+    /// Keep a restore point whatever the retention policy says (or stop keeping it)
+    #[command(long_about = "Protect a restore point: `cairn forget` never removes it, and a prune never \
+deletes its data. `--unprotect` removes the protection.\n\n\
+Examples:\n  cairn protect web@2026-11-25 --repo R\n  cairn protect web@3f2a91c0 --unprotect --repo R")]
+    Protect(maintenance::ProtectArgs),
+    /// Reclaim the space of data no restore point needs, while backups go on
+    #[command(long_about = "Find the packs no restore point needs and delete them; rewrite packs mostly \
+unused (more than --max-unused) with only what points still need.\n\n\
+Backups, restores and verifies keep running: a prune first marks what it would delete, and deletes a \
+marked pack only in a later run, once the mark is --grace old (23h by default, so a daily prune deletes \
+what the previous one marked) and every process that was using the repository when it was marked has \
+finished. A backup that reused a marked pack meanwhile gets it back. With --grace 0 and nothing else using \
+the repository, one run reclaims everything.\n\n\
+A prune stops, having deleted nothing, when a restore point, map or index file cannot be read: run \
+`cairn verify` or `cairn repair index` first.\n\n\
+Examples:\n  cairn prune --dry-run --repo R\n  cairn prune --repo R --json\n  cairn prune --grace 0 --repo R")]
+    Prune {
+        #[command(flatten)]
+        opts: maintenance::PruneArgs,
+        /// Show what would be marked, repacked and deleted; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Sizes: logical, stored, deduplication and compression, and what a prune would reclaim
+    Stats {
+        /// Only points with these names (or VM UUIDs)
+        #[arg(value_name = "NAME|UUID")]
+        names: Vec<String>,
     },
     /// Repair the repository's metadata from what its data says about itself
     #[command(subcommand)]
@@ -480,6 +526,10 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Verify { what: None, points, sample } => verify(g, points, *sample),
         Command::Verify { what: Some(VerifyCmd::Boot(a)), .. } => boot::verify_boot_cmd(g, a),
         Command::Repair(RepairCmd::Index { dry_run }) => repair_index(g, *dry_run),
+        Command::Forget(a) => maintenance::forget(g, a),
+        Command::Protect(a) => maintenance::protect(g, a),
+        Command::Prune { opts, dry_run } => maintenance::prune_cmd(g, opts, *dry_run),
+        Command::Stats { names } => maintenance::stats(g, names),
         Command::Report(a) => boot::report(g, a),
     }
 }

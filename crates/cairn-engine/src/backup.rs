@@ -388,7 +388,7 @@ fn plan_and_read(
                     // A block the index no longer has (its only copy was quarantined as
                     // damaged) is read again from the source: that heals the repository.
                     Some(p) if unchanged => match p.get(b)? {
-                        id if id.is_zero() || repo.index().contains(&id) => Plan::Keep(id),
+                        id if id.is_zero() || repo.index().reusable(&id) => Plan::Keep(id),
                         _ if alloc.is_zero(src, start, end)? => Plan::Zero,
                         _ => Plan::Read,
                     },

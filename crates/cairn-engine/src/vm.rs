@@ -1187,7 +1187,7 @@ fn all_blocks_indexed(repo: &Repository, img: &DiskImage) -> bool {
         repo.read_map_page(img, p)
             .map(|ids| {
                 let index = repo.index();
-                ids.iter().all(|id| id.is_zero() || index.contains(id))
+                ids.iter().all(|id| id.is_zero() || index.reusable(id))
             })
             .unwrap_or(false)
     })

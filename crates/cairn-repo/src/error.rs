@@ -21,6 +21,9 @@ pub enum Error {
     DamagedBlock { id: BlockId, pack: String, detail: String },
     #[error("{0}")]
     NotFound(String),
+    /// A request that cannot be carried out as given (an empty retention policy).
+    #[error("{0}")]
+    Invalid(String),
     #[error("repository is locked: {0}")]
     Locked(String),
     #[error(transparent)]

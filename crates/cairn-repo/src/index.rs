@@ -75,6 +75,11 @@ pub struct Index {
     /// again; kept apart (sorted like `blobs`) as a restore's last resort, still hash-checked.
     quarantine: std::collections::HashSet<(PackId, BlockId)>,
     quarantined_blobs: Vec<(BlockId, BlobSlot)>,
+    /// Packs a prune marked for deletion (FORMAT.md §12): still read, but a new point must not
+    /// rely on them, so their copies do not make a block [`Index::reusable`].
+    marked: std::collections::HashSet<PackId>,
+    /// By pack number: whether the pack is in `marked`.
+    pack_marked: Vec<bool>,
 }
 
 impl Index {
@@ -86,8 +91,21 @@ impl Index {
         &self.blobs[start..end]
     }
 
+    /// Whether some readable copy of the block exists (quarantined copies aside). Not the
+    /// question a writer asks: see [`Index::reusable`].
     pub fn contains(&self, id: &BlockId) -> bool {
         !self.slots(id).is_empty()
+    }
+
+    /// Whether a new restore point may reference the block without storing it: some copy
+    /// lies in a pack no prune marked for deletion. A block only marked packs hold is stored
+    /// again (a prune may delete those packs once every reader of an older index is gone).
+    pub fn reusable(&self, id: &BlockId) -> bool {
+        self.slots(id).iter().any(|(_, b)| !self.slot_marked(b))
+    }
+
+    fn slot_marked(&self, b: &BlobSlot) -> bool {
+        self.pack_marked.get(self.frames[b.frame as usize].pack as usize).copied().unwrap_or(false)
     }
 
     /// Orders the blobs for lookups. Every copy of a block is kept (two sessions stored it at
@@ -110,14 +128,58 @@ impl Index {
         self.pack_numbers.contains_key(pack)
     }
 
-    /// Where the first copy of a block lives.
+    /// Where a block is best read: its first copy outside packs marked for deletion, else its
+    /// first copy.
     pub fn get(&self, id: &BlockId) -> Option<BlobLocation> {
-        self.slots(id).first().map(|(_, b)| self.location(b))
+        let slots = self.slots(id);
+        slots.iter().find(|(_, b)| !self.slot_marked(b)).or(slots.first()).map(|(_, b)| self.location(b))
     }
 
-    /// Every copy of a block, the first added first (quarantined ones are not copies).
+    /// Every copy of a block, those in packs marked for deletion last, otherwise the first
+    /// added first (quarantined ones are not copies).
     pub fn copies(&self, id: &BlockId) -> impl Iterator<Item = BlobLocation> + '_ {
-        self.slots(id).iter().map(|(_, b)| self.location(b))
+        let slots = self.slots(id);
+        let live = slots.iter().filter(|(_, b)| !self.slot_marked(b));
+        let marked = slots.iter().filter(|(_, b)| self.slot_marked(b));
+        live.chain(marked).map(|(_, b)| self.location(b))
+    }
+
+    /// The positions of every copy of a block (see [`Index::entry`]).
+    pub fn positions(&self, id: &BlockId) -> std::ops::Range<u32> {
+        let start = self.blobs.partition_point(|(k, _)| k < id);
+        let end = start + self.blobs[start..].partition_point(|(k, _)| k == id);
+        start as u32..end as u32
+    }
+
+    /// How many copies the index holds (positions run from 0 to this).
+    pub fn len(&self) -> usize {
+        self.blobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blobs.is_empty()
+    }
+
+    /// The pack holding the copy at a position, and whether it is marked for deletion.
+    pub fn pack_at(&self, position: u32) -> (PackId, bool) {
+        let b = &self.blobs[position as usize].1;
+        let pn = self.frames[b.frame as usize].pack as usize;
+        (self.packs[pn], self.pack_marked.get(pn).copied().unwrap_or(false))
+    }
+
+    /// Sets the packs marked for deletion (before packs are added).
+    pub fn set_marked(&mut self, marked: std::collections::HashSet<PackId>) {
+        self.marked = marked;
+    }
+
+    /// Whether a prune marked this pack for deletion.
+    pub fn is_marked(&self, pack: &PackId) -> bool {
+        self.marked.contains(pack)
+    }
+
+    /// Every pack the index lists.
+    pub fn packs(&self) -> &[PackId] {
+        &self.packs
     }
 
     /// The quarantined copies of a block: what a reader tries when no other copy is sound
@@ -175,6 +237,7 @@ impl Index {
         }
         let pn = self.packs.len() as u32;
         self.packs.push(pack);
+        self.pack_marked.push(self.marked.contains(&pack));
         self.pack_numbers.insert(pack, pn);
         for f in frames {
             let fn_ = self.frames.len() as u32;

@@ -56,12 +56,14 @@
 mod config;
 pub mod crypto;
 mod error;
+pub mod forget;
 mod id;
 pub mod index;
 pub mod lock;
 pub mod map;
 pub mod pack;
 mod point;
+pub mod prune;
 mod repo;
 pub mod retention;
 mod session;

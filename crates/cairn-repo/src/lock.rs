@@ -23,6 +23,16 @@ pub struct LockInfo {
     /// Unix seconds of the last refresh.
     pub time: u64,
     pub exclusive: bool,
+    /// A maintenance lock (prune): excludes other maintenance and exclusive locks, never
+    /// shared ones. Absent (false) in locks written before 2026-11-29.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
+    /// Unix seconds when the holder took the lock (its clock). Prune deletes what it marked
+    /// only once every live lock was created after the mark: a holder that started before
+    /// may have loaded an index without the mark. Absent in locks written before 2026-11-29:
+    /// such a lock counts as older than any mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<u64>,
     pub purpose: String,
     /// Which machine, boot and PID namespace `pid` belongs to (`machine-id:boot-id:pidns`),
     /// so a PID is probed only where it means something (hosts and containers can share a
@@ -59,15 +69,47 @@ impl LockInfo {
         }
     }
 
-    fn describe(&self) -> String {
+    pub fn mode(&self) -> LockMode {
+        if self.exclusive {
+            LockMode::Exclusive
+        } else if self.maintenance {
+            LockMode::Maintenance
+        } else {
+            LockMode::Shared
+        }
+    }
+
+    pub fn describe(&self) -> String {
         format!(
             "{} lock for {} by pid {} on {}, refreshed {}s ago",
-            if self.exclusive { "an exclusive" } else { "a shared" },
+            match self.mode() {
+                LockMode::Exclusive => "an exclusive",
+                LockMode::Maintenance => "a maintenance",
+                LockMode::Shared => "a shared",
+            },
             self.purpose,
             self.pid,
             self.hostname,
             now_secs().saturating_sub(self.time)
         )
+    }
+}
+
+/// What a lock excludes (FORMAT.md §9, the lock table in this crate's docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Backups, restores, verify, forget: coexist with each other and with maintenance.
+    Shared,
+    /// Prune: excludes other maintenance and exclusive locks, never a backup.
+    Maintenance,
+    /// Repair: excludes every other lock.
+    Exclusive,
+}
+
+impl LockMode {
+    fn conflicts_with(self, other: LockMode) -> bool {
+        use LockMode::*;
+        matches!((self, other), (Exclusive, _) | (_, Exclusive) | (Maintenance, Maintenance))
     }
 }
 
@@ -181,22 +223,25 @@ impl Drop for Lock {
     }
 }
 
-/// Takes a lock. Shared locks coexist with each other; an exclusive lock excludes all others.
-/// Waits up to `wait` for conflicting locks to go away; stale locks are removed.
+/// Takes a lock: see [`LockMode`] for what excludes what. Waits up to `wait` for conflicting
+/// locks to go away; stale locks are removed.
 pub fn acquire(
     backend: &Arc<dyn Backend>,
     hostname: &str,
-    exclusive: bool,
+    mode: LockMode,
     purpose: &str,
     wait: Duration,
 ) -> Result<Lock> {
     let deadline = std::time::Instant::now() + wait;
     let our_id = host_id();
+    let now = now_secs();
     let info = LockInfo {
         hostname: hostname.to_string(),
         pid: std::process::id(),
-        time: now_secs(),
-        exclusive,
+        time: now,
+        exclusive: mode == LockMode::Exclusive,
+        maintenance: mode == LockMode::Maintenance,
+        created: Some(now),
         purpose: purpose.into(),
         host_id: our_id.clone(),
     };
@@ -206,7 +251,7 @@ pub fn acquire(
         cairn_storage::crash_point("lock.written");
         // Write first, then look: two racing exclusive lockers both see each other and both
         // back off, so at most one ever proceeds.
-        match conflict(backend.as_ref(), hostname, our_id.as_deref(), &name, exclusive) {
+        match conflict(backend.as_ref(), hostname, our_id.as_deref(), &name, mode) {
             Ok(None) => {
                 let (tx, rx) = mpsc::channel::<()>();
                 let health = Arc::new(LockHealth::default());
@@ -276,7 +321,7 @@ fn conflict(
     hostname: &str,
     our_id: Option<&str>,
     ours: &str,
-    exclusive: bool,
+    mode: LockMode,
 ) -> Result<Option<String>> {
     let listed = backend.list(Kind::Lock)?;
     // Our own lock must show: a store that lost it would let a conflicting locker in.
@@ -302,11 +347,34 @@ fn conflict(
             let _ = backend.delete(Kind::Lock, &l.name);
             continue;
         }
-        if exclusive || info.exclusive {
+        if mode.conflicts_with(info.mode()) {
             return Ok(Some(info.describe()));
         }
     }
     Ok(None)
+}
+
+/// The live locks other than `ours` (stale ones are left alone here: see [`acquire`]).
+/// Unreadable lock files are returned as `None`: a caller deciding what may be deleted must
+/// count them as old.
+pub fn live_locks(backend: &dyn Backend, hostname: &str, ours: &str) -> Result<Vec<(String, Option<LockInfo>)>> {
+    let our_id = host_id();
+    let mut out = Vec::new();
+    for l in backend.list(Kind::Lock)? {
+        if l.name == ours {
+            continue;
+        }
+        let info = match backend.get(Kind::Lock, &l.name) {
+            Ok(bytes) => serde_json::from_slice::<LockInfo>(&bytes).ok(),
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if info.as_ref().is_some_and(|i| i.is_stale(hostname, our_id.as_deref())) {
+            continue;
+        }
+        out.push((l.name, info));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -319,13 +387,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.path()));
         b.create().unwrap();
-        let s1 = acquire(&b, "h", false, "backup", Duration::ZERO).unwrap();
-        let s2 = acquire(&b, "h", false, "backup", Duration::ZERO).unwrap();
-        let err = acquire(&b, "h", true, "gc", Duration::ZERO).err().unwrap();
+        use LockMode::*;
+        let s1 = acquire(&b, "h", Shared, "backup", Duration::ZERO).unwrap();
+        let s2 = acquire(&b, "h", Shared, "backup", Duration::ZERO).unwrap();
+        let err = acquire(&b, "h", Exclusive, "repair", Duration::ZERO).err().unwrap();
         assert!(err.to_string().contains("shared lock for backup"), "{err}");
-        drop((s1, s2));
-        let x = acquire(&b, "h", true, "gc", Duration::ZERO).unwrap();
-        assert!(acquire(&b, "h", false, "backup", Duration::ZERO).is_err());
+        // Maintenance (prune) runs alongside backups, but not alongside another prune.
+        let m = acquire(&b, "h", Maintenance, "prune", Duration::ZERO).unwrap();
+        let err = acquire(&b, "h", Maintenance, "prune", Duration::ZERO).err().unwrap();
+        assert!(err.to_string().contains("maintenance lock for prune"), "{err}");
+        let s3 = acquire(&b, "h", Shared, "backup", Duration::ZERO).unwrap();
+        let live = live_locks(b.as_ref(), "h", m.name()).unwrap();
+        assert_eq!(live.len(), 3);
+        assert!(live.iter().all(|(_, i)| i.as_ref().unwrap().created.is_some()));
+        drop((s1, s2, s3, m));
+        let x = acquire(&b, "h", Exclusive, "repair", Duration::ZERO).unwrap();
+        assert!(acquire(&b, "h", Shared, "backup", Duration::ZERO).is_err());
+        assert!(acquire(&b, "h", Maintenance, "prune", Duration::ZERO).is_err());
         drop(x);
         assert!(b.list(Kind::Lock).unwrap().is_empty());
         // A lock left by a dead process on this host does not block.
@@ -334,10 +412,12 @@ mod tests {
             pid: 999_999_999,
             time: now_secs(),
             exclusive: true,
+            maintenance: false,
+            created: None,
             purpose: "gc".into(),
             host_id: None,
         };
         b.put(Kind::Lock, "deadbeefdeadbeef", &serde_json::to_vec(&dead).unwrap()).unwrap();
-        let _ok = acquire(&b, "h", false, "backup", Duration::ZERO).unwrap();
+        let _ok = acquire(&b, "h", LockMode::Shared, "backup", Duration::ZERO).unwrap();
     }
 }

@@ -180,9 +180,15 @@ impl Repository {
         self.config.block_size
     }
 
-    /// Takes a shared (backup, restore, verify) or exclusive (maintenance) lock.
+    /// Takes a shared (backup, restore, verify, forget) or exclusive (repair) lock.
     pub fn lock(&self, exclusive: bool, purpose: &str, wait: Duration) -> Result<crate::Lock> {
-        let lock = crate::lock::acquire(&self.backend, &self.hostname, exclusive, purpose, wait)?;
+        let mode = if exclusive { crate::lock::LockMode::Exclusive } else { crate::lock::LockMode::Shared };
+        self.lock_mode(mode, purpose, wait)
+    }
+
+    /// Takes a lock of any mode (see [`crate::lock::LockMode`]).
+    pub fn lock_mode(&self, mode: crate::lock::LockMode, purpose: &str, wait: Duration) -> Result<crate::Lock> {
+        let lock = crate::lock::acquire(&self.backend, &self.hostname, mode, purpose, wait)?;
         let mut held = self.locks.lock().unwrap();
         held.retain(|(_, h)| h.strong_count() > 0);
         held.push((lock.name().to_string(), Arc::downgrade(&lock.health())));
@@ -206,7 +212,11 @@ impl Repository {
     pub fn load_index(&self) -> Result<()> {
         let mut files = self.index_files.lock().unwrap();
         let mut idx = Index::default();
-        idx.set_quarantine(self.quarantine()?);
+        let records = self.load_records()?;
+        idx.set_quarantine(
+            records.iter().filter(|(_, r)| r["kind"] == "quarantine").flat_map(|(_, r)| quarantine_copies(r)).collect(),
+        );
+        idx.set_marked(crate::prune::marks_in(&records).into_keys().collect());
         let mut seen = std::collections::HashSet::new();
         let mut damaged = Vec::new();
         for packs in self.read_listed_index_files(&mut seen, &mut damaged, |_| true)? {
@@ -387,7 +397,7 @@ impl Repository {
     }
 
     /// Reads the copy of a block at `loc` and checks it against its ID.
-    fn read_copy(&self, id: &BlockId, loc: &BlobLocation) -> Result<Vec<u8>> {
+    pub(crate) fn read_copy(&self, id: &BlockId, loc: &BlobLocation) -> Result<Vec<u8>> {
         let frame = self.read_frame(loc).map_err(|e| damaged(id, loc, e))?;
         let end = loc.raw_offset as usize + loc.len as usize;
         match frame.get(loc.raw_offset as usize..end) {
@@ -627,6 +637,16 @@ impl Repository {
     /// Deletes an index file (only once what it lists is durable in others: FORMAT.md §8).
     pub fn delete_index_file(&self, name: &str) -> Result<()> {
         Ok(self.backend.delete(Kind::Index, name)?)
+    }
+
+    /// Deletes a restore point document (forget). Its blocks stay until a prune.
+    pub fn delete_point(&self, id: &str) -> Result<()> {
+        Ok(self.backend.delete(Kind::Point, id)?)
+    }
+
+    /// Deletes a pack (prune only, once no index file lists it: FORMAT.md §12).
+    pub(crate) fn delete_pack(&self, name: &str) -> Result<()> {
+        Ok(self.backend.delete(Kind::Pack, name)?)
     }
 
     /// The pack IDs present in storage.

@@ -38,7 +38,7 @@ impl Claims {
     /// True when the caller must store the block (first sight in this session and not in the
     /// repository); a second caller with the same block gets false.
     pub fn claim(&self, id: &BlockId) -> bool {
-        !self.repo.index().contains(id) && self.claimed.lock().unwrap().insert(*id)
+        !self.repo.index().reusable(id) && self.claimed.lock().unwrap().insert(*id)
     }
 }
 
@@ -163,6 +163,18 @@ impl Session {
         // the index stale refreshes it again.
         let _ = self.repo.add_index_files(&outcome.index_files);
         Ok(id)
+    }
+}
+
+impl Session {
+    /// Makes everything durable without writing a point (a prune's repacking): returns the
+    /// index files written, each confirmed present.
+    pub fn finish(mut self) -> Result<Vec<String>> {
+        self.flush_pack()?;
+        let mut outcome = self.join_writer()?;
+        merge_session_index(&self.repo, &mut outcome)?;
+        let _ = self.repo.add_index_files(&outcome.index_files);
+        Ok(outcome.index_files)
     }
 }
 

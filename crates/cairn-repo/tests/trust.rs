@@ -2,82 +2,15 @@
 //! malformed points, commits racing readers, damaged copies, lost locks and lost writes.
 //! Each test fails on the code the 2026-11 audit read (b64f822).
 
-use cairn_repo::crypto::Compressor;
-use cairn_repo::pack::{BlobEntry, BlobKind, SealedFrame};
-use cairn_repo::{DiskImage, Error, PointStats, Repository, RestorePoint, Session};
+use cairn_repo::{Error, Repository};
 use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Op};
 use cairn_storage::{Backend, Kind, LocalBackend};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-const BS: usize = 65536;
-
-fn local(dir: &Path) -> Arc<dyn Backend> {
-    Arc::new(LocalBackend::new(dir))
-}
-
-fn pw(p: &str) -> impl FnOnce() -> Option<String> + '_ {
-    move || Some(p.to_string())
-}
-
-/// Distinct, incompressible-enough blocks.
-fn blocks(seed: u8, n: usize) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|i| {
-            (0..BS)
-                .map(|j| {
-                    (j as u32).wrapping_mul(2654435761).wrapping_add((seed as u32) << 16 | i as u32).to_le_bytes()[1]
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Stores `data` as a one-disk restore point through a session; returns its ID.
-fn store_point(repo: &Arc<Repository>, name: &str, data: &[Vec<u8>]) -> cairn_repo::Result<String> {
-    let mut s = Session::new(repo.clone());
-    let mut c = Compressor::new(1);
-    let claims = s.claims();
-    let mut ids = Vec::new();
-    for b in data {
-        let id = repo.crypto().block_id(b);
-        if claims.claim(&id) {
-            let blob = BlobEntry { kind: BlobKind::Data, id, raw_offset: 0, len: b.len() as u32 };
-            s.add_frame(SealedFrame::build(repo.crypto(), &mut c, b, vec![blob]))?;
-        }
-        ids.push(id);
-    }
-    let page = s.store_map_page(&ids)?;
-    let mut point = RestorePoint {
-        version: 1,
-        name: name.into(),
-        time: cairn_repo::now_rfc3339(),
-        hostname: "test".into(),
-        source: "test".into(),
-        parent: None,
-        disks: vec![DiskImage {
-            name: "disk0".into(),
-            size: (data.len() * BS) as u64,
-            block_size: BS as u32,
-            source: "test".into(),
-            map: vec![page.to_hex()],
-            stats: Default::default(),
-            role: None,
-            path: None,
-        }],
-        metadata: serde_json::Value::Null,
-        stats: PointStats::default(),
-    };
-    s.commit(&mut point)
-}
-
-/// Reads every block of a point back through the repository.
-fn read_point(repo: &Repository, id: &str) -> cairn_repo::Result<Vec<Vec<u8>>> {
-    let p = repo.load_point(id)?;
-    let page = repo.read_map_page(&p.disks[0], 0)?;
-    page.iter().map(|b| repo.read_blob(b, "test")).collect()
-}
+mod common;
+use common::*;
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config");

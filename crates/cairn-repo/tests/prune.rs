@@ -1,0 +1,204 @@
+//! Prune against a real local repository: what it deletes, what it keeps while others work,
+//! and what it refuses.
+
+mod common;
+use common::*;
+
+use cairn_repo::prune::{prune, PruneOptions, PruneReport};
+use cairn_repo::{Error, Repository};
+use cairn_storage::Kind;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn open(dir: &std::path::Path) -> Arc<Repository> {
+    let r = Arc::new(Repository::open(local(dir), pw("pw")).unwrap());
+    r.load_index().unwrap();
+    r
+}
+
+fn now_opts() -> PruneOptions {
+    PruneOptions { grace: Duration::ZERO, ..Default::default() }
+}
+
+fn run(repo: &Arc<Repository>, opts: &PruneOptions) -> PruneReport {
+    prune(repo, opts, &|_| {}).unwrap()
+}
+
+fn packs(dir: &std::path::Path) -> usize {
+    local(dir).list(Kind::Pack).unwrap().len()
+}
+
+fn forget(repo: &Repository, id: &str) {
+    repo.backend().delete(Kind::Point, id).unwrap();
+}
+
+fn new_repo() -> (tempfile::TempDir, Arc<Repository>) {
+    let dir = tempfile::tempdir().unwrap();
+    Repository::init(local(dir.path()), Some("pw")).unwrap();
+    let repo = open(dir.path());
+    (dir, repo)
+}
+
+#[test]
+fn unused_packs_go_and_every_surviving_point_restores() {
+    let (dir, repo) = new_repo();
+    let a = store_point(&repo, "a", &blocks(1, 40)).unwrap();
+    let b = store_point(&repo, "b", &blocks(2, 40)).unwrap();
+    assert_eq!(packs(dir.path()), 2);
+    forget(&repo, &a);
+    let r = run(&repo, &now_opts());
+    assert_eq!((r.points, r.deleted.packs, r.newly_marked.packs, r.used.packs), (1, 1, 1, 1), "{r:?}");
+    assert!(r.pending.is_empty(), "{r:?}");
+    assert_eq!(packs(dir.path()), 1);
+    // A fresh reader finds every block of the survivor, and no index entry of the deleted pack.
+    let fresh = open(dir.path());
+    assert_eq!(read_point(&fresh, &b).unwrap(), blocks(2, 40));
+    assert_eq!(fresh.index().pack_count(), 1);
+    // Nothing left to do: a second run deletes nothing and marks nothing.
+    let again = run(&fresh, &now_opts());
+    assert_eq!((again.deleted.packs, again.newly_marked.packs), (0, 0), "{again:?}");
+}
+
+#[test]
+fn the_grace_period_keeps_marked_packs_until_a_later_run() {
+    let (dir, repo) = new_repo();
+    let a = store_point(&repo, "a", &blocks(1, 8)).unwrap();
+    forget(&repo, &a);
+    let r = run(&repo, &PruneOptions::default());
+    assert_eq!((r.newly_marked.packs, r.deleted.packs), (1, 0), "{r:?}");
+    assert!(r.pending[0].reason.contains("grace period"), "{r:?}");
+    assert_eq!(packs(dir.path()), 1);
+    // The mark survives across runs; with the grace over, the pack goes.
+    let r = run(&open(dir.path()), &now_opts());
+    assert_eq!((r.newly_marked.packs, r.deleted.packs), (0, 1), "{r:?}");
+    assert_eq!(packs(dir.path()), 0);
+}
+
+#[test]
+fn a_lock_older_than_the_mark_holds_the_deletion() {
+    let (dir, repo) = new_repo();
+    let a = store_point(&repo, "a", &blocks(1, 8)).unwrap();
+    forget(&repo, &a);
+    let backup = repo.lock(false, "backup", Duration::ZERO).unwrap();
+    let r = run(&repo, &now_opts());
+    assert_eq!((r.newly_marked.packs, r.deleted.packs), (1, 0), "{r:?}");
+    assert!(r.pending[0].reason.contains("shared lock for backup"), "{r:?}");
+    assert_eq!(packs(dir.path()), 1);
+    drop(backup);
+    let r = run(&open(dir.path()), &now_opts());
+    assert_eq!(r.deleted.packs, 1, "{r:?}");
+}
+
+#[test]
+fn a_writer_that_missed_the_mark_keeps_what_it_referenced() {
+    let (dir, repo) = new_repo();
+    let data = blocks(1, 8);
+    let a = store_point(&repo, "a", &data).unwrap();
+    forget(&repo, &a);
+    // A backup that loaded the index before the prune: it will reuse the forgotten blocks.
+    let writer = open(dir.path());
+    let lock = writer.lock(false, "backup", Duration::ZERO).unwrap();
+    let r = run(&repo, &now_opts());
+    assert_eq!((r.newly_marked.packs, r.deleted.packs), (1, 0), "{r:?}");
+    let c = store_point(&writer, "c", &data).unwrap();
+    assert_eq!(packs(dir.path()), 1, "the writer reused the marked pack");
+    drop(lock);
+    // Its point restores, and the next prune takes the mark back instead of deleting.
+    let r = run(&open(dir.path()), &now_opts());
+    assert_eq!((r.recovered.packs, r.deleted.packs), (1, 0), "{r:?}");
+    assert_eq!(read_point(&open(dir.path()), &c).unwrap(), data);
+    // A writer that knows the mark stores the blocks again rather than rely on a marked pack.
+    let (dir2, repo2) = new_repo();
+    let a = store_point(&repo2, "a", &data).unwrap();
+    forget(&repo2, &a);
+    let _hold = open(dir2.path()).lock(false, "restore", Duration::ZERO).unwrap();
+    run(&repo2, &now_opts());
+    let late = open(dir2.path());
+    assert!(!late.index().reusable(&late.crypto().block_id(&data[0])));
+    let d = store_point(&late, "d", &data).unwrap();
+    assert_eq!(packs(dir2.path()), 2, "blocks only a marked pack holds are stored again");
+    assert_eq!(read_point(&late, &d).unwrap(), data);
+}
+
+#[test]
+fn partly_used_packs_are_repacked_and_the_old_one_goes() {
+    let (dir, repo) = new_repo();
+    let data = blocks(3, 40);
+    let a = store_point(&repo, "a", &data).unwrap();
+    let b = store_point(&repo, "b", &data[..10]).unwrap();
+    assert_eq!(packs(dir.path()), 2, "b stores only its map page");
+    forget(&repo, &a);
+    let r = run(&repo, &now_opts());
+    assert_eq!((r.repacked.packs, r.repack_written.packs, r.deleted.packs), (1, 1, 1), "{r:?}");
+    assert_eq!(packs(dir.path()), 2);
+    let fresh = open(dir.path());
+    assert_eq!(read_point(&fresh, &b).unwrap(), data[..10].to_vec());
+    // Under the threshold nothing is rewritten.
+    let (_dir2, repo2) = new_repo();
+    let a = store_point(&repo2, "a", &data).unwrap();
+    store_point(&repo2, "b", &data[..39]).unwrap();
+    forget(&repo2, &a);
+    let r = run(&repo2, &PruneOptions { max_unused: 0.5, ..now_opts() });
+    assert_eq!((r.repacked.packs, r.partly_used.packs, r.deleted.packs), (0, 1, 0), "{r:?}");
+}
+
+#[test]
+fn a_pack_no_index_lists_is_marked_and_deleted_like_an_unused_one() {
+    let (dir, repo) = new_repo();
+    let b = store_point(&repo, "b", &blocks(2, 4)).unwrap();
+    let stray = vec![7u8; 4096];
+    let name = blake3::hash(&stray).to_hex().to_string();
+    repo.backend().put(Kind::Pack, &name, &stray).unwrap();
+    let r = run(&repo, &now_opts());
+    assert_eq!((r.unindexed.packs, r.deleted.packs), (1, 1), "{r:?}");
+    assert!(!repo.backend().exists(Kind::Pack, &name).unwrap());
+    assert_eq!(read_point(&open(dir.path()), &b).unwrap(), blocks(2, 4));
+}
+
+#[test]
+fn prune_refuses_when_a_point_or_an_index_file_cannot_be_read() {
+    let (dir, repo) = new_repo();
+    let a = store_point(&repo, "a", &blocks(1, 4)).unwrap();
+    store_point(&repo, "b", &blocks(2, 4)).unwrap();
+    forget(&repo, &a);
+    let points = local(dir.path()).list(Kind::Point).unwrap();
+    let victim = dir.path().join("points").join(&points[0].name);
+    let saved = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, b"garbage").unwrap();
+    let e = prune(&repo, &now_opts(), &|_| {}).err().expect("an unreadable point must stop the prune");
+    assert!(matches!(e, Error::Corrupt(_)) && e.to_string().contains("cannot be read"), "{e}");
+    assert_eq!(packs(dir.path()), 2, "nothing deleted");
+    std::fs::write(&victim, saved).unwrap();
+    let idx = local(dir.path()).list(Kind::Index).unwrap();
+    let victim = dir.path().join("index").join(&idx[0].name);
+    std::fs::write(&victim, b"garbage").unwrap();
+    let e = prune(&open(dir.path()), &now_opts(), &|_| {}).err().expect("a damaged index file must stop the prune");
+    assert!(e.to_string().contains("repair index"), "{e}");
+    assert_eq!(packs(dir.path()), 2, "nothing deleted");
+}
+
+#[test]
+fn a_dry_run_changes_nothing_and_says_what_would_go() {
+    let (dir, repo) = new_repo();
+    let a = store_point(&repo, "a", &blocks(1, 8)).unwrap();
+    store_point(&repo, "b", &blocks(2, 8)).unwrap();
+    forget(&repo, &a);
+    let before: Vec<_> =
+        [Kind::Pack, Kind::Index, Kind::Catalog].iter().map(|k| local(dir.path()).list(*k).unwrap().len()).collect();
+    let r = run(&repo, &PruneOptions { dry_run: true, ..now_opts() });
+    assert!(r.dry_run);
+    assert_eq!(r.newly_marked.packs, 1, "{r:?}");
+    let after: Vec<_> =
+        [Kind::Pack, Kind::Index, Kind::Catalog].iter().map(|k| local(dir.path()).list(*k).unwrap().len()).collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn two_prunes_never_run_at_once_but_a_backup_runs_during_one() {
+    let (dir, repo) = new_repo();
+    let _running = repo.lock_mode(cairn_repo::lock::LockMode::Maintenance, "prune", Duration::ZERO).unwrap();
+    let e = prune(&open(dir.path()), &now_opts(), &|_| {}).err().expect("a second prune must wait");
+    assert!(matches!(e, Error::Locked(_)), "{e}");
+    let other = open(dir.path());
+    store_point(&other, "b", &blocks(2, 4)).unwrap();
+}
