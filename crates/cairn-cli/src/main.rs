@@ -708,6 +708,7 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
     let repo = open_repo(g)?;
     let _lock = repo.lock(false, "points", Duration::from_secs(g.lock_wait))?;
     let list = repo.list_points()?;
+    let protected = cairn_repo::forget::protected_points(&repo)?;
     let pts: Vec<_> = list.points.iter().filter(|(_, p)| name.is_none_or(|n| p.name == n)).collect();
     if g.json {
         let v: Vec<_> = pts
@@ -715,7 +716,7 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
             .map(|(id, p)| {
                 serde_json::json!({
                     "id": id, "name": p.name, "time": p.time, "hostname": p.hostname, "source": p.source,
-                    "parent": p.parent, "mode": p.stats.mode,
+                    "parent": p.parent, "mode": p.stats.mode, "protected": protected.contains(id),
                     "logical_bytes": p.stats.totals.logical_bytes,
                     "read_bytes": p.stats.totals.read_bytes,
                     "new_bytes": p.stats.totals.new_bytes,
@@ -735,7 +736,7 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
             .collect();
         print_json(&v);
     } else {
-        output::print_points(&pts);
+        output::print_points(&pts, &protected);
     }
     for (id, problem) in &list.damaged {
         eprintln!("warning: restore point {} cannot be read: {problem}", &id[..8]);

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct ForgetArgs {
-    /// VMs (by name at any time, or UUID) and image names to apply the policy to (default: all)
-    #[arg(value_name = "NAME|UUID")]
+    /// VMs (by name at any time, or UUID) and image names to apply the policy to (default: all);
+    /// or NAME@POINT to remove exactly those points (no --keep-* then)
+    #[arg(value_name = "NAME|UUID|NAME@POINT")]
     pub select: Vec<String>,
     /// Keep the N newest points
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -86,9 +87,17 @@ pub fn forget(g: &Global, a: &ForgetArgs) -> Result<i32> {
         keep_yearly: a.keep_yearly,
         keep_within: a.keep_within,
     };
-    if policy.is_empty() {
+    let explicit = a.select.iter().filter(|s| s.contains('@')).count();
+    if explicit > 0 && explicit < a.select.len() {
+        bail!("give either NAME@POINT selections (remove exactly those) or names with --keep-* rules, not both");
+    }
+    if explicit > 0 && !policy.is_empty() {
+        bail!("NAME@POINT removes exactly that point: --keep-* rules do not apply to it");
+    }
+    if explicit == 0 && policy.is_empty() {
         bail!(
-            "no retention rule given: pass at least one --keep-* option (forget never removes every point by default)"
+            "no retention rule given: pass at least one --keep-* option (forget never removes every point by \
+             default), or NAME@POINT to remove one point"
         );
     }
     if a.dry_run && a.prune {
@@ -96,12 +105,17 @@ pub fn forget(g: &Global, a: &ForgetArgs) -> Result<i32> {
     }
     let repo = open_repo(g)?;
     let _lock = repo.lock(false, "forget", Duration::from_secs(g.lock_wait))?;
-    let plan = forget::plan(&repo, &a.select, &policy, jiff::Timestamp::now(), &jiff::tz::TimeZone::system())?;
+    let plan = if explicit > 0 {
+        forget::plan_points(&repo, &a.select)?
+    } else {
+        forget::plan(&repo, &a.select, &policy, jiff::Timestamp::now(), &jiff::tz::TimeZone::system())?
+    };
     let outcome = if a.dry_run { None } else { Some(forget::apply(&repo, &plan)?) };
     drop(_lock);
     let removed: usize = plan.iter().map(|g| g.points.iter().filter(|p| p.kept_by.is_none()).count()).sum();
     if g.json {
-        let mut v = serde_json::json!({"policy": policy.describe(), "dry_run": a.dry_run, "groups": plan});
+        let mut v =
+            serde_json::json!({"policy": policy.describe(), "dry_run": a.dry_run, "groups": plan, "removes": removed});
         if let Some(o) = &outcome {
             v["removed"] = serde_json::to_value(o)?;
         }
@@ -138,10 +152,18 @@ pub fn forget(g: &Global, a: &ForgetArgs) -> Result<i32> {
 }
 
 fn print_plan(plan: &[GroupPlan], policy: &Policy) {
-    println!("policy: {}", policy.describe());
+    if policy.is_empty() {
+        println!("removing the points named");
+    } else {
+        println!("policy: {}", policy.describe());
+    }
     for grp in plan {
         let kept = grp.points.iter().filter(|p| p.kept_by.is_some()).count();
-        println!("\n{} ({}): keep {kept} of {}", grp.name, grp.group, grp.points.len());
+        if policy.is_empty() {
+            println!("\n{} ({}):", grp.name, grp.group);
+        } else {
+            println!("\n{} ({}): keep {kept} of {}", grp.name, grp.group, grp.points.len());
+        }
         for p in &grp.points {
             let what = match p.kept_by {
                 Some(r) => format!("keep ({r})"),

@@ -81,7 +81,7 @@ pub fn print_backup(id: &str, p: &RestorePoint) {
     );
 }
 
-pub fn print_points(pts: &[&(String, RestorePoint)]) {
+pub fn print_points(pts: &[&(String, RestorePoint)], protected: &std::collections::HashSet<String>) {
     if pts.is_empty() {
         println!("no restore points");
         return;
@@ -120,6 +120,9 @@ pub fn print_points(pts: &[&(String, RestorePoint)]) {
             bytes(t.dedup_bytes + t.unchanged_bytes),
             took as f64 / 1000.0
         );
+        if protected.contains(id) {
+            println!("{:<8}  protected (`cairn protect {}@{} --unprotect` to release)", "", p.name, &id[..8]);
+        }
     }
 }
 

@@ -209,6 +209,12 @@ fn untrustworthy_checkpoints_and_changed_disks_force_full_reads_with_the_reason(
     assert_eq!(record(&r)["chain"], "incremental");
     let r = e.backup(&g, &["--full"]);
     full(&r, "--full");
+    // The newest point forgotten: the next backup says the chain restarts, and why.
+    let newest = format!("{}@{}", g.name, &r["id"].as_str().unwrap()[..12]);
+    let f = e.env.json(&["forget", &newest]);
+    assert_eq!(f["groups"][0]["newest_removed"], true, "{f}");
+    let r = e.backup(&g, &[]);
+    full(&r, "was removed (forget)");
 
     // QEMU killed: its bitmaps were never written to the image.
     let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", g.name)).unwrap();

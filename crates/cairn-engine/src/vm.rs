@@ -583,15 +583,24 @@ pub fn backup_vm(
         }
     }
     let keep = last_record.as_ref().and_then(|r| r.checkpoint.clone());
+    // A checkpoint of this repository newer than the newest point's: its run committed (older
+    // checkpoints go only after a commit), so its point was removed since (forget).
+    let mut forgotten_checkpoint: Option<String> = None;
     if vm.state != VmState::ShutOff {
         if let Ok(cps) = hv.checkpoints(uuid) {
             for cp in cps.iter().rev() {
                 if cp.name.starts_with(&prefix) && Some(&cp.name) != keep.as_ref() {
-                    progress.note(&format!(
-                        "{}: deleting checkpoint {} that no restore point uses (left by a failed run)",
-                        vm.name, cp.name
-                    ));
+                    let newer = keep.as_ref().is_some_and(|k| cp.name > *k);
+                    let why = if newer {
+                        "its restore point, the newest, was removed"
+                    } else {
+                        "no restore point uses it (left by a failed run)"
+                    };
+                    progress.note(&format!("{}: deleting checkpoint {}: {why}", vm.name, cp.name));
                     hv.delete_checkpoint(uuid, &cp.name)?;
+                    if newer && forgotten_checkpoint.is_none() {
+                        forgotten_checkpoint = Some(cp.name.clone());
+                    }
                 }
             }
         }
@@ -632,7 +641,7 @@ pub fn backup_vm(
         let mut chain = if opts.full {
             Err("--full asked for a full read".to_string())
         } else {
-            trust_checkpoint(hv, uuid, &disks, last.as_ref(), last_record.as_ref())
+            trust_checkpoint(hv, uuid, &disks, last.as_ref(), last_record.as_ref(), forgotten_checkpoint.as_deref())
         };
         let mut inputs = None;
         if let Ok(cp) = chain.clone() {
@@ -675,7 +684,7 @@ pub fn backup_vm(
     let mut incremental = if opts.full {
         Err("--full asked for a full read".to_string())
     } else {
-        trust_checkpoint(hv, uuid, &disks, last.as_ref(), last_record.as_ref())
+        trust_checkpoint(hv, uuid, &disks, last.as_ref(), last_record.as_ref(), forgotten_checkpoint.as_deref())
     };
     let new_checkpoint = format!("{prefix}{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_millis());
     let all_qcow2 = disks.iter().all(|d| d.supports_checkpoints());
@@ -842,6 +851,7 @@ fn trust_checkpoint(
     disks: &[VmDisk],
     last: Option<&(String, RestorePoint)>,
     record: Option<&VmRecord>,
+    forgotten_checkpoint: Option<&str>,
 ) -> std::result::Result<String, String> {
     let Some((last_id, last)) = last else {
         return Err("first backup of this VM in this repository".into());
@@ -875,6 +885,12 @@ fn trust_checkpoint(
     };
     let cps = hv.checkpoints(uuid).map_err(|e| format!("cannot list the VM's checkpoints: {e:#}"))?;
     let Some(found) = cps.iter().find(|c| c.name == cp) else {
+        if let Some(later) = forgotten_checkpoint {
+            return Err(format!(
+                "checkpoint {cp} of restore point {short} no longer exists on the VM: the newest restore point, \
+                 made with checkpoint {later}, was removed (forget), so restore point {short} is the newest again"
+            ));
+        }
         return Err(format!("checkpoint {cp} of restore point {short} no longer exists on the VM"));
     };
     if let Some(missing) = now_names.iter().find(|n| !found.disks.iter().any(|d| d == *n)) {

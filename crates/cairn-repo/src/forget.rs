@@ -105,6 +105,43 @@ pub fn plan(
     Ok(out)
 }
 
+/// A plan that removes exactly the points `specs` name (`NAME@POINT`, see
+/// [`Repository::select_point`]). A protected point is refused: unprotect it first.
+pub fn plan_points(repo: &Repository, specs: &[String]) -> Result<Vec<GroupPlan>> {
+    let listed = repo.list_points()?;
+    let protected = protected_points(repo)?;
+    let mut out: Vec<GroupPlan> = Vec::new();
+    for spec in specs {
+        let (id, p) = repo.select_point(spec)?;
+        if protected.contains(&id) {
+            return Err(crate::Error::Invalid(format!(
+                "restore point {} of {} is protected: `cairn protect {spec} --unprotect` first",
+                &id[..8],
+                p.name
+            )));
+        }
+        let key = group_key(&p);
+        let newest = listed.points.iter().filter(|(_, q)| group_key(q) == key).map(|(i, q)| (&q.time, i)).max();
+        let is_newest = newest.is_some_and(|(_, i)| *i == id);
+        let planned = Planned { id: id.clone(), name: p.name.clone(), time: p.time.clone(), kept_by: None };
+        match out.iter_mut().find(|g| g.group == key) {
+            Some(g) => {
+                if !g.points.iter().any(|q| q.id == id) {
+                    g.points.push(planned);
+                }
+                g.newest_removed |= is_newest;
+            }
+            None => out.push(GroupPlan {
+                group: key,
+                name: p.name.clone(),
+                points: vec![planned],
+                newest_removed: is_newest,
+            }),
+        }
+    }
+    Ok(out)
+}
+
 /// What [`apply`] removed.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Forgotten {

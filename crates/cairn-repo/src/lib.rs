@@ -30,17 +30,18 @@
 //! missing.
 //!
 //! ## Lock table
-//! | operation            | lock      | may run alongside            |
-//! |----------------------|-----------|------------------------------|
-//! | backup               | shared    | backups, restores, verify    |
-//! | restore, points, ls  | shared    | everything but exclusive     |
-//! | verify               | shared    | backups, restores            |
-//! | repair index         | exclusive | nothing                      |
-//! | gc / prune (future)  | exclusive | nothing                      |
+//! | operation                        | lock        | may run alongside                    |
+//! |----------------------------------|-------------|--------------------------------------|
+//! | backup                           | shared      | everything but exclusive             |
+//! | restore, points, files, verify   | shared      | everything but exclusive             |
+//! | forget, protect, stats           | shared      | everything but exclusive             |
+//! | prune                            | maintenance | shared locks (backups go on)         |
+//! | repair index                     | exclusive   | nothing                              |
 //!
 //! Backups need no exclusion from each other: both may store the same block (two copies,
 //! harmless) and each only deletes the partial index files it wrote itself, after merging
-//! them into one durable file.
+//! them into one durable file. A lock is taken before the index is loaded, and records when it
+//! was created: prune's deletion rule depends on both.
 //!
 //! ## Trust in what is read
 //! Every object is checked before use: names against hashes, seals against their tags, the
@@ -48,10 +49,18 @@
 //! points against FORMAT.md §7 (safe names, sizes, exact map pages). A block has every copy the
 //! index files list; a damaged copy makes readers try the others, quarantined ones last.
 //!
-//! ## Garbage collection rules (for the future `gc`)
-//! A pack may be deleted only under the exclusive lock, only if no point references any blob
-//! in it, and only if it is older than the oldest shared lock (a running backup may be about
-//! to reference blocks it found in the index).
+//! ## Deletion rules (prune, [`prune`]; forget, [`forget`])
+//! Points are removed by `forget` (documents only). Packs go only through `prune`, in two
+//! steps, because a backup that loaded the index a moment ago may reference any block in it:
+//! 1. **mark**: packs no point needs are named in a `prune-marks` catalog record, durable first;
+//!    a marked pack stays readable, but new points never rely on it ([`index::Index::reusable`]);
+//! 2. **delete**, in a later check: the mark is past its grace period, every live lock was
+//!    created after the mark (plus a clock margin), and points listed after those locks need
+//!    nothing only it holds (if one does, the mark is taken back).
+//!
+//! Deletion runs the write ordering backwards: index files rewritten without the pack (durable)
+//! before the old ones go, before the pack goes. A prune stops, deleting nothing, when any
+//! point, map page or index file cannot be read. Full rules: FORMAT.md §12.
 
 mod config;
 pub mod crypto;

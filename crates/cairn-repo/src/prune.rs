@@ -234,6 +234,9 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
             to_mark.push(*pack);
         }
     }
+    for pack in &to_mark {
+        report.newly_marked.add(sizes.get(pack).copied().unwrap_or(0));
+    }
     Ok(Analysis { report, old_records, marks, reach, sizes, to_mark, to_repack })
 }
 
@@ -254,7 +257,10 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     }
     // Taken after the repack: a mark must not claim to be older than it is (see `blocker`).
     let now = unix_now();
-    for pack in to_mark.iter().chain(to_repack.iter().map(|(p, _)| p)) {
+    for pack in &to_mark {
+        marks.insert(*pack, now);
+    }
+    for (pack, _) in &to_repack {
         report.newly_marked.add(sizes.get(pack).copied().unwrap_or(0));
         marks.insert(*pack, now);
     }
@@ -388,6 +394,9 @@ pub fn usage(repo: &Repository, names: &[String]) -> Result<Usage> {
     out.reclaimable_bytes =
         analysis.to_mark.iter().chain(analysis.marks.keys()).map(|p| analysis.sizes.get(p).copied().unwrap_or(0)).sum();
     out.repository = analysis.report;
+    for (pack, _) in &analysis.to_repack {
+        out.repository.repacked.add(analysis.sizes.get(pack).copied().unwrap_or(0));
+    }
     Ok(out)
 }
 
