@@ -135,6 +135,12 @@ pub fn print_verify(r: &VerifyReport) {
         r.points_checked,
         r.duration_ms as f64 / 1000.0
     );
+    if !r.reclaimed_packs.is_empty() {
+        println!(
+            "note: {} pack(s) a prune had marked were deleted while verify ran (not damage)",
+            r.reclaimed_packs.len()
+        );
+    }
     if !r.unindexed_packs.is_empty() {
         println!("note: {} pack(s) left by interrupted backups are not referenced (harmless)", r.unindexed_packs.len());
     }

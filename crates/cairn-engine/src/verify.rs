@@ -46,6 +46,9 @@ pub struct VerifyReport {
     pub affected_points: Vec<AffectedPoint>,
     /// Packs no index lists: left by interrupted backups. Harmless; not an error.
     pub unindexed_packs: Vec<String>,
+    /// Packs a prune had marked and deleted while this verify ran (not damage).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reclaimed_packs: Vec<String>,
     /// Packs holding damaged copies that are quarantined (see `Repository::quarantine`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub quarantined_packs: Vec<String>,
@@ -179,6 +182,8 @@ struct PackFindings {
     released: Vec<BlockDamage>,
     blocks: u64,
     bytes: u64,
+    /// The pack was gone, and a prune had marked it: reclaimed, not damage.
+    reclaimed: Option<String>,
 }
 
 /// Verifies what `opts` selects. Damage found is reported with every restore point it affects,
@@ -229,6 +234,11 @@ pub fn verify_with(
     let mut damaged: HashMap<(PackId, BlockId), BlockDamage> = HashMap::new();
     for (pack, positions) in &by_pack {
         // Not listed: missing only if storage confirms it (a listing is not proof).
+        if index.is_marked(pack) && !all_stored.contains(pack) {
+            // A prune marked it and has deleted it since: no point this verify reads needs it.
+            report.reclaimed_packs.push(hex::encode(pack));
+            continue;
+        }
         if !all_stored.contains(pack) && !repo.pack_exists(&hex::encode(pack)).unwrap_or(true) {
             let name = hex::encode(pack);
             report.damaged_packs.push(PackDamage { pack: name.clone(), problem: "pack file is missing".into() });
@@ -270,6 +280,7 @@ pub fn verify_with(
     });
     progress.finish();
     for (pack, f) in found.into_inner().unwrap() {
+        report.reclaimed_packs.extend(f.reclaimed);
         report.damaged_packs.extend(f.pack_damage);
         report.unreadable_packs.extend(f.unreadable);
         report.released_copies.extend(f.released);
@@ -411,6 +422,10 @@ fn check_pack(
     }
     let (bytes, sound) = match read_pack_twice(repo, name) {
         Ok(b) => b,
+        Err(ReadProblem::Missing) if index.is_marked(pack) => {
+            f.reclaimed = Some(name.to_string());
+            return f;
+        }
         Err(ReadProblem::Missing) => {
             f.pack_damage.push(proven("pack file is missing".into()));
             lost_copies(&mut f, "its pack file is missing");

@@ -1199,14 +1199,18 @@ fn commit(
 
 /// Whether every data block of an image is in the index (none missing or quarantined).
 fn all_blocks_indexed(repo: &Repository, img: &DiskImage) -> bool {
-    (0..img.map.len()).all(|p| {
-        repo.read_map_page(img, p)
-            .map(|ids| {
-                let index = repo.index();
-                ids.iter().all(|id| id.is_zero() || index.reusable(id))
-            })
-            .unwrap_or(false)
-    })
+    // The map pages too: a new point references them as much as the blocks.
+    let pages_reusable =
+        img.map.iter().all(|h| cairn_repo::BlockId::from_hex(h).is_some_and(|id| repo.index().reusable(&id)));
+    pages_reusable
+        && (0..img.map.len()).all(|p| {
+            repo.read_map_page(img, p)
+                .map(|ids| {
+                    let index = repo.index();
+                    ids.iter().all(|id| id.is_zero() || index.reusable(id))
+                })
+                .unwrap_or(false)
+        })
 }
 
 /// Testing aid: an independent copy of each export, pulled by QEMU's own NBD client.

@@ -171,3 +171,39 @@ fn repair_index_brings_back_points_a_damaged_index_file_hid() {
     assert!(restores(&repo, &id, &img, &dir.path().join("out.img")).unwrap());
     assert!(cairn_engine::verify::verify(&repo, 1, &NoProgress).unwrap().ok);
 }
+
+#[test]
+fn a_pack_a_prune_deletes_while_verify_runs_is_reclaimed_not_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    Repository::init(Arc::new(LocalBackend::new(&repo_dir)), None).unwrap();
+    let repo = open(Arc::new(LocalBackend::new(&repo_dir)));
+    let a = back_up(&repo, "a", &image(dir.path(), "a.img", 1 << 16, 3));
+    back_up(&repo, "b", &image(dir.path(), "b.img", 2 << 16, 3));
+    repo.delete_point(&a).unwrap(); // forget
+                                    // Yesterday's prune marked a's pack (two hours ago: past the clock margin).
+    let packs = LocalBackend::new(&repo_dir).list(Kind::Pack).unwrap();
+    let index_of = |name: &str| repo.index().has_pack(&cairn_repo::index::pack_id_from_name(name).unwrap());
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 7200;
+    let unused: Vec<_> = {
+        let p = repo.load_point(&repo.list_points().unwrap().points[0].0).unwrap();
+        let page = repo.read_map_page(&p.disks[0], 0).unwrap();
+        let used: std::collections::HashSet<_> =
+            page.iter().filter_map(|b| repo.index().get(b)).map(|l| l.pack_name()).collect();
+        packs.iter().filter(|l| index_of(&l.name) && !used.contains(&l.name)).map(|l| l.name.clone()).collect()
+    };
+    assert!(!unused.is_empty());
+    let marks: Vec<_> = unused.iter().map(|n| serde_json::json!([n, at])).collect();
+    repo.save_record(&serde_json::json!({"kind": "prune-marks", "time": "t", "packs": marks})).unwrap();
+    // A verify loads the index (with the marks) and takes its lock after the mark...
+    let verifier = open(Arc::new(LocalBackend::new(&repo_dir)));
+    let _lock = verifier.lock(false, "verify", std::time::Duration::ZERO).unwrap();
+    // ...so a prune may delete the marked pack under it.
+    let pruner = open(Arc::new(LocalBackend::new(&repo_dir)));
+    let opts = cairn_repo::prune::PruneOptions { grace: std::time::Duration::from_secs(3600), ..Default::default() };
+    let r = cairn_repo::prune::prune(&pruner, &opts, &|_| {}).unwrap();
+    assert!(r.deleted.packs >= 1, "{r:?}");
+    let v = cairn_engine::verify::verify(&verifier, 1, &NoProgress).unwrap();
+    assert!(v.ok, "a pack reclaimed by prune reported as damage: {:?}", v.damaged_packs);
+    assert_eq!(v.reclaimed_packs.len(), unused.len(), "{:?}", v.reclaimed_packs);
+}

@@ -156,7 +156,7 @@ pub struct Forgotten {
 /// since the plan stays). Point documents go first, then the records about them (a crash in
 /// between leaves records a later prune drops, never a point without its history).
 pub fn apply(repo: &Repository, plan: &[GroupPlan]) -> Result<Forgotten> {
-    let protected = protected_points(repo)?;
+    let protected = protected_points_strict(repo)?;
     let mut out = Forgotten::default();
     for g in plan {
         for p in g.points.iter().filter(|p| p.kept_by.is_none()) {
@@ -184,9 +184,12 @@ pub fn drop_records_of_missing_points(repo: &Repository) -> Result<usize> {
             Some("boot-verification") | Some(PROTECTION_KIND) => r["point"].as_str(),
             _ => None,
         };
-        if about.is_some_and(|p| !existing.contains(p)) {
-            repo.delete_record(&name)?;
-            n += 1;
+        // Asked of the object itself too: a point committed after the listing is not missing.
+        if let Some(p) = about.filter(|p| !existing.contains(*p)) {
+            if !repo.backend().exists(cairn_storage::Kind::Point, p)? {
+                repo.delete_record(&name)?;
+                n += 1;
+            }
         }
     }
     Ok(n)
@@ -195,6 +198,20 @@ pub fn drop_records_of_missing_points(repo: &Repository) -> Result<usize> {
 /// The IDs of protected points.
 pub fn protected_points(repo: &Repository) -> Result<HashSet<String>> {
     Ok(protection_records(repo)?.into_keys().collect())
+}
+
+/// Like [`protected_points`], but refuses when a catalog record cannot be read: it may be a
+/// protection (what forget deletes depends on it).
+fn protected_points_strict(repo: &Repository) -> Result<HashSet<String>> {
+    let protected = protected_points(repo)?;
+    if let Some((name, why)) = repo.damaged_records().first() {
+        return Err(crate::Error::Corrupt(format!(
+            "catalog record {} is damaged ({why}); it may protect a point, so nothing was removed \
+             (`cairn verify` names it; delete it to go on)",
+            &name[..8.min(name.len())]
+        )));
+    }
+    Ok(protected)
 }
 
 fn protection_records(repo: &Repository) -> Result<HashMap<String, Vec<String>>> {

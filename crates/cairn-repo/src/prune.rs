@@ -154,6 +154,13 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
     let records = repo.load_records()?;
     let old_records: Vec<String> =
         records.iter().filter(|(_, r)| r["kind"] == MARKS_KIND).map(|(n, _)| n.clone()).collect();
+    if let Some((name, why)) = repo.damaged_records().first() {
+        return Err(Error::Corrupt(format!(
+            "catalog record {} is damaged ({why}): it may hold prune marks, a quarantine or protections that \
+             decide what may be deleted; nothing was changed (`cairn verify` names it; delete it to go on)",
+            &name[..8.min(name.len())]
+        )));
+    }
     let mut marks = marks_in(&records);
     repo.load_index()?;
     if let Some((name, why)) = repo.damaged_index_files().first() {
@@ -287,6 +294,12 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     // Locks first, then points: a writer gone by now has its point listed below.
     let locks = live_locks(repo.backend().as_ref(), repo.hostname(), lock.name())?;
     let later = repo.list_points()?;
+    if let Some((name, why)) = repo.damaged_index_files().first() {
+        return Err(Error::Corrupt(format!(
+            "index file {} is damaged ({why}); marks recorded, nothing deleted: run `cairn repair index`",
+            &name[..8.min(name.len())]
+        )));
+    }
     if let Some((id, why)) = later.damaged.first() {
         return Err(Error::Corrupt(format!(
             "restore point {} cannot be read ({why}); marks recorded, nothing deleted",
@@ -442,8 +455,10 @@ impl Reachability {
     fn mark(&mut self, index: &Index, id: &BlockId, context: &dyn Fn() -> String) -> Result<()> {
         let positions = index.positions(id);
         if positions.is_empty() {
-            if let Some(q) = index.quarantined_copies(id).next() {
-                self.damaged_only.insert(q.pack);
+            let quarantined: Vec<PackId> = index.quarantined_copies(id).map(|q| q.pack).collect();
+            if !quarantined.is_empty() {
+                // Verify may have misread one of them: keep every copy.
+                self.damaged_only.extend(quarantined);
                 return Ok(());
             }
             return Err(Error::MissingBlock {
@@ -498,9 +513,12 @@ impl Reachability {
         point: &crate::RestorePoint,
     ) -> Result<HashSet<PackId>> {
         let mut out = HashSet::new();
+        let mut unknown = None;
         let mut check = |id: &BlockId| {
             let copies: Vec<_> = index.copies(id).chain(index.quarantined_copies(id)).map(|l| l.pack).collect();
-            if !copies.is_empty() && copies.iter().all(|p| marks.contains_key(p)) {
+            if copies.is_empty() {
+                unknown.get_or_insert(*id);
+            } else if copies.iter().all(|p| marks.contains_key(p)) {
                 out.extend(copies);
             }
         };
@@ -515,6 +533,12 @@ impl Reachability {
                     check(b);
                 }
             }
+        }
+        if let Some(id) = unknown {
+            return Err(Error::MissingBlock {
+                id,
+                context: "a point committed during the prune references it; marks recorded, nothing deleted".into(),
+            });
         }
         Ok(out)
     }

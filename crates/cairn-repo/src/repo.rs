@@ -22,6 +22,7 @@ pub struct Repository {
     /// reads only new ones; `None` until the index is first loaded.
     index_files: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
     damaged_index_files: RwLock<Vec<(String, String)>>,
+    damaged_records: std::sync::Mutex<Vec<(String, String)>>,
     hostname: String,
     /// The locks this process took through [`Repository::lock`] (file name, health), checked
     /// before a restore point is made visible.
@@ -159,6 +160,7 @@ impl Repository {
             index: RwLock::new(Arc::new(Index::default())),
             index_files: std::sync::Mutex::new(None),
             damaged_index_files: RwLock::new(Vec::new()),
+            damaged_records: std::sync::Mutex::new(Vec::new()),
             hostname,
             locks: std::sync::Mutex::new(Vec::new()),
         }
@@ -311,10 +313,10 @@ impl Repository {
                 seen.insert(l.name);
             }
             if !vanished {
-                break;
+                return Ok(found);
             }
         }
-        Ok(found)
+        Err(Error::Corrupt("index files keep vanishing while being read; try again".into()))
     }
 
     pub fn read_index_file(&self, name: &str) -> Result<Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>> {
@@ -510,21 +512,57 @@ impl Repository {
         Ok(self.backend.delete(Kind::Catalog, name)?)
     }
 
-    /// Every catalog record that can be read, with its name; damaged ones are skipped.
+    /// Every catalog record, with its name. A record that vanished between the listing and
+    /// its read was superseded (its replacement is durable before it goes): the catalog is
+    /// listed again. Any other storage error fails the call: callers decide what may be
+    /// deleted or reused from these records (prune marks, quarantine, protections), so they
+    /// must not go on without one. A record read twice as damaged (hash, seal or JSON) is
+    /// skipped and named by [`Repository::damaged_records`].
     pub fn load_records(&self) -> Result<Vec<(String, serde_json::Value)>> {
         let mut out = Vec::new();
-        for l in self.backend.list(Kind::Catalog)? {
-            let Ok(bytes) = self.backend.get(Kind::Catalog, &l.name) else { continue };
-            if blake3::hash(&bytes).to_hex().as_str() != l.name {
-                continue;
-            }
-            if let Ok(raw) = self.crypto.open(&bytes, "catalog record") {
-                if let Ok(v) = serde_json::from_slice(&raw) {
-                    out.push((l.name, v));
+        let mut done = std::collections::HashSet::new();
+        let mut damaged = Vec::new();
+        for _attempt in 0..8 {
+            let mut vanished = false;
+            for l in self.backend.list(Kind::Catalog)? {
+                if done.contains(&l.name) {
+                    continue;
                 }
+                let mut result = self.read_record(&l.name);
+                if matches!(result, Err(Error::Corrupt(_))) {
+                    result = self.read_record(&l.name); // a misread, or damage: read again
+                }
+                match result {
+                    Ok(v) => out.push((l.name.clone(), v)),
+                    Err(Error::Storage(e)) if e.is_not_found() => {
+                        vanished = true;
+                        continue;
+                    }
+                    Err(Error::Corrupt(why)) => damaged.push((l.name.clone(), why)),
+                    Err(e) => return Err(e),
+                }
+                done.insert(l.name);
+            }
+            if !vanished {
+                *self.damaged_records.lock().unwrap() = damaged;
+                return Ok(out);
             }
         }
-        Ok(out)
+        Err(Error::Corrupt("catalog records keep vanishing while being read; try again".into()))
+    }
+
+    fn read_record(&self, name: &str) -> Result<serde_json::Value> {
+        let bytes = self.backend.get(Kind::Catalog, name)?;
+        if blake3::hash(&bytes).to_hex().as_str() != name {
+            return Err(Error::Corrupt(format!("catalog record {} does not match its name", short(name))));
+        }
+        let raw = self.crypto.open(&bytes, "catalog record").map_err(|e| Error::Corrupt(e.to_string()))?;
+        serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("catalog record {}: {e}", short(name))))
+    }
+
+    /// Catalog records the last [`Repository::load_records`] found damaged (name, problem).
+    pub fn damaged_records(&self) -> Vec<(String, String)> {
+        self.damaged_records.lock().unwrap().clone()
     }
 
     /// Every restore point, oldest first. Once the index is loaded, it is refreshed after the

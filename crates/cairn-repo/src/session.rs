@@ -192,6 +192,9 @@ fn write_index(repo: &Repository, pending: &mut Vec<(PackId, Vec<FrameEntry>)>, 
     if pending.is_empty() {
         return Ok(());
     }
+    // A writer that lost its lock may have stalled past a prune that deleted its unindexed
+    // packs: an index file naming them now would make new backups rely on nothing.
+    repo.check_locks()?;
     let (name, size) = repo.write_index_file(pending)?;
     cairn_storage::crash_point("session.index_written");
     out.index_files.push(name);
