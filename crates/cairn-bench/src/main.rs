@@ -8,7 +8,7 @@
 //! stretch, as a day of writes mostly is). Every block holds a small header and
 //! `--random-bytes` of pseudo-random data, then zeros: unique per (machine, block, version),
 //! cheap to store, so a repository of tens of millions of blocks fits on an ordinary disk.
-//! Points are dated a day apart, ending now, so retention rules see a month of dailies.
+//! Points are dated a day apart, ending an hour ago, so retention rules see a month of dailies.
 
 use anyhow::{Context, Result};
 use cairn_engine::backup::{backup_with, BackupOptions, DiskInput};
@@ -113,7 +113,8 @@ fn main() -> Result<()> {
     let _lock = repo.lock(false, "fleet build", Duration::from_secs(10))?;
     repo.load_index()?;
     let started = Instant::now();
-    let first_day = SystemTime::now() - Duration::from_secs(86_400 * a.days as u64);
+    // The newest points an hour ago (never in the future: retention keeps those whatever).
+    let first_day = SystemTime::now() - Duration::from_secs(86_400 * a.days as u64 + 3600 + a.vms as u64);
     let stretch = ((a.blocks as f64 * a.change / 100.0).round() as u64).clamp(1, a.blocks);
     let mut disks: Vec<Arc<Disk>> = (0..a.vms)
         .map(|vm| Arc::new(Disk { vm, versions: vec![0; a.blocks as usize], random_bytes: a.random_bytes }))
