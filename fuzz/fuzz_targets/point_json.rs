@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = decode_page(data);
         return;
     };
+    // Retention reads the time and the group of every point (forget), checked or not.
+    let _ = cairn_repo::retention::parse_point_time(&p.time);
+    let _ = cairn_repo::forget::group_key(&p);
     if p.check().is_err() {
         return;
     }
