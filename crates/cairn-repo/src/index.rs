@@ -71,6 +71,10 @@ pub struct Index {
     /// 44-87% full); lookups are a binary search.
     blobs: Vec<(BlockId, BlobSlot)>,
     sealed: bool,
+    /// How many entries of `blobs` were in order at the last seal: a refresh sorts only what
+    /// came after and merges it in (a long-lived process adds a few packs per commit to an
+    /// index of millions of entries).
+    sorted_len: usize,
     /// Copies verify found damaged: not among a block's copies, so a backup stores the block
     /// again; kept apart (sorted like `blobs`) as a restore's last resort, still hash-checked.
     quarantine: std::collections::HashSet<(PackId, BlockId)>,
@@ -112,10 +116,34 @@ impl Index {
     /// once; rare, so it costs little), the first added first: reads use it, and fall back to
     /// the others when it is damaged.
     pub fn seal(&mut self) {
-        // In place (a stable sort would borrow half the array again); frame numbers grow in
-        // the order packs were added, so the first copy added sorts first.
-        self.blobs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.frame.cmp(&b.1.frame)));
-        self.blobs.shrink_to_fit();
+        // Frame numbers grow in the order packs were added, so the first copy added sorts first.
+        let key = |a: &(BlockId, BlobSlot), b: &(BlockId, BlobSlot)| a.0.cmp(&b.0).then(a.1.frame.cmp(&b.1.frame));
+        if self.sorted_len == 0 || self.sorted_len * 2 < self.blobs.len() {
+            // In place (a stable sort would borrow half the array again).
+            self.blobs.sort_unstable_by(key);
+            self.blobs.shrink_to_fit();
+        } else if self.sorted_len < self.blobs.len() {
+            // Sort the new entries alone, then merge them in from the back, each entry moved
+            // once, into the room they leave: O(n + k log k) where a full sort is O(n log n).
+            let mut tail = self.blobs.split_off(self.sorted_len);
+            tail.sort_unstable_by(key);
+            let (n, k) = (self.blobs.len(), tail.len());
+            self.blobs.reserve_exact(k);
+            let filler = tail[0];
+            self.blobs.resize(n + k, filler);
+            let (mut i, mut j, mut w) = (n, k, n + k);
+            while j > 0 {
+                w -= 1;
+                if i > 0 && key(&self.blobs[i - 1], &tail[j - 1]).is_gt() {
+                    self.blobs[w] = self.blobs[i - 1];
+                    i -= 1;
+                } else {
+                    self.blobs[w] = tail[j - 1];
+                    j -= 1;
+                }
+            }
+        }
+        self.sorted_len = self.blobs.len();
         self.quarantined_blobs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.frame.cmp(&b.1.frame)));
         self.sealed = true;
     }
@@ -236,6 +264,9 @@ impl Index {
             return;
         }
         let pn = self.packs.len() as u32;
+        // Exactly what this pack adds: doubling an array of millions of entries for a few
+        // more would double the index's memory for nothing.
+        self.blobs.reserve_exact(frames.iter().map(|f| f.blobs.len()).sum());
         self.packs.push(pack);
         self.pack_marked.push(self.marked.contains(&pack));
         self.pack_numbers.insert(pack, pn);
@@ -353,5 +384,40 @@ mod tests {
         let by_pack = idx.blobs_by_pack();
         assert_eq!(by_pack.values().map(|v| v.len()).sum::<usize>(), 6);
         assert!(by_pack[&[2; 32]].iter().all(|&p| idx.entry(p).1.pack == [2; 32]));
+    }
+
+    #[test]
+    fn sealing_after_a_refresh_merges_new_entries_like_a_full_sort() {
+        use crate::pack::{BlobEntry, BlobKind, FrameEntry};
+        let id = |n: u64| {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+            BlockId(b)
+        };
+        let pack = |p: u8, ids: &[u64]| {
+            let blobs = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| BlobEntry { kind: BlobKind::Data, id: id(n), raw_offset: i as u32, len: 1 })
+                .collect();
+            ([p; 32], vec![FrameEntry { offset: 0, stored_len: 1, raw_len: ids.len() as u32, blobs }])
+        };
+        let rounds: Vec<Vec<u64>> =
+            vec![(0..500).collect(), (400..450).collect(), vec![3, 7, 1000, 2000], (600..900).collect()];
+        let mut merged = Index::default();
+        let mut full = Index::default();
+        for (r, ids) in rounds.iter().enumerate() {
+            let (p, f) = pack(r as u8 + 1, ids);
+            merged.add_pack(p, &f);
+            merged.seal(); // sealed after every pack: merges from the second on
+            full.add_pack(p, &f);
+        }
+        full.seal();
+        let keys = |x: &Index| x.blobs.iter().map(|(b, s)| (*b, s.frame)).collect::<Vec<_>>();
+        assert_eq!(keys(&merged), keys(&full));
+        // Copies stay in the order their packs were added.
+        let firsts: Vec<_> = merged.copies(&id(420)).map(|l| l.pack[0]).collect();
+        assert_eq!(firsts, [1, 2]);
+        assert!(merged.contains(&id(2000)) && !merged.contains(&id(5000)));
     }
 }
