@@ -12,6 +12,13 @@
 //! 4. nothing is quarantined that is not damaged;
 //! 5. the next backup succeeds and restores byte for byte;
 //! 6. no lock file is left, unless the fault hit the lock file's own deletion.
+//!
+//! `prune` runs on a repository with unused packs (a forgotten point's) and partly used ones
+//! (repack work), with no grace period, so that marking, repacking and deleting all happen
+//! in the one run; after the checks above, a clean prune must complete what the faulty one
+//! began and leave verify clean with no unindexed pack, and every point must restore again.
+//! `forget` applies a plan that removes one point and one protected meanwhile: only the
+//! first may go (and must, if forget succeeded), and the protection stays.
 
 use crate::workload::{self, same_bytes, IMAGE_SIZE};
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,6 +27,9 @@ use cairn_engine::restore::{restore_disk, RestoreOptions};
 use cairn_engine::source::FileSource;
 use cairn_engine::target::TargetFormat;
 use cairn_engine::NoProgress;
+use cairn_repo::forget::{self, GroupPlan, Planned};
+use cairn_repo::prune::{prune, PruneOptions};
+use cairn_repo::retention::Reason;
 use cairn_repo::Repository;
 use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Injected, Op};
 use cairn_storage::{Backend, Kind, LocalBackend};
@@ -29,7 +39,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const OPS: [&str; 7] = ["init", "backup", "backup-encrypted", "backup-changed", "restore", "verify", "repair"];
+pub const OPS: [&str; 9] =
+    ["init", "backup", "backup-encrypted", "backup-changed", "restore", "verify", "repair", "prune", "forget"];
 const PASSWORD: &str = "torture";
 
 /// The images and repository templates every run starts from.
@@ -43,6 +54,12 @@ struct Setup {
     ranges_a2: Vec<cairn_engine::ranges::Range>,
     /// The damaged copies of the `damaged` template: (pack, block).
     damaged_copies: BTreeSet<(String, String)>,
+    /// What `forget` applies to the `forget` template: P removed, A removed but protected
+    /// (as if protected while forget ran), A' kept.
+    forget_plan: Vec<GroupPlan>,
+    /// The point that plan may remove (P), and the protected one it must keep (A).
+    forget_removes: String,
+    forget_protected: String,
 }
 
 #[derive(Default, Serialize)]
@@ -67,7 +84,18 @@ pub struct Summary {
     pub duration_s: f64,
 }
 
-pub fn run(ops: &[String], jobs: usize, keep: bool) -> Result<Vec<Summary>> {
+pub fn run(ops: &[String], jobs: usize, keep: bool, only: Option<&str>) -> Result<Vec<Summary>> {
+    let only = match only {
+        None => None,
+        Some(o) => {
+            let (class, at) = o.split_once(':').context("--only takes CLASS:N, e.g. read:42")?;
+            let op = [Op::Write, Op::Read, Op::List, Op::Delete]
+                .into_iter()
+                .find(|op| format!("{op:?}").eq_ignore_ascii_case(class))
+                .with_context(|| format!("no call class {class:?} (write, read, list, delete)"))?;
+            Some((op, at.parse::<u64>().context("--only CLASS:N: N is a number")?))
+        }
+    };
     let tmp = tempfile::Builder::new().prefix("cairn-faults-").tempdir()?;
     let setup = Setup::new(tmp.path())?;
     let mut out = Vec::new();
@@ -75,7 +103,7 @@ pub fn run(ops: &[String], jobs: usize, keep: bool) -> Result<Vec<Summary>> {
         if !OPS.contains(&op.as_str()) {
             bail!("unknown operation {op:?} (known: {})", OPS.join(", "));
         }
-        out.push(run_op(&setup, op, jobs)?);
+        out.push(run_op(&setup, op, jobs, keep, only)?);
     }
     if keep {
         println!("kept {}", tmp.keep().display());
@@ -101,6 +129,9 @@ impl Setup {
             image_a2,
             ranges_a2,
             damaged_copies: BTreeSet::new(),
+            forget_plan: Vec::new(),
+            forget_removes: String::new(),
+            forget_protected: String::new(),
         };
         // "p": a repository holding P; "pa": P and A; "damaged": "pa" with one byte of A's
         // first pack flipped; "unindexed": "pa" without the index files that list A's packs.
@@ -146,6 +177,64 @@ impl Setup {
         let repo = Arc::new(Repository::init(local(&pe), Some(PASSWORD))?);
         let id_pe = backup_image(&repo, "p", &s.image_p, None)?;
         s.points.insert("pe", vec![(id_pe, s.image_p.clone())]);
+
+        // "prune": "pa" with A' and Q (an image sharing nothing) backed up, then the points of
+        // P and Q deleted, as a forget does: Q's packs are unused, P's partly used (A shares
+        // half of P: repack work), A's and A''s used. A prune's work is checked here: a
+        // template that gave it none would prove nothing.
+        let pr = s.template("prune")?;
+        workload::copy_tree(&pa, &pr)?;
+        let repo = open(local(&pr))?;
+        let id_a2 = backup_image(&repo, "a", &s.image_a2, None)?;
+        let image_q = dir.join("q.img");
+        workload::make_image(&image_q, 4)?;
+        let id_q = backup_image(&repo, "q", &image_q, None)?;
+        repo.delete_point(&id_p)?;
+        repo.delete_point(&id_q)?;
+        s.points.insert("prune", vec![(id_a.clone(), s.image_a.clone()), (id_a2.clone(), s.image_a2.clone())]);
+        let opts = PruneOptions { dry_run: true, ..prune_options() };
+        let r = prune(&open(local(&pr))?, &opts, &|_| {})?;
+        if r.repacked.packs == 0 || r.newly_marked.packs <= r.repacked.packs {
+            bail!(
+                "the prune template gives prune no work: {} packs to repack, {} to mark",
+                r.repacked.packs,
+                r.newly_marked.packs
+            );
+        }
+
+        // "forget": "pa" with A' backed up and A protected.
+        let fo = s.template("forget")?;
+        workload::copy_tree(&pa, &fo)?;
+        let repo = open(local(&fo))?;
+        let id_a2 = backup_image(&repo, "a", &s.image_a2, None)?;
+        forget::set_protected(&repo, &id_a, true)?;
+        s.points.insert(
+            "forget",
+            vec![
+                (id_p.clone(), s.image_p.clone()),
+                (id_a.clone(), s.image_a.clone()),
+                (id_a2.clone(), s.image_a2.clone()),
+            ],
+        );
+        let planned = |id: &str, name: &str, kept_by: Option<Reason>| -> Result<Planned> {
+            Ok(Planned { id: id.into(), name: name.into(), time: repo.load_point(id)?.time, kept_by })
+        };
+        s.forget_plan = vec![
+            GroupPlan {
+                group: "image:a".into(),
+                name: "a".into(),
+                points: vec![planned(&id_a2, "a", Some(Reason::Last))?, planned(&id_a, "a", None)?],
+                newest_removed: false,
+            },
+            GroupPlan {
+                group: "image:p".into(),
+                name: "p".into(),
+                points: vec![planned(&id_p, "p", None)?],
+                newest_removed: true,
+            },
+        ];
+        s.forget_removes = id_p;
+        s.forget_protected = id_a;
         Ok(s)
     }
 
@@ -154,6 +243,12 @@ impl Setup {
         std::fs::create_dir_all(&p)?;
         Ok(p)
     }
+}
+
+/// What the harness prunes with: no grace period (marked packs go in the same run), the
+/// default repack threshold.
+fn prune_options() -> PruneOptions {
+    PruneOptions { grace: Duration::ZERO, lock_wait: Duration::from_secs(5), ..Default::default() }
 }
 
 fn local(dir: &Path) -> Arc<dyn Backend> {
@@ -237,6 +332,16 @@ fn operation(op: &str, s: &Setup, dir: &Path, backend: Arc<dyn Backend>) -> Resu
             cairn_engine::repair::rebuild_index(&repo, false, &NoProgress)?;
             Ok(None)
         }
+        "prune" => {
+            prune(&open(backend)?, &prune_options(), &|_| {})?;
+            Ok(None)
+        }
+        "forget" => {
+            let repo = open(backend)?;
+            let _lock = repo.lock(false, "forget", Duration::from_secs(5))?;
+            forget::apply(&repo, &s.forget_plan)?;
+            Ok(None)
+        }
         _ => unreachable!(),
     }
 }
@@ -250,6 +355,8 @@ fn template_of(op: &str) -> &'static str {
         "backup-changed" | "restore" => "pa",
         "verify" => "damaged",
         "repair" => "unindexed",
+        "prune" => "prune",
+        "forget" => "forget",
         _ => unreachable!(),
     }
 }
@@ -272,9 +379,11 @@ struct Finding {
     temporaries: u64,
     unindexed_bytes: u64,
     next_stored: u64,
+    /// The call the fault landed on (`get` of index file 1a2b…), for the examples.
+    target: String,
 }
 
-fn run_op(s: &Setup, op: &str, jobs: usize) -> Result<Summary> {
+fn run_op(s: &Setup, op: &str, jobs: usize, keep: bool, only: Option<(Op, u64)>) -> Result<Summary> {
     let started = Instant::now();
     let mut summary = Summary { harness: "faults", op: op.to_string(), ..Default::default() };
     // The clean run: how many calls of each class, and what a clean backup stores.
@@ -290,6 +399,7 @@ fn run_op(s: &Setup, op: &str, jobs: usize) -> Result<Summary> {
         .flat_map(|o| {
             summary.calls.insert(format!("{o:?}").to_lowercase(), counting.calls(o));
             (1..=counting.calls(o))
+                .filter(move |&at| only.is_none_or(|only| only == (o, at)))
                 .flat_map(move |at| Fault::for_op(o).iter().map(move |&fault| FaultPlan { op: o, at, fault }))
         })
         .collect();
@@ -304,7 +414,7 @@ fn run_op(s: &Setup, op: &str, jobs: usize) -> Result<Summary> {
         for _ in 0..jobs.max(1) {
             scope.spawn(|| loop {
                 let Some((n, plan)) = queue.lock().unwrap().pop() else { break };
-                let f = one_injection(s, op, n, plan);
+                let f = one_injection(s, op, n, plan, keep);
                 results.lock().unwrap().push((plan, f));
             });
         }
@@ -328,10 +438,11 @@ fn run_op(s: &Setup, op: &str, jobs: usize) -> Result<Summary> {
             summary.violations += 1;
             if summary.violation_examples.len() < 10 {
                 summary.violation_examples.push(format!(
-                    "{} at {:?} call {}: {}",
+                    "{} at {:?} call {} ({}): {}",
                     plan.fault.name(),
                     plan.op,
                     plan.at,
+                    f.target,
                     f.violations.join("; ")
                 ));
             }
@@ -341,7 +452,7 @@ fn run_op(s: &Setup, op: &str, jobs: usize) -> Result<Summary> {
     Ok(summary)
 }
 
-fn one_injection(s: &Setup, op: &str, n: usize, plan: FaultPlan) -> Finding {
+fn one_injection(s: &Setup, op: &str, n: usize, plan: FaultPlan, keep: bool) -> Finding {
     let dir = s.dir.join("runs").join(format!("{op}-{n}"));
     let mut f = Finding::default();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
@@ -349,6 +460,10 @@ fn one_injection(s: &Setup, op: &str, n: usize, plan: FaultPlan) -> Finding {
         let faulty = Arc::new(FaultyBackend::new(LocalBackend::new(&dir), Some(plan)));
         let outcome = operation(op, s, &dir, faulty.clone());
         let injected = faulty.injected();
+        f.target = injected
+            .as_ref()
+            .map(|i| format!("{} of {} {}", i.call, i.kind, &i.name[..i.name.len().min(8)]))
+            .unwrap_or_default();
         // A fault with no meaning for the call it landed on (a flipped bit on `exists`)
         // injected nothing: counted as not reached.
         f.reached = injected.as_ref().is_some_and(|i| i.applied);
@@ -368,7 +483,10 @@ fn one_injection(s: &Setup, op: &str, n: usize, plan: FaultPlan) -> Finding {
             p.downcast_ref::<String>().cloned().or(p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
         )),
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    // Kept for inspection: the repository as the checks left it.
+    if !keep || f.violations.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     f
 }
 
@@ -443,8 +561,14 @@ fn check(
     let healed_later = |id: &str| op == "verify" && s.points["pa"].last().is_some_and(|(a, _)| a == id);
     for (id, oracle) in before {
         if !listed.points.iter().any(|(i, _)| i == id) {
-            f.violations.push(format!("point {} that existed before is gone", &id[..8]));
+            // The one point the forget plan removes may be gone (and must be, if it succeeded).
+            if !(op == "forget" && *id == s.forget_removes) {
+                f.violations.push(format!("point {} that existed before is gone", &id[..8]));
+            }
             continue;
+        }
+        if op == "forget" && *id == s.forget_removes && f.succeeded {
+            f.violations.push(format!("forget succeeded but point {} it removes is listed", &id[..8]));
         }
         if healed_later(id) {
             continue;
@@ -493,7 +617,11 @@ fn check(
         if torn && unexpected.iter().all(|d| **d == injected_name) {
             f.torn_detected = true;
         } else {
-            f.violations.push(format!("verify reports damage the fault does not explain: {unexpected:?}"));
+            f.violations.push(format!(
+                "verify reports {} damaged object(s) the fault does not explain: {:?}",
+                unexpected.len(),
+                unexpected.iter().take(3).collect::<Vec<_>>()
+            ));
         }
     }
     if op == "verify" {
@@ -513,15 +641,67 @@ fn check(
     } else {
         Some(backup_image(&repo, next_name, next_image, parent_ranges).context("the next backup failed")?)
     };
-    if let Some(id) = id {
-        restores_exactly(&repo, &id, next_image, &scratch).context("the next backup's point")?;
-        f.next_stored = repo.load_point(&id)?.stats.repository_growth_bytes;
+    if let Some(id) = &id {
+        restores_exactly(&repo, id, next_image, &scratch).context("the next backup's point")?;
+        f.next_stored = repo.load_point(id)?.stats.repository_growth_bytes;
+    }
+    if op == "forget" && !forget::protected_points(&repo)?.contains(&s.forget_protected) {
+        f.violations.push("the protected point lost its protection".into());
+    }
+    if op == "prune" {
+        check_clean_prune(s, &repo, torn && hit(Kind::Index), id.as_deref(), &scratch, f)?;
     }
     // The damaged point is healed by that backup (its damaged blocks were quarantined).
     for (id, oracle) in before.iter().filter(|(id, _)| healed_later(id)) {
         restores_exactly(&repo, id, oracle, &scratch).context("the damaged point after the healing backup")?;
     }
     let _ = IMAGE_SIZE;
+    Ok(())
+}
+
+/// After a faulty prune (and the checks every operation gets): a clean prune completes what
+/// the faulty one began (after `repair index` if the fault tore an index file: prune refuses
+/// a damaged index, as it says), verify then finds nothing wrong and no unindexed pack, and
+/// every point, the template's and the next backup's, restores byte for byte.
+fn check_clean_prune(
+    s: &Setup,
+    repo: &Arc<Repository>,
+    torn_index: bool,
+    next: Option<&str>,
+    scratch: &Path,
+    f: &mut Finding,
+) -> Result<()> {
+    if torn_index && !repo.damaged_index_files().is_empty() {
+        let _lock = repo.lock(true, "repair index", Duration::from_secs(5))?;
+        cairn_engine::repair::rebuild_index(repo, false, &NoProgress).context("repair after a torn index file")?;
+    }
+    let r = prune(repo, &prune_options(), &|_| {}).context("a clean prune after the faulty one")?;
+    if !r.pending.is_empty() {
+        f.violations.push(format!("a clean prune, alone, left {} pack(s) pending", r.pending.len()));
+    }
+    let report = cairn_engine::verify::verify(repo, 1, &NoProgress)?;
+    let damage = damage_names(&report);
+    if !damage.is_empty() {
+        f.violations.push(format!(
+            "verify after a clean prune reports {} damaged object(s): {:?}, {} pack(s) missing",
+            damage.len(),
+            damage.iter().take(3).collect::<Vec<_>>(),
+            report.damaged_packs.iter().filter(|d| d.problem.contains("missing")).count()
+        ));
+    }
+    if !report.unindexed_packs.is_empty() {
+        f.violations.push(format!("a clean prune left {} unindexed pack(s)", report.unindexed_packs.len()));
+    }
+    for (id, oracle) in &s.points["prune"] {
+        if let Err(e) = restores_exactly(repo, id, oracle, scratch) {
+            f.violations.push(format!("after a clean prune: {e:#}"));
+        }
+    }
+    if let Some(id) = next {
+        if let Err(e) = restores_exactly(repo, id, &s.image_a, scratch) {
+            f.violations.push(format!("after a clean prune, the next backup's point: {e:#}"));
+        }
+    }
     Ok(())
 }
 

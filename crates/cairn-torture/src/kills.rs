@@ -12,6 +12,10 @@
 //! 5. for VM backups: the guest runs and is thawed within seconds, and no backup job is left.
 //!
 //! Leftovers (temporary files, unreferenced packs) are counted: a future gc reclaims them.
+//!
+//! `forget` and `prune` (not in the default list: they take longer) have their own iteration
+//! and checks, with backups, verifies and restores running against the repository while a
+//! prune is killed: see [`maintenance`].
 
 use crate::workload::{self, same_bytes};
 use anyhow::{bail, Context, Result};
@@ -23,12 +27,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod maintenance;
+
 pub const OPS: [&str; 7] = ["backup", "backup-changed", "verify", "verify-damaged", "repair", "restore", "init"];
+/// Operations run only when named: each kill costs several backups and restores.
+pub const MAINTENANCE_OPS: [&str; 2] = ["prune", "forget"];
 
 #[derive(clap::Args)]
 pub struct KillArgs {
-    /// Operations (default: all but backup-vm): backup, backup-changed, verify, verify-damaged,
-    /// repair, restore, init, backup-vm
+    /// Operations (default: all but backup-vm, prune and forget): backup, backup-changed,
+    /// verify, verify-damaged, repair, restore, init, backup-vm, prune (with concurrent
+    /// backups, verifies and restores), forget
     #[arg(long, value_delimiter = ',')]
     ops: Vec<String>,
     /// Kills at random moments per operation
@@ -44,9 +53,18 @@ pub struct KillArgs {
     /// is defined and removed by the harness)
     #[arg(long)]
     guest: Option<String>,
-    /// Random seed (kill moments, which old point is restored)
+    /// Random seed (kill moments, which old point is restored; for prune: what runs alongside
+    /// it, and when)
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep the work folder (printed), and each repository where an invariant was violated
+    /// as `<op>/violation-<N>` in it, for inspection
+    #[arg(long)]
+    keep: bool,
+    /// prune and forget: encrypted repositories only (by default plain and encrypted ones
+    /// alternate, every 25 kills)
+    #[arg(long)]
+    encrypted_only: bool,
 }
 
 #[derive(Default, Serialize)]
@@ -79,6 +97,9 @@ pub struct Summary {
     /// VM backups: the longest a guest stayed frozen or paused after its backup was killed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_released_ms_max: Option<u64>,
+    /// prune and forget: what ran alongside, and what the prunes reclaimed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<maintenance::Figures>,
     pub duration_s: f64,
 }
 
@@ -94,13 +115,16 @@ pub fn run(a: &KillArgs) -> Result<Vec<Summary>> {
     let tmp = tempfile::Builder::new().prefix("cairn-kills-").tempdir()?;
     let mut out = Vec::new();
     for op in &ops {
-        if !OPS.contains(&op.as_str()) && op != "backup-vm" {
+        if !OPS.contains(&op.as_str()) && !MAINTENANCE_OPS.contains(&op.as_str()) && op != "backup-vm" {
             bail!("unknown operation {op:?}");
         }
         let dir = tmp.path().join(op);
         std::fs::create_dir_all(&dir)?;
         let mut h = Harness::new(&cairn, &dir, op, a)?;
         out.push(h.run(a)?);
+    }
+    if a.keep {
+        eprintln!("kept {}", tmp.keep().display());
     }
     Ok(out)
 }
@@ -122,6 +146,26 @@ struct Harness {
     summary: Summary,
     /// What one backup of an image stores when no kill came before it.
     clean_stored: Option<u64>,
+    /// prune: the planned crash points (`NAME:K`) the dry run passed after it had recorded
+    /// its marks (the deletion phase, which a concurrent lock holds off).
+    late: std::collections::BTreeSet<String>,
+    /// prune: the images of the points the last forget removed (a concurrent backup may
+    /// back one up again, reusing blocks the prune is about to mark).
+    forgotten: Vec<PathBuf>,
+    /// How long the dry run took (random kill moments, when concurrent runs start).
+    took: Duration,
+    /// prune: how long after its start the last prune began recording its marks.
+    marks_after: Option<Duration>,
+    /// Keep the repositories where an invariant was violated (`--keep`).
+    keep: bool,
+    /// Whether the repository is encrypted: always, but for prune and forget every other fresh
+    /// one (the dry run's is, the first kills' is not: a plain one costs no key derivation per
+    /// run, and a kill costs some twenty runs).
+    encrypted: bool,
+    /// Fresh repositories made so far.
+    resets: u64,
+    /// `--encrypted-only`.
+    encrypted_only: bool,
 }
 
 /// How one run of the operation ended.
@@ -129,6 +173,7 @@ struct Ended {
     killed: bool,
     success: bool,
     last_point: String,
+    stdout: String,
     stderr: String,
 }
 
@@ -147,7 +192,18 @@ impl Harness {
             own_guest: false,
             summary: Summary { harness: "kill", op: op.to_string(), ..Default::default() },
             clean_stored: None,
+            late: Default::default(),
+            forgotten: Vec::new(),
+            took: Duration::ZERO,
+            marks_after: None,
+            keep: a.keep,
+            encrypted: true,
+            resets: 0,
+            encrypted_only: a.encrypted_only,
         };
+        if MAINTENANCE_OPS.contains(&op) {
+            h.summary.maintenance = Some(Default::default());
+        }
         h.reset()?;
         Ok(h)
     }
@@ -156,10 +212,12 @@ impl Harness {
     fn reset(&mut self) -> Result<()> {
         let _ = std::fs::remove_dir_all(&self.repo);
         self.points.clear();
+        self.resets += 1;
         if self.op == "init" {
             return Ok(());
         }
-        self.ok(&["init", "--encrypt"])?;
+        self.encrypted = !MAINTENANCE_OPS.contains(&self.op.as_str()) || self.encrypted_only || self.resets % 2 == 1;
+        self.ok(if self.encrypted { &["init", "--encrypt"] } else { &["init"] })?;
         if self.op == "backup-vm" {
             if self.guest.is_none() {
                 let name = format!("cairn-torture-{}", std::process::id());
@@ -177,7 +235,13 @@ impl Harness {
             self.points.insert(v[0]["id"].as_str().context("no point id")?.to_string(), None);
             return Ok(());
         }
-        for _ in 0..2 {
+        // prune needs history to forget (and packs the points share); forget, points to remove.
+        let initial = match self.op.as_str() {
+            "prune" => 4,
+            "forget" => 3,
+            _ => 2,
+        };
+        for _ in 0..initial {
             let img = self.next_image()?;
             let id = self.backup_image(&img, None)?;
             self.points.insert(id, Some(img.clone()));
@@ -208,10 +272,13 @@ impl Harness {
         let mut c = Command::new(&self.cairn);
         c.args(args)
             .env("CAIRN_REPO", &self.repo)
-            .env("CAIRN_PASSWORD", "torture")
+            .env_remove("CAIRN_PASSWORD")
             .env_remove("CAIRN_CRASH_AT")
             .env_remove("CAIRN_CRASH_TRACE")
             .stdin(Stdio::null());
+        if self.encrypted {
+            c.env("CAIRN_PASSWORD", "torture");
+        }
         c
     }
 
@@ -263,7 +330,7 @@ impl Harness {
         let trace = self.dir.join("trace");
         let _ = std::fs::remove_file(&trace);
         let mut c = self.cmd(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-        c.env("CAIRN_CRASH_TRACE", &trace).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.env("CAIRN_CRASH_TRACE", &trace).stdout(Stdio::piped()).stderr(Stdio::piped());
         if let Some(at) = crash {
             c.env("CAIRN_CRASH_AT", at);
         }
@@ -289,6 +356,7 @@ impl Harness {
             killed: o.status.signal() == Some(libc::SIGKILL),
             success: o.status.success(),
             last_point,
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
         })
     }
@@ -323,6 +391,9 @@ impl Harness {
             }
             "init" => (vec!["init".into(), "--encrypt".into()], None),
             "backup-vm" => (vec!["backup".into(), "vm".into(), self.guest.clone().unwrap()], None),
+            // The dry run's: a repack happens, marks are made and deleted at once.
+            "prune" => (maintenance::prune_args(0), None),
+            "forget" => (maintenance::forget_args(false), None),
             _ => unreachable!(),
         })
     }
@@ -330,18 +401,31 @@ impl Harness {
     fn run(&mut self, a: &KillArgs) -> Result<Summary> {
         let started = Instant::now();
         // A dry run: how long the operation takes and which crash points it passes.
+        let maintenance = MAINTENANCE_OPS.contains(&self.op.as_str());
+        if maintenance {
+            // Unused data for the prune, points for the forget: what each kill starts from.
+            self.prepare(true)?;
+        }
         let (args, _) = self.op_args()?;
         let t = Instant::now();
         let trace = self.dir.join("dry-trace");
         let mut c = self.cmd(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
         let o = c.env("CAIRN_CRASH_TRACE", &trace).output()?;
-        let took = t.elapsed();
+        self.took = t.elapsed();
         if !o.status.success() && self.op != "verify-damaged" {
             bail!("{} fails without a kill: {}", self.op, String::from_utf8_lossy(&o.stderr));
         }
         let mut passes: BTreeMap<String, usize> = BTreeMap::new();
-        for l in std::fs::read_to_string(&trace).unwrap_or_default().lines() {
-            *passes.entry(l.to_string()).or_default() += 1;
+        let dry_trace = std::fs::read_to_string(&trace).unwrap_or_default();
+        // Where the prune had its marks durable: what it passes after that, it passes in the
+        // deletion phase.
+        let marked_at = dry_trace.lines().position(|l| l == "prune.marks_written");
+        for (i, l) in dry_trace.lines().enumerate() {
+            let n = passes.entry(l.to_string()).or_default();
+            *n += 1;
+            if marked_at.is_some_and(|m| i > m) {
+                self.late.insert(format!("{l}:{n}"));
+            }
         }
         if self.op.starts_with("backup") && self.op != "backup-vm" {
             // What a backup stores with no kill before it (the dry run's point).
@@ -367,13 +451,23 @@ impl Harness {
             if i > 0 && (fresh_each || i % 25 == 0) {
                 self.reset()?;
             }
-            let after = crash.is_none().then(|| took.mul_f64(1.2 * (self.rng.below(1000) as f64 / 1000.0)));
-            if let Err(e) = self.one_kill(crash.as_deref(), after) {
+            // prune and forget update `took` as they go (the repository grows and shrinks,
+            // plain and encrypted ones alternate).
+            let after = crash.is_none().then(|| self.took.mul_f64(1.2 * (self.rng.below(1000) as f64 / 1000.0)));
+            let outcome = if maintenance {
+                self.one_maintenance_kill(crash.as_deref(), after)
+            } else {
+                self.one_kill(crash.as_deref(), after)
+            };
+            if let Err(e) = outcome {
                 self.summary.violations += 1;
                 if self.summary.violation_examples.len() < 10 {
                     self.summary
                         .violation_examples
                         .push(format!("{}: {e:#}", crash.as_deref().unwrap_or("random moment")));
+                }
+                if self.keep {
+                    let _ = std::fs::rename(&self.repo, self.dir.join(format!("violation-{i}")));
                 }
                 self.reset()?;
             }

@@ -22,15 +22,20 @@ enum Command {
     /// short and flipped reads), checking the repository after each
     Faults {
         /// Operations to torture (default: all): init, backup, backup-encrypted, backup-changed,
-        /// restore, verify, repair
+        /// restore, verify, repair, prune, forget
         #[arg(long, value_delimiter = ',')]
         ops: Vec<String>,
         /// Injections run in parallel
         #[arg(long, default_value_t = 2)]
         jobs: usize,
-        /// Keep the work folder (printed) for inspection
+        /// Keep the work folder (printed) for inspection, with the repository of each
+        /// injection that violated an invariant
         #[arg(long)]
         keep: bool,
+        /// Only the injections at this storage call (`read:42`: the 42nd read, every fault
+        /// of its class), to reproduce one
+        #[arg(long, value_name = "CLASS:N")]
+        only: Option<String>,
     },
     /// kill -9 the `cairn` binary at random moments and at every crash point of its write
     /// ordering, checking the repository (and the guest, for VM backups) after each
@@ -40,9 +45,12 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let summaries: Vec<serde_json::Value> = match cli.command {
-        Command::Faults { ops, jobs, keep } => {
+        Command::Faults { ops, jobs, keep, only } => {
             let ops = if ops.is_empty() { faults::OPS.iter().map(|s| s.to_string()).collect() } else { ops };
-            faults::run(&ops, jobs, keep)?.into_iter().map(|s| serde_json::to_value(s).unwrap()).collect()
+            faults::run(&ops, jobs, keep, only.as_deref())?
+                .into_iter()
+                .map(|s| serde_json::to_value(s).unwrap())
+                .collect()
         }
         Command::Kills(a) => kills::run(&a)?.into_iter().map(|s| serde_json::to_value(s).unwrap()).collect(),
     };
