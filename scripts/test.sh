@@ -14,7 +14,7 @@ echo "tests: $((SECONDS - t0)) s"; t0=$SECONDS
 # A fault at every storage call of one small backup; kill -9 at every crash point of a backup,
 # a repair and a VM backup (each followed by the invariant checks). Exit 1 on any violation.
 target/debug/cairn-torture faults --ops backup
-target/debug/cairn-torture kills --ops backup,repair,backup-vm --random 2 --per-point 1
+target/debug/cairn-torture kills --ops backup,repair,backup-vm,prune,forget --random 2 --per-point 1
 echo "torture: $((SECONDS - t0)) s"; t0=$SECONDS
 # Every fuzz target: its seed corpus, then 30 s of new inputs.
 scripts/fuzz.sh --seconds 30

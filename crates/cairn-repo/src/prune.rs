@@ -251,12 +251,21 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
 /// verifies go on; another prune or a repair waits.
 pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) -> Result<PruneReport> {
     let lock = repo.lock_mode(LockMode::Maintenance, "prune", opts.lock_wait)?;
-    let Analysis { mut report, old_records, mut marks, mut reach, sizes, to_mark, to_repack } =
+    let Analysis { mut report, old_records, mut marks, mut reach, sizes, mut to_mark, to_repack } =
         analyze(repo, opts, progress)?;
     let index = repo.index();
     if !opts.dry_run && !to_repack.is_empty() {
         progress(&format!("repacking {} packs", to_repack.len()));
-        repack(repo, &index, &to_repack, &sizes, &mut report)?;
+        let written = repack(repo, &index, &to_repack, &sizes, &mut report)?;
+        // Pack names are content hashes: a repack can write a pack under the name of one this
+        // run (or an earlier one, killed before it indexed it) took for unindexed. Never mark
+        // what the repack just made the home of the blocks it moved.
+        for p in to_mark.iter().filter(|p| written.contains(*p)) {
+            report.newly_marked.packs -= 1;
+            report.newly_marked.bytes -= sizes.get(p).copied().unwrap_or(0);
+        }
+        to_mark.retain(|p| !written.contains(p));
+        marks.retain(|p, _| !written.contains(p));
     } else {
         for (pack, _) in &to_repack {
             report.repacked.add(sizes[pack]);
@@ -552,7 +561,7 @@ fn repack(
     packs: &[(PackId, Vec<u32>)],
     sizes: &HashMap<PackId, u64>,
     report: &mut PruneReport,
-) -> Result<()> {
+) -> Result<HashSet<PackId>> {
     let mut session = Session::new(repo.clone());
     let mut compressor = crate::crypto::Compressor::new(3);
     let mut raw = Vec::new();
@@ -601,14 +610,16 @@ fn repack(
     flush(&mut session, &mut raw, &mut blobs, &mut compressor)?;
     let files = session.finish()?;
     cairn_storage::crash_point("prune.repacked");
+    let mut written = HashSet::new();
     for f in &files {
-        for (_, frames) in repo.read_index_file(f)? {
+        for (pack, frames) in repo.read_index_file(f)? {
             report.repack_written.packs += 1;
             report.repack_written.bytes +=
                 frames.last().map(|f: &FrameEntry| (f.offset + f.stored_len) as u64).unwrap_or(0);
+            written.insert(pack);
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Rewrites every index file that lists a doomed pack without it: each new file is durable

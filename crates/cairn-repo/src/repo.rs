@@ -457,10 +457,24 @@ impl Repository {
     }
 
     /// Stores a catalog record (boot verification results and the like), sealed like a point.
+    ///
+    /// The record is read back and checked against its name before this returns: records
+    /// decide what may be deleted or reused (prune marks, quarantine, protections), and one a
+    /// medium tore (a partial object under its final name) would make every later prune refuse.
+    /// A torn record is deleted again and the call fails.
     pub fn save_record(&self, record: &serde_json::Value) -> Result<String> {
         let sealed = self.crypto.seal(&serde_json::to_vec(record).unwrap(), 3);
         let name = blake3::hash(&sealed).to_hex().to_string();
         self.backend.put(Kind::Catalog, &name, &sealed)?;
+        let back = self.backend.get(Kind::Catalog, &name)?;
+        if back != sealed {
+            let _ = self.backend.delete(Kind::Catalog, &name);
+            return Err(Error::Corrupt(format!(
+                "storage at {} did not keep catalog record {} as written; it was removed",
+                self.backend.location(),
+                short(&name)
+            )));
+        }
         Ok(name)
     }
 
