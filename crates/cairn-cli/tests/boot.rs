@@ -108,7 +108,9 @@ fn boot_verification_mails_a_screenshot_and_never_touches_the_original() {
     ]);
     let took = t.elapsed().as_secs_f64();
     eprintln!("boot verification took {took:.1} s");
-    assert!(took < 30.0, "boot verification took {took:.1} s");
+    // About 5 s on a quiet machine (docs/BENCHMARKS.md); the bound catches a hang or a wait
+    // that never ends, with room for a loaded 2-core CI machine booting two guests under TCG.
+    assert!(took < 45.0, "boot verification took {took:.1} s");
     assert_eq!(v["verdict"], "passed", "{v}");
     assert_eq!(v["method"], "guest agent");
     assert_eq!(v["mailed_to"], "ops@example.com");
