@@ -207,3 +207,34 @@ fn a_pack_a_prune_deletes_while_verify_runs_is_reclaimed_not_damage() {
     assert!(v.ok, "a pack reclaimed by prune reported as damage: {:?}", v.damaged_packs);
     assert_eq!(v.reclaimed_packs.len(), unused.len(), "{:?}", v.reclaimed_packs);
 }
+
+#[test]
+fn a_repair_after_a_prune_tore_its_index_file_and_the_clean_prune_lose_nothing() {
+    use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Op};
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    Repository::init(Arc::new(LocalBackend::new(&repo_dir)), None).unwrap();
+    let a_img = image(dir.path(), "a.img", 5 << 16, 3);
+    let b_img = dir.path().join("b.img");
+    std::fs::write(&b_img, &std::fs::read(&a_img).unwrap()[..1 << 20]).unwrap();
+    let repo = open(Arc::new(LocalBackend::new(&repo_dir)));
+    let a = back_up(&repo, "a", &a_img);
+    let b = back_up(&repo, "b", &b_img);
+    repo.delete_point(&a).unwrap();
+    let opts =
+        cairn_repo::prune::PruneOptions { grace: std::time::Duration::ZERO, max_unused: 0.0, ..Default::default() };
+    let plan = FaultPlan { op: Op::Write, at: 3, fault: Fault::Torn };
+    let faulty = Arc::new(FaultyBackend::new(LocalBackend::new(&repo_dir), Some(plan)));
+    let r = Arc::new(Repository::open(faulty.clone(), || None).unwrap());
+    let e = cairn_repo::prune::prune(&r, &opts, &|_| {});
+    eprintln!("faulty: {:?} {:?}", faulty.injected(), e.as_ref().err().map(|e| e.to_string()));
+    let clean = open(Arc::new(LocalBackend::new(&repo_dir)));
+    if !clean.damaged_index_files().is_empty() {
+        let _l = clean.lock(true, "repair", std::time::Duration::ZERO).unwrap();
+        cairn_engine::repair::rebuild_index(&clean, false, &NoProgress).unwrap();
+    }
+    let r = cairn_repo::prune::prune(&clean, &opts, &|_| {}).unwrap();
+    eprintln!("clean: deleted {:?} repacked {:?} marked {:?}", r.deleted, r.repacked, r.newly_marked);
+    let fresh = open(Arc::new(LocalBackend::new(&repo_dir)));
+    assert!(restores(&fresh, &b, &b_img, &dir.path().join("out.img")).unwrap(), "point b restores wrong");
+}

@@ -465,7 +465,11 @@ impl Repository {
     pub fn save_record(&self, record: &serde_json::Value) -> Result<String> {
         let sealed = self.crypto.seal(&serde_json::to_vec(record).unwrap(), 3);
         let name = blake3::hash(&sealed).to_hex().to_string();
-        self.backend.put(Kind::Catalog, &name, &sealed)?;
+        if let Err(e) = self.backend.put(Kind::Catalog, &name, &sealed) {
+            // A failed write may still have left part of the object under its name.
+            let _ = self.backend.delete(Kind::Catalog, &name);
+            return Err(e.into());
+        }
         let back = self.backend.get(Kind::Catalog, &name)?;
         if back != sealed {
             let _ = self.backend.delete(Kind::Catalog, &name);
