@@ -213,15 +213,7 @@ fn a_failed_prune_and_the_clean_one_after_it_lose_nothing() {
     use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Op};
     use cairn_storage::LocalBackend;
     let data = blocks(3, 40);
-    let setup = |dir: &std::path::Path| {
-        Repository::init(local(dir), None).unwrap();
-        let repo = Arc::new(Repository::open(local(dir), || None).unwrap());
-        repo.load_index().unwrap();
-        let a = store_point(&repo, "a", &data).unwrap();
-        let b = store_point(&repo, "b", &data[..10]).unwrap();
-        forget(&repo, &a);
-        b
-    };
+    let setup = |dir: &std::path::Path| partly_used_plain_repository(dir, &data);
     let counting = {
         let dir = tempfile::tempdir().unwrap();
         setup(dir.path());
@@ -247,6 +239,17 @@ fn a_failed_prune_and_the_clean_one_after_it_lose_nothing() {
     }
 }
 
+/// A plain repository where point "a" (all of `data`) was forgotten and point "b" (its first
+/// 10 blocks) remains: one unused share of a pack to repack. Returns b's ID.
+fn partly_used_plain_repository(dir: &std::path::Path, data: &[Vec<u8>]) -> String {
+    Repository::init(local(dir), None).unwrap();
+    let repo = open_plain(dir);
+    let a = store_point(&repo, "a", data).unwrap();
+    let b = store_point(&repo, "b", &data[..10]).unwrap();
+    forget(&repo, &a);
+    b
+}
+
 fn open_plain(dir: &std::path::Path) -> Arc<Repository> {
     let r = Arc::new(Repository::open(local(dir), || None).unwrap());
     r.load_index().unwrap();
@@ -258,15 +261,7 @@ fn a_prune_whose_write_is_torn_and_the_clean_one_after_it_lose_nothing() {
     use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Op};
     use cairn_storage::LocalBackend;
     let data = blocks(3, 40);
-    let setup = |dir: &std::path::Path| {
-        Repository::init(local(dir), None).unwrap();
-        let repo = Arc::new(Repository::open(local(dir), || None).unwrap());
-        repo.load_index().unwrap();
-        let a = store_point(&repo, "a", &data).unwrap();
-        let b = store_point(&repo, "b", &data[..10]).unwrap();
-        forget(&repo, &a);
-        b
-    };
+    let setup = |dir: &std::path::Path| partly_used_plain_repository(dir, &data);
     for at in 1..=6 {
         let dir = tempfile::tempdir().unwrap();
         let b = setup(dir.path());
