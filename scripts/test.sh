@@ -10,6 +10,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 t0=$SECONDS
 cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
 cargo test --workspace --locked -- --test-threads=2
+# Again with every index's entries on local disk (a large repository's index, FORMAT.md
+# "Known limits"): the repository, prune, verify and repair tests and the CLI's data paths.
+CAIRN_INDEX_MEMORY_ENTRIES=64 CAIRN_CACHE_DIR="$(mktemp -d)" cargo test --locked -p cairn-repo \
+  -p cairn-engine -p cairn-cli --test retention --test damage --test roundtrip --test incremental \
+  --test verify_repair --test prune --test marks_race -- --test-threads=2
 echo "tests: $((SECONDS - t0)) s"; t0=$SECONDS
 # A fault at every storage call of one small backup; kill -9 at every crash point of a backup,
 # a repair and a VM backup (each followed by the invariant checks). Exit 1 on any violation.

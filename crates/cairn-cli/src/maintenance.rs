@@ -55,6 +55,10 @@ pub struct PruneArgs {
     /// uses the repository)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "23h")]
     pub grace: Duration,
+    /// Threads repacking at once (default: one per core, at most 4); fewer leave cores to
+    /// the backups that run meanwhile
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub threads: usize,
 }
 
 #[derive(Args)]
@@ -195,6 +199,7 @@ fn run_prune(g: &Global, a: &PruneArgs, dry_run: bool) -> Result<PruneReport> {
         grace: a.grace,
         dry_run,
         lock_wait: Duration::from_secs(g.lock_wait),
+        threads: a.threads,
     };
     let quiet = g.json || g.quiet;
     let progress = |msg: &str| {

@@ -24,6 +24,9 @@ pub enum Error {
     /// A request that cannot be carried out as given (an empty retention policy).
     #[error("{0}")]
     Invalid(String),
+    /// The local folder holding a large index's entries (see `index::SpillConfig`) failed.
+    #[error("local index cache: {0}")]
+    Cache(String),
     #[error("repository is locked: {0}")]
     Locked(String),
     #[error(transparent)]

@@ -66,11 +66,14 @@ pub struct PruneOptions {
     pub dry_run: bool,
     /// How long to wait for another prune or a repair to finish.
     pub lock_wait: Duration,
+    /// Threads repacking at once (0: one per core, at most 4). Backups running meanwhile may
+    /// want the cores.
+    pub threads: usize,
 }
 
 impl Default for PruneOptions {
     fn default() -> Self {
-        PruneOptions { max_unused: 0.05, grace: DEFAULT_GRACE, dry_run: false, lock_wait: Duration::ZERO }
+        PruneOptions { max_unused: 0.05, grace: DEFAULT_GRACE, dry_run: false, lock_wait: Duration::ZERO, threads: 0 }
     }
 }
 
@@ -184,8 +187,15 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
     }
     let index = repo.index();
     reach.used = vec![0u64; index.len().div_ceil(64)];
-    for (id, point) in &listed.points {
-        reach.add_point(repo, &index, id, point)?;
+    // Each point after the one before it of the same name: a block at the same place in
+    // both is marked already (most of a disk from one day to the next), no lookup needed.
+    let mut order: Vec<&(String, crate::RestorePoint)> = listed.points.iter().collect();
+    order.sort_by(|a, b| (&a.1.name, &a.1.time, &a.0).cmp(&(&b.1.name, &b.1.time, &b.0)));
+    let mut before: Option<&crate::RestorePoint> = None;
+    for (id, point) in order {
+        let prev = before.filter(|b| b.name == point.name);
+        reach.add_point(repo, &index, id, point, prev)?;
+        before = Some(point);
     }
     report.points = listed.points.len();
     report.referenced_blocks = reach.blocks;
@@ -196,22 +206,24 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
     let sizes: HashMap<PackId, u64> =
         repo.stored_packs()?.into_iter().filter_map(|(n, size)| Some((pack_id_from_name(&n)?, size))).collect();
     report.stored = Packs { packs: sizes.len() as u64, bytes: sizes.values().sum() };
-    let by_pack = index.blobs_by_pack();
+    // One sequential pass over the index (on disk in a large repository): each pack's bytes
+    // and the share of them the points use.
+    let mut tally: HashMap<PackId, (u64, u64)> = HashMap::new();
+    index.scan(|p, _, loc| {
+        let t = tally.entry(loc.pack).or_default();
+        t.1 += loc.len as u64;
+        if reach.is_used(p) {
+            t.0 += loc.len as u64;
+        }
+    });
     let mut to_mark: Vec<PackId> = Vec::new();
     let mut to_repack: Vec<(PackId, Vec<u32>)> = Vec::new();
-    for (pack, positions) in &by_pack {
+    let mut tally: Vec<(PackId, (u64, u64))> = tally.into_iter().collect();
+    tally.sort_unstable_by_key(|(p, _)| *p);
+    for (pack, (used_raw, all_raw)) in &tally {
         let Some(&size) = sizes.get(pack) else { continue }; // listed, not stored: nothing to reclaim
+        let (used_raw, all_raw) = (*used_raw, *all_raw);
         let pinned = reach.damaged_only.contains(pack);
-        let (mut used_raw, mut all_raw) = (0u64, 0u64);
-        let mut used_positions = Vec::new();
-        for &p in positions {
-            let len = index.entry(p).1.len as u64;
-            all_raw += len;
-            if reach.is_used(p) {
-                used_raw += len;
-                used_positions.push(p);
-            }
-        }
         let quarantined = index.has_quarantined_copies_in(pack);
         if marks.contains_key(pack) {
             if used_raw > 0 || pinned {
@@ -226,11 +238,20 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
         } else if used_raw == all_raw && !quarantined || pinned {
             report.used.add(size);
         } else if quarantined || (all_raw - used_raw) as f64 > opts.max_unused * all_raw as f64 {
-            to_repack.push((*pack, used_positions));
+            to_repack.push((*pack, Vec::new()));
         } else {
             report.partly_used.add(size);
             report.partly_used_unused_bytes += size.saturating_mul(all_raw - used_raw) / all_raw.max(1);
         }
+    }
+    if !to_repack.is_empty() {
+        // A second pass for the used copies in the packs to repack.
+        let slot: HashMap<PackId, usize> = to_repack.iter().enumerate().map(|(i, (p, _))| (*p, i)).collect();
+        index.scan(|p, _, loc| {
+            if let Some(&i) = slot.get(&loc.pack).filter(|_| reach.is_used(p)) {
+                to_repack[i].1.push(p);
+            }
+        });
     }
     // Packs storage holds that no index lists: a killed writer's last packs (a running one's
     // too; the lock rule keeps those until it is gone, and by then its index lists them).
@@ -254,9 +275,10 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     let Analysis { mut report, old_records, mut marks, mut reach, sizes, mut to_mark, to_repack } =
         analyze(repo, opts, progress)?;
     let index = repo.index();
+    let mut written: HashSet<PackId> = HashSet::new();
     if !opts.dry_run && !to_repack.is_empty() {
         progress(&format!("repacking {} packs", to_repack.len()));
-        let written = repack(repo, &index, &to_repack, &sizes, &mut report)?;
+        written = repack(repo, &index, &to_repack, &sizes, opts.threads, &mut report)?.into_iter().collect();
         // Pack names are content hashes: a repack can write a pack under the name of one this
         // run (or an earlier one, killed before it indexed it) took for unindexed. Never mark
         // what the repack just made the home of the blocks it moved.
@@ -276,7 +298,9 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     for pack in &to_mark {
         marks.insert(*pack, now);
     }
-    for (pack, _) in &to_repack {
+    // A repack that gathers a pack's blocks in the same order writes that very pack again
+    // (same content, same name): it is the home of what it holds now, never marked.
+    for (pack, _) in to_repack.iter().filter(|(p, _)| !written.contains(p)) {
         report.newly_marked.add(sizes.get(pack).copied().unwrap_or(0));
         marks.insert(*pack, now);
     }
@@ -356,7 +380,13 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     }
     // Records about points a forget removed but did not get to clean (it was killed).
     report.records_dropped = crate::forget::drop_records_of_missing_points(repo)?;
-    repo.load_index()?;
+    // The index in memory still lists what was deleted. A small one is loaded again; a large
+    // one (minutes of reading) is dropped: a caller that goes on loads it when it needs it.
+    if index.on_disk() {
+        repo.unload_index();
+    } else {
+        repo.load_index()?;
+    }
     Ok(report)
 }
 
@@ -407,7 +437,7 @@ pub fn usage(repo: &Repository, names: &[String]) -> Result<Usage> {
                 out.logical_nonzero_bytes += n;
             }
         }
-        reach.add_point(repo, &index, id, p)?;
+        reach.add_point(repo, &index, id, p, None)?;
     }
     out.logical_nonzero_bytes = out.logical_nonzero_bytes.min(out.logical_bytes);
     out.unique_blocks = reach.blocks;
@@ -462,8 +492,8 @@ impl Reachability {
 
     /// Marks the copy a block will be kept in: the first outside packs already marked.
     fn mark(&mut self, index: &Index, id: &BlockId, context: &dyn Fn() -> String) -> Result<()> {
-        let positions = index.positions(id);
-        if positions.is_empty() {
+        let copies = index.located(id);
+        if copies.is_empty() {
             let quarantined: Vec<PackId> = index.quarantined_copies(id).map(|q| q.pack).collect();
             if !quarantined.is_empty() {
                 // Verify may have misread one of them: keep every copy.
@@ -475,20 +505,32 @@ impl Reachability {
                 context: format!("{}; prune would not be safe: run `cairn verify`", context()),
             });
         }
-        let chosen = positions.clone().find(|&p| !index.pack_at(p).1).unwrap_or(positions.start);
-        if positions.clone().any(|p| self.is_used(p)) {
+        if copies.iter().any(|c| self.is_used(c.position)) {
             return Ok(());
         }
-        self.used[chosen as usize / 64] |= 1 << (chosen % 64);
+        let chosen = copies.iter().find(|c| !c.marked).unwrap_or(&copies[0]);
+        self.used[chosen.position as usize / 64] |= 1 << (chosen.position % 64);
         self.blocks += 1;
-        let loc = index.entry(chosen).1;
+        let loc = chosen.location;
         self.raw_bytes += loc.len as u64;
         self.stored_bytes += loc.frame_stored_len as u64 * loc.len as u64 / (loc.frame_raw_len as u64).max(1);
         Ok(())
     }
 
-    fn add_point(&mut self, repo: &Repository, index: &Index, id: &str, point: &crate::RestorePoint) -> Result<()> {
+    /// Marks what a point references. `prev`: a point added before (all its blocks marked),
+    /// whose disk of the same name is compared page by page to skip the lookups of blocks
+    /// that did not change.
+    fn add_point(
+        &mut self,
+        repo: &Repository,
+        index: &Index,
+        id: &str,
+        point: &crate::RestorePoint,
+        prev: Option<&crate::RestorePoint>,
+    ) -> Result<()> {
         for disk in &point.disks {
+            let prev_disk =
+                prev.and_then(|p| p.disks.iter().find(|d| d.name == disk.name && d.block_size == disk.block_size));
             for (k, page_hex) in disk.map.iter().enumerate() {
                 let page = BlockId::from_hex(page_hex).ok_or_else(|| {
                     Error::Corrupt(format!("restore point {}: map page {k} of {} is not an ID", &id[..8], disk.name))
@@ -504,7 +546,17 @@ impl Reachability {
                         &id[..8]
                     ))
                 })?;
-                for b in ids.iter().filter(|b| !b.is_zero()) {
+                let same_place = match prev_disk.filter(|d| d.map.get(k).is_some()) {
+                    // Read again rather than kept: a whole disk's map can be large.
+                    Some(d) => repo.read_map_page(d, k).map_err(|e| {
+                        Error::Corrupt(format!("map page {k} of disk {} cannot be read ({e}); nothing was changed", d.name))
+                    })?,
+                    None => Vec::new(),
+                };
+                for (j, b) in ids.iter().enumerate().filter(|(_, b)| !b.is_zero()) {
+                    if same_place.get(j) == Some(b) {
+                        continue;
+                    }
                     self.mark(index, b, &|| format!("a block of disk {} of point {}", disk.name, &id[..8]))?;
                 }
             }
@@ -553,62 +605,58 @@ impl Reachability {
     }
 }
 
-/// Copies the blocks points need out of `packs` into new packs, durable and indexed before
-/// the old packs are marked (by the caller).
+/// Writes the used blocks of `packs` into new packs, each block read back and checked against
+/// its ID first; returns the packs written, all durable and indexed. Several threads (`threads`,
+/// 0: one per core, at most 4), each a session of its own over a share of the packs: reading,
+/// checking and compressing are CPU work.
 fn repack(
     repo: &Arc<Repository>,
     index: &Index,
     packs: &[(PackId, Vec<u32>)],
     sizes: &HashMap<PackId, u64>,
+    threads: usize,
     report: &mut PruneReport,
 ) -> Result<HashSet<PackId>> {
+    let auto = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    let threads = if threads == 0 { auto } else { threads }.min(packs.len().max(1));
+    // Shares of about equal size: the largest packs first, each to the lightest share.
+    let mut order: Vec<&(PackId, Vec<u32>)> = packs.iter().collect();
+    order.sort_by_key(|(p, used)| std::cmp::Reverse((used.len(), *p)));
+    type Share<'a> = (usize, Vec<&'a (PackId, Vec<u32>)>);
+    let mut shares: Vec<Share> = (0..threads).map(|_| (0, Vec::new())).collect();
+    for p in order {
+        let lightest = shares.iter_mut().min_by_key(|(n, _)| *n).unwrap();
+        lightest.0 += p.1.len();
+        lightest.1.push(p);
+    }
+    // The threads read, check and compress; one session stores what they send (one pack
+    // being filled, not one per thread).
     let mut session = Session::new(repo.clone());
-    let mut compressor = crate::crypto::Compressor::new(3);
-    let mut raw = Vec::new();
-    let mut blobs: Vec<BlobEntry> = Vec::new();
-    let flush = |session: &mut Session,
-                 raw: &mut Vec<u8>,
-                 blobs: &mut Vec<BlobEntry>,
-                 c: &mut crate::crypto::Compressor|
-     -> Result<()> {
-        if blobs.is_empty() {
-            return Ok(());
-        }
-        let frame = SealedFrame::build(repo.crypto(), c, raw, std::mem::take(blobs));
-        raw.clear();
-        session.add_frame(frame)?;
-        Ok(())
-    };
-    for (pack, positions) in packs {
-        // In frame order, each frame read and opened once.
-        let mut copies: Vec<_> = positions.iter().map(|&p| index.entry(p)).collect();
-        copies.sort_by_key(|(_, loc)| (loc.frame_offset, loc.raw_offset));
-        let mut frame: Option<(u32, Vec<u8>)> = None;
-        for (id, loc) in copies {
-            if frame.as_ref().map(|(off, _)| *off) != Some(loc.frame_offset) {
-                frame = repo.read_frame(&loc).ok().map(|f| (loc.frame_offset, f));
-            }
-            let end = loc.raw_offset as usize + loc.len as usize;
-            let sound = frame
-                .as_ref()
-                .and_then(|(_, f)| f.get(loc.raw_offset as usize..end))
-                .filter(|b| repo.crypto().block_id(b) == id)
-                .map(|b| b.to_vec());
-            // Checked against its ID; a damaged copy falls back to any other.
-            let blob = match sound {
-                Some(b) => b,
-                None => repo.read_blob(&id, "repacking")?,
-            };
-            if blobs.len() == 16 || raw.len() + blob.len() > 1 << 20 {
-                flush(&mut session, &mut raw, &mut blobs, &mut compressor)?;
-            }
-            blobs.push(BlobEntry { kind: loc.kind, id, raw_offset: raw.len() as u32, len: blob.len() as u32 });
-            raw.extend_from_slice(&blob);
-        }
+    let (tx, rx) = crossbeam_channel::bounded::<SealedFrame>(2 * threads);
+    let (worker_results, stored) = std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|(_, share)| {
+                let tx = tx.clone();
+                scope.spawn(move || repack_share(repo, index, &share, &tx))
+            })
+            .collect();
+        drop(tx);
+        // On a storage error the receiver goes: the threads' next send fails and they stop.
+        let stored = rx.iter().try_for_each(|frame| session.add_frame(frame).map(drop));
+        drop(rx);
+        let results: Vec<Result<()>> =
+            handles.into_iter().map(|h| h.join().expect("repack thread panicked")).collect();
+        (results, stored)
+    });
+    stored?;
+    for r in worker_results {
+        r?;
+    }
+    let files = session.finish()?;
+    for (pack, _) in packs {
         report.repacked.add(sizes.get(pack).copied().unwrap_or(0));
     }
-    flush(&mut session, &mut raw, &mut blobs, &mut compressor)?;
-    let files = session.finish()?;
     cairn_storage::crash_point("prune.repacked");
     let mut written = HashSet::new();
     for f in &files {
@@ -620,6 +668,70 @@ fn repack(
         }
     }
     Ok(written)
+}
+
+/// One thread's share of a repack: frames of the used blocks, each checked against its ID,
+/// sent to the session. Stops when the session is gone (it failed).
+fn repack_share(
+    repo: &Arc<Repository>,
+    index: &Index,
+    packs: &[&(PackId, Vec<u32>)],
+    out: &crossbeam_channel::Sender<SealedFrame>,
+) -> Result<()> {
+    let mut compressor = crate::crypto::Compressor::new(3);
+    let mut raw = Vec::new();
+    let mut blobs: Vec<BlobEntry> = Vec::new();
+    let mut flush = |raw: &mut Vec<u8>, blobs: &mut Vec<BlobEntry>| -> Result<()> {
+        if blobs.is_empty() {
+            return Ok(());
+        }
+        let frame = SealedFrame::build(repo.crypto(), &mut compressor, raw, std::mem::take(blobs));
+        raw.clear();
+        out.send(frame).map_err(|_| Error::Corrupt("the repack's storage failed".into()))
+    };
+    let (mut stored, mut opened) = (Vec::new(), Vec::new());
+    for (_, positions) in packs {
+        // In frame order, each frame read and opened once.
+        let mut copies: Vec<_> = positions.iter().map(|&p| index.entry(p)).collect();
+        copies.sort_by_key(|(_, loc)| (loc.frame_offset, loc.raw_offset));
+        for group in copies.chunk_by(|a, b| a.1.frame_offset == b.1.frame_offset) {
+            let first = group[0].1;
+            let read = repo.read_frame_into(&first, &mut stored, &mut opened).is_ok();
+            let sound = |id: &BlockId, loc: &crate::BlobLocation| {
+                let end = loc.raw_offset as usize + loc.len as usize;
+                read && opened.get(loc.raw_offset as usize..end).is_some_and(|b| repo.crypto().block_id(b) == *id)
+            };
+            // Every byte of the frame is a used block, each checked: the frame is copied as
+            // stored (no recompression; sealed frames carry their own nonce).
+            let mut at = 0u32;
+            let whole = group.iter().all(|(_, l)| {
+                let next = l.raw_offset == at;
+                at += l.len;
+                next
+            }) && at == first.frame_raw_len;
+            if whole && group.iter().all(|(id, loc)| sound(id, loc)) {
+                let entries =
+                    group.iter().map(|(id, l)| BlobEntry { kind: l.kind, id: *id, raw_offset: l.raw_offset, len: l.len });
+                let frame = SealedFrame { stored: stored.clone(), raw_len: first.frame_raw_len, blobs: entries.collect() };
+                out.send(frame).map_err(|_| Error::Corrupt("the repack's storage failed".into()))?;
+                continue;
+            }
+            for (id, loc) in group {
+                // Checked against its ID; a damaged copy falls back to any other.
+                let blob = if sound(id, loc) {
+                    opened[loc.raw_offset as usize..(loc.raw_offset + loc.len) as usize].to_vec()
+                } else {
+                    repo.read_blob(id, "repacking")?
+                };
+                if blobs.len() == 16 || raw.len() + blob.len() > 1 << 20 {
+                    flush(&mut raw, &mut blobs)?;
+                }
+                blobs.push(BlobEntry { kind: loc.kind, id: *id, raw_offset: raw.len() as u32, len: blob.len() as u32 });
+                raw.extend_from_slice(&blob);
+            }
+        }
+    }
+    flush(&mut raw, &mut blobs)
 }
 
 /// Rewrites every index file that lists a doomed pack without it: each new file is durable

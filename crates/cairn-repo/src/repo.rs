@@ -22,6 +22,8 @@ pub struct Repository {
     /// reads only new ones; `None` until the index is first loaded.
     index_files: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
     damaged_index_files: RwLock<Vec<(String, String)>>,
+    /// Where a large index keeps its entries (none: in memory, whatever the size).
+    index_spill: std::sync::Mutex<Option<crate::index::SpillConfig>>,
     damaged_records: std::sync::Mutex<Vec<(String, String)>>,
     hostname: String,
     /// The locks this process took through [`Repository::lock`] (file name, health), checked
@@ -160,6 +162,7 @@ impl Repository {
             index: RwLock::new(Arc::new(Index::default())),
             index_files: std::sync::Mutex::new(None),
             damaged_index_files: RwLock::new(Vec::new()),
+            index_spill: std::sync::Mutex::new(Some(crate::index::SpillConfig::from_env())),
             damaged_records: std::sync::Mutex::new(Vec::new()),
             hostname,
             locks: std::sync::Mutex::new(Vec::new()),
@@ -213,7 +216,7 @@ impl Repository {
     /// [`Repository::damaged_index_files`]): backups then simply store those blocks again.
     pub fn load_index(&self) -> Result<()> {
         let mut files = self.index_files.lock().unwrap();
-        let mut idx = Index::default();
+        let mut idx = crate::index::IndexBuilder::new(self.index_spill.lock().unwrap().clone());
         let records = self.load_records()?;
         idx.set_quarantine(
             records.iter().filter(|(_, r)| r["kind"] == "quarantine").flat_map(|(_, r)| quarantine_copies(r)).collect(),
@@ -221,16 +224,20 @@ impl Repository {
         idx.set_marked(crate::prune::marks_in(&records).into_keys().collect());
         let mut seen = std::collections::HashSet::new();
         let mut damaged = Vec::new();
-        for packs in self.read_listed_index_files(&mut seen, &mut damaged, |_| true)? {
-            for (pack, frames) in packs {
-                idx.add_pack(pack, &frames);
-            }
-        }
-        idx.seal();
-        *self.index.write().unwrap() = Arc::new(idx);
+        self.read_listed_index_files(&mut seen, &mut damaged, |_| true, |packs| {
+            packs.into_iter().try_for_each(|(pack, frames)| idx.add_pack(pack, &frames))
+        })?;
+        *self.index.write().unwrap() = Arc::new(idx.finish()?);
         *self.damaged_index_files.write().unwrap() = damaged;
         *files = Some(seen);
         Ok(())
+    }
+
+    /// Forgets the loaded index (frees it; [`Repository::load_index`] loads it again).
+    pub fn unload_index(&self) {
+        let mut files = self.index_files.lock().unwrap();
+        *self.index.write().unwrap() = Arc::new(Index::default());
+        *files = None;
     }
 
     /// Adds the index files written since the index was loaded (a no-op before the first
@@ -260,15 +267,33 @@ impl Repository {
         let mut files = self.index_files.lock().unwrap();
         let Some(seen) = files.as_mut() else { return Ok(()) };
         let mut damaged = Vec::new();
-        let found = self.read_listed_index_files(seen, &mut damaged, pick)?;
-        if !found.is_empty() {
+        // Added in batches: decoded index files take more memory than the index's entries
+        // (a large repack writes millions of them).
+        let mut batch = Vec::new();
+        let mut batch_entries = 0usize;
+        let add = |batch: &mut Vec<Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>>| {
+            if batch.is_empty() {
+                return;
+            }
             let mut current = self.index.write().unwrap();
             let idx = Arc::make_mut(&mut current);
-            for (pack, frames) in found.into_iter().flatten() {
+            for (pack, frames) in batch.drain(..).flatten() {
                 idx.add_pack(pack, &frames);
             }
             idx.seal();
-        }
+        };
+        let read = self.read_listed_index_files(seen, &mut damaged, pick, |packs| {
+            batch_entries += packs.iter().flat_map(|(_, f)| f).map(|f| f.blobs.len()).sum::<usize>();
+            batch.push(packs);
+            if batch_entries >= 256 << 10 {
+                add(&mut batch);
+                batch_entries = 0;
+            }
+            Ok(())
+        });
+        // What was read is added even if a later file failed: it is marked seen.
+        add(&mut batch);
+        read?;
         let mut known = self.damaged_index_files.write().unwrap();
         known.retain(|(n, _)| !seen.contains(n));
         for d in damaged {
@@ -279,7 +304,8 @@ impl Repository {
         Ok(())
     }
 
-    /// Reads every listed index file not in `seen` that `pick` wants; marks the sound ones
+    /// Reads every listed index file not in `seen` that `pick` wants, hands each sound one's
+    /// packs to `add` (one at a time: a large index is never whole in memory), and marks it
     /// seen. A file can vanish between the listing and the read (a session merged it into
     /// one file and deleted it): the merged file is durable before the deletion, so listing
     /// again finds it. Damaged files are not marked seen (a sound file of the same name may
@@ -290,8 +316,8 @@ impl Repository {
         seen: &mut std::collections::HashSet<String>,
         damaged: &mut Vec<(String, String)>,
         pick: impl Fn(&str) -> bool,
-    ) -> Result<Vec<Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>>> {
-        let mut found = Vec::new();
+        mut add: impl FnMut(Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>) -> Result<()>,
+    ) -> Result<()> {
         for _attempt in 0..8 {
             let mut vanished = false;
             for l in self.backend.list(Kind::Index)? {
@@ -299,7 +325,7 @@ impl Repository {
                     continue;
                 }
                 match self.read_index_file(&l.name) {
-                    Ok(packs) => found.push(packs),
+                    Ok(packs) => add(packs)?,
                     Err(Error::Storage(e)) if e.is_not_found() => {
                         vanished = true;
                         continue;
@@ -313,7 +339,7 @@ impl Repository {
                 seen.insert(l.name);
             }
             if !vanished {
-                return Ok(found);
+                return Ok(());
             }
         }
         Err(Error::Corrupt("index files keep vanishing while being read; try again".into()))
@@ -326,6 +352,12 @@ impl Repository {
         }
         let raw = self.crypto.open(&bytes, &format!("index file {name}"))?;
         decode_index(&raw).map_err(|e| Error::Corrupt(format!("index file {name}: {e}")))
+    }
+
+    /// Where [`Repository::load_index`] puts a large index's entries; `None` keeps them all in
+    /// memory. Default: [`crate::index::SpillConfig::from_env`].
+    pub fn set_index_spill(&self, config: Option<crate::index::SpillConfig>) {
+        *self.index_spill.lock().unwrap() = config;
     }
 
     /// The current index (a snapshot: cheap to take, never blocks a refresh).
@@ -681,8 +713,22 @@ impl Repository {
     ) -> Result<(String, u64)> {
         let sealed = self.crypto.seal(&crate::index::encode_index(packs), 3);
         let name = blake3::hash(&sealed).to_hex().to_string();
-        self.store(Kind::Index, &name, &sealed)?;
-        Ok((name, sealed.len() as u64))
+        // Read back: callers delete what the file replaces (old index files, repacked packs)
+        // as soon as this returns, so a file storage tore would leave blocks in no index. A
+        // torn file is written once more; never deleted (it may replace a good one of the
+        // same name, and `repair index` recovers from a damaged one, not from a missing one).
+        for _ in 0..2 {
+            self.store(Kind::Index, &name, &sealed)?;
+            let back = self.backend.get(Kind::Index, &name)?;
+            if blake3::hash(&back).to_hex().as_str() == name {
+                return Ok((name, sealed.len() as u64));
+            }
+        }
+        Err(Error::Corrupt(format!(
+            "storage at {} tore index file {} twice (it does not match its name when read back)",
+            self.backend.location(),
+            short(&name)
+        )))
     }
 
     /// The names of every index file in storage.

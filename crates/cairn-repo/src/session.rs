@@ -24,8 +24,10 @@ pub const PACK_TARGET: usize = 16 << 20;
 /// [`INDEX_EVERY_PACKS`] packs), so a killed backup leaves its uploaded blocks findable.
 const INDEX_EVERY: Duration = Duration::from_secs(2);
 const INDEX_EVERY_PACKS: usize = 8;
-/// Partial index files of a session are merged into one at commit when they are this small.
-const MERGE_LIMIT: usize = 64 << 20;
+/// Partial index files of a session are merged into one at commit when they are this small
+/// (about 200k blocks). Merging decodes them whole: a larger limit costs memory in proportion
+/// (a prune's repack of a large repository writes many).
+const MERGE_LIMIT: usize = 8 << 20;
 
 /// Decides which blocks a session stores: those neither in the repository's index nor
 /// already claimed by this session. Shared by the pipeline's worker threads.

@@ -288,3 +288,58 @@ fn a_prune_whose_write_is_torn_and_the_clean_one_after_it_lose_nothing() {
         assert_eq!(back, data[..10].to_vec(), "write {at}");
     }
 }
+
+/// A repack can write, under the same name, a pack that it is repacking: names are content
+/// hashes, and gathering the used blocks of two packs can give back exactly one of them. Here
+/// pack R was made by an earlier repack of S1 and S2, then lost its index file (a torn write),
+/// so a backup stored S1 again (pack Z); once R is listed again, S1 has two copies. When the
+/// next prune takes Z's copies of S1, it repacks Z (S1 used) with R (S2 used) into [S1, S2]:
+/// R itself. Found by the fault harness: R was then marked with the packs it replaced and
+/// deleted. Which copy of S1 a prune takes depends on names, so several data sets are tried,
+/// the point checked after each, and the collision must have happened at least once.
+#[test]
+fn a_repack_that_writes_a_pack_it_repacks_keeps_it() {
+    let mut collisions = 0;
+    for seed in 0..12u8 {
+        let dir = tempfile::tempdir().unwrap();
+        Repository::init(local(dir.path()), None).unwrap();
+        let repo = open_plain(dir.path());
+        let set = |k: u8| blocks(seed * 8 + k, 6);
+        let (s1, s2) = (set(1), set(2));
+        let x = store_point(&repo, "x", &[s1.clone(), set(3)].concat()).unwrap();
+        let y = store_point(&repo, "y", &[s2.clone(), set(4)].concat()).unwrap();
+        let keep = store_point(&repo, "keep", &[s1.clone(), s2.clone()].concat()).unwrap();
+        forget(&repo, &x);
+        forget(&repo, &y);
+        let first = run(&repo, &PruneOptions { threads: 1, ..now_opts() });
+        assert_eq!(first.repack_written.packs, 1, "{first:?}");
+        // R's index file is lost; a backup stores S1 again.
+        let r_pack = repo.index().get(&repo.crypto().block_id(&s1[0])).unwrap().pack;
+        let (r_file, r_listing) = repo
+            .index_file_names()
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.clone(), repo.read_index_file(&n).unwrap()))
+            .find(|(_, l)| l.iter().any(|(p, _)| *p == r_pack))
+            .unwrap();
+        repo.delete_index_file(&r_file).unwrap();
+        let repo = open_plain(dir.path());
+        let z = store_point(&repo, "z", &[s1.clone(), set(5)].concat()).unwrap();
+        forget(&repo, &z);
+        // `repair index` lists R again.
+        repo.write_index_file(&r_listing).unwrap();
+        let repo = open_plain(dir.path());
+        // One thread: one pack written from both (two would each write their own).
+        let second = run(&repo, &PruneOptions { threads: 1, ..now_opts() });
+        let r_name = hex::encode(r_pack);
+        if second.repacked.packs == 2 && local(dir.path()).exists(Kind::Pack, &r_name).unwrap() {
+            collisions += 1;
+        }
+        let fresh = open_plain(dir.path());
+        let back = read_point(&fresh, &keep).unwrap_or_else(|e| panic!("seed {seed}: {e}; {second:?}"));
+        assert_eq!(back, [s1, s2].concat(), "seed {seed}");
+        let third = run(&fresh, &now_opts());
+        assert_eq!((third.deleted.packs, third.repacked.packs), (0, 0), "seed {seed}: {third:?}");
+    }
+    assert!(collisions > 0, "no data set made a repack write a pack it was repacking");
+}

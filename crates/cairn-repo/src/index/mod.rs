@@ -11,7 +11,12 @@
 use crate::pack::{decode_contents_from, encode_contents_into, BlobKind, FrameEntry};
 use crate::wire::{Reader, Writer};
 use crate::{BlockId, Error, Result};
+use smallvec::SmallVec;
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+mod disk;
 
 const INDEX_MAGIC: &[u8; 8] = b"CAIRNIX1";
 
@@ -59,13 +64,31 @@ struct BlobSlot {
     kind: BlobKind,
 }
 
-/// All known blob locations: ~49 bytes per block in memory (see FORMAT.md, "Known limits").
+/// One copy of a block, where the index holds it.
+#[derive(Clone, Copy, Debug)]
+pub struct Copy {
+    /// Its entry's number (see [`Index::entry`]): positions run from 0 to [`Index::len`].
+    pub position: u32,
+    pub location: BlobLocation,
+    /// Whether its pack is marked for deletion by a prune.
+    pub marked: bool,
+}
+
+/// All known blob locations. Packs and frames are in memory (16 bytes per frame of up to 16
+/// blocks); the entries of blocks are in memory (48 bytes each) in a small repository, and in
+/// a sorted file on local disk in a large one (see [`IndexBuilder`] and `disk.rs`).
 /// Built with [`Index::add_pack`], then [`Index::seal`]ed before lookups.
 #[derive(Clone, Default)]
 pub struct Index {
     packs: Vec<PackId>,
     pack_numbers: HashMap<PackId, u32>,
     frames: Vec<FrameSlot>,
+    /// Entries on disk, in the order they were added: the run [`IndexBuilder`] wrote, then
+    /// one for each [`SpillConfig::memory_entries`]/4 added after (a refresh after a large
+    /// repack). Positions count through them, then through `blobs`.
+    runs: Vec<Arc<disk::Run>>,
+    /// Set by [`IndexBuilder`] when it put entries on disk: where later ones go too.
+    spill: Option<SpillConfig>,
     /// Sorted by ID once sealed, one entry per copy (the copy added first first). A sorted array costs
     /// 48 bytes per entry where a hash table costs 80-105 (measured: its growth leaves it
     /// 44-87% full); lookups are a binary search.
@@ -87,12 +110,24 @@ pub struct Index {
 }
 
 impl Index {
-    /// The entries of `id`: every copy, the first added first.
-    fn slots(&self, id: &BlockId) -> &[(BlockId, BlobSlot)] {
+    /// The entries of `id` and their positions: every copy, the first added first (those on
+    /// disk were all added before those in memory).
+    fn slots(&self, id: &BlockId) -> SmallVec<[(u32, BlobSlot); 2]> {
         debug_assert!(self.sealed || self.blobs.is_empty(), "Index::seal must follow add_pack");
+        let mut out = SmallVec::new();
+        let mut base = 0;
+        for run in &self.runs {
+            run.slots(id, base, &mut out);
+            base += run.len();
+        }
         let start = self.blobs.partition_point(|(k, _)| k < id);
         let end = start + self.blobs[start..].partition_point(|(k, _)| k == id);
-        &self.blobs[start..end]
+        out.extend((start..end).map(|i| (base + i as u32, self.blobs[i].1)));
+        out
+    }
+
+    fn run_len(&self) -> u32 {
+        self.runs.iter().map(|r| r.len()).sum()
     }
 
     /// Whether some readable copy of the block exists (quarantined copies aside). Not the
@@ -106,6 +141,15 @@ impl Index {
     /// again (a prune may delete those packs once every reader of an older index is gone).
     pub fn reusable(&self, id: &BlockId) -> bool {
         self.slots(id).iter().any(|(_, b)| !self.slot_marked(b))
+    }
+
+    /// Every copy of a block with its position and whether its pack is marked, the first
+    /// added first (quarantined ones are not copies).
+    pub fn located(&self, id: &BlockId) -> SmallVec<[Copy; 2]> {
+        self.slots(id)
+            .iter()
+            .map(|(p, b)| Copy { position: *p, location: self.location(b), marked: self.slot_marked(b) })
+            .collect()
     }
 
     fn slot_marked(&self, b: &BlobSlot) -> bool {
@@ -144,6 +188,20 @@ impl Index {
             }
         }
         self.sorted_len = self.blobs.len();
+        if let Some(spill) = self.spill.as_ref().filter(|c| self.blobs.len() > c.memory_entries / 4) {
+            // Entries added since the last run outgrew their share of memory: one more run.
+            let cache = |e: std::io::Error| Error::Cache(format!("{}: {e}", spill.dir.display()));
+            let written = disk::RunWriter::new(&spill.dir, self.blobs.len()).map_err(cache).and_then(|mut w| {
+                self.blobs.iter().try_for_each(|(id, slot)| w.push(id, slot)).map_err(cache)?;
+                w.finish().map_err(cache)
+            });
+            // On failure they stay in memory: costlier, never wrong.
+            if let Ok(run) = written {
+                self.runs.push(Arc::new(run));
+                self.blobs = Vec::new();
+                self.sorted_len = 0;
+            }
+        }
         self.quarantined_blobs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.frame.cmp(&b.1.frame)));
         self.sealed = true;
     }
@@ -167,32 +225,24 @@ impl Index {
     /// added first (quarantined ones are not copies).
     pub fn copies(&self, id: &BlockId) -> impl Iterator<Item = BlobLocation> + '_ {
         let slots = self.slots(id);
-        let live = slots.iter().filter(|(_, b)| !self.slot_marked(b));
-        let marked = slots.iter().filter(|(_, b)| self.slot_marked(b));
-        live.chain(marked).map(|(_, b)| self.location(b))
-    }
-
-    /// The positions of every copy of a block (see [`Index::entry`]).
-    pub fn positions(&self, id: &BlockId) -> std::ops::Range<u32> {
-        let start = self.blobs.partition_point(|(k, _)| k < id);
-        let end = start + self.blobs[start..].partition_point(|(k, _)| k == id);
-        start as u32..end as u32
+        let mut out: SmallVec<[BlobLocation; 2]> = SmallVec::new();
+        out.extend(slots.iter().filter(|(_, b)| !self.slot_marked(b)).map(|(_, b)| self.location(b)));
+        out.extend(slots.iter().filter(|(_, b)| self.slot_marked(b)).map(|(_, b)| self.location(b)));
+        out.into_iter()
     }
 
     /// How many copies the index holds (positions run from 0 to this).
     pub fn len(&self) -> usize {
-        self.blobs.len()
+        self.run_len() as usize + self.blobs.len()
+    }
+
+    /// Whether the entries are on local disk (a large repository: see [`IndexBuilder`]).
+    pub fn on_disk(&self) -> bool {
+        !self.runs.is_empty()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.blobs.is_empty()
-    }
-
-    /// The pack holding the copy at a position, and whether it is marked for deletion.
-    pub fn pack_at(&self, position: u32) -> (PackId, bool) {
-        let b = &self.blobs[position as usize].1;
-        let pn = self.frames[b.frame as usize].pack as usize;
-        (self.packs[pn], self.pack_marked.get(pn).copied().unwrap_or(false))
+        self.len() == 0
     }
 
     /// Sets the packs marked for deletion (before packs are added).
@@ -288,17 +338,120 @@ impl Index {
     /// each with [`Index::entry`]). Positions, not copies: 4 bytes each instead of ~90.
     pub fn blobs_by_pack(&self) -> HashMap<PackId, Vec<u32>> {
         let mut out: HashMap<PackId, Vec<u32>> = HashMap::new();
-        for (i, (_, b)) in self.blobs.iter().enumerate() {
-            let pack = self.packs[self.frames[b.frame as usize].pack as usize];
-            out.entry(pack).or_default().push(i as u32);
-        }
+        self.scan(|position, _, loc| out.entry(loc.pack).or_default().push(position));
         out
+    }
+
+    /// Every copy in position order (sequential reads when the entries are on disk).
+    pub fn scan(&self, mut f: impl FnMut(u32, &BlockId, &BlobLocation)) {
+        let mut base = 0;
+        for run in &self.runs {
+            run.scan(base, |p, id, b| f(p, id, &self.location(b)));
+            base += run.len();
+        }
+        for (i, (id, b)) in self.blobs.iter().enumerate() {
+            f(base + i as u32, id, &self.location(b));
+        }
     }
 
     /// The copy at a position [`Index::blobs_by_pack`] gave.
     pub fn entry(&self, position: u32) -> (BlockId, BlobLocation) {
-        let (id, b) = &self.blobs[position as usize];
+        let mut base = 0;
+        for run in &self.runs {
+            if position < base + run.len() {
+                let (id, b) = run.entry(position - base);
+                return (id, self.location(&b));
+            }
+            base += run.len();
+        }
+        let (id, b) = &self.blobs[(position - base) as usize];
         (*id, self.location(b))
+    }
+}
+
+/// Where a large index keeps the entries of its blocks: a private folder on local disk, used
+/// once there are more than `memory_entries` (48 bytes each in memory).
+#[derive(Clone, Debug)]
+pub struct SpillConfig {
+    pub dir: PathBuf,
+    pub memory_entries: usize,
+}
+
+impl SpillConfig {
+    /// 1Mi entries: 48 MiB in memory, about 64 GiB of unique data in 64 KiB blocks. A
+    /// repository below that keeps every entry in memory (no disk read per lookup).
+    pub const DEFAULT_MEMORY_ENTRIES: usize = 1 << 20;
+
+    /// `CAIRN_CACHE_DIR` (else /var/cache/cairn for root, else `$XDG_CACHE_HOME/cairn` or
+    /// ~/.cache/cairn, else /var/tmp/cairn-UID) and `CAIRN_INDEX_MEMORY_ENTRIES`.
+    pub fn from_env() -> SpillConfig {
+        let uid = unsafe { libc::geteuid() };
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let base = var("CAIRN_CACHE_DIR")
+            .or_else(|| (uid == 0).then(|| PathBuf::from("/var/cache/cairn")))
+            .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("cairn")))
+            .or_else(|| var("HOME").map(|d| d.join(".cache/cairn")))
+            .unwrap_or_else(|| PathBuf::from(format!("/var/tmp/cairn-{uid}")));
+        let memory_entries = std::env::var("CAIRN_INDEX_MEMORY_ENTRIES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(Self::DEFAULT_MEMORY_ENTRIES);
+        SpillConfig { dir: base.join("index"), memory_entries }
+    }
+}
+
+/// Loads an [`Index`], moving its entries to local disk once they outgrow memory (see
+/// [`SpillConfig`]); without a config, everything stays in memory.
+pub struct IndexBuilder {
+    index: Index,
+    config: Option<SpillConfig>,
+    spill: Option<disk::Spill>,
+}
+
+impl IndexBuilder {
+    pub fn new(config: Option<SpillConfig>) -> IndexBuilder {
+        IndexBuilder { index: Index::default(), config, spill: None }
+    }
+
+    /// See [`Index::set_quarantine`] and [`Index::set_marked`] (before packs are added).
+    pub fn set_quarantine(&mut self, q: std::collections::HashSet<(PackId, BlockId)>) {
+        self.index.set_quarantine(q);
+    }
+    pub fn set_marked(&mut self, marked: std::collections::HashSet<PackId>) {
+        self.index.set_marked(marked);
+    }
+
+    pub fn add_pack(&mut self, pack: PackId, frames: &[FrameEntry]) -> Result<()> {
+        self.index.add_pack(pack, frames);
+        let Some(config) = &self.config else { return Ok(()) };
+        if self.spill.is_none() && self.index.blobs.len() <= config.memory_entries {
+            return Ok(());
+        }
+        let cache = |e: std::io::Error| Error::Cache(format!("{}: {e}", config.dir.display()));
+        let first = self.spill.is_none();
+        if first {
+            self.spill = Some(disk::Spill::new(&config.dir).map_err(cache)?);
+        }
+        let spill = self.spill.as_mut().unwrap();
+        for (id, slot) in self.index.blobs.drain(..) {
+            spill.push(&id, &slot).map_err(cache)?;
+        }
+        if first {
+            self.index.blobs.shrink_to_fit();
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<Index> {
+        if let Some(spill) = self.spill.take() {
+            let dir = self.config.as_ref().map(|c| c.dir.display().to_string()).unwrap_or_default();
+            let run = spill.finish().map_err(|e| Error::Cache(format!("{dir}: {e}")))?;
+            self.index.runs.push(Arc::new(run));
+            self.index.spill = self.config.take();
+            self.index.sorted_len = 0;
+        }
+        self.index.seal();
+        Ok(self.index)
     }
 }
 
@@ -419,5 +572,117 @@ mod tests {
         let firsts: Vec<_> = merged.copies(&id(420)).map(|l| l.pack[0]).collect();
         assert_eq!(firsts, [1, 2]);
         assert!(merged.contains(&id(2000)) && !merged.contains(&id(5000)));
+    }
+
+    /// The same packs loaded in memory and through the disk run (a tiny memory limit, so it
+    /// spills from the third pack on; later packs added as a refresh does) answer every
+    /// question alike: copies and their order, positions, marks, quarantine, scans.
+    #[test]
+    fn entries_on_disk_answer_like_entries_in_memory() {
+        let id = |n: u64| {
+            let mut b = [0u8; 32];
+            let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            for c in b.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            BlockId(b)
+        };
+        // 40 packs of 3 frames (36 entries); block numbers overlap between packs (copies).
+        let pack = |p: u64| {
+            let frames = (0..3u32)
+                .map(|f| FrameEntry {
+                    offset: f * 100,
+                    stored_len: 100,
+                    raw_len: 1000,
+                    blobs: (0..12u64)
+                        .map(|i| BlobEntry {
+                            kind: if i == 0 { BlobKind::Map } else { BlobKind::Data },
+                            id: id((p * 37 + f as u64 * 12 + i) % 700),
+                            raw_offset: i as u32 * 10,
+                            len: 10,
+                        })
+                        .collect(),
+                })
+                .collect::<Vec<_>>();
+            let mut name = [0u8; 32];
+            name[..8].copy_from_slice(&p.to_le_bytes());
+            (name, frames)
+        };
+        let packs: Vec<_> = (0..40).map(pack).collect();
+        let marked: std::collections::HashSet<PackId> = [packs[3].0, packs[17].0].into();
+        let quarantine: std::collections::HashSet<(PackId, BlockId)> =
+            [(packs[5].0, packs[5].1[1].blobs[4].id)].into();
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpillConfig { dir: dir.path().join("cache"), memory_entries: 150 };
+        let (mut mem, mut disk) = (IndexBuilder::new(None), IndexBuilder::new(Some(config)));
+        for b in [&mut mem, &mut disk] {
+            b.set_marked(marked.clone());
+            b.set_quarantine(quarantine.clone());
+            for (p, f) in &packs[..30] {
+                b.add_pack(*p, f).unwrap();
+            }
+        }
+        let (mut mem, mut disk) = (mem.finish().unwrap(), disk.finish().unwrap());
+        assert!(disk.on_disk() && !mem.on_disk());
+        // Refreshes: the first batch stays in memory (under a quarter of the limit), the
+        // second makes a second run.
+        for x in [&mut mem, &mut disk] {
+            for batch in [&packs[30..31], &packs[31..]] {
+                for (p, f) in batch {
+                    x.add_pack(*p, f);
+                }
+                x.seal();
+            }
+        }
+        assert_eq!((disk.runs.len(), disk.blobs.len()), (2, 0));
+        assert_eq!(mem.len(), disk.len());
+        for n in 0..800 {
+            let b = id(n);
+            // Positions differ (memory merges later entries in, disk keeps them apart).
+            let locs = |x: &Index| x.located(&b).iter().map(|c| (c.location, c.marked)).collect::<Vec<_>>();
+            assert_eq!(locs(&mem), locs(&disk), "block {n}");
+            assert_eq!(mem.get(&b), disk.get(&b));
+            assert_eq!(mem.copies(&b).collect::<Vec<_>>(), disk.copies(&b).collect::<Vec<_>>());
+            assert_eq!(mem.reusable(&b), disk.reusable(&b));
+            assert_eq!(mem.contains(&b), n < 700 && !locs(&mem).is_empty());
+            for x in [&mem, &disk] {
+                for c in x.located(&b) {
+                    assert_eq!(x.entry(c.position), (b, c.location));
+                }
+            }
+        }
+        let all = |x: &Index| {
+            let mut v = Vec::new();
+            x.scan(|p, id, l| {
+                assert_eq!(x.entry(p), (*id, *l));
+                v.push((*id, l.pack, l.frame_offset, l.raw_offset));
+            });
+            v
+        };
+        let (mut m, mut d) = (all(&mem), all(&disk));
+        assert_eq!(m.len(), 40 * 36 - 1);
+        assert!(d[..30 * 36 - 1].windows(2).all(|w| w[0].0 <= w[1].0), "the run is sorted");
+        m.sort();
+        d.sort();
+        assert_eq!(m, d);
+        let by_pack = |x: &Index| {
+            let mut v: Vec<(PackId, Vec<BlockId>)> = x
+                .blobs_by_pack()
+                .into_iter()
+                .map(|(p, pos)| (p, pos.iter().map(|&i| x.entry(i).0).collect::<Vec<_>>()))
+                .collect();
+            v.iter_mut().for_each(|(_, ids)| ids.sort());
+            v.sort();
+            v
+        };
+        assert_eq!(by_pack(&mem), by_pack(&disk));
+        // The cache folder is private and holds no file: every one was unlinked at creation.
+        use std::os::unix::fs::PermissionsExt;
+        let cache = dir.path().join("cache");
+        assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
     }
 }

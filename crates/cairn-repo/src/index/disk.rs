@@ -1,0 +1,222 @@
+//! The index's entries on local disk, for repositories too large to hold them in memory
+//! (FORMAT.md, "Known limits"): one file of fixed-size records sorted by block ID, and in
+//! memory only the first ID of each 4 KiB page of it (32 bytes per 85 entries). A lookup is a
+//! binary search over those, then one page read (the page cache serves the hot ones).
+//!
+//! The file is a private cache of what the index files say, never repository data: it is
+//! created unlinked (nothing is left behind, even by a killed process), in a folder only its
+//! owner can enter. A read error on it is a failure of the local disk: lookups panic with the
+//! file's folder named rather than answer "not found", which a prune would take for "unused".
+
+use super::BlobSlot;
+use crate::pack::BlobKind;
+use crate::BlockId;
+use smallvec::SmallVec;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Bytes per record: ID, frame number, offset and length in the frame, kind, padding.
+const RECORD: usize = 48;
+/// Records per page: 4080 bytes, within one filesystem block.
+const PAGE: usize = 85;
+/// Entries are spread over this many files by their ID's first byte while being added, so
+/// each is sorted alone (1/256 of the whole in memory at once).
+const BUCKETS: usize = 256;
+
+fn encode(id: &BlockId, s: &BlobSlot, out: &mut [u8]) {
+    out[..32].copy_from_slice(&id.0);
+    out[32..36].copy_from_slice(&s.frame.to_le_bytes());
+    out[36..40].copy_from_slice(&s.raw_offset.to_le_bytes());
+    out[40..44].copy_from_slice(&s.len.to_le_bytes());
+    out[44] = s.kind as u8;
+    out[45..48].fill(0);
+}
+
+fn decode(b: &[u8]) -> (BlockId, BlobSlot) {
+    let u = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&b[..32]);
+    // Only this module writes the file: any other kind byte is a local disk fault.
+    let kind = if b[44] == BlobKind::Map as u8 { BlobKind::Map } else { BlobKind::Data };
+    (BlockId(id), BlobSlot { frame: u(32), raw_offset: u(36), len: u(40), kind })
+}
+
+fn failed(dir: &Path, e: io::Error) -> ! {
+    panic!("the index cache file in {} cannot be read ({e}): the local disk failed", dir.display())
+}
+
+/// Where the index's entries go while packs are added, then [`Spill::finish`]ed into a [`Run`].
+pub(super) struct Spill {
+    dir: PathBuf,
+    buckets: Vec<BufWriter<File>>,
+    count: u64,
+}
+
+impl Spill {
+    pub fn new(dir: &Path) -> io::Result<Spill> {
+        private_dir(dir)?;
+        let buckets = (0..BUCKETS)
+            .map(|_| Ok(BufWriter::with_capacity(64 << 10, tempfile::tempfile_in(dir)?)))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Spill { dir: dir.to_path_buf(), buckets, count: 0 })
+    }
+
+    pub fn push(&mut self, id: &BlockId, slot: &BlobSlot) -> io::Result<()> {
+        let mut rec = [0u8; RECORD];
+        encode(id, slot, &mut rec);
+        self.count += 1;
+        self.buckets[id.0[0] as usize].write_all(&rec)
+    }
+
+    /// Sorts each bucket (by ID, then frame: the copy added first first) into one file.
+    pub fn finish(self) -> io::Result<Run> {
+        if self.count > u32::MAX as u64 {
+            return Err(io::Error::other("more than 4 billion index entries"));
+        }
+        let mut out = RunWriter::new(&self.dir, self.count as usize)?;
+        let mut bytes = Vec::new();
+        for bucket in self.buckets {
+            let mut f = bucket.into_inner().map_err(|e| e.into_error())?;
+            f.seek(SeekFrom::Start(0))?;
+            bytes.clear();
+            f.read_to_end(&mut bytes)?;
+            drop(f);
+            let mut entries: Vec<(BlockId, BlobSlot)> = bytes.chunks_exact(RECORD).map(decode).collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.frame.cmp(&b.1.frame)));
+            for (id, slot) in &entries {
+                out.push(id, slot)?;
+            }
+        }
+        out.finish()
+    }
+}
+
+/// Writes entries, given in order, as a [`Run`].
+pub(super) struct RunWriter {
+    out: BufWriter<File>,
+    dir: PathBuf,
+    fences: Vec<BlockId>,
+    written: usize,
+}
+
+impl RunWriter {
+    pub fn new(dir: &Path, expected: usize) -> io::Result<RunWriter> {
+        private_dir(dir)?;
+        let out = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir)?);
+        Ok(RunWriter { out, dir: dir.to_path_buf(), fences: Vec::with_capacity(expected.div_ceil(PAGE)), written: 0 })
+    }
+
+    pub fn push(&mut self, id: &BlockId, slot: &BlobSlot) -> io::Result<()> {
+        if self.written.is_multiple_of(PAGE) {
+            self.fences.push(*id);
+        }
+        let mut rec = [0u8; RECORD];
+        encode(id, slot, &mut rec);
+        self.written += 1;
+        self.out.write_all(&rec)
+    }
+
+    pub fn finish(self) -> io::Result<Run> {
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        Ok(Run { file, dir: self.dir, len: self.written as u32, fences: self.fences })
+    }
+}
+
+/// Creates the cache folder, owner-only (the entries say which blocks the repository holds).
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let m = std::fs::metadata(dir)?;
+    if m.uid() != unsafe { libc::geteuid() } || m.permissions().mode() & 0o077 != 0 {
+        return Err(io::Error::other(format!(
+            "{} must belong to this user and be private (mode 0700) to hold the index cache",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Sorted entries in an unlinked file.
+pub(super) struct Run {
+    file: File,
+    dir: PathBuf,
+    len: u32,
+    /// The first ID of each page.
+    fences: Vec<BlockId>,
+}
+
+impl Run {
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    fn read_page(&self, page: usize, buf: &mut [u8; RECORD * PAGE]) -> usize {
+        let first = page * PAGE;
+        let n = PAGE.min(self.len as usize - first);
+        if let Err(e) = self.file.read_exact_at(&mut buf[..n * RECORD], (first * RECORD) as u64) {
+            failed(&self.dir, e)
+        }
+        n
+    }
+
+    /// Every entry of `id`, with its position (from `base`), the first added first.
+    pub fn slots(&self, id: &BlockId, base: u32, out: &mut SmallVec<[(u32, BlobSlot); 2]>) {
+        // Pages before `lo` start below `id`: its entries begin in page lo-1 at the earliest.
+        let lo = self.fences.partition_point(|f| f < id);
+        let mut page = lo.saturating_sub(1);
+        let mut buf = [0u8; RECORD * PAGE];
+        while page < self.fences.len() && self.fences[page] <= *id {
+            let n = self.read_page(page, &mut buf);
+            let recs = &buf[..n * RECORD];
+            let start = partition(recs, |r| r[..32] < id.0[..]);
+            for (i, r) in recs.chunks_exact(RECORD).enumerate().skip(start) {
+                if r[..32] != id.0 {
+                    return;
+                }
+                out.push((base + (page * PAGE + i) as u32, decode(r).1));
+            }
+            page += 1;
+        }
+    }
+
+    pub fn entry(&self, position: u32) -> (BlockId, BlobSlot) {
+        let mut rec = [0u8; RECORD];
+        if let Err(e) = self.file.read_exact_at(&mut rec, position as u64 * RECORD as u64) {
+            failed(&self.dir, e)
+        }
+        decode(&rec)
+    }
+
+    /// Every entry in order, read sequentially.
+    pub fn scan(&self, base: u32, mut f: impl FnMut(u32, &BlockId, &BlobSlot)) {
+        let mut buf = vec![0u8; RECORD * 16384];
+        let mut pos = 0u32;
+        while pos < self.len {
+            let n = (self.len - pos).min(16384) as usize;
+            if let Err(e) = self.file.read_exact_at(&mut buf[..n * RECORD], pos as u64 * RECORD as u64) {
+                failed(&self.dir, e)
+            }
+            for r in buf[..n * RECORD].chunks_exact(RECORD) {
+                let (id, slot) = decode(r);
+                f(base + pos, &id, &slot);
+                pos += 1;
+            }
+        }
+    }
+}
+
+/// The number of leading records of `recs` for which `below` holds (they are sorted).
+fn partition(recs: &[u8], below: impl Fn(&[u8]) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, recs.len() / RECORD);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if below(&recs[mid * RECORD..(mid + 1) * RECORD]) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
