@@ -191,19 +191,71 @@ impl Run {
 
     /// Every entry in order, read sequentially.
     pub fn scan(&self, base: u32, mut f: impl FnMut(u32, &BlockId, &BlobSlot)) {
-        let mut buf = vec![0u8; RECORD * 16384];
-        let mut pos = 0u32;
-        while pos < self.len {
-            let n = (self.len - pos).min(16384) as usize;
-            if let Err(e) = self.file.read_exact_at(&mut buf[..n * RECORD], pos as u64 * RECORD as u64) {
-                failed(&self.dir, e)
-            }
-            for r in buf[..n * RECORD].chunks_exact(RECORD) {
-                let (id, slot) = decode(r);
-                f(base + pos, &id, &slot);
-                pos += 1;
-            }
+        for (i, (id, slot)) in self.reader().enumerate() {
+            f(base + i as u32, &id, &slot);
         }
+    }
+}
+
+/// Merges two runs, `a` added before `b`, into one (by ID, then frame: frames are numbered in
+/// the order packs were added, so every copy keeps its place). Reads both sequentially.
+pub(super) fn merge(a: &Run, b: &Run) -> io::Result<Run> {
+    let mut out = RunWriter::new(&a.dir, a.len as usize + b.len as usize)?;
+    let (mut ra, mut rb) = (a.reader(), b.reader());
+    let (mut x, mut y) = (ra.next(), rb.next());
+    loop {
+        let take_a = match (&x, &y) {
+            (Some(p), Some(q)) => (p.0, p.1.frame) <= (q.0, q.1.frame),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_a {
+            let (id, slot) = x.take().unwrap();
+            out.push(&id, &slot)?;
+            x = ra.next();
+        } else {
+            let (id, slot) = y.take().unwrap();
+            out.push(&id, &slot)?;
+            y = rb.next();
+        }
+    }
+    out.finish()
+}
+
+/// Reads a run's entries in order, 768 KiB at a time.
+struct RunReader<'a> {
+    run: &'a Run,
+    buf: Vec<u8>,
+    at: u32,
+    filled: u32,
+    start: u32,
+}
+
+impl Run {
+    fn reader(&self) -> RunReader<'_> {
+        RunReader { run: self, buf: vec![0u8; RECORD * 16384], at: 0, filled: 0, start: 0 }
+    }
+}
+
+impl Iterator for RunReader<'_> {
+    type Item = (BlockId, BlobSlot);
+    fn next(&mut self) -> Option<(BlockId, BlobSlot)> {
+        if self.at == self.start + self.filled {
+            if self.at >= self.run.len {
+                return None;
+            }
+            let n = (self.run.len - self.at).min(16384);
+            if let Err(e) =
+                self.run.file.read_exact_at(&mut self.buf[..n as usize * RECORD], self.at as u64 * RECORD as u64)
+            {
+                failed(&self.run.dir, e)
+            }
+            (self.start, self.filled) = (self.at, n);
+        }
+        let i = (self.at - self.start) as usize * RECORD;
+        self.at += 1;
+        Some(decode(&self.buf[i..i + RECORD]))
     }
 }
 

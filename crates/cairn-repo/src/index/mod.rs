@@ -84,10 +84,10 @@ pub struct Index {
     pack_numbers: HashMap<PackId, u32>,
     frames: Vec<FrameSlot>,
     /// Entries on disk, in the order they were added: the run [`IndexBuilder`] wrote, then
-    /// one for each [`SpillConfig::memory_entries`]/4 added after (a refresh after a large
-    /// repack). Positions count through them, then through `blobs`.
+    /// one for each [`SpillConfig::memory_entries`]/4 added after (refreshes), the newest
+    /// merged as they come (see `compact_runs`). Positions count through them, then `blobs`.
     runs: Vec<Arc<disk::Run>>,
-    /// Set by [`IndexBuilder`] when it put entries on disk: where later ones go too.
+    /// Set by [`IndexBuilder`]: where entries go once they outgrow memory.
     spill: Option<SpillConfig>,
     /// Sorted by ID once sealed, one entry per copy (the copy added first first). A sorted array costs
     /// 48 bytes per entry where a hash table costs 80-105 (measured: its growth leaves it
@@ -188,7 +188,12 @@ impl Index {
             }
         }
         self.sorted_len = self.blobs.len();
-        if let Some(spill) = self.spill.as_ref().filter(|c| self.blobs.len() > c.memory_entries / 4) {
+        // In memory up to the limit; once entries are on disk, later ones go in runs of a
+        // quarter of it.
+        let over = |c: &&SpillConfig| {
+            self.blobs.len() > if self.runs.is_empty() { c.memory_entries } else { c.memory_entries / 4 }
+        };
+        if let Some(spill) = self.spill.as_ref().filter(over) {
             // Entries added since the last run outgrew their share of memory: one more run.
             let cache = |e: std::io::Error| Error::Cache(format!("{}: {e}", spill.dir.display()));
             let written = disk::RunWriter::new(&spill.dir, self.blobs.len()).map_err(cache).and_then(|mut w| {
@@ -200,6 +205,7 @@ impl Index {
                 self.runs.push(Arc::new(run));
                 self.blobs = Vec::new();
                 self.sorted_len = 0;
+                self.compact_runs();
             }
         }
         self.quarantined_blobs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.frame.cmp(&b.1.frame)));
@@ -334,6 +340,25 @@ impl Index {
         }
     }
 
+    /// Merges the newest runs while the last is at least half the size of the one before:
+    /// a lookup reads one page per run, and this keeps their number logarithmic (a process
+    /// that refreshes after every backup of a day adds hundreds). Positions change: a
+    /// snapshot taken before (an `Arc<Index>`) keeps its own runs.
+    fn compact_runs(&mut self) {
+        while let [.., a, b] = self.runs.as_slice() {
+            if (b.len() as u64) * 2 < a.len() as u64 {
+                break;
+            }
+            match disk::merge(a, b) {
+                Ok(merged) => {
+                    self.runs.truncate(self.runs.len() - 2);
+                    self.runs.push(Arc::new(merged));
+                }
+                Err(_) => break, // several runs: slower lookups, the same answers
+            }
+        }
+    }
+
     /// Every pack and the positions of the copies the index places in it (for verify; read
     /// each with [`Index::entry`]). Positions, not copies: 4 bytes each instead of ~90.
     pub fn blobs_by_pack(&self) -> HashMap<PackId, Vec<u32>> {
@@ -447,9 +472,10 @@ impl IndexBuilder {
             let dir = self.config.as_ref().map(|c| c.dir.display().to_string()).unwrap_or_default();
             let run = spill.finish().map_err(|e| Error::Cache(format!("{dir}: {e}")))?;
             self.index.runs.push(Arc::new(run));
-            self.index.spill = self.config.take();
             self.index.sorted_len = 0;
         }
+        // Where entries added later go once they outgrow memory.
+        self.index.spill = self.config.take();
         self.index.seal();
         Ok(self.index)
     }
@@ -638,6 +664,41 @@ mod tests {
             }
         }
         assert_eq!((disk.runs.len(), disk.blobs.len()), (2, 0));
+        // Many small refreshes are merged as they come: few runs, the same answers.
+        let extra: Vec<_> = (40..72).map(pack).collect();
+        let mut most = 0;
+        for two in extra.chunks(2) {
+            for x in [&mut mem, &mut disk] {
+                for (p, f) in two {
+                    x.add_pack(*p, f);
+                }
+                x.seal();
+            }
+            most = most.max(disk.runs.len());
+        }
+        assert!((2..=5).contains(&most), "{most} runs");
+        // An index loaded small grows past the limit by refreshes (a long-lived process, or
+        // a fleet built in one): its entries go to disk then.
+        let config = SpillConfig { dir: dir.path().join("cache"), memory_entries: 150 };
+        let (mut b, mut whole) = (IndexBuilder::new(Some(config)), IndexBuilder::new(None));
+        for x in [&mut b, &mut whole] {
+            x.set_marked(marked.clone());
+            x.set_quarantine(quarantine.clone());
+            x.add_pack(packs[0].0, &packs[0].1).unwrap();
+        }
+        let mut grown = b.finish().unwrap();
+        assert!(!grown.on_disk());
+        for (p, f) in &packs[1..] {
+            grown.add_pack(*p, f);
+            grown.seal();
+            whole.add_pack(*p, f).unwrap();
+        }
+        let whole = whole.finish().unwrap();
+        assert!(grown.on_disk() && grown.blobs.len() <= 150 / 4 + 36, "{} in memory", grown.blobs.len());
+        for n in 0..700 {
+            let b = id(n);
+            assert_eq!(grown.copies(&b).collect::<Vec<_>>(), whole.copies(&b).collect::<Vec<_>>(), "block {n}");
+        }
         assert_eq!(mem.len(), disk.len());
         for n in 0..800 {
             let b = id(n);
@@ -663,7 +724,7 @@ mod tests {
             v
         };
         let (mut m, mut d) = (all(&mem), all(&disk));
-        assert_eq!(m.len(), 40 * 36 - 1);
+        assert_eq!(m.len(), 72 * 36 - 1);
         assert!(d[..30 * 36 - 1].windows(2).all(|w| w[0].0 <= w[1].0), "the run is sorted");
         m.sort();
         d.sort();
