@@ -348,6 +348,7 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     }
 
     let mut doomed: Vec<PackId> = Vec::new();
+    let mut deleted: HashSet<PackId> = HashSet::new();
     for (pack, &at) in &marks {
         let size = sizes.get(pack).copied().unwrap_or(0);
         if late_used.contains(pack) {
@@ -369,6 +370,7 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
         report.index_files_rewritten = drop_from_index(repo, &doomed_set)?;
         for pack in &doomed {
             repo.delete_pack(&hex::encode(pack))?;
+            deleted.insert(*pack);
             cairn_storage::crash_point("prune.pack_deleted");
             report.deleted.add(sizes.get(pack).copied().unwrap_or(0));
             marks.remove(pack);
@@ -380,13 +382,9 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     }
     // Records about points a forget removed but did not get to clean (it was killed).
     report.records_dropped = crate::forget::drop_records_of_missing_points(repo)?;
-    // The index in memory still lists what was deleted. A small one is loaded again; a large
-    // one (minutes of reading) is dropped: a caller that goes on loads it when it needs it.
-    if index.on_disk() {
-        repo.unload_index();
-    } else {
-        repo.load_index()?;
-    }
+    // The index in memory forgets what was deleted (loading a large one again takes long);
+    // index files rewritten meanwhile list only packs it knows.
+    repo.drop_packs_from_index(&deleted);
     Ok(report)
 }
 

@@ -233,11 +233,10 @@ impl Repository {
         Ok(())
     }
 
-    /// Forgets the loaded index (frees it; [`Repository::load_index`] loads it again).
-    pub fn unload_index(&self) {
-        let mut files = self.index_files.lock().unwrap();
-        *self.index.write().unwrap() = Arc::new(Index::default());
-        *files = None;
+    /// Takes packs a prune deleted out of the loaded index.
+    pub(crate) fn drop_packs_from_index(&self, packs: &std::collections::HashSet<crate::index::PackId>) {
+        let mut current = self.index.write().unwrap();
+        Arc::make_mut(&mut current).drop_packs(packs);
     }
 
     /// Adds the index files written since the index was loaded (a no-op before the first

@@ -50,6 +50,9 @@ fn unused_packs_go_and_every_surviving_point_restores() {
     assert_eq!((r.points, r.deleted.packs, r.newly_marked.packs, r.used.packs), (1, 1, 1, 1), "{r:?}");
     assert!(r.pending.is_empty(), "{r:?}");
     assert_eq!(packs(dir.path()), 1);
+    // The prune's own process still reads the survivor, and no longer lists the deleted pack.
+    assert_eq!(read_point(&repo, &b).unwrap(), blocks(2, 40));
+    assert!(!repo.index().contains(&repo.crypto().block_id(&blocks(1, 40)[0])));
     // A fresh reader finds every block of the survivor, and no index entry of the deleted pack.
     let fresh = open(dir.path());
     assert_eq!(read_point(&fresh, &b).unwrap(), blocks(2, 40));

@@ -107,6 +107,9 @@ pub struct Index {
     marked: std::collections::HashSet<PackId>,
     /// By pack number: whether the pack is in `marked`.
     pack_marked: Vec<bool>,
+    /// By pack number: deleted by a prune of this process ([`Index::drop_packs`]); its
+    /// entries are skipped, positions of the others unchanged.
+    pack_gone: Vec<bool>,
 }
 
 impl Index {
@@ -123,7 +126,26 @@ impl Index {
         let start = self.blobs.partition_point(|(k, _)| k < id);
         let end = start + self.blobs[start..].partition_point(|(k, _)| k == id);
         out.extend((start..end).map(|i| (base + i as u32, self.blobs[i].1)));
+        if !self.pack_gone.is_empty() {
+            out.retain(|(_, b)| !self.slot_gone(b));
+        }
         out
+    }
+
+    fn slot_gone(&self, b: &BlobSlot) -> bool {
+        self.pack_gone.get(self.frames[b.frame as usize].pack as usize).copied().unwrap_or(false)
+    }
+
+    /// Forgets packs a prune deleted (cheaper than loading a large index again).
+    pub fn drop_packs(&mut self, packs: &std::collections::HashSet<PackId>) {
+        for p in packs {
+            if let Some(&n) = self.pack_numbers.get(p) {
+                if self.pack_gone.len() <= n as usize {
+                    self.pack_gone.resize(self.packs.len(), false);
+                }
+                self.pack_gone[n as usize] = true;
+            }
+        }
     }
 
     fn run_len(&self) -> u32 {
@@ -371,10 +393,14 @@ impl Index {
     pub fn scan(&self, mut f: impl FnMut(u32, &BlockId, &BlobLocation)) {
         let mut base = 0;
         for run in &self.runs {
-            run.scan(base, |p, id, b| f(p, id, &self.location(b)));
+            run.scan(base, |p, id, b| {
+                if !self.slot_gone(b) {
+                    f(p, id, &self.location(b))
+                }
+            });
             base += run.len();
         }
-        for (i, (id, b)) in self.blobs.iter().enumerate() {
+        for (i, (id, b)) in self.blobs.iter().enumerate().filter(|(_, (_, b))| !self.slot_gone(b)) {
             f(base + i as u32, id, &self.location(b));
         }
     }
