@@ -148,6 +148,8 @@ struct Analysis {
     sizes: HashMap<PackId, u64>,
     to_mark: Vec<PackId>,
     to_repack: Vec<(PackId, Vec<u32>)>,
+    /// The index the positions in `reach` and `to_repack` refer to (a refresh renumbers).
+    index: Arc<Index>,
 }
 
 fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result<Analysis> {
@@ -265,16 +267,15 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
     for pack in &to_mark {
         report.newly_marked.add(sizes.get(pack).copied().unwrap_or(0));
     }
-    Ok(Analysis { report, old_records, marks, reach, sizes, to_mark, to_repack })
+    Ok(Analysis { report, old_records, marks, reach, sizes, to_mark, to_repack, index })
 }
 
 /// Runs a prune (see the module docs). Holds a maintenance lock: backups, restores and
 /// verifies go on; another prune or a repair waits.
 pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) -> Result<PruneReport> {
     let lock = repo.lock_mode(LockMode::Maintenance, "prune", opts.lock_wait)?;
-    let Analysis { mut report, old_records, mut marks, mut reach, sizes, mut to_mark, to_repack } =
+    let Analysis { mut report, old_records, mut marks, mut reach, sizes, mut to_mark, to_repack, index } =
         analyze(repo, opts, progress)?;
-    let index = repo.index();
     let mut written: HashSet<PackId> = HashSet::new();
     if !opts.dry_run && !to_repack.is_empty() {
         progress(&format!("repacking {} packs", to_repack.len()));
@@ -382,9 +383,10 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     }
     // Records about points a forget removed but did not get to clean (it was killed).
     report.records_dropped = crate::forget::drop_records_of_missing_points(repo)?;
-    // The index in memory forgets what was deleted (loading a large one again takes long);
-    // index files rewritten meanwhile list only packs it knows.
-    repo.drop_packs_from_index(&deleted);
+    // The index in memory forgets what was deleted and learns the marks (loading a large one
+    // again takes long; index files rewritten meanwhile list only packs it knows).
+    drop(index);
+    repo.after_prune(&deleted, &marks.keys().copied().collect());
     Ok(report)
 }
 
@@ -547,7 +549,11 @@ impl Reachability {
                 let same_place = match prev_disk.filter(|d| d.map.get(k).is_some()) {
                     // Read again rather than kept: a whole disk's map can be large.
                     Some(d) => repo.read_map_page(d, k).map_err(|e| {
-                        Error::Corrupt(format!("map page {k} of disk {} cannot be read ({e}); nothing was changed", d.name))
+                        let p = prev.map(|p| p.name.as_str()).unwrap_or_default();
+                        Error::Corrupt(format!(
+                            "map page {k} of disk {} of an earlier point of {p} cannot be read ({e}); nothing was changed",
+                            d.name
+                        ))
                     })?,
                     None => Vec::new(),
                 };

@@ -233,10 +233,16 @@ impl Repository {
         Ok(())
     }
 
-    /// Takes packs a prune deleted out of the loaded index.
-    pub(crate) fn drop_packs_from_index(&self, packs: &std::collections::HashSet<crate::index::PackId>) {
+    /// Tells the loaded index what a prune did: the packs it deleted, the packs marked now.
+    pub(crate) fn after_prune(
+        &self,
+        deleted: &std::collections::HashSet<crate::index::PackId>,
+        marked: &std::collections::HashSet<crate::index::PackId>,
+    ) {
         let mut current = self.index.write().unwrap();
-        Arc::make_mut(&mut current).drop_packs(packs);
+        let idx = Arc::make_mut(&mut current);
+        idx.drop_packs(deleted);
+        idx.update_marks(marked.clone());
     }
 
     /// Adds the index files written since the index was loaded (a no-op before the first
@@ -270,16 +276,19 @@ impl Repository {
         // (a large repack writes millions of them).
         let mut batch = Vec::new();
         let mut batch_entries = 0usize;
+        // Built on a copy, then swapped in: sealing may write a run to disk or merge runs
+        // (seconds), and readers (every block of a backup asks the index) must not wait. The
+        // `index_files` lock held here keeps refreshes one at a time.
         let add = |batch: &mut Vec<Vec<([u8; 32], Vec<crate::pack::FrameEntry>)>>| {
             if batch.is_empty() {
                 return;
             }
-            let mut current = self.index.write().unwrap();
-            let idx = Arc::make_mut(&mut current);
+            let mut idx = Index::clone(&self.index());
             for (pack, frames) in batch.drain(..).flatten() {
                 idx.add_pack(pack, &frames);
             }
             idx.seal();
+            *self.index.write().unwrap() = Arc::new(idx);
         };
         let read = self.read_listed_index_files(seen, &mut damaged, pick, |packs| {
             batch_entries += packs.iter().flat_map(|(_, f)| f).map(|f| f.blobs.len()).sum::<usize>();
@@ -718,7 +727,7 @@ impl Repository {
         // same name, and `repair index` recovers from a damaged one, not from a missing one).
         for _ in 0..2 {
             self.store(Kind::Index, &name, &sealed)?;
-            let back = self.backend.get(Kind::Index, &name)?;
+            let back = self.backend.get(Kind::Index, &name).or_else(|_| self.backend.get(Kind::Index, &name))?;
             if blake3::hash(&back).to_hex().as_str() == name {
                 return Ok((name, sealed.len() as u64));
             }

@@ -71,6 +71,9 @@ fn the_grace_period_keeps_marked_packs_until_a_later_run() {
     assert_eq!((r.newly_marked.packs, r.deleted.packs), (1, 0), "{r:?}");
     assert!(r.pending[0].reason.contains("grace period"), "{r:?}");
     assert_eq!(packs(dir.path()), 1);
+    // The prune's own process knows the mark: a backup it runs next stores those blocks again.
+    let id = repo.crypto().block_id(&blocks(1, 8)[0]);
+    assert!(repo.index().contains(&id) && !repo.index().reusable(&id));
     // The mark survives across runs; with the grace over, the pack goes.
     let r = run(&open(dir.path()), &now_opts());
     assert_eq!((r.newly_marked.packs, r.deleted.packs), (0, 1), "{r:?}");

@@ -19,8 +19,15 @@ use std::path::{Path, PathBuf};
 
 /// Bytes per record: ID, frame number, offset and length in the frame, kind, padding.
 const RECORD: usize = 48;
-/// Records per page: 4080 bytes, within one filesystem block.
+/// Records per page: 4080 bytes, padded to 4096 so a page is one block of the file (and of
+/// the page cache).
 const PAGE: usize = 85;
+const PAGE_BYTES: usize = 4096;
+
+/// Where record `pos` starts in a run file.
+fn offset_of(pos: u64) -> u64 {
+    pos / PAGE as u64 * PAGE_BYTES as u64 + pos % PAGE as u64 * RECORD as u64
+}
 /// Entries are spread over this many files by their ID's first byte while being added, so
 /// each is sorted alone (1/256 of the whole in memory at once).
 const BUCKETS: usize = 256;
@@ -109,7 +116,13 @@ impl RunWriter {
     }
 
     pub fn push(&mut self, id: &BlockId, slot: &BlobSlot) -> io::Result<()> {
+        if self.written >= u32::MAX as usize {
+            return Err(io::Error::other("more than 4 billion index entries in one run"));
+        }
         if self.written.is_multiple_of(PAGE) {
+            if self.written > 0 {
+                self.out.write_all(&[0u8; PAGE_BYTES - PAGE * RECORD])?;
+            }
             self.fences.push(*id);
         }
         let mut rec = [0u8; RECORD];
@@ -155,7 +168,7 @@ impl Run {
     fn read_page(&self, page: usize, buf: &mut [u8; RECORD * PAGE]) -> usize {
         let first = page * PAGE;
         let n = PAGE.min(self.len as usize - first);
-        if let Err(e) = self.file.read_exact_at(&mut buf[..n * RECORD], (first * RECORD) as u64) {
+        if let Err(e) = self.file.read_exact_at(&mut buf[..n * RECORD], offset_of(first as u64)) {
             failed(&self.dir, e)
         }
         n
@@ -183,7 +196,7 @@ impl Run {
 
     pub fn entry(&self, position: u32) -> (BlockId, BlobSlot) {
         let mut rec = [0u8; RECORD];
-        if let Err(e) = self.file.read_exact_at(&mut rec, position as u64 * RECORD as u64) {
+        if let Err(e) = self.file.read_exact_at(&mut rec, offset_of(position as u64)) {
             failed(&self.dir, e)
         }
         decode(&rec)
@@ -223,18 +236,21 @@ pub(super) fn merge(a: &Run, b: &Run) -> io::Result<Run> {
     out.finish()
 }
 
-/// Reads a run's entries in order, 768 KiB at a time.
+/// Reads a run's entries in order, 192 pages (768 KiB) at a time.
 struct RunReader<'a> {
     run: &'a Run,
     buf: Vec<u8>,
+    /// The next record, and the records of the pages in `buf`: `start..start + filled`.
     at: u32,
-    filled: u32,
     start: u32,
+    filled: u32,
 }
+
+const READ_PAGES: usize = 192;
 
 impl Run {
     fn reader(&self) -> RunReader<'_> {
-        RunReader { run: self, buf: vec![0u8; RECORD * 16384], at: 0, filled: 0, start: 0 }
+        RunReader { run: self, buf: vec![0u8; READ_PAGES * PAGE_BYTES], at: 0, filled: 0, start: 0 }
     }
 }
 
@@ -245,15 +261,15 @@ impl Iterator for RunReader<'_> {
             if self.at >= self.run.len {
                 return None;
             }
-            let n = (self.run.len - self.at).min(16384);
-            if let Err(e) =
-                self.run.file.read_exact_at(&mut self.buf[..n as usize * RECORD], self.at as u64 * RECORD as u64)
-            {
+            // `at` is a page's first record here: the buffer always holds whole pages.
+            let n = (self.run.len - self.at).min((READ_PAGES * PAGE) as u32);
+            let bytes = offset_of(self.at as u64 + n as u64 - 1) + RECORD as u64 - offset_of(self.at as u64);
+            if let Err(e) = self.run.file.read_exact_at(&mut self.buf[..bytes as usize], offset_of(self.at as u64)) {
                 failed(&self.run.dir, e)
             }
             (self.start, self.filled) = (self.at, n);
         }
-        let i = (self.at - self.start) as usize * RECORD;
+        let i = offset_of((self.at - self.start) as u64) as usize;
         self.at += 1;
         Some(decode(&self.buf[i..i + RECORD]))
     }
@@ -271,4 +287,46 @@ fn partition(recs: &[u8], below: impl Fn(&[u8]) -> bool) -> usize {
         }
     }
     lo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run larger than one read of the sequential reader, with duplicates across page
+    /// boundaries: every entry found by lookup, by position and in order.
+    #[test]
+    fn a_run_reads_back_by_lookup_by_position_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 * READ_PAGES * PAGE + 77;
+        let id = |i: usize| {
+            let mut b = [0u8; 32];
+            // Runs of 1 to 3 equal IDs, in increasing order.
+            b[..8].copy_from_slice(&((i / 3 * 2 + i % 3 / 2) as u64).to_be_bytes());
+            BlockId(b)
+        };
+        let slot = |i: usize| BlobSlot { frame: i as u32, raw_offset: 7, len: i as u32 % 1000, kind: BlobKind::Data };
+        let mut w = RunWriter::new(&dir.path().join("c"), n).unwrap();
+        for i in 0..n {
+            w.push(&id(i), &slot(i)).unwrap();
+        }
+        let run = w.finish().unwrap();
+        assert_eq!(run.len() as usize, n);
+        let mut seen = 0;
+        run.scan(10, |p, b, s| {
+            assert_eq!((p as usize - 10, *b, s.frame), (seen, id(seen), seen as u32));
+            seen += 1;
+        });
+        assert_eq!(seen, n);
+        for i in (0..n).step_by(37).chain([PAGE - 1, PAGE, 2 * PAGE - 1, n - 1]) {
+            assert_eq!(run.entry(i as u32).1.frame, i as u32);
+            let mut out = SmallVec::new();
+            run.slots(&id(i), 0, &mut out);
+            let want: Vec<u32> = (0..n).filter(|&j| id(j) == id(i)).map(|j| j as u32).collect();
+            assert_eq!(out.iter().map(|(p, _)| *p).collect::<Vec<_>>(), want, "entry {i}");
+        }
+        let mut none = SmallVec::new();
+        run.slots(&BlockId([0xff; 32]), 0, &mut none);
+        assert!(none.is_empty());
+    }
 }

@@ -136,16 +136,23 @@ impl Index {
         self.pack_gone.get(self.frames[b.frame as usize].pack as usize).copied().unwrap_or(false)
     }
 
-    /// Forgets packs a prune deleted (cheaper than loading a large index again).
+    /// Forgets packs a prune deleted (cheaper than loading a large index again). A pack of
+    /// the same name written later (names are content hashes) is added afresh.
     pub fn drop_packs(&mut self, packs: &std::collections::HashSet<PackId>) {
         for p in packs {
-            if let Some(&n) = self.pack_numbers.get(p) {
+            if let Some(n) = self.pack_numbers.remove(p) {
                 if self.pack_gone.len() <= n as usize {
                     self.pack_gone.resize(self.packs.len(), false);
                 }
                 self.pack_gone[n as usize] = true;
             }
         }
+    }
+
+    /// Replaces the set of packs marked for deletion (a prune made new marks).
+    pub fn update_marks(&mut self, marked: std::collections::HashSet<PackId>) {
+        self.pack_marked = self.packs.iter().map(|p| marked.contains(p)).collect();
+        self.marked = marked;
     }
 
     fn run_len(&self) -> u32 {
@@ -293,7 +300,7 @@ impl Index {
     pub fn quarantined_copies(&self, id: &BlockId) -> impl Iterator<Item = BlobLocation> + '_ {
         let start = self.quarantined_blobs.partition_point(|(k, _)| k < id);
         let end = start + self.quarantined_blobs[start..].partition_point(|(k, _)| k == id);
-        self.quarantined_blobs[start..end].iter().map(|(_, b)| self.location(b))
+        self.quarantined_blobs[start..end].iter().filter(|(_, b)| !self.slot_gone(b)).map(|(_, b)| self.location(b))
     }
 
     fn location(&self, b: &BlobSlot) -> BlobLocation {
@@ -771,5 +778,29 @@ mod tests {
         let cache = dir.path().join("cache");
         assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
         assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+    }
+
+    /// A pack a prune deleted is gone from lookups; written again later (same content, same
+    /// name), it is found again.
+    #[test]
+    fn a_dropped_pack_is_forgotten_and_a_new_one_of_its_name_is_added() {
+        let id = BlockId([7; 32]);
+        let frames = vec![FrameEntry {
+            offset: 0,
+            stored_len: 10,
+            raw_len: 100,
+            blobs: vec![BlobEntry { kind: BlobKind::Data, id, raw_offset: 0, len: 100 }],
+        }];
+        let mut idx = Index::default();
+        idx.add_pack([1; 32], &frames);
+        idx.seal();
+        idx.drop_packs(&[[1u8; 32]].into());
+        assert!(!idx.contains(&id) && idx.get(&id).is_none());
+        let mut n = 0;
+        idx.scan(|_, _, _| n += 1);
+        assert_eq!(n, 0);
+        idx.add_pack([1; 32], &frames);
+        idx.seal();
+        assert_eq!(idx.copies(&id).count(), 1);
     }
 }
