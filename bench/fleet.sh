@@ -2,7 +2,8 @@
 # Retention at fleet scale: builds synthetic fleet repositories through cairn's real write path
 # (crates/cairn-bench, `cairn-fleet`: 100 VMs x 30 daily points, 1% of each disk rewritten per
 # day), at two sizes 4x apart, then times `cairn forget --keep-daily 7` and `cairn prune` on
-# each (wall time, peak memory, objects read/written/deleted). Then compares with
+# each (wall time, peak memory, objects read/written/deleted), a verify, and a backup and a
+# restore of 1 GiB of new data against the whole index. Then compares with
 # `restic forget --prune` on the same image in the same run: bench/run.sh's image backed up in
 # four rounds of 1% scattered writes by both tools, all but the newest snapshot forgotten,
 # pruned. Prints a Markdown table and saves it under bench/results/.
@@ -51,6 +52,11 @@ for blocks in $small $large; do
   timed "prune-$blocks" "$cairn" prune --grace 0 --json
   for k in packs index points; do echo "$k $(count "run-$blocks/$k")"; done > "objects-after-$blocks.txt"
   timed "verify-$blocks" "$cairn" verify --sample 5 --json
+  # A backup and a restore against the whole index (1 GiB of new data; the restore checked).
+  [[ -f probe.img ]] || head -c 1073741824 /dev/urandom > probe.img
+  timed "backup-$blocks" "$cairn" backup image probe.img --name probe --json
+  timed "restore-$blocks" "$cairn" restore image probe --to probe-restored.img --force --json
+  cmp probe.img probe-restored.img; rm -f probe-restored.img
   unset CAIRN_REPO
 done
 
@@ -108,6 +114,8 @@ out="$top/bench/results/fleet-$(date -u +%Y-%m-%dT%H%M).md"
   echo "| objects before -> after (packs, index, points) | $(obj objects-before-$small.txt packs) -> $(obj objects-after-$small.txt packs), $(obj objects-before-$small.txt index) -> $(obj objects-after-$small.txt index), $(obj objects-before-$small.txt points) -> $(obj objects-after-$small.txt points) | $(obj objects-before-$large.txt packs) -> $(obj objects-after-$large.txt packs), $(obj objects-before-$large.txt index) -> $(obj objects-after-$large.txt index), $(obj objects-before-$large.txt points) -> $(obj objects-after-$large.txt points) |"
   echo "| GiB reclaimed | $(j out-prune-$small.json 'round(d["deleted"]["bytes"]/2**30,2)') | $(j out-prune-$large.json 'round(d["deleted"]["bytes"]/2**30,2)') |"
   echo "| \`verify --sample 5\` afterwards (s / peak MiB) | $(t verify-$small) / $(m verify-$small) | $(t verify-$large) / $(m verify-$large) |"
+  echo "| \`backup image\` of 1 GiB of new data (s / peak MiB) | $(t backup-$small) / $(m backup-$small) | $(t backup-$large) / $(m backup-$large) |"
+  echo "| \`restore image\` of it, checked (s / peak MiB) | $(t restore-$small) / $(m restore-$small) | $(t restore-$large) / $(m restore-$large) |"
   if [[ -z ${FLEET_SKIP_RESTIC:-} ]]; then
     echo
     echo "Same image for both tools (bench/run.sh's), four backups with 1% scattered writes between; keep the newest:"

@@ -279,7 +279,7 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     let mut written: HashSet<PackId> = HashSet::new();
     if !opts.dry_run && !to_repack.is_empty() {
         progress(&format!("repacking {} packs", to_repack.len()));
-        written = repack(repo, &index, &to_repack, &sizes, opts.threads, &mut report)?.into_iter().collect();
+        written = repack(repo, index, &to_repack, &sizes, opts.threads, &mut report)?.into_iter().collect();
         // Pack names are content hashes: a repack can write a pack under the name of one this
         // run (or an earlier one, killed before it indexed it) took for unindexed. Never mark
         // what the repack just made the home of the blocks it moved.
@@ -290,6 +290,7 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
         to_mark.retain(|p| !written.contains(p));
         marks.retain(|p, _| !written.contains(p));
     } else {
+        drop(index);
         for (pack, _) in &to_repack {
             report.repacked.add(sizes[pack]);
         }
@@ -385,7 +386,6 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     report.records_dropped = crate::forget::drop_records_of_missing_points(repo)?;
     // The index in memory forgets what was deleted and learns the marks (loading a large one
     // again takes long; index files rewritten meanwhile list only packs it knows).
-    drop(index);
     repo.after_prune(&deleted, &marks.keys().copied().collect());
     Ok(report)
 }
@@ -615,7 +615,7 @@ impl Reachability {
 /// checking and compressing are CPU work.
 fn repack(
     repo: &Arc<Repository>,
-    index: &Index,
+    index: Arc<Index>,
     packs: &[(PackId, Vec<u32>)],
     sizes: &HashMap<PackId, u64>,
     threads: usize,
@@ -642,6 +642,7 @@ fn repack(
             .into_iter()
             .map(|(_, share)| {
                 let tx = tx.clone();
+                let index = &*index;
                 scope.spawn(move || repack_share(repo, index, &share, &tx))
             })
             .collect();
@@ -657,7 +658,13 @@ fn repack(
     for r in worker_results {
         r?;
     }
+    // The positions are spent: the session's last index files must not copy this index to
+    // add to it (a large one's frames alone are tens of MiB), and the threads' buffers go
+    // back to the system (glibc keeps them in per-thread arenas unless asked).
+    drop(index);
+    trim_heap();
     let files = session.finish()?;
+    trim_heap();
     for (pack, _) in packs {
         report.repacked.add(sizes.get(pack).copied().unwrap_or(0));
     }
@@ -672,6 +679,14 @@ fn repack(
         }
     }
     Ok(written)
+}
+
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// One thread's share of a repack: frames of the used blocks, each checked against its ID,
