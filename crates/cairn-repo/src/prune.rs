@@ -650,8 +650,7 @@ fn repack(
         // On a storage error the receiver goes: the threads' next send fails and they stop.
         let stored = rx.iter().try_for_each(|frame| session.add_frame(frame).map(drop));
         drop(rx);
-        let results: Vec<Result<()>> =
-            handles.into_iter().map(|h| h.join().expect("repack thread panicked")).collect();
+        let results: Vec<Result<()>> = handles.into_iter().map(|h| h.join().expect("repack thread panicked")).collect();
         (results, stored)
     });
     stored?;
@@ -729,9 +728,14 @@ fn repack_share(
                 next
             }) && at == first.frame_raw_len;
             if whole && group.iter().all(|(id, loc)| sound(id, loc)) {
-                let entries =
-                    group.iter().map(|(id, l)| BlobEntry { kind: l.kind, id: *id, raw_offset: l.raw_offset, len: l.len });
-                let frame = SealedFrame { stored: stored.clone(), raw_len: first.frame_raw_len, blobs: entries.collect() };
+                let entries = group.iter().map(|(id, l)| BlobEntry {
+                    kind: l.kind,
+                    id: *id,
+                    raw_offset: l.raw_offset,
+                    len: l.len,
+                });
+                let frame =
+                    SealedFrame { stored: stored.clone(), raw_len: first.frame_raw_len, blobs: entries.collect() };
                 out.send(frame).map_err(|_| Error::Corrupt("the repack's storage failed".into()))?;
                 continue;
             }

@@ -224,9 +224,12 @@ impl Repository {
         idx.set_marked(crate::prune::marks_in(&records).into_keys().collect());
         let mut seen = std::collections::HashSet::new();
         let mut damaged = Vec::new();
-        self.read_listed_index_files(&mut seen, &mut damaged, |_| true, |packs| {
-            packs.into_iter().try_for_each(|(pack, frames)| idx.add_pack(pack, &frames))
-        })?;
+        self.read_listed_index_files(
+            &mut seen,
+            &mut damaged,
+            |_| true,
+            |packs| packs.into_iter().try_for_each(|(pack, frames)| idx.add_pack(pack, &frames)),
+        )?;
         *self.index.write().unwrap() = Arc::new(idx.finish()?);
         *self.damaged_index_files.write().unwrap() = damaged;
         *files = Some(seen);

@@ -672,8 +672,7 @@ mod tests {
         };
         let packs: Vec<_> = (0..40).map(pack).collect();
         let marked: std::collections::HashSet<PackId> = [packs[3].0, packs[17].0].into();
-        let quarantine: std::collections::HashSet<(PackId, BlockId)> =
-            [(packs[5].0, packs[5].1[1].blobs[4].id)].into();
+        let quarantine: std::collections::HashSet<(PackId, BlockId)> = [(packs[5].0, packs[5].1[1].blobs[4].id)].into();
         let dir = tempfile::tempdir().unwrap();
         let config = SpillConfig { dir: dir.path().join("cache"), memory_entries: 150 };
         let (mut mem, mut disk) = (IndexBuilder::new(None), IndexBuilder::new(Some(config)));
