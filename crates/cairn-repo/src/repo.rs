@@ -245,7 +245,7 @@ impl Repository {
         let mut current = self.index.write().unwrap();
         let idx = Arc::make_mut(&mut current);
         idx.drop_packs(deleted);
-        idx.update_marks(marked.clone());
+        idx.set_marked(marked.clone());
     }
 
     /// Adds the index files written since the index was loaded (a no-op before the first

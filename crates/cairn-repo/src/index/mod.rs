@@ -149,12 +149,6 @@ impl Index {
         }
     }
 
-    /// Replaces the set of packs marked for deletion (a prune made new marks).
-    pub fn update_marks(&mut self, marked: std::collections::HashSet<PackId>) {
-        self.pack_marked = self.packs.iter().map(|p| marked.contains(p)).collect();
-        self.marked = marked;
-    }
-
     fn run_len(&self) -> u32 {
         self.runs.iter().map(|r| r.len()).sum()
     }
@@ -280,8 +274,9 @@ impl Index {
         self.len() == 0
     }
 
-    /// Sets the packs marked for deletion (before packs are added).
+    /// Sets the packs marked for deletion (at load, or when a prune made new marks).
     pub fn set_marked(&mut self, marked: std::collections::HashSet<PackId>) {
+        self.pack_marked = self.packs.iter().map(|p| marked.contains(p)).collect();
         self.marked = marked;
     }
 
