@@ -20,6 +20,11 @@ const FOOTER_LEN: usize = 12;
 pub const MAX_FRAME_RAW: usize = 16 * crate::config::MAX_BLOCK_SIZE as usize;
 /// Sealing adds at most this much to a frame (envelope header, nonce, tag).
 const MAX_SEAL_OVERHEAD: usize = 64;
+/// A pack buffer's usual capacity: a session closes a pack once it reaches its target, so it
+/// holds the target, one more frame of default-size blocks and the trailer. Larger frames
+/// grow it exactly.
+const PACK_CAPACITY: usize =
+    crate::session::PACK_TARGET + 16 * crate::config::DEFAULT_BLOCK_SIZE as usize + (256 << 10);
 
 /// What a stored blob holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,6 +129,16 @@ impl PackBuilder {
         PackBuilder { buf, frames: Vec::new() }
     }
 
+    /// Grows the buffer to exactly what is needed, at least [`PACK_CAPACITY`]: a doubling
+    /// `Vec` would leave a recycled pack buffer at twice the pack size, and a session keeps
+    /// four of them.
+    fn reserve(&mut self, additional: usize) {
+        if self.buf.capacity() - self.buf.len() < additional {
+            let want = (self.buf.len() + additional).max(PACK_CAPACITY);
+            self.buf.reserve_exact(want - self.buf.len());
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.buf.len()
     }
@@ -140,6 +155,7 @@ impl PackBuilder {
             raw_len: frame.raw_len,
             blobs: frame.blobs,
         });
+        self.reserve(frame.stored.len());
         self.buf.extend_from_slice(&frame.stored);
         let mut b = frame.stored;
         b.clear();
@@ -148,6 +164,7 @@ impl PackBuilder {
 
     pub fn finish(mut self, crypto: &Crypto) -> FinishedPack {
         let trailer = crypto.seal(&encode_contents(&self.frames), 3);
+        self.reserve(trailer.len() + 4 + PACK_MAGIC.len());
         self.buf.extend_from_slice(&trailer);
         self.buf.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(PACK_MAGIC);

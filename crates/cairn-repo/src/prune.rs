@@ -210,19 +210,20 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
     report.stored = Packs { packs: sizes.len() as u64, bytes: sizes.values().sum() };
     // One sequential pass over the index (on disk in a large repository): each pack's bytes
     // and the share of them the points use.
-    let mut tally: HashMap<PackId, (u64, u64)> = HashMap::new();
+    let mut tally: HashMap<PackId, (u64, u64, usize)> = HashMap::new();
     index.scan(|p, _, loc| {
         let t = tally.entry(loc.pack).or_default();
         t.1 += loc.len as u64;
         if reach.is_used(p) {
             t.0 += loc.len as u64;
+            t.2 += 1;
         }
     });
     let mut to_mark: Vec<PackId> = Vec::new();
     let mut to_repack: Vec<(PackId, Vec<u32>)> = Vec::new();
-    let mut tally: Vec<(PackId, (u64, u64))> = tally.into_iter().collect();
+    let mut tally: Vec<(PackId, (u64, u64, usize))> = tally.into_iter().collect();
     tally.sort_unstable_by_key(|(p, _)| *p);
-    for (pack, (used_raw, all_raw)) in &tally {
+    for (pack, (used_raw, all_raw, used_copies)) in &tally {
         let Some(&size) = sizes.get(pack) else { continue }; // listed, not stored: nothing to reclaim
         let (used_raw, all_raw) = (*used_raw, *all_raw);
         let pinned = reach.damaged_only.contains(pack);
@@ -240,7 +241,8 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
         } else if used_raw == all_raw && !quarantined || pinned {
             report.used.add(size);
         } else if quarantined || (all_raw - used_raw) as f64 > opts.max_unused * all_raw as f64 {
-            to_repack.push((*pack, Vec::new()));
+            // Sized exactly: a large repack lists millions of positions.
+            to_repack.push((*pack, Vec::with_capacity(*used_copies)));
         } else {
             report.partly_used.add(size);
             report.partly_used_unused_bytes += size.saturating_mul(all_raw - used_raw) / all_raw.max(1);
@@ -274,12 +276,12 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
 /// verifies go on; another prune or a repair waits.
 pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) -> Result<PruneReport> {
     let lock = repo.lock_mode(LockMode::Maintenance, "prune", opts.lock_wait)?;
-    let Analysis { mut report, old_records, mut marks, mut reach, sizes, mut to_mark, to_repack, index } =
+    let Analysis { mut report, old_records, mut marks, mut reach, sizes, mut to_mark, mut to_repack, index } =
         analyze(repo, opts, progress)?;
     let mut written: HashSet<PackId> = HashSet::new();
     if !opts.dry_run && !to_repack.is_empty() {
         progress(&format!("repacking {} packs", to_repack.len()));
-        written = repack(repo, index, &to_repack, &sizes, opts.threads, &mut report)?.into_iter().collect();
+        written = repack(repo, index, &mut to_repack, &sizes, opts.threads, &mut report)?.into_iter().collect();
         // Pack names are content hashes: a repack can write a pack under the name of one this
         // run (or an earlier one, killed before it indexed it) took for unindexed. Never mark
         // what the repack just made the home of the blocks it moved.
@@ -616,7 +618,7 @@ impl Reachability {
 fn repack(
     repo: &Arc<Repository>,
     index: Arc<Index>,
-    packs: &[(PackId, Vec<u32>)],
+    packs: &mut [(PackId, Vec<u32>)],
     sizes: &HashMap<PackId, u64>,
     threads: usize,
     report: &mut PruneReport,
@@ -657,10 +659,14 @@ fn repack(
     for r in worker_results {
         r?;
     }
-    // The positions are spent: the session's last index files must not copy this index to
-    // add to it (a large one's frames alone are tens of MiB), and the threads' buffers go
-    // back to the system (glibc keeps them in per-thread arenas unless asked).
+    // The positions are spent (the index they refer to, and the lists of them: tens of MiB
+    // in a large repository) before the session's index files join the index, and the
+    // threads' buffers go back to the system (glibc keeps them in per-thread arenas unless
+    // asked).
     drop(index);
+    for (_, positions) in packs.iter_mut() {
+        *positions = Vec::new();
+    }
     trim_heap();
     let files = session.finish()?;
     trim_heap();

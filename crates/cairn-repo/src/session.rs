@@ -143,6 +143,13 @@ impl Session {
         Ok(())
     }
 
+    /// Frees the pack buffers (tens of MiB) once the writer is done, before the session's
+    /// index files are merged and added to the index.
+    fn release_buffers(&mut self) {
+        self.pack = PackBuilder::default();
+        while self.recycled.try_recv().is_ok() {}
+    }
+
     fn join_writer(&mut self) -> Result<WriterOutcome> {
         drop(self.tx.take());
         match self.writer.take() {
@@ -155,6 +162,7 @@ impl Session {
     pub fn commit(mut self, point: &mut RestorePoint) -> Result<String> {
         self.flush_pack()?;
         let mut outcome = self.join_writer()?;
+        self.release_buffers();
         merge_session_index(&self.repo, &mut outcome)?;
         point.stats.repository_growth_bytes = self.pack_bytes + outcome.index_bytes;
         cairn_storage::crash_point("commit.before_point");
@@ -174,6 +182,7 @@ impl Session {
     pub fn finish(mut self) -> Result<Vec<String>> {
         self.flush_pack()?;
         let mut outcome = self.join_writer()?;
+        self.release_buffers();
         merge_session_index(&self.repo, &mut outcome)?;
         let _ = self.repo.add_index_files(&outcome.index_files);
         Ok(outcome.index_files)

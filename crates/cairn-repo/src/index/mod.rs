@@ -47,6 +47,45 @@ impl BlobLocation {
     }
 }
 
+/// An append-only array in fixed segments that clones share: every refresh builds on a copy
+/// of the index, and a large one has millions of frames (tens of MiB copied, then doubled by
+/// a growing `Vec`). A clone copies pointers; a push copies at most the last segment.
+#[derive(Clone)]
+struct Segmented<T> {
+    segments: Vec<Arc<Vec<T>>>,
+    len: usize,
+}
+
+impl<T> Default for Segmented<T> {
+    fn default() -> Self {
+        Segmented { segments: Vec::new(), len: 0 }
+    }
+}
+
+/// Entries per segment of a [`Segmented`] (1 MiB of frames).
+const SEGMENT: usize = 1 << 16;
+
+impl<T: Clone> Segmented<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, value: T) {
+        if self.len.is_multiple_of(SEGMENT) {
+            self.segments.push(Arc::new(Vec::with_capacity(SEGMENT)));
+        }
+        Arc::make_mut(self.segments.last_mut().expect("a segment was just made")).push(value);
+        self.len += 1;
+    }
+}
+
+impl<T> std::ops::Index<usize> for Segmented<T> {
+    type Output = T;
+    fn index(&self, i: usize) -> &T {
+        &self.segments[i / SEGMENT][i % SEGMENT]
+    }
+}
+
 /// Compact in-memory entries: frames are shared by up to 16 blobs, packs by thousands.
 #[derive(Clone, Copy)]
 struct FrameSlot {
@@ -82,7 +121,7 @@ pub struct Copy {
 pub struct Index {
     packs: Vec<PackId>,
     pack_numbers: HashMap<PackId, u32>,
-    frames: Vec<FrameSlot>,
+    frames: Segmented<FrameSlot>,
     /// Entries on disk, in the order they were added: the run [`IndexBuilder`] wrote, then
     /// one for each [`SpillConfig::memory_entries`]/4 added after (refreshes), the newest
     /// merged as they come (see `compact_runs`). Positions count through them, then `blobs`.
@@ -543,6 +582,21 @@ pub fn decode_index(raw: &[u8]) -> Result<Vec<(PackId, Vec<FrameEntry>)>> {
 mod tests {
     use super::*;
     use crate::pack::BlobEntry;
+
+    #[test]
+    fn segmented_clones_share_full_segments_and_diverge_on_push() {
+        let mut a: Segmented<u32> = Segmented::default();
+        for i in 0..(SEGMENT as u32 * 2 + 5) {
+            a.push(i);
+        }
+        let mut b = a.clone();
+        assert!(Arc::ptr_eq(&a.segments[0], &b.segments[0]), "full segments are shared, not copied");
+        b.push(7);
+        a.push(9);
+        assert_eq!((a.len(), b.len()), (SEGMENT * 2 + 6, SEGMENT * 2 + 6));
+        assert_eq!((a[SEGMENT * 2 + 5], b[SEGMENT * 2 + 5]), (9, 7));
+        assert_eq!((a[SEGMENT], b[SEGMENT * 2 + 4]), (SEGMENT as u32, SEGMENT as u32 * 2 + 4));
+    }
 
     #[test]
     fn encode_decode_and_lookup() {
