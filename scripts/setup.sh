@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 pkgs=(e2fsprogs fdisk python3 ca-certificates pkg-config procps mount
       qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon-system libvirt-clients libvirt-dev
       busybox-static qemu-guest-agent cpio kmod xz-utils binutils python3-aiosmtpd
-      dosfstools mtools ntfs-3g lvm2 openssl)
+      dosfstools mtools ntfs-3g lvm2 openssl python3-venv)
 if [[ "${1:-}" == "--bench" ]]; then
   pkgs+=(restic borgbackup time virtnbdbackup)
 fi
@@ -63,3 +63,22 @@ virsh -c qemu:///system version >/dev/null || { echo "libvirtd did not start" >&
 
 # The tiny test guest (kernel, initramfs, disks): seconds to build, reused afterwards.
 [ -f "${CAIRN_GUEST_DIR:-/var/lib/cairn-test/guest}/VERSION" ] || scripts/guest.sh build
+
+# Object storage servers for the tests (crates/cairn-storage/src/test_servers.rs starts them on
+# loopback, one per test): moto (S3 with versioning and Object Lock), s3s-fs (plain S3 on a
+# folder), Azurite (Azure Blob). Installed once under /var/lib/cairn-test.
+srv=/var/lib/cairn-test
+if [ ! -x "$srv/moto/bin/moto_server" ]; then
+  python3 -m venv "$srv/moto"
+  "$srv/moto/bin/pip" install -q 'moto[server]==5.2.5'
+fi
+if [ ! -x "$srv/s3s-fs/bin/s3s-fs" ]; then
+  # 0.14.1: later versions need a newer Rust than 1.95.
+  cargo install -q s3s-fs@0.14.1 --features binary --locked --root "$srv/s3s-fs"
+fi
+if [ ! -x "$srv/azurite/node_modules/.bin/azurite-blob" ]; then
+  if ! command -v npm >/dev/null; then
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  npm install -s --no-audit --no-fund --prefix "$srv/azurite" azurite@3.37.0
+fi

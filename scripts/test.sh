@@ -9,6 +9,8 @@ scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 t0=$SECONDS
 cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
+# Tests that need an object storage server fail (not skip) when it is missing.
+export CAIRN_TEST_REQUIRE_SERVERS=1
 cargo test --workspace --locked -- --test-threads=2
 # Again with every index's entries on local disk (a large repository's index, FORMAT.md
 # "Known limits"): the repository, prune, verify and repair tests and the CLI's data paths.

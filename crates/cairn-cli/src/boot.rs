@@ -174,7 +174,7 @@ pub fn boot_and_report(
     work_dir: &Path,
     a: &MailSettings,
 ) -> Result<(BootCheck, String, Option<String>, Option<Vec<u8>>)> {
-    let repo_dir = std::path::absolute(g.repo.as_ref().context("no repository: pass --repo DIR or set CAIRN_REPO")?)?;
+    let repo_dir = crate::repo_for_helper(g)?;
     let server_point = format!("{}@{}", point.name, id);
     let launch = |socket: &Path| crate::vm::launch_nbd_server(&repo_dir, &server_point, socket);
     let opts = BootOptions {

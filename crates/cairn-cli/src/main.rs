@@ -4,6 +4,7 @@
 mod boot;
 mod maintenance;
 mod mount;
+mod offsite;
 mod output;
 mod vm;
 
@@ -47,10 +48,14 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub(crate) struct Global {
-    /// Repository folder
-    #[arg(long, env = "CAIRN_REPO", global = true, value_name = "DIR")]
+    /// Repository: a folder, s3://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]. Object stores
+    /// take their endpoint and credentials from AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; AZURE_STORAGE_CONNECTION_STRING or
+    /// AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY (or the [s3] and [azure] sections of the
+    /// host configuration file)
+    #[arg(long, env = "CAIRN_REPO", global = true, value_name = "DIR|URL")]
     repo: Option<PathBuf>,
     /// Print results as JSON on stdout (for scripts); progress bars are hidden
     #[arg(long, global = true)]
@@ -77,7 +82,24 @@ about content. Losing the password means losing the backups: keep it safe.")]
         /// Encrypt the repository; the password comes from CAIRN_PASSWORD or a prompt
         #[arg(long)]
         encrypt: bool,
+        /// Make a repository that receives copies of REPO (`cairn copy`): it names blocks as
+        /// REPO does, so copies send only what it lacks. Encrypted exactly when REPO is, with its
+        /// own password (CAIRN_PASSWORD) and data key; REPO's password from CAIRN_FROM_PASSWORD
+        #[arg(long, value_name = "REPO")]
+        copy_from: Option<PathBuf>,
     },
+    /// Copy restore points into another repository (offsite copies)
+    #[command(
+        long_about = "Copy restore points from --from into --to (default: --repo), sending only the blocks and map pages the target lacks, deduplicated against everything the target holds. Every block is checked against its ID as it is read from the source. The target must name blocks as the source does: make it with `cairn init --copy-from SOURCE`. A copy killed or cut off part way is resumed by running it again: what arrived is not sent again. A point already copied is skipped.
+
+Passwords: the source's from CAIRN_FROM_PASSWORD (or --from-password-file), the target's from CAIRN_PASSWORD.
+
+Examples:
+  cairn init --repo s3://offsite/site-a --copy-from /srv/cairn --encrypt
+  cairn copy --from /srv/cairn --to s3://offsite/site-a            # every point
+  cairn copy --from /srv/cairn --to s3://offsite/site-a web01 db@latest"
+    )]
+    Copy(offsite::CopyArgs),
     /// Back up something into the repository
     #[command(subcommand)]
     Backup(BackupCmd),
@@ -419,7 +441,7 @@ enum Format {
 }
 
 /// The host configuration file: settings that belong to the machine, not to a repository (mail
-/// server and its credentials). `CAIRN_CONFIG` names it; by default `/etc/cairn/cairn.toml`, if
+/// server, object store endpoints, and their credentials). `CAIRN_CONFIG` names it; by default `/etc/cairn/cairn.toml`, if
 /// present. Each setting becomes the environment variable the matching option reads, unless that
 /// variable is already set, so the command line and the environment still win:
 ///
@@ -430,6 +452,24 @@ enum Format {
 /// user = "backup"                   # CAIRN_SMTP_USER
 /// password = "..."                  # CAIRN_SMTP_PASSWORD
 /// from = "cairn@example.com"        # CAIRN_MAIL_FROM
+///
+/// [s3]                              # for --repo s3://BUCKET/PREFIX
+/// endpoint = "https://s3.example.com" # AWS_ENDPOINT_URL (AWS itself when absent)
+/// region = "eu-west-1"              # AWS_REGION
+/// access_key_id = "..."             # AWS_ACCESS_KEY_ID
+/// secret_access_key = "..."         # AWS_SECRET_ACCESS_KEY
+/// conditional_put = "disabled"      # CAIRN_S3_CONDITIONAL_PUT: for stores without If-None-Match
+/// virtual_hosted = true             # CAIRN_S3_VIRTUAL_HOSTED: bucket.host URLs
+///
+/// [azure]                           # for --repo az://CONTAINER/PREFIX
+/// connection_string = "..."         # AZURE_STORAGE_CONNECTION_STRING
+/// account = "..."                   # AZURE_STORAGE_ACCOUNT (with key)
+/// key = "..."                       # AZURE_STORAGE_KEY
+/// endpoint = "https://..."          # AZURE_STORAGE_ENDPOINT: the blob endpoint
+///
+/// [cache]                           # local state that can be rebuilt
+/// dir = "/var/cache/cairn"          # CAIRN_CACHE_DIR: large indexes, object store metadata
+/// max = "2G"                        # CAIRN_CACHE_MAX: cap of the object store cache
 /// ```
 fn load_host_config() -> Result<()> {
     let (path, required) = match std::env::var_os("CAIRN_CONFIG") {
@@ -442,20 +482,49 @@ fn load_host_config() -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot read the configuration file {}", path.display())),
     };
     let doc: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
-    let known = [
-        ("server", "CAIRN_SMTP_SERVER"),
-        ("tls", "CAIRN_SMTP_TLS"),
-        ("user", "CAIRN_SMTP_USER"),
-        ("password", "CAIRN_SMTP_PASSWORD"),
-        ("from", "CAIRN_MAIL_FROM"),
+    // Each setting stands for an environment variable; one set in the environment wins.
+    let known: &[(&str, &[(&str, &str)])] = &[
+        (
+            "mail",
+            &[
+                ("server", "CAIRN_SMTP_SERVER"),
+                ("tls", "CAIRN_SMTP_TLS"),
+                ("user", "CAIRN_SMTP_USER"),
+                ("password", "CAIRN_SMTP_PASSWORD"),
+                ("from", "CAIRN_MAIL_FROM"),
+            ],
+        ),
+        (
+            "s3",
+            &[
+                ("endpoint", "AWS_ENDPOINT_URL"),
+                ("region", "AWS_REGION"),
+                ("access_key_id", "AWS_ACCESS_KEY_ID"),
+                ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+                ("conditional_put", "CAIRN_S3_CONDITIONAL_PUT"),
+                ("virtual_hosted", "CAIRN_S3_VIRTUAL_HOSTED"),
+            ],
+        ),
+        ("cache", &[("dir", "CAIRN_CACHE_DIR"), ("max", "CAIRN_CACHE_MAX")]),
+        (
+            "azure",
+            &[
+                ("connection_string", "AZURE_STORAGE_CONNECTION_STRING"),
+                ("account", "AZURE_STORAGE_ACCOUNT"),
+                ("key", "AZURE_STORAGE_KEY"),
+                ("endpoint", "AZURE_STORAGE_ENDPOINT"),
+            ],
+        ),
     ];
+    let sections = known.iter().map(|(s, _)| format!("[{s}]")).collect::<Vec<_>>().join(", ");
     for (section, table) in &doc {
-        let Some(table) = table.as_table().filter(|_| section == "mail") else {
-            bail!("{}: unknown section [{section}] (known: [mail])", path.display());
+        let (Some(table), Some((_, settings))) = (table.as_table(), known.iter().find(|(s, _)| s == section)) else {
+            bail!("{}: unknown section [{section}] (known: {sections})", path.display());
         };
         for (key, value) in table {
-            let Some((_, var)) = known.iter().find(|(k, _)| k == key) else {
-                bail!("{}: unknown setting mail.{key} (known: server, tls, user, password, from)", path.display());
+            let Some((_, var)) = settings.iter().find(|(k, _)| k == key) else {
+                let names = settings.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ");
+                bail!("{}: unknown setting {section}.{key} (known: {names})", path.display());
             };
             let value = match value {
                 toml::Value::String(s) => s.clone(),
@@ -479,7 +548,11 @@ static ENV_PASSWORD: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync
 /// main, before any thread exists (another thread reading the environment meanwhile would race).
 fn take_env_password() {
     let _ = ENV_PASSWORD.set(std::env::var_os("CAIRN_PASSWORD"));
-    unsafe { std::env::remove_var("CAIRN_PASSWORD") };
+    let _ = offsite::FROM_PASSWORD.set(std::env::var("CAIRN_FROM_PASSWORD").ok());
+    unsafe {
+        std::env::remove_var("CAIRN_PASSWORD");
+        std::env::remove_var("CAIRN_FROM_PASSWORD");
+    }
 }
 
 /// The password given in CAIRN_PASSWORD, if any (and if it is text).
@@ -512,7 +585,8 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     let g = &cli.global;
     match &cli.command {
-        Command::Init { encrypt } => init(g, *encrypt),
+        Command::Init { encrypt, copy_from } => init(g, *encrypt, copy_from.as_deref()),
+        Command::Copy(a) => offsite::copy(g, a),
         Command::Backup(BackupCmd::Image(a)) => backup_image(g, a),
         Command::Backup(BackupCmd::Vm(a)) => vm::backup(g, a),
         Command::Vm(vm::VmCmd::List(a)) => vm::list(g, a),
@@ -534,11 +608,30 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn backend(g: &Global) -> Result<Arc<LocalBackend>> {
+fn backend(g: &Global) -> Result<Arc<dyn Backend>> {
     let Some(dir) = &g.repo else {
-        bail!("no repository given: pass --repo DIR or set CAIRN_REPO");
+        bail!("no repository given: pass --repo DIR (or s3://BUCKET/PREFIX, az://CONTAINER/PREFIX) or set CAIRN_REPO");
     };
-    Ok(Arc::new(LocalBackend::new(dir)))
+    backend_at(dir)
+}
+
+/// The backend of a repository location given on the command line.
+pub(crate) fn backend_at(dir: &std::path::Path) -> Result<Arc<dyn Backend>> {
+    match dir.to_str() {
+        Some(url) if url.contains("://") => Ok(cairn_storage::open(url)?),
+        // Paths are taken as given (they need not be UTF-8).
+        _ => Ok(Arc::new(LocalBackend::new(dir))),
+    }
+}
+
+/// The repository as a helper process of this one must be told it: a folder made absolute
+/// (the helper may run elsewhere), a URL as given.
+pub(crate) fn repo_for_helper(g: &Global) -> Result<PathBuf> {
+    let repo = g.repo.as_ref().context("no repository: pass --repo DIR or set CAIRN_REPO")?;
+    if repo.to_str().is_some_and(|s| s.contains("://")) {
+        return Ok(repo.clone());
+    }
+    Ok(std::path::absolute(repo)?)
 }
 
 pub(crate) static PROMPTED_PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -568,7 +661,7 @@ fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
 
 pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     let b = backend(g)?;
-    let repo = Repository::open(b as Arc<dyn Backend>, || password_from_env_or_prompt(false))?;
+    let repo = Repository::open(b, || password_from_env_or_prompt(false))?;
     // A password was given for a repository that says it is not encrypted: either the wrong
     // repository, or its config was altered to turn encryption off. Writing plaintext where
     // the operator expects ciphertext is the worse mistake, so stop.
@@ -610,8 +703,10 @@ pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap());
 }
 
-fn init(g: &Global, encrypt: bool) -> Result<i32> {
+fn init(g: &Global, encrypt: bool, copy_from: Option<&std::path::Path>) -> Result<i32> {
     let b = backend(g)?;
+    let source = copy_from.map(offsite::open_source).transpose()?;
+    let encrypt = encrypt || source.as_ref().is_some_and(|s| s.crypto().is_encrypted());
     let password = if encrypt {
         let p = password_from_env_or_prompt(true)
             .context("an encrypted repository needs a password: set CAIRN_PASSWORD or run in a terminal")?;
@@ -622,7 +717,10 @@ fn init(g: &Global, encrypt: bool) -> Result<i32> {
     } else {
         None
     };
-    let repo = Repository::init(b.clone() as Arc<dyn Backend>, password.as_deref())?;
+    let repo = match &source {
+        Some(src) => Repository::init_copying(b.clone(), password.as_deref(), src)?,
+        None => Repository::init(b.clone(), password.as_deref())?,
+    };
     if g.json {
         print_json(
             &serde_json::json!({"repository": b.location(), "id": repo.config().id, "encryption": repo.config().encryption}),
@@ -640,9 +738,8 @@ fn init(g: &Global, encrypt: bool) -> Result<i32> {
 
 fn backup_image(g: &Global, a: &BackupImage) -> Result<i32> {
     let repo = open_repo(g)?;
-    let b = backend(g)?;
     // Temporaries of backups killed more than a day ago.
-    let _ = b.remove_stale_temporaries(Duration::from_secs(24 * 3600));
+    let _ = repo.backend().remove_stale_temporaries(Duration::from_secs(24 * 3600));
     let _lock = repo.lock(false, "backup", Duration::from_secs(g.lock_wait))?;
     repo.load_index()?;
     let progress = bar(g);

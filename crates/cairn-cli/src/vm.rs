@@ -449,7 +449,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         matches!(line.trim(), "y" | "Y" | "yes")
     };
     let progress = bar(g);
-    let repo_dir = std::path::absolute(g.repo.as_ref().context("no repository: pass --repo DIR or set CAIRN_REPO")?)?;
+    let repo_dir = crate::repo_for_helper(g)?;
     let server_point = format!("{}@{}", point.name, id);
     let launch = |socket: &std::path::Path| launch_nbd_server(&repo_dir, &server_point, socket);
     let instant =

@@ -57,6 +57,14 @@ impl Crypto {
     }
 
     /// The ID of a block or map page with this content.
+    /// The key that names blocks, if any (plain repositories name them by their hash).
+    pub(crate) fn id_key(&self) -> Option<[u8; 32]> {
+        match self {
+            Crypto::Plain => None,
+            Crypto::Aes { id_key, .. } => Some(*id_key),
+        }
+    }
+
     pub fn block_id(&self, data: &[u8]) -> BlockId {
         match self {
             Crypto::Plain => BlockId(*blake3::hash(data).as_bytes()),
@@ -298,7 +306,21 @@ fn derive_kek(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8
 /// Creates new master keys and a key file that wraps them with `password`, together with the
 /// tag of `config`, the exact bytes of the repository config they belong to.
 pub fn new_keys(password: &str, hostname: &str, config: &[u8]) -> Result<(MasterKeys, KeyFile)> {
-    let keys = MasterKeys::generate();
+    new_keys_sharing_ids(password, hostname, config, None)
+}
+
+/// Like [`new_keys`], with the block-ID key of another repository (`init --copy-from`): the
+/// two name blocks alike, so copies between them deduplicate; the data key is new.
+pub fn new_keys_sharing_ids(
+    password: &str,
+    hostname: &str,
+    config: &[u8],
+    id_key: Option<[u8; 32]>,
+) -> Result<(MasterKeys, KeyFile)> {
+    let mut keys = MasterKeys::generate();
+    if let Some(id) = id_key {
+        keys.id = id;
+    }
     let mut salt = [0u8; 16];
     fill_random(&mut salt);
     let kek = derive_kek(password, &salt, KDF_MEMORY_KIB, KDF_ITERATIONS, KDF_PARALLELISM)?;

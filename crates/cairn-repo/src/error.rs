@@ -27,6 +27,10 @@ pub enum Error {
     /// The local folder holding a large index's entries (see `index::SpillConfig`) failed.
     #[error("local index cache: {0}")]
     Cache(String),
+    /// Two repositories that cannot exchange blocks as they are (a copy between repositories
+    /// that name blocks differently).
+    #[error("{0}")]
+    Incompatible(String),
     #[error("repository is locked: {0}")]
     Locked(String),
     #[error(transparent)]

@@ -63,6 +63,7 @@
 //! point, map page or index file cannot be read. Full rules: FORMAT.md §12.
 
 mod config;
+pub mod copy;
 pub mod crypto;
 mod error;
 pub mod forget;

@@ -41,6 +41,31 @@ pub struct PointList {
 impl Repository {
     /// Creates a repository at an empty location. With a password, it is encrypted.
     pub fn init(backend: Arc<dyn Backend>, password: Option<&str>) -> Result<Repository> {
+        Self::init_sharing_ids(backend, password, None)
+    }
+
+    /// Like [`Repository::init`], for a repository that receives copies from `source`
+    /// (`init --copy-from`): the same block IDs and block size, so `cairn copy` sends only
+    /// what it lacks; its own password and data key. Both are encrypted or neither: an
+    /// encrypted copy of a plain repository would name blocks by their plain hash.
+    pub fn init_copying(backend: Arc<dyn Backend>, password: Option<&str>, source: &Repository) -> Result<Repository> {
+        match (source.crypto().id_key(), password) {
+            (None, Some(_)) => Err(Error::Incompatible(
+                "the source is not encrypted, so a copy of it cannot be: its blocks are named by their plain                  hash (give no password, or copy into a new repository with `init` and a full copy later)"
+                    .into(),
+            )),
+            (Some(_), None) => Err(Error::Incompatible(
+                "the source is encrypted: its copy must be too (give a password for the copy)".into(),
+            )),
+            (id_key, _) => Self::init_sharing_ids(backend, password, Some((id_key, source.config().block_size))),
+        }
+    }
+
+    fn init_sharing_ids(
+        backend: Arc<dyn Backend>,
+        password: Option<&str>,
+        like: Option<(Option<[u8; 32]>, u32)>,
+    ) -> Result<Repository> {
         if backend.exists(Kind::Config, "")? {
             return Err(Error::AlreadyExists(backend.location()));
         }
@@ -68,7 +93,7 @@ impl Repository {
             version: FORMAT_VERSION,
             id: hex::encode(id),
             created: crate::now_rfc3339(),
-            block_size: DEFAULT_BLOCK_SIZE,
+            block_size: like.map_or(DEFAULT_BLOCK_SIZE, |(_, size)| size),
             encryption: if password.is_some() { "aes-256-gcm" } else { "none" }.into(),
             compression: "zstd".into(),
         };
@@ -76,7 +101,8 @@ impl Repository {
         let (crypto, key) = match password {
             Some(pw) => {
                 // The key authenticates this exact config (FORMAT.md §3).
-                let (keys, file) = crypto::new_keys(pw, &hostname, &config_bytes)?;
+                let id_key = like.and_then(|(id, _)| id);
+                let (keys, file) = crypto::new_keys_sharing_ids(pw, &hostname, &config_bytes, id_key)?;
                 let bytes = serde_json::to_vec_pretty(&file).unwrap();
                 let name = blake3::hash(&bytes).to_hex().to_string();
                 // Confirmed before the config exists: a config without its key is a lost repository.

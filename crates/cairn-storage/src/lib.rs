@@ -1,8 +1,9 @@
 //! Storage backends for a cairn repository.
 //!
 //! The repository engine sees storage as a flat set of named, immutable objects grouped by
-//! [`Kind`]. Every backend (the local directory here; S3 and Azure Blob later) implements
-//! [`Backend`] and nothing else, so the engine never changes when a backend is added.
+//! [`Kind`]. Every backend (the local directory, and S3 and Azure Blob in `object.rs`)
+//! implements [`Backend`] and nothing else, so the engine never changes when a backend is
+//! added. [`open`] turns a `--repo` location into one.
 //!
 //! # Contract every backend MUST keep
 //! - `put` is atomic and durable: when it returns `Ok`, a reader sees either nothing or the
@@ -21,14 +22,41 @@
 //! backend does not retry: a local I/O error is not transient.
 
 mod aligned;
+pub mod cache;
 mod crash;
 pub mod faulty;
 mod local;
+pub mod object;
+#[doc(hidden)]
+pub mod test_servers;
 
 pub use aligned::AlignedBuf;
 pub use crash::crash_point;
 
 pub use local::LocalBackend;
+pub use object::{Location, ObjectBackend, ObjectOptions};
+
+/// Opens the backend of a repository location: `s3://BUCKET[/PREFIX]`,
+/// `az://CONTAINER[/PREFIX]` (settings from [`ObjectOptions::from_env`], with a local cache of
+/// index files and points, see [`cache`]) or a local path.
+pub fn open(location: &str) -> Result<std::sync::Arc<dyn Backend>> {
+    let parsed = Location::parse(location)
+        .map_err(|e| StorageError::Io { what: e, source: std::io::ErrorKind::InvalidInput.into() })?;
+    Ok(match parsed {
+        Location::Local(dir) => std::sync::Arc::new(LocalBackend::new(dir)),
+        remote => {
+            let opts = ObjectOptions::from_env();
+            let store = std::sync::Arc::new(ObjectBackend::open(&remote, &opts)?);
+            let endpoint = match remote {
+                Location::Azure { .. } => opts.azure_endpoint.or(opts.azure_account).unwrap_or_default(),
+                _ => opts.s3_endpoint.unwrap_or_default(),
+            };
+            // Index files and points are read whole by every process: kept locally.
+            let (root, cap) = (cache::cache_root(), cache::cache_cap_from_env());
+            std::sync::Arc::new(cache::CachedBackend::new(store, &endpoint, &root, cap))
+        }
+    })
+}
 
 use std::fmt;
 
@@ -145,6 +173,12 @@ pub trait Backend: Send + Sync {
     fn list(&self, kind: Kind) -> Result<Vec<Listed>>;
     /// Deletes an object; deleting a missing one succeeds.
     fn delete(&self, kind: Kind, name: &str) -> Result<()>;
+    /// Deletes what writers killed more than `max_age` ago left behind (temporary files);
+    /// returns how many. Stores where nothing is left behind have nothing to do.
+    fn remove_stale_temporaries(&self, max_age: std::time::Duration) -> Result<usize> {
+        let _ = max_age;
+        Ok(0)
+    }
 }
 
 /// Whether `name` is a valid object name: lowercase hex, 8 to 64 characters. Backends reject

@@ -123,7 +123,7 @@ impl LocalBackend {
 
     /// Deletes temporary files older than `max_age` left by crashed writers. Young ones may
     /// belong to a backup that is running now and are kept.
-    pub fn remove_stale_temporaries(&self, max_age: std::time::Duration) -> Result<usize> {
+    fn remove_temporaries_older_than(&self, max_age: std::time::Duration) -> Result<usize> {
         let mut removed = 0;
         let mut dirs = vec![self.root.clone()];
         for kind in Kind::ALL {
@@ -168,6 +168,10 @@ fn io_err(what: String, source: std::io::Error) -> StorageError {
 impl Backend for LocalBackend {
     fn location(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn remove_stale_temporaries(&self, max_age: std::time::Duration) -> Result<usize> {
+        self.remove_temporaries_older_than(max_age)
     }
 
     fn create(&self) -> Result<()> {

@@ -15,11 +15,18 @@ pub const BLOCK: u64 = 65536;
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub password: Option<String>,
+    /// A repository on an object store: its URL and the environment that reaches it.
+    pub remote: Option<(String, Vec<(&'static str, String)>)>,
 }
 
 impl Env {
     pub fn new() -> Env {
-        Env { dir: tempfile::tempdir().unwrap(), password: None }
+        Env { dir: tempfile::tempdir().unwrap(), password: None, remote: None }
+    }
+
+    /// An environment whose repository is `url` on `server` (see cairn_storage::test_servers).
+    pub fn on(server: &cairn_storage::test_servers::TestServer, url: String) -> Env {
+        Env { remote: Some((url, server.env())), ..Env::new() }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -33,6 +40,10 @@ impl Env {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
         c.args(args).env("CAIRN_REPO", self.repo()).env_remove("CAIRN_PASSWORD").stdin(Stdio::null());
+        if let Some((url, env)) = &self.remote {
+            c.env("CAIRN_REPO", url).envs(env.iter().map(|(k, v)| (k, v)));
+            c.env("CAIRN_CACHE_DIR", self.path("cache"));
+        }
         if let Some(p) = &self.password {
             c.env("CAIRN_PASSWORD", p);
         }

@@ -477,13 +477,7 @@ impl SpillConfig {
     /// `CAIRN_CACHE_DIR` (else /var/cache/cairn for root, else `$XDG_CACHE_HOME/cairn` or
     /// ~/.cache/cairn, else /var/tmp/cairn-UID) and `CAIRN_INDEX_MEMORY_ENTRIES`.
     pub fn from_env() -> SpillConfig {
-        let uid = unsafe { libc::geteuid() };
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let base = var("CAIRN_CACHE_DIR")
-            .or_else(|| (uid == 0).then(|| PathBuf::from("/var/cache/cairn")))
-            .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("cairn")))
-            .or_else(|| var("HOME").map(|d| d.join(".cache/cairn")))
-            .unwrap_or_else(|| PathBuf::from(format!("/var/tmp/cairn-{uid}")));
+        let base = cairn_storage::cache::cache_root();
         let memory_entries = std::env::var("CAIRN_INDEX_MEMORY_ENTRIES")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# cairn and restic with their repositories on the same S3 server (s3s-fs on loopback, its
+# objects on this machine's disk), on bench/run.sh's image: full backup, a second backup after
+# 1% scattered writes, restore of the newest point from S3. Wall time and peak memory; prints a
+# Markdown table and saves it under bench/results/.
+#
+#   bench/s3.sh                       (bench/run.sh's 8 GiB image, built if missing)
+#
+# Conditions as in bench/run.sh: backups start with the image in the page cache, restores with
+# a cold page cache and cairn's local metadata cache emptied (as on a new machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$PWD
+scripts/setup.sh --bench
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release --locked -p cairn-cli 2>&1 | tail -n 1
+cairn=$top/target/release/cairn
+work=${BENCH_WORK:-$top/bench/work}
+src=${BENCH_SRC:-/usr}
+gib=${BENCH_GIB:-8}
+mkdir -p "$work" "$top/bench/results"
+cd "$work"
+if [[ ! -f disk.img || ! -f image.built || "$(cat image.built)" != "$src $gib" ]]; then
+  "$top/bench/make-image.sh" disk.img "$src" "$gib"
+  echo "$src $gib" > image.built
+fi
+cp --sparse=always disk.img work.img
+img=work.img
+
+# The S3 server: s3s-fs (installed by scripts/setup.sh), objects under s3data/.
+rm -rf s3data s3cache out-* s3-times.txt && mkdir -p s3data/cairn s3data/restic
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+/var/lib/cairn-test/s3s-fs/bin/s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret s3data \
+  > s3s-fs.log 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1
+export RESTIC_PASSWORD=bench CAIRN_CACHE_DIR=$work/s3cache
+cr=s3://cairn/repo
+rr=s3:http://127.0.0.1:$port/restic/repo
+
+warm() { cat "$img" > /dev/null; sync; }
+cold() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "warning: cannot drop caches (not root?)"; }
+timed() {
+  local name=$1; shift
+  /usr/bin/time -f "$name %e %M" -a -o "$work/s3-times.txt" "$@" > "$work/log-s3-$name.txt" 2>&1 || { cat "$work/log-s3-$name.txt"; exit 1; }
+}
+size() { du -sb "s3data/$1" | cut -f1; }
+
+"$cairn" init --repo $cr -q >/dev/null
+restic init --repository-version 2 -r "$rr" -q >/dev/null
+
+warm; timed cairn-full "$cairn" backup image "$img" --repo $cr --name disk
+warm; timed restic-full restic -r "$rr" backup -q "$img"
+full_cairn=$(size cairn); full_restic=$(size restic)
+"$top/bench/scatter-writes.py" "$img" 1 7 > changed.txt
+warm; timed cairn-second "$cairn" backup image "$img" --repo $cr --name disk --changed-ranges changed.txt
+warm; timed restic-second restic -r "$rr" backup -q "$img"
+
+rm -rf s3cache; cold
+timed cairn-restore "$cairn" restore image disk --repo $cr --to out-cairn.img
+cmp "$img" out-cairn.img || { echo "cairn restore differs!"; exit 1; }
+rm -f out-cairn.img; cold
+timed restic-restore restic -r "$rr" restore latest --target out-restic -q
+cmp "$img" "out-restic/$work/$img" 2>/dev/null || cmp "$img" "$(find out-restic -name "$img" | head -1)" \
+  || { echo "restic restore differs!"; exit 1; }
+rm -rf out-restic
+
+t() { awk -v n="$1" '$1 == n {print $2}' s3-times.txt; }
+m() { awk -v n="$1" '$1 == n {printf "%d", $3 / 1024}' s3-times.txt; }
+x() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1fx", b / a}'; }
+stamp=$(date -u +%Y-%m-%dT%H%M)
+out="$top/bench/results/s3-$stamp.md"
+{
+  echo "S3 on loopback (s3s-fs 0.14.1, objects on this disk), $(nproc) cores, ${gib} GiB image from $src; cairn $(git -C "$top" rev-parse --short HEAD), $(restic version | cut -d' ' -f1-2)."
+  echo
+  echo "| | cairn (s / peak MiB) | restic (s / peak MiB) | cairn faster |"
+  echo "|---|---|---|---|"
+  echo "| full backup into S3 | $(t cairn-full) / $(m cairn-full) | $(t restic-full) / $(m restic-full) | $(x "$(t cairn-full)" "$(t restic-full)") |"
+  echo "| second backup (1% changed) | $(t cairn-second) / $(m cairn-second) | $(t restic-second) / $(m restic-second) | $(x "$(t cairn-second)" "$(t restic-second)") |"
+  echo "| restore of the newest point from S3 | $(t cairn-restore) / $(m cairn-restore) | $(t restic-restore) / $(m restic-restore) | $(x "$(t cairn-restore)" "$(t restic-restore)") |"
+  echo "| bucket after the full backup (bytes) | $full_cairn | $full_restic | |"
+} | tee "$out"
+echo "saved $out"

@@ -1,0 +1,150 @@
+//! `cairn copy` and `init --copy-from`: restore points copied to another repository (an
+//! object store offsite, another disk). The work is `cairn_repo::copy`; this is the command.
+
+use crate::output::bytes;
+use crate::{backend_at, print_json, workers, Global};
+use anyhow::{bail, Context, Result};
+use cairn_repo::copy::{copy_points, CopyProgress, CopyReport};
+use cairn_repo::{Repository, RestorePoint};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// CAIRN_FROM_PASSWORD as this process was given it, taken out of its environment at startup.
+pub(crate) static FROM_PASSWORD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+#[derive(Args)]
+pub struct CopyArgs {
+    /// The repository to copy from: a folder, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX
+    #[arg(long, value_name = "DIR|URL")]
+    from: PathBuf,
+    /// The repository to copy into (default: --repo / CAIRN_REPO)
+    #[arg(long, value_name = "DIR|URL")]
+    to: Option<PathBuf>,
+    /// Read the source's password from this file (first line) instead of CAIRN_FROM_PASSWORD
+    #[arg(long, value_name = "FILE")]
+    from_password_file: Option<PathBuf>,
+    /// What to copy: NAME (every point of it) or NAME@POINT (an ID prefix, a time prefix or
+    /// `latest`); every point when none is given
+    #[arg(value_name = "NAME[@POINT]")]
+    points: Vec<String>,
+}
+
+fn source_password(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        return Ok(Some(text.lines().next().unwrap_or_default().to_string()));
+    }
+    Ok(FROM_PASSWORD.get().cloned().flatten())
+}
+
+/// Opens the source of a copy (its password from CAIRN_FROM_PASSWORD).
+pub fn open_source(location: &std::path::Path) -> Result<Repository> {
+    open_with(location, None)
+}
+
+fn open_with(location: &std::path::Path, password_file: Option<&std::path::Path>) -> Result<Repository> {
+    let password = source_password(password_file)?;
+    let repo = Repository::open(backend_at(location)?, || password.clone())
+        .with_context(|| format!("opening the source repository {}", location.display()))?;
+    Ok(repo)
+}
+
+/// The source's points that `specs` name (all when empty), oldest first.
+fn select(src: &Repository, specs: &[String]) -> Result<Vec<(String, RestorePoint)>> {
+    let all = src.list_points()?.points;
+    if specs.is_empty() {
+        return Ok(all);
+    }
+    let mut out: Vec<(String, RestorePoint)> = Vec::new();
+    for spec in specs {
+        let chosen: Vec<(String, RestorePoint)> = if spec.contains('@') {
+            vec![src.select_point(spec)?]
+        } else {
+            let mine: Vec<_> = all.iter().filter(|(_, p)| &p.name == spec).cloned().collect();
+            if mine.is_empty() {
+                bail!("the source has no restore point named {spec:?} (see `cairn points --repo SOURCE`)");
+            }
+            mine
+        };
+        for c in chosen {
+            if !out.iter().any(|(id, _)| *id == c.0) {
+                out.push(c);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+    Ok(out)
+}
+
+pub fn copy(g: &Global, a: &CopyArgs) -> Result<i32> {
+    let src = Arc::new(open_with(&a.from, a.from_password_file.as_deref())?);
+    let to = a.to.as_ref().or(g.repo.as_ref()).context("no target: pass --to REPO (or --repo, CAIRN_REPO)")?;
+    let dst_global = Global { repo: Some(to.clone()), ..g.clone() };
+    let dst = crate::open_repo(&dst_global)?;
+    if src.config().id == dst.config().id && src.backend().location() == dst.backend().location() {
+        bail!("the source and the target are the same repository");
+    }
+    let wait = Duration::from_secs(g.lock_wait);
+    let _src_lock = src.lock(false, "copy (source)", wait)?;
+    let _dst_lock = dst.lock(false, "copy", wait)?;
+    src.load_index()?;
+    dst.load_index()?;
+    let points = select(&src, &a.points)?;
+    let quiet = g.json || g.quiet;
+    let progress = CopyProgress::default();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let report: CopyReport = std::thread::scope(|scope| {
+        if !quiet {
+            // One line every 10 s on a long copy (a terminal or a log).
+            let (progress, done) = (&progress, &done);
+            scope.spawn(move || {
+                let start = std::time::Instant::now();
+                let mut last = start;
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if last.elapsed() >= Duration::from_secs(10) {
+                        last = std::time::Instant::now();
+                        let sent = progress.raw_bytes_sent.load(Ordering::Relaxed);
+                        eprintln!(
+                            "copy: {} sent ({} blocks), {} blocks already there, {:.0} s",
+                            bytes(sent),
+                            progress.blocks_sent.load(Ordering::Relaxed),
+                            progress.blocks_present.load(Ordering::Relaxed),
+                            start.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+            });
+        }
+        let r = copy_points(&src, &dst, &points, g.threads.map_or(0, |_| workers(g)), &progress);
+        done.store(true, Ordering::Relaxed);
+        r
+    })
+    .map_err(|e| match e {
+        cairn_repo::Error::Incompatible(why) => anyhow::anyhow!(
+            "cannot copy into {}: {why}. Make the target with `cairn init --repo TARGET --copy-from SOURCE`",
+            to.display()
+        ),
+        e => e.into(),
+    })?;
+    if g.json {
+        print_json(&report);
+    } else {
+        for p in &report.points {
+            let what = if p.already_there { "already there" } else { "copied" };
+            println!("{}@{}  {}  {what} (target {})", p.name, &p.source_id[..12], p.time, &p.target_id[..12]);
+        }
+        println!(
+            "{} points; sent {} blocks ({} raw, {} stored in the target); {} blocks were there already",
+            report.points.len(),
+            report.blocks_sent,
+            bytes(report.raw_bytes_sent),
+            bytes(report.stored_bytes_sent),
+            report.blocks_present
+        );
+    }
+    Ok(0)
+}

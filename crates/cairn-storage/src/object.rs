@@ -1,0 +1,493 @@
+//! Object storage: S3 (AWS and compatible stores: Ceph RGW, MinIO, moto, s3s-fs) and Azure
+//! Blob, through the `object_store` crate, which signs requests, retries transient failures
+//! (timeouts, 5xx, throttling) with backoff, and maps provider errors.
+//!
+//! Keys mirror the local backend's paths under the location's prefix (`config`,
+//! `packs/ab/ab…`, `index/…`): a repository folder copied to a bucket (rclone, `aws s3 sync`)
+//! is a valid repository there, and back.
+//!
+//! How the backend keeps the crate's contract:
+//! - `put` is one PUT request (packs are 16 MiB, far below the 5 GiB single-request limit):
+//!   the store makes the object visible whole or not at all, durable when it answers.
+//! - `put_new` is a conditional PUT (`If-None-Match: *`). A store without conditional writes
+//!   (set `conditional_put = "disabled"`, see [`ObjectOptions`]) gets a HEAD then a PUT: only
+//!   the repository config uses `put_new`, and two `init`s racing on such a store is the one
+//!   case it cannot catch.
+//! - `list` only ever returns complete objects (stores never list an upload in progress).
+//!
+//! The engine calls backends from plain threads; each call runs on this backend's own small
+//! runtime and the caller waits for it, so a caller inside another runtime does not panic.
+
+use crate::{valid_name, Backend, Kind, Listed, Result, StorageError};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a repository lives, parsed from `--repo`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    Local(std::path::PathBuf),
+    /// `s3://bucket/prefix`
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+    /// `az://container/prefix` (also `azure://`)
+    Azure {
+        container: String,
+        prefix: String,
+    },
+}
+
+impl Location {
+    /// Parses a repository location: `s3://BUCKET[/PREFIX]`, `az://CONTAINER[/PREFIX]`, or a
+    /// local path. Any other `scheme://` is refused rather than taken for a folder name.
+    pub fn parse(s: &str) -> std::result::Result<Location, String> {
+        let Some((scheme, rest)) = s.split_once("://") else {
+            return Ok(Location::Local(s.into()));
+        };
+        let (top, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/').to_string();
+        if prefix.split('/').any(|p| p == "." || p == "..") {
+            return Err(format!("{s}: a prefix cannot contain . or .. segments"));
+        }
+        match scheme {
+            "s3" => {
+                if top.is_empty() {
+                    return Err(format!("{s}: no bucket (expected s3://BUCKET[/PREFIX])"));
+                }
+                Ok(Location::S3 { bucket: top.to_string(), prefix })
+            }
+            "az" | "azure" => {
+                if top.is_empty() {
+                    return Err(format!("{s}: no container (expected az://CONTAINER[/PREFIX])"));
+                }
+                Ok(Location::Azure { container: top.to_string(), prefix })
+            }
+            other => Err(format!("{s}: unknown scheme {other}:// (expected s3://, az:// or a local path)")),
+        }
+    }
+}
+
+/// Settings of an object store that do not come with the location. Read from the
+/// environment names the AWS CLI and Azure tools use ([`ObjectOptions::from_env`]).
+#[derive(Clone, Debug, Default)]
+pub struct ObjectOptions {
+    /// `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`): an S3-compatible store's URL; AWS when unset.
+    pub s3_endpoint: Option<String>,
+    /// `AWS_REGION` (or `AWS_DEFAULT_REGION`); `us-east-1` when unset.
+    pub s3_region: Option<String>,
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<String>,
+    pub s3_session_token: Option<String>,
+    /// `CAIRN_S3_CONDITIONAL_PUT=disabled` for stores that ignore `If-None-Match` (a quirk
+    /// PBS also switches per endpoint).
+    pub s3_conditional_put_disabled: bool,
+    /// `CAIRN_S3_VIRTUAL_HOSTED=1` (or `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`):
+    /// `bucket.host` URLs instead of `host/bucket`.
+    pub s3_virtual_hosted: bool,
+    /// `AZURE_STORAGE_CONNECTION_STRING`.
+    pub azure_connection_string: Option<String>,
+    /// `AZURE_STORAGE_ACCOUNT` and `AZURE_STORAGE_KEY`.
+    pub azure_account: Option<String>,
+    pub azure_key: Option<String>,
+    /// `AZURE_STORAGE_ENDPOINT`: the blob endpoint (an emulator's URL, a sovereign cloud).
+    pub azure_endpoint: Option<String>,
+}
+
+impl ObjectOptions {
+    pub fn from_env() -> ObjectOptions {
+        let var = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+        let yes =
+            |names: &[&str]| var(names).is_some_and(|v| matches!(v.to_lowercase().as_str(), "1" | "true" | "yes"));
+        ObjectOptions {
+            s3_endpoint: var(&["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]),
+            s3_region: var(&["AWS_REGION", "AWS_DEFAULT_REGION"]),
+            s3_access_key_id: var(&["AWS_ACCESS_KEY_ID"]),
+            s3_secret_access_key: var(&["AWS_SECRET_ACCESS_KEY"]),
+            s3_session_token: var(&["AWS_SESSION_TOKEN"]),
+            s3_conditional_put_disabled: var(&["CAIRN_S3_CONDITIONAL_PUT"])
+                .is_some_and(|v| matches!(v.to_lowercase().as_str(), "disabled" | "off" | "0" | "false")),
+            s3_virtual_hosted: yes(&["CAIRN_S3_VIRTUAL_HOSTED", "AWS_VIRTUAL_HOSTED_STYLE_REQUEST"]),
+            azure_connection_string: var(&["AZURE_STORAGE_CONNECTION_STRING"]),
+            azure_account: var(&["AZURE_STORAGE_ACCOUNT"]),
+            azure_key: var(&["AZURE_STORAGE_KEY"]),
+            azure_endpoint: var(&["AZURE_STORAGE_ENDPOINT"]),
+        }
+    }
+}
+
+/// The parts of an Azure connection string cairn uses.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AzureConnection {
+    pub account: Option<String>,
+    pub key: Option<String>,
+    pub endpoint: Option<String>,
+}
+
+/// Parses `Key=Value;Key=Value` (values may contain `=`, as base64 keys do).
+pub fn parse_connection_string(s: &str) -> AzureConnection {
+    let mut c = AzureConnection::default();
+    let mut protocol = None;
+    let mut suffix = None;
+    for part in s.split(';').filter(|p| !p.trim().is_empty()) {
+        let Some((k, v)) = part.split_once('=') else { continue };
+        let v = v.trim().to_string();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "accountname" => c.account = Some(v),
+            "accountkey" => c.key = Some(v),
+            "blobendpoint" => c.endpoint = Some(v.trim_end_matches('/').to_string()),
+            "defaultendpointsprotocol" => protocol = Some(v),
+            "endpointsuffix" => suffix = Some(v),
+            _ => {}
+        }
+    }
+    if c.endpoint.is_none() {
+        if let (Some(account), Some(suffix)) = (&c.account, suffix) {
+            c.endpoint = Some(format!("{}://{account}.blob.{suffix}", protocol.as_deref().unwrap_or("https")));
+        }
+    }
+    c
+}
+
+pub struct ObjectBackend {
+    store: Arc<dyn ObjectStore>,
+    /// Key prefix, without slashes at either end ("" for the bucket's root).
+    prefix: String,
+    location: String,
+    conditional_put: bool,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn client_options(endpoint: Option<&str>) -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        // A 16 MiB pack over a slow uplink takes minutes; the store's own retries cover
+        // dropped connections.
+        .with_timeout(Duration::from_secs(300))
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
+}
+
+/// Transient failures (connection refused or reset, timeouts, 5xx, throttling) are retried
+/// with jittered exponential backoff for up to 4 minutes per request: a store restarting or a
+/// network cut of a few minutes delays a backup, it does not fail it. (Longer would outlive
+/// the request's signature, object_store warns.)
+fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            base: 3.0,
+        },
+        max_retries: 30,
+        retry_timeout: Duration::from_secs(240),
+    }
+}
+
+fn setup_error(location: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Io { what: format!("opening {location}"), source: std::io::Error::other(e.to_string()) }
+}
+
+impl ObjectBackend {
+    pub fn open(location: &Location, opts: &ObjectOptions) -> Result<ObjectBackend> {
+        let (store, prefix, shown, conditional_put): (Arc<dyn ObjectStore>, _, _, _) = match location {
+            Location::S3 { bucket, prefix } => {
+                let shown = display("s3", bucket, prefix);
+                let mut b = object_store::aws::AmazonS3Builder::new()
+                    .with_bucket_name(bucket)
+                    .with_region(opts.s3_region.clone().unwrap_or_else(|| "us-east-1".into()))
+                    .with_virtual_hosted_style_request(opts.s3_virtual_hosted)
+                    .with_client_options(client_options(opts.s3_endpoint.as_deref()))
+                    .with_retry(retry_config());
+                if let Some(e) = &opts.s3_endpoint {
+                    b = b.with_endpoint(e);
+                }
+                if let (Some(id), Some(secret)) = (&opts.s3_access_key_id, &opts.s3_secret_access_key) {
+                    b = b.with_access_key_id(id).with_secret_access_key(secret);
+                    if let Some(t) = &opts.s3_session_token {
+                        b = b.with_token(t);
+                    }
+                }
+                if opts.s3_conditional_put_disabled {
+                    b = b.with_conditional_put(object_store::aws::S3ConditionalPut::Disabled);
+                }
+                let store = b.build().map_err(|e| setup_error(&shown, e))?;
+                (Arc::new(store), prefix.clone(), shown, !opts.s3_conditional_put_disabled)
+            }
+            Location::Azure { container, prefix } => {
+                let shown = display("az", container, prefix);
+                let from_string =
+                    opts.azure_connection_string.as_deref().map(parse_connection_string).unwrap_or_default();
+                let account = from_string.account.or(opts.azure_account.clone());
+                let key = from_string.key.or(opts.azure_key.clone());
+                let endpoint = opts.azure_endpoint.clone().or(from_string.endpoint);
+                let Some(account) = account else {
+                    return Err(setup_error(
+                        &shown,
+                        "no Azure account: set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY",
+                    ));
+                };
+                let mut b = object_store::azure::MicrosoftAzureBuilder::new()
+                    .with_account(&account)
+                    .with_container_name(container)
+                    .with_client_options(client_options(endpoint.as_deref()))
+                    .with_retry(retry_config());
+                if let Some(k) = key {
+                    b = b.with_access_key(k);
+                }
+                if let Some(e) = endpoint {
+                    b = b.with_endpoint(e);
+                }
+                let store = b.build().map_err(|e| setup_error(&shown, e))?;
+                (Arc::new(store), prefix.clone(), shown, true)
+            }
+            Location::Local(p) => {
+                return Err(setup_error(&p.display().to_string(), "a local path is not an object store"))
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cairn-object-store")
+            .enable_all()
+            .build()
+            .map_err(|e| setup_error(&shown, e))?;
+        Ok(ObjectBackend { store, prefix, location: shown, conditional_put, runtime })
+    }
+
+    /// The object's key: the local backend's path under the prefix.
+    fn key(&self, kind: Kind, name: &str) -> Result<ObjectPath> {
+        let rel = if kind == Kind::Config {
+            "config".to_string()
+        } else if !valid_name(name) {
+            return Err(StorageError::Io {
+                what: format!("invalid {kind} object name {name:?}"),
+                source: std::io::ErrorKind::InvalidInput.into(),
+            });
+        } else if kind == Kind::Pack {
+            format!("packs/{}/{name}", &name[..2])
+        } else {
+            format!("{}/{name}", kind.dir())
+        };
+        Ok(ObjectPath::from(self.join(&rel)))
+    }
+
+    fn join(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        }
+    }
+
+    /// Runs one request on this backend's runtime and waits for it.
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+    ) -> object_store::Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().unwrap_or_else(|_| {
+            Err(object_store::Error::Generic { store: "cairn", source: "the request's task was dropped".into() })
+        })
+    }
+
+    fn error(&self, kind: Kind, name: &str, doing: &str, e: object_store::Error) -> StorageError {
+        match e {
+            object_store::Error::NotFound { .. } => StorageError::NotFound { kind, name: name.to_string() },
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+                StorageError::AlreadyExists { kind, name: name.to_string() }
+            }
+            other => StorageError::Io {
+                what: format!("{doing} {kind} object {name} at {}", self.location),
+                source: std::io::Error::other(other.to_string()),
+            },
+        }
+    }
+
+    fn put_mode(&self, kind: Kind, name: &str, data: &[u8], mode: PutMode) -> Result<()> {
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        let payload = PutPayload::from(data.to_vec());
+        let opts = PutOptions { mode, ..Default::default() };
+        self.run(async move { store.put_opts(&key, payload, opts).await.map(drop) })
+            .map_err(|e| self.error(kind, name, "writing", e))
+    }
+
+    fn size_of(&self, kind: Kind, name: &str) -> Result<u64> {
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        self.run(async move { store.head(&key).await.map(|m| m.size) })
+            .map_err(|e| self.error(kind, name, "reading", e))
+    }
+}
+
+fn display(scheme: &str, top: &str, prefix: &str) -> String {
+    if prefix.is_empty() {
+        format!("{scheme}://{top}")
+    } else {
+        format!("{scheme}://{top}/{prefix}")
+    }
+}
+
+impl Backend for ObjectBackend {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn create(&self) -> Result<()> {
+        // Buckets and containers are made (with their versioning and lock settings) by the
+        // operator; here, only prove the location answers, before a config is written.
+        // A listing, not a HEAD: a HEAD of a missing bucket and of a missing key look alike.
+        let store = self.store.clone();
+        let prefix = ObjectPath::from(self.join("config"));
+        self.run(async move { store.list_with_delimiter(Some(&prefix)).await.map(drop) }).map_err(|e| {
+            StorageError::Io {
+                what: format!("reaching {} (the bucket or container must exist)", self.location),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })
+    }
+
+    fn exists(&self, kind: Kind, name: &str) -> Result<bool> {
+        match self.size_of(kind, name) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
+        self.put_mode(kind, name, data, PutMode::Overwrite)
+    }
+
+    fn put_new(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
+        if !self.conditional_put && self.exists(kind, name)? {
+            return Err(StorageError::AlreadyExists { kind, name: name.to_string() });
+        }
+        let mode = if self.conditional_put { PutMode::Create } else { PutMode::Overwrite };
+        self.put_mode(kind, name, data, mode)
+    }
+
+    fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        self.run(async move { store.get(&key).await?.bytes().await })
+            .map(|b| b.to_vec())
+            .map_err(|e| self.error(kind, name, "reading", e))
+    }
+
+    fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.get_range_into(kind, name, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range_into(&self, kind: Kind, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
+        if len == 0 {
+            return Ok(());
+        }
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        let got = self.run(async move { store.get_range(&key, offset..offset + len).await });
+        let short =
+            |size: u64| StorageError::ShortRead { kind, name: name.to_string(), offset, end: offset + len, size };
+        match got {
+            Ok(bytes) if bytes.len() as u64 == len => {
+                buf.extend_from_slice(&bytes);
+                Ok(())
+            }
+            // Stores answer a range past the end with fewer bytes or an error: either way the
+            // reader learns the object's real size.
+            Ok(bytes) => Err(short(offset + bytes.len() as u64)),
+            Err(e) => match self.error(kind, name, "reading", e) {
+                StorageError::Io { .. } => match self.size_of(kind, name) {
+                    Ok(size) if size < offset + len => Err(short(size)),
+                    _ => Err(self.error(
+                        kind,
+                        name,
+                        "reading",
+                        object_store::Error::Generic {
+                            store: "cairn",
+                            source: format!("bytes {offset}..{}", offset + len).into(),
+                        },
+                    )),
+                },
+                other => Err(other),
+            },
+        }
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<Listed>> {
+        if kind == Kind::Config {
+            return match self.size_of(kind, "config") {
+                Ok(size) => Ok(vec![Listed { name: "config".into(), size }]),
+                Err(e) if e.is_not_found() => Ok(vec![]),
+                Err(e) => Err(e),
+            };
+        }
+        let store = self.store.clone();
+        let prefix = ObjectPath::from(self.join(kind.dir()));
+        let metas = self.run(async move {
+            use futures::TryStreamExt;
+            store.list(Some(&prefix)).try_collect::<Vec<_>>().await
+        });
+        let metas = metas.map_err(|e| self.error(kind, "(listing)", "listing", e))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?.to_string();
+                valid_name(&name).then_some(Listed { name, size: m.size })
+            })
+            .collect())
+    }
+
+    fn delete(&self, kind: Kind, name: &str) -> Result<()> {
+        let key = self.key(kind, name)?;
+        let store = self.store.clone();
+        match self.run(async move { store.delete(&key).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(kind, name, "deleting", e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse() {
+        assert_eq!(Location::parse("/srv/repo").unwrap(), Location::Local("/srv/repo".into()));
+        assert_eq!(Location::parse("rel/dir").unwrap(), Location::Local("rel/dir".into()));
+        assert_eq!(Location::parse("s3://b/x/y/").unwrap(), Location::S3 { bucket: "b".into(), prefix: "x/y".into() });
+        assert_eq!(Location::parse("s3://b").unwrap(), Location::S3 { bucket: "b".into(), prefix: "".into() });
+        assert_eq!(
+            Location::parse("azure://c/p").unwrap(),
+            Location::Azure { container: "c".into(), prefix: "p".into() }
+        );
+        assert!(Location::parse("s3:///p").unwrap_err().contains("no bucket"));
+        assert!(Location::parse("gs://b").unwrap_err().contains("unknown scheme"));
+        assert!(Location::parse("s3://b/a/../c").unwrap_err().contains(".."));
+    }
+
+    #[test]
+    fn connection_strings_parse() {
+        let c = parse_connection_string(
+            "DefaultEndpointsProtocol=http;AccountName=dev;AccountKey=a2V5==;BlobEndpoint=http://127.0.0.1:10000/dev/;",
+        );
+        assert_eq!(
+            c,
+            AzureConnection {
+                account: Some("dev".into()),
+                key: Some("a2V5==".into()),
+                endpoint: Some("http://127.0.0.1:10000/dev".into())
+            }
+        );
+        let c = parse_connection_string("AccountName=acct;AccountKey=k;EndpointSuffix=core.windows.net");
+        assert_eq!(c.endpoint.as_deref(), Some("https://acct.blob.core.windows.net"));
+    }
+}

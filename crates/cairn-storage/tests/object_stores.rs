@@ -1,0 +1,121 @@
+//! The backend contract (crate docs) against real servers on loopback: moto and s3s-fs for
+//! S3, Azurite for Azure Blob, and the local folder for comparison. Same checks on each.
+
+use cairn_storage::test_servers::{Flavor, TestServer};
+use cairn_storage::{Backend, Kind, LocalBackend, StorageError};
+
+const PACK: &str = "ab00000000000000000000000000000000000000000000000000000000000001";
+const INDEX: &str = "cd00000000000000000000000000000000000000000000000000000000000002";
+
+fn contract(b: &dyn Backend) {
+    b.create().unwrap();
+    assert!(!b.exists(Kind::Config, "").unwrap());
+    assert!(b.list(Kind::Pack).unwrap().is_empty());
+
+    // put_new: create-only.
+    b.put_new(Kind::Config, "", b"config v1").unwrap();
+    match b.put_new(Kind::Config, "", b"config v2") {
+        Err(StorageError::AlreadyExists { .. }) => {}
+        other => panic!("a second put_new must fail with AlreadyExists, got {other:?}"),
+    }
+    assert_eq!(b.get(Kind::Config, "").unwrap(), b"config v1");
+    assert_eq!(b.list(Kind::Config).unwrap().len(), 1);
+
+    // Whole and ranged reads.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    b.put(Kind::Pack, PACK, &data).unwrap();
+    b.put(Kind::Index, INDEX, b"index").unwrap();
+    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), data);
+    assert_eq!(b.get_range(Kind::Pack, PACK, 1_000_001, 4096).unwrap(), &data[1_000_001..1_004_097]);
+    let mut buf = vec![9; 10];
+    b.get_range_into(Kind::Pack, PACK, 5, 3, &mut buf).unwrap();
+    assert_eq!(buf, &data[5..8]);
+    let mut span_buf = Vec::new();
+    let r = b.get_span(Kind::Pack, PACK, 12_345, 100_000, &mut span_buf).unwrap();
+    assert_eq!(&span_buf[r], &data[12_345..112_345]);
+
+    // A range past the end is a ShortRead naming the real size, never fewer bytes.
+    match b.get_range(Kind::Pack, PACK, data.len() as u64 - 10, 20) {
+        Err(StorageError::ShortRead { size, .. }) => assert_eq!(size, data.len() as u64),
+        other => panic!("expected ShortRead, got {:?}", other.map(|v| v.len())),
+    }
+    // Missing objects.
+    let missing = "ee00000000000000000000000000000000000000000000000000000000000003";
+    assert!(matches!(b.get(Kind::Pack, missing), Err(StorageError::NotFound { .. })));
+    assert!(matches!(b.get_range(Kind::Index, missing, 0, 1), Err(StorageError::NotFound { .. })));
+    assert!(!b.exists(Kind::Pack, missing).unwrap());
+    // Names that are not lowercase hex never reach the store.
+    assert!(b.put(Kind::Point, "../config", b"x").is_err());
+    assert!(b.get(Kind::Point, "ABCDEF0123").is_err());
+
+    // Listing: complete objects of the kind, with sizes.
+    let packs = b.list(Kind::Pack).unwrap();
+    assert_eq!(packs.len(), 1);
+    assert_eq!((packs[0].name.as_str(), packs[0].size), (PACK, data.len() as u64));
+    assert_eq!(b.list(Kind::Index).unwrap()[0].name, INDEX);
+    assert!(b.list(Kind::Point).unwrap().is_empty());
+
+    // Overwrite (content-named objects are rewritten with the same bytes), delete, delete again.
+    b.put(Kind::Index, INDEX, b"index").unwrap();
+    b.delete(Kind::Pack, PACK).unwrap();
+    b.delete(Kind::Pack, PACK).unwrap();
+    assert!(!b.exists(Kind::Pack, PACK).unwrap());
+    assert!(b.list(Kind::Pack).unwrap().is_empty());
+}
+
+#[test]
+fn local_folder_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    contract(&LocalBackend::new(dir.path().join("repo")));
+}
+
+fn object_store_keeps_the_contract(flavor: Flavor) {
+    let Some(server) = TestServer::start(flavor) else { return };
+    let url = server.bucket("contract", "team/repo");
+    let b = server.backend(&url);
+    contract(&b);
+    assert_eq!(b.location(), url);
+    // Another prefix of the same bucket is another repository.
+    let other = server.backend(&url.replace("team/repo", "team/other"));
+    assert!(!other.exists(Kind::Config, "").unwrap());
+    assert!(other.list(Kind::Index).unwrap().is_empty());
+    // A bucket that does not exist: `create` says so before anything is written.
+    let absent = server.backend(&url.replace("contract", "no-such-bucket"));
+    let err = absent.create().unwrap_err().to_string();
+    assert!(err.contains("must exist"), "{err}");
+}
+
+#[test]
+fn moto_keeps_the_contract() {
+    object_store_keeps_the_contract(Flavor::Moto);
+}
+
+#[test]
+fn s3s_fs_keeps_the_contract() {
+    object_store_keeps_the_contract(Flavor::S3sFs);
+}
+
+#[test]
+fn azurite_keeps_the_contract() {
+    object_store_keeps_the_contract(Flavor::Azurite);
+}
+
+#[test]
+fn a_store_that_goes_away_mid_run_is_waited_for_not_failed() {
+    // s3s-fs keeps its objects on disk, so it can come back with them.
+    let Some(mut server) = TestServer::start(Flavor::S3sFs) else { return };
+    let url = server.bucket("restart", "");
+    let b = std::sync::Arc::new(server.backend(&url));
+    b.put(Kind::Index, INDEX, b"before").unwrap();
+    server.stop();
+    // Requests made while it is down are retried with backoff until it is back.
+    let writer = {
+        let b = b.clone();
+        std::thread::spawn(move || b.put(Kind::Pack, PACK, b"during"))
+    };
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    server.resume();
+    writer.join().unwrap().expect("a put made while the store was down succeeds once it is back");
+    assert_eq!(b.get(Kind::Index, INDEX).unwrap(), b"before");
+    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"during");
+}
