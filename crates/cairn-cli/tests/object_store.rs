@@ -240,3 +240,32 @@ fn copies_to_s3_send_only_what_the_target_lacks_and_resume_after_a_kill() {
     assert!(c.output().unwrap().status.success());
     assert!(same_content(&target.path("f.raw"), &v3));
 }
+
+/// A backup, a restore and a verify through a store that fails one request in four
+/// (throttling, server errors, dropped connections, torn responses): retries, never damage.
+#[test]
+fn a_flaky_store_slows_backups_down_but_never_fails_or_damages_them() {
+    use cairn_storage::test_servers::FlakyProxy;
+    let Some(server) = TestServer::start(Flavor::S3sFs) else { return };
+    let url = server.bucket("flaky", "repo");
+    let proxy = FlakyProxy::start(server.port, 4, 11);
+    let mut env = server.env();
+    for (k, v) in env.iter_mut() {
+        if *k == "AWS_ENDPOINT_URL" {
+            *v = proxy.endpoint();
+        }
+    }
+    let e = Env { remote: Some((url, env)), ..Env::new() };
+    e.init();
+    let img = e.path("img.raw");
+    make_image(&img, 32 * MIB, 31);
+    e.backup(&img, "flaky", &[]);
+    scatter_writes(&img, 25, 32);
+    e.backup(&img, "flaky", &[]);
+    let out = e.path("out.raw");
+    e.restore("flaky", &out, &[]);
+    assert!(same_content(&out, &img));
+    assert_eq!(e.json(&["verify"])["ok"], true);
+    let faults = proxy.faults.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(faults >= 10, "only {faults} faults were injected");
+}

@@ -216,6 +216,9 @@ impl Backend for CachedBackend {
     fn remove_stale_temporaries(&self, max_age: std::time::Duration) -> Result<usize> {
         self.inner.remove_stale_temporaries(max_age)
     }
+    fn reads_in_flight(&self) -> usize {
+        self.inner.reads_in_flight()
+    }
 }
 
 #[cfg(test)]

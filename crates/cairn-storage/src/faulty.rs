@@ -276,6 +276,10 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         }
     }
 
+    fn reads_in_flight(&self) -> usize {
+        self.inner.reads_in_flight()
+    }
+
     fn delete(&self, kind: Kind, name: &str) -> Result<()> {
         match self.fires(Op::Delete, kind, name, "delete") {
             None => self.inner.delete(kind, name),

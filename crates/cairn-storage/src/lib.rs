@@ -173,6 +173,12 @@ pub trait Backend: Send + Sync {
     fn list(&self, kind: Kind) -> Result<Vec<Listed>>;
     /// Deletes an object; deleting a missing one succeeds.
     fn delete(&self, kind: Kind, name: &str) -> Result<()>;
+    /// How many reads this storage serves well at once (a restore keeps that many in
+    /// flight): a local disk a few, an object store, where each read waits for a round trip,
+    /// more.
+    fn reads_in_flight(&self) -> usize {
+        4
+    }
     /// Deletes what writers killed more than `max_age` ago left behind (temporary files);
     /// returns how many. Stores where nothing is left behind have nothing to do.
     fn remove_stale_temporaries(&self, max_age: std::time::Duration) -> Result<usize> {

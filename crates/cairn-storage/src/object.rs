@@ -185,6 +185,9 @@ fn retry_config() -> object_store::RetryConfig {
     }
 }
 
+/// Extra attempts for a request whose response broke off (see `ObjectBackend::run`).
+const BODY_RETRIES: u32 = 4;
+
 fn setup_error(location: &str, e: impl std::fmt::Display) -> StorageError {
     StorageError::Io { what: format!("opening {location}"), source: std::io::Error::other(e.to_string()) }
 }
@@ -280,18 +283,35 @@ impl ObjectBackend {
         }
     }
 
-    /// Runs one request on this backend's runtime and waits for it.
-    fn run<T: Send + 'static>(
-        &self,
-        fut: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
-    ) -> object_store::Result<T> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.runtime.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().unwrap_or_else(|_| {
-            Err(object_store::Error::Generic { store: "cairn", source: "the request's task was dropped".into() })
-        })
+    /// Runs one request (made by `request`, again for each attempt) on this backend's runtime
+    /// and waits for it. object_store retries failed requests itself, but not a response whose
+    /// body breaks off (a dropped connection mid-answer): such quick failures get a few more
+    /// attempts here. A failure that took long has had its retries already.
+    fn run<T: Send + 'static, F>(&self, request: impl Fn() -> F) -> object_store::Result<T>
+    where
+        F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        let mut attempt = 0;
+        loop {
+            let started = std::time::Instant::now();
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let fut = request();
+            self.runtime.spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+            let result = rx.recv().unwrap_or_else(|_| {
+                Err(object_store::Error::Generic { store: "cairn", source: "the request's task was dropped".into() })
+            });
+            match result {
+                Err(object_store::Error::Generic { .. })
+                    if attempt < BODY_RETRIES && started.elapsed() < Duration::from_secs(30) =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(250 << attempt));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn error(&self, kind: Kind, name: &str, doing: &str, e: object_store::Error) -> StorageError {
@@ -309,18 +329,22 @@ impl ObjectBackend {
 
     fn put_mode(&self, kind: Kind, name: &str, data: &[u8], mode: PutMode) -> Result<()> {
         let key = self.key(kind, name)?;
-        let store = self.store.clone();
         let payload = PutPayload::from(data.to_vec());
-        let opts = PutOptions { mode, ..Default::default() };
-        self.run(async move { store.put_opts(&key, payload, opts).await.map(drop) })
-            .map_err(|e| self.error(kind, name, "writing", e))
+        self.run(|| {
+            let (store, key, payload) = (self.store.clone(), key.clone(), payload.clone());
+            let opts = PutOptions { mode: mode.clone(), ..Default::default() };
+            async move { store.put_opts(&key, payload, opts).await.map(drop) }
+        })
+        .map_err(|e| self.error(kind, name, "writing", e))
     }
 
     fn size_of(&self, kind: Kind, name: &str) -> Result<u64> {
         let key = self.key(kind, name)?;
-        let store = self.store.clone();
-        self.run(async move { store.head(&key).await.map(|m| m.size) })
-            .map_err(|e| self.error(kind, name, "reading", e))
+        self.run(|| {
+            let (store, key) = (self.store.clone(), key.clone());
+            async move { store.head(&key).await.map(|m| m.size) }
+        })
+        .map_err(|e| self.error(kind, name, "reading", e))
     }
 }
 
@@ -341,13 +365,14 @@ impl Backend for ObjectBackend {
         // Buckets and containers are made (with their versioning and lock settings) by the
         // operator; here, only prove the location answers, before a config is written.
         // A listing, not a HEAD: a HEAD of a missing bucket and of a missing key look alike.
-        let store = self.store.clone();
         let prefix = ObjectPath::from(self.join("config"));
-        self.run(async move { store.list_with_delimiter(Some(&prefix)).await.map(drop) }).map_err(|e| {
-            StorageError::Io {
-                what: format!("reaching {} (the bucket or container must exist)", self.location),
-                source: std::io::Error::other(e.to_string()),
-            }
+        self.run(|| {
+            let (store, prefix) = (self.store.clone(), prefix.clone());
+            async move { store.list_with_delimiter(Some(&prefix)).await.map(drop) }
+        })
+        .map_err(|e| StorageError::Io {
+            what: format!("reaching {} (the bucket or container must exist)", self.location),
+            source: std::io::Error::other(e.to_string()),
         })
     }
 
@@ -368,15 +393,22 @@ impl Backend for ObjectBackend {
             return Err(StorageError::AlreadyExists { kind, name: name.to_string() });
         }
         let mode = if self.conditional_put { PutMode::Create } else { PutMode::Overwrite };
-        self.put_mode(kind, name, data, mode)
+        match self.put_mode(kind, name, data, mode) {
+            // A create whose answer was lost is retried, and the retry finds the object it
+            // made: the same bytes (a config holds a random ID) mean it is ours.
+            Err(StorageError::AlreadyExists { .. }) if self.get(kind, name).is_ok_and(|b| b == data) => Ok(()),
+            other => other,
+        }
     }
 
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
         let key = self.key(kind, name)?;
-        let store = self.store.clone();
-        self.run(async move { store.get(&key).await?.bytes().await })
-            .map(|b| b.to_vec())
-            .map_err(|e| self.error(kind, name, "reading", e))
+        self.run(|| {
+            let (store, key) = (self.store.clone(), key.clone());
+            async move { store.get(&key).await?.bytes().await }
+        })
+        .map(|b| b.to_vec())
+        .map_err(|e| self.error(kind, name, "reading", e))
     }
 
     fn get_range(&self, kind: Kind, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
@@ -391,13 +423,17 @@ impl Backend for ObjectBackend {
             return Ok(());
         }
         let key = self.key(kind, name)?;
-        let store = self.store.clone();
-        let got = self.run(async move { store.get_range(&key, offset..offset + len).await });
+        let got = self.run(|| {
+            let (store, key) = (self.store.clone(), key.clone());
+            async move { store.get_range(&key, offset..offset + len).await }
+        });
         let short =
             |size: u64| StorageError::ShortRead { kind, name: name.to_string(), offset, end: offset + len, size };
         match got {
             Ok(bytes) if bytes.len() as u64 == len => {
-                buf.extend_from_slice(&bytes);
+                // Takes the response's buffer over where it can (no second copy of a span
+                // per read in flight).
+                *buf = Vec::from(bytes);
                 Ok(())
             }
             // Stores answer a range past the end with fewer bytes or an error: either way the
@@ -429,11 +465,13 @@ impl Backend for ObjectBackend {
                 Err(e) => Err(e),
             };
         }
-        let store = self.store.clone();
         let prefix = ObjectPath::from(self.join(kind.dir()));
-        let metas = self.run(async move {
-            use futures::TryStreamExt;
-            store.list(Some(&prefix)).try_collect::<Vec<_>>().await
+        let metas = self.run(|| {
+            let (store, prefix) = (self.store.clone(), prefix.clone());
+            async move {
+                use futures::TryStreamExt;
+                store.list(Some(&prefix)).try_collect::<Vec<_>>().await
+            }
         });
         let metas = metas.map_err(|e| self.error(kind, "(listing)", "listing", e))?;
         Ok(metas
@@ -445,10 +483,16 @@ impl Backend for ObjectBackend {
             .collect())
     }
 
+    fn reads_in_flight(&self) -> usize {
+        8
+    }
+
     fn delete(&self, kind: Kind, name: &str) -> Result<()> {
         let key = self.key(kind, name)?;
-        let store = self.store.clone();
-        match self.run(async move { store.delete(&key).await }) {
+        match self.run(|| {
+            let (store, key) = (self.store.clone(), key.clone());
+            async move { store.delete(&key).await }
+        }) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error(kind, name, "deleting", e)),
         }

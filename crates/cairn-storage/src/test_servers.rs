@@ -240,3 +240,157 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], want: u16
     let status: u16 = answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     assert_eq!(status, want, "{method} {path}: {answer}");
 }
+
+/// An HTTP proxy in front of a test server that fails some requests the ways object stores
+/// and networks do: 503 (SlowDown, throttling), 500 (InternalError), a connection closed
+/// before any answer, and a response cut half way (a torn read). One request in `one_in` is
+/// failed, chosen by a seeded generator, so a failing run can be replayed.
+pub struct FlakyProxy {
+    pub port: u16,
+    /// How many requests were failed so far.
+    pub faults: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// How many requests were forwarded whole.
+    pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyProxy {
+    pub fn start(upstream: u16, one_in: u64, seed: u64) -> FlakyProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let faults = Arc::new(AtomicU64::new(0));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let counter = Arc::new(AtomicU64::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1));
+        let (f, fw, st) = (faults.clone(), forwarded.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let (f, fw, counter) = (f.clone(), fw.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    // xorshift on a shared state: which request fails depends only on the seed
+                    // and the order requests arrive in.
+                    let draw = || {
+                        let mut x = counter.load(Ordering::Relaxed);
+                        loop {
+                            let mut n = x;
+                            n ^= n << 13;
+                            n ^= n >> 7;
+                            n ^= n << 17;
+                            match counter.compare_exchange(x, n, Ordering::Relaxed, Ordering::Relaxed) {
+                                Ok(_) => return n,
+                                Err(now) => x = now,
+                            }
+                        }
+                    };
+                    let _ = proxy_one(client, upstream, one_in, &draw, &f, &fw);
+                });
+            }
+        });
+        FlakyProxy { port, faults, forwarded, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FlakyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Reads one request from `client`, then fails it or forwards it (with `Connection: close`,
+/// so each request has its own upstream connection) and closes.
+fn proxy_one(
+    mut client: TcpStream,
+    upstream: u16,
+    one_in: u64,
+    draw: &dyn Fn() -> u64,
+    faults: &std::sync::atomic::AtomicU64,
+    forwarded: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // Headers, then a body of Content-Length bytes (object_store sends no chunked bodies).
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let roll = draw();
+    let fault = (roll % one_in == 0).then_some((roll >> 32) % 4);
+    let answer = |client: &mut TcpStream, status: &str, code: &str| {
+        let body = format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
+        let msg = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(msg.as_bytes())
+    };
+    match fault {
+        Some(0) => {
+            faults.fetch_add(1, Ordering::Relaxed);
+            return answer(&mut client, "503 Slow Down", "SlowDown");
+        }
+        Some(1) => {
+            faults.fetch_add(1, Ordering::Relaxed);
+            return answer(&mut client, "500 Internal Server Error", "InternalError");
+        }
+        Some(2) => {
+            faults.fetch_add(1, Ordering::Relaxed);
+            return client.shutdown(std::net::Shutdown::Both); // closed, no answer
+        }
+        _ => {}
+    }
+    // Forward with Connection: close.
+    let mut rewritten = String::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            rewritten.push_str(line);
+            rewritten.push_str("\r\n");
+        }
+    }
+    rewritten.push_str("Connection: close\r\n\r\n");
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    up.write_all(rewritten.as_bytes())?;
+    up.write_all(&buf[head_end..head_end + len])?;
+    let mut response = Vec::new();
+    up.read_to_end(&mut response)?;
+    if fault == Some(3) && response.len() > 64 {
+        // A torn response: the headers and half the body, then the connection drops.
+        faults.fetch_add(1, Ordering::Relaxed);
+        client.write_all(&response[..response.len() / 2 + 1])?;
+        return client.shutdown(std::net::Shutdown::Both);
+    }
+    forwarded.fetch_add(1, Ordering::Relaxed);
+    client.write_all(&response)?;
+    client.shutdown(std::net::Shutdown::Both)
+}

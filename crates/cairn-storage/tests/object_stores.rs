@@ -119,3 +119,41 @@ fn a_store_that_goes_away_mid_run_is_waited_for_not_failed() {
     assert_eq!(b.get(Kind::Index, INDEX).unwrap(), b"before");
     assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"during");
 }
+
+#[test]
+fn a_flaky_store_costs_retries_never_data() {
+    use cairn_storage::test_servers::FlakyProxy;
+    use cairn_storage::{Location, ObjectBackend};
+    let Some(server) = TestServer::start(Flavor::S3sFs) else { return };
+    let url = server.bucket("flaky", "p");
+    // One request in five fails: 503 SlowDown, 500, a dropped connection, a torn response.
+    let proxy = FlakyProxy::start(server.port, 5, 7);
+    let mut opts = server.options();
+    opts.s3_endpoint = Some(proxy.endpoint());
+    let b = ObjectBackend::open(&Location::parse(&url).unwrap(), &opts).unwrap();
+    b.create().unwrap();
+    b.put_new(Kind::Config, "", b"the config").unwrap();
+    let objects: Vec<(String, Vec<u8>)> = (0..24u32)
+        .map(|i| {
+            let data: Vec<u8> = (0..(i * 7919 % 300_000)).map(|j| (j * 31 + i) as u8).collect();
+            (format!("{:064x}", i as u64 + 1000), data)
+        })
+        .collect();
+    for (name, data) in &objects {
+        b.put(Kind::Pack, name, data).unwrap();
+    }
+    for (name, data) in &objects {
+        assert_eq!(&b.get(Kind::Pack, name).unwrap(), data, "object {name}");
+        if data.len() > 100 {
+            assert_eq!(b.get_range(Kind::Pack, name, 50, 40).unwrap(), &data[50..90]);
+        }
+    }
+    assert_eq!(b.list(Kind::Pack).unwrap().len(), objects.len());
+    for (name, _) in &objects[..12] {
+        b.delete(Kind::Pack, name).unwrap();
+    }
+    assert_eq!(b.list(Kind::Pack).unwrap().len(), 12);
+    assert_eq!(b.get(Kind::Config, "").unwrap(), b"the config");
+    let faults = proxy.faults.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(faults >= 8, "only {faults} faults were injected");
+}

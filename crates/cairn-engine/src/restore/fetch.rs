@@ -7,8 +7,8 @@
 //! window of jobs, builds that window's spans per pack, starts their reads, and only then sends
 //! the window's jobs in order.
 //!
-//! Deadlock freedom: span buffers come from a pool of [`SPAN_BUFFERS`]. A window never needs
-//! more than [`WINDOW_SPANS`] <= `SPAN_BUFFERS` of them, and every buffer not held by the window
+//! Deadlock freedom: span buffers come from a pool of `Depth::span_buffers`. A window never needs
+//! more than `Depth::window_spans` <= `span_buffers` of them, and every buffer not held by the window
 //! being started belongs to a span whose jobs have all been sent, so it comes back.
 
 use anyhow::Result;
@@ -23,16 +23,39 @@ const SPAN_GAP: u64 = 256 << 10;
 /// Largest span read at once: large enough for full device speed, small enough that the
 /// spans in flight stay a few tens of MiB.
 const SPAN_MAX: u64 = 4 << 20;
-/// Frame jobs per window at most.
-const WINDOW_JOBS: usize = 64;
-/// Spans per window at most.
-const WINDOW_SPANS: usize = 4;
-/// Span buffers: starting a window waits for buffers to come back when all are in use.
-pub(super) const SPAN_BUFFERS: usize = 10;
-/// Span reads in flight: the device serves several at once faster than one.
-pub(super) const FETCHERS: usize = 4;
+/// How deep the read pipeline is: tuned to the storage's latency.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Depth {
+    /// Frame jobs per window at most.
+    window_jobs: usize,
+    /// Spans per window at most.
+    window_spans: usize,
+    /// Span buffers: starting a window waits for buffers to come back when all are in use.
+    span_buffers: usize,
+    /// Span reads in flight: the device serves several at once faster than one.
+    pub(super) fetchers: usize,
+}
+
+impl Depth {
+    /// A local disk: 4 reads in flight keep it busy.
+    pub(super) const LOCAL: Depth = Depth { window_jobs: 64, window_spans: 4, span_buffers: 10, fetchers: 4 };
+    /// An object store: each read waits for a round trip, so more of them are in flight
+    /// (measured on s3s-fs: 15.3 s -> 10.7 s for an 8 GiB restore; docs/BENCHMARKS.md).
+    pub(super) const REMOTE: Depth = Depth { window_jobs: 96, window_spans: 6, span_buffers: 12, fetchers: 8 };
+
+    /// The depth for a backend that serves `reads` requests in flight well.
+    pub(super) fn for_reads(reads: usize) -> Depth {
+        if reads > Depth::LOCAL.fetchers {
+            Depth::REMOTE
+        } else {
+            Depth::LOCAL
+        }
+    }
+}
+
 // The deadlock-freedom argument above needs a window to fit in the pool.
-const _: () = assert!(WINDOW_SPANS <= SPAN_BUFFERS);
+const _: () = assert!(Depth::LOCAL.window_spans <= Depth::LOCAL.span_buffers);
+const _: () = assert!(Depth::REMOTE.window_spans <= Depth::REMOTE.span_buffers);
 
 /// A span's stored bytes; the buffer goes back to the pool when the last frame is decoded.
 pub(super) struct SpanData {
@@ -101,17 +124,18 @@ pub(super) struct Windows<'a, J> {
     pool_tx: Sender<Vec<u8>>,
     pool_rx: Receiver<Vec<u8>>,
     stopped: &'a AtomicBool,
+    depth: Depth,
 }
 
 impl<'a, J> Windows<'a, J> {
     /// A window planner, and the receiver the fetcher threads ([`fetch_spans`]) read from.
-    pub(super) fn new(stopped: &'a AtomicBool) -> (Self, Receiver<ReadRequest>) {
-        let (read_tx, read_rx) = bounded(FETCHERS);
-        let (pool_tx, pool_rx) = bounded(SPAN_BUFFERS);
-        for _ in 0..SPAN_BUFFERS {
+    pub(super) fn new(stopped: &'a AtomicBool, depth: Depth) -> (Self, Receiver<ReadRequest>) {
+        let (read_tx, read_rx) = bounded(depth.fetchers);
+        let (pool_tx, pool_rx) = bounded(depth.span_buffers);
+        for _ in 0..depth.span_buffers {
             pool_tx.send(Vec::new()).unwrap();
         }
-        let w = Windows { jobs: Vec::new(), spans: Vec::new(), read_tx, pool_tx, pool_rx, stopped };
+        let w = Windows { jobs: Vec::new(), spans: Vec::new(), read_tx, pool_tx, pool_rx, stopped, depth };
         (w, read_rx)
     }
 
@@ -129,7 +153,7 @@ impl<'a, J> Windows<'a, J> {
         let span = match self.spans.iter().position(joins) {
             Some(i) => i,
             None => {
-                if self.spans.len() == WINDOW_SPANS && !self.flush(send) {
+                if self.spans.len() == self.depth.window_spans && !self.flush(send) {
                     return false;
                 }
                 self.spans.push(Span { loc, start, end });
@@ -139,7 +163,7 @@ impl<'a, J> Windows<'a, J> {
         let sp = &mut self.spans[span];
         (sp.start, sp.end) = (sp.start.min(start), sp.end.max(end));
         self.jobs.push((job, span));
-        self.jobs.len() < WINDOW_JOBS || self.flush(send)
+        self.jobs.len() < self.depth.window_jobs || self.flush(send)
     }
 
     /// Starts the reads of the window's spans, then sends its jobs in order.
@@ -207,7 +231,7 @@ mod tests {
     #[test]
     fn spans_group_shuffled_and_interleaved_frames_and_jobs_keep_their_order() {
         let stopped = AtomicBool::new(false);
-        let (mut w, requests) = Windows::<u32>::new(&stopped);
+        let (mut w, requests) = Windows::<u32>::new(&stopped, Depth::LOCAL);
         // An incremental point: pack 1 in disk order but locally shuffled, a frame of pack 2
         // every few frames, and a far frame of pack 1 that needs its own span.
         let frames =
@@ -238,19 +262,20 @@ mod tests {
     #[test]
     fn a_window_with_too_many_spans_is_started_before_the_next_one_opens() {
         let stopped = AtomicBool::new(false);
-        let (mut w, requests) = Windows::<u32>::new(&stopped);
+        let (mut w, requests) = Windows::<u32>::new(&stopped, Depth::LOCAL);
         let reader = std::thread::spawn(move || requests.iter().count());
         let sent = std::cell::RefCell::new(Vec::new());
         let mut send = |j: u32, _slot: Arc<SpanSlot>| {
             sent.borrow_mut().push(j);
             true
         };
-        for p in 0..=WINDOW_SPANS as u8 {
+        let spans = Depth::LOCAL.window_spans;
+        for p in 0..=spans as u8 {
             assert!(w.add(p as u32, loc(p, 0, 1000), &mut send));
         }
-        assert_eq!(*sent.borrow(), (0..WINDOW_SPANS as u32).collect::<Vec<_>>());
+        assert_eq!(*sent.borrow(), (0..spans as u32).collect::<Vec<_>>());
         assert!(w.flush(&mut send));
         drop(w);
-        assert_eq!(reader.join().unwrap(), WINDOW_SPANS + 1);
+        assert_eq!(reader.join().unwrap(), spans + 1);
     }
 }

@@ -146,8 +146,9 @@ pub fn restore_disk(
     let mut report = RestoreReport { disk: disk.name.clone(), size: disk.size, ..Default::default() };
     let stopped = &AtomicBool::new(false);
     let result = std::thread::scope(|s| -> Result<()> {
-        let (mut windows, read_rx) = fetch::Windows::new(stopped);
-        for _ in 0..fetch::FETCHERS {
+        let depth = fetch::Depth::for_reads(repo.backend().reads_in_flight());
+        let (mut windows, read_rx) = fetch::Windows::new(stopped, depth);
+        for _ in 0..depth.fetchers {
             let (requests, pool) = (read_rx.clone(), windows.pool());
             s.spawn(move || fetch::fetch_spans(repo, requests, pool));
         }
