@@ -69,6 +69,10 @@ pub(crate) struct Global {
     /// How long to wait for a conflicting lock on the repository
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 60)]
     lock_wait: u64,
+    /// Upload to an object store at no more than RATE bytes per second on average (K, M, G:
+    /// binary units), for a shared uplink; backups, copies and prunes into S3 or Azure
+    #[arg(long, global = true, env = "CAIRN_LIMIT_UPLOAD", value_name = "RATE")]
+    limit_upload: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -467,6 +471,9 @@ enum Format {
 /// key = "..."                       # AZURE_STORAGE_KEY
 /// endpoint = "https://..."          # AZURE_STORAGE_ENDPOINT: the blob endpoint
 ///
+/// [network]
+/// limit_upload = "20M"              # CAIRN_LIMIT_UPLOAD: bytes per second to object stores
+///
 /// [cache]                           # local state that can be rebuilt
 /// dir = "/var/cache/cairn"          # CAIRN_CACHE_DIR: large indexes, object store metadata
 /// max = "2G"                        # CAIRN_CACHE_MAX: cap of the object store cache
@@ -506,6 +513,7 @@ fn load_host_config() -> Result<()> {
             ],
         ),
         ("cache", &[("dir", "CAIRN_CACHE_DIR"), ("max", "CAIRN_CACHE_MAX")]),
+        ("network", &[("limit_upload", "CAIRN_LIMIT_UPLOAD")]),
         (
             "azure",
             &[
@@ -584,6 +592,13 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     let g = &cli.global;
+    if let Some(rate) = &g.limit_upload {
+        if cairn_storage::cache::parse_size(rate).is_none_or(|r| r == 0) {
+            bail!("--limit-upload {rate:?}: give a rate in bytes per second, e.g. 20M (20 MiB/s)");
+        }
+        // Read where object stores are opened (ObjectOptions::from_env); one thread so far.
+        unsafe { std::env::set_var("CAIRN_LIMIT_UPLOAD", rate) };
+    }
     match &cli.command {
         Command::Init { encrypt, copy_from } => init(g, *encrypt, copy_from.as_deref()),
         Command::Copy(a) => offsite::copy(g, a),

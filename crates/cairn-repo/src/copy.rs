@@ -1,6 +1,7 @@
 //! Copying restore points between repositories (`cairn copy`), for offsite copies: only the
 //! blocks and map pages the target lacks travel, checked against their IDs as they are read
-//! from the source and sealed again with the target's keys.
+//! from the source and sealed again with the target's keys (a frame whose every block goes is
+//! re-encrypted as it is, not compressed again).
 //!
 //! Both repositories must name blocks alike (the same ID scheme: both unencrypted, or the
 //! target made with `init --copy-from` so it shares the source's ID key while keeping its own
@@ -244,27 +245,50 @@ fn fetch_and_send(
             end - first.frame_offset as u64,
             &mut span,
         );
-        let mut decoded_at = None;
-        for (loc, id) in &located[i..j] {
-            let blob = match &read {
-                Ok(range) => {
-                    if decoded_at != Some(loc.frame_offset) {
-                        let at = range.start + (loc.frame_offset - first.frame_offset) as usize;
-                        let stored = &span[at..at + loc.frame_stored_len as usize];
-                        decoded_at = src.decode_frame_into(loc, stored, &mut frame).ok().map(|_| loc.frame_offset);
-                    }
-                    let raw = frame.get(loc.raw_offset as usize..(loc.raw_offset + loc.len) as usize);
-                    match raw.filter(|b| decoded_at == Some(loc.frame_offset) && src.crypto().block_id(b) == *id) {
-                        Some(b) => b.to_vec(),
-                        // A damaged copy: any other (read_blob checks it too), or the error.
-                        None => src.read_blob(id, "copying")?,
-                    }
-                }
-                Err(_) => src.read_blob(id, "copying")?,
+        for group in located[i..j].chunk_by(|a, b| a.0.frame_offset == b.0.frame_offset) {
+            let loc0 = group[0].0;
+            let stored = read.as_ref().ok().map(|range| {
+                let at = range.start + (loc0.frame_offset - first.frame_offset) as usize;
+                &span[at..at + loc0.frame_stored_len as usize]
+            });
+            let opened = stored.is_some_and(|st| src.decode_frame_into(&loc0, st, &mut frame).is_ok());
+            let sound = |loc: &BlobLocation, id: &BlockId, frame: &[u8]| {
+                opened
+                    && frame
+                        .get(loc.raw_offset as usize..(loc.raw_offset + loc.len) as usize)
+                        .is_some_and(|b| src.crypto().block_id(b) == *id)
             };
-            progress.blocks_sent.fetch_add(1, Ordering::Relaxed);
-            progress.raw_bytes_sent.fetch_add(blob.len() as u64, Ordering::Relaxed);
-            sender.push(*id, loc.kind, &blob)?;
+            // Every byte of the frame is a wanted block, each checked: the frame goes as
+            // stored, only re-encrypted for the target (no second compression).
+            let mut at = 0u32;
+            let whole = group.iter().all(|(l, _)| {
+                let next = l.raw_offset == at;
+                at += l.len;
+                next
+            }) && at == loc0.frame_raw_len;
+            if let Some(st) = stored.filter(|_| whole && group.iter().all(|(l, id)| sound(l, id, &frame))) {
+                let mut resealed = Vec::with_capacity(st.len() + 32);
+                src.crypto().reseal_into(st, sender.dst.crypto(), "copying", &mut resealed)?;
+                let blobs: Vec<BlobEntry> = group
+                    .iter()
+                    .map(|(l, id)| BlobEntry { kind: l.kind, id: *id, raw_offset: l.raw_offset, len: l.len })
+                    .collect();
+                progress.blocks_sent.fetch_add(blobs.len() as u64, Ordering::Relaxed);
+                progress.raw_bytes_sent.fetch_add(loc0.frame_raw_len as u64, Ordering::Relaxed);
+                sender.send(SealedFrame { stored: resealed, raw_len: loc0.frame_raw_len, blobs })?;
+                continue;
+            }
+            for (loc, id) in group {
+                let blob = if sound(loc, id, &frame) {
+                    frame[loc.raw_offset as usize..(loc.raw_offset + loc.len) as usize].to_vec()
+                } else {
+                    // A damaged copy: any other (read_blob checks it too), or the error.
+                    src.read_blob(id, "copying")?
+                };
+                progress.blocks_sent.fetch_add(1, Ordering::Relaxed);
+                progress.raw_bytes_sent.fetch_add(blob.len() as u64, Ordering::Relaxed);
+                sender.push(*id, loc.kind, &blob)?;
+            }
         }
         i = j;
     }
@@ -292,6 +316,11 @@ impl<'a> FrameSender<'a> {
         self.blobs.push(BlobEntry { kind, id, raw_offset: self.raw.len() as u32, len: blob.len() as u32 });
         self.raw.extend_from_slice(blob);
         Ok(())
+    }
+
+    /// Sends a frame made elsewhere (a source frame resealed whole).
+    fn send(&mut self, frame: SealedFrame) -> Result<()> {
+        self.out.send(frame).map_err(|_| Error::Corrupt("the copy's storage failed".into()))
     }
 
     fn flush(&mut self) -> Result<()> {

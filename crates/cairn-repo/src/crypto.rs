@@ -96,6 +96,54 @@ impl Crypto {
         }
     }
 
+    /// Seals for `to` what `self` sealed, without decompressing: the envelope (compressed
+    /// payload and its header) is authenticated and decrypted with this key and encrypted with
+    /// `to`'s under a new nonce. For copies between repositories; the caller has checked the
+    /// content (a copy opens the frame and checks every block against its ID first).
+    pub fn reseal_into(&self, sealed: &[u8], to: &Crypto, what: &str, out: &mut Vec<u8>) -> Result<()> {
+        let seal_for = |env: &[u8], out: &mut Vec<u8>| {
+            out.clear();
+            match to {
+                Crypto::Plain => out.extend_from_slice(env),
+                Crypto::Aes { key, .. } => {
+                    let mut nonce = [0u8; NONCE_LEN];
+                    fill_random(&mut nonce);
+                    out.extend_from_slice(&nonce);
+                    out.extend_from_slice(env);
+                    let tag = key
+                        .seal_in_place_separate_tag(
+                            Nonce::assume_unique_for_key(nonce),
+                            Aad::empty(),
+                            &mut out[NONCE_LEN..],
+                        )
+                        .expect("AES-GCM sealing cannot fail for in-range lengths");
+                    out.extend_from_slice(tag.as_ref());
+                }
+            }
+        };
+        match self {
+            Crypto::Plain => {
+                seal_for(sealed, out);
+                Ok(())
+            }
+            Crypto::Aes { key, .. } => {
+                if sealed.len() < NONCE_LEN + TAG_LEN {
+                    return Err(Error::Corrupt(format!("{what}: too short to be encrypted data")));
+                }
+                let nonce = Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).unwrap();
+                OPEN_SCRATCH.with_borrow_mut(|buf| {
+                    buf.clear();
+                    buf.extend_from_slice(&sealed[NONCE_LEN..]);
+                    let env = key.open_in_place(nonce, Aad::empty(), buf).map_err(|_| {
+                        Error::Corrupt(format!("{what}: authentication failed (damaged or foreign data)"))
+                    })?;
+                    seal_for(env, out);
+                    Ok(())
+                })
+            }
+        }
+    }
+
     /// Compresses and seals (allocating; for small objects).
     pub fn seal(&self, raw: &[u8], level: i32) -> Vec<u8> {
         let mut out = Vec::new();
@@ -416,6 +464,17 @@ mod tests {
         bad[n / 2] ^= 1;
         assert!(matches!(c.open(&bad, "t"), Err(Error::Corrupt(_))));
         assert_ne!(c.block_id(b"x"), Crypto::Plain.block_id(b"x"));
+        // A frame resealed for another key opens there to the same bytes, and not here.
+        let raw: Vec<u8> = (0..50_000u32).map(|i| (i % 97) as u8).collect();
+        let other = Crypto::with_raw_keys([7; 32], [8; 32]);
+        let sealed = c.seal(&raw, 3);
+        let mut moved = Vec::new();
+        c.reseal_into(&sealed, &other, "test", &mut moved).unwrap();
+        assert_eq!(other.open(&moved, "test").unwrap(), raw);
+        assert!(c.open(&moved, "test").is_err());
+        c.reseal_into(&sealed, &Crypto::Plain, "test", &mut moved).unwrap();
+        assert_eq!(Crypto::Plain.open(&moved, "test").unwrap(), raw);
+        assert!(other.reseal_into(&sealed, &c, "test", &mut moved).is_err(), "a foreign key cannot open it");
         assert!(unwrap_keys(&file, "wrong").unwrap().is_none());
         let opened = unwrap_keys(&file, "pw").unwrap().unwrap();
         assert_eq!(opened.authenticates(b"config"), Some(true));

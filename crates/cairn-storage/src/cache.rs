@@ -37,7 +37,9 @@ pub fn cache_cap_from_env() -> u64 {
     std::env::var("CAIRN_CACHE_MAX").ok().and_then(|v| parse_size(&v)).unwrap_or(DEFAULT_CACHE_BYTES)
 }
 
-fn parse_size(s: &str) -> Option<u64> {
+/// A size or rate: bytes, or with a K/M/G/T suffix (binary; `B`, `iB` and `/s` allowed).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim().trim_end_matches("/s");
     let s = s.trim().trim_end_matches(['B', 'b']).trim_end_matches(['i']);
     let (num, shift) = match s.chars().last()? {
         'K' | 'k' => (&s[..s.len() - 1], 10),

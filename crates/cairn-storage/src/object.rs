@@ -94,6 +94,9 @@ pub struct ObjectOptions {
     pub azure_key: Option<String>,
     /// `AZURE_STORAGE_ENDPOINT`: the blob endpoint (an emulator's URL, a sovereign cloud).
     pub azure_endpoint: Option<String>,
+    /// `CAIRN_LIMIT_UPLOAD` (bytes per second, or with K/M/G): the pace of uploads, for a
+    /// shared uplink.
+    pub upload_limit: Option<u64>,
 }
 
 impl ObjectOptions {
@@ -114,6 +117,7 @@ impl ObjectOptions {
             azure_account: var(&["AZURE_STORAGE_ACCOUNT"]),
             azure_key: var(&["AZURE_STORAGE_KEY"]),
             azure_endpoint: var(&["AZURE_STORAGE_ENDPOINT"]),
+            upload_limit: var(&["CAIRN_LIMIT_UPLOAD"]).and_then(|v| crate::cache::parse_size(&v)).filter(|&r| r > 0),
         }
     }
 }
@@ -158,6 +162,29 @@ pub struct ObjectBackend {
     location: String,
     conditional_put: bool,
     runtime: tokio::runtime::Runtime,
+    pace: Option<Pace>,
+}
+
+/// Uploads at no more than `rate` bytes per second on average: each upload reserves the time
+/// its bytes take at that rate, after those reserved before it, and starts when its turn comes.
+struct Pace {
+    rate: f64,
+    next: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Pace {
+    fn wait_for(&self, bytes: usize) {
+        let now = std::time::Instant::now();
+        let start = {
+            let mut next = self.next.lock().unwrap();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.rate);
+            start
+        };
+        if start > now {
+            std::thread::sleep(start - now);
+        }
+    }
 }
 
 fn client_options(endpoint: Option<&str>) -> object_store::ClientOptions {
@@ -255,7 +282,10 @@ impl ObjectBackend {
             .enable_all()
             .build()
             .map_err(|e| setup_error(&shown, e))?;
-        Ok(ObjectBackend { store, prefix, location: shown, conditional_put, runtime })
+        let pace = opts
+            .upload_limit
+            .map(|rate| Pace { rate: rate as f64, next: std::sync::Mutex::new(std::time::Instant::now()) });
+        Ok(ObjectBackend { store, prefix, location: shown, conditional_put, runtime, pace })
     }
 
     /// The object's key: the local backend's path under the prefix.
@@ -329,6 +359,9 @@ impl ObjectBackend {
 
     fn put_mode(&self, kind: Kind, name: &str, data: &[u8], mode: PutMode) -> Result<()> {
         let key = self.key(kind, name)?;
+        if let Some(p) = &self.pace {
+            p.wait_for(data.len());
+        }
         let payload = PutPayload::from(data.to_vec());
         self.run(|| {
             let (store, key, payload) = (self.store.clone(), key.clone(), payload.clone());

@@ -157,3 +157,21 @@ fn a_flaky_store_costs_retries_never_data() {
     let faults = proxy.faults.load(std::sync::atomic::Ordering::Relaxed);
     assert!(faults >= 8, "only {faults} faults were injected");
 }
+
+#[test]
+fn uploads_keep_to_the_rate_limit() {
+    use cairn_storage::{Location, ObjectBackend};
+    let Some(server) = TestServer::start(Flavor::S3sFs) else { return };
+    let url = server.bucket("paced", "");
+    let mut opts = server.options();
+    opts.upload_limit = Some(512 << 10);
+    let b = ObjectBackend::open(&Location::parse(&url).unwrap(), &opts).unwrap();
+    let start = std::time::Instant::now();
+    for i in 0..5u64 {
+        b.put(Kind::Pack, &format!("{:064x}", i + 1), &vec![i as u8; 256 << 10]).unwrap();
+    }
+    // 1.25 MiB at 512 KiB/s: the fifth upload starts 2 s after the first.
+    let took = start.elapsed().as_secs_f64();
+    assert!(took >= 1.9, "5 x 256 KiB at 512 KiB/s took {took:.2} s");
+    assert!(took < 6.0, "pacing overshot: {took:.2} s");
+}
