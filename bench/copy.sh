@@ -86,3 +86,5 @@ out="$top/bench/results/copy-$stamp.md"
   echo "Incremental copy: $sent2 bytes stored in the target for $new_packs bytes of new packs in the source ($(awk -v a="$sent2" -v b="$new_packs" 'BEGIN {printf "%.2f", a / b}')x)."
 } | tee "$out"
 echo "saved $out"
+# What this run made is large (several GiB): gone once the table is saved.
+rm -rf c-cairn c-restic s3copy s3cache work.img

@@ -83,3 +83,5 @@ out="$top/bench/results/s3-$stamp.md"
   echo "| bucket after the full backup (bytes) | $full_cairn | $full_restic | |"
 } | tee "$out"
 echo "saved $out"
+# What this run made is large (several GiB): gone once the table is saved.
+rm -rf s3data s3cache work.img out-cairn.img out-restic

@@ -18,9 +18,10 @@ CAIRN_INDEX_MEMORY_ENTRIES=64 CAIRN_CACHE_DIR="$(mktemp -d)" cargo test --locked
   -p cairn-engine -p cairn-cli --test retention --test damage --test roundtrip --test incremental \
   --test verify_repair --test prune --test marks_race -- --test-threads=2
 echo "tests: $((SECONDS - t0)) s"; t0=$SECONDS
-# A fault at every storage call of one small backup; kill -9 at every crash point of a backup,
-# a repair and a VM backup (each followed by the invariant checks). Exit 1 on any violation.
-target/debug/cairn-torture faults --ops backup
+# A fault at every storage call of one small backup and of a copy between repositories (its
+# target's calls, then its source's); kill -9 at every crash point of a backup, a repair and a
+# VM backup (each followed by the invariant checks). Exit 1 on any violation.
+target/debug/cairn-torture faults --ops backup,copy,copy-source
 target/debug/cairn-torture kills --ops backup,repair,backup-vm,prune,forget --random 2 --per-point 1
 echo "torture: $((SECONDS - t0)) s"; t0=$SECONDS
 # Every fuzz target: its seed corpus, then 30 s of new inputs.

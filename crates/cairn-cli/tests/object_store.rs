@@ -141,6 +141,20 @@ fn a_missing_bucket_or_bad_url_is_a_clear_error() {
     let e = Env::on(&server, "gs://bucket/x".into());
     let err = e.fails(&["init"], 1);
     assert!(err.contains("unknown scheme"), "{err}");
+    // A wrong endpoint (nothing listens there): a clear error in seconds, not after the
+    // minutes of retries a store that went away mid-run gets.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut env = server.env();
+    for (k, v) in env.iter_mut() {
+        if *k == "AWS_ENDPOINT_URL" {
+            *v = format!("http://127.0.0.1:{closed}");
+        }
+    }
+    let e = Env { remote: Some(("s3://bucket/x".into(), env)), ..Env::new() };
+    let start = std::time::Instant::now();
+    let err = e.fails(&["points"], 1);
+    assert!(err.contains("s3://bucket/x"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(40), "took {:?}", start.elapsed());
 }
 
 /// `init --copy-from` and `copy`: an encrypted local repository copied to S3 under its own

@@ -80,12 +80,26 @@ pub fn copy_points(
     }
     let threads =
         if threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4) } else { threads };
-    let existing: HashMap<String, String> = dst
-        .list_points()?
-        .points
-        .into_iter()
-        .filter_map(|(id, p)| copied_from(&p).map(|s| (s.to_string(), id)))
-        .collect();
+    // What the target holds must be known for sure: a point it failed to read could be a
+    // copy already there, and copying again would make a second one. A read that fails twice
+    // stops the copy before anything is sent. A point whose bytes are damaged (not its name,
+    // or not a point) is no usable copy: the copy is made again beside it.
+    let listed = dst.list_points()?;
+    let mut points_there = listed.points;
+    for (id, why) in listed.damaged {
+        match dst.load_point(&id) {
+            Ok(p) => points_there.push((id, p)),
+            Err(Error::Storage(_)) => {
+                return Err(Error::Corrupt(format!(
+                    "restore point {} of the target cannot be read ({why}); nothing was copied",
+                    &id[..12.min(id.len())]
+                )))
+            }
+            Err(_) => {}
+        }
+    }
+    let existing: HashMap<String, String> =
+        points_there.into_iter().filter_map(|(id, p)| copied_from(&p).map(|s| (s.to_string(), id))).collect();
     let mut report = CopyReport::default();
     for (source_id, point) in points {
         if let Some(target_id) = existing.get(source_id) {

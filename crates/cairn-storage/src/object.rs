@@ -157,6 +157,9 @@ pub fn parse_connection_string(s: &str) -> AzureConnection {
 
 pub struct ObjectBackend {
     store: Arc<dyn ObjectStore>,
+    /// The same store with few retries, for the config: the first request of every command,
+    /// so that a wrong endpoint or key fails in seconds, not after minutes of retries.
+    quick: Arc<dyn ObjectStore>,
     /// Key prefix, without slashes at either end ("" for the bucket's root).
     prefix: String,
     location: String,
@@ -212,6 +215,33 @@ fn retry_config() -> object_store::RetryConfig {
     }
 }
 
+/// Whether a request failed because its response broke off or could not be decoded (which
+/// object_store does not retry), rather than after its own retries.
+fn broken_response(e: &object_store::Error) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<HttpError>() {
+            return matches!(h.kind(), HttpErrorKind::Decode | HttpErrorKind::Interrupted | HttpErrorKind::Unknown);
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// For the config (see `ObjectBackend::quick`): three retries within 15 s.
+fn quick_retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(300),
+            max_backoff: Duration::from_secs(5),
+            base: 3.0,
+        },
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(15),
+    }
+}
+
 /// Extra attempts for a request whose response broke off (see `ObjectBackend::run`).
 const BODY_RETRIES: u32 = 4;
 
@@ -221,7 +251,8 @@ fn setup_error(location: &str, e: impl std::fmt::Display) -> StorageError {
 
 impl ObjectBackend {
     pub fn open(location: &Location, opts: &ObjectOptions) -> Result<ObjectBackend> {
-        let (store, prefix, shown, conditional_put): (Arc<dyn ObjectStore>, _, _, _) = match location {
+        type Stores = (Arc<dyn ObjectStore>, Arc<dyn ObjectStore>);
+        let ((store, quick), prefix, shown, conditional_put): (Stores, _, _, _) = match location {
             Location::S3 { bucket, prefix } => {
                 let shown = display("s3", bucket, prefix);
                 let mut b = object_store::aws::AmazonS3Builder::new()
@@ -242,8 +273,9 @@ impl ObjectBackend {
                 if opts.s3_conditional_put_disabled {
                     b = b.with_conditional_put(object_store::aws::S3ConditionalPut::Disabled);
                 }
+                let quick = b.clone().with_retry(quick_retry_config()).build().map_err(|e| setup_error(&shown, e))?;
                 let store = b.build().map_err(|e| setup_error(&shown, e))?;
-                (Arc::new(store), prefix.clone(), shown, !opts.s3_conditional_put_disabled)
+                ((Arc::new(store), Arc::new(quick)), prefix.clone(), shown, !opts.s3_conditional_put_disabled)
             }
             Location::Azure { container, prefix } => {
                 let shown = display("az", container, prefix);
@@ -269,8 +301,9 @@ impl ObjectBackend {
                 if let Some(e) = endpoint {
                     b = b.with_endpoint(e);
                 }
+                let quick = b.clone().with_retry(quick_retry_config()).build().map_err(|e| setup_error(&shown, e))?;
                 let store = b.build().map_err(|e| setup_error(&shown, e))?;
-                (Arc::new(store), prefix.clone(), shown, true)
+                ((Arc::new(store), Arc::new(quick)), prefix.clone(), shown, true)
             }
             Location::Local(p) => {
                 return Err(setup_error(&p.display().to_string(), "a local path is not an object store"))
@@ -285,7 +318,16 @@ impl ObjectBackend {
         let pace = opts
             .upload_limit
             .map(|rate| Pace { rate: rate as f64, next: std::sync::Mutex::new(std::time::Instant::now()) });
-        Ok(ObjectBackend { store, prefix, location: shown, conditional_put, runtime, pace })
+        Ok(ObjectBackend { store, quick, prefix, location: shown, conditional_put, runtime, pace })
+    }
+
+    /// The client for objects of `kind` (the config's answers fast, see `quick`).
+    fn store_for(&self, kind: Kind) -> Arc<dyn ObjectStore> {
+        if kind == Kind::Config {
+            self.quick.clone()
+        } else {
+            self.store.clone()
+        }
     }
 
     /// The object's key: the local backend's path under the prefix.
@@ -315,15 +357,13 @@ impl ObjectBackend {
 
     /// Runs one request (made by `request`, again for each attempt) on this backend's runtime
     /// and waits for it. object_store retries failed requests itself, but not a response whose
-    /// body breaks off (a dropped connection mid-answer): such quick failures get a few more
-    /// attempts here. A failure that took long has had its retries already.
+    /// body breaks off (a dropped connection mid-answer): those get a few more attempts here.
     fn run<T: Send + 'static, F>(&self, request: impl Fn() -> F) -> object_store::Result<T>
     where
         F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     {
         let mut attempt = 0;
         loop {
-            let started = std::time::Instant::now();
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let fut = request();
             self.runtime.spawn(async move {
@@ -333,9 +373,7 @@ impl ObjectBackend {
                 Err(object_store::Error::Generic { store: "cairn", source: "the request's task was dropped".into() })
             });
             match result {
-                Err(object_store::Error::Generic { .. })
-                    if attempt < BODY_RETRIES && started.elapsed() < Duration::from_secs(30) =>
-                {
+                Err(e) if attempt < BODY_RETRIES && broken_response(&e) => {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(250 << attempt));
                 }
@@ -364,7 +402,7 @@ impl ObjectBackend {
         }
         let payload = PutPayload::from(data.to_vec());
         self.run(|| {
-            let (store, key, payload) = (self.store.clone(), key.clone(), payload.clone());
+            let (store, key, payload) = (self.store_for(kind), key.clone(), payload.clone());
             let opts = PutOptions { mode: mode.clone(), ..Default::default() };
             async move { store.put_opts(&key, payload, opts).await.map(drop) }
         })
@@ -374,7 +412,7 @@ impl ObjectBackend {
     fn size_of(&self, kind: Kind, name: &str) -> Result<u64> {
         let key = self.key(kind, name)?;
         self.run(|| {
-            let (store, key) = (self.store.clone(), key.clone());
+            let (store, key) = (self.store_for(kind), key.clone());
             async move { store.head(&key).await.map(|m| m.size) }
         })
         .map_err(|e| self.error(kind, name, "reading", e))
@@ -400,7 +438,7 @@ impl Backend for ObjectBackend {
         // A listing, not a HEAD: a HEAD of a missing bucket and of a missing key look alike.
         let prefix = ObjectPath::from(self.join("config"));
         self.run(|| {
-            let (store, prefix) = (self.store.clone(), prefix.clone());
+            let (store, prefix) = (self.quick.clone(), prefix.clone());
             async move { store.list_with_delimiter(Some(&prefix)).await.map(drop) }
         })
         .map_err(|e| StorageError::Io {
@@ -437,7 +475,7 @@ impl Backend for ObjectBackend {
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>> {
         let key = self.key(kind, name)?;
         self.run(|| {
-            let (store, key) = (self.store.clone(), key.clone());
+            let (store, key) = (self.store_for(kind), key.clone());
             async move { store.get(&key).await?.bytes().await }
         })
         .map(|b| b.to_vec())
@@ -457,7 +495,7 @@ impl Backend for ObjectBackend {
         }
         let key = self.key(kind, name)?;
         let got = self.run(|| {
-            let (store, key) = (self.store.clone(), key.clone());
+            let (store, key) = (self.store_for(kind), key.clone());
             async move { store.get_range(&key, offset..offset + len).await }
         });
         let short =
@@ -523,7 +561,7 @@ impl Backend for ObjectBackend {
     fn delete(&self, kind: Kind, name: &str) -> Result<()> {
         let key = self.key(kind, name)?;
         match self.run(|| {
-            let (store, key) = (self.store.clone(), key.clone());
+            let (store, key) = (self.store_for(kind), key.clone());
             async move { store.delete(&key).await }
         }) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

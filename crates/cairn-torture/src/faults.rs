@@ -19,6 +19,15 @@
 //! began and leave verify clean with no unindexed pack, and every point must restore again.
 //! `forget` applies a plan that removes one point and one protected meanwhile: only the
 //! first may go (and must, if forget succeeded), and the protection stays.
+//!
+//! `copy` runs `cairn_repo::copy::copy_points` from a source holding two points (P, A) into a
+//! target made with `init_copying` that holds a copy of P already, so that the run sends A's
+//! blocks and commits A's copy; the faults land on the target's storage (`copy-source`: on the
+//! source's, the target then being reached cleanly). On top of the checks above, where the
+//! target takes the place of the repository: a new point in the target is a copy of a source
+//! point and restores exactly to its image; a clean copy then succeeds and leaves exactly one
+//! copy of each source point, each restoring exactly, and verify clean; and the source is
+//! unchanged (the same objects, every point restoring, no lock left).
 
 use crate::workload::{self, same_bytes, IMAGE_SIZE};
 use anyhow::{anyhow, bail, Context, Result};
@@ -27,6 +36,7 @@ use cairn_engine::restore::{restore_disk, RestoreOptions};
 use cairn_engine::source::FileSource;
 use cairn_engine::target::TargetFormat;
 use cairn_engine::NoProgress;
+use cairn_repo::copy::{copied_from, copy_points, CopyProgress, CopyReport};
 use cairn_repo::forget::{self, GroupPlan, Planned};
 use cairn_repo::prune::{prune, PruneOptions};
 use cairn_repo::retention::Reason;
@@ -39,8 +49,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const OPS: [&str; 9] =
-    ["init", "backup", "backup-encrypted", "backup-changed", "restore", "verify", "repair", "prune", "forget"];
+pub const OPS: [&str; 11] = [
+    "init",
+    "backup",
+    "backup-encrypted",
+    "backup-changed",
+    "restore",
+    "verify",
+    "repair",
+    "prune",
+    "forget",
+    "copy",
+    "copy-source",
+];
 const PASSWORD: &str = "torture";
 
 /// The images and repository templates every run starts from.
@@ -97,12 +118,14 @@ pub fn run(ops: &[String], jobs: usize, keep: bool, only: Option<&str>) -> Resul
         }
     };
     let tmp = tempfile::Builder::new().prefix("cairn-faults-").tempdir()?;
-    let setup = Setup::new(tmp.path())?;
-    let mut out = Vec::new();
     for op in ops {
         if !OPS.contains(&op.as_str()) {
             bail!("unknown operation {op:?} (known: {})", OPS.join(", "));
         }
+    }
+    let setup = Setup::new(tmp.path(), ops)?;
+    let mut out = Vec::new();
+    for op in ops {
         out.push(run_op(&setup, op, jobs, keep, only)?);
     }
     if keep {
@@ -112,7 +135,8 @@ pub fn run(ops: &[String], jobs: usize, keep: bool, only: Option<&str>) -> Resul
 }
 
 impl Setup {
-    fn new(dir: &Path) -> Result<Setup> {
+    /// The templates of every operation, and those of the copies only if `ops` copies.
+    fn new(dir: &Path, ops: &[String]) -> Result<Setup> {
         let image_p = dir.join("p.img");
         let image_a = dir.join("a.img");
         let image_a2 = dir.join("a2.img");
@@ -235,6 +259,22 @@ impl Setup {
         ];
         s.forget_removes = id_p;
         s.forget_protected = id_a;
+
+        // "copy": the target of the copies from "pa" (P and A), made with `init_copying`,
+        // holding a copy of P (a clean copy of P alone), so that a copy of both sends A only.
+        if ops.iter().any(|o| source_template(o).is_some()) {
+            let co = s.template("copy")?;
+            let src = open(local(&pa))?;
+            Repository::init_copying(local(&co), None, &src)?;
+            let only_p: Vec<_> =
+                src.list_points()?.points.into_iter().filter(|(id, _)| *id == s.points["pa"][0].0).collect();
+            let r = copy_all(local(&pa), local(&co), Some(&only_p), 1)?;
+            let [copied] = r.points.as_slice() else { bail!("the copy of P copied {} points", r.points.len()) };
+            s.points.insert("copy", vec![(copied.target_id.clone(), s.image_p.clone())]);
+            if !list(&pa, Kind::Lock)?.is_empty() || !list(&co, Kind::Lock)?.is_empty() {
+                bail!("the copy of P left a lock");
+            }
+        }
         Ok(s)
     }
 
@@ -253,6 +293,70 @@ fn prune_options() -> PruneOptions {
 
 fn local(dir: &Path) -> Arc<dyn Backend> {
     Arc::new(LocalBackend::new(dir))
+}
+
+/// Copies `points` (default: all, listed once the locks are held) of the repository at `src`
+/// into that at `dst`, as `cairn copy` does: shared locks on both, then both indexes loaded.
+fn copy_all(
+    src: Arc<dyn Backend>,
+    dst: Arc<dyn Backend>,
+    points: Option<&[(String, cairn_repo::RestorePoint)]>,
+    threads: usize,
+) -> Result<CopyReport> {
+    let src = Arc::new(Repository::open(src, || Some(PASSWORD.to_string()))?);
+    let dst = Arc::new(Repository::open(dst, || Some(PASSWORD.to_string()))?);
+    let _src_lock = src.lock(false, "copy (source)", Duration::from_secs(5))?;
+    let _dst_lock = dst.lock(false, "copy", Duration::from_secs(5))?;
+    src.load_index()?;
+    dst.load_index()?;
+    let all;
+    let points = match points {
+        Some(p) => p,
+        None => {
+            all = src.list_points()?.points;
+            &all
+        }
+    };
+    Ok(copy_points(&src, &dst, points, threads, &CopyProgress::default())?)
+}
+
+/// Where the source of a copy operation run in `dir` lies.
+fn source_dir(dir: &Path) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push("-source");
+    s.into()
+}
+
+/// The template a copy operation copies from (`None`: not a copy).
+fn source_template(op: &str) -> Option<&'static str> {
+    match op {
+        "copy" | "copy-source" => Some("pa"),
+        _ => None,
+    }
+}
+
+/// The repository whose storage the faults hit: the source for `copy-source`, else `dir`.
+fn faulted_dir(op: &str, dir: &Path) -> PathBuf {
+    if op == "copy-source" {
+        source_dir(dir)
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// Lays out the repositories an operation starts from in `dir` (and the source of a copy).
+fn prepare(s: &Setup, op: &str, dir: &Path) -> Result<()> {
+    workload::copy_tree(&s.dir.join("templates").join(template_of(op)), dir)?;
+    if let Some(t) = source_template(op) {
+        workload::copy_tree(&s.dir.join("templates").join(t), &source_dir(dir))?;
+    }
+    Ok(())
+}
+
+/// Removes what [`prepare`] laid out.
+fn remove_run(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(source_dir(dir));
 }
 
 fn open(b: Arc<dyn Backend>) -> Result<Arc<Repository>> {
@@ -298,8 +402,9 @@ fn restores_exactly(repo: &Repository, id: &str, oracle: &Path, scratch: &Path) 
     Ok(())
 }
 
-/// The operation under test, on a repository in `dir` reached through `backend`. Returns the
-/// ID of the point it made, if it made one.
+/// The operation under test, on a repository in `dir` reached through `backend` (for
+/// `copy-source`, `backend` reaches the source instead). Returns the ID of the point it made,
+/// if it made one.
 fn operation(op: &str, s: &Setup, dir: &Path, backend: Arc<dyn Backend>) -> Result<Option<String>> {
     match op {
         "init" => {
@@ -342,6 +447,12 @@ fn operation(op: &str, s: &Setup, dir: &Path, backend: Arc<dyn Backend>) -> Resu
             forget::apply(&repo, &s.forget_plan)?;
             Ok(None)
         }
+        "copy" | "copy-source" => {
+            let (src, dst) = if op == "copy" { (local(&source_dir(dir)), backend) } else { (backend, local(dir)) };
+            // One thread: the same calls in the same order on every run.
+            let r = copy_all(src, dst, None, 1)?;
+            Ok(r.points.iter().find(|p| !p.already_there).map(|p| p.target_id.clone()))
+        }
         _ => unreachable!(),
     }
 }
@@ -357,6 +468,7 @@ fn template_of(op: &str) -> &'static str {
         "repair" => "unindexed",
         "prune" => "prune",
         "forget" => "forget",
+        "copy" | "copy-source" => "copy",
         _ => unreachable!(),
     }
 }
@@ -388,8 +500,8 @@ fn run_op(s: &Setup, op: &str, jobs: usize, keep: bool, only: Option<(Op, u64)>)
     let mut summary = Summary { harness: "faults", op: op.to_string(), ..Default::default() };
     // The clean run: how many calls of each class, and what a clean backup stores.
     let dir = s.dir.join("runs").join(format!("{op}-clean"));
-    workload::copy_tree(&s.dir.join("templates").join(template_of(op)), &dir)?;
-    let counting = Arc::new(FaultyBackend::counting(LocalBackend::new(&dir)));
+    prepare(s, op, &dir)?;
+    let counting = Arc::new(FaultyBackend::counting(LocalBackend::new(faulted_dir(op, &dir))));
     let clean = operation(op, s, &dir, counting.clone());
     if let Err(e) = &clean {
         bail!("{op} fails without any fault: {e:#}");
@@ -406,7 +518,7 @@ fn run_op(s: &Setup, op: &str, jobs: usize, keep: bool, only: Option<(Op, u64)>)
     if op.starts_with("backup") {
         summary.clean_backup_stored_bytes = open(local(&dir))?.select_point("a")?.1.stats.repository_growth_bytes;
     }
-    std::fs::remove_dir_all(&dir)?;
+    remove_run(&dir);
 
     let queue = Mutex::new(plans.into_iter().enumerate().collect::<Vec<_>>());
     let results = Mutex::new(Vec::new());
@@ -456,8 +568,8 @@ fn one_injection(s: &Setup, op: &str, n: usize, plan: FaultPlan, keep: bool) -> 
     let dir = s.dir.join("runs").join(format!("{op}-{n}"));
     let mut f = Finding::default();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
-        workload::copy_tree(&s.dir.join("templates").join(template_of(op)), &dir)?;
-        let faulty = Arc::new(FaultyBackend::new(LocalBackend::new(&dir), Some(plan)));
+        prepare(s, op, &dir)?;
+        let faulty = Arc::new(FaultyBackend::new(LocalBackend::new(faulted_dir(op, &dir)), Some(plan)));
         let outcome = operation(op, s, &dir, faulty.clone());
         let injected = faulty.injected();
         f.target = injected
@@ -485,7 +597,7 @@ fn one_injection(s: &Setup, op: &str, n: usize, plan: FaultPlan, keep: bool) -> 
     }
     // Kept for inspection: the repository as the checks left it.
     if !keep || f.violations.is_empty() {
-        let _ = std::fs::remove_dir_all(&dir);
+        remove_run(&dir);
     }
     f
 }
@@ -510,13 +622,21 @@ fn check(
             f.violations.push("a failed restore left its image behind".into());
         }
     }
-    // Locks: the operation dropped its lock, which deletes the file.
-    let locks = list(dir, Kind::Lock)?;
-    if !locks.is_empty() && !fault_on(Kind::Lock, "delete") && !(torn && hit(Kind::Lock)) {
-        f.violations.push(format!("{} lock file(s) left", locks.len()));
+    // Locks: the operation dropped its lock, which deletes the file (a copy: one in each
+    // repository; only the faulty one's may stay).
+    let mut repos = vec![dir.to_path_buf()];
+    if source_template(op).is_some() {
+        repos.push(source_dir(dir));
     }
-    for l in &locks {
-        std::fs::remove_file(dir.join("locks").join(l))?;
+    for d in &repos {
+        let locks = list(d, Kind::Lock)?;
+        let excused = *d == faulted_dir(op, dir) && (fault_on(Kind::Lock, "delete") || (torn && hit(Kind::Lock)));
+        if !locks.is_empty() && !excused {
+            f.violations.push(format!("{} lock file(s) left in {}", locks.len(), d.display()));
+        }
+        for l in &locks {
+            std::fs::remove_file(d.join("locks").join(l))?;
+        }
     }
     if op == "init" {
         return check_init(dir, torn && hit(Kind::Config), f);
@@ -578,8 +698,24 @@ fn check(
         }
     }
     let (next_name, next_image) = next_image(op, s);
-    for (id, _) in listed.points.iter().filter(|(i, _)| !before.iter().any(|(b, _)| b == i)) {
-        if !op.starts_with("backup") {
+    for (id, point) in listed.points.iter().filter(|(i, _)| !before.iter().any(|(b, _)| b == i)) {
+        if let Some(t) = source_template(op) {
+            // A copy's new point is a copy of a source point (one the target lacked) and
+            // restores to that point's image.
+            let source = copied_from(point).and_then(|from| s.points[t].iter().find(|(i, _)| i == from));
+            match source {
+                None => f.violations.push(format!("{op} made point {}, a copy of no source point", &id[..8])),
+                Some((from, oracle)) => {
+                    let copies = listed.points.iter().filter(|(_, p)| copied_from(p) == Some(from)).count();
+                    if copies > 1 {
+                        f.violations.push(format!("{copies} copies of source point {}", &from[..8]));
+                    }
+                    if let Err(e) = restores_exactly(&repo, id, oracle, &scratch) {
+                        f.violations.push(format!("new point: {e:#}"));
+                    }
+                }
+            }
+        } else if !op.starts_with("backup") {
             f.violations.push(format!("{op} made a restore point {}", &id[..8]));
         } else if let Err(e) = restores_exactly(&repo, id, next_image, &scratch) {
             f.violations.push(format!("new point: {e:#}"));
@@ -587,7 +723,7 @@ fn check(
     }
     if let Some(id) = &made {
         if !listed.points.iter().any(|(i, _)| i == id) {
-            f.violations.push(format!("the backup returned point {} but it is not listed", &id[..8]));
+            f.violations.push(format!("the {op} returned point {} but it is not listed", &id[..8]));
         }
     }
     if op == "verify" {
@@ -634,6 +770,16 @@ fn check(
     } else if !repo.quarantine()?.is_empty() {
         f.violations.push("something was quarantined".into());
     }
+    // A copy: a clean copy completes what the faulty one began (before the next backup, which
+    // would store A's blocks itself).
+    let repo = match source_template(op) {
+        Some(t) => {
+            let injected_name = (torn && faulted_dir(op, dir) == dir).then_some(injected_name.as_str());
+            check_clean_copy(s, t, dir, injected_name, &scratch, f)?;
+            open(local(dir))?
+        }
+        None => repo,
+    };
     // The next backup succeeds and restores exactly.
     let parent_ranges = (op == "backup-changed").then_some(s.ranges_a2.as_slice());
     let id = if parent_ranges.is_some() && !listed.points.iter().any(|(_, p)| p.name == "a") {
@@ -700,6 +846,67 @@ fn check_clean_prune(
     if let Some(id) = next {
         if let Err(e) = restores_exactly(repo, id, &s.image_a, scratch) {
             f.violations.push(format!("after a clean prune, the next backup's point: {e:#}"));
+        }
+    }
+    Ok(())
+}
+
+/// After a faulty copy (and the checks every operation gets): a clean copy of every source
+/// point succeeds; then the target holds exactly one copy of each, restoring exactly, verify
+/// finds nothing wrong (but the object a torn write left, `torn`), and the source is as its
+/// template was: the same objects, the same points, each restoring exactly.
+fn check_clean_copy(
+    s: &Setup,
+    source: &str,
+    dir: &Path,
+    torn: Option<&str>,
+    scratch: &Path,
+    f: &mut Finding,
+) -> Result<()> {
+    let src_dir = source_dir(dir);
+    copy_all(local(&src_dir), local(dir), None, 2).context("a clean copy after the faulty one")?;
+    let dst = open(local(dir))?;
+    let listed = dst.list_points()?;
+    for (from, oracle) in &s.points[source] {
+        let copies: Vec<&String> =
+            listed.points.iter().filter(|(_, p)| copied_from(p) == Some(from)).map(|(id, _)| id).collect();
+        if copies.len() != 1 {
+            f.violations.push(format!(
+                "after a clean copy the target holds {} copies of source point {}",
+                copies.len(),
+                &from[..8]
+            ));
+        }
+        for id in copies {
+            if let Err(e) = restores_exactly(&dst, id, oracle, scratch) {
+                f.violations.push(format!("after a clean copy: {e:#}"));
+            }
+        }
+    }
+    let report = cairn_engine::verify::verify(&dst, 1, &NoProgress)?;
+    let damage: Vec<String> = damage_names(&report).into_iter().filter(|d| Some(d.as_str()) != torn).collect();
+    if !damage.is_empty() {
+        f.violations.push(format!(
+            "verify after a clean copy reports {} damaged object(s): {:?}",
+            damage.len(),
+            damage.iter().take(3).collect::<Vec<_>>()
+        ));
+    }
+    // The source: nothing written (but locks, gone), nothing lost.
+    let template = s.dir.join("templates").join(source);
+    for kind in Kind::ALL {
+        if list(&src_dir, kind)? != list(&template, kind)? {
+            f.violations.push(format!("the copy changed the source's {kind} objects"));
+        }
+    }
+    let src = open(local(&src_dir))?;
+    let ids: Vec<String> = src.list_points()?.points.into_iter().map(|(id, _)| id).collect();
+    if ids.len() != s.points[source].len() {
+        f.violations.push(format!("the source lists {} points, {} before", ids.len(), s.points[source].len()));
+    }
+    for (id, oracle) in &s.points[source] {
+        if let Err(e) = restores_exactly(&src, id, oracle, scratch) {
+            f.violations.push(format!("the source after the copies: {e:#}"));
         }
     }
     Ok(())

@@ -22,7 +22,7 @@ enum Command {
     /// short and flipped reads), checking the repository after each
     Faults {
         /// Operations to torture (default: all): init, backup, backup-encrypted, backup-changed,
-        /// restore, verify, repair, prune, forget
+        /// restore, verify, repair, prune, forget, copy, copy-source
         #[arg(long, value_delimiter = ',')]
         ops: Vec<String>,
         /// Injections run in parallel
