@@ -54,7 +54,22 @@ fn open_with(location: &std::path::Path, password_file: Option<&std::path::Path>
 
 /// The source's points that `specs` name (all when empty), oldest first.
 fn select(src: &Repository, specs: &[String]) -> Result<Vec<(String, RestorePoint)>> {
-    let all = src.list_points()?.points;
+    // A point the listing could not read is read again; one that still cannot be read stops
+    // the copy (it would be left out without a word otherwise).
+    let listed = src.list_points()?;
+    let mut all = listed.points;
+    for (id, why) in listed.damaged {
+        match src.load_point(&id) {
+            Ok(p) => all.push((id, p)),
+            Err(cairn_repo::Error::Storage(e)) if e.is_not_found() => {}
+            Err(_) => bail!(
+                "restore point {} of the source cannot be read ({why}); nothing was copied (`cairn verify` on the \
+                 source tells more)",
+                &id[..12.min(id.len())]
+            ),
+        }
+    }
+    all.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
     if specs.is_empty() {
         return Ok(all);
     }

@@ -283,3 +283,30 @@ fn a_flaky_store_slows_backups_down_but_never_fails_or_damages_them() {
     let faults = proxy.faults.load(std::sync::atomic::Ordering::Relaxed);
     assert!(faults >= 10, "only {faults} faults were injected");
 }
+
+/// Copies of copies keep their first origin: A -> B -> C, then A -> C, sends nothing and makes
+/// no second point; a copy into a replica of the source (the same point IDs) finds it all there.
+#[test]
+fn a_copy_of_a_copy_is_known_by_its_origin() {
+    let a = Env::new();
+    a.init();
+    let img = a.path("img.raw");
+    make_image(&img, 8 * MIB, 41);
+    a.backup(&img, "vm", &[]);
+    let repo = |e: &Env| e.repo().to_str().unwrap().to_string();
+    let (b, c) = (Env::new(), Env::new());
+    b.ok(&["init", "--copy-from", &repo(&a)]);
+    b.ok(&["copy", "--from", &repo(&a)]);
+    c.ok(&["init", "--copy-from", &repo(&b)]);
+    c.ok(&["copy", "--from", &repo(&b)]);
+    let again = c.json(&["copy", "--from", &repo(&a)]);
+    assert_eq!(again["points"][0]["already_there"], true, "{again}");
+    assert_eq!(again["blocks_sent"], 0, "{again}");
+    assert_eq!(c.json(&["points"]).as_array().unwrap().len(), 1);
+    // A replica made file for file (as rclone would): the same point, by its ID.
+    let replica = Env::new();
+    run_tool(std::process::Command::new("cp").arg("-a").arg(a.repo()).arg(replica.repo()));
+    let r = replica.json(&["copy", "--from", &repo(&a)]);
+    assert_eq!(r["points"][0]["already_there"], true, "{r}");
+    assert_eq!(replica.json(&["points"]).as_array().unwrap().len(), 1);
+}

@@ -57,9 +57,15 @@ pub struct CopyProgress {
     pub blocks_present: AtomicU64,
 }
 
-/// The ID of the source point a target point is a copy of.
+/// The ID of the point this one is a copy of (the first of a chain of copies).
 pub fn copied_from(point: &RestorePoint) -> Option<&str> {
     point.metadata.get("copied_from")?.get("point")?.as_str()
+}
+
+/// What identifies a point across repositories: the point it was first copied from, or its
+/// own ID.
+fn origin<'a>(id: &'a str, point: &'a RestorePoint) -> &'a str {
+    copied_from(point).unwrap_or(id)
 }
 
 /// Copies `points` (IDs and documents of `src`) into `dst`. The caller holds a shared lock on
@@ -89,6 +95,7 @@ pub fn copy_points(
     for (id, why) in listed.damaged {
         match dst.load_point(&id) {
             Ok(p) => points_there.push((id, p)),
+            Err(Error::Storage(e)) if e.is_not_found() => {} // forgotten meanwhile
             Err(Error::Storage(_)) => {
                 return Err(Error::Corrupt(format!(
                     "restore point {} of the target cannot be read ({why}); nothing was copied",
@@ -98,11 +105,16 @@ pub fn copy_points(
             Err(_) => {}
         }
     }
-    let existing: HashMap<String, String> =
-        points_there.into_iter().filter_map(|(id, p)| copied_from(&p).map(|s| (s.to_string(), id))).collect();
+    // A point is known by its origin: the point it is a copy of (through any chain of
+    // copies), or itself. The same origin on both sides means the target has it.
+    let mut existing: HashMap<String, String> = HashMap::new();
+    for (id, p) in points_there {
+        existing.insert(origin(&id, &p).to_string(), id.clone());
+        existing.insert(id.clone(), id);
+    }
     let mut report = CopyReport::default();
     for (source_id, point) in points {
-        if let Some(target_id) = existing.get(source_id) {
+        if let Some(target_id) = existing.get(origin(source_id, point)).or_else(|| existing.get(source_id.as_str())) {
             report.points.push(CopiedPoint {
                 name: point.name.clone(),
                 time: point.time.clone(),
@@ -180,10 +192,13 @@ fn copy_point(
     if !copy.metadata.is_object() {
         copy.metadata = serde_json::json!({});
     }
-    copy.metadata["copied_from"] = serde_json::json!({
-        "repository": src.config().id,
-        "point": source_id,
-    });
+    // A copy of a copy keeps the first origin (see `origin`).
+    if copied_from(point).is_none() {
+        copy.metadata["copied_from"] = serde_json::json!({
+            "repository": src.config().id,
+            "point": source_id,
+        });
+    }
     let id = session.commit(&mut copy)?;
     Ok((id, copy.stats.repository_growth_bytes))
 }
@@ -228,10 +243,16 @@ fn fetch_and_send(
 ) -> Result<()> {
     let index = src.index();
     let mut located: Vec<(BlobLocation, BlockId)> = Vec::with_capacity(wanted.len());
-    for (id, _) in wanted {
+    for (id, kind) in wanted {
         match index.copies(id).next() {
             Some(loc) => located.push((loc, *id)),
-            None => return Err(Error::MissingBlock { id: *id, context: "copying".into() }),
+            // Only quarantined copies: read_blob tries them (checked) or says it is missing.
+            None => {
+                let blob = src.read_blob(id, "copying")?;
+                progress.blocks_sent.fetch_add(1, Ordering::Relaxed);
+                progress.raw_bytes_sent.fetch_add(blob.len() as u64, Ordering::Relaxed);
+                sender.push(*id, *kind, &blob)?;
+            }
         }
     }
     located.sort_by_key(|(l, _)| (l.pack, l.frame_offset, l.raw_offset));

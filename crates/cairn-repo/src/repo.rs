@@ -51,7 +51,8 @@ impl Repository {
     pub fn init_copying(backend: Arc<dyn Backend>, password: Option<&str>, source: &Repository) -> Result<Repository> {
         match (source.crypto().id_key(), password) {
             (None, Some(_)) => Err(Error::Incompatible(
-                "the source is not encrypted, so a copy of it cannot be: its blocks are named by their plain                  hash (give no password, or copy into a new repository with `init` and a full copy later)"
+                "the source is not encrypted, so a copy of it cannot be: its blocks are named by their \
+                 plain hash (give no password for the copy)"
                     .into(),
             )),
             (Some(_), None) => Err(Error::Incompatible(
@@ -113,7 +114,16 @@ impl Repository {
             None => (Crypto::Plain, None),
         };
         // The config goes last: it is what makes the location a repository.
-        if let Err(e) = backend.put_new(Kind::Config, "", &config_bytes) {
+        let stored = match backend.put_new(Kind::Config, "", &config_bytes) {
+            // A create whose answer was lost may have been ours: the config holds a random ID,
+            // so the same bytes read back mean it is.
+            Err(e) if backend.get(Kind::Config, "").is_ok_and(|b| b == config_bytes) => {
+                let _ = e;
+                Ok(())
+            }
+            other => other,
+        };
+        if let Err(e) = stored {
             // Our key goes only when the config is surely not ours (absent, or another init's):
             // a config without its key would be a repository nobody can open, while a stray
             // key opens nothing (it authenticates another config) and the next init removes it.

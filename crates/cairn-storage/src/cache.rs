@@ -156,11 +156,9 @@ impl Backend for CachedBackend {
         self.inner.exists(kind, name)
     }
     fn put(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
-        self.inner.put(kind, name, data)?;
-        if cached(kind) {
-            self.write(kind, name, data);
-        }
-        Ok(())
+        // Not cached on the way in: a writer reads what it stored back from the store (an
+        // index file is confirmed whole before older ones are deleted), never from here.
+        self.inner.put(kind, name, data)
     }
     fn put_new(&self, kind: Kind, name: &str, data: &[u8]) -> Result<()> {
         self.inner.put_new(kind, name, data)
@@ -243,6 +241,11 @@ mod tests {
         let (index, point) = (b"index file bytes".to_vec(), b"point bytes".to_vec());
         first.put(Kind::Index, &named(&index), &index).unwrap();
         first.put(Kind::Point, &named(&point), &point).unwrap();
+        // A writer's read-back goes to the store; that read fills the cache.
+        let reads = counting.calls(Op::Read);
+        assert_eq!(first.get(Kind::Index, &named(&index)).unwrap(), index);
+        assert_eq!(first.get(Kind::Point, &named(&point)).unwrap(), point);
+        assert_eq!(counting.calls(Op::Read), reads + 2, "read from the store, not the cache");
         let reads = counting.calls(Op::Read);
         // A new process (a new cache object on the same folder) reads them without the store.
         let second = CachedBackend::new(counting.clone(), "", cache.path(), 1 << 20);
@@ -275,6 +278,7 @@ mod tests {
         let objects: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1000]).collect();
         for (i, o) in objects.iter().enumerate() {
             c.put(Kind::Index, &named(o), o).unwrap();
+            let _ = c.get(Kind::Index, &named(o)).unwrap(); // cached by the read
             if i == 0 {
                 // Make the first one old, then use it again: it must survive the trims.
                 let p = c.path(Kind::Index, &named(o));

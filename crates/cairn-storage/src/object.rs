@@ -94,8 +94,9 @@ pub struct ObjectOptions {
     pub azure_key: Option<String>,
     /// `AZURE_STORAGE_ENDPOINT`: the blob endpoint (an emulator's URL, a sovereign cloud).
     pub azure_endpoint: Option<String>,
-    /// `CAIRN_LIMIT_UPLOAD` (bytes per second, or with K/M/G): the pace of uploads, for a
-    /// shared uplink.
+    /// `CAIRN_LIMIT_UPLOAD` (bytes per second, or with K/M/G): the average pace of uploads,
+    /// for a shared uplink. Objects still go out whole at the link's speed, one after the
+    /// other with pauses between them; locks are not held back.
     pub upload_limit: Option<u64>,
 }
 
@@ -397,7 +398,9 @@ impl ObjectBackend {
 
     fn put_mode(&self, kind: Kind, name: &str, data: &[u8], mode: PutMode) -> Result<()> {
         let key = self.key(kind, name)?;
-        if let Some(p) = &self.pace {
+        // Locks and the config are never held back behind packs: a lock refresh that waited
+        // its turn on a slow link would let the lock be taken for lost.
+        if let Some(p) = self.pace.as_ref().filter(|_| !matches!(kind, Kind::Lock | Kind::Config)) {
             p.wait_for(data.len());
         }
         let payload = PutPayload::from(data.to_vec());
@@ -407,6 +410,23 @@ impl ObjectBackend {
             async move { store.put_opts(&key, payload, opts).await.map(drop) }
         })
         .map_err(|e| self.error(kind, name, "writing", e))
+    }
+
+    /// The object's size, asked with few retries (to explain a failed read, not to do work).
+    fn quick_size(&self, kind: Kind, name: &str) -> Result<u64> {
+        let key = self.key(kind, name)?;
+        self.run(|| {
+            let (store, key) = (self.quick.clone(), key.clone());
+            async move { store.head(&key).await.map(|m| m.size) }
+        })
+        .map_err(|e| self.error(kind, name, "reading", e))
+    }
+
+    fn io(&self, kind: Kind, name: &str, why: String) -> StorageError {
+        StorageError::Io {
+            what: format!("reading {kind} object {name} at {}", self.location),
+            source: std::io::Error::other(why),
+        }
     }
 
     fn size_of(&self, kind: Kind, name: &str) -> Result<u64> {
@@ -507,21 +527,21 @@ impl Backend for ObjectBackend {
                 *buf = Vec::from(bytes);
                 Ok(())
             }
-            // Stores answer a range past the end with fewer bytes or an error: either way the
-            // reader learns the object's real size.
-            Ok(bytes) => Err(short(offset + bytes.len() as u64)),
-            Err(e) => match self.error(kind, name, "reading", e) {
-                StorageError::Io { .. } => match self.size_of(kind, name) {
+            // Stores answer a range past the end with fewer bytes or an error; so may a broken
+            // answer. The object's size (asked quickly) tells which: only a really short object
+            // is a ShortRead (which marks a pack truncated), anything else an I/O error with its
+            // cause.
+            Ok(bytes) => {
+                let got = bytes.len();
+                match self.quick_size(kind, name) {
                     Ok(size) if size < offset + len => Err(short(size)),
-                    _ => Err(self.error(
-                        kind,
-                        name,
-                        "reading",
-                        object_store::Error::Generic {
-                            store: "cairn",
-                            source: format!("bytes {offset}..{}", offset + len).into(),
-                        },
-                    )),
+                    _ => Err(self.io(kind, name, format!("the store answered {got} of {len} bytes at {offset}"))),
+                }
+            }
+            Err(e) => match self.error(kind, name, "reading", e) {
+                StorageError::Io { what, source } => match self.quick_size(kind, name) {
+                    Ok(size) if size < offset + len => Err(short(size)),
+                    _ => Err(StorageError::Io { what: format!("{what} (bytes {offset}..{})", offset + len), source }),
                 },
                 other => Err(other),
             },

@@ -346,7 +346,7 @@ fn proxy_one(
         buf.extend_from_slice(&chunk[..n]);
     }
     let roll = draw();
-    let fault = (roll % one_in == 0).then_some((roll >> 32) % 4);
+    let fault = roll.is_multiple_of(one_in).then_some((roll >> 32) % 4);
     let answer = |client: &mut TcpStream, status: &str, code: &str| {
         let body = format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
         let msg = format!(
