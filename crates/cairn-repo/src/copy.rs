@@ -164,14 +164,22 @@ fn copy_point(
     }
     drop(job_tx);
     let (tx, rx) = crossbeam_channel::bounded::<SealedFrame>(2 * threads);
+    // One thread's failure stops the others at their next page (the copy fails anyway).
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let (results, stored) = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
-                let (job_rx, tx, claims) = (job_rx.clone(), tx.clone(), claims.clone());
+                let (job_rx, tx, claims, failed) = (job_rx.clone(), tx.clone(), claims.clone(), &failed);
                 scope.spawn(move || -> Result<()> {
                     let mut sender = FrameSender::new(dst, &tx);
                     for job in job_rx {
-                        copy_page(src, &claims, job, &mut sender, progress)?;
+                        if failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        if let Err(e) = copy_page(src, &claims, job, &mut sender, progress) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
                     }
                     sender.flush()
                 })
