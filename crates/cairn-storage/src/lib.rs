@@ -47,8 +47,17 @@ pub fn open(location: &str) -> Result<std::sync::Arc<dyn Backend>> {
         remote => {
             let opts = ObjectOptions::from_env();
             let store = std::sync::Arc::new(ObjectBackend::open(&remote, &opts)?);
+            // Which service: the endpoint and account, taken as `ObjectBackend::open` takes them.
             let endpoint = match remote {
-                Location::Azure { .. } => opts.azure_endpoint.or(opts.azure_account).unwrap_or_default(),
+                Location::Azure { .. } => {
+                    let conn = opts.azure_connection_string.as_deref().map(object::parse_connection_string);
+                    let conn = conn.unwrap_or_default();
+                    format!(
+                        "{} {}",
+                        opts.azure_endpoint.or(conn.endpoint).unwrap_or_default(),
+                        conn.account.or(opts.azure_account).unwrap_or_default()
+                    )
+                }
                 _ => opts.s3_endpoint.unwrap_or_default(),
             };
             // Index files and points are read whole by every process: kept locally.
