@@ -16,6 +16,10 @@
 //! `forget` and `prune` (not in the default list: they take longer) have their own iteration
 //! and checks, with backups, verifies and restores running against the repository while a
 //! prune is killed: see [`maintenance`].
+//!
+//! `copy` (not in the default list either) kills `cairn copy` from the harness's repository
+//! into a target made with `init --copy-from`, and checks the target and the source: see
+//! [`copy`].
 
 use crate::workload::{self, same_bytes};
 use anyhow::{bail, Context, Result};
@@ -27,17 +31,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod copy;
 mod maintenance;
 
 pub const OPS: [&str; 7] = ["backup", "backup-changed", "verify", "verify-damaged", "repair", "restore", "init"];
 /// Operations run only when named: each kill costs several backups and restores.
 pub const MAINTENANCE_OPS: [&str; 2] = ["prune", "forget"];
+/// Run only when named too: each kill makes a target and copies twice.
+pub const NAMED_OPS: [&str; 1] = ["copy"];
 
 #[derive(clap::Args)]
 pub struct KillArgs {
-    /// Operations (default: all but backup-vm, prune and forget): backup, backup-changed,
+    /// Operations (default: all but backup-vm, prune, forget and copy): backup, backup-changed,
     /// verify, verify-damaged, repair, restore, init, backup-vm, prune (with concurrent
-    /// backups, verifies and restores), forget
+    /// backups, verifies and restores), forget, copy (into a target made with
+    /// `init --copy-from`)
     #[arg(long, value_delimiter = ',')]
     ops: Vec<String>,
     /// Kills at random moments per operation
@@ -115,7 +123,11 @@ pub fn run(a: &KillArgs) -> Result<Vec<Summary>> {
     let tmp = tempfile::Builder::new().prefix("cairn-kills-").tempdir()?;
     let mut out = Vec::new();
     for op in &ops {
-        if !OPS.contains(&op.as_str()) && !MAINTENANCE_OPS.contains(&op.as_str()) && op != "backup-vm" {
+        if !OPS.contains(&op.as_str())
+            && !MAINTENANCE_OPS.contains(&op.as_str())
+            && !NAMED_OPS.contains(&op.as_str())
+            && op != "backup-vm"
+        {
             bail!("unknown operation {op:?}");
         }
         let dir = tmp.path().join(op);
@@ -273,11 +285,13 @@ impl Harness {
         c.args(args)
             .env("CAIRN_REPO", &self.repo)
             .env_remove("CAIRN_PASSWORD")
+            .env_remove("CAIRN_FROM_PASSWORD")
             .env_remove("CAIRN_CRASH_AT")
             .env_remove("CAIRN_CRASH_TRACE")
             .stdin(Stdio::null());
         if self.encrypted {
-            c.env("CAIRN_PASSWORD", "torture");
+            // The source's password when this repository is copied from.
+            c.env("CAIRN_PASSWORD", "torture").env("CAIRN_FROM_PASSWORD", "torture");
         }
         c
     }
@@ -331,6 +345,9 @@ impl Harness {
         let _ = std::fs::remove_file(&trace);
         let mut c = self.cmd(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
         c.env("CAIRN_CRASH_TRACE", &trace).stdout(Stdio::piped()).stderr(Stdio::piped());
+        if self.op == "copy" {
+            self.target_env(&mut c);
+        }
         if let Some(at) = crash {
             c.env("CAIRN_CRASH_AT", at);
         }
@@ -394,6 +411,7 @@ impl Harness {
             // The dry run's: a repack happens, marks are made and deleted at once.
             "prune" => (maintenance::prune_args(0), None),
             "forget" => (maintenance::forget_args(false), None),
+            "copy" => (copy::copy_args(&self.repo, &self.target()), None),
             _ => unreachable!(),
         })
     }
@@ -406,10 +424,17 @@ impl Harness {
             // Unused data for the prune, points for the forget: what each kill starts from.
             self.prepare(true)?;
         }
+        if self.op == "copy" {
+            // Into an empty encrypted target, as the planned kills start.
+            self.prepare_target(false)?;
+        }
         let (args, _) = self.op_args()?;
         let t = Instant::now();
         let trace = self.dir.join("dry-trace");
         let mut c = self.cmd(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        if self.op == "copy" {
+            self.target_env(&mut c);
+        }
         let o = c.env("CAIRN_CRASH_TRACE", &trace).output()?;
         self.took = t.elapsed();
         if !o.status.success() && self.op != "verify-damaged" {
@@ -456,6 +481,8 @@ impl Harness {
             let after = crash.is_none().then(|| self.took.mul_f64(1.2 * (self.rng.below(1000) as f64 / 1000.0)));
             let outcome = if maintenance {
                 self.one_maintenance_kill(crash.as_deref(), after)
+            } else if self.op == "copy" {
+                self.one_copy_kill(crash.as_deref(), after)
             } else {
                 self.one_kill(crash.as_deref(), after)
             };

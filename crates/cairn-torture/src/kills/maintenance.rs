@@ -238,7 +238,7 @@ impl Harness {
     }
 
     /// The IDs `cairn points` lists.
-    fn listed(&self) -> Result<BTreeSet<String>> {
+    pub(super) fn listed(&self) -> Result<BTreeSet<String>> {
         let v = self.json(&["points"])?;
         v.as_array()
             .context("points printed no list")?
@@ -348,7 +348,7 @@ impl Harness {
     }
 
     /// Kills, finished runs and phases, as for the other operations.
-    fn count_end(&mut self, ended: &Ended, crash: Option<&str>) {
+    pub(super) fn count_end(&mut self, ended: &Ended, crash: Option<&str>) {
         self.summary.kills += ended.killed as u64;
         if ended.killed {
             *self.summary.by_phase.entry(ended.last_point.clone()).or_default() += 1;
