@@ -26,13 +26,8 @@ fi
 cp --sparse=always disk.img work.img
 img=work.img
 rm -rf c-cairn c-restic s3copy s3cache copy-times.txt && mkdir -p s3copy/cairn s3copy/restic s3copy/rclone
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-/var/lib/cairn-test/s3s-fs/bin/s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret s3copy \
-  > s3s-fs.log 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1
+source "$top/bench/s3s-fs.sh"
+start_s3s_fs s3copy
 export RESTIC_PASSWORD=bench RESTIC_FROM_PASSWORD=bench CAIRN_CACHE_DIR=$work/s3cache
 export RCLONE_CONFIG_BENCH_TYPE=s3 RCLONE_CONFIG_BENCH_PROVIDER=Other RCLONE_CONFIG_BENCH_ENDPOINT=http://127.0.0.1:$port \
   RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=bench RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=benchsecret

@@ -29,13 +29,8 @@ img=work.img
 
 # The S3 server: s3s-fs (installed by scripts/setup.sh), objects under s3data/.
 rm -rf s3data s3cache out-* s3-times.txt && mkdir -p s3data/cairn s3data/restic
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-/var/lib/cairn-test/s3s-fs/bin/s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret s3data \
-  > s3s-fs.log 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_REGION=us-east-1
+source "$top/bench/s3s-fs.sh"
+start_s3s_fs s3data
 export RESTIC_PASSWORD=bench CAIRN_CACHE_DIR=$work/s3cache
 cr=s3://cairn/repo
 rr=s3:http://127.0.0.1:$port/restic/repo

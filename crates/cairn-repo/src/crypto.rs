@@ -85,6 +85,11 @@ impl Crypto {
             out[pre] = FLAG_STORED;
             out.extend_from_slice(raw);
         }
+        self.encrypt_envelope(out);
+    }
+
+    /// Encrypts in place `out`, an envelope behind room for the nonce (none when plain).
+    fn encrypt_envelope(&self, out: &mut Vec<u8>) {
         if let Crypto::Aes { key, .. } = self {
             let mut nonce = [0u8; NONCE_LEN];
             fill_random(&mut nonce);
@@ -96,36 +101,10 @@ impl Crypto {
         }
     }
 
-    /// Seals for `to` what `self` sealed, without decompressing: the envelope (compressed
-    /// payload and its header) is authenticated and decrypted with this key and encrypted with
-    /// `to`'s under a new nonce. For copies between repositories; the caller has checked the
-    /// content (a copy opens the frame and checks every block against its ID first).
-    pub fn reseal_into(&self, sealed: &[u8], to: &Crypto, what: &str, out: &mut Vec<u8>) -> Result<()> {
-        let seal_for = |env: &[u8], out: &mut Vec<u8>| {
-            out.clear();
-            match to {
-                Crypto::Plain => out.extend_from_slice(env),
-                Crypto::Aes { key, .. } => {
-                    let mut nonce = [0u8; NONCE_LEN];
-                    fill_random(&mut nonce);
-                    out.extend_from_slice(&nonce);
-                    out.extend_from_slice(env);
-                    let tag = key
-                        .seal_in_place_separate_tag(
-                            Nonce::assume_unique_for_key(nonce),
-                            Aad::empty(),
-                            &mut out[NONCE_LEN..],
-                        )
-                        .expect("AES-GCM sealing cannot fail for in-range lengths");
-                    out.extend_from_slice(tag.as_ref());
-                }
-            }
-        };
+    /// Authenticates and decrypts a sealed object, then hands its envelope to `f`.
+    fn with_envelope<R>(&self, sealed: &[u8], what: &str, f: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
         match self {
-            Crypto::Plain => {
-                seal_for(sealed, out);
-                Ok(())
-            }
+            Crypto::Plain => f(sealed),
             Crypto::Aes { key, .. } => {
                 if sealed.len() < NONCE_LEN + TAG_LEN {
                     return Err(Error::Corrupt(format!("{what}: too short to be encrypted data")));
@@ -137,11 +116,24 @@ impl Crypto {
                     let env = key.open_in_place(nonce, Aad::empty(), buf).map_err(|_| {
                         Error::Corrupt(format!("{what}: authentication failed (damaged or foreign data)"))
                     })?;
-                    seal_for(env, out);
-                    Ok(())
+                    f(env)
                 })
             }
         }
+    }
+
+    /// Seals for `to` what `self` sealed, without decompressing: the envelope (compressed
+    /// payload and its header) is authenticated and decrypted with this key and encrypted with
+    /// `to`'s under a new nonce. For copies between repositories; the caller has checked the
+    /// content (a copy opens the frame and checks every block against its ID first).
+    pub fn reseal_into(&self, sealed: &[u8], to: &Crypto, what: &str, out: &mut Vec<u8>) -> Result<()> {
+        self.with_envelope(sealed, what, |env| {
+            out.clear();
+            out.resize(if to.is_encrypted() { NONCE_LEN } else { 0 }, 0);
+            out.extend_from_slice(env);
+            to.encrypt_envelope(out);
+            Ok(())
+        })
     }
 
     /// Compresses and seals (allocating; for small objects).
@@ -161,23 +153,7 @@ impl Crypto {
 
     /// Like [`Crypto::open`], into a reused buffer (cleared first).
     pub fn open_into(&self, sealed: &[u8], what: &str, out: &mut Vec<u8>) -> Result<()> {
-        match self {
-            Crypto::Plain => open_envelope(sealed, what, out),
-            Crypto::Aes { key, .. } => {
-                if sealed.len() < NONCE_LEN + TAG_LEN {
-                    return Err(Error::Corrupt(format!("{what}: too short to be encrypted data")));
-                }
-                let nonce = Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).unwrap();
-                OPEN_SCRATCH.with_borrow_mut(|buf| {
-                    buf.clear();
-                    buf.extend_from_slice(&sealed[NONCE_LEN..]);
-                    let plain = key.open_in_place(nonce, Aad::empty(), buf).map_err(|_| {
-                        Error::Corrupt(format!("{what}: authentication failed (damaged or foreign data)"))
-                    })?;
-                    open_envelope(plain, what, out)
-                })
-            }
-        }
+        self.with_envelope(sealed, what, |env| open_envelope(env, what, out))
     }
 }
 

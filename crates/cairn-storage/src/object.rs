@@ -414,12 +414,7 @@ impl ObjectBackend {
 
     /// The object's size, asked with few retries (to explain a failed read, not to do work).
     fn quick_size(&self, kind: Kind, name: &str) -> Result<u64> {
-        let key = self.key(kind, name)?;
-        self.run(|| {
-            let (store, key) = (self.quick.clone(), key.clone());
-            async move { store.head(&key).await.map(|m| m.size) }
-        })
-        .map_err(|e| self.error(kind, name, "reading", e))
+        self.head_size(self.quick.clone(), kind, name)
     }
 
     fn io(&self, kind: Kind, name: &str, why: String) -> StorageError {
@@ -430,9 +425,13 @@ impl ObjectBackend {
     }
 
     fn size_of(&self, kind: Kind, name: &str) -> Result<u64> {
+        self.head_size(self.store_for(kind), kind, name)
+    }
+
+    fn head_size(&self, store: Arc<dyn ObjectStore>, kind: Kind, name: &str) -> Result<u64> {
         let key = self.key(kind, name)?;
         self.run(|| {
-            let (store, key) = (self.store_for(kind), key.clone());
+            let (store, key) = (store.clone(), key.clone());
             async move { store.head(&key).await.map(|m| m.size) }
         })
         .map_err(|e| self.error(kind, name, "reading", e))
