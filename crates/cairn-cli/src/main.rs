@@ -91,6 +91,17 @@ about content. Losing the password means losing the backups: keep it safe.")]
         /// own password (CAIRN_PASSWORD) and data key; REPO's password from CAIRN_FROM_PASSWORD
         #[arg(long, value_name = "REPO")]
         copy_from: Option<PathBuf>,
+        /// Make the repository immutable for DAYS: every object a restore point needs stays
+        /// locked by the store (S3 Object Lock, compliance mode) at least DAYS after the point,
+        /// against anyone, cairn and holders of the bucket's keys included. Needs an S3 bucket
+        /// created with Object Lock (versioning on) and no default retention
+        #[arg(long, value_name = "DAYS")]
+        immutable: Option<u32>,
+        /// With --immutable: objects locked within one generation share one date, the end of
+        /// the generation plus DAYS, so a pack that newer points use is extended once per
+        /// generation (the store keeps data up to this much longer than DAYS)
+        #[arg(long, value_name = "DAYS", default_value_t = cairn_storage::LockPolicy::DEFAULT_GENERATION_DAYS, requires = "immutable")]
+        lock_generation: u32,
     },
     /// Copy restore points into another repository (offsite copies)
     #[command(
@@ -357,6 +368,19 @@ Examples:
         #[arg(long)]
         dry_run: bool,
     },
+    /// Bring back objects hidden by delete markers (S3 with versioning)
+    #[command(
+        long_about = "In a versioned S3 bucket, a plain DELETE does not remove an object: it hides it behind a \"delete marker\", and S3 allows that even for a locked object. Someone with the bucket's keys (or ransomware) can so make an immutable repository look empty while every locked object is still there. This finds the repository's objects whose newest version is a delete marker and removes the markers, which brings the objects back as they were. Lock files stay deleted.
+
+Examples:
+  cairn repair undelete --repo s3://bucket/repo --dry-run
+  cairn repair undelete --repo s3://bucket/repo"
+    )]
+    Undelete {
+        /// Show what is hidden, change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -600,7 +624,12 @@ fn run(cli: Cli) -> Result<i32> {
         unsafe { std::env::set_var("CAIRN_LIMIT_UPLOAD", rate) };
     }
     match &cli.command {
-        Command::Init { encrypt, copy_from } => init(g, *encrypt, copy_from.as_deref()),
+        Command::Init { encrypt, copy_from, immutable, lock_generation } => init(
+            g,
+            *encrypt,
+            copy_from.as_deref(),
+            immutable.map(|days| cairn_storage::LockPolicy { days, generation_days: *lock_generation }),
+        ),
         Command::Copy(a) => offsite::copy(g, a),
         Command::Backup(BackupCmd::Image(a)) => backup_image(g, a),
         Command::Backup(BackupCmd::Vm(a)) => vm::backup(g, a),
@@ -615,6 +644,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Verify { what: None, points, sample } => verify(g, points, *sample),
         Command::Verify { what: Some(VerifyCmd::Boot(a)), .. } => boot::verify_boot_cmd(g, a),
         Command::Repair(RepairCmd::Index { dry_run }) => repair_index(g, *dry_run),
+        Command::Repair(RepairCmd::Undelete { dry_run }) => offsite::undelete(g, *dry_run),
         Command::Forget(a) => maintenance::forget(g, a),
         Command::Protect(a) => maintenance::protect(g, a),
         Command::Prune { opts, dry_run } => maintenance::prune_cmd(g, opts, *dry_run),
@@ -718,7 +748,12 @@ pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap());
 }
 
-fn init(g: &Global, encrypt: bool, copy_from: Option<&std::path::Path>) -> Result<i32> {
+fn init(
+    g: &Global,
+    encrypt: bool,
+    copy_from: Option<&std::path::Path>,
+    immutable: Option<cairn_storage::LockPolicy>,
+) -> Result<i32> {
     let b = backend(g)?;
     let source = copy_from.map(offsite::open_source).transpose()?;
     let encrypt = encrypt || source.as_ref().is_some_and(|s| s.crypto().is_encrypted());
@@ -732,14 +767,12 @@ fn init(g: &Global, encrypt: bool, copy_from: Option<&std::path::Path>) -> Resul
     } else {
         None
     };
-    let repo = match &source {
-        Some(src) => Repository::init_copying(b.clone(), password.as_deref(), src)?,
-        None => Repository::init(b.clone(), password.as_deref())?,
-    };
+    let opts = cairn_repo::InitOptions { copy_of: source.as_ref(), immutable };
+    let repo = Repository::init_with(b.clone(), password.as_deref(), opts)?;
+    let lock = repo.lock_policy();
     if g.json {
-        print_json(
-            &serde_json::json!({"repository": b.location(), "id": repo.config().id, "encryption": repo.config().encryption}),
-        );
+        print_json(&serde_json::json!({"repository": b.location(), "id": repo.config().id,
+            "encryption": repo.config().encryption, "immutability": lock}));
     } else {
         println!(
             "created repository {} at {} (encryption: {})",
@@ -747,6 +780,13 @@ fn init(g: &Global, encrypt: bool, copy_from: Option<&std::path::Path>) -> Resul
             b.location(),
             repo.config().encryption
         );
+        if let Some(p) = lock {
+            println!(
+                "immutable: every object a restore point needs stays locked (S3 Object Lock, compliance mode) \
+                 for at least {} days after the point, in generations of {} days",
+                p.days, p.generation_days
+            );
+        }
     }
     Ok(0)
 }
@@ -837,6 +877,7 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
                     "dedup_bytes": p.stats.totals.dedup_bytes + p.stats.totals.unchanged_bytes,
                     "zero_bytes": p.stats.totals.zero_bytes,
                     "duration_ms": p.stats.duration_ms,
+                    "locked_until": p.locked_until,
                     "disks": p.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>(),
                     "vm": cairn_engine::vm::VmRecord::of(p).map(|r| {
                         let mut v = serde_json::to_value(r).unwrap_or_default();

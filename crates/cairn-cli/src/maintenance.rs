@@ -140,6 +140,13 @@ pub fn forget(g: &Global, a: &ForgetArgs) -> Result<i32> {
             for id in &o.protected_meanwhile {
                 println!("kept {}: protected while forget ran", &id[..8]);
             }
+            for l in &o.locked {
+                println!(
+                    "pending {}: locked by the store until {} (immutability); a later forget removes it",
+                    &l.id[..8],
+                    l.until_rfc3339
+                );
+            }
             if o.records > 0 {
                 println!("removed {} catalog record(s) about them (boot verifications)", o.records);
             }
@@ -232,6 +239,9 @@ fn print_prune(r: &PruneReport) {
     line(if r.dry_run { "to mark for deletion" } else { "newly marked for deletion" }, &r.newly_marked);
     line("marks taken back (used again)", &r.recovered);
     line(if r.dry_run { "deletable now" } else { "deleted" }, &r.deleted);
+    if r.locked.packs > 0 {
+        line("locked by the store, kept", &r.locked);
+    }
     let pending_bytes: u64 = r.pending.iter().map(|p| p.bytes).sum();
     if !r.pending.is_empty() {
         println!(

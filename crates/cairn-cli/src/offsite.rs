@@ -163,3 +163,39 @@ pub fn copy(g: &Global, a: &CopyArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `cairn repair undelete`: removes the delete markers that hide repository objects in a
+/// versioned S3 bucket. Works on the storage alone (a hidden config makes the repository
+/// unopenable, and no password is needed to take a marker away).
+pub fn undelete(g: &Global, dry_run: bool) -> Result<i32> {
+    let b = crate::backend(g)?;
+    let Some(locks) = b.object_lock() else {
+        bail!("{} is not on S3: only a versioned S3 bucket hides objects behind delete markers", b.location());
+    };
+    let found = locks.undelete(dry_run)?;
+    let mut by_kind: std::collections::BTreeMap<String, usize> = Default::default();
+    for (kind, _) in &found {
+        *by_kind.entry(kind.to_string()).or_default() += 1;
+    }
+    if g.json {
+        let objects: Vec<_> =
+            found.iter().map(|(k, n)| serde_json::json!({"kind": k.to_string(), "name": n})).collect();
+        print_json(
+            &serde_json::json!({"dry_run": dry_run, "hidden": found.len(), "by_kind": by_kind, "objects": objects}),
+        );
+    } else if found.is_empty() {
+        println!("no object of {} is hidden by a delete marker", b.location());
+    } else {
+        let list: Vec<String> = by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        if dry_run {
+            println!(
+                "{} object(s) hidden by delete markers: {} (dry run: nothing changed)",
+                found.len(),
+                list.join(", ")
+            );
+        } else {
+            println!("brought back {} object(s) hidden by delete markers: {}", found.len(), list.join(", "));
+        }
+    }
+    Ok(0)
+}

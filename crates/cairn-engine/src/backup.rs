@@ -156,6 +156,7 @@ pub fn backup_with(
             duration_ms: 0,
             mode: if changed_mode { "changed-ranges" } else { "full" }.into(),
         },
+        locked_until: None,
     };
     finalize(&mut point)?;
     point.stats.duration_ms = started.elapsed().as_millis() as u64;

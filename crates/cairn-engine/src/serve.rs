@@ -247,6 +247,7 @@ mod tests {
             disks: vec![disk.clone()],
             metadata: serde_json::Value::Null,
             stats: PointStats::default(),
+            locked_until: None,
         };
         session.commit(&mut point).unwrap();
         repo.load_index().unwrap();

@@ -23,7 +23,14 @@ pub struct Config {
     pub encryption: String,
     /// "zstd".
     pub compression: String,
+    /// An immutable repository: every object a restore point needs stays locked by the store
+    /// (S3 Object Lock, compliance mode) for `days`, in generations (FORMAT.md §13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub immutability: Option<cairn_storage::LockPolicy>,
 }
+
+/// The longest lock cairn sets: 100 years (compliance locks cannot be undone).
+pub const MAX_LOCK_DAYS: u32 = 36_500;
 
 impl Config {
     /// Parses and checks a stored config: every field a reader relies on must make sense.
@@ -48,6 +55,14 @@ impl Config {
         }
         if config.compression != "zstd" {
             return bad(format!("unknown compression {:?}", config.compression));
+        }
+        if let Some(p) = config.immutability {
+            if !(1..=MAX_LOCK_DAYS).contains(&p.days) || !(1..=365).contains(&p.generation_days) {
+                return bad(format!(
+                    "immutability of {} days in generations of {} days (1 to {MAX_LOCK_DAYS}, and 1 to 365)",
+                    p.days, p.generation_days
+                ));
+            }
         }
         if !matches!(config.encryption.as_str(), "none" | "aes-256-gcm") {
             return Err(Error::Format(format!("unknown encryption {:?}", config.encryption)));

@@ -150,6 +150,18 @@ pub struct Forgotten {
     pub records: usize,
     /// Points the plan removed that were protected meanwhile: kept.
     pub protected_meanwhile: Vec<String>,
+    /// Points the plan removed whose store lock has not ended (an immutable repository):
+    /// kept, and removed by a forget after that date. Not an error.
+    pub locked: Vec<LockedPoint>,
+}
+
+/// A point kept because the store refuses to delete it before `until`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LockedPoint {
+    pub id: String,
+    /// Unix seconds, and the same as RFC 3339.
+    pub until: u64,
+    pub until_rfc3339: String,
 }
 
 /// Removes the points the plan removes. Protection is read again first (a point protected
@@ -164,7 +176,15 @@ pub fn apply(repo: &Repository, plan: &[GroupPlan]) -> Result<Forgotten> {
                 out.protected_meanwhile.push(p.id.clone());
                 continue;
             }
-            repo.delete_point(&p.id)?;
+            match repo.delete_point(&p.id) {
+                Err(e) if crate::immutability::locked(&e).is_some() => {
+                    let until = crate::immutability::locked(&e).unwrap_or(0);
+                    let until_rfc3339 = cairn_storage::object_lock::rfc3339(until);
+                    out.locked.push(LockedPoint { id: p.id.clone(), until, until_rfc3339 });
+                    continue;
+                }
+                other => other?,
+            }
             cairn_storage::crash_point("forget.point_deleted");
             out.points.push(p.id.clone());
         }

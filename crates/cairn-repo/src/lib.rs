@@ -68,6 +68,7 @@ pub mod crypto;
 mod error;
 pub mod forget;
 mod id;
+pub mod immutability;
 pub mod index;
 pub mod lock;
 pub mod map;
@@ -85,7 +86,7 @@ pub use id::{is_all_zero, BlockId};
 pub use index::BlobLocation;
 pub use lock::Lock;
 pub use point::{safe_name, DiskImage, DiskStats, PointStats, RestorePoint, MAX_DISK_SIZE};
-pub use repo::{hostname, quarantine_copies, PointList, Repository};
+pub use repo::{hostname, quarantine_copies, InitOptions, PointList, Repository};
 pub use session::{Claims, Session, PACK_TARGET};
 
 /// The current time as RFC 3339 UTC with milliseconds.

@@ -22,6 +22,10 @@ pub struct RestorePoint {
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub metadata: serde_json::Value,
     pub stats: PointStats,
+    /// In an immutable repository: unix seconds until which every object this point needs
+    /// was locked when it was written (FORMAT.md §13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<u64>,
 }
 
 /// One disk of a restore point.

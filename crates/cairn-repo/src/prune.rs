@@ -128,6 +128,9 @@ pub struct PruneReport {
     pub deleted: Packs,
     /// Marked packs left for a later run.
     pub pending: Vec<Pending>,
+    /// Packs a prune would repack or delete but whose store lock has not ended (an immutable
+    /// repository): kept as they are, pending (see `pending` for the deletions' dates).
+    pub locked: Packs,
     pub index_files_rewritten: u64,
     /// Catalog records about points that no longer exist, dropped.
     pub records_dropped: usize,
@@ -278,6 +281,18 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     let lock = repo.lock_mode(LockMode::Maintenance, "prune", opts.lock_wait)?;
     let Analysis { mut report, old_records, mut marks, mut reach, sizes, mut to_mark, mut to_repack, index } =
         analyze(repo, opts, progress)?;
+    // Rewriting a locked pack would only store its blocks twice until the lock ends.
+    if repo.lock_policy().is_some() && !to_repack.is_empty() {
+        progress(&format!("asking the store for the locks of {} packs to repack", to_repack.len()));
+        let mut kept = Vec::new();
+        for (pack, _) in &to_repack {
+            if store_lock(repo, pack)?.is_some() {
+                kept.push(*pack);
+                report.locked.add(sizes.get(pack).copied().unwrap_or(0));
+            }
+        }
+        to_repack.retain(|(p, _)| !kept.contains(p));
+    }
     let mut written: HashSet<PackId> = HashSet::new();
     if !opts.dry_run && !to_repack.is_empty() {
         progress(&format!("repacking {} packs", to_repack.len()));
@@ -314,7 +329,13 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
         for (pack, &at) in &marks {
             let size = sizes.get(pack).copied().unwrap_or(0);
             match blocker(at, opts.grace, &locks, now) {
-                None if at < now => report.deleted.add(size),
+                None if at < now => match store_lock(repo, pack)? {
+                    Some(until) => {
+                        report.locked.add(size);
+                        report.pending.push(pending(pack, size, at, locked_reason(until)));
+                    }
+                    None => report.deleted.add(size),
+                },
                 None => {
                     report.pending.push(pending(pack, size, at, "marked by this run; deleted by a later prune".into()))
                 }
@@ -360,7 +381,14 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
             continue;
         }
         match blocker(at, opts.grace, &locks, now) {
-            None => doomed.push(*pack),
+            None => match store_lock(repo, pack)? {
+                // Locked: stays indexed and marked until the store lets it go.
+                Some(until) => {
+                    report.locked.add(size);
+                    report.pending.push(pending(pack, size, at, locked_reason(until)));
+                }
+                None => doomed.push(*pack),
+            },
             Some(why) => report.pending.push(pending(pack, size, at, why)),
         }
     }
@@ -373,7 +401,18 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
         let doomed_set: HashSet<PackId> = doomed.iter().copied().collect();
         report.index_files_rewritten = drop_from_index(repo, &doomed_set)?;
         for pack in &doomed {
-            repo.delete_pack(&hex::encode(pack))?;
+            match repo.delete_pack(&hex::encode(pack)) {
+                // Locked after all (a lock extended since it was asked): no index file lists
+                // it any more, so the next prune finds it unindexed and deletes it once free.
+                Err(e) if crate::immutability::locked(&e).is_some() => {
+                    let until = crate::immutability::locked(&e).unwrap_or(0);
+                    let size = sizes.get(pack).copied().unwrap_or(0);
+                    report.locked.add(size);
+                    report.pending.push(pending(pack, size, marks[pack], locked_reason(until)));
+                    continue;
+                }
+                other => other?,
+            }
             deleted.insert(*pack);
             cairn_storage::crash_point("prune.pack_deleted");
             report.deleted.add(sizes.get(pack).copied().unwrap_or(0));
@@ -850,6 +889,22 @@ fn write_marks(repo: &Repository, marks: &HashMap<PackId, u64>, old: &[String]) 
         }
     }
     Ok(name)
+}
+
+/// In an immutable repository, the date until which the store keeps `pack`, if it is later
+/// than now (asked of the store: the truth, not a record).
+fn store_lock(repo: &Repository, pack: &PackId) -> Result<Option<u64>> {
+    let Some(locks) = repo.object_locks()? else { return Ok(None) };
+    let now = cairn_storage::object_lock::now();
+    match locks.retained_until(cairn_storage::Kind::Pack, &hex::encode(pack)) {
+        Ok(until) => Ok(until.filter(|&u| u > now)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn locked_reason(until: u64) -> String {
+    format!("locked by the store until {} (immutability)", cairn_storage::object_lock::rfc3339(until))
 }
 
 fn unix_now() -> u64 {

@@ -29,6 +29,19 @@ pub struct Repository {
     /// The locks this process took through [`Repository::lock`] (file name, health), checked
     /// before a restore point is made visible.
     locks: std::sync::Mutex<Vec<(String, std::sync::Weak<crate::lock::LockHealth>)>>,
+    /// Pack locks this process has written into `object-locks` records (immutability.rs).
+    pub(crate) locks_recorded: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// How [`Repository::init_with`] makes a repository.
+#[derive(Default)]
+pub struct InitOptions<'a> {
+    /// Receives copies of this repository (`init --copy-from`): the same block IDs and block
+    /// size, its own password and data key.
+    pub copy_of: Option<&'a Repository>,
+    /// Immutable (`init --immutable DAYS`): the store (S3 with Object Lock, checked first)
+    /// keeps every object a point needs for at least that long.
+    pub immutable: Option<cairn_storage::LockPolicy>,
 }
 
 /// The restore points of a repository, and any point documents that could not be read.
@@ -41,7 +54,47 @@ pub struct PointList {
 impl Repository {
     /// Creates a repository at an empty location. With a password, it is encrypted.
     pub fn init(backend: Arc<dyn Backend>, password: Option<&str>) -> Result<Repository> {
-        Self::init_sharing_ids(backend, password, None)
+        Self::init_with(backend, password, InitOptions::default())
+    }
+
+    /// Creates a repository with options: one that receives copies of another, an immutable
+    /// one. See [`Repository::init_copying`] and [`InitOptions::immutable`].
+    pub fn init_with(backend: Arc<dyn Backend>, password: Option<&str>, opts: InitOptions) -> Result<Repository> {
+        let like = match opts.copy_of {
+            None => None,
+            Some(source) => match (source.crypto().id_key(), password) {
+                (None, Some(_)) => {
+                    return Err(Error::Incompatible(
+                        "the source is not encrypted, so a copy of it cannot be: its blocks are named by their \
+                         plain hash (give no password for the copy)"
+                            .into(),
+                    ))
+                }
+                (Some(_), None) => {
+                    return Err(Error::Incompatible(
+                        "the source is encrypted: its copy must be too (give a password for the copy)".into(),
+                    ))
+                }
+                (id_key, _) => Some((id_key, source.config().block_size)),
+            },
+        };
+        if let Some(policy) = opts.immutable {
+            let days = crate::config::MAX_LOCK_DAYS;
+            if !(1..=days).contains(&policy.days) || !(1..=365).contains(&policy.generation_days) {
+                return Err(Error::Invalid(format!(
+                    "immutability must be 1 to {days} days, in generations of 1 to 365 days (asked: {} and {})",
+                    policy.days, policy.generation_days
+                )));
+            }
+            let Some(locks) = backend.object_lock() else {
+                return Err(Error::Incompatible(format!(
+                    "{} cannot hold an immutable repository: immutability needs S3 with Object Lock",
+                    backend.location()
+                )));
+            };
+            locks.check_bucket()?;
+        }
+        Self::init_sharing_ids(backend, password, like, opts.immutable)
     }
 
     /// Like [`Repository::init`], for a repository that receives copies from `source`
@@ -49,23 +102,14 @@ impl Repository {
     /// what it lacks; its own password and data key. Both are encrypted or neither: an
     /// encrypted copy of a plain repository would name blocks by their plain hash.
     pub fn init_copying(backend: Arc<dyn Backend>, password: Option<&str>, source: &Repository) -> Result<Repository> {
-        match (source.crypto().id_key(), password) {
-            (None, Some(_)) => Err(Error::Incompatible(
-                "the source is not encrypted, so a copy of it cannot be: its blocks are named by their \
-                 plain hash (give no password for the copy)"
-                    .into(),
-            )),
-            (Some(_), None) => Err(Error::Incompatible(
-                "the source is encrypted: its copy must be too (give a password for the copy)".into(),
-            )),
-            (id_key, _) => Self::init_sharing_ids(backend, password, Some((id_key, source.config().block_size))),
-        }
+        Self::init_with(backend, password, InitOptions { copy_of: Some(source), ..Default::default() })
     }
 
     fn init_sharing_ids(
         backend: Arc<dyn Backend>,
         password: Option<&str>,
         like: Option<(Option<[u8; 32]>, u32)>,
+        immutable: Option<cairn_storage::LockPolicy>,
     ) -> Result<Repository> {
         if backend.exists(Kind::Config, "")? {
             return Err(Error::AlreadyExists(backend.location()));
@@ -87,6 +131,11 @@ impl Repository {
         for orphan in backend.list(Kind::Key)? {
             backend.delete(Kind::Key, &orphan.name)?;
         }
+        // From here on, the store writes the key file, the config and everything after them
+        // locked.
+        if let (Some(policy), Some(locks)) = (immutable, backend.object_lock()) {
+            locks.lock_writes(policy);
+        }
         let hostname = hostname();
         let mut id = [0u8; 16];
         crypto::fill_random(&mut id);
@@ -97,6 +146,7 @@ impl Repository {
             block_size: like.map_or(DEFAULT_BLOCK_SIZE, |(_, size)| size),
             encryption: if password.is_some() { "aes-256-gcm" } else { "none" }.into(),
             compression: "zstd".into(),
+            immutability: immutable,
         };
         let config_bytes = serde_json::to_vec_pretty(&config).unwrap();
         let (crypto, key) = match password {
@@ -187,6 +237,20 @@ impl Repository {
             let pw = password().ok_or(Error::PasswordRequired)?;
             open_keys(backend.as_ref(), &key_files, &pw, &raw)?
         };
+        // An immutable repository is written locked, by every process (FORMAT.md §13).
+        if let Some(policy) = config.immutability {
+            match backend.object_lock() {
+                Some(locks) => locks.lock_writes(policy),
+                None => {
+                    return Err(Error::Incompatible(format!(
+                        "{} is an immutable repository ({} days of Object Lock) but its store cannot lock \
+                         objects (immutable repositories live on S3 with Object Lock)",
+                        backend.location(),
+                        policy.days
+                    )))
+                }
+            }
+        }
         Ok(Repository::assemble(backend, config, crypto, hostname()))
     }
 
@@ -202,6 +266,7 @@ impl Repository {
             damaged_records: std::sync::Mutex::new(Vec::new()),
             hostname,
             locks: std::sync::Mutex::new(Vec::new()),
+            locks_recorded: Default::default(),
         }
     }
 

@@ -165,6 +165,8 @@ impl Session {
         self.release_buffers();
         merge_session_index(&self.repo, &mut outcome)?;
         point.stats.repository_growth_bytes = self.pack_bytes + outcome.index_bytes;
+        // An immutable repository: everything the point needs locked long enough, first.
+        self.repo.lock_what_the_point_needs(point)?;
         cairn_storage::crash_point("commit.before_point");
         let id = self.repo.save_point(point)?;
         cairn_storage::crash_point("commit.point_saved");
@@ -184,6 +186,8 @@ impl Session {
         let mut outcome = self.join_writer()?;
         self.release_buffers();
         merge_session_index(&self.repo, &mut outcome)?;
+        // Repacked packs were written locked (immutable repositories): say so for others.
+        self.repo.record_locks_here(Vec::new())?;
         let _ = self.repo.add_index_files(&outcome.index_files);
         Ok(outcome.index_files)
     }

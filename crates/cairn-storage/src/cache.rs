@@ -219,6 +219,9 @@ impl Backend for CachedBackend {
     fn reads_in_flight(&self) -> usize {
         self.inner.reads_in_flight()
     }
+    fn object_lock(&self) -> Option<&dyn crate::ObjectLock> {
+        self.inner.object_lock()
+    }
 }
 
 #[cfg(test)]

@@ -279,6 +279,9 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     fn reads_in_flight(&self) -> usize {
         self.inner.reads_in_flight()
     }
+    fn object_lock(&self) -> Option<&dyn crate::ObjectLock> {
+        self.inner.object_lock()
+    }
 
     fn delete(&self, kind: Kind, name: &str) -> Result<()> {
         match self.fires(Op::Delete, kind, name, "delete") {

@@ -27,6 +27,7 @@ mod crash;
 pub mod faulty;
 mod local;
 pub mod object;
+pub mod object_lock;
 #[doc(hidden)]
 pub mod test_servers;
 
@@ -35,6 +36,7 @@ pub use crash::crash_point;
 
 pub use local::LocalBackend;
 pub use object::{Location, ObjectBackend, ObjectOptions};
+pub use object_lock::{LockPolicy, ObjectLock};
 
 /// Opens the backend of a repository location: `s3://BUCKET[/PREFIX]`,
 /// `az://CONTAINER[/PREFIX]` (settings from [`ObjectOptions::from_env`], with a local cache of
@@ -125,6 +127,9 @@ pub enum StorageError {
     ShortRead { kind: Kind, name: String, offset: u64, end: u64, size: u64 },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    /// The store refuses to delete the object: it is locked (immutability) until `until`.
+    #[error("{kind} object {name} is locked until {}", object_lock::rfc3339(*until))]
+    Locked { kind: Kind, name: String, until: u64 },
 }
 
 impl StorageError {
@@ -193,6 +198,10 @@ pub trait Backend: Send + Sync {
     fn remove_stale_temporaries(&self, max_age: std::time::Duration) -> Result<usize> {
         let _ = max_age;
         Ok(0)
+    }
+    /// Object locks (immutability), on a store that has them: S3 with Object Lock.
+    fn object_lock(&self) -> Option<&dyn ObjectLock> {
+        None
     }
 }
 

@@ -18,6 +18,7 @@
 //! The engine calls backends from plain threads; each call runs on this backend's own small
 //! runtime and the caller waits for it, so a caller inside another runtime does not panic.
 
+use crate::object_lock::{lasting, LockPolicy, ObjectLock, S3Locks};
 use crate::{valid_name, Backend, Kind, Listed, Result, StorageError};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -167,6 +168,13 @@ pub struct ObjectBackend {
     conditional_put: bool,
     runtime: tokio::runtime::Runtime,
     pace: Option<Pace>,
+    /// Object Lock requests (S3 only; see object_lock.rs).
+    s3_locks: Option<Arc<S3Locks>>,
+    /// Set for an immutable repository: objects of lasting kinds are written locked, and
+    /// deletes remove versions.
+    policy: std::sync::RwLock<Option<LockPolicy>>,
+    /// Locks this process set: object -> retain-until.
+    locked: std::sync::Mutex<std::collections::HashMap<(Kind, String), u64>>,
 }
 
 /// Uploads at no more than `rate` bytes per second on average: each upload reserves the time
@@ -255,6 +263,7 @@ fn setup_error(location: &str, e: impl std::fmt::Display) -> StorageError {
 impl ObjectBackend {
     pub fn open(location: &Location, opts: &ObjectOptions) -> Result<ObjectBackend> {
         type Stores = (Arc<dyn ObjectStore>, Arc<dyn ObjectStore>);
+        let mut s3_locks = None;
         let ((store, quick), prefix, shown, conditional_put): (Stores, _, _, _) = match location {
             Location::S3 { bucket, prefix } => {
                 let shown = display("s3", bucket, prefix);
@@ -278,6 +287,14 @@ impl ObjectBackend {
                 }
                 let quick = b.clone().with_retry(quick_retry_config()).build().map_err(|e| setup_error(&shown, e))?;
                 let store = b.build().map_err(|e| setup_error(&shown, e))?;
+                s3_locks = Some(Arc::new(S3Locks::new(
+                    store.credentials().clone(),
+                    opts.s3_region.as_deref().unwrap_or("us-east-1"),
+                    opts.s3_endpoint.as_deref(),
+                    bucket,
+                    opts.s3_virtual_hosted,
+                    &shown,
+                )?));
                 ((Arc::new(store), Arc::new(quick)), prefix.clone(), shown, !opts.s3_conditional_put_disabled)
             }
             Location::Azure { container, prefix } => {
@@ -321,7 +338,18 @@ impl ObjectBackend {
         let pace = opts
             .upload_limit
             .map(|rate| Pace { rate: rate as f64, next: std::sync::Mutex::new(std::time::Instant::now()) });
-        Ok(ObjectBackend { store, quick, prefix, location: shown, conditional_put, runtime, pace })
+        Ok(ObjectBackend {
+            store,
+            quick,
+            prefix,
+            location: shown,
+            conditional_put,
+            runtime,
+            pace,
+            s3_locks,
+            policy: std::sync::RwLock::new(None),
+            locked: Default::default(),
+        })
     }
 
     /// The client for objects of `kind` (the config's answers fast, see `quick`).
@@ -405,6 +433,9 @@ impl ObjectBackend {
         if let Some(p) = self.pace.as_ref().filter(|_| !matches!(kind, Kind::Lock | Kind::Config)) {
             p.wait_for(data.len());
         }
+        if let (Some(policy), Some(s3)) = (self.current_policy().filter(|_| lasting(kind)), &self.s3_locks) {
+            return self.put_locked(s3, kind, name, key.as_ref(), data, policy, mode == PutMode::Create);
+        }
         let payload = PutPayload::from(data.to_vec());
         self.run(|| {
             let (store, key, payload) = (self.store_for(kind), key.clone(), payload.clone());
@@ -412,6 +443,150 @@ impl ObjectBackend {
             async move { store.put_opts(&key, payload, opts).await.map(drop) }
         })
         .map_err(|e| self.error(kind, name, "writing", e))
+    }
+
+    fn current_policy(&self) -> Option<LockPolicy> {
+        *self.policy.read().unwrap()
+    }
+
+    /// Runs one Object Lock request on this backend's runtime and waits for its answer.
+    fn s3_call(
+        &self,
+        s3: &Arc<S3Locks>,
+        method: http::Method,
+        url: String,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    ) -> std::result::Result<crate::object_lock::Answer, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let s3 = s3.clone();
+        let request = crate::object_lock::S3Request { method, url, headers, body };
+        self.runtime.spawn(async move {
+            let _ = tx.send(s3.send(&request).await);
+        });
+        rx.recv().unwrap_or_else(|_| Err("the request's task was dropped".into()))
+    }
+
+    /// A PUT that creates the object locked until the current generation's date.
+    #[allow(clippy::too_many_arguments)]
+    fn put_locked(
+        &self,
+        s3: &Arc<S3Locks>,
+        kind: Kind,
+        name: &str,
+        key: &str,
+        data: &[u8],
+        policy: LockPolicy,
+        create_only: bool,
+    ) -> Result<()> {
+        let until = policy.until(crate::object_lock::now());
+        let headers = S3Locks::locked_put_headers(data, until, create_only && self.conditional_put);
+        let answer = self
+            .s3_call(s3, http::Method::PUT, s3.url(key, &[]), headers, data.to_vec())
+            .map_err(|e| s3.failed(&format!("writing {kind} object {name}"), e))?;
+        match answer.status {
+            200..=299 => {
+                self.locked.lock().unwrap().insert((kind, name.to_string()), until);
+                Ok(())
+            }
+            412 | 409 => Err(StorageError::AlreadyExists { kind, name: name.to_string() }),
+            _ => Err(s3.fail(&format!("writing {kind} object {name}"), &answer)),
+        }
+    }
+
+    /// HEAD of `key` (a version, if given): its version ID and retain-until date.
+    fn head_lock(
+        &self,
+        s3: &Arc<S3Locks>,
+        kind: Kind,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(String, Option<u64>)> {
+        let key = self.key(kind, name)?;
+        let query: Vec<(&str, &str)> = version.map(|v| vec![("versionId", v)]).unwrap_or_default();
+        let answer = self
+            .s3_call(s3, http::Method::HEAD, s3.url(key.as_ref(), &query), vec![], vec![])
+            .map_err(|e| s3.failed(&format!("reading the lock of {kind} object {name}"), e))?;
+        match answer.status {
+            200..=299 => {
+                let header = |h: &str| answer.headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
+                let until =
+                    header("x-amz-object-lock-retain-until-date").and_then(|d| crate::object_lock::parse_date(&d));
+                Ok((header("x-amz-version-id").unwrap_or_default(), until))
+            }
+            404 => Err(StorageError::NotFound { kind, name: name.to_string() }),
+            _ => Err(s3.fail(&format!("reading the lock of {kind} object {name}"), &answer)),
+        }
+    }
+
+    /// Every version and delete marker whose key starts with `prefix`.
+    fn list_versions(&self, s3: &Arc<S3Locks>, prefix: &str) -> Result<Vec<crate::object_lock::Version>> {
+        let mut out = Vec::new();
+        let mut next: Option<(String, String)> = None;
+        loop {
+            let mut query = vec![("versions", ""), ("prefix", prefix)];
+            if let Some((k, v)) = &next {
+                query.push(("key-marker", k));
+                if !v.is_empty() {
+                    query.push(("version-id-marker", v));
+                }
+            }
+            let url = s3.url("", &query);
+            let answer = self
+                .s3_call(s3, http::Method::GET, url, vec![], vec![])
+                .map_err(|e| s3.failed("listing object versions", e))?;
+            if !(200..=299).contains(&answer.status) {
+                return Err(s3.fail("listing object versions", &answer));
+            }
+            let (entries, more) = crate::object_lock::parse_versions(&answer.body)
+                .map_err(|e| s3.failed("listing object versions", e))?;
+            out.extend(entries);
+            if more.is_none() || more == next {
+                return Ok(out);
+            }
+            next = more;
+        }
+    }
+
+    /// Deletes one version; a refusal because of a lock becomes `Locked` with its date.
+    fn delete_version(&self, s3: &Arc<S3Locks>, kind: Kind, name: &str, key: &str, version: &str) -> Result<()> {
+        let answer = self
+            .s3_call(s3, http::Method::DELETE, s3.url(key, &[("versionId", version)]), vec![], vec![])
+            .map_err(|e| s3.failed(&format!("deleting {kind} object {name}"), e))?;
+        match answer.status {
+            200..=299 | 404 => Ok(()),
+            403 => match self.head_lock(s3, kind, name, Some(version)) {
+                Ok((_, Some(until))) => Err(StorageError::Locked { kind, name: name.to_string(), until }),
+                _ => Err(s3.fail(&format!("deleting {kind} object {name}"), &answer)),
+            },
+            _ => Err(s3.fail(&format!("deleting {kind} object {name}"), &answer)),
+        }
+    }
+
+    /// An immutable repository's delete: every version of the object, objects first and
+    /// delete markers last, so a locked version stops the delete with the object still
+    /// visible.
+    fn delete_all_versions(&self, s3: &Arc<S3Locks>, kind: Kind, name: &str) -> Result<()> {
+        let key = self.key(kind, name)?;
+        let key = key.as_ref();
+        let mut versions: Vec<_> = self.list_versions(s3, key)?.into_iter().filter(|v| v.key == key).collect();
+        versions.sort_by_key(|v| v.delete_marker);
+        for v in versions {
+            self.delete_version(s3, kind, name, key, &v.version_id)?;
+        }
+        Ok(())
+    }
+
+    /// The kind and name of a key of this repository (`None` for anything else).
+    fn parse_key(&self, key: &str) -> Option<(Kind, String)> {
+        let rel = if self.prefix.is_empty() { key } else { key.strip_prefix(&self.prefix)?.strip_prefix('/')? };
+        if rel == "config" {
+            return Some((Kind::Config, "config".into()));
+        }
+        let (dir, rest) = rel.split_once('/')?;
+        let kind = Kind::ALL.into_iter().find(|k| k.dir() == dir && *k != Kind::Config)?;
+        let name = rest.rsplit('/').next()?.to_string();
+        (valid_name(&name) && self.key(kind, &name).ok()?.as_ref() == key).then_some((kind, name))
     }
 
     /// The object's size, asked with few retries (to explain a failed read, not to do work).
@@ -579,7 +754,14 @@ impl Backend for ObjectBackend {
         8
     }
 
+    fn object_lock(&self) -> Option<&dyn ObjectLock> {
+        self.s3_locks.as_ref().map(|_| self as &dyn ObjectLock)
+    }
+
     fn delete(&self, kind: Kind, name: &str) -> Result<()> {
+        if let (Some(_), Some(s3)) = (self.current_policy(), &self.s3_locks) {
+            return self.delete_all_versions(s3, kind, name);
+        }
         let key = self.key(kind, name)?;
         match self.run(|| {
             let (store, key) = (self.store_for(kind), key.clone());
@@ -588,6 +770,128 @@ impl Backend for ObjectBackend {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error(kind, name, "deleting", e)),
         }
+    }
+}
+
+impl ObjectLock for ObjectBackend {
+    fn check_bucket(&self) -> Result<()> {
+        let Some(s3) = &self.s3_locks else {
+            return Err(StorageError::Io {
+                what: format!("making {} immutable", self.location),
+                source: std::io::Error::other("immutability is available on S3 (Object Lock) only"),
+            });
+        };
+        let get = |query: &str| {
+            self.s3_call(s3, http::Method::GET, s3.url("", &[(query, "")]), vec![], vec![])
+                .map_err(|e| s3.failed("reading the bucket's settings", e))
+        };
+        let refuse = |why: String| StorageError::Io {
+            what: format!("making {} immutable", self.location),
+            source: std::io::Error::other(why),
+        };
+        let versioning = get("versioning")?;
+        if !(200..=299).contains(&versioning.status) {
+            return Err(s3.fail("reading the bucket's versioning", &versioning));
+        }
+        if !crate::object_lock::versioning_enabled(&versioning.body) {
+            return Err(refuse(
+                "the bucket does not have versioning enabled; Object Lock needs a versioned bucket \
+                 (create it with Object Lock enabled, which turns versioning on)"
+                    .into(),
+            ));
+        }
+        let lock = get("object-lock")?;
+        let (code, _) = crate::object_lock::error_code(&lock.body);
+        if lock.status == 404 || code == "ObjectLockConfigurationNotFoundError" {
+            return Err(refuse(
+                "the bucket does not have Object Lock enabled (it can only be turned on at creation, \
+                 e.g. aws s3api create-bucket --object-lock-enabled-for-bucket)"
+                    .into(),
+            ));
+        }
+        if !(200..=299).contains(&lock.status) {
+            return Err(s3.fail("reading the bucket's Object Lock settings", &lock));
+        }
+        match crate::object_lock::lock_configuration(&lock.body) {
+            (false, _) => Err(refuse("the bucket does not have Object Lock enabled".into())),
+            (true, Some(default)) => Err(refuse(format!(
+                "the bucket has a default retention ({default}); cairn locks each object itself and must \
+                 be able to delete its lock files and records: remove the default retention rule"
+            ))),
+            (true, None) => Ok(()),
+        }
+    }
+
+    fn lock_writes(&self, policy: LockPolicy) {
+        *self.policy.write().unwrap() = Some(policy);
+    }
+
+    fn policy(&self) -> Option<LockPolicy> {
+        self.current_policy()
+    }
+
+    fn retained_until(&self, kind: Kind, name: &str) -> Result<Option<u64>> {
+        let s3 = self.s3_locks.as_ref().ok_or_else(|| not_s3(&self.location))?;
+        Ok(self.head_lock(s3, kind, name, None)?.1)
+    }
+
+    fn extend(&self, kind: Kind, name: &str, until: u64) -> Result<u64> {
+        let s3 = self.s3_locks.as_ref().ok_or_else(|| not_s3(&self.location))?;
+        let (version, current) = self.head_lock(s3, kind, name, None)?;
+        if let Some(c) = current.filter(|&c| c >= until) {
+            self.locked.lock().unwrap().insert((kind, name.to_string()), c);
+            return Ok(c);
+        }
+        let key = self.key(kind, name)?;
+        let body = S3Locks::retention_body(until);
+        let headers = vec![("content-md5", crate::object_lock::content_md5(&body))];
+        let mut query = vec![("retention", "")];
+        if !version.is_empty() {
+            query.push(("versionId", version.as_str()));
+        }
+        let url = s3.url(key.as_ref(), &query);
+        let doing = format!("extending the lock of {kind} object {name}");
+        let answer = self.s3_call(s3, http::Method::PUT, url, headers, body).map_err(|e| s3.failed(&doing, e))?;
+        if !(200..=299).contains(&answer.status) {
+            return Err(s3.fail(&doing, &answer));
+        }
+        self.locked.lock().unwrap().insert((kind, name.to_string()), until);
+        Ok(until)
+    }
+
+    fn locked_here(&self) -> Vec<(Kind, String, u64)> {
+        self.locked.lock().unwrap().iter().map(|((k, n), u)| (*k, n.clone(), *u)).collect()
+    }
+
+    fn undelete(&self, dry_run: bool) -> Result<Vec<(Kind, String)>> {
+        let s3 = self.s3_locks.as_ref().ok_or_else(|| not_s3(&self.location))?;
+        let prefix = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        let mut by_key: std::collections::BTreeMap<String, Vec<crate::object_lock::Version>> = Default::default();
+        for v in self.list_versions(s3, &prefix)? {
+            by_key.entry(v.key.clone()).or_default().push(v);
+        }
+        let mut found = Vec::new();
+        for (key, versions) in by_key {
+            let hidden = versions.iter().any(|v| v.latest && v.delete_marker);
+            if !hidden || !versions.iter().any(|v| !v.delete_marker) {
+                continue;
+            }
+            let Some((kind, name)) = self.parse_key(&key).filter(|(k, _)| *k != Kind::Lock) else { continue };
+            if !dry_run {
+                for m in versions.iter().filter(|v| v.delete_marker) {
+                    self.delete_version(s3, kind, &name, &key, &m.version_id)?;
+                }
+            }
+            found.push((kind, name));
+        }
+        Ok(found)
+    }
+}
+
+fn not_s3(location: &str) -> StorageError {
+    StorageError::Io {
+        what: format!("object locks at {location}"),
+        source: std::io::Error::other("immutability is available on S3 (Object Lock) only"),
     }
 }
 

@@ -161,6 +161,30 @@ impl TestServer {
         }
     }
 
+    /// Makes a bucket with S3 Object Lock on (moto only: the one test server that has it), and
+    /// returns its URL with `prefix`.
+    pub fn locked_bucket(&self, name: &str, prefix: &str) -> String {
+        assert_eq!(self.flavor, Flavor::Moto, "only moto has Object Lock");
+        http(self.port, "PUT", &format!("/{name}"), &[("x-amz-bucket-object-lock-enabled", "true")], 200);
+        format!("s3://{name}/{prefix}")
+    }
+
+    /// Turns versioning on for a bucket made by [`TestServer::bucket`] (moto).
+    pub fn enable_versioning(&self, name: &str) {
+        let body = b"<VersioningConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Status>Enabled</Status></VersioningConfiguration>";
+        http_body(self.port, "PUT", &format!("/{name}?versioning"), &[], body, 200);
+    }
+
+    /// Gives a locked bucket a default retention rule (moto), which cairn must refuse.
+    pub fn set_default_retention(&self, name: &str, days: u32) {
+        let body = format!(
+            "<ObjectLockConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><ObjectLockEnabled>Enabled</ObjectLockEnabled>\
+             <Rule><DefaultRetention><Mode>GOVERNANCE</Mode><Days>{days}</Days></DefaultRetention></Rule></ObjectLockConfiguration>"
+        );
+        let md5 = crate::object_lock::content_md5(body.as_bytes());
+        http_body(self.port, "PUT", &format!("/{name}?object-lock"), &[("Content-MD5", &md5)], body.as_bytes(), 200);
+    }
+
     /// A backend on `url` (made by [`TestServer::bucket`]).
     pub fn backend(&self, url: &str) -> ObjectBackend {
         ObjectBackend::open(&Location::parse(url).unwrap(), &self.options()).unwrap()
@@ -227,14 +251,21 @@ impl Drop for TestServer {
 
 /// One plain HTTP/1.1 request to the server's loopback port; panics unless it answers `want`.
 fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], want: u16) {
+    http_body(port, method, path, headers, b"", want)
+}
+
+fn http_body(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], want: u16) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut req =
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     let status: u16 = answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);

@@ -175,3 +175,70 @@ fn uploads_keep_to_the_rate_limit() {
     assert!(took >= 1.9, "5 x 256 KiB at 512 KiB/s took {took:.2} s");
     assert!(took < 6.0, "pacing overshot: {took:.2} s");
 }
+
+/// S3 Object Lock on moto (which enforces compliance locks): the bucket checks, locked writes,
+/// deletes refused while locked, delete markers undone, extensions that never shorten.
+#[test]
+fn object_lock_on_moto() {
+    use cairn_storage::object_lock::{now, LockPolicy, DAY};
+    let Some(server) = TestServer::start(Flavor::Moto) else { return };
+
+    // Refused: a plain bucket, a versioned one without Object Lock, one with a default rule.
+    let plain = server.backend(&server.bucket("plain", "r"));
+    let err = plain.object_lock().unwrap().check_bucket().unwrap_err().to_string();
+    assert!(err.contains("versioning"), "{err}");
+    server.enable_versioning("plain");
+    let err = plain.object_lock().unwrap().check_bucket().unwrap_err().to_string();
+    assert!(err.contains("Object Lock"), "{err}");
+    let with_default = server.backend(&server.locked_bucket("defaulted", "r"));
+    server.set_default_retention("defaulted", 3);
+    let err = with_default.object_lock().unwrap().check_bucket().unwrap_err().to_string();
+    assert!(err.contains("default retention (GOVERNANCE for 3 days)"), "{err}");
+
+    let b = server.backend(&server.locked_bucket("locked", "repo"));
+    let locks = b.object_lock().expect("S3 has object locks");
+    locks.check_bucket().unwrap();
+    let policy = LockPolicy { days: 2, generation_days: 1 };
+    locks.lock_writes(policy);
+
+    // A pack is written locked for the generation; deleting it is refused with its date.
+    b.put(Kind::Pack, PACK, b"pack bytes").unwrap();
+    let until = locks.retained_until(Kind::Pack, PACK).unwrap().expect("the pack is locked");
+    assert!(until >= policy.required(now()) && until == policy.until(now()), "{until}");
+    match b.delete(Kind::Pack, PACK) {
+        Err(StorageError::Locked { until: u, .. }) => assert_eq!(u, until),
+        other => panic!("deleting a locked pack must fail with Locked, got {other:?}"),
+    }
+    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"pack bytes");
+
+    // Index files, locks and records are not locked: they go, versions and all.
+    b.put(Kind::Index, INDEX, b"index").unwrap();
+    assert_eq!(locks.retained_until(Kind::Index, INDEX).unwrap(), None);
+    b.delete(Kind::Index, INDEX).unwrap();
+    assert!(!b.exists(Kind::Index, INDEX).unwrap());
+
+    // Someone with the keys deletes the pack the plain way: a delete marker hides it (S3
+    // lets that through), undelete brings it back.
+    let unlocked = server.backend("s3://locked/repo");
+    unlocked.delete(Kind::Pack, PACK).unwrap();
+    assert!(!b.exists(Kind::Pack, PACK).unwrap());
+    let found = locks.undelete(true).unwrap();
+    assert_eq!(found, vec![(Kind::Pack, PACK.to_string())]);
+    assert!(!b.exists(Kind::Pack, PACK).unwrap(), "a dry run changes nothing");
+    assert_eq!(locks.undelete(false).unwrap().len(), 1);
+    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"pack bytes");
+    assert!(locks.undelete(false).unwrap().is_empty());
+
+    // Extensions: later only. moto would shorten a compliance lock; cairn never asks it to.
+    let later = until + 30 * DAY;
+    assert_eq!(locks.extend(Kind::Pack, PACK, later).unwrap(), later);
+    assert_eq!(locks.retained_until(Kind::Pack, PACK).unwrap(), Some(later));
+    assert_eq!(locks.extend(Kind::Pack, PACK, until).unwrap(), later);
+    assert_eq!(locks.retained_until(Kind::Pack, PACK).unwrap(), Some(later));
+    assert!(locks.locked_here().contains(&(Kind::Pack, PACK.to_string(), later)));
+
+    // The config is written create-only and locked too.
+    b.put_new(Kind::Config, "", b"config").unwrap();
+    assert!(matches!(b.put_new(Kind::Config, "", b"other"), Err(StorageError::AlreadyExists { .. })));
+    assert!(locks.retained_until(Kind::Config, "config").unwrap().is_some());
+}

@@ -71,6 +71,7 @@ pub fn store_point(repo: &Arc<Repository>, name: &str, data: &[Vec<u8>]) -> cair
         }],
         metadata: serde_json::Value::Null,
         stats: PointStats::default(),
+        locked_until: None,
     };
     s.commit(&mut point)
 }

@@ -1,0 +1,244 @@
+//! Immutable repositories (FORMAT.md §13): every object a restore point needs stays locked by
+//! the store at least `days` after the point, so that nobody (cairn, an administrator,
+//! ransomware with the keys) can remove the point or anything it needs before then.
+//!
+//! The store locks each pack, point, key file and the config as it is written (storage's
+//! `object_lock`). What this module adds is the other half: blocks a new point reuses live in
+//! older packs, whose locks may end sooner. Before a point is written,
+//! [`Repository::lock_what_the_point_needs`] finds the packs it relies on and extends the
+//! lock of any whose known lock ends before the point's, to the current generation's date.
+//! Which locks are known comes from `object-locks` catalog records (written after each
+//! extension, before the point) and from what this process locked itself; an unknown lock is
+//! asked of the store, so a lost or missing record costs requests, never safety.
+//!
+//! Walking every block of a point at every backup would cost as much as reading its maps, so
+//! the walk is limited: a point records in `locked_until` the date its objects were locked
+//! until; a new point whose reference (its parent, else the newest point of the same name)
+//! is locked long enough needs only the packs behind the map pages that differ from it.
+
+use crate::point::RestorePoint;
+use crate::{BlockId, Error, Repository, Result};
+use cairn_storage::object_lock::{self, LockPolicy, ObjectLock};
+use cairn_storage::{Kind, StorageError};
+use std::collections::{BTreeSet, HashMap};
+
+/// The catalog record kind that lists locks cairn set or extended.
+pub const RECORD_KIND: &str = "object-locks";
+
+/// What locking a point's objects did, for its stats and the operator.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LockOutcome {
+    /// Packs looked at (those behind the map pages that differ from the reference point).
+    pub packs_checked: usize,
+    /// Locks extended (packs, key files, config).
+    pub extended: usize,
+}
+
+impl Repository {
+    /// The repository's immutability, if it has one.
+    pub fn lock_policy(&self) -> Option<LockPolicy> {
+        self.config().immutability
+    }
+
+    /// The store's object locks, for an immutable repository (an error if its store has none).
+    pub(crate) fn object_locks(&self) -> Result<Option<&dyn ObjectLock>> {
+        let Some(policy) = self.lock_policy() else { return Ok(None) };
+        match self.backend().object_lock() {
+            Some(l) => Ok(Some(l)),
+            None => Err(Error::Incompatible(format!(
+                "{} is an immutable repository ({} days of Object Lock) but its store cannot lock objects \
+                 (immutable repositories live on S3 with Object Lock)",
+                self.backend().location(),
+                policy.days
+            ))),
+        }
+    }
+
+    /// Known lock dates of packs: the `object-locks` records, and what this process locked.
+    pub fn known_pack_locks(&self) -> Result<HashMap<String, u64>> {
+        let mut known: HashMap<String, u64> = HashMap::new();
+        let mut note = |name: String, until: u64| {
+            let e = known.entry(name).or_insert(until);
+            *e = (*e).max(until);
+        };
+        for (_, r) in self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == RECORD_KIND) {
+            for (name, until) in record_entries(&r) {
+                note(name, until);
+            }
+        }
+        if let Some(l) = self.backend().object_lock() {
+            for (kind, name, until) in l.locked_here() {
+                if kind == Kind::Pack {
+                    note(name, until);
+                }
+            }
+        }
+        Ok(known)
+    }
+
+    /// Makes sure every object `point` needs is locked at least `days` from now, and sets its
+    /// `locked_until`; called by sessions just before the point is written. In a repository
+    /// without immutability it only clears `locked_until` (a copied point brings its source's).
+    pub(crate) fn lock_what_the_point_needs(&self, point: &mut RestorePoint) -> Result<LockOutcome> {
+        point.locked_until = None;
+        let (Some(policy), Some(locks)) = (self.lock_policy(), self.object_locks()?) else {
+            return Ok(LockOutcome::default());
+        };
+        let now = object_lock::now();
+        let required = policy.required(now);
+        let target = policy.until(now);
+        let mut outcome = LockOutcome::default();
+        let mut floor = target;
+
+        // The config and key files: a few requests, every time.
+        let mut small = vec![(Kind::Config, "config".to_string())];
+        small.extend(self.backend().list(Kind::Key)?.into_iter().map(|l| (Kind::Key, l.name)));
+        for (kind, name) in small {
+            let until = match locks.retained_until(kind, &name)? {
+                Some(u) if u >= required => u,
+                _ => {
+                    outcome.extended += 1;
+                    locks.extend(kind, &name, target)?
+                }
+            };
+            floor = floor.min(until);
+        }
+
+        let reference = self.lock_reference(point, required);
+        if let Some(r) = &reference {
+            floor = floor.min(r.locked_until.unwrap_or(0));
+        }
+        let needed = self.packs_needed_beyond(point, reference.as_ref())?;
+        outcome.packs_checked = needed.len();
+        let known = self.known_pack_locks()?;
+        let mut newly = Vec::new();
+        for pack in needed {
+            let until = match known.get(&pack) {
+                Some(&u) if u >= required => u,
+                _ => {
+                    let until = match locks.retained_until(Kind::Pack, &pack)? {
+                        Some(u) if u >= required => u,
+                        _ => {
+                            outcome.extended += 1;
+                            locks.extend(Kind::Pack, &pack, target)?
+                        }
+                    };
+                    newly.push((pack, until));
+                    until
+                }
+            };
+            floor = floor.min(until);
+        }
+        // What this process wrote locked (the session's packs) is known to others only
+        // through a record; so is what was just extended.
+        self.record_locks_here(newly)?;
+        point.locked_until = Some(floor);
+        Ok(outcome)
+    }
+
+    /// The point whose locks a new point may rely on: its parent, else the newest point of the
+    /// same name, if it was locked until at least `required`.
+    fn lock_reference(&self, point: &RestorePoint, required: u64) -> Option<RestorePoint> {
+        let long_enough = |p: &RestorePoint| p.locked_until.is_some_and(|u| u >= required);
+        if let Some(parent) = point.parent.as_deref().and_then(|id| self.load_point(id).ok()) {
+            if long_enough(&parent) {
+                return Some(parent);
+            }
+        }
+        let points = self.list_points().ok()?.points;
+        points.into_iter().rev().map(|(_, p)| p).find(|p| p.name == point.name && long_enough(p))
+    }
+
+    /// The packs holding the map pages and blocks of `point` that `reference` does not cover
+    /// (map pages with the same ID at the same place of a disk of the same name and block size).
+    fn packs_needed_beyond(&self, point: &RestorePoint, reference: Option<&RestorePoint>) -> Result<BTreeSet<String>> {
+        let index = self.index();
+        let mut packs = BTreeSet::new();
+        let mut add = |id: &BlockId, what: &dyn Fn() -> String| -> Result<()> {
+            if id.is_zero() {
+                return Ok(());
+            }
+            match index.get(id) {
+                Some(loc) => {
+                    packs.insert(loc.pack_name());
+                    Ok(())
+                }
+                None => Err(Error::Corrupt(format!("{} ({}) is in no index file", what(), id.short()))),
+            }
+        };
+        for disk in &point.disks {
+            let same =
+                reference.and_then(|r| r.disks.iter().find(|d| d.name == disk.name && d.block_size == disk.block_size));
+            for (k, page_hex) in disk.map.iter().enumerate() {
+                if same.is_some_and(|d| d.map.get(k) == Some(page_hex)) {
+                    continue;
+                }
+                let page = BlockId::from_hex(page_hex)
+                    .ok_or_else(|| Error::Corrupt(format!("disk {} has no valid map page {k}", disk.name)))?;
+                add(&page, &|| format!("map page {k} of disk {}", disk.name))?;
+                for id in self.read_map_page(disk, k)? {
+                    add(&id, &|| format!("a block of disk {}", disk.name))?;
+                }
+            }
+        }
+        Ok(packs)
+    }
+
+    /// Records `found` and the locks this process set on packs since its last record (the
+    /// packs it wrote, what it extended) in one `object-locks` record. Sessions call it before
+    /// a point is written, and prune after repacking.
+    pub(crate) fn record_locks_here(&self, mut found: Vec<(String, u64)>) -> Result<()> {
+        let Some(locks) = self.backend().object_lock() else { return Ok(()) };
+        let mut recorded = self.locks_recorded.lock().unwrap();
+        for (kind, name, until) in locks.locked_here() {
+            if kind == Kind::Pack && recorded.get(&name) != Some(&until) {
+                found.push((name, until));
+            }
+        }
+        found.retain(|(n, u)| recorded.get(n) != Some(u));
+        found.sort();
+        found.dedup();
+        self.record_locks(&found)?;
+        recorded.extend(found);
+        Ok(())
+    }
+
+    /// Writes an `object-locks` record of packs and their lock dates (nothing when empty).
+    fn record_locks(&self, entries: &[(String, u64)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut groups: std::collections::BTreeMap<u64, Vec<&str>> = Default::default();
+        for (name, until) in entries {
+            groups.entry(*until).or_default().push(name);
+        }
+        let groups: Vec<serde_json::Value> =
+            groups.into_iter().map(|(until, packs)| serde_json::json!({"until": until, "packs": packs})).collect();
+        self.save_record(&serde_json::json!({"kind": RECORD_KIND, "time": crate::now_rfc3339(), "groups": groups}))?;
+        Ok(())
+    }
+}
+
+/// The (pack, until) entries of an `object-locks` record; malformed entries are skipped (the
+/// record is only knowledge: a pack left out is asked of the store).
+pub fn record_entries(r: &serde_json::Value) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for g in r["groups"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let Some(until) = g["until"].as_u64() else { continue };
+        for p in g["packs"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            if let Some(name) = p.as_str().filter(|n| cairn_storage::valid_name(n)) {
+                out.push((name.to_string(), until));
+            }
+        }
+    }
+    out
+}
+
+/// A store's refusal to delete a locked object, as (what, until), for callers that report
+/// it as pending rather than failing.
+pub fn locked(e: &Error) -> Option<u64> {
+    match e {
+        Error::Storage(StorageError::Locked { until, .. }) => Some(*until),
+        _ => None,
+    }
+}
