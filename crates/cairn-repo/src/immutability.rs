@@ -198,24 +198,51 @@ impl Repository {
         found.retain(|(n, u)| recorded.get(n) != Some(u));
         found.sort();
         found.dedup();
-        self.record_locks(&found)?;
+        if !found.is_empty() {
+            self.record_locks(&found)?;
+        }
         recorded.extend(found);
         Ok(())
     }
 
     /// Writes an `object-locks` record of packs and their lock dates (nothing when empty).
-    fn record_locks(&self, entries: &[(String, u64)]) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
+    fn record_locks(&self, entries: &[(String, u64)]) -> Result<String> {
         let mut groups: std::collections::BTreeMap<u64, Vec<&str>> = Default::default();
         for (name, until) in entries {
             groups.entry(*until).or_default().push(name);
         }
         let groups: Vec<serde_json::Value> =
             groups.into_iter().map(|(until, packs)| serde_json::json!({"until": until, "packs": packs})).collect();
-        self.save_record(&serde_json::json!({"kind": RECORD_KIND, "time": crate::now_rfc3339(), "groups": groups}))?;
-        Ok(())
+        self.save_record(&serde_json::json!({"kind": RECORD_KIND, "time": crate::now_rfc3339(), "groups": groups}))
+    }
+
+    /// Replaces the `object-locks` records (one per backup) by one, without packs that are
+    /// gone or whose lock has ended; the new record is durable before the old ones go. Prune
+    /// calls it with the packs still stored. Returns how many records it replaced.
+    pub fn compact_lock_records(&self, stored: &std::collections::HashSet<String>) -> Result<usize> {
+        let old: Vec<(String, serde_json::Value)> =
+            self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == RECORD_KIND).collect();
+        if old.len() < 2 {
+            return Ok(0);
+        }
+        let now = object_lock::now();
+        let mut merged: HashMap<String, u64> = HashMap::new();
+        for (_, r) in &old {
+            for (name, until) in record_entries(r) {
+                if until > now && stored.contains(&name) {
+                    let e = merged.entry(name).or_insert(until);
+                    *e = (*e).max(until);
+                }
+            }
+        }
+        let entries: Vec<(String, u64)> = merged.into_iter().collect();
+        let name = if entries.is_empty() { None } else { Some(self.record_locks(&entries)?) };
+        for (n, _) in &old {
+            if Some(n) != name.as_ref() {
+                self.delete_record(n)?;
+            }
+        }
+        Ok(old.len())
     }
 }
 

@@ -425,6 +425,11 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     }
     // Records about points a forget removed but did not get to clean (it was killed).
     report.records_dropped = crate::forget::drop_records_of_missing_points(repo)?;
+    if repo.lock_policy().is_some() {
+        // Listed now: packs backups wrote during this prune keep their entries.
+        let stored: HashSet<String> = repo.stored_packs()?.into_iter().map(|(n, _)| n).collect();
+        repo.compact_lock_records(&stored)?;
+    }
     // The index in memory forgets what was deleted and learns the marks (loading a large one
     // again takes long; index files rewritten meanwhile list only packs it knows).
     repo.after_prune(&deleted, &marks.keys().copied().collect());

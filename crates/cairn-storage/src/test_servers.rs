@@ -272,37 +272,155 @@ fn http_body(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body
     assert_eq!(status, want, "{method} {path}: {answer}");
 }
 
+/// A way [`FlakyProxy`] fails a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProxyFault {
+    /// 503 SlowDown (S3's throttling), no Retry-After.
+    SlowDown,
+    /// 500 InternalError.
+    InternalError,
+    /// The connection closed before any answer; the request is not forwarded.
+    Dropped,
+    /// The response's first half, then the connection drops (a torn read).
+    TornResponse,
+    /// The request is forwarded (the server acts on it), then no answer comes for
+    /// [`ProxyConfig::stall`] and the connection closes: an answer lost after a long wait.
+    Stall,
+    /// 429 Too Many Requests with a Retry-After header.
+    TooManyRequests,
+    /// 503 SlowDown with a Retry-After header.
+    SlowDownRetryAfter,
+    /// Part of the request body is read and forwarded, then both connections close: the
+    /// server gets a short body (it must store nothing), the client a cut connection. A
+    /// request with fewer than two bytes of body gets one of the other chosen faults instead.
+    TornUpload,
+}
+
+impl ProxyFault {
+    pub const ALL: [ProxyFault; 8] = [
+        ProxyFault::SlowDown,
+        ProxyFault::InternalError,
+        ProxyFault::Dropped,
+        ProxyFault::TornResponse,
+        ProxyFault::Stall,
+        ProxyFault::TooManyRequests,
+        ProxyFault::SlowDownRetryAfter,
+        ProxyFault::TornUpload,
+    ];
+    /// What [`FlakyProxy::start`] injects.
+    pub const CLASSIC: [ProxyFault; 4] =
+        [ProxyFault::SlowDown, ProxyFault::InternalError, ProxyFault::Dropped, ProxyFault::TornResponse];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyFault::SlowDown => "slow_down_503",
+            ProxyFault::InternalError => "internal_error_500",
+            ProxyFault::Dropped => "dropped",
+            ProxyFault::TornResponse => "torn_response",
+            ProxyFault::Stall => "stall",
+            ProxyFault::TooManyRequests => "too_many_requests_429",
+            ProxyFault::SlowDownRetryAfter => "slow_down_503_retry_after",
+            ProxyFault::TornUpload => "torn_upload",
+        }
+    }
+
+    /// The fault of a [`ProxyFault::name`] (or of its first word: `slow_down`, `internal_error`,
+    /// `too_many_requests`).
+    pub fn parse(s: &str) -> Option<ProxyFault> {
+        let s = s.trim().to_ascii_lowercase();
+        ProxyFault::ALL
+            .into_iter()
+            .find(|f| f.name() == s || f.name().trim_end_matches(|c: char| c == '_' || c.is_ascii_digit()) == s)
+    }
+}
+
+/// How a [`FlakyProxy`] fails requests.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// One request in this many is failed.
+    pub one_in: u64,
+    /// Seeds the generator that picks the failed requests and their faults.
+    pub seed: u64,
+    /// The faults to choose from (evenly).
+    pub faults: Vec<ProxyFault>,
+    /// How long [`ProxyFault::Stall`] holds an answer back before it closes the connection.
+    pub stall: Duration,
+    /// The Retry-After (seconds) of [`ProxyFault::TooManyRequests`] and
+    /// [`ProxyFault::SlowDownRetryAfter`].
+    pub retry_after_secs: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> ProxyConfig {
+        ProxyConfig {
+            one_in: 5,
+            seed: 1,
+            faults: ProxyFault::CLASSIC.to_vec(),
+            stall: Duration::from_secs(2),
+            retry_after_secs: 1,
+        }
+    }
+}
+
+/// What a [`FlakyProxy`] counts.
+#[derive(Default)]
+struct ProxyCounters {
+    /// Faults injected, by [`ProxyFault`] (its position in [`ProxyFault::ALL`]).
+    by_kind: [std::sync::atomic::AtomicU64; ProxyFault::ALL.len()],
+    /// Torn uploads the server answered with a success (it took a short body for whole).
+    torn_uploads_accepted: std::sync::atomic::AtomicU64,
+    /// Requests (by request line) answered with a Retry-After, and when that answer was sent.
+    retry_after_sent: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Duration)>>,
+    /// Retries of those requests that came after their Retry-After, and those that came sooner.
+    retry_after_honored: std::sync::atomic::AtomicU64,
+    retry_after_early: std::sync::atomic::AtomicU64,
+}
+
 /// An HTTP proxy in front of a test server that fails some requests the ways object stores
-/// and networks do: 503 (SlowDown, throttling), 500 (InternalError), a connection closed
-/// before any answer, and a response cut half way (a torn read). One request in `one_in` is
-/// failed, chosen by a seeded generator, so a failing run can be replayed.
+/// and networks do ([`ProxyFault`]): by default ([`FlakyProxy::start`]) 503 (SlowDown,
+/// throttling), 500 (InternalError), a connection closed before any answer, and a response
+/// cut half way (a torn read); [`FlakyProxy::start_with`] adds stalls, 429 and 503 with
+/// Retry-After, and torn uploads. One request in `one_in` is failed, chosen by a seeded
+/// generator, so a failing run can be replayed (as far as the order requests arrive in is).
+/// Every request is forwarded on its own upstream connection (`Connection: close`), and the
+/// client's connection closes after each answer.
 pub struct FlakyProxy {
     pub port: u16,
     /// How many requests were failed so far.
     pub faults: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// How many requests were forwarded whole.
     pub forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    counters: std::sync::Arc<ProxyCounters>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FlakyProxy {
+    /// Fails one request in `one_in` with one of [`ProxyFault::CLASSIC`].
     pub fn start(upstream: u16, one_in: u64, seed: u64) -> FlakyProxy {
+        FlakyProxy::start_with(upstream, ProxyConfig { one_in, seed, ..Default::default() })
+    }
+
+    /// Fails requests as `config` says.
+    pub fn start_with(upstream: u16, config: ProxyConfig) -> FlakyProxy {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
+        assert!(config.one_in > 0, "one_in must be at least 1");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let faults = Arc::new(AtomicU64::new(0));
         let forwarded = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(ProxyCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let counter = Arc::new(AtomicU64::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1));
-        let (f, fw, st) = (faults.clone(), forwarded.clone(), stop.clone());
+        let counter = Arc::new(AtomicU64::new(config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1));
+        let config = Arc::new(config);
+        let (f, fw, c, st) = (faults.clone(), forwarded.clone(), counters.clone(), stop.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(client) = conn else { continue };
-                let (f, fw, counter) = (f.clone(), fw.clone(), counter.clone());
+                let (f, fw, c, counter, config) = (f.clone(), fw.clone(), c.clone(), counter.clone(), config.clone());
                 std::thread::spawn(move || {
                     // xorshift on a shared state: which request fails depends only on the seed
                     // and the order requests arrive in.
@@ -319,15 +437,44 @@ impl FlakyProxy {
                             }
                         }
                     };
-                    let _ = proxy_one(client, upstream, one_in, &draw, &f, &fw);
+                    let counts = Counts { faults: &f, forwarded: &fw, counters: &c };
+                    let _ = proxy_one(client, upstream, &config, &draw, &counts);
                 });
             }
         });
-        FlakyProxy { port, faults, forwarded, stop }
+        FlakyProxy { port, faults, forwarded, counters, stop }
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// How many faults of `kind` were injected so far.
+    pub fn injected(&self, kind: ProxyFault) -> u64 {
+        let i = ProxyFault::ALL.iter().position(|k| *k == kind).unwrap();
+        self.counters.by_kind[i].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Faults injected so far, by kind (every kind, injected or not).
+    pub fn injected_by_kind(&self) -> Vec<(ProxyFault, u64)> {
+        ProxyFault::ALL.iter().map(|&k| (k, self.injected(k))).collect()
+    }
+
+    /// Torn uploads the server answered with a success: it took a short body for a whole one
+    /// (a server bug; 0 on a sound server).
+    pub fn torn_uploads_accepted(&self) -> u64 {
+        self.counters.torn_uploads_accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Of the retries of requests answered with a Retry-After: how many came once it had
+    /// passed, and how many sooner (a client that does not read the header retries on its own
+    /// backoff schedule).
+    pub fn retry_after_retries(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.counters.retry_after_honored.load(Ordering::Relaxed),
+            self.counters.retry_after_early.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -338,15 +485,68 @@ impl Drop for FlakyProxy {
     }
 }
 
+/// The counters one proxied request updates.
+struct Counts<'a> {
+    faults: &'a std::sync::atomic::AtomicU64,
+    forwarded: &'a std::sync::atomic::AtomicU64,
+    counters: &'a ProxyCounters,
+}
+
+impl Counts<'_> {
+    fn fault(&self, kind: ProxyFault) {
+        use std::sync::atomic::Ordering;
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        let i = ProxyFault::ALL.iter().position(|k| *k == kind).unwrap();
+        self.counters.by_kind[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Which fault (if any) a request with `body_len` bytes of body gets, from one draw: every
+/// `one_in`th draw fails, with one of the configured faults that fit the request.
+fn choose_fault(config: &ProxyConfig, roll: u64, body_len: usize) -> Option<ProxyFault> {
+    if !roll.is_multiple_of(config.one_in) {
+        return None;
+    }
+    let fitting: Vec<ProxyFault> =
+        config.faults.iter().copied().filter(|&f| f != ProxyFault::TornUpload || body_len >= 2).collect();
+    if fitting.is_empty() {
+        return None;
+    }
+    Some(fitting[((roll >> 32) % fitting.len() as u64) as usize])
+}
+
+/// The request's head with `Connection: close` (each request has its own upstream connection).
+fn rewrite_head(head: &str) -> String {
+    let mut rewritten = String::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            rewritten.push_str(line);
+            rewritten.push_str("\r\n");
+        }
+    }
+    rewritten.push_str("Connection: close\r\n\r\n");
+    rewritten
+}
+
+/// An S3-style error answer.
+fn error_answer(client: &mut TcpStream, status: &str, code: &str, retry_after: Option<u64>) -> std::io::Result<()> {
+    let body = format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
+    let retry_after = retry_after.map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
+    let msg = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n{retry_after}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(msg.as_bytes())
+}
+
 /// Reads one request from `client`, then fails it or forwards it (with `Connection: close`,
 /// so each request has its own upstream connection) and closes.
 fn proxy_one(
     mut client: TcpStream,
     upstream: u16,
-    one_in: u64,
+    config: &ProxyConfig,
     draw: &dyn Fn() -> u64,
-    faults: &std::sync::atomic::AtomicU64,
-    forwarded: &std::sync::atomic::AtomicU64,
+    counts: &Counts,
 ) -> std::io::Result<()> {
     use std::sync::atomic::Ordering;
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -369,59 +569,94 @@ fn proxy_one(
         .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
         .and_then(|(_, v)| v.trim().parse().ok())
         .unwrap_or(0);
-    while buf.len() < head_end + len {
+    // A retry of a request answered with a Retry-After: did it wait as told?
+    let request_line = head.lines().next().unwrap_or_default().to_string();
+    if let Some((sent, wait)) = counts.counters.retry_after_sent.lock().unwrap().remove(&request_line) {
+        let c = &counts.counters;
+        let n = if sent.elapsed() >= wait { &c.retry_after_honored } else { &c.retry_after_early };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+    let roll = draw();
+    let fault = choose_fault(config, roll, len);
+    // A torn upload reads the body only this far.
+    let cut = match fault {
+        Some(ProxyFault::TornUpload) => 1 + ((roll >> 8) % (len as u64 - 1)) as usize,
+        _ => len,
+    };
+    while buf.len() < head_end + cut {
         let n = client.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let roll = draw();
-    let fault = roll.is_multiple_of(one_in).then_some((roll >> 32) % 4);
-    let answer = |client: &mut TcpStream, status: &str, code: &str| {
-        let body = format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
-        let msg = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        client.write_all(msg.as_bytes())
-    };
+    let retry_after = Some(config.retry_after_secs);
+    if matches!(fault, Some(ProxyFault::TooManyRequests | ProxyFault::SlowDownRetryAfter)) {
+        let wait = Duration::from_secs(config.retry_after_secs);
+        counts.counters.retry_after_sent.lock().unwrap().insert(request_line, (std::time::Instant::now(), wait));
+    }
     match fault {
-        Some(0) => {
-            faults.fetch_add(1, Ordering::Relaxed);
-            return answer(&mut client, "503 Slow Down", "SlowDown");
+        Some(ProxyFault::SlowDown) => {
+            counts.fault(ProxyFault::SlowDown);
+            return error_answer(&mut client, "503 Slow Down", "SlowDown", None);
         }
-        Some(1) => {
-            faults.fetch_add(1, Ordering::Relaxed);
-            return answer(&mut client, "500 Internal Server Error", "InternalError");
+        Some(ProxyFault::InternalError) => {
+            counts.fault(ProxyFault::InternalError);
+            return error_answer(&mut client, "500 Internal Server Error", "InternalError", None);
         }
-        Some(2) => {
-            faults.fetch_add(1, Ordering::Relaxed);
+        Some(ProxyFault::Dropped) => {
+            counts.fault(ProxyFault::Dropped);
             return client.shutdown(std::net::Shutdown::Both); // closed, no answer
+        }
+        Some(ProxyFault::TooManyRequests) => {
+            counts.fault(ProxyFault::TooManyRequests);
+            return error_answer(&mut client, "429 Too Many Requests", "TooManyRequests", retry_after);
+        }
+        Some(ProxyFault::SlowDownRetryAfter) => {
+            counts.fault(ProxyFault::SlowDownRetryAfter);
+            return error_answer(&mut client, "503 Slow Down", "SlowDown", retry_after);
+        }
+        Some(ProxyFault::TornUpload) => {
+            // The server gets the head (its full Content-Length) and `cut` bytes, then the end
+            // of the stream; the client, a connection closed under its upload.
+            counts.fault(ProxyFault::TornUpload);
+            let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+            up.write_all(rewrite_head(&head).as_bytes())?;
+            up.write_all(&buf[head_end..head_end + cut])?;
+            let _ = up.shutdown(std::net::Shutdown::Write);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            drop(client);
+            up.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut answer = Vec::new();
+            let _ = up.read_to_end(&mut answer);
+            let status =
+                String::from_utf8_lossy(&answer[..answer.len().min(16)]).split_whitespace().nth(1).map(String::from);
+            if status.is_some_and(|s| s.starts_with('2')) {
+                counts.counters.torn_uploads_accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(());
         }
         _ => {}
     }
     // Forward with Connection: close.
-    let mut rewritten = String::new();
-    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
-        if !line.to_ascii_lowercase().starts_with("connection:") {
-            rewritten.push_str(line);
-            rewritten.push_str("\r\n");
-        }
-    }
-    rewritten.push_str("Connection: close\r\n\r\n");
     let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
-    up.write_all(rewritten.as_bytes())?;
+    up.write_all(rewrite_head(&head).as_bytes())?;
     up.write_all(&buf[head_end..head_end + len])?;
     let mut response = Vec::new();
     up.read_to_end(&mut response)?;
-    if fault == Some(3) && response.len() > 64 {
+    if fault == Some(ProxyFault::Stall) {
+        // The server acted on the request; its answer never comes.
+        counts.fault(ProxyFault::Stall);
+        std::thread::sleep(config.stall);
+        return client.shutdown(std::net::Shutdown::Both);
+    }
+    if fault == Some(ProxyFault::TornResponse) && response.len() > 64 {
         // A torn response: the headers and half the body, then the connection drops.
-        faults.fetch_add(1, Ordering::Relaxed);
+        counts.fault(ProxyFault::TornResponse);
         client.write_all(&response[..response.len() / 2 + 1])?;
         return client.shutdown(std::net::Shutdown::Both);
     }
-    forwarded.fetch_add(1, Ordering::Relaxed);
+    counts.forwarded.fetch_add(1, Ordering::Relaxed);
     client.write_all(&response)?;
     client.shutdown(std::net::Shutdown::Both)
 }

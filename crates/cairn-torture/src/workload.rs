@@ -75,11 +75,17 @@ pub enum Content {
 
 /// A fresh image of [`IMAGE_SIZE`]: random, a hole, text, random, each region from `seed`.
 pub fn make_image(path: &Path, seed: u64) -> Result<()> {
+    make_image_sized(path, IMAGE_SIZE, seed)
+}
+
+/// A fresh image of `size` bytes (a multiple of 8 MiB keeps its regions whole): random for
+/// its first 3/8, a hole to the half, text to 3/4, random to the end.
+pub fn make_image_sized(path: &Path, size: u64, seed: u64) -> Result<()> {
     let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.set_len(IMAGE_SIZE)?;
-    write_region(&f, 0, 12 * MIB, Content::Random, seed)?;
-    write_region(&f, 16 * MIB, 8 * MIB, Content::Text, seed)?;
-    write_region(&f, 24 * MIB, 8 * MIB, Content::Random, seed + 1_000_000)?;
+    f.set_len(size)?;
+    write_region(&f, 0, size / 8 * 3, Content::Random, seed)?;
+    write_region(&f, size / 2, size / 4, Content::Text, seed)?;
+    write_region(&f, size / 4 * 3, size / 4, Content::Random, seed + 1_000_000)?;
     f.sync_all()?;
     Ok(())
 }
@@ -87,13 +93,18 @@ pub fn make_image(path: &Path, seed: u64) -> Result<()> {
 /// Copies `from` to `to` and overwrites `blocks` scattered 64 KiB blocks of it with new random
 /// bytes; returns the changed ranges (what a dirty bitmap would say), as `OFFSET LENGTH` lines.
 pub fn mutate(from: &Path, to: &Path, blocks: u64, seed: u64) -> Result<String> {
+    mutate_sized(from, to, IMAGE_SIZE, blocks, seed)
+}
+
+/// [`mutate`] for an image of `size` bytes.
+pub fn mutate_sized(from: &Path, to: &Path, size: u64, blocks: u64, seed: u64) -> Result<String> {
     std::fs::copy(from, to)?;
     let f = OpenOptions::new().write(true).open(to)?;
     let mut rng = Rng::new(seed);
     let mut ranges = String::new();
     let mut chosen = std::collections::BTreeSet::new();
-    while (chosen.len() as u64) < blocks {
-        chosen.insert(rng.below(IMAGE_SIZE / BLOCK));
+    while (chosen.len() as u64) < blocks.min(size / BLOCK) {
+        chosen.insert(rng.below(size / BLOCK));
     }
     for b in chosen {
         write_region(&f, b * BLOCK, BLOCK, Content::Random, seed * 7919 + b)?;
