@@ -32,6 +32,13 @@ fn buckets_that_cannot_hold_locks_are_refused() {
     assert!(err.contains("default retention"), "{err}");
     // Nothing was written by the refused attempts.
     assert!(server.backend("s3://defaulted/r").list(Kind::Key).unwrap().is_empty());
+    // Azurite: the container check is signed and sent to a real Azure Blob server, which
+    // answers that the container has no version-level immutability.
+    if let Some(azurite) = TestServer::start(Flavor::Azurite) {
+        let e = Env::on(&azurite, azurite.bucket("azure-plain", "r"));
+        let err = e.fails(&["init", "--immutable", "7"], 1);
+        assert!(err.contains("version-level immutability"), "{err}");
+    }
     // A local folder cannot be immutable either.
     let local = Env::new();
     let err = local.fails(&["init", "--immutable", "7"], 1);

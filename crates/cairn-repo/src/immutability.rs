@@ -47,7 +47,7 @@ impl Repository {
             Some(l) => Ok(Some(l)),
             None => Err(Error::Incompatible(format!(
                 "{} is an immutable repository ({} days of Object Lock) but its store cannot lock objects \
-                 (immutable repositories live on S3 with Object Lock)",
+                 (immutable repositories live on S3 with Object Lock or on Azure Blob with version-level immutability)",
                 self.backend().location(),
                 policy.days
             ))),

@@ -39,7 +39,8 @@ pub struct InitOptions<'a> {
     /// Receives copies of this repository (`init --copy-from`): the same block IDs and block
     /// size, its own password and data key.
     pub copy_of: Option<&'a Repository>,
-    /// Immutable (`init --immutable DAYS`): the store (S3 with Object Lock, checked first)
+    /// Immutable (`init --immutable DAYS`): the store (S3 with Object Lock or Azure Blob with
+    /// version-level immutability, checked first)
     /// keeps every object a point needs for at least that long.
     pub immutable: Option<cairn_storage::LockPolicy>,
 }
@@ -88,7 +89,7 @@ impl Repository {
             }
             let Some(locks) = backend.object_lock() else {
                 return Err(Error::Incompatible(format!(
-                    "{} cannot hold an immutable repository: immutability needs S3 with Object Lock",
+                    "{} cannot hold an immutable repository: immutability needs S3 with Object Lock or Azure Blob with version-level immutability",
                     backend.location()
                 )));
             };
@@ -244,7 +245,7 @@ impl Repository {
                 None => {
                     return Err(Error::Incompatible(format!(
                         "{} is an immutable repository ({} days of Object Lock) but its store cannot lock \
-                         objects (immutable repositories live on S3 with Object Lock)",
+                         objects (immutable repositories live on S3 with Object Lock or on Azure Blob with version-level immutability)",
                         backend.location(),
                         policy.days
                     )))

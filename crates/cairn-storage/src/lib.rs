@@ -199,7 +199,8 @@ pub trait Backend: Send + Sync {
         let _ = max_age;
         Ok(0)
     }
-    /// Object locks (immutability), on a store that has them: S3 with Object Lock.
+    /// Object locks (immutability), on a store that has them: S3 (Object Lock) and Azure Blob
+    /// (version-level immutability).
     fn object_lock(&self) -> Option<&dyn ObjectLock> {
         None
     }

@@ -18,7 +18,7 @@
 //! The engine calls backends from plain threads; each call runs on this backend's own small
 //! runtime and the caller waits for it, so a caller inside another runtime does not panic.
 
-use crate::object_lock::{lasting, LockPolicy, ObjectLock, S3Locks};
+use crate::object_lock::{lasting, Answer, LockApi, LockPolicy, LockRequest, ObjectLock, Refusal};
 use crate::{valid_name, Backend, Kind, Listed, Result, StorageError};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -168,8 +168,8 @@ pub struct ObjectBackend {
     conditional_put: bool,
     runtime: tokio::runtime::Runtime,
     pace: Option<Pace>,
-    /// Object Lock requests (S3 only; see object_lock.rs).
-    s3_locks: Option<Arc<S3Locks>>,
+    /// Lock requests (S3 Object Lock, Azure version-level immutability; object_lock.rs).
+    lock_api: Option<Arc<LockApi>>,
     /// Set for an immutable repository: objects of lasting kinds are written locked, and
     /// deletes remove versions.
     policy: std::sync::RwLock<Option<LockPolicy>>,
@@ -263,7 +263,7 @@ fn setup_error(location: &str, e: impl std::fmt::Display) -> StorageError {
 impl ObjectBackend {
     pub fn open(location: &Location, opts: &ObjectOptions) -> Result<ObjectBackend> {
         type Stores = (Arc<dyn ObjectStore>, Arc<dyn ObjectStore>);
-        let mut s3_locks = None;
+        let lock_api;
         let ((store, quick), prefix, shown, conditional_put): (Stores, _, _, _) = match location {
             Location::S3 { bucket, prefix } => {
                 let shown = display("s3", bucket, prefix);
@@ -287,7 +287,7 @@ impl ObjectBackend {
                 }
                 let quick = b.clone().with_retry(quick_retry_config()).build().map_err(|e| setup_error(&shown, e))?;
                 let store = b.build().map_err(|e| setup_error(&shown, e))?;
-                s3_locks = Some(Arc::new(S3Locks::new(
+                lock_api = Some(Arc::new(LockApi::s3(
                     store.credentials().clone(),
                     opts.s3_region.as_deref().unwrap_or("us-east-1"),
                     opts.s3_endpoint.as_deref(),
@@ -318,11 +318,19 @@ impl ObjectBackend {
                 if let Some(k) = key {
                     b = b.with_access_key(k);
                 }
+                let endpoint_for_locks = endpoint.clone();
                 if let Some(e) = endpoint {
                     b = b.with_endpoint(e);
                 }
                 let quick = b.clone().with_retry(quick_retry_config()).build().map_err(|e| setup_error(&shown, e))?;
                 let store = b.build().map_err(|e| setup_error(&shown, e))?;
+                lock_api = Some(Arc::new(LockApi::azure(
+                    store.credentials().clone(),
+                    &account,
+                    endpoint_for_locks.as_deref(),
+                    container,
+                    &shown,
+                )?));
                 ((Arc::new(store), Arc::new(quick)), prefix.clone(), shown, true)
             }
             Location::Local(p) => {
@@ -346,7 +354,7 @@ impl ObjectBackend {
             conditional_put,
             runtime,
             pace,
-            s3_locks,
+            lock_api,
             policy: std::sync::RwLock::new(None),
             locked: Default::default(),
         })
@@ -433,8 +441,8 @@ impl ObjectBackend {
         if let Some(p) = self.pace.as_ref().filter(|_| !matches!(kind, Kind::Lock | Kind::Config)) {
             p.wait_for(data.len());
         }
-        if let (Some(policy), Some(s3)) = (self.current_policy().filter(|_| lasting(kind)), &self.s3_locks) {
-            return self.put_locked(s3, kind, name, key.as_ref(), data, policy, mode == PutMode::Create);
+        if let (Some(policy), Some(api)) = (self.current_policy().filter(|_| lasting(kind)), &self.lock_api) {
+            return self.put_locked(api, kind, name, key.as_ref(), data, policy, mode == PutMode::Create);
         }
         let payload = PutPayload::from(data.to_vec());
         self.run(|| {
@@ -449,29 +457,26 @@ impl ObjectBackend {
         *self.policy.read().unwrap()
     }
 
-    /// Runs one Object Lock request on this backend's runtime and waits for its answer.
-    fn s3_call(
-        &self,
-        s3: &Arc<S3Locks>,
-        method: http::Method,
-        url: String,
-        headers: Vec<(&'static str, String)>,
-        body: Vec<u8>,
-    ) -> std::result::Result<crate::object_lock::Answer, String> {
+    /// Runs one lock request on this backend's runtime and waits for its answer.
+    fn lock_call(&self, api: &Arc<LockApi>, request: LockRequest) -> std::result::Result<Answer, String> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let s3 = s3.clone();
-        let request = crate::object_lock::S3Request { method, url, headers, body };
+        let api = api.clone();
         self.runtime.spawn(async move {
-            let _ = tx.send(s3.send(&request).await);
+            let _ = tx.send(api.send(&request).await);
         });
         rx.recv().unwrap_or_else(|_| Err("the request's task was dropped".into()))
+    }
+
+    /// A lock request whose failure to get any answer is an I/O error saying what was done.
+    fn lock_ask(&self, api: &Arc<LockApi>, request: LockRequest, doing: &str) -> Result<Answer> {
+        self.lock_call(api, request).map_err(|e| api.failed(doing, e))
     }
 
     /// A PUT that creates the object locked until the current generation's date.
     #[allow(clippy::too_many_arguments)]
     fn put_locked(
         &self,
-        s3: &Arc<S3Locks>,
+        api: &Arc<LockApi>,
         kind: Kind,
         name: &str,
         key: &str,
@@ -480,66 +485,47 @@ impl ObjectBackend {
         create_only: bool,
     ) -> Result<()> {
         let until = policy.until(crate::object_lock::now());
-        let headers = S3Locks::locked_put_headers(data, until, create_only && self.conditional_put);
-        let answer = self
-            .s3_call(s3, http::Method::PUT, s3.url(key, &[]), headers, data.to_vec())
-            .map_err(|e| s3.failed(&format!("writing {kind} object {name}"), e))?;
+        let doing = format!("writing {kind} object {name}");
+        let answer =
+            self.lock_ask(api, api.put_locked(key, data, until, create_only && self.conditional_put), &doing)?;
         match answer.status {
             200..=299 => {
                 self.locked.lock().unwrap().insert((kind, name.to_string()), until);
                 Ok(())
             }
             412 | 409 => Err(StorageError::AlreadyExists { kind, name: name.to_string() }),
-            _ => Err(s3.fail(&format!("writing {kind} object {name}"), &answer)),
+            _ => Err(api.fail(&doing, &answer)),
         }
     }
 
-    /// HEAD of `key` (a version, if given): its version ID and retain-until date.
+    /// HEAD of an object (a version of it, if given): its version ID and lock date.
     fn head_lock(
         &self,
-        s3: &Arc<S3Locks>,
+        api: &Arc<LockApi>,
         kind: Kind,
         name: &str,
         version: Option<&str>,
     ) -> Result<(String, Option<u64>)> {
         let key = self.key(kind, name)?;
-        let query: Vec<(&str, &str)> = version.map(|v| vec![("versionId", v)]).unwrap_or_default();
-        let answer = self
-            .s3_call(s3, http::Method::HEAD, s3.url(key.as_ref(), &query), vec![], vec![])
-            .map_err(|e| s3.failed(&format!("reading the lock of {kind} object {name}"), e))?;
+        let doing = format!("reading the lock of {kind} object {name}");
+        let answer = self.lock_ask(api, api.head(key.as_ref(), version), &doing)?;
         match answer.status {
-            200..=299 => {
-                let header = |h: &str| answer.headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
-                let until =
-                    header("x-amz-object-lock-retain-until-date").and_then(|d| crate::object_lock::parse_date(&d));
-                Ok((header("x-amz-version-id").unwrap_or_default(), until))
-            }
+            200..=299 => Ok(api.head_answer(&answer)),
             404 => Err(StorageError::NotFound { kind, name: name.to_string() }),
-            _ => Err(s3.fail(&format!("reading the lock of {kind} object {name}"), &answer)),
+            _ => Err(api.fail(&doing, &answer)),
         }
     }
 
-    /// Every version and delete marker whose key starts with `prefix`.
-    fn list_versions(&self, s3: &Arc<S3Locks>, prefix: &str) -> Result<Vec<crate::object_lock::Version>> {
+    /// Every version (and S3 delete marker) whose key starts with `prefix`.
+    fn list_versions(&self, api: &Arc<LockApi>, prefix: &str) -> Result<Vec<crate::object_lock::Version>> {
         let mut out = Vec::new();
-        let mut next: Option<(String, String)> = None;
+        let mut next: crate::object_lock::NextPage = None;
         loop {
-            let mut query = vec![("versions", ""), ("prefix", prefix)];
-            if let Some((k, v)) = &next {
-                query.push(("key-marker", k));
-                if !v.is_empty() {
-                    query.push(("version-id-marker", v));
-                }
+            let answer = self.lock_ask(api, api.list_versions(prefix, &next), "listing object versions")?;
+            if !answer.ok() {
+                return Err(api.fail("listing object versions", &answer));
             }
-            let url = s3.url("", &query);
-            let answer = self
-                .s3_call(s3, http::Method::GET, url, vec![], vec![])
-                .map_err(|e| s3.failed("listing object versions", e))?;
-            if !(200..=299).contains(&answer.status) {
-                return Err(s3.fail("listing object versions", &answer));
-            }
-            let (entries, more) = crate::object_lock::parse_versions(&answer.body)
-                .map_err(|e| s3.failed("listing object versions", e))?;
+            let (entries, more) = api.versions_page(&answer).map_err(|e| api.failed("listing object versions", e))?;
             out.extend(entries);
             if more.is_none() || more == next {
                 return Ok(out);
@@ -548,31 +534,42 @@ impl ObjectBackend {
         }
     }
 
-    /// Deletes one version; a refusal because of a lock becomes `Locked` with its date.
-    fn delete_version(&self, s3: &Arc<S3Locks>, kind: Kind, name: &str, key: &str, version: &str) -> Result<()> {
-        let answer = self
-            .s3_call(s3, http::Method::DELETE, s3.url(key, &[("versionId", version)]), vec![], vec![])
-            .map_err(|e| s3.failed(&format!("deleting {kind} object {name}"), e))?;
-        match answer.status {
-            200..=299 | 404 => Ok(()),
-            403 => match self.head_lock(s3, kind, name, Some(version)) {
-                Ok((_, Some(until))) => Err(StorageError::Locked { kind, name: name.to_string(), until }),
-                _ => Err(s3.fail(&format!("deleting {kind} object {name}"), &answer)),
-            },
-            _ => Err(s3.fail(&format!("deleting {kind} object {name}"), &answer)),
+    /// Sends a delete; a refusal because of a lock becomes `Locked` with its date.
+    fn delete_checked(
+        &self,
+        api: &Arc<LockApi>,
+        kind: Kind,
+        name: &str,
+        request: LockRequest,
+        version: Option<&str>,
+    ) -> Result<()> {
+        let doing = format!("deleting {kind} object {name}");
+        let answer = self.lock_ask(api, request, &doing)?;
+        if answer.ok() || answer.status == 404 {
+            return Ok(());
         }
+        if api.refused_for_lock(&answer) {
+            if let Ok((_, Some(until))) = self.head_lock(api, kind, name, version) {
+                return Err(StorageError::Locked { kind, name: name.to_string(), until });
+            }
+        }
+        Err(api.fail(&doing, &answer))
     }
 
     /// An immutable repository's delete: every version of the object, objects first and
     /// delete markers last, so a locked version stops the delete with the object still
-    /// visible.
-    fn delete_all_versions(&self, s3: &Arc<S3Locks>, kind: Kind, name: &str) -> Result<()> {
+    /// visible. On Azure the current version is deleted first (it then becomes a previous
+    /// version; a current version cannot be deleted by its ID), refused while it is locked.
+    fn delete_all_versions(&self, api: &Arc<LockApi>, kind: Kind, name: &str) -> Result<()> {
         let key = self.key(kind, name)?;
         let key = key.as_ref();
-        let mut versions: Vec<_> = self.list_versions(s3, key)?.into_iter().filter(|v| v.key == key).collect();
+        if api.is_azure() {
+            self.delete_checked(api, kind, name, api.delete_current(key), None)?;
+        }
+        let mut versions: Vec<_> = self.list_versions(api, key)?.into_iter().filter(|v| v.key == key).collect();
         versions.sort_by_key(|v| v.delete_marker);
         for v in versions {
-            self.delete_version(s3, kind, name, key, &v.version_id)?;
+            self.delete_checked(api, kind, name, api.delete_version(key, &v.version_id), Some(&v.version_id))?;
         }
         Ok(())
     }
@@ -755,12 +752,12 @@ impl Backend for ObjectBackend {
     }
 
     fn object_lock(&self) -> Option<&dyn ObjectLock> {
-        self.s3_locks.as_ref().map(|_| self as &dyn ObjectLock)
+        self.lock_api.as_ref().map(|_| self as &dyn ObjectLock)
     }
 
     fn delete(&self, kind: Kind, name: &str) -> Result<()> {
-        if let (Some(_), Some(s3)) = (self.current_policy(), &self.s3_locks) {
-            return self.delete_all_versions(s3, kind, name);
+        if let (Some(_), Some(api)) = (self.current_policy(), &self.lock_api) {
+            return self.delete_all_versions(api, kind, name);
         }
         let key = self.key(kind, name)?;
         match self.run(|| {
@@ -775,51 +772,18 @@ impl Backend for ObjectBackend {
 
 impl ObjectLock for ObjectBackend {
     fn check_bucket(&self) -> Result<()> {
-        let Some(s3) = &self.s3_locks else {
-            return Err(StorageError::Io {
+        let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
+        let mut answers = Vec::new();
+        for request in api.check_requests() {
+            answers.push(self.lock_ask(api, request, "reading the bucket's settings")?);
+        }
+        api.check_answers(&answers).map_err(|r| match r {
+            Refusal::Refused(why) => StorageError::Io {
                 what: format!("making {} immutable", self.location),
-                source: std::io::Error::other("immutability is available on S3 (Object Lock) only"),
-            });
-        };
-        let get = |query: &str| {
-            self.s3_call(s3, http::Method::GET, s3.url("", &[(query, "")]), vec![], vec![])
-                .map_err(|e| s3.failed("reading the bucket's settings", e))
-        };
-        let refuse = |why: String| StorageError::Io {
-            what: format!("making {} immutable", self.location),
-            source: std::io::Error::other(why),
-        };
-        let versioning = get("versioning")?;
-        if !(200..=299).contains(&versioning.status) {
-            return Err(s3.fail("reading the bucket's versioning", &versioning));
-        }
-        if !crate::object_lock::versioning_enabled(&versioning.body) {
-            return Err(refuse(
-                "the bucket does not have versioning enabled; Object Lock needs a versioned bucket \
-                 (create it with Object Lock enabled, which turns versioning on)"
-                    .into(),
-            ));
-        }
-        let lock = get("object-lock")?;
-        let (code, _) = crate::object_lock::error_code(&lock.body);
-        if lock.status == 404 || code == "ObjectLockConfigurationNotFoundError" {
-            return Err(refuse(
-                "the bucket does not have Object Lock enabled (it can only be turned on at creation, \
-                 e.g. aws s3api create-bucket --object-lock-enabled-for-bucket)"
-                    .into(),
-            ));
-        }
-        if !(200..=299).contains(&lock.status) {
-            return Err(s3.fail("reading the bucket's Object Lock settings", &lock));
-        }
-        match crate::object_lock::lock_configuration(&lock.body) {
-            (false, _) => Err(refuse("the bucket does not have Object Lock enabled".into())),
-            (true, Some(default)) => Err(refuse(format!(
-                "the bucket has a default retention ({default}); cairn locks each object itself and must \
-                 be able to delete its lock files and records: remove the default retention rule"
-            ))),
-            (true, None) => Ok(()),
-        }
+                source: std::io::Error::other(why),
+            },
+            Refusal::Failed(e) => e,
+        })
     }
 
     fn lock_writes(&self, policy: LockPolicy) {
@@ -831,29 +795,22 @@ impl ObjectLock for ObjectBackend {
     }
 
     fn retained_until(&self, kind: Kind, name: &str) -> Result<Option<u64>> {
-        let s3 = self.s3_locks.as_ref().ok_or_else(|| not_s3(&self.location))?;
-        Ok(self.head_lock(s3, kind, name, None)?.1)
+        let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
+        Ok(self.head_lock(api, kind, name, None)?.1)
     }
 
     fn extend(&self, kind: Kind, name: &str, until: u64) -> Result<u64> {
-        let s3 = self.s3_locks.as_ref().ok_or_else(|| not_s3(&self.location))?;
-        let (version, current) = self.head_lock(s3, kind, name, None)?;
+        let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
+        let (version, current) = self.head_lock(api, kind, name, None)?;
         if let Some(c) = current.filter(|&c| c >= until) {
             self.locked.lock().unwrap().insert((kind, name.to_string()), c);
             return Ok(c);
         }
         let key = self.key(kind, name)?;
-        let body = S3Locks::retention_body(until);
-        let headers = vec![("content-md5", crate::object_lock::content_md5(&body))];
-        let mut query = vec![("retention", "")];
-        if !version.is_empty() {
-            query.push(("versionId", version.as_str()));
-        }
-        let url = s3.url(key.as_ref(), &query);
         let doing = format!("extending the lock of {kind} object {name}");
-        let answer = self.s3_call(s3, http::Method::PUT, url, headers, body).map_err(|e| s3.failed(&doing, e))?;
-        if !(200..=299).contains(&answer.status) {
-            return Err(s3.fail(&doing, &answer));
+        let answer = self.lock_ask(api, api.extend(key.as_ref(), &version, until), &doing)?;
+        if !answer.ok() {
+            return Err(api.fail(&doing, &answer));
         }
         self.locked.lock().unwrap().insert((kind, name.to_string()), until);
         Ok(until)
@@ -864,22 +821,36 @@ impl ObjectLock for ObjectBackend {
     }
 
     fn undelete(&self, dry_run: bool) -> Result<Vec<(Kind, String)>> {
-        let s3 = self.s3_locks.as_ref().ok_or_else(|| not_s3(&self.location))?;
+        let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
         let prefix = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
         let mut by_key: std::collections::BTreeMap<String, Vec<crate::object_lock::Version>> = Default::default();
-        for v in self.list_versions(s3, &prefix)? {
+        for v in self.list_versions(api, &prefix)? {
             by_key.entry(v.key.clone()).or_default().push(v);
         }
         let mut found = Vec::new();
         for (key, versions) in by_key {
-            let hidden = versions.iter().any(|v| v.latest && v.delete_marker);
-            if !hidden || !versions.iter().any(|v| !v.delete_marker) {
+            // Hidden: S3, the newest entry is a delete marker; Azure, no version is current.
+            let hidden = if api.is_azure() {
+                !versions.iter().any(|v| v.latest)
+            } else {
+                versions.iter().any(|v| v.latest && v.delete_marker)
+            };
+            let Some(newest) = versions.iter().rev().find(|v| !v.delete_marker) else { continue };
+            if !hidden {
                 continue;
             }
             let Some((kind, name)) = self.parse_key(&key).filter(|(k, _)| *k != Kind::Lock) else { continue };
             if !dry_run {
-                for m in versions.iter().filter(|v| v.delete_marker) {
-                    self.delete_version(s3, kind, &name, &key, &m.version_id)?;
+                let doing = format!("bringing back {kind} object {name}");
+                if api.is_azure() {
+                    let answer = self.lock_ask(api, api.promote(&key, &newest.version_id), &doing)?;
+                    if !answer.ok() {
+                        return Err(api.fail(&doing, &answer));
+                    }
+                } else {
+                    for m in versions.iter().filter(|v| v.delete_marker) {
+                        self.delete_checked(api, kind, &name, api.delete_version(&key, &m.version_id), None)?;
+                    }
                 }
             }
             found.push((kind, name));
@@ -888,10 +859,10 @@ impl ObjectLock for ObjectBackend {
     }
 }
 
-fn not_s3(location: &str) -> StorageError {
+fn no_locks(location: &str) -> StorageError {
     StorageError::Io {
         what: format!("object locks at {location}"),
-        source: std::io::Error::other("immutability is available on S3 (Object Lock) only"),
+        source: std::io::Error::other("this store has no object locks"),
     }
 }
 

@@ -99,23 +99,33 @@ pub trait ObjectLock: Send + Sync {
     fn undelete(&self, dry_run: bool) -> Result<Vec<(Kind, String)>>;
 }
 
-// ---- S3 requests ------------------------------------------------------------------------
+// ---- Requests to the store ------------------------------------------------------------
 
-/// The S3 side of [`ObjectLock`]: signed requests for what object_store cannot send.
-pub(crate) struct S3Locks {
+/// Who answers lock requests, and how they are signed.
+pub(crate) enum Provider {
+    /// S3 Object Lock; SigV4 with the store's credentials.
+    S3 { credentials: object_store::aws::AwsCredentialProvider, region: String, virtual_hosted: bool },
+    /// Azure Blob version-level immutability (time-based retention policies on blob
+    /// versions, mode `locked`); Shared Key or token with the store's credentials. Written to
+    /// the documented REST API; no local server implements it (Azurite answers "not
+    /// implemented"), so only the container check runs against a real server in the tests.
+    Azure { credentials: object_store::azure::AzureCredentialProvider, account: String },
+}
+
+/// The lock side of an object store: builds the requests object_store cannot send, signs and
+/// sends them, and reads their answers.
+pub(crate) struct LockApi {
+    provider: Provider,
     client: reqwest::Client,
-    credentials: object_store::aws::AwsCredentialProvider,
-    region: String,
-    /// `scheme://host[:port]` of the bucket's URLs: path-style (`endpoint/bucket/key`) or
-    /// virtual-hosted (`bucket.host/key`).
+    /// `scheme://host[:port][/path]` before the bucket or container in URLs.
     base: String,
+    /// The bucket or container.
     bucket: String,
-    virtual_hosted: bool,
     pub(crate) location: String,
 }
 
 /// One request of ours to the store (signed when sent).
-pub(crate) struct S3Request {
+pub(crate) struct LockRequest {
     pub method: http::Method,
     pub url: String,
     pub headers: Vec<(&'static str, String)>,
@@ -129,54 +139,86 @@ pub(crate) struct Answer {
     pub body: Vec<u8>,
 }
 
-/// S3 answers we read are small XML documents; anything bigger is not one of them.
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub(crate) fn ok(&self) -> bool {
+        (200..=299).contains(&self.status)
+    }
+}
+
+/// Answers we read are small XML documents; anything bigger is not one of them.
 const MAX_ANSWER: usize = 8 << 20;
 /// Attempts of one request: waits of 0.5, 1.5, 4.5, 13.5 s, then 30 s, about 4 minutes in all.
 const ATTEMPTS: u32 = 12;
 
-impl S3Locks {
-    pub(crate) fn new(
+/// What a bucket or container check found wrong, for the operator.
+pub(crate) enum Refusal {
+    Refused(String),
+    Failed(StorageError),
+}
+
+impl LockApi {
+    pub(crate) fn s3(
         credentials: object_store::aws::AwsCredentialProvider,
         region: &str,
         endpoint: Option<&str>,
         bucket: &str,
         virtual_hosted: bool,
         location: &str,
-    ) -> Result<S3Locks> {
+    ) -> Result<LockApi> {
         let (base, virtual_hosted) = match endpoint {
             Some(e) => (e.trim_end_matches('/').to_string(), virtual_hosted),
             // AWS itself: virtual-hosted, as object_store does.
             None => (format!("https://s3.{region}.amazonaws.com"), true),
         };
+        let provider = Provider::S3 { credentials, region: region.to_string(), virtual_hosted };
+        LockApi::new(provider, base, bucket, location)
+    }
+
+    pub(crate) fn azure(
+        credentials: object_store::azure::AzureCredentialProvider,
+        account: &str,
+        endpoint: Option<&str>,
+        container: &str,
+        location: &str,
+    ) -> Result<LockApi> {
+        let base = match endpoint {
+            Some(e) => e.trim_end_matches('/').to_string(),
+            None => format!("https://{account}.blob.core.windows.net"),
+        };
+        LockApi::new(Provider::Azure { credentials, account: account.to_string() }, base, container, location)
+    }
+
+    fn new(provider: Provider, base: String, bucket: &str, location: &str) -> Result<LockApi> {
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(300))
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
-            .map_err(|e| io(location, "setting up S3 requests", e.to_string()))?;
-        Ok(S3Locks {
-            client,
-            credentials,
-            region: region.to_string(),
-            base,
-            bucket: bucket.to_string(),
-            virtual_hosted,
-            location: location.to_string(),
-        })
+            .map_err(|e| io(location, "setting up lock requests", e.to_string()))?;
+        Ok(LockApi { provider, client, base, bucket: bucket.to_string(), location: location.to_string() })
     }
 
-    /// The URL of `key` (or of the bucket when empty) with `query`.
+    pub(crate) fn is_azure(&self) -> bool {
+        matches!(self.provider, Provider::Azure { .. })
+    }
+
+    /// The URL of `key` (of the bucket or container when empty) with `query`.
     pub(crate) fn url(&self, key: &str, query: &[(&str, &str)]) -> String {
         let path = key.split('/').map(encode_segment).collect::<Vec<_>>().join("/");
-        let mut url = if self.virtual_hosted {
-            let (scheme, host) = self.base.split_once("://").unwrap_or(("https", &self.base));
-            format!("{scheme}://{}.{host}/{path}", self.bucket)
-        } else {
-            format!("{}/{}/{path}", self.base, self.bucket)
+        let mut url = match &self.provider {
+            Provider::S3 { virtual_hosted: true, .. } => {
+                let (scheme, host) = self.base.split_once("://").unwrap_or(("https", &self.base));
+                format!("{scheme}://{}.{host}/{path}", self.bucket)
+            }
+            _ if key.is_empty() && self.is_azure() => format!("{}/{}", self.base, self.bucket),
+            _ => format!("{}/{}/{path}", self.base, self.bucket),
         };
         for (i, (k, v)) in query.iter().enumerate() {
             url.push(if i == 0 { '?' } else { '&' });
             url.push_str(&encode_segment(k));
-            if !v.is_empty() {
+            if !v.is_empty() || self.is_azure() {
                 url.push('=');
                 url.push_str(&encode_segment(v));
             }
@@ -184,9 +226,218 @@ impl S3Locks {
         url
     }
 
+    fn request(&self, method: http::Method, key: &str, query: &[(&str, &str)]) -> LockRequest {
+        LockRequest { method, url: self.url(key, query), headers: Vec::new(), body: Vec::new() }
+    }
+
+    /// The date header of a lock, in the provider's format.
+    fn date(&self, until: u64) -> String {
+        if self.is_azure() {
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(until))
+        } else {
+            rfc3339(until)
+        }
+    }
+
+    /// A PUT that creates the object locked until `until` (with the Content-MD5 S3 requires
+    /// of any PUT with lock parameters).
+    pub(crate) fn put_locked(&self, key: &str, data: &[u8], until: u64, create_only: bool) -> LockRequest {
+        let mut r = self.request(http::Method::PUT, key, &[]);
+        r.headers = if self.is_azure() {
+            vec![
+                ("x-ms-blob-type", "BlockBlob".to_string()),
+                ("x-ms-immutability-policy-mode", "locked".to_string()),
+                ("x-ms-immutability-policy-until-date", self.date(until)),
+            ]
+        } else {
+            vec![
+                ("x-amz-object-lock-mode", "COMPLIANCE".to_string()),
+                ("x-amz-object-lock-retain-until-date", self.date(until)),
+            ]
+        };
+        r.headers.push(("content-md5", content_md5(data)));
+        if create_only {
+            r.headers.push(("if-none-match", "*".to_string()));
+        }
+        r.body = data.to_vec();
+        r
+    }
+
+    /// HEAD of an object (a version of it if given).
+    pub(crate) fn head(&self, key: &str, version: Option<&str>) -> LockRequest {
+        let name = if self.is_azure() { "versionid" } else { "versionId" };
+        let query: Vec<(&str, &str)> = version.map(|v| vec![(name, v)]).unwrap_or_default();
+        self.request(http::Method::HEAD, key, &query)
+    }
+
+    /// What a HEAD says: the version's ID and its lock date (unix seconds), if any.
+    pub(crate) fn head_answer(&self, a: &Answer) -> (String, Option<u64>) {
+        if self.is_azure() {
+            let until = a.header("x-ms-immutability-policy-until-date").and_then(parse_http_date);
+            (a.header("x-ms-version-id").unwrap_or_default().to_string(), until)
+        } else {
+            let until = a.header("x-amz-object-lock-retain-until-date").and_then(parse_date);
+            (a.header("x-amz-version-id").unwrap_or_default().to_string(), until)
+        }
+    }
+
+    /// Sets the lock of a version to `until` (callers never ask for an earlier date).
+    pub(crate) fn extend(&self, key: &str, version: &str, until: u64) -> LockRequest {
+        if self.is_azure() {
+            let mut query = vec![("comp", "immutabilityPolicies")];
+            if !version.is_empty() {
+                query.push(("versionid", version));
+            }
+            let mut r = self.request(http::Method::PUT, key, &query);
+            r.headers = vec![
+                ("x-ms-immutability-policy-mode", "locked".to_string()),
+                ("x-ms-immutability-policy-until-date", self.date(until)),
+            ];
+            r
+        } else {
+            let mut query = vec![("retention", "")];
+            if !version.is_empty() {
+                query.push(("versionId", version));
+            }
+            let mut r = self.request(http::Method::PUT, key, &query);
+            r.body = format!(
+                "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>COMPLIANCE</Mode>\
+                 <RetainUntilDate>{}</RetainUntilDate></Retention>",
+                self.date(until)
+            )
+            .into_bytes();
+            r.headers = vec![("content-md5", content_md5(&r.body))];
+            r
+        }
+    }
+
+    /// One page of the versions of objects whose key starts with `prefix`.
+    pub(crate) fn list_versions(&self, prefix: &str, next: &NextPage) -> LockRequest {
+        let mut query: Vec<(&str, &str)> = if self.is_azure() {
+            vec![("restype", "container"), ("comp", "list"), ("include", "versions"), ("prefix", prefix)]
+        } else {
+            vec![("versions", ""), ("prefix", prefix)]
+        };
+        if let Some((k, v)) = next {
+            if self.is_azure() {
+                query.push(("marker", k));
+            } else {
+                query.push(("key-marker", k));
+                if !v.is_empty() {
+                    query.push(("version-id-marker", v));
+                }
+            }
+        }
+        self.request(http::Method::GET, "", &query)
+    }
+
+    pub(crate) fn versions_page(&self, a: &Answer) -> std::result::Result<(Vec<Version>, NextPage), String> {
+        if self.is_azure() {
+            parse_azure_versions(&a.body)
+        } else {
+            parse_versions(&a.body)
+        }
+    }
+
+    /// Deletes one version.
+    pub(crate) fn delete_version(&self, key: &str, version: &str) -> LockRequest {
+        let name = if self.is_azure() { "versionid" } else { "versionId" };
+        self.request(http::Method::DELETE, key, &[(name, version)])
+    }
+
+    /// Azure: deletes the current version (it becomes a previous version, which can then be
+    /// deleted by its ID; a current version cannot be named by its ID in a delete).
+    pub(crate) fn delete_current(&self, key: &str) -> LockRequest {
+        self.request(http::Method::DELETE, key, &[])
+    }
+
+    /// Azure: makes `version` the current version again (a copy of it onto its own name).
+    pub(crate) fn promote(&self, key: &str, version: &str) -> LockRequest {
+        let mut r = self.request(http::Method::PUT, key, &[]);
+        r.headers = vec![("x-ms-copy-source", self.url(key, &[("versionid", version)]))];
+        r
+    }
+
+    /// Whether a refused delete was refused because of a lock (S3: 403 AccessDenied; Azure:
+    /// 409 with an immutability error code).
+    pub(crate) fn refused_for_lock(&self, a: &Answer) -> bool {
+        if self.is_azure() {
+            a.status == 409 && a.header("x-ms-error-code").is_some_and(|c| c.contains("Immutab"))
+        } else {
+            a.status == 403
+        }
+    }
+
+    /// The requests that read a bucket's or container's settings.
+    pub(crate) fn check_requests(&self) -> Vec<LockRequest> {
+        if self.is_azure() {
+            vec![self.request(http::Method::GET, "", &[("restype", "container")])]
+        } else {
+            vec![
+                self.request(http::Method::GET, "", &[("versioning", "")]),
+                self.request(http::Method::GET, "", &[("object-lock", "")]),
+            ]
+        }
+    }
+
+    /// Judges the answers to [`LockApi::check_requests`].
+    pub(crate) fn check_answers(&self, answers: &[Answer]) -> std::result::Result<(), Refusal> {
+        if self.is_azure() {
+            let a = &answers[0];
+            if !a.ok() {
+                return Err(Refusal::Failed(self.fail("reading the container's settings", a)));
+            }
+            if a.header("x-ms-immutable-storage-with-versioning-enabled") != Some("true") {
+                return Err(Refusal::Refused(
+                    "the container does not have version-level immutability enabled (it needs blob versioning \
+                     on the storage account, and version-level immutability on the container or account)"
+                        .into(),
+                ));
+            }
+            if a.header("x-ms-has-immutability-policy") == Some("true") {
+                return Err(Refusal::Refused(
+                    "the container has a container-level immutability policy; cairn sets each blob's own and \
+                     must be able to delete its lock files and records: remove the container policy"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        let (versioning, lock) = (&answers[0], &answers[1]);
+        if !versioning.ok() {
+            return Err(Refusal::Failed(self.fail("reading the bucket's versioning", versioning)));
+        }
+        if !versioning_enabled(&versioning.body) {
+            return Err(Refusal::Refused(
+                "the bucket does not have versioning enabled; Object Lock needs a versioned bucket \
+                 (create it with Object Lock enabled, which turns versioning on)"
+                    .into(),
+            ));
+        }
+        let (code, _) = error_code(&lock.body);
+        if lock.status == 404 || code == "ObjectLockConfigurationNotFoundError" {
+            return Err(Refusal::Refused(
+                "the bucket does not have Object Lock enabled (it can only be turned on at creation, \
+                 e.g. aws s3api create-bucket --object-lock-enabled-for-bucket)"
+                    .into(),
+            ));
+        }
+        if !lock.ok() {
+            return Err(Refusal::Failed(self.fail("reading the bucket's Object Lock settings", lock)));
+        }
+        match lock_configuration(&lock.body) {
+            (false, _) => Err(Refusal::Refused("the bucket does not have Object Lock enabled".into())),
+            (true, Some(default)) => Err(Refusal::Refused(format!(
+                "the bucket has a default retention ({default}); cairn locks each object itself and must \
+                 be able to delete its lock files and records: remove the default retention rule"
+            ))),
+            (true, None) => Ok(()),
+        }
+    }
+
     /// Sends one signed request and waits for its answer, retrying what a store or network
     /// fails transiently (connection errors, 5xx, throttling) for up to about 4 minutes.
-    pub(crate) async fn send(&self, request: &S3Request) -> std::result::Result<Answer, String> {
+    pub(crate) async fn send(&self, request: &LockRequest) -> std::result::Result<Answer, String> {
         let mut delay = std::time::Duration::from_millis(500);
         let mut attempt = 0;
         loop {
@@ -207,20 +458,34 @@ impl S3Locks {
         }
     }
 
-    async fn send_once(&self, r: &S3Request) -> std::result::Result<Answer, String> {
-        let (method, url, headers, body) = (r.method.clone(), r.url.as_str(), &r.headers, r.body.clone());
-        let credential = self.credentials.get_credential().await.map_err(|e| e.to_string())?;
-        let mut request = http::Request::builder().method(method).uri(url);
-        for (k, v) in headers {
-            request = request.header(*k, v.as_str());
+    async fn send_once(&self, r: &LockRequest) -> std::result::Result<Answer, String> {
+        let mut builder = http::Request::builder().method(r.method.clone()).uri(r.url.as_str());
+        for (k, v) in &r.headers {
+            builder = builder.header(*k, v.as_str());
         }
-        let body = bytes::Bytes::from(body);
+        let body = bytes::Bytes::from(r.body.clone());
         let mut request: object_store::client::HttpRequest =
-            request.body(body.clone().into()).map_err(|e| format!("building the request: {e}"))?;
-        object_store::aws::AwsAuthorizer::new(&credential, "s3", &self.region)
-            .try_authorize(&mut request, None)
-            .map_err(|e| format!("signing the request: {e}"))?;
+            builder.body(body.clone().into()).map_err(|e| format!("building the request: {e}"))?;
+        match &self.provider {
+            Provider::S3 { credentials, region, .. } => {
+                let credential = credentials.get_credential().await.map_err(|e| e.to_string())?;
+                object_store::aws::AwsAuthorizer::new(&credential, "s3", region)
+                    .try_authorize(&mut request, None)
+                    .map_err(|e| format!("signing the request: {e}"))?;
+            }
+            Provider::Azure { credentials, account } => {
+                let credential = credentials.get_credential().await.map_err(|e| e.to_string())?;
+                // Shared Key signs Content-Length, which reqwest sets from the body later.
+                if !r.body.is_empty() || r.method == http::Method::PUT {
+                    request.headers_mut().insert(http::header::CONTENT_LENGTH, r.body.len().into());
+                }
+                object_store::azure::AzureAuthorizer::new(&credential, account)
+                    .try_authorize(&mut request)
+                    .map_err(|e| format!("signing the request: {e}"))?;
+            }
+        }
         let (parts, _) = request.into_parts();
+        let url = parts.uri.to_string();
         let response = self
             .client
             .request(parts.method, url)
@@ -243,36 +508,15 @@ impl S3Locks {
     }
 
     pub(crate) fn fail(&self, doing: &str, answer: &Answer) -> StorageError {
-        let (code, message) = error_code(&answer.body);
+        let (mut code, message) = error_code(&answer.body);
+        if code.is_empty() {
+            code = answer.header("x-ms-error-code").unwrap_or_default().to_string();
+        }
         io(&self.location, doing, format!("HTTP {}: {code} {message}", answer.status).trim().to_string())
     }
 
     pub(crate) fn failed(&self, doing: &str, why: String) -> StorageError {
         io(&self.location, doing, why)
-    }
-
-    /// Headers of a PUT that creates an object locked until `until`: the lock, and the
-    /// Content-MD5 that S3 requires of any PUT with lock parameters.
-    pub(crate) fn locked_put_headers(data: &[u8], until: u64, create_only: bool) -> Vec<(&'static str, String)> {
-        let mut h = vec![
-            ("x-amz-object-lock-mode", "COMPLIANCE".to_string()),
-            ("x-amz-object-lock-retain-until-date", rfc3339(until)),
-            ("content-md5", content_md5(data)),
-        ];
-        if create_only {
-            h.push(("if-none-match", "*".to_string()));
-        }
-        h
-    }
-
-    /// The body of PutObjectRetention (and its Content-MD5, required there too).
-    pub(crate) fn retention_body(until: u64) -> Vec<u8> {
-        format!(
-            "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>COMPLIANCE</Mode>\
-             <RetainUntilDate>{}</RetainUntilDate></Retention>",
-            rfc3339(until)
-        )
-        .into_bytes()
     }
 }
 
@@ -307,6 +551,12 @@ fn encode_segment(s: &str) -> String {
         }
     }
     out
+}
+
+/// An HTTP date (`Wed, 30 Dec 2026 00:00:00 GMT`, Azure's lock dates) as unix seconds.
+pub fn parse_http_date(s: &str) -> Option<u64> {
+    let t = httpdate::parse_http_date(s.trim()).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
 }
 
 /// A retain-until date from a header or XML (`2026-12-30T00:00:00.000Z`), as unix seconds.
@@ -449,6 +699,49 @@ pub fn parse_versions(body: &[u8]) -> std::result::Result<(Vec<Version>, NextPag
     Ok((out, next))
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AzureEnumeration {
+    #[serde(default)]
+    blobs: AzureBlobs,
+    #[serde(default)]
+    next_marker: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AzureBlobs {
+    #[serde(default, rename = "Blob")]
+    blobs: Vec<AzureBlob>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AzureBlob {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    version_id: String,
+    #[serde(default)]
+    is_current_version: bool,
+}
+
+/// One page of an Azure listing with versions (List Blobs, `include=versions`). Azure has no
+/// delete markers: a deleted blob is one whose versions are all previous ones.
+pub fn parse_azure_versions(body: &[u8]) -> std::result::Result<(Vec<Version>, NextPage), String> {
+    let text = std::str::from_utf8(body).map_err(|_| "the version listing is not UTF-8".to_string())?;
+    let text = text.trim_start_matches('\u{feff}');
+    let doc: AzureEnumeration =
+        quick_xml::de::from_str(text).map_err(|e| format!("unreadable version listing: {e}"))?;
+    let out = doc
+        .blobs
+        .blobs
+        .into_iter()
+        .map(|b| Version { key: b.name, version_id: b.version_id, latest: b.is_current_version, delete_marker: false })
+        .collect();
+    let next = doc.next_marker.filter(|m| !m.is_empty()).map(|m| (m, String::new()));
+    Ok((out, next))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,36 +774,126 @@ mod tests {
         assert_eq!(parse_date("yesterday"), None);
     }
 
-    #[test]
-    fn a_locked_put_carries_its_lock_and_checksum() {
-        let h = S3Locks::locked_put_headers(b"hello", 1_798_675_200, true);
-        let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("x-amz-object-lock-mode"), Some("COMPLIANCE"));
-        assert_eq!(get("x-amz-object-lock-retain-until-date"), Some("2026-12-31T00:00:00Z"));
-        // md5("hello"), base64: what S3 checks the body against.
-        assert_eq!(get("content-md5"), Some("XUFAKrxLKna5cZ2REBfFkg=="));
-        assert_eq!(get("if-none-match"), Some("*"));
-        assert!(S3Locks::locked_put_headers(b"x", 1, false).iter().all(|(n, _)| *n != "if-none-match"));
-        let body = String::from_utf8(S3Locks::retention_body(1_798_675_200)).unwrap();
-        assert!(body.contains("<Mode>COMPLIANCE</Mode>") && body.contains("2026-12-31T00:00:00Z"), "{body}");
-    }
-
-    #[test]
-    fn urls_are_path_or_virtual_hosted() {
+    fn s3_api(endpoint: Option<&str>, region: &str) -> LockApi {
         let creds: object_store::aws::AwsCredentialProvider =
             std::sync::Arc::new(object_store::StaticCredentialProvider::new(object_store::aws::AwsCredential {
                 key_id: "k".into(),
                 secret_key: "s".into(),
                 token: None,
             }));
-        let s = S3Locks::new(creds.clone(), "us-east-1", Some("http://127.0.0.1:9000/"), "b", false, "s3://b").unwrap();
+        LockApi::s3(creds, region, endpoint, "b", false, "s3://b").unwrap()
+    }
+
+    fn azure_api() -> LockApi {
+        let creds: object_store::azure::AzureCredentialProvider = std::sync::Arc::new(
+            object_store::StaticCredentialProvider::new(object_store::azure::AzureCredential::AccessKey(
+                object_store::azure::AzureAccessKey::try_new("a2V5").unwrap(),
+            )),
+        );
+        LockApi::azure(creds, "acct", None, "c", "az://c").unwrap()
+    }
+
+    fn header<'a>(r: &'a LockRequest, k: &str) -> Option<&'a str> {
+        r.headers.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_locked_put_carries_its_lock_and_checksum() {
+        let s3 = s3_api(Some("http://127.0.0.1:9000"), "us-east-1");
+        let r = s3.put_locked("p/packs/ab/ab01", b"hello", 1_798_675_200, true);
+        assert_eq!(r.method, http::Method::PUT);
+        assert_eq!(header(&r, "x-amz-object-lock-mode"), Some("COMPLIANCE"));
+        assert_eq!(header(&r, "x-amz-object-lock-retain-until-date"), Some("2026-12-31T00:00:00Z"));
+        // md5("hello"), base64: what S3 checks the body against.
+        assert_eq!(header(&r, "content-md5"), Some("XUFAKrxLKna5cZ2REBfFkg=="));
+        assert_eq!(header(&r, "if-none-match"), Some("*"));
+        assert_eq!(r.body, b"hello");
+        assert!(header(&s3.put_locked("k", b"x", 1, false), "if-none-match").is_none());
+        let e = s3.extend("p/packs/ab/ab01", "v1", 1_798_675_200);
+        assert_eq!(e.url, "http://127.0.0.1:9000/b/p/packs/ab/ab01?retention&versionId=v1");
+        let body = String::from_utf8(e.body.clone()).unwrap();
+        assert!(body.contains("<Mode>COMPLIANCE</Mode>") && body.contains("2026-12-31T00:00:00Z"), "{body}");
+        assert_eq!(header(&e, "content-md5"), Some(content_md5(&e.body).as_str()));
+    }
+
+    /// Azure requests, to the documented REST API (Put Blob with an immutability policy, Set
+    /// Blob Immutability Policy, List Blobs with versions, Delete Blob by version, Copy Blob):
+    /// no local server implements them.
+    #[test]
+    fn azure_requests_follow_the_rest_api() {
+        let az = azure_api();
+        let r = az.put_locked("repo/packs/ab/ab01", b"hello", 1_798_675_200, true);
+        assert_eq!(r.url, "https://acct.blob.core.windows.net/c/repo/packs/ab/ab01");
+        assert_eq!(header(&r, "x-ms-blob-type"), Some("BlockBlob"));
+        assert_eq!(header(&r, "x-ms-immutability-policy-mode"), Some("locked"));
+        assert_eq!(header(&r, "x-ms-immutability-policy-until-date"), Some("Thu, 31 Dec 2026 00:00:00 GMT"));
+        assert_eq!(header(&r, "if-none-match"), Some("*"));
+        let e = az.extend("repo/config", "2026-11-30T01:02:03.0000000Z", 1_798_675_200);
+        assert_eq!(e.method, http::Method::PUT);
+        assert_eq!(
+            e.url,
+            "https://acct.blob.core.windows.net/c/repo/config?comp=immutabilityPolicies&versionid=2026-11-30T01%3A02%3A03.0000000Z"
+        );
+        assert_eq!(header(&e, "x-ms-immutability-policy-mode"), Some("locked"));
+        let l = az.list_versions("repo/", &Some(("m1".into(), String::new())));
+        assert_eq!(
+            l.url,
+            "https://acct.blob.core.windows.net/c?restype=container&comp=list&include=versions&prefix=repo%2F&marker=m1"
+        );
+        let d = az.delete_version("repo/points/ab", "v1");
+        assert_eq!(d.method, http::Method::DELETE);
+        assert_eq!(d.url, "https://acct.blob.core.windows.net/c/repo/points/ab?versionid=v1");
+        let p = az.promote("repo/points/ab", "v1");
+        assert_eq!(
+            header(&p, "x-ms-copy-source"),
+            Some("https://acct.blob.core.windows.net/c/repo/points/ab?versionid=v1")
+        );
+        let c = &az.check_requests()[0];
+        assert_eq!(c.url, "https://acct.blob.core.windows.net/c?restype=container");
+        // Answers.
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-ms-immutability-policy-until-date", "Thu, 31 Dec 2026 00:00:00 GMT".parse().unwrap());
+        headers.insert("x-ms-version-id", "v9".parse().unwrap());
+        let head = Answer { status: 200, headers, body: vec![] };
+        assert_eq!(az.head_answer(&head), ("v9".to_string(), Some(1_798_675_200)));
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-ms-error-code", "BlobImmutableDueToPolicy".parse().unwrap());
+        assert!(az.refused_for_lock(&Answer { status: 409, headers, body: vec![] }));
+        let refused = |h: &[(&'static str, &str)]| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            for (k, v) in h {
+                headers.insert(*k, v.parse().unwrap());
+            }
+            match az.check_answers(&[Answer { status: 200, headers, body: vec![] }]) {
+                Ok(()) => None,
+                Err(Refusal::Refused(why)) => Some(why),
+                Err(Refusal::Failed(e)) => Some(e.to_string()),
+            }
+        };
+        assert!(refused(&[]).unwrap().contains("version-level immutability"));
+        let both =
+            [("x-ms-immutable-storage-with-versioning-enabled", "true"), ("x-ms-has-immutability-policy", "true")];
+        assert!(refused(&both).unwrap().contains("container-level"));
+        assert_eq!(refused(&[("x-ms-immutable-storage-with-versioning-enabled", "true")]), None);
+        let page = "\u{feff}<?xml version=\"1.0\" encoding=\"utf-8\"?><EnumerationResults ServiceEndpoint=\"x\" ContainerName=\"c\">\
+            <Blobs><Blob><Name>repo/config</Name><VersionId>v1</VersionId><IsCurrentVersion>true</IsCurrentVersion></Blob>\
+            <Blob><Name>repo/keys/ab</Name><VersionId>v2</VersionId></Blob></Blobs><NextMarker>n2</NextMarker></EnumerationResults>";
+        let (entries, next) = parse_azure_versions(page.as_bytes()).unwrap();
+        assert_eq!(next, Some(("n2".into(), String::new())));
+        assert_eq!(entries.len(), 2);
+        assert!(entries[0].latest && !entries[1].latest && !entries[1].delete_marker);
+    }
+
+    #[test]
+    fn urls_are_path_or_virtual_hosted() {
+        let s = s3_api(Some("http://127.0.0.1:9000/"), "us-east-1");
         assert_eq!(
             s.url("p/packs/ab/ab12", &[("retention", ""), ("versionId", "v 1")]),
             "http://127.0.0.1:9000/b/p/packs/ab/ab12?retention&versionId=v%201"
         );
         assert_eq!(s.url("", &[("versioning", "")]), "http://127.0.0.1:9000/b/?versioning");
-        let aws = S3Locks::new(creds, "eu-west-3", None, "b", false, "s3://b").unwrap();
-        assert_eq!(aws.url("k", &[]), "https://b.s3.eu-west-3.amazonaws.com/k");
+        assert_eq!(s3_api(None, "eu-west-3").url("k", &[]), "https://b.s3.eu-west-3.amazonaws.com/k");
+        assert_eq!(parse_http_date("Thu, 31 Dec 2026 00:00:00 GMT"), Some(1_798_675_200));
     }
 
     #[test]
