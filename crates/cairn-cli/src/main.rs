@@ -368,9 +368,9 @@ Examples:
         #[arg(long)]
         dry_run: bool,
     },
-    /// Bring back objects hidden by delete markers (S3 with versioning)
+    /// Bring back objects someone hid or overwrote (versioned S3 bucket or Azure container)
     #[command(
-        long_about = "In a versioned S3 bucket, a plain DELETE does not remove an object: it hides it behind a \"delete marker\", and S3 allows that even for a locked object. Someone with the bucket's keys (or ransomware) can so make an immutable repository look empty while every locked object is still there. This finds the repository's objects whose newest version is a delete marker and removes the markers, which brings the objects back as they were. Lock files stay deleted.
+        long_about = "In a versioned S3 bucket, a plain DELETE does not remove an object: it hides it behind a \"delete marker\", and S3 allows that even for a locked object; a PUT over a locked object adds a new version on top. Someone with the bucket's keys (or ransomware) can so make an immutable repository look empty, or replace its objects with garbage, while every locked version is still there. This finds the repository's objects whose newest version is a delete marker, and those whose current version is unlocked over an older locked one (cairn writes packs, points, keys and the config locked only), and makes the hidden or locked version current again (on Azure, by copying it back in place). Lock files stay deleted. `cairn verify locks` finds overwritten objects.
 
 Examples:
   cairn repair undelete --repo s3://bucket/repo --dry-run
@@ -395,6 +395,13 @@ and the verdict stored in the repository's catalog (see `cairn report`) and mail
 (--mail-to). Exits 3 when the point did not boot.\n\n\
 Example:\n  cairn verify boot web --repo R --mail-to ops@example.com --smtp-server mail.example.com:587 --smtp-tls starttls")]
     Boot(boot::VerifyBoot),
+    /// Check with the store that every object each restore point needs is locked long enough
+    #[command(long_about = "For an immutable repository: ask the store (S3 Object Lock, Azure version-level \
+immutability) for the lock of every object each restore point needs (the point itself, the packs of its map \
+pages and blocks, the key files and the config), and report any locked for less time than the point needs \
+(its `locked_until`). One request per object. Exits 3 when some lock is short.\n\n\
+Example:\n  cairn verify locks --repo s3://vault/site-a")]
+    Locks,
 }
 
 #[derive(Subcommand)]
@@ -643,6 +650,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Restore(RestoreCmd::Vm(a)) => vm::restore(g, a),
         Command::Verify { what: None, points, sample } => verify(g, points, *sample),
         Command::Verify { what: Some(VerifyCmd::Boot(a)), .. } => boot::verify_boot_cmd(g, a),
+        Command::Verify { what: Some(VerifyCmd::Locks), .. } => verify_locks(g),
         Command::Repair(RepairCmd::Index { dry_run }) => repair_index(g, *dry_run),
         Command::Repair(RepairCmd::Undelete { dry_run }) => offsite::undelete(g, *dry_run),
         Command::Forget(a) => maintenance::forget(g, a),
@@ -1241,6 +1249,46 @@ fn parse_percent(s: &str) -> Result<f64, String> {
         Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
         _ => Err(format!("{s:?} is not a percentage between 0 and 100")),
     }
+}
+
+fn verify_locks(g: &Global) -> Result<i32> {
+    let (repo, _lock) = open_indexed(g, "verify locks")?;
+    let quiet = g.json || g.quiet || !std::io::stderr().is_terminal();
+    let progress = |msg: &str| {
+        if !quiet {
+            eprintln!("verify locks: {msg}");
+        }
+    };
+    let audit = cairn_repo::immutability::audit_locks(&repo, &progress)?;
+    if g.json {
+        print_json(&audit);
+    } else {
+        println!(
+            "{} restore point(s): {} object(s) asked, {} locked for less than their points need{}",
+            audit.points,
+            audit.objects_checked,
+            audit.short.len(),
+            if audit.points_past_their_lock > 0 {
+                format!(" ({} point(s) past their lock, not checked)", audit.points_past_their_lock)
+            } else {
+                String::new()
+            }
+        );
+        for (point, why) in &audit.unreadable {
+            println!("UNREADABLE point {}: {why} (its packs were not all checked)", &point[..8]);
+        }
+        for s in audit.short.iter().take(20) {
+            let have = s.locked_until.map(cairn_storage::object_lock::rfc3339).unwrap_or_else(|| "not locked".into());
+            println!(
+                "SHORT {} {}: {have}, needed until {} by point {}",
+                s.kind,
+                &s.name[..s.name.len().min(16)],
+                cairn_storage::object_lock::rfc3339(s.needed_until),
+                &s.point[..8]
+            );
+        }
+    }
+    Ok(if audit.ok { 0 } else { EXIT_DAMAGED })
 }
 
 fn verify(g: &Global, points: &[String], sample: Option<f64>) -> Result<i32> {

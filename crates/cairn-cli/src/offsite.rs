@@ -164,37 +164,45 @@ pub fn copy(g: &Global, a: &CopyArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `cairn repair undelete`: removes the delete markers that hide repository objects in a
-/// versioned S3 bucket. Works on the storage alone (a hidden config makes the repository
-/// unopenable, and no password is needed to take a marker away).
+/// `cairn repair undelete`: brings back repository objects someone hid (delete markers in a
+/// versioned S3 bucket) or replaced (an unlocked version over a locked one). Works on the
+/// storage alone (a hidden config makes the repository unopenable, and no password is needed
+/// to take a marker away).
 pub fn undelete(g: &Global, dry_run: bool) -> Result<i32> {
+    use cairn_storage::Restoration;
     let b = crate::backend(g)?;
     let Some(locks) = b.object_lock() else {
-        bail!("{} is not on S3: only a versioned S3 bucket hides objects behind delete markers", b.location());
+        bail!(
+            "{} is not on S3 or Azure Blob: only versioned stores keep what was deleted or overwritten",
+            b.location()
+        );
     };
     let found = locks.undelete(dry_run)?;
+    let count = |how: Restoration| found.iter().filter(|r| r.how == how).count();
+    let (hidden, overwritten) = (count(Restoration::Hidden), count(Restoration::Overwritten));
     let mut by_kind: std::collections::BTreeMap<String, usize> = Default::default();
-    for (kind, _) in &found {
-        *by_kind.entry(kind.to_string()).or_default() += 1;
+    for r in &found {
+        *by_kind.entry(r.kind.to_string()).or_default() += 1;
     }
     if g.json {
-        let objects: Vec<_> =
-            found.iter().map(|(k, n)| serde_json::json!({"kind": k.to_string(), "name": n})).collect();
-        print_json(
-            &serde_json::json!({"dry_run": dry_run, "hidden": found.len(), "by_kind": by_kind, "objects": objects}),
-        );
+        let objects: Vec<_> = found
+            .iter()
+            .map(|r| {
+                let how = if r.how == Restoration::Hidden { "hidden" } else { "overwritten" };
+                serde_json::json!({"kind": r.kind.to_string(), "name": r.name, "how": how})
+            })
+            .collect();
+        print_json(&serde_json::json!({"dry_run": dry_run, "hidden": hidden, "overwritten": overwritten,
+            "by_kind": by_kind, "objects": objects}));
     } else if found.is_empty() {
-        println!("no object of {} is hidden by a delete marker", b.location());
+        println!("no object of {} is hidden or overwritten", b.location());
     } else {
         let list: Vec<String> = by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let what = format!("{hidden} hidden by delete markers, {overwritten} overwritten ({})", list.join(", "));
         if dry_run {
-            println!(
-                "{} object(s) hidden by delete markers: {} (dry run: nothing changed)",
-                found.len(),
-                list.join(", ")
-            );
+            println!("{what}; dry run: nothing changed");
         } else {
-            println!("brought back {} object(s) hidden by delete markers: {}", found.len(), list.join(", "));
+            println!("brought back: {what}");
         }
     }
     Ok(0)

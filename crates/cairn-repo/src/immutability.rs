@@ -22,6 +22,95 @@ use cairn_storage::object_lock::{self, LockPolicy, ObjectLock};
 use cairn_storage::{Kind, StorageError};
 use std::collections::{BTreeSet, HashMap};
 
+/// What [`audit_locks`] found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LockAudit {
+    pub points: usize,
+    /// Objects whose lock was asked of the store.
+    pub objects_checked: usize,
+    /// Objects locked for less time than a point needs (or not at all).
+    pub short: Vec<ShortLock>,
+    /// Points whose requirement has passed (their objects may be unlocked by now): not checked.
+    pub points_past_their_lock: usize,
+    /// Points whose maps could not be read (a damaged or overwritten pack: `repair undelete`
+    /// and `verify` tell more), with the problem: their packs were not all checked.
+    pub unreadable: Vec<(String, String)>,
+    pub ok: bool,
+}
+
+/// An object locked for less time than a point needs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ShortLock {
+    pub kind: String,
+    pub name: String,
+    /// Unix seconds; `None`: not locked at all.
+    pub locked_until: Option<u64>,
+    pub needed_until: u64,
+    /// A point that needs it that long.
+    pub point: String,
+}
+
+/// Checks with the store that every object each point needs (its document, the packs of its
+/// map pages and blocks, the key files and config) is locked at least until the point's
+/// `locked_until` (else its time plus the repository's days). One HEAD per object; the caller
+/// holds a lock and has loaded the index.
+pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAudit> {
+    let (Some(policy), Some(locks)) = (repo.lock_policy(), repo.object_locks()?) else {
+        return Err(Error::Invalid(format!("{} is not an immutable repository", repo.backend().location())));
+    };
+    let now = object_lock::now();
+    let list = repo.list_points()?;
+    let mut needed: HashMap<(Kind, String), (u64, String)> = HashMap::new();
+    let mut need = |kind: Kind, name: String, until: u64, point: &str| {
+        let e = needed.entry((kind, name)).or_insert((0, String::new()));
+        if until > e.0 {
+            *e = (until, point.to_string());
+        }
+    };
+    let mut audit = LockAudit { points: list.points.len(), ..Default::default() };
+    for (i, (id, point)) in list.points.iter().enumerate() {
+        progress(&format!("reading the maps of point {}/{}", i + 1, list.points.len()));
+        let taken = humantime::parse_rfc3339_weak(point.time.trim_end_matches('Z'))
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        let until = point.locked_until.or_else(|| taken.map(|t| policy.required(t))).unwrap_or(0);
+        if until <= now {
+            audit.points_past_their_lock += 1;
+            continue;
+        }
+        need(Kind::Point, id.clone(), until, id);
+        need(Kind::Config, "config".into(), until, id);
+        for k in repo.backend().list(Kind::Key)? {
+            need(Kind::Key, k.name, until, id);
+        }
+        match repo.packs_needed_beyond(point, None) {
+            Ok(packs) => packs.into_iter().for_each(|p| need(Kind::Pack, p, until, id)),
+            Err(e) => audit.unreadable.push((id.clone(), e.to_string())),
+        }
+    }
+    let total = needed.len();
+    for (i, ((kind, name), (until, point))) in needed.into_iter().enumerate() {
+        if i % 1024 == 0 {
+            progress(&format!("asking the store for locks: {i}/{total}"));
+        }
+        let have = locks.retained_until(kind, &name)?;
+        audit.objects_checked += 1;
+        if have.is_none_or(|h| h < until) {
+            audit.short.push(ShortLock {
+                kind: kind.to_string(),
+                name,
+                locked_until: have,
+                needed_until: until,
+                point,
+            });
+        }
+    }
+    audit.short.sort_by(|a, b| (&a.kind, &a.name).cmp(&(&b.kind, &b.name)));
+    audit.ok = audit.short.is_empty() && audit.unreadable.is_empty();
+    Ok(audit)
+}
+
 /// The catalog record kind that lists locks cairn set or extended.
 pub const RECORD_KIND: &str = "object-locks";
 

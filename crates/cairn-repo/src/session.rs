@@ -165,7 +165,11 @@ impl Session {
         self.release_buffers();
         merge_session_index(&self.repo, &mut outcome)?;
         point.stats.repository_growth_bytes = self.pack_bytes + outcome.index_bytes;
-        // An immutable repository: everything the point needs locked long enough, first.
+        // An immutable repository: everything the point needs locked long enough, first. The
+        // walk looks the point's new blocks up, so the session's index files join the index.
+        if self.repo.lock_policy().is_some() {
+            self.repo.add_index_files(&outcome.index_files)?;
+        }
         self.repo.lock_what_the_point_needs(point)?;
         cairn_storage::crash_point("commit.before_point");
         let id = self.repo.save_point(point)?;

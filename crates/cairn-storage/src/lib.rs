@@ -36,7 +36,7 @@ pub use crash::crash_point;
 
 pub use local::LocalBackend;
 pub use object::{Location, ObjectBackend, ObjectOptions};
-pub use object_lock::{LockPolicy, ObjectLock};
+pub use object_lock::{LockPolicy, ObjectLock, Restoration, Restored};
 
 /// Opens the backend of a repository location: `s3://BUCKET[/PREFIX]`,
 /// `az://CONTAINER[/PREFIX]` (settings from [`ObjectOptions::from_env`], with a local cache of

@@ -18,7 +18,9 @@
 //! The engine calls backends from plain threads; each call runs on this backend's own small
 //! runtime and the caller waits for it, so a caller inside another runtime does not panic.
 
-use crate::object_lock::{lasting, Answer, LockApi, LockPolicy, LockRequest, ObjectLock, Refusal};
+use crate::object_lock::{
+    lasting, Answer, LockApi, LockPolicy, LockRequest, ObjectLock, Refusal, Restoration, Restored,
+};
 use crate::{valid_name, Backend, Kind, Listed, Result, StorageError};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -820,42 +822,96 @@ impl ObjectLock for ObjectBackend {
         self.locked.lock().unwrap().iter().map(|((k, n), u)| (*k, n.clone(), *u)).collect()
     }
 
-    fn undelete(&self, dry_run: bool) -> Result<Vec<(Kind, String)>> {
+    fn undelete(&self, dry_run: bool) -> Result<Vec<Restored>> {
         let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
         let prefix = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
         let mut by_key: std::collections::BTreeMap<String, Vec<crate::object_lock::Version>> = Default::default();
         for v in self.list_versions(api, &prefix)? {
             by_key.entry(v.key.clone()).or_default().push(v);
         }
+        let now = crate::object_lock::now();
         let mut found = Vec::new();
-        for (key, versions) in by_key {
+        for (key, mut versions) in by_key {
+            let Some((kind, name)) = self.parse_key(&key).filter(|(k, _)| *k != Kind::Lock) else { continue };
+            // Newest first: S3 lists a key's versions so; Azure's version IDs are timestamps.
+            if api.is_azure() {
+                versions.sort_by(|a, b| b.version_id.cmp(&a.version_id));
+            }
+            let objects: Vec<&crate::object_lock::Version> = versions.iter().filter(|v| !v.delete_marker).collect();
+            let Some(newest) = objects.first() else { continue };
             // Hidden: S3, the newest entry is a delete marker; Azure, no version is current.
             let hidden = if api.is_azure() {
                 !versions.iter().any(|v| v.latest)
             } else {
                 versions.iter().any(|v| v.latest && v.delete_marker)
             };
-            let Some(newest) = versions.iter().rev().find(|v| !v.delete_marker) else { continue };
-            if !hidden {
+            if hidden {
+                if !dry_run {
+                    self.bring_back(api, kind, &name, &key, &versions, newest, None)?;
+                }
+                found.push(Restored { kind, name, how: Restoration::Hidden });
                 continue;
             }
-            let Some((kind, name)) = self.parse_key(&key).filter(|(k, _)| *k != Kind::Lock) else { continue };
-            if !dry_run {
-                let doing = format!("bringing back {kind} object {name}");
-                if api.is_azure() {
-                    let answer = self.lock_ask(api, api.promote(&key, &newest.version_id), &doing)?;
-                    if !answer.ok() {
-                        return Err(api.fail(&doing, &answer));
-                    }
-                } else {
-                    for m in versions.iter().filter(|v| v.delete_marker) {
-                        self.delete_checked(api, kind, &name, api.delete_version(&key, &m.version_id), None)?;
-                    }
+            // Overwritten: the current version of a lasting object is not locked, an older one
+            // is. cairn writes such objects locked only, so the newer ones are someone else's.
+            if !crate::object_lock::lasting(kind) || objects.len() < 2 {
+                continue;
+            }
+            let lock_of = |v: &str| self.head_lock(api, kind, &name, Some(v)).map(|(_, u)| u.filter(|&u| u > now));
+            if lock_of(&newest.version_id)?.is_some() {
+                continue;
+            }
+            let mut keeper = None;
+            for (i, v) in objects.iter().enumerate().skip(1) {
+                if let Some(until) = lock_of(&v.version_id)? {
+                    keeper = Some((i, until));
+                    break;
                 }
             }
-            found.push((kind, name));
+            let Some((i, until)) = keeper else { continue };
+            if !dry_run {
+                self.bring_back(api, kind, &name, &key, &versions, objects[i], Some((&objects[..i], until)))?;
+            }
+            found.push(Restored { kind, name, how: Restoration::Overwritten });
         }
         Ok(found)
+    }
+}
+
+impl ObjectBackend {
+    /// Makes `keep` the current version of `key` again: on S3 by deleting the delete markers
+    /// above it (hidden) or the unlocked versions written over it (`newer`); on Azure by
+    /// copying it back in place, locked as it was.
+    #[allow(clippy::too_many_arguments)]
+    fn bring_back(
+        &self,
+        api: &Arc<LockApi>,
+        kind: Kind,
+        name: &str,
+        key: &str,
+        versions: &[crate::object_lock::Version],
+        keep: &crate::object_lock::Version,
+        newer: Option<(&[&crate::object_lock::Version], u64)>,
+    ) -> Result<()> {
+        let doing = format!("bringing back {kind} object {name}");
+        if api.is_azure() {
+            let until = newer.map(|(_, u)| u);
+            let answer = self.lock_ask(api, api.promote(key, &keep.version_id, until), &doing)?;
+            return if answer.ok() { Ok(()) } else { Err(api.fail(&doing, &answer)) };
+        }
+        match newer {
+            None => {
+                for m in versions.iter().filter(|v| v.delete_marker) {
+                    self.delete_checked(api, kind, name, api.delete_version(key, &m.version_id), None)?;
+                }
+            }
+            Some((over, _)) => {
+                for v in over {
+                    self.delete_checked(api, kind, name, api.delete_version(key, &v.version_id), Some(&v.version_id))?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

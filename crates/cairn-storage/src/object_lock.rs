@@ -93,10 +93,27 @@ pub trait ObjectLock: Send + Sync {
     fn extend(&self, kind: Kind, name: &str, until: u64) -> Result<u64>;
     /// Locks this process set, by object: what it wrote locked and what it extended.
     fn locked_here(&self) -> Vec<(Kind, String, u64)>;
-    /// Finds objects of the repository hidden by delete markers (a plain DELETE in a versioned
-    /// bucket) and, unless `dry_run`, removes the markers so the objects are back. Lock files
-    /// stay deleted. Returns the objects found.
-    fn undelete(&self, dry_run: bool) -> Result<Vec<(Kind, String)>>;
+    /// Finds objects of the repository that someone hid or replaced: hidden by a delete marker
+    /// (a plain DELETE in a versioned bucket), or overwritten (a lasting object whose current
+    /// version is unlocked over an older locked one: cairn writes those locked only). Unless
+    /// `dry_run`, makes the locked or hidden version current again. Lock files stay deleted.
+    fn undelete(&self, dry_run: bool) -> Result<Vec<Restored>>;
+}
+
+/// An object [`ObjectLock::undelete`] found (and brought back unless it was a dry run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub kind: Kind,
+    pub name: String,
+    pub how: Restoration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restoration {
+    /// Behind a delete marker (S3), or with no current version (Azure).
+    Hidden,
+    /// An unlocked version written over a locked one.
+    Overwritten,
 }
 
 // ---- Requests to the store ------------------------------------------------------------
@@ -351,10 +368,15 @@ impl LockApi {
         self.request(http::Method::DELETE, key, &[])
     }
 
-    /// Azure: makes `version` the current version again (a copy of it onto its own name).
-    pub(crate) fn promote(&self, key: &str, version: &str) -> LockRequest {
+    /// Azure: makes `version` the current version again (a copy of it onto its own name),
+    /// locked until `until` if given.
+    pub(crate) fn promote(&self, key: &str, version: &str, until: Option<u64>) -> LockRequest {
         let mut r = self.request(http::Method::PUT, key, &[]);
         r.headers = vec![("x-ms-copy-source", self.url(key, &[("versionid", version)]))];
+        if let Some(u) = until {
+            r.headers.push(("x-ms-immutability-policy-mode", "locked".to_string()));
+            r.headers.push(("x-ms-immutability-policy-until-date", self.date(u)));
+        }
         r
     }
 
@@ -843,7 +865,8 @@ mod tests {
         let d = az.delete_version("repo/points/ab", "v1");
         assert_eq!(d.method, http::Method::DELETE);
         assert_eq!(d.url, "https://acct.blob.core.windows.net/c/repo/points/ab?versionid=v1");
-        let p = az.promote("repo/points/ab", "v1");
+        let p = az.promote("repo/points/ab", "v1", Some(1_798_675_200));
+        assert_eq!(header(&p, "x-ms-immutability-policy-until-date"), Some("Thu, 31 Dec 2026 00:00:00 GMT"));
         assert_eq!(
             header(&p, "x-ms-copy-source"),
             Some("https://acct.blob.core.windows.net/c/repo/points/ab?versionid=v1")

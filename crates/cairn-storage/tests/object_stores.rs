@@ -223,9 +223,20 @@ fn object_lock_on_moto() {
     unlocked.delete(Kind::Pack, PACK).unwrap();
     assert!(!b.exists(Kind::Pack, PACK).unwrap());
     let found = locks.undelete(true).unwrap();
-    assert_eq!(found, vec![(Kind::Pack, PACK.to_string())]);
+    let hidden =
+        cairn_storage::Restored { kind: Kind::Pack, name: PACK.to_string(), how: cairn_storage::Restoration::Hidden };
+    assert_eq!(found, vec![hidden]);
     assert!(!b.exists(Kind::Pack, PACK).unwrap(), "a dry run changes nothing");
     assert_eq!(locks.undelete(false).unwrap().len(), 1);
+    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"pack bytes");
+    assert!(locks.undelete(false).unwrap().is_empty());
+
+    // Overwritten: an unlocked version over the locked one; undelete removes it.
+    unlocked.put(Kind::Pack, PACK, b"ransomware was here").unwrap();
+    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"ransomware was here");
+    let found = locks.undelete(false).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].how, cairn_storage::Restoration::Overwritten);
     assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"pack bytes");
     assert!(locks.undelete(false).unwrap().is_empty());
 
