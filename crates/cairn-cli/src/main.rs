@@ -91,10 +91,12 @@ about content. Losing the password means losing the backups: keep it safe.")]
         /// own password (CAIRN_PASSWORD) and data key; REPO's password from CAIRN_FROM_PASSWORD
         #[arg(long, value_name = "REPO")]
         copy_from: Option<PathBuf>,
-        /// Make the repository immutable for DAYS: every object a restore point needs stays
-        /// locked by the store (S3 Object Lock, compliance mode) at least DAYS after the point,
-        /// against anyone, cairn and holders of the bucket's keys included. Needs an S3 bucket
-        /// created with Object Lock (versioning on) and no default retention
+        /// Make the repository immutable for DAYS: the restore points, their packs, the key files
+        /// and the config stay locked by the store (S3 Object Lock in compliance mode, Azure
+        /// version-level immutability) at least DAYS after each point, against anyone, cairn
+        /// and holders of the bucket's keys included. Needs --encrypt (or an encrypted
+        /// --copy-from source), an S3 bucket created with Object Lock and no default retention
+        /// (or an Azure container with version-level immutability)
         #[arg(long, value_name = "DAYS")]
         immutable: Option<u32>,
         /// With --immutable: objects locked within one generation share one date, the end of
@@ -765,6 +767,12 @@ fn init(
     let b = backend(g)?;
     let source = copy_from.map(offsite::open_source).transpose()?;
     let encrypt = encrypt || source.as_ref().is_some_and(|s| s.crypto().is_encrypted());
+    if immutable.is_some() && !encrypt {
+        bail!(
+            "an immutable repository must be encrypted (add --encrypt): its points and lock records are then \
+             authenticated, so no one holding the storage keys can make cairn skip extending a lock"
+        );
+    }
     let password = if encrypt {
         let p = password_from_env_or_prompt(true)
             .context("an encrypted repository needs a password: set CAIRN_PASSWORD or run in a terminal")?;

@@ -2,6 +2,10 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 1;
+/// The format version of an immutable repository (FORMAT.md §13): version 1 plus
+/// `immutability`. Readers that predate immutability refuse it, so that none writes unlocked
+/// objects into it or deletes the way a plain repository does.
+pub const IMMUTABLE_FORMAT_VERSION: u32 = 2;
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Block sizes a reader accepts: powers of two in this range (cairn writes 64 KiB). Anything
 /// else in a config is damage or tampering, and would otherwise divide by zero or size huge
@@ -37,9 +41,10 @@ impl Config {
     pub fn parse(raw: &[u8], location: &str) -> Result<Config> {
         let config: Config = serde_json::from_slice(raw)
             .map_err(|e| Error::Corrupt(format!("the config file at {location} is unreadable ({e})")))?;
-        if config.version > FORMAT_VERSION {
+        let known = if config.immutability.is_some() { IMMUTABLE_FORMAT_VERSION } else { FORMAT_VERSION };
+        if config.version > known {
             return Err(Error::Format(format!(
-                "repository format {} is newer than this cairn understands ({FORMAT_VERSION}); upgrade cairn",
+                "repository format {} is newer than this cairn understands ({known}); upgrade cairn",
                 config.version
             )));
         }
@@ -55,6 +60,13 @@ impl Config {
         }
         if config.compression != "zstd" {
             return bad(format!("unknown compression {:?}", config.compression));
+        }
+        if config.immutability.is_some() != (config.version == IMMUTABLE_FORMAT_VERSION) {
+            return bad(format!(
+                "format version {} {} immutability",
+                config.version,
+                if config.immutability.is_some() { "with" } else { "without" }
+            ));
         }
         if let Some(p) = config.immutability {
             if !(1..=MAX_LOCK_DAYS).contains(&p.days) || !(1..=365).contains(&p.generation_days) {
@@ -72,5 +84,33 @@ impl Config {
 
     pub fn is_encrypted(&self) -> bool {
         self.encryption == "aes-256-gcm"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(version: u32, immutability: &str) -> Vec<u8> {
+        format!(
+            r#"{{"version": {version}, "id": "0123456789abcdef0123456789abcdef", "created": "2026-11-30T00:00:00Z",
+               "block_size": 65536, "encryption": "aes-256-gcm", "compression": "zstd"{immutability}}}"#
+        )
+        .into_bytes()
+    }
+
+    /// An immutable repository is format 2, so that readers from before immutability refuse it
+    /// rather than write unlocked objects into it or delete the plain way.
+    #[test]
+    fn immutability_goes_with_format_2() {
+        let lock = r#", "immutability": {"days": 30, "generation_days": 10}"#;
+        let c = Config::parse(&config(2, lock), "here").unwrap();
+        assert_eq!(c.immutability, Some(cairn_storage::LockPolicy { days: 30, generation_days: 10 }));
+        assert!(Config::parse(&config(1, ""), "here").is_ok());
+        assert!(Config::parse(&config(1, lock), "here").unwrap_err().to_string().contains("with immutability"));
+        assert!(Config::parse(&config(2, ""), "here").unwrap_err().to_string().contains("newer than this cairn"));
+        assert!(Config::parse(&config(3, lock), "here").unwrap_err().to_string().contains("newer than this cairn"));
+        let zero = r#", "immutability": {"days": 0, "generation_days": 10}"#;
+        assert!(Config::parse(&config(2, zero), "here").is_err());
     }
 }

@@ -80,6 +80,15 @@ impl Repository {
             },
         };
         if let Some(policy) = opts.immutable {
+            // Locks protect against whoever holds the storage keys; in a plain repository that
+            // someone could also forge the points and records cairn trusts when it extends them.
+            if password.is_none() {
+                return Err(Error::Invalid(
+                    "an immutable repository must be encrypted: its points and lock records are then \
+                     authenticated, so no one holding the storage keys can make cairn skip an extension"
+                        .into(),
+                ));
+            }
             let days = crate::config::MAX_LOCK_DAYS;
             if !(1..=days).contains(&policy.days) || !(1..=365).contains(&policy.generation_days) {
                 return Err(Error::Invalid(format!(
@@ -129,19 +138,24 @@ impl Repository {
         }
         // Key files with no data and no config are what an interrupted init left: they open
         // nothing, and a plain repository must hold none (see `open`).
-        for orphan in backend.list(Kind::Key)? {
-            backend.delete(Kind::Key, &orphan.name)?;
-        }
         // From here on, the store writes the key file, the config and everything after them
-        // locked.
+        // locked, and deletes versions (no delete markers that `repair undelete` would undo).
         if let (Some(policy), Some(locks)) = (immutable, backend.object_lock()) {
             locks.lock_writes(policy);
+        }
+        for orphan in backend.list(Kind::Key)? {
+            match backend.delete(Kind::Key, &orphan.name) {
+                // A key an interrupted immutable init locked: it authenticates no config of
+                // ours (immutable repositories are encrypted), so it opens nothing.
+                Err(StorageError::Locked { .. }) => {}
+                other => other?,
+            }
         }
         let hostname = hostname();
         let mut id = [0u8; 16];
         crypto::fill_random(&mut id);
         let config = Config {
-            version: FORMAT_VERSION,
+            version: if immutable.is_some() { crate::config::IMMUTABLE_FORMAT_VERSION } else { FORMAT_VERSION },
             id: hex::encode(id),
             created: crate::now_rfc3339(),
             block_size: like.map_or(DEFAULT_BLOCK_SIZE, |(_, size)| size),

@@ -60,7 +60,9 @@ pub struct CachedBackend {
 }
 
 fn cached(kind: Kind) -> bool {
-    matches!(kind, Kind::Index | Kind::Point)
+    // Catalog records too: content-named like the others, and read whole by every backup
+    // into an immutable repository (its lock records).
+    matches!(kind, Kind::Index | Kind::Point | Kind::Catalog)
 }
 
 impl CachedBackend {
@@ -115,7 +117,7 @@ impl CachedBackend {
     /// Deletes the least recently used files until the cache is under 90% of its cap.
     fn trim(&self) {
         let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
-        for kind in [Kind::Index, Kind::Point] {
+        for kind in [Kind::Index, Kind::Point, Kind::Catalog] {
             let Ok(entries) = std::fs::read_dir(self.dir.join(kind.dir())) else { continue };
             for e in entries.flatten() {
                 if let Ok(m) = e.metadata() {
@@ -138,7 +140,7 @@ impl CachedBackend {
 }
 
 fn dir_size(dir: &Path) -> u64 {
-    [Kind::Index, Kind::Point]
+    [Kind::Index, Kind::Point, Kind::Catalog]
         .iter()
         .filter_map(|k| std::fs::read_dir(dir.join(k.dir())).ok())
         .flat_map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()))

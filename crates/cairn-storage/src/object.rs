@@ -255,6 +255,10 @@ fn quick_retry_config() -> object_store::RetryConfig {
     }
 }
 
+/// A version listing longer than this many pages (of up to 1,000 versions: S3's and Azure's
+/// page size) is taken for a store that never ends its answer.
+const MAX_VERSION_PAGES: usize = 100_000;
+
 /// Extra attempts for a request whose response broke off (see `ObjectBackend::run`).
 const BODY_RETRIES: u32 = 4;
 
@@ -522,18 +526,22 @@ impl ObjectBackend {
     fn list_versions(&self, api: &Arc<LockApi>, prefix: &str) -> Result<Vec<crate::object_lock::Version>> {
         let mut out = Vec::new();
         let mut next: crate::object_lock::NextPage = None;
-        loop {
+        for _page in 0..MAX_VERSION_PAGES {
             let answer = self.lock_ask(api, api.list_versions(prefix, &next), "listing object versions")?;
             if !answer.ok() {
                 return Err(api.fail("listing object versions", &answer));
             }
             let (entries, more) = api.versions_page(&answer).map_err(|e| api.failed("listing object versions", e))?;
             out.extend(entries);
-            if more.is_none() || more == next {
+            if more.is_none() {
                 return Ok(out);
+            }
+            if more == next {
+                return Err(api.failed("listing object versions", "the store answered the same page again".into()));
             }
             next = more;
         }
+        Err(api.failed("listing object versions", format!("more than {MAX_VERSION_PAGES} pages")))
     }
 
     /// Sends a delete; a refusal because of a lock becomes `Locked` with its date.
@@ -551,8 +559,13 @@ impl ObjectBackend {
             return Ok(());
         }
         if api.refused_for_lock(&answer) {
+            // Only a lock still running explains a refusal; otherwise it is a permission
+            // problem, reported as such.
+            let now = crate::object_lock::now();
             if let Ok((_, Some(until))) = self.head_lock(api, kind, name, version) {
-                return Err(StorageError::Locked { kind, name: name.to_string(), until });
+                if until > now {
+                    return Err(StorageError::Locked { kind, name: name.to_string(), until });
+                }
             }
         }
         Err(api.fail(&doing, &answer))
@@ -801,21 +814,42 @@ impl ObjectLock for ObjectBackend {
         Ok(self.head_lock(api, kind, name, None)?.1)
     }
 
+    /// Extends every version of the object, not only the current one: a version written over
+    /// cairn's (someone with the keys overwriting it) must not take the extension cairn's own
+    /// version needs.
     fn extend(&self, kind: Kind, name: &str, until: u64) -> Result<u64> {
         let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
-        let (version, current) = self.head_lock(api, kind, name, None)?;
-        if let Some(c) = current.filter(|&c| c >= until) {
-            self.locked.lock().unwrap().insert((kind, name.to_string()), c);
-            return Ok(c);
-        }
         let key = self.key(kind, name)?;
-        let doing = format!("extending the lock of {kind} object {name}");
-        let answer = self.lock_ask(api, api.extend(key.as_ref(), &version, until), &doing)?;
-        if !answer.ok() {
-            return Err(api.fail(&doing, &answer));
+        let key = key.as_ref();
+        let versions: Vec<_> =
+            self.list_versions(api, key)?.into_iter().filter(|v| v.key == key && !v.delete_marker).collect();
+        if versions.is_empty() {
+            return Err(StorageError::NotFound { kind, name: name.to_string() });
         }
-        self.locked.lock().unwrap().insert((kind, name.to_string()), until);
-        Ok(until)
+        let doing = format!("extending the lock of {kind} object {name}");
+        let mut lowest = u64::MAX;
+        for v in &versions {
+            let current = self.head_lock(api, kind, name, Some(&v.version_id))?.1;
+            if let Some(c) = current.filter(|&c| c >= until) {
+                lowest = lowest.min(c);
+                continue;
+            }
+            let answer = self.lock_ask(api, api.extend(key, &v.version_id, until), &doing)?;
+            if !answer.ok() {
+                // Another writer may have extended it further meanwhile (a store refuses an
+                // earlier date): what counts is the date it has now.
+                match self.head_lock(api, kind, name, Some(&v.version_id))?.1 {
+                    Some(c) if c >= until => {
+                        lowest = lowest.min(c);
+                        continue;
+                    }
+                    _ => return Err(api.fail(&doing, &answer)),
+                }
+            }
+            lowest = lowest.min(until);
+        }
+        self.locked.lock().unwrap().insert((kind, name.to_string()), lowest);
+        Ok(lowest)
     }
 
     fn locked_here(&self) -> Vec<(Kind, String, u64)> {
@@ -829,7 +863,6 @@ impl ObjectLock for ObjectBackend {
         for v in self.list_versions(api, &prefix)? {
             by_key.entry(v.key.clone()).or_default().push(v);
         }
-        let now = crate::object_lock::now();
         let mut found = Vec::new();
         for (key, mut versions) in by_key {
             let Some((kind, name)) = self.parse_key(&key).filter(|(k, _)| *k != Kind::Lock) else { continue };
@@ -838,50 +871,63 @@ impl ObjectLock for ObjectBackend {
                 versions.sort_by(|a, b| b.version_id.cmp(&a.version_id));
             }
             let objects: Vec<&crate::object_lock::Version> = versions.iter().filter(|v| !v.delete_marker).collect();
-            let Some(newest) = objects.first() else { continue };
+            if objects.is_empty() {
+                continue;
+            }
             // Hidden: S3, the newest entry is a delete marker; Azure, no version is current.
             let hidden = if api.is_azure() {
                 !versions.iter().any(|v| v.latest)
             } else {
                 versions.iter().any(|v| v.latest && v.delete_marker)
             };
-            if hidden {
-                if !dry_run {
-                    self.bring_back(api, kind, &name, &key, &versions, newest, None)?;
+            // Which version to bring back: for content-named objects (all but the config),
+            // the newest whose bytes hash to the name; someone may have written over it.
+            let mut good = objects[0];
+            let mut overwritten = false;
+            if kind != Kind::Config && objects.len() > 1 {
+                let mut sound = None;
+                for v in &objects {
+                    if self.version_matches(api, &key, &name, &v.version_id)? {
+                        sound = Some(*v);
+                        break;
+                    }
                 }
-                found.push(Restored { kind, name, how: Restoration::Hidden });
+                // No version is sound: nothing better to bring back (verify reports it).
+                let Some(v) = sound else { continue };
+                overwritten = v.version_id != objects[0].version_id;
+                good = v;
+            }
+            if !hidden && !overwritten {
                 continue;
             }
-            // Overwritten: the current version of a lasting object is not locked, an older one
-            // is. cairn writes such objects locked only, so the newer ones are someone else's.
-            if !crate::object_lock::lasting(kind) || objects.len() < 2 {
-                continue;
-            }
-            let lock_of = |v: &str| self.head_lock(api, kind, &name, Some(v)).map(|(_, u)| u.filter(|&u| u > now));
-            if lock_of(&newest.version_id)?.is_some() {
-                continue;
-            }
-            let mut keeper = None;
-            for (i, v) in objects.iter().enumerate().skip(1) {
-                if let Some(until) = lock_of(&v.version_id)? {
-                    keeper = Some((i, until));
-                    break;
-                }
-            }
-            let Some((i, until)) = keeper else { continue };
             if !dry_run {
-                self.bring_back(api, kind, &name, &key, &versions, objects[i], Some((&objects[..i], until)))?;
+                self.bring_back(api, kind, &name, &key, &versions, &objects, good, hidden)?;
             }
-            found.push(Restored { kind, name, how: Restoration::Overwritten });
+            let how = if overwritten { Restoration::Overwritten } else { Restoration::Hidden };
+            found.push(Restored { kind, name, how });
         }
         Ok(found)
     }
 }
 
+/// The largest object version `undelete` reads to check it (packs close near 16 MiB).
+const MAX_VERSION_READ: usize = 256 << 20;
+
 impl ObjectBackend {
-    /// Makes `keep` the current version of `key` again: on S3 by deleting the delete markers
-    /// above it (hidden) or the unlocked versions written over it (`newer`); on Azure by
-    /// copying it back in place, locked as it was.
+    /// Whether a version's bytes hash to the object's name (BLAKE3).
+    fn version_matches(&self, api: &Arc<LockApi>, key: &str, name: &str, version: &str) -> Result<bool> {
+        let doing = format!("reading a version of {key}");
+        let answer = self.lock_ask(api, api.get_version(key, version, MAX_VERSION_READ), &doing)?;
+        if !answer.ok() {
+            return Err(api.fail(&doing, &answer));
+        }
+        Ok(blake3::hash(&answer.body).to_hex().as_str() == name)
+    }
+
+    /// Makes `good` the current version of `key` again. S3: a hidden object gets its delete
+    /// markers removed; if a newer version sits over `good` (written by someone else), `good`
+    /// is copied back on top, locked as it was, and the newer unlocked versions are deleted.
+    /// Azure: `good` is copied back in place, locked as it was.
     #[allow(clippy::too_many_arguments)]
     fn bring_back(
         &self,
@@ -890,24 +936,38 @@ impl ObjectBackend {
         name: &str,
         key: &str,
         versions: &[crate::object_lock::Version],
-        keep: &crate::object_lock::Version,
-        newer: Option<(&[&crate::object_lock::Version], u64)>,
+        objects: &[&crate::object_lock::Version],
+        good: &crate::object_lock::Version,
+        hidden: bool,
     ) -> Result<()> {
         let doing = format!("bringing back {kind} object {name}");
-        if api.is_azure() {
-            let until = newer.map(|(_, u)| u);
-            let answer = self.lock_ask(api, api.promote(key, &keep.version_id, until), &doing)?;
-            return if answer.ok() { Ok(()) } else { Err(api.fail(&doing, &answer)) };
-        }
-        match newer {
-            None => {
-                for m in versions.iter().filter(|v| v.delete_marker) {
-                    self.delete_checked(api, kind, name, api.delete_version(key, &m.version_id), None)?;
-                }
+        let now = crate::object_lock::now();
+        let until = self.head_lock(api, kind, name, Some(&good.version_id))?.1.filter(|&u| u > now);
+        if !api.is_azure() && hidden {
+            for m in versions.iter().filter(|v| v.delete_marker) {
+                self.delete_checked(api, kind, name, api.delete_version(key, &m.version_id), None)?;
             }
-            Some((over, _)) => {
-                for v in over {
-                    self.delete_checked(api, kind, name, api.delete_version(key, &v.version_id), Some(&v.version_id))?;
+        }
+        let newer: Vec<&&crate::object_lock::Version> =
+            objects.iter().take_while(|v| v.version_id != good.version_id).collect();
+        if api.is_azure() || !newer.is_empty() {
+            let answer = self.lock_ask(api, api.restore_version(key, &good.version_id, until), &doing)?;
+            if !answer.ok() {
+                return Err(api.fail(&doing, &answer));
+            }
+            // S3: the copy is locked as `good` is (every version is extended, none shortened).
+            if let (false, Some(u)) = (api.is_azure(), until) {
+                self.extend(kind, name, u)?;
+            }
+        }
+        // Someone else's versions, when the store lets them go (a locked one stays, hidden
+        // under the copy).
+        if !api.is_azure() {
+            for v in newer {
+                match self.delete_checked(api, kind, name, api.delete_version(key, &v.version_id), Some(&v.version_id))
+                {
+                    Ok(()) | Err(StorageError::Locked { .. }) => {}
+                    Err(e) => return Err(e),
                 }
             }
         }

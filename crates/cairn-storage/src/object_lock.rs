@@ -61,13 +61,24 @@ pub fn lasting(kind: Kind) -> bool {
     matches!(kind, Kind::Pack | Kind::Point | Kind::Key | Kind::Config)
 }
 
-/// The current time in unix seconds, as locks count it. `CAIRN_TEST_CLOCK_OFFSET_DAYS` moves it
-/// forward, for tests of what happens a generation later (never set it in production: a lock
-/// computed from a clock in the future only lasts longer, but retention would act early).
+/// The current time in unix seconds, as locks count it. In debug builds (tests),
+/// `CAIRN_TEST_CLOCK_OFFSET_DAYS` (at most 3650) moves it forward, for tests of what happens a
+/// generation later; release builds ignore it (a clock in the future would set compliance
+/// locks nobody can shorten, and make prune take running locks for ended ones).
 pub fn now() -> u64 {
     let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let offset = std::env::var("CAIRN_TEST_CLOCK_OFFSET_DAYS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    real + offset * DAY
+    real.saturating_add(test_clock_offset())
+}
+
+#[cfg(debug_assertions)]
+fn test_clock_offset() -> u64 {
+    let days = std::env::var("CAIRN_TEST_CLOCK_OFFSET_DAYS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    days.min(3650) * DAY
+}
+
+#[cfg(not(debug_assertions))]
+fn test_clock_offset() -> u64 {
+    0
 }
 
 /// An RFC 3339 UTC date of unix seconds `t`, as S3 takes retain-until dates.
@@ -121,7 +132,7 @@ pub enum Restoration {
 /// Who answers lock requests, and how they are signed.
 pub(crate) enum Provider {
     /// S3 Object Lock; SigV4 with the store's credentials.
-    S3 { credentials: object_store::aws::AwsCredentialProvider, region: String, virtual_hosted: bool },
+    S3 { credentials: object_store::aws::AwsCredentialProvider, region: String },
     /// Azure Blob version-level immutability (time-based retention policies on blob
     /// versions, mode `locked`); Shared Key or token with the store's credentials. Written to
     /// the documented REST API; no local server implements it (Azurite answers "not
@@ -134,8 +145,10 @@ pub(crate) enum Provider {
 pub(crate) struct LockApi {
     provider: Provider,
     client: reqwest::Client,
-    /// `scheme://host[:port][/path]` before the bucket or container in URLs.
+    /// `scheme://host[:port][/path]` of URLs: before the bucket or container, or with it
+    /// (`bucket_in_base`: S3 virtual-hosted style).
     base: String,
+    bucket_in_base: bool,
     /// The bucket or container.
     bucket: String,
     pub(crate) location: String,
@@ -147,6 +160,14 @@ pub(crate) struct LockRequest {
     pub url: String,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
+    /// The largest answer accepted (XML answers are small; a version's bytes are not).
+    pub max_answer: usize,
+}
+
+/// Why a request got no answer, and whether trying again may help.
+pub(crate) struct SendError {
+    why: String,
+    transient: bool,
 }
 
 /// The answer to one request, its body bounded.
@@ -185,13 +206,16 @@ impl LockApi {
         virtual_hosted: bool,
         location: &str,
     ) -> Result<LockApi> {
-        let (base, virtual_hosted) = match endpoint {
+        // As object_store does: AWS itself virtual-hosted; an endpoint as given, which in
+        // virtual-hosted style already names the bucket.
+        let (base, bucket_in_base) = match endpoint {
             Some(e) => (e.trim_end_matches('/').to_string(), virtual_hosted),
-            // AWS itself: virtual-hosted, as object_store does.
-            None => (format!("https://s3.{region}.amazonaws.com"), true),
+            None => (format!("https://{bucket}.s3.{region}.amazonaws.com"), true),
         };
-        let provider = Provider::S3 { credentials, region: region.to_string(), virtual_hosted };
-        LockApi::new(provider, base, bucket, location)
+        let provider = Provider::S3 { credentials, region: region.to_string() };
+        let mut api = LockApi::new(provider, base, bucket, location)?;
+        api.bucket_in_base = bucket_in_base;
+        Ok(api)
     }
 
     pub(crate) fn azure(
@@ -214,7 +238,14 @@ impl LockApi {
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| io(location, "setting up lock requests", e.to_string()))?;
-        Ok(LockApi { provider, client, base, bucket: bucket.to_string(), location: location.to_string() })
+        Ok(LockApi {
+            provider,
+            client,
+            base,
+            bucket_in_base: false,
+            bucket: bucket.to_string(),
+            location: location.to_string(),
+        })
     }
 
     pub(crate) fn is_azure(&self) -> bool {
@@ -224,13 +255,12 @@ impl LockApi {
     /// The URL of `key` (of the bucket or container when empty) with `query`.
     pub(crate) fn url(&self, key: &str, query: &[(&str, &str)]) -> String {
         let path = key.split('/').map(encode_segment).collect::<Vec<_>>().join("/");
-        let mut url = match &self.provider {
-            Provider::S3 { virtual_hosted: true, .. } => {
-                let (scheme, host) = self.base.split_once("://").unwrap_or(("https", &self.base));
-                format!("{scheme}://{}.{host}/{path}", self.bucket)
-            }
-            _ if key.is_empty() && self.is_azure() => format!("{}/{}", self.base, self.bucket),
-            _ => format!("{}/{}/{path}", self.base, self.bucket),
+        let mut url = if self.bucket_in_base {
+            format!("{}/{path}", self.base)
+        } else if key.is_empty() && self.is_azure() {
+            format!("{}/{}", self.base, self.bucket)
+        } else {
+            format!("{}/{}/{path}", self.base, self.bucket)
         };
         for (i, (k, v)) in query.iter().enumerate() {
             url.push(if i == 0 { '?' } else { '&' });
@@ -244,7 +274,7 @@ impl LockApi {
     }
 
     fn request(&self, method: http::Method, key: &str, query: &[(&str, &str)]) -> LockRequest {
-        LockRequest { method, url: self.url(key, query), headers: Vec::new(), body: Vec::new() }
+        LockRequest { method, url: self.url(key, query), headers: Vec::new(), body: Vec::new(), max_answer: MAX_ANSWER }
     }
 
     /// The date header of a lock, in the provider's format.
@@ -368,6 +398,28 @@ impl LockApi {
         self.request(http::Method::DELETE, key, &[])
     }
 
+    /// The bytes of one version (bounded by `max`).
+    pub(crate) fn get_version(&self, key: &str, version: &str, max: usize) -> LockRequest {
+        let name = if self.is_azure() { "versionid" } else { "versionId" };
+        let mut r = self.request(http::Method::GET, key, &[(name, version)]);
+        r.max_answer = max;
+        r
+    }
+
+    /// Makes `version` the current version again by copying it onto its own name (S3
+    /// CopyObject, unlocked: the caller extends the copy, since a copy with lock headers needs
+    /// a checksum some stores refuse on a copy; Azure Copy Blob, locked until `until`).
+    pub(crate) fn restore_version(&self, key: &str, version: &str, until: Option<u64>) -> LockRequest {
+        if self.is_azure() {
+            return self.promote(key, version, until);
+        }
+        let path = key.split('/').map(encode_segment).collect::<Vec<_>>().join("/");
+        let mut r = self.request(http::Method::PUT, key, &[]);
+        r.headers =
+            vec![("x-amz-copy-source", format!("{}/{path}?versionId={}", self.bucket, encode_segment(version)))];
+        r
+    }
+
     /// Azure: makes `version` the current version again (a copy of it onto its own name),
     /// locked until `until` if given.
     pub(crate) fn promote(&self, key: &str, version: &str, until: Option<u64>) -> LockRequest {
@@ -465,14 +517,17 @@ impl LockApi {
         loop {
             attempt += 1;
             let outcome = self.send_once(request).await;
+            // Only the network and the store fail transiently; a request that cannot be
+            // built or signed, or an answer too large, fails the same way again.
             let transient = match &outcome {
                 Ok(a) => a.status >= 500 || a.status == 429,
-                Err(_) => true,
+                Err(e) => e.transient,
             };
             if !transient || attempt >= ATTEMPTS {
                 return match outcome {
                     Ok(a) => Ok(a),
-                    Err(e) => Err(format!("{e} (after {attempt} attempts)")),
+                    Err(e) if e.transient => Err(format!("{} (after {attempt} attempts)", e.why)),
+                    Err(e) => Err(e.why),
                 };
             }
             tokio::time::sleep(delay).await;
@@ -480,30 +535,32 @@ impl LockApi {
         }
     }
 
-    async fn send_once(&self, r: &LockRequest) -> std::result::Result<Answer, String> {
+    async fn send_once(&self, r: &LockRequest) -> std::result::Result<Answer, SendError> {
+        let local = |why: String| SendError { why, transient: false };
+        let network = |why: String| SendError { why, transient: true };
         let mut builder = http::Request::builder().method(r.method.clone()).uri(r.url.as_str());
         for (k, v) in &r.headers {
             builder = builder.header(*k, v.as_str());
         }
         let body = bytes::Bytes::from(r.body.clone());
         let mut request: object_store::client::HttpRequest =
-            builder.body(body.clone().into()).map_err(|e| format!("building the request: {e}"))?;
+            builder.body(body.clone().into()).map_err(|e| local(format!("building the request: {e}")))?;
         match &self.provider {
             Provider::S3 { credentials, region, .. } => {
-                let credential = credentials.get_credential().await.map_err(|e| e.to_string())?;
+                let credential = credentials.get_credential().await.map_err(|e| network(e.to_string()))?;
                 object_store::aws::AwsAuthorizer::new(&credential, "s3", region)
                     .try_authorize(&mut request, None)
-                    .map_err(|e| format!("signing the request: {e}"))?;
+                    .map_err(|e| local(format!("signing the request: {e}")))?;
             }
             Provider::Azure { credentials, account } => {
-                let credential = credentials.get_credential().await.map_err(|e| e.to_string())?;
+                let credential = credentials.get_credential().await.map_err(|e| network(e.to_string()))?;
                 // Shared Key signs Content-Length, which reqwest sets from the body later.
                 if !r.body.is_empty() || r.method == http::Method::PUT {
                     request.headers_mut().insert(http::header::CONTENT_LENGTH, r.body.len().into());
                 }
                 object_store::azure::AzureAuthorizer::new(&credential, account)
                     .try_authorize(&mut request)
-                    .map_err(|e| format!("signing the request: {e}"))?;
+                    .map_err(|e| local(format!("signing the request: {e}")))?;
             }
         }
         let (parts, _) = request.into_parts();
@@ -515,14 +572,14 @@ impl LockApi {
             .body(body)
             .send()
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| network(error_chain(&e)))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let mut body = Vec::new();
         let mut response = response;
-        while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
-            if body.len() + chunk.len() > MAX_ANSWER {
-                return Err(format!("the answer is over {MAX_ANSWER} bytes"));
+        while let Some(chunk) = response.chunk().await.map_err(|e| network(error_chain(&e)))? {
+            if body.len() + chunk.len() > r.max_answer {
+                return Err(local(format!("the answer is over {} bytes", r.max_answer)));
             }
             body.extend_from_slice(&chunk);
         }
@@ -713,9 +770,10 @@ pub fn parse_versions(body: &[u8]) -> std::result::Result<(Vec<Version>, NextPag
             delete_marker,
         }));
     }
+    // Both markers: a key marker alone would skip the rest of that key's versions.
     let next = match (doc.is_truncated, doc.next_key_marker, doc.next_version_id_marker) {
-        (true, Some(k), v) => Some((k, v.unwrap_or_default())),
-        (true, None, _) => return Err("a truncated version listing without a next marker".into()),
+        (true, Some(k), Some(v)) => Some((k, v)),
+        (true, _, _) => return Err("a truncated version listing without its next markers".into()),
         _ => None,
     };
     Ok((out, next))
@@ -916,6 +974,15 @@ mod tests {
         );
         assert_eq!(s.url("", &[("versioning", "")]), "http://127.0.0.1:9000/b/?versioning");
         assert_eq!(s3_api(None, "eu-west-3").url("k", &[]), "https://b.s3.eu-west-3.amazonaws.com/k");
+        // A virtual-hosted endpoint names the bucket already (object_store's rule).
+        let creds: object_store::aws::AwsCredentialProvider =
+            std::sync::Arc::new(object_store::StaticCredentialProvider::new(object_store::aws::AwsCredential {
+                key_id: "k".into(),
+                secret_key: "s".into(),
+                token: None,
+            }));
+        let vh = LockApi::s3(creds, "r", Some("https://b.s3.example.com"), "b", true, "s3://b").unwrap();
+        assert_eq!(vh.url("p/k", &[]), "https://b.s3.example.com/p/k");
         assert_eq!(parse_http_date("Thu, 31 Dec 2026 00:00:00 GMT"), Some(1_798_675_200));
     }
 
@@ -957,6 +1024,9 @@ mod tests {
         assert!(entries.iter().any(|v| v.key == "k1" && v.delete_marker && v.latest));
         assert!(entries.iter().any(|v| v.key == "k2" && !v.delete_marker && v.latest));
         assert!(parse_versions(b"<ListVersionsResult><IsTruncated>true</IsTruncated></ListVersionsResult>").is_err());
+        let key_only =
+            b"<ListVersionsResult><IsTruncated>true</IsTruncated><NextKeyMarker>k</NextKeyMarker></ListVersionsResult>";
+        assert!(parse_versions(key_only).is_err());
         assert!(parse_versions(b"not xml <").is_err() || parse_versions(b"not xml <").unwrap().0.is_empty());
     }
 }

@@ -200,16 +200,19 @@ fn object_lock_on_moto() {
     locks.check_bucket().unwrap();
     let policy = LockPolicy { days: 2, generation_days: 1 };
     locks.lock_writes(policy);
+    // Named by its content, as every repository object but the config is.
+    let pack = blake3::hash(b"pack bytes").to_hex().to_string();
+    let pack = pack.as_str();
 
     // A pack is written locked for the generation; deleting it is refused with its date.
-    b.put(Kind::Pack, PACK, b"pack bytes").unwrap();
-    let until = locks.retained_until(Kind::Pack, PACK).unwrap().expect("the pack is locked");
+    b.put(Kind::Pack, pack, b"pack bytes").unwrap();
+    let until = locks.retained_until(Kind::Pack, pack).unwrap().expect("the pack is locked");
     assert!(until >= policy.required(now()) && until == policy.until(now()), "{until}");
-    match b.delete(Kind::Pack, PACK) {
+    match b.delete(Kind::Pack, pack) {
         Err(StorageError::Locked { until: u, .. }) => assert_eq!(u, until),
         other => panic!("deleting a locked pack must fail with Locked, got {other:?}"),
     }
-    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"pack bytes");
+    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"pack bytes");
 
     // Index files, locks and records are not locked: they go, versions and all.
     b.put(Kind::Index, INDEX, b"index").unwrap();
@@ -220,33 +223,45 @@ fn object_lock_on_moto() {
     // Someone with the keys deletes the pack the plain way: a delete marker hides it (S3
     // lets that through), undelete brings it back.
     let unlocked = server.backend("s3://locked/repo");
-    unlocked.delete(Kind::Pack, PACK).unwrap();
-    assert!(!b.exists(Kind::Pack, PACK).unwrap());
+    unlocked.delete(Kind::Pack, pack).unwrap();
+    assert!(!b.exists(Kind::Pack, pack).unwrap());
     let found = locks.undelete(true).unwrap();
     let hidden =
-        cairn_storage::Restored { kind: Kind::Pack, name: PACK.to_string(), how: cairn_storage::Restoration::Hidden };
+        cairn_storage::Restored { kind: Kind::Pack, name: pack.to_string(), how: cairn_storage::Restoration::Hidden };
     assert_eq!(found, vec![hidden]);
-    assert!(!b.exists(Kind::Pack, PACK).unwrap(), "a dry run changes nothing");
+    assert!(!b.exists(Kind::Pack, pack).unwrap(), "a dry run changes nothing");
     assert_eq!(locks.undelete(false).unwrap().len(), 1);
-    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"pack bytes");
+    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"pack bytes");
     assert!(locks.undelete(false).unwrap().is_empty());
 
     // Overwritten: an unlocked version over the locked one; undelete removes it.
-    unlocked.put(Kind::Pack, PACK, b"ransomware was here").unwrap();
-    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"ransomware was here");
+    unlocked.put(Kind::Pack, pack, b"ransomware was here").unwrap();
+    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"ransomware was here");
     let found = locks.undelete(false).unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].how, cairn_storage::Restoration::Overwritten);
-    assert_eq!(b.get(Kind::Pack, PACK).unwrap(), b"pack bytes");
+    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"pack bytes");
+    assert!(locks.undelete(false).unwrap().is_empty());
+
+    // Overwritten, and the overwrite locked too (an extension lengthens every version): the
+    // sound version is copied back on top.
+    unlocked.put(Kind::Pack, pack, b"ransomware, locked").unwrap();
+    let far = policy.until(now()) + 5 * DAY;
+    assert_eq!(locks.extend(Kind::Pack, pack, far).unwrap(), far);
+    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"ransomware, locked");
+    let found = locks.undelete(false).unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"pack bytes");
+    assert!(locks.retained_until(Kind::Pack, pack).unwrap().is_some_and(|u| u >= far), "the copy keeps the lock");
     assert!(locks.undelete(false).unwrap().is_empty());
 
     // Extensions: later only. moto would shorten a compliance lock; cairn never asks it to.
-    let later = until + 30 * DAY;
-    assert_eq!(locks.extend(Kind::Pack, PACK, later).unwrap(), later);
-    assert_eq!(locks.retained_until(Kind::Pack, PACK).unwrap(), Some(later));
-    assert_eq!(locks.extend(Kind::Pack, PACK, until).unwrap(), later);
-    assert_eq!(locks.retained_until(Kind::Pack, PACK).unwrap(), Some(later));
-    assert!(locks.locked_here().contains(&(Kind::Pack, PACK.to_string(), later)));
+    let later = far + 30 * DAY;
+    assert_eq!(locks.extend(Kind::Pack, pack, later).unwrap(), later);
+    assert_eq!(locks.retained_until(Kind::Pack, pack).unwrap(), Some(later));
+    assert_eq!(locks.extend(Kind::Pack, pack, until).unwrap(), later);
+    assert_eq!(locks.retained_until(Kind::Pack, pack).unwrap(), Some(later));
+    assert!(locks.locked_here().contains(&(Kind::Pack, pack.to_string(), later)));
 
     // The config is written create-only and locked too.
     b.put_new(Kind::Config, "", b"config").unwrap();
