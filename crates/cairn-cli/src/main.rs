@@ -372,7 +372,7 @@ Examples:
     },
     /// Bring back objects someone hid or overwrote (versioned S3 bucket or Azure container)
     #[command(
-        long_about = "In a versioned S3 bucket, a plain DELETE does not remove an object: it hides it behind a \"delete marker\", and S3 allows that even for a locked object; a PUT over a locked object adds a new version on top. Someone with the bucket's keys (or ransomware) can so make an immutable repository look empty, or replace its objects with garbage, while every locked version is still there. This finds the repository's objects whose newest version is a delete marker, and those whose current version is unlocked over an older locked one (cairn writes packs, points, keys and the config locked only), and makes the hidden or locked version current again (on Azure, by copying it back in place). Lock files stay deleted. `cairn verify locks` finds overwritten objects.
+        long_about = "In a versioned S3 bucket, a plain DELETE does not remove an object: it hides it behind a \"delete marker\", and S3 allows that even for a locked object; a PUT over a locked object adds a new version on top. Someone with the bucket's keys (or ransomware) can so make an immutable repository look empty, or replace its objects with garbage, while every locked version is still there. This finds the repository's objects whose newest version is a delete marker, and those whose current version is not cairn's (its bytes do not hash to the object's name; for the config, it is not the locked version cairn wrote), and makes cairn's version current again: markers and the versions written over it are deleted where the store allows, and otherwise cairn's version is copied back on top, locked as it was. Lock files stay deleted. Only for immutable repositories (their locked config says so). `cairn verify locks` reports objects whose current version is not locked while an older one is.
 
 Examples:
   cairn repair undelete --repo s3://bucket/repo --dry-run
@@ -596,6 +596,33 @@ fn take_env_password() {
     }
 }
 
+/// Like other Unix tools, end quietly when the reader of our output goes away (`cairn points |
+/// head`) instead of panicking on a broken pipe: a write to stdout that fails with EPIPE ends
+/// the process by SIGPIPE, as if the signal had not been ignored.
+///
+/// SIGPIPE itself stays ignored (Rust's default), because a connection a server resets while
+/// we write a request to it raises it too (hyper writes requests with `writev`, which has no
+/// MSG_NOSIGNAL): with the default action that killed cairn silently in the middle of an
+/// upload that object_store would have retried (found by `cairn-torture network`).
+fn end_quietly_on_a_closed_stdout() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+        default_hook(info);
+    }));
+}
+
 /// The password given in CAIRN_PASSWORD, if any (and if it is text).
 pub(crate) fn env_password() -> Option<String> {
     ENV_PASSWORD.get()?.as_ref()?.to_str().map(String::from)
@@ -603,9 +630,7 @@ pub(crate) fn env_password() -> Option<String> {
 
 fn main() {
     take_env_password();
-    // Like other Unix tools, end quietly when the reader of our output goes away
-    // (`cairn points | head`) instead of panicking on a broken pipe.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    end_quietly_on_a_closed_stdout();
     if let Err(e) = load_host_config() {
         eprintln!("error: {e:#}");
         std::process::exit(2);
@@ -766,6 +791,12 @@ fn init(
 ) -> Result<i32> {
     let b = backend(g)?;
     let source = copy_from.map(offsite::open_source).transpose()?;
+    if immutable.is_some() && source.as_ref().is_some_and(|s| !s.crypto().is_encrypted()) {
+        bail!(
+            "an immutable repository must be encrypted, and a copy of a plain repository cannot be (it names \
+             blocks by their plain hash): make the immutable copy from an encrypted repository"
+        );
+    }
     let encrypt = encrypt || source.as_ref().is_some_and(|s| s.crypto().is_encrypted());
     if immutable.is_some() && !encrypt {
         bail!(
@@ -798,8 +829,8 @@ fn init(
         );
         if let Some(p) = lock {
             println!(
-                "immutable: every object a restore point needs stays locked (S3 Object Lock, compliance mode) \
-                 for at least {} days after the point, in generations of {} days",
+                "immutable: restore points, their packs, the key files and the config stay locked by the store \
+                 for at least {} days after each point, in generations of {} days",
                 p.days, p.generation_days
             );
         }

@@ -178,21 +178,18 @@ pub fn undelete(g: &Global, dry_run: bool) -> Result<i32> {
         );
     };
     // Only an immutable repository's deletes remove versions; elsewhere cairn's own deletes
-    // (forget, prune) leave delete markers, which this would take for someone else's. A hidden
-    // config is someone else's doing either way.
-    match b.get(cairn_storage::Kind::Config, "") {
-        Ok(raw) => {
-            let config = cairn_repo::Config::parse(&raw, &b.location())?;
-            if config.immutability.is_none() {
-                bail!(
-                    "{} is not an immutable repository: there, cairn's own deletes leave delete markers, which \
-                     undelete would undo (bringing back forgotten points and pruned data); nothing done",
-                    b.location()
-                );
-            }
-        }
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(e.into()),
+    // (forget, prune) leave delete markers, which this would take for someone else's. What
+    // says so is the config cairn wrote, locked (its current version may be someone else's).
+    let Some(raw) = locks.locked_config()? else {
+        bail!(
+            "{} has no locked config: it is not an immutable repository, and there cairn's own deletes leave \
+             delete markers, which undelete would undo (bringing back forgotten points and pruned data); nothing done",
+            b.location()
+        );
+    };
+    let config = cairn_repo::Config::parse(&raw, &b.location())?;
+    if config.immutability.is_none() {
+        bail!("{} is not an immutable repository (its locked config says so); nothing done", b.location());
     }
     let found = locks.undelete(dry_run)?;
     let count = |how: Restoration| found.iter().filter(|r| r.how == how).count();

@@ -127,6 +127,14 @@ fn an_immutable_repository_keeps_every_point_until_its_lock_ends() {
     assert_eq!(e.json(&["verify"])["ok"], true);
     assert_eq!(e.json(&["verify", "locks"])["ok"], true);
 
+    // The config overwritten: every command refuses the repository (the keys authenticate the
+    // config), and undelete, which trusts only the locked config cairn wrote, restores it.
+    overwriter.put(Kind::Config, "", br#"{"version": 1, "id": "0123456789abcdef0123456789abcdef"}"#).unwrap();
+    assert!(!e.run(&["points"]).status.success());
+    let back = e.json(&["repair", "undelete"]);
+    assert_eq!(back["overwritten"], 1, "{back}");
+    assert_eq!(e.json(&["points"]).as_array().unwrap().len(), 1);
+
     // A second backup; forget keeping one point leaves the first, locked, as pending.
     scatter_writes(&img, 20, 6);
     e.backup(&img, "db", &[]);

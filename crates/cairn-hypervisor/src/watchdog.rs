@@ -286,8 +286,8 @@ pub fn run(connect: Connect, uuid: &str, limit: Duration, job_token: &str) -> Re
 
 /// SIGTERM, SIGHUP and SIGINT sent to the job (or its whole group, or service) must not stop the
 /// one process that undoes what the job did; it ends when its stdin closes and all is undone.
-/// SIGPIPE neither: the job's cairn sets it back to its default (so that `cairn points | head`
-/// ends quietly) and we inherit that, but a watchdog whose stderr reader went away must go on.
+/// SIGPIPE neither: a watchdog whose stderr reader went away must go on (set here, whatever
+/// the process that started it did with the signal).
 fn ignore_termination_signals() {
     for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGPIPE] {
         unsafe { libc::signal(sig, libc::SIG_IGN) };

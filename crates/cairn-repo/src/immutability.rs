@@ -32,6 +32,9 @@ pub struct LockAudit {
     pub short: Vec<ShortLock>,
     /// Points whose requirement has passed (their objects may be unlocked by now): not checked.
     pub points_past_their_lock: usize,
+    /// Objects whose current version is not locked while an older one is: someone wrote over
+    /// cairn's version, or hid it (`repair undelete` brings cairn's back).
+    pub overwritten: Vec<String>,
     /// Points whose maps could not be read (a damaged or overwritten pack: `repair undelete`
     /// and `verify` tell more), with the problem: their packs were not all checked.
     pub unreadable: Vec<(String, String)>,
@@ -68,6 +71,7 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
         }
     };
     let mut audit = LockAudit { points: list.points.len(), ..Default::default() };
+    let keys = repo.backend().list(Kind::Key)?;
     for (i, (id, point)) in list.points.iter().enumerate() {
         progress(&format!("reading the maps of point {}/{}", i + 1, list.points.len()));
         let taken = humantime::parse_rfc3339_weak(point.time.trim_end_matches('Z'))
@@ -81,8 +85,8 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
         }
         need(Kind::Point, id.clone(), until, id);
         need(Kind::Config, "config".into(), until, id);
-        for k in repo.backend().list(Kind::Key)? {
-            need(Kind::Key, k.name, until, id);
+        for k in &keys {
+            need(Kind::Key, k.name.clone(), until, id);
         }
         match repo.packs_needed_beyond(point, None) {
             Ok(packs) => packs.into_iter().for_each(|p| need(Kind::Pack, p, until, id)),
@@ -94,8 +98,22 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
         if i % 1024 == 0 {
             progress(&format!("asking the store for locks: {i}/{total}"));
         }
-        let have = locks.retained_until(kind, &name)?;
+        // cairn's version: the lowest lock among the locked versions (one written over it
+        // does not count), and whether the version readers get is one of them.
+        let have = match locks.lowest_retained(kind, &name) {
+            Ok(h) => h,
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e.into()),
+        };
         audit.objects_checked += 1;
+        let current = match locks.retained_until(kind, &name) {
+            Ok(c) => c,
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e.into()),
+        };
+        if have.is_some() && current.is_none() {
+            audit.overwritten.push(format!("{kind} {name}"));
+        }
         if have.is_none_or(|h| h < until) {
             audit.short.push(ShortLock {
                 kind: kind.to_string(),
@@ -107,7 +125,7 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
         }
     }
     audit.short.sort_by(|a, b| (&a.kind, &a.name).cmp(&(&b.kind, &b.name)));
-    audit.ok = audit.short.is_empty() && audit.unreadable.is_empty();
+    audit.ok = audit.short.is_empty() && audit.unreadable.is_empty() && audit.overwritten.is_empty();
     Ok(audit)
 }
 
@@ -183,13 +201,7 @@ impl Repository {
         let mut small = vec![(Kind::Config, "config".to_string())];
         small.extend(self.backend().list(Kind::Key)?.into_iter().map(|l| (Kind::Key, l.name)));
         for (kind, name) in small {
-            let until = match locks.retained_until(kind, &name)? {
-                Some(u) if u >= required => u,
-                _ => {
-                    outcome.extended += 1;
-                    locks.extend(kind, &name, target)?
-                }
-            };
+            let until = self.keep_locked(locks, kind, &name, required, target, &mut outcome)?;
             floor = floor.min(until);
         }
 
@@ -205,13 +217,7 @@ impl Repository {
             let until = match known.get(&pack) {
                 Some(&u) if u >= required => u,
                 _ => {
-                    let until = match locks.retained_until(Kind::Pack, &pack)? {
-                        Some(u) if u >= required => u,
-                        _ => {
-                            outcome.extended += 1;
-                            locks.extend(Kind::Pack, &pack, target)?
-                        }
-                    };
+                    let until = self.keep_locked(locks, Kind::Pack, &pack, required, target, &mut outcome)?;
                     newly.push((pack, until));
                     until
                 }
@@ -224,6 +230,28 @@ impl Repository {
         let _ = self.record_locks_here(newly);
         point.locked_until = Some(floor);
         Ok(outcome)
+    }
+
+    /// Makes cairn's versions of an object locked until at least `required` (to `target`, the
+    /// generation's date, when they are not); returns the lowest date they then have. Asks
+    /// about every locked version, not the current one only: someone may have written a
+    /// version (locked or not) over cairn's.
+    fn keep_locked(
+        &self,
+        locks: &dyn ObjectLock,
+        kind: Kind,
+        name: &str,
+        required: u64,
+        target: u64,
+        outcome: &mut LockOutcome,
+    ) -> Result<u64> {
+        match locks.lowest_retained(kind, name)? {
+            Some(u) if u >= required => Ok(u),
+            _ => {
+                outcome.extended += 1;
+                Ok(locks.extend(kind, name, target)?)
+            }
+        }
     }
 
     /// The point whose locks a new point may rely on: its parent, else the newest point of the

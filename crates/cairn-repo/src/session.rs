@@ -190,8 +190,9 @@ impl Session {
         let mut outcome = self.join_writer()?;
         self.release_buffers();
         merge_session_index(&self.repo, &mut outcome)?;
-        // Repacked packs were written locked (immutable repositories): say so for others.
-        self.repo.record_locks_here(Vec::new())?;
+        // Repacked packs were written locked (immutable repositories): say so for others
+        // (only knowledge: a failed record costs requests later, nothing else).
+        let _ = self.repo.record_locks_here(Vec::new());
         let _ = self.repo.add_index_files(&outcome.index_files);
         Ok(outcome.index_files)
     }

@@ -814,42 +814,69 @@ impl ObjectLock for ObjectBackend {
         Ok(self.head_lock(api, kind, name, None)?.1)
     }
 
-    /// Extends every version of the object, not only the current one: a version written over
-    /// cairn's (someone with the keys overwriting it) must not take the extension cairn's own
-    /// version needs.
+    /// Extends cairn's versions of the object: every version that carries a lock (cairn
+    /// writes lasting objects locked only), not only the current one, which may be a version
+    /// someone wrote over cairn's. Returns the lowest lock among them afterwards.
     fn extend(&self, kind: Kind, name: &str, until: u64) -> Result<u64> {
         let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
         let key = self.key(kind, name)?;
         let key = key.as_ref();
-        let versions: Vec<_> =
-            self.list_versions(api, key)?.into_iter().filter(|v| v.key == key && !v.delete_marker).collect();
-        if versions.is_empty() {
-            return Err(StorageError::NotFound { kind, name: name.to_string() });
+        let mut locked = self.locked_versions(api, kind, name, key)?;
+        if locked.is_empty() {
+            // No version carries a lock (a store that forgets ended ones): the current one.
+            let (version, current) = self.head_lock(api, kind, name, None)?;
+            locked.push((version, current.unwrap_or(0)));
         }
         let doing = format!("extending the lock of {kind} object {name}");
         let mut lowest = u64::MAX;
-        for v in &versions {
-            let current = self.head_lock(api, kind, name, Some(&v.version_id))?.1;
-            if let Some(c) = current.filter(|&c| c >= until) {
-                lowest = lowest.min(c);
+        for (version, current) in locked {
+            if current >= until {
+                lowest = lowest.min(current);
                 continue;
             }
-            let answer = self.lock_ask(api, api.extend(key, &v.version_id, until), &doing)?;
+            let answer = self.lock_ask(api, api.extend(key, &version, until), &doing)?;
             if !answer.ok() {
                 // Another writer may have extended it further meanwhile (a store refuses an
                 // earlier date): what counts is the date it has now.
-                match self.head_lock(api, kind, name, Some(&v.version_id))?.1 {
-                    Some(c) if c >= until => {
+                match self.head_lock(api, kind, name, Some(&version)) {
+                    Ok((_, Some(c))) if c >= until => {
                         lowest = lowest.min(c);
                         continue;
                     }
+                    Err(e) if e.is_not_found() => continue,
                     _ => return Err(api.fail(&doing, &answer)),
                 }
             }
             lowest = lowest.min(until);
         }
+        if lowest == u64::MAX {
+            return Err(StorageError::NotFound { kind, name: name.to_string() });
+        }
         self.locked.lock().unwrap().insert((kind, name.to_string()), lowest);
         Ok(lowest)
+    }
+
+    fn lowest_retained(&self, kind: Kind, name: &str) -> Result<Option<u64>> {
+        let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
+        let key = self.key(kind, name)?;
+        let locked = self.locked_versions(api, kind, name, key.as_ref())?;
+        Ok(locked.into_iter().map(|(_, u)| u).min())
+    }
+
+    fn locked_config(&self) -> Result<Option<Vec<u8>>> {
+        let api = self.lock_api.as_ref().ok_or_else(|| no_locks(&self.location))?;
+        let key = self.key(Kind::Config, "config")?;
+        let key = key.as_ref();
+        // The oldest locked version: cairn writes the config once, create-only.
+        let Some((version, _)) = self.locked_versions(api, Kind::Config, "config", key)?.pop() else {
+            return Ok(None);
+        };
+        let doing = "reading the locked config";
+        let answer = self.lock_ask(api, api.get_version(key, &version, 1 << 20), doing)?;
+        if !answer.ok() {
+            return Err(api.fail(doing, &answer));
+        }
+        Ok(Some(answer.body))
     }
 
     fn locked_here(&self) -> Vec<(Kind, String, u64)> {
@@ -866,68 +893,115 @@ impl ObjectLock for ObjectBackend {
         let mut found = Vec::new();
         for (key, mut versions) in by_key {
             let Some((kind, name)) = self.parse_key(&key).filter(|(k, _)| *k != Kind::Lock) else { continue };
+            // Azure has no delete markers: a blob without a current version may be one a
+            // delete of cairn's left half done (it deletes the current version first). Only
+            // lasting objects, which cairn never deletes while locked, come back there.
+            if api.is_azure() && !lasting(kind) {
+                continue;
+            }
             // Newest first: S3 lists a key's versions so; Azure's version IDs are timestamps.
             if api.is_azure() {
                 versions.sort_by(|a, b| b.version_id.cmp(&a.version_id));
             }
-            let objects: Vec<&crate::object_lock::Version> = versions.iter().filter(|v| !v.delete_marker).collect();
+            // The current version first, then the others newest first.
+            let mut objects: Vec<&crate::object_lock::Version> = versions.iter().filter(|v| !v.delete_marker).collect();
+            objects.sort_by_key(|v| !v.latest);
             if objects.is_empty() {
                 continue;
             }
-            // Hidden: S3, the newest entry is a delete marker; Azure, no version is current.
             let hidden = if api.is_azure() {
                 !versions.iter().any(|v| v.latest)
             } else {
                 versions.iter().any(|v| v.latest && v.delete_marker)
             };
-            // Which version to bring back: for content-named objects (all but the config),
-            // the newest whose bytes hash to the name; someone may have written over it.
-            let mut good = objects[0];
-            let mut overwritten = false;
-            if kind != Kind::Config && objects.len() > 1 {
-                let mut sound = None;
-                for v in &objects {
-                    if self.version_matches(api, &key, &name, &v.version_id)? {
-                        sound = Some(*v);
-                        break;
-                    }
-                }
-                // No version is sound: nothing better to bring back (verify reports it).
-                let Some(v) = sound else { continue };
-                overwritten = v.version_id != objects[0].version_id;
-                good = v;
-            }
+            let good = match self.sound_version(api, kind, &name, &key, &objects) {
+                Ok(Some(v)) => v,
+                // Nothing better to bring back (verify reports the object), or it could not be
+                // read: left as it is.
+                Ok(None) | Err(_) if objects.len() > 1 => continue,
+                _ => objects[0],
+            };
+            let current_is_good = good.version_id == objects[0].version_id && objects[0].latest;
+            let overwritten = !hidden && !current_is_good;
             if !hidden && !overwritten {
                 continue;
             }
             if !dry_run {
                 self.bring_back(api, kind, &name, &key, &versions, &objects, good, hidden)?;
             }
-            let how = if overwritten { Restoration::Overwritten } else { Restoration::Hidden };
+            let how = if hidden { Restoration::Hidden } else { Restoration::Overwritten };
             found.push(Restored { kind, name, how });
         }
         Ok(found)
     }
 }
 
-/// The largest object version `undelete` reads to check it (packs close near 16 MiB).
-const MAX_VERSION_READ: usize = 256 << 20;
+/// The largest object version `undelete` reads to check it (packs close near 16 MiB); larger
+/// ones are not cairn's.
+const MAX_VERSION_READ: u64 = 256 << 20;
 
 impl ObjectBackend {
-    /// Whether a version's bytes hash to the object's name (BLAKE3).
-    fn version_matches(&self, api: &Arc<LockApi>, key: &str, name: &str, version: &str) -> Result<bool> {
-        let doing = format!("reading a version of {key}");
-        let answer = self.lock_ask(api, api.get_version(key, version, MAX_VERSION_READ), &doing)?;
-        if !answer.ok() {
-            return Err(api.fail(&doing, &answer));
+    /// The versions of `key` that carry a lock, with its date (expired or not), oldest last.
+    fn locked_versions(&self, api: &Arc<LockApi>, kind: Kind, name: &str, key: &str) -> Result<Vec<(String, u64)>> {
+        let versions: Vec<_> =
+            self.list_versions(api, key)?.into_iter().filter(|v| v.key == key && !v.delete_marker).collect();
+        let mut out = Vec::new();
+        for v in versions {
+            match self.head_lock(api, kind, name, Some(&v.version_id)) {
+                Ok((_, Some(until))) => out.push((v.version_id, until)),
+                Ok((_, None)) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(blake3::hash(&answer.body).to_hex().as_str() == name)
+        if api.is_azure() {
+            out.sort_by(|a, b| b.0.cmp(&a.0));
+        }
+        Ok(out)
+    }
+
+    /// The version to keep: for content-named objects, the first of `objects` (current first)
+    /// whose bytes hash to the name; for the config (written once, create-only), its oldest
+    /// locked version. `None` when there is none.
+    fn sound_version<'v>(
+        &self,
+        api: &Arc<LockApi>,
+        kind: Kind,
+        name: &str,
+        key: &str,
+        objects: &[&'v crate::object_lock::Version],
+    ) -> Result<Option<&'v crate::object_lock::Version>> {
+        if kind == Kind::Config {
+            let locked = self.locked_versions(api, kind, name, key)?;
+            let Some((oldest, _)) = locked.last() else { return Ok(None) };
+            return Ok(objects.iter().find(|v| &v.version_id == oldest).copied());
+        }
+        if objects.len() == 1 {
+            return Ok(Some(objects[0]));
+        }
+        for v in objects {
+            if v.size > MAX_VERSION_READ {
+                continue;
+            }
+            let doing = format!("reading a version of {key}");
+            let answer = self.lock_ask(api, api.get_version(key, &v.version_id, MAX_VERSION_READ as usize), &doing)?;
+            if answer.status == 404 {
+                continue;
+            }
+            if !answer.ok() {
+                return Err(api.fail(&doing, &answer));
+            }
+            if blake3::hash(&answer.body).to_hex().as_str() == name {
+                return Ok(Some(*v));
+            }
+        }
+        Ok(None)
     }
 
     /// Makes `good` the current version of `key` again. S3: a hidden object gets its delete
-    /// markers removed; if a newer version sits over `good` (written by someone else), `good`
-    /// is copied back on top, locked as it was, and the newer unlocked versions are deleted.
-    /// Azure: `good` is copied back in place, locked as it was.
+    /// markers removed; versions over `good` (someone else's: they do not hash to the name)
+    /// are deleted, and if the store keeps one (locked), `good` is copied back on top and the
+    /// copy locked as `good` is. Azure: `good` is copied back in place, locked as it was.
     #[allow(clippy::too_many_arguments)]
     fn bring_back(
         &self,
@@ -943,31 +1017,36 @@ impl ObjectBackend {
         let doing = format!("bringing back {kind} object {name}");
         let now = crate::object_lock::now();
         let until = self.head_lock(api, kind, name, Some(&good.version_id))?.1.filter(|&u| u > now);
-        if !api.is_azure() && hidden {
+        if api.is_azure() {
+            let answer = self.lock_ask(api, api.restore_version(key, &good.version_id, until), &doing)?;
+            return if answer.ok_without_error() { Ok(()) } else { Err(api.fail(&doing, &answer)) };
+        }
+        if hidden {
             for m in versions.iter().filter(|v| v.delete_marker) {
                 self.delete_checked(api, kind, name, api.delete_version(key, &m.version_id), None)?;
             }
         }
+        // Newer than `good`: listed before it (current first, then newest first).
         let newer: Vec<&&crate::object_lock::Version> =
             objects.iter().take_while(|v| v.version_id != good.version_id).collect();
-        if api.is_azure() || !newer.is_empty() {
-            let answer = self.lock_ask(api, api.restore_version(key, &good.version_id, until), &doing)?;
-            if !answer.ok() {
-                return Err(api.fail(&doing, &answer));
-            }
-            // S3: the copy is locked as `good` is (every version is extended, none shortened).
-            if let (false, Some(u)) = (api.is_azure(), until) {
-                self.extend(kind, name, u)?;
+        let mut kept = 0;
+        for v in &newer {
+            match self.delete_checked(api, kind, name, api.delete_version(key, &v.version_id), Some(&v.version_id)) {
+                Ok(()) => {}
+                Err(StorageError::Locked { .. }) => kept += 1,
+                Err(e) => return Err(e),
             }
         }
-        // Someone else's versions, when the store lets them go (a locked one stays, hidden
-        // under the copy).
-        if !api.is_azure() {
-            for v in newer {
-                match self.delete_checked(api, kind, name, api.delete_version(key, &v.version_id), Some(&v.version_id))
-                {
-                    Ok(()) | Err(StorageError::Locked { .. }) => {}
-                    Err(e) => return Err(e),
+        if kept > 0 {
+            // A locked version of someone else's stays on top: `good` goes over it.
+            let answer = self.lock_ask(api, api.restore_version(key, &good.version_id, until), &doing)?;
+            if !answer.ok_without_error() {
+                return Err(api.fail(&doing, &answer));
+            }
+            if let (Some(u), Some(copy)) = (until, answer.header("x-amz-version-id").map(str::to_string)) {
+                let answer = self.lock_ask(api, api.extend(key, &copy, u), &doing)?;
+                if !answer.ok() {
+                    return Err(api.fail(&doing, &answer));
                 }
             }
         }

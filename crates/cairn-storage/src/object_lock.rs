@@ -98,10 +98,19 @@ pub trait ObjectLock: Send + Sync {
     fn policy(&self) -> Option<LockPolicy>;
     /// The current version's retain-until date (unix seconds), `None` when it has no lock.
     fn retained_until(&self, kind: Kind, name: &str) -> Result<Option<u64>>;
-    /// Makes the current version's lock last until at least `until`; returns the date it now
-    /// has. A later lock is left as it is (compliance locks can only grow, and some stores
-    /// would shorten one without complaint).
+    /// Makes the locks of the object's locked versions (cairn's: it writes lasting objects
+    /// locked only; not only the current version, which someone may have written over it)
+    /// last until at least `until`; returns the lowest date they now have. A later lock is
+    /// left as it is (compliance locks can only grow, and some stores would shorten one
+    /// without complaint).
     fn extend(&self, kind: Kind, name: &str, until: u64) -> Result<u64>;
+    /// The lowest lock date among the object's versions that carry one (expired or not):
+    /// what cairn's own version has even if someone wrote a version over it. `None`: no
+    /// version is locked.
+    fn lowest_retained(&self, kind: Kind, name: &str) -> Result<Option<u64>>;
+    /// The bytes of the config's oldest locked version (the one cairn wrote: the config is
+    /// written once), whatever the current version is; `None` when no version is locked.
+    fn locked_config(&self) -> Result<Option<Vec<u8>>>;
     /// Locks this process set, by object: what it wrote locked and what it extended.
     fn locked_here(&self) -> Vec<(Kind, String, u64)>;
     /// Finds objects of the repository that someone hid or replaced: hidden by a delete marker
@@ -178,11 +187,16 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
     pub(crate) fn ok(&self) -> bool {
         (200..=299).contains(&self.status)
+    }
+    /// A success status whose body is not an error document (S3 may answer a copy with 200
+    /// and report its failure in the body).
+    pub(crate) fn ok_without_error(&self) -> bool {
+        self.ok() && error_code(&self.body).0.is_empty()
     }
 }
 
@@ -206,11 +220,12 @@ impl LockApi {
         virtual_hosted: bool,
         location: &str,
     ) -> Result<LockApi> {
-        // As object_store does: AWS itself virtual-hosted; an endpoint as given, which in
-        // virtual-hosted style already names the bucket.
-        let (base, bucket_in_base) = match endpoint {
-            Some(e) => (e.trim_end_matches('/').to_string(), virtual_hosted),
-            None => (format!("https://{bucket}.s3.{region}.amazonaws.com"), true),
+        // As object_store does: path-style unless virtual-hosted is asked for; an endpoint as
+        // given, which in virtual-hosted style already names the bucket.
+        let (base, bucket_in_base) = match (endpoint, virtual_hosted) {
+            (Some(e), _) => (e.trim_end_matches('/').to_string(), virtual_hosted),
+            (None, true) => (format!("https://{bucket}.s3.{region}.amazonaws.com"), true),
+            (None, false) => (format!("https://s3.{region}.amazonaws.com"), false),
         };
         let provider = Provider::S3 { credentials, region: region.to_string() };
         let mut api = LockApi::new(provider, base, bucket, location)?;
@@ -743,6 +758,8 @@ struct VersionEntry {
     version_id: String,
     #[serde(default)]
     is_latest: bool,
+    #[serde(default)]
+    size: u64,
 }
 
 /// One entry of a ListObjectVersions answer.
@@ -752,6 +769,8 @@ pub struct Version {
     pub version_id: String,
     pub latest: bool,
     pub delete_marker: bool,
+    /// Bytes (0 for a delete marker).
+    pub size: u64,
 }
 
 /// Where the next page of a version listing starts: (key marker, version ID marker).
@@ -768,6 +787,7 @@ pub fn parse_versions(body: &[u8]) -> std::result::Result<(Vec<Version>, NextPag
             version_id: v.version_id,
             latest: v.is_latest,
             delete_marker,
+            size: v.size,
         }));
     }
     // Both markers: a key marker alone would skip the rest of that key's versions.
@@ -803,6 +823,14 @@ struct AzureBlob {
     version_id: String,
     #[serde(default)]
     is_current_version: bool,
+    #[serde(default)]
+    properties: AzureProperties,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AzureProperties {
+    #[serde(default, rename = "Content-Length")]
+    content_length: u64,
 }
 
 /// One page of an Azure listing with versions (List Blobs, `include=versions`). Azure has no
@@ -816,7 +844,13 @@ pub fn parse_azure_versions(body: &[u8]) -> std::result::Result<(Vec<Version>, N
         .blobs
         .blobs
         .into_iter()
-        .map(|b| Version { key: b.name, version_id: b.version_id, latest: b.is_current_version, delete_marker: false })
+        .map(|b| Version {
+            key: b.name,
+            version_id: b.version_id,
+            latest: b.is_current_version,
+            delete_marker: false,
+            size: b.properties.content_length,
+        })
         .collect();
     let next = doc.next_marker.filter(|m| !m.is_empty()).map(|m| (m, String::new()));
     Ok((out, next))
@@ -973,7 +1007,7 @@ mod tests {
             "http://127.0.0.1:9000/b/p/packs/ab/ab12?retention&versionId=v%201"
         );
         assert_eq!(s.url("", &[("versioning", "")]), "http://127.0.0.1:9000/b/?versioning");
-        assert_eq!(s3_api(None, "eu-west-3").url("k", &[]), "https://b.s3.eu-west-3.amazonaws.com/k");
+        assert_eq!(s3_api(None, "eu-west-3").url("k", &[]), "https://s3.eu-west-3.amazonaws.com/b/k");
         // A virtual-hosted endpoint names the bucket already (object_store's rule).
         let creds: object_store::aws::AwsCredentialProvider =
             std::sync::Arc::new(object_store::StaticCredentialProvider::new(object_store::aws::AwsCredential {

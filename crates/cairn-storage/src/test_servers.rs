@@ -290,9 +290,10 @@ pub enum ProxyFault {
     TooManyRequests,
     /// 503 SlowDown with a Retry-After header.
     SlowDownRetryAfter,
-    /// Part of the request body is read and forwarded, then both connections close: the
-    /// server gets a short body (it must store nothing), the client a cut connection. A
-    /// request with fewer than two bytes of body gets one of the other chosen faults instead.
+    /// Part of the request body (some of its first quarter) is read and forwarded, then both
+    /// connections close: the server gets a short body (it must store nothing), the client a
+    /// connection cut under its upload. A request with fewer than two bytes of body gets one
+    /// of the other chosen faults instead.
     TornUpload,
 }
 
@@ -348,6 +349,11 @@ pub struct ProxyConfig {
     /// The Retry-After (seconds) of [`ProxyFault::TooManyRequests`] and
     /// [`ProxyFault::SlowDownRetryAfter`].
     pub retry_after_secs: u64,
+    /// A file to append one line per request to: its request line, body size and fault.
+    pub log: Option<std::path::PathBuf>,
+    /// The first request with a body at least this large is a [`ProxyFault::TornUpload`],
+    /// whatever the draw (so that a run surely tears one large upload, a pack's).
+    pub tear_first_upload_over: Option<usize>,
 }
 
 impl Default for ProxyConfig {
@@ -358,6 +364,8 @@ impl Default for ProxyConfig {
             faults: ProxyFault::CLASSIC.to_vec(),
             stall: Duration::from_secs(2),
             retry_after_secs: 1,
+            log: None,
+            tear_first_upload_over: None,
         }
     }
 }
@@ -374,6 +382,8 @@ struct ProxyCounters {
     /// Retries of those requests that came after their Retry-After, and those that came sooner.
     retry_after_honored: std::sync::atomic::AtomicU64,
     retry_after_early: std::sync::atomic::AtomicU64,
+    /// Whether the upload [`ProxyConfig::tear_first_upload_over`] asks to tear was torn.
+    first_upload_torn: std::sync::atomic::AtomicBool,
 }
 
 /// An HTTP proxy in front of a test server that fails some requests the ways object stores
@@ -577,10 +587,20 @@ fn proxy_one(
         n.fetch_add(1, Ordering::Relaxed);
     }
     let roll = draw();
-    let fault = choose_fault(config, roll, len);
+    let forced = config.tear_first_upload_over.is_some_and(|min| len >= min.max(2))
+        && !counts.counters.first_upload_torn.swap(true, Ordering::Relaxed);
+    let fault = if forced { Some(ProxyFault::TornUpload) } else { choose_fault(config, roll, len) };
+    if let Some(path) = &config.log {
+        let line = format!("{request_line} ({len} bytes): {}\n", fault.map_or("forwarded", |f| f.name()));
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
     // A torn upload reads the body only this far.
     let cut = match fault {
-        Some(ProxyFault::TornUpload) => 1 + ((roll >> 8) % (len as u64 - 1)) as usize,
+        // In its first quarter: a large body is then still being sent when the connection
+        // drops, as a network cut finds it.
+        Some(ProxyFault::TornUpload) => 1 + ((roll >> 8) % (len as u64 / 4).max(1)) as usize,
         _ => len,
     };
     while buf.len() < head_end + cut {

@@ -243,24 +243,35 @@ fn object_lock_on_moto() {
     assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"pack bytes");
     assert!(locks.undelete(false).unwrap().is_empty());
 
-    // Overwritten, and the overwrite locked too (an extension lengthens every version): the
-    // sound version is copied back on top.
-    unlocked.put(Kind::Pack, pack, b"ransomware, locked").unwrap();
+    // Overwritten again, and cairn extends: its own version gets the extension, the one on
+    // top (unlocked) does not; undelete deletes the one on top.
+    unlocked.put(Kind::Pack, pack, b"ransomware, again").unwrap();
     let far = policy.until(now()) + 5 * DAY;
     assert_eq!(locks.extend(Kind::Pack, pack, far).unwrap(), far);
-    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"ransomware, locked");
-    let found = locks.undelete(false).unwrap();
-    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(locks.retained_until(Kind::Pack, pack).unwrap(), None, "the version on top got the extension");
+    assert_eq!(locks.lowest_retained(Kind::Pack, pack).unwrap(), Some(far));
+    assert_eq!(locks.undelete(false).unwrap().len(), 1);
     assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"pack bytes");
-    assert!(locks.retained_until(Kind::Pack, pack).unwrap().is_some_and(|u| u >= far), "the copy keeps the lock");
+    assert_eq!(locks.retained_until(Kind::Pack, pack).unwrap(), Some(far));
+
+    // Overwritten with a locked version (the attacker holds a writer's rights): it cannot be
+    // deleted, so cairn's version is copied back on top, locked as it was.
+    let locking_attacker = server.backend("s3://locked/repo");
+    locking_attacker.object_lock().unwrap().lock_writes(policy);
+    locking_attacker.put(Kind::Pack, pack, b"ransomware, locked").unwrap();
+    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"ransomware, locked");
+    assert_eq!(locks.undelete(false).unwrap().len(), 1);
+    assert_eq!(b.get(Kind::Pack, pack).unwrap(), b"pack bytes");
+    assert_eq!(locks.retained_until(Kind::Pack, pack).unwrap(), Some(far), "the copy is locked as cairn's was");
     assert!(locks.undelete(false).unwrap().is_empty());
 
     // Extensions: later only. moto would shorten a compliance lock; cairn never asks it to.
     let later = far + 30 * DAY;
     assert_eq!(locks.extend(Kind::Pack, pack, later).unwrap(), later);
     assert_eq!(locks.retained_until(Kind::Pack, pack).unwrap(), Some(later));
-    assert_eq!(locks.extend(Kind::Pack, pack, until).unwrap(), later);
+    assert!(locks.extend(Kind::Pack, pack, until).unwrap() >= far);
     assert_eq!(locks.retained_until(Kind::Pack, pack).unwrap(), Some(later));
+    assert!(locks.locked_here().iter().any(|(k, n, _)| *k == Kind::Pack && n == pack));
     assert!(locks.locked_here().contains(&(Kind::Pack, pack.to_string(), later)));
 
     // The config is written create-only and locked too.

@@ -1,9 +1,10 @@
-//! `cairn-torture`: the harnesses that prove cairn keeps its promises when storage fails and
-//! processes die (docs/RELIABILITY.md). Each prints one JSON line per operation with its
-//! figures and exits 1 when any invariant was violated.
+//! `cairn-torture`: the harnesses that prove cairn keeps its promises when storage fails,
+//! networks misbehave and processes die (docs/RELIABILITY.md). Each prints one JSON line per
+//! operation with its figures and exits 1 when any invariant was violated.
 
 mod faults;
 mod kills;
+mod network;
 mod workload;
 
 use anyhow::Result;
@@ -40,6 +41,10 @@ enum Command {
     /// kill -9 the `cairn` binary at random moments and at every crash point of its write
     /// ordering, checking the repository (and the guest, for VM backups) after each
     Kills(kills::KillArgs),
+    /// Run the real `cairn` binary against an S3 server (s3s-fs) through a proxy that fails
+    /// requests (5xx, throttling, stalls, dropped connections, torn answers and uploads),
+    /// checking the repository through a direct connection after each run
+    Network(network::NetworkArgs),
 }
 
 fn main() -> Result<()> {
@@ -53,6 +58,7 @@ fn main() -> Result<()> {
                 .collect()
         }
         Command::Kills(a) => kills::run(&a)?.into_iter().map(|s| serde_json::to_value(s).unwrap()).collect(),
+        Command::Network(a) => network::run(&a)?.into_iter().map(|s| serde_json::to_value(s).unwrap()).collect(),
     };
     let mut violations = 0;
     for s in &summaries {
