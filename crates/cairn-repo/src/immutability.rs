@@ -129,6 +129,9 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
     Ok(audit)
 }
 
+/// Lock requests a point's commit keeps in flight (each waits for round trips to the store).
+const LOCK_REQUESTS_IN_FLIGHT: usize = 16;
+
 /// The catalog record kind that lists locks cairn set or extended.
 pub const RECORD_KIND: &str = "object-locks";
 
@@ -212,17 +215,19 @@ impl Repository {
         let needed = self.packs_needed_beyond(point, reference.as_ref())?;
         outcome.packs_checked = needed.len();
         let known = self.known_pack_locks()?;
-        let mut newly = Vec::new();
+        let mut unknown = Vec::new();
         for pack in needed {
-            let until = match known.get(&pack) {
-                Some(&u) if u >= required => u,
-                _ => {
-                    let until = self.keep_locked(locks, Kind::Pack, &pack, required, target, &mut outcome)?;
-                    newly.push((pack, until));
-                    until
-                }
-            };
-            floor = floor.min(until);
+            match known.get(&pack) {
+                Some(&u) if u >= required => floor = floor.min(u),
+                _ => unknown.push(pack),
+            }
+        }
+        // Each unknown pack costs a few round trips (a listing, a HEAD per version, maybe an
+        // extension): at a generation's first backup that is every pack the point uses, so
+        // they are asked in parallel.
+        let newly = self.keep_locked_all(locks, &unknown, required, target, &mut outcome)?;
+        for (_, until) in &newly {
+            floor = floor.min(*until);
         }
         // What this process wrote locked (the session's packs) is known to others only
         // through a record; so is what was just extended. Only knowledge: a failed record
@@ -230,6 +235,47 @@ impl Repository {
         let _ = self.record_locks_here(newly);
         point.locked_until = Some(floor);
         Ok(outcome)
+    }
+
+    /// [`Repository::keep_locked`] for many packs, `LOCK_REQUESTS_IN_FLIGHT` at a time.
+    fn keep_locked_all(
+        &self,
+        locks: &dyn ObjectLock,
+        packs: &[String],
+        required: u64,
+        target: u64,
+        outcome: &mut LockOutcome,
+    ) -> Result<Vec<(String, u64)>> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results = std::sync::Mutex::new(Vec::with_capacity(packs.len()));
+        let extended = std::sync::atomic::AtomicUsize::new(0);
+        let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..LOCK_REQUESTS_IN_FLIGHT.min(packs.len()) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= packs.len() || failed.lock().unwrap().is_some() {
+                        return;
+                    }
+                    let mut mine = LockOutcome::default();
+                    match self.keep_locked(locks, Kind::Pack, &packs[i], required, target, &mut mine) {
+                        Ok(until) => {
+                            extended.fetch_add(mine.extended, std::sync::atomic::Ordering::Relaxed);
+                            results.lock().unwrap().push((packs[i].clone(), until));
+                        }
+                        Err(e) => {
+                            failed.lock().unwrap().get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap() {
+            return Err(e);
+        }
+        outcome.extended += extended.into_inner();
+        Ok(results.into_inner().unwrap())
     }
 
     /// Makes cairn's versions of an object locked until at least `required` (to `target`, the
