@@ -211,3 +211,25 @@ fn a_point_that_never_boots_fails_and_the_mail_says_so() {
     assert!(mails[0].0.contains("FAILED"), "{}", mails[0].0);
     assert!(mails[0].1.contains("did not answer"), "{}", mails[0].1);
 }
+
+/// A point in a repository on S3 (the offsite copy) is boot-verified like a local one: the
+/// sandbox boots from the bucket through cairn's NBD server.
+#[test]
+fn a_point_on_s3_is_boot_verified() {
+    use cairn_storage::test_servers::{Flavor, TestServer};
+    let Some(server) = TestServer::start(Flavor::S3sFs) else { return };
+    let mut env = common::Env::on(&server, server.bucket("boots", "offsite"));
+    env.password = Some("offsite boot secret".into());
+    env.ok(&["init", "--encrypt"]);
+    let e = VmEnv { env };
+    let g = Guest::start("boots3", &[]);
+    e.backup(&g, &[]);
+    let t = std::time::Instant::now();
+    let v = e.env.json(&["verify", "boot", &g.name, "--timeout", "60"]);
+    eprintln!("boot verification from S3 took {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(v["verdict"], "passed", "{v}");
+    assert!(sandboxes(&g.name).is_empty(), "sandbox left: {:?}", sandboxes(&g.name));
+    // The verdict is recorded in the bucket's catalog, as for a local repository.
+    let report = e.env.json(&["report", &g.name]);
+    assert!(report.to_string().contains("passed"), "{report}");
+}
