@@ -302,8 +302,12 @@ pub fn verify_with(
     for (id, problem) in &list.damaged {
         report.damaged_points.push(Named { id: id.clone(), problem: problem.clone() });
     }
-    // A block is lost when it has no copy, or every copy is damaged.
-    let lost = |bid: &BlockId| index.copies(bid).all(|loc| damaged.contains_key(&(loc.pack, *bid)));
+    // A block is lost when it has no copy, or every copy is damaged; a quarantined copy this
+    // run read back sound (released below) is a copy.
+    let released: HashSet<BlockId> =
+        report.released_copies.iter().filter_map(|c| BlockId::from_hex(&c.block)).collect();
+    let lost =
+        |bid: &BlockId| !released.contains(bid) && index.copies(bid).all(|loc| damaged.contains_key(&(loc.pack, *bid)));
     let mut missing: BTreeMap<BlockId, BlockDamage> = BTreeMap::new();
     for (id, p) in &list.points {
         if selected.as_ref().is_some_and(|sel| !sel.contains(id.as_str())) && damaged.is_empty() {
