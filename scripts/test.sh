@@ -22,8 +22,9 @@ echo "tests: $((SECONDS - t0)) s"; t0=$SECONDS
 # target's calls, then its source's); kill -9 at every crash point of a backup, a repair and a
 # VM backup (each followed by the invariant checks). Exit 1 on any violation.
 target/debug/cairn-torture faults --ops backup,copy,copy-source
-# Real cairn runs on s3s-fs through a proxy failing one request in 5 (3 seeds, about 35 s).
-target/debug/cairn-torture network
+# Real cairn runs on s3s-fs through a proxy failing one request in 5 (3 seeds, about 40 s);
+# stalls outlast cairn's request timeout, so its timeout and retry run too.
+target/debug/cairn-torture network --stall-ms 3000 --client-timeout-ms 1500
 target/debug/cairn-torture kills --ops backup,repair,backup-vm,prune,forget --random 2 --per-point 1
 echo "torture: $((SECONDS - t0)) s"; t0=$SECONDS
 # Every fuzz target: its seed corpus, then 20 s of new inputs (keeps the suite under 30 min;

@@ -506,6 +506,7 @@ enum Format {
 ///
 /// [network]
 /// limit_upload = "20M"              # CAIRN_LIMIT_UPLOAD: bytes per second to object stores
+/// request_timeout = "300s"          # CAIRN_REQUEST_TIMEOUT: one request to an object store
 ///
 /// [cache]                           # local state that can be rebuilt
 /// dir = "/var/cache/cairn"          # CAIRN_CACHE_DIR: large indexes, object store metadata
@@ -546,7 +547,7 @@ fn load_host_config() -> Result<()> {
             ],
         ),
         ("cache", &[("dir", "CAIRN_CACHE_DIR"), ("max", "CAIRN_CACHE_MAX")]),
-        ("network", &[("limit_upload", "CAIRN_LIMIT_UPLOAD")]),
+        ("network", &[("limit_upload", "CAIRN_LIMIT_UPLOAD"), ("request_timeout", "CAIRN_REQUEST_TIMEOUT")]),
         (
             "azure",
             &[

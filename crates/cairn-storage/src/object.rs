@@ -101,6 +101,9 @@ pub struct ObjectOptions {
     /// for a shared uplink. Objects still go out whole at the link's speed, one after the
     /// other with pauses between them; locks are not held back.
     pub upload_limit: Option<u64>,
+    /// `CAIRN_REQUEST_TIMEOUT` (seconds, or with ms/s/m): how long one request may take before
+    /// it is abandoned and retried; 300 s when unset (a 16 MiB pack over a slow uplink).
+    pub request_timeout: Option<Duration>,
 }
 
 impl ObjectOptions {
@@ -122,6 +125,7 @@ impl ObjectOptions {
             azure_key: var(&["AZURE_STORAGE_KEY"]),
             azure_endpoint: var(&["AZURE_STORAGE_ENDPOINT"]),
             upload_limit: var(&["CAIRN_LIMIT_UPLOAD"]).and_then(|v| crate::cache::parse_size(&v)).filter(|&r| r > 0),
+            request_timeout: var(&["CAIRN_REQUEST_TIMEOUT"]).and_then(|v| parse_duration(&v)),
         }
     }
 }
@@ -201,11 +205,28 @@ impl Pace {
     }
 }
 
-fn client_options(endpoint: Option<&str>) -> object_store::ClientOptions {
+/// A duration written as seconds (`30`) or with a unit (`500ms`, `30s`, `2m`); never zero.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        _ => return None,
+    };
+    (!d.is_zero()).then_some(d)
+}
+
+/// The timeout of one request unless `CAIRN_REQUEST_TIMEOUT` says otherwise: a 16 MiB pack
+/// over a slow uplink takes minutes; the store's own retries cover dropped connections.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn client_options(endpoint: Option<&str>, timeout: Option<Duration>) -> object_store::ClientOptions {
     object_store::ClientOptions::new()
-        // A 16 MiB pack over a slow uplink takes minutes; the store's own retries cover
-        // dropped connections.
-        .with_timeout(Duration::from_secs(300))
+        .with_timeout(timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT))
         .with_connect_timeout(Duration::from_secs(10))
         .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
 }
@@ -226,14 +247,20 @@ fn retry_config() -> object_store::RetryConfig {
     }
 }
 
-/// Whether a request failed because its response broke off or could not be decoded (which
-/// object_store does not retry), rather than after its own retries.
+/// Whether a request failed in a way object_store does not retry itself: its response broke
+/// off or could not be decoded, or it timed out while object_store took it for one that is not
+/// idempotent (S3's bulk delete is a POST). Every request of this backend is idempotent (see
+/// the crate docs), so these are tried again here. (A timed-out bulk delete failed whole
+/// prunes and verifies: `cairn-torture network --client-timeout-ms`.)
 fn broken_response(e: &object_store::Error) -> bool {
     use object_store::client::{HttpError, HttpErrorKind};
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if let Some(h) = c.downcast_ref::<HttpError>() {
-            return matches!(h.kind(), HttpErrorKind::Decode | HttpErrorKind::Interrupted | HttpErrorKind::Unknown);
+            return matches!(
+                h.kind(),
+                HttpErrorKind::Decode | HttpErrorKind::Interrupted | HttpErrorKind::Unknown | HttpErrorKind::Timeout
+            );
         }
         cause = c.source();
     }
@@ -277,7 +304,7 @@ impl ObjectBackend {
                     .with_bucket_name(bucket)
                     .with_region(opts.s3_region.clone().unwrap_or_else(|| "us-east-1".into()))
                     .with_virtual_hosted_style_request(opts.s3_virtual_hosted)
-                    .with_client_options(client_options(opts.s3_endpoint.as_deref()))
+                    .with_client_options(client_options(opts.s3_endpoint.as_deref(), opts.request_timeout))
                     .with_retry(retry_config());
                 if let Some(e) = &opts.s3_endpoint {
                     b = b.with_endpoint(e);
@@ -300,6 +327,7 @@ impl ObjectBackend {
                     bucket,
                     opts.s3_virtual_hosted,
                     &shown,
+                    opts.request_timeout,
                 )?));
                 ((Arc::new(store), Arc::new(quick)), prefix.clone(), shown, !opts.s3_conditional_put_disabled)
             }
@@ -319,7 +347,7 @@ impl ObjectBackend {
                 let mut b = object_store::azure::MicrosoftAzureBuilder::new()
                     .with_account(&account)
                     .with_container_name(container)
-                    .with_client_options(client_options(endpoint.as_deref()))
+                    .with_client_options(client_options(endpoint.as_deref(), opts.request_timeout))
                     .with_retry(retry_config());
                 if let Some(k) = key {
                     b = b.with_access_key(k);
@@ -336,6 +364,7 @@ impl ObjectBackend {
                     endpoint_for_locks.as_deref(),
                     container,
                     &shown,
+                    opts.request_timeout,
                 )?));
                 ((Arc::new(store), Arc::new(quick)), prefix.clone(), shown, true)
             }
@@ -1078,6 +1107,16 @@ mod tests {
         assert!(Location::parse("s3:///p").unwrap_err().contains("no bucket"));
         assert!(Location::parse("gs://b").unwrap_err().contains("unknown scheme"));
         assert!(Location::parse("s3://b/a/../c").unwrap_err().contains(".."));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration(" 2m "), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), None);
+        assert_eq!(parse_duration("5h"), None);
+        assert_eq!(parse_duration("soon"), None);
     }
 
     #[test]

@@ -219,6 +219,7 @@ impl LockApi {
         bucket: &str,
         virtual_hosted: bool,
         location: &str,
+        timeout: Option<std::time::Duration>,
     ) -> Result<LockApi> {
         // As object_store does: path-style unless virtual-hosted is asked for; an endpoint as
         // given, which in virtual-hosted style already names the bucket.
@@ -228,7 +229,7 @@ impl LockApi {
             (None, false) => (format!("https://s3.{region}.amazonaws.com"), false),
         };
         let provider = Provider::S3 { credentials, region: region.to_string() };
-        let mut api = LockApi::new(provider, base, bucket, location)?;
+        let mut api = LockApi::new(provider, base, bucket, location, timeout)?;
         api.bucket_in_base = bucket_in_base;
         Ok(api)
     }
@@ -239,17 +240,24 @@ impl LockApi {
         endpoint: Option<&str>,
         container: &str,
         location: &str,
+        timeout: Option<std::time::Duration>,
     ) -> Result<LockApi> {
         let base = match endpoint {
             Some(e) => e.trim_end_matches('/').to_string(),
             None => format!("https://{account}.blob.core.windows.net"),
         };
-        LockApi::new(Provider::Azure { credentials, account: account.to_string() }, base, container, location)
+        LockApi::new(Provider::Azure { credentials, account: account.to_string() }, base, container, location, timeout)
     }
 
-    fn new(provider: Provider, base: String, bucket: &str, location: &str) -> Result<LockApi> {
+    fn new(
+        provider: Provider,
+        base: String,
+        bucket: &str,
+        location: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<LockApi> {
         let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(300))
+            .timeout(timeout.unwrap_or(crate::object::DEFAULT_REQUEST_TIMEOUT))
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| io(location, "setting up lock requests", e.to_string()))?;
@@ -895,7 +903,7 @@ mod tests {
                 secret_key: "s".into(),
                 token: None,
             }));
-        LockApi::s3(creds, region, endpoint, "b", false, "s3://b").unwrap()
+        LockApi::s3(creds, region, endpoint, "b", false, "s3://b", None).unwrap()
     }
 
     fn azure_api() -> LockApi {
@@ -904,7 +912,7 @@ mod tests {
                 object_store::azure::AzureAccessKey::try_new("a2V5").unwrap(),
             )),
         );
-        LockApi::azure(creds, "acct", None, "c", "az://c").unwrap()
+        LockApi::azure(creds, "acct", None, "c", "az://c", None).unwrap()
     }
 
     fn header<'a>(r: &'a LockRequest, k: &str) -> Option<&'a str> {
@@ -1015,7 +1023,7 @@ mod tests {
                 secret_key: "s".into(),
                 token: None,
             }));
-        let vh = LockApi::s3(creds, "r", Some("https://b.s3.example.com"), "b", true, "s3://b").unwrap();
+        let vh = LockApi::s3(creds, "r", Some("https://b.s3.example.com"), "b", true, "s3://b", None).unwrap();
         assert_eq!(vh.url("p/k", &[]), "https://b.s3.example.com/p/k");
         assert_eq!(parse_http_date("Thu, 31 Dec 2026 00:00:00 GMT"), Some(1_798_675_200));
     }

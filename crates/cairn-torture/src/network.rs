@@ -72,10 +72,14 @@ pub struct NetworkArgs {
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
     /// How long a stalled request goes unanswered before the proxy closes its connection
-    /// (cairn's request timeout is 300 s and cannot be shortened from outside, so the stall
-    /// ends in a closed connection, not in a client timeout)
+    /// (a closed connection, unless the client's own timeout, --client-timeout-ms, ends the
+    /// request first)
     #[arg(long, default_value_t = 500)]
     stall_ms: u64,
+    /// cairn's request timeout (CAIRN_REQUEST_TIMEOUT; 300 s when not given): shorter than
+    /// --stall-ms, stalled requests end in the client's timeout and its retry
+    #[arg(long)]
+    client_timeout_ms: Option<u64>,
     /// Chains run in parallel (a seed has three: its repository's, its prune's, its copy's)
     #[arg(long, default_value_t = 4)]
     jobs: usize,
@@ -214,6 +218,7 @@ struct Harness {
     one_in: u64,
     faults: Vec<ProxyFault>,
     stall: Duration,
+    client_timeout: Option<Duration>,
     op_timeout: Duration,
     keep: bool,
     img_a: PathBuf,
@@ -426,6 +431,7 @@ impl Harness {
             one_in: a.one_in,
             faults,
             stall: Duration::from_millis(a.stall_ms),
+            client_timeout: a.client_timeout_ms.map(Duration::from_millis),
             op_timeout: Duration::from_secs(a.op_timeout),
             keep: a.keep,
             img_a,
@@ -482,6 +488,7 @@ impl Harness {
             "CAIRN_CRASH_AT",
             "CAIRN_CRASH_TRACE",
             "CAIRN_LIMIT_UPLOAD",
+            "CAIRN_REQUEST_TIMEOUT",
             "CAIRN_S3_CONDITIONAL_PUT",
             "CAIRN_S3_VIRTUAL_HOSTED",
             "AWS_ENDPOINT_URL_S3",
@@ -496,6 +503,9 @@ impl Harness {
         }
         if let Some(e) = endpoint {
             c.env("AWS_ENDPOINT_URL", e);
+        }
+        if let Some(t) = self.client_timeout {
+            c.env("CAIRN_REQUEST_TIMEOUT", format!("{}ms", t.as_millis()));
         }
         if encrypted {
             c.env("CAIRN_PASSWORD", PASSWORD).env("CAIRN_FROM_PASSWORD", PASSWORD);
