@@ -27,7 +27,7 @@ target/debug/cairn-torture faults --ops backup,copy,copy-source
 target/debug/cairn-torture network --stall-ms 3000 --client-timeout-ms 1500
 target/debug/cairn-torture kills --ops backup,repair,backup-vm,prune,forget --random 2 --per-point 1
 echo "torture: $((SECONDS - t0)) s"; t0=$SECONDS
-# Every fuzz target: its seed corpus, then 20 s of new inputs (keeps the suite under 30 min;
+# Every fuzz target: its seed corpus, then 15 s of new inputs (keeps the suite under 30 min;
 # docs/RELIABILITY.md gives the long runs).
-scripts/fuzz.sh --seconds 20
+scripts/fuzz.sh --seconds 15
 echo "fuzz: $((SECONDS - t0)) s"
