@@ -8,23 +8,8 @@
 #   bench/copy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-top=$PWD
-scripts/setup.sh --bench
+source bench/common.sh
 command -v rclone >/dev/null || apt-get install -y -qq --no-install-recommends rclone >/dev/null
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked -p cairn-cli 2>&1 | tail -n 1
-cairn=$top/target/release/cairn
-work=${BENCH_WORK:-$top/bench/work}
-src=${BENCH_SRC:-/usr}
-gib=${BENCH_GIB:-8}
-mkdir -p "$work" "$top/bench/results"
-cd "$work"
-if [[ ! -f disk.img || ! -f image.built || "$(cat image.built)" != "$src $gib" ]]; then
-  "$top/bench/make-image.sh" disk.img "$src" "$gib"
-  echo "$src $gib" > image.built
-fi
-cp --sparse=always disk.img work.img
-img=work.img
 rm -rf c-cairn c-restic s3copy s3cache copy-times.txt && mkdir -p s3copy/cairn s3copy/restic s3copy/rclone
 source "$top/bench/s3s-fs.sh"
 start_s3s_fs s3copy

@@ -10,22 +10,7 @@
 # a cold page cache and cairn's local metadata cache emptied (as on a new machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-top=$PWD
-scripts/setup.sh --bench
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked -p cairn-cli 2>&1 | tail -n 1
-cairn=$top/target/release/cairn
-work=${BENCH_WORK:-$top/bench/work}
-src=${BENCH_SRC:-/usr}
-gib=${BENCH_GIB:-8}
-mkdir -p "$work" "$top/bench/results"
-cd "$work"
-if [[ ! -f disk.img || ! -f image.built || "$(cat image.built)" != "$src $gib" ]]; then
-  "$top/bench/make-image.sh" disk.img "$src" "$gib"
-  echo "$src $gib" > image.built
-fi
-cp --sparse=always disk.img work.img
-img=work.img
+source bench/common.sh
 
 # The S3 server: s3s-fs (installed by scripts/setup.sh), objects under s3data/.
 rm -rf s3data s3cache out-* s3-times.txt && mkdir -p s3data/cairn s3data/restic

@@ -36,6 +36,19 @@ pub struct Config {
 /// The longest lock cairn sets: 100 years (compliance locks cannot be undone).
 pub const MAX_LOCK_DAYS: u32 = 36_500;
 
+/// Whether a lock policy is one cairn writes and reads: 1 to [`MAX_LOCK_DAYS`] days, in
+/// generations of 1 to 365 days.
+pub fn check_lock_policy(p: cairn_storage::LockPolicy) -> std::result::Result<(), String> {
+    if (1..=MAX_LOCK_DAYS).contains(&p.days) && (1..=365).contains(&p.generation_days) {
+        Ok(())
+    } else {
+        Err(format!(
+            "immutability of {} days in generations of {} days (1 to {MAX_LOCK_DAYS}, and 1 to 365)",
+            p.days, p.generation_days
+        ))
+    }
+}
+
 impl Config {
     /// Parses and checks a stored config: every field a reader relies on must make sense.
     pub fn parse(raw: &[u8], location: &str) -> Result<Config> {
@@ -68,13 +81,8 @@ impl Config {
                 if config.immutability.is_some() { "with" } else { "without" }
             ));
         }
-        if let Some(p) = config.immutability {
-            if !(1..=MAX_LOCK_DAYS).contains(&p.days) || !(1..=365).contains(&p.generation_days) {
-                return bad(format!(
-                    "immutability of {} days in generations of {} days (1 to {MAX_LOCK_DAYS}, and 1 to 365)",
-                    p.days, p.generation_days
-                ));
-            }
+        if let Some(why) = config.immutability.and_then(|p| check_lock_policy(p).err()) {
+            return bad(why);
         }
         if !matches!(config.encryption.as_str(), "none" | "aes-256-gcm") {
             return Err(Error::Format(format!("unknown encryption {:?}", config.encryption)));

@@ -177,8 +177,7 @@ pub fn apply(repo: &Repository, plan: &[GroupPlan]) -> Result<Forgotten> {
                 continue;
             }
             match repo.delete_point(&p.id) {
-                Err(e) if crate::immutability::locked(&e).is_some() => {
-                    let until = crate::immutability::locked(&e).unwrap_or(0);
+                Err(crate::Error::Storage(cairn_storage::StorageError::Locked { until, .. })) => {
                     let until_rfc3339 = cairn_storage::object_lock::rfc3339(until);
                     out.locked.push(LockedPoint { id: p.id.clone(), until, until_rfc3339 });
                     continue;

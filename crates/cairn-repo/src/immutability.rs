@@ -19,7 +19,7 @@
 use crate::point::RestorePoint;
 use crate::{BlockId, Error, Repository, Result};
 use cairn_storage::object_lock::{self, LockPolicy, ObjectLock};
-use cairn_storage::{Kind, StorageError};
+use cairn_storage::Kind;
 use std::collections::{BTreeSet, HashMap};
 
 /// What [`audit_locks`] found.
@@ -135,15 +135,6 @@ const LOCK_REQUESTS_IN_FLIGHT: usize = 16;
 /// The catalog record kind that lists locks cairn set or extended.
 pub const RECORD_KIND: &str = "object-locks";
 
-/// What locking a point's objects did, for its stats and the operator.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct LockOutcome {
-    /// Packs looked at (those behind the map pages that differ from the reference point).
-    pub packs_checked: usize,
-    /// Locks extended (packs, key files, config).
-    pub extended: usize,
-}
-
 impl Repository {
     /// The repository's immutability, if it has one.
     pub fn lock_policy(&self) -> Option<LockPolicy> {
@@ -152,15 +143,9 @@ impl Repository {
 
     /// The store's object locks, for an immutable repository (an error if its store has none).
     pub(crate) fn object_locks(&self) -> Result<Option<&dyn ObjectLock>> {
-        let Some(policy) = self.lock_policy() else { return Ok(None) };
-        match self.backend().object_lock() {
-            Some(l) => Ok(Some(l)),
-            None => Err(Error::Incompatible(format!(
-                "{} is an immutable repository ({} days of Object Lock) but its store cannot lock objects \
-                 (immutable repositories live on S3 with Object Lock or on Azure Blob with version-level immutability)",
-                self.backend().location(),
-                policy.days
-            ))),
+        match self.lock_policy() {
+            None => Ok(None),
+            Some(policy) => store_locks(self.backend().as_ref(), policy).map(Some),
         }
     }
 
@@ -189,22 +174,21 @@ impl Repository {
     /// Makes sure every object `point` needs is locked at least `days` from now, and sets its
     /// `locked_until`; called by sessions just before the point is written. In a repository
     /// without immutability it only clears `locked_until` (a copied point brings its source's).
-    pub(crate) fn lock_what_the_point_needs(&self, point: &mut RestorePoint) -> Result<LockOutcome> {
+    pub(crate) fn lock_what_the_point_needs(&self, point: &mut RestorePoint) -> Result<()> {
         point.locked_until = None;
         let (Some(policy), Some(locks)) = (self.lock_policy(), self.object_locks()?) else {
-            return Ok(LockOutcome::default());
+            return Ok(());
         };
         let now = object_lock::now();
         let required = policy.required(now);
         let target = policy.until(now);
-        let mut outcome = LockOutcome::default();
         let mut floor = target;
 
         // The config and key files: a few requests, every time.
         let mut small = vec![(Kind::Config, "config".to_string())];
         small.extend(self.backend().list(Kind::Key)?.into_iter().map(|l| (Kind::Key, l.name)));
         for (kind, name) in small {
-            let until = self.keep_locked(locks, kind, &name, required, target, &mut outcome)?;
+            let until = keep_locked(locks, kind, &name, required, target)?;
             floor = floor.min(until);
         }
 
@@ -213,7 +197,6 @@ impl Repository {
             floor = floor.min(r.locked_until.unwrap_or(0));
         }
         let needed = self.packs_needed_beyond(point, reference.as_ref())?;
-        outcome.packs_checked = needed.len();
         let known = self.known_pack_locks()?;
         let mut unknown = Vec::new();
         for pack in needed {
@@ -225,7 +208,7 @@ impl Repository {
         // Each unknown pack costs a few round trips (a listing, a HEAD per version, maybe an
         // extension): at a generation's first backup that is every pack the point uses, so
         // they are asked in parallel.
-        let newly = self.keep_locked_all(locks, &unknown, required, target, &mut outcome)?;
+        let newly = keep_locked_all(locks, &unknown, required, target)?;
         for (_, until) in &newly {
             floor = floor.min(*until);
         }
@@ -234,70 +217,7 @@ impl Repository {
         // costs the next backup requests, and does not stop this one.
         let _ = self.record_locks_here(newly);
         point.locked_until = Some(floor);
-        Ok(outcome)
-    }
-
-    /// [`Repository::keep_locked`] for many packs, `LOCK_REQUESTS_IN_FLIGHT` at a time.
-    fn keep_locked_all(
-        &self,
-        locks: &dyn ObjectLock,
-        packs: &[String],
-        required: u64,
-        target: u64,
-        outcome: &mut LockOutcome,
-    ) -> Result<Vec<(String, u64)>> {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results = std::sync::Mutex::new(Vec::with_capacity(packs.len()));
-        let extended = std::sync::atomic::AtomicUsize::new(0);
-        let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..LOCK_REQUESTS_IN_FLIGHT.min(packs.len()) {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= packs.len() || failed.lock().unwrap().is_some() {
-                        return;
-                    }
-                    let mut mine = LockOutcome::default();
-                    match self.keep_locked(locks, Kind::Pack, &packs[i], required, target, &mut mine) {
-                        Ok(until) => {
-                            extended.fetch_add(mine.extended, std::sync::atomic::Ordering::Relaxed);
-                            results.lock().unwrap().push((packs[i].clone(), until));
-                        }
-                        Err(e) => {
-                            failed.lock().unwrap().get_or_insert(e);
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = failed.into_inner().unwrap() {
-            return Err(e);
-        }
-        outcome.extended += extended.into_inner();
-        Ok(results.into_inner().unwrap())
-    }
-
-    /// Makes cairn's versions of an object locked until at least `required` (to `target`, the
-    /// generation's date, when they are not); returns the lowest date they then have. Asks
-    /// about every locked version, not the current one only: someone may have written a
-    /// version (locked or not) over cairn's.
-    fn keep_locked(
-        &self,
-        locks: &dyn ObjectLock,
-        kind: Kind,
-        name: &str,
-        required: u64,
-        target: u64,
-        outcome: &mut LockOutcome,
-    ) -> Result<u64> {
-        match locks.lowest_retained(kind, name)? {
-            Some(u) if u >= required => Ok(u),
-            _ => {
-                outcome.extended += 1;
-                Ok(locks.extend(kind, name, target)?)
-            }
-        }
+        Ok(())
     }
 
     /// The point whose locks a new point may rely on: its parent, else the newest point of the
@@ -410,6 +330,57 @@ impl Repository {
     }
 }
 
+/// The object locks of `backend`, which an immutable repository (`policy`) needs.
+pub(crate) fn store_locks(backend: &dyn cairn_storage::Backend, policy: LockPolicy) -> Result<&dyn ObjectLock> {
+    backend.object_lock().ok_or_else(|| {
+        Error::Incompatible(format!(
+            "{} is an immutable repository ({} days of Object Lock) but its store cannot lock objects \
+             (immutable repositories live on S3 with Object Lock or on Azure Blob with version-level immutability)",
+            backend.location(),
+            policy.days
+        ))
+    })
+}
+
+/// Makes cairn's versions of an object locked until at least `required` (to `target`, the
+/// generation's date, when they are not); returns the lowest date they then have. Asks about
+/// every locked version, not the current one only: someone may have written a version (locked
+/// or not) over cairn's.
+fn keep_locked(locks: &dyn ObjectLock, kind: Kind, name: &str, required: u64, target: u64) -> Result<u64> {
+    match locks.lowest_retained(kind, name)? {
+        Some(u) if u >= required => Ok(u),
+        _ => Ok(locks.extend(kind, name, target)?),
+    }
+}
+
+/// [`keep_locked`] for many packs, `LOCK_REQUESTS_IN_FLIGHT` at a time.
+fn keep_locked_all(locks: &dyn ObjectLock, packs: &[String], required: u64, target: u64) -> Result<Vec<(String, u64)>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::with_capacity(packs.len()));
+    let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..LOCK_REQUESTS_IN_FLIGHT.min(packs.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= packs.len() || failed.lock().unwrap().is_some() {
+                    return;
+                }
+                match keep_locked(locks, Kind::Pack, &packs[i], required, target) {
+                    Ok(until) => results.lock().unwrap().push((packs[i].clone(), until)),
+                    Err(e) => {
+                        failed.lock().unwrap().get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(results.into_inner().unwrap()),
+    }
+}
+
 /// The (pack, until) entries of an `object-locks` record; malformed entries are skipped (the
 /// record is only knowledge: a pack left out is asked of the store).
 pub fn record_entries(r: &serde_json::Value) -> Vec<(String, u64)> {
@@ -423,13 +394,4 @@ pub fn record_entries(r: &serde_json::Value) -> Vec<(String, u64)> {
         }
     }
     out
-}
-
-/// A store's refusal to delete a locked object, as (what, until), for callers that report
-/// it as pending rather than failing.
-pub fn locked(e: &Error) -> Option<u64> {
-    match e {
-        Error::Storage(StorageError::Locked { until, .. }) => Some(*until),
-        _ => None,
-    }
 }

@@ -404,8 +404,7 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
             match repo.delete_pack(&hex::encode(pack)) {
                 // Locked after all (a lock extended since it was asked): no index file lists
                 // it any more, so the next prune finds it unindexed and deletes it once free.
-                Err(e) if crate::immutability::locked(&e).is_some() => {
-                    let until = crate::immutability::locked(&e).unwrap_or(0);
+                Err(Error::Storage(cairn_storage::StorageError::Locked { until, .. })) => {
                     let size = sizes.get(pack).copied().unwrap_or(0);
                     report.locked.add(size);
                     report.pending.push(pending(pack, size, marks[pack], locked_reason(until)));

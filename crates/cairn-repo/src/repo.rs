@@ -61,6 +61,22 @@ impl Repository {
     /// Creates a repository with options: one that receives copies of another, an immutable
     /// one. See [`Repository::init_copying`] and [`InitOptions::immutable`].
     pub fn init_with(backend: Arc<dyn Backend>, password: Option<&str>, opts: InitOptions) -> Result<Repository> {
+        // Locks protect against whoever holds the storage keys; in a plain repository that
+        // someone could also forge the points and records cairn trusts when it extends them.
+        if opts.immutable.is_some() && opts.copy_of.is_some_and(|s| s.crypto().id_key().is_none()) {
+            return Err(Error::Incompatible(
+                "an immutable repository must be encrypted, and a copy of a plain repository cannot be (it \
+                 names blocks by their plain hash): make the immutable copy from an encrypted repository"
+                    .into(),
+            ));
+        }
+        if opts.immutable.is_some() && password.is_none() {
+            return Err(Error::Invalid(
+                "an immutable repository must be encrypted: its points and lock records are then \
+                 authenticated, so no one holding the storage keys can make cairn skip an extension"
+                    .into(),
+            ));
+        }
         let like = match opts.copy_of {
             None => None,
             Some(source) => match (source.crypto().id_key(), password) {
@@ -80,22 +96,7 @@ impl Repository {
             },
         };
         if let Some(policy) = opts.immutable {
-            // Locks protect against whoever holds the storage keys; in a plain repository that
-            // someone could also forge the points and records cairn trusts when it extends them.
-            if password.is_none() {
-                return Err(Error::Invalid(
-                    "an immutable repository must be encrypted: its points and lock records are then \
-                     authenticated, so no one holding the storage keys can make cairn skip an extension"
-                        .into(),
-                ));
-            }
-            let days = crate::config::MAX_LOCK_DAYS;
-            if !(1..=days).contains(&policy.days) || !(1..=365).contains(&policy.generation_days) {
-                return Err(Error::Invalid(format!(
-                    "immutability must be 1 to {days} days, in generations of 1 to 365 days (asked: {} and {})",
-                    policy.days, policy.generation_days
-                )));
-            }
+            crate::config::check_lock_policy(policy).map_err(Error::Invalid)?;
             let Some(locks) = backend.object_lock() else {
                 return Err(Error::Incompatible(format!(
                     "{} cannot hold an immutable repository: immutability needs S3 with Object Lock or Azure Blob with version-level immutability",
@@ -254,17 +255,7 @@ impl Repository {
         };
         // An immutable repository is written locked, by every process (FORMAT.md §13).
         if let Some(policy) = config.immutability {
-            match backend.object_lock() {
-                Some(locks) => locks.lock_writes(policy),
-                None => {
-                    return Err(Error::Incompatible(format!(
-                        "{} is an immutable repository ({} days of Object Lock) but its store cannot lock \
-                         objects (immutable repositories live on S3 with Object Lock or on Azure Blob with version-level immutability)",
-                        backend.location(),
-                        policy.days
-                    )))
-                }
-            }
+            crate::immutability::store_locks(backend.as_ref(), policy)?.lock_writes(policy);
         }
         Ok(Repository::assemble(backend, config, crypto, hostname()))
     }

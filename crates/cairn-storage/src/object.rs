@@ -438,12 +438,7 @@ impl ObjectBackend {
     {
         let mut attempt = 0;
         loop {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let fut = request();
-            self.runtime.spawn(async move {
-                let _ = tx.send(fut.await);
-            });
-            let result = rx.recv().unwrap_or_else(|_| {
+            let result = self.wait(request()).unwrap_or_else(|| {
                 Err(object_store::Error::Generic { store: "cairn", source: "the request's task was dropped".into() })
             });
             match result {
@@ -454,6 +449,15 @@ impl ObjectBackend {
                 other => return other,
             }
         }
+    }
+
+    /// Runs `fut` on this backend's runtime and waits for it (`None`: its task was dropped).
+    fn wait<T: Send + 'static>(&self, fut: impl std::future::Future<Output = T> + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().ok()
     }
 
     fn error(&self, kind: Kind, name: &str, doing: &str, e: object_store::Error) -> StorageError {
@@ -494,12 +498,9 @@ impl ObjectBackend {
 
     /// Runs one lock request on this backend's runtime and waits for its answer.
     fn lock_call(&self, api: &Arc<LockApi>, request: LockRequest) -> std::result::Result<Answer, String> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let api = api.clone();
-        self.runtime.spawn(async move {
-            let _ = tx.send(api.send(&request).await);
-        });
-        rx.recv().unwrap_or_else(|_| Err("the request's task was dropped".into()))
+        self.wait(async move { api.send(&request).await })
+            .unwrap_or_else(|| Err("the request's task was dropped".into()))
     }
 
     /// A lock request whose failure to get any answer is an I/O error saying what was done.
