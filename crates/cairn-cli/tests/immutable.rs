@@ -51,6 +51,13 @@ fn buckets_that_cannot_hold_locks_are_refused() {
     plain.ok(&["init", "--encrypt"]);
     let err = plain.fails(&["repair", "undelete"], 1);
     assert!(err.contains("not an immutable repository"), "{err}");
+    // An immutable copy of a plain repository: refused, with the reason (it could only be plain).
+    let plain_source = Env::new();
+    plain_source.init();
+    let e = Env::on(&server, server.locked_bucket("copy-of-plain", "r"));
+    let from = plain_source.repo().to_str().unwrap().to_string();
+    let err = e.fails(&["init", "--copy-from", &from, "--immutable", "7"], 1);
+    assert!(err.contains("copy of a plain repository"), "{err}");
     // A local folder cannot be immutable either.
     let mut local = Env::new();
     local.password = Some("pw".into());
