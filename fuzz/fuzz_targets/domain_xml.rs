@@ -7,7 +7,8 @@
 //! domain, and every host path it names lies in the storage folder (or is the host's emulator or
 //! firmware, or a folder the operator shares).
 #![no_main]
-use cairn_hypervisor::domain_xml::{self, ConfigEdit, QEMU_NAMESPACE};
+use cairn_hypervisor::{ConfigEdit, PlacedDisk};
+use cairn_libvirt::domain_xml::{self, QEMU_NAMESPACE};
 use libfuzzer_sys::fuzz_target;
 
 const HOST_EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
@@ -28,14 +29,14 @@ fuzz_target!(|data: &[u8]| {
     let Ok(xml) = std::str::from_utf8(data) else { return };
     let _ = domain_xml::parse(xml);
     let _ = domain_xml::host_devices(xml);
-    let _ = cairn_hypervisor::libvirt::parse_checkpoint(xml);
-    let _ = cairn_hypervisor::libvirt::parse_firmware(xml);
+    let _ = cairn_libvirt::parse_checkpoint(xml);
+    let _ = cairn_libvirt::parse_firmware(xml);
     let sandbox = data.len() % 2 == 0;
     let keep_host = !sandbox && data.len() % 5 == 0;
     let edit = ConfigEdit {
         name: "fuzz".into(),
         keep_identity: data.len() % 3 == 0,
-        disks: vec![("vda".into(), RESTORED.into(), "qcow2".into())],
+        disks: vec![PlacedDisk { target: "vda".into(), path: RESTORED.into(), format: "qcow2".into() }],
         files: vec![("kernel".into(), "/st/fuzz-kernel".into())],
         drop_all_nics: sandbox,
         keep_host_devices: keep_host,
@@ -45,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         ..Default::default()
     };
     let Ok(out) = domain_xml::rewrite(xml, &edit) else { return };
-    let x = &out.xml;
+    let x = &out.document;
     let doc = roxmltree::Document::parse(x).expect("rewrite wrote a document that does not parse");
     domain_xml::parse(x).expect("rewrite wrote a document we cannot read back");
     let root = doc.root_element();

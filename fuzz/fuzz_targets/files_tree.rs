@@ -1,11 +1,11 @@
-//! File-level recovery (cairn_engine::files::Browser: open, list, get) of a fuzzed volume
+//! File-level recovery (cairn_disk::files::Browser: open, list, get) of a fuzzed volume
 //! (ext2/3/4, NTFS or FAT: the seeds are real ones) into a scratch folder. Every path the copy
 //! creates is under its target, no mode has more than the permission bits, no partial file is
 //! left, and it ends (loops and depth are bounded; each input has libFuzzer's timeout). Panics
 //! of the filesystem crates are cairn's to catch (see `tolerate_parser_crate_panics`); any
 //! other panic is a crash.
 #![no_main]
-use cairn_engine::files::{Browser, DiskRead};
+use cairn_disk::files::{Browser, DiskRead};
 use libfuzzer_sys::fuzz_target;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

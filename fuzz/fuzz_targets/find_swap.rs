@@ -1,12 +1,12 @@
-//! Swap detection (cairn_engine::swap::find_swap: MBR/GPT, swap signatures, LVM swap volumes,
+//! Swap detection (cairn_disk::swap::find_swap: MBR/GPT, swap signatures, LVM swap volumes,
 //! NTFS page files) over a fuzzed disk as a backup source. It never fails and never reads past
 //! the disk (the source asserts it); every area it returns lies inside the disk and inside one
 //! of its partitions (or the whole disk when there is no table); what it allocates at once
 //! stays bounded by the input, not by lengths the disk claims. Panics of the `ntfs` crate are
 //! cairn's to catch (see `tolerate_parser_crate_panics`); any other panic is a crash.
 #![no_main]
-use cairn_engine::partitions::read_table;
-use cairn_engine::swap::find_swap;
+use cairn_disk::partitions::read_table;
+use cairn_disk::swap::find_swap;
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 

@@ -1,10 +1,10 @@
-//! An LVM2 physical volume (cairn_engine::lvm::read_pv: label, metadata area header, text) on
+//! An LVM2 physical volume (cairn_disk::lvm::read_pv: label, metadata area header, text) on
 //! a fuzzed disk that may claim to be far larger than the input. Every read stays inside the
 //! PV and is at most 1 MiB (the metadata text cap); what is allocated at once stays within a
 //! few MiB plus a small multiple of the bytes the input sets, whatever lengths the disk
 //! claims; volumes lie inside the PV.
 #![no_main]
-use cairn_engine::lvm::{read_pv, MAX_METADATA_TEXT};
+use cairn_disk::lvm::{read_pv, MAX_METADATA_TEXT};
 use libfuzzer_sys::fuzz_target;
 
 mod guest_disk;

@@ -1,8 +1,8 @@
-//! LVM2 text metadata (cairn_engine::lvm::volumes_in_text) as a guest's PV holds it, at most
+//! LVM2 text metadata (cairn_disk::lvm::volumes_in_text) as a guest's PV holds it, at most
 //! 1 MiB like read_pv reads. Never a panic or a stack overflow; every volume returned is made
 //! of runs that tile it from 0 without gaps and lie inside the PV.
 #![no_main]
-use cairn_engine::lvm::{volumes_in_text, MAX_METADATA_TEXT};
+use cairn_disk::lvm::{volumes_in_text, MAX_METADATA_TEXT};
 use libfuzzer_sys::fuzz_target;
 
 /// The PV the seeds describe (fuzz/seeds/lvm.sh makes them with this UUID), and its length.

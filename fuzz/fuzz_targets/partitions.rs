@@ -1,10 +1,10 @@
-//! Partition tables and filesystem signatures (cairn_engine::partitions) as swap detection and
+//! Partition tables and filesystem signatures (cairn_disk::partitions) as swap detection and
 //! file browsing read them from a guest's disk: a reader that knows the disk (every read is
 //! asserted inside it and at most 4 MiB: the parsers check before they ask), the `files`
 //! probe's reader (short at the end), and a reader that fails its Nth read. Every partition
 //! returned lies inside the disk.
 #![no_main]
-use cairn_engine::partitions::{detect_filesystem, read_table, MAX_GPT_ENTRIES_BYTES};
+use cairn_disk::partitions::{detect_filesystem, read_table, MAX_GPT_ENTRIES_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 mod guest_disk;

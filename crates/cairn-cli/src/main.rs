@@ -920,7 +920,7 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
                     "duration_ms": p.stats.duration_ms,
                     "locked_until": p.locked_until,
                     "disks": p.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>(),
-                    "vm": cairn_engine::vm::VmRecord::of(p).map(|r| {
+                    "vm": cairn_vm::backup::VmRecord::of(p).map(|r| {
                         let mut v = serde_json::to_value(r).unwrap_or_default();
                         v.as_object_mut().map(|o| o.remove("config"));
                         v
@@ -984,45 +984,19 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
     Ok(0)
 }
 
-/// The disks of the VMs running (or paused) on this host's libvirt, as ("VM NAME (running),
-/// disk vda", path), asked through virsh. Without virsh there is no libvirt VM to protect; when
-/// libvirt does not answer, a warning says the check was not made.
+/// The disks of the VMs running (or paused) on this host's libvirt (see
+/// [`cairn_libvirt::running_vm_disks`]); when libvirt does not answer, a warning says the check
+/// was not made.
 fn running_vm_disks() -> Vec<(String, PathBuf)> {
-    let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| cairn_hypervisor::libvirt::DEFAULT_URI.into());
-    let virsh = |args: &[&str]| -> Result<Option<String>> {
-        let out = match std::process::Command::new("virsh").args(["-q", "-c", &uri]).args(args).output() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            r => r.context("running virsh")?,
-        };
-        if !out.status.success() {
-            bail!("virsh {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
-    };
-    let disks = || -> Result<Vec<(String, PathBuf)>> {
-        let mut out = Vec::new();
-        // `list` shows the active VMs: running, paused, in shutdown.
-        let Some(uuids) = virsh(&["list", "--uuid"])? else { return Ok(out) };
-        for uuid in uuids.split_whitespace() {
-            // A VM that stopped since the list has nothing open.
-            let Ok(Some(xml)) = virsh(&["dumpxml", uuid]) else { continue };
-            let config = cairn_hypervisor::domain_xml::parse(&xml)?;
-            for d in config.disks {
-                if let Some(path) = d.path {
-                    out.push((format!("VM {} (running), disk {}", config.name, d.target), PathBuf::from(path)));
-                }
-            }
-        }
-        Ok(out)
-    };
-    disks().unwrap_or_else(|e| {
+    let uri = std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| cairn_libvirt::DEFAULT_URI.into());
+    cairn_libvirt::running_vm_disks(&uri).unwrap_or_else(|e| {
         eprintln!("warning: could not ask libvirt ({uri}) which block devices its VMs use: {e:#}");
         Vec::new()
     })
 }
 
 fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
-    use cairn_engine::files::{volumes, Browser};
+    use cairn_disk::files::{volumes, Browser};
     let (repo, _lock) = open_indexed(g, "files")?;
     match c {
         FilesCmd::Ls { point, volume, path } => {
@@ -1241,7 +1215,7 @@ fn private_socket_dir() -> Result<PathBuf> {
     };
     // The engine's check for its own folders: made 0700 if missing, else ours, a real folder
     // writable by nobody else, under parents nobody else can write or swap.
-    cairn_engine::vm::private_dir(&dir).context("the folder for the socket (or give --socket PATH)")?;
+    cairn_vm::backup::private_dir(&dir).context("the folder for the socket (or give --socket PATH)")?;
     // Nobody else may even enter it: the socket takes its mode 0600 only after it exists.
     let m = std::fs::symlink_metadata(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
     if m.mode() & 0o077 != 0 {

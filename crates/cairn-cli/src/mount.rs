@@ -3,7 +3,7 @@
 
 use crate::{open_indexed, Global};
 use anyhow::{bail, Context, Result};
-use cairn_engine::files::{volumes, Volume};
+use cairn_disk::files::{volumes, Volume};
 use cairn_engine::serve::PointDisk;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr,

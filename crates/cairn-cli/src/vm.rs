@@ -3,13 +3,13 @@
 use crate::output::{bytes, Bar};
 use crate::{bar, open_indexed, print_json, workers, Global};
 use anyhow::{Context, Result};
-use cairn_engine::vm::{
-    app_consistent_requirements, backup_vm, choose_method, new_run_token, Method, VmBackupOptions, VmRecord,
-};
 use cairn_engine::Progress;
-use cairn_hypervisor::libvirt::{Libvirt, DEFAULT_URI};
 use cairn_hypervisor::watchdog::{self, Watchdog};
 use cairn_hypervisor::{AgentStatus, Hypervisor, VmState};
+use cairn_libvirt::{Libvirt, DEFAULT_URI};
+use cairn_vm::backup::{
+    app_consistent_requirements, backup_vm, choose_method, new_run_token, Method, VmBackupOptions, VmRecord,
+};
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -407,8 +407,8 @@ fn backup_one(
 }
 
 pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
-    use cairn_engine::recover::{recover_vm, RecoverOptions};
     use cairn_engine::target::TargetFormat;
+    use cairn_vm::recover::{recover_vm, RecoverOptions};
     use std::io::{BufRead, IsTerminal, Write};
     let hv = Libvirt::connect(&a.connect)?;
     let (repo, _lock) = open_indexed(g, "restore vm")?;
@@ -452,8 +452,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     let repo_dir = crate::repo_for_helper(g)?;
     let server_point = format!("{}@{}", point.name, id);
     let launch = |socket: &std::path::Path| launch_nbd_server(&repo_dir, &server_point, socket);
-    let instant =
-        cairn_engine::recover::InstantMode { launch_server: &launch, stop_after_start: a.debug_stop_after_start };
+    let instant = cairn_vm::recover::InstantMode { launch_server: &launch, stop_after_start: a.debug_stop_after_start };
     let report = recover_vm(
         &hv,
         &repo,

@@ -201,4 +201,14 @@ impl Hypervisor for Handle {
     fn firmware(&self) -> Result<Vec<String>> {
         Ok(vec!["/usr/share/OVMF/OVMF_CODE.fd".into()])
     }
+    // The fake's VMs have no configuration documents: recovery is tested against libvirt.
+    fn parse_config(&self, _: &str) -> Result<crate::VmConfig> {
+        bail!("the fake hypervisor has no configuration documents")
+    }
+    fn rewrite_config(&self, _: &str, _: &crate::ConfigEdit) -> Result<crate::Rewritten> {
+        bail!("the fake hypervisor has no configuration documents")
+    }
+    fn host_devices(&self, _: &str) -> Result<Vec<String>> {
+        bail!("the fake hypervisor has no configuration documents")
+    }
 }

@@ -1,10 +1,13 @@
 //! The hypervisor boundary.
 //!
-//! The VM backup job (in `cairn-engine`) talks to hypervisors only through the [`Hypervisor`]
-//! trait: inventory, the guest agent, freeze/thaw, pause/resume, memory state, checkpoints
-//! (persistent dirty bitmaps) and pull-mode backup exports served over NBD. [`libvirt`] implements
-//! it over libvirt; a bare-QEMU (QMP) or another hypervisor implements the same trait and the
-//! engine does not change.
+//! VM jobs (in `cairn-vm`) talk to hypervisors only through the [`Hypervisor`] trait:
+//! inventory, the guest agent, freeze/thaw, pause/resume, memory state, checkpoints (persistent
+//! dirty bitmaps), pull-mode backup exports served over NBD, and recovery (define, start, move
+//! disks, sandboxes). VMs are described by the neutral model of [`config`]; the configuration
+//! document itself (libvirt: domain XML) is opaque here and only the implementation reads or
+//! rewrites it. `cairn-libvirt` implements the trait over libvirt; a bare-QEMU (QMP) or another
+//! hypervisor implements the same trait and nothing above it changes. This crate links nothing
+//! hypervisor-specific.
 //!
 //! Rules every implementation keeps:
 //! - VMs are addressed by UUID (names change; UUIDs follow a VM across hosts and migrations).
@@ -14,17 +17,16 @@
 //! - `end_backup` removes the exports and their scratch files; it never deletes checkpoints (the
 //!   caller decides which checkpoint a finished or failed backup keeps).
 
-pub mod domain_xml;
+pub mod config;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
-pub mod libvirt;
 pub mod watchdog;
 
 use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-pub use domain_xml::{DomainConfig, VmDisk, VmFile};
+pub use config::{within, ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFile, VmNic};
 
 /// What a VM is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -67,7 +69,7 @@ pub struct VmSummary {
     pub name: String,
     pub uuid: String,
     pub state: VmState,
-    pub config: DomainConfig,
+    pub config: VmConfig,
     pub agent: AgentStatus,
 }
 
@@ -212,4 +214,15 @@ pub trait Hypervisor: Send + Sync {
     /// The firmware files (UEFI code, BIOS images) this host's hypervisor offers (libvirt domain
     /// capabilities): the only host files a recovered configuration may name as its loader.
     fn firmware(&self) -> Result<Vec<String>>;
+
+    // Configuration documents (as `config_document` returns them and restore points keep them).
+    /// Reads a configuration document into the neutral model. Documents come from restore points,
+    /// so this is a bounded parser of untrusted bytes.
+    fn parse_config(&self, document: &str) -> Result<VmConfig>;
+    /// Makes a stored configuration the configuration of a recovered VM on this host: what
+    /// `edit` says, and nothing of the stored host's paths or devices that a restore must not run.
+    fn rewrite_config(&self, document: &str, edit: &ConfigEdit) -> Result<Rewritten>;
+    /// The host devices (PCI/USB pass-through) a configuration names, as `pci 0000:03:00.0` or
+    /// `usb 046d:c52b`.
+    fn host_devices(&self, document: &str) -> Result<Vec<String>>;
 }

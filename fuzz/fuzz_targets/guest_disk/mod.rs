@@ -13,10 +13,10 @@ pub use sparse::SparseDisk;
 
 pub mod counting;
 
-/// The disk as `cairn_engine::files` reads restore points.
+/// The disk as `cairn_disk::files` reads restore points.
 pub struct Disk(pub Arc<SparseDisk>);
 
-impl cairn_engine::files::DiskRead for Disk {
+impl cairn_disk::files::DiskRead for Disk {
     fn name(&self) -> &str {
         "fuzz"
     }

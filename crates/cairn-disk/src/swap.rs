@@ -16,9 +16,9 @@
 
 use crate::files::guarded;
 use crate::partitions::{detect_filesystem, read_table, Table, GPT_LINUX_SWAP};
-use crate::ranges::{normalize, Range};
-use crate::source::Source;
 use anyhow::{bail, Result};
+use cairn_engine::ranges::{normalize, Range};
+use cairn_engine::source::Source;
 
 const PAGE: u64 = 4096;
 
@@ -335,7 +335,7 @@ mod counting;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::FileSource;
+    use cairn_engine::source::FileSource;
     use std::path::Path;
     use std::process::Command;
 
@@ -655,8 +655,8 @@ mod tests {
         fn size(&self) -> u64 {
             self.bytes.len() as u64
         }
-        fn allocation(&mut self, offset: u64, len: u64) -> Result<Vec<crate::source::Extent>> {
-            Ok(vec![crate::source::Extent { offset, length: len, kind: crate::source::Allocation::Data }])
+        fn allocation(&mut self, offset: u64, len: u64) -> Result<Vec<cairn_engine::source::Extent>> {
+            Ok(vec![cairn_engine::source::Extent { offset, length: len, kind: cairn_engine::source::Allocation::Data }])
         }
         fn submit(&mut self, offset: u64, len: usize, _: Vec<u8>) -> Result<()> {
             self.queue.push_back((offset, len));
@@ -755,7 +755,7 @@ mod tests {
             fn size(&self) -> u64 {
                 self.0.size()
             }
-            fn allocation(&mut self, o: u64, l: u64) -> Result<Vec<crate::source::Extent>> {
+            fn allocation(&mut self, o: u64, l: u64) -> Result<Vec<cairn_engine::source::Extent>> {
                 self.0.allocation(o, l)
             }
             fn submit(&mut self, offset: u64, len: usize, buf: Vec<u8>) -> Result<()> {

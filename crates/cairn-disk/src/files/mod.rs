@@ -16,8 +16,8 @@ mod fat;
 mod ntfs;
 
 use crate::partitions::{detect_filesystem, read_table};
-use crate::serve::PointDisk;
 use anyhow::{bail, Context, Result};
+use cairn_engine::serve::PointDisk;
 use cairn_repo::{Repository, RestorePoint};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, Mode, OFlags};

@@ -3,14 +3,14 @@
 //! captured; then the sandbox and everything it created go away. The original VM is never
 //! touched: the sandbox has a name of its own, a new identity, no network and no host devices.
 
-use crate::progress::Progress;
+use crate::backup::{private_dir, VmRecord};
 use crate::recover::{check_image_name, create_overlay, process_start_time, stop_server, KNOWN_ROLES};
-use crate::restore::{restore_disk, RestoreOptions};
-use crate::target::TargetFormat;
-use crate::vm::{private_dir, VmRecord};
 use anyhow::{Context, Result};
-use cairn_hypervisor::domain_xml::{self, ConfigEdit};
+use cairn_engine::progress::Progress;
+use cairn_engine::restore::{restore_disk, RestoreOptions};
+use cairn_engine::target::TargetFormat;
 use cairn_hypervisor::Hypervisor;
+use cairn_hypervisor::{ConfigEdit, PlacedDisk};
 use cairn_repo::{Repository, RestorePoint};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -91,7 +91,7 @@ pub fn verify_boot(
         time: cairn_repo::now_rfc3339(),
         verdict: "failed".into(),
         reason: String::new(),
-        method: if domain_xml::parse(&record.config)?.agent_channel { "guest agent" } else { "screen" }.into(),
+        method: if hv.parse_config(&record.config)?.agent_channel { "guest agent" } else { "screen" }.into(),
         boot_ms: 0,
         total_ms: 0,
         screenshot_png: false,
@@ -134,15 +134,19 @@ pub fn verify_boot(
         for img in point.disks.iter().filter(|d| d.is_disk()) {
             let overlay = dir.join(format!("{}.qcow2", img.name));
             create_overlay(&overlay, &socket, &img.name)?;
-            edit.disks.push((img.name.clone(), overlay.to_string_lossy().into_owned(), "qcow2".into()));
+            edit.disks.push(PlacedDisk {
+                target: img.name.clone(),
+                path: overlay.to_string_lossy().into_owned(),
+                format: "qcow2".into(),
+            });
         }
-        let rewritten = domain_xml::rewrite(&record.config, &edit)?;
+        let rewritten = hv.rewrite_config(&record.config, &edit)?;
         for r in &rewritten.removed {
             progress.note(&format!("{sandbox}: left out {r} from the stored configuration"));
         }
         check.left_out = rewritten.removed.clone();
         let boot = Instant::now();
-        let id = hv.start_transient(&rewritten.xml)?;
+        let id = hv.start_transient(&rewritten.document)?;
         uuid = Some(id.clone());
         progress.note(&format!("{sandbox}: booting restore point {short} of {} (no network)", record.name));
         let up = if check.method == "guest agent" {

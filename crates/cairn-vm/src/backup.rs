@@ -15,12 +15,12 @@
 //!    repository. A failure before the commit ends the job and deletes the new checkpoint, so the
 //!    old one (whose bitmap then holds every write since it) still matches the last restore point.
 
-use crate::backup::{backup_with, BackupOptions, DiskInput};
-use crate::progress::Progress;
-use crate::ranges::Range;
-use crate::source::{open_path, FileSource, ImageFormat, NbdSource, Source};
-use crate::swap::{find_swap, skip_ranges};
 use anyhow::{anyhow, bail, Context, Result};
+use cairn_disk::swap::{find_swap, skip_ranges};
+use cairn_engine::backup::{backup_with, BackupOptions, DiskInput};
+use cairn_engine::progress::Progress;
+use cairn_engine::ranges::Range;
+use cairn_engine::source::{open_path, FileSource, ImageFormat, NbdSource, Source};
 use cairn_hypervisor::watchdog::{Guard, Watchdog};
 use cairn_hypervisor::{AgentStatus, BackupExport, BackupRequest, Hypervisor, VmDisk, VmState, VmSummary};
 use cairn_repo::{DiskImage, Repository, RestorePoint};
@@ -1099,7 +1099,7 @@ fn list_changes(export: &BackupExport) -> Result<Vec<Vec<Range>>> {
 
 fn disk_input(
     d: &VmDisk,
-    mut src: Box<dyn crate::source::Source>,
+    mut src: Box<dyn cairn_engine::source::Source>,
     changed: Option<Vec<Range>>,
     skip_swap: bool,
     record: &mut VmRecord,
@@ -1112,7 +1112,7 @@ fn disk_input(
         Vec::new()
     };
     for a in &areas {
-        if let Some(r) = crate::swap::skipped_part(a) {
+        if let Some(r) = cairn_disk::swap::skipped_part(a) {
             record.skipped_swap.push(SkippedSwap {
                 disk: d.target.clone(),
                 location: a.location.clone(),
@@ -1234,7 +1234,7 @@ fn pull_with_qemu_img(export: &BackupExport, dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use cairn_hypervisor::fake::{Fake, Handle};
-    use cairn_hypervisor::{DomainConfig, VmDisk};
+    use cairn_hypervisor::{VmConfig, VmDisk};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     const NOBODY: u32 = 65534;
@@ -1360,7 +1360,7 @@ mod tests {
             name: "web".into(),
             uuid: "u-1".into(),
             state: VmState::Running,
-            config: DomainConfig { disks: vec![disk], ..Default::default() },
+            config: VmConfig { disks: vec![disk], ..Default::default() },
             agent: AgentStatus::Answering,
         }
     }
@@ -1538,7 +1538,7 @@ mod tests {
         let mut summary = vm();
         summary.uuid = uuid.into();
         let hv = Handle(fake.clone());
-        let r = backup_vm(&hv, &repo, &summary, &opts, &mut dog, &crate::progress::NoProgress);
+        let r = backup_vm(&hv, &repo, &summary, &opts, &mut dog, &cairn_engine::progress::NoProgress);
         drop(dog);
         thread.join().unwrap();
         let memory = vm_work_dir(&opts.work_dir, uuid).join(format!("memory-{token}.state"));

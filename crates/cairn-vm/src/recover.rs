@@ -7,13 +7,13 @@
 //! the configuration defined (and the original, with `replace`, removed). A failure while
 //! writing removes what was written and defines nothing.
 
-use crate::progress::Progress;
-use crate::restore::{data_bytes, restore_disk, RestoreOptions};
-use crate::target::{check_space, TargetFormat};
-use crate::vm::{private_dir, VmRecord};
+use crate::backup::{private_dir, VmRecord};
 use anyhow::{bail, Context, Result};
-use cairn_hypervisor::domain_xml::{self, ConfigEdit};
+use cairn_engine::progress::Progress;
+use cairn_engine::restore::{data_bytes, restore_disk, RestoreOptions};
+use cairn_engine::target::{check_space, TargetFormat};
 use cairn_hypervisor::Hypervisor;
+use cairn_hypervisor::{ConfigEdit, PlacedDisk};
 use cairn_repo::{safe_name, Repository, RestorePoint};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -256,7 +256,7 @@ pub fn recover_vm(
             point.name
         )
     })?;
-    let stored = domain_xml::parse(&record.config)?;
+    let stored = hv.parse_config(&record.config)?;
     let name = opts.name.clone().unwrap_or_else(|| {
         if opts.replace {
             record.name.clone()
@@ -381,7 +381,7 @@ pub fn recover_vm(
             }
         }
     }
-    let passed_through = if opts.keep_host_devices { domain_xml::host_devices(&record.config)? } else { vec![] };
+    let passed_through = if opts.keep_host_devices { hv.host_devices(&record.config)? } else { vec![] };
     for dev in passed_through {
         if host_device_present(&dev) {
             continue;
@@ -468,7 +468,7 @@ pub fn recover_vm(
     for f in &written {
         let path = f.path.to_string_lossy().into_owned();
         match &f.role {
-            None => edit.disks.push((f.name.clone(), path, extension(opts.format).into())),
+            None => edit.disks.push(PlacedDisk { target: f.name.clone(), path, format: extension(opts.format).into() }),
             Some(r) if r != "memory-state" => edit.files.push((r.clone(), path)),
             Some(_) => {}
         }
@@ -483,8 +483,8 @@ pub fn recover_vm(
             }
         }
     }
-    let rewritten = domain_xml::rewrite(&record.config, &edit)?;
-    let config = rewritten.xml;
+    let rewritten = hv.rewrite_config(&record.config, &edit)?;
+    let config = rewritten.document;
     removed.extend(rewritten.removed.into_iter().map(|r| format!("{r} from the stored configuration")));
     for r in &removed {
         progress.note(&format!("left out: {r}"));
@@ -598,7 +598,11 @@ fn start_overlays(
             stop_server(pid, st.server_start, &socket);
             return Err(e);
         }
-        edit.disks.push((img.name.clone(), overlay.to_string_lossy().into_owned(), "qcow2".into()));
+        edit.disks.push(PlacedDisk {
+            target: img.name.clone(),
+            path: overlay.to_string_lossy().into_owned(),
+            format: "qcow2".into(),
+        });
         st.disks.push((img.name.clone(), overlay, fin, extension(format).to_string()));
     }
     Ok(st)
@@ -641,7 +645,7 @@ pub(crate) fn host_firmware(hv: &dyn Hypervisor, progress: &dyn Progress) -> Vec
     })
 }
 
-/// Whether a host device named by [`domain_xml::host_devices`] exists here.
+/// Whether a host device named by [`Hypervisor::host_devices`] exists here.
 fn host_device_present(dev: &str) -> bool {
     match dev.strip_prefix("pci ") {
         Some(addr) => Path::new("/sys/bus/pci/devices").join(addr).exists(),

@@ -1,81 +1,19 @@
-//! What cairn reads from a libvirt domain document: identity, size, disks, NICs, and the files
-//! outside the disks that the VM needs to start (direct-boot kernel and initrd, firmware, UEFI
-//! variable store). The document itself is stored whole in each restore point; this is the index
-//! into it.
+//! Libvirt domain documents: [`parse`] reads one into the neutral [`VmConfig`] (identity, size,
+//! disks, NICs, the files outside the disks that the VM needs to start: direct-boot kernel and
+//! initrd, firmware, UEFI variable store); [`rewrite`] makes a stored one the configuration of a
+//! recovered VM. The document itself is stored whole in each restore point. Nothing outside this
+//! crate reads or writes domain XML.
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct DomainConfig {
-    pub name: String,
-    pub uuid: String,
-    /// `qemu` (TCG) or `kvm`.
-    pub domain_type: String,
-    pub memory_bytes: u64,
-    pub vcpus: u32,
-    pub disks: Vec<VmDisk>,
-    pub nics: Vec<VmNic>,
-    pub files: Vec<VmFile>,
-    /// A virtio-serial channel named `org.qemu.guest_agent.0` exists.
-    pub agent_channel: bool,
-    /// Commands run in the guest before the freeze / after the thaw, kept with the VM in its
-    /// domain metadata (see [`HOOKS_NAMESPACE`]), so they follow it across hosts.
-    pub pre_freeze: Vec<String>,
-    pub post_thaw: Vec<String>,
-}
+pub use cairn_hypervisor::within;
+use cairn_hypervisor::{ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFile, VmNic};
 
 /// The namespace of cairn's per-VM settings in libvirt domain metadata. Set them with
 /// `virsh metadata VM https://cairn.dev/xmlns/hooks/1 --key cairn --set
 /// '<hooks><pre-freeze>CMD</pre-freeze><post-thaw>CMD</post-thaw></hooks>'`.
 pub const HOOKS_NAMESPACE: &str = "https://cairn.dev/xmlns/hooks/1";
 
-#[derive(Clone, Debug, Serialize)]
-pub struct VmDisk {
-    /// Target device name as the VM sees it: `vda`, `sdb`.
-    pub target: String,
-    /// `disk`, `cdrom`, `floppy`, `lun`.
-    pub device: String,
-    /// `file`, `block`, `network`, `volume`.
-    pub source_type: String,
-    /// File or device path (None for network disks or an empty cdrom).
-    pub path: Option<String>,
-    /// Image format from the driver element: `qcow2`, `raw`.
-    pub format: String,
-    pub readonly: bool,
-    /// Virtual size in bytes, when the hypervisor could tell.
-    pub size: Option<u64>,
-}
-
-impl VmDisk {
-    /// Whether a backup copies this disk (cdroms and floppies are media, not state).
-    pub fn is_backed_up(&self) -> bool {
-        matches!(self.device.as_str(), "disk" | "lun") && (self.path.is_some() || self.source_type == "network")
-    }
-    /// Whether the format can carry a persistent dirty bitmap (libvirt checkpoints).
-    pub fn supports_checkpoints(&self) -> bool {
-        self.format == "qcow2"
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct VmNic {
-    pub mac: Option<String>,
-    /// `network`, `bridge`, `direct`, `user`.
-    pub kind: String,
-    /// The network or bridge name.
-    pub source: Option<String>,
-    pub model: Option<String>,
-}
-
-/// A file outside the disks the VM needs: role is `kernel`, `initrd`, `dtb`, `loader` or `nvram`.
-#[derive(Clone, Debug, Serialize)]
-pub struct VmFile {
-    pub role: String,
-    pub path: String,
-}
-
-pub fn parse(xml: &str) -> Result<DomainConfig> {
+pub fn parse(xml: &str) -> Result<VmConfig> {
     check_depth(xml)?;
     let doc = roxmltree::Document::parse(xml).context("parsing the libvirt domain document")?;
     let root = doc.root_element();
@@ -83,7 +21,7 @@ pub fn parse(xml: &str) -> Result<DomainConfig> {
         n.children().find(|c| c.has_tag_name(name))
     }
     let text = |n: Option<roxmltree::Node<'_, '_>>| n.and_then(|n| n.text()).map(|t| t.trim().to_string());
-    let mut c = DomainConfig {
+    let mut c = VmConfig {
         name: text(child(root, "name")).unwrap_or_default(),
         uuid: text(child(root, "uuid")).unwrap_or_default(),
         domain_type: root.attribute("type").unwrap_or("").to_string(),
@@ -198,41 +136,6 @@ mod tests {
     }
 }
 
-/// How a stored configuration becomes the configuration of a recovered VM.
-#[derive(Clone, Debug, Default)]
-pub struct ConfigEdit {
-    pub name: String,
-    /// Keep the UUID and MAC addresses: the VM replaces the original, or resumes its memory state.
-    /// Otherwise both are removed and the hypervisor makes new ones.
-    pub keep_identity: bool,
-    /// Disk target → (image path, format).
-    pub disks: Vec<(String, String, String)>,
-    /// File role (`kernel`, `initrd`, `dtb`, `loader`, `nvram`) → path.
-    pub files: Vec<(String, String)>,
-    /// Network or bridge name changes: (old, new).
-    pub network_map: Vec<(String, String)>,
-    /// Interfaces to leave out, by their (old) network or bridge name.
-    pub drop_nics: Vec<String>,
-    /// Keep host devices passed through (`<hostdev>`: PCI, USB, SCSI, mediated) and host folders
-    /// shared with the guest (`<filesystem>`). A stored configuration could name any device or
-    /// folder of this host, so only when the operator asks; a sandbox never.
-    pub keep_host_devices: bool,
-    /// Leave out host devices even so (some do not exist here; the caller says which).
-    pub drop_hostdevs: bool,
-    /// Leave out every network interface (a sandbox: no network at all).
-    pub drop_all_nics: bool,
-    /// The folder that holds everything of the new VM (its disks and files, where the restore
-    /// wrote them, and its file-backed consoles): absolute. Every host path of the result lies in
-    /// it, but the host's own emulators and firmware (and shared folders, when kept).
-    pub storage_dir: String,
-    /// The emulators this host offers ([`crate::Hypervisor::emulators`]). A stored `<emulator>`
-    /// not among them is removed, so the hypervisor puts its own default in.
-    pub host_emulators: Vec<String>,
-    /// The firmware files this host's hypervisor offers ([`crate::Hypervisor::firmware`]): a
-    /// `<loader>` the restore did not write is kept only if it is one of them.
-    pub host_firmware: Vec<String>,
-}
-
 /// The libvirt namespace of QEMU-specific overrides: `<qemu:commandline>` (extra QEMU arguments
 /// and environment), `<qemu:capabilities>`, `<qemu:override>`, `<qemu:deprecation>`.
 pub const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
@@ -240,14 +143,6 @@ pub const QEMU_NAMESPACE: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 /// Nesting deeper than this is refused: no libvirt document comes near it (about 6), and our XML
 /// parsers recurse once per level.
 pub const MAX_DEPTH: usize = 64;
-
-/// A rewritten configuration, and what was removed from the stored one because a restore must
-/// never run it (said to the operator).
-#[derive(Clone, Debug, Default)]
-pub struct Rewritten {
-    pub xml: String,
-    pub removed: Vec<String>,
-}
 
 /// Refuses a document whose elements nest deeper than [`MAX_DEPTH`], or that declares a document
 /// type (whose entities a parser would expand), before any parser sees it:
@@ -353,7 +248,7 @@ pub fn rewrite(xml: &str, edit: &ConfigEdit) -> Result<Rewritten> {
     let mut removed = r.removed;
     let mut seen = std::collections::HashSet::new();
     removed.retain(|m| seen.insert(m.clone()));
-    Ok(Rewritten { xml: String::from_utf8(out)?, removed })
+    Ok(Rewritten { document: String::from_utf8(out)?, removed })
 }
 
 /// Removes every element of the QEMU namespace (extra QEMU arguments, capabilities, overrides).
@@ -746,7 +641,7 @@ impl Rewrite<'_> {
     fn disk(&mut self, mut d: xmltree::Element) -> Option<xmltree::Element> {
         let target = d.get_child("target").and_then(|t| attr(t, "dev")).unwrap_or("").to_string();
         let device = attr(&d, "device").unwrap_or("disk").to_string();
-        let restored = self.edit.disks.iter().find(|(t, _, _)| *t == target).cloned();
+        let restored = self.edit.disks.iter().find(|p| p.target == target).cloned();
         let source = d.get_child("source").map(|s| {
             ["file", "dev", "dir", "volume", "name"].iter().find_map(|k| attr(s, k)).unwrap_or("").to_string()
         });
@@ -770,7 +665,7 @@ impl Rewrite<'_> {
         d.attributes.remove("sgio");
         d.attributes.insert("type".into(), "file".into());
         match restored {
-            Some((_, path, format)) => {
+            Some(PlacedDisk { path, format, .. }) => {
                 // What the restore wrote is a disk image (a LUN, or a device kind libvirt does
                 // not know, would not be).
                 if device != "disk" {
@@ -1023,15 +918,6 @@ impl Rewrite<'_> {
     }
 }
 
-/// Whether `path` is absolute, without `..`, and inside folder `dir` (absolute).
-pub fn within(path: &str, dir: &str) -> bool {
-    use std::path::{Component, Path};
-    let (p, d) = (Path::new(path), Path::new(dir));
-    let plain =
-        |x: &Path| x.is_absolute() && x.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    !dir.is_empty() && plain(p) && plain(d) && p.starts_with(d)
-}
-
 /// Parts of a `<disk>` kept: how the guest sees the drive.
 const DISK_KEPT: &[&str] = &[
     "driver",
@@ -1160,6 +1046,10 @@ pub fn host_devices(xml: &str) -> Result<Vec<String>> {
 mod rewrite_tests {
     use super::*;
 
+    fn placed(target: &str, path: &str, format: &str) -> PlacedDisk {
+        PlacedDisk { target: target.into(), path: path.into(), format: format.into() }
+    }
+
     #[test]
     fn rewrites_identity_disks_files_networks_and_logs() {
         let xml = r#"<domain type='qemu'><name>web</name><uuid>2da463bf-4dab-4b65-afda-bf83f46eb22d</uuid>
@@ -1177,7 +1067,7 @@ mod rewrite_tests {
         let edit = ConfigEdit {
             name: "web-restored".into(),
             keep_identity: false,
-            disks: vec![("vda".into(), "/st/web-restored-vda.qcow2".into(), "qcow2".into())],
+            disks: vec![placed("vda", "/st/web-restored-vda.qcow2", "qcow2")],
             files: vec![("kernel".into(), "/st/web-restored-kernel".into())],
             network_map: vec![("prod".into(), "lab".into())],
             drop_nics: vec!["br-gone".into()],
@@ -1187,7 +1077,7 @@ mod rewrite_tests {
             ..Default::default()
         };
         let r = rewrite(xml, &edit).unwrap();
-        let out = r.xml;
+        let out = r.document;
         let c = parse(&out).unwrap();
         assert_eq!(c.name, "web-restored");
         assert!(c.uuid.is_empty(), "{out}");
@@ -1206,10 +1096,11 @@ mod rewrite_tests {
         // stored name, which could be one of the restored images).
         assert_eq!(out.matches("/st/web-restored-serial0.log").count(), 2, "{out}");
         // A sandbox has no network at all.
-        let sandbox = parse(&rewrite(xml, &ConfigEdit { drop_all_nics: true, ..edit.clone() }).unwrap().xml).unwrap();
+        let sandbox =
+            parse(&rewrite(xml, &ConfigEdit { drop_all_nics: true, ..edit.clone() }).unwrap().document).unwrap();
         assert!(sandbox.nics.is_empty());
         // Keeping the identity keeps UUID and MACs.
-        let kept = parse(&rewrite(xml, &ConfigEdit { keep_identity: true, ..edit }).unwrap().xml).unwrap();
+        let kept = parse(&rewrite(xml, &ConfigEdit { keep_identity: true, ..edit }).unwrap().document).unwrap();
         assert_eq!(kept.uuid, "2da463bf-4dab-4b65-afda-bf83f46eb22d");
         assert_eq!(kept.nics[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
     }
@@ -1235,7 +1126,7 @@ mod rewrite_tests {
     fn edit() -> ConfigEdit {
         ConfigEdit {
             name: "web-restored".into(),
-            disks: vec![("vda".into(), "/st/web-restored-vda.qcow2".into(), "qcow2".into())],
+            disks: vec![placed("vda", "/st/web-restored-vda.qcow2", "qcow2")],
             storage_dir: "/st".into(),
             host_emulators: vec!["/usr/bin/qemu-system-x86_64".into()],
             host_firmware: vec!["/usr/share/OVMF/OVMF_CODE.fd".into()],
@@ -1250,10 +1141,10 @@ mod rewrite_tests {
         for gone in
             ["commandline", "qemu:arg", "fw_cfg", "capabilities", "override", "/tmp/evil", "/dev/sda", "vdz", "/iso"]
         {
-            assert!(!r.xml.contains(gone), "{gone} still in\n{}", r.xml);
+            assert!(!r.document.contains(gone), "{gone} still in\n{}", r.document);
         }
-        assert!(!r.xml.contains("http://libvirt.org/schemas/domain/qemu/1.0"), "{}", r.xml);
-        let c = parse(&r.xml).unwrap();
+        assert!(!r.document.contains("http://libvirt.org/schemas/domain/qemu/1.0"), "{}", r.document);
+        let c = parse(&r.document).unwrap();
         let disks: Vec<_> = c.disks.iter().map(|d| (d.target.as_str(), d.path.as_deref())).collect();
         // The cdrom drive stays, empty.
         assert_eq!(disks, [("vda", Some("/st/web-restored-vda.qcow2")), ("sda", None)]);
@@ -1275,14 +1166,14 @@ mod rewrite_tests {
             assert!(said.contains(what), "{what} not reported: {said}");
         }
         // Host folders only when the operator asks (and never for a sandbox, which does not).
-        assert!(!r.xml.contains("<filesystem"), "{}", r.xml);
+        assert!(!r.document.contains("<filesystem"), "{}", r.document);
         assert!(said.contains("host folder \"/\""), "{said}");
         let shared = rewrite(HOSTILE, &ConfigEdit { keep_host_devices: true, ..edit.clone() }).unwrap();
-        assert!(shared.xml.contains("<filesystem"), "{}", shared.xml);
+        assert!(shared.document.contains("<filesystem"), "{}", shared.document);
         // This host's own emulator stays, silently.
         let own = HOSTILE.replace("/tmp/evil/qemu-system-x86_64", "/usr/bin/qemu-system-x86_64");
         let r = rewrite(&own, &edit).unwrap();
-        assert!(r.xml.contains("<emulator>/usr/bin/qemu-system-x86_64</emulator>"), "{}", r.xml);
+        assert!(r.document.contains("<emulator>/usr/bin/qemu-system-x86_64</emulator>"), "{}", r.document);
         assert!(!r.removed.iter().any(|m| m.contains("emulator")), "{:?}", r.removed);
     }
 
@@ -1337,9 +1228,9 @@ mod rewrite_tests {
     fn nothing_of_the_host_is_kept_but_what_the_restore_wrote() {
         let mut e = edit();
         e.files = vec![("kernel".into(), "/st/web-restored-kernel".into())];
-        e.disks.push(("sdb".into(), "/st/web-restored-sdb.qcow2".into(), "qcow2".into()));
+        e.disks.push(placed("sdb", "/st/web-restored-sdb.qcow2", "qcow2"));
         let r = rewrite(REACHES_THE_HOST, &e).unwrap();
-        let x = &r.xml;
+        let x = &r.document;
         for gone in [
             "/etc",
             "/tmp",
@@ -1448,7 +1339,7 @@ mod rewrite_tests {
         // Host devices and shared folders when the operator asks: still none of the host's
         // programs or files with them.
         let kept = rewrite(REACHES_THE_HOST, &ConfigEdit { keep_host_devices: true, ..e.clone() }).unwrap();
-        let k = &kept.xml;
+        let k = &kept.document;
         assert!(k.contains("<hostdev") && k.contains("bus=\"0x03\"") && k.contains("/srv/share"), "{k}");
         assert!(!k.contains("evil-virtiofsd") && !k.contains("<rom file") && !k.contains("<block>"), "{k}");
         assert_eq!(k.matches("<filesystem").count(), 1, "{k}");
@@ -1456,10 +1347,10 @@ mod rewrite_tests {
         let uefi = REACHES_THE_HOST.replace("/tmp/evil.fd", "/usr/share/OVMF/OVMF_CODE.fd");
         let r = rewrite(&uefi, &ConfigEdit { files: vec![("nvram".into(), "/st/web-restored-nvram".into())], ..e })
             .unwrap();
-        let c = parse(&r.xml).unwrap();
+        let c = parse(&r.document).unwrap();
         let files: Vec<_> = c.files.iter().map(|f| (f.role.as_str(), f.path.as_str())).collect();
         assert_eq!(files, [("loader", "/usr/share/OVMF/OVMF_CODE.fd"), ("nvram", "/st/web-restored-nvram")]);
-        assert!(!r.xml.contains("template"), "{}", r.xml);
+        assert!(!r.document.contains("template"), "{}", r.document);
     }
 
     /// A VM as virt-install makes it (UEFI, SPICE, the agent, a NIC on the default network):
@@ -1531,9 +1422,13 @@ mod rewrite_tests {
             "features",
             "libosinfo:os",
         ] {
-            assert_eq!(count(&r.xml, tag), count(ORDINARY, tag), "<{tag}> lost:\n{}", r.xml);
+            assert_eq!(count(&r.document, tag), count(ORDINARY, tag), "<{tag}> lost:\n{}", r.document);
         }
-        assert!(r.xml.contains("/st/fedora-restored-nvram") && r.xml.contains("/dev/urandom"), "{}", r.xml);
+        assert!(
+            r.document.contains("/st/fedora-restored-nvram") && r.document.contains("/dev/urandom"),
+            "{}",
+            r.document
+        );
     }
 
     #[test]
@@ -1541,7 +1436,7 @@ mod rewrite_tests {
         // Found by fuzzing: a device kind libvirt does not know, on a target the restore wrote.
         let xml = "<domain><name>x</name><devices><disk type='file' device='di\u{7f}sk'>\
                    <source file='/v/a.qcow2'/><target dev='vda'/></disk></devices></domain>";
-        let c = parse(&rewrite(xml, &edit()).unwrap().xml).unwrap();
+        let c = parse(&rewrite(xml, &edit()).unwrap().document).unwrap();
         assert_eq!(
             (c.disks[0].device.as_str(), c.disks[0].path.as_deref()),
             ("disk", Some("/st/web-restored-vda.qcow2"))

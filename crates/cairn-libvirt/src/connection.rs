@@ -1,12 +1,13 @@
 //! [`Hypervisor`] over libvirt (the `virt` crate; backup jobs and checkpoints through its raw
 //! `virt-sys` layer, which `virt` 0.5 does not wrap).
 
-use crate::{
-    domain_xml, AgentStatus, BackupExport, BackupRequest, Checkpoint, ExportedDisk, GuestExec, GuestFilesystem,
-    Hypervisor, VmState, VmSummary,
-};
+use crate::domain_xml;
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
+use cairn_hypervisor::{
+    AgentStatus, BackupExport, BackupRequest, Checkpoint, ConfigEdit, ExportedDisk, GuestExec, GuestFilesystem,
+    Hypervisor, Rewritten, VmConfig, VmState, VmSummary,
+};
 use serde_json::{json, Value};
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
@@ -282,7 +283,7 @@ impl Hypervisor for Libvirt {
 
     fn begin_backup(&self, uuid: &str, req: &BackupRequest) -> Result<BackupExport> {
         let dom = self.domain(uuid)?;
-        let socket = req.work_dir.join(crate::job_socket_name(req.run_token));
+        let socket = req.work_dir.join(cairn_hypervisor::job_socket_name(req.run_token));
         let _ = std::fs::remove_file(&socket);
         let mut backup = format!(
             "<domainbackup mode='pull'>{}<server transport='unix' socket='{}'/><disks>",
@@ -298,7 +299,7 @@ impl Hypervisor for Libvirt {
         for d in &cfg.disks {
             let wanted = req.disks.contains(&d.target);
             if wanted {
-                let scratch = req.work_dir.join(crate::job_scratch_name(&d.target, req.run_token));
+                let scratch = req.work_dir.join(cairn_hypervisor::job_scratch_name(&d.target, req.run_token));
                 let _ = std::fs::remove_file(&scratch);
                 backup.push_str(&format!(
                     "<disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>",
@@ -518,6 +519,18 @@ impl Hypervisor for Libvirt {
         Ok(out)
     }
 
+    fn parse_config(&self, document: &str) -> Result<VmConfig> {
+        domain_xml::parse(document)
+    }
+
+    fn rewrite_config(&self, document: &str, edit: &ConfigEdit) -> Result<Rewritten> {
+        domain_xml::rewrite(document, edit)
+    }
+
+    fn host_devices(&self, document: &str) -> Result<Vec<String>> {
+        domain_xml::host_devices(document)
+    }
+
     fn network_available(&self, kind: &str, name: &str) -> Result<bool> {
         Ok(match kind {
             "network" => self.conn.lookup_network_by_name(name).and_then(|n| n.is_active()).unwrap_or(false),
@@ -605,7 +618,7 @@ mod tests {
         );
         // This host's libvirt (no OVMF here: none, but no error either).
         if let Ok(hv) = super::Libvirt::connect(super::DEFAULT_URI) {
-            use crate::Hypervisor;
+            use cairn_hypervisor::Hypervisor;
             for f in hv.firmware().unwrap() {
                 assert!(std::path::Path::new(&f).exists(), "{f}");
             }

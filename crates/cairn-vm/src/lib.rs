@@ -1,0 +1,15 @@
+//! # cairn-vm: VM jobs over the hypervisor boundary
+//!
+//! - [`backup`]: the backup of a VM (running or not): method (app-consistent, saved state,
+//!   crash-consistent), the point in time, checkpoints and whether they can be trusted, the
+//!   configuration and the files it names, one restore point;
+//! - [`recover`]: a VM restore point back into a VM on this host and a storage folder, whole or
+//!   instant (running from the repository while its disks move);
+//! - [`boot`]: boot verification of a restore point in a network-less sandbox, with a screenshot.
+//!
+//! Everything here talks to the hypervisor through `cairn_hypervisor::Hypervisor` only, moves
+//! bytes through `cairn-engine`, and reads guest disks through `cairn-disk`.
+
+pub mod backup;
+pub mod boot;
+pub mod recover;
