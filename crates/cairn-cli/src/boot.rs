@@ -4,11 +4,10 @@
 use crate::output::bytes;
 use crate::{bar, open_indexed, open_repo, print_json, workers, Global};
 use anyhow::{bail, Context, Result};
-use base64::Engine as _;
-use cairn_engine::Progress;
 use cairn_libvirt::{Libvirt, DEFAULT_URI};
+use cairn_ops::boot_check::{boot_check, BootCheckRequest, BootOutcome};
+use cairn_ops::mail::MailSettings;
 use cairn_vm::backup::VmRecord;
-use cairn_vm::boot::{verify_boot, BootCheck, BootOptions};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +28,7 @@ pub struct VerifyBoot {
     connect: String,
     /// Folder for the sandbox's overlays (emptied afterwards); created 0700, and refused if
     /// another user could write in it
-    #[arg(long, default_value = crate::vm::DEFAULT_WORK_DIR, value_name = "DIR")]
+    #[arg(long, default_value = cairn_ops::DEFAULT_WORK_DIR, value_name = "DIR")]
     work_dir: PathBuf,
     #[command(flatten)]
     pub mail: BootMail,
@@ -84,63 +83,77 @@ impl From<&BackupBootMail> for BootMail {
     }
 }
 
-/// [`BootMail`] with the environment and defaults applied, checked.
-pub struct MailSettings {
-    timeout: u64,
-    mail_to: Option<String>,
-    smtp_server: String,
-    smtp_tls: SmtpTls,
-    smtp_user: Option<String>,
-    mail_from: String,
+impl From<SmtpTls> for cairn_ops::mail::SmtpTls {
+    fn from(t: SmtpTls) -> Self {
+        match t {
+            SmtpTls::None => cairn_ops::mail::SmtpTls::None,
+            SmtpTls::Starttls => cairn_ops::mail::SmtpTls::Starttls,
+            SmtpTls::Tls => cairn_ops::mail::SmtpTls::Tls,
+        }
+    }
 }
 
 impl BootMail {
-    /// Flags first, then CAIRN_SMTP_* / CAIRN_MAIL_FROM, then defaults. Refuses credentials
-    /// without TLS before anything is booted.
-    pub fn settings(&self) -> Result<MailSettings> {
+    /// The boot check these options ask for: flags first, then CAIRN_SMTP_* / CAIRN_MAIL_FROM
+    /// (and the host configuration file, through them), then defaults. Settings that cannot work
+    /// are refused here, before anything is booted.
+    pub fn request(&self, g: &Global, work_dir: &Path) -> Result<BootCheckRequest> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let smtp_tls = match (self.smtp_tls, env("CAIRN_SMTP_TLS")) {
+        let tls = match (self.smtp_tls, env("CAIRN_SMTP_TLS")) {
             (Some(t), _) => t,
             (None, Some(v)) => SmtpTls::from_str(&v, true)
                 .map_err(|_| anyhow::anyhow!("CAIRN_SMTP_TLS={v:?}: expected none, starttls or tls"))?,
             (None, None) => SmtpTls::None,
         };
-        let s = MailSettings {
-            timeout: self.timeout.unwrap_or(120),
-            mail_to: self.mail_to.clone(),
-            smtp_server: self.smtp_server.clone().or_else(|| env("CAIRN_SMTP_SERVER")).unwrap_or("localhost:25".into()),
-            smtp_tls,
-            smtp_user: self.smtp_user.clone().or_else(|| env("CAIRN_SMTP_USER")),
-            mail_from: self.mail_from.clone().or_else(|| env("CAIRN_MAIL_FROM")).unwrap_or("cairn@localhost".into()),
+        let user = self.smtp_user.clone().or_else(|| env("CAIRN_SMTP_USER"));
+        let mail = match &self.mail_to {
+            None => None,
+            Some(to) => {
+                let settings = MailSettings {
+                    to: to.clone(),
+                    server: self
+                        .smtp_server
+                        .clone()
+                        .or_else(|| env("CAIRN_SMTP_SERVER"))
+                        .unwrap_or("localhost:25".into()),
+                    tls: tls.into(),
+                    user,
+                    password: std::env::var("CAIRN_SMTP_PASSWORD").ok(),
+                    from: self.mail_from.clone().or_else(|| env("CAIRN_MAIL_FROM")).unwrap_or("cairn@localhost".into()),
+                };
+                settings.check()?;
+                Some(settings)
+            }
         };
-        if s.mail_to.is_some() && s.smtp_user.is_some() && matches!(s.smtp_tls, SmtpTls::None) {
-            bail!(
-                "refusing to send the SMTP user's password unencrypted to {}: set --smtp-tls starttls (or tls), or leave out the user",
-                s.smtp_server
-            );
-        }
-        Ok(s)
+        Ok(BootCheckRequest {
+            work_dir: std::path::absolute(work_dir).context("resolving --work-dir")?,
+            timeout: Duration::from_secs(self.timeout.unwrap_or(120)),
+            mail,
+            workers: workers(g),
+        })
     }
 }
 
 pub fn verify_boot_cmd(g: &Global, a: &VerifyBoot) -> Result<i32> {
-    let mail = a.mail.settings()?;
+    let req = a.mail.request(g, &a.work_dir)?;
     let hv = Libvirt::connect(&a.connect)?;
     let (repo, _lock) = open_indexed(g, "verify boot")?;
     let (id, point) = repo.select_point(&a.point)?;
-    let (check, record_id, mailed, shot) = boot_and_report(g, &hv, &repo, &id, &point, &a.work_dir, &mail)?;
+    let helpers = crate::helpers(g)?;
+    let outcome = boot_check(&hv, &repo, &id, &point, &req, &helpers, &bar(g))?;
     if g.json {
-        let mut out = serde_json::to_value(&check)?;
-        out["record"] = record_id.clone().into();
-        out["mailed_to"] = mailed.into();
+        let mut out = serde_json::to_value(&outcome.check)?;
+        out["record"] = outcome.record_id.clone().into();
+        out["mailed_to"] = outcome.mailed_to.clone().into();
         print_json(&out);
     } else {
-        print_check(&check, &record_id, mailed, shot.as_deref());
+        print_check(&outcome);
     }
-    Ok(if check.passed() { 0 } else { crate::EXIT_DAMAGED })
+    Ok(if outcome.check.passed() { 0 } else { crate::EXIT_DAMAGED })
 }
 
-pub fn print_check(check: &BootCheck, record_id: &str, mailed: Option<String>, shot: Option<&[u8]>) {
+pub fn print_check(outcome: &BootOutcome) {
+    let check = &outcome.check;
     println!(
         "boot verification of {} ({}, {}): {} ({})",
         check.vm,
@@ -154,106 +167,13 @@ pub fn print_check(check: &BootCheck, record_id: &str, mailed: Option<String>, s
         check.sandbox,
         check.boot_ms as f64 / 1000.0,
         check.total_ms as f64 / 1000.0,
-        shot.map(|s| format!("{} PNG", bytes(s.len() as u64))).unwrap_or("none".into()),
-        mailed.map(|m| format!("mailed to {m}")).unwrap_or("not mailed".into())
+        outcome.screenshot.as_ref().map(|s| format!("{} PNG", bytes(s.len() as u64))).unwrap_or("none".into()),
+        outcome.mailed_to.as_ref().map(|m| format!("mailed to {m}")).unwrap_or("not mailed".into())
     );
     for r in &check.left_out {
         println!("  left out: {r}");
     }
-    println!("  stored in the repository's catalog as {}", &record_id[..8]);
-}
-
-/// Boots the point in a sandbox, mails and stores the verdict. Returns (check, catalog record,
-/// mailed to, screenshot).
-pub fn boot_and_report(
-    g: &Global,
-    hv: &Libvirt,
-    repo: &std::sync::Arc<cairn_repo::Repository>,
-    id: &str,
-    point: &cairn_repo::RestorePoint,
-    work_dir: &Path,
-    a: &MailSettings,
-) -> Result<(BootCheck, String, Option<String>, Option<Vec<u8>>)> {
-    let repo_dir = crate::repo_for_helper(g)?;
-    let server_point = format!("{}@{}", point.name, id);
-    let launch = |socket: &Path| crate::vm::launch_nbd_server(&repo_dir, &server_point, socket);
-    let opts = BootOptions {
-        work_dir: std::path::absolute(work_dir)?,
-        timeout: Duration::from_secs(a.timeout),
-        launch_server: &launch,
-        workers: workers(g),
-    };
-    let progress = bar(g);
-    let (check, shot) = verify_boot(hv, repo, id, point, &opts, &progress as &dyn Progress)?;
-    let mut record = serde_json::to_value(&check)?;
-    if let Some(png) = &shot {
-        record["screenshot"] = base64::engine::general_purpose::STANDARD.encode(png).into();
-    }
-    let mut mailed = None;
-    if let Some(to) = &a.mail_to {
-        match send_mail(a, to, &check, shot.as_deref()) {
-            Ok(()) => mailed = Some(to.clone()),
-            Err(e) => progress.note(&format!("warning: the report could not be mailed to {to}: {e:#}")),
-        }
-    }
-    record["mailed_to"] = mailed.clone().into();
-    let record_id = repo.save_record(&record)?;
-    Ok((check, record_id, mailed, shot))
-}
-
-fn send_mail(a: &MailSettings, to: &str, check: &BootCheck, png: Option<&[u8]>) -> Result<()> {
-    use lettre::message::{header::ContentType, Attachment, MultiPart, SinglePart};
-    use lettre::transport::smtp::authentication::Credentials;
-    use lettre::{Message, SmtpTransport, Transport};
-    let subject = format!(
-        "cairn boot verification {}: {} restore point {} ({})",
-        check.verdict.to_uppercase(),
-        check.vm,
-        &check.point[..8],
-        check.point_time
-    );
-    let body = format!(
-        "VM: {} ({})\nRestore point: {} taken {}\nVerdict: {}\nWhy: {}\nMethod: {}\nUp after: {:.1} s; verification took {:.1} s\nSandbox: {} (no network, removed afterwards)\n{}\n",
-        check.vm,
-        check.uuid,
-        check.point,
-        check.point_time,
-        check.verdict.to_uppercase(),
-        check.reason,
-        check.method,
-        check.boot_ms as f64 / 1000.0,
-        check.total_ms as f64 / 1000.0,
-        check.sandbox,
-        if png.is_some() { "The screen of the booted VM is attached." } else { "No screenshot could be taken." }
-    );
-    let mut parts = MultiPart::mixed().singlepart(SinglePart::plain(body));
-    if let Some(png) = png {
-        parts = parts
-            .singlepart(Attachment::new("screenshot.png".into()).body(png.to_vec(), ContentType::parse("image/png")?));
-    }
-    let msg = Message::builder()
-        .from(a.mail_from.parse().context("--mail-from is not an address")?)
-        .to(to.parse().context("--mail-to is not an address")?)
-        .subject(subject)
-        .multipart(parts)?;
-    let (host, port) = match a.smtp_server.rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.parse::<u16>().context("SMTP port")?),
-        None => (a.smtp_server.clone(), 25),
-    };
-    let mut t = match a.smtp_tls {
-        SmtpTls::None => SmtpTransport::builder_dangerous(&host),
-        SmtpTls::Starttls => SmtpTransport::starttls_relay(&host)?,
-        SmtpTls::Tls => SmtpTransport::relay(&host)?,
-    }
-    .port(port)
-    .timeout(Some(Duration::from_secs(30)));
-    // MailSettings only exist with TLS when there is a user (BootMail::settings).
-    if let Some(user) = &a.smtp_user {
-        let pass = std::env::var("CAIRN_SMTP_PASSWORD").context("--smtp-user needs CAIRN_SMTP_PASSWORD")?;
-        t = t.credentials(Credentials::new(user.clone(), pass));
-    }
-    t.build().send(&msg).with_context(|| format!("sending through {}", a.smtp_server))?;
-    Ok(())
+    println!("  stored in the repository's catalog as {}", &outcome.record_id[..8]);
 }
 
 #[derive(Args)]
@@ -400,18 +320,16 @@ mod tests {
 
     #[test]
     fn smtp_credentials_need_tls() {
+        let g = <crate::Cli as clap::Parser>::parse_from(["cairn", "points"]).global;
         let mut m = BootMail {
             mail_to: Some("ops@example.com".into()),
             smtp_user: Some("backup".into()),
             smtp_tls: Some(SmtpTls::None),
             ..Default::default()
         };
-        let err = m.settings().err().expect("credentials without TLS accepted").to_string();
-        assert!(err.contains("unencrypted") && err.contains("starttls"), "{err}");
-        m.smtp_tls = Some(SmtpTls::Starttls);
-        assert!(m.settings().is_ok());
+        let err = m.request(&g, Path::new("/tmp")).err().expect("credentials without TLS accepted").to_string();
+        assert!(err.contains("unencrypted"), "{err}");
         m.smtp_user = None;
-        m.smtp_tls = Some(SmtpTls::None);
-        assert!(m.settings().is_ok(), "no credentials, no TLS needed");
+        assert!(m.request(&g, Path::new("/tmp")).is_ok(), "no credentials, no TLS needed");
     }
 }

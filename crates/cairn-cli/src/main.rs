@@ -2,6 +2,7 @@
 //! repository.
 
 mod boot;
+mod hints;
 mod maintenance;
 mod mount;
 mod offsite;
@@ -9,13 +10,10 @@ mod output;
 mod vm;
 
 use anyhow::{bail, Context, Result};
-use cairn_engine::backup::{backup, BackupOptions, DiskInput};
-use cairn_engine::ranges::parse_changed_ranges;
-use cairn_engine::restore::{restore_disk, RestoreOptions};
-use cairn_engine::source::{open_path, ImageFormat};
+use cairn_engine::restore::RestoreOptions;
+use cairn_engine::source::ImageFormat;
 use cairn_engine::target::TargetFormat;
-use cairn_engine::Progress;
-use cairn_repo::{Error as RepoError, Repository};
+use cairn_repo::Repository;
 use cairn_storage::{Backend, LocalBackend};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use output::{bytes, Bar};
@@ -513,70 +511,16 @@ enum Format {
 /// max = "2G"                        # CAIRN_CACHE_MAX: cap of the object store cache
 /// ```
 fn load_host_config() -> Result<()> {
-    let (path, required) = match std::env::var_os("CAIRN_CONFIG") {
-        Some(p) => (PathBuf::from(p), true),
-        None => (PathBuf::from("/etc/cairn/cairn.toml"), false),
+    use cairn_ops::host_config::{HostConfig, DEFAULT_PATH};
+    let config = match std::env::var_os("CAIRN_CONFIG") {
+        Some(p) => HostConfig::load(&PathBuf::from(p), true)?,
+        None => HostConfig::load(std::path::Path::new(DEFAULT_PATH), false)?,
     };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read the configuration file {}", path.display())),
-    };
-    let doc: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
-    // Each setting stands for an environment variable; one set in the environment wins.
-    let known: &[(&str, &[(&str, &str)])] = &[
-        (
-            "mail",
-            &[
-                ("server", "CAIRN_SMTP_SERVER"),
-                ("tls", "CAIRN_SMTP_TLS"),
-                ("user", "CAIRN_SMTP_USER"),
-                ("password", "CAIRN_SMTP_PASSWORD"),
-                ("from", "CAIRN_MAIL_FROM"),
-            ],
-        ),
-        (
-            "s3",
-            &[
-                ("endpoint", "AWS_ENDPOINT_URL"),
-                ("region", "AWS_REGION"),
-                ("access_key_id", "AWS_ACCESS_KEY_ID"),
-                ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
-                ("conditional_put", "CAIRN_S3_CONDITIONAL_PUT"),
-                ("virtual_hosted", "CAIRN_S3_VIRTUAL_HOSTED"),
-            ],
-        ),
-        ("cache", &[("dir", "CAIRN_CACHE_DIR"), ("max", "CAIRN_CACHE_MAX")]),
-        ("network", &[("limit_upload", "CAIRN_LIMIT_UPLOAD"), ("request_timeout", "CAIRN_REQUEST_TIMEOUT")]),
-        (
-            "azure",
-            &[
-                ("connection_string", "AZURE_STORAGE_CONNECTION_STRING"),
-                ("account", "AZURE_STORAGE_ACCOUNT"),
-                ("key", "AZURE_STORAGE_KEY"),
-                ("endpoint", "AZURE_STORAGE_ENDPOINT"),
-            ],
-        ),
-    ];
-    let sections = known.iter().map(|(s, _)| format!("[{s}]")).collect::<Vec<_>>().join(", ");
-    for (section, table) in &doc {
-        let (Some(table), Some((_, settings))) = (table.as_table(), known.iter().find(|(s, _)| s == section)) else {
-            bail!("{}: unknown section [{section}] (known: {sections})", path.display());
-        };
-        for (key, value) in table {
-            let Some((_, var)) = settings.iter().find(|(k, _)| k == key) else {
-                let names = settings.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ");
-                bail!("{}: unknown setting {section}.{key} (known: {names})", path.display());
-            };
-            let value = match value {
-                toml::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            if std::env::var_os(var).is_none() {
-                // Single-threaded here, before anything else runs.
-                unsafe { std::env::set_var(var, value) };
-            }
-        }
+    // Each setting stands for an environment variable (clap's `env =` reads them); one set in
+    // the environment wins.
+    for (var, value) in config.not_in_environment() {
+        // SAFETY: single-threaded here, before anything else runs.
+        unsafe { std::env::set_var(var, value) };
     }
     Ok(())
 }
@@ -644,6 +588,9 @@ fn main() {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
+            if let Some(hint) = hints::hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             std::process::exit(1);
         }
     }
@@ -705,6 +652,16 @@ pub(crate) fn backend_at(dir: &std::path::Path) -> Result<Arc<dyn Backend>> {
     }
 }
 
+/// The helper processes of operations (`cairn_ops::helpers`): this binary's `serve-nbd` and
+/// `watchdog` commands, on this repository, with the password this process was given.
+pub(crate) fn helpers(g: &Global) -> Result<cairn_ops::ExeHelpers> {
+    Ok(cairn_ops::ExeHelpers {
+        exe: std::env::current_exe().context("locating the cairn executable for its helpers")?,
+        repo: repo_for_helper(g)?,
+        password: PROMPTED_PASSWORD.get().cloned().or_else(cairn_ops::helpers::password_from_fd).or_else(env_password),
+    })
+}
+
 /// The repository as a helper process of this one must be told it: a folder made absolute
 /// (the helper may run elsewhere), a URL as given.
 pub(crate) fn repo_for_helper(g: &Global) -> Result<PathBuf> {
@@ -718,7 +675,7 @@ pub(crate) fn repo_for_helper(g: &Global) -> Result<PathBuf> {
 pub(crate) static PROMPTED_PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
-    if let Some(p) = vm::password_from_fd() {
+    if let Some(p) = cairn_ops::helpers::password_from_fd() {
         return Some(p);
     }
     if let Some(p) = env_password() {
@@ -751,7 +708,7 @@ pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     let given_by = if ENV_PASSWORD.get().is_some_and(|p| p.is_some()) {
         Some("CAIRN_PASSWORD")
     } else {
-        std::env::var_os(vm::PASSWORD_FD_ENV).map(|_| vm::PASSWORD_FD_ENV)
+        std::env::var_os(cairn_ops::helpers::PASSWORD_FD_ENV).map(|_| cairn_ops::helpers::PASSWORD_FD_ENV)
     };
     if let Some(var) = given_by.filter(|_| !repo.crypto().is_encrypted()) {
         bail!(
@@ -833,62 +790,23 @@ fn init(
 }
 
 fn backup_image(g: &Global, a: &BackupImage) -> Result<i32> {
+    use cairn_ops::image::{backup_image, BackupImageRequest, Changes};
     let repo = open_repo(g)?;
-    // Temporaries of backups killed more than a day ago.
-    let _ = repo.backend().remove_stale_temporaries(Duration::from_secs(24 * 3600));
-    let _lock = repo.lock(false, "backup", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
-    let progress = bar(g);
-    for (name, problem) in repo.damaged_index_files() {
-        progress.note(&format!(
-            "warning: index file {} is damaged ({problem}); its blocks will be stored again",
-            &name[..8]
-        ));
-    }
-    let format = a.format.as_deref().map(ImageFormat::parse).transpose()?;
-    let mut source = open_path(&a.source, format, a.dirty_bitmap.as_deref())?;
-    let changed = match (&a.changed_ranges, &a.dirty_bitmap) {
-        (Some(f), _) => {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read changed-ranges file {}", f.display()))?;
-            let r = parse_changed_ranges(&text)?;
-            if let Some(last) = r.last() {
-                if last.end() > source.size() {
-                    bail!(
-                        "changed range {}+{} lies beyond the end of the image ({} bytes)",
-                        last.offset,
-                        last.length,
-                        source.size()
-                    );
-                }
-            }
-            Some(r)
-        }
-        (None, Some(bm)) => Some(source.dirty_ranges(bm)?),
-        (None, None) => None,
-    };
-    let parent = if changed.is_some() {
-        match repo.select_point(&a.name) {
-            Ok(p) => Some(p),
-            Err(RepoError::NotFound(_)) => bail!(
-                "there is no earlier restore point named {:?} to apply changed ranges to; the first backup must read everything (drop --changed-ranges/--dirty-bitmap)",
-                a.name
-            ),
-            Err(e) => return Err(e.into()),
-        }
-    } else {
-        None
-    };
-    let opts = BackupOptions {
+    let req = BackupImageRequest {
+        source: a.source.clone(),
+        format: a.format.as_deref().map(ImageFormat::parse).transpose()?,
+        changes: match (&a.changed_ranges, &a.dirty_bitmap) {
+            (Some(f), _) => Changes::RangesFile(f.clone()),
+            (None, Some(b)) => Changes::DirtyBitmap(b.clone()),
+            (None, None) => Changes::All,
+        },
         name: a.name.clone(),
+        disk: a.disk.clone(),
         compression_level: a.compression,
         workers: workers(g),
-        parent,
-        ..Default::default()
+        lock_wait: Duration::from_secs(g.lock_wait),
     };
-    let mut disk = DiskInput::new(&a.disk, source);
-    disk.changed = changed;
-    let (id, point) = backup(&repo, vec![disk], &opts, &progress)?;
+    let (id, point) = backup_image(&repo, &req, &bar(g))?;
     if g.json {
         print_json(&serde_json::json!({"id": id, "point": point}));
     } else {
@@ -944,21 +862,24 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
 }
 
 fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
+    use cairn_ops::image::{restore_image, RestoreImageRequest, RestoredImage};
     let (repo, _lock) = open_indexed(g, "restore")?;
-    let (id, point) = repo.select_point(&a.point)?;
-    let disk = point.disk(a.disk.as_deref()).map_err(anyhow::Error::msg)?;
-    let opts = RestoreOptions {
-        format: match a.format {
-            Format::Raw => TargetFormat::Raw,
-            Format::Qcow2 => TargetFormat::Qcow2,
+    let req = RestoreImageRequest {
+        point: a.point.clone(),
+        disk: a.disk.clone(),
+        to: a.to.clone(),
+        options: RestoreOptions {
+            format: match a.format {
+                Format::Raw => TargetFormat::Raw,
+                Format::Qcow2 => TargetFormat::Qcow2,
+            },
+            force: a.force,
+            workers: workers(g),
         },
-        force: a.force,
-        workers: workers(g),
     };
     // A block device a running VM uses is refused: the engine asks when --to is one.
     cairn_engine::target::check_device_users(Box::new(running_vm_disks));
-    let progress = bar(g);
-    let report = restore_disk(&repo, &id, &point, disk, &a.to, &opts, &progress)?;
+    let RestoredImage { id, point, report } = restore_image(&repo, &req, &bar(g))?;
     if g.json {
         print_json(
             &serde_json::json!({"point": id, "name": point.name, "time": point.time, "to": a.to, "report": report}),
@@ -970,7 +891,7 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
         let device = std::fs::metadata(&a.to).is_ok_and(|m| m.file_type().is_block_device());
         println!(
             "restored disk {} of {} ({}, {}) to {}: {} data, {} zero ({}), {:.1} s",
-            disk.name,
+            report.disk,
             point.name,
             &id[..8],
             point.time,

@@ -1,15 +1,15 @@
 //! `cairn vm list`, `cairn backup vm` and the hidden `cairn watchdog`.
 
-use crate::output::{bytes, Bar};
+use crate::output::bytes;
 use crate::{bar, open_indexed, print_json, workers, Global};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use cairn_engine::Progress;
-use cairn_hypervisor::watchdog::{self, Watchdog};
-use cairn_hypervisor::{AgentStatus, Hypervisor, VmState};
+use cairn_hypervisor::watchdog;
+use cairn_hypervisor::{AgentStatus, Hypervisor};
 use cairn_libvirt::{Libvirt, DEFAULT_URI};
-use cairn_vm::backup::{
-    app_consistent_requirements, backup_vm, choose_method, new_run_token, Method, VmBackupOptions, VmRecord,
-};
+use cairn_ops::vm_backup::{backup_vms, BackupVmsRequest, VmBackupOutcome};
+use cairn_ops::Cancel;
+use cairn_vm::backup::{Method, VmBackupOptions, VmRecord};
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -64,7 +64,7 @@ pub struct BackupVm {
     post_thaw: Vec<String>,
     /// Host folder for NBD sockets, scratch (fleecing) files and memory state; created 0700, and
     /// refused if it is a symbolic link, another user's, or writable by other users
-    #[arg(long, default_value = DEFAULT_WORK_DIR, value_name = "DIR")]
+    #[arg(long, default_value = cairn_ops::DEFAULT_WORK_DIR, value_name = "DIR")]
     work_dir: PathBuf,
     /// The watchdog thaws or resumes a guest frozen or paused longer than this (retrying for
     /// minutes if the thaw or resume fails); a point that took longer to take is discarded
@@ -157,114 +157,20 @@ pub struct WatchdogArgs {
     job_token: String,
 }
 
-/// Where `backup vm` and `verify boot` keep sockets, scratch files and sandboxes: root's own
-/// folder, not the world-writable /var/tmp where another user could create it first.
-pub const DEFAULT_WORK_DIR: &str = "/var/lib/cairn/work";
-
-/// The environment variable naming an inherited file descriptor the repository password can be
-/// read from (once, to its end). Helpers we start (the detached NBD server of an instant recovery
-/// or a boot check) get the password this way, never in their environment, where it would sit in
-/// /proc/PID/environ for their whole life.
-pub const PASSWORD_FD_ENV: &str = "CAIRN_PASSWORD_FD";
-
-/// The password passed through [`PASSWORD_FD_ENV`], if any (read once).
-pub fn password_from_fd() -> Option<String> {
-    static READ: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    READ.get_or_init(|| {
-        use std::io::Read;
-        use std::os::unix::io::FromRawFd;
-        let fd: i32 = std::env::var(PASSWORD_FD_ENV).ok()?.parse().ok()?;
-        // Never stdin/stdout/stderr, and only an open descriptor: File takes it over and closes it.
-        if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return None;
-        }
-        let mut p = String::new();
-        unsafe { std::fs::File::from_raw_fd(fd) }.read_to_string(&mut p).ok()?;
-        Some(p)
-    })
-    .clone()
-}
-
-/// The repository password this process was given (prompted, from a descriptor, or from the
-/// environment), for a helper that opens the same repository.
-fn repository_password() -> Option<String> {
-    crate::PROMPTED_PASSWORD.get().cloned().or_else(password_from_fd).or_else(crate::env_password)
-}
-
-/// Gives `cmd` the password on descriptor 3 through a pipe ([`PASSWORD_FD_ENV`]); returns the
-/// read end to close once the child started.
-fn pass_password(cmd: &mut std::process::Command, password: &str) -> Result<std::os::fd::OwnedFd> {
-    use std::io::Write;
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::process::CommandExt;
-    let mut fds = [0i32; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("creating a pipe for the password");
-    }
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // A pipe holds 64 KiB: the write completes before the child reads.
-    std::fs::File::from(write).write_all(password.as_bytes()).context("writing the password to its pipe")?;
-    let r = fds[0];
-    cmd.env(PASSWORD_FD_ENV, "3");
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 clears close-on-exec on the copy; if it already is 3, clear it by hand.
-            if r == 3 {
-                let flags = libc::fcntl(3, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(r, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    };
-    Ok(read)
-}
-
 pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
     let hv = Libvirt::connect(&a.connect)?;
-    let vms = hv.list()?;
-    let mut rows = Vec::new();
-    for vm in &vms {
-        let (method, why) = match choose_method(&hv, vm, Method::Auto) {
-            Ok((m, why)) => (m.as_str().to_string(), why),
-            Err(e) => ("none".to_string(), e.to_string()),
-        };
-        let app = app_consistent_requirements(&hv, vm);
-        rows.push((vm, method, why, app));
-    }
+    let vms = cairn_ops::vm_list::list_vms(&hv)?;
     if g.json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|(vm, method, why, app)| {
-                serde_json::json!({
-                    "name": vm.name, "uuid": vm.uuid, "state": vm.state,
-                    "disks": vm.config.disks, "files": vm.config.files, "nics": vm.config.nics,
-                    "memory_bytes": vm.config.memory_bytes, "vcpus": vm.config.vcpus,
-                    "agent": vm.agent, "agent_channel": vm.config.agent_channel,
-                    "method": method, "method_reason": why,
-                    "app_consistent": app.is_ok(),
-                    "app_consistent_reason": match app { Ok(s) | Err(s) => s },
-                })
-            })
-            .collect();
-        print_json(&v);
+        print_json(&vms);
         return Ok(0);
     }
-    if rows.is_empty() {
+    if vms.is_empty() {
         println!("no VMs on {}", a.connect);
     }
-    for (vm, method, why, _) in &rows {
+    for vm in &vms {
         println!("{}  {}  {}", vm.name, vm.uuid, vm.state.as_str());
-        println!(
-            "  {} vCPU, {} memory, {} NIC(s)",
-            vm.config.vcpus,
-            bytes(vm.config.memory_bytes),
-            vm.config.nics.len()
-        );
-        for d in &vm.config.disks {
+        println!("  {} vCPU, {} memory, {} NIC(s)", vm.vcpus, bytes(vm.memory_bytes), vm.nics.len());
+        for d in &vm.disks {
             println!(
                 "  disk {:<5} {:<6} {:<6} {:>10}  {}{}",
                 d.target,
@@ -275,7 +181,7 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
                 if d.is_backed_up() { "" } else { "  (not backed up)" }
             );
         }
-        for f in &vm.config.files {
+        for f in &vm.files {
             println!("  file {:<7} {}", f.role, f.path);
         }
         let agent = match &vm.agent {
@@ -284,7 +190,7 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
             AgentStatus::Answering => "answering".to_string(),
         };
         println!("  guest agent: {agent}");
-        println!("  backup method: {method} ({why})");
+        println!("  backup method: {} ({})", vm.method, vm.method_reason);
     }
     Ok(0)
 }
@@ -311,55 +217,37 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
         workers: workers(g),
         oracle_dir: a.debug_oracle.clone(),
         hold_point: a.debug_hold.map(Duration::from_secs_f64),
-        run_token: String::new(), // one per VM, in backup_one
+        run_token: String::new(), // one per VM, given by the operation
         freeze_limit: Duration::from_secs(a.freeze_limit),
     };
     // Checked before any backup: a mail setting that cannot work should not wait for a boot.
-    let mail = if a.verify_boot { Some(crate::boot::BootMail::from(&a.mail).settings()?) } else { None };
-    let mut results = Vec::new();
-    let mut failed = 0;
-    let mut unbootable = 0;
-    for name in &a.vms {
-        match backup_one(&hv, &repo, name, &opts, a, &progress) {
-            Ok((id, point, record)) => {
-                if !g.json {
-                    print_vm_backup(&id, &point, &record);
+    let boot_check =
+        if a.verify_boot { Some(crate::boot::BootMail::from(&a.mail).request(g, &opts.work_dir)?) } else { None };
+    let helpers = crate::helpers(g)?;
+    let req = BackupVmsRequest { vms: a.vms.clone(), options: opts, boot_check };
+    let print = |o: &VmBackupOutcome| {
+        // Failures go to stderr with --json too (the JSON carries them without the advice).
+        match &o.result {
+            Ok(b) if !g.json => {
+                print_vm_backup(&b.id, &b.point, &b.record);
+                if let Some(Ok(boot)) = &b.boot {
+                    crate::boot::print_check(boot);
                 }
-                let mut rec = serde_json::to_value(&record)?;
-                rec.as_object_mut().map(|o| o.remove("config"));
-                let mut result = serde_json::json!({"vm": name, "ok": true, "id": id, "record": rec, "stats": point.stats,
-                    "disks": point.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>()});
-                if let Some(mail) = &mail {
-                    match crate::boot::boot_and_report(g, &hv, &repo, &id, &point, &opts.work_dir, mail) {
-                        Ok((check, record_id, mailed, shot)) => {
-                            if !check.passed() {
-                                unbootable += 1;
-                            }
-                            if !g.json {
-                                crate::boot::print_check(&check, &record_id, mailed.clone(), shot.as_deref());
-                            }
-                            result["boot_verification"] = serde_json::to_value(&check)?;
-                            result["boot_verification"]["mailed_to"] = mailed.into();
-                        }
-                        Err(e) => {
-                            unbootable += 1;
-                            progress.note(&format!("error: boot verification of {name} failed: {e:#}"));
-                            result["boot_verification"] = serde_json::json!({"error": format!("{e:#}")});
-                        }
-                    }
-                }
-                results.push(result);
             }
-            Err(e) => {
-                failed += 1;
-                progress.note(&format!("error: backup of VM {name} failed: {e:#}"));
-                results.push(serde_json::json!({"vm": name, "ok": false, "error": format!("{e:#}")}));
-            }
+            Ok(_) => {}
+            Err(e) => progress.note(&format!("error: backup of VM {} failed: {e:#}{}", o.vm, crate::hints::suffix(e))),
         }
-    }
+        if let Some(Err(e)) = o.result.as_ref().ok().and_then(|b| b.boot.as_ref()) {
+            progress.note(&format!("error: boot verification of {} failed: {e:#}{}", o.vm, crate::hints::suffix(e)));
+        }
+    };
+    let outcomes = backup_vms(&hv, &repo, &req, &helpers, &progress, &Cancel::new(), &mut |o| print(o));
     if g.json {
+        let results: Vec<serde_json::Value> = outcomes.iter().map(outcome_json).collect::<Result<_>>()?;
         print_json(&results);
     }
+    let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+    let unbootable = outcomes.iter().filter(|o| o.result.as_ref().is_ok_and(|b| b.unbootable())).count();
     Ok(if failed > 0 {
         1
     } else if unbootable > 0 {
@@ -369,47 +257,54 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
     })
 }
 
-fn backup_one(
-    hv: &Libvirt,
-    repo: &std::sync::Arc<cairn_repo::Repository>,
-    name: &str,
-    opts: &VmBackupOptions,
-    a: &BackupVm,
-    progress: &Bar,
-) -> Result<(String, cairn_repo::RestorePoint, VmRecord)> {
-    let vm = hv.find(name)?;
-    let opts = VmBackupOptions { run_token: new_run_token(), ..opts.clone() };
-    // A shut-off VM has nothing to guard: no freeze, no pause, no backup job.
-    let mut dog = if vm.state != VmState::ShutOff {
-        let exe = std::env::current_exe().context("locating the cairn executable for the watchdog")?;
-        let args: Vec<String> = vec![
-            "watchdog".into(),
-            "--connect".into(),
-            a.connect.clone(),
-            "--vm".into(),
-            vm.uuid.clone(),
-            "--limit".into(),
-            a.freeze_limit.to_string(),
-            "--job-token".into(),
-            opts.run_token.clone(),
-        ];
-        let dog = Watchdog::start(&exe, &args)?;
-        progress.note(&format!("{}: watchdog running {}", vm.name, dog.mode()));
-        dog
-    } else {
-        Watchdog::none()
+/// One VM's outcome as `backup vm --json` prints it.
+fn outcome_json(o: &VmBackupOutcome) -> Result<serde_json::Value> {
+    let b = match &o.result {
+        Ok(b) => b,
+        Err(e) => return Ok(serde_json::json!({"vm": o.vm, "ok": false, "error": format!("{e:#}")})),
     };
-    let r = backup_vm(hv, repo, &vm, &opts, &mut dog, progress as &dyn Progress);
-    if r.is_ok() {
-        dog.done();
+    let mut rec = serde_json::to_value(&b.record)?;
+    rec.as_object_mut().map(|o| o.remove("config"));
+    let disks: Vec<_> = b
+        .point
+        .disks
+        .iter()
+        .map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats}))
+        .collect();
+    let mut result = serde_json::json!({"vm": o.vm, "ok": true, "id": b.id, "record": rec, "stats": b.point.stats,
+        "disks": disks});
+    match &b.boot {
+        None => {}
+        Some(Ok(boot)) => {
+            result["boot_verification"] = serde_json::to_value(&boot.check)?;
+            result["boot_verification"]["mailed_to"] = boot.mailed_to.clone().into();
+        }
+        Some(Err(e)) => result["boot_verification"] = serde_json::json!({"error": format!("{e:#}")}),
     }
-    r
+    Ok(result)
+}
+
+/// Asks on the terminal whether to go on; `yes` answers for the operator. Without a terminal
+/// nothing is asked and the answer is no.
+fn confirm(question: &str, yes: bool) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return true;
+    }
+    if !std::io::stdin().is_terminal() {
+        eprintln!("{question} Not asked (no terminal): add --yes to replace.");
+        return false;
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    matches!(line.trim(), "y" | "Y" | "yes")
 }
 
 pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     use cairn_engine::target::TargetFormat;
-    use cairn_vm::recover::{recover_vm, RecoverOptions};
-    use std::io::{BufRead, IsTerminal, Write};
+    use cairn_ops::vm_recover::{execute, plan, RecoverOptions, Recovery};
     let hv = Libvirt::connect(&a.connect)?;
     let (repo, _lock) = open_indexed(g, "restore vm")?;
     let (id, point) = repo.select_point(&a.point)?;
@@ -431,38 +326,27 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         network_map,
         drop_missing: a.drop_missing,
         keep_host_devices: a.keep_host_devices,
+        instant: a.instant,
         workers: workers(g),
     };
-    let yes = a.yes;
-    let confirm = move |question: &str| -> bool {
-        if yes {
-            return true;
-        }
-        if !std::io::stdin().is_terminal() {
-            eprintln!("{question} Not asked (no terminal): add --yes to replace.");
-            return false;
-        }
-        eprint!("{question} [y/N] ");
-        let _ = std::io::stderr().flush();
-        let mut line = String::new();
-        let _ = std::io::stdin().lock().read_line(&mut line);
-        matches!(line.trim(), "y" | "Y" | "yes")
-    };
     let progress = bar(g);
-    let repo_dir = crate::repo_for_helper(g)?;
+    let recovery = plan(&hv, &repo, &id, &point, &opts, &progress)?;
+    if let Recovery::Plan(p) = &recovery {
+        if let Some(orig) = &p.replaces {
+            let question = format!(
+                "VM {} ({}) will be stopped and replaced by restore point {}. Go on?",
+                orig.name,
+                orig.uuid,
+                &id[..8]
+            );
+            if !confirm(&question, a.yes) {
+                bail!("not confirmed: VM {} left as it was; nothing was written or defined", orig.name);
+            }
+        }
+    }
+    let helpers = crate::helpers(g)?;
     let server_point = format!("{}@{}", point.name, id);
-    let launch = |socket: &std::path::Path| launch_nbd_server(&repo_dir, &server_point, socket);
-    let instant = cairn_vm::recover::InstantMode { launch_server: &launch, stop_after_start: a.debug_stop_after_start };
-    let report = recover_vm(
-        &hv,
-        &repo,
-        &id,
-        &point,
-        &opts,
-        &confirm,
-        a.instant.then_some(&instant),
-        &progress as &dyn Progress,
-    )?;
+    let report = execute(recovery, &hv, &repo, &server_point, &helpers, a.debug_stop_after_start, &progress)?;
     if g.json {
         print_json(&report);
         return Ok(0);
@@ -502,36 +386,6 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         report.duration_ms as f64 / 1000.0
     );
     Ok(0)
-}
-
-/// Starts `cairn serve-nbd POINT --socket SOCKET` as a detached process (its own process group,
-/// so it outlives this command and its Ctrl-C) and returns its PID once it listens.
-pub fn launch_nbd_server(repo_dir: &std::path::Path, point: &str, socket: &std::path::Path) -> Result<u32> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(socket.with_extension("log"))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["serve-nbd", point, "--socket"]).arg(socket).arg("--repo").arg(repo_dir);
-    let pipe = match repository_password() {
-        Some(p) => Some(pass_password(&mut cmd, &p)?),
-        None => None,
-    };
-    cmd.process_group(0).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    let spawned = cmd.spawn().context("starting the NBD server");
-    drop(pipe); // the child has its copy
-    let mut child = spawned?;
-    let t = std::time::Instant::now();
-    while !socket.exists() {
-        if let Some(st) = child.try_wait()? {
-            anyhow::bail!("the NBD server exited ({st}); see {}", socket.with_extension("log").display());
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            anyhow::bail!("the NBD server did not start listening in 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(child.id())
 }
 
 pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {

@@ -208,7 +208,7 @@ fn untrustworthy_checkpoints_and_changed_disks_force_full_reads_with_the_reason(
     let r = e.backup(&g, &[]);
     assert_eq!(record(&r)["chain"], "incremental");
     let r = e.backup(&g, &["--full"]);
-    full(&r, "--full");
+    full(&r, "a full read was asked for");
     // The newest point forgotten: the next backup says the chain restarts, and why.
     let newest = format!("{}@{}", g.name, &r["id"].as_str().unwrap()[..12]);
     let f = e.env.json(&["forget", &newest]);

@@ -28,6 +28,24 @@ use std::path::{Path, PathBuf};
 
 pub use config::{within, ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFile, VmNic};
 
+/// The hypervisor cannot be reached at `uri` (not running, refused, unknown URI).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to {hypervisor} at {uri}: {detail}")]
+pub struct Unreachable {
+    /// What was asked: `libvirt`.
+    pub hypervisor: &'static str,
+    pub uri: String,
+    pub detail: String,
+}
+
+/// No VM has this name or UUID on the host.
+#[derive(Debug, thiserror::Error)]
+#[error("no VM named or with UUID '{name}' on {uri}")]
+pub struct NoSuchVm {
+    pub name: String,
+    pub uri: String,
+}
+
 /// What a VM is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use cairn_hypervisor::{
     AgentStatus, BackupExport, BackupRequest, Checkpoint, ConfigEdit, ExportedDisk, GuestExec, GuestFilesystem,
-    Hypervisor, Rewritten, VmConfig, VmState, VmSummary,
+    Hypervisor, NoSuchVm, Rewritten, Unreachable, VmConfig, VmState, VmSummary,
 };
 use serde_json::{json, Value};
 use std::ffi::{CStr, CString};
@@ -32,11 +32,10 @@ impl Libvirt {
     pub fn connect(uri: &str) -> Result<Libvirt> {
         // libvirt prints every error to stderr by default; ours carry the message instead.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(|e| {
-            anyhow!(
-                "cannot connect to libvirt at {uri}: {}\nIs libvirtd running on this host? Start it (`systemctl start libvirtd`, or `libvirtd -d`), or pass --connect URI.",
-                e.message()
-            )
+        let conn = Connect::open(Some(uri)).map_err(|e| Unreachable {
+            hypervisor: "libvirt",
+            uri: uri.to_string(),
+            detail: e.message().to_string(),
         })?;
         Ok(Libvirt { uri: uri.to_string(), conn })
     }
@@ -114,7 +113,7 @@ impl Hypervisor for Libvirt {
             .conn
             .lookup_domain_by_uuid_string(name_or_uuid)
             .or_else(|_| self.conn.lookup_domain_by_name(name_or_uuid))
-            .map_err(|_| anyhow!("no VM named or with UUID '{name_or_uuid}' on {} (see `cairn vm list`)", self.uri))?;
+            .map_err(|_| NoSuchVm { name: name_or_uuid.to_string(), uri: self.uri.clone() })?;
         self.summary(&dom)
     }
 

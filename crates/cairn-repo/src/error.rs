@@ -3,7 +3,7 @@ use cairn_storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no cairn repository at {0} (create one with `cairn init --repo {0}`)")]
+    #[error("no cairn repository at {0}")]
     NotARepository(String),
     #[error("a repository already exists at {0}")]
     AlreadyExists(String),
@@ -21,6 +21,15 @@ pub enum Error {
     DamagedBlock { id: BlockId, pack: String, detail: String },
     #[error("{0}")]
     NotFound(String),
+    /// No restore point has this name.
+    #[error("no restore point named {0:?}")]
+    NoSuchPoint(String),
+    /// The point is protected (`protect`): nothing removes it until it is unprotected.
+    #[error("restore point {point} of {name} is protected")]
+    Protected { point: String, name: String, spec: String },
+    /// An index file cannot be read; `consequence` says what the operation did about it.
+    #[error("index file {file} is damaged ({why}): {consequence}")]
+    DamagedIndex { file: String, why: String, consequence: String },
     /// A request that cannot be carried out as given (an empty retention policy).
     #[error("{0}")]
     Invalid(String),

@@ -114,11 +114,7 @@ pub fn plan_points(repo: &Repository, specs: &[String]) -> Result<Vec<GroupPlan>
     for spec in specs {
         let (id, p) = repo.select_point(spec)?;
         if protected.contains(&id) {
-            return Err(crate::Error::Invalid(format!(
-                "restore point {} of {} is protected: `cairn protect {spec} --unprotect` first",
-                &id[..8],
-                p.name
-            )));
+            return Err(crate::Error::Protected { point: id[..8].to_string(), name: p.name, spec: spec.clone() });
         }
         let key = group_key(&p);
         let newest = listed.points.iter().filter(|(_, q)| group_key(q) == key).map(|(i, q)| (&q.time, i)).max();
@@ -226,7 +222,7 @@ fn protected_points_strict(repo: &Repository) -> Result<HashSet<String>> {
     if let Some((name, why)) = repo.damaged_records().first() {
         return Err(crate::Error::Corrupt(format!(
             "catalog record {} is damaged ({why}); it may protect a point, so nothing was removed \
-             (`cairn verify` names it; delete it to go on)",
+             (deleting the record lets forget go on)",
             &name[..8.min(name.len())]
         )));
     }

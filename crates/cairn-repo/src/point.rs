@@ -182,7 +182,7 @@ impl RestorePoint {
             None if self.disks.len() == 1 => Ok(&self.disks[0]),
             None => {
                 let have: Vec<&str> = self.disks.iter().map(|d| d.name.as_str()).collect();
-                Err(format!("restore point has {} disks; pick one with --disk ({})", self.disks.len(), have.join(", ")))
+                Err(format!("restore point has {} disks ({}): name one", self.disks.len(), have.join(", ")))
             }
         }
     }

@@ -165,17 +165,18 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
     if let Some((name, why)) = repo.damaged_records().first() {
         return Err(Error::Corrupt(format!(
             "catalog record {} is damaged ({why}): it may hold prune marks, a quarantine or protections that \
-             decide what may be deleted; nothing was changed (`cairn verify` names it; delete it to go on)",
+             decide what may be deleted; nothing was changed (deleting the record lets prune go on)",
             &name[..8.min(name.len())]
         )));
     }
     let mut marks = marks_in(&records);
     repo.load_index()?;
     if let Some((name, why)) = repo.damaged_index_files().first() {
-        return Err(Error::Corrupt(format!(
-            "index file {} is damaged ({why}): prune would take the packs it lists for unused; run `cairn repair index` first",
-            &name[..8.min(name.len())]
-        )));
+        return Err(Error::DamagedIndex {
+            file: name[..8.min(name.len())].to_string(),
+            why: why.to_string(),
+            consequence: "prune would take the packs it lists for unused".into(),
+        });
     }
 
     progress("reading restore points and their maps");
@@ -353,10 +354,11 @@ pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) ->
     let locks = live_locks(repo.backend().as_ref(), repo.hostname(), lock.name())?;
     let later = repo.list_points()?;
     if let Some((name, why)) = repo.damaged_index_files().first() {
-        return Err(Error::Corrupt(format!(
-            "index file {} is damaged ({why}); marks recorded, nothing deleted: run `cairn repair index`",
-            &name[..8.min(name.len())]
-        )));
+        return Err(Error::DamagedIndex {
+            file: name[..8.min(name.len())].to_string(),
+            why: why.to_string(),
+            consequence: "marks recorded, nothing deleted".into(),
+        });
     }
     if let Some((id, why)) = later.damaged.first() {
         return Err(Error::Corrupt(format!(
@@ -545,10 +547,7 @@ impl Reachability {
                 self.damaged_only.extend(quarantined);
                 return Ok(());
             }
-            return Err(Error::MissingBlock {
-                id: *id,
-                context: format!("{}; prune would not be safe: run `cairn verify`", context()),
-            });
+            return Err(Error::MissingBlock { id: *id, context: format!("{}; prune would not be safe", context()) });
         }
         if copies.iter().any(|c| self.is_used(c.position)) {
             return Ok(());

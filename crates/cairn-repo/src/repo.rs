@@ -756,7 +756,7 @@ impl Repository {
         let all = self.list_points()?.points;
         let mine: Vec<_> = all.into_iter().filter(|(_, p)| p.name == name).collect();
         if mine.is_empty() {
-            return Err(Error::NotFound(format!("no restore point named {name:?} (see `cairn points`)")));
+            return Err(Error::NoSuchPoint(name.to_string()));
         }
         if sel == "latest" || sel.is_empty() {
             return Ok(mine.into_iter().last().unwrap());

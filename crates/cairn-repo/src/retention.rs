@@ -164,7 +164,7 @@ impl Decision {
 
 /// [`decide`] was given a policy without any rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the retention policy has no rule: it would remove every point (give at least one --keep-* option)")]
+#[error("the retention policy has no rule: it would remove every point")]
 pub struct EmptyPolicy;
 
 /// Decides, for one group of points, which are kept and why (see the module documentation).

@@ -179,7 +179,7 @@ fn prune_refuses_when_a_point_or_an_index_file_cannot_be_read() {
     let victim = dir.path().join("index").join(&idx[0].name);
     std::fs::write(&victim, b"garbage").unwrap();
     let e = prune(&open(dir.path()), &now_opts(), &|_| {}).err().expect("a damaged index file must stop the prune");
-    assert!(e.to_string().contains("repair index"), "{e}");
+    assert!(matches!(e, Error::DamagedIndex { .. }), "{e}");
     assert_eq!(packs(dir.path()), 2, "nothing deleted");
 }
 

@@ -15,6 +15,7 @@
 //!    repository. A failure before the commit ends the job and deletes the new checkpoint, so the
 //!    old one (whose bitmap then holds every write since it) still matches the last restore point.
 
+use crate::Refusal;
 use anyhow::{anyhow, bail, Context, Result};
 use cairn_disk::swap::{find_swap, skip_ranges};
 use cairn_engine::backup::{backup_with, BackupOptions, DiskInput};
@@ -259,12 +260,10 @@ pub fn choose_method(hv: &dyn Hypervisor, vm: &VmSummary, asked: Method) -> Resu
         },
         Method::AppConsistent => match app_consistent_requirements(hv, vm) {
             Ok(why) => (Method::AppConsistent, why),
-            Err(why) => {
-                bail!("VM {} cannot be backed up app-consistently: {why}. Use --method saved-state or auto.", vm.name)
-            }
+            Err(why) => return Err(Refusal::AppConsistentImpossible { vm: vm.name.clone(), why }.into()),
         },
-        Method::SavedState => (Method::SavedState, "asked for (--method saved-state)".into()),
-        Method::CrashConsistent => (Method::CrashConsistent, "asked for (--method crash-consistent)".into()),
+        Method::SavedState => (Method::SavedState, "asked for (method saved-state)".into()),
+        Method::CrashConsistent => (Method::CrashConsistent, "asked for (method crash-consistent)".into()),
         Method::Offline => bail!("the offline method is only for VMs that are shut off"),
     })
 }
@@ -530,7 +529,9 @@ pub fn vm_work_dir(work_dir: &Path, uuid: &str) -> PathBuf {
     work_dir.join(uuid)
 }
 
-/// Backs up one VM as one restore point.
+/// Backs up one VM as one restore point. The steps are in the module documentation; each is a
+/// function below: [`prepare`], [`new_record`], then [`backup_offline`] for a shut-off VM, or
+/// [`take_live_point`], [`read_live_point`] and [`end_live_backup`] for a running one.
 pub fn backup_vm(
     hv: &dyn Hypervisor,
     repo: &Arc<Repository>,
@@ -541,18 +542,109 @@ pub fn backup_vm(
 ) -> Result<(String, RestorePoint, VmRecord)> {
     let mut clock = Clock { t0: Instant::now(), events: Vec::new() };
     clock.mark("prepare");
+    let prep = prepare(hv, repo, vm, opts, progress)?;
+    let (method, method_reason) = choose_method(hv, vm, opts.method)?;
+    let disks: Vec<VmDisk> = vm.config.disks.iter().filter(|d| d.is_backed_up()).cloned().collect();
+    if disks.is_empty() {
+        bail!("VM {} has no disks to back up", vm.name);
+    }
+    let mut record = new_record(hv, repo, vm, method, method_reason)?;
+    progress.note(&format!("{}: method {} ({})", vm.name, method.as_str(), record.method_reason));
+    let chain = if opts.full {
+        Err("a full read was asked for".to_string())
+    } else {
+        let last_record = prep.last.as_ref().and_then(|(_, p)| VmRecord::of(p));
+        trust_checkpoint(
+            hv,
+            &vm.uuid,
+            &disks,
+            prep.last.as_ref(),
+            last_record.as_ref(),
+            prep.forgotten_checkpoint.as_deref(),
+        )
+    };
+    if method == Method::Offline {
+        return backup_offline(repo, vm, &disks, chain, prep.last, record, clock, opts, progress);
+    }
+
+    let new_checkpoint =
+        format!("{}{}", prep.prefix, SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_millis());
+    let memory_file = prep.dir.join(format!("memory-{}.state", opts.run_token));
+    let _memory_file = RemoveOnDrop(&memory_file);
+    let live = LivePoint { dir: &prep.dir, disks: &disks, new_checkpoint: &new_checkpoint, memory_file: &memory_file };
+    let (export, listed_changes, chain) =
+        take_live_point(hv, repo, vm, method, &live, chain, opts, watchdog, &mut clock, &mut record, progress)?;
+    let all_qcow2 = disks.iter().all(|d| d.supports_checkpoints());
+    record.checkpoint = if all_qcow2 { Some(new_checkpoint.clone()) } else { None };
+    match &chain {
+        Ok(cp) => {
+            record.chain = "incremental".into();
+            record.incremental_from = Some(cp.clone());
+            record.chain_reason =
+                format!("checkpoint {cp} matches restore point {}", &prep.last.as_ref().unwrap().0[..8]);
+        }
+        Err(why) => {
+            record.chain_reason = if all_qcow2 {
+                format!("{why}; a new chain starts")
+            } else {
+                format!("{why}; raw disks carry no dirty bitmap, so they are read in full (deduplicated)")
+            }
+        }
+    }
+    progress.note(&format!("{}: {} read ({})", vm.name, record.chain, record.chain_reason));
+    let result = read_live_point(
+        repo,
+        vm,
+        &live,
+        &export,
+        listed_changes,
+        chain.is_ok(),
+        prep.last,
+        record,
+        clock,
+        opts,
+        progress,
+    );
+    // The job ends either way; its scratch files go with it.
+    let ended = end_job(hv, &vm.uuid, &opts.run_token);
+    drop(_memory_file);
+    let _ = std::fs::remove_file(&export.socket);
+    end_live_backup(hv, &vm.uuid, &prep.prefix, &new_checkpoint, result, ended, watchdog)
+}
+
+/// What [`prepare`] found and holds for the rest of a backup.
+struct Prepared {
+    /// The VM's work folder (sockets, scratch files, memory state), ours alone.
+    dir: PathBuf,
+    /// Held until the backup ends: no other cairn run backs up this VM meanwhile.
+    _lock: VmLock,
+    /// This repository's checkpoint names start with it.
+    prefix: String,
+    /// The VM's newest restore point in this repository.
+    last: Option<(String, RestorePoint)>,
+    /// A checkpoint of this repository newer than the newest point's (deleted here): its point
+    /// was removed since (forget), which the chain's reason says.
+    forgotten_checkpoint: Option<String>,
+}
+
+/// Before anything touches the guest: the work folders, the VM's lock, and the leftovers of a
+/// killed run (its backup job, scratch files, memory state, and checkpoints it made that no
+/// restore point refers to).
+fn prepare(
+    hv: &dyn Hypervisor,
+    repo: &Arc<Repository>,
+    vm: &VmSummary,
+    opts: &VmBackupOptions,
+    progress: &dyn Progress,
+) -> Result<Prepared> {
     let uuid = vm.uuid.as_str();
     let dir = vm_work_dir(&opts.work_dir, uuid);
-    // Before anything touches the guest: the folder where libvirt puts the sockets we read from.
+    // The folder where libvirt puts the sockets we read from.
     private_dir(&opts.work_dir).context("the work folder")?;
     private_dir(&dir).context("the VM's work folder")?;
-    let _lock = lock_vm(&dir, uuid, &vm.name)?;
+    let lock = lock_vm(&dir, uuid, &vm.name)?;
     let prefix = checkpoint_prefix(repo);
     let last = last_point_of(repo, uuid)?;
-    let last_record = last.as_ref().and_then(|(_, p)| VmRecord::of(p));
-
-    // Leftovers of a killed run: its backup job, scratch files, memory state, and checkpoints it
-    // made that no restore point refers to.
     if vm.state != VmState::ShutOff {
         if let Some(socket) = hv.running_backup(uuid)? {
             if socket.starts_with(&dir) {
@@ -564,12 +656,7 @@ pub fn backup_vm(
                     }
                 }
             } else {
-                bail!(
-                    "VM {} already has a backup job that cairn did not start (NBD socket {}); end it first (virsh domjobabort {})",
-                    vm.name,
-                    socket.display(),
-                    vm.name
-                );
+                return Err(Refusal::ForeignBackupJob { vm: vm.name.clone(), socket }.into());
             }
         }
     }
@@ -582,14 +669,14 @@ pub fn backup_vm(
             let _ = std::fs::remove_file(e.path());
         }
     }
-    let keep = last_record.as_ref().and_then(|r| r.checkpoint.clone());
-    // A checkpoint of this repository newer than the newest point's: its run committed (older
-    // checkpoints go only after a commit), so its point was removed since (forget).
+    let keep = last.as_ref().and_then(|(_, p)| VmRecord::of(p)).and_then(|r| r.checkpoint);
     let mut forgotten_checkpoint: Option<String> = None;
     if vm.state != VmState::ShutOff {
         if let Ok(cps) = hv.checkpoints(uuid) {
             for cp in cps.iter().rev() {
                 if cp.name.starts_with(&prefix) && Some(&cp.name) != keep.as_ref() {
+                    // Newer than the newest point's: its run committed (older checkpoints go only
+                    // after a commit), so its point was removed since.
                     let newer = keep.as_ref().is_some_and(|k| cp.name > *k);
                     let why = if newer {
                         "its restore point, the newest, was removed"
@@ -605,15 +692,19 @@ pub fn backup_vm(
             }
         }
     }
+    Ok(Prepared { dir, _lock: lock, prefix, last, forgotten_checkpoint })
+}
 
-    let (method, method_reason) = choose_method(hv, vm, opts.method)?;
-    let disks: Vec<VmDisk> = vm.config.disks.iter().filter(|d| d.is_backed_up()).cloned().collect();
-    if disks.is_empty() {
-        bail!("VM {} has no disks to back up", vm.name);
-    }
-    let config = hv.config_document(uuid)?;
-    let mut record = VmRecord {
-        uuid: uuid.to_string(),
+/// The record of a new point of `vm`, before its chain is known.
+fn new_record(
+    hv: &dyn Hypervisor,
+    repo: &Repository,
+    vm: &VmSummary,
+    method: Method,
+    method_reason: String,
+) -> Result<VmRecord> {
+    Ok(VmRecord {
+        uuid: vm.uuid.clone(),
         name: vm.name.clone(),
         hypervisor: hv.uri().to_string(),
         host: repo.hostname().to_string(),
@@ -633,83 +724,110 @@ pub fn backup_vm(
         files: Vec::new(),
         memory_state: None,
         hooks: Vec::new(),
-        config,
-    };
-    progress.note(&format!("{}: method {} ({})", vm.name, method.as_str(), record.method_reason));
+        config: hv.config_document(&vm.uuid)?,
+    })
+}
 
-    if method == Method::Offline {
-        let mut chain = if opts.full {
-            Err("--full asked for a full read".to_string())
-        } else {
-            trust_checkpoint(hv, uuid, &disks, last.as_ref(), last_record.as_ref(), forgotten_checkpoint.as_deref())
-        };
-        let mut inputs = None;
-        if let Ok(cp) = chain.clone() {
-            // QEMU stored the checkpoint's bitmap in each qcow2 image when it closed them cleanly;
-            // after a crash it is missing or marked inconsistent, and qemu-nbd refuses it.
-            match open_files(&disks, Some(&cp), skip_swap(opts, method), &mut record) {
-                Ok(i) => inputs = Some(i),
-                Err(e) => {
-                    record.skipped_swap.clear();
-                    chain = Err(format!("checkpoint {cp} cannot be used: {e:#}"));
-                }
+/// A shut-off VM: its disk files are read directly, only what the checkpoint's bitmap (stored
+/// in each qcow2 image) lists when `chain` trusts it.
+#[allow(clippy::too_many_arguments)] // the backup's state, handed on once
+fn backup_offline(
+    repo: &Arc<Repository>,
+    vm: &VmSummary,
+    disks: &[VmDisk],
+    mut chain: std::result::Result<String, String>,
+    last: Option<(String, RestorePoint)>,
+    mut record: VmRecord,
+    mut clock: Clock,
+    opts: &VmBackupOptions,
+    progress: &dyn Progress,
+) -> Result<(String, RestorePoint, VmRecord)> {
+    let method = record.method;
+    let mut inputs = None;
+    if let Ok(cp) = chain.clone() {
+        // QEMU stored the checkpoint's bitmap in each qcow2 image when it closed them cleanly;
+        // after a crash it is missing or marked inconsistent, and qemu-nbd refuses it.
+        match open_files(disks, Some(&cp), skip_swap(opts, method), &mut record) {
+            Ok(i) => inputs = Some(i),
+            Err(e) => {
+                record.skipped_swap.clear();
+                chain = Err(format!("checkpoint {cp} cannot be used: {e:#}"));
             }
         }
-        let inputs = match inputs {
-            Some(i) => i,
-            None => open_files(&disks, None, skip_swap(opts, method), &mut record)?,
-        };
-        match chain {
-            Ok(cp) => {
-                record.chain = "incremental".into();
-                record.chain_reason = format!(
-                    "the VM is shut off; the bitmap of checkpoint {cp}, stored in its disk images, lists every change since restore point {}",
-                    &last.as_ref().unwrap().0[..8]
-                );
-                // The checkpoint keeps recording from where it started: it stays this chain's base.
-                record.incremental_from = Some(cp.clone());
-                record.checkpoint = Some(cp);
-            }
-            Err(why) => {
-                record.chain_reason =
-                    format!("the VM is shut off: its disk files are read in full (deduplicated); {why}");
-            }
-        }
-        progress.note(&format!("{}: {} read ({})", vm.name, record.chain, record.chain_reason));
-        clock.mark("point created");
-        return commit(repo, vm, inputs, last, record, clock, opts, progress);
     }
-
-    // Live: is the last checkpoint usable?
-    let mut incremental = if opts.full {
-        Err("--full asked for a full read".to_string())
-    } else {
-        trust_checkpoint(hv, uuid, &disks, last.as_ref(), last_record.as_ref(), forgotten_checkpoint.as_deref())
+    let inputs = match inputs {
+        Some(i) => i,
+        None => open_files(disks, None, skip_swap(opts, method), &mut record)?,
     };
-    let new_checkpoint = format!("{prefix}{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_millis());
-    let all_qcow2 = disks.iter().all(|d| d.supports_checkpoints());
-    let targets: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
-    let description = format!("cairn repository {} (restore points of {})", repo.config().id, vm.name);
-    let memory_file = dir.join(format!("memory-{}.state", opts.run_token));
-    let _memory_file = RemoveOnDrop(&memory_file);
+    match chain {
+        Ok(cp) => {
+            record.chain = "incremental".into();
+            record.chain_reason = format!(
+                "the VM is shut off; the bitmap of checkpoint {cp}, stored in its disk images, lists every change since restore point {}",
+                &last.as_ref().unwrap().0[..8]
+            );
+            // The checkpoint keeps recording from where it started: it stays this chain's base.
+            record.incremental_from = Some(cp.clone());
+            record.checkpoint = Some(cp);
+        }
+        Err(why) => {
+            record.chain_reason = format!("the VM is shut off: its disk files are read in full (deduplicated); {why}");
+        }
+    }
+    progress.note(&format!("{}: {} read ({})", vm.name, record.chain, record.chain_reason));
+    clock.mark("point created");
+    commit(repo, vm, inputs, last, record, clock, opts, progress)
+}
 
+/// Where a live point's files go and what it is called.
+struct LivePoint<'a> {
+    dir: &'a Path,
+    disks: &'a [VmDisk],
+    new_checkpoint: &'a str,
+    memory_file: &'a Path,
+}
+
+/// Changed ranges per disk, when the point's method listed them itself.
+type ListedChanges = Option<Vec<Vec<Range>>>;
+
+/// Takes the point of a running VM (see [`take_point`]) with its new checkpoint, incremental
+/// from `chain`'s checkpoint when it is trusted. A checkpoint the hypervisor refuses (a broken
+/// or missing bitmap) starts a new chain; returns the exports, the changes the method listed,
+/// and the chain as it ended up.
+#[allow(clippy::too_many_arguments)] // the backup's state, handed on once
+fn take_live_point(
+    hv: &dyn Hypervisor,
+    repo: &Repository,
+    vm: &VmSummary,
+    method: Method,
+    live: &LivePoint,
+    mut chain: std::result::Result<String, String>,
+    opts: &VmBackupOptions,
+    watchdog: &mut Watchdog,
+    clock: &mut Clock,
+    record: &mut VmRecord,
+    progress: &dyn Progress,
+) -> Result<(BackupExport, ListedChanges, std::result::Result<String, String>)> {
+    let uuid = vm.uuid.as_str();
+    let targets: Vec<String> = live.disks.iter().map(|d| d.target.clone()).collect();
+    let description = format!("cairn repository {} (restore points of {})", repo.config().id, vm.name);
     // Told before the job exists, like every guard: a kill right after it starts is covered.
     watchdog.tell(Guard::Job)?;
-    let (export, listed_changes) = loop {
-        let from = incremental.as_ref().ok().map(|s| s.as_str());
+    loop {
+        let from = chain.as_ref().ok().map(|s| s.as_str());
         let req = BackupRequest {
             disks: &targets,
-            new_checkpoint: &new_checkpoint,
+            new_checkpoint: live.new_checkpoint,
             checkpoint_description: &description,
             incremental_from: from,
-            work_dir: &dir,
+            work_dir: live.dir,
             run_token: &opts.run_token,
         };
-        let taken = take_point(hv, vm, method, &req, opts, &memory_file, watchdog, &mut clock, &mut record);
+        let taken = take_point(hv, vm, method, &req, opts, live.memory_file, watchdog, clock, record);
         // A failure after the job started (a thaw that failed, a point too late) leaves it.
         let job_gone = if taken.is_err() { end_our_job(hv, uuid, &opts.run_token) } else { Ok(()) };
         match taken {
-            Ok(e) => break e,
+            Ok((export, listed)) => return Ok((export, listed, chain)),
             Err(e)
                 if from.is_some()
                     && job_gone.is_ok()
@@ -717,13 +835,13 @@ pub fn backup_vm(
                     && e.downcast_ref::<NotUndone>().is_none() =>
             {
                 // A broken or missing bitmap: libvirt refuses the incremental. Start a new chain.
-                let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
-                incremental = Err(format!("checkpoint {} cannot be used: {e:#}", from.unwrap()));
-                progress.note(&format!("{}: {}; reading everything", vm.name, incremental.as_ref().unwrap_err()));
+                let _ = hv.delete_checkpoint(uuid, live.new_checkpoint);
+                chain = Err(format!("checkpoint {} cannot be used: {e:#}", from.unwrap()));
+                progress.note(&format!("{}: {}; reading everything", vm.name, chain.as_ref().unwrap_err()));
             }
             Err(e) => {
-                let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
-                let _ = hv.delete_checkpoint(uuid, &format!("{new_checkpoint}-pre"));
+                let _ = hv.delete_checkpoint(uuid, live.new_checkpoint);
+                let _ = hv.delete_checkpoint(uuid, &format!("{}-pre", live.new_checkpoint));
                 if let Err(end) = job_gone {
                     // The watchdog keeps the job's mark and ends it once we are gone.
                     return Err(e.context(format!("ending the backup job failed too ({end:#})")));
@@ -732,70 +850,79 @@ pub fn backup_vm(
                 return Err(e);
             }
         }
-    };
-    record.checkpoint = if all_qcow2 { Some(new_checkpoint.clone()) } else { None };
-    match &incremental {
-        Ok(cp) => {
-            record.chain = "incremental".into();
-            record.incremental_from = Some(cp.clone());
-            record.chain_reason = format!("checkpoint {cp} matches restore point {}", &last.as_ref().unwrap().0[..8]);
-        }
-        Err(why) => {
-            record.chain_reason = if all_qcow2 {
-                format!("{why}; a new chain starts")
-            } else {
-                format!("{why}; raw disks carry no dirty bitmap, so they are read in full (deduplicated)")
-            }
-        }
     }
-    progress.note(&format!("{}: {} read ({})", vm.name, record.chain, record.chain_reason));
+}
 
-    let result = (|| {
-        if let Some(o) = &opts.oracle_dir {
-            pull_with_qemu_img(&export, o)?;
-        }
-        let mut inputs = Vec::new();
-        for (i, (d, e)) in disks.iter().zip(&export.disks).enumerate() {
-            let addr = cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?;
-            let bitmap = match (&incremental, &e.dirty_context) {
-                (Ok(_), Some(c)) => c.strip_prefix("qemu:dirty-bitmap:").map(String::from),
-                _ => None,
-            };
-            let mut src = NbdSource::connect(addr, bitmap.as_deref(), None)
-                .with_context(|| format!("connecting to the export of disk {}", d.target))?;
-            let changed = match (&listed_changes, &bitmap) {
-                (Some(listed), _) => Some(listed[i].clone()),
-                (None, Some(b)) => Some(src.dirty_ranges(b)?),
-                (None, None) => None,
-            };
-            inputs.push(disk_input(d, Box::new(src), changed, skip_swap(opts, method), &mut record)?);
-        }
-        if record.method == Method::SavedState {
-            let mut input = DiskInput::new("memory-state", Box::new(FileSource::open(&memory_file)?));
-            input.role = Some("memory-state".into());
-            inputs.push(input);
-            record.memory_state = Some("memory-state".into());
-        }
-        commit(repo, vm, inputs, last, record, clock, opts, progress)
-    })();
-    // The job ends either way; its scratch files go with it.
-    let ended = end_job(hv, uuid, &opts.run_token);
-    drop(_memory_file);
-    let _ = std::fs::remove_file(&export.socket);
+/// Reads every disk from the point's exports (only the changed extents of an incremental) and
+/// the memory state of a saved-state point, and commits the restore point.
+#[allow(clippy::too_many_arguments)] // the backup's state, handed on once
+fn read_live_point(
+    repo: &Arc<Repository>,
+    vm: &VmSummary,
+    live: &LivePoint,
+    export: &BackupExport,
+    listed_changes: ListedChanges,
+    incremental: bool,
+    last: Option<(String, RestorePoint)>,
+    mut record: VmRecord,
+    clock: Clock,
+    opts: &VmBackupOptions,
+    progress: &dyn Progress,
+) -> Result<(String, RestorePoint, VmRecord)> {
+    if let Some(o) = &opts.oracle_dir {
+        pull_with_qemu_img(export, o)?;
+    }
+    let method = record.method;
+    let mut inputs = Vec::new();
+    for (i, (d, e)) in live.disks.iter().zip(&export.disks).enumerate() {
+        let addr = cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?;
+        let bitmap = match (incremental, &e.dirty_context) {
+            (true, Some(c)) => c.strip_prefix("qemu:dirty-bitmap:").map(String::from),
+            _ => None,
+        };
+        let mut src = NbdSource::connect(addr, bitmap.as_deref(), None)
+            .with_context(|| format!("connecting to the export of disk {}", d.target))?;
+        let changed = match (&listed_changes, &bitmap) {
+            (Some(listed), _) => Some(listed[i].clone()),
+            (None, Some(b)) => Some(src.dirty_ranges(b)?),
+            (None, None) => None,
+        };
+        inputs.push(disk_input(d, Box::new(src), changed, skip_swap(opts, method), &mut record)?);
+    }
+    if record.method == Method::SavedState {
+        let mut input = DiskInput::new("memory-state", Box::new(FileSource::open(live.memory_file)?));
+        input.role = Some("memory-state".into());
+        inputs.push(input);
+        record.memory_state = Some("memory-state".into());
+    }
+    commit(repo, vm, inputs, last, record, clock, opts, progress)
+}
+
+/// After the backup job ended (`ended`): on success the new checkpoint backs the newest point
+/// and this repository's older ones go; on failure the new one goes, and the old one (which
+/// absorbs its bits) still matches the last point.
+fn end_live_backup(
+    hv: &dyn Hypervisor,
+    uuid: &str,
+    prefix: &str,
+    new_checkpoint: &str,
+    result: Result<(String, RestorePoint, VmRecord)>,
+    ended: Result<()>,
+    watchdog: &mut Watchdog,
+) -> Result<(String, RestorePoint, VmRecord)> {
     match result {
         Ok(done) => {
             cairn_storage::crash_point("vm.point_committed");
             ended.context("ending the backup job")?;
             watchdog.tell(Guard::JobEnded)?;
-            // The new checkpoint now backs the newest point: older ones of this repository go.
             for cp in hv.checkpoints(uuid)? {
-                if cp.name.starts_with(&prefix) && cp.name != new_checkpoint {
+                if cp.name.starts_with(prefix) && cp.name != new_checkpoint {
                     hv.delete_checkpoint(uuid, &cp.name)?;
                     cairn_storage::crash_point("vm.checkpoint_deleted");
                 }
             }
             if done.2.checkpoint.is_none() {
-                let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
+                let _ = hv.delete_checkpoint(uuid, new_checkpoint);
             }
             Ok(done)
         }
@@ -804,8 +931,7 @@ pub fn backup_vm(
             if ended.is_ok() {
                 let _ = watchdog.tell(Guard::JobEnded);
             }
-            // Half-made: the old checkpoint absorbs the new one's bits and still matches the last point.
-            let _ = hv.delete_checkpoint(uuid, &new_checkpoint);
+            let _ = hv.delete_checkpoint(uuid, new_checkpoint);
             Err(e)
         }
     }
@@ -911,175 +1037,201 @@ fn take_point(
     watchdog: &mut Watchdog,
     clock: &mut Clock,
     record: &mut VmRecord,
-) -> Result<(BackupExport, Option<Vec<Vec<Range>>>)> {
-    let uuid = vm.uuid.as_str();
+) -> Result<(BackupExport, ListedChanges)> {
     match method {
-        Method::AppConsistent => {
-            let pre: Vec<&String> = vm.config.pre_freeze.iter().chain(&opts.pre_freeze).collect();
-            for cmd in pre {
-                let run =
-                    HookRun::run(hv, uuid, "pre-freeze", cmd).with_context(|| format!("pre-freeze command `{cmd}`"))?;
-                let code = run.exit_code;
-                record.hooks.push(run);
-                if code != 0 {
-                    bail!("pre-freeze command `{cmd}` failed in the guest (exit {code}); nothing was frozen");
-                }
-            }
-            // The watchdog's limit runs from when it reads this line: later than now.
-            let told = Instant::now();
-            watchdog.tell(Guard::Frozen)?;
-            clock.mark("freeze");
-            let (frozen, count) = match hv.freeze(uuid) {
-                Ok(n) => {
-                    cairn_storage::crash_point("vm.frozen");
-                    (clock.mark("frozen"), n)
-                }
-                Err(e) => {
-                    // A freeze that timed out here may still complete in the guest: the watchdog
-                    // forgets its mark only once the guest says it is thawed.
-                    if let Err(t) = thaw(hv, uuid) {
-                        return Err(t.context(format!("freezing the guest failed ({e:#})")));
-                    }
-                    watchdog.tell(Guard::Thawed)?;
-                    return Err(e);
-                }
-            };
-            let point = hv.begin_backup(uuid, req);
-            let took = told.elapsed();
-            if point.is_ok() {
-                cairn_storage::crash_point("vm.job_started");
-                clock.mark("point created");
-                if let Some(d) = opts.hold_point {
-                    std::thread::sleep(d);
-                }
-            }
-            let thawed = thaw(hv, uuid);
-            let t = clock.mark("thawed");
-            if thawed.is_ok() {
-                watchdog.tell(Guard::Thawed)?;
-            }
-            record.frozen_window_ms = Some(t.duration_since(frozen).as_millis() as u64);
-            if matches!(thawed, Ok(0)) && count > 0 {
-                // Nothing left to thaw: the watchdog did it (the guest was frozen past the limit).
-                clock.mark("already thawed by the watchdog");
-            }
-            thawed?;
-            if point.is_ok() && took >= opts.freeze_limit {
-                return Err(LimitExceeded { what: "thawed the guest", took, limit: opts.freeze_limit }.into());
-            }
-            let export = point?;
-            let post: Vec<&String> = vm.config.post_thaw.iter().chain(&opts.post_thaw).collect();
-            for cmd in post {
-                // The point is taken: a failing post-thaw command is recorded, not fatal.
-                let run = HookRun::run(hv, uuid, "post-thaw", cmd).unwrap_or_else(|e| HookRun {
-                    when: "post-thaw".into(),
-                    command: cmd.clone(),
-                    exit_code: -1,
-                    output: format!("{e:#}"),
-                });
-                record.hooks.push(run);
-            }
-            Ok((export, None))
-        }
-        Method::SavedState => {
-            let _ = std::fs::remove_file(memory_file);
-            // The watchdog's limit runs from when it reads this line: later than now.
-            let mut told = Instant::now();
-            watchdog.tell(Guard::Paused)?;
-            clock.mark("pause");
-            let paused = match hv.pause(uuid) {
-                Ok(()) => {
-                    cairn_storage::crash_point("vm.paused");
-                    clock.mark("paused")
-                }
-                Err(e) => {
-                    // Paused after all (the reply was lost)? The watchdog forgets its mark only
-                    // once the VM runs.
-                    if let Err(r) = resume(hv, uuid) {
-                        return Err(r.context(format!("pausing the VM failed ({e:#})")));
-                    }
-                    watchdog.tell(Guard::Resumed)?;
-                    return Err(e);
-                }
-            };
-            let mut listed = None;
-            let mut took = Duration::ZERO;
-            let point = (|| {
-                if let Some(from) = req.incremental_from {
-                    // Saving the memory leaves QEMU's bitmaps inactive, and libvirt then refuses an
-                    // incremental export. So a first short job, while the VM is paused and its
-                    // bitmaps active, lists the changes since `from`; the point itself is taken
-                    // after the memory is saved, of the same (paused) disks.
-                    let pre_name = format!("{}-pre", req.new_checkpoint);
-                    let pre = BackupRequest {
-                        disks: req.disks,
-                        new_checkpoint: &pre_name,
-                        checkpoint_description: req.checkpoint_description,
-                        incremental_from: Some(from),
-                        work_dir: req.work_dir,
-                        run_token: req.run_token,
-                    };
-                    let export = hv.begin_backup(uuid, &pre)?;
-                    let ranges = list_changes(&export);
-                    let ended = hv.end_backup(uuid);
-                    listed = Some(ranges?);
-                    ended?;
-                    clock.mark("changes listed");
-                }
-                // The limit guards the guest against a job that hangs, not the save: writing a few
-                // GiB of memory takes longer than it, and libvirt refuses a resume meanwhile. So
-                // the watchdog stops counting during the save and starts again after it; the
-                // windows before and after it are each held to the limit.
-                took = told.elapsed();
-                if took >= opts.freeze_limit {
-                    return Err(LimitExceeded { what: "resumed the VM", took, limit: opts.freeze_limit }.into());
-                }
-                watchdog.tell(Guard::Saving)?;
-                hv.save_memory(uuid, memory_file)?;
-                clock.mark("memory saved");
-                told = Instant::now();
-                watchdog.tell(Guard::Paused)?;
-                let full = BackupRequest {
-                    disks: req.disks,
-                    new_checkpoint: req.new_checkpoint,
-                    checkpoint_description: req.checkpoint_description,
-                    incremental_from: None,
-                    work_dir: req.work_dir,
-                    run_token: req.run_token,
-                };
-                hv.begin_backup(uuid, &full)
-            })();
-            took = took.max(told.elapsed());
-            if point.is_ok() {
-                clock.mark("point created");
-                if let Some(d) = opts.hold_point {
-                    std::thread::sleep(d);
-                }
-            }
-            let resumed = resume(hv, uuid);
-            if matches!(resumed, Ok(false)) {
-                // Already running: the watchdog resumed it (paused past the limit).
-                clock.mark("already resumed by the watchdog");
-            }
-            let t = clock.mark("resumed");
-            if resumed.is_ok() {
-                watchdog.tell(Guard::Resumed)?;
-            }
-            record.offline_window_ms = Some(t.duration_since(paused).as_millis() as u64);
-            resumed?;
-            if point.is_ok() && took >= opts.freeze_limit {
-                // The memory state and the disks' point may be apart by what the guest did.
-                return Err(LimitExceeded { what: "resumed the VM", took, limit: opts.freeze_limit }.into());
-            }
-            Ok((point?, listed))
-        }
+        Method::AppConsistent => Ok((take_frozen_point(hv, vm, req, opts, watchdog, clock, record)?, None)),
+        Method::SavedState => take_paused_point(hv, vm, req, opts, memory_file, watchdog, clock, record),
         Method::CrashConsistent => {
-            let e = hv.begin_backup(uuid, req)?;
+            let e = hv.begin_backup(&vm.uuid, req)?;
             clock.mark("point created");
             Ok((e, None))
         }
         Method::Auto | Method::Offline => Err(anyhow!("internal error: method {} here", method.as_str())),
     }
+}
+
+/// App-consistent: the pre-freeze commands, freeze, the point, thaw at once, the post-thaw
+/// commands. The watchdog is told before each step.
+fn take_frozen_point(
+    hv: &dyn Hypervisor,
+    vm: &VmSummary,
+    req: &BackupRequest,
+    opts: &VmBackupOptions,
+    watchdog: &mut Watchdog,
+    clock: &mut Clock,
+    record: &mut VmRecord,
+) -> Result<BackupExport> {
+    let uuid = vm.uuid.as_str();
+    let pre: Vec<&String> = vm.config.pre_freeze.iter().chain(&opts.pre_freeze).collect();
+    for cmd in pre {
+        let run = HookRun::run(hv, uuid, "pre-freeze", cmd).with_context(|| format!("pre-freeze command `{cmd}`"))?;
+        let code = run.exit_code;
+        record.hooks.push(run);
+        if code != 0 {
+            bail!("pre-freeze command `{cmd}` failed in the guest (exit {code}); nothing was frozen");
+        }
+    }
+    // The watchdog's limit runs from when it reads this line: later than now.
+    let told = Instant::now();
+    watchdog.tell(Guard::Frozen)?;
+    clock.mark("freeze");
+    let (frozen, count) = match hv.freeze(uuid) {
+        Ok(n) => {
+            cairn_storage::crash_point("vm.frozen");
+            (clock.mark("frozen"), n)
+        }
+        Err(e) => {
+            // A freeze that timed out here may still complete in the guest: the watchdog
+            // forgets its mark only once the guest says it is thawed.
+            if let Err(t) = thaw(hv, uuid) {
+                return Err(t.context(format!("freezing the guest failed ({e:#})")));
+            }
+            watchdog.tell(Guard::Thawed)?;
+            return Err(e);
+        }
+    };
+    let point = hv.begin_backup(uuid, req);
+    let took = told.elapsed();
+    if point.is_ok() {
+        cairn_storage::crash_point("vm.job_started");
+        clock.mark("point created");
+        if let Some(d) = opts.hold_point {
+            std::thread::sleep(d);
+        }
+    }
+    let thawed = thaw(hv, uuid);
+    let t = clock.mark("thawed");
+    if thawed.is_ok() {
+        watchdog.tell(Guard::Thawed)?;
+    }
+    record.frozen_window_ms = Some(t.duration_since(frozen).as_millis() as u64);
+    if matches!(thawed, Ok(0)) && count > 0 {
+        // Nothing left to thaw: the watchdog did it (the guest was frozen past the limit).
+        clock.mark("already thawed by the watchdog");
+    }
+    thawed?;
+    if point.is_ok() && took >= opts.freeze_limit {
+        return Err(LimitExceeded { what: "thawed the guest", took, limit: opts.freeze_limit }.into());
+    }
+    let export = point?;
+    let post: Vec<&String> = vm.config.post_thaw.iter().chain(&opts.post_thaw).collect();
+    for cmd in post {
+        // The point is taken: a failing post-thaw command is recorded, not fatal.
+        let run = HookRun::run(hv, uuid, "post-thaw", cmd).unwrap_or_else(|e| HookRun {
+            when: "post-thaw".into(),
+            command: cmd.clone(),
+            exit_code: -1,
+            output: format!("{e:#}"),
+        });
+        record.hooks.push(run);
+    }
+    Ok(export)
+}
+
+/// Saved state: pause, (for an incremental, list the changes while the bitmaps are active),
+/// save the memory, the point, resume at once. The watchdog is told before each step.
+#[allow(clippy::too_many_arguments)]
+fn take_paused_point(
+    hv: &dyn Hypervisor,
+    vm: &VmSummary,
+    req: &BackupRequest,
+    opts: &VmBackupOptions,
+    memory_file: &Path,
+    watchdog: &mut Watchdog,
+    clock: &mut Clock,
+    record: &mut VmRecord,
+) -> Result<(BackupExport, ListedChanges)> {
+    let uuid = vm.uuid.as_str();
+    let _ = std::fs::remove_file(memory_file);
+    // The watchdog's limit runs from when it reads this line: later than now.
+    let mut told = Instant::now();
+    watchdog.tell(Guard::Paused)?;
+    clock.mark("pause");
+    let paused = match hv.pause(uuid) {
+        Ok(()) => {
+            cairn_storage::crash_point("vm.paused");
+            clock.mark("paused")
+        }
+        Err(e) => {
+            // Paused after all (the reply was lost)? The watchdog forgets its mark only
+            // once the VM runs.
+            if let Err(r) = resume(hv, uuid) {
+                return Err(r.context(format!("pausing the VM failed ({e:#})")));
+            }
+            watchdog.tell(Guard::Resumed)?;
+            return Err(e);
+        }
+    };
+    let mut listed = None;
+    let mut took = Duration::ZERO;
+    let point = (|| {
+        if let Some(from) = req.incremental_from {
+            // Saving the memory leaves QEMU's bitmaps inactive, and libvirt then refuses an
+            // incremental export. So a first short job, while the VM is paused and its
+            // bitmaps active, lists the changes since `from`; the point itself is taken
+            // after the memory is saved, of the same (paused) disks.
+            let pre_name = format!("{}-pre", req.new_checkpoint);
+            let pre = BackupRequest {
+                disks: req.disks,
+                new_checkpoint: &pre_name,
+                checkpoint_description: req.checkpoint_description,
+                incremental_from: Some(from),
+                work_dir: req.work_dir,
+                run_token: req.run_token,
+            };
+            let export = hv.begin_backup(uuid, &pre)?;
+            let ranges = list_changes(&export);
+            let ended = hv.end_backup(uuid);
+            listed = Some(ranges?);
+            ended?;
+            clock.mark("changes listed");
+        }
+        // The limit guards the guest against a job that hangs, not the save: writing a few
+        // GiB of memory takes longer than it, and libvirt refuses a resume meanwhile. So
+        // the watchdog stops counting during the save and starts again after it; the
+        // windows before and after it are each held to the limit.
+        took = told.elapsed();
+        if took >= opts.freeze_limit {
+            return Err(LimitExceeded { what: "resumed the VM", took, limit: opts.freeze_limit }.into());
+        }
+        watchdog.tell(Guard::Saving)?;
+        hv.save_memory(uuid, memory_file)?;
+        clock.mark("memory saved");
+        told = Instant::now();
+        watchdog.tell(Guard::Paused)?;
+        let full = BackupRequest {
+            disks: req.disks,
+            new_checkpoint: req.new_checkpoint,
+            checkpoint_description: req.checkpoint_description,
+            incremental_from: None,
+            work_dir: req.work_dir,
+            run_token: req.run_token,
+        };
+        hv.begin_backup(uuid, &full)
+    })();
+    took = took.max(told.elapsed());
+    if point.is_ok() {
+        clock.mark("point created");
+        if let Some(d) = opts.hold_point {
+            std::thread::sleep(d);
+        }
+    }
+    let resumed = resume(hv, uuid);
+    if matches!(resumed, Ok(false)) {
+        // Already running: the watchdog resumed it (paused past the limit).
+        clock.mark("already resumed by the watchdog");
+    }
+    let t = clock.mark("resumed");
+    if resumed.is_ok() {
+        watchdog.tell(Guard::Resumed)?;
+    }
+    record.offline_window_ms = Some(t.duration_since(paused).as_millis() as u64);
+    resumed?;
+    if point.is_ok() && took >= opts.freeze_limit {
+        // The memory state and the disks' point may be apart by what the guest did.
+        return Err(LimitExceeded { what: "resumed the VM", took, limit: opts.freeze_limit }.into());
+    }
+    Ok((point?, listed))
 }
 
 /// The dirty extents of every disk of an incremental export.

@@ -100,74 +100,14 @@ pub fn verify_boot(
     let mut server: Option<(u32, Option<u64>)> = None;
     let mut uuid = None;
     let outcome = (|| -> Result<Option<Vec<u8>>> {
-        // Files the configuration names (kernel, initrd, NVRAM) are small: restored whole.
-        let mut edit = ConfigEdit {
-            name: sandbox.clone(),
-            keep_identity: false,
-            drop_all_nics: true,
-            keep_host_devices: false,
-            storage_dir: std::path::absolute(&dir)?.to_string_lossy().into_owned(),
-            host_emulators: crate::recover::host_emulators(hv, progress),
-            host_firmware: crate::recover::host_firmware(hv, progress),
-            ..Default::default()
-        };
-        for img in &point.disks {
-            check_image_name(short, img)?;
-        }
-        // This host's own firmware stays where it is (like in a recovery); any other file the
-        // configuration names comes from the point.
-        let files = point.disks.iter().filter(|d| {
-            d.role.as_deref().is_some_and(|r| r != "memory-state" && KNOWN_ROLES.contains(&r))
-                && !(d.role.as_deref() == Some("loader")
-                    && d.path.as_ref().is_some_and(|p| edit.host_firmware.contains(p)))
-        });
-        for img in files {
-            let role = img.role.clone().unwrap();
-            let to = dir.join(&role);
-            let ropts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: opts.workers };
-            restore_disk(repo, point_id, point, img, &to, &ropts, progress)?;
-            edit.files.push((role, to.to_string_lossy().into_owned()));
-        }
-        let socket = dir.join("nbd.sock");
-        let pid = (opts.launch_server)(&socket)?;
-        server = Some((pid, process_start_time(pid)));
-        for img in point.disks.iter().filter(|d| d.is_disk()) {
-            let overlay = dir.join(format!("{}.qcow2", img.name));
-            create_overlay(&overlay, &socket, &img.name)?;
-            edit.disks.push(PlacedDisk {
-                target: img.name.clone(),
-                path: overlay.to_string_lossy().into_owned(),
-                format: "qcow2".into(),
-            });
-        }
-        let rewritten = hv.rewrite_config(&record.config, &edit)?;
+        let rewritten =
+            prepare_sandbox(hv, repo, point_id, point, &record.config, &dir, &sandbox, opts, progress, &mut server)?;
         for r in &rewritten.removed {
             progress.note(&format!("{sandbox}: left out {r} from the stored configuration"));
         }
         check.left_out = rewritten.removed.clone();
-        let boot = Instant::now();
-        let id = hv.start_transient(&rewritten.document)?;
-        uuid = Some(id.clone());
         progress.note(&format!("{sandbox}: booting restore point {short} of {} (no network)", record.name));
-        let up = if check.method == "guest agent" {
-            wait_agent(hv, &id, opts.timeout)
-        } else {
-            wait_screen(hv, &id, opts.timeout)
-        };
-        check.boot_ms = boot.elapsed().as_millis() as u64;
-        let shot = hv.screenshot(&id).ok().and_then(|(bytes, mime)| (mime == "image/png").then_some(bytes));
-        match up {
-            Ok(why) => {
-                if shot.as_deref().is_some_and(is_blank) {
-                    check.reason = format!("{why}, but the screen is blank");
-                } else {
-                    check.verdict = "passed".into();
-                    check.reason = why;
-                }
-            }
-            Err(why) => check.reason = why,
-        }
-        Ok(shot)
+        boot_sandbox(hv, &rewritten.document, opts, &mut check, &mut uuid)
     })();
     // The sandbox goes, whatever happened: a transient VM vanishes when stopped.
     if let Some(id) = &uuid {
@@ -187,6 +127,100 @@ pub fn verify_boot(
     check.screenshot_png = shot.is_some();
     check.total_ms = started.elapsed().as_millis() as u64;
     Ok((check, shot))
+}
+
+/// The sandbox's configuration: the point's small files (kernel, initrd, NVRAM) restored whole
+/// into `dir`, an NBD server of the point started (its PID and start time in `server`, for the
+/// caller to stop), one overlay per disk over its export, and the stored configuration
+/// rewritten onto them with its own name, a new identity, no NIC and no host device.
+#[allow(clippy::too_many_arguments)] // the check's state, handed on once
+fn prepare_sandbox(
+    hv: &dyn Hypervisor,
+    repo: &Repository,
+    point_id: &str,
+    point: &RestorePoint,
+    config: &str,
+    dir: &Path,
+    sandbox: &str,
+    opts: &BootOptions,
+    progress: &dyn Progress,
+    server: &mut Option<(u32, Option<u64>)>,
+) -> Result<cairn_hypervisor::Rewritten> {
+    let short = &point_id[..8];
+    // Files the configuration names (kernel, initrd, NVRAM) are small: restored whole.
+    let mut edit = ConfigEdit {
+        name: sandbox.to_string(),
+        keep_identity: false,
+        drop_all_nics: true,
+        keep_host_devices: false,
+        storage_dir: std::path::absolute(dir)?.to_string_lossy().into_owned(),
+        host_emulators: crate::recover::host_emulators(hv, progress),
+        host_firmware: crate::recover::host_firmware(hv, progress),
+        ..Default::default()
+    };
+    for img in &point.disks {
+        check_image_name(short, img)?;
+    }
+    // This host's own firmware stays where it is (like in a recovery); any other file the
+    // configuration names comes from the point.
+    let files = point.disks.iter().filter(|d| {
+        d.role.as_deref().is_some_and(|r| r != "memory-state" && KNOWN_ROLES.contains(&r))
+            && !(d.role.as_deref() == Some("loader") && d.path.as_ref().is_some_and(|p| edit.host_firmware.contains(p)))
+    });
+    for img in files {
+        let role = img.role.clone().unwrap();
+        let to = dir.join(&role);
+        let ropts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: opts.workers };
+        restore_disk(repo, point_id, point, img, &to, &ropts, progress)?;
+        edit.files.push((role, to.to_string_lossy().into_owned()));
+    }
+    let socket = dir.join("nbd.sock");
+    let pid = (opts.launch_server)(&socket)?;
+    *server = Some((pid, process_start_time(pid)));
+    for img in point.disks.iter().filter(|d| d.is_disk()) {
+        let overlay = dir.join(format!("{}.qcow2", img.name));
+        create_overlay(&overlay, &socket, &img.name)?;
+        edit.disks.push(PlacedDisk {
+            target: img.name.clone(),
+            path: overlay.to_string_lossy().into_owned(),
+            format: "qcow2".into(),
+        });
+    }
+    hv.rewrite_config(config, &edit)
+}
+
+/// Starts the sandbox from `document` (its UUID in `uuid`, for the caller to stop), waits for
+/// its OS (the guest agent, or a screen that settles), takes the screenshot and gives `check`
+/// its verdict and reason. Returns the screenshot (PNG).
+fn boot_sandbox(
+    hv: &dyn Hypervisor,
+    document: &str,
+    opts: &BootOptions,
+    check: &mut BootCheck,
+    uuid: &mut Option<String>,
+) -> Result<Option<Vec<u8>>> {
+    let boot = Instant::now();
+    let id = hv.start_transient(document)?;
+    *uuid = Some(id.clone());
+    let up = if check.method == "guest agent" {
+        wait_agent(hv, &id, opts.timeout)
+    } else {
+        wait_screen(hv, &id, opts.timeout)
+    };
+    check.boot_ms = boot.elapsed().as_millis() as u64;
+    let shot = hv.screenshot(&id).ok().and_then(|(bytes, mime)| (mime == "image/png").then_some(bytes));
+    match up {
+        Ok(why) => {
+            if shot.as_deref().is_some_and(is_blank) {
+                check.reason = format!("{why}, but the screen is blank");
+            } else {
+                check.verdict = "passed".into();
+                check.reason = why;
+            }
+        }
+        Err(why) => check.reason = why,
+    }
+    Ok(shot)
 }
 
 fn wait_agent(hv: &dyn Hypervisor, uuid: &str, timeout: Duration) -> std::result::Result<String, String> {

@@ -5,11 +5,15 @@
 //!   configuration and the files it names, one restore point;
 //! - [`recover`]: a VM restore point back into a VM on this host and a storage folder, whole or
 //!   instant (running from the repository while its disks move);
-//! - [`boot`]: boot verification of a restore point in a network-less sandbox, with a screenshot.
+//! - [`boot`]: boot verification of a restore point in a network-less sandbox, with a screenshot;
+//! - [`Refusal`]: the requests these jobs refuse, typed, for callers to act on.
 //!
 //! Everything here talks to the hypervisor through `cairn_hypervisor::Hypervisor` only, moves
 //! bytes through `cairn-engine`, and reads guest disks through `cairn-disk`.
 
 pub mod backup;
 pub mod boot;
+mod error;
 pub mod recover;
+
+pub use error::Refusal;

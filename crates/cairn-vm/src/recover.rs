@@ -3,22 +3,25 @@
 //!
 //! Order, and why: everything that can refuse (the point is a VM point, the name is free,
 //! networks and host devices exist or are remapped, the storage has room) is checked before a
-//! byte is written; then the disks and files are restored (hash-checked, sparse); only then is
-//! the configuration defined (and the original, with `replace`, removed). A failure while
-//! writing removes what was written and defines nothing.
+//! byte is written ([`plan_recovery`]); then the disks and files are restored (hash-checked,
+//! sparse); only then is the configuration defined (and the original, with `replace`, removed)
+//! ([`RecoveryPlan::execute`]). A failure while writing removes what was written and defines
+//! nothing. A caller that confirms a replacement asks between the two steps.
 
 use crate::backup::{private_dir, VmRecord};
+use crate::Refusal;
 use anyhow::{bail, Context, Result};
 use cairn_engine::progress::Progress;
 use cairn_engine::restore::{data_bytes, restore_disk, RestoreOptions};
 use cairn_engine::target::{check_space, TargetFormat};
-use cairn_hypervisor::Hypervisor;
 use cairn_hypervisor::{ConfigEdit, PlacedDisk};
+use cairn_hypervisor::{Hypervisor, VmSummary};
 use cairn_repo::{safe_name, Repository, RestorePoint};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[derive(Clone, Debug)]
 pub struct RecoverOptions {
     /// Where the disks and files go.
     pub storage: PathBuf,
@@ -37,6 +40,9 @@ pub struct RecoverOptions {
     /// restore point could name any device or folder of this host, so they are left out unless
     /// the operator asks.
     pub keep_host_devices: bool,
+    /// Instant recovery: the VM runs from the repository while its disks move (see
+    /// [`InstantMode`]).
+    pub instant: bool,
     pub workers: usize,
 }
 
@@ -64,9 +70,6 @@ pub struct RecoverReport {
     pub resumed_state: bool,
     pub duration_ms: u64,
 }
-
-/// Asks the user whether to go on (replacing a VM); false stops.
-pub type Confirm<'a> = &'a dyn Fn(&str) -> bool;
 
 /// Instant recovery: the VM starts at once on overlays over NBD exports of the point (served by
 /// a process of its own, so an interrupted recovery leaves the VM running), then its disks move to
@@ -179,10 +182,7 @@ pub(crate) fn check_image_name(short: &str, img: &cairn_repo::DiskImage) -> Resu
 /// backups recorded their swap areas as zeros: the guest's swapped-out pages would read as zeros.
 pub fn check_resumable(record: &VmRecord, short: &str) -> Result<()> {
     if record.memory_state.is_none() {
-        bail!(
-            "restore point {short} was taken with the {} method and holds no memory state; drop --resume-state to cold-boot it",
-            record.method.as_str()
-        );
+        return Err(Refusal::NoMemoryState { point: short.into(), method: record.method.as_str().into() }.into());
     }
     if !record.skipped_swap.is_empty() {
         let areas: Vec<String> = record
@@ -190,10 +190,7 @@ pub fn check_resumable(record: &VmRecord, short: &str) -> Result<()> {
             .iter()
             .map(|s| format!("{} on disk {} ({} MiB)", s.location, s.disk, s.length >> 20))
             .collect();
-        bail!(
-            "restore point {short} recorded its swap areas as zeros ({}), and its saved memory may refer to pages swapped out there: resumed, the guest would read zeros instead of them. Cold-boot it instead (drop --resume-state)",
-            areas.join(", ")
-        );
+        return Err(Refusal::SwapNotKept { point: short.into(), areas: areas.join(", ") }.into());
     }
     Ok(())
 }
@@ -238,25 +235,104 @@ fn extension(format: TargetFormat) -> &'static str {
     }
 }
 
-pub fn recover_vm(
+/// What recovering a point onto this host comes to, decided before anything is written.
+pub enum Recovery {
+    /// An instant recovery of this VM was interrupted on this host: finishing it is all there is.
+    Unfinished(UnfinishedInstant),
+    Plan(Box<RecoveryPlan>),
+}
+
+/// An interrupted instant recovery: the VM runs on overlays, some disks still to move.
+pub struct UnfinishedInstant {
+    name: String,
+    dir: PathBuf,
+    state: InstantState,
+}
+
+/// A recovery checked against this host: the identity it keeps, the devices and networks it
+/// drops or maps, the files it writes, and the room they need. Nothing is written until
+/// [`RecoveryPlan::execute`]; a caller that wants a confirmation asks between the two (see
+/// [`RecoveryPlan::replaces`]).
+pub struct RecoveryPlan {
+    /// The options the plan was checked with; [`RecoveryPlan::execute`] follows them.
+    opts: RecoverOptions,
+    point_id: String,
+    point: RestorePoint,
+    record: VmRecord,
+    /// The recovered VM's name.
+    pub name: String,
+    /// The VM a `replace` stops and undefines, if it exists here.
+    pub replaces: Option<VmSummary>,
+    storage: PathBuf,
+    edit: ConfigEdit,
+    /// What is written before the VM is defined: (index in the point's images, file, data bytes).
+    images: Vec<(usize, PathBuf, u64)>,
+    /// Devices left out because this host lacks them (`drop_missing`).
+    pub dropped: Vec<String>,
+    /// Images left out (unknown roles), said to the operator.
+    removed: Vec<String>,
+}
+
+/// Checks everything that can refuse a recovery of `point` onto this host, in this order: the
+/// point is a VM point; an interrupted instant recovery of the same VM is found; identity (name
+/// and UUID free, or replaced); the storage folder exists; networks and host devices; image
+/// names, free file names and room in the storage.
+pub fn plan_recovery(
     hv: &dyn Hypervisor,
     repo: &Repository,
     point_id: &str,
     point: &RestorePoint,
     opts: &RecoverOptions,
-    confirm: Confirm,
-    instant: Option<&InstantMode>,
     progress: &dyn Progress,
-) -> Result<RecoverReport> {
-    let started = Instant::now();
+) -> Result<Recovery> {
     let short = &point_id[..8];
-    let record = VmRecord::of(point).with_context(|| {
-        format!(
-            "restore point {short} of {} is not a VM backup; restore its disks with `cairn restore image`",
-            point.name
-        )
-    })?;
-    let stored = hv.parse_config(&record.config)?;
+    let record =
+        VmRecord::of(point).ok_or_else(|| Refusal::NotAVmPoint { point: short.into(), name: point.name.clone() })?;
+    let name = recovered_name(&record, opts)?;
+    if opts.instant {
+        if let Some(unfinished) = unfinished_instant(hv, &opts.storage, &name)? {
+            return Ok(Recovery::Unfinished(unfinished));
+        }
+        if opts.resume_state {
+            return Err(Refusal::InstantCannotResume.into());
+        }
+    }
+    let (original, keep_identity) = check_identity(hv, &record, &name, opts, short)?;
+    if !opts.storage.is_dir() {
+        bail!("storage folder {} does not exist", opts.storage.display());
+    }
+    let storage = std::path::absolute(&opts.storage)?;
+    let host_firmware = host_firmware(hv, progress);
+    let mut edit = ConfigEdit {
+        name: name.clone(),
+        keep_identity,
+        network_map: opts.network_map.clone(),
+        keep_host_devices: opts.keep_host_devices,
+        storage_dir: storage.to_string_lossy().into_owned(),
+        host_emulators: host_emulators(hv, progress),
+        host_firmware,
+        ..Default::default()
+    };
+    let dropped = check_host_devices(hv, &record, opts, &mut edit, short)?;
+    let mut removed = Vec::new();
+    let images = plan_images(repo, point, &name, &storage, opts, &edit.host_firmware, &mut removed, short)?;
+    Ok(Recovery::Plan(Box::new(RecoveryPlan {
+        opts: opts.clone(),
+        point_id: point_id.to_string(),
+        point: point.clone(),
+        record,
+        name,
+        replaces: if opts.replace { original } else { None },
+        storage,
+        edit,
+        images,
+        dropped,
+        removed,
+    })))
+}
+
+/// The recovered VM's name: asked for, or `NAME-restored`, or NAME itself when replacing.
+fn recovered_name(record: &VmRecord, opts: &RecoverOptions) -> Result<String> {
     let name = opts.name.clone().unwrap_or_else(|| {
         if opts.replace {
             record.name.clone()
@@ -267,99 +343,67 @@ pub fn recover_vm(
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c)) || name.is_empty() {
         bail!("{name:?} is not a usable VM name (letters, digits, - _ . +)");
     }
+    Ok(name)
+}
 
-    // An interrupted instant recovery of this VM: finish moving its disks.
-    if instant.is_some() {
-        let dir = instant_dir(&std::path::absolute(&opts.storage)?, &name);
-        if std::fs::symlink_metadata(&dir).is_ok() {
-            private_dir(&dir)?; // what it says is only trusted if only we could write it
-        }
-        if let Ok(text) = std::fs::read_to_string(dir.join("state.json")) {
-            let st: InstantState = serde_json::from_str(&text).context("reading the instant recovery's state")?;
-            if hv.find(&st.uuid).is_ok() {
-                let mut st = st;
-                if !is_our_server(st.server_pid, st.server_start, &st.socket) {
-                    // The PID it names is not our server (reused, or the file is old): the server
-                    // of this socket may still run under another PID.
-                    if let Some((pid, start)) = find_server(&st.socket) {
-                        (st.server_pid, st.server_start) = (pid, start);
-                        std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
-                    }
-                }
-                if !is_our_server(st.server_pid, st.server_start, &st.socket) || !st.socket.exists() {
-                    stop_server(st.server_pid, st.server_start, &st.socket); // one without its socket
-                    st.server_pid = (instant.unwrap().launch_server)(&st.socket)?;
-                    st.server_start = process_start_time(st.server_pid);
-                    std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
-                }
-                finish_instant(hv, &dir, &st, progress)?;
-                return Ok(RecoverReport {
-                    point: st.point.clone(),
-                    name,
-                    uuid: st.uuid.clone(),
-                    replaced: false,
-                    files: st
-                        .disks
-                        .iter()
-                        .map(|(t, _, f, _)| RecoveredFile {
-                            name: t.clone(),
-                            role: None,
-                            path: f.clone(),
-                            data_bytes: 0,
-                        })
-                        .collect(),
-                    dropped: vec![],
-                    removed: vec![],
-                    started: true,
-                    resumed_state: false,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                });
-            }
-        }
-        if opts.resume_state {
-            bail!("--instant and --resume-state do not go together: an instant recovery boots the VM");
-        }
+/// An interrupted instant recovery of VM `name` into `storage`, if its state is there and its VM
+/// still exists here.
+fn unfinished_instant(hv: &dyn Hypervisor, storage: &Path, name: &str) -> Result<Option<UnfinishedInstant>> {
+    let dir = instant_dir(&std::path::absolute(storage)?, name);
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        private_dir(&dir)?; // what it says is only trusted if only we could write it
     }
+    let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else { return Ok(None) };
+    let state: InstantState = serde_json::from_str(&text).context("reading the instant recovery's state")?;
+    if hv.find(&state.uuid).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(UnfinishedInstant { name: name.to_string(), dir, state }))
+}
 
-    // Identity: a new VM by default; the original's own with --replace or to resume its memory.
+/// Identity: a new VM by default; the original's own when replacing it or resuming its memory.
+/// Returns the original VM (if it exists here) and whether the identity is kept.
+fn check_identity(
+    hv: &dyn Hypervisor,
+    record: &VmRecord,
+    name: &str,
+    opts: &RecoverOptions,
+    short: &str,
+) -> Result<(Option<VmSummary>, bool)> {
     let original = hv.find(&record.uuid).ok();
     if opts.resume_state {
-        check_resumable(&record, short)?;
+        check_resumable(record, short)?;
     }
     if opts.resume_state && !opts.replace && original.is_some() {
-        bail!(
-            "resuming the saved memory state needs the VM's own identity (UUID, MACs), and VM {} still has it on this host: add --replace, or recover on another host",
-            record.name
-        );
+        return Err(Refusal::IdentityInUse { vm: record.name.clone() }.into());
     }
     let keep_identity = opts.replace || opts.resume_state;
-    if let Ok(other) = hv.find(&name) {
+    if let Ok(other) = hv.find(name) {
         let is_original = original.as_ref().is_some_and(|o| o.uuid == other.uuid);
         if !(opts.replace && is_original) {
-            bail!("a VM named {name} already exists on {} (UUID {}); choose another name with --as, or --replace the original", hv.uri(), other.uuid);
+            return Err(Refusal::NameTaken { name: name.into(), uri: hv.uri().into(), uuid: other.uuid }.into());
         }
     }
     if keep_identity && !opts.replace {
         if let Ok(clash) = hv.find(&record.uuid) {
-            bail!("VM {} already has UUID {}; add --replace to replace it", clash.name, record.uuid);
+            return Err(Refusal::UuidTaken { vm: clash.name, uuid: record.uuid.clone() }.into());
         }
     }
+    Ok((original, keep_identity))
+}
 
-    // Devices the target host must provide.
-    let host_firmware = host_firmware(hv, progress);
-    let mut edit = ConfigEdit {
-        name: name.clone(),
-        keep_identity,
-        network_map: opts.network_map.clone(),
-        keep_host_devices: opts.keep_host_devices,
-        storage_dir: std::path::absolute(&opts.storage)?.to_string_lossy().into_owned(),
-        host_emulators: host_emulators(hv, progress),
-        host_firmware: host_firmware.clone(),
-        ..Default::default()
-    };
+/// Networks, bridges and (when kept) host devices the VM uses must exist here, be mapped, or be
+/// dropped (`drop_missing`); returns what was dropped.
+fn check_host_devices(
+    hv: &dyn Hypervisor,
+    record: &VmRecord,
+    opts: &RecoverOptions,
+    edit: &mut ConfigEdit,
+    short: &str,
+) -> Result<Vec<String>> {
+    let stored = hv.parse_config(&record.config)?;
     let mut missing = Vec::new();
     let mut dropped = Vec::new();
-    let mut removed = Vec::new();
     for nic in &stored.nics {
         let Some(src) = &nic.source else { continue };
         if !matches!(nic.kind.as_str(), "network" | "bridge") {
@@ -394,21 +438,27 @@ pub fn recover_vm(
         }
     }
     if !missing.is_empty() {
-        bail!(
-            "restore point {short} of {} needs what this host does not have: {}. Map networks with --map-network OLD=NEW, or leave missing devices out with --drop-missing; nothing was written",
-            record.name,
-            missing.join(", ")
-        );
+        return Err(Refusal::MissingOnHost { point: short.into(), vm: record.name.clone(), missing }.into());
     }
+    Ok(dropped)
+}
 
-    // Room for everything, checked before writing.
-    if !opts.storage.is_dir() {
-        bail!("storage folder {} does not exist", opts.storage.display());
-    }
-    let storage = std::path::absolute(&opts.storage)?;
-    let mut plan = Vec::new();
+/// The images written before the VM is defined, each checked: a plain name, a free file (or the
+/// original's own, when replacing), and room for all of them in the storage folder.
+#[allow(clippy::too_many_arguments)] // each is a separate input of the decision
+fn plan_images(
+    repo: &Repository,
+    point: &RestorePoint,
+    name: &str,
+    storage: &Path,
+    opts: &RecoverOptions,
+    host_firmware: &[String],
+    removed: &mut Vec<String>,
+    short: &str,
+) -> Result<Vec<(usize, PathBuf, u64)>> {
+    let mut images = Vec::new();
     let mut total = 0;
-    for img in &point.disks {
+    for (i, img) in point.disks.iter().enumerate() {
         check_image_name(short, img)?;
         if let Some(role) = img.role.as_deref().filter(|r| !KNOWN_ROLES.contains(r)) {
             // A newer writer's kind of image: readers ignore roles they do not know.
@@ -430,23 +480,228 @@ pub fn recover_vm(
             Some(role) => storage.join(format!("{name}-{role}")),
         };
         if file.exists() && !(opts.replace && Some(file.to_string_lossy().as_ref()) == img.path.as_deref()) {
-            bail!("{} already exists; choose another --storage or --as name", file.display());
+            return Err(Refusal::FileExists(file).into());
         }
-        if instant.is_some() && img.role.is_none() {
+        if opts.instant && img.role.is_none() {
             continue; // moved into place while the VM runs
         }
-        plan.push((img, file, bytes));
+        images.push((i, file, bytes));
     }
-    check_space(&storage, total)?;
+    check_space(storage, total)?;
+    Ok(images)
+}
 
-    // Write. Images go to temporary names inside restore_disk and are renamed when complete.
-    let mut written: Vec<RecoveredFile> = Vec::new();
-    let result = (|| -> Result<()> {
-        for (img, file, bytes) in &plan {
+impl UnfinishedInstant {
+    /// Restarts the NBD server if it is gone, then moves the remaining disks off the repository.
+    pub fn finish(self, hv: &dyn Hypervisor, instant: &InstantMode, progress: &dyn Progress) -> Result<RecoverReport> {
+        let started = Instant::now();
+        let UnfinishedInstant { name, dir, state: mut st } = self;
+        if !is_our_server(st.server_pid, st.server_start, &st.socket) {
+            // The PID it names is not our server (reused, or the file is old): the server of this
+            // socket may still run under another PID.
+            if let Some((pid, start)) = find_server(&st.socket) {
+                (st.server_pid, st.server_start) = (pid, start);
+                std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+            }
+        }
+        if !is_our_server(st.server_pid, st.server_start, &st.socket) || !st.socket.exists() {
+            stop_server(st.server_pid, st.server_start, &st.socket); // one without its socket
+            st.server_pid = (instant.launch_server)(&st.socket)?;
+            st.server_start = process_start_time(st.server_pid);
+            std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+        }
+        finish_instant(hv, &dir, &st, progress)?;
+        Ok(RecoverReport {
+            point: st.point.clone(),
+            name,
+            uuid: st.uuid.clone(),
+            replaced: false,
+            files: st
+                .disks
+                .iter()
+                .map(|(t, _, f, _)| RecoveredFile { name: t.clone(), role: None, path: f.clone(), data_bytes: 0 })
+                .collect(),
+            dropped: vec![],
+            removed: vec![],
+            started: true,
+            resumed_state: false,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+impl RecoveryPlan {
+    /// Writes the images (hash-checked, under temporary names until complete), rewrites the stored
+    /// configuration for this host, replaces the original if the plan says so, defines the VM and
+    /// starts it (from its memory state, on instant-recovery overlays, or booting) as `opts` asks.
+    /// A failure before the VM is defined removes what was written.
+    /// `instant` says how an instant recovery (`RecoverOptions::instant`) starts its NBD server.
+    pub fn execute(
+        self,
+        hv: &dyn Hypervisor,
+        repo: &Repository,
+        instant: &InstantMode,
+        progress: &dyn Progress,
+    ) -> Result<RecoverReport> {
+        let started = Instant::now();
+        let mut plan = self;
+        let opts = plan.opts.clone();
+        let opts = &opts;
+        let instant = opts.instant.then_some(instant);
+        let mut written = plan.write_images(repo, opts, progress)?;
+        let cleanup = |written: &[RecoveredFile]| {
+            for f in written {
+                let _ = std::fs::remove_file(&f.path);
+            }
+        };
+        for f in &written {
+            let path = f.path.to_string_lossy().into_owned();
+            match &f.role {
+                None => plan.edit.disks.push(PlacedDisk {
+                    target: f.name.clone(),
+                    path,
+                    format: extension(opts.format).into(),
+                }),
+                Some(r) if r != "memory-state" => plan.edit.files.push((r.clone(), path)),
+                Some(_) => {}
+            }
+        }
+        let mut instant_state = None;
+        if let Some(inst) = instant {
+            match start_overlays(
+                &plan.storage,
+                &plan.name,
+                &plan.point_id,
+                &plan.point,
+                opts.format,
+                inst,
+                &mut plan.edit,
+            ) {
+                Ok(st) => instant_state = Some(st),
+                Err(e) => {
+                    cleanup(&written);
+                    return Err(e);
+                }
+            }
+        }
+        // Until the VM is defined, a failure removes what this run wrote and started.
+        let undo = |written: &[RecoveredFile], st: Option<&InstantState>| {
+            cleanup(written);
+            if let Some(st) = st {
+                drop_instant(&instant_dir(&plan.storage, &plan.name), st);
+            }
+        };
+        let rewritten = match hv.rewrite_config(&plan.record.config, &plan.edit) {
+            Ok(r) => r,
+            Err(e) => {
+                undo(&written, instant_state.as_ref());
+                return Err(e);
+            }
+        };
+        let config = rewritten.document;
+        let mut removed = std::mem::take(&mut plan.removed);
+        removed.extend(rewritten.removed.into_iter().map(|r| format!("{r} from the stored configuration")));
+        for r in &removed {
+            progress.note(&format!("left out: {r}"));
+        }
+
+        // Define (replacing the original if the plan says so), then start.
+        let replaced = plan.replaces.is_some();
+        if let Some(orig) = &plan.replaces {
+            if let Err(e) = hv.power_off(&orig.uuid).and_then(|()| hv.undefine(&orig.uuid)) {
+                undo(&written, instant_state.as_ref());
+                return Err(e.context(format!("replacing VM {}; the restored disks were removed", orig.name)));
+            }
+        }
+        let uuid = match hv.define(&config) {
+            Ok(u) => u,
+            Err(e) => {
+                undo(&written, instant_state.as_ref());
+                return Err(e.context("the restored disks were removed"));
+            }
+        };
+        let mut resumed_state = false;
+        let mut started_vm = false;
+        if opts.resume_state {
+            let state = written
+                .iter()
+                .find(|f| f.role.as_deref() == Some("memory-state"))
+                .context("memory state not restored")?;
+            let r = hv.start_from_memory(&state.path, &config);
+            let _ = std::fs::remove_file(&state.path);
+            r?;
+            resumed_state = true;
+            started_vm = true;
+        } else if let (Some(mut st), Some(inst)) = (instant_state, instant) {
+            st.uuid = uuid.clone();
+            let dir = instant_dir(&plan.storage, &plan.name);
+            std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+            if let Err(e) = hv.start(&uuid) {
+                let _ = hv.undefine(&uuid);
+                cleanup(&written);
+                drop_instant(&dir, &st);
+                return Err(e);
+            }
+            started_vm = true;
+            progress.note(&format!(
+                "{} is running from the repository ({:.1} s); moving its disks into {}",
+                plan.name,
+                started.elapsed().as_secs_f64(),
+                plan.storage.display()
+            ));
+            if !inst.stop_after_start {
+                finish_instant(hv, &dir, &st, progress)?;
+            }
+            for (t, _, f, _) in &st.disks {
+                written.push(RecoveredFile { name: t.clone(), role: None, path: f.clone(), data_bytes: 0 });
+            }
+        } else if opts.start {
+            hv.start(&uuid)?;
+            started_vm = true;
+        }
+        let files = written.into_iter().filter(|f| f.role.as_deref() != Some("memory-state")).collect();
+        Ok(RecoverReport {
+            point: plan.point_id,
+            name: plan.name,
+            uuid,
+            replaced,
+            files,
+            dropped: plan.dropped,
+            removed,
+            started: started_vm,
+            resumed_state,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Restores the planned images; on a failure, removes those already written.
+    fn write_images(
+        &self,
+        repo: &Repository,
+        opts: &RecoverOptions,
+        progress: &dyn Progress,
+    ) -> Result<Vec<RecoveredFile>> {
+        let short = &self.point_id[..8];
+        let mut written: Vec<RecoveredFile> = Vec::new();
+        for (i, file, bytes) in &self.images {
+            let img = &self.point.disks[*i];
             let format = if img.role.is_none() { opts.format } else { TargetFormat::Raw };
             let ropts = RestoreOptions { format, force: opts.replace, workers: opts.workers };
-            restore_disk(repo, point_id, point, img, file, &ropts, progress)
-                .with_context(|| format!("restoring {} of restore point {short}", img.name))?;
+            let r = restore_disk(repo, &self.point_id, &self.point, img, file, &ropts, progress).map_err(|e| {
+                // Made since the plan (the plan checked it was free): a recovery's own refusal.
+                match e.downcast_ref::<cairn_engine::target::TargetRefusal>() {
+                    Some(cairn_engine::target::TargetRefusal::Exists { path, .. }) => {
+                        anyhow::Error::from(Refusal::FileExists(path.clone()))
+                    }
+                    _ => e.context(format!("restoring {} of restore point {short}", img.name)),
+                }
+            });
+            if let Err(e) = r {
+                for f in &written {
+                    let _ = std::fs::remove_file(&f.path);
+                }
+                return Err(e);
+            }
             written.push(RecoveredFile {
                 name: img.name.clone(),
                 role: img.role.clone(),
@@ -454,117 +709,8 @@ pub fn recover_vm(
                 data_bytes: *bytes,
             });
         }
-        Ok(())
-    })();
-    let cleanup = |written: &[RecoveredFile]| {
-        for f in written {
-            let _ = std::fs::remove_file(&f.path);
-        }
-    };
-    if let Err(e) = result {
-        cleanup(&written);
-        return Err(e);
+        Ok(written)
     }
-    for f in &written {
-        let path = f.path.to_string_lossy().into_owned();
-        match &f.role {
-            None => edit.disks.push(PlacedDisk { target: f.name.clone(), path, format: extension(opts.format).into() }),
-            Some(r) if r != "memory-state" => edit.files.push((r.clone(), path)),
-            Some(_) => {}
-        }
-    }
-    let mut instant_state = None;
-    if let Some(inst) = instant {
-        match start_overlays(&storage, &name, point_id, point, opts.format, inst, &mut edit) {
-            Ok(st) => instant_state = Some(st),
-            Err(e) => {
-                cleanup(&written);
-                return Err(e);
-            }
-        }
-    }
-    let rewritten = hv.rewrite_config(&record.config, &edit)?;
-    let config = rewritten.document;
-    removed.extend(rewritten.removed.into_iter().map(|r| format!("{r} from the stored configuration")));
-    for r in &removed {
-        progress.note(&format!("left out: {r}"));
-    }
-
-    // Define (replacing the original if asked), then start.
-    let mut replaced = false;
-    if opts.replace {
-        if let Some(orig) = &original {
-            if !confirm(&format!(
-                "VM {} ({}) will be stopped and replaced by restore point {short}. Go on?",
-                orig.name, orig.uuid
-            )) {
-                cleanup(&written);
-                bail!("not confirmed: VM {} left as it was; nothing was defined", orig.name);
-            }
-            hv.power_off(&orig.uuid)?;
-            hv.undefine(&orig.uuid)?;
-            replaced = true;
-        }
-    }
-    let uuid = match hv.define(&config) {
-        Ok(u) => u,
-        Err(e) => {
-            cleanup(&written);
-            if let Some(st) = &instant_state {
-                drop_instant(&instant_dir(&storage, &name), st);
-            }
-            return Err(e.context("the restored disks were removed"));
-        }
-    };
-    let mut resumed_state = false;
-    let mut started_vm = false;
-    if opts.resume_state {
-        let state =
-            written.iter().find(|f| f.role.as_deref() == Some("memory-state")).context("memory state not restored")?;
-        let r = hv.start_from_memory(&state.path, &config);
-        let _ = std::fs::remove_file(&state.path);
-        r?;
-        resumed_state = true;
-        started_vm = true;
-    } else if let Some(mut st) = instant_state {
-        st.uuid = uuid.clone();
-        let dir = instant_dir(&storage, &name);
-        std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
-        if let Err(e) = hv.start(&uuid) {
-            let _ = hv.undefine(&uuid);
-            cleanup(&written);
-            drop_instant(&dir, &st);
-            return Err(e);
-        }
-        started_vm = true;
-        progress.note(&format!(
-            "{name} is running from the repository ({:.1} s); moving its disks into {}",
-            started.elapsed().as_secs_f64(),
-            storage.display()
-        ));
-        if !instant.unwrap().stop_after_start {
-            finish_instant(hv, &dir, &st, progress)?;
-        }
-        for (t, _, f, _) in &st.disks {
-            written.push(RecoveredFile { name: t.clone(), role: None, path: f.clone(), data_bytes: 0 });
-        }
-    } else if opts.start {
-        hv.start(&uuid)?;
-        started_vm = true;
-    }
-    let files = written.into_iter().filter(|f| f.role.as_deref() != Some("memory-state")).collect();
-    Ok(RecoverReport {
-        point: point_id.to_string(),
-        name,
-        uuid,
-        replaced,
-        files,
-        dropped,
-        removed,
-        started: started_vm,
-        resumed_state,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
 }
 
 /// Starts the NBD server for the point and creates one overlay per disk over its export; points
@@ -677,8 +823,10 @@ mod tests {
     #[test]
     fn resuming_a_point_whose_swap_was_skipped_is_refused() {
         check_resumable(&record(true, false), "0123abcd").unwrap();
-        let e = check_resumable(&record(true, true), "0123abcd").unwrap_err().to_string();
-        assert!(e.contains("swap") && e.contains("partition 1 on disk vdb") && e.contains("Cold-boot"), "{e}");
+        let e = check_resumable(&record(true, true), "0123abcd").unwrap_err();
+        assert!(matches!(e.downcast_ref(), Some(crate::Refusal::SwapNotKept { .. })), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("swap") && e.contains("partition 1 on disk vdb"), "{e}");
         let e = check_resumable(&record(false, false), "0123abcd").unwrap_err().to_string();
         assert!(e.contains("no memory state"), "{e}");
     }

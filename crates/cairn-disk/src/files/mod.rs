@@ -31,6 +31,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// A volume whose filesystem cairn does not read (file-level recovery reads ext2/3/4, NTFS and
+/// FAT); the disk itself restores and mounts like any other.
+#[derive(Debug, thiserror::Error)]
+#[error("volume {volume} holds {filesystem}; file-level recovery reads ext2/3/4, NTFS and FAT")]
+pub struct UnsupportedFilesystem {
+    pub volume: String,
+    pub filesystem: String,
+}
+
 /// The bytes of a disk, read at any offset: a restore point's disk ([`PointDisk`]), or an image
 /// held in memory ([`MemoryDisk`], for tests and fuzzing).
 pub trait DiskRead: Send + Sync {
@@ -502,10 +511,9 @@ impl Browser {
             Some("ext4") => opened(&volume, || ext4::Ext4Fs::open(reader))?,
             Some("ntfs") => opened(&volume, || ntfs::NtfsFs::open(reader))?,
             Some("fat") => opened(&volume, || fat::FatFs::open(reader))?,
-            Some(other) => bail!(
-                "volume {} holds {other}; file-level recovery reads ext2/3/4, NTFS and FAT (restore the disk, or `cairn mount` it and loop-mount the partition)",
-                volume.name
-            ),
+            Some(other) => {
+                return Err(UnsupportedFilesystem { volume: volume.name.clone(), filesystem: other.to_string() }.into())
+            }
             None => bail!("volume {} holds no filesystem cairn recognises", volume.name),
         };
         Ok(Browser { volume, fs, disk })
@@ -560,7 +568,7 @@ impl Browser {
         let dir = rustix::fs::open(parent, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             .with_context(|| format!("cannot open {}", parent.display()))?;
         if rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-            bail!("{} already exists; choose another --to", target.display());
+            return Err(cairn_engine::target::TargetRefusal::Exists { path: target, replaceable: false }.into());
         }
         let mut walk = Walk::default();
         let skipped = if me.kind == "dir" {

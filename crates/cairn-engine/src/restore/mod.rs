@@ -108,12 +108,7 @@ pub fn restore_disk(
     // The point was checked when loaded (FORMAT.md §7): block size and map pages fit the disk.
     let bs = disk.block_size as u64;
     let data_blocks = count_data_blocks(repo, disk).with_context(|| {
-        format!(
-            "restore point {} ({} of {}) cannot be read; `cairn verify` names what is damaged",
-            &point_id[..8],
-            point.name,
-            point.time
-        )
+        format!("restore point {} ({} of {}) cannot be read", &point_id[..8], point.name, point.time)
     })?;
     let data_bytes = data_blocks * bs;
     let mut target = target::create(to, disk.size, bs, data_bytes.min(disk.size), opts.format, opts.force)?;

@@ -18,6 +18,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+/// Where a restore may not write, typed so that an interface can say what would change it.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetRefusal {
+    #[error("{} is a block device: writing the disk into it overwrites everything on it", .0.display())]
+    DeviceNeedsForce(PathBuf),
+    #[error("{} is a block device: a disk is written into it as raw, not as qcow2", .0.display())]
+    DeviceNeedsRaw(PathBuf),
+    /// `replaceable`: the caller could ask for the file to be replaced.
+    #[error("{} already exists", .path.display())]
+    Exists { path: PathBuf, replaceable: bool },
+    #[error("{} is a folder, not the image file to create", .0.display())]
+    IsFolder(PathBuf),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TargetFormat {
     Raw,
@@ -53,16 +67,10 @@ pub fn create(
 ) -> Result<Box<dyn Target>> {
     if let Some((node, rdev)) = find_block_device(path)? {
         if !force {
-            bail!(
-                "{} is a block device: add --force to write the disk into it (everything on it is overwritten)",
-                path.display()
-            );
+            return Err(TargetRefusal::DeviceNeedsForce(path.into()).into());
         }
         if format != TargetFormat::Raw {
-            bail!(
-                "{} is a block device: a disk is written into it as raw (--format raw), not as qcow2",
-                path.display()
-            );
+            return Err(TargetRefusal::DeviceNeedsRaw(path.into()).into());
         }
         refuse_device_users(path, rdev)?;
         // O_DIRECT only when every write, the padded last one too, ends inside the disk.
@@ -77,10 +85,10 @@ pub fn create(
         return Ok(Box::new(RawFile::device(file, path, size, direct)?));
     }
     if path.exists() && !force {
-        bail!("{} already exists; choose another --to, or add --force to replace it", path.display());
+        return Err(TargetRefusal::Exists { path: path.into(), replaceable: true }.into());
     }
     if path.is_dir() {
-        bail!("{} is a folder; --to takes the path of the image file to create", path.display());
+        return Err(TargetRefusal::IsFolder(path.into()).into());
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
@@ -669,10 +677,10 @@ mod tests {
             std::fs::write(&lo.file, vec![0xAAu8; 4 << 20]).unwrap();
         }
         // Refused: without force, as qcow2, and larger than the device (nothing written).
-        let e = create(&lo.dev, 1 << 20, 65536, 0, TargetFormat::Raw, false).err().unwrap().to_string();
-        assert!(e.contains("block device") && e.contains("--force"), "{e}");
-        let e = create(&lo.dev, 1 << 20, 65536, 0, TargetFormat::Qcow2, true).err().unwrap().to_string();
-        assert!(e.contains("raw"), "{e}");
+        let e = create(&lo.dev, 1 << 20, 65536, 0, TargetFormat::Raw, false).err().unwrap();
+        assert!(matches!(e.downcast_ref(), Some(TargetRefusal::DeviceNeedsForce(_))), "{e}");
+        let e = create(&lo.dev, 1 << 20, 65536, 0, TargetFormat::Qcow2, true).err().unwrap();
+        assert!(matches!(e.downcast_ref(), Some(TargetRefusal::DeviceNeedsRaw(_))), "{e}");
         let e = create(&lo.dev, 5 << 20, 65536, 0, TargetFormat::Raw, true).err().unwrap().to_string();
         assert!(e.contains("less than the disk"), "{e}");
         assert!(std::fs::read(&lo.file).unwrap().iter().all(|b| *b == 0xAA));

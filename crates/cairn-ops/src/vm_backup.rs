@@ -1,0 +1,104 @@
+//! Backing up VMs: each VM of the request, found by name or UUID, backed up under its watchdog
+//! ([`cairn_vm::backup::backup_vm`]), then boot-checked if asked. One VM's failure does not stop
+//! the others; each gets its own outcome.
+
+use crate::boot_check::{boot_check, BootCheckRequest, BootOutcome};
+use crate::cancel::Cancel;
+use crate::error::{OpError, OpResult};
+use crate::helpers::Helpers;
+use cairn_engine::Progress;
+use cairn_hypervisor::watchdog::Watchdog;
+use cairn_hypervisor::{Hypervisor, VmState};
+use cairn_repo::{Repository, RestorePoint};
+use cairn_vm::backup::{backup_vm, new_run_token, VmBackupOptions, VmRecord};
+use std::sync::Arc;
+
+pub struct BackupVmsRequest {
+    /// VMs by name or UUID; each becomes one restore point named after the VM.
+    pub vms: Vec<String>,
+    /// The options of every VM's backup (each gets its own run token).
+    pub options: VmBackupOptions,
+    /// Boot-check each new point, and how.
+    pub boot_check: Option<BootCheckRequest>,
+}
+
+/// A VM's restore point, and its boot check if one was asked for.
+pub struct BackedUp {
+    pub id: String,
+    pub point: RestorePoint,
+    pub record: VmRecord,
+    pub boot: Option<OpResult<BootOutcome>>,
+}
+
+impl BackedUp {
+    /// The point was boot-checked and did not come up (or the check itself failed).
+    pub fn unbootable(&self) -> bool {
+        match &self.boot {
+            None => false,
+            Some(Ok(b)) => !b.check.passed(),
+            Some(Err(_)) => true,
+        }
+    }
+}
+
+/// One VM of the request and what became of it.
+pub struct VmBackupOutcome {
+    /// The VM as the request named it.
+    pub vm: String,
+    pub result: OpResult<BackedUp>,
+}
+
+/// Backs up every VM of `req` in order. `on_done` sees each outcome as soon as it is known
+/// (an interface prints it while the next VM runs). A cancellation stops before the next VM;
+/// the VMs not started get a `Cancelled` outcome.
+pub fn backup_vms(
+    hv: &dyn Hypervisor,
+    repo: &Arc<Repository>,
+    req: &BackupVmsRequest,
+    helpers: &dyn Helpers,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+    on_done: &mut dyn FnMut(&VmBackupOutcome),
+) -> Vec<VmBackupOutcome> {
+    let mut outcomes = Vec::new();
+    for name in &req.vms {
+        let result = cancel.check(&format!("the backup of VM {name}")).and_then(|()| {
+            let (id, point, record) = backup_one(hv, repo, name, &req.options, helpers, progress)?;
+            let boot = req.boot_check.as_ref().map(|b| {
+                cancel.check(&format!("the boot check of {name}"))?;
+                boot_check(hv, repo, &id, &point, b, helpers, progress)
+            });
+            Ok(BackedUp { id, point, record, boot })
+        });
+        let outcome = VmBackupOutcome { vm: name.clone(), result };
+        on_done(&outcome);
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// One VM's backup, guarded by a watchdog while its guest runs.
+fn backup_one(
+    hv: &dyn Hypervisor,
+    repo: &Arc<Repository>,
+    name: &str,
+    options: &VmBackupOptions,
+    helpers: &dyn Helpers,
+    progress: &dyn Progress,
+) -> Result<(String, RestorePoint, VmRecord), OpError> {
+    let vm = hv.find(name)?;
+    let opts = VmBackupOptions { run_token: new_run_token(), ..options.clone() };
+    // A shut-off VM has nothing to guard: no freeze, no pause, no backup job.
+    let mut dog = if vm.state != VmState::ShutOff {
+        let dog = helpers.start_watchdog(hv.uri(), &vm.uuid, opts.freeze_limit, &opts.run_token)?;
+        progress.note(&format!("{}: watchdog running {}", vm.name, dog.mode()));
+        dog
+    } else {
+        Watchdog::none()
+    };
+    let r = backup_vm(hv, repo, &vm, &opts, &mut dog, progress);
+    if r.is_ok() {
+        dog.done();
+    }
+    Ok(r?)
+}
