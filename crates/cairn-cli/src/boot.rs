@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use cairn_libvirt::{Libvirt, DEFAULT_URI};
 use cairn_ops::boot_check::{boot_check, BootCheckRequest, BootOutcome};
 use cairn_ops::mail::MailSettings;
-use cairn_vm::backup::VmRecord;
+use cairn_repo::vm_record::VmRecord;
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -192,7 +192,7 @@ pub fn report(g: &Global, a: &Report) -> Result<i32> {
     if points.is_empty() {
         bail!("no restore point named {:?}", a.name);
     }
-    let records = repo.load_records()?;
+    let records = repo.records_of(cairn_repo::RecordKind::BootVerification)?;
     let mut rows = Vec::new();
     for (id, p) in &points {
         let mut checks: Vec<&serde_json::Value> =

@@ -838,7 +838,7 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
                     "duration_ms": p.stats.duration_ms,
                     "locked_until": p.locked_until,
                     "disks": p.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>(),
-                    "vm": cairn_vm::backup::VmRecord::of(p).map(|r| {
+                    "vm": cairn_repo::vm_record::VmRecord::of(p).map(|r| {
                         let mut v = serde_json::to_value(r).unwrap_or_default();
                         v.as_object_mut().map(|o| o.remove("config"));
                         v

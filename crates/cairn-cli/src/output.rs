@@ -92,7 +92,7 @@ pub fn print_points(pts: &[&(String, RestorePoint)], protected: &std::collection
     );
     for (id, p) in pts {
         let t = &p.stats.totals;
-        let vm = cairn_vm::backup::VmRecord::of(p);
+        let vm = cairn_repo::vm_record::VmRecord::of(p);
         let (method, window, read, took) = match &vm {
             Some(r) => (
                 r.method.as_str().to_string(),

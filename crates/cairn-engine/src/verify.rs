@@ -133,8 +133,7 @@ pub struct VerifyRun {
 /// next backup of their source stores them again), copies that read back sound leave it, and
 /// each pack read whole and sound gets its last-verified time (what `--sample` rotates on).
 pub fn run(repo: &Repository, workers: usize, mut opts: VerifyOptions, progress: &dyn Progress) -> Result<VerifyRun> {
-    let mut states: Vec<(String, serde_json::Value)> =
-        repo.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "verify-state").collect();
+    let mut states: Vec<(String, serde_json::Value)> = repo.records_of(cairn_repo::RecordKind::VerifyState)?;
     states.sort_by_key(|(_, r)| r["time"].as_str().unwrap_or("").to_string());
     let mut last: HashMap<String, String> =
         states.last().and_then(|(_, r)| serde_json::from_value(r["packs"].clone()).ok()).unwrap_or_default();
@@ -161,7 +160,9 @@ pub fn run(repo: &Repository, workers: usize, mut opts: VerifyOptions, progress:
     if !report.packs_verified.is_empty() {
         // The new state is durable before the old ones go: a crash leaves two, which readers
         // resolve by time.
-        let name = repo.save_record(&serde_json::json!({"kind": "verify-state", "time": now, "packs": last}))?;
+        let name = repo.save_record(
+            &serde_json::json!({"kind": cairn_repo::RecordKind::VerifyState.as_str(), "time": now, "packs": last}),
+        )?;
         cairn_storage::crash_point("verify.state_saved");
         for (old, _) in states {
             if old != name {

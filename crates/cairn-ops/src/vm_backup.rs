@@ -9,8 +9,9 @@ use crate::helpers::Helpers;
 use cairn_engine::Progress;
 use cairn_hypervisor::watchdog::Watchdog;
 use cairn_hypervisor::{Hypervisor, VmState};
+use cairn_repo::vm_record::VmRecord;
 use cairn_repo::{Repository, RestorePoint};
-use cairn_vm::backup::{backup_vm, new_run_token, VmBackupOptions, VmRecord};
+use cairn_vm::backup::{backup_vm, new_run_token, VmBackupOptions};
 use std::sync::Arc;
 
 pub struct BackupVmsRequest {

@@ -14,7 +14,7 @@ use crate::retention::{decide, parse_point_time, Candidate, Decision, Policy, Re
 use crate::{Repository, RestorePoint, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-pub const PROTECTION_KIND: &str = "protection";
+pub const PROTECTION_KIND: &str = crate::RecordKind::Protection.as_str();
 
 /// What a group of points is keyed by.
 pub fn group_key(point: &RestorePoint) -> String {
@@ -196,7 +196,7 @@ pub fn drop_records_of_missing_points(repo: &Repository) -> Result<usize> {
     let mut n = 0;
     for (name, r) in repo.load_records()? {
         let about = match r["kind"].as_str() {
-            Some("boot-verification") | Some(PROTECTION_KIND) => r["point"].as_str(),
+            Some(k) if k == crate::RecordKind::BootVerification.as_str() || k == PROTECTION_KIND => r["point"].as_str(),
             _ => None,
         };
         // Asked of the object itself too: a point committed after the listing is not missing.

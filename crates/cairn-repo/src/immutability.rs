@@ -133,7 +133,7 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
 const LOCK_REQUESTS_IN_FLIGHT: usize = 16;
 
 /// The catalog record kind that lists locks cairn set or extended.
-pub const RECORD_KIND: &str = "object-locks";
+pub const RECORD_KIND: &str = crate::RecordKind::ObjectLocks.as_str();
 
 impl Repository {
     /// The repository's immutability, if it has one.
@@ -156,7 +156,7 @@ impl Repository {
             let e = known.entry(name).or_insert(until);
             *e = (*e).max(until);
         };
-        for (_, r) in self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == RECORD_KIND) {
+        for (_, r) in self.records_of(crate::RecordKind::ObjectLocks)?.into_iter() {
             for (name, until) in record_entries(&r) {
                 note(name, until);
             }
@@ -305,7 +305,7 @@ impl Repository {
     /// calls it with the packs still stored. Returns how many records it replaced.
     pub fn compact_lock_records(&self, stored: &std::collections::HashSet<String>) -> Result<usize> {
         let old: Vec<(String, serde_json::Value)> =
-            self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == RECORD_KIND).collect();
+            self.records_of(crate::RecordKind::ObjectLocks)?.into_iter().collect();
         if old.len() < 2 {
             return Ok(0);
         }

@@ -62,6 +62,7 @@
 //! before the old ones go, before the pack goes. A prune stops, deleting nothing, when any
 //! point, map page or index file cannot be read. Full rules: FORMAT.md §12.
 
+pub mod catalog;
 mod config;
 pub mod copy;
 pub mod crypto;
@@ -78,8 +79,10 @@ pub mod prune;
 mod repo;
 pub mod retention;
 mod session;
+pub mod vm_record;
 mod wire;
 
+pub use catalog::RecordKind;
 pub use config::{Config, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
 pub use error::{Error, Result};
 pub use id::{is_all_zero, BlockId};

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The catalog record kind that holds the marks.
-pub const MARKS_KIND: &str = "prune-marks";
+pub const MARKS_KIND: &str = crate::RecordKind::PruneMarks.as_str();
 /// Clocks of the hosts sharing a repository must agree within this much (FORMAT.md §12); it
 /// also covers the time a marks record takes to become durable.
 pub const CLOCK_MARGIN: Duration = Duration::from_secs(10 * 60);
@@ -843,7 +843,7 @@ fn forget_packs_in_catalog(repo: &Repository, gone: &HashSet<PackId>) -> Result<
         .map(|(p, b)| (hex::encode(p), b.to_hex()))
         .collect();
     repo.update_quarantine(&[], &release)?;
-    for (name, r) in repo.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "verify-state") {
+    for (name, r) in repo.records_of(crate::RecordKind::VerifyState)?.into_iter() {
         let Some(packs) = r["packs"].as_object() else { continue };
         let stale = packs.keys().any(|k| pack_id_from_name(k).is_some_and(|p| gone.contains(&p)));
         if !stale {

@@ -326,7 +326,11 @@ impl Repository {
         let mut idx = crate::index::IndexBuilder::new(self.index_spill.lock().unwrap().clone());
         let records = self.load_records()?;
         idx.set_quarantine(
-            records.iter().filter(|(_, r)| r["kind"] == "quarantine").flat_map(|(_, r)| quarantine_copies(r)).collect(),
+            records
+                .iter()
+                .filter(|(_, r)| crate::RecordKind::of(r) == Some(crate::RecordKind::Quarantine))
+                .flat_map(|(_, r)| quarantine_copies(r))
+                .collect(),
         );
         idx.set_marked(crate::prune::marks_in(&records).into_keys().collect());
         let mut seen = std::collections::HashSet::new();
@@ -636,7 +640,7 @@ impl Repository {
     /// next backup that reads those blocks stores them again (self-healing).
     pub fn quarantine(&self) -> Result<std::collections::HashSet<(crate::index::PackId, BlockId)>> {
         let mut out = std::collections::HashSet::new();
-        for (_, r) in self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "quarantine") {
+        for (_, r) in self.records_of(crate::RecordKind::Quarantine)?.into_iter() {
             out.extend(quarantine_copies(&r));
         }
         Ok(out)
@@ -650,7 +654,7 @@ impl Repository {
             return Ok(());
         }
         let old: Vec<(String, serde_json::Value)> =
-            self.load_records()?.into_iter().filter(|(_, r)| r["kind"] == "quarantine").collect();
+            self.records_of(crate::RecordKind::Quarantine)?.into_iter().collect();
         let mut all: std::collections::BTreeSet<(String, String)> = add.iter().cloned().collect();
         for (_, r) in &old {
             all.extend(quarantine_copies(r).into_iter().map(|(p, b)| (hex::encode(p), b.to_hex())));
@@ -660,7 +664,7 @@ impl Repository {
         }
         let list: Vec<[String; 2]> = all.into_iter().map(|(p, b)| [p, b]).collect();
         let name =
-            self.save_record(&serde_json::json!({"kind": "quarantine", "time": crate::now_rfc3339(), "copies": list}))?;
+            self.save_record(&serde_json::json!({"kind": crate::RecordKind::Quarantine.as_str(), "time": crate::now_rfc3339(), "copies": list}))?;
         cairn_storage::crash_point("quarantine.saved");
         for (n, _) in old {
             if n != name {

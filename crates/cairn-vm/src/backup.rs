@@ -24,39 +24,12 @@ use cairn_engine::ranges::Range;
 use cairn_engine::source::{open_path, FileSource, ImageFormat, NbdSource, Source};
 use cairn_hypervisor::watchdog::{Guard, Watchdog};
 use cairn_hypervisor::{AgentStatus, BackupExport, BackupRequest, Hypervisor, VmDisk, VmState, VmSummary};
+use cairn_repo::vm_record::{Event, FileRecord, HookRun, SkippedSwap};
+pub use cairn_repo::vm_record::{Method, VmRecord};
 use cairn_repo::{DiskImage, Repository, RestorePoint};
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-/// How the point in time is taken from a running VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// App-consistent when its requirements hold, else saved-state.
-    Auto,
-    /// Guest filesystems frozen through the guest agent (with pre-freeze/post-thaw commands).
-    AppConsistent,
-    /// VM paused, memory and device state saved, point taken, VM resumed.
-    SavedState,
-    /// Point taken with no freeze and no pause: what a power cut would leave.
-    CrashConsistent,
-    /// The VM is shut off: its disk files are read directly.
-    Offline,
-}
-
-impl Method {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Method::Auto => "auto",
-            Method::AppConsistent => "app-consistent",
-            Method::SavedState => "saved-state",
-            Method::CrashConsistent => "crash-consistent",
-            Method::Offline => "offline",
-        }
-    }
-}
 
 #[derive(Clone)]
 pub struct VmBackupOptions {
@@ -84,6 +57,12 @@ pub struct VmBackupOptions {
     pub freeze_limit: Duration,
 }
 
+/// Runs a hook command in the guest through the agent (bounded to 5 minutes).
+fn run_hook(hv: &dyn Hypervisor, uuid: &str, when: &str, cmd: &str) -> Result<HookRun> {
+    let r = hv.agent_exec(uuid, cmd, 300)?;
+    Ok(HookRun { when: when.into(), command: cmd.into(), exit_code: r.exit_code, output: r.stdout + &r.stderr })
+}
+
 /// A new random token naming one run's files and backup job.
 pub fn new_run_token() -> String {
     let mut b = [0u8; 8];
@@ -94,104 +73,6 @@ pub fn new_run_token() -> String {
         b = (t ^ ((std::process::id() as u64) << 32)).to_le_bytes();
     }
     hex::encode(b)
-}
-
-/// One step of a backup with when it happened.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Event {
-    pub event: String,
-    /// RFC 3339 with milliseconds.
-    pub at: String,
-    /// Milliseconds since the job started.
-    pub t_ms: u64,
-}
-
-/// A file outside the disks that the VM needs, as stored in the point.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FileRecord {
-    pub role: String,
-    pub path: String,
-    /// The image of the restore point holding it.
-    pub image: String,
-    pub size: u64,
-    pub mtime_ns: u128,
-}
-
-/// A swap area that was not copied.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SkippedSwap {
-    pub disk: String,
-    pub location: String,
-    pub offset: u64,
-    pub length: u64,
-}
-
-/// Everything a VM restore point records about the VM and how it was taken: the point's
-/// `metadata.vm`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VmRecord {
-    pub uuid: String,
-    pub name: String,
-    pub hypervisor: String,
-    pub host: String,
-    /// The VM's state when the backup started.
-    pub state: String,
-    pub method: Method,
-    pub method_reason: String,
-    /// "incremental" (dirty extents only) or "full".
-    pub chain: String,
-    pub chain_reason: String,
-    /// The checkpoint this point's data is relative to for the next backup.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub incremental_from: Option<String>,
-    pub events: Vec<Event>,
-    /// Freeze returned → thaw returned.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frozen_window_ms: Option<u64>,
-    /// VM paused → VM running again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offline_window_ms: Option<u64>,
-    /// Bytes read from the VM's disks (not counting files and memory state).
-    pub vm_read_bytes: u64,
-    pub skipped_swap: Vec<SkippedSwap>,
-    /// What the backup could not do but went on without (a guest structure that could not be
-    /// read: nothing skipped there).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-    pub files: Vec<FileRecord>,
-    /// The image holding the saved memory and device state (saved-state method).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_state: Option<String>,
-    /// Output of pre-freeze and post-thaw commands.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub hooks: Vec<HookRun>,
-    /// The hypervisor's configuration document (libvirt domain XML).
-    pub config: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HookRun {
-    pub when: String,
-    pub command: String,
-    pub exit_code: i64,
-    pub output: String,
-}
-
-impl HookRun {
-    /// Runs a hook command in the guest through the agent (bounded to 5 minutes).
-    fn run(hv: &dyn Hypervisor, uuid: &str, when: &str, cmd: &str) -> Result<HookRun> {
-        let r = hv.agent_exec(uuid, cmd, 300)?;
-        Ok(HookRun { when: when.into(), command: cmd.into(), exit_code: r.exit_code, output: r.stdout + &r.stderr })
-    }
-}
-
-impl VmRecord {
-    /// The VM record of a restore point, if it is a VM backup.
-    pub fn of(point: &RestorePoint) -> Option<VmRecord> {
-        serde_json::from_value(point.metadata.get("vm")?.clone()).ok()
-    }
 }
 
 /// The newest restore point of the VM with this UUID (followed across renames and hosts).
@@ -1064,7 +945,7 @@ fn take_frozen_point(
     let uuid = vm.uuid.as_str();
     let pre: Vec<&String> = vm.config.pre_freeze.iter().chain(&opts.pre_freeze).collect();
     for cmd in pre {
-        let run = HookRun::run(hv, uuid, "pre-freeze", cmd).with_context(|| format!("pre-freeze command `{cmd}`"))?;
+        let run = run_hook(hv, uuid, "pre-freeze", cmd).with_context(|| format!("pre-freeze command `{cmd}`"))?;
         let code = run.exit_code;
         record.hooks.push(run);
         if code != 0 {
@@ -1117,7 +998,7 @@ fn take_frozen_point(
     let post: Vec<&String> = vm.config.post_thaw.iter().chain(&opts.post_thaw).collect();
     for cmd in post {
         // The point is taken: a failing post-thaw command is recorded, not fatal.
-        let run = HookRun::run(hv, uuid, "post-thaw", cmd).unwrap_or_else(|e| HookRun {
+        let run = run_hook(hv, uuid, "post-thaw", cmd).unwrap_or_else(|e| HookRun {
             when: "post-thaw".into(),
             command: cmd.clone(),
             exit_code: -1,

@@ -3,7 +3,7 @@
 //! captured; then the sandbox and everything it created go away. The original VM is never
 //! touched: the sandbox has a name of its own, a new identity, no network and no host devices.
 
-use crate::backup::{private_dir, VmRecord};
+use crate::backup::private_dir;
 use crate::recover::{check_image_name, create_overlay, process_start_time, stop_server, KNOWN_ROLES};
 use anyhow::{Context, Result};
 use cairn_engine::progress::Progress;
@@ -11,6 +11,7 @@ use cairn_engine::restore::{restore_disk, RestoreOptions};
 use cairn_engine::target::TargetFormat;
 use cairn_hypervisor::Hypervisor;
 use cairn_hypervisor::{ConfigEdit, PlacedDisk};
+use cairn_repo::vm_record::VmRecord;
 use cairn_repo::{Repository, RestorePoint};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -82,7 +83,7 @@ pub fn verify_boot(
     }
     private_dir(&dir)?;
     let mut check = BootCheck {
-        kind: "boot-verification".into(),
+        kind: cairn_repo::RecordKind::BootVerification.as_str().into(),
         point: point_id.to_string(),
         vm: record.name.clone(),
         uuid: record.uuid.clone(),

@@ -8,7 +8,7 @@
 //! ([`RecoveryPlan::execute`]). A failure while writing removes what was written and defines
 //! nothing. A caller that confirms a replacement asks between the two steps.
 
-use crate::backup::{private_dir, VmRecord};
+use crate::backup::private_dir;
 use crate::Refusal;
 use anyhow::{bail, Context, Result};
 use cairn_engine::progress::Progress;
@@ -16,6 +16,7 @@ use cairn_engine::restore::{data_bytes, restore_disk, RestoreOptions};
 use cairn_engine::target::{check_space, TargetFormat};
 use cairn_hypervisor::{ConfigEdit, PlacedDisk};
 use cairn_hypervisor::{Hypervisor, VmSummary};
+use cairn_repo::vm_record::VmRecord;
 use cairn_repo::{safe_name, Repository, RestorePoint};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
