@@ -278,6 +278,8 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
 
 /// Runs a prune (see the module docs). Holds a maintenance lock: backups, restores and
 /// verifies go on; another prune or a repair waits.
+// Long on purpose: the steps of FORMAT.md §12 in their order, each invariant commented where it
+// is kept; split, the order that makes a prune safe would be spread over several functions.
 pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: Progress) -> Result<PruneReport> {
     let lock = repo.lock_mode(LockMode::Maintenance, "prune", opts.lock_wait)?;
     let Analysis { mut report, old_records, mut marks, mut reach, sizes, mut to_mark, mut to_repack, index } =

@@ -555,36 +555,13 @@ impl RecoveryPlan {
                 let _ = std::fs::remove_file(&f.path);
             }
         };
-        for f in &written {
-            let path = f.path.to_string_lossy().into_owned();
-            match &f.role {
-                None => plan.edit.disks.push(PlacedDisk {
-                    target: f.name.clone(),
-                    path,
-                    format: extension(opts.format).into(),
-                }),
-                Some(r) if r != "memory-state" => plan.edit.files.push((r.clone(), path)),
-                Some(_) => {}
+        let instant_state = match plan.place(&written, instant) {
+            Ok(st) => st,
+            Err(e) => {
+                cleanup(&written);
+                return Err(e);
             }
-        }
-        let mut instant_state = None;
-        if let Some(inst) = instant {
-            match start_overlays(
-                &plan.storage,
-                &plan.name,
-                &plan.point_id,
-                &plan.point,
-                opts.format,
-                inst,
-                &mut plan.edit,
-            ) {
-                Ok(st) => instant_state = Some(st),
-                Err(e) => {
-                    cleanup(&written);
-                    return Err(e);
-                }
-            }
-        }
+        };
         // Until the VM is defined, a failure removes what this run wrote and started.
         let undo = |written: &[RecoveredFile], st: Option<&InstantState>| {
             cleanup(written);
@@ -673,6 +650,25 @@ impl RecoveryPlan {
             resumed_state,
             duration_ms: started.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Points the configuration at what was written (disks, files) and, for an instant
+    /// recovery, at overlays over an NBD server of the point it starts (returned with its state).
+    fn place(&mut self, written: &[RecoveredFile], instant: Option<&InstantMode>) -> Result<Option<InstantState>> {
+        let format = self.opts.format;
+        for f in written {
+            let path = f.path.to_string_lossy().into_owned();
+            match &f.role {
+                None => {
+                    self.edit.disks.push(PlacedDisk { target: f.name.clone(), path, format: extension(format).into() })
+                }
+                Some(r) if r != "memory-state" => self.edit.files.push((r.clone(), path)),
+                Some(_) => {}
+            }
+        }
+        let Some(inst) = instant else { return Ok(None) };
+        let st = start_overlays(&self.storage, &self.name, &self.point_id, &self.point, format, inst, &mut self.edit)?;
+        Ok(Some(st))
     }
 
     /// Restores the planned images; on a failure, removes those already written.
