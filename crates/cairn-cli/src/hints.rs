@@ -46,6 +46,17 @@ pub fn hint(e: &anyhow::Error) -> Option<String> {
                     .into(),
             );
         }
+        if let Some(f) = cause.downcast_ref::<cairn_ops::maintenance::ForgetRefusal>() {
+            use cairn_ops::maintenance::ForgetRefusal as F;
+            return Some(
+                match f {
+                    F::MixedSelection => "give either NAME@POINT selections or names with --keep-* rules",
+                    F::RulesWithPoints => "drop the --keep-* options to remove exactly the points named",
+                    F::NoRule => "pass at least one --keep-* option, or NAME@POINT to remove one point",
+                }
+                .into(),
+            );
+        }
         if let Some(i) = cause.downcast_ref::<cairn_ops::image::ImageRefusal>() {
             return Some(match i {
                 cairn_ops::image::ImageRefusal::NoParentForChanges(_) => "drop --changed-ranges/--dirty-bitmap".into(),

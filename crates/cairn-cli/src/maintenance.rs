@@ -3,7 +3,8 @@
 use crate::output::bytes;
 use crate::{open_repo, print_json, Global};
 use anyhow::{bail, Context, Result};
-use cairn_repo::forget::{self, GroupPlan};
+use cairn_ops::maintenance::{ForgetOutcome, ForgetRequest};
+use cairn_repo::forget::GroupPlan;
 use cairn_repo::prune::{self, PruneOptions, PruneReport};
 use cairn_repo::retention::Policy;
 use clap::Args;
@@ -91,32 +92,19 @@ pub fn forget(g: &Global, a: &ForgetArgs) -> Result<i32> {
         keep_yearly: a.keep_yearly,
         keep_within: a.keep_within,
     };
-    let explicit = a.select.iter().filter(|s| s.contains('@')).count();
-    if explicit > 0 && explicit < a.select.len() {
-        bail!("give either NAME@POINT selections (remove exactly those) or names with --keep-* rules, not both");
-    }
-    if explicit > 0 && !policy.is_empty() {
-        bail!("NAME@POINT removes exactly that point: --keep-* rules do not apply to it");
-    }
-    if explicit == 0 && policy.is_empty() {
-        bail!(
-            "no retention rule given: pass at least one --keep-* option (forget never removes every point by \
-             default), or NAME@POINT to remove one point"
-        );
-    }
     if a.dry_run && a.prune {
         bail!("--dry-run and --prune together: run `cairn prune --dry-run` to see what a prune would reclaim");
     }
-    let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "forget", Duration::from_secs(g.lock_wait))?;
-    let plan = if explicit > 0 {
-        forget::plan_points(&repo, &a.select)?
-    } else {
-        forget::plan(&repo, &a.select, &policy, jiff::Timestamp::now(), &jiff::tz::TimeZone::system())?
+    let req = ForgetRequest {
+        select: a.select.clone(),
+        policy: policy.clone(),
+        dry_run: a.dry_run,
+        lock_wait: Duration::from_secs(g.lock_wait),
     };
-    let outcome = if a.dry_run { None } else { Some(forget::apply(&repo, &plan)?) };
-    drop(_lock);
-    let removed: usize = plan.iter().map(|g| g.points.iter().filter(|p| p.kept_by.is_none()).count()).sum();
+    // Refused before the repository is opened (no password asked for a request that cannot run).
+    cairn_ops::maintenance::check_forget(&req)?;
+    let repo = open_repo(g)?;
+    let ForgetOutcome { plan, removes: removed, done: outcome } = cairn_ops::maintenance::forget(&repo, &req)?;
     if g.json {
         let mut v =
             serde_json::json!({"policy": policy.describe(), "dry_run": a.dry_run, "groups": plan, "removes": removed});
@@ -214,7 +202,7 @@ fn run_prune(g: &Global, a: &PruneArgs, dry_run: bool) -> Result<PruneReport> {
             eprintln!("prune: {msg}");
         }
     };
-    Ok(prune::prune(&repo, &opts, &progress).context("prune")?)
+    Ok(cairn_ops::maintenance::prune(&repo, &opts, &progress).context("prune")?)
 }
 
 fn print_prune(r: &PruneReport) {
@@ -273,9 +261,8 @@ fn print_prune(r: &PruneReport) {
 
 pub fn protect(g: &Global, a: &ProtectArgs) -> Result<i32> {
     let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "protect", Duration::from_secs(g.lock_wait))?;
-    let (id, point) = repo.select_point(&a.point)?;
-    let changed = forget::set_protected(&repo, &id, !a.unprotect)?;
+    let (id, point, changed) =
+        cairn_ops::maintenance::protect(&repo, &a.point, !a.unprotect, Duration::from_secs(g.lock_wait))?;
     let state = if a.unprotect { "unprotected" } else { "protected" };
     if g.json {
         print_json(

@@ -7,6 +7,7 @@
 //! them when their [`Cancel`] is set. Operations never print, never prompt, and never name a
 //! command-line flag: an interface words its own advice.
 //!
+//! - [`maintenance`]: forget (retention), prune, protect;
 //! - [`image`]: a disk image (file, device, NBD export) backed up as a point, and restored;
 //! - [`vm_list`]: the VMs of a host, with the backup method each qualifies for;
 //! - [`vm_backup`]: back up VMs (each under its watchdog), boot-check the new points;
@@ -25,6 +26,7 @@ pub mod helpers;
 pub mod host_config;
 pub mod image;
 pub mod mail;
+pub mod maintenance;
 pub mod vm_backup;
 pub mod vm_list;
 pub mod vm_recover;
