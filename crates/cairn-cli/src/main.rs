@@ -816,41 +816,17 @@ fn backup_image(g: &Global, a: &BackupImage) -> Result<i32> {
 }
 
 fn points(g: &Global, name: Option<&str>) -> Result<i32> {
+    use cairn_ops::points::{list_points, PointSummary};
     let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "points", Duration::from_secs(g.lock_wait))?;
-    let list = repo.list_points()?;
-    let protected = cairn_repo::forget::protected_points(&repo)?;
-    let pts: Vec<_> = list.points.iter().filter(|(_, p)| name.is_none_or(|n| p.name == n)).collect();
+    let listed = list_points(&repo, name, Duration::from_secs(g.lock_wait))?;
+    let (pts, protected): (Vec<_>, _) = (listed.points.iter().collect(), &listed.protected);
     if g.json {
-        let v: Vec<_> = pts
-            .iter()
-            .map(|(id, p)| {
-                serde_json::json!({
-                    "id": id, "name": p.name, "time": p.time, "hostname": p.hostname, "source": p.source,
-                    "parent": p.parent, "mode": p.stats.mode, "protected": protected.contains(id),
-                    "logical_bytes": p.stats.totals.logical_bytes,
-                    "read_bytes": p.stats.totals.read_bytes,
-                    "new_bytes": p.stats.totals.new_bytes,
-                    "stored_bytes": p.stats.totals.stored_bytes,
-                    "repository_growth_bytes": p.stats.repository_growth_bytes,
-                    "dedup_bytes": p.stats.totals.dedup_bytes + p.stats.totals.unchanged_bytes,
-                    "zero_bytes": p.stats.totals.zero_bytes,
-                    "duration_ms": p.stats.duration_ms,
-                    "locked_until": p.locked_until,
-                    "disks": p.disks.iter().map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats})).collect::<Vec<_>>(),
-                    "vm": cairn_repo::vm_record::VmRecord::of(p).map(|r| {
-                        let mut v = serde_json::to_value(r).unwrap_or_default();
-                        v.as_object_mut().map(|o| o.remove("config"));
-                        v
-                    }),
-                })
-            })
-            .collect();
+        let v: Vec<_> = pts.iter().map(|(id, p)| PointSummary::of(id, p, protected.contains(id))).collect();
         print_json(&v);
     } else {
-        output::print_points(&pts, &protected);
+        output::print_points(&pts, protected);
     }
-    for (id, problem) in &list.damaged {
+    for (id, problem) in &listed.damaged {
         eprintln!("warning: restore point {} cannot be read: {problem}", &id[..8]);
     }
     if let Some(n) = name {
@@ -1071,8 +1047,7 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
 
 fn repair_index(g: &Global, dry_run: bool) -> Result<i32> {
     let repo = open_repo(g)?;
-    let _lock = repo.lock(true, "repair index", Duration::from_secs(g.lock_wait))?;
-    let r = cairn_engine::repair::rebuild_index(&repo, dry_run, &bar(g))?;
+    let r = cairn_ops::check::repair_index(&repo, dry_run, Duration::from_secs(g.lock_wait), &bar(g))?;
     if g.json {
         print_json(&r);
     } else {
@@ -1220,15 +1195,14 @@ fn verify_locks(g: &Global) -> Result<i32> {
 }
 
 fn verify(g: &Global, points: &[String], sample: Option<f64>) -> Result<i32> {
-    let (repo, _lock) = open_indexed(g, "verify")?;
-    let progress = bar(g);
-    let selected = if points.is_empty() {
-        None
-    } else {
-        Some(points.iter().map(|p| repo.select_point(p).map(|(id, _)| id)).collect::<Result<Vec<_>, _>>()?)
+    let repo = open_repo(g)?;
+    let req = cairn_ops::check::VerifyRequest {
+        points: points.to_vec(),
+        sample_percent: sample,
+        workers: workers(g),
+        lock_wait: Duration::from_secs(g.lock_wait),
     };
-    let opts = cairn_engine::verify::VerifyOptions { points: selected, sample_percent: sample, ..Default::default() };
-    let run = cairn_engine::verify::run(&repo, workers(g), opts, &progress)?;
+    let run = cairn_ops::check::verify(&repo, &req, &bar(g))?;
     let report = &run.report;
     if g.json {
         print_json(&run);

@@ -7,6 +7,8 @@
 //! them when their [`Cancel`] is set. Operations never print, never prompt, and never name a
 //! command-line flag: an interface words its own advice.
 //!
+//! - [`points`]: the restore points of a repository, as interfaces list them;
+//! - [`check`]: verify and repair index;
 //! - [`maintenance`]: forget (retention), prune, protect;
 //! - [`image`]: a disk image (file, device, NBD export) backed up as a point, and restored;
 //! - [`vm_list`]: the VMs of a host, with the backup method each qualifies for;
@@ -21,12 +23,14 @@
 
 pub mod boot_check;
 mod cancel;
+pub mod check;
 mod error;
 pub mod helpers;
 pub mod host_config;
 pub mod image;
 pub mod mail;
 pub mod maintenance;
+pub mod points;
 pub mod vm_backup;
 pub mod vm_list;
 pub mod vm_recover;
