@@ -46,6 +46,17 @@ pub fn hint(e: &anyhow::Error) -> Option<String> {
                     .into(),
             );
         }
+        if let Some(o) = cause.downcast_ref::<cairn_ops::offsite::OffsiteRefusal>() {
+            use cairn_ops::offsite::OffsiteRefusal as O;
+            return match o {
+                O::NoSuchSourcePoint(_) => Some("see `cairn points --repo SOURCE`".into()),
+                O::UnreadableSourcePoint { .. } => Some("`cairn verify` on the source tells more".into()),
+                O::Incompatible { .. } => {
+                    Some("make the target with `cairn init --repo TARGET --copy-from SOURCE`".into())
+                }
+                _ => None,
+            };
+        }
         if let Some(f) = cause.downcast_ref::<cairn_ops::maintenance::ForgetRefusal>() {
             use cairn_ops::maintenance::ForgetRefusal as F;
             return Some(

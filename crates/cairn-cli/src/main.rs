@@ -1162,7 +1162,7 @@ fn verify_locks(g: &Global) -> Result<i32> {
             eprintln!("verify locks: {msg}");
         }
     };
-    let audit = cairn_repo::immutability::audit_locks(&repo, &progress)?;
+    let audit = cairn_ops::offsite::audit(&repo, &progress)?;
     if g.json {
         print_json(&audit);
     } else {

@@ -3,9 +3,9 @@
 
 use crate::output::bytes;
 use crate::{backend_at, print_json, workers, Global};
-use anyhow::{bail, Context, Result};
-use cairn_repo::copy::{copy_points, CopyProgress, CopyReport};
-use cairn_repo::{Repository, RestorePoint};
+use anyhow::{Context, Result};
+use cairn_repo::copy::{CopyProgress, CopyReport};
+use cairn_repo::Repository;
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -52,62 +52,11 @@ fn open_with(location: &std::path::Path, password_file: Option<&std::path::Path>
     Ok(repo)
 }
 
-/// The source's points that `specs` name (all when empty), oldest first.
-fn select(src: &Repository, specs: &[String]) -> Result<Vec<(String, RestorePoint)>> {
-    // A point the listing could not read is read again; one that still cannot be read stops
-    // the copy (it would be left out without a word otherwise).
-    let listed = src.list_points()?;
-    let mut all = listed.points;
-    for (id, why) in listed.damaged {
-        match src.load_point(&id) {
-            Ok(p) => all.push((id, p)),
-            Err(cairn_repo::Error::Storage(e)) if e.is_not_found() => {}
-            Err(_) => bail!(
-                "restore point {} of the source cannot be read ({why}); nothing was copied (`cairn verify` on the \
-                 source tells more)",
-                &id[..12.min(id.len())]
-            ),
-        }
-    }
-    all.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-    if specs.is_empty() {
-        return Ok(all);
-    }
-    let mut out: Vec<(String, RestorePoint)> = Vec::new();
-    for spec in specs {
-        let chosen: Vec<(String, RestorePoint)> = if spec.contains('@') {
-            vec![src.select_point(spec)?]
-        } else {
-            let mine: Vec<_> = all.iter().filter(|(_, p)| &p.name == spec).cloned().collect();
-            if mine.is_empty() {
-                bail!("the source has no restore point named {spec:?} (see `cairn points --repo SOURCE`)");
-            }
-            mine
-        };
-        for c in chosen {
-            if !out.iter().any(|(id, _)| *id == c.0) {
-                out.push(c);
-            }
-        }
-    }
-    out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-    Ok(out)
-}
-
 pub fn copy(g: &Global, a: &CopyArgs) -> Result<i32> {
     let src = Arc::new(open_with(&a.from, a.from_password_file.as_deref())?);
     let to = a.to.as_ref().or(g.repo.as_ref()).context("no target: pass --to REPO (or --repo, CAIRN_REPO)")?;
     let dst_global = Global { repo: Some(to.clone()), ..g.clone() };
     let dst = crate::open_repo(&dst_global)?;
-    if src.config().id == dst.config().id && src.backend().location() == dst.backend().location() {
-        bail!("the source and the target are the same repository");
-    }
-    let wait = Duration::from_secs(g.lock_wait);
-    let _src_lock = src.lock(false, "copy (source)", wait)?;
-    let _dst_lock = dst.lock(false, "copy", wait)?;
-    src.load_index()?;
-    dst.load_index()?;
-    let points = select(&src, &a.points)?;
     let quiet = g.json || g.quiet;
     let progress = CopyProgress::default();
     let done = std::sync::atomic::AtomicBool::new(false);
@@ -134,16 +83,10 @@ pub fn copy(g: &Global, a: &CopyArgs) -> Result<i32> {
                 }
             });
         }
-        let r = copy_points(&src, &dst, &points, g.threads.map_or(0, |_| workers(g)), &progress);
+        let workers = g.threads.map_or(0, |_| workers(g));
+        let r = cairn_ops::offsite::copy(&src, &dst, &a.points, workers, Duration::from_secs(g.lock_wait), &progress);
         done.store(true, Ordering::Relaxed);
         r
-    })
-    .map_err(|e| match e {
-        cairn_repo::Error::Incompatible(why) => anyhow::anyhow!(
-            "cannot copy into {}: {why}. Make the target with `cairn init --repo TARGET --copy-from SOURCE`",
-            to.display()
-        ),
-        e => e.into(),
     })?;
     if g.json {
         print_json(&report);
@@ -171,27 +114,7 @@ pub fn copy(g: &Global, a: &CopyArgs) -> Result<i32> {
 pub fn undelete(g: &Global, dry_run: bool) -> Result<i32> {
     use cairn_storage::Restoration;
     let b = crate::backend(g)?;
-    let Some(locks) = b.object_lock() else {
-        bail!(
-            "{} is not on S3 or Azure Blob: only versioned stores keep what was deleted or overwritten",
-            b.location()
-        );
-    };
-    // Only an immutable repository's deletes remove versions; elsewhere cairn's own deletes
-    // (forget, prune) leave delete markers, which this would take for someone else's. What
-    // says so is the config cairn wrote, locked (its current version may be someone else's).
-    let Some(raw) = locks.locked_config()? else {
-        bail!(
-            "{} has no locked config: it is not an immutable repository, and there cairn's own deletes leave \
-             delete markers, which undelete would undo (bringing back forgotten points and pruned data); nothing done",
-            b.location()
-        );
-    };
-    let config = cairn_repo::Config::parse(&raw, &b.location())?;
-    if config.immutability.is_none() {
-        bail!("{} is not an immutable repository (its locked config says so); nothing done", b.location());
-    }
-    let found = locks.undelete(dry_run)?;
+    let found = cairn_ops::offsite::undelete(b.as_ref(), dry_run)?;
     let count = |how: Restoration| found.iter().filter(|r| r.how == how).count();
     let (hidden, overwritten) = (count(Restoration::Hidden), count(Restoration::Overwritten));
     let mut by_kind: std::collections::BTreeMap<String, usize> = Default::default();

@@ -128,6 +128,12 @@ impl From<anyhow::Error> for OpError {
     }
 }
 
+impl From<cairn_storage::StorageError> for OpError {
+    fn from(e: cairn_storage::StorageError) -> OpError {
+        OpError::classify(e.into())
+    }
+}
+
 impl From<cairn_repo::Error> for OpError {
     fn from(e: cairn_repo::Error) -> OpError {
         OpError::classify(e.into())

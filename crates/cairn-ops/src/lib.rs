@@ -9,6 +9,7 @@
 //!
 //! - [`points`]: the restore points of a repository, as interfaces list them;
 //! - [`check`]: verify and repair index;
+//! - [`offsite`]: copies between repositories, store-lock audits, undelete;
 //! - [`maintenance`]: forget (retention), prune, protect;
 //! - [`image`]: a disk image (file, device, NBD export) backed up as a point, and restored;
 //! - [`vm_list`]: the VMs of a host, with the backup method each qualifies for;
@@ -30,6 +31,7 @@ pub mod host_config;
 pub mod image;
 pub mod mail;
 pub mod maintenance;
+pub mod offsite;
 pub mod points;
 pub mod vm_backup;
 pub mod vm_list;
