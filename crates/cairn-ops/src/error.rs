@@ -179,4 +179,20 @@ mod tests {
         let wrapped = anyhow::Error::from(OpError::new(ErrorKind::Cancelled, anyhow::anyhow!("stop")));
         assert_eq!(kind_of(&wrapped.context("backing up")), ErrorKind::Cancelled);
     }
+
+    #[test]
+    fn refusals_and_hypervisor_errors_have_kinds_an_interface_can_act_on() {
+        let taken = cairn_vm::Refusal::NameTaken { name: "web".into(), uri: "qemu:///system".into(), uuid: "u".into() };
+        assert_eq!(kind_of(&anyhow::Error::from(taken).context("recovering")), ErrorKind::Conflict);
+        let gone = cairn_hypervisor::NoSuchVm { name: "web".into(), uri: "qemu:///system".into() };
+        assert_eq!(kind_of(&gone.into()), ErrorKind::NotFound);
+        let busy = cairn_vm::Refusal::ForeignBackupJob { vm: "web".into(), socket: "/s".into() };
+        assert_eq!(kind_of(&busy.into()), ErrorKind::Busy);
+        let e = OpError::classify(anyhow::Error::from(cairn_repo::Error::WrongPassword).context("opening"));
+        assert_eq!(e.kind(), ErrorKind::Unauthorized);
+        // `{}` is the outermost step, `{:#}` the chain, and the chain goes on through `source`.
+        assert_eq!(e.to_string(), "opening");
+        assert!(format!("{e:#}").contains("wrong password"), "{e:#}");
+        assert!(std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("wrong password")));
+    }
 }

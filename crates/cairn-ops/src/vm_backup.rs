@@ -103,3 +103,72 @@ fn backup_one(
     }
     Ok(r?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use cairn_hypervisor::fake::{Fake, Handle};
+    use cairn_repo::vm_record::Method;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    /// Helpers that must not be reached.
+    struct NoHelpers;
+    impl Helpers for NoHelpers {
+        fn start_nbd_server(&self, _: &str, _: &Path) -> anyhow::Result<u32> {
+            panic!("no NBD server expected")
+        }
+        fn start_watchdog(&self, _: &str, _: &str, _: Duration, _: &str) -> anyhow::Result<Watchdog> {
+            panic!("no watchdog expected")
+        }
+    }
+
+    fn request(vms: &[&str]) -> BackupVmsRequest {
+        BackupVmsRequest {
+            vms: vms.iter().map(|v| v.to_string()).collect(),
+            options: VmBackupOptions {
+                method: Method::Auto,
+                full: false,
+                skip_swap: true,
+                pre_freeze: vec![],
+                post_thaw: vec![],
+                work_dir: PathBuf::from("/nonexistent"),
+                compression_level: 1,
+                workers: 1,
+                oracle_dir: None,
+                hold_point: None,
+                run_token: String::new(),
+                freeze_limit: Duration::from_secs(10),
+            },
+            boot_check: None,
+        }
+    }
+
+    #[test]
+    fn a_cancelled_request_touches_no_vm_and_says_so_for_each() {
+        let t = tempfile::tempdir().unwrap();
+        let backend = Arc::new(cairn_storage::LocalBackend::new(t.path().join("repo")));
+        let repo = Arc::new(Repository::init(backend, None).unwrap());
+        let fake = Arc::new(Fake::default());
+        let cancel = Cancel::new();
+        cancel.cancel();
+        let mut seen = Vec::new();
+        let outcomes = backup_vms(
+            &Handle(fake.clone()),
+            &repo,
+            &request(&["web", "db"]),
+            &NoHelpers,
+            &cairn_engine::NoProgress,
+            &cancel,
+            &mut |o| seen.push(o.vm.clone()),
+        );
+        assert_eq!(seen, ["web", "db"], "each outcome is reported as it is known");
+        for o in &outcomes {
+            let e = o.result.as_ref().err().expect("a cancelled VM backed up");
+            assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+        }
+        assert!(fake.calls.lock().unwrap().is_empty(), "the hypervisor was called: {:?}", fake.calls.lock().unwrap());
+        assert!(repo.list_points().unwrap().points.is_empty());
+    }
+}
