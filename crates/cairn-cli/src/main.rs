@@ -893,18 +893,17 @@ fn running_vm_disks() -> Vec<(String, PathBuf)> {
 }
 
 fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
-    use cairn_disk::files::{volumes, Browser};
+    use cairn_ops::files::{get_files, list_files, list_volumes, Listing};
     let (repo, _lock) = open_indexed(g, "files")?;
     match c {
         FilesCmd::Ls { point, volume, path } => {
-            let (id, p) = repo.select_point(point)?;
             // `ls web /etc`: a path where the volume would be, with one filesystem to choose.
             let (volume, path) = match (volume, path) {
                 (Some(v), None) if v.starts_with('/') => (None, Some(v.clone())),
                 (v, p) => (v.clone(), p.clone()),
             };
             if volume.is_none() && path.is_none() {
-                let vols = volumes(&repo, &p)?;
+                let (id, p, vols) = list_volumes(&repo, point)?;
                 if g.json {
                     print_json(&serde_json::json!({"point": id, "volumes": vols}));
                 } else {
@@ -922,12 +921,12 @@ fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
                 }
                 return Ok(0);
             }
-            let b = Browser::open(&repo, &p, volume.as_deref())?;
             let path = path.unwrap_or_else(|| "/".into());
-            let entries = b.list(&path)?;
+            let Listing { id, volume, entries, repository_bytes_read, .. } =
+                list_files(&repo, point, volume.as_deref(), &path)?;
             if g.json {
-                print_json(&serde_json::json!({"point": id, "volume": b.volume.name, "path": path, "entries": entries,
-                    "repository_bytes_read": b.repository_bytes_read()}));
+                print_json(&serde_json::json!({"point": id, "volume": volume, "path": path, "entries": entries,
+                    "repository_bytes_read": repository_bytes_read}));
             } else {
                 for e in &entries {
                     let when = humantime::format_rfc3339_seconds(
@@ -938,22 +937,18 @@ fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
             }
         }
         FilesCmd::Get { point, volume, path, to } => {
-            let (id, p) = repo.select_point(point)?;
-            let b = Browser::open(&repo, &p, Some(volume))?;
-            let r = b.get(path, to)?;
+            let (id, p, volume, r) = get_files(&repo, point, volume, path, to)?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
             if g.json {
-                print_json(
-                    &serde_json::json!({"point": id, "volume": b.volume.name, "path": path, "to": to, "report": r}),
-                );
+                print_json(&serde_json::json!({"point": id, "volume": volume, "path": path, "to": to, "report": r}));
             } else {
                 println!(
                     "copied {} from {} {} ({}): {} file(s), {} dir(s), {}; {} read from the repository",
                     path,
                     p.name,
-                    b.volume.name,
+                    volume,
                     &id[..8],
                     r.files,
                     r.dirs,

@@ -278,9 +278,7 @@ pub fn protect(g: &Global, a: &ProtectArgs) -> Result<i32> {
 
 pub fn stats(g: &Global, names: &[String]) -> Result<i32> {
     let repo = open_repo(g)?;
-    let _lock = repo.lock(false, "stats", Duration::from_secs(g.lock_wait))?;
-    repo.load_index()?;
-    let s = prune::usage(&repo, names)?;
+    let s = cairn_ops::maintenance::stats(&repo, names, Duration::from_secs(g.lock_wait))?;
     if g.json {
         print_json(&s);
         return Ok(0);

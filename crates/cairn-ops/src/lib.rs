@@ -7,6 +7,7 @@
 //! them when their [`Cancel`] is set. Operations never print, never prompt, and never name a
 //! command-line flag: an interface words its own advice.
 //!
+//! - [`files`]: volumes and files of a point, and copies of files out of it;
 //! - [`points`]: the restore points of a repository, as interfaces list them;
 //! - [`check`]: verify and repair index;
 //! - [`offsite`]: copies between repositories, store-lock audits, undelete;
@@ -26,6 +27,7 @@ pub mod boot_check;
 mod cancel;
 pub mod check;
 mod error;
+pub mod files;
 pub mod helpers;
 pub mod host_config;
 pub mod image;

@@ -1,10 +1,10 @@
-//! The repository's life: `forget` (retention, or named points), `prune`, `protect`. The rules
+//! The repository's life: `forget` (retention, or named points), `prune`, `protect`, `stats`. The rules
 //! themselves are `cairn_repo`'s (`retention`, `forget`, `prune`, FORMAT.md §12); these
 //! operations check the request, take the lock, and run them in order.
 
 use crate::error::{ErrorKind, OpError, OpResult};
 use cairn_repo::forget::{self, Forgotten, GroupPlan};
-use cairn_repo::prune::{self, PruneOptions, PruneReport};
+use cairn_repo::prune::{self, PruneOptions, PruneReport, Usage};
 use cairn_repo::retention::Policy;
 use cairn_repo::{Repository, RestorePoint};
 use std::sync::Arc;
@@ -74,6 +74,14 @@ pub fn forget(repo: &Repository, req: &ForgetRequest) -> OpResult<ForgetOutcome>
 /// Reclaims space (see `cairn_repo::prune`); `progress` hears each step.
 pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: &dyn Fn(&str)) -> OpResult<PruneReport> {
     Ok(prune::prune(repo, opts, progress)?)
+}
+
+/// Sizes, deduplication and compression of the points named (all when none), and what a prune
+/// would reclaim; under the shared lock.
+pub fn stats(repo: &Repository, names: &[String], lock_wait: Duration) -> OpResult<Usage> {
+    let _lock = repo.lock(false, "stats", lock_wait)?;
+    repo.load_index()?;
+    Ok(prune::usage(repo, names)?)
 }
 
 /// Protects a point from every removal (or lifts the protection); returns the point and whether
