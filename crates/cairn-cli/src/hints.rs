@@ -46,6 +46,9 @@ pub fn hint(e: &anyhow::Error) -> Option<String> {
                     .into(),
             );
         }
+        if let Some(cairn_ops::init::InitRefusal::ImmutableNeedsEncryption) = cause.downcast_ref() {
+            return Some("add --encrypt".into());
+        }
         if let Some(o) = cause.downcast_ref::<cairn_ops::offsite::OffsiteRefusal>() {
             use cairn_ops::offsite::OffsiteRefusal as O;
             return match o {

@@ -749,24 +749,17 @@ fn init(
 ) -> Result<i32> {
     let b = backend(g)?;
     let source = copy_from.map(offsite::open_source).transpose()?;
-    let encrypt = encrypt || source.as_ref().is_some_and(|s| s.crypto().is_encrypted());
-    // The library refuses a plain immutable repository and says why; here, the flag to add
-    // (a copy's encryption follows its source, which the library judges).
-    if immutable.is_some() && !encrypt && source.is_none() {
-        bail!("an immutable repository must be encrypted: add --encrypt");
-    }
-    let password = if encrypt {
-        let p = password_from_env_or_prompt(true)
-            .context("an encrypted repository needs a password: set CAIRN_PASSWORD or run in a terminal")?;
-        if p.is_empty() {
-            bail!("the password is empty");
-        }
-        Some(p)
+    let req = cairn_ops::init::InitRequest { encrypt, copy_of: source.as_ref(), immutable };
+    req.check()?;
+    let password = if req.encrypted() {
+        Some(
+            password_from_env_or_prompt(true)
+                .context("an encrypted repository needs a password: set CAIRN_PASSWORD or run in a terminal")?,
+        )
     } else {
         None
     };
-    let opts = cairn_repo::InitOptions { copy_of: source.as_ref(), immutable };
-    let repo = Repository::init_with(b.clone(), password.as_deref(), opts)?;
+    let repo = cairn_ops::init::init(b.clone(), &req, password.as_deref())?;
     let lock = repo.lock_policy();
     if g.json {
         print_json(&serde_json::json!({"repository": b.location(), "id": repo.config().id,

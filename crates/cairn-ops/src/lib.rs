@@ -12,6 +12,7 @@
 //! - [`check`]: verify and repair index;
 //! - [`offsite`]: copies between repositories, store-lock audits, undelete;
 //! - [`maintenance`]: forget (retention), prune, protect;
+//! - [`init`]: a new repository (encrypted, immutable, a copy target);
 //! - [`image`]: a disk image (file, device, NBD export) backed up as a point, and restored;
 //! - [`vm_list`]: the VMs of a host, with the backup method each qualifies for;
 //! - [`vm_backup`]: back up VMs (each under its watchdog), boot-check the new points;
@@ -31,6 +32,7 @@ pub mod files;
 pub mod helpers;
 pub mod host_config;
 pub mod image;
+pub mod init;
 pub mod mail;
 pub mod maintenance;
 pub mod offsite;
