@@ -171,4 +171,28 @@ mod tests {
         assert!(fake.calls.lock().unwrap().is_empty(), "the hypervisor was called: {:?}", fake.calls.lock().unwrap());
         assert!(repo.list_points().unwrap().points.is_empty());
     }
+
+    #[test]
+    fn an_unknown_vm_is_not_found_and_the_others_go_on() {
+        let t = tempfile::tempdir().unwrap();
+        let backend = Arc::new(cairn_storage::LocalBackend::new(t.path().join("repo")));
+        let repo = Arc::new(Repository::init(backend, None).unwrap());
+        let fake = Arc::new(Fake::default());
+        let outcomes = backup_vms(
+            &Handle(fake.clone()),
+            &repo,
+            &request(&["ghost", "phantom"]),
+            &NoHelpers,
+            &cairn_engine::NoProgress,
+            &Cancel::new(),
+            &mut |_| {},
+        );
+        assert_eq!(outcomes.len(), 2, "one VM's failure stopped the others");
+        for o in &outcomes {
+            let e = o.result.as_ref().err().expect("an unknown VM backed up");
+            assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+            assert!(e.to_string().contains(&o.vm), "{e}");
+        }
+        assert_eq!(fake.count("find"), 2);
+    }
 }

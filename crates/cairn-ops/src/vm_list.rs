@@ -56,3 +56,49 @@ pub fn list_vms(hv: &dyn Hypervisor) -> OpResult<Vec<VmListing>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_hypervisor::fake::{Fake, Handle};
+    use cairn_hypervisor::{VmConfig, VmSummary};
+    use std::sync::Arc;
+
+    fn vm(name: &str, state: VmState, agent: AgentStatus, format: &str) -> VmSummary {
+        let disk = VmDisk {
+            target: "vda".into(),
+            device: "disk".into(),
+            source_type: "file".into(),
+            path: Some(format!("/v/{name}.{format}")),
+            format: format.into(),
+            readonly: false,
+            size: Some(1 << 30),
+        };
+        VmSummary {
+            name: name.into(),
+            uuid: format!("uuid-{name}"),
+            state,
+            config: VmConfig { name: name.into(), disks: vec![disk], ..Default::default() },
+            agent,
+        }
+    }
+
+    #[test]
+    fn each_vm_is_listed_with_the_method_auto_would_pick_and_why() {
+        let fake = Arc::new(Fake::default());
+        *fake.vms.lock().unwrap() = vec![
+            vm("web", VmState::Running, AgentStatus::Answering, "qcow2"),
+            vm("db", VmState::Running, AgentStatus::NoChannel, "qcow2"),
+            vm("raw", VmState::Running, AgentStatus::Answering, "raw"),
+            vm("off", VmState::ShutOff, AgentStatus::NoChannel, "qcow2"),
+        ];
+        let got = list_vms(&Handle(fake)).unwrap();
+        let row = |n: &str| got.iter().find(|v| v.name == n).unwrap();
+        assert_eq!((row("web").method.as_str(), row("web").app_consistent), ("app-consistent", true));
+        assert_eq!((row("db").method.as_str(), row("db").app_consistent), ("saved-state", false));
+        assert!(row("db").method_reason.contains("no guest agent channel"), "{}", row("db").method_reason);
+        assert_eq!(row("raw").method, "saved-state");
+        assert!(row("raw").app_consistent_reason.contains("vda (raw)"), "{}", row("raw").app_consistent_reason);
+        assert_eq!(row("off").method, "offline");
+    }
+}
