@@ -310,3 +310,22 @@ fn a_copy_of_a_copy_is_known_by_its_origin() {
     assert_eq!(r["points"][0]["already_there"], true, "{r}");
     assert_eq!(replica.json(&["points"]).as_array().unwrap().len(), 1);
 }
+
+/// A copy refuses, before anything moves, a target that is its source and a point name the
+/// source does not have, and says where to look.
+#[test]
+fn a_copy_refuses_its_own_source_and_points_the_source_lacks() {
+    let a = Env::new();
+    a.init();
+    let img = a.path("img.raw");
+    make_image(&img, 4 * MIB, 43);
+    a.backup(&img, "vm", &[]);
+    let repo = a.repo().to_str().unwrap().to_string();
+    let err = a.fails(&["copy", "--from", &repo], 1);
+    assert!(err.contains("the source and the target are the same repository"), "{err}");
+    let b = Env::new();
+    b.ok(&["init", "--copy-from", &repo]);
+    let err = b.fails(&["copy", "--from", &repo, "ghost"], 1);
+    assert!(err.contains("no restore point named \"ghost\"") && err.contains("cairn points --repo SOURCE"), "{err}");
+    assert!(b.json(&["points"]).as_array().unwrap().is_empty(), "a refused copy wrote a point");
+}
