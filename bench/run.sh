@@ -13,31 +13,10 @@
 # (borg at level 3, cairn at its default level 2), restic its default (auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-top=$PWD
-scripts/setup.sh --bench
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked -p cairn-cli 2>&1 | tail -n 1
-cairn=$top/target/release/cairn
-work=${BENCH_WORK:-$top/bench/work}
-src=${BENCH_SRC:-/usr}
-gib=${BENCH_GIB:-8}
-mkdir -p "$work" "$top/bench/results"
-cd "$work"
-img=disk.img
-if [[ ! -f $img || ! -f image.built || "$(cat image.built)" != "$src $gib" ]]; then
-  echo "building the ${gib} GiB image from $src ..."
-  "$top/bench/make-image.sh" "$img" "$src" "$gib"
-  echo "$src $gib" > image.built
-fi
-cp --sparse=always "$img" work.img   # the copy that receives the scattered writes
-img=work.img
+source bench/common.sh
 export RESTIC_PASSWORD=bench BORG_PASSPHRASE='' BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 rm -rf r-cairn r-cairn-reread r-restic r-borg out-* times.txt
 
-warm() { cat "$img" > /dev/null; sync; }
-# Restores read their repository from disk, as they would long after the backup: a fair start
-# for every tool (a repository just written may or may not still sit in the page cache).
-cold() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "warning: cannot drop caches (not root?)"; }
 # timed NAME CMD...: wall seconds and peak RSS (KiB) into times.txt
 timed() {
   local name=$1; shift

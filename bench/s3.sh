@@ -23,8 +23,6 @@ export RESTIC_PASSWORD=bench CAIRN_CACHE_DIR=$work/s3cache
 cr=s3://cairn/repo
 rr=s3:http://127.0.0.1:$port/restic/repo
 
-warm() { cat "$img" > /dev/null; sync; }
-cold() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "warning: cannot drop caches (not root?)"; }
 timed() {
   local name=$1; shift
   /usr/bin/time -f "$name %e %M %U %S" -a -o "$work/s3-times.txt" "$@" > "$work/log-s3-$name.txt" 2>&1 || { cat "$work/log-s3-$name.txt"; exit 1; }

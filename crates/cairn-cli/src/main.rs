@@ -832,7 +832,7 @@ fn points(g: &Global, name: Option<&str>) -> Result<i32> {
 
 fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
     use cairn_ops::image::{restore_image, RestoreImageRequest, RestoredImage};
-    let (repo, _lock) = open_indexed(g, "restore")?;
+    let repo = open_repo(g)?;
     let req = RestoreImageRequest {
         point: a.point.clone(),
         disk: a.disk.clone(),
@@ -845,6 +845,7 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
             force: a.force,
             workers: workers(g),
         },
+        lock_wait: Duration::from_secs(g.lock_wait),
     };
     // A block device a running VM uses is refused: the engine asks when --to is one.
     cairn_engine::target::check_device_users(Box::new(running_vm_disks));

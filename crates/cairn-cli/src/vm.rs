@@ -226,7 +226,7 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
         if a.verify_boot { Some(crate::boot::BootMail::from(&a.mail).request(g, &opts.work_dir)?) } else { None };
     let helpers = crate::helpers(g)?;
     let req = BackupVmsRequest { vms: a.vms.clone(), options: opts, boot_check };
-    let print = |o: &VmBackupOutcome| {
+    let mut print = |o: &VmBackupOutcome| {
         // Failures go to stderr with --json too (the JSON carries them without the advice).
         match &o.result {
             Ok(b) if !g.json => {
@@ -242,7 +242,7 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
             progress.note(&format!("error: boot verification of {} failed: {e:#}{}", o.vm, crate::hints::suffix(e)));
         }
     };
-    let outcomes = backup_vms(&hv, &repo, &req, &helpers, &progress, &Cancel::new(), &mut |o| print(o));
+    let outcomes = backup_vms(&hv, &repo, &req, &helpers, &progress, &Cancel::new(), &mut print);
     if g.json {
         let results: Vec<serde_json::Value> = outcomes.iter().map(outcome_json).collect::<Result<_>>()?;
         print_json(&results);
@@ -264,16 +264,11 @@ fn outcome_json(o: &VmBackupOutcome) -> Result<serde_json::Value> {
         Ok(b) => b,
         Err(e) => return Ok(serde_json::json!({"vm": o.vm, "ok": false, "error": format!("{e:#}")})),
     };
-    let mut rec = serde_json::to_value(&b.record)?;
-    rec.as_object_mut().map(|o| o.remove("config"));
-    let disks: Vec<_> = b
-        .point
-        .disks
-        .iter()
-        .map(|d| serde_json::json!({"name": d.name, "role": d.role, "size": d.size, "stats": d.stats}))
-        .collect();
-    let mut result = serde_json::json!({"vm": o.vm, "ok": true, "id": b.id, "record": rec, "stats": b.point.stats,
-        "disks": disks});
+    // The point's record and disks as `points --json` shows them (the record without its
+    // configuration document).
+    let summary = cairn_ops::points::PointSummary::of(&b.id, &b.point, false);
+    let mut result = serde_json::json!({"vm": o.vm, "ok": true, "id": b.id, "record": summary.vm,
+        "stats": b.point.stats, "disks": summary.disks});
     match &b.boot {
         None => {}
         Some(Ok(boot)) => {

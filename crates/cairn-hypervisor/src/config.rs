@@ -122,12 +122,3 @@ pub struct Rewritten {
     pub document: String,
     pub removed: Vec<String>,
 }
-
-/// Whether `path` is absolute, without `..`, and inside folder `dir` (absolute).
-pub fn within(path: &str, dir: &str) -> bool {
-    use std::path::{Component, Path};
-    let (p, d) = (Path::new(path), Path::new(dir));
-    let plain =
-        |x: &Path| x.is_absolute() && x.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    !dir.is_empty() && plain(p) && plain(d) && p.starts_with(d)
-}

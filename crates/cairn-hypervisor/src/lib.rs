@@ -26,7 +26,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-pub use config::{within, ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFile, VmNic};
+pub use config::{ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFile, VmNic};
 
 /// The hypervisor cannot be reached at `uri` (not running, refused, unknown URI).
 #[derive(Debug, thiserror::Error)]

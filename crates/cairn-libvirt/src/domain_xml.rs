@@ -5,7 +5,6 @@
 //! crate reads or writes domain XML.
 
 use anyhow::{bail, Context, Result};
-pub use cairn_hypervisor::within;
 use cairn_hypervisor::{ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFile, VmNic};
 
 /// The namespace of cairn's per-VM settings in libvirt domain metadata. Set them with
@@ -918,6 +917,15 @@ impl Rewrite<'_> {
         }
         within(path, &edit.storage_dir)
     }
+}
+
+/// Whether `path` is absolute, without `..`, and inside folder `dir` (absolute).
+fn within(path: &str, dir: &str) -> bool {
+    use std::path::{Component, Path};
+    let (p, d) = (Path::new(path), Path::new(dir));
+    let plain =
+        |x: &Path| x.is_absolute() && x.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    !dir.is_empty() && plain(p) && plain(d) && p.starts_with(d)
 }
 
 /// Parts of a `<disk>` kept: how the guest sees the drive.

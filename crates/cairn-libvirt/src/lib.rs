@@ -30,21 +30,18 @@ pub fn running_vm_disks(uri: &str) -> Result<Vec<(String, PathBuf)>> {
         }
         Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
     };
-    let disks = || -> Result<Vec<(String, PathBuf)>> {
-        let mut out = Vec::new();
-        // `list` shows the active VMs: running, paused, in shutdown.
-        let Some(uuids) = virsh(&["list", "--uuid"])? else { return Ok(out) };
-        for uuid in uuids.split_whitespace() {
-            // A VM that stopped since the list has nothing open.
-            let Ok(Some(xml)) = virsh(&["dumpxml", uuid]) else { continue };
-            let config = domain_xml::parse(&xml)?;
-            for d in config.disks {
-                if let Some(path) = d.path {
-                    out.push((format!("VM {} (running), disk {}", config.name, d.target), PathBuf::from(path)));
-                }
+    let mut out = Vec::new();
+    // `list` shows the active VMs: running, paused, in shutdown.
+    let Some(uuids) = virsh(&["list", "--uuid"])? else { return Ok(out) };
+    for uuid in uuids.split_whitespace() {
+        // A VM that stopped since the list has nothing open.
+        let Ok(Some(xml)) = virsh(&["dumpxml", uuid]) else { continue };
+        let config = domain_xml::parse(&xml)?;
+        for d in config.disks {
+            if let Some(path) = d.path {
+                out.push((format!("VM {} (running), disk {}", config.name, d.target), PathBuf::from(path)));
             }
         }
-        Ok(out)
-    };
-    disks()
+    }
+    Ok(out)
 }

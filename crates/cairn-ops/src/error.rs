@@ -46,9 +46,6 @@ impl OpError {
     pub fn error(&self) -> &anyhow::Error {
         &self.error
     }
-    pub fn into_inner(self) -> anyhow::Error {
-        self.error
-    }
 
     /// The kind of an untyped error, from the typed errors of the libraries in its chain.
     pub fn classify(error: anyhow::Error) -> OpError {
@@ -90,6 +87,16 @@ pub fn kind_of(error: &anyhow::Error) -> ErrorKind {
         }
         if cause.downcast_ref::<cairn_hypervisor::Unreachable>().is_some() {
             return ErrorKind::Failed;
+        }
+        if let Some(t) = cause.downcast_ref::<cairn_engine::target::TargetRefusal>() {
+            use cairn_engine::target::TargetRefusal as T;
+            return match t {
+                T::Exists { .. } => ErrorKind::Conflict,
+                T::DeviceNeedsForce(_) | T::DeviceNeedsRaw(_) | T::IsFolder(_) => ErrorKind::InvalidRequest,
+            };
+        }
+        if cause.downcast_ref::<cairn_disk::files::UnsupportedFilesystem>().is_some() {
+            return ErrorKind::InvalidRequest;
         }
         if cause.downcast_ref::<crate::mail::MailError>().is_some() {
             return ErrorKind::InvalidRequest;

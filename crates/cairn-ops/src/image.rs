@@ -125,6 +125,7 @@ pub struct RestoreImageRequest {
     /// The image file to create, or a block device to write into.
     pub to: PathBuf,
     pub options: RestoreOptions,
+    pub lock_wait: Duration,
 }
 
 /// A restored image and where it came from.
@@ -134,9 +135,11 @@ pub struct RestoredImage {
     pub report: RestoreReport,
 }
 
-/// Restores a point's disk into an image (hash-checked; sparse, or zeroed on a device). The
-/// caller holds the repository's lock and has loaded its index.
+/// Restores a point's disk into an image (hash-checked; sparse, or zeroed on a device), under
+/// the repository's shared lock.
 pub fn restore_image(repo: &Repository, req: &RestoreImageRequest, progress: &dyn Progress) -> OpResult<RestoredImage> {
+    let _lock = repo.lock(false, "restore", req.lock_wait)?;
+    repo.load_index()?;
     let (id, point) = repo.select_point(&req.point)?;
     let disk = point
         .disk(req.disk.as_deref())

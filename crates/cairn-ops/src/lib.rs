@@ -7,6 +7,11 @@
 //! them when their [`Cancel`] is set. Operations never print, never prompt, and never name a
 //! command-line flag: an interface words its own advice.
 //!
+//! Locks: an operation takes the repository's lock itself (and loads the index it needs),
+//! except where the caller's session spans several calls: the VM operations (`backup_vms` with
+//! its boot checks, a recovery's `plan` and `execute`, `boot_check`) and `files` (an interface
+//! browses many paths) run under the lock the caller holds, with the index loaded.
+//!
 //! - [`files`]: volumes and files of a point, and copies of files out of it;
 //! - [`points`]: the restore points of a repository, as interfaces list them;
 //! - [`check`]: verify and repair index;

@@ -145,11 +145,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_cancelled_request_touches_no_vm_and_says_so_for_each() {
+    fn new_repository() -> (tempfile::TempDir, Arc<Repository>) {
         let t = tempfile::tempdir().unwrap();
         let backend = Arc::new(cairn_storage::LocalBackend::new(t.path().join("repo")));
         let repo = Arc::new(Repository::init(backend, None).unwrap());
+        (t, repo)
+    }
+
+    #[test]
+    fn a_cancelled_request_touches_no_vm_and_says_so_for_each() {
+        let (_t, repo) = new_repository();
         let fake = Arc::new(Fake::default());
         let cancel = Cancel::new();
         cancel.cancel();
@@ -174,9 +179,7 @@ mod tests {
 
     #[test]
     fn an_unknown_vm_is_not_found_and_the_others_go_on() {
-        let t = tempfile::tempdir().unwrap();
-        let backend = Arc::new(cairn_storage::LocalBackend::new(t.path().join("repo")));
-        let repo = Arc::new(Repository::init(backend, None).unwrap());
+        let (_t, repo) = new_repository();
         let fake = Arc::new(Fake::default());
         let outcomes = backup_vms(
             &Handle(fake.clone()),
