@@ -12,6 +12,10 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// buffers.
 pub const MIN_BLOCK_SIZE: u32 = 4 * 1024;
 pub const MAX_BLOCK_SIZE: u32 = 1024 * 1024;
+/// The most raw bytes one frame may hold: 16 blobs of the largest block size (cairn writes
+/// 1 MiB frames of 64 KiB blocks, or one 128 KiB map page). Larger claims are damage or
+/// tampering; the bound keeps every buffer sized from a trailer or index small.
+pub const MAX_FRAME_RAW: usize = 16 * MAX_BLOCK_SIZE as usize;
 
 /// The repository's `config` object (plain JSON: it must be readable before any key is; in an
 /// encrypted repository every key file authenticates it, see FORMAT.md §3).

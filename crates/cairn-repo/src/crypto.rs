@@ -401,7 +401,7 @@ pub(crate) fn open_frame_into(
     what: &str,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    if raw_len as usize > crate::pack::MAX_FRAME_RAW {
+    if raw_len as usize > crate::config::MAX_FRAME_RAW {
         return Err(Error::Corrupt(format!("{what}: the index claims {raw_len} bytes, more than any frame holds")));
     }
     crypto.open_into(stored, what, out)?;

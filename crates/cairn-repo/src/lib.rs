@@ -88,9 +88,10 @@ pub use error::{Error, Result};
 pub use id::{is_all_zero, BlockId};
 pub use index::BlobLocation;
 pub use lock::Lock;
+pub use pack::PACK_TARGET;
 pub use point::{safe_name, DiskImage, DiskStats, PointStats, RestorePoint, MAX_DISK_SIZE};
 pub use repo::{hostname, quarantine_copies, InitOptions, PointList, Repository};
-pub use session::{Claims, Session, PACK_TARGET};
+pub use session::{Claims, Session};
 
 /// The current time as RFC 3339 UTC with milliseconds.
 pub fn now_rfc3339() -> String {

@@ -14,17 +14,16 @@ use crate::{BlockId, Error, Result};
 
 pub const PACK_MAGIC: &[u8; 8] = b"CAIRNPK1";
 const FOOTER_LEN: usize = 12;
-/// The most raw bytes one frame may hold: 16 blobs of the largest block size (cairn writes
-/// 1 MiB frames of 64 KiB blocks, or one 128 KiB map page). Larger claims are damage or
-/// tampering; the bound keeps every buffer sized from a trailer or index small.
-pub const MAX_FRAME_RAW: usize = 16 * crate::config::MAX_BLOCK_SIZE as usize;
+use crate::config::MAX_FRAME_RAW;
+/// Packs are closed once they reach this size (16 MiB: few files per terabyte, and a size
+/// object stores upload efficiently).
+pub const PACK_TARGET: usize = 16 << 20;
 /// Sealing adds at most this much to a frame (envelope header, nonce, tag).
 const MAX_SEAL_OVERHEAD: usize = 64;
 /// A pack buffer's usual capacity: a session closes a pack once it reaches its target, so it
 /// holds the target, one more frame of default-size blocks and the trailer. Larger frames
 /// grow it exactly.
-const PACK_CAPACITY: usize =
-    crate::session::PACK_TARGET + 16 * crate::config::DEFAULT_BLOCK_SIZE as usize + (256 << 10);
+const PACK_CAPACITY: usize = PACK_TARGET + 16 * crate::config::DEFAULT_BLOCK_SIZE as usize + (256 << 10);
 
 /// What a stored blob holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

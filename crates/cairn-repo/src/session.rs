@@ -7,7 +7,7 @@
 use crate::crypto::Compressor;
 use crate::index::{pack_id_from_name, PackId};
 use crate::map;
-use crate::pack::{BlobEntry, BlobKind, FinishedPack, FrameEntry, PackBuilder, SealedFrame};
+use crate::pack::{BlobEntry, BlobKind, FinishedPack, FrameEntry, PackBuilder, SealedFrame, PACK_TARGET};
 use crate::point::RestorePoint;
 use crate::{BlockId, Repository, Result};
 use cairn_storage::Kind;
@@ -17,9 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Packs are closed once they reach this size (16 MiB: few files per terabyte, and a size
-/// object stores upload efficiently).
-pub const PACK_TARGET: usize = 16 << 20;
 /// Index files are written at least this often during a session (and every
 /// [`INDEX_EVERY_PACKS`] packs), so a killed backup leaves its uploaded blocks findable.
 const INDEX_EVERY: Duration = Duration::from_secs(2);

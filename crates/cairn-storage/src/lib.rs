@@ -31,6 +31,11 @@ pub mod object_lock;
 #[doc(hidden)]
 pub mod test_servers;
 
+/// The timeout of one object-store request unless `CAIRN_REQUEST_TIMEOUT` says otherwise: a
+/// 16 MiB pack over a slow uplink takes minutes; the store's own retries cover dropped
+/// connections. Here because data requests (`object`) and lock requests (`object_lock`) share it.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 pub use aligned::AlignedBuf;
 pub use crash::crash_point;
 

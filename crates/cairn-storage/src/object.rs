@@ -220,9 +220,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-/// The timeout of one request unless `CAIRN_REQUEST_TIMEOUT` says otherwise: a 16 MiB pack
-/// over a slow uplink takes minutes; the store's own retries cover dropped connections.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+use crate::DEFAULT_REQUEST_TIMEOUT;
 
 fn client_options(endpoint: Option<&str>, timeout: Option<Duration>) -> object_store::ClientOptions {
     object_store::ClientOptions::new()

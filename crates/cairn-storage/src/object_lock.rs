@@ -257,7 +257,7 @@ impl LockApi {
         timeout: Option<std::time::Duration>,
     ) -> Result<LockApi> {
         let client = reqwest::Client::builder()
-            .timeout(timeout.unwrap_or(crate::object::DEFAULT_REQUEST_TIMEOUT))
+            .timeout(timeout.unwrap_or(crate::DEFAULT_REQUEST_TIMEOUT))
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| io(location, "setting up lock requests", e.to_string()))?;
