@@ -15,6 +15,7 @@ use cairn_engine::backup::{backup_with, BackupOptions, DiskInput};
 use cairn_engine::ranges::Range;
 use cairn_engine::source::{Allocation, Extent, Source};
 use cairn_engine::NoProgress;
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use cairn_storage::{Backend, LocalBackend};
 use clap::Parser;
@@ -119,7 +120,7 @@ fn main() -> Result<()> {
     let mut disks: Vec<Arc<Disk>> = (0..a.vms)
         .map(|vm| Arc::new(Disk { vm, versions: vec![0; a.blocks as usize], random_bytes: a.random_bytes }))
         .collect();
-    let mut parents: Vec<Option<(String, RestorePoint)>> = vec![None; a.vms as usize];
+    let mut parents: Vec<Option<(PointId, RestorePoint)>> = vec![None; a.vms as usize];
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut logical = 0u64;
     for day in 0..a.days {

@@ -157,7 +157,7 @@ pub fn print_check(outcome: &BootOutcome) {
     println!(
         "boot verification of {} ({}, {}): {} ({})",
         check.vm,
-        &check.point[..8],
+        check.point.short(),
         check.point_time,
         check.verdict.to_uppercase(),
         check.reason
@@ -254,7 +254,11 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn html(name: &str, points: &[(String, cairn_repo::RestorePoint)], records: &[(String, serde_json::Value)]) -> String {
+fn html(
+    name: &str,
+    points: &[(cairn_repo::PointId, cairn_repo::RestorePoint)],
+    records: &[(String, serde_json::Value)],
+) -> String {
     let mut h = format!(
         "<!doctype html><html><head><meta charset='utf-8'><title>cairn report: {0}</title>\
          <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;text-align:left;vertical-align:top}}\
@@ -281,7 +285,7 @@ fn html(name: &str, points: &[(String, cairn_repo::RestorePoint)], records: &[(S
         }
         h.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            &id[..8],
+            id.short(),
             esc(&p.time),
             esc(&p.stats.mode),
             esc(vm.as_ref().map(|r| r.method.as_str()).unwrap_or("-")),
@@ -309,11 +313,11 @@ mod tests {
         let point: cairn_repo::RestorePoint = serde_json::from_value(serde_json::json!({"version": 1, "name": "web",
             "time": "t", "hostname": "h", "source": "s", "disks": [], "stats": stats}))
         .unwrap();
-        let id = "0123456789abcdef".to_string();
-        let good = html("web", &[(id.clone(), point.clone())], &[record(&id, "iVBORw0KGgo+/=")]);
+        let id = cairn_repo::PointId::of_sealed(b"a point");
+        let good = html("web", &[(id.clone(), point.clone())], &[record(id.as_str(), "iVBORw0KGgo+/=")]);
         assert!(good.contains("src='data:image/png;base64,iVBORw0KGgo+/='"), "{good}");
         let evil = "x'><script>alert(1)</script><img src='";
-        let page = html("web", &[(id.clone(), point)], &[record(&id, evil)]);
+        let page = html("web", &[(id.clone(), point)], &[record(id.as_str(), evil)]);
         assert!(!page.contains("<script>") && !page.contains("alert"), "{page}");
         assert!(page.contains("PASSED"));
     }

@@ -863,7 +863,7 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
             "restored disk {} of {} ({}, {}) to {}: {} data, {} zero ({}), {:.1} s",
             report.disk,
             point.name,
-            &id[..8],
+            id.short(),
             point.time,
             a.to.display(),
             bytes(report.data_bytes),
@@ -901,7 +901,7 @@ fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
                 if g.json {
                     print_json(&serde_json::json!({"point": id, "volumes": vols}));
                 } else {
-                    println!("volumes of {} ({}, {})", p.name, &id[..8], p.time);
+                    println!("volumes of {} ({}, {})", p.name, id.short(), p.time);
                     for v in &vols {
                         println!(
                             "  {:<8} {:>10}  at {:>12}  {}{}",
@@ -943,7 +943,7 @@ fn files(g: &Global, c: &FilesCmd) -> Result<i32> {
                     path,
                     p.name,
                     volume,
-                    &id[..8],
+                    id.short(),
                     r.files,
                     r.dirs,
                     bytes(r.bytes),
@@ -999,7 +999,7 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
             };
             println!(
                 "serving restore point {} of {} ({}), read-only{tls_note}; Ctrl-C stops",
-                &id[..8],
+                id.short(),
                 point.name,
                 point.time
             );
@@ -1019,7 +1019,7 @@ fn serve_nbd(g: &Global, a: &ServeNbd) -> Result<i32> {
     } else {
         let (path, private) = match &a.socket {
             Some(p) => (std::path::absolute(p)?, false),
-            None => (private_socket_dir()?.join(format!("cairn-nbd-{}.sock", &id[..8])), true),
+            None => (private_socket_dir()?.join(format!("cairn-nbd-{}.sock", id.short())), true),
         };
         clear_stale_socket(&path)?;
         let l = std::os::unix::net::UnixListener::bind(&path)
@@ -1167,7 +1167,7 @@ fn verify_locks(g: &Global) -> Result<i32> {
             }
         );
         for (point, why) in &audit.unreadable {
-            println!("UNREADABLE point {}: {why} (its packs were not all checked)", &point[..8]);
+            println!("UNREADABLE point {}: {why} (its packs were not all checked)", point.short());
         }
         for s in audit.short.iter().take(20) {
             let have = s.locked_until.map(cairn_storage::object_lock::rfc3339).unwrap_or_else(|| "not locked".into());
@@ -1176,7 +1176,7 @@ fn verify_locks(g: &Global) -> Result<i32> {
                 s.kind,
                 &s.name[..s.name.len().min(16)],
                 cairn_storage::object_lock::rfc3339(s.needed_until),
-                &s.point[..8]
+                s.point.short()
             );
         }
     }

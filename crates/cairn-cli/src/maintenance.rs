@@ -126,12 +126,12 @@ pub fn forget(g: &Global, a: &ForgetArgs) -> Result<i32> {
         Some(o) => {
             println!("removed {} point(s)", o.points.len());
             for id in &o.protected_meanwhile {
-                println!("kept {}: protected while forget ran", &id[..8]);
+                println!("kept {}: protected while forget ran", id.short());
             }
             for l in &o.locked {
                 println!(
                     "pending {}: locked by the store until {} (immutability); a later forget removes it",
-                    &l.id[..8],
+                    l.id.short(),
                     l.until_rfc3339
                 );
             }
@@ -169,7 +169,7 @@ fn print_plan(plan: &[GroupPlan], policy: &Policy) {
                 None => "remove".to_string(),
             };
             let renamed = if p.name != grp.name { format!("  [as {}]", p.name) } else { String::new() };
-            println!("  {}  {:<24}  {what}{renamed}", &p.id[..8], p.time);
+            println!("  {}  {:<24}  {what}{renamed}", p.id.short(), p.time);
         }
         if grp.newest_removed && grp.group.starts_with("vm:") {
             println!("  note: the newest point goes: the next backup of this VM reads every disk in full");
@@ -269,9 +269,9 @@ pub fn protect(g: &Global, a: &ProtectArgs) -> Result<i32> {
             &serde_json::json!({"point": id, "name": point.name, "time": point.time, "protected": !a.unprotect, "changed": changed}),
         );
     } else if changed {
-        println!("restore point {} of {} ({}) is now {state}", &id[..8], point.name, point.time);
+        println!("restore point {} of {} ({}) is now {state}", id.short(), point.name, point.time);
     } else {
-        println!("restore point {} of {} ({}) was already {state}", &id[..8], point.name, point.time);
+        println!("restore point {} of {} ({}) was already {state}", id.short(), point.name, point.time);
     }
     Ok(0)
 }

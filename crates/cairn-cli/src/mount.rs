@@ -155,7 +155,7 @@ pub fn mount(g: &Global, point: &str, mountpoint: &Path) -> Result<i32> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
     let mut config = fuser::Config::default();
-    config.mount_options.extend([MountOption::RO, MountOption::FSName(format!("cairn:{}@{}", p.name, &id[..8]))]);
+    config.mount_options.extend([MountOption::RO, MountOption::FSName(format!("cairn:{}@{}", p.name, id.short()))]);
     let session = fuser::spawn_mount(PointFs { nodes, time }, &mountpoint, &config)
         .with_context(|| format!("mounting on {} (FUSE needs /dev/fuse and root)", mountpoint.display()))?;
     if g.json {
@@ -163,7 +163,7 @@ pub fn mount(g: &Global, point: &str, mountpoint: &Path) -> Result<i32> {
     } else {
         println!(
             "restore point {} of {} mounted read-only on {}: {}",
-            &id[..8],
+            id.short(),
             p.name,
             mountpoint.display(),
             names.join(", ")

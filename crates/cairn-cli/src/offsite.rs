@@ -93,7 +93,7 @@ pub fn copy(g: &Global, a: &CopyArgs) -> Result<i32> {
     } else {
         for p in &report.points {
             let what = if p.already_there { "already there" } else { "copied" };
-            println!("{}@{}  {}  {what} (target {})", p.name, &p.source_id[..12], p.time, &p.target_id[..12]);
+            println!("{}@{}  {}  {what} (target {})", p.name, p.source_id.short(), p.time, p.target_id.short());
         }
         println!(
             "{} points; sent {} blocks ({} raw, {} stored in the target); {} blocks were there already",

@@ -2,6 +2,7 @@
 
 use cairn_engine::verify::VerifyReport;
 use cairn_engine::Progress;
+use cairn_repo::PointId;
 use cairn_repo::RestorePoint;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -54,10 +55,10 @@ impl Progress for Bar {
     }
 }
 
-pub fn print_backup(id: &str, p: &RestorePoint) {
+pub fn print_backup(id: &PointId, p: &RestorePoint) {
     let t = &p.stats.totals;
     let secs = p.stats.duration_ms as f64 / 1000.0;
-    println!("restore point {} of {} ({}, {})", &id[..8], p.name, p.stats.mode, p.time);
+    println!("restore point {} of {} ({}, {})", id.short(), p.name, p.stats.mode, p.time);
     for d in &p.disks {
         println!("  disk {:<8} {} from {}", d.name, bytes(d.size), d.source);
     }
@@ -81,7 +82,7 @@ pub fn print_backup(id: &str, p: &RestorePoint) {
     );
 }
 
-pub fn print_points(pts: &[&(String, RestorePoint)], protected: &std::collections::HashSet<String>) {
+pub fn print_points(pts: &[&(PointId, RestorePoint)], protected: &std::collections::HashSet<PointId>) {
     if pts.is_empty() {
         println!("no restore points");
         return;
@@ -108,7 +109,7 @@ pub fn print_points(pts: &[&(String, RestorePoint)], protected: &std::collection
         };
         println!(
             "{:<8}  {:<16}  {:<24}  {:<14}  {:<16}  {:>9}  {:>10}  {:>10}  {:>10}  {:>10}  {:>7.2}s",
-            &id[..8],
+            id.short(),
             p.name,
             p.time,
             p.stats.mode,
@@ -121,7 +122,7 @@ pub fn print_points(pts: &[&(String, RestorePoint)], protected: &std::collection
             took as f64 / 1000.0
         );
         if protected.contains(id) {
-            println!("{:<8}  protected (`cairn protect {}@{} --unprotect` to release)", "", p.name, &id[..8]);
+            println!("{:<8}  protected (`cairn protect {}@{} --unprotect` to release)", "", p.name, id.short());
         }
     }
 }
@@ -163,7 +164,7 @@ pub fn print_verify(r: &VerifyReport) {
         println!("DAMAGED restore point document {}: {}", &p.id[..16], p.problem);
     }
     for a in &r.affected_points {
-        println!("AFFECTED restore point {} ({} of {}):", &a.id[..8], a.name, a.time);
+        println!("AFFECTED restore point {} ({} of {}):", a.id.short(), a.name, a.time);
         for d in &a.disks {
             if !d.damaged_map_pages.is_empty() {
                 println!(

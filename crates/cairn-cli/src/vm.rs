@@ -10,6 +10,7 @@ use cairn_libvirt::{Libvirt, DEFAULT_URI};
 use cairn_ops::vm_backup::{backup_vms, BackupVmsRequest, VmBackupOutcome};
 use cairn_ops::Cancel;
 use cairn_repo::vm_record::{Method, VmRecord};
+use cairn_repo::PointId;
 use cairn_vm::backup::VmBackupOptions;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -333,7 +334,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
                 "VM {} ({}) will be stopped and replaced by restore point {}. Go on?",
                 orig.name,
                 orig.uuid,
-                &id[..8]
+                id.short()
             );
             if !confirm(&question, a.yes) {
                 bail!("not confirmed: VM {} left as it was; nothing was written or defined", orig.name);
@@ -352,7 +353,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         if report.replaced { "replaced" } else { "recovered" },
         report.name,
         report.uuid,
-        &id[..8],
+        id.short(),
         point.name,
         point.time
     );
@@ -390,8 +391,8 @@ pub fn run_watchdog(a: &WatchdogArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn print_vm_backup(id: &str, p: &cairn_repo::RestorePoint, r: &VmRecord) {
-    println!("restore point {} of VM {} ({}), {}", &id[..8], p.name, r.uuid, p.time);
+fn print_vm_backup(id: &PointId, p: &cairn_repo::RestorePoint, r: &VmRecord) {
+    println!("restore point {} of VM {} ({}), {}", id.short(), p.name, r.uuid, p.time);
     println!("  method        {} ({})", r.method.as_str(), r.method_reason);
     println!("  chain         {} ({})", r.chain, r.chain_reason);
     if let Some(ms) = r.frozen_window_ms {

@@ -18,7 +18,9 @@ use anyhow::{bail, Context, Result};
 use cairn_repo::crypto::Compressor;
 use cairn_repo::map::PAGE_BLOCKS;
 use cairn_repo::pack::{BlobEntry, BlobKind, SealedFrame};
-use cairn_repo::{is_all_zero, BlockId, Claims, DiskImage, DiskStats, PointStats, Repository, RestorePoint, Session};
+use cairn_repo::{
+    is_all_zero, BlockId, Claims, DiskImage, DiskStats, PointId, PointStats, Repository, RestorePoint, Session,
+};
 use crossbeam_channel::bounded;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -59,7 +61,7 @@ pub struct BackupOptions {
     /// Free-form metadata stored in the point (VM configuration, for instance).
     pub metadata: serde_json::Value,
     /// The point changed ranges are relative to (required when any disk has `changed`).
-    pub parent: Option<(String, RestorePoint)>,
+    pub parent: Option<(PointId, RestorePoint)>,
     /// Images taken over unchanged from the parent point (files that did not change): their
     /// blocks are already durable, so nothing is read.
     pub carry: Vec<DiskImage>,
@@ -84,7 +86,7 @@ pub fn backup(
     disks: Vec<DiskInput>,
     opts: &BackupOptions,
     progress: &dyn Progress,
-) -> Result<(String, RestorePoint)> {
+) -> Result<(PointId, RestorePoint)> {
     backup_with(repo, disks, opts, progress, |_| Ok(()))
 }
 
@@ -96,7 +98,7 @@ pub fn backup_with(
     opts: &BackupOptions,
     progress: &dyn Progress,
     finalize: impl FnOnce(&mut RestorePoint) -> Result<()>,
-) -> Result<(String, RestorePoint)> {
+) -> Result<(PointId, RestorePoint)> {
     let started = Instant::now();
     let time = cairn_repo::now_rfc3339();
     let mut session = Session::new(repo.clone());
@@ -112,14 +114,14 @@ pub fn backup_with(
             }
             (Some(_), Some((pid, p))) => {
                 let pd = p.disks.iter().find(|x| x.name == d.name).with_context(|| {
-                    format!("the previous restore point {} has no disk {}: run a full backup", &pid[..8], d.name)
+                    format!("the previous restore point {} has no disk {}: run a full backup", pid.short(), d.name)
                 })?;
                 if pd.size != d.source.size() {
                     bail!(
                         "disk {} was {} bytes at the previous restore point {} and is {} bytes now; changed ranges cannot describe a resize, so run a full backup (without changed ranges)",
                         d.name,
                         pd.size,
-                        &pid[..8],
+                        pid.short(),
                         d.source.size()
                     );
                 }

@@ -12,7 +12,7 @@ use crate::progress::Progress;
 use anyhow::Result;
 use cairn_repo::index::{pack_id_from_name, Index, PackId};
 use cairn_repo::pack::{open_frame, parse_pack, FrameEntry};
-use cairn_repo::{BlobLocation, BlockId, Error as RepoError, Repository};
+use cairn_repo::{BlobLocation, BlockId, Error as RepoError, PointId, Repository};
 use cairn_storage::StorageError;
 use crossbeam_channel::unbounded;
 use serde::Serialize;
@@ -84,7 +84,7 @@ pub struct Named {
 
 #[derive(Debug, Serialize)]
 pub struct AffectedPoint {
-    pub id: String,
+    pub id: PointId,
     pub name: String,
     pub time: String,
     pub disks: Vec<AffectedDisk>,
@@ -104,7 +104,7 @@ pub struct AffectedDisk {
 #[derive(Default)]
 pub struct VerifyOptions {
     /// Only these restore points (IDs): their map pages and the packs their blocks live in.
-    pub points: Option<Vec<String>>,
+    pub points: Option<Vec<PointId>>,
     /// Only this percentage of the (selected) packs, those verified longest ago first, so that
     /// repeated runs cover the whole repository.
     pub sample_percent: Option<f64>,
@@ -367,7 +367,7 @@ pub fn verify_with(
 fn packs_of_points<'a>(
     repo: &Repository,
     index: &Index,
-    points: impl Iterator<Item = &'a (String, cairn_repo::RestorePoint)>,
+    points: impl Iterator<Item = &'a (PointId, cairn_repo::RestorePoint)>,
 ) -> HashSet<PackId> {
     let mut wanted = HashSet::new();
     for (_, p) in points {

@@ -7,6 +7,7 @@ use cairn_engine::restore::{restore_disk, RestoreOptions};
 use cairn_engine::source::FileSource;
 use cairn_engine::target::TargetFormat;
 use cairn_engine::NoProgress;
+use cairn_repo::PointId;
 use cairn_repo::Repository;
 use cairn_storage::{Backend, Kind, Listed, LocalBackend, StorageError};
 use std::path::{Path, PathBuf};
@@ -26,13 +27,13 @@ fn open(b: Arc<dyn Backend>) -> Arc<Repository> {
     Arc::new(r)
 }
 
-fn back_up(repo: &Arc<Repository>, name: &str, img: &Path) -> String {
+fn back_up(repo: &Arc<Repository>, name: &str, img: &Path) -> PointId {
     let disk = DiskInput::new("disk0", Box::new(FileSource::open(img).unwrap()));
     let opts = BackupOptions { name: name.into(), workers: 1, ..Default::default() };
     backup(repo, vec![disk], &opts, &NoProgress).unwrap().0
 }
 
-fn restores(repo: &Repository, id: &str, img: &Path, out: &Path) -> anyhow::Result<bool> {
+fn restores(repo: &Repository, id: &PointId, img: &Path, out: &Path) -> anyhow::Result<bool> {
     let p = repo.load_point(id)?;
     let opts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: 1 };
     restore_disk(repo, id, &p, &p.disks[0], out, &opts, &NoProgress)?;

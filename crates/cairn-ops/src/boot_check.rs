@@ -8,6 +8,7 @@ use crate::mail::MailSettings;
 use base64::Engine as _;
 use cairn_engine::Progress;
 use cairn_hypervisor::Hypervisor;
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use cairn_vm::boot::{verify_boot, BootCheck, BootOptions};
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ pub struct BootOutcome {
 pub fn boot_check(
     hv: &dyn Hypervisor,
     repo: &Repository,
-    id: &str,
+    id: &PointId,
     point: &RestorePoint,
     req: &BootCheckRequest,
     helpers: &dyn Helpers,

@@ -4,13 +4,14 @@
 
 use crate::error::OpResult;
 use cairn_disk::files::{volumes, Browser, Entry, GetReport, Volume};
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use std::path::Path;
 use std::sync::Arc;
 
 /// The volumes (partitions, logical volumes) of point `point` (`NAME[@POINT]`), with the
 /// filesystem each holds.
-pub fn list_volumes(repo: &Arc<Repository>, point: &str) -> OpResult<(String, RestorePoint, Vec<Volume>)> {
+pub fn list_volumes(repo: &Arc<Repository>, point: &str) -> OpResult<(PointId, RestorePoint, Vec<Volume>)> {
     let (id, p) = repo.select_point(point)?;
     let vols = volumes(repo, &p)?;
     Ok((id, p, vols))
@@ -18,7 +19,7 @@ pub fn list_volumes(repo: &Arc<Repository>, point: &str) -> OpResult<(String, Re
 
 /// A folder of a volume: its entries, the volume's name, and the repository bytes read.
 pub struct Listing {
-    pub id: String,
+    pub id: PointId,
     pub point: RestorePoint,
     pub volume: String,
     pub entries: Vec<Entry>,
@@ -46,7 +47,7 @@ pub fn get_files(
     volume: &str,
     path: &str,
     to: &Path,
-) -> OpResult<(String, RestorePoint, String, GetReport)> {
+) -> OpResult<(PointId, RestorePoint, String, GetReport)> {
     let (id, p) = repo.select_point(point)?;
     let b = Browser::open(repo, &p, Some(volume))?;
     let report = b.get(path, to)?;

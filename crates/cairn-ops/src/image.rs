@@ -8,6 +8,7 @@ use cairn_engine::ranges::parse_changed_ranges;
 use cairn_engine::restore::{restore_disk, RestoreOptions, RestoreReport};
 use cairn_engine::source::{open_path, ImageFormat};
 use cairn_engine::Progress;
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,7 +58,7 @@ pub fn backup_image(
     repo: &Arc<Repository>,
     req: &BackupImageRequest,
     progress: &dyn Progress,
-) -> OpResult<(String, RestorePoint)> {
+) -> OpResult<(PointId, RestorePoint)> {
     // Temporaries of backups killed more than a day ago.
     let _ = repo.backend().remove_stale_temporaries(Duration::from_secs(24 * 3600));
     let _lock = repo.lock(false, "backup", req.lock_wait)?;
@@ -130,7 +131,7 @@ pub struct RestoreImageRequest {
 
 /// A restored image and where it came from.
 pub struct RestoredImage {
-    pub id: String,
+    pub id: PointId,
     pub point: RestorePoint,
     pub report: RestoreReport,
 }

@@ -70,7 +70,7 @@ impl MailSettings {
             "cairn boot verification {}: {} restore point {} ({})",
             check.verdict.to_uppercase(),
             check.vm,
-            short(&check.point),
+            check.point.short(),
             check.point_time
         );
         let body = format!(
@@ -116,10 +116,6 @@ impl MailSettings {
         t.build().send(&msg).with_context(|| format!("sending through {}", self.server))?;
         Ok(())
     }
-}
-
-fn short(id: &str) -> &str {
-    &id[..id.len().min(8)]
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use crate::error::{ErrorKind, OpError, OpResult};
 use cairn_repo::forget::{self, Forgotten, GroupPlan};
 use cairn_repo::prune::{self, PruneOptions, PruneReport, Usage};
 use cairn_repo::retention::Policy;
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +92,7 @@ pub fn protect(
     point: &str,
     protect: bool,
     lock_wait: Duration,
-) -> OpResult<(String, RestorePoint, bool)> {
+) -> OpResult<(PointId, RestorePoint, bool)> {
     let _lock = repo.lock(false, "protect", lock_wait)?;
     let (id, p) = repo.select_point(point)?;
     let changed = forget::set_protected(repo, &id, protect)?;

@@ -5,6 +5,7 @@
 use crate::error::{ErrorKind, OpError, OpResult};
 use cairn_repo::copy::{copy_points, CopyProgress, CopyReport};
 use cairn_repo::immutability::{audit_locks, LockAudit};
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use cairn_storage::object_lock::Restored;
 use cairn_storage::Backend;
@@ -45,23 +46,26 @@ fn refuse<T>(r: OffsiteRefusal) -> OpResult<T> {
 /// The source's points that `specs` name (`NAME` for all of a name, `NAME@POINT` for one; all
 /// when empty), oldest first. A point the listing could not read is read again; one that still
 /// cannot be read stops the copy (it would be left out without a word otherwise).
-pub fn select_points(src: &Repository, specs: &[String]) -> OpResult<Vec<(String, RestorePoint)>> {
+pub fn select_points(src: &Repository, specs: &[String]) -> OpResult<Vec<(PointId, RestorePoint)>> {
     let listed = src.list_points()?;
     let mut all = listed.points;
-    for (id, why) in listed.damaged {
+    for (name, why) in listed.damaged {
+        let unreadable =
+            || OffsiteRefusal::UnreadableSourcePoint { id: name[..12.min(name.len())].into(), why: why.clone() };
+        let Some(id) = PointId::parse(&name) else { return refuse(unreadable()) };
         match src.load_point(&id) {
             Ok(p) => all.push((id, p)),
             Err(cairn_repo::Error::Storage(e)) if e.is_not_found() => {}
-            Err(_) => return refuse(OffsiteRefusal::UnreadableSourcePoint { id: id[..12.min(id.len())].into(), why }),
+            Err(_) => return refuse(unreadable()),
         }
     }
     all.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
     if specs.is_empty() {
         return Ok(all);
     }
-    let mut out: Vec<(String, RestorePoint)> = Vec::new();
+    let mut out: Vec<(PointId, RestorePoint)> = Vec::new();
     for spec in specs {
-        let chosen: Vec<(String, RestorePoint)> = if spec.contains('@') {
+        let chosen: Vec<(PointId, RestorePoint)> = if spec.contains('@') {
             vec![src.select_point(spec)?]
         } else {
             let mine: Vec<_> = all.iter().filter(|(_, p)| &p.name == spec).cloned().collect();

@@ -2,6 +2,7 @@
 
 use crate::error::OpResult;
 use cairn_repo::vm_record::VmRecord;
+use cairn_repo::PointId;
 use cairn_repo::{DiskStats, Repository, RestorePoint};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -10,12 +11,12 @@ use std::time::Duration;
 /// One restore point as `points --json` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct PointSummary {
-    pub id: String,
+    pub id: PointId,
     pub name: String,
     pub time: String,
     pub hostname: String,
     pub source: String,
-    pub parent: Option<String>,
+    pub parent: Option<PointId>,
     pub mode: String,
     pub protected: bool,
     pub logical_bytes: u64,
@@ -42,10 +43,10 @@ pub struct DiskSummary {
 }
 
 impl PointSummary {
-    pub fn of(id: &str, p: &RestorePoint, protected: bool) -> PointSummary {
+    pub fn of(id: &PointId, p: &RestorePoint, protected: bool) -> PointSummary {
         let t = &p.stats.totals;
         PointSummary {
-            id: id.to_string(),
+            id: id.clone(),
             name: p.name.clone(),
             time: p.time.clone(),
             hostname: p.hostname.clone(),
@@ -78,9 +79,9 @@ impl PointSummary {
 
 /// The points of a repository (those named `name`, or all), oldest first.
 pub struct Points {
-    pub points: Vec<(String, RestorePoint)>,
+    pub points: Vec<(PointId, RestorePoint)>,
     /// IDs of the protected points.
-    pub protected: HashSet<String>,
+    pub protected: HashSet<PointId>,
     /// Points that cannot be read: (ID, why).
     pub damaged: Vec<(String, String)>,
 }

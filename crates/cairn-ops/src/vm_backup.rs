@@ -10,6 +10,7 @@ use cairn_engine::Progress;
 use cairn_hypervisor::watchdog::Watchdog;
 use cairn_hypervisor::{Hypervisor, VmState};
 use cairn_repo::vm_record::VmRecord;
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use cairn_vm::backup::{backup_vm, new_run_token, VmBackupOptions};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ pub struct BackupVmsRequest {
 
 /// A VM's restore point, and its boot check if one was asked for.
 pub struct BackedUp {
-    pub id: String,
+    pub id: PointId,
     pub point: RestorePoint,
     pub record: VmRecord,
     pub boot: Option<OpResult<BootOutcome>>,
@@ -86,7 +87,7 @@ fn backup_one(
     options: &VmBackupOptions,
     helpers: &dyn Helpers,
     progress: &dyn Progress,
-) -> Result<(String, RestorePoint, VmRecord), OpError> {
+) -> Result<(PointId, RestorePoint, VmRecord), OpError> {
     let vm = hv.find(name)?;
     let opts = VmBackupOptions { run_token: new_run_token(), ..options.clone() };
     // A shut-off VM has nothing to guard: no freeze, no pause, no backup job.

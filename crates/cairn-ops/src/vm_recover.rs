@@ -6,6 +6,7 @@ use crate::error::OpResult;
 use crate::helpers::Helpers;
 use cairn_engine::Progress;
 use cairn_hypervisor::Hypervisor;
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use cairn_vm::recover::{plan_recovery, InstantMode};
 pub use cairn_vm::recover::{RecoverOptions, RecoverReport, Recovery, RecoveryPlan};
@@ -15,7 +16,7 @@ use std::path::Path;
 pub fn plan(
     hv: &dyn Hypervisor,
     repo: &Repository,
-    point_id: &str,
+    point_id: &PointId,
     point: &RestorePoint,
     opts: &RecoverOptions,
     progress: &dyn Progress,

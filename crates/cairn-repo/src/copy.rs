@@ -16,7 +16,7 @@
 
 use crate::crypto::Compressor;
 use crate::pack::{BlobEntry, BlobKind, SealedFrame};
-use crate::{BlobLocation, BlockId, Error, Repository, RestorePoint, Result, Session};
+use crate::{BlobLocation, BlockId, Error, PointId, Repository, RestorePoint, Result, Session};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,9 +42,9 @@ pub struct CopyReport {
 pub struct CopiedPoint {
     pub name: String,
     pub time: String,
-    pub source_id: String,
+    pub source_id: PointId,
     /// The point's ID in the target.
-    pub target_id: String,
+    pub target_id: PointId,
     /// True when the target had a copy already (nothing was sent).
     pub already_there: bool,
 }
@@ -58,14 +58,14 @@ pub struct CopyProgress {
 }
 
 /// The ID of the point this one is a copy of (the first of a chain of copies).
-pub fn copied_from(point: &RestorePoint) -> Option<&str> {
-    point.metadata.get("copied_from")?.get("point")?.as_str()
+pub fn copied_from(point: &RestorePoint) -> Option<PointId> {
+    PointId::parse(point.metadata.get("copied_from")?.get("point")?.as_str()?)
 }
 
 /// What identifies a point across repositories: the point it was first copied from, or its
 /// own ID.
-fn origin<'a>(id: &'a str, point: &'a RestorePoint) -> &'a str {
-    copied_from(point).unwrap_or(id)
+fn origin(id: &PointId, point: &RestorePoint) -> PointId {
+    copied_from(point).unwrap_or_else(|| id.clone())
 }
 
 /// Copies `points` (IDs and documents of `src`) into `dst`. The caller holds a shared lock on
@@ -73,7 +73,7 @@ fn origin<'a>(id: &'a str, point: &'a RestorePoint) -> &'a str {
 pub fn copy_points(
     src: &Arc<Repository>,
     dst: &Arc<Repository>,
-    points: &[(String, RestorePoint)],
+    points: &[(PointId, RestorePoint)],
     threads: usize,
     progress: &CopyProgress,
 ) -> Result<CopyReport> {
@@ -92,14 +92,15 @@ pub fn copy_points(
     // or not a point) is no usable copy: the copy is made again beside it.
     let listed = dst.list_points()?;
     let mut points_there = listed.points;
-    for (id, why) in listed.damaged {
+    for (name, why) in listed.damaged {
+        let Some(id) = PointId::parse(&name) else { continue };
         match dst.load_point(&id) {
             Ok(p) => points_there.push((id, p)),
             Err(Error::Storage(e)) if e.is_not_found() => {} // forgotten meanwhile
             Err(Error::Storage(_)) => {
                 return Err(Error::Corrupt(format!(
                     "restore point {} of the target cannot be read ({why}); nothing was copied",
-                    &id[..12.min(id.len())]
+                    id.short()
                 )))
             }
             Err(_) => {}
@@ -107,14 +108,14 @@ pub fn copy_points(
     }
     // A point is known by its origin: the point it is a copy of (through any chain of
     // copies), or itself. The same origin on both sides means the target has it.
-    let mut existing: HashMap<String, String> = HashMap::new();
+    let mut existing: HashMap<PointId, PointId> = HashMap::new();
     for (id, p) in points_there {
-        existing.insert(origin(&id, &p).to_string(), id.clone());
+        existing.insert(origin(&id, &p), id.clone());
         existing.insert(id.clone(), id);
     }
     let mut report = CopyReport::default();
     for (source_id, point) in points {
-        if let Some(target_id) = existing.get(origin(source_id, point)).or_else(|| existing.get(source_id.as_str())) {
+        if let Some(target_id) = existing.get(&origin(source_id, point)).or_else(|| existing.get(source_id)) {
             report.points.push(CopiedPoint {
                 name: point.name.clone(),
                 time: point.time.clone(),
@@ -149,11 +150,11 @@ struct PageJob<'a> {
 fn copy_point(
     src: &Arc<Repository>,
     dst: &Arc<Repository>,
-    source_id: &str,
+    source_id: &PointId,
     point: &RestorePoint,
     threads: usize,
     progress: &CopyProgress,
-) -> Result<(String, u64)> {
+) -> Result<(PointId, u64)> {
     let mut session = Session::new(dst.clone());
     let claims = session.claims();
     let jobs: Vec<PageJob> =

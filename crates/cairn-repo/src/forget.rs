@@ -11,7 +11,7 @@
 //! writes one, unprotecting deletes them, so two operators never undo each other's change.
 
 use crate::retention::{decide, parse_point_time, Candidate, Decision, Policy, Reason};
-use crate::{Repository, RestorePoint, Result};
+use crate::{PointId, Repository, RestorePoint, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub const PROTECTION_KIND: &str = crate::RecordKind::Protection.as_str();
@@ -27,7 +27,7 @@ pub fn group_key(point: &RestorePoint) -> String {
 /// One point and what the policy decided.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Planned {
-    pub id: String,
+    pub id: PointId,
     pub name: String,
     pub time: String,
     /// The rule that keeps it; `None`: removed.
@@ -59,11 +59,11 @@ pub fn plan(
 ) -> Result<Vec<GroupPlan>> {
     let listed = repo.list_points()?;
     let protected = protected_points(repo)?;
-    let mut groups: BTreeMap<String, Vec<(String, RestorePoint)>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<(PointId, RestorePoint)>> = BTreeMap::new();
     for (id, p) in listed.points {
         groups.entry(group_key(&p)).or_default().push((id, p));
     }
-    let matches = |key: &str, points: &[(String, RestorePoint)], sel: &str| {
+    let matches = |key: &str, points: &[(PointId, RestorePoint)], sel: &str| {
         key.strip_prefix("vm:") == Some(sel) || points.iter().any(|(_, p)| p.name == sel)
     };
     for sel in selectors {
@@ -79,7 +79,11 @@ pub fn plan(
         points.sort_by(|a, b| b.1.time.cmp(&a.1.time).then(b.0.cmp(&a.0)));
         let candidates: Vec<Candidate> = points
             .iter()
-            .map(|(id, p)| Candidate { id, time: parse_point_time(&p.time), protected: protected.contains(id) })
+            .map(|(id, p)| Candidate {
+                id: id.as_str(),
+                time: parse_point_time(&p.time),
+                protected: protected.contains(id),
+            })
             .collect();
         let decisions = decide(policy, &candidates, now, tz).map_err(|e| crate::Error::Invalid(e.to_string()))?;
         let planned: Vec<Planned> = points
@@ -114,7 +118,7 @@ pub fn plan_points(repo: &Repository, specs: &[String]) -> Result<Vec<GroupPlan>
     for spec in specs {
         let (id, p) = repo.select_point(spec)?;
         if protected.contains(&id) {
-            return Err(crate::Error::Protected { point: id[..8].to_string(), name: p.name, spec: spec.clone() });
+            return Err(crate::Error::Protected { point: id.short().to_string(), name: p.name, spec: spec.clone() });
         }
         let key = group_key(&p);
         let newest = listed.points.iter().filter(|(_, q)| group_key(q) == key).map(|(i, q)| (&q.time, i)).max();
@@ -141,11 +145,11 @@ pub fn plan_points(repo: &Repository, specs: &[String]) -> Result<Vec<GroupPlan>
 /// What [`apply`] removed.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Forgotten {
-    pub points: Vec<String>,
+    pub points: Vec<PointId>,
     /// Catalog records about them (boot verifications) removed with them.
     pub records: usize,
     /// Points the plan removed that were protected meanwhile: kept.
-    pub protected_meanwhile: Vec<String>,
+    pub protected_meanwhile: Vec<PointId>,
     /// Points the plan removed whose store lock has not ended (an immutable repository):
     /// kept, and removed by a forget after that date. Not an error.
     pub locked: Vec<LockedPoint>,
@@ -154,7 +158,7 @@ pub struct Forgotten {
 /// A point kept because the store refuses to delete it before `until`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LockedPoint {
-    pub id: String,
+    pub id: PointId,
     /// Unix seconds, and the same as RFC 3339.
     pub until: u64,
     pub until_rfc3339: String,
@@ -211,13 +215,13 @@ pub fn drop_records_of_missing_points(repo: &Repository) -> Result<usize> {
 }
 
 /// The IDs of protected points.
-pub fn protected_points(repo: &Repository) -> Result<HashSet<String>> {
+pub fn protected_points(repo: &Repository) -> Result<HashSet<PointId>> {
     Ok(protection_records(repo)?.into_keys().collect())
 }
 
 /// Like [`protected_points`], but refuses when a catalog record cannot be read: it may be a
 /// protection (what forget deletes depends on it).
-fn protected_points_strict(repo: &Repository) -> Result<HashSet<String>> {
+fn protected_points_strict(repo: &Repository) -> Result<HashSet<PointId>> {
     let protected = protected_points(repo)?;
     if let Some((name, why)) = repo.damaged_records().first() {
         return Err(crate::Error::Corrupt(format!(
@@ -229,12 +233,13 @@ fn protected_points_strict(repo: &Repository) -> Result<HashSet<String>> {
     Ok(protected)
 }
 
-fn protection_records(repo: &Repository) -> Result<HashMap<String, Vec<String>>> {
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+fn protection_records(repo: &Repository) -> Result<HashMap<PointId, Vec<String>>> {
+    let mut out: HashMap<PointId, Vec<String>> = HashMap::new();
     for (name, r) in repo.load_records()? {
         if r["kind"] == PROTECTION_KIND {
-            if let Some(p) = r["point"].as_str() {
-                out.entry(p.to_string()).or_default().push(name);
+            // A record naming no valid point ID protects nothing: no point has that name.
+            if let Some(p) = r["point"].as_str().and_then(PointId::parse) {
+                out.entry(p).or_default().push(name);
             }
         }
     }
@@ -242,7 +247,7 @@ fn protection_records(repo: &Repository) -> Result<HashMap<String, Vec<String>>>
 }
 
 /// Protects a point (or removes its protection). Returns whether anything changed.
-pub fn set_protected(repo: &Repository, point: &str, protect: bool) -> Result<bool> {
+pub fn set_protected(repo: &Repository, point: &PointId, protect: bool) -> Result<bool> {
     let records = protection_records(repo)?;
     let existing = records.get(point).cloned().unwrap_or_default();
     if protect {

@@ -1,4 +1,4 @@
-//! Block identifiers.
+//! Identifiers: of blocks and map pages ([`BlockId`]) and of restore points ([`PointId`]).
 
 use std::fmt;
 
@@ -51,6 +51,85 @@ impl fmt::Display for BlockId {
     }
 }
 
+/// The identifier of a restore point: the BLAKE3 of its sealed document, as 64 lowercase hex
+/// digits, which is also its object name in storage, so a name proves its content. Stored as
+/// itself in documents that refer to a point (a point's parent, a copy's source, catalog
+/// records); one that is not 64 hex digits is refused when read.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PointId(String);
+
+impl PointId {
+    /// The ID of a point whose sealed document is `sealed`.
+    pub fn of_sealed(sealed: &[u8]) -> PointId {
+        PointId(blake3::hash(sealed).to_hex().to_string())
+    }
+
+    /// `s` as a point ID, if it is one (64 lowercase hex digits).
+    pub fn parse(s: &str) -> Option<PointId> {
+        (s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .then(|| PointId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first 8 hex digits: how people and messages name a point (`NAME@1a2b3c4d`).
+    pub fn short(&self) -> &str {
+        &self.0[..8]
+    }
+}
+
+impl TryFrom<String> for PointId {
+    type Error = String;
+    fn try_from(s: String) -> Result<PointId, String> {
+        PointId::parse(&s).ok_or_else(|| format!("{s:?} is not a restore point ID (64 hex digits)"))
+    }
+}
+
+impl From<PointId> for String {
+    fn from(id: PointId) -> String {
+        id.0
+    }
+}
+
+impl AsRef<str> for PointId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for PointId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for PointId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for PointId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl fmt::Debug for PointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PointId({})", self.short())
+    }
+}
+
+impl fmt::Display for PointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Whether a buffer is all zero bytes; fast enough to run on every block read.
 pub fn is_all_zero(data: &[u8]) -> bool {
     let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
@@ -74,5 +153,18 @@ mod tests {
         assert_eq!(BlockId::from_hex(&id.to_hex()), Some(id));
         assert_eq!(id.short().len(), 8);
         assert!(BlockId::from_hex("zz").is_none());
+    }
+    #[test]
+    fn point_ids_are_64_lowercase_hex_digits() {
+        let id = PointId::of_sealed(b"a sealed point");
+        assert_eq!(PointId::parse(id.as_str()), Some(id.clone()));
+        assert_eq!(id.short(), &id.as_str()[..8]);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<PointId>(&json).unwrap(), id);
+        for bad in ["", "abc", &id.as_str().to_uppercase(), &format!("{}0", id), &format!("../{}", &id.as_str()[3..])] {
+            assert!(PointId::parse(bad).is_none(), "{bad:?}");
+            assert!(serde_json::from_str::<PointId>(&format!("\"{bad}\"")).is_err(), "{bad:?}");
+        }
     }
 }

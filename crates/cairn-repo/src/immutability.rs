@@ -17,7 +17,7 @@
 //! is locked long enough needs only the packs behind the map pages that differ from it.
 
 use crate::point::RestorePoint;
-use crate::{BlockId, Error, Repository, Result};
+use crate::{BlockId, Error, PointId, Repository, Result};
 use cairn_storage::object_lock::{self, LockPolicy, ObjectLock};
 use cairn_storage::Kind;
 use std::collections::{BTreeSet, HashMap};
@@ -37,7 +37,7 @@ pub struct LockAudit {
     pub overwritten: Vec<String>,
     /// Points whose maps could not be read (a damaged or overwritten pack: `repair undelete`
     /// and `verify` tell more), with the problem: their packs were not all checked.
-    pub unreadable: Vec<(String, String)>,
+    pub unreadable: Vec<(PointId, String)>,
     pub ok: bool,
 }
 
@@ -50,7 +50,7 @@ pub struct ShortLock {
     pub locked_until: Option<u64>,
     pub needed_until: u64,
     /// A point that needs it that long.
-    pub point: String,
+    pub point: PointId,
 }
 
 /// Checks with the store that every object each point needs (its document, the packs of its
@@ -63,11 +63,11 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
     };
     let now = object_lock::now();
     let list = repo.list_points()?;
-    let mut needed: HashMap<(Kind, String), (u64, String)> = HashMap::new();
-    let mut need = |kind: Kind, name: String, until: u64, point: &str| {
-        let e = needed.entry((kind, name)).or_insert((0, String::new()));
+    let mut needed: HashMap<(Kind, String), (u64, PointId)> = HashMap::new();
+    let mut need = |kind: Kind, name: String, until: u64, point: &PointId| {
+        let e = needed.entry((kind, name)).or_insert_with(|| (0, point.clone()));
         if until > e.0 {
-            *e = (until, point.to_string());
+            *e = (until, point.clone());
         }
     };
     let mut audit = LockAudit { points: list.points.len(), ..Default::default() };
@@ -83,7 +83,7 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
             audit.points_past_their_lock += 1;
             continue;
         }
-        need(Kind::Point, id.clone(), until, id);
+        need(Kind::Point, id.to_string(), until, id);
         need(Kind::Config, "config".into(), until, id);
         for k in &keys {
             need(Kind::Key, k.name.clone(), until, id);
@@ -224,7 +224,7 @@ impl Repository {
     /// same name, if it was locked until at least `required`.
     fn lock_reference(&self, point: &RestorePoint, required: u64) -> Option<RestorePoint> {
         let long_enough = |p: &RestorePoint| p.locked_until.is_some_and(|u| u >= required);
-        if let Some(parent) = point.parent.as_deref().and_then(|id| self.load_point(id).ok()) {
+        if let Some(parent) = point.parent.as_ref().and_then(|id| self.load_point(id).ok()) {
             if long_enough(&parent) {
                 return Some(parent);
             }

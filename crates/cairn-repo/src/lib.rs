@@ -85,7 +85,7 @@ mod wire;
 pub use catalog::RecordKind;
 pub use config::{Config, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
 pub use error::{Error, Result};
-pub use id::{is_all_zero, BlockId};
+pub use id::{is_all_zero, BlockId, PointId};
 pub use index::BlobLocation;
 pub use lock::Lock;
 pub use pack::PACK_TARGET;

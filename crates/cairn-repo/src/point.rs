@@ -1,6 +1,7 @@
 //! Restore points: the documents that make backups visible.
 
 use crate::map::PAGE_BLOCKS;
+use crate::PointId;
 use serde::{Deserialize, Serialize};
 
 /// One backup of one machine or image: every disk as a complete block map ("synthetic full"),
@@ -17,7 +18,7 @@ pub struct RestorePoint {
     pub source: String,
     /// The point this one was made incrementally from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<String>,
+    pub parent: Option<PointId>,
     pub disks: Vec<DiskImage>,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub metadata: serde_json::Value,

@@ -24,7 +24,7 @@
 use crate::index::{pack_id_from_name, Index, PackId};
 use crate::lock::{live_locks, LockMode};
 use crate::pack::{BlobEntry, FrameEntry, SealedFrame};
-use crate::{BlockId, Error, Repository, Result, Session};
+use crate::{BlockId, Error, PointId, Repository, Result, Session};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -195,7 +195,7 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
     reach.used = vec![0u64; index.len().div_ceil(64)];
     // Each point after the one before it of the same name: a block at the same place in
     // both is marked already (most of a disk from one day to the next), no lookup needed.
-    let mut order: Vec<&(String, crate::RestorePoint)> = listed.points.iter().collect();
+    let mut order: Vec<&(PointId, crate::RestorePoint)> = listed.points.iter().collect();
     order.sort_by(|a, b| (&a.1.name, &a.1.time, &a.0).cmp(&(&b.1.name, &b.1.time, &b.0)));
     let mut before: Option<&crate::RestorePoint> = None;
     for (id, point) in order {
@@ -525,7 +525,7 @@ fn blocker(at: u64, grace: Duration, locks: &[(String, Option<crate::lock::LockI
 struct Reachability {
     used: Vec<u64>,
     pages: HashSet<BlockId>,
-    seen_points: HashSet<String>,
+    seen_points: HashSet<PointId>,
     /// Packs holding the only (quarantined) copies of referenced blocks: never deleted.
     damaged_only: HashSet<PackId>,
     blocks: u64,
@@ -570,7 +570,7 @@ impl Reachability {
         &mut self,
         repo: &Repository,
         index: &Index,
-        id: &str,
+        id: &PointId,
         point: &crate::RestorePoint,
         prev: Option<&crate::RestorePoint>,
     ) -> Result<()> {
@@ -579,17 +579,17 @@ impl Reachability {
                 prev.and_then(|p| p.disks.iter().find(|d| d.name == disk.name && d.block_size == disk.block_size));
             for (k, page_hex) in disk.map.iter().enumerate() {
                 let page = BlockId::from_hex(page_hex).ok_or_else(|| {
-                    Error::Corrupt(format!("restore point {}: map page {k} of {} is not an ID", &id[..8], disk.name))
+                    Error::Corrupt(format!("restore point {}: map page {k} of {} is not an ID", id.short(), disk.name))
                 })?;
                 if !self.pages.insert(page) {
                     continue; // a page another point shares: its blocks are marked already
                 }
-                self.mark(index, &page, &|| format!("map page {k} of disk {} of point {}", disk.name, &id[..8]))?;
+                self.mark(index, &page, &|| format!("map page {k} of disk {} of point {}", disk.name, id.short()))?;
                 let ids = repo.read_map_page(disk, k).map_err(|e| {
                     Error::Corrupt(format!(
                         "map page {k} of disk {} of point {} cannot be read ({e}); nothing was changed",
                         disk.name,
-                        &id[..8]
+                        id.short()
                     ))
                 })?;
                 let same_place = match prev_disk.filter(|d| d.map.get(k).is_some()) {
@@ -607,7 +607,7 @@ impl Reachability {
                     if same_place.get(j) == Some(b) {
                         continue;
                     }
-                    self.mark(index, b, &|| format!("a block of disk {} of point {}", disk.name, &id[..8]))?;
+                    self.mark(index, b, &|| format!("a block of disk {} of point {}", disk.name, id.short()))?;
                 }
             }
         }

@@ -6,7 +6,7 @@ use crate::index::{decode_index, pack_id_from_name, BlobLocation, Index};
 use crate::map;
 use crate::pack::open_frame_into;
 use crate::point::{DiskImage, RestorePoint};
-use crate::{BlockId, Error, Result};
+use crate::{BlockId, Error, PointId, Result};
 use cairn_storage::{Backend, Kind, StorageError};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -48,7 +48,7 @@ pub struct InitOptions<'a> {
 /// The restore points of a repository, and any point documents that could not be read.
 pub struct PointList {
     /// (id, point), oldest first.
-    pub points: Vec<(String, RestorePoint)>,
+    pub points: Vec<(PointId, RestorePoint)>,
     pub damaged: Vec<(String, String)>,
 }
 
@@ -590,23 +590,24 @@ impl Repository {
 
     /// Saves a restore point document; from this moment the point is visible. Refused when a
     /// lock this process took was lost.
-    pub fn save_point(&self, point: &RestorePoint) -> Result<String> {
+    pub fn save_point(&self, point: &RestorePoint) -> Result<PointId> {
         self.check_locks()?;
         let sealed = self.crypto.seal(&serde_json::to_vec(point).unwrap(), 3);
-        let name = blake3::hash(&sealed).to_hex().to_string();
-        self.store(Kind::Point, &name, &sealed)?;
-        Ok(name)
+        let id = PointId::of_sealed(&sealed);
+        self.store(Kind::Point, id.as_str(), &sealed)?;
+        Ok(id)
     }
 
-    pub fn load_point(&self, id: &str) -> Result<RestorePoint> {
-        let bytes = self.backend.get(Kind::Point, id)?;
-        if blake3::hash(&bytes).to_hex().as_str() != id {
-            return Err(Error::Corrupt(format!("restore point {} does not match its name (bytes changed)", short(id))));
+    pub fn load_point(&self, id: &PointId) -> Result<RestorePoint> {
+        let short = id.short();
+        let bytes = self.backend.get(Kind::Point, id.as_str())?;
+        if PointId::of_sealed(&bytes) != *id {
+            return Err(Error::Corrupt(format!("restore point {short} does not match its name (bytes changed)")));
         }
-        let raw = self.crypto.open(&bytes, &format!("restore point {}", short(id)))?;
+        let raw = self.crypto.open(&bytes, &format!("restore point {short}"))?;
         let point: RestorePoint =
-            serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("restore point {}: {e}", short(id))))?;
-        point.check().map_err(|e| Error::Corrupt(format!("restore point {}: {e}", short(id))))?;
+            serde_json::from_slice(&raw).map_err(|e| Error::Corrupt(format!("restore point {short}: {e}")))?;
+        point.check().map_err(|e| Error::Corrupt(format!("restore point {short}: {e}")))?;
         Ok(point)
     }
 
@@ -743,8 +744,12 @@ impl Repository {
         let mut points = Vec::new();
         let mut damaged = Vec::new();
         for l in self.backend.list(Kind::Point)? {
-            match self.load_point(&l.name) {
-                Ok(p) => points.push((l.name, p)),
+            let Some(id) = PointId::parse(&l.name) else {
+                damaged.push((l.name, "not a restore point's name (64 hex digits)".to_string()));
+                continue;
+            };
+            match self.load_point(&id) {
+                Ok(p) => points.push((id, p)),
                 Err(Error::Storage(e)) if e.is_not_found() => {}
                 Err(e) => damaged.push((l.name, e.to_string())),
             }
@@ -755,7 +760,7 @@ impl Repository {
     }
 
     /// Finds a point from `NAME`, `NAME@latest`, `NAME@<id prefix>` or `NAME@<time prefix>`.
-    pub fn select_point(&self, spec: &str) -> Result<(String, RestorePoint)> {
+    pub fn select_point(&self, spec: &str) -> Result<(PointId, RestorePoint)> {
         let (name, sel) = spec.split_once('@').unwrap_or((spec, "latest"));
         let all = self.list_points()?.points;
         let mine: Vec<_> = all.into_iter().filter(|(_, p)| p.name == name).collect();
@@ -766,7 +771,7 @@ impl Repository {
             return Ok(mine.into_iter().last().unwrap());
         }
         let matches: Vec<_> =
-            mine.into_iter().filter(|(id, p)| id.starts_with(sel) || p.time.starts_with(sel)).collect();
+            mine.into_iter().filter(|(id, p)| id.as_str().starts_with(sel) || p.time.starts_with(sel)).collect();
         match matches.len() {
             0 => Err(Error::NotFound(format!("{name} has no restore point matching {sel:?}"))),
             1 => Ok(matches.into_iter().next().unwrap()),
@@ -864,8 +869,8 @@ impl Repository {
     }
 
     /// Deletes a restore point document (forget). Its blocks stay until a prune.
-    pub fn delete_point(&self, id: &str) -> Result<()> {
-        Ok(self.backend.delete(Kind::Point, id)?)
+    pub fn delete_point(&self, id: &PointId) -> Result<()> {
+        Ok(self.backend.delete(Kind::Point, id.as_str())?)
     }
 
     /// Deletes a pack (prune only, once no index file lists it: FORMAT.md §12).

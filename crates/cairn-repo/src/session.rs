@@ -9,7 +9,7 @@ use crate::index::{pack_id_from_name, PackId};
 use crate::map;
 use crate::pack::{BlobEntry, BlobKind, FinishedPack, FrameEntry, PackBuilder, SealedFrame, PACK_TARGET};
 use crate::point::RestorePoint;
-use crate::{BlockId, Repository, Result};
+use crate::{BlockId, PointId, Repository, Result};
 use cairn_storage::Kind;
 use crossbeam_channel::{bounded, Sender};
 use std::collections::HashSet;
@@ -156,7 +156,7 @@ impl Session {
     }
 
     /// Makes everything durable, then writes the point. Returns the point's ID.
-    pub fn commit(mut self, point: &mut RestorePoint) -> Result<String> {
+    pub fn commit(mut self, point: &mut RestorePoint) -> Result<PointId> {
         self.flush_pack()?;
         let mut outcome = self.join_writer()?;
         self.release_buffers();

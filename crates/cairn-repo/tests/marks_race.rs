@@ -63,8 +63,8 @@ fn a_backup_loading_the_index_while_prune_rewrites_its_marks_record_still_learns
     repo.load_index().unwrap();
     let data = blocks(1, 8);
     let a = store_point(&repo, "a", &data).unwrap();
-    repo.backend().delete(Kind::Point, &a).unwrap(); // forget
-                                                     // What yesterday's prune left: the (now unused) pack marked two hours ago.
+    repo.backend().delete(Kind::Point, a.as_str()).unwrap(); // forget
+                                                             // What yesterday's prune left: the (now unused) pack marked two hours ago.
     let pack = local(dir.path()).list(Kind::Pack).unwrap()[0].name.clone();
     let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() - 7200;
     repo.save_record(&serde_json::json!({"kind": "prune-marks", "time": "x", "packs": [[pack, at]]})).unwrap();

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use cairn_repo::prune::{prune, PruneOptions, PruneReport};
-use cairn_repo::{Error, Repository};
+use cairn_repo::{Error, PointId, Repository};
 use cairn_storage::Kind;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +28,8 @@ fn packs(dir: &std::path::Path) -> usize {
     local(dir).list(Kind::Pack).unwrap().len()
 }
 
-fn forget(repo: &Repository, id: &str) {
-    repo.backend().delete(Kind::Point, id).unwrap();
+fn forget(repo: &Repository, id: &PointId) {
+    repo.backend().delete(Kind::Point, id.as_str()).unwrap();
 }
 
 fn new_repo() -> (tempfile::TempDir, Arc<Repository>) {
@@ -247,7 +247,7 @@ fn a_failed_prune_and_the_clean_one_after_it_lose_nothing() {
 
 /// A plain repository where point "a" (all of `data`) was forgotten and point "b" (its first
 /// 10 blocks) remains: one unused share of a pack to repack. Returns b's ID.
-fn partly_used_plain_repository(dir: &std::path::Path, data: &[Vec<u8>]) -> String {
+fn partly_used_plain_repository(dir: &std::path::Path, data: &[Vec<u8>]) -> PointId {
     Repository::init(local(dir), None).unwrap();
     let repo = open_plain(dir);
     let a = store_point(&repo, "a", data).unwrap();

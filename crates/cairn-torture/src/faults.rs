@@ -40,6 +40,7 @@ use cairn_repo::copy::{copied_from, copy_points, CopyProgress, CopyReport};
 use cairn_repo::forget::{self, GroupPlan, Planned};
 use cairn_repo::prune::{prune, PruneOptions};
 use cairn_repo::retention::Reason;
+use cairn_repo::PointId;
 use cairn_repo::Repository;
 use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Injected, Op};
 use cairn_storage::{Backend, Kind, LocalBackend};
@@ -68,7 +69,7 @@ const PASSWORD: &str = "torture";
 struct Setup {
     dir: PathBuf,
     /// Oracles by point ID, per template.
-    points: HashMap<&'static str, Vec<(String, PathBuf)>>,
+    points: HashMap<&'static str, Vec<(PointId, PathBuf)>>,
     image_p: PathBuf,
     image_a: PathBuf,
     image_a2: PathBuf,
@@ -79,8 +80,8 @@ struct Setup {
     /// (as if protected while forget ran), A' kept.
     forget_plan: Vec<GroupPlan>,
     /// The point that plan may remove (P), and the protected one it must keep (A).
-    forget_removes: String,
-    forget_protected: String,
+    forget_removes: Option<PointId>,
+    forget_protected: Option<PointId>,
 }
 
 #[derive(Default, Serialize)]
@@ -154,8 +155,8 @@ impl Setup {
             ranges_a2,
             damaged_copies: BTreeSet::new(),
             forget_plan: Vec::new(),
-            forget_removes: String::new(),
-            forget_protected: String::new(),
+            forget_removes: None,
+            forget_protected: None,
         };
         // "p": a repository holding P; "pa": P and A; "damaged": "pa" with one byte of A's
         // first pack flipped; "unindexed": "pa" without the index files that list A's packs.
@@ -240,8 +241,8 @@ impl Setup {
                 (id_a2.clone(), s.image_a2.clone()),
             ],
         );
-        let planned = |id: &str, name: &str, kept_by: Option<Reason>| -> Result<Planned> {
-            Ok(Planned { id: id.into(), name: name.into(), time: repo.load_point(id)?.time, kept_by })
+        let planned = |id: &PointId, name: &str, kept_by: Option<Reason>| -> Result<Planned> {
+            Ok(Planned { id: id.clone(), name: name.into(), time: repo.load_point(id)?.time, kept_by })
         };
         s.forget_plan = vec![
             GroupPlan {
@@ -257,8 +258,8 @@ impl Setup {
                 newest_removed: true,
             },
         ];
-        s.forget_removes = id_p;
-        s.forget_protected = id_a;
+        s.forget_removes = Some(id_p);
+        s.forget_protected = Some(id_a);
 
         // "copy": the target of the copies from "pa" (P and A), made with `init_copying`,
         // holding a copy of P (a clean copy of P alone), so that a copy of both sends A only.
@@ -300,7 +301,7 @@ fn local(dir: &Path) -> Arc<dyn Backend> {
 fn copy_all(
     src: Arc<dyn Backend>,
     dst: Arc<dyn Backend>,
-    points: Option<&[(String, cairn_repo::RestorePoint)]>,
+    points: Option<&[(cairn_repo::PointId, cairn_repo::RestorePoint)]>,
     threads: usize,
 ) -> Result<CopyReport> {
     let src = Arc::new(Repository::open(src, || Some(PASSWORD.to_string()))?);
@@ -376,7 +377,7 @@ fn backup_image(
     name: &str,
     image: &Path,
     changed: Option<&[cairn_engine::ranges::Range]>,
-) -> Result<String> {
+) -> Result<PointId> {
     let _lock = repo.lock(false, "backup", Duration::from_secs(5))?;
     let parent = match changed {
         Some(_) => Some(repo.select_point(name)?),
@@ -389,15 +390,15 @@ fn backup_image(
 }
 
 /// Restores a point's disk and compares it with its oracle.
-fn restores_exactly(repo: &Repository, id: &str, oracle: &Path, scratch: &Path) -> Result<()> {
+fn restores_exactly(repo: &Repository, id: &PointId, oracle: &Path, scratch: &Path) -> Result<()> {
     let point = repo.load_point(id)?;
-    let out = scratch.join(format!("restore-{}.img", &id[..8]));
+    let out = scratch.join(format!("restore-{}.img", id.short()));
     let opts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: 1 };
     restore_disk(repo, id, &point, &point.disks[0], &out, &opts, &NoProgress)?;
     let same = same_bytes(&out, oracle)?;
     std::fs::remove_file(&out)?;
     if !same {
-        bail!("point {} restores to bytes that differ from its image", &id[..8]);
+        bail!("point {} restores to bytes that differ from its image", id.short());
     }
     Ok(())
 }
@@ -405,7 +406,7 @@ fn restores_exactly(repo: &Repository, id: &str, oracle: &Path, scratch: &Path) 
 /// The operation under test, on a repository in `dir` reached through `backend` (for
 /// `copy-source`, `backend` reaches the source instead). Returns the ID of the point it made,
 /// if it made one.
-fn operation(op: &str, s: &Setup, dir: &Path, backend: Arc<dyn Backend>) -> Result<Option<String>> {
+fn operation(op: &str, s: &Setup, dir: &Path, backend: Arc<dyn Backend>) -> Result<Option<PointId>> {
     match op {
         "init" => {
             Repository::init(backend, Some(PASSWORD))?;
@@ -609,7 +610,7 @@ fn check(
     dir: &Path,
     plan: FaultPlan,
     injected: Option<&Injected>,
-    made: Option<String>,
+    made: Option<PointId>,
     f: &mut Finding,
 ) -> Result<()> {
     let torn = plan.fault == Fault::Torn && injected.is_some();
@@ -678,17 +679,17 @@ fn check(
     let scratch = dir.join("scratch");
     std::fs::create_dir_all(&scratch)?;
     // On the damaged template, A's point cannot restore until a backup heals it (below).
-    let healed_later = |id: &str| op == "verify" && s.points["pa"].last().is_some_and(|(a, _)| a == id);
+    let healed_later = |id: &PointId| op == "verify" && s.points["pa"].last().is_some_and(|(a, _)| a == id);
     for (id, oracle) in before {
         if !listed.points.iter().any(|(i, _)| i == id) {
             // The one point the forget plan removes may be gone (and must be, if it succeeded).
-            if !(op == "forget" && *id == s.forget_removes) {
-                f.violations.push(format!("point {} that existed before is gone", &id[..8]));
+            if !(op == "forget" && s.forget_removes.as_ref() == Some(id)) {
+                f.violations.push(format!("point {} that existed before is gone", id.short()));
             }
             continue;
         }
-        if op == "forget" && *id == s.forget_removes && f.succeeded {
-            f.violations.push(format!("forget succeeded but point {} it removes is listed", &id[..8]));
+        if op == "forget" && s.forget_removes.as_ref() == Some(id) && f.succeeded {
+            f.violations.push(format!("forget succeeded but point {} it removes is listed", id.short()));
         }
         if healed_later(id) {
             continue;
@@ -702,13 +703,13 @@ fn check(
         if let Some(t) = source_template(op) {
             // A copy's new point is a copy of a source point (one the target lacked) and
             // restores to that point's image.
-            let source = copied_from(point).and_then(|from| s.points[t].iter().find(|(i, _)| i == from));
+            let source = copied_from(point).and_then(|from| s.points[t].iter().find(|(i, _)| *i == from));
             match source {
-                None => f.violations.push(format!("{op} made point {}, a copy of no source point", &id[..8])),
+                None => f.violations.push(format!("{op} made point {}, a copy of no source point", id.short())),
                 Some((from, oracle)) => {
-                    let copies = listed.points.iter().filter(|(_, p)| copied_from(p) == Some(from)).count();
+                    let copies = listed.points.iter().filter(|(_, p)| copied_from(p) == Some(from.clone())).count();
                     if copies > 1 {
-                        f.violations.push(format!("{copies} copies of source point {}", &from[..8]));
+                        f.violations.push(format!("{copies} copies of source point {}", from.short()));
                     }
                     if let Err(e) = restores_exactly(&repo, id, oracle, &scratch) {
                         f.violations.push(format!("new point: {e:#}"));
@@ -716,14 +717,14 @@ fn check(
                 }
             }
         } else if !op.starts_with("backup") {
-            f.violations.push(format!("{op} made a restore point {}", &id[..8]));
+            f.violations.push(format!("{op} made a restore point {}", id.short()));
         } else if let Err(e) = restores_exactly(&repo, id, next_image, &scratch) {
             f.violations.push(format!("new point: {e:#}"));
         }
     }
     if let Some(id) = &made {
         if !listed.points.iter().any(|(i, _)| i == id) {
-            f.violations.push(format!("the {op} returned point {} but it is not listed", &id[..8]));
+            f.violations.push(format!("the {op} returned point {} but it is not listed", id.short()));
         }
     }
     if op == "verify" {
@@ -791,11 +792,13 @@ fn check(
         restores_exactly(&repo, id, next_image, &scratch).context("the next backup's point")?;
         f.next_stored = repo.load_point(id)?.stats.repository_growth_bytes;
     }
-    if op == "forget" && !forget::protected_points(&repo)?.contains(&s.forget_protected) {
+    if op == "forget"
+        && !forget::protected_points(&repo)?.contains(s.forget_protected.as_ref().expect("set up with the forget op"))
+    {
         f.violations.push("the protected point lost its protection".into());
     }
     if op == "prune" {
-        check_clean_prune(s, &repo, torn && hit(Kind::Index), id.as_deref(), &scratch, f)?;
+        check_clean_prune(s, &repo, torn && hit(Kind::Index), id.as_ref(), &scratch, f)?;
     }
     // The damaged point is healed by that backup (its damaged blocks were quarantined).
     for (id, oracle) in before.iter().filter(|(id, _)| healed_later(id)) {
@@ -813,7 +816,7 @@ fn check_clean_prune(
     s: &Setup,
     repo: &Arc<Repository>,
     torn_index: bool,
-    next: Option<&str>,
+    next: Option<&PointId>,
     scratch: &Path,
     f: &mut Finding,
 ) -> Result<()> {
@@ -868,13 +871,13 @@ fn check_clean_copy(
     let dst = open(local(dir))?;
     let listed = dst.list_points()?;
     for (from, oracle) in &s.points[source] {
-        let copies: Vec<&String> =
-            listed.points.iter().filter(|(_, p)| copied_from(p) == Some(from)).map(|(id, _)| id).collect();
+        let copies: Vec<&PointId> =
+            listed.points.iter().filter(|(_, p)| copied_from(p) == Some(from.clone())).map(|(id, _)| id).collect();
         if copies.len() != 1 {
             f.violations.push(format!(
                 "after a clean copy the target holds {} copies of source point {}",
                 copies.len(),
-                &from[..8]
+                from.short()
             ));
         }
         for id in copies {
@@ -900,7 +903,7 @@ fn check_clean_copy(
         }
     }
     let src = open(local(&src_dir))?;
-    let ids: Vec<String> = src.list_points()?.points.into_iter().map(|(id, _)| id).collect();
+    let ids: Vec<PointId> = src.list_points()?.points.into_iter().map(|(id, _)| id).collect();
     if ids.len() != s.points[source].len() {
         f.violations.push(format!("the source lists {} points, {} before", ids.len(), s.points[source].len()));
     }

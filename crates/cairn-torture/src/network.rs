@@ -36,6 +36,7 @@
 use crate::workload::{self, same_bytes, BLOCK, MIB};
 use anyhow::{bail, Context, Result};
 use cairn_repo::copy::copied_from;
+use cairn_repo::PointId;
 use cairn_repo::Repository;
 use cairn_storage::test_servers::{FlakyProxy, Flavor, ProxyConfig, ProxyFault, TestServer};
 use cairn_storage::{Backend, Kind, LocalBackend};
@@ -899,14 +900,14 @@ impl<'h> Chain<'h> {
         if !listed.damaged.is_empty() {
             r.violations.push(format!("{op}: {} point(s) do not load: {:?}", listed.damaged.len(), listed.damaged));
         }
-        let ids: BTreeSet<&String> = listed.points.iter().map(|(id, _)| id).collect();
+        let ids: BTreeSet<&str> = listed.points.iter().map(|(id, _)| id.as_str()).collect();
         for id in self.points.keys() {
-            if !ids.contains(id) {
+            if !ids.contains(id.as_str()) {
                 r.violations.push(format!("{op}: point {} that existed before is gone", &id[..8]));
             }
         }
-        let new: Vec<&(String, cairn_repo::RestorePoint)> =
-            listed.points.iter().filter(|(id, _)| !self.points.contains_key(id)).collect();
+        let new: Vec<&(cairn_repo::PointId, cairn_repo::RestorePoint)> =
+            listed.points.iter().filter(|(id, _)| !self.points.contains_key(id.as_str())).collect();
         match image {
             None if !new.is_empty() => {
                 r.violations.push(format!("{op} made {} restore point(s)", new.len()));
@@ -916,18 +917,18 @@ impl<'h> Chain<'h> {
             _ => {}
         }
         if let Some(id) = made {
-            if !ids.contains(&id.to_string()) {
+            if !ids.contains(id.to_string().as_str()) {
                 r.violations.push(format!("{op} printed point {} but it is not listed", &id[..8.min(id.len())]));
             }
         }
         if let (Some(img), [(id, _)]) = (image, new.as_slice()) {
-            let id = id.clone();
+            let id = id.to_string();
             self.add_point(id, img);
         }
         // Every point restores byte for byte.
         let points: Vec<(String, String, PathBuf)> =
             self.points.iter().map(|(id, (n, img))| (id.clone(), n.clone(), img.clone())).collect();
-        for (id, name, img) in points.iter().filter(|(id, _, _)| ids.contains(id)) {
+        for (id, name, img) in points.iter().filter(|(id, _, _)| ids.contains(id.as_str())) {
             if let Err(e) = self.restores_exactly(url, id, name, img) {
                 r.violations.push(format!("{op}: {e:#}"));
             }
@@ -1061,21 +1062,21 @@ impl<'h> Chain<'h> {
         let listed = repo.list_points()?;
         let source = &self.h.sources[self.encrypted as usize].points;
         for (id, p) in &listed.points {
-            let Some((from, img)) = copied_from(p).and_then(|f| source.iter().find(|(s, _)| s == f)) else {
-                r.violations.push(format!("{op}: point {} is a copy of no source point", &id[..8]));
+            let Some((from, img)) = copied_from(p).and_then(|f| source.iter().find(|(s, _)| *s == f.as_str())) else {
+                r.violations.push(format!("{op}: point {} is a copy of no source point", id.short()));
                 continue;
             };
-            let copies = listed.points.iter().filter(|(_, q)| copied_from(q) == Some(from.as_str())).count();
+            let copies = listed.points.iter().filter(|(_, q)| copied_from(q) == PointId::parse(from)).count();
             if copies > 1 {
                 r.violations.push(format!("{op}: {copies} copies of source point {}", &from[..8]));
             }
-            if let Err(e) = self.restores_exactly(url, id, &p.name, img) {
+            if let Err(e) = self.restores_exactly(url, id.as_str(), &p.name, img) {
                 r.violations.push(format!("{op}: {e:#}"));
             }
         }
         if succeeded {
             for (from, _) in source {
-                if !listed.points.iter().any(|(_, q)| copied_from(q) == Some(from.as_str())) {
+                if !listed.points.iter().any(|(_, q)| copied_from(q) == PointId::parse(from)) {
                     r.violations.push(format!("{op} succeeded but source point {} has no copy", &from[..8]));
                 }
             }

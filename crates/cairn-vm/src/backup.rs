@@ -26,6 +26,7 @@ use cairn_hypervisor::watchdog::{Guard, Watchdog};
 use cairn_hypervisor::{AgentStatus, BackupExport, BackupRequest, Hypervisor, VmDisk, VmState, VmSummary};
 use cairn_repo::vm_record::{Event, FileRecord, HookRun, SkippedSwap};
 pub use cairn_repo::vm_record::{Method, VmRecord};
+use cairn_repo::PointId;
 use cairn_repo::{DiskImage, Repository, RestorePoint};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -76,7 +77,7 @@ pub fn new_run_token() -> String {
 }
 
 /// The newest restore point of the VM with this UUID (followed across renames and hosts).
-pub fn last_point_of(repo: &Repository, uuid: &str) -> Result<Option<(String, RestorePoint)>> {
+pub fn last_point_of(repo: &Repository, uuid: &str) -> Result<Option<(PointId, RestorePoint)>> {
     let list = repo.list_points()?;
     Ok(list
         .points
@@ -420,7 +421,7 @@ pub fn backup_vm(
     opts: &VmBackupOptions,
     watchdog: &mut Watchdog,
     progress: &dyn Progress,
-) -> Result<(String, RestorePoint, VmRecord)> {
+) -> Result<(PointId, RestorePoint, VmRecord)> {
     let mut clock = Clock { t0: Instant::now(), events: Vec::new() };
     clock.mark("prepare");
     let prep = prepare(hv, repo, vm, opts, progress)?;
@@ -462,7 +463,7 @@ pub fn backup_vm(
             record.chain = "incremental".into();
             record.incremental_from = Some(cp.clone());
             record.chain_reason =
-                format!("checkpoint {cp} matches restore point {}", &prep.last.as_ref().unwrap().0[..8]);
+                format!("checkpoint {cp} matches restore point {}", &prep.last.as_ref().unwrap().0.short());
         }
         Err(why) => {
             record.chain_reason = if all_qcow2 {
@@ -502,7 +503,7 @@ struct Prepared {
     /// This repository's checkpoint names start with it.
     prefix: String,
     /// The VM's newest restore point in this repository.
-    last: Option<(String, RestorePoint)>,
+    last: Option<(PointId, RestorePoint)>,
     /// A checkpoint of this repository newer than the newest point's (deleted here): its point
     /// was removed since (forget), which the chain's reason says.
     forgotten_checkpoint: Option<String>,
@@ -617,12 +618,12 @@ fn backup_offline(
     vm: &VmSummary,
     disks: &[VmDisk],
     mut chain: std::result::Result<String, String>,
-    last: Option<(String, RestorePoint)>,
+    last: Option<(PointId, RestorePoint)>,
     mut record: VmRecord,
     mut clock: Clock,
     opts: &VmBackupOptions,
     progress: &dyn Progress,
-) -> Result<(String, RestorePoint, VmRecord)> {
+) -> Result<(PointId, RestorePoint, VmRecord)> {
     let method = record.method;
     let mut inputs = None;
     if let Ok(cp) = chain.clone() {
@@ -645,7 +646,7 @@ fn backup_offline(
             record.chain = "incremental".into();
             record.chain_reason = format!(
                 "the VM is shut off; the bitmap of checkpoint {cp}, stored in its disk images, lists every change since restore point {}",
-                &last.as_ref().unwrap().0[..8]
+                &last.as_ref().unwrap().0.short()
             );
             // The checkpoint keeps recording from where it started: it stays this chain's base.
             record.incremental_from = Some(cp.clone());
@@ -744,12 +745,12 @@ fn read_live_point(
     export: &BackupExport,
     listed_changes: ListedChanges,
     incremental: bool,
-    last: Option<(String, RestorePoint)>,
+    last: Option<(PointId, RestorePoint)>,
     mut record: VmRecord,
     clock: Clock,
     opts: &VmBackupOptions,
     progress: &dyn Progress,
-) -> Result<(String, RestorePoint, VmRecord)> {
+) -> Result<(PointId, RestorePoint, VmRecord)> {
     if let Some(o) = &opts.oracle_dir {
         pull_with_qemu_img(export, o)?;
     }
@@ -787,10 +788,10 @@ fn end_live_backup(
     uuid: &str,
     prefix: &str,
     new_checkpoint: &str,
-    result: Result<(String, RestorePoint, VmRecord)>,
+    result: Result<(PointId, RestorePoint, VmRecord)>,
     ended: Result<()>,
     watchdog: &mut Watchdog,
-) -> Result<(String, RestorePoint, VmRecord)> {
+) -> Result<(PointId, RestorePoint, VmRecord)> {
     match result {
         Ok(done) => {
             cairn_storage::crash_point("vm.point_committed");
@@ -856,14 +857,14 @@ fn trust_checkpoint(
     hv: &dyn Hypervisor,
     uuid: &str,
     disks: &[VmDisk],
-    last: Option<&(String, RestorePoint)>,
+    last: Option<&(PointId, RestorePoint)>,
     record: Option<&VmRecord>,
     forgotten_checkpoint: Option<&str>,
 ) -> std::result::Result<String, String> {
     let Some((last_id, last)) = last else {
         return Err("first backup of this VM in this repository".into());
     };
-    let short = &last_id[..8];
+    let short = last_id.short();
     let then: Vec<&DiskImage> = last.disks.iter().filter(|d| d.is_disk()).collect();
     let now_names: Vec<&str> = disks.iter().map(|d| d.target.as_str()).collect();
     let then_names: Vec<&str> = then.iter().map(|d| d.name.as_str()).collect();
@@ -1167,12 +1168,12 @@ fn commit(
     repo: &Arc<Repository>,
     vm: &VmSummary,
     mut inputs: Vec<DiskInput>,
-    last: Option<(String, RestorePoint)>,
+    last: Option<(PointId, RestorePoint)>,
     mut record: VmRecord,
     mut clock: Clock,
     opts: &VmBackupOptions,
     progress: &dyn Progress,
-) -> Result<(String, RestorePoint, VmRecord)> {
+) -> Result<(PointId, RestorePoint, VmRecord)> {
     let last_files = last.as_ref().and_then(|(_, p)| VmRecord::of(p)).map(|r| r.files).unwrap_or_default();
     let mut carry = Vec::new();
     for f in &vm.config.files {

@@ -12,6 +12,7 @@ use cairn_engine::target::TargetFormat;
 use cairn_hypervisor::Hypervisor;
 use cairn_hypervisor::{ConfigEdit, PlacedDisk};
 use cairn_repo::vm_record::VmRecord;
+use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ pub struct BootOptions<'a> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BootCheck {
     pub kind: String,
-    pub point: String,
+    pub point: PointId,
     pub vm: String,
     pub uuid: String,
     pub point_time: String,
@@ -61,13 +62,13 @@ impl BootCheck {
 pub fn verify_boot(
     hv: &dyn Hypervisor,
     repo: &Repository,
-    point_id: &str,
+    point_id: &PointId,
     point: &RestorePoint,
     opts: &BootOptions,
     progress: &dyn Progress,
 ) -> Result<(BootCheck, Option<Vec<u8>>)> {
     let started = Instant::now();
-    let short = &point_id[..8];
+    let short = point_id.short();
     let record = VmRecord::of(point)
         .with_context(|| format!("restore point {short} is not a VM backup: only VM points can be booted"))?;
     // The name comes from the repository: only safe characters go into a name and a path.
@@ -84,7 +85,7 @@ pub fn verify_boot(
     private_dir(&dir)?;
     let mut check = BootCheck {
         kind: cairn_repo::RecordKind::BootVerification.as_str().into(),
-        point: point_id.to_string(),
+        point: point_id.clone(),
         vm: record.name.clone(),
         uuid: record.uuid.clone(),
         point_time: point.time.clone(),
@@ -138,7 +139,7 @@ pub fn verify_boot(
 fn prepare_sandbox(
     hv: &dyn Hypervisor,
     repo: &Repository,
-    point_id: &str,
+    point_id: &PointId,
     point: &RestorePoint,
     config: &str,
     dir: &Path,
@@ -147,7 +148,7 @@ fn prepare_sandbox(
     progress: &dyn Progress,
     server: &mut Option<(u32, Option<u64>)>,
 ) -> Result<cairn_hypervisor::Rewritten> {
-    let short = &point_id[..8];
+    let short = point_id.short();
     // Files the configuration names (kernel, initrd, NVRAM) are small: restored whole.
     let mut edit = ConfigEdit {
         name: sandbox.to_string(),

@@ -17,6 +17,7 @@ use cairn_engine::target::{check_space, TargetFormat};
 use cairn_hypervisor::{ConfigEdit, PlacedDisk};
 use cairn_hypervisor::{Hypervisor, VmSummary};
 use cairn_repo::vm_record::VmRecord;
+use cairn_repo::PointId;
 use cairn_repo::{safe_name, Repository, RestorePoint};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -57,7 +58,7 @@ pub struct RecoveredFile {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoverReport {
-    pub point: String,
+    pub point: PointId,
     pub name: String,
     pub uuid: String,
     pub replaced: bool,
@@ -85,7 +86,7 @@ pub struct InstantMode<'a> {
 /// What an instant recovery in progress keeps next to its disks, so a rerun can finish it.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 struct InstantState {
-    point: String,
+    point: PointId,
     uuid: String,
     server_pid: u32,
     /// The server's start time ([`process_start_time`]): with the PID, it names the process for
@@ -257,7 +258,7 @@ pub struct UnfinishedInstant {
 pub struct RecoveryPlan {
     /// The options the plan was checked with; [`RecoveryPlan::execute`] follows them.
     opts: RecoverOptions,
-    point_id: String,
+    point_id: PointId,
     point: RestorePoint,
     record: VmRecord,
     /// The recovered VM's name.
@@ -281,12 +282,12 @@ pub struct RecoveryPlan {
 pub fn plan_recovery(
     hv: &dyn Hypervisor,
     repo: &Repository,
-    point_id: &str,
+    point_id: &PointId,
     point: &RestorePoint,
     opts: &RecoverOptions,
     progress: &dyn Progress,
 ) -> Result<Recovery> {
-    let short = &point_id[..8];
+    let short = point_id.short();
     let record =
         VmRecord::of(point).ok_or_else(|| Refusal::NotAVmPoint { point: short.into(), name: point.name.clone() })?;
     let name = recovered_name(&record, opts)?;
@@ -319,7 +320,7 @@ pub fn plan_recovery(
     let images = plan_images(repo, point, &name, &storage, opts, &edit.host_firmware, &mut removed, short)?;
     Ok(Recovery::Plan(Box::new(RecoveryPlan {
         opts: opts.clone(),
-        point_id: point_id.to_string(),
+        point_id: point_id.clone(),
         point: point.clone(),
         record,
         name,
@@ -678,7 +679,7 @@ impl RecoveryPlan {
         opts: &RecoverOptions,
         progress: &dyn Progress,
     ) -> Result<Vec<RecoveredFile>> {
-        let short = &self.point_id[..8];
+        let short = self.point_id.short();
         let mut written: Vec<RecoveredFile> = Vec::new();
         for (i, file, bytes) in &self.images {
             let img = &self.point.disks[*i];
@@ -715,7 +716,7 @@ impl RecoveryPlan {
 fn start_overlays(
     storage: &Path,
     name: &str,
-    point_id: &str,
+    point_id: &PointId,
     point: &RestorePoint,
     format: TargetFormat,
     inst: &InstantMode,
@@ -727,7 +728,7 @@ fn start_overlays(
     let socket = dir.join("nbd.sock");
     let pid = (inst.launch_server)(&socket)?;
     let mut st = InstantState {
-        point: point_id.to_string(),
+        point: point_id.clone(),
         uuid: String::new(),
         server_pid: pid,
         server_start: process_start_time(pid),
@@ -897,7 +898,7 @@ mod tests {
         // The cleanup of an instant recovery whose state names the unrelated process.
         let dir = tempfile::tempdir().unwrap();
         let st = InstantState {
-            point: "p".into(),
+            point: PointId::of_sealed(b"p"),
             uuid: "u".into(),
             server_pid: sleep.id(),
             server_start: None,

@@ -16,6 +16,7 @@ use crate::progress::Progress;
 use crate::target::{self, TargetFormat};
 use anyhow::{bail, Context, Result};
 use cairn_repo::map::PAGE_BLOCKS;
+use cairn_repo::PointId;
 use cairn_repo::{BlobLocation, BlockId, DiskImage, Repository, RestorePoint};
 use crossbeam_channel::bounded;
 use serde::Serialize;
@@ -97,7 +98,7 @@ fn from_other_copies(repo: &Repository, loc: &BlobLocation, items: &mut [Item], 
 
 pub fn restore_disk(
     repo: &Repository,
-    point_id: &str,
+    point_id: &PointId,
     point: &RestorePoint,
     disk: &DiskImage,
     to: &Path,
@@ -108,7 +109,7 @@ pub fn restore_disk(
     // The point was checked when loaded (FORMAT.md §7): block size and map pages fit the disk.
     let bs = disk.block_size as u64;
     let data_blocks = count_data_blocks(repo, disk).with_context(|| {
-        format!("restore point {} ({} of {}) cannot be read", &point_id[..8], point.name, point.time)
+        format!("restore point {} ({} of {}) cannot be read", point_id.short(), point.name, point.time)
     })?;
     let data_bytes = data_blocks * bs;
     let mut target = target::create(to, disk.size, bs, data_bytes.min(disk.size), opts.format, opts.force)?;
@@ -132,7 +133,7 @@ pub fn restore_disk(
             "block {} at offset {off} of disk {} in restore point {} ({} of {})",
             id.short(),
             disk.name,
-            &point_id[..8],
+            point_id.short(),
             point.name,
             point.time
         )

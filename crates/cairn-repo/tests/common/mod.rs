@@ -38,7 +38,7 @@ pub fn blocks(seed: u8, n: usize) -> Vec<Vec<u8>> {
 }
 
 /// Stores `data` as a one-disk restore point through a session; returns its ID.
-pub fn store_point(repo: &Arc<Repository>, name: &str, data: &[Vec<u8>]) -> cairn_repo::Result<String> {
+pub fn store_point(repo: &Arc<Repository>, name: &str, data: &[Vec<u8>]) -> cairn_repo::Result<cairn_repo::PointId> {
     let mut s = Session::new(repo.clone());
     let mut c = Compressor::new(1);
     let claims = s.claims();
@@ -77,7 +77,7 @@ pub fn store_point(repo: &Arc<Repository>, name: &str, data: &[Vec<u8>]) -> cair
 }
 
 /// Reads every block of a point back through the repository.
-pub fn read_point(repo: &Repository, id: &str) -> cairn_repo::Result<Vec<Vec<u8>>> {
+pub fn read_point(repo: &Repository, id: &cairn_repo::PointId) -> cairn_repo::Result<Vec<Vec<u8>>> {
     let p = repo.load_point(id)?;
     let page = repo.read_map_page(&p.disks[0], 0)?;
     page.iter().map(|b| repo.read_blob(b, "test")).collect()

@@ -124,7 +124,7 @@ impl Harness {
         if let Some((id, why)) = listed.damaged.first() {
             bail!("point {} of the target cannot be read: {why}", &id[..8.min(id.len())]);
         }
-        Ok(listed.points.iter().map(|(id, p)| (id.clone(), copied_from(p).map(String::from))).collect())
+        Ok(listed.points.iter().map(|(id, p)| (id.to_string(), copied_from(p).map(String::from))).collect())
     }
 
     /// Every point of the target is a copy of a source point, at most one of each, restoring
