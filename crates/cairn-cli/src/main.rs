@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use cairn_engine::restore::RestoreOptions;
 use cairn_engine::source::ImageFormat;
 use cairn_engine::target::TargetFormat;
+use cairn_engine::{NoProgress, Progress};
 use cairn_repo::Repository;
 use cairn_storage::{Backend, LocalBackend};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -24,6 +25,8 @@ use std::time::Duration;
 
 /// Exit status when `verify` finds damage (1 is any other failure, 2 a usage error).
 pub(crate) const EXIT_DAMAGED: i32 = 3;
+/// Exit status when an interrupt (Ctrl-C, SIGTERM) stopped the command cleanly (128 + SIGINT).
+pub(crate) const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser)]
 #[command(
@@ -37,7 +40,9 @@ A first session:\n  cairn init --repo /backup/repo\n  cairn vm list\n  cairn bac
 cairn points --repo /backup/repo\n  cairn restore vm web --repo /backup/repo --storage /var/lib/libvirt/images --start\n  \
 cairn files ls web --repo /backup/repo\n  cairn verify --repo /backup/repo\n  cairn verify boot web --repo /backup/repo\n\n\
 The repository can also come from CAIRN_REPO, the password of an encrypted repository from CAIRN_PASSWORD.\n\
-Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage or a restore point did not boot."
+Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage or a restore point did not boot, \
+130 stopped by Ctrl-C or SIGTERM (backup image, restore image and verify stop cleanly at the first one: \
+no restore point, no partial image)."
 )]
 struct Cli {
     #[command(flatten)]
@@ -591,7 +596,8 @@ fn main() {
             if let Some(hint) = hints::hint(&e) {
                 eprintln!("hint: {hint}");
             }
-            std::process::exit(1);
+            let stopped = output::interrupted() && cairn_ops::kind_of(&e) == cairn_ops::ErrorKind::Cancelled;
+            std::process::exit(if stopped { EXIT_INTERRUPTED } else { 1 });
         }
     }
 }
@@ -737,6 +743,12 @@ pub(crate) fn bar(g: &Global) -> Bar {
     Bar::new(!g.json && !g.quiet && std::io::stderr().is_terminal())
 }
 
+/// A bar for work that stops cleanly when interrupted (see [`output::stop_on_interrupt`]).
+pub(crate) fn stoppable_bar(g: &Global) -> Bar {
+    output::stop_on_interrupt();
+    bar(g)
+}
+
 pub(crate) fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap());
 }
@@ -799,7 +811,7 @@ fn backup_image(g: &Global, a: &BackupImage) -> Result<i32> {
         workers: workers(g),
         lock_wait: Duration::from_secs(g.lock_wait),
     };
-    let (id, point) = backup_image(&repo, &req, &bar(g))?;
+    let (id, point) = backup_image(&repo, &req, &stoppable_bar(g))?;
     if g.json {
         print_json(&serde_json::json!({"id": id, "point": point}));
     } else {
@@ -849,7 +861,7 @@ fn restore_image(g: &Global, a: &RestoreImage) -> Result<i32> {
     };
     // A block device a running VM uses is refused: the engine asks when --to is one.
     cairn_engine::target::check_device_users(Box::new(running_vm_disks));
-    let RestoredImage { id, point, report } = restore_image(&repo, &req, &bar(g))?;
+    let RestoredImage { id, point, report } = restore_image(&repo, &req, &stoppable_bar(g))?;
     if g.json {
         print_json(
             &serde_json::json!({"point": id, "name": point.name, "time": point.time, "to": a.to, "report": report}),
@@ -1146,12 +1158,8 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 fn verify_locks(g: &Global) -> Result<i32> {
     let (repo, _lock) = open_indexed(g, "verify locks")?;
     let quiet = g.json || g.quiet || !std::io::stderr().is_terminal();
-    let progress = |msg: &str| {
-        if !quiet {
-            eprintln!("verify locks: {msg}");
-        }
-    };
-    let audit = cairn_ops::offsite::audit(&repo, &progress)?;
+    let progress: Box<dyn Progress> = if quiet { Box::new(NoProgress) } else { Box::new(bar(g)) };
+    let audit = cairn_ops::offsite::audit(&repo, progress.as_ref())?;
     if g.json {
         print_json(&audit);
     } else {
@@ -1191,7 +1199,7 @@ fn verify(g: &Global, points: &[String], sample: Option<f64>) -> Result<i32> {
         workers: workers(g),
         lock_wait: Duration::from_secs(g.lock_wait),
     };
-    let run = cairn_ops::check::verify(&repo, &req, &bar(g))?;
+    let run = cairn_ops::check::verify(&repo, &req, &stoppable_bar(g))?;
     let report = &run.report;
     if g.json {
         print_json(&run);

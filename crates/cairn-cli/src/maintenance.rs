@@ -3,6 +3,7 @@
 use crate::output::bytes;
 use crate::{open_repo, print_json, Global};
 use anyhow::{bail, Context, Result};
+use cairn_engine::{NoProgress, Progress};
 use cairn_ops::maintenance::{ForgetOutcome, ForgetRequest};
 use cairn_repo::forget::GroupPlan;
 use cairn_repo::prune::{self, PruneOptions, PruneReport};
@@ -196,13 +197,8 @@ fn run_prune(g: &Global, a: &PruneArgs, dry_run: bool) -> Result<PruneReport> {
         lock_wait: Duration::from_secs(g.lock_wait),
         threads: a.threads,
     };
-    let quiet = g.json || g.quiet;
-    let progress = |msg: &str| {
-        if !quiet {
-            eprintln!("prune: {msg}");
-        }
-    };
-    Ok(cairn_ops::maintenance::prune(&repo, &opts, &progress).context("prune")?)
+    let progress: Box<dyn Progress> = if g.json || g.quiet { Box::new(NoProgress) } else { Box::new(crate::bar(g)) };
+    Ok(cairn_ops::maintenance::prune(&repo, &opts, progress.as_ref()).context("prune")?)
 }
 
 fn print_prune(r: &PruneReport) {

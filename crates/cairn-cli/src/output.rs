@@ -5,6 +5,7 @@ use cairn_engine::Progress;
 use cairn_repo::PointId;
 use cairn_repo::RestorePoint;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub fn bytes(n: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -21,9 +22,39 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// Set by the first SIGINT or SIGTERM after [`stop_on_interrupt`]; read by [`Bar::cancelled`].
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(signal: libc::c_int) {
+    // Async-signal-safe only: an atomic swap, signal() and raise(). A second signal kills.
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
+        }
+    }
+}
+
+/// From now on the first Ctrl-C (SIGINT) or SIGTERM asks the running operation to stop at its
+/// next batch of blocks (the bar's `cancelled()`), so that it ends as a failed run ends, with
+/// nothing half-written; a second one kills at once. Only for commands whose work asks.
+pub fn stop_on_interrupt() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        unsafe {
+            libc::signal(signal, on_interrupt as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// Whether an interrupt asked the command to stop (its exit status is then 130).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// A progress bar on stderr, or nothing when stderr is not a terminal.
 pub struct Bar {
     pb: ProgressBar,
+    told_stopping: AtomicBool,
 }
 
 impl Bar {
@@ -34,7 +65,7 @@ impl Bar {
                 .unwrap()
                 .progress_chars("=> "),
         );
-        Bar { pb }
+        Bar { pb, told_stopping: AtomicBool::new(false) }
     }
 }
 
@@ -52,6 +83,13 @@ impl Progress for Bar {
     }
     fn note(&self, msg: &str) {
         self.pb.suspend(|| eprintln!("{msg}"));
+    }
+    fn cancelled(&self) -> bool {
+        let stop = interrupted();
+        if stop && !self.told_stopping.swap(true, Ordering::SeqCst) {
+            self.note("interrupted: stopping at the next batch of blocks (interrupt again to kill at once)");
+        }
+        stop
     }
 }
 

@@ -168,3 +168,54 @@ fn a_repository_whose_config_was_altered_to_turn_encryption_off_is_refused() {
     let err = plain.fails(&["points"], 1);
     assert!(err.contains("not encrypted") && err.contains("CAIRN_PASSWORD"), "{err}");
 }
+
+#[test]
+fn an_interrupted_backup_and_restore_stop_cleanly_and_the_next_ones_go_through() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    use std::time::{Duration, Instant};
+    let e = Env::new();
+    e.init();
+    // Incompressible and unique, so that the backup runs long enough to be interrupted.
+    let img = e.path("disk.img");
+    let mut f = std::fs::File::create(&img).unwrap();
+    let (mut rng, mut buf) = (Rng::new(7), vec![0u8; MIB as usize]);
+    for _ in 0..512 {
+        rng.fill(&mut buf);
+        f.write_all(&buf).unwrap();
+    }
+    drop(f);
+    // Interrupts `args` once `started` says its work is under way; returns the exit and stderr.
+    let interrupt = |args: &[&str], started: &dyn Fn() -> bool| {
+        let mut child = e.cmd(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let t = Instant::now();
+        while !started() {
+            assert!(child.try_wait().unwrap().is_none(), "cairn {args:?} ended before it could be interrupted");
+            assert!(t.elapsed() < Duration::from_secs(120), "cairn {args:?} did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    let (code, err) =
+        interrupt(&["backup", "image", img.to_str().unwrap(), "--name", "big"], &|| !e.files("packs").is_empty());
+    assert_eq!(code, Some(130), "{err}");
+    assert!(err.contains("interrupted: stopping") && err.contains("cancelled while backing up disk"), "{err}");
+    assert!(e.json(&["points"]).as_array().unwrap().is_empty(), "an interrupted backup left a point");
+
+    let b = e.backup(&img, "big", &[]);
+    let out = e.path("out.img");
+    let partial = e.path("out.img.cairn-partial");
+    let (code, err) = interrupt(&["restore", "image", "big", "--to", out.to_str().unwrap()], &|| {
+        std::fs::metadata(&partial).is_ok_and(|m| m.blocks() > 0)
+    });
+    assert_eq!(code, Some(130), "{err}");
+    assert!(err.contains("cancelled while restoring disk"), "{err}");
+    assert!(!out.exists() && !partial.exists(), "an interrupted restore left an image or its partial file");
+    e.restore(&format!("big@{}", &b["id"].as_str().unwrap()[..8]), &out, &[]);
+    assert!(same_content(&img, &out));
+    let v = e.ok(&["verify"]);
+    assert!(v.contains("no damage found"), "{v}");
+}

@@ -11,7 +11,7 @@
 //! keeps zstd's ratio close to whole-file compression while dedup stays at 64 KiB.
 
 use crate::pool::{self, Pool};
-use crate::progress::Progress;
+use crate::progress::{check_cancelled, Progress};
 use crate::ranges::{Range, RangeCursor};
 use crate::source::{Allocation, Extent, Source};
 use anyhow::{bail, Context, Result};
@@ -252,6 +252,7 @@ fn backup_disk(
                     next += 1;
                     stats.add(&d.stats);
                     progress.advance(d.bytes);
+                    check_cancelled(progress, || format!("backing up disk {}", disk.name))?;
                     if let Some(f) = d.frame {
                         stats.stored_bytes += f.stored.len() as u64;
                         frame_pool.put(session.add_frame(f)?);

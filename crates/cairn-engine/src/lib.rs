@@ -22,4 +22,4 @@ pub mod source;
 pub mod target;
 pub mod verify;
 
-pub use progress::{NoProgress, Progress};
+pub use progress::{check_cancelled, Cancelled, NoProgress, Progress};

@@ -8,7 +8,7 @@
 //! Copies in quarantine are re-checked each time their pack is read; one that reads sound is
 //! released.
 
-use crate::progress::Progress;
+use crate::progress::{check_cancelled, Progress};
 use anyhow::Result;
 use cairn_repo::index::{pack_id_from_name, Index, PackId};
 use cairn_repo::pack::{open_frame, parse_pack, FrameEntry};
@@ -270,6 +270,9 @@ pub fn verify_with(
             let (rx, found, by_pack, index) = (rx.clone(), &found, &by_pack, &index);
             s.spawn(move || {
                 for (pack, name, size) in rx {
+                    if progress.cancelled() {
+                        break;
+                    }
                     let copies: Vec<(BlockId, BlobLocation)> =
                         by_pack.get(&pack).into_iter().flatten().map(|&p| index.entry(p)).collect();
                     let f = check_pack(repo, index, &pack, &name, size, &copies);
@@ -279,6 +282,8 @@ pub fn verify_with(
             });
         }
     });
+    // A cancelled run checked only some packs: it reports nothing rather than a partial verdict.
+    check_cancelled(progress, || "verifying packs".into())?;
     progress.finish();
     for (pack, f) in found.into_inner().unwrap() {
         report.reclaimed_packs.extend(f.reclaimed);

@@ -95,6 +95,9 @@ pub fn kind_of(error: &anyhow::Error) -> ErrorKind {
                 T::DeviceNeedsForce(_) | T::DeviceNeedsRaw(_) | T::IsFolder(_) => ErrorKind::InvalidRequest,
             };
         }
+        if cause.downcast_ref::<cairn_engine::Cancelled>().is_some() {
+            return ErrorKind::Cancelled;
+        }
         if cause.downcast_ref::<cairn_disk::files::UnsupportedFilesystem>().is_some() {
             return ErrorKind::InvalidRequest;
         }

@@ -46,7 +46,8 @@ pub mod vm_backup;
 pub mod vm_list;
 pub mod vm_recover;
 
-pub use cancel::Cancel;
+pub use cairn_engine::{Cancelled, NoProgress, Progress};
+pub use cancel::{Cancel, Watching};
 
 /// Where VM backups and boot checks keep sockets, scratch files and sandboxes by default: root's
 /// own folder, not the world-writable /var/tmp where another user could create it first.

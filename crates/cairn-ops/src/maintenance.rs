@@ -3,6 +3,7 @@
 //! operations check the request, take the lock, and run them in order.
 
 use crate::error::{ErrorKind, OpError, OpResult};
+use cairn_engine::Progress;
 use cairn_repo::forget::{self, Forgotten, GroupPlan};
 use cairn_repo::prune::{self, PruneOptions, PruneReport, Usage};
 use cairn_repo::retention::Policy;
@@ -72,9 +73,11 @@ pub fn forget(repo: &Repository, req: &ForgetRequest) -> OpResult<ForgetOutcome>
     Ok(ForgetOutcome { plan, removes, done })
 }
 
-/// Reclaims space (see `cairn_repo::prune`); `progress` hears each step.
-pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: &dyn Fn(&str)) -> OpResult<PruneReport> {
-    Ok(prune::prune(repo, opts, progress)?)
+/// Reclaims space (see `cairn_repo::prune`); `progress` hears each step as a note. A prune is
+/// not stopped by `progress.cancelled()`: its steps are safe against a kill at any point, and
+/// stopping one early would only defer its work.
+pub fn prune(repo: &Arc<Repository>, opts: &PruneOptions, progress: &dyn Progress) -> OpResult<PruneReport> {
+    Ok(prune::prune(repo, opts, &|step: &str| progress.note(&format!("prune: {step}")))?)
 }
 
 /// Sizes, deduplication and compression of the points named (all when none), and what a prune

@@ -3,6 +3,7 @@
 //! objects made current again after someone hid or overwrote them.
 
 use crate::error::{ErrorKind, OpError, OpResult};
+use cairn_engine::Progress;
 use cairn_repo::copy::{copy_points, CopyProgress, CopyReport};
 use cairn_repo::immutability::{audit_locks, LockAudit};
 use cairn_repo::PointId;
@@ -113,8 +114,8 @@ pub fn copy(
 
 /// Asks the store about the lock of every object each point needs (under the shared lock and
 /// with the index loaded by the caller).
-pub fn audit(repo: &Repository, progress: &dyn Fn(&str)) -> OpResult<LockAudit> {
-    Ok(audit_locks(repo, progress)?)
+pub fn audit(repo: &Repository, progress: &dyn Progress) -> OpResult<LockAudit> {
+    Ok(audit_locks(repo, &|step: &str| progress.note(&format!("verify locks: {step}")))?)
 }
 
 /// Makes cairn's version of each object current again (see FORMAT.md §13), only in an

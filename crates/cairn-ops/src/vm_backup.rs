@@ -51,8 +51,9 @@ pub struct VmBackupOutcome {
 }
 
 /// Backs up every VM of `req` in order. `on_done` sees each outcome as soon as it is known
-/// (an interface prints it while the next VM runs). A cancellation stops before the next VM;
-/// the VMs not started get a `Cancelled` outcome.
+/// (an interface prints it while the next VM runs). A cancellation stops the VM under way at
+/// its next batch of blocks (its guest thawed or resumed and its backup job ended as after any
+/// failure, no point written) and gets the VMs not started a `Cancelled` outcome too.
 pub fn backup_vms(
     hv: &dyn Hypervisor,
     repo: &Arc<Repository>,
@@ -62,6 +63,7 @@ pub fn backup_vms(
     cancel: &Cancel,
     on_done: &mut dyn FnMut(&VmBackupOutcome),
 ) -> Vec<VmBackupOutcome> {
+    let progress = &cancel.watching(progress);
     let mut outcomes = Vec::new();
     for name in &req.vms {
         let result = cancel.check(&format!("the backup of VM {name}")).and_then(|()| {

@@ -2,7 +2,7 @@
 //! malformed points, commits racing readers, damaged copies, lost locks and lost writes.
 //! Each test fails on the code the 2026-11 audit read (b64f822).
 
-use cairn_repo::{Error, Repository};
+use cairn_repo::{Error, PointId, Repository};
 use cairn_storage::faulty::{Fault, FaultPlan, FaultyBackend, Op};
 use cairn_storage::{Backend, Kind, LocalBackend};
 use std::path::Path;
@@ -124,6 +124,27 @@ fn points_with_unsafe_names_or_maps_that_do_not_fit_are_refused_when_loaded() {
         let r = repo.load_point(&id).and_then(|p| repo.read_map_page(&p.disks[0], 0).map(|_| ()));
         assert!(matches!(r, Err(Error::Corrupt(_))), "{what}: {:?}", r.err());
     }
+}
+
+#[test]
+fn a_point_naming_a_parent_that_is_no_point_id_and_a_stray_name_are_listed_as_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Arc::new(Repository::init(local(dir.path()), None).unwrap());
+    repo.load_index().unwrap();
+    let id = store_point(&repo, "x", &blocks(2, 3)).unwrap();
+    // A point document written by someone else: sealed and named like ours, its parent a path.
+    let mut doc = serde_json::to_value(repo.load_point(&id).unwrap()).unwrap();
+    doc["parent"] = "../../etc/passwd".into();
+    let sealed = repo.crypto().seal(&serde_json::to_vec(&doc).unwrap(), 3);
+    let forged = PointId::of_sealed(&sealed);
+    repo.backend().put(Kind::Point, forged.as_str(), &sealed).unwrap();
+    assert!(matches!(repo.load_point(&forged), Err(Error::Corrupt(_))));
+    // Storage accepts 8 to 64 hex digits as a name; a point ID is exactly 64.
+    repo.backend().put(Kind::Point, "0123456789abcdef", b"x").unwrap();
+    let listed = repo.list_points().unwrap();
+    assert_eq!(listed.points.iter().map(|(i, _)| i).collect::<Vec<_>>(), [&id]);
+    let damaged: Vec<&str> = listed.damaged.iter().map(|(name, _)| name.as_str()).collect();
+    assert!(damaged.contains(&forged.as_str()) && damaged.contains(&"0123456789abcdef"), "{:?}", listed.damaged);
 }
 
 #[test]

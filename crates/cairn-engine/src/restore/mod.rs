@@ -12,7 +12,7 @@
 mod fetch;
 
 use crate::pool::Pool;
-use crate::progress::Progress;
+use crate::progress::{check_cancelled, Progress};
 use crate::target::{self, TargetFormat};
 use anyhow::{bail, Context, Result};
 use cairn_repo::map::PAGE_BLOCKS;
@@ -278,6 +278,7 @@ pub fn restore_disk(
                     }
                     frame_pool.put(frame);
                     let _ = token_tx.send(());
+                    check_cancelled(progress, || format!("restoring disk {}", disk.name))?;
                 }
             }
             Ok(())
