@@ -27,9 +27,23 @@ pick for it, with the reason.")]
 
 #[derive(Args)]
 pub struct ListArgs {
-    /// Hypervisor connection URI
-    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
-    connect: String,
+    /// A host's hypervisor URI (qemu:///system, qemu+ssh://host/system, ...); repeat it for
+    /// several hosts: their VMs in one list, a VM that several define listed once, on the host
+    /// it runs on [default: CAIRN_HOSTS (URIs separated by spaces), else LIBVIRT_DEFAULT_URI,
+    /// else qemu:///system]
+    #[arg(long = "host", visible_alias = "connect", value_name = "URI")]
+    hosts: Vec<String>,
+}
+
+/// The hosts a command works on: those given, else `CAIRN_HOSTS`, else the default URI.
+fn host_list(given: &[String]) -> Vec<String> {
+    if !given.is_empty() {
+        return given.to_vec();
+    }
+    if let Some(hosts) = std::env::var("CAIRN_HOSTS").ok().filter(|h| !h.trim().is_empty()) {
+        return hosts.split_whitespace().map(String::from).collect();
+    }
+    vec![std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| DEFAULT_URI.into())]
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -160,17 +174,39 @@ pub struct WatchdogArgs {
 }
 
 pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
-    let hv = Libvirt::connect(&a.connect)?;
-    let vms = cairn_ops::vm_list::list_vms(&hv)?;
+    let hosts = host_list(&a.hosts);
+    let connect = |uri: &str| -> Result<Box<dyn cairn_hypervisor::Hypervisor>> { Ok(Box::new(Libvirt::connect(uri)?)) };
+    let (vms, mut unreachable) = cairn_ops::vm_list::list_vms_on_hosts(&hosts, &connect);
+    if hosts.len() == 1 && !unreachable.is_empty() {
+        return Err(unreachable.remove(0).error.into());
+    }
+    for down in &unreachable {
+        eprintln!("error: host {} was not listed: {:#}{}", down.host, down.error, crate::hints::suffix(&down.error));
+    }
+    let status = if unreachable.is_empty() { 0 } else { 1 };
     if g.json {
         print_json(&vms);
-        return Ok(0);
+        return Ok(status);
     }
     if vms.is_empty() {
-        println!("no VMs on {}", a.connect);
+        println!("no VMs on {}", hosts.join(", "));
     }
-    for vm in &vms {
-        println!("{}  {}  {}", vm.name, vm.uuid, vm.state.as_str());
+    for hosted in &vms {
+        let vm = &hosted.vm;
+        if hosts.len() == 1 {
+            println!("{}  {}  {}", vm.name, vm.uuid, vm.state.as_str());
+        } else {
+            println!("{}  {}  {}  on {}", vm.name, vm.uuid, vm.state.as_str(), hosted.host);
+            let elsewhere: Vec<String> = hosted
+                .hosts
+                .iter()
+                .filter(|p| p.host != hosted.host)
+                .map(|p| format!("{} ({})", p.host, p.state.as_str()))
+                .collect();
+            if !elsewhere.is_empty() {
+                println!("  also defined on {}", elsewhere.join(", "));
+            }
+        }
         println!("  {} vCPU, {} memory, {} NIC(s)", vm.vcpus, bytes(vm.memory_bytes), vm.nics.len());
         for d in &vm.disks {
             println!(
@@ -194,7 +230,7 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
         println!("  guest agent: {agent}");
         println!("  backup method: {} ({})", vm.method, vm.method_reason);
     }
-    Ok(0)
+    Ok(status)
 }
 
 pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {

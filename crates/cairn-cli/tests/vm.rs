@@ -606,3 +606,55 @@ fn a_dead_runs_watchdog_never_ends_the_next_runs_job() {
     assert_eq!(record(&r)["method"], "app-consistent");
     assert!(!frozen(&g));
 }
+
+/// libvirt's own test driver (`test:///PATH`): a hypervisor defined by a file, no daemon.
+fn test_host(dir: &Path, name: &str, domains: &[(&str, &str, bool)]) -> String {
+    let mut xml = String::from("<node>\n");
+    for (vm, uuid, running) in domains {
+        xml.push_str(&format!(
+            "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>{vm}</name>\
+             <uuid>{uuid}</uuid><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/shared/{vm}.qcow2'/>\
+             <target dev='vda'/></disk></devices>{}</domain>\n",
+            if *running { "" } else { "<test:runstate>5</test:runstate>" }
+        ));
+    }
+    xml.push_str("</node>\n");
+    let path = dir.join(format!("{name}.xml"));
+    std::fs::write(&path, xml).unwrap();
+    format!("test://{}", path.display())
+}
+
+#[test]
+fn vm_list_of_several_hosts_lists_a_vm_once_where_it_runs_and_names_a_host_that_is_down() {
+    let e = Env::new();
+    let web = "6a2f0d3e-1111-4c2b-9d7a-000000000001";
+    let db = "6a2f0d3e-1111-4c2b-9d7a-000000000002";
+    // web is defined on both hosts and runs on b (as after a migration); db runs on a.
+    let a = test_host(e.dir.path(), "a", &[("web", web, false), ("db", db, true)]);
+    let b = test_host(e.dir.path(), "b", &[("web", web, true)]);
+    let down = "qemu+tcp://127.0.0.1:1/system"; // nothing listens on port 1
+    let o = e.run(&["vm", "list", "--host", &a, "--host", down, "--host", &b, "--json"]);
+    assert_eq!(o.status.code(), Some(1), "a host that is down must fail the listing");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("host {down} was not listed")), "{err}");
+    let vms: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let vms = vms.as_array().unwrap();
+    assert_eq!(vms.len(), 2, "one row per VM: {vms:?}");
+    let row = |uuid: &str| vms.iter().find(|v| v["uuid"] == uuid).unwrap();
+    assert_eq!((row(web)["host"].as_str(), row(web)["state"].as_str()), (Some(b.as_str()), Some("running")));
+    let seen: Vec<(&str, &str)> = row(web)["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["host"].as_str().unwrap(), p["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(seen, [(a.as_str(), "shut-off"), (b.as_str(), "running")]);
+    assert_eq!(row(db)["host"], a.as_str());
+    // The same, for people; and the hosts may come from CAIRN_HOSTS.
+    let o = e.cmd(&["vm", "list"]).env("CAIRN_HOSTS", format!("{a} {b}")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(&format!("web  {web}  running  on {b}")), "{text}");
+    assert!(text.contains(&format!("also defined on {a} (shut off)")), "{text}");
+}

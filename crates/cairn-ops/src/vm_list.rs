@@ -1,6 +1,7 @@
-//! The VMs a hypervisor knows, with the backup method each qualifies for and why.
+//! The VMs a hypervisor knows, with the backup method each qualifies for and why; and the VMs
+//! of a list of hosts, one row per VM (a VM is its UUID, whichever hosts define it).
 
-use crate::error::OpResult;
+use crate::error::{OpError, OpResult};
 use cairn_hypervisor::{AgentStatus, Hypervisor, VmDisk, VmFile, VmNic, VmState};
 use cairn_vm::backup::{app_consistent_requirements, choose_method, Method};
 use serde::Serialize;
@@ -57,6 +58,68 @@ pub fn list_vms(hv: &dyn Hypervisor) -> OpResult<Vec<VmListing>> {
     Ok(out)
 }
 
+/// A VM of a host list: where it runs (or, when it runs nowhere, the first host that defines
+/// it), and every host that knows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct HostedVm {
+    #[serde(flatten)]
+    pub vm: VmListing,
+    /// The host it runs on; when it runs nowhere, the first listed host that defines it. When
+    /// it runs on several (a migration under way, or a split brain), the first of them.
+    pub host: String,
+    /// Every host that knows this VM, with its state there, in the order of the host list.
+    pub hosts: Vec<Presence>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Presence {
+    pub host: String,
+    pub state: VmState,
+}
+
+/// A host of the list that could not be asked.
+#[derive(Debug)]
+pub struct UnreachableHost {
+    pub host: String,
+    pub error: OpError,
+}
+
+/// The VMs of every host in `hosts` (hypervisor URIs; `connect` opens one: the interface picks
+/// the implementation), one row per VM UUID, in the order first seen. A host that cannot be
+/// reached or listed is returned apart; the others are listed all the same.
+pub fn list_vms_on_hosts(
+    hosts: &[String],
+    connect: &dyn Fn(&str) -> anyhow::Result<Box<dyn Hypervisor>>,
+) -> (Vec<HostedVm>, Vec<UnreachableHost>) {
+    let mut vms: Vec<HostedVm> = Vec::new();
+    let mut unreachable = Vec::new();
+    for host in hosts {
+        let listed = connect(host).map_err(OpError::classify).and_then(|hv| list_vms(hv.as_ref()));
+        let listed = match listed {
+            Ok(l) => l,
+            Err(error) => {
+                unreachable.push(UnreachableHost { host: host.clone(), error });
+                continue;
+            }
+        };
+        for vm in listed {
+            let here = Presence { host: host.clone(), state: vm.state };
+            match vms.iter_mut().find(|v| v.vm.uuid == vm.uuid) {
+                Some(known) => {
+                    // Where it runs says most about it (its disks, its agent): that host's view wins.
+                    if vm.state == VmState::Running && known.vm.state != VmState::Running {
+                        known.host = host.clone();
+                        known.vm = vm;
+                    }
+                    known.hosts.push(here);
+                }
+                None => vms.push(HostedVm { vm, host: host.clone(), hosts: vec![here] }),
+            }
+        }
+    }
+    (vms, unreachable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +163,39 @@ mod tests {
         assert_eq!(row("raw").method, "saved-state");
         assert!(row("raw").app_consistent_reason.contains("vda (raw)"), "{}", row("raw").app_consistent_reason);
         assert_eq!(row("off").method, "offline");
+    }
+
+    #[test]
+    fn a_vm_on_several_hosts_is_one_row_placed_where_it_runs_and_a_host_down_is_said_apart() {
+        let a = Arc::new(Fake::default());
+        *a.vms.lock().unwrap() = vec![
+            vm("web", VmState::ShutOff, AgentStatus::NoChannel, "qcow2"),
+            vm("db", VmState::Running, AgentStatus::NoChannel, "qcow2"),
+        ];
+        let b = Arc::new(Fake::default());
+        *b.vms.lock().unwrap() = vec![vm("web", VmState::Running, AgentStatus::Answering, "qcow2")];
+        let hosts: Vec<String> = ["fake://a", "fake://down", "fake://b"].map(String::from).into();
+        let connect = |uri: &str| -> anyhow::Result<Box<dyn Hypervisor>> {
+            match uri {
+                "fake://a" => Ok(Box::new(Handle(a.clone()))),
+                "fake://b" => Ok(Box::new(Handle(b.clone()))),
+                _ => {
+                    Err(cairn_hypervisor::Unreachable { hypervisor: "fake", uri: uri.into(), detail: "refused".into() }
+                        .into())
+                }
+            }
+        };
+        let (vms, down) = list_vms_on_hosts(&hosts, &connect);
+        assert_eq!(vms.iter().map(|v| v.vm.name.as_str()).collect::<Vec<_>>(), ["web", "db"]);
+        let web = &vms[0];
+        assert_eq!(web.host, "fake://b", "placed where it runs");
+        assert_eq!(web.vm.state, VmState::Running);
+        assert_eq!(web.vm.method, "app-consistent", "the running host's view of the VM");
+        let seen: Vec<(&str, VmState)> = web.hosts.iter().map(|p| (p.host.as_str(), p.state)).collect();
+        assert_eq!(seen, [("fake://a", VmState::ShutOff), ("fake://b", VmState::Running)]);
+        assert_eq!(vms[1].host, "fake://a");
+        assert_eq!(down.len(), 1);
+        assert_eq!(down[0].host, "fake://down");
+        assert_eq!(down[0].error.kind(), crate::ErrorKind::Failed, "{}", down[0].error);
     }
 }
