@@ -10,6 +10,7 @@
 
 use crate::progress::{check_cancelled, Progress};
 use anyhow::Result;
+use cairn_repo::catalog::VerifyState;
 use cairn_repo::index::{pack_id_from_name, Index, PackId};
 use cairn_repo::pack::{open_frame, parse_pack, FrameEntry};
 use cairn_repo::{BlobLocation, BlockId, Error as RepoError, PointId, Repository};
@@ -133,10 +134,10 @@ pub struct VerifyRun {
 /// next backup of their source stores them again), copies that read back sound leave it, and
 /// each pack read whole and sound gets its last-verified time (what `--sample` rotates on).
 pub fn run(repo: &Repository, workers: usize, mut opts: VerifyOptions, progress: &dyn Progress) -> Result<VerifyRun> {
-    let mut states: Vec<(String, serde_json::Value)> = repo.records_of(cairn_repo::RecordKind::VerifyState)?;
-    states.sort_by_key(|(_, r)| r["time"].as_str().unwrap_or("").to_string());
+    let mut states = repo.typed_records::<VerifyState>()?;
+    states.sort_by(|(_, a), (_, b)| a.time.cmp(&b.time));
     let mut last: HashMap<String, String> =
-        states.last().and_then(|(_, r)| serde_json::from_value(r["packs"].clone()).ok()).unwrap_or_default();
+        states.last().map(|(_, s)| s.packs.clone().into_iter().collect()).unwrap_or_default();
     opts.last_verified = last.clone();
     let report = verify_with(repo, workers, &opts, progress)?;
 
@@ -160,9 +161,7 @@ pub fn run(repo: &Repository, workers: usize, mut opts: VerifyOptions, progress:
     if !report.packs_verified.is_empty() {
         // The new state is durable before the old ones go: a crash leaves two, which readers
         // resolve by time.
-        let name = repo.save_record(
-            &serde_json::json!({"kind": cairn_repo::RecordKind::VerifyState.as_str(), "time": now, "packs": last}),
-        )?;
+        let name = repo.save_typed(&VerifyState { time: now, packs: last.into_iter().collect() })?;
         cairn_storage::crash_point("verify.state_saved");
         for (old, _) in states {
             if old != name {

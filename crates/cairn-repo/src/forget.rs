@@ -10,11 +10,10 @@
 //! Protection is a catalog record per protected point (`kind: "protection"`): protecting
 //! writes one, unprotecting deletes them, so two operators never undo each other's change.
 
+use crate::catalog::Protection;
 use crate::retention::{decide, parse_point_time, Candidate, Decision, Policy, Reason};
 use crate::{PointId, Repository, RestorePoint, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
-
-pub const PROTECTION_KIND: &str = crate::RecordKind::Protection.as_str();
 
 /// What a group of points is keyed by.
 pub fn group_key(point: &RestorePoint) -> String {
@@ -199,13 +198,10 @@ pub fn drop_records_of_missing_points(repo: &Repository) -> Result<usize> {
         repo.backend().list(cairn_storage::Kind::Point)?.into_iter().map(|l| l.name).collect();
     let mut n = 0;
     for (name, r) in repo.load_records()? {
-        let about = match r["kind"].as_str() {
-            Some(k) if k == crate::RecordKind::BootVerification.as_str() || k == PROTECTION_KIND => r["point"].as_str(),
-            _ => None,
-        };
+        let about = crate::catalog::point_of(&r);
         // Asked of the object itself too: a point committed after the listing is not missing.
-        if let Some(p) = about.filter(|p| !existing.contains(*p)) {
-            if !repo.backend().exists(cairn_storage::Kind::Point, p)? {
+        if let Some(p) = about.filter(|p| !existing.contains(p.as_str())) {
+            if !repo.backend().exists(cairn_storage::Kind::Point, p.as_str())? {
                 repo.delete_record(&name)?;
                 n += 1;
             }
@@ -235,13 +231,8 @@ fn protected_points_strict(repo: &Repository) -> Result<HashSet<PointId>> {
 
 fn protection_records(repo: &Repository) -> Result<HashMap<PointId, Vec<String>>> {
     let mut out: HashMap<PointId, Vec<String>> = HashMap::new();
-    for (name, r) in repo.load_records()? {
-        if r["kind"] == PROTECTION_KIND {
-            // A record naming no valid point ID protects nothing: no point has that name.
-            if let Some(p) = r["point"].as_str().and_then(PointId::parse) {
-                out.entry(p).or_default().push(name);
-            }
-        }
+    for (name, protection) in repo.typed_records::<Protection>()? {
+        out.entry(protection.point).or_default().push(name);
     }
     Ok(out)
 }
@@ -254,9 +245,11 @@ pub fn set_protected(repo: &Repository, point: &PointId, protect: bool) -> Resul
         if !existing.is_empty() {
             return Ok(false);
         }
-        let name = repo.save_record(&serde_json::json!({
-            "kind": PROTECTION_KIND, "point": point, "time": crate::now_rfc3339(), "by": repo.hostname(),
-        }))?;
+        let name = repo.save_typed(&Protection {
+            point: point.clone(),
+            time: crate::now_rfc3339(),
+            by: repo.hostname().to_string(),
+        })?;
         if !repo.backend().exists(cairn_storage::Kind::Catalog, &name)? {
             return Err(crate::Error::Corrupt(
                 "storage acknowledged the protection record but does not hold it".into(),

@@ -16,6 +16,7 @@
 //! until; a new point whose reference (its parent, else the newest point of the same name)
 //! is locked long enough needs only the packs behind the map pages that differ from it.
 
+use crate::catalog::{LockGroup, ObjectLocks};
 use crate::point::RestorePoint;
 use crate::{BlockId, Error, PointId, Repository, Result};
 use cairn_storage::object_lock::{self, LockPolicy, ObjectLock};
@@ -132,9 +133,6 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
 /// Lock requests a point's commit keeps in flight (each waits for round trips to the store).
 const LOCK_REQUESTS_IN_FLIGHT: usize = 16;
 
-/// The catalog record kind that lists locks cairn set or extended.
-pub const RECORD_KIND: &str = crate::RecordKind::ObjectLocks.as_str();
-
 impl Repository {
     /// The repository's immutability, if it has one.
     pub fn lock_policy(&self) -> Option<LockPolicy> {
@@ -156,7 +154,7 @@ impl Repository {
             let e = known.entry(name).or_insert(until);
             *e = (*e).max(until);
         };
-        for (_, r) in self.records_of(crate::RecordKind::ObjectLocks)?.into_iter() {
+        for (_, r) in self.typed_records::<ObjectLocks>()? {
             for (name, until) in record_entries(&r) {
                 note(name, until);
             }
@@ -295,17 +293,18 @@ impl Repository {
         for (name, until) in entries {
             groups.entry(*until).or_default().push(name);
         }
-        let groups: Vec<serde_json::Value> =
-            groups.into_iter().map(|(until, packs)| serde_json::json!({"until": until, "packs": packs})).collect();
-        self.save_record(&serde_json::json!({"kind": RECORD_KIND, "time": crate::now_rfc3339(), "groups": groups}))
+        let groups = groups
+            .into_iter()
+            .map(|(until, packs)| LockGroup { until, packs: packs.into_iter().map(String::from).collect() })
+            .collect();
+        self.save_typed(&ObjectLocks { time: crate::now_rfc3339(), groups })
     }
 
     /// Replaces the `object-locks` records (one per backup) by one, without packs that are
     /// gone or whose lock has ended; the new record is durable before the old ones go. Prune
     /// calls it with the packs still stored. Returns how many records it replaced.
     pub fn compact_lock_records(&self, stored: &std::collections::HashSet<String>) -> Result<usize> {
-        let old: Vec<(String, serde_json::Value)> =
-            self.records_of(crate::RecordKind::ObjectLocks)?.into_iter().collect();
+        let old = self.typed_records::<ObjectLocks>()?;
         if old.len() < 2 {
             return Ok(0);
         }
@@ -383,14 +382,11 @@ fn keep_locked_all(locks: &dyn ObjectLock, packs: &[String], required: u64, targ
 
 /// The (pack, until) entries of an `object-locks` record; malformed entries are skipped (the
 /// record is only knowledge: a pack left out is asked of the store).
-pub fn record_entries(r: &serde_json::Value) -> Vec<(String, u64)> {
+pub fn record_entries(r: &ObjectLocks) -> Vec<(String, u64)> {
     let mut out = Vec::new();
-    for g in r["groups"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let Some(until) = g["until"].as_u64() else { continue };
-        for p in g["packs"].as_array().map(Vec::as_slice).unwrap_or_default() {
-            if let Some(name) = p.as_str().filter(|n| cairn_storage::valid_name(n)) {
-                out.push((name.to_string(), until));
-            }
+    for g in &r.groups {
+        for name in g.packs.iter().filter(|n| cairn_storage::valid_name(n)) {
+            out.push((name.clone(), g.until));
         }
     }
     out

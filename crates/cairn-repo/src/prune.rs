@@ -21,6 +21,7 @@
 //! copied into new packs (durable and indexed), and the old pack is then marked like an unused
 //! one.
 
+use crate::catalog::{PruneMarks, VerifyState};
 use crate::index::{pack_id_from_name, Index, PackId};
 use crate::lock::{live_locks, LockMode};
 use crate::pack::{BlobEntry, FrameEntry, SealedFrame};
@@ -29,8 +30,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The catalog record kind that holds the marks.
-pub const MARKS_KIND: &str = crate::RecordKind::PruneMarks.as_str();
 /// Clocks of the hosts sharing a repository must agree within this much (FORMAT.md §12); it
 /// also covers the time a marks record takes to become durable.
 pub const CLOCK_MARGIN: Duration = Duration::from_secs(10 * 60);
@@ -41,16 +40,12 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(23 * 3600);
 
 /// The marks of every readable marks record: pack → unix seconds it was marked (the earliest,
 /// when records disagree: a crash between writing a new record and deleting the old).
-pub fn marks_in(records: &[(String, serde_json::Value)]) -> HashMap<PackId, u64> {
+pub fn marks_in(records: &[(String, PruneMarks)]) -> HashMap<PackId, u64> {
     let mut out: HashMap<PackId, u64> = HashMap::new();
-    for (_, r) in records.iter().filter(|(_, r)| r["kind"] == MARKS_KIND) {
-        for e in r["packs"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
-            let (Some(pack), Some(at)) =
-                (e.get(0).and_then(|p| p.as_str()).and_then(pack_id_from_name), e.get(1).and_then(|t| t.as_u64()))
-            else {
-                continue;
-            };
-            out.entry(pack).and_modify(|t| *t = (*t).min(at)).or_insert(at);
+    for (_, r) in records {
+        for (name, at) in &r.packs {
+            let Some(pack) = pack_id_from_name(name) else { continue };
+            out.entry(pack).and_modify(|t| *t = (*t).min(*at)).or_insert(*at);
         }
     }
     out
@@ -160,8 +155,6 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
 
     // Marks from earlier runs, then the index that knows them.
     let records = repo.load_records()?;
-    let old_records: Vec<String> =
-        records.iter().filter(|(_, r)| r["kind"] == MARKS_KIND).map(|(n, _)| n.clone()).collect();
     if let Some((name, why)) = repo.damaged_records().first() {
         return Err(Error::Corrupt(format!(
             "catalog record {} is damaged ({why}): it may hold prune marks, a quarantine or protections that \
@@ -169,7 +162,9 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
             &name[..8.min(name.len())]
         )));
     }
-    let mut marks = marks_in(&records);
+    let marks_records: Vec<(String, PruneMarks)> = crate::catalog::typed(&records)?;
+    let old_records: Vec<String> = marks_records.iter().map(|(n, _)| n.clone()).collect();
+    let mut marks = marks_in(&marks_records);
     repo.load_index()?;
     if let Some((name, why)) = repo.damaged_index_files().first() {
         return Err(Error::DamagedIndex {
@@ -845,20 +840,13 @@ fn forget_packs_in_catalog(repo: &Repository, gone: &HashSet<PackId>) -> Result<
         .map(|(p, b)| (hex::encode(p), b.to_hex()))
         .collect();
     repo.update_quarantine(&[], &release)?;
-    for (name, r) in repo.records_of(crate::RecordKind::VerifyState)?.into_iter() {
-        let Some(packs) = r["packs"].as_object() else { continue };
-        let stale = packs.keys().any(|k| pack_id_from_name(k).is_some_and(|p| gone.contains(&p)));
-        if !stale {
+    for (name, mut state) in repo.typed_records::<VerifyState>()? {
+        let is_gone = |k: &String| pack_id_from_name(k).is_some_and(|p| gone.contains(&p));
+        if !state.packs.keys().any(is_gone) {
             continue;
         }
-        let mut r = r.clone();
-        let kept: serde_json::Map<String, serde_json::Value> = packs
-            .iter()
-            .filter(|(k, _)| !pack_id_from_name(k).is_some_and(|p| gone.contains(&p)))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        r["packs"] = serde_json::Value::Object(kept);
-        let new = repo.save_record(&r)?;
+        state.packs.retain(|k, _| !is_gone(k));
+        let new = repo.save_typed(&state)?;
         if new != name {
             repo.delete_record(&name)?;
         }
@@ -873,8 +861,7 @@ fn write_marks(repo: &Repository, marks: &HashMap<PackId, u64>, old: &[String]) 
     let sorted: BTreeMap<String, u64> = marks.iter().map(|(p, t)| (hex::encode(p), *t)).collect();
     let list: Vec<(String, u64)> = sorted.into_iter().collect();
     let started = std::time::Instant::now();
-    let name =
-        repo.save_record(&serde_json::json!({"kind": MARKS_KIND, "time": crate::now_rfc3339(), "packs": list}))?;
+    let name = repo.save_typed(&PruneMarks { time: crate::now_rfc3339(), packs: list })?;
     if !repo.backend().exists(cairn_storage::Kind::Catalog, &name)? {
         return Err(Error::Corrupt("storage acknowledged the prune marks record but does not hold it".into()));
     }

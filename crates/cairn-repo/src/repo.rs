@@ -1,5 +1,6 @@
 //! Opening, creating and reading a repository.
 
+use crate::catalog::Quarantine;
 use crate::config::{Config, DEFAULT_BLOCK_SIZE, FORMAT_VERSION};
 use crate::crypto::{self, Crypto, KeyFile};
 use crate::index::{decode_index, pack_id_from_name, BlobLocation, Index};
@@ -325,14 +326,9 @@ impl Repository {
         let mut files = self.index_files.lock().unwrap();
         let mut idx = crate::index::IndexBuilder::new(self.index_spill.lock().unwrap().clone());
         let records = self.load_records()?;
-        idx.set_quarantine(
-            records
-                .iter()
-                .filter(|(_, r)| crate::RecordKind::of(r) == Some(crate::RecordKind::Quarantine))
-                .flat_map(|(_, r)| quarantine_copies(r))
-                .collect(),
-        );
-        idx.set_marked(crate::prune::marks_in(&records).into_keys().collect());
+        let quarantines: Vec<(String, Quarantine)> = crate::catalog::typed(&records)?;
+        idx.set_quarantine(quarantines.iter().flat_map(|(_, q)| quarantine_copies(q)).collect());
+        idx.set_marked(crate::prune::marks_in(&crate::catalog::typed(&records)?).into_keys().collect());
         let mut seen = std::collections::HashSet::new();
         let mut damaged = Vec::new();
         self.read_listed_index_files(
@@ -641,8 +637,8 @@ impl Repository {
     /// next backup that reads those blocks stores them again (self-healing).
     pub fn quarantine(&self) -> Result<std::collections::HashSet<(crate::index::PackId, BlockId)>> {
         let mut out = std::collections::HashSet::new();
-        for (_, r) in self.records_of(crate::RecordKind::Quarantine)?.into_iter() {
-            out.extend(quarantine_copies(&r));
+        for (_, q) in self.typed_records::<Quarantine>()? {
+            out.extend(quarantine_copies(&q));
         }
         Ok(out)
     }
@@ -654,18 +650,15 @@ impl Repository {
         if add.is_empty() && release.is_empty() {
             return Ok(());
         }
-        let old: Vec<(String, serde_json::Value)> =
-            self.records_of(crate::RecordKind::Quarantine)?.into_iter().collect();
+        let old = self.typed_records::<Quarantine>()?;
         let mut all: std::collections::BTreeSet<(String, String)> = add.iter().cloned().collect();
-        for (_, r) in &old {
-            all.extend(quarantine_copies(r).into_iter().map(|(p, b)| (hex::encode(p), b.to_hex())));
+        for (_, q) in &old {
+            all.extend(quarantine_copies(q).into_iter().map(|(p, b)| (hex::encode(p), b.to_hex())));
         }
         for r in release {
             all.remove(r);
         }
-        let list: Vec<[String; 2]> = all.into_iter().map(|(p, b)| [p, b]).collect();
-        let name =
-            self.save_record(&serde_json::json!({"kind": crate::RecordKind::Quarantine.as_str(), "time": crate::now_rfc3339(), "copies": list}))?;
+        let name = self.save_typed(&Quarantine { time: crate::now_rfc3339(), copies: all.into_iter().collect() })?;
         cairn_storage::crash_point("quarantine.saved");
         for (n, _) in old {
             if n != name {
@@ -706,7 +699,11 @@ impl Repository {
                     result = self.read_record(&l.name); // a misread, or damage: read again
                 }
                 match result {
-                    Ok(v) => out.push((l.name.clone(), v)),
+                    // A body that does not fit its kind is as unusable as one that cannot be read.
+                    Ok(v) => match crate::RecordKind::of(&v).and_then(|k| k.misfit(&v)) {
+                        Some(why) => damaged.push((l.name.clone(), why)),
+                        None => out.push((l.name.clone(), v)),
+                    },
                     Err(Error::Storage(e)) if e.is_not_found() => {
                         vanished = true;
                         continue;
@@ -892,15 +889,11 @@ impl Repository {
 
 /// The copies a quarantine record lists (FORMAT.md §11: `copies` as `[pack name, block ID]`
 /// pairs); entries that are not two valid hex names are skipped.
-pub fn quarantine_copies(record: &serde_json::Value) -> Vec<(crate::index::PackId, BlockId)> {
-    let entries = record["copies"].as_array().map(|a| a.as_slice()).unwrap_or(&[]);
-    entries
+pub fn quarantine_copies(record: &Quarantine) -> Vec<(crate::index::PackId, BlockId)> {
+    record
+        .copies
         .iter()
-        .filter_map(|e| {
-            let pack = e.get(0)?.as_str().and_then(crate::index::pack_id_from_name)?;
-            let block = e.get(1)?.as_str().and_then(BlockId::from_hex)?;
-            Some((pack, block))
-        })
+        .filter_map(|(pack, block)| Some((crate::index::pack_id_from_name(pack)?, BlockId::from_hex(block)?)))
         .collect()
 }
 

@@ -349,3 +349,29 @@ fn a_repack_that_writes_a_pack_it_repacks_keeps_it() {
     }
     assert!(collisions > 0, "no data set made a repack write a pack it was repacking");
 }
+
+#[test]
+fn a_catalog_record_whose_body_does_not_fit_its_kind_stops_forget_and_prune() {
+    let (_dir, repo) = new_repo();
+    let a = store_point(&repo, "a", &blocks(1, 4)).unwrap();
+    let b = store_point(&repo, "b", &blocks(2, 4)).unwrap();
+    // A protection of `a` in a shape no version writes: read as a protection, it would be lost.
+    let bad = repo
+        .save_record(&serde_json::json!({"kind": "protection", "point": a.as_str(), "time": "t", "by": 7}))
+        .unwrap();
+    let records = repo.load_records().unwrap();
+    assert!(records.iter().all(|(n, _)| *n != bad), "a misfit record was read as sound");
+    let damaged = repo.damaged_records();
+    assert!(damaged.iter().any(|(n, why)| *n == bad && why.contains("not a valid protection record")), "{damaged:?}");
+    let plan = cairn_repo::forget::plan_points(&repo, &[format!("a@{}", a.short())]).unwrap();
+    let e = cairn_repo::forget::apply(&repo, &plan).unwrap_err();
+    assert!(e.to_string().contains("may protect a point"), "{e}");
+    let e = prune(&repo, &now_opts(), &|_| {}).unwrap_err();
+    assert!(matches!(e, Error::Corrupt(ref m) if m.contains("is damaged")), "{e}");
+    assert!(repo.load_point(&a).is_ok() && repo.load_point(&b).is_ok());
+    // Once the record is gone, both go on.
+    repo.delete_record(&bad).unwrap();
+    cairn_repo::forget::apply(&repo, &plan).unwrap();
+    prune(&repo, &now_opts(), &|_| {}).unwrap();
+    assert!(repo.load_point(&b).is_ok());
+}
