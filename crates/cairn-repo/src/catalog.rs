@@ -124,41 +124,26 @@ pub struct LockGroup {
     pub packs: Vec<String>,
 }
 
-impl CatalogRecord for BootVerification {
-    const KIND: RecordKind = RecordKind::BootVerification;
-}
-impl CatalogRecord for VerifyState {
-    const KIND: RecordKind = RecordKind::VerifyState;
-}
-impl CatalogRecord for Quarantine {
-    const KIND: RecordKind = RecordKind::Quarantine;
-}
-impl CatalogRecord for Protection {
-    const KIND: RecordKind = RecordKind::Protection;
-}
-impl CatalogRecord for PruneMarks {
-    const KIND: RecordKind = RecordKind::PruneMarks;
-}
-impl CatalogRecord for ObjectLocks {
-    const KIND: RecordKind = RecordKind::ObjectLocks;
-}
-
-impl RecordKind {
-    /// Why `record`'s body does not fit this kind's type, if it does not.
-    pub(crate) fn misfit(self, record: &Value) -> Option<String> {
-        fn check<R: CatalogRecord>(record: &Value) -> Option<String> {
-            R::deserialize(record).err().map(|e| format!("not a valid {} record: {e}", R::KIND.as_str()))
+/// Each body type is the kind of the same name.
+macro_rules! record_types {
+    ($($kind:ident),*) => {
+        $(impl CatalogRecord for $kind {
+            const KIND: RecordKind = RecordKind::$kind;
+        })*
+        impl RecordKind {
+            /// Why `record`'s body does not fit this kind's type, if it does not.
+            pub(crate) fn misfit(self, record: &Value) -> Option<String> {
+                fn check<R: CatalogRecord>(record: &Value) -> Option<String> {
+                    R::deserialize(record).err().map(|e| format!("not a valid {} record: {e}", R::KIND.as_str()))
+                }
+                match self {
+                    $(RecordKind::$kind => check::<$kind>(record),)*
+                }
+            }
         }
-        match self {
-            RecordKind::BootVerification => check::<BootVerification>(record),
-            RecordKind::VerifyState => check::<VerifyState>(record),
-            RecordKind::Quarantine => check::<Quarantine>(record),
-            RecordKind::Protection => check::<Protection>(record),
-            RecordKind::PruneMarks => check::<PruneMarks>(record),
-            RecordKind::ObjectLocks => check::<ObjectLocks>(record),
-        }
-    }
+    };
 }
+record_types!(BootVerification, VerifyState, Quarantine, Protection, PruneMarks, ObjectLocks);
 
 /// `body` as a record of its kind: its fields and `kind`.
 pub(crate) fn to_record<R: CatalogRecord>(body: &R) -> Value {
