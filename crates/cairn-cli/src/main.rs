@@ -25,8 +25,6 @@ use std::time::Duration;
 
 /// Exit status when `verify` finds damage (1 is any other failure, 2 a usage error).
 pub(crate) const EXIT_DAMAGED: i32 = 3;
-/// Exit status when an interrupt (Ctrl-C, SIGTERM) stopped the command cleanly (128 + SIGINT).
-pub(crate) const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +39,8 @@ cairn points --repo /backup/repo\n  cairn restore vm web --repo /backup/repo --s
 cairn files ls web --repo /backup/repo\n  cairn verify --repo /backup/repo\n  cairn verify boot web --repo /backup/repo\n\n\
 The repository can also come from CAIRN_REPO, the password of an encrypted repository from CAIRN_PASSWORD.\n\
 Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage or a restore point did not boot, \
-130 stopped by Ctrl-C or SIGTERM (backup image, restore image and verify stop cleanly at the first one: \
-no restore point, no partial image)."
+130 (143) stopped by Ctrl-C (SIGTERM): backup image, restore image and verify stop cleanly at the first one, \
+leaving no restore point, no partial image file and no verdict."
 )]
 struct Cli {
     #[command(flatten)]
@@ -596,8 +594,12 @@ fn main() {
             if let Some(hint) = hints::hint(&e) {
                 eprintln!("hint: {hint}");
             }
-            let stopped = output::interrupted() && cairn_ops::kind_of(&e) == cairn_ops::ErrorKind::Cancelled;
-            std::process::exit(if stopped { EXIT_INTERRUPTED } else { 1 });
+            match output::interrupted_by() {
+                Some(signal) if cairn_ops::kind_of(&e) == cairn_ops::ErrorKind::Cancelled => {
+                    std::process::exit(128 + signal)
+                }
+                _ => std::process::exit(1),
+            }
         }
     }
 }
@@ -1175,7 +1177,7 @@ fn verify_locks(g: &Global) -> Result<i32> {
             }
         );
         for (point, why) in &audit.unreadable {
-            println!("UNREADABLE point {}: {why} (its packs were not all checked)", point.short());
+            println!("UNREADABLE point {}: {why} (its packs were not all checked)", &point[..point.len().min(8)]);
         }
         for s in audit.short.iter().take(20) {
             let have = s.locked_until.map(cairn_storage::object_lock::rfc3339).unwrap_or_else(|| "not locked".into());

@@ -5,7 +5,7 @@ use cairn_engine::Progress;
 use cairn_repo::PointId;
 use cairn_repo::RestorePoint;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 pub fn bytes(n: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -22,12 +22,13 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// Set by the first SIGINT or SIGTERM after [`stop_on_interrupt`]; read by [`Bar::cancelled`].
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The first SIGINT or SIGTERM after [`stop_on_interrupt`] (0: none yet); read by
+/// [`Bar::cancelled`].
+static INTERRUPTED_BY: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_interrupt(signal: libc::c_int) {
     // Async-signal-safe only: an atomic swap, signal() and raise(). A second signal kills.
-    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+    if INTERRUPTED_BY.swap(signal, Ordering::SeqCst) != 0 {
         unsafe {
             libc::signal(signal, libc::SIG_DFL);
             libc::raise(signal);
@@ -37,24 +38,42 @@ extern "C" fn on_interrupt(signal: libc::c_int) {
 
 /// From now on the first Ctrl-C (SIGINT) or SIGTERM asks the running operation to stop at its
 /// next batch of blocks (the bar's `cancelled()`), so that it ends as a failed run ends, with
-/// nothing half-written; a second one kills at once. Only for commands whose work asks.
+/// nothing half-written; a second one kills at once. Only for commands whose work asks. A
+/// signal this process was started ignoring (a background job, `nohup`) stays ignored.
 pub fn stop_on_interrupt() {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        unsafe {
-            libc::signal(signal, on_interrupt as *const () as libc::sighandler_t);
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(signal, std::ptr::null(), &mut old) != 0 || old.sa_sigaction == libc::SIG_IGN {
+                    continue;
+                }
+                let mut new: libc::sigaction = std::mem::zeroed();
+                new.sa_sigaction = on_interrupt as *const () as libc::sighandler_t;
+                new.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut new.sa_mask);
+                libc::sigaction(signal, &new, std::ptr::null_mut());
+            }
         }
-    }
+        // Says so at once, wherever the work is (a lock wait, an index load, the last writes).
+        std::thread::spawn(|| {
+            while INTERRUPTED_BY.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            eprintln!("interrupted: stopping at the next batch of blocks (interrupt again to kill at once)");
+        });
+    });
 }
 
-/// Whether an interrupt asked the command to stop (its exit status is then 130).
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
+/// The signal that asked the command to stop, if one did (its exit status is then 128 + it).
+pub fn interrupted_by() -> Option<i32> {
+    Some(INTERRUPTED_BY.load(Ordering::SeqCst)).filter(|s| *s != 0)
 }
 
 /// A progress bar on stderr, or nothing when stderr is not a terminal.
 pub struct Bar {
     pb: ProgressBar,
-    told_stopping: AtomicBool,
 }
 
 impl Bar {
@@ -65,7 +84,7 @@ impl Bar {
                 .unwrap()
                 .progress_chars("=> "),
         );
-        Bar { pb, told_stopping: AtomicBool::new(false) }
+        Bar { pb }
     }
 }
 
@@ -85,11 +104,7 @@ impl Progress for Bar {
         self.pb.suspend(|| eprintln!("{msg}"));
     }
     fn cancelled(&self) -> bool {
-        let stop = interrupted();
-        if stop && !self.told_stopping.swap(true, Ordering::SeqCst) {
-            self.note("interrupted: stopping at the next batch of blocks (interrupt again to kill at once)");
-        }
-        stop
+        interrupted_by().is_some()
     }
 }
 

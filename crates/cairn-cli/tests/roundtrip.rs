@@ -185,16 +185,19 @@ fn an_interrupted_backup_and_restore_stop_cleanly_and_the_next_ones_go_through()
         f.write_all(&buf).unwrap();
     }
     drop(f);
-    // Interrupts `args` once `started` says its work is under way; returns the exit and stderr.
+    // Interrupts `args` once `started` says its work is under way, as a terminal's Ctrl-C does
+    // (SIGINT to its whole process group: qemu-nbd too, when it has one); returns the exit and
+    // stderr.
     let interrupt = |args: &[&str], started: &dyn Fn() -> bool| {
-        let mut child = e.cmd(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        use std::os::unix::process::CommandExt;
+        let mut child = e.cmd(args).stderr(std::process::Stdio::piped()).process_group(0).spawn().unwrap();
         let t = Instant::now();
         while !started() {
             assert!(child.try_wait().unwrap().is_none(), "cairn {args:?} ended before it could be interrupted");
             assert!(t.elapsed() < Duration::from_secs(120), "cairn {args:?} did not start");
             std::thread::sleep(Duration::from_millis(5));
         }
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
         let out = child.wait_with_output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
@@ -202,20 +205,24 @@ fn an_interrupted_backup_and_restore_stop_cleanly_and_the_next_ones_go_through()
     let (code, err) =
         interrupt(&["backup", "image", img.to_str().unwrap(), "--name", "big"], &|| !e.files("packs").is_empty());
     assert_eq!(code, Some(130), "{err}");
-    assert!(err.contains("interrupted: stopping") && err.contains("cancelled while backing up disk"), "{err}");
+    assert!(err.contains("cancelled while backing up disk"), "{err}");
     assert!(e.json(&["points"]).as_array().unwrap().is_empty(), "an interrupted backup left a point");
 
     let b = e.backup(&img, "big", &[]);
     let out = e.path("out.img");
     let partial = e.path("out.img.cairn-partial");
-    let (code, err) = interrupt(&["restore", "image", "big", "--to", out.to_str().unwrap()], &|| {
-        std::fs::metadata(&partial).is_ok_and(|m| m.blocks() > 0)
-    });
+    // Into qcow2: written through a qemu-nbd of cairn's, which must outlive the interrupt.
+    let (code, err) =
+        interrupt(&["restore", "image", "big", "--to", out.to_str().unwrap(), "--format", "qcow2"], &|| {
+            std::fs::metadata(&partial).is_ok_and(|m| m.blocks() > 1024)
+        });
     assert_eq!(code, Some(130), "{err}");
     assert!(err.contains("cancelled while restoring disk"), "{err}");
     assert!(!out.exists() && !partial.exists(), "an interrupted restore left an image or its partial file");
-    e.restore(&format!("big@{}", &b["id"].as_str().unwrap()[..8]), &out, &[]);
-    assert!(same_content(&img, &out));
+    e.restore(&format!("big@{}", &b["id"].as_str().unwrap()[..8]), &out, &["--format", "qcow2"]);
+    let raw = e.path("out.raw");
+    run_tool(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&out).arg(&raw));
+    assert!(same_content(&img, &raw));
     let v = e.ok(&["verify"]);
     assert!(v.contains("no damage found"), "{v}");
 }

@@ -8,7 +8,7 @@
 //! Copies in quarantine are re-checked each time their pack is read; one that reads sound is
 //! released.
 
-use crate::progress::{check_cancelled, Progress};
+use crate::progress::{Cancelled, Progress};
 use anyhow::Result;
 use cairn_repo::catalog::VerifyState;
 use cairn_repo::index::{pack_id_from_name, Index, PackId};
@@ -18,6 +18,7 @@ use cairn_storage::StorageError;
 use crossbeam_channel::unbounded;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -264,12 +265,15 @@ pub fn verify_with(
     }
     drop(tx);
     let found = Mutex::new(Vec::<(PackId, PackFindings)>::new());
+    // Latched: a worker that stopped left packs unread, whatever the caller answers later.
+    let stopped = AtomicBool::new(false);
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
-            let (rx, found, by_pack, index) = (rx.clone(), &found, &by_pack, &index);
+            let (rx, found, by_pack, index, stopped) = (rx.clone(), &found, &by_pack, &index, &stopped);
             s.spawn(move || {
                 for (pack, name, size) in rx {
                     if progress.cancelled() {
+                        stopped.store(true, Ordering::SeqCst);
                         break;
                     }
                     let copies: Vec<(BlockId, BlobLocation)> =
@@ -282,7 +286,9 @@ pub fn verify_with(
         }
     });
     // A cancelled run checked only some packs: it reports nothing rather than a partial verdict.
-    check_cancelled(progress, || "verifying packs".into())?;
+    if stopped.load(Ordering::SeqCst) {
+        return Err(Cancelled("verifying packs".into()).into());
+    }
     progress.finish();
     for (pack, f) in found.into_inner().unwrap() {
         report.reclaimed_packs.extend(f.reclaimed);

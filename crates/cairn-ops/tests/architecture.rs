@@ -61,14 +61,19 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The names in a `[dependencies]` table of a Cargo.toml (not dev- or build-dependencies).
+/// The names in the `[dependencies]` tables of a Cargo.toml (also `[dependencies.NAME]` and
+/// `[target.'cfg(..)'.dependencies]`; not dev- or build-dependencies).
 fn dependencies(manifest: &str) -> Vec<String> {
     let mut in_deps = false;
     let mut out = Vec::new();
     for line in manifest.lines() {
         let line = line.trim();
-        if line.starts_with('[') {
-            in_deps = line == "[dependencies]";
+        if let Some(header) = line.strip_prefix('[') {
+            let header = header.trim_end_matches(']');
+            in_deps = header == "dependencies" || (header.starts_with("target.") && header.ends_with(".dependencies"));
+            if let Some(name) = header.strip_prefix("dependencies.") {
+                out.push(name.to_string());
+            }
         } else if in_deps && !line.is_empty() && !line.starts_with('#') {
             if let Some(name) = line.split(['=', '.', ' ']).next() {
                 out.push(name.to_string());
@@ -78,13 +83,44 @@ fn dependencies(manifest: &str) -> Vec<String> {
     out
 }
 
-/// A source without its comments and its `#[cfg(test)]` tail (tests may reach anywhere).
-fn code_of(source: &str) -> String {
-    let source = match source.find("#[cfg(test)]\nmod ") {
+/// A source without its `#[cfg(test)]` tail (tests may reach anywhere).
+fn without_tests(source: &str) -> &str {
+    match source.find("#[cfg(test)]\nmod ") {
         Some(at) => &source[..at],
         None => source,
+    }
+}
+
+/// A source without its comments and its tests. A `//` after an odd number of quotes is in a
+/// string (`"s3://..."`), not a comment.
+fn code_of(source: &str) -> String {
+    let strip = |line: &str| -> String {
+        match line.match_indices("//").find(|(at, _)| line[..*at].matches('"').count() % 2 == 0) {
+            Some((at, _)) => line[..at].to_string(),
+            None => line.to_string(),
+        }
     };
-    source.lines().map(|l| l.split("//").next().unwrap()).collect::<Vec<_>>().join("\n")
+    without_tests(source).lines().map(strip).collect::<Vec<_>>().join("\n")
+}
+
+/// What the crate root re-exports (`pub use module::{A, B};`): item name -> module, so that
+/// `use crate::{A, B}` counts as an import of that module.
+fn reexports(root: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in code_of(root).lines() {
+        let Some(rest) = line.trim().strip_prefix("pub use ") else { continue };
+        let Some((module, items)) = rest.split_once("::") else { continue };
+        if module == "crate" || module.contains(' ') {
+            continue;
+        }
+        for item in items.trim_matches(|c| c == '{' || c == '}' || c == ';').split(',') {
+            let name = item.split(" as ").last().unwrap_or(item).trim();
+            if !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                out.insert(name.to_string(), module.to_string());
+            }
+        }
+    }
+    out
 }
 
 /// The top-level modules a source names through `crate::...` (also inside `crate::{a, b::c}`).
@@ -135,6 +171,8 @@ fn modules_named(code: &str) -> BTreeSet<String> {
 fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut files = Vec::new();
     rust_files(src, &mut files);
+    let root = ["lib.rs", "main.rs"].iter().find_map(|r| fs::read_to_string(src.join(r)).ok()).unwrap_or_default();
+    let reexported = reexports(&root);
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for file in &files {
         let rel = file.strip_prefix(src).unwrap();
@@ -144,7 +182,8 @@ fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             continue;
         }
         let names = modules_named(&code_of(&fs::read_to_string(file).unwrap()));
-        graph.entry(top.clone()).or_default().extend(names.into_iter().filter(|n| *n != top));
+        let modules = names.into_iter().map(|n| reexported.get(&n).cloned().unwrap_or(n));
+        graph.entry(top.clone()).or_default().extend(modules.filter(|n| *n != top));
     }
     let modules: BTreeSet<String> = graph.keys().cloned().collect();
     for edges in graph.values_mut() {
@@ -269,15 +308,15 @@ fn only_the_libvirt_implementation_reads_domain_xml() {
 /// Functions of `source` longer than [`LONG_FUNCTION`] lines with no reason above them:
 /// (name, first line, lines). Tests are exempt.
 fn long_functions_without_reason(source: &str) -> Vec<(String, usize, usize)> {
-    let lines: Vec<&str> = source.lines().collect();
+    let lines: Vec<&str> = without_tests(source).lines().collect();
     let mut out = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         let trimmed = line.trim_start();
         let indent = &line[..line.len() - trimmed.len()];
-        let signature = ["fn ", "pub fn ", "pub(crate) fn ", "pub(super) fn ", "async fn ", "pub async fn "]
-            .iter()
-            .find_map(|p| trimmed.strip_prefix(p));
-        let Some(signature) = signature else { continue };
+        let Some(signature) = function_signature(trimmed) else { continue };
+        if trimmed.ends_with('}') {
+            continue; // a one-line function
+        }
         // The signature may wrap; the body starts at the first line ending in `{`, and a
         // declaration without a body (in a trait) ends in `;` first.
         let Some(open) = (i..lines.len()).find(|&j| lines[j].ends_with('{') || lines[j].ends_with(';')) else {
@@ -331,6 +370,29 @@ fn control_plane_functions_are_short_or_say_why() {
     );
 }
 
+/// `line`'s function name and what follows, if it starts a function (any visibility and
+/// qualifiers: `pub(crate) const unsafe fn`, `pub(in crate::x) async fn`, `extern "C" fn`).
+fn function_signature(line: &str) -> Option<&str> {
+    let mut rest = line;
+    if let Some(r) = rest.strip_prefix("pub") {
+        rest = match r.strip_prefix('(') {
+            Some(r) => r.split_once(')')?.1,
+            None => r,
+        }
+        .trim_start();
+    }
+    loop {
+        let before = rest;
+        for qualifier in ["const ", "async ", "unsafe ", "extern \"C\" ", "default "] {
+            rest = rest.strip_prefix(qualifier).unwrap_or(rest);
+        }
+        if rest == before {
+            break;
+        }
+    }
+    rest.strip_prefix("fn ")
+}
+
 // The checks above must be able to fail: each finds what it looks for in a made-up case.
 
 #[test]
@@ -351,4 +413,24 @@ fn the_length_check_sees_a_long_function_and_its_reason() {
     assert!(long_functions_without_reason(&reasoned).is_empty());
     let short = "fn small() {\n    let x = 1;\n}\n";
     assert!(long_functions_without_reason(short).is_empty());
+    let qualified = long.replace("pub fn big(", "pub(crate) const unsafe fn big(");
+    assert_eq!(long_functions_without_reason(&qualified).len(), 1, "a qualified function was not seen");
+    let one_liner_first = format!("fn tiny() -> u8 {{ 1 }}\n{long}");
+    assert_eq!(long_functions_without_reason(&one_liner_first)[0].0, "big");
+    let in_tests = format!("fn a() {{}}\n#[cfg(test)]\nmod tests {{\n{long}}}\n");
+    assert!(long_functions_without_reason(&in_tests).is_empty(), "test helpers are exempt");
+}
+
+#[test]
+fn the_comment_and_reexport_reading_sees_through_strings_and_the_crate_root() {
+    assert_eq!(
+        code_of("let u = \"s3://b\"; crate::object::x(); // crate::gone"),
+        "let u = \"s3://b\"; crate::object::x(); "
+    );
+    let root = "pub use repo::{Repository, PointList};\npub use id::BlockId as Id;\npub mod x;\n";
+    let map = reexports(root);
+    assert_eq!(map.get("Repository").map(String::as_str), Some("repo"));
+    assert_eq!(map.get("Id").map(String::as_str), Some("id"));
+    let deps = dependencies("[dependencies]\na = 1\n[dependencies.b]\nversion = \"1\"\n[target.'cfg(unix)'.dependencies]\nc = 1\n[dev-dependencies]\nd = 1\n");
+    assert_eq!(deps, ["a", "b", "c"]);
 }

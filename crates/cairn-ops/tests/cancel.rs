@@ -103,6 +103,8 @@ fn a_backup_restore_and_verify_asked_to_stop_stop_part_way_and_leave_nothing_hal
     let stop = StopAfter::new(4 << 20);
     let e = restore_image(&repo, &request(&to), &stop).map(|_| ()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Cancelled, "{e:#}");
+    let went_by = stop.seen.load(Ordering::SeqCst);
+    assert!(went_by < IMAGE_BYTES / 2, "the restore went on after it was asked to stop: {went_by} bytes");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -117,6 +119,8 @@ fn a_backup_restore_and_verify_asked_to_stop_stop_part_way_and_leave_nothing_hal
     let stop = StopAfter::new(1);
     let e = verify(&repo, &verify_request, &stop).map(|_| ()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Cancelled, "{e:#}");
+    let states = repo.typed_records::<cairn_repo::catalog::VerifyState>().unwrap();
+    assert!(states.is_empty(), "a cancelled verify recorded packs as verified: {states:?}");
     let run = verify(&repo, &verify_request, &NoProgress).unwrap();
     assert!(run.report.ok, "{:?}", run.report);
 }

@@ -4,12 +4,14 @@
 //! body of every kind this version knows against its type: one that does not fit is a damaged
 //! record (named by `Repository::damaged_records`, which makes forget and prune refuse, as for
 //! a record that cannot be read at all); a kind it does not know (a newer writer's) is skipped.
+//! Reading and writing them is `Repository`'s (`records_of`, `typed_records`, `save_typed`).
 
-use crate::{Error, PointId, Repository, Result};
+use crate::index::{pack_id_from_name, PackId};
+use crate::{Error, PointId, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RecordKind {
@@ -152,23 +154,6 @@ pub(crate) fn to_record<R: CatalogRecord>(body: &R) -> Value {
     record
 }
 
-impl Repository {
-    /// The catalog records of one kind, with their names (see [`Repository::load_records`]).
-    pub fn records_of(&self, kind: RecordKind) -> Result<Vec<(String, Value)>> {
-        Ok(self.load_records()?.into_iter().filter(|(_, r)| RecordKind::of(r) == Some(kind)).collect())
-    }
-
-    /// The records of `R`'s kind, typed, with their names.
-    pub fn typed_records<R: CatalogRecord>(&self) -> Result<Vec<(String, R)>> {
-        typed(&self.records_of(R::KIND)?)
-    }
-
-    /// Stores `body` as a catalog record of its kind (see [`Repository::save_record`]).
-    pub fn save_typed<R: CatalogRecord>(&self, body: &R) -> Result<String> {
-        self.save_record(&to_record(body))
-    }
-}
-
 /// Records of one kind, typed (their bodies were checked when read: see the module docs).
 pub fn typed<R: CatalogRecord>(records: &[(String, Value)]) -> Result<Vec<(String, R)>> {
     records
@@ -181,6 +166,19 @@ pub fn typed<R: CatalogRecord>(records: &[(String, Value)]) -> Result<Vec<(Strin
             Ok((name.clone(), body))
         })
         .collect()
+}
+
+/// The marks of every marks record: pack → unix seconds it was marked (the earliest, when
+/// records disagree: a crash between writing a new record and deleting the old).
+pub fn marks_in(records: &[(String, PruneMarks)]) -> HashMap<PackId, u64> {
+    let mut out: HashMap<PackId, u64> = HashMap::new();
+    for (_, r) in records {
+        for (name, at) in &r.packs {
+            let Some(pack) = pack_id_from_name(name) else { continue };
+            out.entry(pack).and_modify(|t| *t = (*t).min(*at)).or_insert(*at);
+        }
+    }
+    out
 }
 
 /// The point a record is about: a boot verification's or a protection's (checked when read).

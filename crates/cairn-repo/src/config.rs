@@ -99,6 +99,21 @@ impl Config {
     }
 }
 
+/// The object locks of `backend`, which an immutable repository (`policy`) needs.
+pub(crate) fn store_locks(
+    backend: &dyn cairn_storage::Backend,
+    policy: cairn_storage::LockPolicy,
+) -> Result<&dyn cairn_storage::ObjectLock> {
+    backend.object_lock().ok_or_else(|| {
+        Error::Incompatible(format!(
+            "{} is an immutable repository ({} days of Object Lock) but its store cannot lock objects \
+             (immutable repositories live on S3 with Object Lock or on Azure Blob with version-level immutability)",
+            backend.location(),
+            policy.days
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

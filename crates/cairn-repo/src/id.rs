@@ -120,7 +120,7 @@ impl PartialEq<&str> for PointId {
 
 impl fmt::Debug for PointId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PointId({})", self.short())
+        write!(f, "PointId({})", self.0)
     }
 }
 

@@ -38,7 +38,9 @@ pub struct LockAudit {
     pub overwritten: Vec<String>,
     /// Points whose maps could not be read (a damaged or overwritten pack: `repair undelete`
     /// and `verify` tell more), with the problem: their packs were not all checked.
-    pub unreadable: Vec<(PointId, String)>,
+    /// Points whose document or maps could not be read (by ID, or by object name when the
+    /// listing could not read the document at all), and why: their objects were not checked.
+    pub unreadable: Vec<(String, String)>,
     pub ok: bool,
 }
 
@@ -71,7 +73,7 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
             *e = (until, point.clone());
         }
     };
-    let mut audit = LockAudit { points: list.points.len(), ..Default::default() };
+    let mut audit = LockAudit { points: list.points.len(), unreadable: list.damaged.clone(), ..Default::default() };
     let keys = repo.backend().list(Kind::Key)?;
     for (i, (id, point)) in list.points.iter().enumerate() {
         progress(&format!("reading the maps of point {}/{}", i + 1, list.points.len()));
@@ -91,7 +93,7 @@ pub fn audit_locks(repo: &Repository, progress: &dyn Fn(&str)) -> Result<LockAud
         }
         match repo.packs_needed_beyond(point, None) {
             Ok(packs) => packs.into_iter().for_each(|p| need(Kind::Pack, p, until, id)),
-            Err(e) => audit.unreadable.push((id.clone(), e.to_string())),
+            Err(e) => audit.unreadable.push((id.to_string(), e.to_string())),
         }
     }
     let total = needed.len();
@@ -143,7 +145,7 @@ impl Repository {
     pub(crate) fn object_locks(&self) -> Result<Option<&dyn ObjectLock>> {
         match self.lock_policy() {
             None => Ok(None),
-            Some(policy) => store_locks(self.backend().as_ref(), policy).map(Some),
+            Some(policy) => crate::config::store_locks(self.backend().as_ref(), policy).map(Some),
         }
     }
 
@@ -327,18 +329,6 @@ impl Repository {
         }
         Ok(old.len())
     }
-}
-
-/// The object locks of `backend`, which an immutable repository (`policy`) needs.
-pub(crate) fn store_locks(backend: &dyn cairn_storage::Backend, policy: LockPolicy) -> Result<&dyn ObjectLock> {
-    backend.object_lock().ok_or_else(|| {
-        Error::Incompatible(format!(
-            "{} is an immutable repository ({} days of Object Lock) but its store cannot lock objects \
-             (immutable repositories live on S3 with Object Lock or on Azure Blob with version-level immutability)",
-            backend.location(),
-            policy.days
-        ))
-    })
 }
 
 /// Makes cairn's versions of an object locked until at least `required` (to `target`, the

@@ -16,8 +16,9 @@ pub struct RestorePoint {
     pub hostname: String,
     /// Human-readable description of what was read.
     pub source: String,
-    /// The point this one was made incrementally from, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The point this one was made incrementally from, if any. Informational (FORMAT.md §4):
+    /// one that is not a point ID is read as none rather than making the point unreadable.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "parent_or_none")]
     pub parent: Option<PointId>,
     pub disks: Vec<DiskImage>,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
@@ -187,4 +188,10 @@ impl RestorePoint {
             }
         }
     }
+}
+
+/// A point's `parent` when it is a point ID; anything else (only a foreign writer's) is none.
+fn parent_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<PointId>, D::Error> {
+    let raw: Option<serde_json::Value> = serde::Deserialize::deserialize(d)?;
+    Ok(raw.as_ref().and_then(|v| v.as_str()).and_then(PointId::parse))
 }

@@ -38,19 +38,6 @@ const SLOW_MARKS_WRITE: Duration = Duration::from_secs(5 * 60);
 /// Default grace period: 23 hours, so a daily prune deletes what the previous day's marked.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(23 * 3600);
 
-/// The marks of every readable marks record: pack → unix seconds it was marked (the earliest,
-/// when records disagree: a crash between writing a new record and deleting the old).
-pub fn marks_in(records: &[(String, PruneMarks)]) -> HashMap<PackId, u64> {
-    let mut out: HashMap<PackId, u64> = HashMap::new();
-    for (_, r) in records {
-        for (name, at) in &r.packs {
-            let Some(pack) = pack_id_from_name(name) else { continue };
-            out.entry(pack).and_modify(|t| *t = (*t).min(*at)).or_insert(*at);
-        }
-    }
-    out
-}
-
 #[derive(Clone, Debug)]
 pub struct PruneOptions {
     /// A pack whose unused share (of its blocks' bytes) exceeds this fraction is repacked.
@@ -164,7 +151,7 @@ fn analyze(repo: &Repository, opts: &PruneOptions, progress: Progress) -> Result
     }
     let marks_records: Vec<(String, PruneMarks)> = crate::catalog::typed(&records)?;
     let old_records: Vec<String> = marks_records.iter().map(|(n, _)| n.clone()).collect();
-    let mut marks = marks_in(&marks_records);
+    let mut marks = crate::catalog::marks_in(&marks_records);
     repo.load_index()?;
     if let Some((name, why)) = repo.damaged_index_files().first() {
         return Err(Error::DamagedIndex {

@@ -256,7 +256,7 @@ impl Repository {
         };
         // An immutable repository is written locked, by every process (FORMAT.md §13).
         if let Some(policy) = config.immutability {
-            crate::immutability::store_locks(backend.as_ref(), policy)?.lock_writes(policy);
+            crate::config::store_locks(backend.as_ref(), policy)?.lock_writes(policy);
         }
         Ok(Repository::assemble(backend, config, crypto, hostname()))
     }
@@ -328,7 +328,7 @@ impl Repository {
         let records = self.load_records()?;
         let quarantines: Vec<(String, Quarantine)> = crate::catalog::typed(&records)?;
         idx.set_quarantine(quarantines.iter().flat_map(|(_, q)| quarantine_copies(q)).collect());
-        idx.set_marked(crate::prune::marks_in(&crate::catalog::typed(&records)?).into_keys().collect());
+        idx.set_marked(crate::catalog::marks_in(&crate::catalog::typed(&records)?).into_keys().collect());
         let mut seen = std::collections::HashSet::new();
         let mut damaged = Vec::new();
         self.read_listed_index_files(
@@ -719,6 +719,21 @@ impl Repository {
             }
         }
         Err(Error::Corrupt("catalog records keep vanishing while being read; try again".into()))
+    }
+
+    /// The catalog records of one kind, with their names (see [`Repository::load_records`]).
+    pub fn records_of(&self, kind: crate::RecordKind) -> Result<Vec<(String, serde_json::Value)>> {
+        Ok(self.load_records()?.into_iter().filter(|(_, r)| crate::RecordKind::of(r) == Some(kind)).collect())
+    }
+
+    /// The records of `R`'s kind, typed, with their names.
+    pub fn typed_records<R: crate::catalog::CatalogRecord>(&self) -> Result<Vec<(String, R)>> {
+        crate::catalog::typed(&self.records_of(R::KIND)?)
+    }
+
+    /// Stores `body` as a catalog record of its kind (see [`Repository::save_record`]).
+    pub fn save_typed<R: crate::catalog::CatalogRecord>(&self, body: &R) -> Result<String> {
+        self.save_record(&crate::catalog::to_record(body))
     }
 
     fn read_record(&self, name: &str) -> Result<serde_json::Value> {

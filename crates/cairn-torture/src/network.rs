@@ -36,7 +36,6 @@
 use crate::workload::{self, same_bytes, BLOCK, MIB};
 use anyhow::{bail, Context, Result};
 use cairn_repo::copy::copied_from;
-use cairn_repo::PointId;
 use cairn_repo::Repository;
 use cairn_storage::test_servers::{FlakyProxy, Flavor, ProxyConfig, ProxyFault, TestServer};
 use cairn_storage::{Backend, Kind, LocalBackend};
@@ -1066,7 +1065,8 @@ impl<'h> Chain<'h> {
                 r.violations.push(format!("{op}: point {} is a copy of no source point", id.short()));
                 continue;
             };
-            let copies = listed.points.iter().filter(|(_, q)| copied_from(q) == PointId::parse(from)).count();
+            let copies =
+                listed.points.iter().filter(|(_, q)| copied_from(q).is_some_and(|f| f == from.as_str())).count();
             if copies > 1 {
                 r.violations.push(format!("{op}: {copies} copies of source point {}", &from[..8]));
             }
@@ -1076,7 +1076,7 @@ impl<'h> Chain<'h> {
         }
         if succeeded {
             for (from, _) in source {
-                if !listed.points.iter().any(|(_, q)| copied_from(q) == PointId::parse(from)) {
+                if !listed.points.iter().any(|(_, q)| copied_from(q).is_some_and(|f| f == from.as_str())) {
                     r.violations.push(format!("{op} succeeded but source point {} has no copy", &from[..8]));
                 }
             }

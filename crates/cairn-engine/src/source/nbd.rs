@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use cairn_nbd::proto::{dirty_bitmap_context, CONTEXT_BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO};
 use cairn_nbd::{NbdAddress, NbdClient, NbdError};
 use std::collections::VecDeque;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -165,6 +166,24 @@ impl QemuNbd {
         }
         cmd.arg(image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         cmd.env_remove("CAIRN_PASSWORD"); // not its business; it would sit in /proc/PID/environ
+                                          // Its own process group: a Ctrl-C at the terminal is cairn's to handle (it stops the
+                                          // pipeline cleanly, then drops this server), not a signal that kills the server under
+                                          // it. It still dies with cairn (a kill -9, a second Ctrl-C): it holds the image's lock.
+                                          // (With the thread that started it, in fact: the one that runs the whole backup or
+                                          // restore and drops it at the end.)
+        let parent = std::process::id();
+        cmd.process_group(0);
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("cairn ended before qemu-nbd started"));
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow::anyhow!(
