@@ -509,6 +509,9 @@ enum Format {
 /// limit_upload = "20M"              # CAIRN_LIMIT_UPLOAD: bytes per second to object stores
 /// request_timeout = "300s"          # CAIRN_REQUEST_TIMEOUT: one request to an object store
 ///
+/// [hosts]                           # CAIRN_HOSTS: the hypervisors `vm list` covers by default
+/// uris = ["qemu:///system", "qemu+ssh://kvm2/system"]
+///
 /// [cache]                           # local state that can be rebuilt
 /// dir = "/var/cache/cairn"          # CAIRN_CACHE_DIR: large indexes, object store metadata
 /// max = "2G"                        # CAIRN_CACHE_MAX: cap of the object store cache

@@ -657,4 +657,11 @@ fn vm_list_of_several_hosts_lists_a_vm_once_where_it_runs_and_names_a_host_that_
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains(&format!("web  {web}  running  on {b}")), "{text}");
     assert!(text.contains(&format!("also defined on {a} (shut off)")), "{text}");
+    // Or from the host configuration file.
+    let config = e.path("cairn.toml");
+    std::fs::write(&config, format!("[hosts]\nuris = [\"{a}\", \"{b}\"]\n")).unwrap();
+    let o = e.cmd(&["vm", "list", "--json"]).env("CAIRN_CONFIG", &config).env_remove("CAIRN_HOSTS").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let vms: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(vms.as_array().unwrap().len(), 2, "{vms}");
 }

@@ -31,6 +31,8 @@ pub const SETTINGS: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     ("cache", &[("dir", "CAIRN_CACHE_DIR"), ("max", "CAIRN_CACHE_MAX")]),
+    // The hypervisor hosts commands work on when none is named (a list: URIs joined by spaces).
+    ("hosts", &[("uris", "CAIRN_HOSTS")]),
     ("network", &[("limit_upload", "CAIRN_LIMIT_UPLOAD"), ("request_timeout", "CAIRN_REQUEST_TIMEOUT")]),
     (
         "azure",
@@ -84,6 +86,14 @@ impl HostConfig {
                 };
                 let value = match value {
                     toml::Value::String(s) => s.clone(),
+                    toml::Value::Array(items) => {
+                        let Some(words) =
+                            items.iter().map(|i| i.as_str().filter(|w| !w.contains(' '))).collect::<Option<Vec<_>>>()
+                        else {
+                            bail!("{section}.{key} must be a list of strings without spaces");
+                        };
+                        words.join(" ")
+                    }
                     other => other.to_string(),
                 };
                 settings.push((*var, value));
@@ -112,6 +122,9 @@ mod tests {
         );
         let e = HostConfig::parse("[s3]\nendpoint_url = \"x\"\n").unwrap_err().to_string();
         assert!(e.contains("unknown setting s3.endpoint_url") && e.contains("endpoint"), "{e}");
+        let c = HostConfig::parse("[hosts]\nuris = [\"qemu:///system\", \"qemu+ssh://b/system\"]\n").unwrap();
+        assert_eq!(c.settings, [("CAIRN_HOSTS", "qemu:///system qemu+ssh://b/system".to_string())]);
+        assert!(HostConfig::parse("[hosts]\nuris = [\"a b\"]\n").is_err());
         let e = HostConfig::parse("[smtp]\nserver = \"x\"\n").unwrap_err().to_string();
         assert!(e.contains("unknown section [smtp]") && e.contains("[mail]"), "{e}");
     }
