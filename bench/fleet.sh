@@ -87,8 +87,9 @@ if [[ -z ${FLEET_SKIP_RESTIC:-} ]]; then
   unset CAIRN_REPO
 fi
 
-t() { awk -v n="$1" '$1==n {print $2}' fleet-times.txt; }
-m() { awk -v n="$1" '$1==n {printf "%d", $3/1024}' fleet-times.txt; }
+# The last run of each step (FLEET_SMALL=FLEET_LARGE runs the same size twice).
+t() { awk -v n="$1" '$1==n {v=$2} END {print v}' fleet-times.txt; }
+m() { awk -v n="$1" '$1==n {v=$3} END {printf "%d", v/1024}' fleet-times.txt; }
 j() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$@"; }
 obj() { awk -v k="$2" '$1==k {print $2}' "$1"; }
 out="$top/bench/results/fleet-$(date -u +%Y-%m-%dT%H%M).md"
