@@ -16,7 +16,7 @@ pub struct RestorePoint {
     pub hostname: String,
     /// Human-readable description of what was read.
     pub source: String,
-    /// The point this one was made incrementally from, if any. Informational (FORMAT.md §4):
+    /// The point this one was made incrementally from, if any. Informational (FORMAT.md §7):
     /// one that is not a point ID is read as none rather than making the point unreadable.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "parent_or_none")]
     pub parent: Option<PointId>,
