@@ -134,7 +134,7 @@ macro_rules! record_types {
         })*
         impl RecordKind {
             /// Why `record`'s body does not fit this kind's type, if it does not.
-            pub(crate) fn misfit(self, record: &Value) -> Option<String> {
+            pub fn misfit(self, record: &Value) -> Option<String> {
                 fn check<R: CatalogRecord>(record: &Value) -> Option<String> {
                     R::deserialize(record).err().map(|e| format!("not a valid {} record: {e}", R::KIND.as_str()))
                 }
