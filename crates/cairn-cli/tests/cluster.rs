@@ -38,12 +38,24 @@ struct Hosts {
 
 impl Hosts {
     fn up() -> Hosts {
+        // Made first, so that a start that fails part-way is still taken down.
+        let hosts = Hosts { guests: Vec::new() };
         run(Command::new(hosts_sh()).args(["up", "a", "b"]));
-        Hosts { guests: Vec::new() }
+        hosts
+    }
+
+    fn remove(name: &str) {
+        for uri in [A, B] {
+            let _ = Command::new("virsh").args(["-q", "-c", uri, "destroy", name]).output();
+            let _ = Command::new("virsh").args(["-q", "-c", uri, "undefine", name]).output();
+        }
     }
 
     /// Defines the test guest `name` on both hosts, its disk in the shared folder; starts it on a.
     fn guest_on_a_defined_on_both(&mut self, name: &str) -> String {
+        // One a killed run left behind (Drop never ran) would keep its name with another UUID,
+        // and its disk open.
+        Hosts::remove(name);
         let guest = Path::new(STATE).join("guest");
         let disk = Path::new(STATE).join("shared").join(format!("{name}.qcow2"));
         run(Command::new("cp").arg("--sparse=always").arg(guest.join("data.qcow2")).arg(&disk));
@@ -75,10 +87,7 @@ impl Hosts {
 impl Drop for Hosts {
     fn drop(&mut self) {
         for name in &self.guests {
-            for uri in [A, B] {
-                let _ = Command::new("virsh").args(["-q", "-c", uri, "destroy", name]).output();
-                let _ = Command::new("virsh").args(["-q", "-c", uri, "undefine", name]).output();
-            }
+            Hosts::remove(name);
         }
         let _ = Command::new(hosts_sh()).arg("down").output();
     }
