@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::guest::sh;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -16,19 +17,8 @@ fn hosts_sh() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hosts.sh")
 }
 
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn virsh(uri: &str, args: &[&str]) -> String {
-    run(Command::new("virsh").args(["-q", "-c", uri]).args(args))
+    sh(Command::new("virsh").args(["-q", "-c", uri]).args(args))
 }
 
 /// Hosts a and b, up while this lives; their guests destroyed and undefined when it goes.
@@ -40,7 +30,7 @@ impl Hosts {
     fn up() -> Hosts {
         // Made first, so that a start that fails part-way is still taken down.
         let hosts = Hosts { guests: Vec::new() };
-        run(Command::new(hosts_sh()).args(["up", "a", "b"]));
+        sh(Command::new(hosts_sh()).args(["up", "a", "b"]));
         hosts
     }
 
@@ -58,7 +48,7 @@ impl Hosts {
         Hosts::remove(name);
         let guest = Path::new(STATE).join("guest");
         let disk = Path::new(STATE).join("shared").join(format!("{name}.qcow2"));
-        run(Command::new("cp").arg("--sparse=always").arg(guest.join("data.qcow2")).arg(&disk));
+        sh(Command::new("cp").arg("--sparse=always").arg(guest.join("data.qcow2")).arg(&disk));
         // One VM is one UUID: the same on both hosts.
         let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap().trim().to_string();
         let xml = format!(
