@@ -239,6 +239,9 @@ qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=/etc/pki/qemu 
     /// (internal) Guards a guest while a backup has it frozen or paused
     #[command(hide = true)]
     Watchdog(vm::WatchdogArgs),
+    /// (internal) The host's side of a job on one of its VMs, run over SSH from the repository's machine
+    #[command(hide = true, subcommand)]
+    Host(vm::HostCmd),
 }
 
 #[derive(Subcommand)]
@@ -628,6 +631,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Backup(BackupCmd::Vm(a)) => vm::backup(g, a),
         Command::Vm(vm::VmCmd::List(a)) => vm::list(g, a),
         Command::Watchdog(a) => vm::run_watchdog(a),
+        Command::Host(c) => vm::run_host(c),
         Command::ServeNbd(a) => serve_nbd(g, a),
         Command::Files(c) => files(g, c),
         Command::Mount { point, mountpoint } => mount::mount(g, point, mountpoint),
@@ -1117,7 +1121,7 @@ fn private_socket_dir() -> Result<PathBuf> {
     };
     // The engine's check for its own folders: made 0700 if missing, else ours, a real folder
     // writable by nobody else, under parents nobody else can write or swap.
-    cairn_vm::backup::private_dir(&dir).context("the folder for the socket (or give --socket PATH)")?;
+    cairn_vm::host::private_dir(&dir).context("the folder for the socket (or give --socket PATH)")?;
     // Nobody else may even enter it: the socket takes its mode 0600 only after it exists.
     let m = std::fs::symlink_metadata(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
     if m.mode() & 0o077 != 0 {

@@ -59,9 +59,15 @@ pub struct BackupVm {
     /// VMs to back up, by name or UUID; each becomes one restore point named after the VM
     #[arg(required = true, value_name = "NAME_OR_UUID")]
     vms: Vec<String>,
-    /// Hypervisor connection URI
-    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
-    connect: String,
+    /// A host's hypervisor URI; repeat it for several hosts: each VM is found on the host it runs
+    /// on, and the hosts are backed up in parallel. A VM of another host needs a qemu+ssh:// URI
+    /// and cairn installed there (its data comes over SSH; no repository password goes there)
+    /// [default: CAIRN_HOSTS (URIs separated by spaces), else LIBVIRT_DEFAULT_URI, else qemu:///system]
+    #[arg(long = "host", visible_alias = "connect", value_name = "URI")]
+    hosts: Vec<String>,
+    /// At most this many VMs of one host are backed up at once
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    per_host: u32,
     /// How the point in time is taken from a running VM
     #[arg(long, value_enum, default_value_t = MethodArg::Auto)]
     method: MethodArg,
@@ -78,8 +84,9 @@ pub struct BackupVm {
     /// Shell command to run in the guest after the thaw; repeatable
     #[arg(long, value_name = "COMMAND")]
     post_thaw: Vec<String>,
-    /// Host folder for NBD sockets, scratch (fleecing) files and memory state; created 0700, and
-    /// refused if it is a symbolic link, another user's, or writable by other users
+    /// Folder of this machine for NBD sockets, scratch (fleecing) files and memory state; created
+    /// 0700, and refused if it is a symbolic link, another user's, or writable by other users.
+    /// (Other hosts use CAIRN_REMOTE_WORK_DIR, default /var/lib/cairn/work)
     #[arg(long, default_value = cairn_ops::DEFAULT_WORK_DIR, value_name = "DIR")]
     work_dir: PathBuf,
     /// The watchdog thaws or resumes a guest frozen or paused longer than this (retrying for
@@ -234,7 +241,7 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
 }
 
 pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
-    let hv = Libvirt::connect(&a.connect)?;
+    let hosts = host_list(&a.hosts);
     let (repo, _lock) = open_indexed(g, "backup vm")?;
     let progress = bar(g);
     let opts = VmBackupOptions {
@@ -262,7 +269,7 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
     let boot_check =
         if a.verify_boot { Some(crate::boot::BootMail::from(&a.mail).request(g, &opts.work_dir)?) } else { None };
     let helpers = crate::helpers(g)?;
-    let req = BackupVmsRequest { vms: a.vms.clone(), options: opts, boot_check };
+    let req = BackupVmsRequest { vms: a.vms.clone(), options: opts, boot_check, per_host: a.per_host as usize };
     let mut print = |o: &VmBackupOutcome| {
         // Failures go to stderr with --json too (the JSON carries them without the advice).
         match &o.result {
@@ -279,7 +286,9 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
             progress.note(&format!("error: boot verification of {} failed: {e:#}{}", o.vm, crate::hints::suffix(e)));
         }
     };
-    let outcomes = backup_vms(&hv, &repo, &req, &helpers, &progress, &Cancel::new(), &mut print);
+    let connect = |uri: &str| -> Result<Box<dyn Hypervisor>> { Ok(Box::new(Libvirt::connect(uri)?)) };
+    let remote = cairn_ops::hosts::RemoteSettings::from_env();
+    let outcomes = backup_vms(&hosts, &connect, &remote, &repo, &req, &helpers, &progress, &Cancel::new(), &mut print);
     if g.json {
         let results: Vec<serde_json::Value> = outcomes.iter().map(outcome_json).collect::<Result<_>>()?;
         print_json(&results);
@@ -299,12 +308,12 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
 fn outcome_json(o: &VmBackupOutcome) -> Result<serde_json::Value> {
     let b = match &o.result {
         Ok(b) => b,
-        Err(e) => return Ok(serde_json::json!({"vm": o.vm, "ok": false, "error": format!("{e:#}")})),
+        Err(e) => return Ok(serde_json::json!({"vm": o.vm, "host": o.host, "ok": false, "error": format!("{e:#}")})),
     };
     // The point's record and disks as `points --json` shows them (the record without its
     // configuration document).
     let summary = cairn_ops::points::PointSummary::of(&b.id, &b.point, false);
-    let mut result = serde_json::json!({"vm": o.vm, "ok": true, "id": b.id, "record": summary.vm,
+    let mut result = serde_json::json!({"vm": o.vm, "host": o.host, "ok": true, "id": b.id, "record": summary.vm,
         "stats": b.point.stats, "disks": summary.disks});
     match &b.boot {
         None => {}
@@ -418,6 +427,58 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         },
         report.duration_ms as f64 / 1000.0
     );
+    Ok(0)
+}
+
+/// What `cairn host` does on a hypervisor host, for the repository's machine that drives it over
+/// SSH (`cairn_vm::ssh`). Nothing here opens a repository.
+#[derive(Subcommand)]
+pub enum HostCmd {
+    /// Make DIR a folder only we can write, and remove what a killed run left in it
+    Prepare { dir: PathBuf },
+    /// Serve a file through qemu-nbd until standard input closes; prints `socket PATH` once it serves
+    ServeImage {
+        path: PathBuf,
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(long)]
+        bitmap: Option<String>,
+    },
+    /// Print a file's size and modification time, as JSON
+    Stat { path: PathBuf },
+    /// Remove a file, if it exists
+    Remove { path: PathBuf },
+}
+
+pub fn run_host(c: &HostCmd) -> Result<i32> {
+    use cairn_engine::source::{ImageFormat, QemuNbd};
+    use std::io::Write;
+    match c {
+        HostCmd::Prepare { dir } => cairn_vm::host::prepare_dir(dir)?,
+        HostCmd::ServeImage { path, format, bitmap } => {
+            let format = match format {
+                Some(f) => ImageFormat::parse(f)?,
+                None => ImageFormat::detect(path)?,
+            };
+            let server = QemuNbd::serve(path, format, true, bitmap.as_deref())?;
+            let cairn_nbd::Transport::Unix { socket } = server.address().transport else {
+                bail!("internal error: qemu-nbd serves on TCP");
+            };
+            let mut out = std::io::stdout();
+            writeln!(out, "socket {}", socket.display())?;
+            out.flush()?;
+            // Served until the other side goes (its end of file); then qemu-nbd is stopped.
+            std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+            drop(server);
+        }
+        HostCmd::Stat { path } => println!("{}", serde_json::to_string(&cairn_vm::host::stat(path)?)?),
+        HostCmd::Remove { path } => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => {}
+        },
+    }
     Ok(0)
 }
 

@@ -1,5 +1,7 @@
 //! Several hosts (issue 14): real libvirtd "hosts" in their own namespaces on this machine
-//! (`scripts/hosts.sh`), joined on addresses the script makes, with a shared folder.
+//! (`scripts/hosts.sh`), joined on addresses the script makes, with a shared folder, each with
+//! its own sshd: VMs of those hosts are backed up from this machine over SSH, as from a real
+//! backup server. The tests share the hosts, so they run one at a time.
 
 mod common;
 
@@ -21,15 +23,34 @@ fn virsh(uri: &str, args: &[&str]) -> String {
     sh(Command::new("virsh").args(["-q", "-c", uri]).args(args))
 }
 
+/// The same hosts over SSH (what backups need), their keys checked.
+fn ssh_uri(ip: &str) -> String {
+    format!(
+        "qemu+ssh://root@{ip}/system?keyfile={STATE}/ssh/id_ed25519&known_hosts={STATE}/ssh/known_hosts&no_verify=1"
+    )
+}
+
+/// One test at a time has the hosts.
+static HOSTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Hosts a and b, up while this lives; their guests destroyed and undefined when it goes.
 struct Hosts {
     guests: Vec<String>,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Hosts {
     fn up() -> Hosts {
+        let serial = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+        // The cairn of each host (cairn_vm::ssh runs it there) is this one: the hosts see this
+        // machine's files, except their private libvirt folders, where its work folder goes.
+        // SAFETY: every test of this file sets the same values, under the lock.
+        unsafe {
+            std::env::set_var("CAIRN_REMOTE_CAIRN", env!("CARGO_BIN_EXE_cairn"));
+            std::env::set_var("CAIRN_REMOTE_WORK_DIR", "/var/lib/libvirt/cairn-work");
+        }
         // Made first, so that a start that fails part-way is still taken down.
-        let hosts = Hosts { guests: Vec::new() };
+        let hosts = Hosts { guests: Vec::new(), _one_at_a_time: serial };
         sh(Command::new(hosts_sh()).args(["up", "a", "b"]));
         hosts
     }
@@ -122,4 +143,112 @@ fn a_vm_defined_on_two_hosts_is_listed_once_where_it_runs_and_followed_across_a_
     let (host, seen) = placement(&e, &uuid);
     assert_eq!(host, B, "the VM is not placed where it runs now");
     assert_eq!(seen, [(A.to_string(), "shut-off".to_string()), (B.to_string(), "running".to_string())]);
+}
+
+/// Runs a shell command in guest `name` on host `uri` through its agent; its output.
+fn guest_exec(uri: &str, name: &str, cmd: &str) -> String {
+    sh(Command::new(common::guest::guest_sh()).env("LIBVIRT_DEFAULT_URI", uri).args(["exec", name, cmd]))
+}
+
+/// Waits until the guest agent of `name` on `uri` answers.
+fn wait_for_agent(uri: &str, name: &str) {
+    for _ in 0..600 {
+        let ping = Command::new("virsh")
+            .args(["-q", "-c", uri, "qemu-agent-command", name, r#"{"execute":"guest-ping"}"#])
+            .output()
+            .unwrap();
+        if ping.status.success() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("the guest agent of {name} on {uri} never answered");
+}
+
+/// `cairn backup vm ... --json` over `hosts`: (exit code, outcomes, stderr).
+fn backup_vms(e: &Env, vms: &[&str], hosts: &[&str]) -> (i32, Vec<Value>, String) {
+    let work = e.path("work");
+    let mut args = vec!["backup", "vm"];
+    args.extend_from_slice(vms);
+    for h in hosts {
+        args.extend(["--host", h]);
+    }
+    args.extend(["--work-dir", work.to_str().unwrap(), "--json"]);
+    let o = e.run(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|err| panic!("{err}: {stderr}"));
+    (o.status.code().unwrap(), v.as_array().unwrap().clone(), stderr)
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = sh(Command::new("sha256sum").arg(path));
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn a_vm_is_backed_up_on_the_host_it_runs_on_and_its_chain_survives_a_live_migration() {
+    let e = Env::new();
+    e.init();
+    let mut hosts = Hosts::up();
+    let name = "cluster-db";
+    let uuid = hosts.guest_on_a_defined_on_both(name);
+    wait_for_agent(A, name);
+    let (a, b) = (ssh_uri("10.77.0.1"), ssh_uri("10.77.0.2"));
+    // A third host that is not up: listed, it cannot be asked.
+    let c = ssh_uri("10.77.0.3");
+
+    // The first backup: found on a, its data read there over SSH.
+    let (code, out, err) = backup_vms(&e, &[name], &[&a, &b]);
+    assert_eq!(code, 0, "{err}");
+    let first = &out[0];
+    assert_eq!(first["ok"], true, "{first}");
+    assert_eq!(first["host"], a.as_str(), "{first}");
+    assert_eq!(first["record"]["uuid"], uuid.as_str());
+    assert_eq!(first["record"]["chain"], "full");
+    assert!(err.contains(&format!("{name}: watchdog running on root@10.77.0.1")), "the watchdog ran elsewhere: {err}");
+
+    // The guest writes 8 MiB, then moves to b while it runs.
+    let written: u64 = 8 << 20;
+    let sum = guest_exec(
+        A,
+        name,
+        "dd if=/dev/urandom of=/data/moved bs=1M count=8 2>/dev/null && sync && sha256sum /data/moved",
+    );
+    let sum = sum.split_whitespace().next().unwrap().to_string();
+    virsh(A, &["migrate", "--live", "--unsafe", name, B]);
+
+    // Found on b; its checkpoint, which libvirt did not migrate, registered again there from the
+    // point: an incremental that reads about what the guest wrote. A VM nobody has, with a host
+    // down, is reported with that host; the others are backed up all the same.
+    let (code, out, err) = backup_vms(&e, &[name, "no-such-vm"], &[&a, &b, &c]);
+    assert_eq!(code, 1, "one VM could not be found: {err}");
+    let moved = &out[0];
+    assert_eq!(moved["ok"], true, "{moved}");
+    assert_eq!(moved["host"], b.as_str(), "{moved}");
+    let record = &moved["record"];
+    assert_eq!(record["chain"], "incremental", "{record}");
+    let reason = record["chain_reason"].as_str().unwrap();
+    assert!(reason.contains("registered again on qemu+ssh://root@10.77.0.2/system"), "{reason}");
+    assert!(!reason.contains("keyfile"), "a URI's parameters in a message: {reason}");
+    let read = record["vm_read_bytes"].as_u64().unwrap();
+    assert!(read >= written && read <= written * 3 / 2, "read {read} bytes for {written} written");
+    assert_eq!(out[1]["ok"], false);
+    let why = out[1]["error"].as_str().unwrap();
+    assert!(why.contains("10.77.0.3") && why.contains("could not be asked"), "{why}");
+
+    // The point holds the guest's file.
+    let got = e.path("moved");
+    e.ok(&["files", "get", name, "vda", "/moved", "--to", got.to_str().unwrap()]);
+    assert_eq!(sha256_of(&got), sum, "the file restored from the point is not the guest's");
+
+    // A bitmap removed on b (its checkpoint deleted there): not registered again, a full read
+    // with the reason, never a wrong incremental.
+    let cp = record["checkpoint"].as_str().unwrap();
+    virsh(B, &["checkpoint-delete", name, cp]);
+    let (code, out, err) = backup_vms(&e, &[name], &[&a, &b]);
+    assert_eq!(code, 0, "{err}");
+    let record = &out[0]["record"];
+    assert_eq!(record["chain"], "full", "{record}");
+    let reason = record["chain_reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("checkpoint {cp}")) && reason.contains("cannot be registered again"), "{reason}");
 }

@@ -138,6 +138,13 @@ impl Hypervisor for Handle {
         self.0.log(&format!("delete_checkpoint {name}"));
         Ok(())
     }
+    fn checkpoint_document(&self, _: &str, name: &str) -> Result<String> {
+        Ok(format!("checkpoint {name}"))
+    }
+    fn redefine_checkpoint(&self, _: &str, document: &str) -> Result<()> {
+        self.0.log(&format!("redefine_checkpoint {document}"));
+        bail!("the fake has no bitmaps")
+    }
     fn begin_backup(&self, _: &str, req: &BackupRequest) -> Result<BackupExport> {
         self.0.log("begin_backup");
         std::thread::sleep(*self.0.begin_delay.lock().unwrap());

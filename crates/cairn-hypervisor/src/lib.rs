@@ -191,6 +191,14 @@ pub trait Hypervisor: Send + Sync {
     fn checkpoints(&self, uuid: &str) -> Result<Vec<Checkpoint>>;
     /// Deletes a checkpoint; its bitmap's bits are merged into its parent's, so other chains keep working.
     fn delete_checkpoint(&self, uuid: &str, name: &str) -> Result<()>;
+    /// A checkpoint's definition (libvirt: its XML without the domain), as a restore point keeps
+    /// it to register the checkpoint again on another host.
+    fn checkpoint_document(&self, uuid: &str, name: &str) -> Result<String>;
+    /// Registers a checkpoint from its definition on this host, where its bitmaps already are
+    /// (migrated with the guest, or in the disk images on shared storage): libvirt does not
+    /// migrate checkpoint metadata. Fails, defining nothing, unless every disk of the checkpoint
+    /// holds its bitmap, consistent. The document comes from a restore point: untrusted bytes.
+    fn redefine_checkpoint(&self, uuid: &str, document: &str) -> Result<()>;
 
     /// Takes the point in time (with a new checkpoint) and exports every disk over NBD.
     fn begin_backup(&self, uuid: &str, req: &BackupRequest) -> Result<BackupExport>;

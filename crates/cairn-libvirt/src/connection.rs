@@ -280,6 +280,43 @@ impl Hypervisor for Libvirt {
         }
     }
 
+    fn checkpoint_document(&self, uuid: &str, name: &str) -> Result<String> {
+        let dom = self.domain(uuid)?;
+        let cname = cstring(name)?;
+        let cp = unsafe { sys::virDomainCheckpointLookupByName(dom.as_ptr(), cname.as_ptr(), 0) };
+        if cp.is_null() {
+            bail!("no checkpoint {name}: {}", last_error());
+        }
+        let xml = unsafe { sys::virDomainCheckpointGetXMLDesc(cp, sys::VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN) };
+        let doc = if xml.is_null() {
+            None
+        } else {
+            let d = unsafe { CStr::from_ptr(xml) }.to_string_lossy().into_owned();
+            unsafe { libc::free(xml as *mut libc::c_void) };
+            Some(d)
+        };
+        let err = if doc.is_none() { Some(last_error()) } else { None };
+        unsafe { sys::virDomainCheckpointFree(cp) };
+        doc.ok_or_else(|| anyhow!("reading checkpoint {name}: {}", err.unwrap_or_default()))
+    }
+
+    fn redefine_checkpoint(&self, uuid: &str, document: &str) -> Result<()> {
+        let dom = self.domain(uuid)?;
+        // Parsed first: a restore point's bytes, bounded and checked before libvirt sees them.
+        let cp = parse_checkpoint(document).context("the stored checkpoint definition")?;
+        // Its parent was this repository's previous checkpoint, deleted once the point was
+        // committed: the checkpoint stands alone now (as libvirt made it on the first host).
+        let doc = without_parent(document);
+        let c = cstring(&doc)?;
+        let flags = sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE;
+        let made = unsafe { sys::virDomainCheckpointCreateXML(dom.as_ptr(), c.as_ptr(), flags) };
+        if made.is_null() {
+            bail!("registering checkpoint {} again: {}", cp.name, last_error());
+        }
+        unsafe { sys::virDomainCheckpointFree(made) };
+        Ok(())
+    }
+
     fn begin_backup(&self, uuid: &str, req: &BackupRequest) -> Result<BackupExport> {
         let dom = self.domain(uuid)?;
         let socket = req.work_dir.join(cairn_hypervisor::job_socket_name(req.run_token));
@@ -557,6 +594,16 @@ pub fn parse_firmware(caps: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// `document` (a checkpoint document, parsed already) without its `<parent>` element.
+fn without_parent(document: &str) -> String {
+    let Ok(doc) = roxmltree::Document::parse(document) else { return document.to_string() };
+    let root = doc.root_element();
+    match root.children().find(|n| n.has_tag_name("parent")) {
+        Some(p) => format!("{}{}", &document[..p.range().start], &document[p.range().end..]),
+        None => document.to_string(),
+    }
+}
+
 /// Reads a libvirt checkpoint document (public for the fuzz targets: these come from libvirt, which
 /// may hold whatever an earlier writer of the VM's metadata put there).
 pub fn parse_checkpoint(xml: &str) -> Result<Checkpoint> {
@@ -590,6 +637,24 @@ pub fn parse_checkpoint(xml: &str) -> Result<Checkpoint> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_redefined_checkpoint_loses_only_its_parent() {
+        let doc = "<domaincheckpoint><name>cp2</name><parent><name>cp1</name></parent><creationTime>1</creationTime>\
+                   <disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>";
+        let out = super::without_parent(doc);
+        assert_eq!(
+            out,
+            "<domaincheckpoint><name>cp2</name><creationTime>1</creationTime>\
+             <disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>"
+        );
+        let cp = super::parse_checkpoint(&out).unwrap();
+        assert_eq!((cp.name.as_str(), cp.parent, cp.disks), ("cp2", None, vec!["vda".to_string()]));
+        assert_eq!(
+            super::without_parent("<domaincheckpoint><name>x</name></domaincheckpoint>"),
+            "<domaincheckpoint><name>x</name></domaincheckpoint>"
+        );
+    }
+
     #[test]
     fn parses_checkpoint_documents() {
         let c = super::parse_checkpoint(

@@ -5,13 +5,16 @@
 //!
 //! - `EXE serve-nbd NAME@ID --socket PATH --repo LOCATION` listens on PATH once it serves;
 //! - `EXE watchdog --connect URI --vm UUID --limit SECONDS --job-token TOKEN` runs
-//!   [`cairn_hypervisor::watchdog::run`].
+//!   [`cairn_hypervisor::watchdog::run`], on the VM's host: for a VM of another host, the cairn
+//!   installed there, over SSH ([`HostAccess::command_on_host`]), so that it guards the guest
+//!   even if the network between the two machines goes away.
 //!
 //! The repository's password goes to a helper on an inherited pipe ([`PASSWORD_FD_ENV`]),
 //! never in its environment, where it would sit in /proc/PID/environ for the helper's life.
 
 use anyhow::{bail, Context, Result};
 use cairn_hypervisor::watchdog::Watchdog;
+use cairn_vm::host::HostAccess;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,10 +24,17 @@ pub trait Helpers: Send + Sync {
     /// returns its PID once it listens. It outlives the caller (its own process group) and is
     /// stopped by whoever uses it.
     fn start_nbd_server(&self, point: &str, socket: &Path) -> Result<u32>;
-    /// Starts the watchdog of VM `uuid` at hypervisor `uri`: it thaws or resumes the guest if it
-    /// stays frozen or paused longer than `limit`, and ends the backup job named by `job_token`
-    /// if the backup dies.
-    fn start_watchdog(&self, uri: &str, uuid: &str, limit: Duration, job_token: &str) -> Result<Watchdog>;
+    /// Starts the watchdog of VM `uuid` at hypervisor `uri` of `host`, on that host: it thaws or
+    /// resumes the guest if it stays frozen or paused longer than `limit`, and ends the backup
+    /// job named by `job_token` if the backup dies.
+    fn start_watchdog(
+        &self,
+        host: &dyn HostAccess,
+        uri: &str,
+        uuid: &str,
+        limit: Duration,
+        job_token: &str,
+    ) -> Result<Watchdog>;
 }
 
 /// The environment variable naming an inherited file descriptor the repository password can be
@@ -67,11 +77,18 @@ impl Helpers for ExeHelpers {
         Ok(child.id())
     }
 
-    fn start_watchdog(&self, uri: &str, uuid: &str, limit: Duration, job_token: &str) -> Result<Watchdog> {
+    fn start_watchdog(
+        &self,
+        host: &dyn HostAccess,
+        uri: &str,
+        uuid: &str,
+        limit: Duration,
+        job_token: &str,
+    ) -> Result<Watchdog> {
         let args: Vec<String> = vec![
             "watchdog".into(),
             "--connect".into(),
-            uri.into(),
+            host.uri_on_host(uri),
             "--vm".into(),
             uuid.into(),
             "--limit".into(),
@@ -79,7 +96,12 @@ impl Helpers for ExeHelpers {
             "--job-token".into(),
             job_token.into(),
         ];
-        Watchdog::start(&self.exe, &args)
+        match host.command_on_host(&args) {
+            Some((program, args)) => Watchdog::start(&program, &args).with_context(|| {
+                format!("starting the watchdog on {} (it runs there, next to the guest)", host.name())
+            }),
+            None => Watchdog::start(&self.exe, &args),
+        }
     }
 }
 

@@ -32,7 +32,15 @@ pub const SETTINGS: &[(&str, &[(&str, &str)])] = &[
     ),
     ("cache", &[("dir", "CAIRN_CACHE_DIR"), ("max", "CAIRN_CACHE_MAX")]),
     // The hypervisor hosts commands work on when none is named (a list: URIs joined by spaces).
-    ("hosts", &[("uris", "CAIRN_HOSTS")]),
+    // remote_cairn and remote_work_dir: how cairn runs on those of another machine (over SSH).
+    (
+        "hosts",
+        &[
+            ("uris", "CAIRN_HOSTS"),
+            ("remote_cairn", "CAIRN_REMOTE_CAIRN"),
+            ("remote_work_dir", "CAIRN_REMOTE_WORK_DIR"),
+        ],
+    ),
     ("network", &[("limit_upload", "CAIRN_LIMIT_UPLOAD"), ("request_timeout", "CAIRN_REQUEST_TIMEOUT")]),
     (
         "azure",

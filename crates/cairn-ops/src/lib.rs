@@ -19,6 +19,8 @@
 //! - [`maintenance`]: forget (retention), prune, protect;
 //! - [`init`]: a new repository (encrypted, immutable, a copy target);
 //! - [`image`]: a disk image (file, device, NBD export) backed up as a point, and restored;
+//! - [`hosts`]: the hosts of a host list opened for VM jobs (this machine, or over SSH), and
+//!   which host a VM is on;
 //! - [`vm_list`]: the VMs of a host, with the backup method each qualifies for;
 //! - [`vm_backup`]: back up VMs (each under its watchdog), boot-check the new points;
 //! - [`vm_recover`]: a VM restore point back into a VM on this host (plan, then execute);
@@ -36,6 +38,7 @@ mod error;
 pub mod files;
 pub mod helpers;
 pub mod host_config;
+pub mod hosts;
 pub mod image;
 pub mod init;
 pub mod mail;

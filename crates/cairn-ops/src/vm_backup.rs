@@ -1,19 +1,24 @@
-//! Backing up VMs: each VM of the request, found by name or UUID, backed up under its watchdog
-//! ([`cairn_vm::backup::backup_vm`]), then boot-checked if asked. One VM's failure does not stop
+//! Backing up VMs: each VM of the request, found by name or UUID on whichever host of the host
+//! list it runs ([`crate::hosts::locate`]), backed up under its watchdog
+//! ([`cairn_vm::backup::backup_vm`]) through its host's [`HostAccess`] (this machine, or another
+//! host over SSH), then boot-checked if asked. Hosts run in parallel, each with at most
+//! [`BackupVmsRequest::per_host`] VMs at a time; one VM's failure (or its host's) does not stop
 //! the others; each gets its own outcome.
 
 use crate::boot_check::{boot_check, BootCheckRequest, BootOutcome};
 use crate::cancel::Cancel;
-use crate::error::{OpError, OpResult};
+use crate::error::{ErrorKind, OpError, OpResult};
 use crate::helpers::Helpers;
+use crate::hosts::{connect_all, locate, open_access, Connect, ListedHost, RemoteSettings};
 use cairn_engine::Progress;
 use cairn_hypervisor::watchdog::Watchdog;
-use cairn_hypervisor::{Hypervisor, VmState};
+use cairn_hypervisor::{Hypervisor, VmState, VmSummary};
 use cairn_repo::vm_record::VmRecord;
 use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use cairn_vm::backup::{backup_vm, new_run_token, VmBackupOptions};
-use std::sync::Arc;
+use cairn_vm::host::HostAccess;
+use std::sync::{Arc, Mutex};
 
 pub struct BackupVmsRequest {
     /// VMs by name or UUID; each becomes one restore point named after the VM.
@@ -22,6 +27,8 @@ pub struct BackupVmsRequest {
     pub options: VmBackupOptions,
     /// Boot-check each new point, and how.
     pub boot_check: Option<BootCheckRequest>,
+    /// At most this many VMs of one host backed up at once (at least 1).
+    pub per_host: usize,
 }
 
 /// A VM's restore point, and its boot check if one was asked for.
@@ -47,60 +54,157 @@ impl BackedUp {
 pub struct VmBackupOutcome {
     /// The VM as the request named it.
     pub vm: String,
+    /// The host it was found on (its URI), if it was found.
+    pub host: Option<String>,
     pub result: OpResult<BackedUp>,
 }
 
-/// Backs up every VM of `req` in order. `on_done` sees each outcome as soon as it is known
-/// (an interface prints it while the next VM runs). A cancellation stops the VM under way at
-/// its next batch of blocks (its guest thawed or resumed and its backup job ended as after any
-/// failure, no point written) and gets the VMs not started a `Cancelled` outcome too.
+/// Backs up every VM of `req`, found among `hosts` (hypervisor URIs; `connect` opens one).
+/// `on_done` sees each outcome as soon as it is known (an interface prints it while other VMs
+/// run); the outcomes are returned in the request's order. A cancellation stops the VMs under
+/// way at their next batch of blocks (their guests thawed or resumed and their backup jobs ended
+/// as after any failure, no point written) and gets the VMs not started a `Cancelled` outcome.
+#[allow(clippy::too_many_arguments)] // one request, and the interface's services
 pub fn backup_vms(
-    hv: &dyn Hypervisor,
+    hosts: &[String],
+    connect: &Connect<'_>,
+    remote: &RemoteSettings,
     repo: &Arc<Repository>,
     req: &BackupVmsRequest,
     helpers: &dyn Helpers,
     progress: &dyn Progress,
     cancel: &Cancel,
-    on_done: &mut dyn FnMut(&VmBackupOutcome),
+    on_done: &mut (dyn FnMut(&VmBackupOutcome) + Send),
 ) -> Vec<VmBackupOutcome> {
     let progress = &cancel.watching(progress);
-    let mut outcomes = Vec::new();
-    for name in &req.vms {
-        let result = cancel.check(&format!("the backup of VM {name}")).and_then(|()| {
-            let (id, point, record) = backup_one(hv, repo, name, &req.options, helpers, progress)?;
-            let boot = req.boot_check.as_ref().map(|b| {
-                cancel.check(&format!("the boot check of {name}"))?;
-                boot_check(hv, repo, &id, &point, b, helpers, progress)
-            });
-            Ok(BackedUp { id, point, record, boot })
-        });
-        let outcome = VmBackupOutcome { vm: name.clone(), result };
-        on_done(&outcome);
-        outcomes.push(outcome);
+    let mut slots: Vec<Option<VmBackupOutcome>> = req.vms.iter().map(|_| None).collect();
+    let on_done = Mutex::new(on_done);
+    let finish = |slots: &mut Vec<Option<VmBackupOutcome>>, i: usize, o: VmBackupOutcome| {
+        (on_done.lock().unwrap())(&o);
+        slots[i] = Some(o);
+    };
+    if cancel.is_cancelled() {
+        for (i, name) in req.vms.iter().enumerate() {
+            let result = cancel.check(&format!("the backup of VM {name}")).map(|()| unreachable!());
+            finish(&mut slots, i, VmBackupOutcome { vm: name.clone(), host: None, result });
+        }
+        return slots.into_iter().flatten().collect();
     }
-    outcomes
+    let listed = connect_all(hosts, connect);
+    // Each VM to its host; one VM named twice is backed up once.
+    let mut queues: Vec<Vec<(usize, VmSummary)>> = listed.iter().map(|_| Vec::new()).collect();
+    let mut seen: Vec<String> = Vec::new();
+    for (i, name) in req.vms.iter().enumerate() {
+        match locate(name, &listed) {
+            Ok((h, vm)) if !seen.contains(&vm.uuid) => {
+                seen.push(vm.uuid.clone());
+                queues[h].push((i, vm));
+            }
+            Ok((h, vm)) => {
+                let e = anyhow::anyhow!("VM {} ({}) is named twice in the request", vm.name, vm.uuid);
+                let result = Err(OpError::new(ErrorKind::InvalidRequest, e));
+                finish(&mut slots, i, VmBackupOutcome { vm: name.clone(), host: Some(listed[h].uri.clone()), result });
+            }
+            Err(e) => finish(&mut slots, i, VmBackupOutcome { vm: name.clone(), host: None, result: Err(e) }),
+        }
+    }
+    let slots = Mutex::new(slots);
+    std::thread::scope(|scope| {
+        for (h, queue) in queues.into_iter().enumerate() {
+            if queue.is_empty() {
+                continue;
+            }
+            let (host, slots, finish) = (&listed[h], &slots, &finish);
+            scope.spawn(move || {
+                let done = |i: usize, result: OpResult<BackedUp>, name: &str| {
+                    let o = VmBackupOutcome { vm: name.to_string(), host: Some(host.uri.clone()), result };
+                    finish(&mut slots.lock().unwrap(), i, o);
+                };
+                let names: Vec<(usize, String)> = queue.iter().map(|(i, _)| (*i, req.vms[*i].clone())).collect();
+                let access = match open_access(&host.uri, &req.options.work_dir, remote) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        for (i, name) in names {
+                            let e = OpError::new(e.kind(), anyhow::anyhow!("{why}"));
+                            done(i, Err(e), &name);
+                        }
+                        return;
+                    }
+                };
+                let hv = host.hv.as_ref().expect("a VM was located on a host that answered");
+                let queue = Mutex::new(queue.into_iter());
+                std::thread::scope(|per_host| {
+                    for _ in 0..req.per_host.max(1) {
+                        let (queue, hv, access) = (&queue, hv.as_ref(), access.as_ref());
+                        per_host.spawn(move || loop {
+                            let Some((i, vm)) = queue.lock().unwrap().next() else { break };
+                            let name = &req.vms[i];
+                            let result = cancel.check(&format!("the backup of VM {name}")).and_then(|()| {
+                                back_up_and_check(hv, access, host, repo, vm, req, helpers, progress, cancel)
+                            });
+                            done(i, result, name);
+                        });
+                    }
+                });
+            });
+        }
+    });
+    slots.into_inner().unwrap().into_iter().flatten().collect()
 }
 
-/// One VM's backup, guarded by a watchdog while its guest runs.
+/// One VM's backup and its boot check.
+#[allow(clippy::too_many_arguments)]
+fn back_up_and_check(
+    hv: &dyn Hypervisor,
+    access: &dyn HostAccess,
+    host: &ListedHost,
+    repo: &Arc<Repository>,
+    vm: VmSummary,
+    req: &BackupVmsRequest,
+    helpers: &dyn Helpers,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> OpResult<BackedUp> {
+    let name = vm.name.clone();
+    let (id, point, record) = backup_one(hv, access, repo, vm, &req.options, helpers, progress)?;
+    let boot = req.boot_check.as_ref().map(|b| {
+        cancel.check(&format!("the boot check of {name}"))?;
+        if access.command_on_host(&[]).is_some() {
+            // The sandbox reads the point from this machine's repository over NBD.
+            return Err(OpError::new(
+                ErrorKind::InvalidRequest,
+                anyhow::anyhow!(
+                    "boot checks run on the repository's machine, and VM {name} is on {}: check the point on a hypervisor of this machine",
+                    host.uri
+                ),
+            ));
+        }
+        boot_check(hv, repo, &id, &point, b, helpers, progress)
+    });
+    Ok(BackedUp { id, point, record, boot })
+}
+
+/// One VM's backup, guarded by a watchdog while its guest runs (on the VM's host).
 fn backup_one(
     hv: &dyn Hypervisor,
+    access: &dyn HostAccess,
     repo: &Arc<Repository>,
-    name: &str,
+    vm: VmSummary,
     options: &VmBackupOptions,
     helpers: &dyn Helpers,
     progress: &dyn Progress,
 ) -> Result<(PointId, RestorePoint, VmRecord), OpError> {
-    let vm = hv.find(name)?;
     let opts = VmBackupOptions { run_token: new_run_token(), ..options.clone() };
     // A shut-off VM has nothing to guard: no freeze, no pause, no backup job.
     let mut dog = if vm.state != VmState::ShutOff {
-        let dog = helpers.start_watchdog(hv.uri(), &vm.uuid, opts.freeze_limit, &opts.run_token)?;
-        progress.note(&format!("{}: watchdog running {}", vm.name, dog.mode()));
+        let dog = helpers.start_watchdog(access, hv.uri(), &vm.uuid, opts.freeze_limit, &opts.run_token)?;
+        progress.note(&format!("{}: watchdog running on {} {}", vm.name, access.name(), dog.mode()));
         dog
     } else {
         Watchdog::none()
     };
-    let r = backup_vm(hv, repo, &vm, &opts, &mut dog, progress);
+    let r = backup_vm(hv, access, repo, &vm, &opts, &mut dog, progress);
     if r.is_ok() {
         dog.done();
     }
@@ -122,7 +226,14 @@ mod tests {
         fn start_nbd_server(&self, _: &str, _: &Path) -> anyhow::Result<u32> {
             panic!("no NBD server expected")
         }
-        fn start_watchdog(&self, _: &str, _: &str, _: Duration, _: &str) -> anyhow::Result<Watchdog> {
+        fn start_watchdog(
+            &self,
+            _: &dyn HostAccess,
+            _: &str,
+            _: &str,
+            _: Duration,
+            _: &str,
+        ) -> anyhow::Result<Watchdog> {
             panic!("no watchdog expected")
         }
     }
@@ -145,7 +256,30 @@ mod tests {
                 freeze_limit: Duration::from_secs(10),
             },
             boot_check: None,
+            per_host: 1,
         }
+    }
+
+    /// Backs up `vms` on the one host that `fake` is.
+    fn run(
+        fake: &Arc<Fake>,
+        repo: &Arc<Repository>,
+        vms: &[&str],
+        cancel: &Cancel,
+        seen: &mut Vec<String>,
+    ) -> Vec<VmBackupOutcome> {
+        let connect = |_: &str| -> anyhow::Result<Box<dyn Hypervisor>> { Ok(Box::new(Handle(fake.clone()))) };
+        backup_vms(
+            &["fake:///".to_string()],
+            &connect,
+            &RemoteSettings::from_env(),
+            repo,
+            &request(vms),
+            &NoHelpers,
+            &cairn_engine::NoProgress,
+            cancel,
+            &mut |o| seen.push(o.vm.clone()),
+        )
     }
 
     fn new_repository() -> (tempfile::TempDir, Arc<Repository>) {
@@ -162,15 +296,7 @@ mod tests {
         let cancel = Cancel::new();
         cancel.cancel();
         let mut seen = Vec::new();
-        let outcomes = backup_vms(
-            &Handle(fake.clone()),
-            &repo,
-            &request(&["web", "db"]),
-            &NoHelpers,
-            &cairn_engine::NoProgress,
-            &cancel,
-            &mut |o| seen.push(o.vm.clone()),
-        );
+        let outcomes = run(&fake, &repo, &["web", "db"], &cancel, &mut seen);
         assert_eq!(seen, ["web", "db"], "each outcome is reported as it is known");
         for o in &outcomes {
             let e = o.result.as_ref().err().expect("a cancelled VM backed up");
@@ -184,15 +310,7 @@ mod tests {
     fn an_unknown_vm_is_not_found_and_the_others_go_on() {
         let (_t, repo) = new_repository();
         let fake = Arc::new(Fake::default());
-        let outcomes = backup_vms(
-            &Handle(fake.clone()),
-            &repo,
-            &request(&["ghost", "phantom"]),
-            &NoHelpers,
-            &cairn_engine::NoProgress,
-            &Cancel::new(),
-            &mut |_| {},
-        );
+        let outcomes = run(&fake, &repo, &["ghost", "phantom"], &Cancel::new(), &mut Vec::new());
         assert_eq!(outcomes.len(), 2, "one VM's failure stopped the others");
         for o in &outcomes {
             let e = o.result.as_ref().err().expect("an unknown VM backed up");

@@ -83,6 +83,11 @@ pub struct VmRecord {
     pub checkpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incremental_from: Option<String>,
+    /// The definition of `checkpoint` (libvirt: its XML without the domain), to register it again
+    /// on a host the VM moved to: libvirt does not migrate checkpoint metadata, while QEMU
+    /// migrates the bitmaps (and a qcow2 on shared storage keeps them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_document: Option<String>,
     pub events: Vec<Event>,
     /// Freeze returned → thaw returned.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -15,13 +15,14 @@
 //!    repository. A failure before the commit ends the job and deletes the new checkpoint, so the
 //!    old one (whose bitmap then holds every write since it) still matches the last restore point.
 
+use crate::host::{private_dir, HostAccess};
 use crate::Refusal;
 use anyhow::{anyhow, bail, Context, Result};
 use cairn_disk::swap::{find_swap, skip_ranges};
 use cairn_engine::backup::{backup_with, BackupOptions, DiskInput};
 use cairn_engine::progress::Progress;
 use cairn_engine::ranges::Range;
-use cairn_engine::source::{open_path, FileSource, ImageFormat, NbdSource, Source};
+use cairn_engine::source::{ImageFormat, NbdSource, Source};
 use cairn_hypervisor::watchdog::{Guard, Watchdog};
 use cairn_hypervisor::{AgentStatus, BackupExport, BackupRequest, Hypervisor, VmDisk, VmState, VmSummary};
 use cairn_repo::vm_record::{Event, FileRecord, HookRun, SkippedSwap};
@@ -41,7 +42,9 @@ pub struct VmBackupOptions {
     /// Shell commands run in the guest (through the agent) before the freeze and after the thaw.
     pub pre_freeze: Vec<String>,
     pub post_thaw: Vec<String>,
-    /// Host folder for NBD sockets, scratch (fleecing) files and memory state; per VM inside.
+    /// Folder of this machine for the VMs' locks; per VM inside. For a VM of this machine, also
+    /// its NBD sockets, scratch (fleecing) files and memory state (a VM of another host has them
+    /// in its host's [`HostAccess::work_dir`]).
     pub work_dir: PathBuf,
     pub compression_level: i32,
     pub workers: usize,
@@ -215,105 +218,6 @@ fn is_permission_denied(e: &anyhow::Error) -> bool {
         .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied))
 }
 
-/// Makes `path` a folder only we can write, or checks that it is one: created with mode 0700
-/// (and any missing parent too); an existing one must be a real folder (not a symbolic link),
-/// owned by our effective user, and writable by nobody else. Its parents must be owned by root or
-/// us and be writable by nobody else unless sticky (like /tmp), and no symbolic link on the way
-/// may belong to another user: otherwise someone could swap the folder, or what we put in it (NBD
-/// sockets the backup reads, scratch files, memory states, lock files), for their own.
-pub fn private_dir(path: &Path) -> Result<()> {
-    let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
-    // What exists now is what check_parents vouches for; everything below it is created by us.
-    let existing = path.ancestors().find(|p| std::fs::symlink_metadata(p).is_ok()).unwrap_or(Path::new("/"));
-    let existing = existing.to_path_buf();
-    check_parents(&path)?;
-    create_private(&path, &existing)?;
-    check_private(&path)
-}
-
-/// Creates the folders of `path` below `existing` (its deepest folder that existed when the
-/// parents were checked) one at a time, top down, each 0700, and checks each right after: under a
-/// sticky folder such as /tmp another user may create a missing one between our check of the
-/// parents and our mkdir, and we must not go on inside theirs. (Once one is ours, nobody else can
-/// create or swap anything beneath it.)
-fn create_private(path: &Path, existing: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    let missing: Vec<&Path> = path.ancestors().take_while(|p| *p != existing).collect();
-    for p in missing.into_iter().rev() {
-        match std::fs::DirBuilder::new().mode(0o700).create(p) {
-            Ok(()) => {}
-            // Made by someone else meanwhile: only good if it is ours (a cairn run of ours).
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot create folder {}", p.display())),
-        }
-        check_private(p)?;
-    }
-    Ok(())
-}
-
-/// Owned by us, a folder not a symlink, writable only by us.
-fn check_private(path: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let refuse = |why: String| -> anyhow::Error {
-        anyhow!("refusing to use folder {}: {why}; remove it (or use another folder)", path.display())
-    };
-    let m = std::fs::symlink_metadata(path).with_context(|| format!("cannot read folder {}", path.display()))?;
-    if m.file_type().is_symlink() {
-        return Err(refuse("it is a symbolic link".into()));
-    }
-    if !m.is_dir() {
-        return Err(refuse("it is not a folder".into()));
-    }
-    let me = unsafe { libc::geteuid() };
-    if m.uid() != me {
-        return Err(refuse(format!("it belongs to user {}, not to us (user {me})", m.uid())));
-    }
-    if m.mode() & 0o022 != 0 {
-        return Err(refuse(format!("other users can write in it (mode {:04o})", m.mode() & 0o7777)));
-    }
-    Ok(())
-}
-
-/// The folders above `path`: see [`private_dir`].
-fn check_parents(path: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let me = unsafe { libc::geteuid() };
-    let trusted = |uid: u32| uid == 0 || uid == me;
-    // Symbolic links on the way: their owner could point them elsewhere after our checks.
-    for p in path.ancestors().skip(1) {
-        if let Ok(m) = std::fs::symlink_metadata(p) {
-            if m.file_type().is_symlink() && !trusted(m.uid()) {
-                bail!(
-                    "refusing to use folder {}: {} is a symbolic link that belongs to user {}",
-                    path.display(),
-                    p.display(),
-                    m.uid()
-                );
-            }
-        }
-    }
-    // The real folders above it (the deepest one that exists, resolved, and every parent).
-    let Some(existing) = path.ancestors().skip(1).find(|p| p.exists()) else { return Ok(()) };
-    let real = std::fs::canonicalize(existing).with_context(|| format!("resolving {}", existing.display()))?;
-    for p in real.ancestors() {
-        let m = std::fs::symlink_metadata(p).with_context(|| format!("cannot read folder {}", p.display()))?;
-        let open = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
-        if !trusted(m.uid()) || open {
-            bail!(
-                "refusing to use folder {}: {} {}",
-                path.display(),
-                p.display(),
-                if open {
-                    format!("can be written by other users (mode {:04o}, not sticky)", m.mode() & 0o7777)
-                } else {
-                    format!("belongs to user {}", m.uid())
-                }
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Ends the backup job this run started, if it runs (a failure after `begin_backup`). Ok once no
 /// job of this run runs: the watchdog may then forget it, and not before.
 fn end_our_job(hv: &dyn Hypervisor, uuid: &str, token: &str) -> Result<()> {
@@ -371,11 +275,12 @@ fn resume(hv: &dyn Hypervisor, uuid: &str) -> Result<bool> {
 
 /// A file removed when dropped: the memory state (a dump of guest RAM) must not outlive the run,
 /// whatever path the run leaves by.
-struct RemoveOnDrop<'a>(&'a Path);
+/// A file of the host, removed when this goes.
+struct RemoveOnDrop<'a>(&'a dyn HostAccess, &'a Path);
 
 impl Drop for RemoveOnDrop<'_> {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.0);
+        self.0.remove_file(self.1);
     }
 }
 
@@ -416,6 +321,7 @@ pub fn vm_work_dir(work_dir: &Path, uuid: &str) -> PathBuf {
 /// [`take_live_point`], [`read_live_point`] and [`end_live_backup`] for a running one.
 pub fn backup_vm(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     repo: &Arc<Repository>,
     vm: &VmSummary,
     opts: &VmBackupOptions,
@@ -424,7 +330,7 @@ pub fn backup_vm(
 ) -> Result<(PointId, RestorePoint, VmRecord)> {
     let mut clock = Clock { t0: Instant::now(), events: Vec::new() };
     clock.mark("prepare");
-    let prep = prepare(hv, repo, vm, opts, progress)?;
+    let prep = prepare(hv, host, repo, vm, opts, progress)?;
     let (method, method_reason) = choose_method(hv, vm, opts.method)?;
     let disks: Vec<VmDisk> = vm.config.disks.iter().filter(|d| d.is_backed_up()).cloned().collect();
     if disks.is_empty() {
@@ -432,6 +338,7 @@ pub fn backup_vm(
     }
     let mut record = new_record(hv, repo, vm, method, method_reason)?;
     progress.note(&format!("{}: method {} ({})", vm.name, method.as_str(), record.method_reason));
+    let mut registered: Option<String> = None;
     let chain = if opts.full {
         Err("a full read was asked for".to_string())
     } else {
@@ -443,27 +350,44 @@ pub fn backup_vm(
             prep.last.as_ref(),
             last_record.as_ref(),
             prep.forgotten_checkpoint.as_deref(),
+            &mut registered,
         )
     };
+    if let Some(r) = &registered {
+        progress.note(&format!("{}: the checkpoint of its last restore point was {r}", vm.name));
+    }
     if method == Method::Offline {
-        return backup_offline(repo, vm, &disks, chain, prep.last, record, clock, opts, progress);
+        return backup_offline(host, repo, vm, &disks, chain, prep.last, record, clock, opts, progress);
     }
 
     let new_checkpoint =
         format!("{}{}", prep.prefix, SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_millis());
     let memory_file = prep.dir.join(format!("memory-{}.state", opts.run_token));
-    let _memory_file = RemoveOnDrop(&memory_file);
-    let live = LivePoint { dir: &prep.dir, disks: &disks, new_checkpoint: &new_checkpoint, memory_file: &memory_file };
+    let _memory_file = RemoveOnDrop(host, &memory_file);
+    let live =
+        LivePoint { host, dir: &prep.dir, disks: &disks, new_checkpoint: &new_checkpoint, memory_file: &memory_file };
     let (export, listed_changes, chain) =
         take_live_point(hv, repo, vm, method, &live, chain, opts, watchdog, &mut clock, &mut record, progress)?;
     let all_qcow2 = disks.iter().all(|d| d.supports_checkpoints());
     record.checkpoint = if all_qcow2 { Some(new_checkpoint.clone()) } else { None };
+    if all_qcow2 {
+        // Kept in the point: on another host (after a migration) it is registered again from it.
+        match hv.checkpoint_document(&vm.uuid, &new_checkpoint) {
+            Ok(doc) => record.checkpoint_document = Some(doc),
+            Err(e) => record.warnings.push(format!(
+                "the definition of checkpoint {new_checkpoint} could not be read ({e:#}): if the VM moves to another host, its next backup reads everything"
+            )),
+        }
+    }
     match &chain {
         Ok(cp) => {
             record.chain = "incremental".into();
             record.incremental_from = Some(cp.clone());
             record.chain_reason =
                 format!("checkpoint {cp} matches restore point {}", &prep.last.as_ref().unwrap().0.short());
+            if let Some(r) = &registered {
+                record.chain_reason.push_str(&format!("; {r}"));
+            }
         }
         Err(why) => {
             record.chain_reason = if all_qcow2 {
@@ -490,13 +414,13 @@ pub fn backup_vm(
     // The job ends either way; its scratch files go with it.
     let ended = end_job(hv, &vm.uuid, &opts.run_token);
     drop(_memory_file);
-    let _ = std::fs::remove_file(&export.socket);
+    host.remove_file(&export.socket);
     end_live_backup(hv, &vm.uuid, &prep.prefix, &new_checkpoint, result, ended, watchdog)
 }
 
 /// What [`prepare`] found and holds for the rest of a backup.
 struct Prepared {
-    /// The VM's work folder (sockets, scratch files, memory state), ours alone.
+    /// The VM's work folder on its host (sockets, scratch files, memory state), ours alone.
     dir: PathBuf,
     /// Held until the backup ends: no other cairn run backs up this VM meanwhile.
     _lock: VmLock,
@@ -514,17 +438,19 @@ struct Prepared {
 /// restore point refers to).
 fn prepare(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     repo: &Arc<Repository>,
     vm: &VmSummary,
     opts: &VmBackupOptions,
     progress: &dyn Progress,
 ) -> Result<Prepared> {
     let uuid = vm.uuid.as_str();
-    let dir = vm_work_dir(&opts.work_dir, uuid);
-    // The folder where libvirt puts the sockets we read from.
+    let lock_dir = vm_work_dir(&opts.work_dir, uuid);
     private_dir(&opts.work_dir).context("the work folder")?;
-    private_dir(&dir).context("the VM's work folder")?;
-    let lock = lock_vm(&dir, uuid, &vm.name)?;
+    private_dir(&lock_dir).context("the VM's work folder")?;
+    let lock = lock_vm(&lock_dir, uuid, &vm.name)?;
+    // The folder where the hypervisor puts the sockets we read from: on the VM's host.
+    let dir = vm_work_dir(host.work_dir(), uuid);
     let prefix = checkpoint_prefix(repo);
     let last = last_point_of(repo, uuid)?;
     if vm.state != VmState::ShutOff {
@@ -542,15 +468,7 @@ fn prepare(
             }
         }
     }
-    for e in std::fs::read_dir(&dir)?.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        let run_file = n.ends_with(".scratch.qcow2")
-            || (n.starts_with("memory") && n.ends_with(".state"))
-            || (n.starts_with("nbd") && n.ends_with(".sock"));
-        if run_file {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
+    host.prepare_dir(&dir)?;
     let keep = last.as_ref().and_then(|(_, p)| VmRecord::of(p)).and_then(|r| r.checkpoint);
     let mut forgotten_checkpoint: Option<String> = None;
     if vm.state != VmState::ShutOff {
@@ -597,6 +515,7 @@ fn new_record(
         chain_reason: String::new(),
         checkpoint: None,
         incremental_from: None,
+        checkpoint_document: None,
         events: Vec::new(),
         frozen_window_ms: None,
         offline_window_ms: None,
@@ -614,6 +533,7 @@ fn new_record(
 /// in each qcow2 image) lists when `chain` trusts it.
 #[allow(clippy::too_many_arguments)] // the backup's state, handed on once
 fn backup_offline(
+    host: &dyn HostAccess,
     repo: &Arc<Repository>,
     vm: &VmSummary,
     disks: &[VmDisk],
@@ -629,7 +549,7 @@ fn backup_offline(
     if let Ok(cp) = chain.clone() {
         // QEMU stored the checkpoint's bitmap in each qcow2 image when it closed them cleanly;
         // after a crash it is missing or marked inconsistent, and qemu-nbd refuses it.
-        match open_files(disks, Some(&cp), skip_swap(opts, method), &mut record) {
+        match open_files(host, disks, Some(&cp), skip_swap(opts, method), &mut record) {
             Ok(i) => inputs = Some(i),
             Err(e) => {
                 record.skipped_swap.clear();
@@ -639,7 +559,7 @@ fn backup_offline(
     }
     let inputs = match inputs {
         Some(i) => i,
-        None => open_files(disks, None, skip_swap(opts, method), &mut record)?,
+        None => open_files(host, disks, None, skip_swap(opts, method), &mut record)?,
     };
     match chain {
         Ok(cp) => {
@@ -650,6 +570,8 @@ fn backup_offline(
             );
             // The checkpoint keeps recording from where it started: it stays this chain's base.
             record.incremental_from = Some(cp.clone());
+            record.checkpoint_document =
+                last.as_ref().and_then(|(_, p)| VmRecord::of(p)).and_then(|r| r.checkpoint_document);
             record.checkpoint = Some(cp);
         }
         Err(why) => {
@@ -658,11 +580,12 @@ fn backup_offline(
     }
     progress.note(&format!("{}: {} read ({})", vm.name, record.chain, record.chain_reason));
     clock.mark("point created");
-    commit(repo, vm, inputs, last, record, clock, opts, progress)
+    commit(host, repo, vm, inputs, last, record, clock, opts, progress)
 }
 
 /// Where a live point's files go and what it is called.
 struct LivePoint<'a> {
+    host: &'a dyn HostAccess,
     dir: &'a Path,
     disks: &'a [VmDisk],
     new_checkpoint: &'a str,
@@ -705,7 +628,7 @@ fn take_live_point(
             work_dir: live.dir,
             run_token: &opts.run_token,
         };
-        let taken = take_point(hv, vm, method, &req, opts, live.memory_file, watchdog, clock, record);
+        let taken = take_point(hv, live.host, vm, method, &req, opts, live.memory_file, watchdog, clock, record);
         // A failure after the job started (a thaw that failed, a point too late) leaves it.
         let job_gone = if taken.is_err() { end_our_job(hv, uuid, &opts.run_token) } else { Ok(()) };
         match taken {
@@ -752,12 +675,12 @@ fn read_live_point(
     progress: &dyn Progress,
 ) -> Result<(PointId, RestorePoint, VmRecord)> {
     if let Some(o) = &opts.oracle_dir {
-        pull_with_qemu_img(export, o)?;
+        pull_with_qemu_img(live.host, export, o)?;
     }
     let method = record.method;
     let mut inputs = Vec::new();
     for (i, (d, e)) in live.disks.iter().zip(&export.disks).enumerate() {
-        let addr = cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?;
+        let addr = live.host.reach(&cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?)?;
         let bitmap = match (incremental, &e.dirty_context) {
             (true, Some(c)) => c.strip_prefix("qemu:dirty-bitmap:").map(String::from),
             _ => None,
@@ -772,12 +695,13 @@ fn read_live_point(
         inputs.push(disk_input(d, Box::new(src), changed, skip_swap(opts, method), &mut record)?);
     }
     if record.method == Method::SavedState {
-        let mut input = DiskInput::new("memory-state", Box::new(FileSource::open(live.memory_file)?));
+        let state = live.memory_file.to_str().context("the memory state's path is not UTF-8")?;
+        let mut input = DiskInput::new("memory-state", live.host.open_image(state, Some(ImageFormat::Raw), None)?);
         input.role = Some("memory-state".into());
         inputs.push(input);
         record.memory_state = Some("memory-state".into());
     }
-    commit(repo, vm, inputs, last, record, clock, opts, progress)
+    commit(live.host, repo, vm, inputs, last, record, clock, opts, progress)
 }
 
 /// After the backup job ended (`ended`): on success the new checkpoint backs the newest point
@@ -829,6 +753,7 @@ fn skip_swap(opts: &VmBackupOptions, method: Method) -> bool {
 /// Opens a shut-off VM's disk files; with `bitmap`, each disk's changed ranges come from that
 /// persistent dirty bitmap in its qcow2 image.
 fn open_files(
+    host: &dyn HostAccess,
     disks: &[VmDisk],
     bitmap: Option<&str>,
     skip_swap: bool,
@@ -841,8 +766,9 @@ fn open_files(
             .as_deref()
             .with_context(|| format!("disk {} of the shut-off VM has no file or device to read", d.target))?;
         let format = ImageFormat::parse(&d.format).unwrap_or(ImageFormat::Raw);
-        let mut src =
-            open_path(path, Some(format), bitmap).with_context(|| format!("opening disk {} ({path})", d.target))?;
+        let mut src = host
+            .open_image(path, Some(format), bitmap)
+            .with_context(|| format!("opening disk {} ({path}) on {}", d.target, host.name()))?;
         let changed = match bitmap {
             Some(b) => Some(src.dirty_ranges(b)?),
             None => None,
@@ -852,7 +778,9 @@ fn open_files(
     Ok(inputs)
 }
 
-/// Decides whether the checkpoint of the VM's last restore point can be trusted.
+/// Decides whether the checkpoint of the VM's last restore point can be trusted. One that is not
+/// registered on the VM's host is registered again from the point's record if the hypervisor
+/// finds its bitmaps there; `registered` then says so, for the chain's reason.
 fn trust_checkpoint(
     hv: &dyn Hypervisor,
     uuid: &str,
@@ -860,6 +788,7 @@ fn trust_checkpoint(
     last: Option<&(PointId, RestorePoint)>,
     record: Option<&VmRecord>,
     forgotten_checkpoint: Option<&str>,
+    registered: &mut Option<String>,
 ) -> std::result::Result<String, String> {
     let Some((last_id, last)) = last else {
         return Err("first backup of this VM in this repository".into());
@@ -891,15 +820,32 @@ fn trust_checkpoint(
     let Some(cp) = record.and_then(|r| r.checkpoint.clone()) else {
         return Err(format!("the previous restore point {short} left no checkpoint"));
     };
-    let cps = hv.checkpoints(uuid).map_err(|e| format!("cannot list the VM's checkpoints: {e:#}"))?;
-    let Some(found) = cps.iter().find(|c| c.name == cp) else {
+    let mut cps = hv.checkpoints(uuid).map_err(|e| format!("cannot list the VM's checkpoints: {e:#}"))?;
+    if !cps.iter().any(|c| c.name == cp) {
         if let Some(later) = forgotten_checkpoint {
             return Err(format!(
                 "checkpoint {cp} of restore point {short} no longer exists on the VM: the newest restore point, \
                  made with checkpoint {later}, was removed (forget), so restore point {short} is the newest again"
             ));
         }
-        return Err(format!("checkpoint {cp} of restore point {short} no longer exists on the VM"));
+        // Not registered on this host: the VM moved here (libvirt does not migrate checkpoint
+        // metadata), or the host lost it. Its bitmaps may be here all the same: registered again
+        // from the point, and checked by the hypervisor, or a full read with the reason.
+        let Some(doc) = record.and_then(|r| r.checkpoint_document.as_deref()) else {
+            return Err(format!("checkpoint {cp} of restore point {short} no longer exists on the VM"));
+        };
+        // URIs without their parameters (key files and the like): messages name hosts.
+        let bare = |u: &str| u.split('?').next().unwrap_or("").to_string();
+        let (then, now) = (bare(record.map(|r| r.hypervisor.as_str()).unwrap_or("")), bare(hv.uri()));
+        let whence = if then != now { format!(" (restore point {short} was taken on {then})") } else { String::new() };
+        hv.redefine_checkpoint(uuid, doc).map_err(|e| {
+            format!("checkpoint {cp} of restore point {short} is not registered on {now}{whence} and cannot be registered again: {e:#}")
+        })?;
+        cps = hv.checkpoints(uuid).map_err(|e| format!("cannot list the VM's checkpoints: {e:#}"))?;
+        *registered = Some(format!("registered again on {now}, where its bitmaps are{whence}"));
+    }
+    let Some(found) = cps.iter().find(|c| c.name == cp) else {
+        return Err(format!("checkpoint {cp} was registered again but is not listed on the VM"));
     };
     if let Some(missing) = now_names.iter().find(|n| !found.disks.iter().any(|d| d == *n)) {
         return Err(format!("checkpoint {cp} has no bitmap for disk {missing}"));
@@ -911,6 +857,7 @@ fn trust_checkpoint(
 #[allow(clippy::too_many_arguments)]
 fn take_point(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     vm: &VmSummary,
     method: Method,
     req: &BackupRequest,
@@ -922,7 +869,7 @@ fn take_point(
 ) -> Result<(BackupExport, ListedChanges)> {
     match method {
         Method::AppConsistent => Ok((take_frozen_point(hv, vm, req, opts, watchdog, clock, record)?, None)),
-        Method::SavedState => take_paused_point(hv, vm, req, opts, memory_file, watchdog, clock, record),
+        Method::SavedState => take_paused_point(hv, host, vm, req, opts, memory_file, watchdog, clock, record),
         Method::CrashConsistent => {
             let e = hv.begin_backup(&vm.uuid, req)?;
             clock.mark("point created");
@@ -1015,6 +962,7 @@ fn take_frozen_point(
 #[allow(clippy::too_many_arguments)]
 fn take_paused_point(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     vm: &VmSummary,
     req: &BackupRequest,
     opts: &VmBackupOptions,
@@ -1024,7 +972,7 @@ fn take_paused_point(
     record: &mut VmRecord,
 ) -> Result<(BackupExport, ListedChanges)> {
     let uuid = vm.uuid.as_str();
-    let _ = std::fs::remove_file(memory_file);
+    host.remove_file(memory_file);
     // The watchdog's limit runs from when it reads this line: later than now.
     let mut told = Instant::now();
     watchdog.tell(Guard::Paused)?;
@@ -1062,7 +1010,7 @@ fn take_paused_point(
                 run_token: req.run_token,
             };
             let export = hv.begin_backup(uuid, &pre)?;
-            let ranges = list_changes(&export);
+            let ranges = list_changes(host, &export);
             let ended = hv.end_backup(uuid);
             listed = Some(ranges?);
             ended?;
@@ -1117,13 +1065,13 @@ fn take_paused_point(
 }
 
 /// The dirty extents of every disk of an incremental export.
-fn list_changes(export: &BackupExport) -> Result<Vec<Vec<Range>>> {
+fn list_changes(host: &dyn HostAccess, export: &BackupExport) -> Result<Vec<Vec<Range>>> {
     let mut out = Vec::new();
     for e in &export.disks {
         let context =
             e.dirty_context.as_deref().context("internal error: an incremental export without a dirty bitmap")?;
         let bitmap = context.strip_prefix("qemu:dirty-bitmap:").unwrap_or(context);
-        let addr = cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?;
+        let addr = host.reach(&cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?)?;
         let mut src = NbdSource::connect(addr, Some(bitmap), None)
             .with_context(|| format!("connecting to the export of disk {}", e.target))?;
         out.push(src.dirty_ranges(bitmap)?);
@@ -1165,6 +1113,7 @@ fn disk_input(
 /// Adds the files the configuration names, stores everything, commits the point.
 #[allow(clippy::too_many_arguments)]
 fn commit(
+    host: &dyn HostAccess,
     repo: &Arc<Repository>,
     vm: &VmSummary,
     mut inputs: Vec<DiskInput>,
@@ -1177,15 +1126,15 @@ fn commit(
     let last_files = last.as_ref().and_then(|(_, p)| VmRecord::of(p)).map(|r| r.files).unwrap_or_default();
     let mut carry = Vec::new();
     for f in &vm.config.files {
-        let meta = std::fs::metadata(&f.path)
-            .with_context(|| format!("the VM's {} file {} cannot be read", f.role, f.path))?;
-        let mtime_ns = meta.modified()?.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let meta = host
+            .stat(&f.path)
+            .with_context(|| format!("the VM's {} file {} cannot be read on {}", f.role, f.path, host.name()))?;
         let rec = FileRecord {
             role: f.role.clone(),
             path: f.path.clone(),
             image: f.role.clone(),
-            size: meta.len(),
-            mtime_ns,
+            size: meta.size,
+            mtime_ns: meta.mtime_ns,
         };
         let same = last_files
             .iter()
@@ -1202,7 +1151,7 @@ fn commit(
                 carry.push(img);
             }
             None => {
-                let mut input = DiskInput::new(&rec.image, Box::new(FileSource::open(Path::new(&f.path))?));
+                let mut input = DiskInput::new(&rec.image, host.open_image(&f.path, Some(ImageFormat::Raw), None)?);
                 input.role = Some(f.role.clone());
                 input.path = Some(f.path.clone());
                 inputs.push(input);
@@ -1248,12 +1197,13 @@ fn all_blocks_indexed(repo: &Repository, img: &DiskImage) -> bool {
 }
 
 /// Testing aid: an independent copy of each export, pulled by QEMU's own NBD client.
-fn pull_with_qemu_img(export: &BackupExport, dir: &Path) -> Result<()> {
+fn pull_with_qemu_img(host: &dyn HostAccess, export: &BackupExport, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     for d in &export.disks {
         let out = dir.join(format!("{}.raw", d.target));
+        let uri = host.reach(&cairn_nbd::NbdAddress::parse(&d.uri).map_err(anyhow::Error::msg)?)?.to_string();
         let st = std::process::Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw", &d.uri])
+            .args(["convert", "-f", "raw", "-O", "raw", &uri])
             .arg(&out)
             .status()
             .context("running qemu-img")?;
@@ -1267,66 +1217,10 @@ fn pull_with_qemu_img(export: &BackupExport, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::LocalHost;
     use cairn_hypervisor::fake::{Fake, Handle};
     use cairn_hypervisor::{VmConfig, VmDisk};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-
-    const NOBODY: u32 = 65534;
-
-    fn chown(p: &Path, uid: u32) {
-        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::lchown(c.as_ptr(), uid, uid) }, 0, "chown {}", p.display());
-    }
-
-    #[test]
-    fn private_folders_are_made_0700_and_foreign_ones_refused() {
-        let t = tempfile::tempdir().unwrap();
-        // Created, with its missing parents, 0700 and ours.
-        let new = t.path().join("a/b/work");
-        private_dir(&new).unwrap();
-        for p in [t.path().join("a"), t.path().join("a/b"), new.clone()] {
-            let m = std::fs::metadata(&p).unwrap();
-            assert_eq!(m.mode() & 0o777, 0o700, "{}", p.display());
-            assert_eq!(m.uid(), unsafe { libc::geteuid() });
-        }
-        private_dir(&new).unwrap(); // and accepted again
-                                    // A symbolic link to a good folder.
-        let link = t.path().join("link");
-        std::os::unix::fs::symlink(&new, &link).unwrap();
-        let e = private_dir(&link).unwrap_err().to_string();
-        assert!(e.contains("symbolic link"), "{e}");
-        // Writable by others.
-        let open = t.path().join("open");
-        std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = private_dir(&open).unwrap_err().to_string();
-        assert!(e.contains("other users can write"), "{e}");
-        // Another user's (tests run as root, who can give it away).
-        if unsafe { libc::geteuid() } == 0 {
-            let theirs = t.path().join("theirs");
-            std::fs::create_dir(&theirs).unwrap();
-            chown(&theirs, NOBODY);
-            let e = private_dir(&theirs).unwrap_err().to_string();
-            assert!(e.contains("belongs to user 65534"), "{e}");
-            // Under another user's folder, even one we would create: they could swap it.
-            let e = private_dir(&theirs.join("work")).unwrap_err().to_string();
-            assert!(e.contains("belongs to user 65534"), "{e}");
-            assert!(!theirs.join("work").exists());
-            // Through another user's symbolic link.
-            let their_link = t.path().join("their-link");
-            std::os::unix::fs::symlink(t.path().join("a"), &their_link).unwrap();
-            chown(&their_link, NOBODY);
-            let e = private_dir(&their_link.join("b/work")).unwrap_err().to_string();
-            assert!(e.contains("symbolic link that belongs to user 65534"), "{e}");
-        }
-        // Under a world-writable folder without the sticky bit: anyone could rename ours away.
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = private_dir(&open.join("work")).unwrap_err().to_string();
-        assert!(e.contains("not sticky"), "{e}");
-        // A sticky one (like /tmp) is fine.
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        private_dir(&open.join("work")).unwrap();
-    }
 
     #[test]
     fn a_host_lock_folder_someone_else_made_is_refused() {
@@ -1430,7 +1324,9 @@ mod tests {
         };
         let mut clock = Clock { t0: Instant::now(), events: vec![] };
         let memory = dir.path().join("memory.state");
-        let r = take_point(&hv, &vm(), method, &req, &options(limit), &memory, watchdog, &mut clock, &mut record());
+        let host = LocalHost { work_dir: dir.path().to_path_buf() };
+        let r =
+            take_point(&hv, &host, &vm(), method, &req, &options(limit), &memory, watchdog, &mut clock, &mut record());
         r.map(|_| ())
     }
 
@@ -1572,7 +1468,8 @@ mod tests {
         let mut summary = vm();
         summary.uuid = uuid.into();
         let hv = Handle(fake.clone());
-        let r = backup_vm(&hv, &repo, &summary, &opts, &mut dog, &cairn_engine::progress::NoProgress);
+        let host = LocalHost { work_dir: opts.work_dir.clone() };
+        let r = backup_vm(&hv, &host, &repo, &summary, &opts, &mut dog, &cairn_engine::progress::NoProgress);
         drop(dog);
         thread.join().unwrap();
         let memory = vm_work_dir(&opts.work_dir, uuid).join(format!("memory-{token}.state"));
@@ -1619,25 +1516,5 @@ mod tests {
         let (r, memory, _t) = backup_through(&fake, Method::SavedState, "u-mem-3");
         assert!(r.is_err());
         assert!(!memory.exists(), "the guest's memory was left in {}", memory.display());
-    }
-
-    #[test]
-    fn a_missing_folder_someone_else_made_meanwhile_is_not_entered() {
-        // Between our check of the parents and our mkdir, another user creates a missing middle
-        // folder (under a sticky folder anyone may create in): we must not create ours in it.
-        if unsafe { libc::geteuid() } != 0 {
-            return; // giving a folder away needs root
-        }
-        let t = tempfile::tempdir().unwrap();
-        let theirs = t.path().join("a");
-        std::fs::create_dir(&theirs).unwrap();
-        chown(&theirs, NOBODY);
-        let e = create_private(&theirs.join("b/work"), t.path()).unwrap_err().to_string();
-        assert!(e.contains("belongs to user 65534"), "{e}");
-        assert!(!theirs.join("b").exists(), "created inside another user's folder");
-        // Our own, made by another run of ours meanwhile: fine.
-        create_private(&t.path().join("ours/b/work"), t.path()).unwrap();
-        create_private(&t.path().join("ours/b/work"), t.path()).unwrap();
-        assert!(t.path().join("ours/b/work").is_dir());
     }
 }

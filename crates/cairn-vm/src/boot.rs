@@ -3,7 +3,7 @@
 //! captured; then the sandbox and everything it created go away. The original VM is never
 //! touched: the sandbox has a name of its own, a new identity, no network and no host devices.
 
-use crate::backup::private_dir;
+use crate::host::private_dir;
 use crate::recover::{check_image_name, create_overlay, process_start_time, stop_server, KNOWN_ROLES};
 use anyhow::{Context, Result};
 use cairn_engine::progress::Progress;

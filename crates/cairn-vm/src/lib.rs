@@ -6,6 +6,8 @@
 //! - [`recover`]: a VM restore point back into a VM on this host and a storage folder, whole or
 //!   instant (running from the repository while its disks move);
 //! - [`boot`]: boot verification of a restore point in a network-less sandbox, with a screenshot;
+//! - [`host`]: where the host's side of a job happens (this machine, or [`ssh`]: a hypervisor
+//!   host over SSH, with cairn installed there);
 //! - [`Refusal`]: the requests these jobs refuse, typed, for callers to act on.
 //!
 //! Everything here talks to the hypervisor through `cairn_hypervisor::Hypervisor` only, moves
@@ -14,6 +16,8 @@
 pub mod backup;
 pub mod boot;
 mod error;
+pub mod host;
 pub mod recover;
+pub mod ssh;
 
 pub use error::Refusal;

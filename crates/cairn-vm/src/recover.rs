@@ -8,7 +8,7 @@
 //! ([`RecoveryPlan::execute`]). A failure while writing removes what was written and defines
 //! nothing. A caller that confirms a replacement asks between the two steps.
 
-use crate::backup::private_dir;
+use crate::host::private_dir;
 use crate::Refusal;
 use anyhow::{bail, Context, Result};
 use cairn_engine::progress::Progress;

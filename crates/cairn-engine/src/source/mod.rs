@@ -6,7 +6,7 @@ mod file;
 mod nbd;
 
 pub use file::FileSource;
-pub use nbd::{nbd_runtime, NbdSource, QemuNbd};
+pub use nbd::{dies_with_us, nbd_runtime, NbdSource, QemuNbd};
 
 use crate::ranges::Range;
 use anyhow::{bail, Context, Result};

@@ -135,6 +135,26 @@ impl Source for NbdSource {
     }
 }
 
+/// Makes the child of `cmd` get SIGTERM when this process dies (even by SIGKILL; more exactly,
+/// when the thread that starts it ends), in a process group of its own (a Ctrl-C at the terminal
+/// is ours to handle, not a signal that kills the helper under us).
+pub fn dies_with_us(cmd: &mut Command) {
+    let parent = std::process::id();
+    cmd.process_group(0);
+    // SAFETY: prctl and getppid are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("cairn ended before its helper started"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A `qemu-nbd` process serving one image on a private Unix socket; killed when dropped.
 pub struct QemuNbd {
     child: Child,
@@ -165,25 +185,14 @@ impl QemuNbd {
             cmd.arg(format!("--bitmap={b}"));
         }
         cmd.arg(image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        cmd.env_remove("CAIRN_PASSWORD"); // not its business; it would sit in /proc/PID/environ
-                                          // Its own process group: a Ctrl-C at the terminal is cairn's to handle (it stops the
-                                          // pipeline cleanly, then drops this server), not a signal that kills the server under
-                                          // it. It still dies with cairn (a kill -9, a second Ctrl-C): it holds the image's lock.
-                                          // (With the thread that started it, in fact: the one that runs the whole backup or
-                                          // restore and drops it at the end.)
-        let parent = std::process::id();
-        cmd.process_group(0);
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("cairn ended before qemu-nbd started"));
-                }
-                Ok(())
-            });
-        }
+        // Not its business; it would sit in /proc/PID/environ.
+        cmd.env_remove("CAIRN_PASSWORD");
+        // Its own process group: a Ctrl-C at the terminal is cairn's to handle (it stops the
+        // pipeline cleanly, then drops this server), not a signal that kills the server under it.
+        // It still dies with cairn (a kill -9, a second Ctrl-C): it holds the image's lock. (With
+        // the thread that started it, in fact: the one that runs the whole backup or restore and
+        // drops it at the end.)
+        dies_with_us(&mut cmd);
         let child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow::anyhow!(

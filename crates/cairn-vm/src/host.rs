@@ -1,0 +1,311 @@
+//! Where the host's side of a VM backup happens: the folder where the hypervisor puts a backup
+//! job's NBD socket, scratch files and memory state, the disk files of a shut-off VM, and the
+//! files its configuration names.
+//!
+//! A VM job reaches them only through [`HostAccess`]: [`LocalHost`] when the hypervisor runs on
+//! this machine, [`crate::ssh::SshHost`] when it runs on another host (reached over the SSH
+//! connection that libvirt's `qemu+ssh://` URIs use; ARCHITECTURE.md, "Several hosts"). The
+//! functions here are also what `cairn host ...` runs on the far side of that connection, so
+//! both kinds of host run the same code on the machine the files are on.
+
+use anyhow::{anyhow, bail, Context, Result};
+use cairn_engine::source::{open_path, ImageFormat, Source};
+use cairn_nbd::NbdAddress;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// The host side of VM jobs, wherever the host is.
+pub trait HostAccess: Send + Sync {
+    /// The host, for messages: `this host`, `root@10.0.0.2`.
+    fn name(&self) -> &str;
+    /// The hypervisor URI that reaches this host's hypervisor from the host itself: what its
+    /// watchdog connects to (`qemu+ssh://root@h/system` is `qemu:///system` there).
+    fn uri_on_host(&self, uri: &str) -> String;
+    /// The folder, on the host, for the hypervisor's sockets, scratch files and memory states.
+    fn work_dir(&self) -> &Path;
+    /// Makes `dir` (on the host) a folder only we can write, and removes what a killed run left
+    /// in it: scratch files, memory states, sockets (see [`remove_run_files`]).
+    fn prepare_dir(&self, dir: &Path) -> Result<()>;
+    /// The address from which this process reaches `addr`, an NBD export on the host.
+    fn reach(&self, addr: &NbdAddress) -> Result<NbdAddress>;
+    /// Opens a file of the host (a disk image, a memory state, a firmware file) as a source;
+    /// with `bitmap`, its changed ranges come from that persistent dirty bitmap of the qcow2.
+    fn open_image(&self, path: &str, format: Option<ImageFormat>, bitmap: Option<&str>) -> Result<Box<dyn Source>>;
+    /// Size and modification time of a file of the host.
+    fn stat(&self, path: &str) -> Result<FileStat>;
+    /// Removes a file of the host, if it exists.
+    fn remove_file(&self, path: &Path);
+    /// How to run `cairn ARGS` on the host (its watchdog): the program and its arguments, or none
+    /// for this machine (the caller runs its own binary).
+    fn command_on_host(&self, args: &[String]) -> Option<(PathBuf, Vec<String>)>;
+}
+
+/// What [`HostAccess::stat`] tells of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    pub size: u64,
+    pub mtime_ns: u128,
+}
+
+/// The hypervisor runs on this machine.
+pub struct LocalHost {
+    pub work_dir: PathBuf,
+}
+
+impl HostAccess for LocalHost {
+    fn name(&self) -> &str {
+        "this host"
+    }
+    fn uri_on_host(&self, uri: &str) -> String {
+        uri.to_string()
+    }
+    fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+    fn prepare_dir(&self, dir: &Path) -> Result<()> {
+        prepare_dir(dir)
+    }
+    fn reach(&self, addr: &NbdAddress) -> Result<NbdAddress> {
+        Ok(addr.clone())
+    }
+    fn open_image(&self, path: &str, format: Option<ImageFormat>, bitmap: Option<&str>) -> Result<Box<dyn Source>> {
+        open_path(path, format, bitmap)
+    }
+    fn stat(&self, path: &str) -> Result<FileStat> {
+        stat(Path::new(path))
+    }
+    fn remove_file(&self, path: &Path) {
+        let _ = std::fs::remove_file(path);
+    }
+    fn command_on_host(&self, _args: &[String]) -> Option<(PathBuf, Vec<String>)> {
+        None
+    }
+}
+
+/// [`HostAccess::prepare_dir`] on the machine the folder is on.
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    private_dir(dir).with_context(|| format!("the work folder {}", dir.display()))?;
+    remove_run_files(dir)
+}
+
+/// Removes from `dir` the files a backup run makes there (scratch files, memory states, NBD
+/// sockets); a run that was killed leaves them. Its lock file stays.
+pub fn remove_run_files(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        if is_run_file(&e.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
+fn is_run_file(name: &str) -> bool {
+    name.ends_with(".scratch.qcow2")
+        || (name.starts_with("memory") && name.ends_with(".state"))
+        || (name.starts_with("nbd") && name.ends_with(".sock"))
+}
+
+/// [`HostAccess::stat`] on the machine the file is on.
+pub fn stat(path: &Path) -> Result<FileStat> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mtime_ns = meta.modified()?.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    Ok(FileStat { size: meta.len(), mtime_ns })
+}
+
+/// Makes `path` a folder only we can write, or checks that it is one: created with mode 0700
+/// (and any missing parent too); an existing one must be a real folder (not a symbolic link),
+/// owned by our effective user, and writable by nobody else. Its parents must be owned by root or
+/// us and be writable by nobody else unless sticky (like /tmp), and no symbolic link on the way
+/// may belong to another user: otherwise someone could swap the folder, or what we put in it (NBD
+/// sockets the backup reads, scratch files, memory states, lock files), for their own.
+pub fn private_dir(path: &Path) -> Result<()> {
+    let path = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    // What exists now is what check_parents vouches for; everything below it is created by us.
+    let existing = path.ancestors().find(|p| std::fs::symlink_metadata(p).is_ok()).unwrap_or(Path::new("/"));
+    let existing = existing.to_path_buf();
+    check_parents(&path)?;
+    create_private(&path, &existing)?;
+    check_private(&path)
+}
+
+/// Creates the folders of `path` below `existing` (its deepest folder that existed when the
+/// parents were checked) one at a time, top down, each 0700, and checks each right after: under a
+/// sticky folder such as /tmp another user may create a missing one between our check of the
+/// parents and our mkdir, and we must not go on inside theirs. (Once one is ours, nobody else can
+/// create or swap anything beneath it.)
+fn create_private(path: &Path, existing: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let missing: Vec<&Path> = path.ancestors().take_while(|p| *p != existing).collect();
+    for p in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o700).create(p) {
+            Ok(()) => {}
+            // Made by someone else meanwhile: only good if it is ours (a cairn run of ours).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create folder {}", p.display())),
+        }
+        check_private(p)?;
+    }
+    Ok(())
+}
+
+/// Owned by us, a folder not a symlink, writable only by us.
+fn check_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| -> anyhow::Error {
+        anyhow!("refusing to use folder {}: {why}; remove it (or use another folder)", path.display())
+    };
+    let m = std::fs::symlink_metadata(path).with_context(|| format!("cannot read folder {}", path.display()))?;
+    if m.file_type().is_symlink() {
+        return Err(refuse("it is a symbolic link".into()));
+    }
+    if !m.is_dir() {
+        return Err(refuse("it is not a folder".into()));
+    }
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(refuse(format!("it belongs to user {}, not to us (user {me})", m.uid())));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(refuse(format!("other users can write in it (mode {:04o})", m.mode() & 0o7777)));
+    }
+    Ok(())
+}
+
+/// The folders above `path`: see [`private_dir`].
+fn check_parents(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = unsafe { libc::geteuid() };
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    // Symbolic links on the way: their owner could point them elsewhere after our checks.
+    for p in path.ancestors().skip(1) {
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            if m.file_type().is_symlink() && !trusted(m.uid()) {
+                bail!(
+                    "refusing to use folder {}: {} is a symbolic link that belongs to user {}",
+                    path.display(),
+                    p.display(),
+                    m.uid()
+                );
+            }
+        }
+    }
+    // The real folders above it (the deepest one that exists, resolved, and every parent).
+    let Some(existing) = path.ancestors().skip(1).find(|p| p.exists()) else { return Ok(()) };
+    let real = std::fs::canonicalize(existing).with_context(|| format!("resolving {}", existing.display()))?;
+    for p in real.ancestors() {
+        let m = std::fs::symlink_metadata(p).with_context(|| format!("cannot read folder {}", p.display()))?;
+        let open = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        if !trusted(m.uid()) || open {
+            bail!(
+                "refusing to use folder {}: {} {}",
+                path.display(),
+                p.display(),
+                if open {
+                    format!("can be written by other users (mode {:04o}, not sticky)", m.mode() & 0o7777)
+                } else {
+                    format!("belongs to user {}", m.uid())
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    pub(crate) const NOBODY: u32 = 65534;
+
+    pub(crate) fn chown(p: &Path, uid: u32) {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::lchown(c.as_ptr(), uid, uid) }, 0, "chown {}", p.display());
+    }
+
+    #[test]
+    fn private_folders_are_made_0700_and_foreign_ones_refused() {
+        let t = tempfile::tempdir().unwrap();
+        // Created, with its missing parents, 0700 and ours.
+        let new = t.path().join("a/b/work");
+        private_dir(&new).unwrap();
+        for p in [t.path().join("a"), t.path().join("a/b"), new.clone()] {
+            let m = std::fs::metadata(&p).unwrap();
+            assert_eq!(m.mode() & 0o777, 0o700, "{}", p.display());
+            assert_eq!(m.uid(), unsafe { libc::geteuid() });
+        }
+        private_dir(&new).unwrap(); // and accepted again
+                                    // A symbolic link to a good folder.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&new, &link).unwrap();
+        let e = private_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        // Writable by others.
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = private_dir(&open).unwrap_err().to_string();
+        assert!(e.contains("other users can write"), "{e}");
+        // Another user's (tests run as root, who can give it away).
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = t.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            chown(&theirs, NOBODY);
+            let e = private_dir(&theirs).unwrap_err().to_string();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+            // Under another user's folder, even one we would create: they could swap it.
+            let e = private_dir(&theirs.join("work")).unwrap_err().to_string();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+            assert!(!theirs.join("work").exists());
+            // Through another user's symbolic link.
+            let their_link = t.path().join("their-link");
+            std::os::unix::fs::symlink(t.path().join("a"), &their_link).unwrap();
+            chown(&their_link, NOBODY);
+            let e = private_dir(&their_link.join("b/work")).unwrap_err().to_string();
+            assert!(e.contains("symbolic link that belongs to user 65534"), "{e}");
+        }
+        // Under a world-writable folder without the sticky bit: anyone could rename ours away.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = private_dir(&open.join("work")).unwrap_err().to_string();
+        assert!(e.contains("not sticky"), "{e}");
+        // A sticky one (like /tmp) is fine.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        private_dir(&open.join("work")).unwrap();
+    }
+
+    #[test]
+    fn a_missing_folder_someone_else_made_meanwhile_is_not_entered() {
+        // Between our check of the parents and our mkdir, another user creates a missing middle
+        // folder (under a sticky folder anyone may create in): we must not create ours in it.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // giving a folder away needs root
+        }
+        let t = tempfile::tempdir().unwrap();
+        let theirs = t.path().join("a");
+        std::fs::create_dir(&theirs).unwrap();
+        chown(&theirs, NOBODY);
+        let e = create_private(&theirs.join("b/work"), t.path()).unwrap_err().to_string();
+        assert!(e.contains("belongs to user 65534"), "{e}");
+        assert!(!theirs.join("b").exists(), "created inside another user's folder");
+        // Our own, made by another run of ours meanwhile: fine.
+        create_private(&t.path().join("ours/b/work"), t.path()).unwrap();
+        create_private(&t.path().join("ours/b/work"), t.path()).unwrap();
+        assert!(t.path().join("ours/b/work").is_dir());
+    }
+
+    #[test]
+    fn only_the_files_of_a_run_are_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("vm");
+        for n in ["vda-abc.scratch.qcow2", "memory-abc.state", "nbd-abc.sock", "lock", "notes.txt"] {
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(n), b"x").unwrap();
+        }
+        prepare_dir(&d).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["lock", "notes.txt"]);
+    }
+}

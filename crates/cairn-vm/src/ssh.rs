@@ -1,0 +1,418 @@
+//! A hypervisor host reached over SSH: the [`HostAccess`] of a VM on another machine.
+//!
+//! libvirt's `qemu+ssh://[USER@]HOST[:PORT]/PATH` URIs already make an operator set up SSH from
+//! the repository's machine to every host; cairn uses the same connection for the data. One
+//! OpenSSH master connection per host per run (`ssh -M`, a control socket in a private folder)
+//! carries everything:
+//! - commands of `cairn host ...` run on the host (the same binary installed there): prepare the
+//!   work folder, serve a file through qemu-nbd, stat or remove a file, and the VM's watchdog,
+//!   which thus runs next to the guest and thaws it even if the network between the two
+//!   machines goes away;
+//! - NBD exports on the host (libvirt's backup job, or `cairn host serve-image`) forwarded to a
+//!   Unix socket here (`ssh -O forward -L LOCAL:REMOTE`), read by the same NBD client as a local
+//!   export. Only the blocks a backup reads cross the network, inside SSH's encryption.
+//!
+//! The repository is never opened on the host: no repository password or key goes there.
+//! The URI's `keyfile=`, `known_hosts=` and `no_verify=1` parameters mean what they mean to
+//! libvirt; SSH runs in batch mode (a host that asks for a password is an error, not a prompt).
+
+use crate::host::{FileStat, HostAccess};
+use anyhow::{anyhow, bail, Context, Result};
+use cairn_engine::ranges::Range;
+use cairn_engine::source::{dies_with_us, ImageFormat, NbdSource, Source};
+use cairn_nbd::{NbdAddress, Transport};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Where and how to reach a host over SSH, read from a libvirt URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshTarget {
+    /// `HOST` or `USER@HOST`.
+    pub destination: String,
+    /// Options for `ssh`, before the destination.
+    pub options: Vec<String>,
+    /// The URI that reaches the same hypervisor from the host itself (`qemu:///system`).
+    pub uri_on_host: String,
+}
+
+/// The URI names another machine, but not over SSH: cairn has no way to move its data.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{uri} reaches its host over {transport}: VM backups and restores on another host need a qemu+ssh:// URI \
+     (their data travels over SSH, with cairn installed on the host)"
+)]
+pub struct NotSsh {
+    pub uri: String,
+    pub transport: String,
+}
+
+impl SshTarget {
+    /// The SSH target of a libvirt URI: none for a URI of this machine (`qemu:///system`,
+    /// `qemu+unix:///system`, `test:///...`); an error for another machine over TCP or TLS.
+    pub fn from_uri(uri: &str) -> Result<Option<SshTarget>> {
+        let parsed = url::Url::parse(uri).with_context(|| format!("{uri:?} is not a hypervisor URI"))?;
+        let (driver, transport) = parsed.scheme().split_once('+').unwrap_or((parsed.scheme(), ""));
+        let host = parsed.host_str().unwrap_or("");
+        if host.is_empty() || transport == "unix" {
+            return Ok(None);
+        }
+        if transport != "ssh" {
+            let transport = if transport.is_empty() { "tls".to_string() } else { transport.to_string() };
+            return Err(NotSsh { uri: uri.to_string(), transport }.into());
+        }
+        let mut options = vec![
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "ConnectTimeout=15".into(),
+            // A dead link is noticed in 15 s, not after TCP's minutes.
+            "-o".into(),
+            "ServerAliveInterval=5".into(),
+            "-o".into(),
+            "ServerAliveCountMax=3".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+        ];
+        if let Some(port) = parsed.port() {
+            options.extend(["-p".into(), port.to_string()]);
+        }
+        for (k, v) in parsed.query_pairs() {
+            match &*k {
+                "keyfile" => options.extend(["-i".into(), v.into_owned()]),
+                "known_hosts" => options.extend(["-o".into(), format!("UserKnownHostsFile={v}")]),
+                "no_verify" if v != "0" => options.extend(["-o".into(), "StrictHostKeyChecking=no".into()]),
+                _ => {}
+            }
+        }
+        let destination = match parsed.username() {
+            "" => host.to_string(),
+            user => format!("{user}@{host}"),
+        };
+        let uri_on_host = format!("{driver}://{}", parsed.path());
+        Ok(Some(SshTarget { destination, options, uri_on_host }))
+    }
+}
+
+/// Quotes `s` for the host's shell (OpenSSH hands the remote command to it as one string).
+fn quote(s: &str) -> String {
+    shlex::try_quote(s).map(|q| q.into_owned()).unwrap_or_else(|_| format!("'{}'", s.replace('\0', "")))
+}
+
+/// One host over one SSH master connection, for the length of a run.
+pub struct SshHost {
+    target: SshTarget,
+    /// The cairn binary on the host.
+    cairn: String,
+    work_dir: PathBuf,
+    /// Our private folder here: the control socket and the forwarded sockets.
+    dir: tempfile::TempDir,
+    master: Child,
+    forwards: AtomicU64,
+}
+
+impl SshHost {
+    /// Opens the master connection to `target` and checks that `cairn` runs on the host.
+    /// `work_dir` is the folder on the host for the hypervisor's sockets and scratch files.
+    pub fn connect(target: SshTarget, cairn: &str, work_dir: &Path) -> Result<SshHost> {
+        let dir = tempfile::Builder::new().prefix("cairn-ssh-").tempdir().context("creating a folder for SSH")?;
+        let control = dir.path().join("control");
+        let mut cmd = Command::new("ssh");
+        cmd.args(&target.options)
+            .args(["-M", "-N", "-o", "ControlPersist=no", "-S"])
+            .arg(&control)
+            .arg(&target.destination)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        dies_with_us(&mut cmd);
+        let mut master = cmd.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow!("ssh is needed to reach {}: install it (Debian: openssh-client)", target.destination)
+            }
+            _ => anyhow::Error::new(e).context("starting ssh"),
+        })?;
+        let t = Instant::now();
+        loop {
+            if let Some(st) = master.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = master.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("cannot reach {} over SSH ({st}): {}", target.destination, err.trim());
+            }
+            if control.exists() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = master.kill();
+                bail!("no SSH connection to {} within 30 s", target.destination);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let host = SshHost {
+            target,
+            cairn: cairn.to_string(),
+            work_dir: work_dir.to_path_buf(),
+            dir,
+            master,
+            forwards: AtomicU64::new(0),
+        };
+        let version = host.cairn_output(&["--version".into()]).map_err(|e| {
+            anyhow!(
+                "cairn does not run on {} as {:?} ({e:#}): install the same cairn binary there, or name it in the \
+                 host configuration ([hosts] remote_cairn = PATH); the host's side of a backup runs it",
+                host.target.destination,
+                host.cairn
+            )
+        })?;
+        let ours = format!("cairn {}", env!("CARGO_PKG_VERSION"));
+        if version.trim() != ours {
+            bail!(
+                "{} runs {} and this machine {ours}: install the same version on both",
+                host.target.destination,
+                version.trim()
+            );
+        }
+        Ok(host)
+    }
+
+    fn control(&self) -> PathBuf {
+        self.dir.path().join("control")
+    }
+
+    /// `ssh` over the master connection.
+    fn ssh(&self) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.args(&self.target.options).arg("-S").arg(self.control());
+        cmd
+    }
+
+    /// `ssh DEST -- CAIRN ARGS`, quoted for the host's shell.
+    fn cairn_command(&self, args: &[String]) -> Command {
+        let mut cmd = self.ssh();
+        cmd.arg(&self.target.destination).arg("--").arg(self.remote_line(args));
+        cmd
+    }
+
+    fn remote_line(&self, args: &[String]) -> String {
+        std::iter::once(&self.cairn).chain(args).map(|a| quote(a)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// Runs `cairn ARGS` on the host; its standard output, or its error message.
+    fn cairn_output(&self, args: &[String]) -> Result<String> {
+        let out = self.cairn_command(args).stdin(Stdio::null()).output().context("running ssh")?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!("{} ({})", err.trim(), out.status);
+        }
+        String::from_utf8(out.stdout).context("the host's answer is not text")
+    }
+
+    /// Forwards the Unix socket `remote` of the host to a new socket here; returns its path.
+    fn forward(&self, remote: &Path) -> Result<PathBuf> {
+        let n = self.forwards.fetch_add(1, Ordering::Relaxed);
+        let local = self.dir.path().join(format!("fwd-{n}.sock"));
+        let spec = format!("{}:{}", local.display(), remote.display());
+        let out = self
+            .ssh()
+            .args(["-O", "forward", "-L", &spec])
+            .arg(&self.target.destination)
+            .stdin(Stdio::null())
+            .output()
+            .context("running ssh")?;
+        if !out.status.success() {
+            bail!(
+                "cannot forward {} from {}: {}",
+                remote.display(),
+                self.target.destination,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(local)
+    }
+}
+
+impl Drop for SshHost {
+    fn drop(&mut self) {
+        let _ = self
+            .ssh()
+            .args(["-O", "exit"])
+            .arg(&self.target.destination)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if self.master.try_wait().ok().flatten().is_none() {
+            let _ = self.master.kill();
+        }
+        let _ = self.master.wait();
+    }
+}
+
+impl HostAccess for SshHost {
+    fn name(&self) -> &str {
+        &self.target.destination
+    }
+
+    fn uri_on_host(&self, _uri: &str) -> String {
+        self.target.uri_on_host.clone()
+    }
+
+    fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    fn prepare_dir(&self, dir: &Path) -> Result<()> {
+        self.cairn_output(&["host".into(), "prepare".into(), path_arg(dir)?])
+            .with_context(|| format!("preparing {} on {}", dir.display(), self.name()))?;
+        Ok(())
+    }
+
+    fn reach(&self, addr: &NbdAddress) -> Result<NbdAddress> {
+        match &addr.transport {
+            Transport::Unix { socket } => Ok(NbdAddress::unix(self.forward(socket)?, addr.export.clone())),
+            Transport::Tcp { .. } => bail!("internal error: a TCP export {addr} on {}", self.name()),
+        }
+    }
+
+    fn open_image(&self, path: &str, format: Option<ImageFormat>, bitmap: Option<&str>) -> Result<Box<dyn Source>> {
+        let mut args = vec!["host".to_string(), "serve-image".into(), path.to_string()];
+        if let Some(f) = format {
+            args.extend(["--format".into(), f.qemu_name().into()]);
+        }
+        if let Some(b) = bitmap {
+            args.extend(["--bitmap".into(), b.into()]);
+        }
+        let mut cmd = self.cairn_command(&args);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        dies_with_us(&mut cmd);
+        let mut child = cmd.spawn().context("running ssh")?;
+        // Its first line names the socket once qemu-nbd serves; an error ends it instead.
+        let mut line = String::new();
+        let read = BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line);
+        let Some(socket) = line.trim_end().strip_prefix("socket ").filter(|_| read.is_ok()) else {
+            let out = child.wait_with_output()?;
+            bail!("cannot open {path} on {}: {}", self.name(), String::from_utf8_lossy(&out.stderr).trim());
+        };
+        let server = RemoteServer { stdin: child.stdin.take(), child };
+        let local = self.forward(Path::new(socket))?;
+        let source = NbdSource::connect(NbdAddress::unix(local, ""), bitmap, None)
+            .with_context(|| format!("reading {path} on {}", self.name()))?;
+        Ok(Box::new(Held { source, what: format!("{path} on {}", self.name()), _server: server }))
+    }
+
+    fn stat(&self, path: &str) -> Result<FileStat> {
+        let out = self.cairn_output(&["host".into(), "stat".into(), path.into()])?;
+        serde_json::from_str(out.trim()).with_context(|| format!("the host's answer about {path}: {out:?}"))
+    }
+
+    fn remove_file(&self, path: &Path) {
+        if let Ok(p) = path_arg(path) {
+            let _ = self.cairn_output(&["host".into(), "remove".into(), p]);
+        }
+    }
+
+    fn command_on_host(&self, args: &[String]) -> Option<(PathBuf, Vec<String>)> {
+        let mut argv: Vec<String> = self.target.options.clone();
+        argv.extend(["-S".into(), self.control().display().to_string(), self.target.destination.clone(), "--".into()]);
+        argv.push(self.remote_line(args));
+        Some((PathBuf::from("ssh"), argv))
+    }
+}
+
+fn path_arg(p: &Path) -> Result<String> {
+    p.to_str().map(String::from).with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// `cairn host serve-image` on the host: it serves while its standard input stays open.
+struct RemoteServer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Drop for RemoteServer {
+    fn drop(&mut self) {
+        // Its end of file makes it stop qemu-nbd and exit.
+        drop(self.stdin.take());
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A source read from the host, with the server behind it kept as long as it is.
+struct Held {
+    source: NbdSource,
+    what: String,
+    _server: RemoteServer,
+}
+
+impl Source for Held {
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+    fn size(&self) -> u64 {
+        self.source.size()
+    }
+    fn allocation(&mut self, offset: u64, len: u64) -> Result<Vec<cairn_engine::source::Extent>> {
+        self.source.allocation(offset, len)
+    }
+    fn dirty_ranges(&mut self, bitmap: &str) -> Result<Vec<Range>> {
+        self.source.dirty_ranges(bitmap)
+    }
+    fn submit(&mut self, offset: u64, len: usize, buf: Vec<u8>) -> Result<()> {
+        self.source.submit(offset, len, buf)
+    }
+    fn next(&mut self) -> Result<Vec<u8>> {
+        self.source.next()
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.source.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_uris_give_their_target_and_local_uris_none() {
+        let t = SshTarget::from_uri("qemu+ssh://root@10.0.0.2:2222/system?keyfile=/k/id&no_verify=1&known_hosts=/k/kh")
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.destination, "root@10.0.0.2");
+        assert_eq!(t.uri_on_host, "qemu:///system");
+        let o = t.options.join(" ");
+        for want in ["-p 2222", "-i /k/id", "UserKnownHostsFile=/k/kh", "StrictHostKeyChecking=no", "BatchMode=yes"] {
+            assert!(o.contains(want), "{want} missing from {o}");
+        }
+        let plain = SshTarget::from_uri("qemu+ssh://h.example/session").unwrap().unwrap();
+        assert_eq!(plain.destination, "h.example");
+        assert_eq!(plain.uri_on_host, "qemu:///session");
+        assert!(!plain.options.join(" ").contains("StrictHostKeyChecking"), "host keys are checked by default");
+        for local in ["qemu:///system", "qemu+unix:///system", "test:///default"] {
+            assert!(SshTarget::from_uri(local).unwrap().is_none(), "{local}");
+        }
+        let e = SshTarget::from_uri("qemu+tcp://10.0.0.2/system").unwrap_err();
+        assert!(e.downcast_ref::<NotSsh>().is_some(), "{e}");
+        assert!(e.to_string().contains("qemu+ssh://"), "{e}");
+    }
+
+    #[test]
+    fn remote_arguments_are_quoted_for_the_shell() {
+        for arg in ["plain", "/a b/it's", "$(touch /tmp/x)", "a;b|c&d", "back\\slash \"q\"", ""] {
+            let out = Command::new("sh").arg("-c").arg(format!("printf %s {}", quote(arg))).output().unwrap();
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), arg, "{}", quote(arg));
+        }
+    }
+}
