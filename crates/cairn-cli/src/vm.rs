@@ -120,12 +120,13 @@ pub enum DiskFormat {
 pub struct RestoreVm {
     /// NAME[@POINT] of a VM restore point (see `cairn points`)
     point: String,
-    /// Folder where the VM's disks and files are written
+    /// Folder where the VM's disks and files are written, on the host it is recovered onto
     #[arg(long, value_name = "DIR")]
     storage: PathBuf,
-    /// Hypervisor connection URI of the host to recover onto
-    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
-    connect: String,
+    /// Hypervisor URI of the host to recover onto: this machine's, or another's over qemu+ssh://
+    /// (with cairn installed there; the disks are written there over SSH)
+    #[arg(long = "host", visible_alias = "connect", default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI", value_name = "URI")]
+    host: String,
     /// Name of the recovered VM (default: NAME-restored, or NAME with --replace)
     #[arg(long = "as", value_name = "NEW_NAME")]
     as_name: Option<String>,
@@ -347,7 +348,9 @@ fn confirm(question: &str, yes: bool) -> bool {
 pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     use cairn_engine::target::TargetFormat;
     use cairn_ops::vm_recover::{execute, plan, RecoverOptions, Recovery};
-    let hv = Libvirt::connect(&a.connect)?;
+    let hv = Libvirt::connect(&a.host)?;
+    let work_dir = PathBuf::from(cairn_ops::DEFAULT_WORK_DIR);
+    let host = cairn_ops::hosts::open_access(&a.host, &work_dir, &cairn_ops::hosts::RemoteSettings::from_env())?;
     let (repo, _lock) = open_indexed(g, "restore vm")?;
     let (id, point) = repo.select_point(&a.point)?;
     let mut network_map = Vec::new();
@@ -372,7 +375,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         workers: workers(g),
     };
     let progress = bar(g);
-    let recovery = plan(&hv, &repo, &id, &point, &opts, &progress)?;
+    let recovery = plan(&hv, host.as_ref(), &repo, &id, &point, &opts, &progress)?;
     if let Recovery::Plan(p) = &recovery {
         if let Some(orig) = &p.replaces {
             let question = format!(
@@ -388,7 +391,8 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     }
     let helpers = crate::helpers(g)?;
     let server_point = format!("{}@{}", point.name, id);
-    let report = execute(recovery, &hv, &repo, &server_point, &helpers, a.debug_stop_after_start, &progress)?;
+    let report =
+        execute(recovery, &hv, host.as_ref(), &repo, &server_point, &helpers, a.debug_stop_after_start, &progress)?;
     if g.json {
         print_json(&report);
         return Ok(0);
@@ -448,6 +452,24 @@ pub enum HostCmd {
     Stat { path: PathBuf },
     /// Remove a file, if it exists
     Remove { path: PathBuf },
+    /// Print what is at PATH, as JSON: "missing", "folder" or "other"
+    PathKind { path: PathBuf },
+    /// Fail unless folder DIR has room for BYTES
+    CheckSpace { dir: PathBuf, bytes: u64 },
+    /// Create an image (under a partial name) and serve it writable through qemu-nbd; prints
+    /// `socket PATH`; a line `commit` on standard input makes it durable under its name and
+    /// prints `done`; an end of file instead removes it
+    CreateImage {
+        path: PathBuf,
+        #[arg(long)]
+        size: u64,
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        data_bytes: u64,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn run_host(c: &HostCmd) -> Result<i32> {
@@ -478,6 +500,32 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
             }
             _ => {}
         },
+        HostCmd::PathKind { path } => println!("{}", serde_json::to_string(&cairn_vm::host::path_kind(path)?)?),
+        HostCmd::CheckSpace { dir, bytes } => cairn_engine::target::check_space(dir, *bytes)?,
+        HostCmd::CreateImage { path, size, format, data_bytes, force } => {
+            use std::io::BufRead;
+            let format = match format.as_str() {
+                "raw" => cairn_engine::target::TargetFormat::Raw,
+                "qcow2" => cairn_engine::target::TargetFormat::Qcow2,
+                f => bail!("unknown image format {f:?} (raw, qcow2)"),
+            };
+            let image = cairn_engine::target::ServedImage::create(path, *size, format, *data_bytes, *force)?;
+            let cairn_nbd::Transport::Unix { socket } = image.address().transport else {
+                bail!("internal error: qemu-nbd serves on TCP");
+            };
+            let mut out = std::io::stdout();
+            writeln!(out, "socket {}", socket.display())?;
+            out.flush()?;
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            if line.trim() != "commit" {
+                // Dropped uncommitted: the partial image goes.
+                bail!("the restore into {} was abandoned; nothing is left", path.display());
+            }
+            image.commit()?;
+            writeln!(out, "done")?;
+            out.flush()?;
+        }
     }
     Ok(0)
 }

@@ -58,7 +58,17 @@ impl Hosts {
     fn remove(name: &str) {
         for uri in [A, B] {
             let _ = Command::new("virsh").args(["-q", "-c", uri, "destroy", name]).output();
-            let _ = Command::new("virsh").args(["-q", "-c", uri, "undefine", name]).output();
+            // Its checkpoints' metadata too (stale copies stay on a host the VM left).
+            let _ = Command::new("virsh").args(["-q", "-c", uri, "undefine", name, "--checkpoints-metadata"]).output();
+        }
+        // What a recovery wrote into a host's own images folder.
+        for h in ["a", "b"] {
+            let images = Path::new(STATE).join("hosts").join(h).join("lib/images");
+            for f in std::fs::read_dir(images).into_iter().flatten().flatten() {
+                if f.file_name().to_string_lossy().starts_with(&format!("{name}-")) {
+                    let _ = std::fs::remove_file(f.path());
+                }
+            }
         }
     }
 
@@ -251,4 +261,22 @@ fn a_vm_is_backed_up_on_the_host_it_runs_on_and_its_chain_survives_a_live_migrat
     assert_eq!(record["chain"], "full", "{record}");
     let reason = record["chain_reason"].as_str().unwrap();
     assert!(reason.contains(&format!("checkpoint {cp}")) && reason.contains("cannot be registered again"), "{reason}");
+
+    // The point taken on b, recovered as a new VM on a, into a folder of a's own (not shared):
+    // its disks written there over SSH. It boots, and holds the guest's file.
+    let point = format!("{name}@{}", &moved["id"].as_str().unwrap()[..8]);
+    let restored = format!("{name}-on-a");
+    hosts.guests.push(restored.clone());
+    let storage = "/var/lib/libvirt/images";
+    let r = e.json(&["restore", "vm", &point, "--host", &a, "--storage", storage, "--as", &restored, "--start"]);
+    assert_eq!(r["name"], restored.as_str(), "{r}");
+    let disk = format!("{storage}/{restored}-vda.qcow2");
+    assert!(r["files"].as_array().unwrap().iter().any(|f| f["path"] == disk.as_str()), "{r}");
+    assert!(!Path::new(&disk).exists(), "the disk was written on this machine, not on host a");
+    let listed = sh(Command::new(hosts_sh()).args(["exec", "a", "ls", storage]));
+    assert!(listed.lines().any(|l| l == format!("{restored}-vda.qcow2")), "not on host a: {listed}");
+    assert!(!listed.contains("cairn-partial"), "a partial image was left: {listed}");
+    wait_for_agent(A, &restored);
+    let again = guest_exec(A, &restored, "sha256sum /data/moved");
+    assert_eq!(again.split_whitespace().next().unwrap(), sum, "the recovered VM does not hold the guest's file");
 }

@@ -10,6 +10,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use cairn_engine::source::{open_path, ImageFormat, Source};
+use cairn_engine::target::{self, Target, TargetFormat};
 use cairn_nbd::NbdAddress;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,44 @@ pub trait HostAccess: Send + Sync {
     /// How to run `cairn ARGS` on the host (its watchdog): the program and its arguments, or none
     /// for this machine (the caller runs its own binary).
     fn command_on_host(&self, args: &[String]) -> Option<(PathBuf, Vec<String>)>;
+
+    // Recovery onto the host.
+    /// What is at `path` on the host.
+    fn path_kind(&self, path: &Path) -> Result<PathKind>;
+    /// Refuses when the host's folder `dir` has no room for `bytes`.
+    fn check_space(&self, dir: &Path, bytes: u64) -> Result<()>;
+    /// A new image file at `path` on the host, `size` bytes (`data_bytes` of them data) in
+    /// `format`, written through the returned target: under a partial name until it finishes,
+    /// removed if abandoned. `path` must not exist unless `force`.
+    fn create_image(
+        &self,
+        path: &Path,
+        size: u64,
+        block_size: u64,
+        data_bytes: u64,
+        format: TargetFormat,
+        force: bool,
+    ) -> Result<Box<dyn Target>>;
+}
+
+/// What is at a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathKind {
+    Missing,
+    Folder,
+    /// A file, a device, a socket: anything but a folder.
+    Other,
+}
+
+/// [`HostAccess::path_kind`] on the machine the path is on (symbolic links followed).
+pub fn path_kind(path: &Path) -> Result<PathKind> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(PathKind::Folder),
+        Ok(_) => Ok(PathKind::Other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PathKind::Missing),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 /// What [`HostAccess::stat`] tells of a file.
@@ -80,6 +119,23 @@ impl HostAccess for LocalHost {
     }
     fn command_on_host(&self, _args: &[String]) -> Option<(PathBuf, Vec<String>)> {
         None
+    }
+    fn path_kind(&self, path: &Path) -> Result<PathKind> {
+        path_kind(path)
+    }
+    fn check_space(&self, dir: &Path, bytes: u64) -> Result<()> {
+        target::check_space(dir, bytes)
+    }
+    fn create_image(
+        &self,
+        path: &Path,
+        size: u64,
+        block_size: u64,
+        data_bytes: u64,
+        format: TargetFormat,
+        force: bool,
+    ) -> Result<Box<dyn Target>> {
+        target::create(path, size, block_size, data_bytes, format, force)
     }
 }
 

@@ -8,12 +8,12 @@
 //! ([`RecoveryPlan::execute`]). A failure while writing removes what was written and defines
 //! nothing. A caller that confirms a replacement asks between the two steps.
 
-use crate::host::private_dir;
+use crate::host::{private_dir, HostAccess, PathKind};
 use crate::Refusal;
 use anyhow::{bail, Context, Result};
 use cairn_engine::progress::Progress;
-use cairn_engine::restore::{data_bytes, restore_disk, RestoreOptions};
-use cairn_engine::target::{check_space, TargetFormat};
+use cairn_engine::restore::{data_bytes, restore_disk_into, RestoreOptions};
+use cairn_engine::target::TargetFormat;
 use cairn_hypervisor::{ConfigEdit, PlacedDisk};
 use cairn_hypervisor::{Hypervisor, VmSummary};
 use cairn_repo::vm_record::VmRecord;
@@ -281,6 +281,7 @@ pub struct RecoveryPlan {
 /// names, free file names and room in the storage.
 pub fn plan_recovery(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     repo: &Repository,
     point_id: &PointId,
     point: &RestorePoint,
@@ -291,6 +292,22 @@ pub fn plan_recovery(
     let record =
         VmRecord::of(point).ok_or_else(|| Refusal::NotAVmPoint { point: short.into(), name: point.name.clone() })?;
     let name = recovered_name(&record, opts)?;
+    // Another host: its files are reached over SSH (crate::ssh), which this machine's NBD server
+    // of the point (instant recovery) and its device checks do not go through.
+    let remote = host.command_on_host(&[]).is_some();
+    if remote && opts.instant {
+        bail!("instant recovery onto another host ({}) is not built yet: recover onto it in full, or instantly onto this machine", host.name());
+    }
+    if remote && opts.keep_host_devices {
+        bail!("host devices of a VM recovered onto another host ({}) cannot be checked from here yet: recover without keeping them", host.name());
+    }
+    if remote && !opts.storage.is_absolute() {
+        bail!(
+            "give the storage folder on {} as an absolute path ({} is relative)",
+            host.name(),
+            opts.storage.display()
+        );
+    }
     if opts.instant {
         if let Some(unfinished) = unfinished_instant(hv, &opts.storage, &name)? {
             return Ok(Recovery::Unfinished(unfinished));
@@ -300,8 +317,8 @@ pub fn plan_recovery(
         }
     }
     let (original, keep_identity) = check_identity(hv, &record, &name, opts, short)?;
-    if !opts.storage.is_dir() {
-        bail!("storage folder {} does not exist", opts.storage.display());
+    if host.path_kind(&opts.storage)? != PathKind::Folder {
+        bail!("storage folder {} does not exist on {}", opts.storage.display(), host.name());
     }
     let storage = std::path::absolute(&opts.storage)?;
     let host_firmware = host_firmware(hv, progress);
@@ -315,9 +332,9 @@ pub fn plan_recovery(
         host_firmware,
         ..Default::default()
     };
-    let dropped = check_host_devices(hv, &record, opts, &mut edit, short)?;
+    let dropped = check_host_devices(hv, host, &record, opts, &mut edit, short)?;
     let mut removed = Vec::new();
-    let images = plan_images(repo, point, &name, &storage, opts, &edit.host_firmware, &mut removed, short)?;
+    let images = plan_images(host, repo, point, &name, &storage, opts, &edit.host_firmware, &mut removed, short)?;
     Ok(Recovery::Plan(Box::new(RecoveryPlan {
         opts: opts.clone(),
         point_id: point_id.clone(),
@@ -398,6 +415,7 @@ fn check_identity(
 /// dropped (`drop_missing`); returns what was dropped.
 fn check_host_devices(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     record: &VmRecord,
     opts: &RecoverOptions,
     edit: &mut ConfigEdit,
@@ -413,7 +431,13 @@ fn check_host_devices(
         }
         let wanted =
             opts.network_map.iter().find(|(o, _)| o == src).map(|(_, n)| n.clone()).unwrap_or_else(|| src.clone());
-        if !hv.network_available(&nic.kind, &wanted)? {
+        // A bridge is a network interface of the host (read there); a network, the hypervisor's.
+        let available = if nic.kind == "bridge" {
+            host.path_kind(&Path::new("/sys/class/net").join(&wanted).join("bridge"))? == PathKind::Folder
+        } else {
+            hv.network_available(&nic.kind, &wanted)?
+        };
+        if !available {
             let what = format!(
                 "{} {wanted}{}",
                 nic.kind,
@@ -449,6 +473,7 @@ fn check_host_devices(
 /// original's own, when replacing), and room for all of them in the storage folder.
 #[allow(clippy::too_many_arguments)] // each is a separate input of the decision
 fn plan_images(
+    host: &dyn HostAccess,
     repo: &Repository,
     point: &RestorePoint,
     name: &str,
@@ -481,7 +506,9 @@ fn plan_images(
             None => storage.join(format!("{name}-{}.{}", img.name, extension(opts.format))),
             Some(role) => storage.join(format!("{name}-{role}")),
         };
-        if file.exists() && !(opts.replace && Some(file.to_string_lossy().as_ref()) == img.path.as_deref()) {
+        if host.path_kind(&file)? != PathKind::Missing
+            && !(opts.replace && Some(file.to_string_lossy().as_ref()) == img.path.as_deref())
+        {
             return Err(Refusal::FileExists(file).into());
         }
         if opts.instant && img.role.is_none() {
@@ -489,7 +516,7 @@ fn plan_images(
         }
         images.push((i, file, bytes));
     }
-    check_space(storage, total)?;
+    host.check_space(storage, total)?;
     Ok(images)
 }
 
@@ -541,6 +568,7 @@ impl RecoveryPlan {
     pub fn execute(
         self,
         hv: &dyn Hypervisor,
+        host: &dyn HostAccess,
         repo: &Repository,
         instant: &InstantMode,
         progress: &dyn Progress,
@@ -550,10 +578,10 @@ impl RecoveryPlan {
         let opts = plan.opts.clone();
         let opts = &opts;
         let instant = opts.instant.then_some(instant);
-        let mut written = plan.write_images(repo, opts, progress)?;
+        let mut written = plan.write_images(host, repo, opts, progress)?;
         let cleanup = |written: &[RecoveredFile]| {
             for f in written {
-                let _ = std::fs::remove_file(&f.path);
+                host.remove_file(&f.path);
             }
         };
         let instant_state = match plan.place(&written, instant) {
@@ -607,7 +635,7 @@ impl RecoveryPlan {
                 .find(|f| f.role.as_deref() == Some("memory-state"))
                 .context("memory state not restored")?;
             let r = hv.start_from_memory(&state.path, &config);
-            let _ = std::fs::remove_file(&state.path);
+            host.remove_file(&state.path);
             r?;
             resumed_state = true;
             started_vm = true;
@@ -675,6 +703,7 @@ impl RecoveryPlan {
     /// Restores the planned images; on a failure, removes those already written.
     fn write_images(
         &self,
+        host: &dyn HostAccess,
         repo: &Repository,
         opts: &RecoverOptions,
         progress: &dyn Progress,
@@ -685,7 +714,8 @@ impl RecoveryPlan {
             let img = &self.point.disks[*i];
             let format = if img.role.is_none() { opts.format } else { TargetFormat::Raw };
             let ropts = RestoreOptions { format, force: opts.replace, workers: opts.workers };
-            let r = restore_disk(repo, &self.point_id, &self.point, img, file, &ropts, progress).map_err(|e| {
+            let make = |size, block_size, data| host.create_image(file, size, block_size, data, format, ropts.force);
+            let r = restore_disk_into(repo, &self.point_id, &self.point, img, &make, &ropts, progress).map_err(|e| {
                 // Made since the plan (the plan checked it was free): a recovery's own refusal.
                 match e.downcast_ref::<cairn_engine::target::TargetRefusal>() {
                     Some(cairn_engine::target::TargetRefusal::Exists { path, .. }) => {
@@ -696,7 +726,7 @@ impl RecoveryPlan {
             });
             if let Err(e) = r {
                 for f in &written {
-                    let _ = std::fs::remove_file(&f.path);
+                    host.remove_file(&f.path);
                 }
                 return Err(e);
             }

@@ -16,14 +16,15 @@
 //! The URI's `keyfile=`, `known_hosts=` and `no_verify=1` parameters mean what they mean to
 //! libvirt; SSH runs in batch mode (a host that asks for a password is an error, not a prompt).
 
-use crate::host::{FileStat, HostAccess};
+use crate::host::{FileStat, HostAccess, PathKind};
 use anyhow::{anyhow, bail, Context, Result};
 use cairn_engine::ranges::Range;
-use cairn_engine::source::{dies_with_us, ImageFormat, NbdSource, Source};
+use cairn_engine::source::{dies_with_us, nbd_runtime, ImageFormat, NbdSource, Source};
+use cairn_engine::target::{NbdImage, Target, TargetFormat};
 use cairn_nbd::{NbdAddress, Transport};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -287,20 +288,11 @@ impl HostAccess for SshHost {
         if let Some(b) = bitmap {
             args.extend(["--bitmap".into(), b.into()]);
         }
-        let mut cmd = self.cairn_command(&args);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        dies_with_us(&mut cmd);
-        let mut child = cmd.spawn().context("running ssh")?;
-        // Its first line names the socket once qemu-nbd serves; an error ends it instead.
-        let mut line = String::new();
-        let read = BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line);
-        let Some(socket) = line.trim_end().strip_prefix("socket ").filter(|_| read.is_ok()) else {
-            let out = child.wait_with_output()?;
-            bail!("cannot open {path} on {}: {}", self.name(), String::from_utf8_lossy(&out.stderr).trim());
-        };
-        let server = RemoteServer { stdin: child.stdin.take(), child };
-        let local = self.forward(Path::new(socket))?;
-        let source = NbdSource::connect(NbdAddress::unix(local, ""), bitmap, None)
+        let (mut server, socket) =
+            self.serve(&args).with_context(|| format!("cannot open {path} on {}", self.name()))?;
+        let local = NbdAddress::unix(self.forward(&socket)?, "");
+        let source = server
+            .connect(|| NbdSource::connect(local.clone(), bitmap, None))
             .with_context(|| format!("reading {path} on {}", self.name()))?;
         Ok(Box::new(Held { source, what: format!("{path} on {}", self.name()), _server: server }))
     }
@@ -316,6 +308,48 @@ impl HostAccess for SshHost {
         }
     }
 
+    fn path_kind(&self, path: &Path) -> Result<PathKind> {
+        let out = self.cairn_output(&["host".into(), "path-kind".into(), path_arg(path)?])?;
+        serde_json::from_str(out.trim()).with_context(|| format!("the host's answer about {}: {out:?}", path.display()))
+    }
+
+    fn check_space(&self, dir: &Path, bytes: u64) -> Result<()> {
+        self.cairn_output(&["host".into(), "check-space".into(), path_arg(dir)?, bytes.to_string()])
+            .with_context(|| format!("on {}", self.name()))?;
+        Ok(())
+    }
+
+    fn create_image(
+        &self,
+        path: &Path,
+        size: u64,
+        _block_size: u64,
+        data_bytes: u64,
+        format: TargetFormat,
+        force: bool,
+    ) -> Result<Box<dyn Target>> {
+        let format = match format {
+            TargetFormat::Raw => "raw",
+            TargetFormat::Qcow2 => "qcow2",
+        };
+        let mut args = vec!["host".to_string(), "create-image".into(), path_arg(path)?];
+        args.extend(["--size".into(), size.to_string(), "--format".into(), format.into()]);
+        args.extend(["--data-bytes".into(), data_bytes.to_string()]);
+        if force {
+            args.push("--force".into());
+        }
+        let what = format!("{} on {}", path.display(), self.name());
+        let (mut server, socket) = self.serve(&args).with_context(|| format!("cannot create {what}"))?;
+        let local = NbdAddress::unix(self.forward(&socket)?, "");
+        let rt = nbd_runtime()?;
+        let client = server
+            .connect(|| Ok(rt.block_on(cairn_nbd::NbdClient::connect(&local, &[]))?))
+            .with_context(|| format!("writing {what}"))?;
+        // Once written, flushed and disconnected: the host makes the image durable and names it.
+        let commit = Box::new(move || server.commit().with_context(|| format!("finishing {what}")));
+        Ok(Box::new(NbdImage::new(rt, client, commit)))
+    }
+
     fn command_on_host(&self, args: &[String]) -> Option<(PathBuf, Vec<String>)> {
         let mut argv: Vec<String> = self.target.options.clone();
         argv.extend(["-S".into(), self.control().display().to_string(), self.target.destination.clone(), "--".into()]);
@@ -324,14 +358,82 @@ impl HostAccess for SshHost {
     }
 }
 
+impl SshHost {
+    /// Starts `cairn ARGS` on the host, a command that serves an NBD export until its standard
+    /// input closes and first prints `socket PATH` (or fails); returns it and that socket.
+    fn serve(&self, args: &[String]) -> Result<(RemoteServer, PathBuf)> {
+        let mut cmd = self.cairn_command(args);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        dies_with_us(&mut cmd);
+        let mut child = cmd.spawn().context("running ssh")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut line = String::new();
+        let read = stdout.read_line(&mut line);
+        let Some(socket) = line.trim_end().strip_prefix("socket ").filter(|_| read.is_ok()).map(PathBuf::from) else {
+            let out = child.wait_with_output()?;
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        };
+        Ok((RemoteServer { stdin: child.stdin.take(), stdout: Some(stdout), child }, socket))
+    }
+}
+
 fn path_arg(p: &Path) -> Result<String> {
     p.to_str().map(String::from).with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
-/// `cairn host serve-image` on the host: it serves while its standard input stays open.
+/// `cairn host serve-image` or `create-image` on the host: it serves while its standard input
+/// stays open.
 struct RemoteServer {
     child: Child,
     stdin: Option<ChildStdin>,
+    stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl RemoteServer {
+    /// Runs `attempt` (a connection through the forwarded socket) until it works, for up to 10 s
+    /// while the server runs: a connection forwarded before the host's server listens is closed
+    /// at once.
+    fn connect<T>(&mut self, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+        let t = Instant::now();
+        loop {
+            match attempt() {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        let mut err = String::new();
+                        if let Some(mut s) = self.child.stderr.take() {
+                            use std::io::Read;
+                            let _ = s.read_to_string(&mut err);
+                        }
+                        return Err(e.context(format!("the host's server exited ({st}): {}", err.trim())));
+                    }
+                    if t.elapsed() > Duration::from_secs(10) {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// `create-image`: asks the host to make the image final, and waits for its "done".
+    fn commit(mut self) -> Result<()> {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().context("the host's server is gone")?;
+        stdin.write_all(b"commit\n").and_then(|()| stdin.flush()).context("asking the host to finish")?;
+        let mut line = String::new();
+        let _ = self.stdout.as_mut().context("no stdout")?.read_line(&mut line);
+        if line.trim() == "done" {
+            return Ok(());
+        }
+        drop(self.stdin.take());
+        let mut err = String::new();
+        if let Some(mut s) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = s.read_to_string(&mut err);
+        }
+        bail!("{}", if err.trim().is_empty() { "the host did not confirm".to_string() } else { err.trim().to_string() })
+    }
 }
 
 impl Drop for RemoteServer {

@@ -13,7 +13,7 @@ mod fetch;
 
 use crate::pool::Pool;
 use crate::progress::{check_cancelled, Progress};
-use crate::target::{self, TargetFormat};
+use crate::target::{self, Target, TargetFormat};
 use anyhow::{bail, Context, Result};
 use cairn_repo::map::PAGE_BLOCKS;
 use cairn_repo::PointId;
@@ -96,12 +96,30 @@ fn from_other_copies(repo: &Repository, loc: &BlobLocation, items: &mut [Item], 
     true
 }
 
+/// Restores `disk` of a point into the file or device `to` (see [`target::create`]).
 pub fn restore_disk(
     repo: &Repository,
     point_id: &PointId,
     point: &RestorePoint,
     disk: &DiskImage,
     to: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let make = |size, block_size, data_bytes| target::create(to, size, block_size, data_bytes, opts.format, opts.force);
+    restore_disk_into(repo, point_id, point, disk, &make, opts, progress)
+}
+
+/// Makes the target of a restore from (disk size, block size, bytes of data to write).
+pub type MakeTarget<'a> = dyn Fn(u64, u64, u64) -> Result<Box<dyn Target>> + 'a;
+
+/// Restores `disk` of a point into the target `make` gives (an image on another host, say).
+pub fn restore_disk_into(
+    repo: &Repository,
+    point_id: &PointId,
+    point: &RestorePoint,
+    disk: &DiskImage,
+    make: &MakeTarget<'_>,
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
@@ -112,7 +130,7 @@ pub fn restore_disk(
         format!("restore point {} ({} of {}) cannot be read", point_id.short(), point.name, point.time)
     })?;
     let data_bytes = data_blocks * bs;
-    let mut target = target::create(to, disk.size, bs, data_bytes.min(disk.size), opts.format, opts.force)?;
+    let mut target = make(disk.size, bs, data_bytes.min(disk.size))?;
     progress.start(&format!("restore {}", disk.name), data_bytes.min(disk.size));
 
     // More readers than cores: a reader waiting on a pack read must not leave a core idle.

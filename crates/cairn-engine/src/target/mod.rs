@@ -103,7 +103,7 @@ pub fn create(
         TargetFormat::Qcow2 if block_size == qcow2::CLUSTER => {
             Ok(Box::new(qcow2::Qcow2Writer::new(RawFile::create(&partial, path, 0)?, size)))
         }
-        TargetFormat::Qcow2 => Ok(Box::new(Qcow2Image::create(&partial, path, size)?)),
+        TargetFormat::Qcow2 => Ok(Box::new(NbdImage::local(path, size, format, data_bytes, force)?)),
     }
 }
 
@@ -515,53 +515,125 @@ fn sync_parent(p: &Path) -> Result<()> {
         .with_context(|| format!("syncing folder {} after naming {}", d.display(), p.display()))
 }
 
-/// A new qcow2 image, filled through a private writable `qemu-nbd`. Writes are pipelined.
-struct Qcow2Image {
-    rt: tokio::runtime::Runtime,
-    client: Option<Arc<NbdClient>>,
+/// A new image (under its partial name until [`ServedImage::commit`]) served writable by a private
+/// `qemu-nbd`: what a qcow2 restore writes through, here or on another host (`cairn host
+/// create-image`, which the restore drives over SSH). Dropped uncommitted, the partial file goes.
+pub struct ServedImage {
     server: Option<QemuNbd>,
-    inflight: VecDeque<tokio::task::JoinHandle<Result<(), cairn_nbd::NbdError>>>,
     partial: PathBuf,
     path: PathBuf,
 }
 
-const MAX_INFLIGHT_WRITES: usize = 32;
-
-impl Qcow2Image {
-    fn create(partial: &Path, path: &Path, size: u64) -> Result<Qcow2Image> {
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
-            .arg(partial)
-            .arg(size.to_string())
-            .env_remove("CAIRN_PASSWORD")
-            .output()
-            .map_err(|e| anyhow::anyhow!("qemu-img is needed to write qcow2 (apt-get install qemu-utils): {e}"))?;
+impl ServedImage {
+    /// Creates `path`'s partial file, `size` bytes of `format` (qcow2 with 64 KiB clusters, or a
+    /// sparse raw file), and serves it. `path` must not exist unless `force`; its folder must
+    /// have room for `data_bytes`.
+    pub fn create(path: &Path, size: u64, format: TargetFormat, data_bytes: u64, force: bool) -> Result<ServedImage> {
+        if path.exists() && !force {
+            return Err(TargetRefusal::Exists { path: path.into(), replaceable: true }.into());
+        }
+        if path.is_dir() {
+            return Err(TargetRefusal::IsFolder(path.into()).into());
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            bail!("folder {} does not exist", parent.display());
+        }
+        check_space(parent, data_bytes)?;
+        let partial = partial_path(path);
+        let _ = std::fs::remove_file(&partial);
+        let (qemu_format, image_format, options) = match format {
+            TargetFormat::Qcow2 => ("qcow2", ImageFormat::Qcow2, "cluster_size=65536"),
+            TargetFormat::Raw => ("raw", ImageFormat::Raw, ""),
+        };
+        let mut cmd = std::process::Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", qemu_format]);
+        if !options.is_empty() {
+            cmd.args(["-o", options]);
+        }
+        let out = cmd.arg(&partial).arg(size.to_string()).env_remove("CAIRN_PASSWORD").output().map_err(|e| {
+            anyhow::anyhow!("qemu-img is needed to write {qemu_format} images (apt-get install qemu-utils): {e}")
+        })?;
         if !out.status.success() {
             bail!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        let mut server = QemuNbd::serve(partial, ImageFormat::Qcow2, false, None)?;
-        let rt = nbd_runtime()?;
+        match QemuNbd::serve(&partial, image_format, false, None) {
+            Ok(server) => Ok(ServedImage { server: Some(server), partial, path: path.to_path_buf() }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                Err(e)
+            }
+        }
+    }
+
+    /// Where the image is served (a Unix socket of this machine).
+    pub fn address(&self) -> cairn_nbd::NbdAddress {
+        self.server.as_ref().expect("served until committed").address()
+    }
+
+    /// Connects to the image: the client a restore writes through.
+    pub fn connect(&mut self, rt: &tokio::runtime::Runtime) -> Result<NbdClient> {
+        let server = self.server.as_mut().expect("served until committed");
         let addr = server.address();
-        let client = server.connect(|| rt.block_on(NbdClient::connect(&addr, &[])))?;
-        Ok(Qcow2Image {
-            rt,
-            client: Some(Arc::new(client)),
-            server: Some(server),
-            inflight: VecDeque::new(),
-            partial: partial.to_path_buf(),
-            path: path.to_path_buf(),
-        })
+        server.connect(|| rt.block_on(NbdClient::connect(&addr, &[])))
+    }
+
+    /// Once every client is gone: waits for qemu-nbd to close the image cleanly, makes it
+    /// durable and gives it its final name.
+    pub fn commit(mut self) -> Result<()> {
+        // qemu-nbd exits once its only client is gone, after closing the image cleanly.
+        self.server.take().expect("served until committed").wait_exit(Duration::from_secs(60))?;
+        File::open(&self.partial)?.sync_all()?;
+        std::fs::rename(&self.partial, &self.path)?;
+        sync_parent(&self.path)
+    }
+}
+
+impl Drop for ServedImage {
+    fn drop(&mut self) {
+        if self.server.take().is_some() {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+/// What makes an [`NbdImage`] final once every write is flushed and the client is gone.
+pub type CommitImage = Box<dyn FnOnce() -> Result<()> + Send>;
+
+/// A target written through an NBD export of a new image ([`ServedImage`], here or on another
+/// host). Writes are pipelined. `commit` makes it final; dropping it uncommitted (`abandon`)
+/// drops whatever it holds, which removes the partial image.
+pub struct NbdImage {
+    rt: tokio::runtime::Runtime,
+    client: Option<Arc<NbdClient>>,
+    inflight: VecDeque<tokio::task::JoinHandle<Result<(), cairn_nbd::NbdError>>>,
+    commit: Option<CommitImage>,
+}
+
+const MAX_INFLIGHT_WRITES: usize = 32;
+
+impl NbdImage {
+    pub fn new(rt: tokio::runtime::Runtime, client: NbdClient, commit: CommitImage) -> NbdImage {
+        NbdImage { rt, client: Some(Arc::new(client)), inflight: VecDeque::new(), commit: Some(commit) }
+    }
+
+    /// A new image at `path` (created as `partial`), served by a qemu-nbd of this machine.
+    fn local(path: &Path, size: u64, format: TargetFormat, data_bytes: u64, force: bool) -> Result<NbdImage> {
+        let mut served = ServedImage::create(path, size, format, data_bytes, force)?;
+        let rt = nbd_runtime()?;
+        let client = served.connect(&rt)?;
+        Ok(NbdImage::new(rt, client, Box::new(move || served.commit())))
     }
 
     fn wait_one(&mut self) -> Result<()> {
         if let Some(h) = self.inflight.pop_front() {
-            self.rt.block_on(h)?.context("writing the qcow2 image")?;
+            self.rt.block_on(h)?.context("writing the image")?;
         }
         Ok(())
     }
 }
 
-impl Target for Qcow2Image {
+impl Target for NbdImage {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let c = self.client.clone().unwrap();
         let max = c.max_request() as usize;
@@ -582,21 +654,16 @@ impl Target for Qcow2Image {
             self.wait_one()?;
         }
         let client = self.client.take().unwrap();
-        self.rt.block_on(client.flush()).context("flushing the qcow2 image")?;
+        self.rt.block_on(client.flush()).context("flushing the image")?;
         let client = Arc::try_unwrap(client).map_err(|_| anyhow::anyhow!("NBD writes still pending"))?;
         self.rt.block_on(client.disconnect())?;
-        // qemu-nbd exits once its only client is gone, after closing the image cleanly.
-        self.server.take().unwrap().wait_exit(Duration::from_secs(60))?;
-        File::open(&self.partial)?.sync_all()?;
-        std::fs::rename(&self.partial, &self.path)?;
-        sync_parent(&self.path)
+        (self.commit.take().unwrap())()
     }
 
     fn abandon(mut self: Box<Self>) {
         self.inflight.clear();
         self.client = None;
-        self.server = None;
-        let _ = std::fs::remove_file(&self.partial);
+        self.commit = None;
     }
 }
 
