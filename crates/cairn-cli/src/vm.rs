@@ -438,8 +438,13 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
 /// SSH (`cairn_vm::ssh`). Nothing here opens a repository.
 #[derive(Subcommand)]
 pub enum HostCmd {
-    /// Make DIR a folder only we can write, and remove what a killed run left in it
-    Prepare { dir: PathBuf },
+    /// Make DIR a folder only we (and the user OWNER, UID:GID, an unprivileged QEMU) can write,
+    /// and remove what a killed run left in it
+    Prepare {
+        dir: PathBuf,
+        #[arg(long, value_name = "UID:GID")]
+        owner: Option<String>,
+    },
     /// Serve a file through qemu-nbd until standard input closes; prints `socket PATH` once it serves
     ServeImage {
         path: PathBuf,
@@ -476,7 +481,16 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
     use cairn_engine::source::{ImageFormat, QemuNbd};
     use std::io::Write;
     match c {
-        HostCmd::Prepare { dir } => cairn_vm::host::prepare_dir(dir)?,
+        HostCmd::Prepare { dir, owner } => {
+            let owner = match owner {
+                Some(o) => {
+                    let (u, g) = o.split_once(':').context("--owner UID:GID")?;
+                    Some((u.parse().context("--owner UID:GID")?, g.parse().context("--owner UID:GID")?))
+                }
+                None => None,
+            };
+            cairn_vm::host::prepare_dir(dir, owner)?
+        }
         HostCmd::ServeImage { path, format, bitmap } => {
             let format = match format {
                 Some(f) => ImageFormat::parse(f)?,

@@ -14,6 +14,16 @@ use std::process::Command;
 const STATE: &str = "/var/lib/cairn-test/hosts";
 const A: &str = "qemu+tcp://10.77.0.1/system";
 const B: &str = "qemu+tcp://10.77.0.2/system";
+/// Host c runs QEMU as a stock Debian host does (unprivileged, libvirt's ownership changes).
+const C: &str = "qemu+tcp://10.77.0.3/system";
+
+fn uri_of(host: &str) -> &'static str {
+    match host {
+        "a" => A,
+        "b" => B,
+        _ => C,
+    }
+}
 
 fn hosts_sh() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hosts.sh")
@@ -33,14 +43,16 @@ fn ssh_uri(ip: &str) -> String {
 /// One test at a time has the hosts.
 static HOSTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Hosts a and b, up while this lives; their guests destroyed and undefined when it goes.
+/// Hosts (a and b, or others), up while this lives; their guests destroyed and undefined when
+/// it goes.
 struct Hosts {
+    names: Vec<&'static str>,
     guests: Vec<String>,
     _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Hosts {
-    fn up() -> Hosts {
+    fn up(names: &[&'static str]) -> Hosts {
         let serial = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
         // The cairn of each host (cairn_vm::ssh runs it there) is this one: the hosts see this
         // machine's files, except their private libvirt folders, where its work folder goes.
@@ -50,19 +62,19 @@ impl Hosts {
             std::env::set_var("CAIRN_REMOTE_WORK_DIR", "/var/lib/libvirt/cairn-work");
         }
         // Made first, so that a start that fails part-way is still taken down.
-        let hosts = Hosts { guests: Vec::new(), _one_at_a_time: serial };
-        sh(Command::new(hosts_sh()).args(["up", "a", "b"]));
+        let hosts = Hosts { names: names.to_vec(), guests: Vec::new(), _one_at_a_time: serial };
+        sh(Command::new(hosts_sh()).arg("up").args(names));
         hosts
     }
 
-    fn remove(name: &str) {
-        for uri in [A, B] {
+    fn remove(&self, name: &str) {
+        for uri in self.names.iter().map(|h| uri_of(h)) {
             let _ = Command::new("virsh").args(["-q", "-c", uri, "destroy", name]).output();
             // Its checkpoints' metadata too (stale copies stay on a host the VM left).
             let _ = Command::new("virsh").args(["-q", "-c", uri, "undefine", name, "--checkpoints-metadata"]).output();
         }
         // What a recovery wrote into a host's own images folder.
-        for h in ["a", "b"] {
+        for h in &self.names {
             let images = Path::new(STATE).join("hosts").join(h).join("lib/images");
             for f in std::fs::read_dir(images).into_iter().flatten().flatten() {
                 if f.file_name().to_string_lossy().starts_with(&format!("{name}-")) {
@@ -72,11 +84,17 @@ impl Hosts {
         }
     }
 
-    /// Defines the test guest `name` on both hosts, its disk in the shared folder; starts it on a.
+    /// Defines the test guest `name` on every host, its disk in the shared folder; starts it on a.
     fn guest_on_a_defined_on_both(&mut self, name: &str) -> String {
+        self.guest(name, "a")
+    }
+
+    /// Defines the test guest `name` on every host, its disk in the shared folder; starts it on
+    /// `host`.
+    fn guest(&mut self, name: &str, host: &str) -> String {
         // One a killed run left behind (Drop never ran) would keep its name with another UUID,
         // and its disk open.
-        Hosts::remove(name);
+        self.remove(name);
         let guest = Path::new(STATE).join("guest");
         let disk = Path::new(STATE).join("shared").join(format!("{name}.qcow2"));
         sh(Command::new("cp").arg("--sparse=always").arg(guest.join("data.qcow2")).arg(&disk));
@@ -97,10 +115,10 @@ impl Hosts {
         let file = Path::new(STATE).join("shared").join(format!("{name}.xml"));
         std::fs::write(&file, xml).unwrap();
         self.guests.push(name.to_string());
-        for uri in [A, B] {
-            virsh(uri, &["define", file.to_str().unwrap()]);
+        for h in &self.names {
+            virsh(uri_of(h), &["define", file.to_str().unwrap()]);
         }
-        virsh(A, &["start", name]);
+        virsh(uri_of(host), &["start", name]);
         uuid
     }
 }
@@ -108,7 +126,7 @@ impl Hosts {
 impl Drop for Hosts {
     fn drop(&mut self) {
         for name in &self.guests {
-            Hosts::remove(name);
+            self.remove(name);
         }
         let _ = Command::new(hosts_sh()).arg("down").output();
     }
@@ -135,7 +153,7 @@ fn placement(e: &Env, uuid: &str) -> (String, Vec<(String, String)>) {
 #[test]
 fn a_vm_defined_on_two_hosts_is_listed_once_where_it_runs_and_followed_across_a_live_migration() {
     let e = Env::new();
-    let mut hosts = Hosts::up();
+    let mut hosts = Hosts::up(&["a", "b"]);
     // Two hosts, two identities.
     let uuid_of = |uri: &str| {
         let caps = virsh(uri, &["capabilities"]);
@@ -199,7 +217,7 @@ fn sha256_of(path: &Path) -> String {
 fn a_vm_is_backed_up_on_the_host_it_runs_on_and_its_chain_survives_a_live_migration() {
     let e = Env::new();
     e.init();
-    let mut hosts = Hosts::up();
+    let mut hosts = Hosts::up(&["a", "b"]);
     let name = "cluster-db";
     let uuid = hosts.guest_on_a_defined_on_both(name);
     wait_for_agent(A, name);
@@ -278,5 +296,104 @@ fn a_vm_is_backed_up_on_the_host_it_runs_on_and_its_chain_survives_a_live_migrat
     assert!(!listed.contains("cairn-partial"), "a partial image was left: {listed}");
     wait_for_agent(A, &restored);
     let again = guest_exec(A, &restored, "sha256sum /data/moved");
+    assert_eq!(again.split_whitespace().next().unwrap(), sum, "the recovered VM does not hold the guest's file");
+}
+
+/// What the guest agent of `name` on `uri` says of its filesystems: "frozen" or "thawed".
+fn freeze_status(uri: &str, name: &str) -> String {
+    let out = virsh(uri, &["qemu-agent-command", name, r#"{"execute":"guest-fsfreeze-status"}"#]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["return"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_backup_killed_while_a_guest_of_another_host_is_frozen_leaves_it_thawed_by_its_watchdog_there() {
+    let e = Env::new();
+    e.init();
+    let mut hosts = Hosts::up(&["a", "b"]);
+    let name = "cluster-frozen";
+    hosts.guest_on_a_defined_on_both(name);
+    wait_for_agent(A, name);
+    let a = ssh_uri("10.77.0.1");
+    let work = e.path("work");
+    // Frozen for 60 s after the point unless something thaws it; the watchdog's own limit is
+    // 30 s: a thaw within seconds of the kill is the watchdog seeing its backup gone.
+    let mut backup = e
+        .cmd(&["backup", "vm", name, "--host", &a, "--work-dir", work.to_str().unwrap(), "--debug-hold", "60"])
+        .args(["--freeze-limit", "30"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while freeze_status(A, name) != "frozen" {
+        assert!(t.elapsed().as_secs() < 60, "the guest was never frozen");
+        assert!(backup.try_wait().unwrap().is_none(), "the backup ended before the freeze");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    unsafe { libc::kill(backup.id() as i32, libc::SIGKILL) };
+    backup.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while freeze_status(A, name) != "thawed" {
+        assert!(killed.elapsed().as_secs() < 10, "the guest stayed frozen after its backup was killed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Its backup job was ended there too, and the next run goes through.
+    let t = std::time::Instant::now();
+    while Command::new("virsh").args(["-q", "-c", A, "backup-dumpxml", name]).output().unwrap().status.success() {
+        assert!(t.elapsed().as_secs() < 30, "the killed run's backup job still runs on host a");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (code, out, err) = backup_vms(&e, &[name], &[&a]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out[0]["record"]["chain"], "full", "{}", out[0]);
+}
+
+#[test]
+fn on_a_stock_host_whose_qemu_runs_unprivileged_a_vm_is_backed_up_incrementally_and_recovered() {
+    let e = Env::new();
+    e.init();
+    let mut hosts = Hosts::up(&["c"]);
+    let name = "cluster-stock";
+    hosts.guest(name, "c");
+    wait_for_agent(C, name);
+    let live = virsh(C, &["dumpxml", name]);
+    let label = live.split("<label>").nth(1).and_then(|l| l.split("</label>").next()).unwrap_or("");
+    assert!(!label.is_empty() && !label.starts_with("+0:"), "QEMU runs as root on host c: {label:?}");
+    let c = ssh_uri("10.77.0.3");
+
+    let (code, out, err) = backup_vms(&e, &[name], &[&c]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out[0]["record"]["method"], "app-consistent", "{}", out[0]);
+    let written: u64 = 4 << 20;
+    let sum = guest_exec(
+        C,
+        name,
+        "dd if=/dev/urandom of=/data/stock bs=1M count=4 2>/dev/null && sync && sha256sum /data/stock",
+    );
+    let sum = sum.split_whitespace().next().unwrap().to_string();
+    let (code, out, err) = backup_vms(&e, &[name], &[&c]);
+    assert_eq!(code, 0, "{err}");
+    let record = &out[0]["record"];
+    assert_eq!(record["chain"], "incremental", "{record}");
+    let read = record["vm_read_bytes"].as_u64().unwrap();
+    assert!(read >= written && read <= written * 3 / 2, "read {read} bytes for {written} written");
+
+    let point = format!("{name}@{}", &out[0]["id"].as_str().unwrap()[..8]);
+    let restored = format!("{name}-again");
+    hosts.guests.push(restored.clone());
+    e.json(&[
+        "restore",
+        "vm",
+        &point,
+        "--host",
+        &c,
+        "--storage",
+        "/var/lib/libvirt/images",
+        "--as",
+        &restored,
+        "--start",
+    ]);
+    wait_for_agent(C, &restored);
+    let again = guest_exec(C, &restored, "sha256sum /data/stock");
     assert_eq!(again.split_whitespace().next().unwrap(), sum, "the recovered VM does not hold the guest's file");
 }

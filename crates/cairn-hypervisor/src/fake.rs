@@ -138,6 +138,9 @@ impl Hypervisor for Handle {
         self.0.log(&format!("delete_checkpoint {name}"));
         Ok(())
     }
+    fn emulator_owner(&self, _: &str) -> Result<Option<(u32, u32)>> {
+        Ok(None)
+    }
     fn checkpoint_document(&self, _: &str, name: &str) -> Result<String> {
         Ok(format!("checkpoint {name}"))
     }

@@ -194,6 +194,10 @@ pub trait Hypervisor: Send + Sync {
     /// A checkpoint's definition (libvirt: its XML without the domain), as a restore point keeps
     /// it to register the checkpoint again on another host.
     fn checkpoint_document(&self, uuid: &str, name: &str) -> Result<String>;
+    /// The user and group (uid, gid) the running VM's emulator process runs as, when it is not
+    /// root (libvirt: the domain's DAC label): the files and sockets a backup job has the
+    /// hypervisor put in a folder of ours must be reachable by that user.
+    fn emulator_owner(&self, uuid: &str) -> Result<Option<(u32, u32)>>;
     /// Registers a checkpoint from its definition on this host, where its bitmaps already are
     /// (migrated with the guest, or in the disk images on shared storage): libvirt does not
     /// migrate checkpoint metadata. Fails, defining nothing, unless every disk of the checkpoint

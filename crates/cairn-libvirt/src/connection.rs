@@ -280,6 +280,14 @@ impl Hypervisor for Libvirt {
         }
     }
 
+    fn emulator_owner(&self, uuid: &str) -> Result<Option<(u32, u32)>> {
+        let live = self
+            .domain(uuid)?
+            .xml_desc(0)
+            .map_err(|e| anyhow!("reading the VM's running configuration: {}", e.message()))?;
+        Ok(domain_xml::dac_owner(&live)?.filter(|&(uid, _)| uid != 0))
+    }
+
     fn checkpoint_document(&self, uuid: &str, name: &str) -> Result<String> {
         let dom = self.domain(uuid)?;
         let cname = cstring(name)?;

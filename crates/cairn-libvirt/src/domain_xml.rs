@@ -102,6 +102,19 @@ fn unit_bytes(unit: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_emulator_owner_is_read_from_the_dac_label() {
+        let live =
+            "<domain><name>x</name><seclabel type='dynamic' model='apparmor'><label>libvirt-1</label></seclabel>\
+                    <seclabel type='dynamic' model='dac' relabel='yes'><label>+64055:+107</label></seclabel></domain>";
+        assert_eq!(super::dac_owner(live).unwrap(), Some((64055, 107)));
+        assert_eq!(super::dac_owner("<domain><name>x</name></domain>").unwrap(), None);
+        assert_eq!(
+            super::dac_owner("<domain><seclabel model='dac'><label>qemu:kvm</label></seclabel></domain>").unwrap(),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]
@@ -1023,6 +1036,21 @@ fn hostdev_name(d: &xmltree::Element) -> String {
 /// Whether a `<disk>` is storage the VM owns (not removable media).
 fn is_storage(d: &xmltree::Element) -> bool {
     matches!(d.attributes.get("device").map(|s| s.as_str()).unwrap_or("disk"), "disk" | "lun")
+}
+
+/// The (uid, gid) of a running domain's DAC label (`<seclabel model='dac'><label>+UID:+GID`),
+/// the user its QEMU runs as; none without one.
+pub fn dac_owner(xml: &str) -> Result<Option<(u32, u32)>> {
+    check_depth(xml)?;
+    let doc = roxmltree::Document::parse(xml).context("parsing the VM's running configuration")?;
+    let label = doc
+        .root_element()
+        .children()
+        .filter(|n| n.has_tag_name("seclabel") && n.attribute("model") == Some("dac"))
+        .find_map(|n| n.children().find(|c| c.has_tag_name("label")).and_then(|l| l.text()));
+    let Some(label) = label else { return Ok(None) };
+    let id = |s: &str| s.trim().trim_start_matches('+').parse::<u32>().ok();
+    Ok(label.split_once(':').and_then(|(u, g)| Some((id(u)?, id(g)?))))
 }
 
 /// Host devices (PCI/USB passthrough) a configuration names, as `pci 0000:03:00.0` or `usb 046d:c52b`.

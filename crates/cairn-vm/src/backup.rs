@@ -188,7 +188,7 @@ fn lock_vm(dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
 fn lock_vm_in(dir: &Path, host_dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    let mut paths = vec![dir.join("lock")];
+    let mut paths = vec![dir.join(format!("vm-{uuid}.lock"))];
     match private_dir(host_dir) {
         Ok(()) => paths.push(host_dir.join(format!("vm-{uuid}.lock"))),
         // Not ours to create (not root): the host folder is a second line of defence.
@@ -445,9 +445,10 @@ fn prepare(
     progress: &dyn Progress,
 ) -> Result<Prepared> {
     let uuid = vm.uuid.as_str();
-    let lock_dir = vm_work_dir(&opts.work_dir, uuid);
+    // The locks stay on this machine, out of the VM's folder (which may be QEMU's user's).
+    let lock_dir = opts.work_dir.join("locks");
     private_dir(&opts.work_dir).context("the work folder")?;
-    private_dir(&lock_dir).context("the VM's work folder")?;
+    private_dir(&lock_dir).context("the work folder's locks")?;
     let lock = lock_vm(&lock_dir, uuid, &vm.name)?;
     // The folder where the hypervisor puts the sockets we read from: on the VM's host.
     let dir = vm_work_dir(host.work_dir(), uuid);
@@ -468,7 +469,9 @@ fn prepare(
             }
         }
     }
-    host.prepare_dir(&dir)?;
+    // An unprivileged QEMU (a stock host) creates the job's socket there and opens its scratch files.
+    let owner = if vm.state != VmState::ShutOff { hv.emulator_owner(uuid)? } else { None };
+    host.prepare_dir(&dir, owner)?;
     let keep = last.as_ref().and_then(|(_, p)| VmRecord::of(p)).and_then(|r| r.checkpoint);
     let mut forgotten_checkpoint: Option<String> = None;
     if vm.state != VmState::ShutOff {

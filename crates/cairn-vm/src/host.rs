@@ -25,9 +25,10 @@ pub trait HostAccess: Send + Sync {
     fn uri_on_host(&self, uri: &str) -> String;
     /// The folder, on the host, for the hypervisor's sockets, scratch files and memory states.
     fn work_dir(&self) -> &Path;
-    /// Makes `dir` (on the host) a folder only we can write, and removes what a killed run left
-    /// in it: scratch files, memory states, sockets (see [`remove_run_files`]).
-    fn prepare_dir(&self, dir: &Path) -> Result<()>;
+    /// Makes `dir` (on the host) a folder only we (and, with `owner`, the unprivileged user the
+    /// VM's emulator runs as) can write, and removes what a killed run left in it: scratch
+    /// files, memory states, sockets (see [`prepare_dir`]).
+    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<()>;
     /// The address from which this process reaches `addr`, an NBD export on the host.
     fn reach(&self, addr: &NbdAddress) -> Result<NbdAddress>;
     /// Opens a file of the host (a disk image, a memory state, a firmware file) as a source;
@@ -102,8 +103,8 @@ impl HostAccess for LocalHost {
     fn work_dir(&self) -> &Path {
         &self.work_dir
     }
-    fn prepare_dir(&self, dir: &Path) -> Result<()> {
-        prepare_dir(dir)
+    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+        prepare_dir(dir, owner)
     }
     fn reach(&self, addr: &NbdAddress) -> Result<NbdAddress> {
         Ok(addr.clone())
@@ -140,8 +141,66 @@ impl HostAccess for LocalHost {
 }
 
 /// [`HostAccess::prepare_dir`] on the machine the folder is on.
-pub fn prepare_dir(dir: &Path) -> Result<()> {
-    private_dir(dir).with_context(|| format!("the work folder {}", dir.display()))?;
+///
+/// Without `owner` (QEMU runs as root), `dir` is a [`private_dir`]. With `owner` (the uid and gid
+/// of an unprivileged QEMU, as on a stock host), the hypervisor's emulator must create the
+/// job's socket in `dir` and open the scratch files libvirt makes there: `dir` belongs to that
+/// user, mode 0700; its parent (our work folder) is made 0711, which lets it through without
+/// letting anyone list or write it; and every folder above must let it through (search
+/// permission), else the error names the one that does not.
+pub fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    let what = || format!("the work folder {}", dir.display());
+    let Some((uid, gid)) = owner else {
+        private_dir(dir).with_context(what)?;
+        return remove_run_files(dir);
+    };
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let parent = dir.parent().context("a work folder has a parent")?;
+    private_dir(parent).with_context(what)?;
+    let mode = std::fs::metadata(parent)?.mode() & 0o7777;
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode | 0o011))?;
+    }
+    let real = std::fs::canonicalize(parent)?;
+    for a in real.ancestors().skip(1) {
+        let m = std::fs::metadata(a)?;
+        let through = (m.uid() == uid && m.mode() & 0o100 != 0)
+            || (m.gid() == gid && m.mode() & 0o010 != 0)
+            || m.mode() & 0o001 != 0;
+        if !through {
+            bail!(
+                "QEMU runs as user {uid} on this host and cannot reach {}: {} (mode {:04o}, user {}) does not let it \
+                 through; give others search permission there (chmod o+x {}), or use a work folder it can reach",
+                dir.display(),
+                a.display(),
+                m.mode() & 0o7777,
+                m.uid(),
+                a.display()
+            );
+        }
+    }
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?,
+        Err(e) => return Err(e).with_context(what),
+        Ok(m) => {
+            let me = unsafe { libc::geteuid() };
+            if m.file_type().is_symlink() || !m.is_dir() {
+                bail!("refusing to use {}: it is not a folder; remove it", dir.display());
+            }
+            if m.uid() != me && m.uid() != uid {
+                bail!("refusing to use folder {}: it belongs to user {}; remove it", dir.display(), m.uid());
+            }
+        }
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a NUL-terminated path; lchown does not follow a link put there meanwhile.
+    if unsafe { libc::lchown(c.as_ptr(), uid, gid) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("giving {} to user {uid}", dir.display()));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     remove_run_files(dir)
 }
 
@@ -194,7 +253,10 @@ fn create_private(path: &Path, existing: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let missing: Vec<&Path> = path.ancestors().take_while(|p| *p != existing).collect();
     for p in missing.into_iter().rev() {
-        match std::fs::DirBuilder::new().mode(0o700).create(p) {
+        // A folder above ours lets others through (0711: no listing, no writing), so that an
+        // unprivileged QEMU can reach the one folder of ours it is given (see [`prepare_dir`]).
+        let mode = if p == path { 0o700 } else { 0o711 };
+        match std::fs::DirBuilder::new().mode(mode).create(p) {
             Ok(()) => {}
             // Made by someone else meanwhile: only good if it is ours (a cairn run of ours).
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -283,12 +345,13 @@ pub(crate) mod tests {
     #[test]
     fn private_folders_are_made_0700_and_foreign_ones_refused() {
         let t = tempfile::tempdir().unwrap();
-        // Created, with its missing parents, 0700 and ours.
+        // Created 0700 and ours, with its missing parents ours and 0711 (others may pass, not
+        // list or write).
         let new = t.path().join("a/b/work");
         private_dir(&new).unwrap();
-        for p in [t.path().join("a"), t.path().join("a/b"), new.clone()] {
+        for (p, mode) in [(t.path().join("a"), 0o711), (t.path().join("a/b"), 0o711), (new.clone(), 0o700)] {
             let m = std::fs::metadata(&p).unwrap();
-            assert_eq!(m.mode() & 0o777, 0o700, "{}", p.display());
+            assert_eq!(m.mode() & 0o777, mode, "{}", p.display());
             assert_eq!(m.uid(), unsafe { libc::geteuid() });
         }
         private_dir(&new).unwrap(); // and accepted again
@@ -351,6 +414,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_folder_for_an_unprivileged_qemu_is_its_users_and_reachable() {
+        if unsafe { libc::geteuid() } != 0 {
+            return; // giving a folder away needs root
+        }
+        let t = tempfile::tempdir().unwrap();
+        // The tempdir (under /tmp, 1777) lets everyone through; our work folder is made 0711.
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let vm = t.path().join("work/u-1");
+        prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap();
+        let m = std::fs::metadata(&vm).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (NOBODY, NOBODY, 0o700));
+        assert_eq!(std::fs::metadata(t.path().join("work")).unwrap().mode() & 0o777, 0o711);
+        prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap(); // and again
+                                                           // A folder above that does not let it through is named.
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap_err().to_string();
+        assert!(e.contains(&t.path().display().to_string()) && e.contains("chmod o+x"), "{e}");
+        // A folder of a third user is not taken.
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        chown(&vm, 12345);
+        let e = prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap_err().to_string();
+        assert!(e.contains("belongs to user 12345"), "{e}");
+    }
+
+    #[test]
     fn only_the_files_of_a_run_are_removed() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("vm");
@@ -358,7 +446,7 @@ pub(crate) mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join(n), b"x").unwrap();
         }
-        prepare_dir(&d).unwrap();
+        prepare_dir(&d, None).unwrap();
         let mut left: Vec<String> =
             std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();

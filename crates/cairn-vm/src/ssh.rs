@@ -267,9 +267,12 @@ impl HostAccess for SshHost {
         &self.work_dir
     }
 
-    fn prepare_dir(&self, dir: &Path) -> Result<()> {
-        self.cairn_output(&["host".into(), "prepare".into(), path_arg(dir)?])
-            .with_context(|| format!("preparing {} on {}", dir.display(), self.name()))?;
+    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+        let mut args = vec!["host".into(), "prepare".into(), path_arg(dir)?];
+        if let Some((uid, gid)) = owner {
+            args.extend(["--owner".into(), format!("{uid}:{gid}")]);
+        }
+        self.cairn_output(&args).with_context(|| format!("preparing {} on {}", dir.display(), self.name()))?;
         Ok(())
     }
 
