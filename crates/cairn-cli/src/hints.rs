@@ -38,13 +38,16 @@ pub fn hint(e: &anyhow::Error) -> Option<String> {
             return Some(refusal(r));
         }
         if cause.downcast_ref::<NoSuchVm>().is_some() {
-            return Some("`cairn vm list` shows the VMs of the host (--connect URI for another host)".into());
+            return Some("`cairn vm list` shows the VMs of the hosts (--host URI, repeated, for others)".into());
         }
         if cause.downcast_ref::<Unreachable>().is_some() {
             return Some(
-                "Is libvirtd running on this host? Start it (`systemctl start libvirtd`, or `libvirtd -d`), or pass --connect URI."
+                "Is libvirtd running on this host? Start it (`systemctl start libvirtd`, or `libvirtd -d`), or pass --host URI."
                     .into(),
             );
+        }
+        if cause.downcast_ref::<cairn_vm::ssh::NotSsh>().is_some() {
+            return Some("give that host as qemu+ssh://[USER@]HOST/system, with SSH set up as for virsh".into());
         }
         if let Some(cairn_ops::init::InitRefusal::ImmutableNeedsEncryption) = cause.downcast_ref() {
             return Some("add --encrypt".into());

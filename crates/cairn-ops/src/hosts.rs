@@ -48,6 +48,16 @@ pub fn open_access(
     }
 }
 
+/// Which host a VM defined on several is placed on: where it runs; else where it is paused (at
+/// the end of a migration, or by an operator: a point can still be taken); else the first.
+pub fn placement_rank(state: VmState) -> u8 {
+    match state {
+        VmState::Running => 0,
+        VmState::Paused => 1,
+        _ => 2,
+    }
+}
+
 /// One host of the list, connected or not.
 pub struct ListedHost {
     pub uri: String,
@@ -93,13 +103,7 @@ pub fn locate(name_or_uuid: &str, hosts: &[ListedHost]) -> OpResult<(usize, VmSu
             ),
         ));
     }
-    // Where it runs; else where it is paused (a point can still be taken); else the first.
-    let rank = |s: VmState| match s {
-        VmState::Running => 0,
-        VmState::Paused => 1,
-        _ => 2,
-    };
-    if let Some(best) = found.into_iter().min_by_key(|(i, v)| (rank(v.state), *i)) {
+    if let Some(best) = found.into_iter().min_by_key(|(i, v)| (placement_rank(v.state), *i)) {
         return Ok(best);
     }
     let uris: Vec<&str> = hosts.iter().map(|h| h.uri.as_str()).collect();

@@ -90,7 +90,27 @@ pub fn backup_vms(
         }
         return slots.into_iter().flatten().collect();
     }
-    let listed = connect_all(hosts, connect);
+    let mut listed = connect_all(hosts, connect);
+    // One host, and it cannot be reached: that is every VM's error (the first one gets it as it
+    // came, typed, for the interface's advice).
+    if let [only] = listed.as_mut_slice() {
+        if only.hv.is_err() {
+            let placeholder = Err(OpError::new(ErrorKind::Failed, anyhow::anyhow!("unreachable")));
+            let Err(first) = std::mem::replace(&mut only.hv, placeholder) else { unreachable!() };
+            let why = format!("{first:#}");
+            let kind = first.kind();
+            let mut first = Some(first);
+            for (i, name) in req.vms.iter().enumerate() {
+                let e = first.take().unwrap_or_else(|| OpError::new(kind, anyhow::anyhow!("{why}")));
+                finish(
+                    &mut slots,
+                    i,
+                    VmBackupOutcome { vm: name.clone(), host: Some(only.uri.clone()), result: Err(e) },
+                );
+            }
+            return slots.into_iter().flatten().collect();
+        }
+    }
     // Each VM to its host; one VM named twice is backed up once.
     let mut queues: Vec<Vec<(usize, VmSummary)>> = listed.iter().map(|_| Vec::new()).collect();
     let mut seen: Vec<String> = Vec::new();

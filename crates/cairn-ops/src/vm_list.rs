@@ -106,8 +106,9 @@ pub fn list_vms_on_hosts(
             let here = Presence { host: host.clone(), state: vm.state };
             match vms.iter_mut().find(|v| v.vm.uuid == vm.uuid) {
                 Some(known) => {
-                    // Where it runs says most about it (its disks, its agent): that host's view wins.
-                    if vm.state == VmState::Running && known.vm.state != VmState::Running {
+                    // Where it runs says most about it (its disks, its agent): that host's view
+                    // wins; a paused VM (at the end of a migration, say) over a shut-off one.
+                    if crate::hosts::placement_rank(vm.state) < crate::hosts::placement_rank(known.vm.state) {
                         known.host = host.clone();
                         known.vm = vm;
                     }

@@ -842,7 +842,11 @@ fn trust_checkpoint(
         let (then, now) = (bare(record.map(|r| r.hypervisor.as_str()).unwrap_or("")), bare(hv.uri()));
         let whence = if then != now { format!(" (restore point {short} was taken on {then})") } else { String::new() };
         hv.redefine_checkpoint(uuid, doc).map_err(|e| {
-            format!("checkpoint {cp} of restore point {short} is not registered on {now}{whence} and cannot be registered again: {e:#}")
+            if whence.is_empty() {
+                format!("checkpoint {cp} of restore point {short} no longer exists on the VM, and cannot be registered again: {e:#}")
+            } else {
+                format!("checkpoint {cp} of restore point {short} is not registered on {now}{whence} and cannot be registered again: {e:#}")
+            }
         })?;
         cps = hv.checkpoints(uuid).map_err(|e| format!("cannot list the VM's checkpoints: {e:#}"))?;
         *registered = Some(format!("registered again on {now}, where its bitmaps are{whence}"));
