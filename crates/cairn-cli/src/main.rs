@@ -121,7 +121,7 @@ Examples:
     /// Back up something into the repository
     #[command(subcommand)]
     Backup(BackupCmd),
-    /// Virtual machines on this host
+    /// Virtual machines of this host or of the hosts given (--host, CAIRN_HOSTS)
     #[command(subcommand)]
     Vm(vm::VmCmd),
     /// List restore points
