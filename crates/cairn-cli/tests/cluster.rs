@@ -491,4 +491,19 @@ fn vms_of_two_hosts_in_one_run_and_a_migration_that_copies_the_storage_keeps_the
     assert_eq!(record["chain"], "incremental", "{record}");
     let read = record["vm_read_bytes"].as_u64().unwrap();
     assert!(read >= written && read <= written * 3 / 2, "read {read} bytes for {written} written");
+
+    // Stopped cleanly on b (QEMU stores the bitmaps in the image): its files are read there, by
+    // a qemu-nbd that cairn starts on b, only the changes since the last point.
+    guest_exec(B, local, "dd if=/dev/urandom of=/data/offline bs=1M count=1 2>/dev/null && sync");
+    virsh(B, &["destroy", "--graceful", local]);
+    let (code, out, err) = backup_vms(&e, &[local], &[&a, &b]);
+    assert_eq!(code, 0, "{err}");
+    let record = &out[0]["record"];
+    assert_eq!(
+        (record["method"].as_str(), record["chain"].as_str()),
+        (Some("offline"), Some("incremental")),
+        "{record}"
+    );
+    let read = record["vm_read_bytes"].as_u64().unwrap();
+    assert!(read >= 1 << 20 && read <= 3 << 19, "read {read} bytes for 1 MiB written");
 }
