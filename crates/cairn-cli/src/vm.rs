@@ -489,7 +489,7 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
                 }
                 None => None,
             };
-            cairn_vm::host::prepare_dir(dir, owner)?
+            cairn_vm::host::prepare_dir(dir, owner)?;
         }
         HostCmd::ServeImage { path, format, bitmap } => {
             let format = match format {

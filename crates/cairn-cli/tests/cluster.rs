@@ -231,8 +231,9 @@ fn a_vm_is_backed_up_on_the_host_it_runs_on_and_its_chain_survives_a_live_migrat
     let uuid = hosts.guest_on_a_defined_on_both(name);
     wait_for_agent(A, name);
     let (a, b) = (ssh_uri("10.77.0.1"), ssh_uri("10.77.0.2"));
-    // A third host that is not up: listed, it cannot be asked.
-    let c = ssh_uri("10.77.0.3");
+    // A host that is not up (an address of the hosts' network that none has): listed, it cannot
+    // be asked.
+    let c = ssh_uri("10.77.0.9");
 
     // The first backup: found on a, its data read there over SSH.
     let (code, out, err) = backup_vms(&e, &[name], &[&a, &b]);
@@ -271,7 +272,7 @@ fn a_vm_is_backed_up_on_the_host_it_runs_on_and_its_chain_survives_a_live_migrat
     assert!(read >= written && read <= written * 3 / 2, "read {read} bytes for {written} written");
     assert_eq!(out[1]["ok"], false);
     let why = out[1]["error"].as_str().unwrap();
-    assert!(why.contains("10.77.0.3") && why.contains("could not be asked"), "{why}");
+    assert!(why.contains("10.77.0.9") && why.contains("could not be asked"), "{why}");
 
     // The point holds the guest's file.
     let got = e.path("moved");
@@ -506,4 +507,74 @@ fn vms_of_two_hosts_in_one_run_and_a_migration_that_copies_the_storage_keeps_the
     );
     let read = record["vm_read_bytes"].as_u64().unwrap();
     assert!(read >= 1 << 20 && read <= 3 << 19, "read {read} bytes for 1 MiB written");
+}
+
+/// `virsh` run inside a host (its own unix socket), for when the network to it is cut.
+fn virsh_inside(host: &str, args: &[&str]) -> std::process::Output {
+    Command::new(hosts_sh()).args(["exec", host, "virsh", "-q"]).args(args).output().unwrap()
+}
+
+#[test]
+fn a_host_cut_off_in_the_middle_of_a_backup_thaws_its_guest_by_itself() {
+    let e = Env::new();
+    e.init();
+    let mut hosts = Hosts::up(&["a", "b"]);
+    let name = "cluster-cut";
+    hosts.guest_on_a_defined_on_both(name);
+    wait_for_agent(A, name);
+    let a = ssh_uri("10.77.0.1");
+    let work = e.path("work");
+    let mut backup = e
+        .cmd(&["backup", "vm", name, "--host", &a, "--work-dir", work.to_str().unwrap(), "--debug-hold", "40"])
+        .args(["--freeze-limit", "15"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while freeze_status(A, name) != "frozen" {
+        assert!(t.elapsed().as_secs() < 60, "the guest was never frozen");
+        assert!(backup.try_wait().unwrap().is_none(), "the backup ended before the freeze");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The link between this machine and host a goes down; everything after is asked inside a.
+    sh(Command::new("ip").args(["link", "set", "cns-a", "down"]));
+    let _up_again = LinkUp("cns-a");
+    let cut = std::time::Instant::now();
+    let status = r#"{"execute":"guest-fsfreeze-status"}"#;
+    loop {
+        let o = virsh_inside("a", &["qemu-agent-command", name, status]);
+        if String::from_utf8_lossy(&o.stdout).contains("thawed") {
+            break;
+        }
+        // The watchdog on a thaws it at its limit (15 s after the freeze), whatever the network:
+        // a stock sshd does not notice a silent client for hours (no ClientAliveInterval).
+        assert!(cut.elapsed().as_secs() < 30, "the guest stayed frozen with its backup cut off");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // cairn's side notices too (ServerAliveInterval), fails that VM, and leaves no point.
+    let t = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = backup.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed().as_secs() < 120, "cairn hangs on a host that went away");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(!st.success(), "a backup whose host went away succeeded");
+    drop(_up_again);
+    let points: Value = e.json(&["points"]);
+    assert!(points.as_array().unwrap().is_empty(), "{points}");
+    // Back on the network, the next run ends what is left on a and goes through.
+    let (code, out, err) = backup_vms(&e, &[name], &[&a]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out[0]["ok"], true, "{}", out[0]);
+}
+
+/// Sets a link up again when dropped (a failed assertion must not leave a host cut off).
+struct LinkUp(&'static str);
+
+impl Drop for LinkUp {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "set", self.0, "up"]).status();
+    }
 }

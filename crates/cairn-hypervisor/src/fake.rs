@@ -144,7 +144,7 @@ impl Hypervisor for Handle {
     fn checkpoint_document(&self, _: &str, name: &str) -> Result<String> {
         Ok(format!("checkpoint {name}"))
     }
-    fn redefine_checkpoint(&self, _: &str, document: &str) -> Result<()> {
+    fn redefine_checkpoint(&self, _: &str, _name: &str, document: &str) -> Result<()> {
         self.0.log(&format!("redefine_checkpoint {document}"));
         bail!("the fake has no bitmaps")
     }
@@ -154,7 +154,7 @@ impl Hypervisor for Handle {
         if fail(&self.0.begin_failures) {
             bail!("cannot begin the backup");
         }
-        let socket = req.work_dir.join(crate::job_socket_name(req.run_token));
+        let socket = req.socket_dir.join(crate::job_socket_name(req.run_token));
         *self.0.job_socket.lock().unwrap() = Some(socket.clone());
         // Exports nobody serves: a reader fails to connect.
         let disks = req

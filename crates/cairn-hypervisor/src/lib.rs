@@ -119,8 +119,11 @@ pub struct BackupRequest<'a> {
     pub checkpoint_description: &'a str,
     /// Export each disk's changes since this checkpoint as a dirty-bitmap context.
     pub incremental_from: Option<&'a str>,
-    /// Folder for the NBD socket and the scratch (fleecing) files.
+    /// Folder for the scratch (fleecing) files.
     pub work_dir: &'a Path,
+    /// Folder for the NBD socket: the emulator creates it, so with an unprivileged emulator this
+    /// is a folder of its own user inside `work_dir` (everything else there stays root's).
+    pub socket_dir: &'a Path,
     /// Names this run's socket and scratch files (see [`job_socket_name`]), so that a job can be
     /// told apart from another run's in the same folder: a dead run's watchdog ends only its own.
     pub run_token: &'a str,
@@ -202,7 +205,8 @@ pub trait Hypervisor: Send + Sync {
     /// (migrated with the guest, or in the disk images on shared storage): libvirt does not
     /// migrate checkpoint metadata. Fails, defining nothing, unless every disk of the checkpoint
     /// holds its bitmap, consistent. The document comes from a restore point: untrusted bytes.
-    fn redefine_checkpoint(&self, uuid: &str, document: &str) -> Result<()>;
+    /// `name` is the checkpoint the caller expects the document to define: another is refused.
+    fn redefine_checkpoint(&self, uuid: &str, name: &str, document: &str) -> Result<()>;
 
     /// Takes the point in time (with a new checkpoint) and exports every disk over NBD.
     fn begin_backup(&self, uuid: &str, req: &BackupRequest) -> Result<BackupExport>;

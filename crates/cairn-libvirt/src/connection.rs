@@ -28,15 +28,35 @@ fn last_error() -> String {
     virt::error::Error::last_error().message().to_string()
 }
 
+/// libvirt's event loop, run by one thread of the process from the first connection on: what
+/// its keepalive messages need.
+fn start_event_loop() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        if virt::event::event_register_default_impl().is_ok() {
+            let _ = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
+                if virt::event::event_run_default_impl().is_err() {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
+        }
+    });
+}
+
 impl Libvirt {
     pub fn connect(uri: &str) -> Result<Libvirt> {
         // libvirt prints every error to stderr by default; ours carry the message instead.
         virt::error::clear_error_callback();
+        start_event_loop();
         let conn = Connect::open(Some(uri)).map_err(|e| Unreachable {
             hypervisor: "libvirt",
             uri: uri.to_string(),
             detail: e.message().to_string(),
         })?;
+        // A daemon (or the network to it) that stops answering closes the connection after 30 s,
+        // failing the call waiting on it, as virsh does: otherwise a host that went away mid-
+        // backup would hold the call until TCP gives up, many minutes later.
+        let _ = conn.set_keep_alive(5, 6);
         Ok(Libvirt { uri: uri.to_string(), conn })
     }
 
@@ -308,10 +328,13 @@ impl Hypervisor for Libvirt {
         doc.ok_or_else(|| anyhow!("reading checkpoint {name}: {}", err.unwrap_or_default()))
     }
 
-    fn redefine_checkpoint(&self, uuid: &str, document: &str) -> Result<()> {
+    fn redefine_checkpoint(&self, uuid: &str, name: &str, document: &str) -> Result<()> {
         let dom = self.domain(uuid)?;
         // Parsed first: a restore point's bytes, bounded and checked before libvirt sees them.
         let cp = parse_checkpoint(document).context("the stored checkpoint definition")?;
+        if cp.name != name {
+            bail!("the stored definition of checkpoint {name} defines {:?}", cp.name);
+        }
         // Its parent was this repository's previous checkpoint, deleted once the point was
         // committed: the checkpoint stands alone now (as libvirt made it on the first host).
         let doc = without_parent(document);
@@ -327,7 +350,7 @@ impl Hypervisor for Libvirt {
 
     fn begin_backup(&self, uuid: &str, req: &BackupRequest) -> Result<BackupExport> {
         let dom = self.domain(uuid)?;
-        let socket = req.work_dir.join(cairn_hypervisor::job_socket_name(req.run_token));
+        let socket = req.socket_dir.join(cairn_hypervisor::job_socket_name(req.run_token));
         let _ = std::fs::remove_file(&socket);
         let mut backup = format!(
             "<domainbackup mode='pull'>{}<server transport='unix' socket='{}'/><disks>",

@@ -129,48 +129,65 @@ pub fn backup_vms(
         }
     }
     let slots = Mutex::new(slots);
+    let listed = &listed;
     std::thread::scope(|scope| {
         for (h, queue) in queues.into_iter().enumerate() {
             if queue.is_empty() {
                 continue;
             }
             let (host, slots, finish) = (&listed[h], &slots, &finish);
-            scope.spawn(move || {
-                let done = |i: usize, result: OpResult<BackedUp>, name: &str| {
-                    let o = VmBackupOutcome { vm: name.to_string(), host: Some(host.uri.clone()), result };
-                    finish(&mut slots.lock().unwrap(), i, o);
-                };
-                let names: Vec<(usize, String)> = queue.iter().map(|(i, _)| (*i, req.vms[*i].clone())).collect();
-                let access = match open_access(&host.uri, &req.options.work_dir, remote) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        let why = format!("{e:#}");
-                        for (i, name) in names {
-                            let e = OpError::new(e.kind(), anyhow::anyhow!("{why}"));
-                            done(i, Err(e), &name);
-                        }
-                        return;
-                    }
-                };
-                let hv = host.hv.as_ref().expect("a VM was located on a host that answered");
-                let queue = Mutex::new(queue.into_iter());
-                std::thread::scope(|per_host| {
-                    for _ in 0..req.per_host.max(1) {
-                        let (queue, hv, access) = (&queue, hv.as_ref(), access.as_ref());
-                        per_host.spawn(move || loop {
-                            let Some((i, vm)) = queue.lock().unwrap().next() else { break };
-                            let name = &req.vms[i];
-                            let result = cancel.check(&format!("the backup of VM {name}")).and_then(|()| {
-                                back_up_and_check(hv, access, host, repo, vm, req, helpers, progress, cancel)
-                            });
-                            done(i, result, name);
+            let done = move |i: usize, result: OpResult<BackedUp>| {
+                let o = VmBackupOutcome { vm: req.vms[i].clone(), host: Some(host.uri.clone()), result };
+                finish(&mut slots.lock().unwrap(), i, o);
+            };
+            let hv = host.hv.as_ref().expect("a VM was located on a host that answered").as_ref();
+            let workers = req.per_host.max(1).min(queue.len());
+            let queue = std::sync::Arc::new(Mutex::new(queue.into_iter()));
+            // Each worker has its own connection to the host: an SSH server allows a connection
+            // only so many sessions at once (OpenSSH: MaxSessions, 10), and a VM's backup holds a
+            // few (its watchdog, the files it reads).
+            for _ in 0..workers {
+                let queue = queue.clone();
+                scope.spawn(move || {
+                    let access = open_access(&host.uri, &req.options.work_dir, remote);
+                    loop {
+                        let Some((i, vm)) = queue.lock().unwrap().next() else { break };
+                        let name = &req.vms[i];
+                        let result = cancel.check(&format!("the backup of VM {name}")).and_then(|()| {
+                            let access = match &access {
+                                Ok(a) => a.as_ref(),
+                                Err(e) => return Err(OpError::new(e.kind(), anyhow::anyhow!("{e:#}"))),
+                            };
+                            let vm = still_there(vm, h, listed)?;
+                            back_up_and_check(hv, access, host, repo, vm, req, helpers, progress, cancel)
                         });
+                        done(i, result);
                     }
                 });
-            });
+            }
         }
     });
     slots.into_inner().unwrap().into_iter().flatten().collect()
+}
+
+/// The VM as its host sees it now: the run found it on host `h` when it started, maybe long
+/// ago (VMs of a host are backed up a few at a time). It may have been started, stopped or moved
+/// since; a VM now running on another host is not read here (its files would be read while
+/// another host writes them).
+fn still_there(vm: VmSummary, h: usize, listed: &[ListedHost]) -> OpResult<VmSummary> {
+    let (now, fresh) = locate(&vm.uuid, listed)?;
+    if now != h {
+        return Err(OpError::new(
+            ErrorKind::Conflict,
+            anyhow::anyhow!(
+                "VM {} moved from {} to {} during this run; back it up again",
+                vm.name,
+                listed[h].uri,
+                listed[now].uri
+            ),
+        ));
+    }
+    Ok(fresh)
 }
 
 /// One VM's backup and its boot check.

@@ -364,8 +364,14 @@ pub fn backup_vm(
         format!("{}{}", prep.prefix, SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_millis());
     let memory_file = prep.dir.join(format!("memory-{}.state", opts.run_token));
     let _memory_file = RemoveOnDrop(host, &memory_file);
-    let live =
-        LivePoint { host, dir: &prep.dir, disks: &disks, new_checkpoint: &new_checkpoint, memory_file: &memory_file };
+    let live = LivePoint {
+        host,
+        socket_dir: &prep.socket_dir,
+        dir: &prep.dir,
+        disks: &disks,
+        new_checkpoint: &new_checkpoint,
+        memory_file: &memory_file,
+    };
     let (export, listed_changes, chain) =
         take_live_point(hv, repo, vm, method, &live, chain, opts, watchdog, &mut clock, &mut record, progress)?;
     let all_qcow2 = disks.iter().all(|d| d.supports_checkpoints());
@@ -420,8 +426,10 @@ pub fn backup_vm(
 
 /// What [`prepare`] found and holds for the rest of a backup.
 struct Prepared {
-    /// The VM's work folder on its host (sockets, scratch files, memory state), ours alone.
+    /// The VM's work folder on its host (scratch files, memory state), ours alone.
     dir: PathBuf,
+    /// Where the emulator creates the job's socket: `dir`, or a folder of its user inside.
+    socket_dir: PathBuf,
     /// Held until the backup ends: no other cairn run backs up this VM meanwhile.
     _lock: VmLock,
     /// This repository's checkpoint names start with it.
@@ -471,7 +479,7 @@ fn prepare(
     }
     // An unprivileged QEMU (a stock host) creates the job's socket there and opens its scratch files.
     let owner = if vm.state != VmState::ShutOff { hv.emulator_owner(uuid)? } else { None };
-    host.prepare_dir(&dir, owner)?;
+    let socket_dir = host.prepare_dir(&dir, owner)?;
     let keep = last.as_ref().and_then(|(_, p)| VmRecord::of(p)).and_then(|r| r.checkpoint);
     let mut forgotten_checkpoint: Option<String> = None;
     if vm.state != VmState::ShutOff {
@@ -495,7 +503,7 @@ fn prepare(
             }
         }
     }
-    Ok(Prepared { dir, _lock: lock, prefix, last, forgotten_checkpoint })
+    Ok(Prepared { dir, socket_dir, _lock: lock, prefix, last, forgotten_checkpoint })
 }
 
 /// The record of a new point of `vm`, before its chain is known.
@@ -589,6 +597,8 @@ fn backup_offline(
 /// Where a live point's files go and what it is called.
 struct LivePoint<'a> {
     host: &'a dyn HostAccess,
+    /// Where the emulator creates the job's socket (see [`HostAccess::prepare_dir`]).
+    socket_dir: &'a Path,
     dir: &'a Path,
     disks: &'a [VmDisk],
     new_checkpoint: &'a str,
@@ -629,6 +639,7 @@ fn take_live_point(
             checkpoint_description: &description,
             incremental_from: from,
             work_dir: live.dir,
+            socket_dir: live.socket_dir,
             run_token: &opts.run_token,
         };
         let taken = take_point(hv, live.host, vm, method, &req, opts, live.memory_file, watchdog, clock, record);
@@ -841,7 +852,7 @@ fn trust_checkpoint(
         let bare = |u: &str| u.split('?').next().unwrap_or("").to_string();
         let (then, now) = (bare(record.map(|r| r.hypervisor.as_str()).unwrap_or("")), bare(hv.uri()));
         let whence = if then != now { format!(" (restore point {short} was taken on {then})") } else { String::new() };
-        hv.redefine_checkpoint(uuid, doc).map_err(|e| {
+        hv.redefine_checkpoint(uuid, &cp, doc).map_err(|e| {
             if whence.is_empty() {
                 format!("checkpoint {cp} of restore point {short} no longer exists on the VM, and cannot be registered again: {e:#}")
             } else {
@@ -1014,6 +1025,7 @@ fn take_paused_point(
                 checkpoint_description: req.checkpoint_description,
                 incremental_from: Some(from),
                 work_dir: req.work_dir,
+                socket_dir: req.socket_dir,
                 run_token: req.run_token,
             };
             let export = hv.begin_backup(uuid, &pre)?;
@@ -1042,6 +1054,7 @@ fn take_paused_point(
             checkpoint_description: req.checkpoint_description,
             incremental_from: None,
             work_dir: req.work_dir,
+            socket_dir: req.socket_dir,
             run_token: req.run_token,
         };
         hv.begin_backup(uuid, &full)
@@ -1327,6 +1340,7 @@ mod tests {
             checkpoint_description: "",
             incremental_from: None,
             work_dir: dir.path(),
+            socket_dir: dir.path(),
             run_token: "tok",
         };
         let mut clock = Clock { t0: Instant::now(), events: vec![] };

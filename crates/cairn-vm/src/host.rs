@@ -28,7 +28,8 @@ pub trait HostAccess: Send + Sync {
     /// Makes `dir` (on the host) a folder only we (and, with `owner`, the unprivileged user the
     /// VM's emulator runs as) can write, and removes what a killed run left in it: scratch
     /// files, memory states, sockets (see [`prepare_dir`]).
-    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<()>;
+    /// Returns the folder where the emulator is to create the backup job's socket.
+    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf>;
     /// The address from which this process reaches `addr`, an NBD export on the host.
     fn reach(&self, addr: &NbdAddress) -> Result<NbdAddress>;
     /// Opens a file of the host (a disk image, a memory state, a firmware file) as a source;
@@ -103,7 +104,7 @@ impl HostAccess for LocalHost {
     fn work_dir(&self) -> &Path {
         &self.work_dir
     }
-    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf> {
         prepare_dir(dir, owner)
     }
     fn reach(&self, addr: &NbdAddress) -> Result<NbdAddress> {
@@ -140,26 +141,33 @@ impl HostAccess for LocalHost {
     }
 }
 
-/// [`HostAccess::prepare_dir`] on the machine the folder is on.
+/// [`HostAccess::prepare_dir`] on the machine the folder is on; returns the folder where the
+/// emulator is to create the job's socket.
 ///
-/// Without `owner` (QEMU runs as root), `dir` is a [`private_dir`]. With `owner` (the uid and gid
-/// of an unprivileged QEMU, as on a stock host), the hypervisor's emulator must create the
-/// job's socket in `dir` and open the scratch files libvirt makes there: `dir` belongs to that
-/// user, mode 0700; its parent (our work folder) is made 0711, which lets it through without
-/// letting anyone list or write it; and every folder above must let it through (search
-/// permission), else the error names the one that does not.
-pub fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+/// Without `owner` (QEMU runs as root), `dir` is a [`private_dir`] and the socket goes there.
+/// With `owner` (the uid and gid of an unprivileged QEMU, as on a stock host), QEMU must open the
+/// scratch files libvirt makes in `dir` and create the job's socket: `dir` stays root's, mode
+/// 0711 (QEMU passes through, cannot list or write it), and the socket goes into `dir/sock`,
+/// which belongs to QEMU's user, mode 0700. So the files cairn reads as root (the memory state,
+/// scratch files) sit in a folder QEMU cannot write, and cannot be swapped for a link to another
+/// file. The work folder above `dir` is made 0711 too, and every folder above it must let QEMU's
+/// user through, else the error names the one that does not.
+pub fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf> {
     let what = || format!("the work folder {}", dir.display());
     let Some((uid, gid)) = owner else {
         private_dir(dir).with_context(what)?;
-        return remove_run_files(dir);
+        remove_run_files(dir)?;
+        return Ok(dir.to_path_buf());
     };
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let parent = dir.parent().context("a work folder has a parent")?;
     private_dir(parent).with_context(what)?;
-    let mode = std::fs::metadata(parent)?.mode() & 0o7777;
-    if mode & 0o011 != 0o011 {
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode | 0o011))?;
+    private_dir(dir).with_context(what)?;
+    for d in [parent, dir] {
+        let mode = std::fs::metadata(d)?.mode() & 0o7777;
+        if mode & 0o011 != 0o011 {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011))?;
+        }
     }
     let real = std::fs::canonicalize(parent)?;
     for a in real.ancestors().skip(1) {
@@ -179,29 +187,34 @@ pub fn prepare_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
             );
         }
     }
-    match std::fs::symlink_metadata(dir) {
+    let sock = dir.join("sock");
+    match std::fs::symlink_metadata(&sock) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?,
+            .create(&sock)
+            .with_context(|| format!("cannot create {}", sock.display()))?,
         Err(e) => return Err(e).with_context(what),
         Ok(m) => {
             let me = unsafe { libc::geteuid() };
             if m.file_type().is_symlink() || !m.is_dir() {
-                bail!("refusing to use {}: it is not a folder; remove it", dir.display());
+                bail!("refusing to use {}: it is not a folder; remove it", sock.display());
             }
             if m.uid() != me && m.uid() != uid {
-                bail!("refusing to use folder {}: it belongs to user {}; remove it", dir.display(), m.uid());
+                bail!("refusing to use folder {}: it belongs to user {}; remove it", sock.display(), m.uid());
             }
         }
     }
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a NUL-terminated path; lchown does not follow a link put there meanwhile.
+    let c = std::ffi::CString::new(sock.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a NUL-terminated path; lchown does not follow a link (and `dir`, root's, cannot
+    // have had one put there by anyone else).
     if unsafe { libc::lchown(c.as_ptr(), uid, gid) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("giving {} to user {uid}", dir.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("giving {} to user {uid}", sock.display()));
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    remove_run_files(dir)
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o700))?;
+    remove_run_files(dir)?;
+    remove_run_files(&sock)?;
+    Ok(sock)
 }
 
 /// Removes from `dir` the files a backup run makes there (scratch files, memory states, NBD
@@ -422,10 +435,15 @@ pub(crate) mod tests {
         // The tempdir (under /tmp, 1777) lets everyone through; our work folder is made 0711.
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let vm = t.path().join("work/u-1");
-        prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap();
-        let m = std::fs::metadata(&vm).unwrap();
+        let sock = prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap();
+        assert_eq!(sock, vm.join("sock"));
+        let m = std::fs::metadata(&sock).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (NOBODY, NOBODY, 0o700));
-        assert_eq!(std::fs::metadata(t.path().join("work")).unwrap().mode() & 0o777, 0o711);
+        // What cairn reads as root stays in folders QEMU's user cannot write.
+        for d in [t.path().join("work"), vm.clone()] {
+            let m = std::fs::metadata(&d).unwrap();
+            assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o711), "{}", d.display());
+        }
         prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap(); // and again
                                                            // A folder above that does not let it through is named.
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -433,7 +451,7 @@ pub(crate) mod tests {
         assert!(e.contains(&t.path().display().to_string()) && e.contains("chmod o+x"), "{e}");
         // A folder of a third user is not taken.
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-        chown(&vm, 12345);
+        chown(&sock, 12345);
         let e = prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap_err().to_string();
         assert!(e.contains("belongs to user 12345"), "{e}");
     }

@@ -88,7 +88,13 @@ impl SshTarget {
                 _ => {}
             }
         }
-        let destination = match parsed.username() {
+        // An IPv6 address comes bracketed in a URI, bare to ssh.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let user = parsed.username();
+        if host.starts_with('-') || user.starts_with('-') {
+            bail!("{uri:?}: a host or user name cannot start with '-'");
+        }
+        let destination = match user {
             "" => host.to_string(),
             user => format!("{user}@{host}"),
         };
@@ -98,8 +104,10 @@ impl SshTarget {
 }
 
 /// Quotes `s` for the host's shell (OpenSSH hands the remote command to it as one string).
+/// shlex refuses only a NUL byte: such an argument is kept as it is, and starting the command
+/// then fails (no process argument can hold one), rather than being passed on altered.
 fn quote(s: &str) -> String {
-    shlex::try_quote(s).map(|q| q.into_owned()).unwrap_or_else(|_| format!("'{}'", s.replace('\0', "")))
+    shlex::try_quote(s).map(|q| q.into_owned()).unwrap_or_else(|_| s.to_string())
 }
 
 /// One host over one SSH master connection, for the length of a run.
@@ -124,6 +132,7 @@ impl SshHost {
         cmd.args(&target.options)
             .args(["-M", "-N", "-o", "ControlPersist=no", "-S"])
             .arg(&control)
+            .arg("--")
             .arg(&target.destination)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -195,7 +204,7 @@ impl SshHost {
     /// `ssh DEST -- CAIRN ARGS`, quoted for the host's shell.
     fn cairn_command(&self, args: &[String]) -> Command {
         let mut cmd = self.ssh();
-        cmd.arg(&self.target.destination).arg("--").arg(self.remote_line(args));
+        cmd.arg("--").arg(&self.target.destination).arg(self.remote_line(args));
         cmd
     }
 
@@ -220,7 +229,7 @@ impl SshHost {
         let spec = format!("{}:{}", local.display(), remote.display());
         let out = self
             .ssh()
-            .args(["-O", "forward", "-L", &spec])
+            .args(["-O", "forward", "-L", &spec, "--"])
             .arg(&self.target.destination)
             .stdin(Stdio::null())
             .output()
@@ -241,7 +250,7 @@ impl Drop for SshHost {
     fn drop(&mut self) {
         let _ = self
             .ssh()
-            .args(["-O", "exit"])
+            .args(["-O", "exit", "--"])
             .arg(&self.target.destination)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -267,13 +276,14 @@ impl HostAccess for SshHost {
         &self.work_dir
     }
 
-    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    fn prepare_dir(&self, dir: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf> {
         let mut args = vec!["host".into(), "prepare".into(), path_arg(dir)?];
         if let Some((uid, gid)) = owner {
             args.extend(["--owner".into(), format!("{uid}:{gid}")]);
         }
         self.cairn_output(&args).with_context(|| format!("preparing {} on {}", dir.display(), self.name()))?;
-        Ok(())
+        // Where `cairn host prepare` put it (crate::host::prepare_dir).
+        Ok(if owner.is_some() { dir.join("sock") } else { dir.to_path_buf() })
     }
 
     fn reach(&self, addr: &NbdAddress) -> Result<NbdAddress> {
@@ -355,7 +365,7 @@ impl HostAccess for SshHost {
 
     fn command_on_host(&self, args: &[String]) -> Option<(PathBuf, Vec<String>)> {
         let mut argv: Vec<String> = self.target.options.clone();
-        argv.extend(["-S".into(), self.control().display().to_string(), self.target.destination.clone(), "--".into()]);
+        argv.extend(["-S".into(), self.control().display().to_string(), "--".into(), self.target.destination.clone()]);
         argv.push(self.remote_line(args));
         Some((PathBuf::from("ssh"), argv))
     }
@@ -371,7 +381,8 @@ impl SshHost {
         let mut child = cmd.spawn().context("running ssh")?;
         let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
         let mut line = String::new();
-        let read = stdout.read_line(&mut line);
+        // One short line: a host that sends more is not listened to.
+        let read = std::io::Read::take(&mut stdout, 4096).read_line(&mut line);
         let Some(socket) = line.trim_end().strip_prefix("socket ").filter(|_| read.is_ok()).map(PathBuf::from) else {
             let out = child.wait_with_output()?;
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
@@ -425,7 +436,7 @@ impl RemoteServer {
         let stdin = self.stdin.as_mut().context("the host's server is gone")?;
         stdin.write_all(b"commit\n").and_then(|()| stdin.flush()).context("asking the host to finish")?;
         let mut line = String::new();
-        let _ = self.stdout.as_mut().context("no stdout")?.read_line(&mut line);
+        let _ = std::io::Read::take(self.stdout.as_mut().context("no stdout")?, 4096).read_line(&mut line);
         if line.trim() == "done" {
             return Ok(());
         }
@@ -508,6 +519,10 @@ mod tests {
         for local in ["qemu:///system", "qemu+unix:///system", "test:///default"] {
             assert!(SshTarget::from_uri(local).unwrap().is_none(), "{local}");
         }
+        let v6 = SshTarget::from_uri("qemu+ssh://root@[fd00::2]/system").unwrap().unwrap();
+        assert_eq!(v6.destination, "root@fd00::2");
+        // Never an option for ssh.
+        assert!(SshTarget::from_uri("qemu+ssh://-oProxyCommand=x/system").is_err());
         let e = SshTarget::from_uri("qemu+tcp://10.0.0.2/system").unwrap_err();
         assert!(e.downcast_ref::<NotSsh>().is_some(), "{e}");
         assert!(e.to_string().contains("qemu+ssh://"), "{e}");
