@@ -348,21 +348,14 @@ fn freeze_status(uri: &str, name: &str) -> String {
     v["return"].as_str().unwrap().to_string()
 }
 
-#[test]
-fn a_backup_killed_while_a_guest_of_another_host_is_frozen_leaves_it_thawed_by_its_watchdog_there() {
-    let e = Env::new();
-    e.init();
-    let mut hosts = Hosts::up(&["a", "b"]);
-    let name = "cluster-frozen";
-    hosts.guest_on_a_defined_on_both(name);
-    wait_for_agent(A, name);
-    let a = ssh_uri("10.77.0.1");
+/// A backup of VM `name` (running on host a) through `uri`, which stays frozen `hold` seconds
+/// after its point (a testing aid) under a watchdog whose limit is `limit`; returned once the
+/// guest is frozen.
+fn frozen_backup(e: &Env, name: &str, uri: &str, hold: u32, limit: u32) -> std::process::Child {
     let work = e.path("work");
-    // Frozen for 60 s after the point unless something thaws it; the watchdog's own limit is
-    // 30 s: a thaw within seconds of the kill is the watchdog seeing its backup gone.
     let mut backup = e
-        .cmd(&["backup", "vm", name, "--host", &a, "--work-dir", work.to_str().unwrap(), "--debug-hold", "60"])
-        .args(["--freeze-limit", "30"])
+        .cmd(&["backup", "vm", name, "--host", uri, "--work-dir", work.to_str().unwrap()])
+        .args(["--debug-hold", &hold.to_string(), "--freeze-limit", &limit.to_string()])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -372,6 +365,21 @@ fn a_backup_killed_while_a_guest_of_another_host_is_frozen_leaves_it_thawed_by_i
         assert!(backup.try_wait().unwrap().is_none(), "the backup ended before the freeze");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    backup
+}
+
+#[test]
+fn a_backup_killed_while_a_guest_of_another_host_is_frozen_leaves_it_thawed_by_its_watchdog_there() {
+    let e = Env::new();
+    e.init();
+    let mut hosts = Hosts::up(&["a", "b"]);
+    let name = "cluster-frozen";
+    hosts.guest_on_a_defined_on_both(name);
+    wait_for_agent(A, name);
+    let a = ssh_uri("10.77.0.1");
+    // Frozen for 60 s after the point unless something thaws it; the watchdog's own limit is
+    // 30 s: a thaw within seconds of the kill is the watchdog seeing its backup gone.
+    let mut backup = frozen_backup(&e, name, &a, 60, 30);
     unsafe { libc::kill(backup.id() as i32, libc::SIGKILL) };
     backup.wait().unwrap();
     let killed = std::time::Instant::now();
@@ -523,19 +531,7 @@ fn a_host_cut_off_in_the_middle_of_a_backup_thaws_its_guest_by_itself() {
     hosts.guest_on_a_defined_on_both(name);
     wait_for_agent(A, name);
     let a = ssh_uri("10.77.0.1");
-    let work = e.path("work");
-    let mut backup = e
-        .cmd(&["backup", "vm", name, "--host", &a, "--work-dir", work.to_str().unwrap(), "--debug-hold", "40"])
-        .args(["--freeze-limit", "15"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while freeze_status(A, name) != "frozen" {
-        assert!(t.elapsed().as_secs() < 60, "the guest was never frozen");
-        assert!(backup.try_wait().unwrap().is_none(), "the backup ended before the freeze");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let mut backup = frozen_backup(&e, name, &a, 40, 15);
     // The link between this machine and host a goes down; everything after is asked inside a.
     sh(Command::new("ip").args(["link", "set", "cns-a", "down"]));
     let _up_again = LinkUp("cns-a");
