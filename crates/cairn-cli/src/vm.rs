@@ -503,8 +503,10 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
             let mut out = std::io::stdout();
             writeln!(out, "socket {}", socket.display())?;
             out.flush()?;
-            // Served until the other side goes (its end of file); then qemu-nbd is stopped.
-            std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+            // Served until the other side goes (its end of file, or its silence); then qemu-nbd is
+            // stopped.
+            let input = cairn_vm::host::stdin_lines();
+            while cairn_vm::host::next_word(&input, cairn_vm::host::SILENCE).is_some() {}
             drop(server);
         }
         HostCmd::Stat { path } => println!("{}", serde_json::to_string(&cairn_vm::host::stat(path)?)?),
@@ -517,7 +519,6 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
         HostCmd::PathKind { path } => println!("{}", serde_json::to_string(&cairn_vm::host::path_kind(path)?)?),
         HostCmd::CheckSpace { dir, bytes } => cairn_engine::target::check_space(dir, *bytes)?,
         HostCmd::CreateImage { path, size, format, data_bytes, force } => {
-            use std::io::BufRead;
             let format = match format.as_str() {
                 "raw" => cairn_engine::target::TargetFormat::Raw,
                 "qcow2" => cairn_engine::target::TargetFormat::Qcow2,
@@ -530,9 +531,8 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
             let mut out = std::io::stdout();
             writeln!(out, "socket {}", socket.display())?;
             out.flush()?;
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line)?;
-            if line.trim() != "commit" {
+            let input = cairn_vm::host::stdin_lines();
+            if cairn_vm::host::next_word(&input, cairn_vm::host::SILENCE).as_deref() != Some("commit") {
                 // Dropped uncommitted: the partial image goes.
                 bail!("the restore into {} was abandoned; nothing is left", path.display());
             }

@@ -547,7 +547,22 @@ fn a_host_cut_off_in_the_middle_of_a_backup_thaws_its_guest_by_itself() {
         assert!(cut.elapsed().as_secs() < 30, "the guest stayed frozen with its backup cut off");
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    // cairn's side notices too (ServerAliveInterval), fails that VM, and leaves no point.
+    // The watchdog on a hears nothing more from its run (no "alive" for 30 s) and ends the backup
+    // job there: no scratch file growing until sshd or the next run notices.
+    loop {
+        let o = virsh_inside("a", &["backup-dumpxml", name]);
+        if !o.status.success() {
+            break;
+        }
+        assert!(
+            cut.elapsed().as_secs() < 60,
+            "the cut-off run's backup job still runs on host a: {}",
+            String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // cairn's side notices too (ServerAliveInterval, libvirt's keepalive), fails that VM, and
+    // leaves no point.
     let t = std::time::Instant::now();
     let st = loop {
         if let Some(st) = backup.try_wait().unwrap() {

@@ -23,6 +23,10 @@
 //!   running again, so the watchdog's mark stays and it goes on trying.
 //! - Another run: it ends only the backup job whose NBD socket carries its run's token
 //!   ([`crate::job_socket_name`]), never a job a later run started in the same folder.
+//! - A job it can no longer hear: the job's side writes "alive" every [`HEARTBEAT`]; once it has,
+//!   a silence of [`Retry::silence`] counts as the job gone. This is what ends the job of a run
+//!   cut off by the network when the watchdog runs on another host (over SSH, whose server may
+//!   not notice a silent client for hours), or of a job stopped (SIGSTOP) rather than killed.
 
 use crate::Hypervisor;
 use anyhow::{bail, Context, Result};
@@ -61,11 +65,34 @@ impl Guard {
     }
 }
 
+/// How often the job's side says "alive".
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+type Line = std::sync::Arc<std::sync::Mutex<Box<dyn Write + Send>>>;
+
 /// The job's side: a handle on the watchdog process.
 pub struct Watchdog {
     child: Option<Child>,
-    stdin: Option<Box<dyn Write + Send>>,
+    /// The only strong reference: dropping it closes the watchdog's stdin (the heartbeat thread
+    /// holds a weak one).
+    stdin: Option<Line>,
     mode: String,
+}
+
+/// Writes "alive" on `line` at once (the watchdog must know before anything happens that it will
+/// hear from the job: a cut right after the freeze must count), then every [`HEARTBEAT`] until
+/// the watchdog's handle is gone.
+fn heartbeat(line: std::sync::Weak<std::sync::Mutex<Box<dyn Write + Send>>>) {
+    let _ = std::thread::Builder::new().name("watchdog-heartbeat".into()).spawn(move || loop {
+        {
+            let Some(l) = line.upgrade() else { return };
+            let mut w = l.lock().unwrap_or_else(|e| e.into_inner());
+            if writeln!(w, "alive").and_then(|_| w.flush()).is_err() {
+                return;
+            }
+        }
+        std::thread::sleep(HEARTBEAT);
+    });
 }
 
 /// The systemd tool that starts a process in a scope of its own, when systemd runs this host.
@@ -157,11 +184,14 @@ impl Watchdog {
             let _ = tx.send(line);
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) if l.trim() == "ready" => Ok(Started::Ready(Watchdog {
-                child: Some(child),
-                stdin: stdin.map(|s| Box::new(s) as Box<dyn Write + Send>),
-                mode: String::new(),
-            })),
+            Ok(l) if l.trim() == "ready" => {
+                let stdin =
+                    stdin.map(|s| std::sync::Arc::new(std::sync::Mutex::new(Box::new(s) as Box<dyn Write + Send>)));
+                if let Some(l) = &stdin {
+                    heartbeat(std::sync::Arc::downgrade(l));
+                }
+                Ok(Started::Ready(Watchdog { child: Some(child), stdin, mode: String::new() }))
+            }
             Ok(l) => {
                 drop(stdin);
                 let _ = child.kill();
@@ -188,7 +218,11 @@ impl Watchdog {
     /// A watchdog reached through `w` (one line per guard, as the process gets them on its stdin);
     /// for tests that run [`guard`] in a thread. Dropping it drops `w`.
     pub fn to_writer(w: Box<dyn Write + Send>) -> Watchdog {
-        Watchdog { child: None, stdin: Some(w), mode: "in this process".into() }
+        Watchdog {
+            child: None,
+            stdin: Some(std::sync::Arc::new(std::sync::Mutex::new(w))),
+            mode: "in this process".into(),
+        }
     }
 
     /// How the watchdog runs: in a systemd scope, or as a plain child process and why.
@@ -197,7 +231,8 @@ impl Watchdog {
     }
 
     pub fn tell(&mut self, g: Guard) -> Result<()> {
-        if let Some(s) = self.stdin.as_mut() {
+        if let Some(s) = self.stdin.as_ref() {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             writeln!(s, "{}", g.word()).and_then(|_| s.flush()).context("the watchdog process is gone")?;
         }
         Ok(())
@@ -205,7 +240,8 @@ impl Watchdog {
 
     /// The job is over and left nothing to undo: the watchdog exits without acting.
     pub fn done(mut self) {
-        if let Some(mut s) = self.stdin.take() {
+        if let Some(s) = self.stdin.take() {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             let _ = writeln!(s, "done");
             let _ = s.flush();
         }
@@ -235,6 +271,8 @@ pub struct Retry {
     pub give_up: Duration,
     /// How long to look for the dead job's backup job (its request may still be in flight).
     pub job_search: Duration,
+    /// Once the job has said "alive", this long without a line from it counts as the job gone.
+    pub silence: Duration,
 }
 
 impl Default for Retry {
@@ -244,6 +282,7 @@ impl Default for Retry {
             max_delay: Duration::from_secs(5),
             give_up: Duration::from_secs(15 * 60),
             job_search: Duration::from_secs(10),
+            silence: HEARTBEAT * 6,
         }
     }
 }
@@ -395,11 +434,24 @@ pub fn guard(
     let mut resume: Option<(Pending, String)> = None;
     let mut end_job: Option<Pending> = None;
     let mut gone = false;
+    // When the job was last heard, and whether it says "alive" (then silence means it is gone).
+    let (mut heard, mut beating) = (Instant::now(), false);
     let our_socket = crate::job_socket_name(job_token);
     loop {
         if !gone {
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            let line = match rx.recv_timeout(Duration::from_millis(50)) {
+                Err(mpsc::RecvTimeoutError::Timeout) if beating && heard.elapsed() > retry.silence => {
+                    say(&format!("nothing heard from the backup process for {} s", retry.silence.as_secs()));
+                    Ok(None)
+                }
+                other => other,
+            };
+            if let Ok(Some(_)) = &line {
+                heard = Instant::now();
+            }
+            match line {
                 Ok(Some(l)) => match l.trim() {
+                    "alive" => beating = true,
                     // A new mark replaces any undo still pending for the old one.
                     "frozen" => (frozen, thaw) = (Some(Instant::now()), None),
                     "thawed" => (frozen, thaw) = (None, None),
@@ -547,6 +599,7 @@ mod tests {
             max_delay: Duration::from_millis(50),
             give_up: Duration::from_secs(5),
             job_search: Duration::from_millis(300),
+            silence: Duration::from_millis(400),
         }
     }
 
@@ -587,6 +640,34 @@ mod tests {
         assert!(!*fake.frozen.lock().unwrap(), "still frozen");
         // One connection for the first try, a new one after each failure.
         assert_eq!(*connects.lock().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_job_that_said_alive_and_falls_silent_is_gone() {
+        // Cut off (its input open, nothing on it): thawed and its backup job ended, long before
+        // the limit. A job that never said "alive" (an older writer) is not timed out.
+        let fake = Arc::new(Fake::default());
+        *fake.frozen.lock().unwrap() = true;
+        *fake.job_socket.lock().unwrap() = Some(PathBuf::from(format!("/w/{}", crate::job_socket_name("tok"))));
+        let (tx, t) = start(&fake, Duration::from_secs(60), "tok", Arc::new(Mutex::new(0)));
+        for w in ["alive", "job", "frozen"] {
+            send(&tx, w);
+        }
+        let t0 = Instant::now();
+        t.join().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+        assert!(!*fake.frozen.lock().unwrap(), "still frozen");
+        assert!(fake.job_socket.lock().unwrap().is_none(), "the backup job still runs");
+        drop(tx);
+
+        let fake = Arc::new(Fake::default());
+        *fake.frozen.lock().unwrap() = true;
+        let (tx, t) = start(&fake, Duration::from_secs(60), "tok", Arc::new(Mutex::new(0)));
+        send(&tx, "frozen");
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(*fake.frozen.lock().unwrap(), "thawed by silence without a heartbeat");
+        drop(tx);
+        t.join().unwrap();
     }
 
     #[test]

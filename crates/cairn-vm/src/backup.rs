@@ -1406,6 +1406,7 @@ mod tests {
                 max_delay: Duration::from_millis(50),
                 give_up: Duration::from_secs(5),
                 job_search: Duration::from_millis(300),
+                silence: Duration::from_secs(30),
             };
             guard(&connect, None, "vm", limit, &token, &rx, retry, &|m| eprintln!("watchdog: {m}"));
         });

@@ -82,6 +82,47 @@ pub fn path_kind(path: &Path) -> Result<PathKind> {
     }
 }
 
+/// How often the repository's side of a `cairn host` command that serves says "alive" on its
+/// input, and how long that command waits without a line before it takes its caller for gone
+/// (a network cut that the host's sshd may not notice for hours: the command would keep a
+/// qemu-nbd holding a VM's disk open).
+pub const ALIVE_EVERY: std::time::Duration = cairn_hypervisor::watchdog::HEARTBEAT;
+pub const SILENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// On the host: the next line of `input` that is not "alive"; none at its end, or after a
+/// silence of `silence` once "alive" was heard (the caller is gone).
+pub fn next_word(input: &std::sync::mpsc::Receiver<String>, silence: std::time::Duration) -> Option<String> {
+    let mut beating = false;
+    loop {
+        let line = if beating { input.recv_timeout(silence).ok() } else { input.recv().ok() };
+        match line?.trim() {
+            "alive" => beating = true,
+            word => return Some(word.to_string()),
+        }
+    }
+}
+
+/// This process's standard input, line by line (each line at most 4 KiB), on a channel.
+pub fn stdin_lines() -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut input = std::io::stdin().lock();
+        loop {
+            let mut line = String::new();
+            match std::io::Read::take(&mut input, 4096).read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// What [`HostAccess::stat`] tells of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileStat {
@@ -454,6 +495,21 @@ pub(crate) mod tests {
         chown(&sock, 12345);
         let e = prepare_dir(&vm, Some((NOBODY, NOBODY))).unwrap_err().to_string();
         assert!(e.contains("belongs to user 12345"), "{e}");
+    }
+
+    #[test]
+    fn a_caller_that_said_alive_and_falls_silent_is_gone() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let short = std::time::Duration::from_millis(200);
+        tx.send("alive\n".to_string()).unwrap();
+        tx.send("commit\n".to_string()).unwrap();
+        assert_eq!(next_word(&rx, short).as_deref(), Some("commit"));
+        tx.send("alive\n".to_string()).unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(next_word(&rx, short), None, "silence after alive");
+        assert!(t.elapsed() >= short);
+        drop(tx);
+        assert_eq!(next_word(&rx, short), None, "end of input");
     }
 
     #[test]

@@ -387,7 +387,11 @@ impl SshHost {
             let out = child.wait_with_output()?;
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
         };
-        Ok((RemoteServer { stdin: child.stdin.take(), stdout: Some(stdout), child }, socket))
+        let stdin = child.stdin.take().map(|s| std::sync::Arc::new(std::sync::Mutex::new(s)));
+        if let Some(s) = &stdin {
+            keep_alive(std::sync::Arc::downgrade(s));
+        }
+        Ok((RemoteServer { stdin, stdout: Some(stdout), child }, socket))
     }
 }
 
@@ -399,8 +403,25 @@ fn path_arg(p: &Path) -> Result<String> {
 /// stays open.
 struct RemoteServer {
     child: Child,
-    stdin: Option<ChildStdin>,
+    /// The only strong reference: dropping it closes the command's input (the heartbeat thread
+    /// holds a weak one).
+    stdin: Option<std::sync::Arc<std::sync::Mutex<ChildStdin>>>,
     stdout: Option<BufReader<ChildStdout>>,
+}
+
+/// Writes "alive" on a host command's input every [`crate::host::ALIVE_EVERY`] while it is ours:
+/// the command takes a silence for our end (a cut the host's sshd may not notice).
+fn keep_alive(input: std::sync::Weak<std::sync::Mutex<ChildStdin>>) {
+    let _ = std::thread::Builder::new().name("ssh-heartbeat".into()).spawn(move || loop {
+        {
+            let Some(i) = input.upgrade() else { return };
+            let mut w = i.lock().unwrap_or_else(|e| e.into_inner());
+            if std::io::Write::write_all(&mut *w, b"alive\n").and_then(|()| std::io::Write::flush(&mut *w)).is_err() {
+                return;
+            }
+        }
+        std::thread::sleep(crate::host::ALIVE_EVERY);
+    });
 }
 
 impl RemoteServer {
@@ -433,8 +454,11 @@ impl RemoteServer {
     /// `create-image`: asks the host to make the image final, and waits for its "done".
     fn commit(mut self) -> Result<()> {
         use std::io::Write;
-        let stdin = self.stdin.as_mut().context("the host's server is gone")?;
-        stdin.write_all(b"commit\n").and_then(|()| stdin.flush()).context("asking the host to finish")?;
+        {
+            let stdin = self.stdin.as_ref().context("the host's server is gone")?;
+            let mut stdin = stdin.lock().unwrap_or_else(|e| e.into_inner());
+            stdin.write_all(b"commit\n").and_then(|()| stdin.flush()).context("asking the host to finish")?;
+        }
         let mut line = String::new();
         let _ = std::io::Read::take(self.stdout.as_mut().context("no stdout")?, 4096).read_line(&mut line);
         if line.trim() == "done" {
