@@ -514,7 +514,7 @@ fn vms_of_two_hosts_in_one_run_and_a_migration_that_copies_the_storage_keeps_the
         "{record}"
     );
     let read = record["vm_read_bytes"].as_u64().unwrap();
-    assert!(read >= 1 << 20 && read <= 3 << 19, "read {read} bytes for 1 MiB written");
+    assert!(((1 << 20)..=(3 << 19)).contains(&read), "read {read} bytes for 1 MiB written");
 }
 
 /// `virsh` run inside a host (its own unix socket), for when the network to it is cut.
