@@ -222,7 +222,19 @@ impl SshHost {
         String::from_utf8(out.stdout).context("the host's answer is not text")
     }
 
-    /// Forwards the Unix socket `remote` of the host to a new socket here; returns its path.
+    /// Forwards the Unix socket `remote` of the host to a new socket here, for as long as the
+    /// returned [`Forward`] lives.
+    fn forward_while(&self, remote: &Path) -> Result<Forward> {
+        let local = self.forward(remote)?;
+        let spec = format!("{}:{}", local.display(), remote.display());
+        let mut cancel: Vec<String> = self.target.options.clone();
+        cancel.extend(["-S".into(), self.control().display().to_string(), "-O".into(), "cancel".into()]);
+        cancel.extend(["-L".into(), spec, "--".into(), self.target.destination.clone()]);
+        Ok(Forward { local, cancel })
+    }
+
+    /// Forwards the Unix socket `remote` of the host to a new socket here, until the connection
+    /// ends; returns its path.
     fn forward(&self, remote: &Path) -> Result<PathBuf> {
         let n = self.forwards.fetch_add(1, Ordering::Relaxed);
         let local = self.dir.path().join(format!("fwd-{n}.sock"));
@@ -243,6 +255,26 @@ impl SshHost {
             );
         }
         Ok(local)
+    }
+}
+
+/// A forwarded socket, cancelled when dropped (a connection may serve many VMs in a run; each
+/// forward is a listener of its master process).
+struct Forward {
+    local: PathBuf,
+    /// `ssh` arguments that cancel it.
+    cancel: Vec<String>,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        let _ = Command::new("ssh")
+            .args(&self.cancel)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_file(&self.local);
     }
 }
 
@@ -303,11 +335,12 @@ impl HostAccess for SshHost {
         }
         let (mut server, socket) =
             self.serve(&args).with_context(|| format!("cannot open {path} on {}", self.name()))?;
-        let local = NbdAddress::unix(self.forward(&socket)?, "");
+        let forward = self.forward_while(&socket)?;
+        let local = NbdAddress::unix(&forward.local, "");
         let source = server
             .connect(|| NbdSource::connect(local.clone(), bitmap, None))
             .with_context(|| format!("reading {path} on {}", self.name()))?;
-        Ok(Box::new(Held { source, what: format!("{path} on {}", self.name()), _server: server }))
+        Ok(Box::new(Held { source, what: format!("{path} on {}", self.name()), _forward: forward, _server: server }))
     }
 
     fn stat(&self, path: &str) -> Result<FileStat> {
@@ -353,13 +386,18 @@ impl HostAccess for SshHost {
         }
         let what = format!("{} on {}", path.display(), self.name());
         let (mut server, socket) = self.serve(&args).with_context(|| format!("cannot create {what}"))?;
-        let local = NbdAddress::unix(self.forward(&socket)?, "");
+        let forward = self.forward_while(&socket)?;
+        let local = NbdAddress::unix(&forward.local, "");
         let rt = nbd_runtime()?;
         let client = server
             .connect(|| Ok(rt.block_on(cairn_nbd::NbdClient::connect(&local, &[]))?))
             .with_context(|| format!("writing {what}"))?;
         // Once written, flushed and disconnected: the host makes the image durable and names it.
-        let commit = Box::new(move || server.commit().with_context(|| format!("finishing {what}")));
+        let commit = Box::new(move || {
+            let done = server.commit().with_context(|| format!("finishing {what}"));
+            drop(forward);
+            done
+        });
         Ok(Box::new(NbdImage::new(rt, client, commit)))
     }
 
@@ -491,9 +529,11 @@ impl Drop for RemoteServer {
 }
 
 /// A source read from the host, with the server behind it kept as long as it is.
+/// Fields drop in this order: the client, then the forward, then the host's server.
 struct Held {
     source: NbdSource,
     what: String,
+    _forward: Forward,
     _server: RemoteServer,
 }
 
