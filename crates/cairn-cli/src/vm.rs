@@ -477,6 +477,17 @@ pub enum HostCmd {
     },
 }
 
+/// What a `cairn host` command that serves says first: `socket PATH` (the caller forwards it).
+fn announce(address: &cairn_nbd::NbdAddress) -> Result<()> {
+    use std::io::Write;
+    let cairn_nbd::Transport::Unix { socket } = &address.transport else {
+        bail!("internal error: qemu-nbd serves on TCP");
+    };
+    let mut out = std::io::stdout();
+    writeln!(out, "socket {}", socket.display())?;
+    Ok(out.flush()?)
+}
+
 pub fn run_host(c: &HostCmd) -> Result<i32> {
     use cairn_engine::source::{ImageFormat, QemuNbd};
     use std::io::Write;
@@ -497,12 +508,7 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
                 None => ImageFormat::detect(path)?,
             };
             let server = QemuNbd::serve(path, format, true, bitmap.as_deref())?;
-            let cairn_nbd::Transport::Unix { socket } = server.address().transport else {
-                bail!("internal error: qemu-nbd serves on TCP");
-            };
-            let mut out = std::io::stdout();
-            writeln!(out, "socket {}", socket.display())?;
-            out.flush()?;
+            announce(&server.address())?;
             // Served until the other side goes (its end of file, or its silence); then qemu-nbd is
             // stopped.
             let input = cairn_vm::host::stdin_lines();
@@ -519,18 +525,10 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
         HostCmd::PathKind { path } => println!("{}", serde_json::to_string(&cairn_vm::host::path_kind(path)?)?),
         HostCmd::CheckSpace { dir, bytes } => cairn_engine::target::check_space(dir, *bytes)?,
         HostCmd::CreateImage { path, size, format, data_bytes, force } => {
-            let format = match format.as_str() {
-                "raw" => cairn_engine::target::TargetFormat::Raw,
-                "qcow2" => cairn_engine::target::TargetFormat::Qcow2,
-                f => bail!("unknown image format {f:?} (raw, qcow2)"),
-            };
+            let format = cairn_engine::target::TargetFormat::parse(format)?;
             let image = cairn_engine::target::ServedImage::create(path, *size, format, *data_bytes, *force)?;
-            let cairn_nbd::Transport::Unix { socket } = image.address().transport else {
-                bail!("internal error: qemu-nbd serves on TCP");
-            };
+            announce(&image.address())?;
             let mut out = std::io::stdout();
-            writeln!(out, "socket {}", socket.display())?;
-            out.flush()?;
             let input = cairn_vm::host::stdin_lines();
             if cairn_vm::host::next_word(&input, cairn_vm::host::SILENCE).as_deref() != Some("commit") {
                 // Dropped uncommitted: the partial image goes.

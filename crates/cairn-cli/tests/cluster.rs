@@ -182,6 +182,17 @@ fn a_vm_defined_on_two_hosts_is_listed_once_where_it_runs_and_followed_across_a_
     assert_eq!(seen, [(A.to_string(), "shut-off".to_string()), (B.to_string(), "running".to_string())]);
 }
 
+/// A new repository, hosts a and b, and the test guest `name` defined on both, running on a with
+/// its agent answering; its UUID.
+fn guest_running_on_a(name: &str) -> (Env, Hosts, String) {
+    let e = Env::new();
+    e.init();
+    let mut hosts = Hosts::up(&["a", "b"]);
+    let uuid = hosts.guest_on_a_defined_on_both(name);
+    wait_for_agent(A, name);
+    (e, hosts, uuid)
+}
+
 /// Runs a shell command in guest `name` on host `uri` through its agent; its output.
 fn guest_exec(uri: &str, name: &str, cmd: &str) -> String {
     sh(Command::new(common::guest::guest_sh()).env("LIBVIRT_DEFAULT_URI", uri).args(["exec", name, cmd]))
@@ -224,12 +235,8 @@ fn sha256_of(path: &Path) -> String {
 
 #[test]
 fn a_vm_is_backed_up_on_the_host_it_runs_on_and_its_chain_survives_a_live_migration() {
-    let e = Env::new();
-    e.init();
-    let mut hosts = Hosts::up(&["a", "b"]);
     let name = "cluster-db";
-    let uuid = hosts.guest_on_a_defined_on_both(name);
-    wait_for_agent(A, name);
+    let (e, mut hosts, uuid) = guest_running_on_a(name);
     let (a, b) = (ssh_uri("10.77.0.1"), ssh_uri("10.77.0.2"));
     // A host that is not up (an address of the hosts' network that none has): listed, it cannot
     // be asked.
@@ -370,12 +377,8 @@ fn frozen_backup(e: &Env, name: &str, uri: &str, hold: u32, limit: u32) -> std::
 
 #[test]
 fn a_backup_killed_while_a_guest_of_another_host_is_frozen_leaves_it_thawed_by_its_watchdog_there() {
-    let e = Env::new();
-    e.init();
-    let mut hosts = Hosts::up(&["a", "b"]);
     let name = "cluster-frozen";
-    hosts.guest_on_a_defined_on_both(name);
-    wait_for_agent(A, name);
+    let (e, _hosts, _) = guest_running_on_a(name);
     let a = ssh_uri("10.77.0.1");
     // Frozen for 60 s after the point unless something thaws it; the watchdog's own limit is
     // 30 s: a thaw within seconds of the kill is the watchdog seeing its backup gone.
@@ -524,12 +527,8 @@ fn virsh_inside(host: &str, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_host_cut_off_in_the_middle_of_a_backup_thaws_its_guest_by_itself() {
-    let e = Env::new();
-    e.init();
-    let mut hosts = Hosts::up(&["a", "b"]);
     let name = "cluster-cut";
-    hosts.guest_on_a_defined_on_both(name);
-    wait_for_agent(A, name);
+    let (e, _hosts, _) = guest_running_on_a(name);
     let a = ssh_uri("10.77.0.1");
     let mut backup = frozen_backup(&e, name, &a, 40, 15);
     // The link between this machine and host a goes down; everything after is asked inside a.

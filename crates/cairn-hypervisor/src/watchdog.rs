@@ -68,6 +68,9 @@ impl Guard {
 /// How often the job's side says "alive".
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// Once "alive" was heard, this long without a line counts as the other end gone.
+pub const SILENCE: Duration = Duration::from_secs(HEARTBEAT.as_secs() * 6);
+
 type Line = std::sync::Arc<std::sync::Mutex<Box<dyn Write + Send>>>;
 
 /// The job's side: a handle on the watchdog process.
@@ -79,11 +82,12 @@ pub struct Watchdog {
     mode: String,
 }
 
-/// Writes "alive" on `line` at once (the watchdog must know before anything happens that it will
-/// hear from the job: a cut right after the freeze must count), then every [`HEARTBEAT`] until
-/// the watchdog's handle is gone.
-fn heartbeat(line: std::sync::Weak<std::sync::Mutex<Box<dyn Write + Send>>>) {
-    let _ = std::thread::Builder::new().name("watchdog-heartbeat".into()).spawn(move || loop {
+/// Writes "alive" on `line` at once (the other end must know before anything happens that it
+/// will hear from us: a cut right after a freeze must count), then every [`HEARTBEAT`], until
+/// the last strong reference to `line` is gone. The watchdog's input, and the input of the host
+/// commands that serve over SSH (`cairn_vm::ssh`), are kept alive so.
+pub fn say_alive<W: Write + Send + 'static>(line: std::sync::Weak<std::sync::Mutex<W>>) {
+    let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || loop {
         {
             let Some(l) = line.upgrade() else { return };
             let mut w = l.lock().unwrap_or_else(|e| e.into_inner());
@@ -188,7 +192,7 @@ impl Watchdog {
                 let stdin =
                     stdin.map(|s| std::sync::Arc::new(std::sync::Mutex::new(Box::new(s) as Box<dyn Write + Send>)));
                 if let Some(l) = &stdin {
-                    heartbeat(std::sync::Arc::downgrade(l));
+                    say_alive(std::sync::Arc::downgrade(l));
                 }
                 Ok(Started::Ready(Watchdog { child: Some(child), stdin, mode: String::new() }))
             }
@@ -282,7 +286,7 @@ impl Default for Retry {
             max_delay: Duration::from_secs(5),
             give_up: Duration::from_secs(15 * 60),
             job_search: Duration::from_secs(10),
-            silence: HEARTBEAT * 6,
+            silence: SILENCE,
         }
     }
 }

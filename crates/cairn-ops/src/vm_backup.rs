@@ -207,7 +207,7 @@ fn back_up_and_check(
     let (id, point, record) = backup_one(hv, access, repo, vm, &req.options, helpers, progress)?;
     let boot = req.boot_check.as_ref().map(|b| {
         cancel.check(&format!("the boot check of {name}"))?;
-        if access.command_on_host(&[]).is_some() {
+        if !access.is_this_machine() {
             // The sandbox reads the point from this machine's repository over NBD.
             return Err(OpError::new(
                 ErrorKind::InvalidRequest,

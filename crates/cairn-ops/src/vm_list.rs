@@ -2,6 +2,7 @@
 //! of a list of hosts, one row per VM (a VM is its UUID, whichever hosts define it).
 
 use crate::error::{OpError, OpResult};
+use crate::hosts::ListedHost;
 use cairn_hypervisor::{AgentStatus, Hypervisor, VmDisk, VmFile, VmNic, VmState};
 use cairn_vm::backup::{app_consistent_requirements, choose_method, Method};
 use serde::Serialize;
@@ -89,16 +90,15 @@ pub struct UnreachableHost {
 /// reached or listed is returned apart; the others are listed all the same.
 pub fn list_vms_on_hosts(
     hosts: &[String],
-    connect: &dyn Fn(&str) -> anyhow::Result<Box<dyn Hypervisor>>,
+    connect: &crate::hosts::Connect<'_>,
 ) -> (Vec<HostedVm>, Vec<UnreachableHost>) {
     let mut vms: Vec<HostedVm> = Vec::new();
     let mut unreachable = Vec::new();
-    for host in hosts {
-        let listed = connect(host).map_err(OpError::classify).and_then(|hv| list_vms(hv.as_ref()));
-        let listed = match listed {
+    for ListedHost { uri: host, hv } in crate::hosts::connect_all(hosts, connect) {
+        let listed = match hv.and_then(|hv| list_vms(hv.as_ref())) {
             Ok(l) => l,
             Err(error) => {
-                unreachable.push(UnreachableHost { host: host.clone(), error });
+                unreachable.push(UnreachableHost { host, error });
                 continue;
             }
         };

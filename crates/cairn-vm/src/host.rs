@@ -20,6 +20,8 @@ use std::time::SystemTime;
 pub trait HostAccess: Send + Sync {
     /// The host, for messages: `this host`, `root@10.0.0.2`.
     fn name(&self) -> &str;
+    /// Whether the host is the machine this runs on (its files are this machine's files).
+    fn is_this_machine(&self) -> bool;
     /// The hypervisor URI that reaches this host's hypervisor from the host itself: what its
     /// watchdog connects to (`qemu+ssh://root@h/system` is `qemu:///system` there).
     fn uri_on_host(&self, uri: &str) -> String;
@@ -82,12 +84,11 @@ pub fn path_kind(path: &Path) -> Result<PathKind> {
     }
 }
 
-/// How often the repository's side of a `cairn host` command that serves says "alive" on its
-/// input, and how long that command waits without a line before it takes its caller for gone
-/// (a network cut that the host's sshd may not notice for hours: the command would keep a
-/// qemu-nbd holding a VM's disk open).
-pub const ALIVE_EVERY: std::time::Duration = cairn_hypervisor::watchdog::HEARTBEAT;
-pub const SILENCE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a `cairn host` command that serves waits without a line on its input (its caller
+/// says "alive" every `cairn_hypervisor::watchdog::HEARTBEAT`) before it takes the caller for
+/// gone: a network cut that the host's sshd may not notice for hours would otherwise keep a
+/// qemu-nbd holding a VM's disk open.
+pub use cairn_hypervisor::watchdog::SILENCE;
 
 /// On the host: the next line of `input` that is not "alive"; none at its end, or after a
 /// silence of `silence` once "alive" was heard (the caller is gone).
@@ -138,6 +139,9 @@ pub struct LocalHost {
 impl HostAccess for LocalHost {
     fn name(&self) -> &str {
         "this host"
+    }
+    fn is_this_machine(&self) -> bool {
+        true
     }
     fn uri_on_host(&self, uri: &str) -> String {
         uri.to_string()

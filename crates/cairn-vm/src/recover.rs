@@ -230,13 +230,6 @@ fn drop_instant(dir: &Path, st: &InstantState) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn extension(format: TargetFormat) -> &'static str {
-    match format {
-        TargetFormat::Raw => "raw",
-        TargetFormat::Qcow2 => "qcow2",
-    }
-}
-
 /// What recovering a point onto this host comes to, decided before anything is written.
 pub enum Recovery {
     /// An instant recovery of this VM was interrupted on this host: finishing it is all there is.
@@ -294,7 +287,7 @@ pub fn plan_recovery(
     let name = recovered_name(&record, opts)?;
     // Another host: its files are reached over SSH (crate::ssh), which this machine's NBD server
     // of the point (instant recovery) and its device checks do not go through.
-    let remote = host.command_on_host(&[]).is_some();
+    let remote = !host.is_this_machine();
     if remote && opts.instant {
         bail!("instant recovery onto another host ({}) is not built yet: recover onto it in full, or instantly onto this machine", host.name());
     }
@@ -503,7 +496,7 @@ fn plan_images(
         let bytes = data_bytes(repo, img)?;
         total += bytes;
         let file = match &img.role {
-            None => storage.join(format!("{name}-{}.{}", img.name, extension(opts.format))),
+            None => storage.join(format!("{name}-{}.{}", img.name, opts.format.name())),
             Some(role) => storage.join(format!("{name}-{role}")),
         };
         if host.path_kind(&file)? != PathKind::Missing
@@ -688,9 +681,7 @@ impl RecoveryPlan {
         for f in written {
             let path = f.path.to_string_lossy().into_owned();
             match &f.role {
-                None => {
-                    self.edit.disks.push(PlacedDisk { target: f.name.clone(), path, format: extension(format).into() })
-                }
+                None => self.edit.disks.push(PlacedDisk { target: f.name.clone(), path, format: format.name().into() }),
                 Some(r) if r != "memory-state" => self.edit.files.push((r.clone(), path)),
                 Some(_) => {}
             }
@@ -767,7 +758,7 @@ fn start_overlays(
     };
     for img in point.disks.iter().filter(|d| d.is_disk()) {
         let overlay = storage.join(format!("{name}-{}.instant.qcow2", img.name));
-        let fin = storage.join(format!("{name}-{}.{}", img.name, extension(format)));
+        let fin = storage.join(format!("{name}-{}.{}", img.name, format.name()));
         if let Err(e) = create_overlay(&overlay, &socket, &img.name) {
             stop_server(pid, st.server_start, &socket);
             return Err(e);
@@ -777,7 +768,7 @@ fn start_overlays(
             path: overlay.to_string_lossy().into_owned(),
             format: "qcow2".into(),
         });
-        st.disks.push((img.name.clone(), overlay, fin, extension(format).to_string()));
+        st.disks.push((img.name.clone(), overlay, fin, format.name().to_string()));
     }
     Ok(st)
 }

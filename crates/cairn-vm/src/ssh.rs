@@ -300,6 +300,10 @@ impl HostAccess for SshHost {
         &self.target.destination
     }
 
+    fn is_this_machine(&self) -> bool {
+        false
+    }
+
     fn uri_on_host(&self, _uri: &str) -> String {
         self.target.uri_on_host.clone()
     }
@@ -374,10 +378,7 @@ impl HostAccess for SshHost {
         format: TargetFormat,
         force: bool,
     ) -> Result<Box<dyn Target>> {
-        let format = match format {
-            TargetFormat::Raw => "raw",
-            TargetFormat::Qcow2 => "qcow2",
-        };
+        let format = format.name();
         let mut args = vec!["host".to_string(), "create-image".into(), path_arg(path)?];
         args.extend(["--size".into(), size.to_string(), "--format".into(), format.into()]);
         args.extend(["--data-bytes".into(), data_bytes.to_string()]);
@@ -427,7 +428,8 @@ impl SshHost {
         };
         let stdin = child.stdin.take().map(|s| std::sync::Arc::new(std::sync::Mutex::new(s)));
         if let Some(s) = &stdin {
-            keep_alive(std::sync::Arc::downgrade(s));
+            // The command takes a silence for our end (a cut the host's sshd may not notice).
+            cairn_hypervisor::watchdog::say_alive(std::sync::Arc::downgrade(s));
         }
         Ok((RemoteServer { stdin, stdout: Some(stdout), child }, socket))
     }
@@ -445,21 +447,6 @@ struct RemoteServer {
     /// holds a weak one).
     stdin: Option<std::sync::Arc<std::sync::Mutex<ChildStdin>>>,
     stdout: Option<BufReader<ChildStdout>>,
-}
-
-/// Writes "alive" on a host command's input every [`crate::host::ALIVE_EVERY`] while it is ours:
-/// the command takes a silence for our end (a cut the host's sshd may not notice).
-fn keep_alive(input: std::sync::Weak<std::sync::Mutex<ChildStdin>>) {
-    let _ = std::thread::Builder::new().name("ssh-heartbeat".into()).spawn(move || loop {
-        {
-            let Some(i) = input.upgrade() else { return };
-            let mut w = i.lock().unwrap_or_else(|e| e.into_inner());
-            if std::io::Write::write_all(&mut *w, b"alive\n").and_then(|()| std::io::Write::flush(&mut *w)).is_err() {
-                return;
-            }
-        }
-        std::thread::sleep(crate::host::ALIVE_EVERY);
-    });
 }
 
 impl RemoteServer {

@@ -38,6 +38,24 @@ pub enum TargetFormat {
     Qcow2,
 }
 
+impl TargetFormat {
+    /// Its name, as QEMU and libvirt say it (and the extension of a restored disk's file).
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetFormat::Raw => "raw",
+            TargetFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<TargetFormat> {
+        match s {
+            "raw" => Ok(TargetFormat::Raw),
+            "qcow2" => Ok(TargetFormat::Qcow2),
+            _ => bail!("unknown image format {s:?} (raw, qcow2)"),
+        }
+    }
+}
+
 pub trait Target: Send {
     /// Writes restored bytes; ranges never written read as zeros.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()>;
@@ -542,9 +560,10 @@ impl ServedImage {
         check_space(parent, data_bytes)?;
         let partial = partial_path(path);
         let _ = std::fs::remove_file(&partial);
-        let (qemu_format, image_format, options) = match format {
-            TargetFormat::Qcow2 => ("qcow2", ImageFormat::Qcow2, "cluster_size=65536"),
-            TargetFormat::Raw => ("raw", ImageFormat::Raw, ""),
+        let qemu_format = format.name();
+        let (image_format, options) = match format {
+            TargetFormat::Qcow2 => (ImageFormat::Qcow2, "cluster_size=65536"),
+            TargetFormat::Raw => (ImageFormat::Raw, ""),
         };
         let mut cmd = std::process::Command::new("qemu-img");
         cmd.args(["create", "-q", "-f", qemu_format]);
