@@ -1,5 +1,6 @@
 //! libvirt documents as cairn reads them: domain XML (from libvirt at backup, from a possibly
-//! tampered repository at restore and boot check) and checkpoint XML. Never a panic, never a
+//! tampered repository at restore and boot check), its DAC label, and checkpoint XML (from a
+//! restore point too, registered again on another host without its parent). Never a panic, never a
 //! stack overflow; and what `rewrite` returns never reaches the host: no element of the QEMU
 //! namespace, no emulator but the host's, no disk it did not restore, media drives empty, no
 //! security label, log, fw_cfg file, NIC script or host-facing NIC, console on a host device,
@@ -29,7 +30,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(xml) = std::str::from_utf8(data) else { return };
     let _ = domain_xml::parse(xml);
     let _ = domain_xml::host_devices(xml);
-    let _ = cairn_libvirt::parse_checkpoint(xml);
+    let _ = domain_xml::dac_owner(xml);
+    if let Ok(cp) = cairn_libvirt::parse_checkpoint(xml) {
+        let alone = cairn_libvirt::parse_checkpoint(&cairn_libvirt::without_parent(xml))
+            .expect("a checkpoint without its parent no longer reads");
+        assert_eq!((alone.name, alone.parent, alone.disks), (cp.name, None, cp.disks), "{xml}");
+    }
     let _ = cairn_libvirt::parse_firmware(xml);
     let sandbox = data.len() % 2 == 0;
     let keep_host = !sandbox && data.len() % 5 == 0;

@@ -625,14 +625,18 @@ pub fn parse_firmware(caps: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-/// `document` (a checkpoint document, parsed already) without its `<parent>` element.
-fn without_parent(document: &str) -> String {
+/// `document` (a checkpoint document, parsed already) without its `<parent>` element (public for
+/// the fuzz targets: the document comes from a restore point).
+pub fn without_parent(document: &str) -> String {
     let Ok(doc) = roxmltree::Document::parse(document) else { return document.to_string() };
-    let root = doc.root_element();
-    match root.children().find(|n| n.has_tag_name("parent")) {
-        Some(p) => format!("{}{}", &document[..p.range().start], &document[p.range().end..]),
-        None => document.to_string(),
+    let mut out = String::with_capacity(document.len());
+    let mut at = 0;
+    for p in doc.root_element().children().filter(|n| n.has_tag_name("parent")) {
+        out.push_str(&document[at..p.range().start]);
+        at = p.range().end;
     }
+    out.push_str(&document[at..]);
+    out
 }
 
 /// Reads a libvirt checkpoint document (public for the fuzz targets: these come from libvirt, which

@@ -11,7 +11,7 @@
 mod connection;
 pub mod domain_xml;
 
-pub use connection::{parse_checkpoint, parse_firmware, Libvirt, DEFAULT_URI};
+pub use connection::{parse_checkpoint, parse_firmware, without_parent, Libvirt, DEFAULT_URI};
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
