@@ -2,7 +2,7 @@
 //!
 //! libvirt's `qemu+ssh://[USER@]HOST[:PORT]/PATH` URIs already make an operator set up SSH from
 //! the repository's machine to every host; cairn uses the same connection for the data. One
-//! OpenSSH master connection per host per run (`ssh -M`, a control socket in a private folder)
+//! OpenSSH master connection per worker of a run (`ssh -M`, a control socket in a private folder)
 //! carries everything:
 //! - commands of `cairn host ...` run on the host (the same binary installed there): prepare the
 //!   work folder, serve a file through qemu-nbd, stat or remove a file, and the VM's watchdog,
@@ -110,7 +110,8 @@ fn quote(s: &str) -> String {
     shlex::try_quote(s).map(|q| q.into_owned()).unwrap_or_else(|_| s.to_string())
 }
 
-/// One host over one SSH master connection, for the length of a run.
+/// One host over one SSH master connection (a worker of a run holds one: see
+/// `cairn_ops::vm_backup::backup_vms`).
 pub struct SshHost {
     target: SshTarget,
     /// The cairn binary on the host.
