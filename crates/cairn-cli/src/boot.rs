@@ -23,11 +23,13 @@ pub enum SmtpTls {
 pub struct VerifyBoot {
     /// NAME[@POINT] of a VM restore point
     point: String,
-    /// Hypervisor connection URI
-    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI")]
+    /// Hypervisor URI of the host the sandbox runs on: this machine's, or another's over
+    /// qemu+ssh:// (with cairn installed there; the point is read from here over SSH)
+    #[arg(long, default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI", value_name = "URI")]
     connect: String,
-    /// Folder for the sandbox's overlays (emptied afterwards); created 0700, and refused if
-    /// another user could write in it
+    /// Folder of this machine for the sandbox's overlays and NBD socket (emptied afterwards);
+    /// created 0700, and refused if another user could write in it. On another host, the
+    /// overlays go into its work folder (CAIRN_REMOTE_WORK_DIR)
     #[arg(long, default_value = cairn_ops::DEFAULT_WORK_DIR, value_name = "DIR")]
     work_dir: PathBuf,
     #[command(flatten)]
@@ -137,10 +139,12 @@ impl BootMail {
 pub fn verify_boot_cmd(g: &Global, a: &VerifyBoot) -> Result<i32> {
     let req = a.mail.request(g, &a.work_dir)?;
     let hv = Libvirt::connect(&a.connect)?;
+    let settings = cairn_ops::hosts::RemoteSettings::from_env();
+    let host = cairn_ops::hosts::open_access(&a.connect, &a.work_dir, &settings)?;
     let (repo, _lock) = open_indexed(g, "verify boot")?;
     let (id, point) = repo.select_point(&a.point)?;
     let helpers = crate::helpers(g)?;
-    let outcome = boot_check(&hv, &repo, &id, &point, &req, &helpers, &bar(g))?;
+    let outcome = boot_check(&hv, host.as_ref(), &repo, &id, &point, &req, &helpers, &bar(g))?;
     if g.json {
         let mut out = serde_json::to_value(&outcome.check)?;
         out["record"] = outcome.record_id.clone().into();

@@ -97,7 +97,8 @@ pub struct BackupVm {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i32).range(-7..=19))]
     compression: i32,
     /// Right after each backup, boot the new restore point in a sandbox and check it comes up
-    /// (see `cairn verify boot`); a point that does not boot makes the command exit 3
+    /// (see `cairn verify boot`), on the VM's own host; a point that does not boot makes the
+    /// command exit 3
     #[arg(long)]
     verify_boot: bool,
     #[command(flatten)]
@@ -160,7 +161,8 @@ pub struct RestoreVm {
     keep_host_devices: bool,
     /// Start the VM at once from the repository (its disks served over NBD, writes to local
     /// overlays), then move its disks into --storage while it runs. If interrupted, the VM keeps
-    /// running; the same command again finishes the move
+    /// running; the same command again finishes the move. Onto another host, the NBD server runs
+    /// here and reaches the host over an SSH link of its own, which outlives this command too
     #[arg(long, conflicts_with = "resume_state")]
     instant: bool,
     /// Testing aid: stop once the VM runs, as an interrupted instant recovery would
@@ -373,6 +375,7 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
         keep_host_devices: a.keep_host_devices,
         instant: a.instant,
         workers: workers(g),
+        local_work_dir: work_dir.clone(),
     };
     let progress = bar(g);
     let recovery = plan(&hv, host.as_ref(), &repo, &id, &point, &opts, &progress)?;
@@ -455,8 +458,34 @@ pub enum HostCmd {
     },
     /// Print a file's size and modification time, as JSON
     Stat { path: PathBuf },
-    /// Remove a file, if it exists
-    Remove { path: PathBuf },
+    /// Remove a file, if it exists; with --folder, a folder `prepare` made, with its sockets
+    Remove {
+        path: PathBuf,
+        #[arg(long)]
+        folder: bool,
+    },
+    /// Take VM UUID's lock in work folder WORK_DIR (its locks/) and hold it until standard input
+    /// closes; prints `locked` once held
+    Lock {
+        work_dir: PathBuf,
+        uuid: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Give socket PATH to the user OWNER (UID:GID), an unprivileged QEMU
+    HandOver {
+        path: PathBuf,
+        #[arg(long, value_name = "UID:GID")]
+        owner: String,
+    },
+    /// Create a qcow2 overlay over export EXPORT of the NBD server on socket SOCKET
+    CreateOverlay {
+        overlay: PathBuf,
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        export: String,
+    },
     /// Print what is at PATH, as JSON: "missing", "folder" or "other"
     PathKind { path: PathBuf },
     /// Fail unless folder DIR has room for BYTES
@@ -488,20 +517,33 @@ fn announce(address: &cairn_nbd::NbdAddress) -> Result<()> {
     Ok(out.flush()?)
 }
 
+/// `UID:GID`, numbers.
+fn parse_owner(owner: &str) -> Result<(u32, u32)> {
+    let (u, g) = owner.split_once(':').context("--owner UID:GID")?;
+    Ok((u.parse().context("--owner UID:GID")?, g.parse().context("--owner UID:GID")?))
+}
+
 pub fn run_host(c: &HostCmd) -> Result<i32> {
     use cairn_engine::source::{ImageFormat, QemuNbd};
     use std::io::Write;
     match c {
         HostCmd::Prepare { dir, owner } => {
-            let owner = match owner {
-                Some(o) => {
-                    let (u, g) = o.split_once(':').context("--owner UID:GID")?;
-                    Some((u.parse().context("--owner UID:GID")?, g.parse().context("--owner UID:GID")?))
-                }
-                None => None,
-            };
+            let owner = owner.as_deref().map(parse_owner).transpose()?;
             cairn_vm::host::prepare_dir(dir, owner)?;
         }
+        HostCmd::Lock { work_dir, uuid, name } => {
+            let lock = cairn_vm::backup::lock_vm_for_another_machine(work_dir, uuid, name)?;
+            let mut out = std::io::stdout();
+            writeln!(out, "locked")?;
+            out.flush()?;
+            // Held until the other side goes (its end of file, or its silence).
+            let input = cairn_vm::host::stdin_lines();
+            while cairn_vm::host::next_word(&input, cairn_vm::host::SILENCE).is_some() {}
+            drop(lock);
+        }
+        HostCmd::HandOver { path, owner } => cairn_vm::host::hand_over(path, parse_owner(owner)?)?,
+        HostCmd::CreateOverlay { overlay, socket, export } => cairn_vm::host::create_overlay(overlay, socket, export)?,
+        HostCmd::Remove { path, folder: true } => cairn_vm::host::remove_prepared(path),
         HostCmd::ServeImage { path, format, bitmap } => {
             let format = match format {
                 Some(f) => ImageFormat::parse(f)?,
@@ -516,7 +558,7 @@ pub fn run_host(c: &HostCmd) -> Result<i32> {
             drop(server);
         }
         HostCmd::Stat { path } => println!("{}", serde_json::to_string(&cairn_vm::host::stat(path)?)?),
-        HostCmd::Remove { path } => match std::fs::remove_file(path) {
+        HostCmd::Remove { path, folder: false } => match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("removing {}", path.display()))
             }

@@ -215,8 +215,14 @@ fn wait_for_agent(uri: &str, name: &str) {
 
 /// `cairn backup vm ... --json` over `hosts`: (exit code, outcomes, stderr).
 fn backup_vms(e: &Env, vms: &[&str], hosts: &[&str]) -> (i32, Vec<Value>, String) {
+    backup_vms_with(e, vms, hosts, &[])
+}
+
+/// [`backup_vms`] with more arguments.
+fn backup_vms_with(e: &Env, vms: &[&str], hosts: &[&str], more: &[&str]) -> (i32, Vec<Value>, String) {
     let work = e.path("work");
     let mut args = vec!["backup", "vm"];
+    args.extend_from_slice(more);
     args.extend_from_slice(vms);
     for h in hosts {
         args.extend(["--host", h]);
@@ -383,6 +389,17 @@ fn a_backup_killed_while_a_guest_of_another_host_is_frozen_leaves_it_thawed_by_i
     // Frozen for 60 s after the point unless something thaws it; the watchdog's own limit is
     // 30 s: a thaw within seconds of the kill is the watchdog seeing its backup gone.
     let mut backup = frozen_backup(&e, name, &a, 60, 30);
+    // Meanwhile a second backup server (its own repository and work folder) backs up the same
+    // VM: the VM's lock on host a refuses it, instead of it ending the first one's job as a
+    // leftover of a killed run.
+    let other = Env::new();
+    other.init();
+    let (code, out, _) = backup_vms(&other, &[name], &[&a]);
+    assert_ne!(code, 0);
+    let said = out[0]["error"].to_string();
+    assert!(said.contains("another cairn backup") && said.contains("10.77.0.1"), "{}", out[0]);
+    assert_eq!(freeze_status(A, name), "frozen", "the second server's attempt touched the guest");
+    assert!(backup.try_wait().unwrap().is_none(), "the first backup ended");
     unsafe { libc::kill(backup.id() as i32, libc::SIGKILL) };
     backup.wait().unwrap();
     let killed = std::time::Instant::now();
@@ -449,6 +466,155 @@ fn on_a_stock_host_whose_qemu_runs_unprivileged_a_vm_is_backed_up_incrementally_
     wait_for_agent(C, &restored);
     let again = guest_exec(C, &restored, "sha256sum /data/stock");
     assert_eq!(again.split_whitespace().next().unwrap(), sum, "the recovered VM does not hold the guest's file");
+
+    // Host devices are checked on the host the VM is recovered onto: a shut-off VM passing
+    // through a PCI device nobody has, backed up from its disk on c.
+    let dev_vm = format!("{name}-dev");
+    hosts.guests.push(dev_vm.clone());
+    let disk = Path::new(STATE).join("shared").join(format!("{dev_vm}.qcow2"));
+    sh(Command::new("cp").arg("--sparse=always").arg(Path::new(STATE).join("guest/data.qcow2")).arg(&disk));
+    let xml = virsh(C, &["dumpxml", "--inactive", name]);
+    let uuid_line = xml.lines().find(|l| l.contains("<uuid>")).unwrap().to_string();
+    let hostdev = "<hostdev mode='subsystem' type='pci' managed='yes'><source>\
+                   <address domain='0x0000' bus='0xfe' slot='0x1f' function='0x7'/></source></hostdev>";
+    let xml = xml
+        .replace(&uuid_line, "")
+        .replace(&format!("<name>{name}</name>"), &format!("<name>{dev_vm}</name>"))
+        .replace(&format!("shared/{name}.qcow2"), &format!("shared/{dev_vm}.qcow2"))
+        .replacen("</devices>", &format!("{hostdev}</devices>"), 1);
+    let file = e.path("dev.xml");
+    std::fs::write(&file, xml).unwrap();
+    virsh(C, &["define", file.to_str().unwrap()]);
+    let (code, out, err) = backup_vms(&e, &[&dev_vm], &[&c]);
+    assert_eq!(code, 0, "{err}");
+    let point = format!("{dev_vm}@{}", &out[0]["id"].as_str().unwrap()[..8]);
+    let storage = "/var/lib/libvirt/images";
+    let again = format!("{dev_vm}-again");
+    hosts.guests.push(again.clone());
+    let args = ["restore", "vm", &point, "--host", &c, "--storage", storage, "--as", &again, "--keep-host-devices"];
+    let o = e.run(&args);
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && said.contains("host device pci 0000:fe:1f.7"), "{said}");
+    let images = Path::new(STATE).join("hosts/c/lib/images");
+    let written =
+        std::fs::read_dir(&images).unwrap().flatten().any(|f| f.file_name().to_string_lossy().starts_with(&again));
+    assert!(!written, "a refused recovery wrote into {}", images.display());
+    let mut dropping = args.to_vec();
+    dropping.push("--drop-missing");
+    let rep = e.json(&dropping);
+    assert_eq!(rep["dropped"][0], "host device pci 0000:fe:1f.7", "{rep}");
+    assert!(!virsh(C, &["dumpxml", &again]).contains("<hostdev"));
+}
+
+/// The state of the instant recovery of VM `name` this machine keeps (cairn_vm::recover): its
+/// file and contents.
+fn instant_state_of(name: &str) -> (PathBuf, Value) {
+    let root = Path::new("/var/lib/cairn/work/instant");
+    for dir in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let file = dir.path().join("state.json");
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        let state: Value = serde_json::from_str(&text).unwrap();
+        if state["disks"].to_string().contains(&format!("/{name}-vda.instant.qcow2")) {
+            return (file, state);
+        }
+    }
+    panic!("no instant recovery state of {name} under {}", root.display());
+}
+
+fn process_alive(pid: u64) -> bool {
+    // A zombie (exited, not yet reaped by its parent) is not alive.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[test]
+fn an_instant_recovery_onto_a_stock_host_runs_from_this_machines_repository_and_a_rerun_finishes_it() {
+    let e = Env::new();
+    e.init();
+    let mut hosts = Hosts::up(&["c"]);
+    let name = "cluster-inst";
+    hosts.guest(name, "c");
+    wait_for_agent(C, name);
+    let sum = guest_exec(
+        C,
+        name,
+        "dd if=/dev/urandom of=/data/kept bs=1M count=2 2>/dev/null && sync && sha256sum /data/kept",
+    );
+    let sum = sum.split_whitespace().next().unwrap().to_string();
+    let c = ssh_uri("10.77.0.3");
+    // Boot-checked on host c (its emulator, QEMU unprivileged), read from the repository here.
+    let (code, out, err) = backup_vms_with(&e, &[name], &[&c], &["--verify-boot", "--boot-timeout", "90"]);
+    assert_eq!(code, 0, "{err}");
+    let check = &out[0]["boot_verification"];
+    assert_eq!(check["verdict"], "passed", "{check}");
+    assert_eq!(check["method"], "guest agent", "{check}");
+    let sandboxes = Path::new(STATE).join("hosts/c/lib/cairn-work/verify");
+    let left: Vec<_> = std::fs::read_dir(&sandboxes).unwrap().flatten().map(|f| f.path()).collect();
+    assert!(left.is_empty(), "the sandbox left {left:?} on host c");
+    let point = format!("{name}@{}", &out[0]["id"].as_str().unwrap()[..8]);
+
+    let restored = format!("{name}-now");
+    hosts.guests.push(restored.clone());
+    let images = "/var/lib/libvirt/images";
+    let args = ["restore", "vm", &point, "--host", &c, "--storage", images, "--as", &restored, "--instant"];
+    // Interrupted once the VM runs, as a killed or disconnected recovery would be.
+    let mut first = args.to_vec();
+    first.push("--debug-stop-after-start");
+    let t0 = std::time::Instant::now();
+    let o = e.run(&first);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for_agent(C, &restored);
+    eprintln!("instant recovery onto host c: guest agent answered after {:.1} s", t0.elapsed().as_secs_f64());
+    let blk = virsh(C, &["domblklist", &restored]);
+    assert!(blk.contains(".instant.qcow2"), "{blk}");
+    // Read on host c, as QEMU's unprivileged user, from the repository here.
+    let read = guest_exec(C, &restored, "sha256sum /data/kept");
+    assert_eq!(read.split_whitespace().next().unwrap(), sum, "the VM running from the repository reads other data");
+    guest_exec(C, &restored, "echo written-meanwhile > /data/meanwhile; sync; echo same-boot > /run/marker");
+
+    // The link to host c is lost (its process killed); the server here keeps running.
+    let (state_file, state) = instant_state_of(&restored);
+    let link_pid = state["link"]["pid"].as_u64().unwrap();
+    let server_pid = state["server_pid"].as_u64().unwrap();
+    let host_socket = state["link"]["socket"].as_str().unwrap().to_string();
+    assert!(host_socket.starts_with("/var/lib/libvirt/cairn-work/instant/"), "{host_socket}");
+    assert!(process_alive(link_pid) && process_alive(server_pid), "{state}");
+    sh(Command::new("kill").args(["-KILL", &link_pid.to_string()]));
+
+    // The rerun links it again and moves the disks onto host c's storage while the VM runs.
+    let t0 = std::time::Instant::now();
+    let o = e.run(&args);
+    eprintln!("instant recovery onto host c: the rerun finished in {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let fin = format!("{images}/{restored}-vda.qcow2");
+    let blk = virsh(C, &["domblklist", &restored]);
+    assert!(blk.contains(&fin), "{blk}");
+    assert_eq!(guest_exec(C, &restored, "cat /run/marker /data/meanwhile"), "same-boot\nwritten-meanwhile\n");
+    let read = guest_exec(C, &restored, "sha256sum /data/kept; dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null");
+    assert_eq!(read.split_whitespace().next().unwrap(), sum);
+    assert!(virsh(C, &["dumpxml", &restored, "--inactive"]).contains(&fin));
+    // Nothing of the recovery is left: no overlay on c, no link folder there, no state or
+    // process here.
+    let on_c = Path::new(STATE).join("hosts/c/lib");
+    let left: Vec<String> = std::fs::read_dir(on_c.join("images"))
+        .unwrap()
+        .flatten()
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.contains(".instant"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let link_dir = on_c
+        .join(host_socket.trim_start_matches("/var/lib/libvirt/"))
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(!link_dir.exists(), "{} is left on host c", link_dir.display());
+    assert!(!state_file.exists(), "{} is left", state_file.display());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!process_alive(server_pid), "the NBD server of the point still runs");
+    let links = Command::new("pgrep").args(["-f", &format!("-R {host_socket}")]).output().unwrap();
+    assert!(!links.status.success(), "a link to host c still runs");
 }
 
 #[test]

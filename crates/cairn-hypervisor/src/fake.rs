@@ -141,6 +141,9 @@ impl Hypervisor for Handle {
     fn emulator_owner(&self, _: &str) -> Result<Option<(u32, u32)>> {
         Ok(None)
     }
+    fn emulator_owner_for(&self, _: &str) -> Result<Option<(u32, u32)>> {
+        Ok(None)
+    }
     fn checkpoint_document(&self, _: &str, name: &str) -> Result<String> {
         Ok(format!("checkpoint {name}"))
     }

@@ -308,6 +308,21 @@ impl Hypervisor for Libvirt {
         Ok(domain_xml::dac_owner(&live)?.filter(|&(uid, _)| uid != 0))
     }
 
+    fn emulator_owner_for(&self, config: &str) -> Result<Option<(u32, u32)>> {
+        let own = domain_xml::static_dac_owner(config)?;
+        let owner = match own {
+            Some(o) => Some(o),
+            None => {
+                let caps = self
+                    .conn
+                    .capabilities()
+                    .map_err(|e| anyhow!("reading the host's capabilities: {}", e.message()))?;
+                domain_xml::base_dac_owner(&caps, &domain_xml::parse(config)?.domain_type)?
+            }
+        };
+        Ok(owner.filter(|&(uid, _)| uid != 0))
+    }
+
     fn checkpoint_document(&self, uuid: &str, name: &str) -> Result<String> {
         let dom = self.domain(uuid)?;
         let cname = cstring(name)?;

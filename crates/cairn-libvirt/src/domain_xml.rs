@@ -115,6 +115,22 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_new_vm_runs_as_its_static_label_or_the_hosts_base_label() {
+        let caps = "<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel>\
+                    <secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+64055:+64056</baselabel>\
+                    <baselabel type='qemu'>+64055:+64055</baselabel></secmodel></host></capabilities>";
+        assert_eq!(super::base_dac_owner(caps, "qemu").unwrap(), Some((64055, 64055)));
+        assert_eq!(super::base_dac_owner(caps, "kvm").unwrap(), Some((64055, 64056)));
+        assert_eq!(super::base_dac_owner(caps, "xen").unwrap(), None);
+        assert_eq!(super::base_dac_owner("<capabilities/>", "qemu").unwrap(), None);
+        let own = "<domain type='qemu'><seclabel type='static' model='dac' relabel='yes'><label>1001:1002</label></seclabel></domain>";
+        assert_eq!(super::static_dac_owner(own).unwrap(), Some((1001, 1002)));
+        // A dynamic label was the source host's choice: the new host chooses again.
+        let dynamic = own.replace("static", "dynamic");
+        assert_eq!(super::static_dac_owner(&dynamic).unwrap(), None);
+    }
+
     use super::*;
 
     #[test]
@@ -1048,9 +1064,46 @@ pub fn dac_owner(xml: &str) -> Result<Option<(u32, u32)>> {
         .children()
         .filter(|n| n.has_tag_name("seclabel") && n.attribute("model") == Some("dac"))
         .find_map(|n| n.children().find(|c| c.has_tag_name("label")).and_then(|l| l.text()));
-    let Some(label) = label else { return Ok(None) };
+    Ok(label.and_then(dac_ids))
+}
+
+/// A `UID:GID` label (`+64055:+64055`, or numbers without the `+`); none for names, which only
+/// the host could resolve.
+fn dac_ids(label: &str) -> Option<(u32, u32)> {
     let id = |s: &str| s.trim().trim_start_matches('+').parse::<u32>().ok();
-    Ok(label.split_once(':').and_then(|(u, g)| Some((id(u)?, id(g)?))))
+    label.split_once(':').and_then(|(u, g)| Some((id(u)?, id(g)?)))
+}
+
+/// The (uid, gid) a configuration asks its QEMU to run as (`<seclabel type='static'
+/// model='dac'><label>`); none without one. A dynamic label is the host's choice at start.
+pub fn static_dac_owner(xml: &str) -> Result<Option<(u32, u32)>> {
+    check_depth(xml)?;
+    let doc = roxmltree::Document::parse(xml).context("parsing the VM configuration")?;
+    Ok(doc
+        .root_element()
+        .children()
+        .filter(|n| n.has_tag_name("seclabel") && n.attribute("model") == Some("dac"))
+        .filter(|n| n.attribute("type") == Some("static"))
+        .find_map(|n| n.children().find(|c| c.has_tag_name("label")).and_then(|l| l.text()))
+        .and_then(dac_ids))
+}
+
+/// The (uid, gid) the host runs QEMU as for VMs of type `virt_type` (`qemu`, `kvm`) without a
+/// label of their own: its capabilities' `<secmodel><model>dac</model><baselabel type=...>`.
+pub fn base_dac_owner(capabilities: &str, virt_type: &str) -> Result<Option<(u32, u32)>> {
+    check_depth(capabilities)?;
+    let doc = roxmltree::Document::parse(capabilities).context("parsing the host's capabilities")?;
+    let dac = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("secmodel"))
+        .find(|m| m.children().any(|c| c.has_tag_name("model") && c.text().map(str::trim) == Some("dac")));
+    Ok(dac
+        .and_then(|m| {
+            m.children()
+                .find(|c| c.has_tag_name("baselabel") && c.attribute("type") == Some(virt_type))
+                .and_then(|l| l.text())
+        })
+        .and_then(dac_ids))
 }
 
 /// Host devices (PCI/USB passthrough) a configuration names, as `pci 0000:03:00.0` or `usb 046d:c52b`.

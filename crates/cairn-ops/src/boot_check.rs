@@ -11,6 +11,7 @@ use cairn_hypervisor::Hypervisor;
 use cairn_repo::PointId;
 use cairn_repo::{Repository, RestorePoint};
 use cairn_vm::boot::{verify_boot, BootCheck, BootOptions};
+use cairn_vm::host::HostAccess;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,9 +39,11 @@ pub struct BootOutcome {
     pub screenshot: Option<Vec<u8>>,
 }
 
-/// Boots point `id` in a sandbox, mails the verdict if asked, and stores it in the catalog.
+/// Boots point `id` in a sandbox on `hv`'s host (whose files `host` reaches), mails the verdict if asked, and stores it in the catalog.
+#[allow(clippy::too_many_arguments)] // the point, where it boots, and the interface's services
 pub fn boot_check(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     repo: &Repository,
     id: &PointId,
     point: &RestorePoint,
@@ -56,7 +59,7 @@ pub fn boot_check(
         launch_server: &launch,
         workers: req.workers,
     };
-    let (check, screenshot) = verify_boot(hv, repo, id, point, &opts, progress)?;
+    let (check, screenshot) = verify_boot(hv, host, repo, id, point, &opts, progress)?;
     let mut record = serde_json::to_value(&check).map_err(anyhow::Error::from)?;
     if let Some(png) = &screenshot {
         record["screenshot"] = base64::engine::general_purpose::STANDARD.encode(png).into();

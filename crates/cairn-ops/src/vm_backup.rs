@@ -159,7 +159,7 @@ pub fn backup_vms(
                                 Err(e) => return Err(OpError::new(e.kind(), anyhow::anyhow!("{e:#}"))),
                             };
                             let vm = still_there(vm, h, listed)?;
-                            back_up_and_check(hv, access, host, repo, vm, req, helpers, progress, cancel)
+                            back_up_and_check(hv, access, repo, vm, req, helpers, progress, cancel)
                         });
                         done(i, result);
                     }
@@ -195,7 +195,6 @@ fn still_there(vm: VmSummary, h: usize, listed: &[ListedHost]) -> OpResult<VmSum
 fn back_up_and_check(
     hv: &dyn Hypervisor,
     access: &dyn HostAccess,
-    host: &ListedHost,
     repo: &Arc<Repository>,
     vm: VmSummary,
     req: &BackupVmsRequest,
@@ -207,17 +206,8 @@ fn back_up_and_check(
     let (id, point, record) = backup_one(hv, access, repo, vm, &req.options, helpers, progress)?;
     let boot = req.boot_check.as_ref().map(|b| {
         cancel.check(&format!("the boot check of {name}"))?;
-        if !access.is_this_machine() {
-            // The sandbox reads the point from this machine's repository over NBD.
-            return Err(OpError::new(
-                ErrorKind::InvalidRequest,
-                anyhow::anyhow!(
-                    "boot checks run on the repository's machine, and VM {name} is on {}: check the point on a hypervisor of this machine",
-                    host.uri
-                ),
-            ));
-        }
-        boot_check(hv, repo, &id, &point, b, helpers, progress)
+        // On the VM's own host, where its emulator is; the point is read from here.
+        boot_check(hv, access, repo, &id, &point, b, helpers, progress)
     });
     Ok(BackedUp { id, point, record, boot })
 }

@@ -46,7 +46,7 @@ pub fn execute(
     let launch = |socket: &Path| helpers.start_nbd_server(point_spec, socket);
     let instant = InstantMode { launch_server: &launch, stop_after_start };
     Ok(match recovery {
-        Recovery::Unfinished(unfinished) => unfinished.finish(hv, &instant, progress)?,
+        Recovery::Unfinished(unfinished) => unfinished.finish(hv, host, &instant, progress)?,
         Recovery::Plan(plan) => plan.execute(hv, host, repo, &instant, progress)?,
     })
 }

@@ -173,7 +173,7 @@ impl Clock {
 /// A lock on one VM on this host: two backups of the same VM would fight over its checkpoints.
 /// Held in the VM's work folder and, so that runs with different `--work-dir`s also exclude
 /// each other, in the host's lock folder (when we may write there).
-struct VmLock {
+pub struct VmLock {
     _files: Vec<std::fs::File>,
 }
 
@@ -182,18 +182,33 @@ struct VmLock {
 pub const HOST_LOCK_DIR: &str = "/run/cairn/locks";
 
 fn lock_vm(dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
-    lock_vm_in(dir, Path::new(HOST_LOCK_DIR), uuid, name)
+    lock_vm_in(dir, Some(Path::new(HOST_LOCK_DIR)), uuid, name)
 }
 
-fn lock_vm_in(dir: &Path, host_dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
+/// The lock of VM `uuid` on its host, for a backup run from another machine
+/// ([`HostAccess::lock_vm`]): in the host's work folder `dir` (its `locks/`), which a cairn run
+/// on the host itself takes too. So two backup servers, or a backup server and the host's own
+/// cairn, cannot take each other's backup jobs for leftovers of a killed run and end them.
+pub fn lock_vm_for_another_machine(work_dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
+    if uuid.is_empty() || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        bail!("{uuid:?} is not a VM's UUID");
+    }
+    let dir = work_dir.join("locks");
+    private_dir(work_dir).context("the work folder")?;
+    private_dir(&dir).context("the work folder's locks")?;
+    lock_vm_in(&dir, None, uuid, name)
+}
+
+fn lock_vm_in(dir: &Path, host_dir: Option<&Path>, uuid: &str, name: &str) -> Result<VmLock> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     let mut paths = vec![dir.join(format!("vm-{uuid}.lock"))];
-    match private_dir(host_dir) {
-        Ok(()) => paths.push(host_dir.join(format!("vm-{uuid}.lock"))),
+    match host_dir.map(|d| (d, private_dir(d))) {
+        Some((d, Ok(()))) => paths.push(d.join(format!("vm-{uuid}.lock"))),
         // Not ours to create (not root): the host folder is a second line of defence.
-        Err(e) if is_permission_denied(&e) => {}
-        Err(e) => return Err(e),
+        Some((_, Err(e))) if is_permission_denied(&e) => {}
+        Some((_, Err(e))) => return Err(e),
+        None => {}
     }
     let mut files = Vec::new();
     for p in &paths {
@@ -432,6 +447,8 @@ struct Prepared {
     socket_dir: PathBuf,
     /// Held until the backup ends: no other cairn run backs up this VM meanwhile.
     _lock: VmLock,
+    /// The VM's lock on its host ([`HostAccess::lock_vm`]), released when dropped.
+    _host_lock: crate::host::HostLock,
     /// This repository's checkpoint names start with it.
     prefix: String,
     /// The VM's newest restore point in this repository.
@@ -457,7 +474,14 @@ fn prepare(
     let lock_dir = opts.work_dir.join("locks");
     private_dir(&opts.work_dir).context("the work folder")?;
     private_dir(&lock_dir).context("the work folder's locks")?;
-    let lock = lock_vm(&lock_dir, uuid, &vm.name)?;
+    // This machine's host-wide lock is for its own VMs; a VM of another host is locked there
+    // (another backup server, or cairn on that host, may back it up too).
+    let lock = if host.is_this_machine() {
+        lock_vm(&lock_dir, uuid, &vm.name)?
+    } else {
+        lock_vm_in(&lock_dir, None, uuid, &vm.name)?
+    };
+    let host_lock = host.lock_vm(uuid, &vm.name)?;
     // The folder where the hypervisor puts the sockets we read from: on the VM's host.
     let dir = vm_work_dir(host.work_dir(), uuid);
     let prefix = checkpoint_prefix(repo);
@@ -503,7 +527,7 @@ fn prepare(
             }
         }
     }
-    Ok(Prepared { dir, socket_dir, _lock: lock, prefix, last, forgotten_checkpoint })
+    Ok(Prepared { dir, socket_dir, _lock: lock, _host_lock: host_lock, prefix, last, forgotten_checkpoint })
 }
 
 /// The record of a new point of `vm`, before its chain is known.
@@ -1248,21 +1272,21 @@ mod tests {
         let vm_dir = t.path().join("vm");
         private_dir(&vm_dir).unwrap();
         let host = t.path().join("locks");
-        let lock = lock_vm_in(&vm_dir, &host, "u-1", "web").unwrap();
+        let lock = lock_vm_in(&vm_dir, Some(&host), "u-1", "web").unwrap();
         let f = host.join("vm-u-1.lock");
         assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
         // Held: a second backup of the VM is refused.
-        let e = lock_vm_in(&vm_dir, &host, "u-1", "web").err().unwrap().to_string();
+        let e = lock_vm_in(&vm_dir, Some(&host), "u-1", "web").err().unwrap().to_string();
         assert!(e.contains("another cairn backup"), "{e}");
         drop(lock);
         // A lock file replaced by a symbolic link (to a file the lock would create or truncate).
         std::fs::remove_file(&f).unwrap();
         std::os::unix::fs::symlink(t.path().join("victim"), &f).unwrap();
-        assert!(lock_vm_in(&vm_dir, &host, "u-1", "web").is_err());
+        assert!(lock_vm_in(&vm_dir, Some(&host), "u-1", "web").is_err());
         assert!(!t.path().join("victim").exists());
         // A folder another user could write in.
         std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = lock_vm_in(&vm_dir, &host, "u-2", "web").err().unwrap().to_string();
+        let e = lock_vm_in(&vm_dir, Some(&host), "u-2", "web").err().unwrap().to_string();
         assert!(e.contains("other users can write"), "{e}");
     }
 

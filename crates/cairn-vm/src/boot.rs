@@ -2,12 +2,18 @@
 //! repository (instant-recovery overlays over an NBD export), until its OS is up; its screen is
 //! captured; then the sandbox and everything it created go away. The original VM is never
 //! touched: the sandbox has a name of its own, a new identity, no network and no host devices.
+//!
+//! The sandbox runs on the host the hypervisor connection reaches ([`HostAccess`]): this
+//! machine, or the VM's own host over SSH, where its emulator and machine types are. The point's
+//! NBD server always runs here, where the repository is, linked to that host as an instant
+//! recovery's is.
 
-use crate::host::private_dir;
-use crate::recover::{check_image_name, create_overlay, process_start_time, stop_server, KNOWN_ROLES};
+use crate::host::{private_dir, HostAccess, SocketLink};
+use crate::process;
+use crate::recover::{check_image_name, stop_server, KNOWN_ROLES};
 use anyhow::{Context, Result};
 use cairn_engine::progress::Progress;
-use cairn_engine::restore::{restore_disk, RestoreOptions};
+use cairn_engine::restore::{restore_disk_into, RestoreOptions};
 use cairn_engine::target::TargetFormat;
 use cairn_hypervisor::Hypervisor;
 use cairn_hypervisor::{ConfigEdit, PlacedDisk};
@@ -19,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub struct BootOptions<'a> {
-    /// A folder for the sandbox's overlays and files (removed afterwards).
+    /// A folder of this machine for the sandbox's NBD socket, and, when the sandbox runs here,
+    /// its overlays and files (removed afterwards). On another host they go into a folder of
+    /// its work folder ([`HostAccess::work_dir`]).
     pub work_dir: PathBuf,
     pub timeout: Duration,
     /// Starts a detached NBD server of the point on this socket; returns its PID.
@@ -61,6 +69,7 @@ impl BootCheck {
 /// Boots the point in a sandbox; returns the verdict and the screenshot (PNG), if one was taken.
 pub fn verify_boot(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     repo: &Repository,
     point_id: &PointId,
     point: &RestorePoint,
@@ -99,11 +108,17 @@ pub fn verify_boot(
         screenshot_png: false,
         left_out: Vec::new(),
     };
-    let mut server: Option<(u32, Option<u64>)> = None;
+    let mut placed = Placed {
+        dir: dir.clone(),
+        host_dir: if host.is_this_machine() { dir.clone() } else { host.work_dir().join("verify").join(&sandbox) },
+        server: None,
+        link: None,
+        files: Vec::new(),
+    };
     let mut uuid = None;
     let outcome = (|| -> Result<Option<Vec<u8>>> {
         let rewritten =
-            prepare_sandbox(hv, repo, point_id, point, &record.config, &dir, &sandbox, opts, progress, &mut server)?;
+            prepare_sandbox(hv, host, repo, point_id, point, &record.config, &sandbox, opts, progress, &mut placed)?;
         for r in &rewritten.removed {
             progress.note(&format!("{sandbox}: left out {r} from the stored configuration"));
         }
@@ -115,7 +130,13 @@ pub fn verify_boot(
     if let Some(id) = &uuid {
         let _ = hv.power_off(id);
     }
-    if let Some((pid, start)) = server {
+    for f in &placed.files {
+        host.remove_file(f);
+    }
+    if let Some(link) = &placed.link {
+        host.unlink_socket(link);
+    }
+    if let Some((pid, start)) = placed.server {
         stop_server(pid, start, &dir.join("nbd.sock"));
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -131,31 +152,54 @@ pub fn verify_boot(
     Ok((check, shot))
 }
 
-/// The sandbox's configuration: the point's small files (kernel, initrd, NVRAM) restored whole
-/// into `dir`, an NBD server of the point started (its PID and start time in `server`, for the
-/// caller to stop), one overlay per disk over its export, and the stored configuration
-/// rewritten onto them with its own name, a new identity, no NIC and no host device.
+/// What a sandbox put where, for its removal.
+struct Placed {
+    /// Here: the NBD server's socket and log.
+    dir: PathBuf,
+    /// On the sandbox's host: its overlays and files (`dir` itself when that is this machine).
+    host_dir: PathBuf,
+    /// The NBD server of the point (PID, start time).
+    server: Option<(u32, Option<u64>)>,
+    /// The server's link to the sandbox's host.
+    link: Option<SocketLink>,
+    /// Files made on the sandbox's host.
+    files: Vec<PathBuf>,
+}
+
+/// The sandbox's configuration: an NBD server of the point started here and linked to the host,
+/// the point's small files (kernel, initrd, NVRAM) restored whole onto the host, one overlay per
+/// disk over its export, and the stored configuration rewritten onto them with its own name, a
+/// new identity, no NIC and no host device. What it starts and makes is in `placed`, for the
+/// caller to remove.
 #[allow(clippy::too_many_arguments)] // the check's state, handed on once
 fn prepare_sandbox(
     hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
     repo: &Repository,
     point_id: &PointId,
     point: &RestorePoint,
     config: &str,
-    dir: &Path,
     sandbox: &str,
     opts: &BootOptions,
     progress: &dyn Progress,
-    server: &mut Option<(u32, Option<u64>)>,
+    placed: &mut Placed,
 ) -> Result<cairn_hypervisor::Rewritten> {
     let short = point_id.short();
+    let socket = placed.dir.join("nbd.sock");
+    let pid = (opts.launch_server)(&socket)?;
+    placed.server = Some((pid, process::start_time(pid)));
+    // An unprivileged QEMU on another host must reach the link's socket and the sandbox's folder.
+    let owner = if host.is_this_machine() { None } else { hv.emulator_owner_for(config)? };
+    let link = host.link_socket(&socket, &placed.host_dir, owner, &placed.dir.join("link.log"))?;
+    let served = placed.link.insert(link).socket.clone();
+    let dir = placed.host_dir.clone();
     // Files the configuration names (kernel, initrd, NVRAM) are small: restored whole.
     let mut edit = ConfigEdit {
         name: sandbox.to_string(),
         keep_identity: false,
         drop_all_nics: true,
         keep_host_devices: false,
-        storage_dir: std::path::absolute(dir)?.to_string_lossy().into_owned(),
+        storage_dir: std::path::absolute(&dir)?.to_string_lossy().into_owned(),
         host_emulators: crate::recover::host_emulators(hv, progress),
         host_firmware: crate::recover::host_firmware(hv, progress),
         ..Default::default()
@@ -173,15 +217,15 @@ fn prepare_sandbox(
         let role = img.role.clone().unwrap();
         let to = dir.join(&role);
         let ropts = RestoreOptions { format: TargetFormat::Raw, force: true, workers: opts.workers };
-        restore_disk(repo, point_id, point, img, &to, &ropts, progress)?;
+        let make = |size, block_size, data| host.create_image(&to, size, block_size, data, TargetFormat::Raw, true);
+        placed.files.push(to.clone());
+        restore_disk_into(repo, point_id, point, img, &make, &ropts, progress)?;
         edit.files.push((role, to.to_string_lossy().into_owned()));
     }
-    let socket = dir.join("nbd.sock");
-    let pid = (opts.launch_server)(&socket)?;
-    *server = Some((pid, process_start_time(pid)));
     for img in point.disks.iter().filter(|d| d.is_disk()) {
         let overlay = dir.join(format!("{}.qcow2", img.name));
-        create_overlay(&overlay, &socket, &img.name)?;
+        placed.files.push(overlay.clone());
+        host.create_overlay(&overlay, &served, &img.name)?;
         edit.disks.push(PlacedDisk {
             target: img.name.clone(),
             path: overlay.to_string_lossy().into_owned(),

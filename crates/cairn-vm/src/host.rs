@@ -41,6 +41,10 @@ pub trait HostAccess: Send + Sync {
     fn stat(&self, path: &str) -> Result<FileStat>;
     /// Removes a file of the host, if it exists.
     fn remove_file(&self, path: &Path);
+    /// Takes VM `uuid`'s lock on the host for as long as the returned guard lives, or fails if
+    /// another cairn run holds it. On this machine, nothing: the backup's own locks are the
+    /// host's (see `cairn_vm::backup::lock_vm_for_another_machine`).
+    fn lock_vm(&self, uuid: &str, name: &str) -> Result<HostLock>;
     /// How to run `cairn ARGS` on the host (its watchdog): the program and its arguments, or none
     /// for this machine (the caller runs its own binary).
     fn command_on_host(&self, args: &[String]) -> Option<(PathBuf, Vec<String>)>;
@@ -62,7 +66,104 @@ pub trait HostAccess: Send + Sync {
         format: TargetFormat,
         force: bool,
     ) -> Result<Box<dyn Target>>;
+
+    // Instant recovery onto the host: the VM runs there on overlays over an NBD server of the
+    // point, which runs here (the repository is only opened here).
+    /// Makes the NBD server listening on `local` (a socket of this machine) reachable on the host,
+    /// for the emulator's user `owner` too, through a process of this machine that outlives this
+    /// one: the recovered VM reads its disks through it until they have moved. On another host,
+    /// its socket is in folder `dir` there (prepared for `owner`), and `log` (here) gets the
+    /// link's messages.
+    fn link_socket(&self, local: &Path, dir: &Path, owner: Option<(u32, u32)>, log: &Path) -> Result<SocketLink>;
+    /// Ends a link of [`HostAccess::link_socket`] (if its process still is ours) and removes its
+    /// folder on the host.
+    fn unlink_socket(&self, link: &SocketLink);
+    /// A qcow2 overlay at `overlay` on the host whose backing file is export `export` of the NBD
+    /// server on socket `socket` there: reads come from the export until written, writes stay in
+    /// the overlay.
+    fn create_overlay(&self, overlay: &Path, socket: &Path, export: &str) -> Result<()>;
 }
+
+/// A socket of this machine made reachable on a host ([`HostAccess::link_socket`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketLink {
+    /// The socket on the host (the socket of this machine itself when the host is this machine).
+    pub socket: PathBuf,
+    /// The socket of this machine it leads to.
+    pub local: PathBuf,
+    /// The link's folder on the host, none when the host is this machine.
+    pub dir: Option<PathBuf>,
+    /// The process of this machine that carries the link (0: none) and its start time.
+    pub pid: u32,
+    pub start: Option<u64>,
+}
+
+impl SocketLink {
+    /// What the command line of the link's process holds: `-R HOST_SOCKET:LOCAL_SOCKET`.
+    pub fn spec(&self) -> String {
+        format!("{}:{}", self.socket.display(), self.local.display())
+    }
+
+    fn carried_by(&self) -> impl Fn(&crate::process::Args) -> bool + '_ {
+        let spec = self.spec();
+        move |args| crate::process::has_option(args, "-R", spec.as_bytes())
+    }
+
+    /// Whether the link still carries: no process is needed, or its process is still ours.
+    pub fn is_up(&self) -> bool {
+        self.pid == 0 || crate::process::is_ours(self.pid, self.start, &self.carried_by())
+    }
+
+    /// Stops the link's process, if it still is ours.
+    pub fn stop(&self) {
+        crate::process::stop(self.pid, self.start, &self.carried_by());
+    }
+}
+
+/// A qcow2 overlay over an NBD export ([`HostAccess::create_overlay`]), on the machine the
+/// overlay is on.
+pub fn create_overlay(overlay: &Path, socket: &Path, export: &str) -> Result<()> {
+    let backing = format!("nbd+unix:///{export}?socket={}", socket.display());
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
+        .arg(overlay)
+        .output()
+        .context("running qemu-img")?;
+    if !out.status.success() {
+        bail!("creating the overlay of {export}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Gives socket `path` (made by root: SSH's server creates the far end of a link 0600) to the
+/// emulator's user; anything but a socket is refused.
+pub fn hand_over(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.file_type().is_socket() {
+        bail!("refusing to hand over {}: it is not a socket", path.display());
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a NUL-terminated path; lchown does not follow a link.
+    if unsafe { libc::lchown(c.as_ptr(), uid, gid) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("giving {} to user {uid}", path.display()));
+    }
+    Ok(())
+}
+
+/// Removes a folder [`prepare_dir`] made, with the run files in it (its sockets); whatever else
+/// is there stays, and the folder with it.
+pub fn remove_prepared(dir: &Path) {
+    for d in [dir.join("sock"), dir.to_path_buf()] {
+        if remove_run_files(&d).is_ok() {
+            let _ = std::fs::remove_dir(&d);
+        }
+    }
+}
+
+/// A lock held on a host ([`HostAccess::lock_vm`]) until dropped.
+pub struct HostLock(pub Option<Box<dyn Send + Sync>>);
 
 /// What is at a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +268,9 @@ impl HostAccess for LocalHost {
     fn command_on_host(&self, _args: &[String]) -> Option<(PathBuf, Vec<String>)> {
         None
     }
+    fn lock_vm(&self, _uuid: &str, _name: &str) -> Result<HostLock> {
+        Ok(HostLock(None))
+    }
     fn path_kind(&self, path: &Path) -> Result<PathKind> {
         path_kind(path)
     }
@@ -183,6 +287,14 @@ impl HostAccess for LocalHost {
         force: bool,
     ) -> Result<Box<dyn Target>> {
         target::create(path, size, block_size, data_bytes, format, force)
+    }
+    fn link_socket(&self, local: &Path, _dir: &Path, _owner: Option<(u32, u32)>, _log: &Path) -> Result<SocketLink> {
+        // The emulator opens the server's socket where it is.
+        Ok(SocketLink { socket: local.to_path_buf(), local: local.to_path_buf(), dir: None, pid: 0, start: None })
+    }
+    fn unlink_socket(&self, _link: &SocketLink) {}
+    fn create_overlay(&self, overlay: &Path, socket: &Path, export: &str) -> Result<()> {
+        create_overlay(overlay, socket, export)
     }
 }
 

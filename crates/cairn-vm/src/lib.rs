@@ -17,6 +17,7 @@ pub mod backup;
 pub mod boot;
 mod error;
 pub mod host;
+mod process;
 pub mod recover;
 pub mod ssh;
 

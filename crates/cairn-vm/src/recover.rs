@@ -8,7 +8,8 @@
 //! ([`RecoveryPlan::execute`]). A failure while writing removes what was written and defines
 //! nothing. A caller that confirms a replacement asks between the two steps.
 
-use crate::host::{private_dir, HostAccess, PathKind};
+use crate::host::{private_dir, HostAccess, PathKind, SocketLink};
+use crate::process;
 use crate::Refusal;
 use anyhow::{bail, Context, Result};
 use cairn_engine::progress::Progress;
@@ -46,6 +47,9 @@ pub struct RecoverOptions {
     /// [`InstantMode`]).
     pub instant: bool,
     pub workers: usize,
+    /// This machine's work folder: an instant recovery onto another host keeps its state, and
+    /// the point's NBD server (which runs here) its socket, in `instant/` there.
+    pub local_work_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -89,78 +93,68 @@ struct InstantState {
     point: PointId,
     uuid: String,
     server_pid: u32,
-    /// The server's start time ([`process_start_time`]): with the PID, it names the process for
+    /// The server's start time ([`process::start_time`]): with the PID, it names the process for
     /// good. A PID alone may name another process after a reboot. (Absent in older state files.)
     #[serde(default)]
     server_start: Option<u64>,
+    /// The server's socket, on this machine.
     socket: PathBuf,
-    /// (target, overlay, final image, format)
+    /// The server's socket as the VM's host reaches it (absent in older state files: the host
+    /// was this machine).
+    #[serde(default)]
+    link: Option<SocketLink>,
+    /// The user the VM's emulator runs as, when not root (the link's socket is handed to it).
+    #[serde(default)]
+    owner: Option<(u32, u32)>,
+    /// (target, overlay, final image, format), on the VM's host.
     disks: Vec<(String, PathBuf, PathBuf, String)>,
 }
 
-fn instant_dir(storage: &Path, name: &str) -> PathBuf {
-    storage.join(format!(".cairn-instant-{name}"))
+/// Where an instant recovery of VM `name` into `storage` on `host` keeps its state, and the
+/// point's NBD server (always on this machine) its socket and log: next to the disks when the host
+/// is this machine; otherwise in this machine's work folder `local_work`, under a key of the
+/// host, the folder and the VM.
+fn instant_dir(host: &dyn HostAccess, local_work: &Path, storage: &Path, name: &str) -> PathBuf {
+    if host.is_this_machine() {
+        storage.join(format!(".cairn-instant-{name}"))
+    } else {
+        local_work.join("instant").join(instant_key(host, storage, name))
+    }
 }
 
-/// The start time of process `pid` (clock ticks after boot, /proc/PID/stat field 22): a PID is
-/// reused by other processes, a PID and its start time are not.
-pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 2, the command name, is in parentheses and may hold spaces or ')': count after the last.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+/// The folder, on another host, of the link to an instant recovery's NBD server.
+fn link_dir(host: &dyn HostAccess, storage: &Path, name: &str) -> PathBuf {
+    host.work_dir().join("instant").join(instant_key(host, storage, name))
 }
 
-/// Whether process `pid` is the NBD server we started on `socket`: its command line is
-/// `... serve-nbd ... --socket SOCKET ...` and, when we recorded it, its start time matches.
-pub(crate) fn is_our_server(pid: u32, start_time: Option<u64>, socket: &Path) -> bool {
+/// A short key for one VM recovered into one folder of one host: sockets' paths are limited to
+/// 107 bytes, and names and folders can be long.
+fn instant_key(host: &dyn HostAccess, storage: &Path, name: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    for part in [host.name().as_bytes(), storage.as_os_str().as_encoded_bytes(), name.as_bytes()] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize().to_hex()[..16].to_string()
+}
+
+/// Whether a command line is that of the NBD server we start on `socket`:
+/// `... serve-nbd ... --socket SOCKET ...`.
+fn serves_on(socket: &Path) -> impl Fn(&process::Args) -> bool + '_ {
     use std::os::unix::ffi::OsStrExt;
-    if pid == 0 || start_time.is_some_and(|t| process_start_time(pid) != Some(t)) {
-        return false;
+    move |args| {
+        args.contains(&&b"serve-nbd"[..]) && process::has_option(args, "--socket", socket.as_os_str().as_bytes())
     }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.contains(&&b"serve-nbd"[..])
-        && args.windows(2).any(|w| w[0] == b"--socket" && w[1] == socket.as_os_str().as_bytes())
 }
 
-/// Our NBD server of `socket`, found by its command line among our user's processes: (PID,
-/// start time).
-fn find_server(socket: &Path) -> Option<(u32, Option<u64>)> {
-    use std::os::unix::fs::MetadataExt;
-    let me = unsafe { libc::geteuid() };
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let owner = e.metadata().ok()?.uid();
-        (owner == me && is_our_server(pid, None, socket)).then(|| (pid, process_start_time(pid)))
-    })
+/// Whether process `pid` (started at `start_time`, when known) is the NBD server we started on `socket`.
+pub(crate) fn is_our_server(pid: u32, start_time: Option<u64>, socket: &Path) -> bool {
+    process::is_ours(pid, start_time, &serves_on(socket))
 }
 
-/// Stops the NBD server we started, if `pid` still is it; returns whether it was. The process is
-/// pinned by a pidfd before it is checked, and signalled through that pidfd, so a PID reused in
-/// between cannot be hit.
+/// Stops the NBD server we started on `socket`, if `pid` still is it; returns whether it was.
 pub(crate) fn stop_server(pid: u32, start_time: Option<u64>, socket: &Path) -> bool {
-    if pid == 0 || pid > i32::MAX as u32 {
-        return false;
-    }
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
-    if fd < 0 {
-        let nosys = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS);
-        // A kernel without pidfds (before 5.3): check, then signal by PID.
-        if nosys && is_our_server(pid, start_time, socket) {
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            return true;
-        }
-        return false; // gone
-    }
-    let ours = is_our_server(pid, start_time, socket);
-    if ours {
-        unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGTERM, std::ptr::null::<libc::siginfo_t>(), 0)
-        };
-    }
-    unsafe { libc::close(fd) };
-    ours
+    process::stop(pid, start_time, &serves_on(socket))
 }
 
 /// The image roles this version knows (FORMAT.md §7); readers ignore others.
@@ -197,35 +191,65 @@ pub fn check_resumable(record: &VmRecord, short: &str) -> Result<()> {
     Ok(())
 }
 
+/// How many times a disk's move off the repository is tried.
+const MOVE_ATTEMPTS: u32 = 3;
+
 /// Moves every disk still on its overlay into its final image, then drops the NBD server and the
 /// overlays.
-fn finish_instant(hv: &dyn Hypervisor, dir: &Path, st: &InstantState, progress: &dyn Progress) -> Result<()> {
+fn finish_instant(
+    hv: &dyn Hypervisor,
+    host: &dyn HostAccess,
+    dir: &Path,
+    st: &InstantState,
+    progress: &dyn Progress,
+) -> Result<()> {
     for (target, _overlay, fin, format) in &st.disks {
         if hv.disk_source(&st.uuid, target)?.as_deref() == Some(&*fin.to_string_lossy()) {
             continue; // moved by an earlier run
         }
-        let _ = std::fs::remove_file(fin); // a half-made copy of an interrupted run
-        progress.start(&format!("moving {target}"), 0);
-        let last = std::sync::atomic::AtomicU64::new(0);
-        hv.move_disk(&st.uuid, target, fin, format, &|cur, end| {
-            let prev = last.swap(cur, std::sync::atomic::Ordering::Relaxed);
-            if prev == 0 {
-                progress.start(&format!("moving {target}"), end);
+        // A copy that fails is tried again: when the NBD server or its link was gone (and is back),
+        // QEMU's client fails the read that finds its connection dead, then connects again.
+        for attempt in 1.. {
+            host.remove_file(fin); // a half-made copy of an interrupted run or attempt
+            progress.start(&format!("moving {target}"), 0);
+            let last = std::sync::atomic::AtomicU64::new(0);
+            let moved = hv.move_disk(&st.uuid, target, fin, format, &|cur, end| {
+                let prev = last.swap(cur, std::sync::atomic::Ordering::Relaxed);
+                if prev == 0 {
+                    progress.start(&format!("moving {target}"), end);
+                }
+                progress.advance(cur.saturating_sub(prev));
+            });
+            progress.finish();
+            match moved {
+                Ok(()) => break,
+                Err(e) if attempt < MOVE_ATTEMPTS => {
+                    progress.note(&format!("moving disk {target} failed ({e:#}); trying again"));
+                    std::thread::sleep(std::time::Duration::from_secs(2 * attempt as u64));
+                }
+                Err(e) => {
+                    host.remove_file(fin);
+                    return Err(e.context(format!(
+                        "moving disk {target} off the repository ({MOVE_ATTEMPTS} attempts); the VM still runs \
+                         from it: run the same command again"
+                    )));
+                }
             }
-            progress.advance(cur.saturating_sub(prev));
-        })
-        .with_context(|| format!("moving disk {target} off the repository"))?;
-        progress.finish();
+        }
     }
-    drop_instant(dir, st);
+    drop_instant(host, dir, st);
     Ok(())
 }
 
-/// Stops the NBD server of an instant recovery and removes its overlays and state.
-fn drop_instant(dir: &Path, st: &InstantState) {
+/// Stops the NBD server of an instant recovery and its link to the host, and removes its
+/// overlays and state.
+fn drop_instant(host: &dyn HostAccess, dir: &Path, st: &InstantState) {
+    if let Some(link) = &st.link {
+        host.unlink_socket(link);
+    }
     stop_server(st.server_pid, st.server_start, &st.socket);
     for (_, overlay, _, _) in &st.disks {
-        let _ = std::fs::remove_file(overlay);
+        host.remove_file(overlay);
     }
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -233,7 +257,7 @@ fn drop_instant(dir: &Path, st: &InstantState) {
 /// What recovering a point onto this host comes to, decided before anything is written.
 pub enum Recovery {
     /// An instant recovery of this VM was interrupted on this host: finishing it is all there is.
-    Unfinished(UnfinishedInstant),
+    Unfinished(Box<UnfinishedInstant>),
     Plan(Box<RecoveryPlan>),
 }
 
@@ -266,6 +290,12 @@ pub struct RecoveryPlan {
     pub dropped: Vec<String>,
     /// Images left out (unknown roles), said to the operator.
     removed: Vec<String>,
+    /// Where an instant recovery keeps its state, here ([`instant_dir`]).
+    instant_dir: PathBuf,
+    /// Where its link to the NBD server goes on another host ([`link_dir`]).
+    link_dir: PathBuf,
+    /// The user the recovered VM's emulator will run as, if not root (instant recovery only).
+    emulator_owner: Option<(u32, u32)>,
 }
 
 /// Checks everything that can refuse a recovery of `point` onto this host, in this order: the
@@ -285,16 +315,8 @@ pub fn plan_recovery(
     let record =
         VmRecord::of(point).ok_or_else(|| Refusal::NotAVmPoint { point: short.into(), name: point.name.clone() })?;
     let name = recovered_name(&record, opts)?;
-    // Another host: its files are reached over SSH (crate::ssh), which this machine's NBD server
-    // of the point (instant recovery) and its device checks do not go through.
-    let remote = !host.is_this_machine();
-    if remote && opts.instant {
-        bail!("instant recovery onto another host ({}) is not built yet: recover onto it in full, or instantly onto this machine", host.name());
-    }
-    if remote && opts.keep_host_devices {
-        bail!("host devices of a VM recovered onto another host ({}) cannot be checked from here yet: recover without keeping them", host.name());
-    }
-    if remote && !opts.storage.is_absolute() {
+    // Another host: its files are reached over SSH (crate::ssh), from this machine's folder.
+    if !host.is_this_machine() && !opts.storage.is_absolute() {
         bail!(
             "give the storage folder on {} as an absolute path ({} is relative)",
             host.name(),
@@ -302,7 +324,9 @@ pub fn plan_recovery(
         );
     }
     if opts.instant {
-        if let Some(unfinished) = unfinished_instant(hv, &opts.storage, &name)? {
+        let storage = std::path::absolute(&opts.storage)?;
+        let dir = instant_dir(host, &opts.local_work_dir, &storage, &name);
+        if let Some(unfinished) = unfinished_instant(hv, dir, &name)? {
             return Ok(Recovery::Unfinished(unfinished));
         }
         if opts.resume_state {
@@ -328,7 +352,11 @@ pub fn plan_recovery(
     let dropped = check_host_devices(hv, host, &record, opts, &mut edit, short)?;
     let mut removed = Vec::new();
     let images = plan_images(host, repo, point, &name, &storage, opts, &edit.host_firmware, &mut removed, short)?;
+    let emulator_owner = if opts.instant { hv.emulator_owner_for(&record.config)? } else { None };
     Ok(Recovery::Plan(Box::new(RecoveryPlan {
+        instant_dir: instant_dir(host, &opts.local_work_dir, &storage, &name),
+        link_dir: link_dir(host, &storage, &name),
+        emulator_owner,
         opts: opts.clone(),
         point_id: point_id.clone(),
         point: point.clone(),
@@ -358,10 +386,9 @@ fn recovered_name(record: &VmRecord, opts: &RecoverOptions) -> Result<String> {
     Ok(name)
 }
 
-/// An interrupted instant recovery of VM `name` into `storage`, if its state is there and its VM
-/// still exists here.
-fn unfinished_instant(hv: &dyn Hypervisor, storage: &Path, name: &str) -> Result<Option<UnfinishedInstant>> {
-    let dir = instant_dir(&std::path::absolute(storage)?, name);
+/// An interrupted instant recovery of VM `name`, if its state is in `dir` and its VM still exists
+/// on the host.
+fn unfinished_instant(hv: &dyn Hypervisor, dir: PathBuf, name: &str) -> Result<Option<Box<UnfinishedInstant>>> {
     if std::fs::symlink_metadata(&dir).is_ok() {
         private_dir(&dir)?; // what it says is only trusted if only we could write it
     }
@@ -370,7 +397,7 @@ fn unfinished_instant(hv: &dyn Hypervisor, storage: &Path, name: &str) -> Result
     if hv.find(&state.uuid).is_err() {
         return Ok(None);
     }
-    Ok(Some(UnfinishedInstant { name: name.to_string(), dir, state }))
+    Ok(Some(Box::new(UnfinishedInstant { name: name.to_string(), dir, state })))
 }
 
 /// Identity: a new VM by default; the original's own when replacing it or resuming its memory.
@@ -446,7 +473,7 @@ fn check_host_devices(
     }
     let passed_through = if opts.keep_host_devices { hv.host_devices(&record.config)? } else { vec![] };
     for dev in passed_through {
-        if host_device_present(&dev) {
+        if host_device_present(host, &dev)? {
             continue;
         }
         if opts.drop_missing {
@@ -514,14 +541,21 @@ fn plan_images(
 }
 
 impl UnfinishedInstant {
-    /// Restarts the NBD server if it is gone, then moves the remaining disks off the repository.
-    pub fn finish(self, hv: &dyn Hypervisor, instant: &InstantMode, progress: &dyn Progress) -> Result<RecoverReport> {
+    /// Restarts the NBD server, and its link to the VM's host, if they are gone, then moves the
+    /// remaining disks off the repository.
+    pub fn finish(
+        self,
+        hv: &dyn Hypervisor,
+        host: &dyn HostAccess,
+        instant: &InstantMode,
+        progress: &dyn Progress,
+    ) -> Result<RecoverReport> {
         let started = Instant::now();
         let UnfinishedInstant { name, dir, state: mut st } = self;
         if !is_our_server(st.server_pid, st.server_start, &st.socket) {
             // The PID it names is not our server (reused, or the file is old): the server of this
             // socket may still run under another PID.
-            if let Some((pid, start)) = find_server(&st.socket) {
+            if let Some((pid, start)) = process::find(&serves_on(&st.socket)) {
                 (st.server_pid, st.server_start) = (pid, start);
                 std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
             }
@@ -529,10 +563,25 @@ impl UnfinishedInstant {
         if !is_our_server(st.server_pid, st.server_start, &st.socket) || !st.socket.exists() {
             stop_server(st.server_pid, st.server_start, &st.socket); // one without its socket
             st.server_pid = (instant.launch_server)(&st.socket)?;
-            st.server_start = process_start_time(st.server_pid);
+            st.server_start = process::start_time(st.server_pid);
             std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
         }
-        finish_instant(hv, &dir, &st, progress)?;
+        if let Some(link) = st.link.as_ref().filter(|l| !l.is_up()) {
+            // Made again where it was: the overlays name the socket on the host.
+            let host_dir = link.dir.clone().unwrap_or_default();
+            let relinked = host.link_socket(&st.socket, &host_dir, st.owner, &dir.join("link.log"))?;
+            if relinked.socket != link.socket {
+                bail!(
+                    "internal error: the link to {} moved from {} to {}",
+                    host.name(),
+                    link.socket.display(),
+                    relinked.socket.display()
+                );
+            }
+            st.link = Some(relinked);
+            std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+        }
+        finish_instant(hv, host, &dir, &st, progress)?;
         Ok(RecoverReport {
             point: st.point.clone(),
             name,
@@ -577,7 +626,7 @@ impl RecoveryPlan {
                 host.remove_file(&f.path);
             }
         };
-        let instant_state = match plan.place(&written, instant) {
+        let instant_state = match plan.place(host, &written, instant) {
             Ok(st) => st,
             Err(e) => {
                 cleanup(&written);
@@ -588,7 +637,7 @@ impl RecoveryPlan {
         let undo = |written: &[RecoveredFile], st: Option<&InstantState>| {
             cleanup(written);
             if let Some(st) = st {
-                drop_instant(&instant_dir(&plan.storage, &plan.name), st);
+                drop_instant(host, &plan.instant_dir, st);
             }
         };
         let rewritten = match hv.rewrite_config(&plan.record.config, &plan.edit) {
@@ -634,12 +683,12 @@ impl RecoveryPlan {
             started_vm = true;
         } else if let (Some(mut st), Some(inst)) = (instant_state, instant) {
             st.uuid = uuid.clone();
-            let dir = instant_dir(&plan.storage, &plan.name);
+            let dir = &plan.instant_dir;
             std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
             if let Err(e) = hv.start(&uuid) {
                 let _ = hv.undefine(&uuid);
                 cleanup(&written);
-                drop_instant(&dir, &st);
+                drop_instant(host, dir, &st);
                 return Err(e);
             }
             started_vm = true;
@@ -650,7 +699,7 @@ impl RecoveryPlan {
                 plan.storage.display()
             ));
             if !inst.stop_after_start {
-                finish_instant(hv, &dir, &st, progress)?;
+                finish_instant(hv, host, dir, &st, progress)?;
             }
             for (t, _, f, _) in &st.disks {
                 written.push(RecoveredFile { name: t.clone(), role: None, path: f.clone(), data_bytes: 0 });
@@ -676,7 +725,12 @@ impl RecoveryPlan {
 
     /// Points the configuration at what was written (disks, files) and, for an instant
     /// recovery, at overlays over an NBD server of the point it starts (returned with its state).
-    fn place(&mut self, written: &[RecoveredFile], instant: Option<&InstantMode>) -> Result<Option<InstantState>> {
+    fn place(
+        &mut self,
+        host: &dyn HostAccess,
+        written: &[RecoveredFile],
+        instant: Option<&InstantMode>,
+    ) -> Result<Option<InstantState>> {
         let format = self.opts.format;
         for f in written {
             let path = f.path.to_string_lossy().into_owned();
@@ -687,7 +741,7 @@ impl RecoveryPlan {
             }
         }
         let Some(inst) = instant else { return Ok(None) };
-        let st = start_overlays(&self.storage, &self.name, &self.point_id, &self.point, format, inst, &mut self.edit)?;
+        let st = start_overlays(self, host, inst)?;
         Ok(Some(st))
     }
 
@@ -732,38 +786,42 @@ impl RecoveryPlan {
     }
 }
 
-/// Starts the NBD server for the point and creates one overlay per disk over its export; points
-/// the configuration's disks at the overlays.
-fn start_overlays(
-    storage: &Path,
-    name: &str,
-    point_id: &PointId,
-    point: &RestorePoint,
-    format: TargetFormat,
-    inst: &InstantMode,
-    edit: &mut ConfigEdit,
-) -> Result<InstantState> {
-    let dir = instant_dir(storage, name);
+/// Starts the NBD server of the point here, links it to the VM's host, and creates one overlay
+/// per disk there over its exports; points the configuration's disks at the overlays.
+fn start_overlays(plan: &mut RecoveryPlan, host: &dyn HostAccess, inst: &InstantMode) -> Result<InstantState> {
+    let dir = &plan.instant_dir;
     // It holds the socket the VM's disks are read through: ours alone.
-    private_dir(&dir)?;
+    private_dir(dir)?;
     let socket = dir.join("nbd.sock");
+    drop_leftovers(host, dir, &socket);
     let pid = (inst.launch_server)(&socket)?;
     let mut st = InstantState {
-        point: point_id.clone(),
+        point: plan.point_id.clone(),
         uuid: String::new(),
         server_pid: pid,
-        server_start: process_start_time(pid),
+        server_start: process::start_time(pid),
         socket: socket.clone(),
+        link: None,
+        owner: plan.emulator_owner,
         disks: vec![],
     };
-    for img in point.disks.iter().filter(|d| d.is_disk()) {
-        let overlay = storage.join(format!("{name}-{}.instant.qcow2", img.name));
-        let fin = storage.join(format!("{name}-{}.{}", img.name, format.name()));
-        if let Err(e) = create_overlay(&overlay, &socket, &img.name) {
-            stop_server(pid, st.server_start, &socket);
+    let link = host.link_socket(&socket, &plan.link_dir, plan.emulator_owner, &dir.join("link.log"));
+    let served = match link {
+        Ok(link) => st.link.insert(link).socket.clone(),
+        Err(e) => {
+            drop_instant(host, dir, &st);
             return Err(e);
         }
-        edit.disks.push(PlacedDisk {
+    };
+    let format = plan.opts.format;
+    for img in plan.point.disks.iter().filter(|d| d.is_disk()) {
+        let overlay = plan.storage.join(format!("{}-{}.instant.qcow2", plan.name, img.name));
+        let fin = plan.storage.join(format!("{}-{}.{}", plan.name, img.name, format.name()));
+        if let Err(e) = host.create_overlay(&overlay, &served, &img.name) {
+            drop_instant(host, dir, &st);
+            return Err(e);
+        }
+        plan.edit.disks.push(PlacedDisk {
             target: img.name.clone(),
             path: overlay.to_string_lossy().into_owned(),
             format: "qcow2".into(),
@@ -773,19 +831,28 @@ fn start_overlays(
     Ok(st)
 }
 
-/// A qcow2 overlay whose backing file is export `export` of the NBD server on `socket`: reads
-/// come from the restore point until written, writes stay in the overlay.
-pub(crate) fn create_overlay(overlay: &Path, socket: &Path, export: &str) -> Result<()> {
-    let backing = format!("nbd+unix:///{export}?socket={}", socket.display());
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
-        .arg(overlay)
-        .output()
-        .context("running qemu-img")?;
-    if !out.status.success() {
-        bail!("creating the overlay of {export}: {}", String::from_utf8_lossy(&out.stderr).trim());
+/// Stops what an earlier instant recovery into the same place left running (its VM is gone, or
+/// the plan would have finished it instead): its NBD server, which would otherwise go on serving
+/// another point on this socket, and its link; removes the socket.
+fn drop_leftovers(host: &dyn HostAccess, dir: &Path, socket: &Path) {
+    let old = std::fs::read_to_string(dir.join("state.json")).ok();
+    if let Some(old) = old.and_then(|t| serde_json::from_str::<InstantState>(&t).ok()) {
+        if let Some(link) = &old.link {
+            host.unlink_socket(link);
+        }
+        stop_server(old.server_pid, old.server_start, &old.socket);
     }
-    Ok(())
+    // One whose state was never written, or was lost (given 5 s to go).
+    for _ in 0..50 {
+        match process::find(&serves_on(socket)) {
+            Some((pid, start)) if stop_server(pid, start, socket) => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            _ => break,
+        }
+    }
+    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(dir.join("state.json"));
 }
 
 /// The emulators this host offers. If the hypervisor cannot tell, the stored `<emulator>` is
@@ -811,10 +878,14 @@ pub(crate) fn host_firmware(hv: &dyn Hypervisor, progress: &dyn Progress) -> Vec
 }
 
 /// Whether a host device named by [`Hypervisor::host_devices`] exists here.
-fn host_device_present(dev: &str) -> bool {
+/// Whether the host has device `dev` (`pci 0000:03:00.0`, as the configuration names it).
+fn host_device_present(host: &dyn HostAccess, dev: &str) -> Result<bool> {
     match dev.strip_prefix("pci ") {
-        Some(addr) => Path::new("/sys/bus/pci/devices").join(addr).exists(),
-        None => true, // USB and others: the hypervisor reports them at start
+        Some(addr) if addr.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.') => {
+            Ok(host.path_kind(&Path::new("/sys/bus/pci/devices").join(addr))? != PathKind::Missing)
+        }
+        Some(_) => Ok(false),
+        None => Ok(true), // USB and others: the hypervisor reports them at start
     }
 }
 
@@ -908,7 +979,7 @@ mod tests {
         // Our server, but the start time recorded is another process's.
         let mut server = fake_server(socket);
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let start = process_start_time(server.id()).unwrap();
+        let start = process::start_time(server.id()).unwrap();
         assert!(!stop_server(server.id(), Some(start + 1), socket));
         assert!(!stop_server(server.id(), Some(start), Path::new("/other.sock")));
         assert!(alive(&mut server));
@@ -924,10 +995,25 @@ mod tests {
             server_pid: sleep.id(),
             server_start: None,
             socket: dir.path().join("nbd.sock"),
+            link: None,
+            owner: None,
             disks: vec![],
         };
-        drop_instant(dir.path(), &st);
+        let here = crate::host::LocalHost { work_dir: dir.path().to_path_buf() };
+        drop_instant(&here, dir.path(), &st);
         assert!(alive(&mut sleep), "drop_instant signalled an unrelated process");
+        // A link whose recorded process is now another one.
+        let link = SocketLink {
+            socket: "/h/nbd.sock".into(),
+            local: "/l/nbd.sock".into(),
+            dir: Some("/h".into()),
+            pid: sleep.id(),
+            start: None,
+        };
+        assert!(!link.is_up());
+        link.stop();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(alive(&mut sleep), "a link's stop signalled an unrelated process");
         let _ = sleep.kill();
         let _ = sleep.wait();
     }

@@ -16,7 +16,7 @@
 //! The URI's `keyfile=`, `known_hosts=` and `no_verify=1` parameters mean what they mean to
 //! libvirt; SSH runs in batch mode (a host that asks for a password is an error, not a prompt).
 
-use crate::host::{FileStat, HostAccess, PathKind};
+use crate::host::{FileStat, HostAccess, HostLock, PathKind, SocketLink};
 use anyhow::{anyhow, bail, Context, Result};
 use cairn_engine::ranges::Range;
 use cairn_engine::source::{dies_with_us, nbd_runtime, ImageFormat, NbdSource, Source};
@@ -102,6 +102,9 @@ impl SshTarget {
         Ok(Some(SshTarget { destination, options, uri_on_host }))
     }
 }
+
+/// How long a short command on a host (`cairn host stat`, `prepare`, ...) may take.
+pub const HOST_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Quotes `s` for the host's shell (OpenSSH hands the remote command to it as one string).
 /// shlex refuses only a NUL byte: such an argument is kept as it is, and starting the command
@@ -213,9 +216,47 @@ impl SshHost {
         std::iter::once(&self.cairn).chain(args).map(|a| quote(a)).collect::<Vec<_>>().join(" ")
     }
 
-    /// Runs `cairn ARGS` on the host; its standard output, or its error message.
+    /// Runs `cairn ARGS` on the host; its standard output, or its error message. A command that
+    /// has not answered within [`HOST_COMMAND_TIMEOUT`] (a hung file system on the host, while
+    /// the link itself is up) is ended, and that is its error.
     fn cairn_output(&self, args: &[String]) -> Result<String> {
-        let out = self.cairn_command(args).stdin(Stdio::null()).output().context("running ssh")?;
+        let mut cmd = self.cairn_command(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        dies_with_us(&mut cmd);
+        let mut child = cmd.spawn().context("running ssh")?;
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let stdout = read(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        let stderr = read(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if t.elapsed() > HOST_COMMAND_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "no answer from {} within {} s to `cairn {}`",
+                    self.target.destination,
+                    HOST_COMMAND_TIMEOUT.as_secs(),
+                    args.join(" ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let out = std::process::Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             bail!("{} ({})", err.trim(), out.status);
@@ -403,6 +444,98 @@ impl HostAccess for SshHost {
         Ok(Box::new(NbdImage::new(rt, client, commit)))
     }
 
+    fn link_socket(&self, local: &Path, dir: &Path, owner: Option<(u32, u32)>, log: &Path) -> Result<SocketLink> {
+        use std::os::unix::process::CommandExt;
+        let sock_dir = self.prepare_dir(dir, owner)?;
+        let mut link = SocketLink {
+            socket: sock_dir.join("nbd.sock"),
+            local: local.to_path_buf(),
+            dir: Some(dir.to_path_buf()),
+            pid: 0,
+            start: None,
+        };
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // A connection of its own (not the run's master, which ends with this process). ssh keeps
+        // the first value it is given for an option, so these come before the URI's: the link
+        // waits a minute for a silent host (the VM's reads wait too) before it gives up.
+        let mut cmd = Command::new("ssh");
+        cmd.args(["-N", "-o", "ControlPath=none", "-o", "ExitOnForwardFailure=yes"])
+            .args(["-o", "StreamLocalBindUnlink=yes", "-o", "ServerAliveCountMax=12"])
+            .args(&self.target.options)
+            .arg("-R")
+            .arg(link.spec())
+            .arg("--")
+            .arg(&self.target.destination)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let mut child = cmd.spawn().context("starting ssh")?;
+        link.pid = child.id();
+        link.start = crate::process::start_time(link.pid);
+        let t = Instant::now();
+        let up = loop {
+            if let Some(st) = child.try_wait()? {
+                let said = std::fs::read_to_string(log).unwrap_or_default();
+                break Err(anyhow!("the link ended ({st}): {}", said.trim()));
+            }
+            match self.path_kind(&link.socket) {
+                Ok(PathKind::Other) => break Ok(()),
+                Ok(_) if t.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(100)),
+                Ok(_) => break Err(anyhow!("{} did not appear within 30 s", link.socket.display())),
+                Err(e) => break Err(e),
+            }
+        };
+        let handed = up.and_then(|()| match owner {
+            Some((uid, gid)) => {
+                let args = [
+                    "host".into(),
+                    "hand-over".into(),
+                    path_arg(&link.socket)?,
+                    "--owner".into(),
+                    format!("{uid}:{gid}"),
+                ];
+                self.cairn_output(&args).map(|_| ())
+            }
+            None => Ok(()),
+        });
+        if let Err(e) = handed {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context(format!("linking the NBD server of the point to {}", self.name())));
+        }
+        // Not waited for: it outlives this process, and a rerun stops it by PID (SocketLink::stop).
+        drop(child);
+        Ok(link)
+    }
+
+    fn unlink_socket(&self, link: &SocketLink) {
+        link.stop();
+        if let Some(dir) = link.dir.as_deref().and_then(|d| path_arg(d).ok()) {
+            let _ = self.cairn_output(&["host".into(), "remove".into(), "--folder".into(), dir]);
+        }
+    }
+
+    fn create_overlay(&self, overlay: &Path, socket: &Path, export: &str) -> Result<()> {
+        let args = [
+            "host".into(),
+            "create-overlay".into(),
+            path_arg(overlay)?,
+            "--socket".into(),
+            path_arg(socket)?,
+            "--export".into(),
+            export.into(),
+        ];
+        self.cairn_output(&args).with_context(|| format!("on {}", self.name()))?;
+        Ok(())
+    }
+
+    fn lock_vm(&self, uuid: &str, name: &str) -> Result<HostLock> {
+        let args = ["host".into(), "lock".into(), path_arg(&self.work_dir)?, uuid.into(), "--name".into(), name.into()];
+        let held = self.hold(&args, "locked").with_context(|| format!("locking VM {name} on {}", self.name()))?;
+        Ok(HostLock(Some(Box::new(held))))
+    }
+
     fn command_on_host(&self, args: &[String]) -> Option<(PathBuf, Vec<String>)> {
         let mut argv: Vec<String> = self.target.options.clone();
         argv.extend(["-S".into(), self.control().display().to_string(), "--".into(), self.target.destination.clone()]);
@@ -415,6 +548,27 @@ impl SshHost {
     /// Starts `cairn ARGS` on the host, a command that serves an NBD export until its standard
     /// input closes and first prints `socket PATH` (or fails); returns it and that socket.
     fn serve(&self, args: &[String]) -> Result<(RemoteServer, PathBuf)> {
+        let (server, line) = self.start_holding(args)?;
+        match line.strip_prefix("socket ") {
+            Some(socket) => Ok((server, PathBuf::from(socket))),
+            None => bail!("the host answered {line:?}"),
+        }
+    }
+
+    /// Starts `cairn ARGS` on the host, a command that holds something (a lock) until its
+    /// standard input closes and first prints `said` (or fails).
+    fn hold(&self, args: &[String], said: &str) -> Result<RemoteServer> {
+        let (server, line) = self.start_holding(args)?;
+        if line != said {
+            bail!("the host answered {line:?}");
+        }
+        Ok(server)
+    }
+
+    /// Starts `cairn ARGS` on the host, which keeps running while its standard input stays open
+    /// (and hears our heartbeat); returns it with the first line it printed. If it printed
+    /// none, its error.
+    fn start_holding(&self, args: &[String]) -> Result<(RemoteServer, String)> {
         let mut cmd = self.cairn_command(args);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         dies_with_us(&mut cmd);
@@ -423,16 +577,16 @@ impl SshHost {
         let mut line = String::new();
         // One short line: a host that sends more is not listened to.
         let read = std::io::Read::take(&mut stdout, 4096).read_line(&mut line);
-        let Some(socket) = line.trim_end().strip_prefix("socket ").filter(|_| read.is_ok()).map(PathBuf::from) else {
+        if !matches!(read, Ok(n) if n > 0) {
             let out = child.wait_with_output()?;
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-        };
+        }
         let stdin = child.stdin.take().map(|s| std::sync::Arc::new(std::sync::Mutex::new(s)));
         if let Some(s) = &stdin {
             // The command takes a silence for our end (a cut the host's sshd may not notice).
             cairn_hypervisor::watchdog::say_alive(std::sync::Arc::downgrade(s));
         }
-        Ok((RemoteServer { stdin, stdout: Some(stdout), child }, socket))
+        Ok((RemoteServer { stdin, stdout: Some(stdout), child }, line.trim_end().to_string()))
     }
 }
 
@@ -440,8 +594,8 @@ fn path_arg(p: &Path) -> Result<String> {
     p.to_str().map(String::from).with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
-/// `cairn host serve-image` or `create-image` on the host: it serves while its standard input
-/// stays open.
+/// `cairn host serve-image`, `create-image` or `lock` on the host: it serves (or holds) while
+/// its standard input stays open.
 struct RemoteServer {
     child: Child,
     /// The only strong reference: dropping it closes the command's input (the heartbeat thread
