@@ -31,7 +31,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = domain_xml::parse(xml);
     let _ = domain_xml::host_devices(xml);
     let _ = domain_xml::dac_owner(xml);
-    let _ = domain_xml::static_dac_owner(xml);
     let _ = domain_xml::base_dac_owner(xml, "qemu");
     if let Ok(cp) = cairn_libvirt::parse_checkpoint(xml) {
         let alone = cairn_libvirt::parse_checkpoint(&cairn_libvirt::without_parent(xml))

@@ -201,9 +201,10 @@ pub trait Hypervisor: Send + Sync {
     /// root (libvirt: the domain's DAC label): the files and sockets a backup job has the
     /// hypervisor put in a folder of ours must be reachable by that user.
     fn emulator_owner(&self, uuid: &str) -> Result<Option<(u32, u32)>>;
-    /// The user and group (uid, gid) the emulator of a VM defined from `config` will run as, when
-    /// not root (libvirt: the configuration's own static DAC label, else the host's default one
-    /// for its kind of VM): an instant recovery's NBD socket must be reachable by that user.
+    /// The user and group (uid, gid) the emulator of a VM defined from `config` (as a recovery
+    /// rewrites it: without security labels) will run as, when not root (libvirt: the host's
+    /// default DAC label for its kind of VM): an instant recovery's NBD socket must be
+    /// reachable by that user.
     fn emulator_owner_for(&self, config: &str) -> Result<Option<(u32, u32)>>;
     /// Registers a checkpoint from its definition on this host, where its bitmaps already are
     /// (migrated with the guest, or in the disk images on shared storage): libvirt does not

@@ -309,17 +309,10 @@ impl Hypervisor for Libvirt {
     }
 
     fn emulator_owner_for(&self, config: &str) -> Result<Option<(u32, u32)>> {
-        let own = domain_xml::static_dac_owner(config)?;
-        let owner = match own {
-            Some(o) => Some(o),
-            None => {
-                let caps = self
-                    .conn
-                    .capabilities()
-                    .map_err(|e| anyhow!("reading the host's capabilities: {}", e.message()))?;
-                domain_xml::base_dac_owner(&caps, &domain_xml::parse(config)?.domain_type)?
-            }
-        };
+        // Only the host's default: a recovery rewrites the configuration without any
+        // <seclabel> (a label from a restore point could name any user of the host).
+        let caps = self.conn.capabilities().map_err(|e| anyhow!("reading the host's capabilities: {}", e.message()))?;
+        let owner = domain_xml::base_dac_owner(&caps, &domain_xml::parse(config)?.domain_type)?;
         Ok(owner.filter(|&(uid, _)| uid != 0))
     }
 

@@ -116,7 +116,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_vm_runs_as_its_static_label_or_the_hosts_base_label() {
+    fn a_new_vm_runs_as_the_hosts_base_label() {
         let caps = "<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel>\
                     <secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+64055:+64056</baselabel>\
                     <baselabel type='qemu'>+64055:+64055</baselabel></secmodel></host></capabilities>";
@@ -124,11 +124,6 @@ mod tests {
         assert_eq!(super::base_dac_owner(caps, "kvm").unwrap(), Some((64055, 64056)));
         assert_eq!(super::base_dac_owner(caps, "xen").unwrap(), None);
         assert_eq!(super::base_dac_owner("<capabilities/>", "qemu").unwrap(), None);
-        let own = "<domain type='qemu'><seclabel type='static' model='dac' relabel='yes'><label>1001:1002</label></seclabel></domain>";
-        assert_eq!(super::static_dac_owner(own).unwrap(), Some((1001, 1002)));
-        // A dynamic label was the source host's choice: the new host chooses again.
-        let dynamic = own.replace("static", "dynamic");
-        assert_eq!(super::static_dac_owner(&dynamic).unwrap(), None);
     }
 
     use super::*;
@@ -1072,20 +1067,6 @@ pub fn dac_owner(xml: &str) -> Result<Option<(u32, u32)>> {
 fn dac_ids(label: &str) -> Option<(u32, u32)> {
     let id = |s: &str| s.trim().trim_start_matches('+').parse::<u32>().ok();
     label.split_once(':').and_then(|(u, g)| Some((id(u)?, id(g)?)))
-}
-
-/// The (uid, gid) a configuration asks its QEMU to run as (`<seclabel type='static'
-/// model='dac'><label>`); none without one. A dynamic label is the host's choice at start.
-pub fn static_dac_owner(xml: &str) -> Result<Option<(u32, u32)>> {
-    check_depth(xml)?;
-    let doc = roxmltree::Document::parse(xml).context("parsing the VM configuration")?;
-    Ok(doc
-        .root_element()
-        .children()
-        .filter(|n| n.has_tag_name("seclabel") && n.attribute("model") == Some("dac"))
-        .filter(|n| n.attribute("type") == Some("static"))
-        .find_map(|n| n.children().find(|c| c.has_tag_name("label")).and_then(|l| l.text()))
-        .and_then(dac_ids))
 }
 
 /// The (uid, gid) the host runs QEMU as for VMs of type `virt_type` (`qemu`, `kvm`) without a

@@ -186,8 +186,8 @@ fn lock_vm(dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
 }
 
 /// The lock of VM `uuid` on its host, for a backup run from another machine
-/// ([`HostAccess::lock_vm`]): in the host's work folder `dir` (its `locks/`), which a cairn run
-/// on the host itself takes too. So two backup servers, or a backup server and the host's own
+/// ([`HostAccess::lock_vm`]): in the host's work folder (its `locks/`) and its host-wide lock
+/// folder, which a cairn run on the host itself takes too. So two backup servers, or a backup server and the host's own
 /// cairn, cannot take each other's backup jobs for leftovers of a killed run and end them.
 pub fn lock_vm_for_another_machine(work_dir: &Path, uuid: &str, name: &str) -> Result<VmLock> {
     if uuid.is_empty() || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
@@ -196,12 +196,10 @@ pub fn lock_vm_for_another_machine(work_dir: &Path, uuid: &str, name: &str) -> R
     let dir = work_dir.join("locks");
     private_dir(work_dir).context("the work folder")?;
     private_dir(&dir).context("the work folder's locks")?;
-    lock_vm_in(&dir, None, uuid, name)
+    lock_vm_in(&dir, Some(Path::new(HOST_LOCK_DIR)), uuid, name)
 }
 
 fn lock_vm_in(dir: &Path, host_dir: Option<&Path>, uuid: &str, name: &str) -> Result<VmLock> {
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::io::AsRawFd;
     let mut paths = vec![dir.join(format!("vm-{uuid}.lock"))];
     match host_dir.map(|d| (d, private_dir(d))) {
         Some((d, Ok(()))) => paths.push(d.join(format!("vm-{uuid}.lock"))),
@@ -212,17 +210,9 @@ fn lock_vm_in(dir: &Path, host_dir: Option<&Path>, uuid: &str, name: &str) -> Re
     }
     let mut files = Vec::new();
     for p in &paths {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(p)
-            .with_context(|| format!("cannot open the lock file {}", p.display()))?;
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let Some(f) = crate::host::try_lock(p)? else {
             bail!("another cairn backup of VM {name} is running on this host; wait for it to finish");
-        }
+        };
         files.push(f);
     }
     Ok(VmLock { _files: files })

@@ -110,7 +110,13 @@ pub fn verify_boot(
     };
     let mut placed = Placed {
         dir: dir.clone(),
-        host_dir: if host.is_this_machine() { dir.clone() } else { host.work_dir().join("verify").join(&sandbox) },
+        // On another host, under a short key: the link's socket goes in it, and a socket's path
+        // has at most 107 bytes.
+        host_dir: if host.is_this_machine() {
+            dir.clone()
+        } else {
+            host.work_dir().join("verify").join(&blake3::hash(sandbox.as_bytes()).to_hex()[..16])
+        },
         server: None,
         link: None,
         files: Vec::new(),

@@ -114,9 +114,11 @@ impl SocketLink {
         self.pid == 0 || crate::process::is_ours(self.pid, self.start, &self.carried_by())
     }
 
-    /// Stops the link's process, if it still is ours.
+    /// Stops the link's process, if it still is ours; reaps it when this process started it.
     pub fn stop(&self) {
-        crate::process::stop(self.pid, self.start, &self.carried_by());
+        if crate::process::stop(self.pid, self.start, &self.carried_by()) {
+            crate::process::reap(self.pid);
+        }
     }
 }
 
@@ -136,16 +138,25 @@ pub fn create_overlay(overlay: &Path, socket: &Path, export: &str) -> Result<()>
 }
 
 /// Gives socket `path` (made by root: SSH's server creates the far end of a link 0600) to the
-/// emulator's user; anything but a socket is refused.
+/// emulator's user. Only a socket of ours is handed over: it is pinned (`O_PATH`, no link
+/// followed) before it is checked, and changed through that handle, so nothing put in its
+/// place in between is.
 pub fn hand_over(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::symlink_metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if !meta.file_type().is_socket() {
-        bail!("refusing to hand over {}: it is not a socket", path.display());
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    let pinned = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = pinned.metadata()?;
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_socket() || meta.uid() != me {
+        bail!("refusing to hand over {}: it is not a socket of ours", path.display());
     }
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a NUL-terminated path; lchown does not follow a link.
-    if unsafe { libc::lchown(c.as_ptr(), uid, gid) } != 0 {
+    // SAFETY: a valid descriptor and an empty, NUL-terminated path (AT_EMPTY_PATH: the descriptor itself).
+    let r = unsafe { libc::fchownat(pinned.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) };
+    if r != 0 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("giving {} to user {uid}", path.display()));
     }
@@ -160,6 +171,25 @@ pub fn remove_prepared(dir: &Path) {
             let _ = std::fs::remove_dir(&d);
         }
     }
+}
+
+/// Takes the exclusive lock of file `path` (created 0600 if missing, never through a symbolic
+/// link) without waiting: the open file holds it until closed; none if another holds it.
+pub fn try_lock(path: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Ok(None);
+    }
+    Ok(Some(f))
 }
 
 /// A lock held on a host ([`HostAccess::lock_vm`]) until dropped.

@@ -64,6 +64,19 @@ pub fn stop(pid: u32, start: Option<u64>, matches: &dyn Fn(&Args) -> bool) -> bo
     ours
 }
 
+/// Waits (up to 2 s) for process `pid` to end and collects its exit status, if this process is
+/// its parent: a long-running process (the director) would otherwise gather zombies. A process
+/// of another parent is left alone (`waitpid` says it is not our child).
+pub fn reap(pid: u32) {
+    for _ in 0..100 {
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) };
+        if r != 0 {
+            return; // reaped, or not our child
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Whether `args` hold `flag` followed by `value`.
 pub fn has_option(args: &Args, flag: &str, value: &[u8]) -> bool {
     args.windows(2).any(|w| w[0] == flag.as_bytes() && w[1] == value)

@@ -204,12 +204,16 @@ fn finish_instant(
     progress: &dyn Progress,
 ) -> Result<()> {
     for (target, _overlay, fin, format) in &st.disks {
-        if hv.disk_source(&st.uuid, target)?.as_deref() == Some(&*fin.to_string_lossy()) {
-            continue; // moved by an earlier run
-        }
+        // Whether the VM runs on the final image already: moved by an earlier run or attempt (a
+        // copy can fail after its pivot), so `fin` is its disk and must never be removed.
+        let on_final =
+            || -> Result<bool> { Ok(hv.disk_source(&st.uuid, target)?.as_deref() == Some(&*fin.to_string_lossy())) };
         // A copy that fails is tried again: when the NBD server or its link was gone (and is back),
         // QEMU's client fails the read that finds its connection dead, then connects again.
         for attempt in 1.. {
+            if on_final()? {
+                break;
+            }
             host.remove_file(fin); // a half-made copy of an interrupted run or attempt
             progress.start(&format!("moving {target}"), 0);
             let last = std::sync::atomic::AtomicU64::new(0);
@@ -228,7 +232,9 @@ fn finish_instant(
                     std::thread::sleep(std::time::Duration::from_secs(2 * attempt as u64));
                 }
                 Err(e) => {
-                    host.remove_file(fin);
+                    if !on_final().unwrap_or(true) {
+                        host.remove_file(fin);
+                    }
                     return Err(e.context(format!(
                         "moving disk {target} off the repository ({MOVE_ATTEMPTS} attempts); the VM still runs \
                          from it: run the same command again"
@@ -266,6 +272,8 @@ pub struct UnfinishedInstant {
     name: String,
     dir: PathBuf,
     state: InstantState,
+    /// The place's lock ([`lock_instant`]).
+    _lock: std::fs::File,
 }
 
 /// A recovery checked against this host: the identity it keeps, the devices and networks it
@@ -296,6 +304,8 @@ pub struct RecoveryPlan {
     link_dir: PathBuf,
     /// The user the recovered VM's emulator will run as, if not root (instant recovery only).
     emulator_owner: Option<(u32, u32)>,
+    /// An instant recovery's place, locked from the plan on ([`lock_instant`]).
+    _instant_lock: Option<std::fs::File>,
 }
 
 /// Checks everything that can refuse a recovery of `point` onto this host, in this order: the
@@ -353,8 +363,11 @@ pub fn plan_recovery(
     let mut removed = Vec::new();
     let images = plan_images(host, repo, point, &name, &storage, opts, &edit.host_firmware, &mut removed, short)?;
     let emulator_owner = if opts.instant { hv.emulator_owner_for(&record.config)? } else { None };
+    let instant_dir = instant_dir(host, &opts.local_work_dir, &storage, &name);
+    let instant_lock = if opts.instant { Some(lock_instant(&instant_dir, &name)?) } else { None };
     Ok(Recovery::Plan(Box::new(RecoveryPlan {
-        instant_dir: instant_dir(host, &opts.local_work_dir, &storage, &name),
+        instant_dir,
+        _instant_lock: instant_lock,
         link_dir: link_dir(host, &storage, &name),
         emulator_owner,
         opts: opts.clone(),
@@ -394,10 +407,15 @@ fn unfinished_instant(hv: &dyn Hypervisor, dir: PathBuf, name: &str) -> Result<O
     }
     let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else { return Ok(None) };
     let state: InstantState = serde_json::from_str(&text).context("reading the instant recovery's state")?;
-    if hv.find(&state.uuid).is_err() {
-        return Ok(None);
+    match hv.find(&state.uuid) {
+        Ok(_) => {
+            let lock = lock_instant(&dir, name)?;
+            Ok(Some(Box::new(UnfinishedInstant { name: name.to_string(), dir, state, _lock: lock })))
+        }
+        // Its VM is gone (or was never defined): what it left is stopped when the place is used.
+        Err(e) if e.downcast_ref::<cairn_hypervisor::NoSuchVm>().is_some() => Ok(None),
+        Err(e) => Err(e.context("looking for the VM of an unfinished instant recovery")),
     }
-    Ok(Some(Box::new(UnfinishedInstant { name: name.to_string(), dir, state })))
 }
 
 /// Identity: a new VM by default; the original's own when replacing it or resuming its memory.
@@ -551,20 +569,20 @@ impl UnfinishedInstant {
         progress: &dyn Progress,
     ) -> Result<RecoverReport> {
         let started = Instant::now();
-        let UnfinishedInstant { name, dir, state: mut st } = self;
+        let UnfinishedInstant { name, dir, state: mut st, _lock } = self;
         if !is_our_server(st.server_pid, st.server_start, &st.socket) {
             // The PID it names is not our server (reused, or the file is old): the server of this
             // socket may still run under another PID.
             if let Some((pid, start)) = process::find(&serves_on(&st.socket)) {
                 (st.server_pid, st.server_start) = (pid, start);
-                std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+                save_state(&dir, &st)?;
             }
         }
         if !is_our_server(st.server_pid, st.server_start, &st.socket) || !st.socket.exists() {
             stop_server(st.server_pid, st.server_start, &st.socket); // one without its socket
             st.server_pid = (instant.launch_server)(&st.socket)?;
             st.server_start = process::start_time(st.server_pid);
-            std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+            save_state(&dir, &st)?;
         }
         if let Some(link) = st.link.as_ref().filter(|l| !l.is_up()) {
             // Made again where it was: the overlays name the socket on the host.
@@ -579,7 +597,7 @@ impl UnfinishedInstant {
                 );
             }
             st.link = Some(relinked);
-            std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+            save_state(&dir, &st)?;
         }
         finish_instant(hv, host, &dir, &st, progress)?;
         Ok(RecoverReport {
@@ -684,7 +702,7 @@ impl RecoveryPlan {
         } else if let (Some(mut st), Some(inst)) = (instant_state, instant) {
             st.uuid = uuid.clone();
             let dir = &plan.instant_dir;
-            std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&st)?)?;
+            save_state(dir, &st)?;
             if let Err(e) = hv.start(&uuid) {
                 let _ = hv.undefine(&uuid);
                 cleanup(&written);
@@ -805,7 +823,10 @@ fn start_overlays(plan: &mut RecoveryPlan, host: &dyn HostAccess, inst: &Instant
         owner: plan.emulator_owner,
         disks: vec![],
     };
-    let link = host.link_socket(&socket, &plan.link_dir, plan.emulator_owner, &dir.join("link.log"));
+    // Written as soon as there is something to stop: a run killed from here on leaves a state
+    // (without a VM) whose processes the next recovery into this place stops (drop_leftovers).
+    let link = save_state(dir, &st)
+        .and_then(|()| host.link_socket(&socket, &plan.link_dir, plan.emulator_owner, &dir.join("link.log")));
     let served = match link {
         Ok(link) => st.link.insert(link).socket.clone(),
         Err(e) => {
@@ -813,6 +834,10 @@ fn start_overlays(plan: &mut RecoveryPlan, host: &dyn HostAccess, inst: &Instant
             return Err(e);
         }
     };
+    if let Err(e) = save_state(dir, &st) {
+        drop_instant(host, dir, &st);
+        return Err(e);
+    }
     let format = plan.opts.format;
     for img in plan.point.disks.iter().filter(|d| d.is_disk()) {
         let overlay = plan.storage.join(format!("{}-{}.instant.qcow2", plan.name, img.name));
@@ -829,6 +854,26 @@ fn start_overlays(plan: &mut RecoveryPlan, host: &dyn HostAccess, inst: &Instant
         st.disks.push((img.name.clone(), overlay, fin, format.name().to_string()));
     }
     Ok(st)
+}
+
+/// Writes an instant recovery's state (durably: a rerun trusts it) into `dir`.
+fn save_state(dir: &Path, st: &InstantState) -> Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    let f = std::fs::File::create(&tmp)?;
+    serde_json::to_writer_pretty(&f, st)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join("state.json"))?;
+    Ok(())
+}
+
+/// Takes the lock of an instant recovery's place (its state folder `dir`, made if missing), held
+/// from the plan to the end of the recovery: two recoveries into one place would stop each
+/// other's server and write over each other's overlays.
+fn lock_instant(dir: &Path, name: &str) -> Result<std::fs::File> {
+    private_dir(dir)?;
+    crate::host::try_lock(&dir.join("lock"))?.ok_or_else(|| {
+        anyhow::anyhow!("another instant recovery of {name} into this storage folder is running; wait for it to finish")
+    })
 }
 
 /// Stops what an earlier instant recovery into the same place left running (its VM is gone, or
@@ -877,7 +922,6 @@ pub(crate) fn host_firmware(hv: &dyn Hypervisor, progress: &dyn Progress) -> Vec
     })
 }
 
-/// Whether a host device named by [`Hypervisor::host_devices`] exists here.
 /// Whether the host has device `dev` (`pci 0000:03:00.0`, as the configuration names it).
 fn host_device_present(host: &dyn HostAccess, dev: &str) -> Result<bool> {
     match dev.strip_prefix("pci ") {

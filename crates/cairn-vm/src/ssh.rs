@@ -250,7 +250,8 @@ impl SshHost {
                     args.join(" ")
                 );
             }
-            std::thread::sleep(Duration::from_millis(5));
+            // Most commands answer within milliseconds; then no need to look often.
+            std::thread::sleep(Duration::from_millis(if t.elapsed() < Duration::from_millis(200) { 2 } else { 50 }));
         };
         let out = std::process::Output {
             status,
@@ -446,38 +447,53 @@ impl HostAccess for SshHost {
 
     fn link_socket(&self, local: &Path, dir: &Path, owner: Option<(u32, u32)>, log: &Path) -> Result<SocketLink> {
         use std::os::unix::process::CommandExt;
-        let sock_dir = self.prepare_dir(dir, owner)?;
+        // The far end goes into `dir` itself, root's (0711 with an owner, else 0700), not into
+        // the emulator's `sock/`: nobody else can put a socket of theirs, or a link, in its place.
+        self.prepare_dir(dir, owner)?;
         let mut link = SocketLink {
-            socket: sock_dir.join("nbd.sock"),
+            socket: dir.join("nbd.sock"),
             local: local.to_path_buf(),
             dir: Some(dir.to_path_buf()),
             pid: 0,
             start: None,
         };
-        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        // A connection of its own (not the run's master, which ends with this process). ssh keeps
-        // the first value it is given for an option, so these come before the URI's: the link
-        // waits a minute for a silent host (the VM's reads wait too) before it gives up.
-        let mut cmd = Command::new("ssh");
-        cmd.args(["-N", "-o", "ControlPath=none", "-o", "ExitOnForwardFailure=yes"])
-            .args(["-o", "StreamLocalBindUnlink=yes", "-o", "ServerAliveCountMax=12"])
-            .args(&self.target.options)
-            .arg("-R")
-            .arg(link.spec())
-            .arg("--")
-            .arg(&self.target.destination)
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        let mut child = cmd.spawn().context("starting ssh")?;
+        let started =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display())).and_then(|out| {
+                // A connection of its own (not the run's master, which ends with this process). ssh
+                // keeps the first value it is given for an option, so these come before the URI's:
+                // the link waits a minute for a silent host before it gives up.
+                let mut cmd = Command::new("ssh");
+                cmd.args(["-N", "-o", "ControlPath=none", "-o", "ExitOnForwardFailure=yes"])
+                    .args(["-o", "ServerAliveCountMax=12"])
+                    .args(&self.target.options)
+                    .arg("-R")
+                    .arg(link.spec())
+                    .arg("--")
+                    .arg(&self.target.destination)
+                    .process_group(0)
+                    .stdin(Stdio::null())
+                    .stdout(out.try_clone()?)
+                    .stderr(out);
+                cmd.spawn().context("starting ssh")
+            });
+        let mut child = match started {
+            Ok(c) => c,
+            Err(e) => {
+                self.unlink_socket(&link);
+                return Err(e);
+            }
+        };
         link.pid = child.id();
         link.start = crate::process::start_time(link.pid);
         let t = Instant::now();
         let up = loop {
-            if let Some(st) = child.try_wait()? {
-                let said = std::fs::read_to_string(log).unwrap_or_default();
-                break Err(anyhow!("the link ended ({st}): {}", said.trim()));
+            match child.try_wait() {
+                Ok(Some(st)) => {
+                    let said = std::fs::read_to_string(log).unwrap_or_default();
+                    break Err(anyhow!("the link ended ({st}): {}", said.trim()));
+                }
+                Ok(None) => {}
+                Err(e) => break Err(e.into()),
             }
             match self.path_kind(&link.socket) {
                 Ok(PathKind::Other) => break Ok(()),
@@ -502,9 +518,11 @@ impl HostAccess for SshHost {
         if let Err(e) = handed {
             let _ = child.kill();
             let _ = child.wait();
+            self.unlink_socket(&link);
             return Err(e.context(format!("linking the NBD server of the point to {}", self.name())));
         }
-        // Not waited for: it outlives this process, and a rerun stops it by PID (SocketLink::stop).
+        // Not waited for: it outlives this process, and a rerun stops it by PID (SocketLink::stop,
+        // which also reaps it while this process is its parent).
         drop(child);
         Ok(link)
     }
@@ -573,14 +591,33 @@ impl SshHost {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         dies_with_us(&mut cmd);
         let mut child = cmd.spawn().context("running ssh")?;
-        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-        let mut line = String::new();
-        // One short line: a host that sends more is not listened to.
-        let read = std::io::Read::take(&mut stdout, 4096).read_line(&mut line);
-        if !matches!(read, Ok(n) if n > 0) {
-            let out = child.wait_with_output()?;
-            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-        }
+        let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        // One short line, within the time a host command has: a host that sends more is not
+        // listened to, and one that hangs is given up on.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut stdout = stdout;
+            let mut line = String::new();
+            let read = std::io::Read::take(&mut stdout, 4096).read_line(&mut line);
+            let _ = tx.send((read.ok().filter(|n| *n > 0).map(|_| line), stdout));
+        });
+        let (line, stdout) = match rx.recv_timeout(HOST_COMMAND_TIMEOUT) {
+            Ok((Some(line), stdout)) => (line, stdout),
+            Ok((None, _)) => {
+                let out = child.wait_with_output()?;
+                bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "no answer from {} within {} s to `cairn {}`",
+                    self.target.destination,
+                    HOST_COMMAND_TIMEOUT.as_secs(),
+                    args.join(" ")
+                );
+            }
+        };
         let stdin = child.stdin.take().map(|s| std::sync::Arc::new(std::sync::Mutex::new(s)));
         if let Some(s) = &stdin {
             // The command takes a silence for our end (a cut the host's sshd may not notice).
