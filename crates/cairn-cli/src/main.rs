@@ -7,6 +7,7 @@ mod maintenance;
 mod mount;
 mod offsite;
 mod output;
+mod server;
 mod vm;
 
 use anyhow::{bail, Context, Result};
@@ -236,6 +237,17 @@ cairn serve-nbd web --repo R --listen 192.0.2.10:10809 --tls-cert server-cert.pe
 qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=/etc/pki/qemu \\\n    \
 --image-opts driver=nbd,host=backup.example.com,port=10809,export=vda,tls-creds=tls0")]
     ServeNbd(ServeNbd),
+    /// Run the director: backup jobs on schedules as tasks, behind a REST API (see docs/ARCHITECTURE.md)
+    #[command(long_about = "Run the director until SIGTERM or Ctrl-C: jobs (which VMs, which hosts, which \
+repository, when, what is kept) run on their schedules as tasks with a state, a live progress and a log, \
+behind a REST API under /api/ (OpenAPI document at /api/openapi.json). Every request needs a token \
+(Authorization: Bearer cairn.ID.SECRET); make the first one here with `cairn server token create NAME \
+--role admin`.\n\n\
+Examples:\n  cairn server token create ops --role admin\n  cairn server --listen 127.0.0.1:8470 --host qemu:///system\n  \
+curl -H 'Authorization: Bearer cairn.…' -d '{\"name\":\"nightly\",\"vms\":{\"all\":true},\
+\"repository\":\"/srv/cairn\",\"schedule\":\"daily\",\"retention\":{\"keep_daily\":7}}' \
+-H 'Content-Type: application/json' http://127.0.0.1:8470/api/jobs")]
+    Server(server::ServerArgs),
     /// (internal) Guards a guest while a backup has it frozen or paused
     #[command(hide = true)]
     Watchdog(vm::WatchdogArgs),
@@ -632,6 +644,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Vm(vm::VmCmd::List(a)) => vm::list(g, a),
         Command::Watchdog(a) => vm::run_watchdog(a),
         Command::Host(c) => vm::run_host(c),
+        Command::Server(a) => server::run(g, a),
         Command::ServeNbd(a) => serve_nbd(g, a),
         Command::Files(c) => files(g, c),
         Command::Mount { point, mountpoint } => mount::mount(g, point, mountpoint),

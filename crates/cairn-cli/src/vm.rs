@@ -36,7 +36,7 @@ pub struct ListArgs {
 }
 
 /// The hosts a command works on: those given, else `CAIRN_HOSTS`, else the default URI.
-fn host_list(given: &[String]) -> Vec<String> {
+pub(crate) fn host_list(given: &[String]) -> Vec<String> {
     if !given.is_empty() {
         return given.to_vec();
     }

@@ -1,0 +1,150 @@
+//! `cairn server`: the director (jobs on schedules, tasks, REST API), and its tokens.
+
+use anyhow::Result;
+use clap::{Args, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the catalog is by default: root's own folder.
+pub const DEFAULT_CATALOG: &str = "/var/lib/cairn/director/catalog.db";
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ServerArgs {
+    #[command(subcommand)]
+    pub command: Option<ServerCmd>,
+    /// Address of the API (HTTP, loopback only until TLS is built)
+    #[arg(long, default_value = "127.0.0.1:8470", value_name = "HOST:PORT")]
+    listen: std::net::SocketAddr,
+    /// The catalog (jobs, tasks, tokens): a SQLite file
+    #[arg(long, default_value = DEFAULT_CATALOG, value_name = "FILE", env = "CAIRN_CATALOG")]
+    catalog: PathBuf,
+    /// Hosts whose VMs jobs back up when they name none (repeatable; default: CAIRN_HOSTS, else
+    /// this machine's hypervisor)
+    #[arg(long = "host", value_name = "URI")]
+    hosts: Vec<String>,
+    /// Work folder for the VM jobs' sockets, scratch files and sandboxes
+    #[arg(long, default_value = cairn_ops::DEFAULT_WORK_DIR, value_name = "DIR")]
+    work_dir: PathBuf,
+    /// Seconds a guest may stay frozen (or paused) before its watchdog thaws it
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    freeze_limit: u64,
+    /// Seconds between two looks at the jobs' schedules
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", hide = true)]
+    tick: u64,
+    /// Testing aid: each VM stays frozen this many seconds after its point is taken
+    #[arg(long, hide = true, value_name = "SECONDS")]
+    debug_hold: Option<f64>,
+}
+
+#[derive(Subcommand)]
+pub enum ServerCmd {
+    /// API tokens: make one (its secret is printed once), list them, revoke one
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Make a token; prints it (`cairn.ID.SECRET`), the only time its secret is shown
+    Create {
+        /// Its name (letters, digits, - _ . @)
+        name: String,
+        /// What it may do: admin (everything), operator (jobs, not tokens), viewer (read only),
+        /// backup (run jobs and read; never change or delete a job)
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        #[arg(long, default_value = DEFAULT_CATALOG, value_name = "FILE", env = "CAIRN_CATALOG")]
+        catalog: PathBuf,
+    },
+    /// List the tokens (never their secrets)
+    List {
+        #[arg(long, default_value = DEFAULT_CATALOG, value_name = "FILE", env = "CAIRN_CATALOG")]
+        catalog: PathBuf,
+    },
+    /// Revoke a token
+    Revoke {
+        name: String,
+        #[arg(long, default_value = DEFAULT_CATALOG, value_name = "FILE", env = "CAIRN_CATALOG")]
+        catalog: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Admin,
+    Operator,
+    Viewer,
+    Backup,
+}
+
+impl From<RoleArg> for cairn_director::auth::Role {
+    fn from(r: RoleArg) -> Self {
+        use cairn_director::auth::Role;
+        match r {
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Operator => Role::Operator,
+            RoleArg::Viewer => Role::Viewer,
+            RoleArg::Backup => Role::Backup,
+        }
+    }
+}
+
+pub fn run(g: &crate::Global, a: &ServerArgs) -> Result<i32> {
+    match &a.command {
+        Some(ServerCmd::Token(t)) => token(g, t),
+        None => {
+            let settings = cairn_director::Settings {
+                listen: a.listen,
+                catalog: a.catalog.clone(),
+                hosts: crate::vm::host_list(&a.hosts),
+                connect: std::sync::Arc::new(|uri: &str| -> Result<Box<dyn cairn_hypervisor::Hypervisor>> {
+                    Ok(Box::new(cairn_libvirt::Libvirt::connect(uri)?))
+                }),
+                work_dir: std::path::absolute(&a.work_dir)?,
+                remote: cairn_ops::hosts::RemoteSettings::from_env(),
+                tick: Duration::from_secs(a.tick.max(1)),
+                freeze_limit_secs: a.freeze_limit,
+                debug_hold: a.debug_hold.map(Duration::from_secs_f64),
+            };
+            cairn_director::serve(settings)?;
+            Ok(0)
+        }
+    }
+}
+
+fn token(g: &crate::Global, t: &TokenCmd) -> Result<i32> {
+    match t {
+        TokenCmd::Create { name, role, catalog } => {
+            let catalog = cairn_director::open_catalog(catalog)?;
+            let token = cairn_director::auth::create_token(&catalog, name, (*role).into())?;
+            if g.json {
+                crate::print_json(&serde_json::json!({"name": name, "token": token}));
+            } else {
+                println!("{token}");
+            }
+        }
+        TokenCmd::List { catalog } => {
+            let tokens = cairn_director::open_catalog(catalog)?.tokens()?;
+            if g.json {
+                crate::print_json(&tokens);
+            } else {
+                for t in tokens {
+                    println!(
+                        "{:<20} {:<9} made {}  last used {}",
+                        t.name,
+                        t.role.as_str(),
+                        t.created,
+                        t.last_used.as_deref().unwrap_or("never")
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { name, catalog } => {
+            if !cairn_director::open_catalog(catalog)?.revoke_token(name)? {
+                anyhow::bail!("no token named {name:?}");
+            }
+        }
+    }
+    Ok(0)
+}

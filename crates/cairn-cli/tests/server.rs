@@ -1,0 +1,290 @@
+//! The director (issue 15): `cairn server` as a real process, driven over its REST API on
+//! loopback, running jobs against real libvirt guests.
+
+mod common;
+
+use common::guest::{frozen, Guest};
+use common::*;
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `cairn server`, stopped (SIGTERM) when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(catalog: &Path, work: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["server", "--listen", "127.0.0.1:0", "--tick", "1", "--catalog"])
+            .arg(catalog)
+            .arg("--work-dir")
+            .arg(work)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("the server said {line:?}"));
+        Server { child, base: addr.to_string() }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request with `token` (if any): (status, body as JSON, or null).
+    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut req = ureq::request(method, &self.url(path));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let r = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let resp = match r {
+            Ok(resp) => resp,
+            Err(ureq::Error::Status(_, resp)) => resp,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    fn kill(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn token(catalog: &Path, name: &str, role: &str) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["server", "token", "create", name, "--role", role, "--catalog"])
+        .arg(catalog)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+/// Waits until task `id` has ended; returns it.
+fn wait_task(s: &Server, token: &str, id: i64, limit: Duration) -> Value {
+    let t = Instant::now();
+    loop {
+        let (status, task) = s.call("GET", &format!("/api/tasks/{id}"), Some(token), None);
+        assert_eq!(status, 200, "{task}");
+        if !matches!(task["state"].as_str(), Some("queued" | "running")) {
+            return task;
+        }
+        assert!(t.elapsed() < limit, "task {id} still {} after {limit:?}: {task}", task["state"]);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn catalog_in(e: &Env) -> PathBuf {
+    e.path("director/catalog.db")
+}
+
+#[test]
+fn the_api_needs_a_token_and_each_role_may_only_what_it_is_given() {
+    let e = Env::new();
+    let catalog = catalog_in(&e);
+    let admin = token(&catalog, "admin", "admin");
+    let viewer = token(&catalog, "viewer", "viewer");
+    let backup = token(&catalog, "ci", "backup");
+    // The libvirt test driver: a host with VMs, nothing real behind them.
+    let s = Server::start(&catalog, &e.path("work"), &["--host", "test:///default"]);
+
+    // The OpenAPI document is public, and describes the token scheme and the routes.
+    let (status, doc) = s.call("GET", "/api/openapi.json", None, None);
+    assert_eq!(status, 200);
+    for path in ["/api/jobs", "/api/jobs/{id}/run", "/api/tasks/{id}/log", "/api/tokens"] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    }
+    assert_eq!(doc["components"]["securitySchemes"]["token"]["scheme"], "bearer");
+
+    assert_eq!(s.call("GET", "/api/jobs", None, None).0, 401);
+    let last = if viewer.ends_with('0') { "1" } else { "0" };
+    let forged = format!("{}{last}", &viewer[..viewer.len() - 1]);
+    assert_eq!(s.call("GET", "/api/jobs", Some(&forged), None).0, 401, "a token with a wrong secret works");
+    assert_eq!(s.call("GET", "/api/jobs", Some(&viewer), None).0, 200);
+
+    let job = json!({"name": "nightly", "vms": {"names": ["test"]}, "repository": e.repo(), "schedule": "mon..fri 22:00",
+                     "retention": {"keep_daily": 7}});
+    let (status, err) = s.call("POST", "/api/jobs", Some(&viewer), Some(job.clone()));
+    assert_eq!(status, 403, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("viewer"), "{err}");
+    let (status, created) = s.call("POST", "/api/jobs", Some(&admin), Some(job.clone()));
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_i64().unwrap();
+    assert!(created["next_run"].as_str().is_some_and(|t| t.ends_with('Z')), "{created}");
+    assert_eq!(s.call("POST", "/api/jobs", Some(&admin), Some(job.clone())).0, 409, "a name taken twice");
+    let mut bad = job.clone();
+    bad["name"] = "other".into();
+    bad["schedule"] = "25:00".into();
+    let (status, err) = s.call("POST", "/api/jobs", Some(&admin), Some(bad));
+    assert_eq!(status, 400);
+    assert!(err["error"].as_str().unwrap().contains("hours"), "{err}");
+
+    // A backup token runs jobs, and can neither change nor delete one (nor its retention).
+    let mut weaker = job.clone();
+    weaker["retention"] = json!({"keep_last": 1});
+    assert_eq!(s.call("PUT", &format!("/api/jobs/{id}"), Some(&backup), Some(weaker)).0, 403);
+    assert_eq!(s.call("DELETE", &format!("/api/jobs/{id}"), Some(&backup), None).0, 403);
+    let (status, task) = s.call("POST", &format!("/api/jobs/{id}/run"), Some(&backup), None);
+    assert_eq!(status, 202, "{task}");
+    assert_eq!(task["requested_by"], "ci");
+    assert_eq!(s.call("POST", &format!("/api/jobs/{id}/run"), Some(&viewer), None).0, 403);
+    // The test driver's VM has no disk file to read: the task fails, and says why.
+    let ended = wait_task(&s, &viewer, task["id"].as_i64().unwrap(), Duration::from_secs(60));
+    assert_eq!(ended["state"], "failed", "{ended}");
+    assert!(ended["result"]["vms"][0]["error"].is_string() || ended["error"].is_string(), "{ended}");
+    let (status, log) = s.call("GET", &format!("/api/tasks/{}/log", task["id"]), Some(&viewer), None);
+    assert_eq!(status, 200);
+    assert!(log.as_array().unwrap().len() >= 2, "{log}");
+    let (_, job_now) = s.call("GET", &format!("/api/jobs/{id}"), Some(&viewer), None);
+    assert_eq!(job_now["spec"]["retention"]["keep_daily"], 7, "the retention changed");
+    assert_eq!(job_now["last_task"]["id"], task["id"]);
+
+    // Tokens are the admin's alone.
+    assert_eq!(s.call("GET", "/api/tokens", Some(&viewer), None).0, 403);
+    let (status, made) = s.call("POST", "/api/tokens", Some(&admin), Some(json!({"name": "dash", "role": "viewer"})));
+    assert_eq!(status, 201, "{made}");
+    let dash = made["token"].as_str().unwrap().to_string();
+    assert_eq!(s.call("GET", "/api/tasks", Some(&dash), None).0, 200);
+    assert_eq!(s.call("DELETE", "/api/tokens/dash", Some(&admin), None).0, 204);
+    assert_eq!(s.call("GET", "/api/tasks", Some(&dash), None).0, 401, "a revoked token still works");
+    assert_eq!(s.call("DELETE", &format!("/api/jobs/{id}"), Some(&admin), None).0, 204);
+    assert_eq!(s.call("GET", &format!("/api/jobs/{id}"), Some(&admin), None).0, 404);
+}
+
+#[test]
+fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_says() {
+    let e = Env::new();
+    e.init();
+    let g = Guest::start("director", &[]);
+    let catalog = catalog_in(&e);
+    let admin = token(&catalog, "admin", "admin");
+    let s = Server::start(&catalog, &e.path("work"), &[]);
+    let (status, vms) = s.call("GET", "/api/vms", Some(&admin), None);
+    assert_eq!(status, 200);
+    let listed = vms.as_array().unwrap().iter().find(|v| v["name"] == g.name.as_str()).cloned();
+    assert_eq!(listed.unwrap()["method"], "app-consistent", "{vms}");
+    let job =
+        json!({"name": "guest", "vms": {"names": [g.name]}, "repository": e.repo(), "retention": {"keep_last": 1}});
+    let (status, created) = s.call("POST", "/api/jobs", Some(&admin), Some(job));
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_i64().unwrap();
+
+    let mut points = Vec::new();
+    for (run, chain) in [(1, "full"), (2, "incremental")] {
+        g.exec(&format!("echo run-{run} > /data/run; sync"));
+        let (status, task) = s.call("POST", &format!("/api/jobs/{id}/run"), Some(&admin), None);
+        assert_eq!(status, 202, "{task}");
+        let tid = task["id"].as_i64().unwrap();
+        // Asked again while it runs: refused, not queued twice.
+        let (again, _) = s.call("POST", &format!("/api/jobs/{id}/run"), Some(&admin), None);
+        let task = wait_task(&s, &admin, tid, Duration::from_secs(300));
+        assert!(again == 409 || task["ended"].is_string(), "a second run was queued: {again}");
+        assert_eq!(task["state"], "ok", "{task}");
+        let vm = &task["result"]["vms"][0];
+        assert_eq!((vm["ok"].as_bool(), vm["chain"].as_str()), (Some(true), Some(chain)), "{task}");
+        assert!(task["progress"]["total"].as_u64().unwrap() > 0, "{task}");
+        points.push(vm["point"].as_str().unwrap().to_string());
+        let (_, log) = s.call("GET", &format!("/api/tasks/{tid}/log"), Some(&admin), None);
+        let text = log.to_string();
+        assert!(text.contains("restore point") && text.contains(&points[run - 1][..8]), "{text}");
+        if run == 2 {
+            assert_eq!(task["result"]["retention"]["forgotten"], 1, "{task}");
+        }
+    }
+    // The repository holds the second point only: the retention forgot the first.
+    let listed = e.json(&["points"]);
+    let ids: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|p| p["id"].as_str()).collect();
+    assert_eq!(ids, vec![points[1].as_str()], "{listed}");
+    let (_, tasks) = s.call("GET", &format!("/api/tasks?job={id}"), Some(&admin), None);
+    assert_eq!(tasks.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_killed_server_leaves_no_guest_frozen_and_a_schedule_missed_while_it_was_down_runs_once() {
+    let e = Env::new();
+    e.init();
+    let g = Guest::start("director-kill", &[]);
+    let catalog = catalog_in(&e);
+    let work = e.path("work");
+    let admin = token(&catalog, "admin", "admin");
+    // Each guest stays frozen 60 s after its point, unless something thaws it; the watchdog's
+    // limit is 30 s: a thaw within seconds of the kill is the watchdog seeing the server gone.
+    let s = Server::start(&catalog, &work, &["--debug-hold", "60", "--freeze-limit", "30"]);
+    let job = json!({"name": "kill", "vms": {"names": [g.name]}, "repository": e.repo(), "schedule": "daily"});
+    let (_, created) = s.call("POST", "/api/jobs", Some(&admin), Some(job));
+    let id = created["id"].as_i64().unwrap();
+    let (_, task) = s.call("POST", &format!("/api/jobs/{id}/run"), Some(&admin), None);
+    let tid = task["id"].as_i64().unwrap();
+    let t = Instant::now();
+    while !frozen(&g) {
+        assert!(t.elapsed() < Duration::from_secs(120), "the guest was never frozen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.kill();
+    let killed = Instant::now();
+    while frozen(&g) {
+        assert!(killed.elapsed() < Duration::from_secs(15), "the guest stayed frozen after the server was killed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The job's daily run came due while the server was down.
+    let c = rusqlite::Connection::open(&catalog).unwrap();
+    let past = "2026-01-01T00:00:00Z";
+    c.execute("UPDATE jobs SET next_run = ?1 WHERE id = ?2", rusqlite::params![past, id]).unwrap();
+    drop(c);
+    let s = Server::start(&catalog, &work, &[]);
+    let (_, task) = s.call("GET", &format!("/api/tasks/{tid}"), Some(&admin), None);
+    assert_eq!(task["state"], "interrupted", "{task}");
+    assert!(task["error"].as_str().unwrap().contains("server stopped"), "{task}");
+    // Run once, at once, with its reason; its next run is counted from now.
+    let t = Instant::now();
+    let missed = loop {
+        let (_, tasks) = s.call("GET", &format!("/api/tasks?job={id}"), Some(&admin), None);
+        if let Some(m) = tasks.as_array().unwrap().iter().find(|t| t["trigger"] == "missed") {
+            break m.clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the missed run never started: {tasks}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let done = wait_task(&s, &admin, missed["id"].as_i64().unwrap(), Duration::from_secs(300));
+    assert_eq!(done["state"], "ok", "{done}");
+    assert_eq!(done["requested_by"], "scheduler");
+    let (_, tasks) = s.call("GET", &format!("/api/tasks?job={id}"), Some(&admin), None);
+    let count = tasks.as_array().unwrap().iter().filter(|t| t["trigger"] == "missed").count();
+    assert_eq!(count, 1, "{tasks}");
+    let (_, job) = s.call("GET", &format!("/api/jobs/{id}"), Some(&admin), None);
+    let next: String = job["next_run"].as_str().unwrap().into();
+    assert!(next.as_str() > "2026-11-30", "{job}");
+}

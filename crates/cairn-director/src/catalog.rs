@@ -1,0 +1,478 @@
+//! The director's catalog: jobs, tasks with their logs, and API tokens, in one SQLite file.
+//!
+//! SQLite in WAL mode, one connection behind a mutex: the director's writes are small (a task's
+//! state, a log line), and every reader is served from the same process. A task is a row from
+//! the moment it is asked for (`queued`) to its end (`ok`, `warning`, `failed`, `cancelled`), or
+//! `interrupted` when the server stopped under it: at start, [`Catalog::interrupt_unfinished`]
+//! closes what the previous process left open, with the reason.
+
+use crate::roles::Role;
+use anyhow::{bail, Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Mutex;
+use utoipa::ToSchema;
+
+/// The catalog's schema version; a catalog written by a newer version is refused.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  name TEXT NOT NULL UNIQUE,
+  spec TEXT NOT NULL,
+  created TEXT NOT NULL,
+  updated TEXT NOT NULL,
+  next_run TEXT
+);
+CREATE TABLE IF NOT EXISTS tasks (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  job_id INTEGER,
+  kind TEXT NOT NULL,
+  trigger TEXT NOT NULL,
+  requested_by TEXT NOT NULL,
+  state TEXT NOT NULL,
+  queued TEXT NOT NULL,
+  started TEXT,
+  ended TEXT,
+  progress TEXT,
+  result TEXT,
+  error TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_by_job ON tasks (job_id, id);
+CREATE TABLE IF NOT EXISTS task_log (
+  task_id INTEGER NOT NULL,
+  seq INTEGER NOT NULL,
+  at TEXT NOT NULL,
+  line TEXT NOT NULL,
+  PRIMARY KEY (task_id, seq)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  role TEXT NOT NULL,
+  hash TEXT NOT NULL,
+  created TEXT NOT NULL,
+  last_used TEXT
+);
+";
+
+/// A job as the catalog keeps it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Job {
+    pub id: i64,
+    pub spec: crate::jobs::JobSpec,
+    pub created: String,
+    pub updated: String,
+    /// When its schedule is next due (RFC 3339, UTC); none without a schedule.
+    pub next_run: Option<String>,
+    /// Its newest task, if it ever ran.
+    pub last_task: Option<Task>,
+}
+
+/// Where a task is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Queued,
+    Running,
+    /// Everything it was asked to do was done.
+    Ok,
+    /// Done, with something to look at (a VM whose point did not boot, a retention that failed).
+    Warning,
+    Failed,
+    Cancelled,
+    /// The server stopped while it was queued or running (killed, crashed, restarted).
+    Interrupted,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Ok => "ok",
+            TaskState::Warning => "warning",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Interrupted => "interrupted",
+        }
+    }
+
+    fn parse(s: &str) -> TaskState {
+        match s {
+            "queued" => TaskState::Queued,
+            "running" => TaskState::Running,
+            "ok" => TaskState::Ok,
+            "warning" => TaskState::Warning,
+            "cancelled" => TaskState::Cancelled,
+            "interrupted" => TaskState::Interrupted,
+            _ => TaskState::Failed,
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        !matches!(self, TaskState::Queued | TaskState::Running)
+    }
+}
+
+/// One run of a job (or another long operation): its state, progress and outcome.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Task {
+    pub id: i64,
+    pub job_id: Option<i64>,
+    /// `backup`.
+    pub kind: String,
+    /// What started it: `api` (run now), `schedule`, or `missed` (its schedule came due while
+    /// the server was down).
+    pub trigger: String,
+    /// The token (its name) that asked for it, or `scheduler`.
+    pub requested_by: String,
+    pub state: TaskState,
+    pub queued: String,
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    /// Live progress: `{"step": ..., "done": bytes, "total": bytes}`.
+    #[schema(value_type = Object)]
+    pub progress: Option<serde_json::Value>,
+    /// The outcome, per VM.
+    #[schema(value_type = Object)]
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+}
+
+/// A line of a task's log.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct LogLine {
+    pub seq: i64,
+    pub at: String,
+    pub line: String,
+}
+
+/// An API token as listed (never its secret).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created: String,
+    pub last_used: Option<String>,
+}
+
+pub fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+pub struct Catalog {
+    conn: Mutex<Connection>,
+}
+
+const TASK_COLUMNS: &str =
+    "id, job_id, kind, trigger, requested_by, state, queued, started, ended, progress, result, error";
+
+fn task_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Task> {
+    let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    Ok(Task {
+        id: r.get(0)?,
+        job_id: r.get(1)?,
+        kind: r.get(2)?,
+        trigger: r.get(3)?,
+        requested_by: r.get(4)?,
+        state: TaskState::parse(&r.get::<_, String>(5)?),
+        queued: r.get(6)?,
+        started: r.get(7)?,
+        ended: r.get(8)?,
+        progress: json(r.get(9)?),
+        result: json(r.get(10)?),
+        error: r.get(11)?,
+    })
+}
+
+impl Catalog {
+    /// Opens (or creates) the catalog at `path`; its folder must exist.
+    pub fn open(path: &Path) -> Result<Catalog> {
+        let conn = Connection::open(path).with_context(|| format!("opening the catalog {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "wal")?;
+        conn.pragma_update(None, "synchronous", "normal")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        let version: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0)).optional()?;
+        match version.map(|v| v.parse::<i64>()) {
+            None => {
+                conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?1)", [SCHEMA_VERSION.to_string()])?;
+            }
+            Some(Ok(v)) if v <= SCHEMA_VERSION => {}
+            Some(v) => bail!(
+                "the catalog {} was written by a newer cairn (schema {v:?}, this one knows {SCHEMA_VERSION})",
+                path.display()
+            ),
+        }
+        Ok(Catalog { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // Jobs.
+
+    /// Adds a job; its name must be free.
+    pub fn create_job(&self, spec: &crate::jobs::JobSpec, next_run: Option<String>) -> Result<i64> {
+        let c = self.conn();
+        let t = now();
+        c.execute(
+            "INSERT INTO jobs (name, spec, created, updated, next_run) VALUES (?1, ?2, ?3, ?3, ?4)",
+            params![spec.name, serde_json::to_string(spec)?, t, next_run],
+        )
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                anyhow::Error::new(crate::DirectorError::Conflict(format!("a job named {:?} exists", spec.name)))
+            }
+            e => e.into(),
+        })?;
+        Ok(c.last_insert_rowid())
+    }
+
+    /// Replaces a job's spec (and its next run, the schedule having changed).
+    pub fn update_job(&self, id: i64, spec: &crate::jobs::JobSpec, next_run: Option<String>) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE jobs SET name = ?2, spec = ?3, updated = ?4, next_run = ?5 WHERE id = ?1",
+            params![id, spec.name, serde_json::to_string(spec)?, now(), next_run],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn delete_job(&self, id: i64) -> Result<bool> {
+        Ok(self.conn().execute("DELETE FROM jobs WHERE id = ?1", [id])? == 1)
+    }
+
+    pub fn set_next_run(&self, id: i64, next_run: Option<String>) -> Result<()> {
+        self.conn().execute("UPDATE jobs SET next_run = ?2 WHERE id = ?1", params![id, next_run])?;
+        Ok(())
+    }
+
+    pub fn job(&self, id: i64) -> Result<Option<Job>> {
+        Ok(self.jobs_where("WHERE id = ?1", [id])?.pop())
+    }
+
+    pub fn jobs(&self) -> Result<Vec<Job>> {
+        self.jobs_where("", [])
+    }
+
+    fn jobs_where<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<Job>> {
+        let rows: Vec<(i64, String, String, String, Option<String>)> = {
+            let c = self.conn();
+            let mut st =
+                c.prepare(&format!("SELECT id, spec, created, updated, next_run FROM jobs {filter} ORDER BY id"))?;
+            let rows = st.query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut out = Vec::new();
+        for (id, spec, created, updated, next_run) in rows {
+            let spec = serde_json::from_str(&spec).with_context(|| format!("job {id} in the catalog"))?;
+            let last_task = self.tasks(Some(id), 1)?.pop();
+            out.push(Job { id, spec, created, updated, next_run, last_task });
+        }
+        Ok(out)
+    }
+
+    // Tasks.
+
+    /// A new task, queued.
+    pub fn enqueue(&self, job_id: Option<i64>, kind: &str, trigger: &str, requested_by: &str) -> Result<Task> {
+        let id = {
+            let c = self.conn();
+            c.execute(
+                "INSERT INTO tasks (job_id, kind, trigger, requested_by, state, queued) VALUES (?1, ?2, ?3, ?4, 'queued', ?5)",
+                params![job_id, kind, trigger, requested_by, now()],
+            )?;
+            c.last_insert_rowid()
+        };
+        self.task(id)?.context("the task just queued is gone")
+    }
+
+    pub fn start_task(&self, id: i64) -> Result<()> {
+        self.conn().execute("UPDATE tasks SET state = 'running', started = ?2 WHERE id = ?1", params![id, now()])?;
+        Ok(())
+    }
+
+    pub fn set_progress(&self, id: i64, progress: &serde_json::Value) -> Result<()> {
+        self.conn().execute("UPDATE tasks SET progress = ?2 WHERE id = ?1", params![id, progress.to_string()])?;
+        Ok(())
+    }
+
+    /// Ends a task (only one not ended yet: an interrupted task stays interrupted).
+    pub fn finish_task(
+        &self,
+        id: i64,
+        state: TaskState,
+        result: Option<&serde_json::Value>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.conn().execute(
+            "UPDATE tasks SET state = ?2, ended = ?3, result = ?4, error = ?5 WHERE id = ?1 AND state IN ('queued', 'running')",
+            params![id, state.as_str(), now(), result.map(|r| r.to_string()), error],
+        )?;
+        Ok(())
+    }
+
+    /// Marks every task still queued or running as interrupted, with `reason`; returns them.
+    pub fn interrupt_unfinished(&self, reason: &str) -> Result<Vec<i64>> {
+        let ids: Vec<i64> = {
+            let c = self.conn();
+            let mut st = c.prepare("SELECT id FROM tasks WHERE state IN ('queued', 'running')")?;
+            let ids = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            ids
+        };
+        for id in &ids {
+            self.finish_task(*id, TaskState::Interrupted, None, Some(reason))?;
+            self.log(*id, &format!("interrupted: {reason}"))?;
+        }
+        Ok(ids)
+    }
+
+    pub fn task(&self, id: i64) -> Result<Option<Task>> {
+        let c = self.conn();
+        Ok(c.query_row(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"), [id], task_of).optional()?)
+    }
+
+    /// The newest `limit` tasks (of one job, or all), newest first.
+    pub fn tasks(&self, job_id: Option<i64>, limit: i64) -> Result<Vec<Task>> {
+        let c = self.conn();
+        let (filter, p) = match job_id {
+            Some(j) => ("WHERE job_id = ?1", j),
+            None => ("WHERE ?1 = ?1", 0),
+        };
+        let mut st = c.prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks {filter} ORDER BY id DESC LIMIT ?2"))?;
+        let rows = st.query_map(params![p, limit], task_of)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Whether a task of job `job_id` is queued or running.
+    pub fn job_is_active(&self, job_id: i64) -> Result<bool> {
+        let c = self.conn();
+        let n: i64 = c.query_row(
+            "SELECT COUNT(*) FROM tasks WHERE job_id = ?1 AND state IN ('queued', 'running')",
+            [job_id],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Appends a line to a task's log.
+    pub fn log(&self, task_id: i64, line: &str) -> Result<()> {
+        let c = self.conn();
+        c.execute(
+            "INSERT INTO task_log (task_id, seq, at, line) VALUES (?1, \
+             (SELECT COALESCE(MAX(seq), 0) + 1 FROM task_log WHERE task_id = ?1), ?2, ?3)",
+            params![task_id, now(), line],
+        )?;
+        Ok(())
+    }
+
+    /// A task's log lines after `after` (0: from the start).
+    pub fn log_lines(&self, task_id: i64, after: i64) -> Result<Vec<LogLine>> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT seq, at, line FROM task_log WHERE task_id = ?1 AND seq > ?2 ORDER BY seq")?;
+        let rows =
+            st.query_map(params![task_id, after], |r| Ok(LogLine { seq: r.get(0)?, at: r.get(1)?, line: r.get(2)? }))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // Tokens.
+
+    pub fn add_token(&self, id: &str, name: &str, role: Role, hash: &str) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO tokens (id, name, role, hash, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, name, role.as_str(), hash, now()],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    anyhow::Error::new(crate::DirectorError::Conflict(format!("a token named {name:?} exists")))
+                }
+                e => e.into(),
+            })?;
+        Ok(())
+    }
+
+    /// The stored hash, name and role of token `id`.
+    pub fn token(&self, id: &str) -> Result<Option<(String, String, Role)>> {
+        let c = self.conn();
+        let row: Option<(String, String, String)> = c
+            .query_row("SELECT hash, name, role FROM tokens WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        Ok(row.and_then(|(h, n, r)| Role::parse(&r).map(|r| (h, n, r))))
+    }
+
+    pub fn touch_token(&self, id: &str) -> Result<()> {
+        self.conn().execute("UPDATE tokens SET last_used = ?2 WHERE id = ?1", params![id, now()])?;
+        Ok(())
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT id, name, role, created, last_used FROM tokens ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, role, created, last_used) = row?;
+            if let Some(role) = Role::parse(&role) {
+                out.push(TokenInfo { id, name, role, created, last_used });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn revoke_token(&self, name: &str) -> Result<bool> {
+        Ok(self.conn().execute("DELETE FROM tokens WHERE name = ?1", [name])? == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_left_running_by_a_dead_server_is_marked_interrupted_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let cat = Catalog::open(&path).unwrap();
+        let t = cat.enqueue(None, "backup", "api", "admin").unwrap();
+        cat.start_task(t.id).unwrap();
+        let done = cat.enqueue(None, "backup", "api", "admin").unwrap();
+        cat.finish_task(done.id, TaskState::Ok, None, None).unwrap();
+        drop(cat);
+        let cat = Catalog::open(&path).unwrap();
+        assert_eq!(cat.interrupt_unfinished("the server stopped").unwrap(), vec![t.id]);
+        let t = cat.task(t.id).unwrap().unwrap();
+        assert_eq!(t.state, TaskState::Interrupted);
+        assert_eq!(t.error.as_deref(), Some("the server stopped"));
+        assert_eq!(cat.task(done.id).unwrap().unwrap().state, TaskState::Ok);
+        // An interrupted task stays so, whatever a late writer says.
+        cat.finish_task(t.id, TaskState::Ok, None, None).unwrap();
+        assert_eq!(cat.task(t.id).unwrap().unwrap().state, TaskState::Interrupted);
+        let log = cat.log_lines(t.id, 0).unwrap();
+        assert_eq!(log.len(), 1);
+        assert!(log[0].line.contains("interrupted"));
+    }
+
+    #[test]
+    fn a_newer_catalog_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        drop(Catalog::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.execute("UPDATE meta SET value = '99' WHERE key = 'schema'", []).unwrap();
+        drop(c);
+        let e = Catalog::open(&path).err().unwrap().to_string();
+        assert!(e.contains("newer"), "{e}");
+    }
+}

@@ -1,0 +1,175 @@
+//! What a job is: which VMs, on which hosts, into which repository, when, and what is kept.
+
+use crate::DirectorError;
+use cairn_schedule::Schedule;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A backup job, as the API takes and gives it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Unique: letters, digits, `-`, `_`, `.` (1 to 64).
+    pub name: String,
+    /// The VMs it backs up.
+    pub vms: VmSelection,
+    /// Hypervisor URIs of the hosts to look for them on; empty: the server's host list.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// The repository: a folder of the server, or `s3://BUCKET/PREFIX`, `az://CONTAINER/PREFIX`.
+    pub repository: String,
+    /// A file of the server holding the repository's password (encrypted repositories).
+    #[serde(default)]
+    pub password_file: Option<String>,
+    /// How each VM is backed up.
+    #[serde(default)]
+    pub method: BackupMethod,
+    /// When it runs: a calendar event (`daily`, `mon..fri 22:00`) or a cron expression
+    /// (`0 3 * * *`), in the server's time; none: only when asked.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// A disabled job keeps its schedule but does not run on it.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// After each run, the restore points of its VMs that are kept; the others are forgotten (their
+    /// space comes back at the next prune). None: nothing is forgotten.
+    #[serde(default)]
+    pub retention: Option<Retention>,
+    /// Boot each new point in a sandbox on the VM's host and check it comes up.
+    #[serde(default)]
+    pub verify_boot: bool,
+    /// How many VMs of one host are backed up at once (1 to 16).
+    #[serde(default = "one")]
+    pub per_host: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Which VMs a job backs up.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSelection {
+    /// Every VM of the job's hosts, as found when it runs.
+    #[serde(default)]
+    pub all: bool,
+    /// VMs by name or UUID.
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupMethod {
+    /// The best the VM allows: app-consistent with a guest agent, else crash-consistent.
+    #[default]
+    Auto,
+    AppConsistent,
+    SavedState,
+    CrashConsistent,
+}
+
+/// What a job keeps of each VM's points (the newest of each period; see `cairn forget`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    #[serde(default)]
+    pub keep_last: u32,
+    #[serde(default)]
+    pub keep_hourly: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_weekly: u32,
+    #[serde(default)]
+    pub keep_monthly: u32,
+    #[serde(default)]
+    pub keep_yearly: u32,
+}
+
+impl Retention {
+    pub fn policy(&self) -> cairn_repo::retention::Policy {
+        cairn_repo::retention::Policy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+            keep_within: None,
+        }
+    }
+}
+
+fn invalid(why: String) -> DirectorError {
+    DirectorError::Invalid(why)
+}
+
+impl JobSpec {
+    /// Checks everything that can be checked without running it; returns its schedule.
+    pub fn check(&self) -> Result<Option<Schedule>, DirectorError> {
+        let plain = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if self.name.is_empty() || self.name.len() > 64 || !plain(&self.name) {
+            return Err(invalid(format!("{:?} is not a job name (1 to 64 letters, digits, - _ .)", self.name)));
+        }
+        if self.vms.all != self.vms.names.is_empty() {
+            return Err(invalid("name the VMs (vms.names), or take them all (vms.all), not both".into()));
+        }
+        if self.vms.names.len() > 1000 || self.vms.names.iter().any(|n| n.is_empty() || n.len() > 256) {
+            return Err(invalid("vms.names: at most 1000 names of 1 to 256 characters".into()));
+        }
+        if self.hosts.len() > 100 || self.hosts.iter().any(|h| h.is_empty() || h.len() > 1024 || !h.contains(':')) {
+            return Err(invalid("hosts: at most 100 hypervisor URIs (qemu:///system, qemu+ssh://HOST/system)".into()));
+        }
+        if self.repository.is_empty() || self.repository.len() > 4096 {
+            return Err(invalid("repository: a folder or an s3:// or az:// URL".into()));
+        }
+        if !(1..=16).contains(&self.per_host) {
+            return Err(invalid(format!("per_host {} is not between 1 and 16", self.per_host)));
+        }
+        if self.retention.as_ref().is_some_and(|r| r.policy() == cairn_repo::retention::Policy::default()) {
+            return Err(invalid("retention keeps nothing: give at least one keep_* above 0, or no retention".into()));
+        }
+        self.schedule.as_deref().map(Schedule::parse).transpose().map_err(|e| invalid(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "nightly", "vms": {"names": ["web"]}, "repository": "/srv/repo", "schedule": "daily"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_job_is_checked_before_it_is_kept() {
+        assert_eq!(spec().check().unwrap().unwrap().text(), "daily");
+        assert!(spec().enabled && spec().per_host == 1);
+        let bad = |f: &dyn Fn(&mut JobSpec), why: &str| {
+            let mut s = spec();
+            f(&mut s);
+            let e = s.check().unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        };
+        bad(&|s| s.name = "no spaces".into(), "job name");
+        bad(&|s| s.vms.all = true, "not both");
+        bad(&|s| s.vms.names.clear(), "name the VMs");
+        bad(&|s| s.schedule = Some("25:00".into()), "hours");
+        bad(&|s| s.per_host = 0, "per_host");
+        bad(&|s| s.retention = Some(Retention::default()), "keeps nothing");
+        bad(&|s| s.hosts = vec!["nohost".into()], "hosts");
+        let unknown = serde_json::from_value::<JobSpec>(serde_json::json!({
+            "name": "x", "vms": {"all": true}, "repository": "/r", "keep_everything": true
+        }));
+        assert!(unknown.is_err(), "an unknown field is refused, not ignored");
+    }
+}

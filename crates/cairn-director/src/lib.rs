@@ -1,0 +1,160 @@
+//! # cairn-director: jobs on schedules, tasks, and the REST API (`cairn server`)
+//!
+//! The director runs cairn unattended: an operator (or a script, through the API) defines
+//! *jobs* (which VMs, which hosts, which repository, when, what is kept), and each run of a job
+//! is a *task* with an ID, a live progress, a log and a final state. It calls the same
+//! operations as the CLI (`cairn-ops`); it never talks to a repository or a hypervisor by other
+//! means.
+//!
+//! - [`catalog`]: jobs, tasks and their logs, API tokens, in one SQLite file;
+//! - [`jobs`]: what a job is, checked before it is kept;
+//! - [`runner`]: a task's run (backup, then retention), one at a time per repository;
+//! - [`scheduler`]: jobs started when due; a due time missed while the server was down runs once;
+//! - [`auth`]: API tokens; [`roles`]: what each role (admin, operator, viewer, backup) may do;
+//! - [`api`]: the REST API under `/api/`, its OpenAPI document at `/api/openapi.json`.
+//!
+//! A server killed in the middle of a task leaves no guest frozen or paused: each VM's watchdog
+//! is a process of its own that thaws or resumes the guest and ends the backup job when the
+//! server's end of its pipe closes (as for the CLI). At the next start, the task is marked
+//! `interrupted`, with the reason.
+
+pub mod api;
+pub mod auth;
+pub mod catalog;
+pub mod jobs;
+pub mod roles;
+pub mod runner;
+pub mod scheduler;
+
+use anyhow::{bail, Context, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors a caller of the director acts on (the API maps them to HTTP statuses).
+#[derive(Debug, thiserror::Error)]
+pub enum DirectorError {
+    /// The request cannot be carried out as given (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The thing named does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// It collides with what exists or runs (409).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Opens a hypervisor connection from its URI: the interface picks the implementation.
+pub type Connector = Arc<dyn Fn(&str) -> Result<Box<dyn cairn_hypervisor::Hypervisor>> + Send + Sync>;
+
+/// How the server runs.
+#[derive(Clone)]
+pub struct Settings {
+    /// Where the API listens: a loopback address (TLS is not built yet).
+    pub listen: SocketAddr,
+    /// The catalog's SQLite file.
+    pub catalog: PathBuf,
+    /// The default host list of jobs that name none.
+    pub hosts: Vec<String>,
+    /// How a host's hypervisor is reached.
+    pub connect: Connector,
+    /// The work folder of VM jobs (sockets, scratch files, sandboxes).
+    pub work_dir: PathBuf,
+    /// How cairn runs on other hosts.
+    pub remote: cairn_ops::hosts::RemoteSettings,
+    /// How often the scheduler looks at the jobs.
+    pub tick: Duration,
+    /// How long a guest may stay frozen (or paused) before its watchdog thaws it.
+    pub freeze_limit_secs: u64,
+    /// Testing aid: each VM stays frozen this long after its point is taken.
+    pub debug_hold: Option<Duration>,
+}
+
+/// What the catalog says of tasks a stopped server left unfinished.
+pub const INTERRUPTED: &str = "the server stopped while this task was queued or running (killed, crashed or \
+                               restarted); a guest it had frozen or paused was thawed by its watchdog";
+
+/// Opens the catalog at `path` (its folder made 0700 if missing).
+pub fn open_catalog(path: &std::path::Path) -> Result<catalog::Catalog> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    catalog::Catalog::open(path)
+}
+
+/// Runs the server until SIGTERM or SIGINT: the API, the scheduler and the tasks. Prints
+/// `listening on http://ADDR` on standard output once it accepts requests.
+pub fn serve(settings: Settings) -> Result<()> {
+    if !settings.listen.ip().is_loopback() {
+        bail!(
+            "{} is not a loopback address: the API is served over plain HTTP, on loopback only, until TLS is \
+             built (reach it through an SSH tunnel or a TLS proxy)",
+            settings.listen
+        );
+    }
+    let catalog = Arc::new(open_catalog(&settings.catalog)?);
+    for id in catalog.interrupt_unfinished(INTERRUPTED)? {
+        eprintln!("task {id}: interrupted when the server stopped");
+    }
+    let settings = Arc::new(settings);
+    let runner = runner::Runner::new(catalog.clone(), settings.clone());
+    let tz = jiff::tz::TimeZone::system();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scheduler = {
+        let (catalog, runner, settings, tz, stop) =
+            (catalog.clone(), runner.clone(), settings.clone(), tz.clone(), stop.clone());
+        std::thread::Builder::new().name("scheduler".into()).spawn(move || {
+            let mut first = true;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Err(e) = scheduler::tick(&catalog, &runner, jiff::Timestamp::now(), &tz, first) {
+                    eprintln!("scheduler: {e:#}");
+                }
+                first = false;
+                let t = std::time::Instant::now();
+                while t.elapsed() < settings.tick && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })?
+    };
+    let app = Arc::new(api::App { catalog, runner: runner.clone(), settings: settings.clone(), tz });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let served = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listening on {}", settings.listen))?;
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            writeln!(out, "listening on http://{}", listener.local_addr()?)?;
+            out.flush()?;
+        }
+        axum::serve(listener, api::router(app)).with_graceful_shutdown(stop_signal()).await?;
+        anyhow::Ok(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = scheduler.join();
+    // Running tasks stop between batches of blocks, their guests thawed.
+    runner.stop_all(Duration::from_secs(120));
+    served
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,345 @@
+//! Tasks: a job's run, in a thread of its own, through the same operations as the CLI
+//! (`cairn_ops::vm_backup::backup_vms`, then `cairn_ops::maintenance::forget` for its retention).
+//!
+//! One task at a time per repository (the others wait, queued): backups into one repository
+//! share its lock, but a job's retention needs it alone. Within a task, the hosts are backed up
+//! in parallel, `per_host` VMs of each at a time. A task's progress and log go to the catalog
+//! as it runs; a cancelled task stops between VMs and between batches of blocks (its guests
+//! thawed, no point written for the VM it was in).
+
+use crate::catalog::{Catalog, Task, TaskState};
+use crate::jobs::{BackupMethod, JobSpec};
+use crate::{DirectorError, Settings};
+use anyhow::{Context, Result};
+use cairn_engine::Progress;
+use cairn_ops::vm_backup::{backup_vms, BackupVmsRequest, VmBackupOutcome};
+use cairn_ops::Cancel;
+use cairn_repo::Repository;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Runner {
+    catalog: Arc<Catalog>,
+    settings: Arc<Settings>,
+    /// One mutex per repository location: its tasks run one at a time.
+    repositories: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The cancel flags of the tasks not ended yet.
+    cancels: Mutex<HashMap<i64, Cancel>>,
+    /// The threads of the tasks not ended yet, for a clean stop.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Runner {
+    pub fn new(catalog: Arc<Catalog>, settings: Arc<Settings>) -> Arc<Runner> {
+        Arc::new(Runner {
+            catalog,
+            settings,
+            repositories: Mutex::default(),
+            cancels: Mutex::default(),
+            threads: Mutex::default(),
+        })
+    }
+
+    /// Queues a run of job `job_id` (`trigger`: api, schedule, missed; `by`: who asked) and
+    /// starts its thread. A job already queued or running is not queued twice.
+    pub fn submit(self: &Arc<Self>, job_id: i64, spec: JobSpec, trigger: &str, by: &str) -> Result<Task> {
+        if let Some(active) = self.catalog.tasks(Some(job_id), 1)?.into_iter().find(|t| !t.state.is_finished()) {
+            return Err(DirectorError::Conflict(format!(
+                "job {} is already {} (task {})",
+                spec.name,
+                active.state.as_str(),
+                active.id
+            ))
+            .into());
+        }
+        let task = self.catalog.enqueue(Some(job_id), "backup", trigger, by)?;
+        let cancel = Cancel::new();
+        self.cancels.lock().unwrap().insert(task.id, cancel.clone());
+        let me = self.clone();
+        let id = task.id;
+        let handle = std::thread::Builder::new()
+            .name(format!("task-{id}"))
+            .spawn(move || me.run(id, spec, cancel))
+            .context("starting the task's thread")?;
+        let mut threads = self.threads.lock().unwrap();
+        threads.retain(|t| !t.is_finished());
+        threads.push(handle);
+        Ok(task)
+    }
+
+    /// Asks a task to stop; false if it is not running here.
+    pub fn cancel(&self, id: i64) -> bool {
+        match self.cancels.lock().unwrap().get(&id) {
+            Some(c) => {
+                c.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Cancels every task and waits for their threads (at most `wait`).
+    pub fn stop_all(&self, wait: Duration) {
+        for c in self.cancels.lock().unwrap().values() {
+            c.cancel();
+        }
+        let t = Instant::now();
+        while t.elapsed() < wait && self.threads.lock().unwrap().iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn repository_mutex(&self, location: &str) -> Arc<Mutex<()>> {
+        self.repositories.lock().unwrap().entry(location.to_string()).or_default().clone()
+    }
+
+    fn run(self: Arc<Self>, id: i64, spec: JobSpec, cancel: Cancel) {
+        let repo_mutex = self.repository_mutex(&spec.repository);
+        let turn = repo_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let log = |line: &str| {
+            let _ = self.catalog.log(id, line);
+        };
+        let outcome = if cancel.is_cancelled() {
+            Ok((TaskState::Cancelled, json!({}), Some("cancelled before it started".to_string())))
+        } else {
+            let _ = self.catalog.start_task(id);
+            log(&format!("backup job {} started", spec.name));
+            self.back_up(id, &spec, &cancel)
+        };
+        drop(turn);
+        match outcome {
+            Ok((state, result, error)) => {
+                log(&format!("ended: {}", state.as_str()));
+                let _ = self.catalog.finish_task(id, state, Some(&result), error.as_deref());
+            }
+            Err(e) => {
+                log(&format!("failed: {e:#}"));
+                let _ = self.catalog.finish_task(id, TaskState::Failed, None, Some(&format!("{e:#}")));
+            }
+        }
+        self.cancels.lock().unwrap().remove(&id);
+    }
+
+    /// The job's backup and retention; the task's final state, its result and its error.
+    fn back_up(
+        &self,
+        id: i64,
+        spec: &JobSpec,
+        cancel: &Cancel,
+    ) -> Result<(TaskState, serde_json::Value, Option<String>)> {
+        let progress = TaskProgress::new(self.catalog.clone(), id);
+        let password = read_password(spec)?;
+        let backend = cairn_storage::open(&spec.repository)?;
+        let pw = password.clone();
+        let repo = Arc::new(Repository::open(backend, move || pw)?);
+        let lock = repo.lock(false, "backup job (director)", Duration::from_secs(300))?;
+        repo.load_index()?;
+        let hosts = if spec.hosts.is_empty() { self.settings.hosts.clone() } else { spec.hosts.clone() };
+        let connect = |uri: &str| (self.settings.connect)(uri);
+        let vms = if spec.vms.all {
+            let (found, unreachable) = cairn_ops::vm_list::list_vms_on_hosts(&hosts, &connect);
+            for u in unreachable {
+                progress.note(&format!("host {} could not be listed: {:#}", u.host, u.error.error()));
+            }
+            found.into_iter().map(|v| v.vm.uuid).collect()
+        } else {
+            spec.vms.names.clone()
+        };
+        let req = self.request(spec, vms);
+        let helpers = cairn_ops::ExeHelpers {
+            exe: std::env::current_exe().context("locating the cairn executable for its helpers")?,
+            repo: helper_location(&spec.repository)?,
+            password,
+        };
+        let mut on_done = |o: &VmBackupOutcome| match &o.result {
+            Ok(b) => {
+                let chain = cairn_repo::vm_record::VmRecord::of(&b.point).map(|r| r.chain).unwrap_or_default();
+                progress.note(&format!("VM {}: restore point {} ({chain} backup)", o.vm, b.id.short()));
+            }
+            Err(e) => progress.note(&format!("VM {}: failed: {e:#}", o.vm)),
+        };
+        let remote = &self.settings.remote;
+        let outcomes = backup_vms(&hosts, &connect, remote, &repo, &req, &helpers, &progress, cancel, &mut on_done);
+        drop(lock);
+        let ok: Vec<String> = outcomes.iter().filter(|o| o.result.is_ok()).map(|o| o.vm.clone()).collect();
+        let mut warnings = Vec::new();
+        if outcomes.iter().any(|o| o.result.as_ref().is_ok_and(|b| b.unbootable())) {
+            warnings.push("a restore point did not pass its boot check".to_string());
+        }
+        let retention = match &spec.retention {
+            Some(keep) if !ok.is_empty() && !cancel.is_cancelled() => {
+                apply_retention(&repo, keep, ok.clone(), &progress).unwrap_or_else(|w| {
+                    warnings.push(w);
+                    serde_json::Value::Null
+                })
+            }
+            _ => serde_json::Value::Null,
+        };
+        let failed = outcomes.len() - ok.len();
+        let state = if cancel.is_cancelled() {
+            TaskState::Cancelled
+        } else if failed > 0 && ok.is_empty() {
+            TaskState::Failed
+        } else if failed > 0 || !warnings.is_empty() {
+            TaskState::Warning
+        } else {
+            TaskState::Ok
+        };
+        if failed > 0 {
+            warnings.insert(0, format!("{failed} of {} VM(s) failed", outcomes.len()));
+        }
+        let error = (!warnings.is_empty()).then(|| warnings.join("; "));
+        let results: Vec<serde_json::Value> = outcomes.iter().map(outcome_json).collect();
+        Ok((state, json!({"vms": results, "retention": retention}), error))
+    }
+
+    /// The backup request of a job's run over `vms`.
+    fn request(&self, spec: &JobSpec, vms: Vec<String>) -> BackupVmsRequest {
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let options = cairn_vm::backup::VmBackupOptions {
+            method: match spec.method {
+                BackupMethod::Auto => cairn_vm::backup::Method::Auto,
+                BackupMethod::AppConsistent => cairn_vm::backup::Method::AppConsistent,
+                BackupMethod::SavedState => cairn_vm::backup::Method::SavedState,
+                BackupMethod::CrashConsistent => cairn_vm::backup::Method::CrashConsistent,
+            },
+            full: false,
+            skip_swap: true,
+            pre_freeze: Vec::new(),
+            post_thaw: Vec::new(),
+            work_dir: self.settings.work_dir.clone(),
+            compression_level: 3,
+            workers,
+            oracle_dir: None,
+            hold_point: self.settings.debug_hold,
+            run_token: String::new(),
+            freeze_limit: Duration::from_secs(self.settings.freeze_limit_secs),
+        };
+        let boot_check = spec.verify_boot.then(|| cairn_ops::boot_check::BootCheckRequest {
+            work_dir: self.settings.work_dir.clone(),
+            timeout: Duration::from_secs(120),
+            mail: None,
+            workers,
+        });
+        BackupVmsRequest { vms, options, boot_check, per_host: spec.per_host as usize }
+    }
+}
+
+/// The repository's password, from the job's password file (its last line break dropped).
+fn read_password(spec: &JobSpec) -> Result<Option<String>> {
+    let Some(f) = &spec.password_file else { return Ok(None) };
+    let text = std::fs::read_to_string(f).with_context(|| format!("reading the repository's password from {f}"))?;
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+/// Forgets what retention `keep` does not keep of the points of `vms`; what it did, or the
+/// warning to give.
+fn apply_retention(
+    repo: &Repository,
+    keep: &crate::jobs::Retention,
+    vms: Vec<String>,
+    progress: &dyn Progress,
+) -> std::result::Result<serde_json::Value, String> {
+    let forget = cairn_ops::maintenance::ForgetRequest {
+        select: vms,
+        policy: keep.policy(),
+        dry_run: false,
+        lock_wait: Duration::from_secs(300),
+    };
+    match cairn_ops::maintenance::forget(repo, &forget) {
+        Ok(f) => {
+            progress.note(&format!("retention: {} restore point(s) forgotten", f.removes));
+            Ok(json!({"forgotten": f.removes}))
+        }
+        Err(e) => {
+            progress.note(&format!("retention failed: {e:#}"));
+            Err(format!("retention failed: {e:#}"))
+        }
+    }
+}
+
+/// The repository as a helper process is told it: a folder made absolute, a URL as given.
+fn helper_location(location: &str) -> Result<std::path::PathBuf> {
+    if location.contains("://") {
+        return Ok(location.into());
+    }
+    Ok(std::path::absolute(location)?)
+}
+
+/// One VM's outcome, as a task's result keeps it.
+fn outcome_json(o: &VmBackupOutcome) -> serde_json::Value {
+    match &o.result {
+        Err(e) => json!({"vm": o.vm, "host": o.host, "ok": false, "error": format!("{e:#}")}),
+        Ok(b) => {
+            let record = cairn_repo::vm_record::VmRecord::of(&b.point);
+            let mut v = json!({
+                "vm": o.vm, "host": o.host, "ok": true, "point": b.id, "name": b.point.name, "time": b.point.time,
+                "method": record.as_ref().map(|r| r.method.as_str()),
+                "chain": record.as_ref().map(|r| r.chain.to_string()),
+                "read_bytes": record.as_ref().map(|r| r.vm_read_bytes),
+            });
+            match &b.boot {
+                None => {}
+                Some(Ok(boot)) => {
+                    v["boot"] =
+                        json!({"verdict": boot.check.verdict, "reason": boot.check.reason, "record": boot.record_id})
+                }
+                Some(Err(e)) => v["boot"] = json!({"error": format!("{e:#}")}),
+            }
+            v
+        }
+    }
+}
+
+/// A task's progress, written to the catalog: each phase and note as a log line, the bytes done
+/// at most once a second.
+struct TaskProgress {
+    catalog: Arc<Catalog>,
+    task: i64,
+    state: Mutex<ProgressState>,
+}
+
+struct ProgressState {
+    phase: String,
+    done: u64,
+    total: u64,
+    written: Instant,
+}
+
+impl TaskProgress {
+    fn new(catalog: Arc<Catalog>, task: i64) -> TaskProgress {
+        let state = ProgressState { phase: String::new(), done: 0, total: 0, written: Instant::now() };
+        TaskProgress { catalog, task, state: Mutex::new(state) }
+    }
+
+    fn write(&self, s: &mut ProgressState) {
+        s.written = Instant::now();
+        let _ = self.catalog.set_progress(self.task, &json!({"step": s.phase, "done": s.done, "total": s.total}));
+    }
+}
+
+impl Progress for TaskProgress {
+    fn start(&self, phase: &str, total: u64) {
+        let mut s = self.state.lock().unwrap();
+        *s = ProgressState { phase: phase.to_string(), done: 0, total, written: s.written };
+        let _ = self.catalog.log(self.task, phase);
+        self.write(&mut s);
+    }
+    fn advance(&self, n: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.done += n;
+        if s.written.elapsed() >= Duration::from_secs(1) {
+            self.write(&mut s);
+        }
+    }
+    fn finish(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.done = s.total.max(s.done);
+        self.write(&mut s);
+    }
+    fn note(&self, msg: &str) {
+        let _ = self.catalog.log(self.task, msg);
+    }
+}
