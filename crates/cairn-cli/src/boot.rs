@@ -100,32 +100,15 @@ impl BootMail {
     /// (and the host configuration file, through them), then defaults. Settings that cannot work
     /// are refused here, before anything is booted.
     pub fn request(&self, g: &Global, work_dir: &Path) -> Result<BootCheckRequest> {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let tls = match (self.smtp_tls, env("CAIRN_SMTP_TLS")) {
-            (Some(t), _) => t,
-            (None, Some(v)) => SmtpTls::from_str(&v, true)
-                .map_err(|_| anyhow::anyhow!("CAIRN_SMTP_TLS={v:?}: expected none, starttls or tls"))?,
-            (None, None) => SmtpTls::None,
-        };
-        let user = self.smtp_user.clone().or_else(|| env("CAIRN_SMTP_USER"));
         let mail = match &self.mail_to {
             None => None,
-            Some(to) => {
-                let settings = MailSettings {
-                    to: to.clone(),
-                    server: self
-                        .smtp_server
-                        .clone()
-                        .or_else(|| env("CAIRN_SMTP_SERVER"))
-                        .unwrap_or("localhost:25".into()),
-                    tls: tls.into(),
-                    user,
-                    password: std::env::var("CAIRN_SMTP_PASSWORD").ok(),
-                    from: self.mail_from.clone().or_else(|| env("CAIRN_MAIL_FROM")).unwrap_or("cairn@localhost".into()),
-                };
-                settings.check()?;
-                Some(settings)
-            }
+            Some(to) => Some(smtp_settings(
+                to,
+                self.smtp_server.clone(),
+                self.smtp_tls,
+                self.smtp_user.clone(),
+                self.mail_from.clone(),
+            )?),
         };
         Ok(BootCheckRequest {
             work_dir: std::path::absolute(work_dir).context("resolving --work-dir")?,
@@ -134,6 +117,34 @@ impl BootMail {
             workers: workers(g),
         })
     }
+}
+
+/// Mail settings for `to`: the flags given, then CAIRN_SMTP_* / CAIRN_MAIL_FROM (and the host
+/// configuration file, through them), then defaults; refused if they cannot work.
+pub(crate) fn smtp_settings(
+    to: &str,
+    server: Option<String>,
+    tls: Option<SmtpTls>,
+    user: Option<String>,
+    from: Option<String>,
+) -> Result<MailSettings> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let tls = match (tls, env("CAIRN_SMTP_TLS")) {
+        (Some(t), _) => t,
+        (None, Some(v)) => SmtpTls::from_str(&v, true)
+            .map_err(|_| anyhow::anyhow!("CAIRN_SMTP_TLS={v:?}: expected none, starttls or tls"))?,
+        (None, None) => SmtpTls::None,
+    };
+    let settings = MailSettings {
+        to: to.to_string(),
+        server: server.or_else(|| env("CAIRN_SMTP_SERVER")).unwrap_or("localhost:25".into()),
+        tls: tls.into(),
+        user: user.or_else(|| env("CAIRN_SMTP_USER")),
+        password: std::env::var("CAIRN_SMTP_PASSWORD").ok(),
+        from: from.or_else(|| env("CAIRN_MAIL_FROM")).unwrap_or("cairn@localhost".into()),
+    };
+    settings.check()?;
+    Ok(settings)
 }
 
 pub fn verify_boot_cmd(g: &Global, a: &VerifyBoot) -> Result<i32> {

@@ -32,6 +32,20 @@ pub struct ServerArgs {
     /// Seconds between two looks at the jobs' schedules
     #[arg(long, default_value_t = 10, value_name = "SECONDS", hide = true)]
     tick: u64,
+    /// SMTP server that jobs' reports are mailed through [env: CAIRN_SMTP_SERVER; none: reports
+    /// are not mailed]
+    #[arg(long, value_name = "HOST:PORT")]
+    smtp_server: Option<String>,
+    /// SMTP security: none, starttls, or tls [default: none; env: CAIRN_SMTP_TLS]. A user and
+    /// password (CAIRN_SMTP_PASSWORD) are only ever sent over TLS
+    #[arg(long, value_enum)]
+    smtp_tls: Option<crate::boot::SmtpTls>,
+    /// SMTP user [env: CAIRN_SMTP_USER]
+    #[arg(long)]
+    smtp_user: Option<String>,
+    /// Sender address of the reports [default: cairn@localhost; env: CAIRN_MAIL_FROM]
+    #[arg(long)]
+    mail_from: Option<String>,
     /// Testing aid: each VM stays frozen this many seconds after its point is taken
     #[arg(long, hide = true, value_name = "SECONDS")]
     debug_hold: Option<f64>,
@@ -94,7 +108,16 @@ pub fn run(g: &crate::Global, a: &ServerArgs) -> Result<i32> {
     match &a.command {
         Some(ServerCmd::Token(t)) => token(g, t),
         None => {
+            let smtp_given = a.smtp_server.is_some() || std::env::var("CAIRN_SMTP_SERVER").is_ok_and(|v| !v.is_empty());
+            let mail = if smtp_given {
+                // Each job names its recipient.
+                let (server, user, from) = (a.smtp_server.clone(), a.smtp_user.clone(), a.mail_from.clone());
+                Some(crate::boot::smtp_settings("", server, a.smtp_tls, user, from)?)
+            } else {
+                None
+            };
             let settings = cairn_director::Settings {
+                mail,
                 listen: a.listen,
                 catalog: a.catalog.clone(),
                 hosts: crate::vm::host_list(&a.hosts),

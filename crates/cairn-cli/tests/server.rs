@@ -60,6 +60,19 @@ impl Server {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// A GET answered in text: (status, body).
+    fn text(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut req = ureq::get(&self.url(path));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+
     fn kill(mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
@@ -103,6 +116,42 @@ fn wait_task(s: &Server, token: &str, id: i64, limit: Duration) -> Value {
         }
         assert!(t.elapsed() < limit, "task {id} still {} after {limit:?}: {task}", task["state"]);
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A webhook receiver on loopback: each POST's JSON body, answered 204.
+struct Hook {
+    url: String,
+    bodies: std::sync::mpsc::Receiver<Value>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let (tx, bodies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+                let _ = tx.send(serde_json::from_slice(&body).unwrap_or(Value::Null));
+            }
+        });
+        Hook { url, bodies }
     }
 }
 
@@ -171,6 +220,30 @@ fn the_api_needs_a_token_and_each_role_may_only_what_it_is_given() {
     assert_eq!(job_now["spec"]["retention"]["keep_daily"], 7, "the retention changed");
     assert_eq!(job_now["last_task"]["id"], task["id"]);
 
+    // Prometheus metrics, for a viewer's token.
+    assert_eq!(s.text("/metrics", None).0, 401);
+    let (status, metrics) = s.text("/metrics", Some(&viewer));
+    assert_eq!(status, 200);
+    for line in ["cairn_tasks{state=\"failed\"} 1", "cairn_job_last_ok{job=\"nightly\"} 0"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing from:\n{metrics}");
+    }
+    assert!(metrics.contains("cairn_job_next_run_timestamp_seconds{job=\"nightly\"} "), "{metrics}");
+
+    // A scheduled job with no good run for longer than its schedule allows: one alert.
+    let hook = Hook::start();
+    let watched = json!({"name": "hourly", "vms": {"names": ["test"]}, "repository": e.repo(), "schedule": "hourly",
+                         "notify": {"webhook": hook.url, "when": "problems"}});
+    let (status, created) = s.call("POST", "/api/jobs", Some(&admin), Some(watched));
+    assert_eq!(status, 201, "{created}");
+    let c = rusqlite::Connection::open(&catalog).unwrap();
+    let made = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_hours(3)).unwrap().to_string();
+    c.execute("UPDATE jobs SET created = ?1 WHERE id = ?2", rusqlite::params![made, created["id"].as_i64().unwrap()])
+        .unwrap();
+    let alert = hook.bodies.recv_timeout(Duration::from_secs(20)).expect("no overdue alert");
+    assert_eq!((alert["job"].as_str(), alert["alert"].as_str()), (Some("hourly"), Some("overdue")), "{alert}");
+    assert_eq!(alert["period_seconds"], 3600, "{alert}");
+    assert!(hook.bodies.recv_timeout(Duration::from_secs(4)).is_err(), "the same silence alerted twice");
+
     // Tokens are the admin's alone.
     assert_eq!(s.call("GET", "/api/tokens", Some(&viewer), None).0, 403);
     let (status, made) = s.call("POST", "/api/tokens", Some(&admin), Some(json!({"name": "dash", "role": "viewer"})));
@@ -190,13 +263,16 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
     let g = Guest::start("director", &[]);
     let catalog = catalog_in(&e);
     let admin = token(&catalog, "admin", "admin");
-    let s = Server::start(&catalog, &e.path("work"), &[]);
+    let smtp = common::smtp::Smtp::start(e.dir.path());
+    let hook = Hook::start();
+    let smtp_server = format!("127.0.0.1:{}", smtp.port);
+    let s = Server::start(&catalog, &e.path("work"), &["--smtp-server", &smtp_server]);
     let (status, vms) = s.call("GET", "/api/vms", Some(&admin), None);
     assert_eq!(status, 200);
     let listed = vms.as_array().unwrap().iter().find(|v| v["name"] == g.name.as_str()).cloned();
     assert_eq!(listed.unwrap()["method"], "app-consistent", "{vms}");
-    let job =
-        json!({"name": "guest", "vms": {"names": [g.name]}, "repository": e.repo(), "retention": {"keep_last": 1}});
+    let job = json!({"name": "guest", "vms": {"names": [g.name]}, "repository": e.repo(), "retention": {"keep_last": 1},
+                     "verify_boot": true, "notify": {"mail_to": "ops@example.org", "webhook": hook.url}});
     let (status, created) = s.call("POST", "/api/jobs", Some(&admin), Some(job));
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_i64().unwrap();
@@ -219,9 +295,27 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
         let (_, log) = s.call("GET", &format!("/api/tasks/{tid}/log"), Some(&admin), None);
         let text = log.to_string();
         assert!(text.contains("restore point") && text.contains(&points[run - 1][..8]), "{text}");
+        assert_eq!(vm["boot"]["verdict"], "passed", "{task}");
         if run == 2 {
             assert_eq!(task["result"]["retention"]["forgotten"], 1, "{task}");
         }
+        // The report went to the webhook (the task as the API gives it) and by mail, with the
+        // boot check's screenshot.
+        let posted = hook.bodies.recv_timeout(Duration::from_secs(30)).expect("no report posted to the webhook");
+        assert_eq!((posted["job"].as_str(), posted["task"]["id"].as_i64()), (Some("guest"), Some(tid)), "{posted}");
+        assert_eq!(posted["task"]["state"], "ok", "{posted}");
+        let t = Instant::now();
+        while smtp.messages().len() < run {
+            assert!(t.elapsed() < Duration::from_secs(30), "no report mailed");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 2);
+    for (subject, text, png) in &mails {
+        assert!(subject.contains("cairn job guest: OK"), "{subject}");
+        assert!(text.contains(&g.name) && text.contains("boot check: PASSED"), "{text}");
+        assert!(png.as_ref().is_some_and(|p| p.starts_with(b"\x89PNG")), "the report has no screenshot");
     }
     // The repository holds the second point only: the retention forgot the first.
     let listed = e.json(&["points"]);

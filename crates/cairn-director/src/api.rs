@@ -152,10 +152,47 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .routes(routes!(list_vms))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
-        .with_state(app)
         .split_for_parts();
     let doc = Arc::new(doc);
-    router.route("/api/openapi.json", axum::routing::get(move || async move { Json(doc.as_ref().clone()) }))
+    router
+        .route("/api/openapi.json", axum::routing::get(move || async move { Json(doc.as_ref().clone()) }))
+        .route("/metrics", axum::routing::get(metrics))
+        .with_state(app)
+}
+
+/// Prometheus metrics (text format, a viewer's token as `bearer_token`): tasks by state, and per
+/// job its next run, its last good run and whether it is overdue.
+async fn metrics(State(app): AppState, caller: Authed) -> Result<Response, ApiError> {
+    use std::fmt::Write;
+    caller.may(Action::Read)?;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP cairn_tasks Tasks in the catalog, by state.\n# TYPE cairn_tasks gauge");
+    for (state, n) in app.catalog.task_counts()? {
+        let _ = writeln!(out, "cairn_tasks{{state=\"{}\"}} {n}", state.as_str());
+    }
+    let seconds =
+        |t: &Option<String>| t.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok()).map(|t| t.as_second());
+    let _ = writeln!(out, "# HELP cairn_job_next_run_timestamp_seconds When a job's schedule is next due.");
+    let _ = writeln!(out, "# TYPE cairn_job_next_run_timestamp_seconds gauge");
+    let _ = writeln!(out, "# HELP cairn_job_last_good_timestamp_seconds When a job's last good run (ok) ended.");
+    let _ = writeln!(out, "# TYPE cairn_job_last_good_timestamp_seconds gauge");
+    let _ = writeln!(out, "# HELP cairn_job_last_ok Whether a job's newest ended task ended ok.");
+    let _ = writeln!(out, "# TYPE cairn_job_last_ok gauge");
+    for job in app.catalog.jobs()? {
+        // Job names are letters, digits, - _ . (JobSpec::check): nothing to escape.
+        let name = &job.spec.name;
+        if let Some(t) = seconds(&job.next_run) {
+            let _ = writeln!(out, "cairn_job_next_run_timestamp_seconds{{job=\"{name}\"}} {t}");
+        }
+        if let Some(t) = seconds(&job.last_good) {
+            let _ = writeln!(out, "cairn_job_last_good_timestamp_seconds{{job=\"{name}\"}} {t}");
+        }
+        if let Some(task) = job.last_task.as_ref().filter(|t| t.state.is_finished()) {
+            let ok = u8::from(task.state == crate::catalog::TaskState::Ok);
+            let _ = writeln!(out, "cairn_job_last_ok{{job=\"{name}\"}} {ok}");
+        }
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
 #[derive(Serialize, ToSchema)]

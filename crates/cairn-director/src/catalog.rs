@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   spec TEXT NOT NULL,
   created TEXT NOT NULL,
   updated TEXT NOT NULL,
-  next_run TEXT
+  next_run TEXT,
+  alerted TEXT
 );
 CREATE TABLE IF NOT EXISTS tasks (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -70,6 +71,11 @@ pub struct Job {
     pub next_run: Option<String>,
     /// Its newest task, if it ever ran.
     pub last_task: Option<Task>,
+    /// When its last good run ended, if it ever had one (a task that ended `ok`).
+    pub last_good: Option<String>,
+    /// The good run (its end, or `never`) an overdue alert was last sent about: one alert per
+    /// silence.
+    pub alerted: Option<String>,
 }
 
 /// Where a task is.
@@ -249,6 +255,19 @@ impl Catalog {
         Ok(self.conn().execute("DELETE FROM jobs WHERE id = ?1", [id])? == 1)
     }
 
+    pub fn set_alerted(&self, id: i64, about: &str) -> Result<()> {
+        self.conn().execute("UPDATE jobs SET alerted = ?2 WHERE id = ?1", params![id, about])?;
+        Ok(())
+    }
+
+    /// How many tasks are in each state.
+    pub fn task_counts(&self) -> Result<Vec<(TaskState, i64)>> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT state, COUNT(*) FROM tasks GROUP BY state ORDER BY state")?;
+        let rows = st.query_map([], |r| Ok((TaskState::parse(&r.get::<_, String>(0)?), r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn set_next_run(&self, id: i64, next_run: Option<String>) -> Result<()> {
         self.conn().execute("UPDATE jobs SET next_run = ?2 WHERE id = ?1", params![id, next_run])?;
         Ok(())
@@ -263,18 +282,25 @@ impl Catalog {
     }
 
     fn jobs_where<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<Job>> {
-        let rows: Vec<(i64, String, String, String, Option<String>)> = {
+        type Row = (i64, String, String, String, Option<String>, Option<String>);
+        let rows: Vec<Row> = {
             let c = self.conn();
-            let mut st =
-                c.prepare(&format!("SELECT id, spec, created, updated, next_run FROM jobs {filter} ORDER BY id"))?;
-            let rows = st.query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+            let mut st = c.prepare(&format!(
+                "SELECT id, spec, created, updated, next_run, alerted FROM jobs {filter} ORDER BY id"
+            ))?;
+            let rows = st.query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         let mut out = Vec::new();
-        for (id, spec, created, updated, next_run) in rows {
+        for (id, spec, created, updated, next_run, alerted) in rows {
             let spec = serde_json::from_str(&spec).with_context(|| format!("job {id} in the catalog"))?;
             let last_task = self.tasks(Some(id), 1)?.pop();
-            out.push(Job { id, spec, created, updated, next_run, last_task });
+            let last_good = self.conn().query_row(
+                "SELECT MAX(ended) FROM tasks WHERE job_id = ?1 AND state = 'ok'",
+                [id],
+                |r| r.get(0),
+            )?;
+            out.push(Job { id, spec, created, updated, next_run, last_task, last_good, alerted });
         }
         Ok(out)
     }

@@ -41,6 +41,34 @@ pub struct JobSpec {
     /// How many VMs of one host are backed up at once (1 to 16).
     #[serde(default = "one")]
     pub per_host: u32,
+    /// Who hears of each run.
+    #[serde(default)]
+    pub notify: Option<Notify>,
+}
+
+/// Where a job's reports go when a run ends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// Mail the report (with the boot checks' screenshots) to this address, through the
+    /// server's SMTP settings.
+    #[serde(default)]
+    pub mail_to: Option<String>,
+    /// POST the report as JSON (`{"job": NAME, "task": TASK}`) to this `http://` or `https://` URL.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// After every run, or only those that did not end `ok`.
+    #[serde(default)]
+    pub when: NotifyWhen,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyWhen {
+    #[default]
+    Always,
+    /// Warning, failed, cancelled or interrupted runs only.
+    Problems,
 }
 
 fn yes() -> bool {
@@ -132,6 +160,15 @@ impl JobSpec {
         if !(1..=16).contains(&self.per_host) {
             return Err(invalid(format!("per_host {} is not between 1 and 16", self.per_host)));
         }
+        if let Some(n) = &self.notify {
+            if n.mail_to.as_ref().is_some_and(|m| m.len() > 254 || !m.contains('@')) {
+                return Err(invalid("notify.mail_to: an e-mail address".into()));
+            }
+            let web = |u: &str| (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 2048;
+            if n.webhook.as_deref().is_some_and(|u| !web(u)) {
+                return Err(invalid("notify.webhook: an http:// or https:// URL".into()));
+            }
+        }
         if self.retention.as_ref().is_some_and(|r| r.policy() == cairn_repo::retention::Policy::default()) {
             return Err(invalid("retention keeps nothing: give at least one keep_* above 0, or no retention".into()));
         }
@@ -167,6 +204,10 @@ mod tests {
         bad(&|s| s.per_host = 0, "per_host");
         bad(&|s| s.retention = Some(Retention::default()), "keeps nothing");
         bad(&|s| s.hosts = vec!["nohost".into()], "hosts");
+        bad(
+            &|s| s.notify = Some(Notify { webhook: Some("file:///etc/passwd".into()), ..Default::default() }),
+            "webhook",
+        );
         let unknown = serde_json::from_value::<JobSpec>(serde_json::json!({
             "name": "x", "vms": {"all": true}, "repository": "/r", "keep_everything": true
         }));

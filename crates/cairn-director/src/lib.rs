@@ -8,6 +8,7 @@
 //!
 //! - [`catalog`]: jobs, tasks and their logs, API tokens, in one SQLite file;
 //! - [`jobs`]: what a job is, checked before it is kept;
+//! - [`notify`]: a task's report, mailed and posted to a webhook when it ends;
 //! - [`runner`]: a task's run (backup, then retention), one at a time per repository;
 //! - [`scheduler`]: jobs started when due; a due time missed while the server was down runs once;
 //! - [`auth`]: API tokens; [`roles`]: what each role (admin, operator, viewer, backup) may do;
@@ -22,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod jobs;
+pub mod notify;
 pub mod roles;
 pub mod runner;
 pub mod scheduler;
@@ -64,6 +66,8 @@ pub struct Settings {
     pub work_dir: PathBuf,
     /// How cairn runs on other hosts.
     pub remote: cairn_ops::hosts::RemoteSettings,
+    /// The SMTP server reports are mailed through (its `to` is each job's).
+    pub mail: Option<cairn_ops::mail::MailSettings>,
     /// How often the scheduler looks at the jobs.
     pub tick: Duration,
     /// How long a guest may stay frozen (or paused) before its watchdog thaws it.
@@ -115,7 +119,7 @@ pub fn serve(settings: Settings) -> Result<()> {
         std::thread::Builder::new().name("scheduler".into()).spawn(move || {
             let mut first = true;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Err(e) = scheduler::tick(&catalog, &runner, jiff::Timestamp::now(), &tz, first) {
+                if let Err(e) = scheduler::tick(&catalog, &runner, &settings, jiff::Timestamp::now(), &tz, first) {
                     eprintln!("scheduler: {e:#}");
                 }
                 first = false;

@@ -102,33 +102,25 @@ impl Runner {
             let _ = self.catalog.log(id, line);
         };
         let outcome = if cancel.is_cancelled() {
-            Ok((TaskState::Cancelled, json!({}), Some("cancelled before it started".to_string())))
+            Ok(Ended::nothing(TaskState::Cancelled, "cancelled before it started"))
         } else {
             let _ = self.catalog.start_task(id);
             log(&format!("backup job {} started", spec.name));
             self.back_up(id, &spec, &cancel)
         };
         drop(turn);
-        match outcome {
-            Ok((state, result, error)) => {
-                log(&format!("ended: {}", state.as_str()));
-                let _ = self.catalog.finish_task(id, state, Some(&result), error.as_deref());
-            }
-            Err(e) => {
-                log(&format!("failed: {e:#}"));
-                let _ = self.catalog.finish_task(id, TaskState::Failed, None, Some(&format!("{e:#}")));
-            }
-        }
+        let ended = outcome.unwrap_or_else(|e| Ended::nothing(TaskState::Failed, &format!("{e:#}")));
+        log(&format!("ended: {}", ended.state.as_str()));
+        let result = (!ended.result.is_null()).then_some(&ended.result);
+        let _ = self.catalog.finish_task(id, ended.state, result, ended.error.as_deref());
         self.cancels.lock().unwrap().remove(&id);
+        if let Ok(Some(task)) = self.catalog.task(id) {
+            crate::notify::task_ended(&self.settings, &spec, &task, &ended.screenshots, &log);
+        }
     }
 
-    /// The job's backup and retention; the task's final state, its result and its error.
-    fn back_up(
-        &self,
-        id: i64,
-        spec: &JobSpec,
-        cancel: &Cancel,
-    ) -> Result<(TaskState, serde_json::Value, Option<String>)> {
+    /// The job's backup and retention, and how the task ends.
+    fn back_up(&self, id: i64, spec: &JobSpec, cancel: &Cancel) -> Result<Ended> {
         let progress = TaskProgress::new(self.catalog.clone(), id);
         let password = read_password(spec)?;
         let backend = cairn_storage::open(&spec.repository)?;
@@ -192,7 +184,14 @@ impl Runner {
         }
         let error = (!warnings.is_empty()).then(|| warnings.join("; "));
         let results: Vec<serde_json::Value> = outcomes.iter().map(outcome_json).collect();
-        Ok((state, json!({"vms": results, "retention": retention}), error))
+        let screenshots = outcomes
+            .iter()
+            .filter_map(|o| {
+                let boot = o.result.as_ref().ok()?.boot.as_ref()?.as_ref().ok()?;
+                Some((format!("{}.png", o.vm), boot.screenshot.clone()?))
+            })
+            .collect();
+        Ok(Ended { state, result: json!({"vms": results, "retention": retention}), error, screenshots })
     }
 
     /// The backup request of a job's run over `vms`.
@@ -224,6 +223,21 @@ impl Runner {
             workers,
         });
         BackupVmsRequest { vms, options, boot_check, per_host: spec.per_host as usize }
+    }
+}
+
+/// How a task ends: its state, result (per VM), error, and the boot checks' screenshots (for
+/// its report).
+struct Ended {
+    state: TaskState,
+    result: serde_json::Value,
+    error: Option<String>,
+    screenshots: Vec<(String, Vec<u8>)>,
+}
+
+impl Ended {
+    fn nothing(state: TaskState, error: &str) -> Ended {
+        Ended { state, result: serde_json::Value::Null, error: Some(error.to_string()), screenshots: Vec::new() }
     }
 }
 

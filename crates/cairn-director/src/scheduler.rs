@@ -5,9 +5,14 @@
 //! passed while the server was down runs once (trigger `missed`), however many times it was due,
 //! and its next due time is counted from now. The scheduler ticks every few seconds; schedules
 //! have a resolution of one minute.
+//!
+//! It also watches for silence: a scheduled job with no good run (a task ended `ok`) for longer
+//! than [`overdue_after`] its period gets one alert (mail, webhook: its `notify`), sent again only
+//! after a good run and a new silence.
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Job};
 use crate::runner::Runner;
+use crate::Settings;
 use anyhow::Result;
 use cairn_schedule::Schedule;
 use jiff::tz::TimeZone;
@@ -19,12 +24,57 @@ pub fn next_run(schedule: &Schedule, now: Timestamp, tz: &TimeZone) -> Option<St
     schedule.next_after(now, tz).map(|z| z.timestamp().to_string())
 }
 
+/// How long a job with schedule period `period` may go without a good run: one missed run and
+/// half a period (at least five minutes) of slack.
+pub fn overdue_after(period: jiff::SignedDuration) -> jiff::SignedDuration {
+    period + (period / 2).max(jiff::SignedDuration::from_mins(5))
+}
+
+/// The period of a schedule: between its next two runs after `now`.
+fn period(schedule: &Schedule, now: Timestamp, tz: &TimeZone) -> Option<jiff::SignedDuration> {
+    let first = schedule.next_after(now, tz)?;
+    let second = schedule.next_after(first.timestamp(), tz)?;
+    Some(second.timestamp().duration_since(first.timestamp()))
+}
+
+/// Sends the overdue alert of `job` if it has had no good run for too long and was not alerted
+/// about this silence yet.
+fn watch_silence(
+    catalog: &Catalog,
+    settings: &Settings,
+    job: &Job,
+    schedule: &Schedule,
+    now: Timestamp,
+    tz: &TimeZone,
+) -> Result<()> {
+    let Some(period) = period(schedule, now, tz) else { return Ok(()) };
+    let since_text = job.last_good.clone().unwrap_or_else(|| job.created.clone());
+    let Ok(since) = since_text.parse::<Timestamp>() else { return Ok(()) };
+    let about = job.last_good.clone().unwrap_or_else(|| "never".into());
+    if now.duration_since(since) <= overdue_after(period) || job.alerted.as_deref() == Some(about.as_str()) {
+        return Ok(());
+    }
+    catalog.set_alerted(job.id, &about)?;
+    crate::notify::overdue(settings, job, period, &|line| eprintln!("job {}: {line}", job.spec.name));
+    Ok(())
+}
+
 /// One pass over the jobs at `now`: those due are started. `first` says this is the server's
 /// first pass, when a due time already past was missed while it was down.
-pub fn tick(catalog: &Catalog, runner: &Arc<Runner>, now: Timestamp, tz: &TimeZone, first: bool) -> Result<()> {
+pub fn tick(
+    catalog: &Catalog,
+    runner: &Arc<Runner>,
+    settings: &Settings,
+    now: Timestamp,
+    tz: &TimeZone,
+    first: bool,
+) -> Result<()> {
     for job in catalog.jobs()? {
         let Some(text) = &job.spec.schedule else { continue };
         let Ok(schedule) = Schedule::parse(text) else { continue }; // checked when stored
+        if job.spec.enabled {
+            watch_silence(catalog, settings, &job, &schedule, now, tz)?;
+        }
         let due = job.next_run.as_deref().and_then(|d| d.parse::<Timestamp>().ok());
         let Some(due) = due else {
             catalog.set_next_run(job.id, next_run(&schedule, now, tz))?;

@@ -62,10 +62,6 @@ impl MailSettings {
 
     /// Mails the verdict of `check`, with the screenshot attached when there is one.
     pub fn send_boot_report(&self, check: &BootCheck, png: Option<&[u8]>) -> Result<()> {
-        use lettre::message::{header::ContentType, Attachment, MultiPart, SinglePart};
-        use lettre::transport::smtp::authentication::Credentials;
-        use lettre::{Message, SmtpTransport, Transport};
-        self.check()?;
         let subject = format!(
             "cairn boot verification {}: {} restore point {} ({})",
             check.verdict.to_uppercase(),
@@ -87,11 +83,19 @@ impl MailSettings {
             check.sandbox,
             if png.is_some() { "The screen of the booted VM is attached." } else { "No screenshot could be taken." }
         );
+        let shot = png.map(|p| ("screenshot.png".to_string(), p.to_vec()));
+        self.send(&subject, body, shot.as_slice())
+    }
+
+    /// Mails `body` under `subject`, with PNG `images` (file name, bytes) attached.
+    pub fn send(&self, subject: &str, body: String, images: &[(String, Vec<u8>)]) -> Result<()> {
+        use lettre::message::{header::ContentType, Attachment, MultiPart, SinglePart};
+        use lettre::transport::smtp::authentication::Credentials;
+        use lettre::{Message, SmtpTransport, Transport};
+        self.check()?;
         let mut parts = MultiPart::mixed().singlepart(SinglePart::plain(body));
-        if let Some(png) = png {
-            parts = parts.singlepart(
-                Attachment::new("screenshot.png".into()).body(png.to_vec(), ContentType::parse("image/png")?),
-            );
+        for (name, png) in images {
+            parts = parts.singlepart(Attachment::new(name.clone()).body(png.clone(), ContentType::parse("image/png")?));
         }
         let msg = Message::builder()
             .from(self.from.parse().with_context(|| format!("the sender {:?} is not an address", self.from))?)

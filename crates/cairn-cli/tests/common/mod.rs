@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod smtp;
 
 use serde_json::Value;
 use std::fs::{File, OpenOptions};
