@@ -13,9 +13,15 @@ pub const DEFAULT_CATALOG: &str = "/var/lib/cairn/director/catalog.db";
 pub struct ServerArgs {
     #[command(subcommand)]
     pub command: Option<ServerCmd>,
-    /// Address of the API (HTTP, loopback only until TLS is built)
+    /// Address of the API: HTTPS with --tls-cert and --tls-key, else plain HTTP on loopback only
     #[arg(long, default_value = "127.0.0.1:8470", value_name = "HOST:PORT")]
     listen: std::net::SocketAddr,
+    /// The server's certificate chain (PEM, server first): the API is served over HTTPS
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM)
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// The catalog (jobs, tasks, tokens): a SQLite file
     #[arg(long, default_value = DEFAULT_CATALOG, value_name = "FILE", env = "CAIRN_CATALOG")]
     catalog: PathBuf,
@@ -119,6 +125,7 @@ pub fn run(g: &crate::Global, a: &ServerArgs) -> Result<i32> {
             let settings = cairn_director::Settings {
                 mail,
                 listen: a.listen,
+                tls: a.tls_cert.clone().zip(a.tls_key.clone()),
                 catalog: a.catalog.clone(),
                 hosts: crate::vm::host_list(&a.hosts),
                 connect: std::sync::Arc::new(|uri: &str| -> Result<Box<dyn cairn_hypervisor::Hypervisor>> {

@@ -382,3 +382,49 @@ fn a_killed_server_leaves_no_guest_frozen_and_a_schedule_missed_while_it_was_dow
     let next: String = job["next_run"].as_str().unwrap().into();
     assert!(next.as_str() > "2026-11-30", "{job}");
 }
+
+#[test]
+fn the_api_is_served_over_tls_and_plain_http_only_on_loopback() {
+    let e = Env::new();
+    let catalog = catalog_in(&e);
+    let admin = token(&catalog, "admin", "admin");
+    // Plain HTTP on an address others reach: refused before anything listens.
+    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["server", "--listen", "0.0.0.0:0", "--catalog"])
+        .arg(&catalog)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && said.contains("not a loopback address") && said.contains("--tls-cert"), "{said}");
+
+    let (cert, key) = (e.path("cert.pem"), e.path("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let s = Server::start(&catalog, &e.path("work"), &["--tls-cert", c, "--tls-key", k]);
+    assert!(s.base.starts_with("https://127.0.0.1:"), "{}", s.base);
+    // A client that connects and never speaks holds no one else up.
+    let _silent = std::net::TcpStream::connect(s.base.trim_start_matches("https://")).unwrap();
+    let curl = |url: &str| {
+        let o = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", c, "-H", &format!("Authorization: Bearer {admin}")])
+            .arg(url)
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let (ok, body) = curl(&s.url("/api/version"));
+    assert!(ok, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["version"].is_string(), "{v}");
+    // Plain HTTP to the HTTPS port gets nothing.
+    let (ok, _) = curl(&s.url("/api/version").replace("https://", "http://"));
+    assert!(!ok, "plain HTTP was answered on the HTTPS port");
+}

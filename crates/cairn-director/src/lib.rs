@@ -27,6 +27,7 @@ pub mod notify;
 pub mod roles;
 pub mod runner;
 pub mod scheduler;
+mod tls;
 
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
@@ -54,8 +55,10 @@ pub type Connector = Arc<dyn Fn(&str) -> Result<Box<dyn cairn_hypervisor::Hyperv
 /// How the server runs.
 #[derive(Clone)]
 pub struct Settings {
-    /// Where the API listens: a loopback address (TLS is not built yet).
+    /// Where the API listens: any address with TLS, a loopback address only without.
     pub listen: SocketAddr,
+    /// The server's certificate chain and private key (PEM files): HTTPS instead of HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// The catalog's SQLite file.
     pub catalog: PathBuf,
     /// The default host list of jobs that name none.
@@ -98,13 +101,17 @@ pub fn open_catalog(path: &std::path::Path) -> Result<catalog::Catalog> {
 /// Runs the server until SIGTERM or SIGINT: the API, the scheduler and the tasks. Prints
 /// `listening on http://ADDR` on standard output once it accepts requests.
 pub fn serve(settings: Settings) -> Result<()> {
-    if !settings.listen.ip().is_loopback() {
+    if !settings.listen.ip().is_loopback() && settings.tls.is_none() {
         bail!(
-            "{} is not a loopback address: the API is served over plain HTTP, on loopback only, until TLS is \
-             built (reach it through an SSH tunnel or a TLS proxy)",
+            "{} is not a loopback address: plain HTTP is served on loopback only (tokens would cross the network \
+             in clear); give a certificate and key (--tls-cert, --tls-key)",
             settings.listen
         );
     }
+    let tls = match &settings.tls {
+        Some((cert, key)) => Some(cairn_nbd::server::tls_config(cert, key, None).context("the TLS certificate")?),
+        None => None,
+    };
     let catalog = Arc::new(open_catalog(&settings.catalog)?);
     for id in catalog.interrupt_unfinished(INTERRUPTED)? {
         eprintln!("task {id}: interrupted when the server stopped");
@@ -136,13 +143,21 @@ pub fn serve(settings: Settings) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listening on {}", settings.listen))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         {
             use std::io::Write;
             let mut out = std::io::stdout();
-            writeln!(out, "listening on http://{}", listener.local_addr()?)?;
+            writeln!(out, "listening on {scheme}://{}", listener.local_addr()?)?;
             out.flush()?;
         }
-        axum::serve(listener, api::router(app)).with_graceful_shutdown(stop_signal()).await?;
+        let router = api::router(app);
+        match tls {
+            Some(config) => {
+                let listener = tls::TlsListener::new(listener, config);
+                axum::serve(listener, router).with_graceful_shutdown(stop_signal()).await?
+            }
+            None => axum::serve(listener, router).with_graceful_shutdown(stop_signal()).await?,
+        }
         anyhow::Ok(())
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
