@@ -29,6 +29,9 @@ pub struct ServerArgs {
     /// this machine's hypervisor)
     #[arg(long = "host", value_name = "URI")]
     hosts: Vec<String>,
+    /// The folder where jobs' password files must be (root's files, mode 0600)
+    #[arg(long, default_value = "/etc/cairn", value_name = "DIR")]
+    secrets_dir: PathBuf,
     /// Work folder for the VM jobs' sockets, scratch files and sandboxes
     #[arg(long, default_value = cairn_ops::DEFAULT_WORK_DIR, value_name = "DIR")]
     work_dir: PathBuf,
@@ -128,6 +131,7 @@ pub fn run(g: &crate::Global, a: &ServerArgs) -> Result<i32> {
                 tls: a.tls_cert.clone().zip(a.tls_key.clone()),
                 catalog: a.catalog.clone(),
                 hosts: crate::vm::host_list(&a.hosts),
+                secrets_dir: std::path::absolute(&a.secrets_dir)?,
                 connect: std::sync::Arc::new(|uri: &str| -> Result<Box<dyn cairn_hypervisor::Hypervisor>> {
                     Ok(Box::new(cairn_libvirt::Libvirt::connect(uri)?))
                 }),

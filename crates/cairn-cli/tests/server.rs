@@ -193,12 +193,29 @@ fn the_api_needs_a_token_and_each_role_may_only_what_it_is_given() {
     let id = created["id"].as_i64().unwrap();
     assert!(created["next_run"].as_str().is_some_and(|t| t.ends_with('Z')), "{created}");
     assert_eq!(s.call("POST", "/api/jobs", Some(&admin), Some(job.clone())).0, 409, "a name taken twice");
-    let mut bad = job.clone();
-    bad["name"] = "other".into();
-    bad["schedule"] = "25:00".into();
-    let (status, err) = s.call("POST", "/api/jobs", Some(&admin), Some(bad));
-    assert_eq!(status, 400);
-    assert!(err["error"].as_str().unwrap().contains("hours"), "{err}");
+    // Refused with the reason, in JSON: what the root-running server must not be told by an
+    // operator (a libvirt URI that runs a program, a password file anywhere), and what cannot work.
+    for (field, value, why) in [
+        ("schedule", json!("25:00"), "hours"),
+        ("schedule", json!("*-02-30"), "never comes due"),
+        ("hosts", json!(["qemu+ext:///system?command=/bin/true"]), "not in the server's host list"),
+        ("password_file", json!("/root/.ssh/id_ed25519"), "secrets folder"),
+        ("repository", json!("relative/repo"), "absolute"),
+    ] {
+        let mut bad = job.clone();
+        bad["name"] = "other".into();
+        bad[field] = value;
+        let (status, err) = s.call("POST", "/api/jobs", Some(&admin), Some(bad));
+        assert_eq!(status, 400, "{field}: {err}");
+        assert!(err["error"].as_str().unwrap().contains(why), "{field}: {err}");
+    }
+    let o = ureq::post(&s.url("/api/jobs"))
+        .set("Authorization", &format!("bearer {admin}"))
+        .set("Content-Type", "application/json")
+        .send_string("{not json");
+    let Err(ureq::Error::Status(400, r)) = o else { panic!("a malformed body was not a 400") };
+    let err: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert!(err["error"].is_string(), "{err}");
 
     // A backup token runs jobs, and can neither change nor delete one (nor its retention).
     let mut weaker = job.clone();
@@ -213,6 +230,10 @@ fn the_api_needs_a_token_and_each_role_may_only_what_it_is_given() {
     let ended = wait_task(&s, &viewer, task["id"].as_i64().unwrap(), Duration::from_secs(60));
     assert_eq!(ended["state"], "failed", "{ended}");
     assert!(ended["result"]["vms"][0]["error"].is_string() || ended["error"].is_string(), "{ended}");
+    // A backup token cancels only its own tasks.
+    let other = token(&catalog, "ci2", "backup");
+    let (status, _) = s.call("POST", &format!("/api/tasks/{}/cancel", task["id"]), Some(&other), None);
+    assert_eq!(status, 403);
     let (status, log) = s.call("GET", &format!("/api/tasks/{}/log", task["id"]), Some(&viewer), None);
     assert_eq!(status, 200);
     assert!(log.as_array().unwrap().len() >= 2, "{log}");
@@ -252,6 +273,10 @@ fn the_api_needs_a_token_and_each_role_may_only_what_it_is_given() {
     assert_eq!(s.call("GET", "/api/tasks", Some(&dash), None).0, 200);
     assert_eq!(s.call("DELETE", "/api/tokens/dash", Some(&admin), None).0, 204);
     assert_eq!(s.call("GET", "/api/tasks", Some(&dash), None).0, 401, "a revoked token still works");
+    // Renamed onto a name taken: a conflict, not a server error.
+    let mut renamed = job.clone();
+    renamed["name"] = "hourly".into();
+    assert_eq!(s.call("PUT", &format!("/api/jobs/{id}"), Some(&admin), Some(renamed)).0, 409);
     assert_eq!(s.call("DELETE", &format!("/api/jobs/{id}"), Some(&admin), None).0, 204);
     assert_eq!(s.call("GET", &format!("/api/jobs/{id}"), Some(&admin), None).0, 404);
 }

@@ -75,6 +75,20 @@ impl From<DirectorError> for ApiError {
     }
 }
 
+/// A JSON request body; one that cannot be read is a 400 with `{"error": ...}`, as every error.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => Err(ApiError::new(StatusCode::BAD_REQUEST, r.body_text())),
+        }
+    }
+}
+
 /// The caller of a request, from its token.
 pub struct Authed(pub Caller);
 
@@ -98,7 +112,8 @@ impl FromRequestParts<Arc<App>> for Authed {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "));
+            .and_then(|h| h.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")))
+            .map(|(_, token)| token);
         let unauthorized = || {
             ApiError::new(StatusCode::UNAUTHORIZED, "a valid token is needed: Authorization: Bearer cairn.ID.SECRET")
         };
@@ -218,10 +233,20 @@ fn job_or_404(app: &App, id: i64) -> Result<Job, ApiError> {
     app.catalog.job(id)?.ok_or_else(|| DirectorError::NotFound(format!("no job {id}")).into())
 }
 
-/// The next due time of a checked spec, from now.
-fn due(app: &App, spec: &JobSpec) -> Result<Option<String>, ApiError> {
-    let schedule = spec.check()?;
-    Ok(schedule.and_then(|s| crate::scheduler::next_run(&s, jiff::Timestamp::now(), &app.tz)))
+/// A job's spec from a request body, checked against what the server allows; with its next
+/// due time, from now.
+fn checked(app: &App, spec: JobSpec) -> Result<(JobSpec, Option<String>), ApiError> {
+    let schedule = spec.check(&app.settings.allowed())?;
+    let next = match schedule {
+        None => None,
+        Some(s) => Some(crate::scheduler::next_run(&s, jiff::Timestamp::now(), &app.tz).ok_or_else(|| {
+            DirectorError::Invalid(format!(
+                "schedule {:?} never comes due (a date that does not exist or is past)",
+                s.text()
+            ))
+        })?),
+    };
+    Ok((spec, next))
 }
 
 /// Adds a job (checked first: its name, VMs, hosts, schedule, retention).
@@ -230,10 +255,10 @@ fn due(app: &App, spec: &JobSpec) -> Result<Option<String>, ApiError> {
 async fn create_job(
     State(app): AppState,
     caller: Authed,
-    Json(spec): Json<JobSpec>,
+    Body(spec): Body<JobSpec>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     caller.may(Action::ChangeJobs)?;
-    let next = due(&app, &spec)?;
+    let (spec, next) = checked(&app, spec)?;
     let id = app.catalog.create_job(&spec, next)?;
     Ok((StatusCode::CREATED, Json(job_or_404(&app, id)?)))
 }
@@ -253,10 +278,10 @@ async fn update_job(
     State(app): AppState,
     caller: Authed,
     Path(id): Path<i64>,
-    Json(spec): Json<JobSpec>,
+    Body(spec): Body<JobSpec>,
 ) -> Result<Json<Job>, ApiError> {
     caller.may(Action::ChangeJobs)?;
-    let next = due(&app, &spec)?;
+    let (spec, next) = checked(&app, spec)?;
     if !app.catalog.update_job(id, &spec, next)? {
         return Err(DirectorError::NotFound(format!("no job {id}")).into());
     }
@@ -287,7 +312,10 @@ async fn run_job(
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     caller.may(Action::RunJob)?;
     let job = job_or_404(&app, id)?;
-    let task = app.runner.submit(id, job.spec, "api", &caller.0.name)?;
+    // A backup token's runs keep every point: run N times, a retention of N would otherwise
+    // forget the whole history on its say-so.
+    let retention = caller.0.role != Role::Backup;
+    let task = app.runner.submit(id, job.spec, "api", &caller.0.name, retention)?;
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
@@ -352,6 +380,12 @@ async fn cancel_task(
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     caller.may(Action::RunJob)?;
     let task = task_or_404(&app, id)?;
+    if caller.0.role == Role::Backup && task.requested_by != caller.0.name {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("a backup token cancels only its own tasks; task {id} is not"),
+        ));
+    }
     if task.state.is_finished() || !app.runner.cancel(id) {
         return Err(DirectorError::Conflict(format!("task {id} is {}", task.state.as_str())).into());
     }
@@ -422,7 +456,7 @@ pub struct MadeToken {
 async fn create_token(
     State(app): AppState,
     caller: Authed,
-    Json(t): Json<NewToken>,
+    Body(t): Body<NewToken>,
 ) -> Result<(StatusCode, Json<MadeToken>), ApiError> {
     caller.may(Action::ManageTokens)?;
     let token = auth::create_token(&app.catalog, &t.name, t.role)?;

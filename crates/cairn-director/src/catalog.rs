@@ -171,6 +171,16 @@ pub fn now() -> String {
     jiff::Timestamp::now().to_string()
 }
 
+/// A job name's uniqueness, broken: a conflict the caller can act on.
+fn name_taken(e: rusqlite::Error, name: &str) -> anyhow::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            anyhow::Error::new(crate::DirectorError::Conflict(format!("a job named {name:?} exists")))
+        }
+        e => e.into(),
+    }
+}
+
 pub struct Catalog {
     conn: Mutex<Connection>,
 }
@@ -233,21 +243,19 @@ impl Catalog {
             "INSERT INTO jobs (name, spec, created, updated, next_run) VALUES (?1, ?2, ?3, ?3, ?4)",
             params![spec.name, serde_json::to_string(spec)?, t, next_run],
         )
-        .map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                anyhow::Error::new(crate::DirectorError::Conflict(format!("a job named {:?} exists", spec.name)))
-            }
-            e => e.into(),
-        })?;
+        .map_err(|e| name_taken(e, &spec.name))?;
         Ok(c.last_insert_rowid())
     }
 
     /// Replaces a job's spec (and its next run, the schedule having changed).
     pub fn update_job(&self, id: i64, spec: &crate::jobs::JobSpec, next_run: Option<String>) -> Result<bool> {
-        let n = self.conn().execute(
-            "UPDATE jobs SET name = ?2, spec = ?3, updated = ?4, next_run = ?5 WHERE id = ?1",
-            params![id, spec.name, serde_json::to_string(spec)?, now(), next_run],
-        )?;
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE jobs SET name = ?2, spec = ?3, updated = ?4, next_run = ?5 WHERE id = ?1",
+                params![id, spec.name, serde_json::to_string(spec)?, now(), next_run],
+            )
+            .map_err(|e| name_taken(e, &spec.name))?;
         Ok(n == 1)
     }
 

@@ -3,6 +3,7 @@
 use crate::DirectorError;
 use cairn_schedule::Schedule;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 use utoipa::ToSchema;
 
 /// A backup job, as the API takes and gives it.
@@ -13,12 +14,14 @@ pub struct JobSpec {
     pub name: String,
     /// The VMs it backs up.
     pub vms: VmSelection,
-    /// Hypervisor URIs of the hosts to look for them on; empty: the server's host list.
+    /// Hypervisor URIs of the hosts to look for them on, from the server's host list; empty: all of it.
     #[serde(default)]
     pub hosts: Vec<String>,
-    /// The repository: a folder of the server, or `s3://BUCKET/PREFIX`, `az://CONTAINER/PREFIX`.
+    /// The repository: a folder of the server (absolute path), or `s3://BUCKET/PREFIX`,
+    /// `az://CONTAINER/PREFIX`.
     pub repository: String,
-    /// A file of the server holding the repository's password (encrypted repositories).
+    /// A file holding the repository's password (encrypted repositories), in the server's
+    /// secrets folder (`--secrets-dir`, default /etc/cairn): root's, mode 0600 or stricter.
     #[serde(default)]
     pub password_file: Option<String>,
     /// How each VM is backed up.
@@ -138,9 +141,25 @@ fn invalid(why: String) -> DirectorError {
     DirectorError::Invalid(why)
 }
 
+/// What the server lets a job name. The server runs as root and a job comes from any operator
+/// token: a hypervisor URI can make libvirt run a program (`qemu+ext://...?command=`) or read a
+/// file, and a password file is read as root, so both are limited to what the administrator set
+/// when starting the server.
+pub struct Allowed<'a> {
+    /// The server's host list.
+    pub hosts: &'a [String],
+    /// The folder password files must be in.
+    pub secrets_dir: &'a Path,
+}
+
+/// Whether `path` is absolute and has no `..`.
+fn plain_absolute(path: &Path) -> bool {
+    path.is_absolute() && !path.components().any(|c| matches!(c, std::path::Component::ParentDir))
+}
+
 impl JobSpec {
     /// Checks everything that can be checked without running it; returns its schedule.
-    pub fn check(&self) -> Result<Option<Schedule>, DirectorError> {
+    pub fn check(&self, allowed: &Allowed) -> Result<Option<Schedule>, DirectorError> {
         let plain = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if self.name.is_empty() || self.name.len() > 64 || !plain(&self.name) {
             return Err(invalid(format!("{:?} is not a job name (1 to 64 letters, digits, - _ .)", self.name)));
@@ -151,11 +170,24 @@ impl JobSpec {
         if self.vms.names.len() > 1000 || self.vms.names.iter().any(|n| n.is_empty() || n.len() > 256) {
             return Err(invalid("vms.names: at most 1000 names of 1 to 256 characters".into()));
         }
-        if self.hosts.len() > 100 || self.hosts.iter().any(|h| h.is_empty() || h.len() > 1024 || !h.contains(':')) {
-            return Err(invalid("hosts: at most 100 hypervisor URIs (qemu:///system, qemu+ssh://HOST/system)".into()));
+        if let Some(h) = self.hosts.iter().find(|h| !allowed.hosts.contains(h)) {
+            return Err(invalid(format!(
+                "hosts: {h:?} is not in the server's host list ({}); an administrator adds hosts with --host",
+                allowed.hosts.join(", ")
+            )));
         }
-        if self.repository.is_empty() || self.repository.len() > 4096 {
-            return Err(invalid("repository: a folder or an s3:// or az:// URL".into()));
+        let url = self.repository.contains("://");
+        if self.repository.len() > 4096 || !(url || plain_absolute(Path::new(&self.repository))) {
+            return Err(invalid("repository: an absolute folder (no ..) or an s3:// or az:// URL".into()));
+        }
+        if let Some(f) = &self.password_file {
+            let f = Path::new(f);
+            if !plain_absolute(f) || !f.starts_with(allowed.secrets_dir) {
+                return Err(invalid(format!(
+                    "password_file: a file in the server's secrets folder {}",
+                    allowed.secrets_dir.display()
+                )));
+            }
         }
         if !(1..=16).contains(&self.per_host) {
             return Err(invalid(format!("per_host {} is not between 1 and 16", self.per_host)));
@@ -180,6 +212,12 @@ impl JobSpec {
 mod tests {
     use super::*;
 
+    const HOSTS: &[String] = &[];
+
+    fn allowed() -> Allowed<'static> {
+        Allowed { hosts: HOSTS, secrets_dir: Path::new("/etc/cairn") }
+    }
+
     fn spec() -> JobSpec {
         serde_json::from_value(serde_json::json!({
             "name": "nightly", "vms": {"names": ["web"]}, "repository": "/srv/repo", "schedule": "daily"
@@ -189,12 +227,12 @@ mod tests {
 
     #[test]
     fn a_job_is_checked_before_it_is_kept() {
-        assert_eq!(spec().check().unwrap().unwrap().text(), "daily");
+        assert_eq!(spec().check(&allowed()).unwrap().unwrap().text(), "daily");
         assert!(spec().enabled && spec().per_host == 1);
         let bad = |f: &dyn Fn(&mut JobSpec), why: &str| {
             let mut s = spec();
             f(&mut s);
-            let e = s.check().unwrap_err().to_string();
+            let e = s.check(&allowed()).unwrap_err().to_string();
             assert!(e.contains(why), "{e}");
         };
         bad(&|s| s.name = "no spaces".into(), "job name");
@@ -203,7 +241,11 @@ mod tests {
         bad(&|s| s.schedule = Some("25:00".into()), "hours");
         bad(&|s| s.per_host = 0, "per_host");
         bad(&|s| s.retention = Some(Retention::default()), "keeps nothing");
-        bad(&|s| s.hosts = vec!["nohost".into()], "hosts");
+        bad(&|s| s.hosts = vec!["qemu+ext:///system?command=/tmp/x".into()], "not in the server's host list");
+        bad(&|s| s.repository = "relative/repo".into(), "absolute");
+        bad(&|s| s.repository = "/srv/../etc".into(), "absolute");
+        bad(&|s| s.password_file = Some("/root/.ssh/id_ed25519".into()), "secrets folder");
+        bad(&|s| s.password_file = Some("/etc/cairn/../shadow".into()), "secrets folder");
         bad(
             &|s| s.notify = Some(Notify { webhook: Some("file:///etc/passwd".into()), ..Default::default() }),
             "webhook",

@@ -61,8 +61,10 @@ pub struct Settings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The catalog's SQLite file.
     pub catalog: PathBuf,
-    /// The default host list of jobs that name none.
+    /// The server's host list: the hosts jobs may name, and those of a job that names none.
     pub hosts: Vec<String>,
+    /// The folder jobs' password files must be in.
+    pub secrets_dir: PathBuf,
     /// How a host's hypervisor is reached.
     pub connect: Connector,
     /// The work folder of VM jobs (sockets, scratch files, sandboxes).
@@ -77,6 +79,13 @@ pub struct Settings {
     pub freeze_limit_secs: u64,
     /// Testing aid: each VM stays frozen this long after its point is taken.
     pub debug_hold: Option<Duration>,
+}
+
+impl Settings {
+    /// What jobs may name on this server.
+    pub fn allowed(&self) -> jobs::Allowed<'_> {
+        jobs::Allowed { hosts: &self.hosts, secrets_dir: &self.secrets_dir }
+    }
 }
 
 /// What the catalog says of tasks a stopped server left unfinished.
@@ -162,7 +171,8 @@ pub fn serve(settings: Settings) -> Result<()> {
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = scheduler.join();
-    // Running tasks stop between batches of blocks, their guests thawed.
+    // Running tasks stop between batches of blocks, their guests thawed; they end interrupted,
+    // and the scheduled ones run again at the next start.
     runner.stop_all(Duration::from_secs(120));
     served
 }

@@ -7,7 +7,8 @@ use crate::jobs::{JobSpec, NotifyWhen};
 use crate::Settings;
 use std::time::Duration;
 
-/// How long a webhook may take to answer.
+/// How long a webhook may take to answer. Redirects are not followed: the URL the operator
+/// gave is the only one the server posts to.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends the report of `task` (ended) of job `spec` as its `notify` says; `log` gets what
@@ -38,7 +39,7 @@ pub fn task_ended(
     }
     if let Some(url) = &notify.webhook {
         let report = serde_json::json!({"job": spec.name, "task": task});
-        let agent = ureq::AgentBuilder::new().timeout(WEBHOOK_TIMEOUT).build();
+        let agent = ureq::AgentBuilder::new().timeout(WEBHOOK_TIMEOUT).redirects(0).build();
         match agent.post(url).send_json(report) {
             Ok(r) => log(&format!("report posted to {url} ({})", r.status())),
             Err(e) => log(&format!("report not posted to {url}: {e}")),
@@ -70,7 +71,7 @@ pub fn overdue(settings: &Settings, job: &Job, period: jiff::SignedDuration, log
     if let Some(url) = &notify.webhook {
         let alert = serde_json::json!({"job": job.spec.name, "alert": "overdue", "last_good": job.last_good,
             "period_seconds": period.as_secs(), "text": what});
-        let agent = ureq::AgentBuilder::new().timeout(WEBHOOK_TIMEOUT).build();
+        let agent = ureq::AgentBuilder::new().timeout(WEBHOOK_TIMEOUT).redirects(0).build();
         match agent.post(url).send_json(alert) {
             Ok(_) => log(&format!("overdue alert posted to {url}")),
             Err(e) => log(&format!("overdue alert not posted to {url}: {e}")),

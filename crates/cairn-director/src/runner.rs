@@ -1,8 +1,9 @@
 //! Tasks: a job's run, in a thread of its own, through the same operations as the CLI
 //! (`cairn_ops::vm_backup::backup_vms`, then `cairn_ops::maintenance::forget` for its retention).
 //!
-//! One task at a time per repository (the others wait, queued): backups into one repository
-//! share its lock, but a job's retention needs it alone. Within a task, the hosts are backed up
+//! One task at a time per repository (the others wait, queued): a job's retention then never
+//! decides while another job's points of the same VMs are being written, and the runs of one
+//! repository do not compete for its disk. Within a task, the hosts are backed up
 //! in parallel, `per_host` VMs of each at a time. A task's progress and log go to the catalog
 //! as it runs; a cancelled task stops between VMs and between batches of blocks (its guests
 //! thawed, no point written for the VM it was in).
@@ -29,6 +30,11 @@ pub struct Runner {
     cancels: Mutex<HashMap<i64, Cancel>>,
     /// The threads of the tasks not ended yet, for a clean stop.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Held from the check that a job is not active to its task's queueing: the scheduler and
+    /// the API must not queue one job twice.
+    submitting: Mutex<()>,
+    /// The server is stopping: tasks stopped now end `interrupted`, not `cancelled`.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Runner {
@@ -39,12 +45,23 @@ impl Runner {
             repositories: Mutex::default(),
             cancels: Mutex::default(),
             threads: Mutex::default(),
+            submitting: Mutex::default(),
+            stopping: Default::default(),
         })
     }
 
     /// Queues a run of job `job_id` (`trigger`: api, schedule, missed; `by`: who asked) and
-    /// starts its thread. A job already queued or running is not queued twice.
-    pub fn submit(self: &Arc<Self>, job_id: i64, spec: JobSpec, trigger: &str, by: &str) -> Result<Task> {
+    /// starts its thread; without `retention`, the job's retention is not applied after it. A job
+    /// already queued or running is not queued twice.
+    pub fn submit(
+        self: &Arc<Self>,
+        job_id: i64,
+        spec: JobSpec,
+        trigger: &str,
+        by: &str,
+        retention: bool,
+    ) -> Result<Task> {
+        let _one_at_a_time = self.submitting.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(active) = self.catalog.tasks(Some(job_id), 1)?.into_iter().find(|t| !t.state.is_finished()) {
             return Err(DirectorError::Conflict(format!(
                 "job {} is already {} (task {})",
@@ -59,10 +76,17 @@ impl Runner {
         self.cancels.lock().unwrap().insert(task.id, cancel.clone());
         let me = self.clone();
         let id = task.id;
-        let handle = std::thread::Builder::new()
-            .name(format!("task-{id}"))
-            .spawn(move || me.run(id, spec, cancel))
-            .context("starting the task's thread")?;
+        let handle =
+            std::thread::Builder::new().name(format!("task-{id}")).spawn(move || me.run(id, spec, cancel, retention));
+        let handle = match handle {
+            Ok(h) => h,
+            Err(e) => {
+                self.cancels.lock().unwrap().remove(&id);
+                let _ =
+                    self.catalog.finish_task(id, TaskState::Failed, None, Some(&format!("starting its thread: {e}")));
+                return Err(anyhow::Error::new(e).context("starting the task's thread"));
+            }
+        };
         let mut threads = self.threads.lock().unwrap();
         threads.retain(|t| !t.is_finished());
         threads.push(handle);
@@ -82,6 +106,7 @@ impl Runner {
 
     /// Cancels every task and waits for their threads (at most `wait`).
     pub fn stop_all(&self, wait: Duration) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         for c in self.cancels.lock().unwrap().values() {
             c.cancel();
         }
@@ -91,11 +116,13 @@ impl Runner {
         }
     }
 
+    /// The mutex of a repository: one per location, spelled the same (`/srv/repo/` is `/srv/repo`).
     fn repository_mutex(&self, location: &str) -> Arc<Mutex<()>> {
-        self.repositories.lock().unwrap().entry(location.to_string()).or_default().clone()
+        let key = location.trim_end_matches('/').to_string();
+        self.repositories.lock().unwrap().entry(key).or_default().clone()
     }
 
-    fn run(self: Arc<Self>, id: i64, spec: JobSpec, cancel: Cancel) {
+    fn run(self: Arc<Self>, id: i64, spec: JobSpec, cancel: Cancel, retention: bool) {
         let repo_mutex = self.repository_mutex(&spec.repository);
         let turn = repo_mutex.lock().unwrap_or_else(|e| e.into_inner());
         let log = |line: &str| {
@@ -106,10 +133,17 @@ impl Runner {
         } else {
             let _ = self.catalog.start_task(id);
             log(&format!("backup job {} started", spec.name));
-            self.back_up(id, &spec, &cancel)
+            // A panic ends the task as failed, not left running for ever.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.back_up(id, &spec, &cancel, retention)))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the task's thread panicked")))
         };
         drop(turn);
-        let ended = outcome.unwrap_or_else(|e| Ended::nothing(TaskState::Failed, &format!("{e:#}")));
+        let mut ended = outcome.unwrap_or_else(|e| Ended::nothing(TaskState::Failed, &format!("{e:#}")));
+        if ended.state == TaskState::Cancelled && self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            ended.state = TaskState::Interrupted;
+            ended.error =
+                Some("the server was stopped while the task ran; a scheduled run runs again at its start".into());
+        }
         log(&format!("ended: {}", ended.state.as_str()));
         let result = (!ended.result.is_null()).then_some(&ended.result);
         let _ = self.catalog.finish_task(id, ended.state, result, ended.error.as_deref());
@@ -120,8 +154,10 @@ impl Runner {
     }
 
     /// The job's backup and retention, and how the task ends.
-    fn back_up(&self, id: i64, spec: &JobSpec, cancel: &Cancel) -> Result<Ended> {
+    fn back_up(&self, id: i64, spec: &JobSpec, cancel: &Cancel, retention: bool) -> Result<Ended> {
         let progress = TaskProgress::new(self.catalog.clone(), id);
+        // Checked again: the server may have been restarted with another host list.
+        spec.check(&self.settings.allowed())?;
         let password = read_password(spec)?;
         let backend = cairn_storage::open(&spec.repository)?;
         let pw = password.clone();
@@ -130,15 +166,21 @@ impl Runner {
         repo.load_index()?;
         let hosts = if spec.hosts.is_empty() { self.settings.hosts.clone() } else { spec.hosts.clone() };
         let connect = |uri: &str| (self.settings.connect)(uri);
-        let vms = if spec.vms.all {
+        let mut warnings = Vec::new();
+        let vms: Vec<String> = if spec.vms.all {
             let (found, unreachable) = cairn_ops::vm_list::list_vms_on_hosts(&hosts, &connect);
             for u in unreachable {
-                progress.note(&format!("host {} could not be listed: {:#}", u.host, u.error.error()));
+                let said = format!("host {} could not be listed: {:#}", u.host, u.error.error());
+                progress.note(&said);
+                warnings.push(said);
             }
             found.into_iter().map(|v| v.vm.uuid).collect()
         } else {
             spec.vms.names.clone()
         };
+        if vms.is_empty() {
+            anyhow::bail!("no VM to back up: none found on {}", hosts.join(", "));
+        }
         let req = self.request(spec, vms);
         let helpers = cairn_ops::ExeHelpers {
             exe: std::env::current_exe().context("locating the cairn executable for its helpers")?,
@@ -155,24 +197,34 @@ impl Runner {
         let remote = &self.settings.remote;
         let outcomes = backup_vms(&hosts, &connect, remote, &repo, &req, &helpers, &progress, cancel, &mut on_done);
         drop(lock);
-        let ok: Vec<String> = outcomes.iter().filter(|o| o.result.is_ok()).map(|o| o.vm.clone()).collect();
-        let mut warnings = Vec::new();
+        let ok = outcomes.iter().filter(|o| o.result.is_ok()).count();
         if outcomes.iter().any(|o| o.result.as_ref().is_ok_and(|b| b.unbootable())) {
             warnings.push("a restore point did not pass its boot check".to_string());
         }
+        // By UUID (a name may be another VM's in the same repository), and only for the VMs
+        // whose new point is good: failed boot checks must not push the bootable points out.
+        let kept_by_retention: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.result.as_ref().ok().filter(|b| !b.unbootable()))
+            .filter_map(|b| cairn_repo::vm_record::VmRecord::of(&b.point).map(|r| r.uuid))
+            .collect();
         let retention = match &spec.retention {
-            Some(keep) if !ok.is_empty() && !cancel.is_cancelled() => {
-                apply_retention(&repo, keep, ok.clone(), &progress).unwrap_or_else(|w| {
+            Some(keep) if retention && !kept_by_retention.is_empty() && !cancel.is_cancelled() => {
+                apply_retention(&repo, keep, kept_by_retention, &progress).unwrap_or_else(|w| {
                     warnings.push(w);
                     serde_json::Value::Null
                 })
             }
+            Some(_) if !retention => {
+                progress.note("retention not applied: a backup token's runs keep every point");
+                serde_json::Value::Null
+            }
             _ => serde_json::Value::Null,
         };
-        let failed = outcomes.len() - ok.len();
+        let failed = outcomes.len() - ok;
         let state = if cancel.is_cancelled() {
             TaskState::Cancelled
-        } else if failed > 0 && ok.is_empty() {
+        } else if failed > 0 && ok == 0 {
             TaskState::Failed
         } else if failed > 0 || !warnings.is_empty() {
             TaskState::Warning
@@ -242,9 +294,26 @@ impl Ended {
 }
 
 /// The repository's password, from the job's password file (its last line break dropped).
+/// The file must be a regular file of root (or of this process's user), readable by nobody
+/// else, at most 4 KiB, not reached through a symbolic link: the server reads it as root, on
+/// the word of an operator's token.
 fn read_password(spec: &JobSpec) -> Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let Some(f) = &spec.password_file else { return Ok(None) };
-    let text = std::fs::read_to_string(f).with_context(|| format!("reading the repository's password from {f}"))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // No symbolic link followed; a FIFO does not block the open.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(f)
+        .with_context(|| format!("opening the password file {f}"))?;
+    let meta = file.metadata()?;
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() || (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o077 != 0 || meta.len() > 4096 {
+        anyhow::bail!("the password file {f} must be a regular file of root, mode 0600 or stricter, at most 4 KiB");
+    }
+    let mut text = String::new();
+    file.take(4096).read_to_string(&mut text).with_context(|| format!("reading the password file {f}"))?;
     Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
 }
 

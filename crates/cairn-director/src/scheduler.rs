@@ -3,14 +3,16 @@
 //! Each job keeps its next due time in the catalog (`next_run`), so a restart neither runs it
 //! again nor skips it silently: at the first tick after the server starts, a job whose due time
 //! passed while the server was down runs once (trigger `missed`), however many times it was due,
-//! and its next due time is counted from now. The scheduler ticks every few seconds; schedules
-//! have a resolution of one minute.
+//! and its next due time is counted from now; so does a job whose scheduled run the stop
+//! interrupted. The scheduler ticks every few seconds; schedules have a resolution of one minute.
 //!
-//! It also watches for silence: a scheduled job with no good run (a task ended `ok`) for longer
-//! than [`overdue_after`] its period gets one alert (mail, webhook: its `notify`), sent again only
-//! after a good run and a new silence.
+//! It also watches for silence: a scheduled job with no good run (a task ended `ok`) past the
+//! second due time after its last good one, plus slack ([`overdue_at`]), gets one alert (mail,
+//! webhook: its `notify`), sent again only after a good run and a new silence. Counting from the
+//! last good run (not from now) keeps irregular schedules (`mon..fri 22:00`) from alerting every
+//! weekend.
 
-use crate::catalog::{Catalog, Job};
+use crate::catalog::{Catalog, Job, TaskState};
 use crate::runner::Runner;
 use crate::Settings;
 use anyhow::Result;
@@ -24,17 +26,14 @@ pub fn next_run(schedule: &Schedule, now: Timestamp, tz: &TimeZone) -> Option<St
     schedule.next_after(now, tz).map(|z| z.timestamp().to_string())
 }
 
-/// How long a job with schedule period `period` may go without a good run: one missed run and
-/// half a period (at least five minutes) of slack.
-pub fn overdue_after(period: jiff::SignedDuration) -> jiff::SignedDuration {
-    period + (period / 2).max(jiff::SignedDuration::from_mins(5))
-}
-
-/// The period of a schedule: between its next two runs after `now`.
-fn period(schedule: &Schedule, now: Timestamp, tz: &TimeZone) -> Option<jiff::SignedDuration> {
-    let first = schedule.next_after(now, tz)?;
-    let second = schedule.next_after(first.timestamp(), tz)?;
-    Some(second.timestamp().duration_since(first.timestamp()))
+/// When a job last good at `since` is overdue: its schedule's second due time after `since`
+/// (one run may fail) plus half the gap between the two (at least five minutes); with that gap.
+pub fn overdue_at(schedule: &Schedule, since: Timestamp, tz: &TimeZone) -> Option<(Timestamp, jiff::SignedDuration)> {
+    let first = schedule.next_after(since, tz)?.timestamp();
+    let second = schedule.next_after(first, tz)?.timestamp();
+    let gap = second.duration_since(first);
+    let slack = (gap / 2).max(jiff::SignedDuration::from_mins(5));
+    Some((second.checked_add(slack).ok()?, gap))
 }
 
 /// Sends the overdue alert of `job` if it has had no good run for too long and was not alerted
@@ -47,11 +46,11 @@ fn watch_silence(
     now: Timestamp,
     tz: &TimeZone,
 ) -> Result<()> {
-    let Some(period) = period(schedule, now, tz) else { return Ok(()) };
     let since_text = job.last_good.clone().unwrap_or_else(|| job.created.clone());
     let Ok(since) = since_text.parse::<Timestamp>() else { return Ok(()) };
+    let Some((overdue, period)) = overdue_at(schedule, since, tz) else { return Ok(()) };
     let about = job.last_good.clone().unwrap_or_else(|| "never".into());
-    if now.duration_since(since) <= overdue_after(period) || job.alerted.as_deref() == Some(about.as_str()) {
+    if now <= overdue || job.alerted.as_deref() == Some(about.as_str()) {
         return Ok(());
     }
     catalog.set_alerted(job.id, &about)?;
@@ -72,8 +71,21 @@ pub fn tick(
     for job in catalog.jobs()? {
         let Some(text) = &job.spec.schedule else { continue };
         let Ok(schedule) = Schedule::parse(text) else { continue }; // checked when stored
-        if job.spec.enabled {
+                                                                    // Not at the first pass: the runs missed while the server was down start first.
+        if job.spec.enabled && !first {
             watch_silence(catalog, settings, &job, &schedule, now, tz)?;
+        }
+        // A scheduled run the server's stop interrupted runs again, once.
+        let interrupted = job
+            .last_task
+            .as_ref()
+            .is_some_and(|t| t.state == TaskState::Interrupted && matches!(t.trigger.as_str(), "schedule" | "missed"));
+        if first && job.spec.enabled && interrupted {
+            if let Ok(task) = runner.submit(job.id, job.spec.clone(), "missed", "scheduler", true) {
+                let _ = catalog
+                    .log(task.id, "its last scheduled run was interrupted when the server stopped: run once now");
+            }
+            continue;
         }
         let due = job.next_run.as_deref().and_then(|d| d.parse::<Timestamp>().ok());
         let Some(due) = due else {
@@ -88,7 +100,7 @@ pub fn tick(
             continue;
         }
         let trigger = if first { "missed" } else { "schedule" };
-        match runner.submit(job.id, job.spec.clone(), trigger, "scheduler") {
+        match runner.submit(job.id, job.spec.clone(), trigger, "scheduler", true) {
             Ok(task) => {
                 if first {
                     let _ = catalog.log(task.id, &format!("due at {due} while the server was down: run once now"));

@@ -16,6 +16,9 @@ use tokio_rustls::TlsAcceptor;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes done and not yet taken by the server.
 const READY: usize = 64;
+/// Handshakes at once: past it, new connections wait to be accepted (descriptors are not
+/// spent on clients that have not proved anything).
+const HANDSHAKES: usize = 256;
 
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
@@ -29,8 +32,10 @@ impl TlsListener {
         let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let (tx, ready) = mpsc::channel(READY);
         let acceptor = TlsAcceptor::from(config);
+        let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
                 let (stream, addr) = match tcp.accept().await {
                     Ok(c) => c,
                     // Out of descriptors and the like: wait, as axum's own listener does.
@@ -41,7 +46,9 @@ impl TlsListener {
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
-                    if let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    let shaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    drop(slot);
+                    if let Ok(Ok(tls)) = shaken {
                         let _ = tx.send((tls, addr)).await;
                     }
                 });

@@ -15,7 +15,8 @@
 //!
 //! Both become one [`Schedule`]: the sets of minutes, hours, days, months, weekdays and years it
 //! runs at. Time is the server's civil time (as in PBS, no time zone in the text); a time that a
-//! daylight-saving change skips runs when the clock resumes. The resolution is the minute: a
+//! daylight-saving change skips runs as much later as the clock jumped (02:30 at 03:30), and
+//! the times of an hour the clock goes back over run once, at their first pass. The resolution is the minute: a
 //! seconds field may only be `0`. [`Schedule::next_after`] finds the next run within
 //! [`HORIZON_YEARS`] years.
 //!
@@ -124,12 +125,17 @@ impl Schedule {
         let last = Date::new(start.year().checked_add(HORIZON_YEARS)?, 12, 31).ok()?;
         while day <= last {
             if self.runs_on(day) {
-                let from = if day == start.date() { start.time() } else { Time::midnight() };
-                if let Some(t) = self.first_time_from(from) {
+                let mut from = if day == start.date() { start.time() } else { Time::midnight() };
+                while let Some(t) = self.first_time_from(from) {
                     let when = DateTime::from_parts(day, t).to_zoned_datetime(tz.clone()).ok()?;
-                    // A skipped civil time lands after it; never before `after`.
                     if when.timestamp() > after {
                         return Some(when);
+                    }
+                    // A time of an hour the clock went back over, taken at its first pass, which
+                    // was before `after`: the next time of the same day.
+                    match t.checked_add(jiff::Span::new().minutes(1)) {
+                        Ok(next) if next > t => from = next,
+                        _ => break,
                     }
                 }
             }
@@ -360,7 +366,8 @@ fn cron(text: &str, fields: &[&str]) -> Result<Schedule, String> {
     s.weekdays = (0..7)
         .filter(|d| cron_days & (1 << ((d + 1) % 7)) != 0 || (*d == 6 && cron_days & (1 << 7) != 0))
         .fold(0u8, |w, d| w | 1 << d);
-    s.day_or_weekday = dom != "*" && dow != "*";
+    // As Vixie cron: a field starting with `*` (`*`, `*/2`) does not restrict.
+    s.day_or_weekday = !dom.starts_with('*') && !dow.starts_with('*');
     Ok(s)
 }
 
@@ -403,6 +410,8 @@ mod tests {
         // Day and weekday both restricted: either (the 13th, or a Friday).
         assert_eq!(next("0 0 13 * 5", "2026-11-30T13:00:00"), "2026-12-04T00:00:00");
         assert_eq!(next("@weekly", "2026-11-30T13:00:00"), "2026-12-06T00:00:00");
+        // A day field starting with `*` does not restrict: Mondays that are odd days, both.
+        assert_eq!(next("0 0 */2 * 1", "2026-11-30T00:00:00"), "2026-12-07T00:00:00");
     }
 
     #[test]
@@ -427,6 +436,16 @@ mod tests {
         assert!(Schedule::parse(&"*".repeat(MAX_LEN + 1)).unwrap_err().to_string().contains("longer"));
         let many = (0..70).map(|i| (i % 60).to_string()).collect::<Vec<_>>().join(",");
         assert!(Schedule::parse(&format!("{many} * * * *")).is_err());
+    }
+
+    #[test]
+    fn in_an_hour_the_clock_goes_back_over_the_next_run_is_the_same_day_not_tomorrow() {
+        let tz = TimeZone::get("Europe/Paris").unwrap();
+        // 2026-10-25: 03:00 CEST -> 02:00 CET. 02:20 CET (01:20 UTC) is in the second pass, whose
+        // times already ran at the first: the next run is 03:00 CET, the same day.
+        let after: Timestamp = "2026-10-25T01:20:00Z".parse().unwrap();
+        let next = Schedule::parse("*:0/15").unwrap().next_after(after, &tz).unwrap();
+        assert_eq!(next.timestamp().to_string(), "2026-10-25T02:00:00Z");
     }
 
     #[test]
