@@ -38,7 +38,8 @@ image built from shared, deduplicated, compressed and optionally encrypted 64 Ki
 A first session:\n  cairn init --repo /backup/repo\n  cairn vm list\n  cairn backup vm web --repo /backup/repo\n  \
 cairn points --repo /backup/repo\n  cairn restore vm web --repo /backup/repo --storage /var/lib/libvirt/images --start\n  \
 cairn files ls web --repo /backup/repo\n  cairn verify --repo /backup/repo\n  cairn verify boot web --repo /backup/repo\n\n\
-The repository can also come from CAIRN_REPO, the password of an encrypted repository from CAIRN_PASSWORD.\n\
+The repository can also come from CAIRN_REPO, the password of an encrypted repository from \
+--password-file, --password-command or CAIRN_PASSWORD (else a prompt on a terminal).\n\
 Exit status: 0 success, 1 failure, 2 bad usage, 3 verify found damage or a restore point did not boot, \
 130 (143) stopped by Ctrl-C (SIGTERM): backup image, restore image and verify stop cleanly at the first one, \
 leaving no restore point, no partial image file and no verdict."
@@ -71,6 +72,15 @@ pub(crate) struct Global {
     /// How long to wait for a conflicting lock on the repository
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 60)]
     lock_wait: u64,
+    /// Read the repository's password from the first line of FILE (instead of CAIRN_PASSWORD or
+    /// a prompt)
+    #[arg(long, global = true, env = "CAIRN_PASSWORD_FILE", value_name = "FILE", conflicts_with = "password_command")]
+    password_file: Option<PathBuf>,
+    /// Run COMMAND (with sh, when the password is needed) and take the first line of its output as
+    /// the repository's password: a secret manager (`pass show backup/cairn`, `systemd-creds cat
+    /// cairn`)
+    #[arg(long, global = true, env = "CAIRN_PASSWORD_COMMAND", value_name = "COMMAND")]
+    password_command: Option<String>,
     /// Upload to an object store at no more than RATE bytes per second on average (K, M, G:
     /// binary units), for a shared uplink; backups, copies and prunes into S3 or Azure
     #[arg(long, global = true, env = "CAIRN_LIMIT_UPLOAD", value_name = "RATE")]
@@ -248,6 +258,21 @@ curl -H 'Authorization: Bearer cairn.…' -d '{\"name\":\"nightly\",\"vms\":{\"a
 \"repository\":\"/srv/cairn\",\"schedule\":\"daily\",\"retention\":{\"keep_daily\":7}}' \
 -H 'Content-Type: application/json' http://127.0.0.1:8470/api/jobs")]
     Server(server::ServerArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(long_about = "Print the completion script of SHELL on stdout.\n\n\
+Examples:\n  cairn completions bash > /etc/bash_completion.d/cairn\n  \
+cairn completions zsh > /usr/local/share/zsh/site-functions/_cairn\n  \
+cairn completions fish > ~/.config/fish/completions/cairn.fish")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (cairn.1, cairn-backup-vm.1, ...) into DIR
+    #[command(long_about = "Write a manual page for cairn and for each of its commands into DIR (created if \
+missing), made from the same text as --help.\n\nExample:\n  cairn man /usr/local/share/man/man1 && man cairn-backup-vm")]
+    Man {
+        dir: PathBuf,
+    },
     /// (internal) Guards a guest while a backup has it frozen or paused
     #[command(hide = true)]
     Watchdog(vm::WatchdogArgs),
@@ -594,6 +619,70 @@ pub(crate) fn env_password() -> Option<String> {
     ENV_PASSWORD.get()?.as_ref()?.to_str().map(String::from)
 }
 
+/// Where `--password-file` or `--password-command` said the password is (set once in `run`).
+static PASSWORD_SOURCE: std::sync::OnceLock<Option<PasswordSource>> = std::sync::OnceLock::new();
+/// That password, read or run once, when first needed.
+static SOURCED_PASSWORD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+#[derive(Clone, Debug)]
+enum PasswordSource {
+    File(PathBuf),
+    Command(String),
+}
+
+/// The first line of `text`, without its line break; none if empty.
+fn first_line(text: &str) -> Option<String> {
+    let line = text.lines().next().unwrap_or("");
+    (!line.is_empty()).then(|| line.to_string())
+}
+
+/// The password `--password-file` or `--password-command` gives. A file that cannot be read, or a
+/// command that fails, is said on stderr once (the repository then says it needs a password).
+fn sourced_password() -> Option<String> {
+    SOURCED_PASSWORD
+        .get_or_init(|| {
+            let source = PASSWORD_SOURCE.get()?.as_ref()?;
+            let got = match source {
+                PasswordSource::File(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("--password-file {}", f.display()))
+                    .map(|t| first_line(&t)),
+                PasswordSource::Command(c) => std::process::Command::new("sh")
+                    .args(["-c", c])
+                    .stdin(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .with_context(|| format!("--password-command {c:?}"))
+                    .and_then(|o| {
+                        if !o.status.success() {
+                            bail!("--password-command {c:?} failed ({})", o.status);
+                        }
+                        Ok(first_line(&String::from_utf8_lossy(&o.stdout)))
+                    }),
+            };
+            match got {
+                Ok(Some(p)) => Some(p),
+                Ok(None) => {
+                    eprintln!("error: {source:?} gave an empty password");
+                    None
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// The password given without a prompt: `--password-file`, `--password-command`, or
+/// CAIRN_PASSWORD.
+pub(crate) fn given_password() -> Option<String> {
+    if PASSWORD_SOURCE.get().is_some_and(|s| s.is_some()) {
+        return sourced_password();
+    }
+    env_password()
+}
+
 fn main() {
     take_env_password();
     end_quietly_on_a_closed_stdout();
@@ -624,6 +713,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     let g = &cli.global;
+    let source = match (&g.password_file, &g.password_command) {
+        (Some(f), _) => Some(PasswordSource::File(f.clone())),
+        (None, Some(c)) => Some(PasswordSource::Command(c.clone())),
+        (None, None) => None,
+    };
+    let _ = PASSWORD_SOURCE.set(source);
     if let Some(rate) = &g.limit_upload {
         if cairn_storage::cache::parse_size(rate).is_none_or(|r| r == 0) {
             bail!("--limit-upload {rate:?}: give a rate in bytes per second, e.g. 20M (20 MiB/s)");
@@ -645,6 +740,11 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Watchdog(a) => vm::run_watchdog(a),
         Command::Host(c) => vm::run_host(c),
         Command::Server(a) => server::run(g, a),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "cairn", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man { dir } => write_man_pages(dir),
         Command::ServeNbd(a) => serve_nbd(g, a),
         Command::Files(c) => files(g, c),
         Command::Mount { point, mountpoint } => mount::mount(g, point, mountpoint),
@@ -662,6 +762,28 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Stats { names } => maintenance::stats(g, names),
         Command::Report(a) => boot::report(g, a),
     }
+}
+
+/// A manual page for cairn and each visible command (`cairn-backup-vm.1`), into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> Result<i32> {
+    fn write(dir: &std::path::Path, cmd: clap::Command, name: &str, written: &mut usize) -> Result<()> {
+        let cmd = cmd.name(name.to_string());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.1")), page).with_context(|| format!("writing {name}.1"))?;
+        *written += 1;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(dir, sub.clone(), &format!("{name}-{}", sub.get_name()), written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut written = 0;
+    let mut cli = <Cli as clap::CommandFactory>::command();
+    cli.build();
+    write(dir, cli, "cairn", &mut written)?;
+    println!("{written} manual pages written into {}", dir.display());
+    Ok(0)
 }
 
 fn backend(g: &Global) -> Result<Arc<dyn Backend>> {
@@ -686,7 +808,7 @@ pub(crate) fn helpers(g: &Global) -> Result<cairn_ops::ExeHelpers> {
     Ok(cairn_ops::ExeHelpers {
         exe: std::env::current_exe().context("locating the cairn executable for its helpers")?,
         repo: repo_for_helper(g)?,
-        password: PROMPTED_PASSWORD.get().cloned().or_else(cairn_ops::helpers::password_from_fd).or_else(env_password),
+        password: PROMPTED_PASSWORD.get().cloned().or_else(cairn_ops::helpers::password_from_fd).or_else(given_password),
     })
 }
 
@@ -705,6 +827,10 @@ pub(crate) static PROMPTED_PASSWORD: std::sync::OnceLock<String> = std::sync::On
 fn password_from_env_or_prompt(confirm: bool) -> Option<String> {
     if let Some(p) = cairn_ops::helpers::password_from_fd() {
         return Some(p);
+    }
+    // Given by flag: that, or nothing (a failing secret manager is not answered by a prompt).
+    if PASSWORD_SOURCE.get().is_some_and(|s| s.is_some()) {
+        return sourced_password();
     }
     if let Some(p) = env_password() {
         return Some(p);
@@ -733,7 +859,12 @@ pub(crate) fn open_repo(g: &Global) -> Result<Arc<Repository>> {
     // the operator expects ciphertext is the worse mistake, so stop.
     // Named as given: an operator told to unset CAIRN_PASSWORD when it is not set is lost.
     // CAIRN_PASSWORD itself was taken out of the environment at startup (take_env_password).
-    let given_by = if ENV_PASSWORD.get().is_some_and(|p| p.is_some()) {
+    let given_by = if let Some(Some(source)) = PASSWORD_SOURCE.get() {
+        Some(match source {
+            PasswordSource::File(_) => "--password-file (CAIRN_PASSWORD_FILE)",
+            PasswordSource::Command(_) => "--password-command (CAIRN_PASSWORD_COMMAND)",
+        })
+    } else if ENV_PASSWORD.get().is_some_and(|p| p.is_some()) {
         Some("CAIRN_PASSWORD")
     } else {
         std::env::var_os(cairn_ops::helpers::PASSWORD_FD_ENV).map(|_| cairn_ops::helpers::PASSWORD_FD_ENV)

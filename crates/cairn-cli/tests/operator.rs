@@ -1,0 +1,53 @@
+//! What operators expect of a Linux tool: passwords from a file or a secret manager, shell
+//! completions and manual pages.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+#[test]
+fn the_password_comes_from_a_file_or_a_command_and_a_failing_command_is_said() {
+    let e = Env::new();
+    let pw = e.path("pw");
+    std::fs::write(&pw, "correct horse\nsecond line ignored\n").unwrap();
+    let file = pw.to_str().unwrap();
+    e.ok(&["init", "--encrypt", "--password-file", file]);
+    let img = e.path("disk.img");
+    make_image(&img, 4 * MIB, 7);
+    e.ok(&["backup", "image", img.to_str().unwrap(), "--name", "d", "--password-file", file]);
+    // The same password from a command (a secret manager), and from the environment's file.
+    let cmd = format!("head -n1 {file}");
+    let listed = e.json(&["points", "--password-command", &cmd]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let o = e.cmd(&["points"]).env("CAIRN_PASSWORD_FILE", file).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A wrong password, and a failing command: refused, and the command's failure is said.
+    std::fs::write(e.path("wrong"), "battery staple\n").unwrap();
+    let err = e.fails(&["points", "--password-file", e.path("wrong").to_str().unwrap()], 1);
+    assert!(err.to_lowercase().contains("password"), "{err}");
+    let err = e.fails(&["points", "--password-command", "echo vault sealed >&2; exit 4"], 1);
+    assert!(err.contains("vault sealed") && err.contains("--password-command"), "{err}");
+    // Both at once is a usage error.
+    e.fails(&["points", "--password-file", file, "--password-command", "true"], 2);
+}
+
+#[test]
+fn completions_and_manual_pages_come_from_the_same_text_as_help() {
+    let e = Env::new();
+    let bash = e.ok(&["completions", "bash"]);
+    assert!(bash.contains("_cairn") && bash.contains("backup") && bash.contains("--password-file"), "{bash}");
+    let zsh = e.ok(&["completions", "zsh"]);
+    assert!(zsh.starts_with("#compdef cairn"), "{zsh}");
+    let dir = e.path("man");
+    e.ok(&["man", dir.to_str().unwrap()]);
+    let page = std::fs::read_to_string(dir.join("cairn-backup-vm.1")).unwrap();
+    assert!(page.contains(".TH") && page.contains("freeze"), "{page}");
+    assert!(dir.join("cairn.1").is_file() && dir.join("cairn-server-token-create.1").is_file());
+    assert!(!dir.join("cairn-watchdog.1").exists(), "a hidden command got a manual page");
+    // The page reads as a manual page.
+    let o = Command::new("man").args(["-l", "-P", "cat"]).arg(dir.join("cairn-restore-vm.1")).output();
+    if let Some(o) = o.ok().filter(|o| o.status.success()) {
+        assert!(String::from_utf8_lossy(&o.stdout).contains("--storage"));
+    }
+}
