@@ -270,9 +270,7 @@ cairn completions fish > ~/.config/fish/completions/cairn.fish")]
     /// Write the manual pages (cairn.1, cairn-backup-vm.1, ...) into DIR
     #[command(long_about = "Write a manual page for cairn and for each of its commands into DIR (created if \
 missing), made from the same text as --help.\n\nExample:\n  cairn man /usr/local/share/man/man1 && man cairn-backup-vm")]
-    Man {
-        dir: PathBuf,
-    },
+    Man { dir: PathBuf },
     /// (internal) Guards a guest while a backup has it frozen or paused
     #[command(hide = true)]
     Watchdog(vm::WatchdogArgs),
@@ -741,7 +739,12 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Host(c) => vm::run_host(c),
         Command::Server(a) => server::run(g, a),
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "cairn", &mut std::io::stdout());
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "cairn",
+                &mut std::io::stdout(),
+            );
             Ok(0)
         }
         Command::Man { dir } => write_man_pages(dir),
@@ -767,7 +770,8 @@ fn run(cli: Cli) -> Result<i32> {
 /// A manual page for cairn and each visible command (`cairn-backup-vm.1`), into `dir`.
 fn write_man_pages(dir: &std::path::Path) -> Result<i32> {
     fn write(dir: &std::path::Path, cmd: clap::Command, name: &str, written: &mut usize) -> Result<()> {
-        let cmd = cmd.name(name.to_string());
+        // clap takes static names; a one-shot command may leak a few.
+        let cmd = cmd.name(&*Box::leak(name.to_string().into_boxed_str()));
         let mut page = Vec::new();
         clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
         std::fs::write(dir.join(format!("{name}.1")), page).with_context(|| format!("writing {name}.1"))?;
@@ -808,7 +812,11 @@ pub(crate) fn helpers(g: &Global) -> Result<cairn_ops::ExeHelpers> {
     Ok(cairn_ops::ExeHelpers {
         exe: std::env::current_exe().context("locating the cairn executable for its helpers")?,
         repo: repo_for_helper(g)?,
-        password: PROMPTED_PASSWORD.get().cloned().or_else(cairn_ops::helpers::password_from_fd).or_else(given_password),
+        password: PROMPTED_PASSWORD
+            .get()
+            .cloned()
+            .or_else(cairn_ops::helpers::password_from_fd)
+            .or_else(given_password),
     })
 }
 
