@@ -238,6 +238,9 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
             AgentStatus::Answering => "answering".to_string(),
         };
         println!("  guest agent: {agent}");
+        if !vm.tags.is_empty() {
+            println!("  tags: {}", vm.tags.join(", "));
+        }
         println!("  backup method: {} ({})", vm.method, vm.method_reason);
     }
     Ok(status)

@@ -292,11 +292,16 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
     let hook = Hook::start();
     let smtp_server = format!("127.0.0.1:{}", smtp.port);
     let s = Server::start(&catalog, &e.path("work"), &["--smtp-server", &smtp_server]);
+    // Tagged in cairn's libvirt metadata; the job selects it by tag.
+    let tag = format!("director-{}", std::process::id());
+    let hooks = format!("<hooks><tag>{tag}</tag></hooks>");
+    common::guest::virsh(&["metadata", &g.name, "https://cairn.dev/xmlns/hooks/1", "--key", "cairn", "--set", &hooks]);
     let (status, vms) = s.call("GET", "/api/vms", Some(&admin), None);
     assert_eq!(status, 200);
-    let listed = vms.as_array().unwrap().iter().find(|v| v["name"] == g.name.as_str()).cloned();
-    assert_eq!(listed.unwrap()["method"], "app-consistent", "{vms}");
-    let job = json!({"name": "guest", "vms": {"names": [g.name]}, "repository": e.repo(), "retention": {"keep_last": 1},
+    let listed = vms.as_array().unwrap().iter().find(|v| v["name"] == g.name.as_str()).cloned().unwrap();
+    assert_eq!(listed["method"], "app-consistent", "{vms}");
+    assert_eq!(listed["tags"], json!([tag]), "{listed}");
+    let job = json!({"name": "guest", "vms": {"tags": [tag]}, "repository": e.repo(), "retention": {"keep_last": 1},
                      "verify_boot": true, "notify": {"mail_to": "ops@example.org", "webhook": hook.url}});
     let (status, created) = s.call("POST", "/api/jobs", Some(&admin), Some(job));
     assert_eq!(status, 201, "{created}");

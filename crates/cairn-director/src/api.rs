@@ -403,6 +403,8 @@ pub struct VmRow {
     /// The backup method it qualifies for, and why.
     pub method: String,
     pub method_reason: String,
+    /// Its tags, that jobs select VMs by.
+    pub tags: Vec<String>,
 }
 
 /// The VMs of the server's host list (a host that cannot be reached is left out).
@@ -421,6 +423,7 @@ async fn list_vms(State(app): AppState, caller: Authed) -> Result<Json<Vec<VmRow
                 state: format!("{:?}", v.vm.state).to_lowercase(),
                 method: v.vm.method.to_string(),
                 method_reason: v.vm.method_reason.clone(),
+                tags: v.vm.tags.clone(),
             })
             .collect::<Vec<_>>()
     })

@@ -82,7 +82,7 @@ fn one() -> u32 {
     1
 }
 
-/// Which VMs a job backs up.
+/// Which VMs a job backs up: one of the three. Whole hosts are `all` with the job's `hosts`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmSelection {
@@ -92,6 +92,10 @@ pub struct VmSelection {
     /// VMs by name or UUID.
     #[serde(default)]
     pub names: Vec<String>,
+    /// The VMs of the job's hosts with any of these tags (cairn's libvirt metadata:
+    /// `<hooks><tag>prod</tag></hooks>`), as found when it runs.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -164,8 +168,16 @@ impl JobSpec {
         if self.name.is_empty() || self.name.len() > 64 || !plain(&self.name) {
             return Err(invalid(format!("{:?} is not a job name (1 to 64 letters, digits, - _ .)", self.name)));
         }
-        if self.vms.all != self.vms.names.is_empty() {
-            return Err(invalid("name the VMs (vms.names), or take them all (vms.all), not both".into()));
+        let ways = [self.vms.all, !self.vms.names.is_empty(), !self.vms.tags.is_empty()];
+        if ways.iter().filter(|w| **w).count() != 1 {
+            return Err(invalid(
+                "choose the VMs one way: by name or UUID (vms.names), by tag (vms.tags), or all (vms.all)".into(),
+            ));
+        }
+        if self.vms.tags.len() > cairn_hypervisor::MAX_TAGS
+            || !self.vms.tags.iter().all(|t| cairn_hypervisor::is_tag(t))
+        {
+            return Err(invalid("vms.tags: tags of 1 to 64 letters, digits, - _ .".into()));
         }
         if self.vms.names.len() > 1000 || self.vms.names.iter().any(|n| n.is_empty() || n.len() > 256) {
             return Err(invalid("vms.names: at most 1000 names of 1 to 256 characters".into()));
@@ -236,8 +248,9 @@ mod tests {
             assert!(e.contains(why), "{e}");
         };
         bad(&|s| s.name = "no spaces".into(), "job name");
-        bad(&|s| s.vms.all = true, "not both");
-        bad(&|s| s.vms.names.clear(), "name the VMs");
+        bad(&|s| s.vms.all = true, "one way");
+        bad(&|s| s.vms.names.clear(), "one way");
+        bad(&|s| s.vms.tags = vec!["has space".into()], "one way");
         bad(&|s| s.schedule = Some("25:00".into()), "hours");
         bad(&|s| s.per_host = 0, "per_host");
         bad(&|s| s.retention = Some(Retention::default()), "keeps nothing");

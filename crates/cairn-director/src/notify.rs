@@ -110,7 +110,8 @@ pub fn body(spec: &JobSpec, task: &Task) -> String {
     out.push('\n');
     let vms = task.result.as_ref().and_then(|r| r["vms"].as_array().cloned()).unwrap_or_default();
     for vm in vms {
-        let name = vm["vm"].as_str().unwrap_or("?");
+        // The VM's name from its point (a job by tag or `all` asks for VMs by UUID).
+        let name = vm["name"].as_str().or(vm["vm"].as_str()).unwrap_or("?");
         if vm["ok"] != true {
             out.push_str(&format!("VM {name}: FAILED: {}\n", vm["error"].as_str().unwrap_or("")));
             continue;

@@ -167,14 +167,15 @@ impl Runner {
         let hosts = if spec.hosts.is_empty() { self.settings.hosts.clone() } else { spec.hosts.clone() };
         let connect = |uri: &str| (self.settings.connect)(uri);
         let mut warnings = Vec::new();
-        let vms: Vec<String> = if spec.vms.all {
+        let vms: Vec<String> = if spec.vms.all || !spec.vms.tags.is_empty() {
             let (found, unreachable) = cairn_ops::vm_list::list_vms_on_hosts(&hosts, &connect);
             for u in unreachable {
                 let said = format!("host {} could not be listed: {:#}", u.host, u.error.error());
                 progress.note(&said);
                 warnings.push(said);
             }
-            found.into_iter().map(|v| v.vm.uuid).collect()
+            let tagged = |tags: &[String]| spec.vms.all || tags.iter().any(|t| spec.vms.tags.contains(t));
+            found.into_iter().filter(|v| tagged(&v.vm.tags)).map(|v| v.vm.uuid).collect()
         } else {
             spec.vms.names.clone()
         };
@@ -190,7 +191,7 @@ impl Runner {
         let mut on_done = |o: &VmBackupOutcome| match &o.result {
             Ok(b) => {
                 let chain = cairn_repo::vm_record::VmRecord::of(&b.point).map(|r| r.chain).unwrap_or_default();
-                progress.note(&format!("VM {}: restore point {} ({chain} backup)", o.vm, b.id.short()));
+                progress.note(&format!("VM {}: restore point {} ({chain} backup)", b.point.name, b.id.short()));
             }
             Err(e) => progress.note(&format!("VM {}: failed: {e:#}", o.vm)),
         };

@@ -23,6 +23,17 @@ pub struct VmConfig {
     /// hypervisor's per-VM metadata (libvirt: domain metadata in cairn's namespace), so they follow it across hosts.
     pub pre_freeze: Vec<String>,
     pub post_thaw: Vec<String>,
+    /// Tags, kept in the same metadata, that jobs select VMs by (`prod`, `db`): at most
+    /// [`MAX_TAGS`], each 1 to 64 letters, digits, `-`, `_`, `.`; others are ignored.
+    pub tags: Vec<String>,
+}
+
+/// The most tags a VM has (more are ignored).
+pub const MAX_TAGS: usize = 64;
+
+/// Whether `tag` is a tag: 1 to 64 letters, digits, `-`, `_`, `.`.
+pub fn is_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.len() <= 64 && tag.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -26,7 +26,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-pub use config::{ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFile, VmNic};
+pub use config::{is_tag, ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFile, VmNic, MAX_TAGS};
 
 /// The hypervisor cannot be reached at `uri` (not running, refused, unknown URI).
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use cairn_hypervisor::{ConfigEdit, PlacedDisk, Rewritten, VmConfig, VmDisk, VmFi
 
 /// The namespace of cairn's per-VM settings in libvirt domain metadata. Set them with
 /// `virsh metadata VM https://cairn.dev/xmlns/hooks/1 --key cairn --set
-/// '<hooks><pre-freeze>CMD</pre-freeze><post-thaw>CMD</post-thaw></hooks>'`.
+/// '<hooks><pre-freeze>CMD</pre-freeze><post-thaw>CMD</post-thaw><tag>prod</tag></hooks>'`.
 pub const HOOKS_NAMESPACE: &str = "https://cairn.dev/xmlns/hooks/1";
 
 pub fn parse(xml: &str) -> Result<VmConfig> {
@@ -48,6 +48,11 @@ pub fn parse(xml: &str) -> Result<VmConfig> {
             match (n.tag_name().name(), cmd) {
                 ("pre-freeze", Some(cmd)) => c.pre_freeze.push(cmd),
                 ("post-thaw", Some(cmd)) => c.post_thaw.push(cmd),
+                ("tag", Some(tag)) if cairn_hypervisor::is_tag(&tag) && c.tags.len() < cairn_hypervisor::MAX_TAGS => {
+                    if !c.tags.contains(&tag) {
+                        c.tags.push(tag)
+                    }
+                }
                 _ => {}
             }
         }
@@ -142,6 +147,7 @@ mod tests {
             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
           </devices><metadata><cairn:hooks xmlns:cairn='https://cairn.dev/xmlns/hooks/1'>
             <cairn:pre-freeze>mysql -e 'FLUSH TABLES WITH READ LOCK'</cairn:pre-freeze><cairn:post-thaw>echo done</cairn:post-thaw>
+            <cairn:tag>prod</cairn:tag><cairn:tag>bad tag</cairn:tag><cairn:tag>prod</cairn:tag><cairn:tag>db</cairn:tag>
           </cairn:hooks></metadata></domain>"#;
         let c = parse(xml).unwrap();
         assert_eq!((c.name.as_str(), c.vcpus, c.memory_bytes), ("web", 2, 256 << 20));
@@ -156,6 +162,7 @@ mod tests {
         assert!(c.agent_channel);
         assert_eq!(c.pre_freeze, ["mysql -e 'FLUSH TABLES WITH READ LOCK'"]);
         assert_eq!(c.post_thaw, ["echo done"]);
+        assert_eq!(c.tags, ["prod", "db"], "tags: plain ones, once each");
     }
 }
 

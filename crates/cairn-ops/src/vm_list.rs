@@ -20,6 +20,8 @@ pub struct VmListing {
     pub vcpus: u32,
     pub agent: AgentStatus,
     pub agent_channel: bool,
+    /// Its tags (hypervisor metadata), that jobs select VMs by.
+    pub tags: Vec<String>,
     /// The method `auto` would pick, or `none`.
     pub method: String,
     pub method_reason: String,
@@ -48,6 +50,7 @@ pub fn list_vms(hv: &dyn Hypervisor) -> OpResult<Vec<VmListing>> {
             vcpus: vm.config.vcpus,
             agent: vm.agent,
             agent_channel: vm.config.agent_channel,
+            tags: vm.config.tags.clone(),
             method,
             method_reason,
             app_consistent: app.is_ok(),
