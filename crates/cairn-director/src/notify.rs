@@ -29,21 +29,39 @@ pub fn task_ended(
         match &settings.mail {
             None => log(&format!("report not mailed to {to}: the server has no SMTP server set (CAIRN_SMTP_SERVER)")),
             Some(template) => {
-                let mail = cairn_ops::mail::MailSettings { to: to.clone(), ..template.clone() };
-                match mail.send(&subject(spec, task), body(spec, task), screenshots) {
-                    Ok(()) => log(&format!("report mailed to {to}")),
-                    Err(e) => log(&format!("report not mailed to {to}: {e:#}")),
-                }
+                send_mail(template, to, &subject(spec, task), body(spec, task), screenshots, "report", log)
             }
         }
     }
     if let Some(url) = &notify.webhook {
-        let report = serde_json::json!({"job": spec.name, "task": task});
-        let agent = ureq::AgentBuilder::new().timeout(WEBHOOK_TIMEOUT).redirects(0).build();
-        match agent.post(url).send_json(report) {
-            Ok(r) => log(&format!("report posted to {url} ({})", r.status())),
-            Err(e) => log(&format!("report not posted to {url}: {e}")),
-        }
+        post_json(url, serde_json::json!({"job": spec.name, "task": task}), "report", log);
+    }
+}
+
+/// Mails `body` to `to` through the server's SMTP settings `template`; says in `log` how the
+/// `what` (report, alert) went.
+fn send_mail(
+    template: &cairn_ops::mail::MailSettings,
+    to: &str,
+    subject: &str,
+    body: String,
+    images: &[(String, Vec<u8>)],
+    what: &str,
+    log: &dyn Fn(&str),
+) {
+    let mail = cairn_ops::mail::MailSettings { to: to.to_string(), ..template.clone() };
+    match mail.send(subject, body, images) {
+        Ok(()) => log(&format!("{what} mailed to {to}")),
+        Err(e) => log(&format!("{what} not mailed to {to}: {e:#}")),
+    }
+}
+
+/// POSTs `body` to webhook `url`; says in `log` how the `what` went.
+fn post_json(url: &str, body: serde_json::Value, what: &str, log: &dyn Fn(&str)) {
+    let agent = ureq::AgentBuilder::new().timeout(WEBHOOK_TIMEOUT).redirects(0).build();
+    match agent.post(url).send_json(body) {
+        Ok(r) => log(&format!("{what} posted to {url} ({})", r.status())),
+        Err(e) => log(&format!("{what} not posted to {url}: {e}")),
     }
 }
 
@@ -62,20 +80,12 @@ pub fn overdue(settings: &Settings, job: &Job, period: jiff::SignedDuration, log
     );
     let subject = format!("cairn ALERT: job {} has had no good run since {since}", job.spec.name);
     if let (Some(to), Some(template)) = (&notify.mail_to, &settings.mail) {
-        let mail = cairn_ops::mail::MailSettings { to: to.clone(), ..template.clone() };
-        match mail.send(&subject, what.clone(), &[]) {
-            Ok(()) => log(&format!("overdue alert mailed to {to}")),
-            Err(e) => log(&format!("overdue alert not mailed to {to}: {e:#}")),
-        }
+        send_mail(template, to, &subject, what.clone(), &[], "overdue alert", log);
     }
     if let Some(url) = &notify.webhook {
         let alert = serde_json::json!({"job": job.spec.name, "alert": "overdue", "last_good": job.last_good,
             "period_seconds": period.as_secs(), "text": what});
-        let agent = ureq::AgentBuilder::new().timeout(WEBHOOK_TIMEOUT).redirects(0).build();
-        match agent.post(url).send_json(alert) {
-            Ok(_) => log(&format!("overdue alert posted to {url}")),
-            Err(e) => log(&format!("overdue alert not posted to {url}: {e}")),
-        }
+        post_json(url, alert, "overdue alert", log);
     }
 }
 

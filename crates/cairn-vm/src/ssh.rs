@@ -216,6 +216,19 @@ impl SshHost {
         std::iter::once(&self.cairn).chain(args).map(|a| quote(a)).collect::<Vec<_>>().join(" ")
     }
 
+    /// Ends `cairn ARGS` on the host (its `ssh`), which did not answer within
+    /// [`HOST_COMMAND_TIMEOUT`]; the error that says so.
+    fn gave_up(&self, child: &mut Child, args: &[String]) -> anyhow::Error {
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow!(
+            "no answer from {} within {} s to `cairn {}`",
+            self.target.destination,
+            HOST_COMMAND_TIMEOUT.as_secs(),
+            args.join(" ")
+        )
+    }
+
     /// Runs `cairn ARGS` on the host; its standard output, or its error message. A command that
     /// has not answered within [`HOST_COMMAND_TIMEOUT`] (a hung file system on the host, while
     /// the link itself is up) is ended, and that is its error.
@@ -241,14 +254,7 @@ impl SshHost {
                 break st;
             }
             if t.elapsed() > HOST_COMMAND_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "no answer from {} within {} s to `cairn {}`",
-                    self.target.destination,
-                    HOST_COMMAND_TIMEOUT.as_secs(),
-                    args.join(" ")
-                );
+                return Err(self.gave_up(&mut child, args));
             }
             // Most commands answer within milliseconds; then no need to look often.
             std::thread::sleep(Duration::from_millis(if t.elapsed() < Duration::from_millis(200) { 2 } else { 50 }));
@@ -607,16 +613,7 @@ impl SshHost {
                 let out = child.wait_with_output()?;
                 bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
             }
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "no answer from {} within {} s to `cairn {}`",
-                    self.target.destination,
-                    HOST_COMMAND_TIMEOUT.as_secs(),
-                    args.join(" ")
-                );
-            }
+            Err(_) => return Err(self.gave_up(&mut child, args)),
         };
         let stdin = child.stdin.take().map(|s| std::sync::Arc::new(std::sync::Mutex::new(s)));
         if let Some(s) = &stdin {
