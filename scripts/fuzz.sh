@@ -25,11 +25,30 @@ while (($#)); do
   esac
 done
 export PATH="$HOME/.cargo/bin:$PATH"
+# cargo-fuzz's own error carries a backtrace of cargo-fuzz when this is set: noise, not the crash.
+export RUST_BACKTRACE=0
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 rustup toolchain list | grep -q '^nightly' || { echo "fuzzing needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 2; }
 ((${#targets[@]})) || mapfile -t targets < <(cd fuzz && cargo +nightly fuzz list)
-# One build for all targets (address sanitizer, debug assertions and overflow checks on).
-(cd fuzz && cargo +nightly fuzz build --release --debug-assertions 2>&1 | tail -n 3)
+# One build for all targets (address sanitizer, debug assertions and overflow checks on). If it
+# fails, its errors are shown (not the last lines of cargo-fuzz's own report) with the machine's
+# free disk and memory, and it is tried once more one job at a time (a rustc killed for memory).
+build_log=$(mktemp)
+build() { (cd fuzz && cargo +nightly fuzz build --release --debug-assertions) >"$build_log" 2>&1; }
+if ! build; then
+  echo "fuzz: the build failed:" >&2
+  grep -E '^error|SIGKILL|signal: |No space left|memory allocation|could not compile' -A4 "$build_log" | head -n 40 >&2 || true
+  df -h . >&2; free -m >&2
+  echo "fuzz: building again, one job at a time" >&2
+  if ! CARGO_BUILD_JOBS=1 build; then
+    grep -E '^error|SIGKILL|signal: |No space left|memory allocation|could not compile' -A4 "$build_log" | head -n 40 >&2 || true
+    tail -n 15 "$build_log" >&2
+    echo "fuzz: the build failed twice" >&2
+    exit 1
+  fi
+fi
+tail -n 1 "$build_log"
+rm -f "$build_log"
 
 run_one() {
   local t=$1 seeds=fuzz/corpus/$1 work=fuzz/work/$1 art=fuzz/artifacts/$1 log
@@ -53,8 +72,13 @@ run_one() {
   printf '{"harness":"fuzz","target":"%s","mode":"%s","seconds":%s,"executions":%s,"corpus":%s,"crashes":%s,"status":%s}\n' \
     "$t" "$([[ $replay == 1 ]] && echo replay || echo fuzz)" "$((end - start))" "${execs:-0}" "$corpus" "$crashes" "$status"
   if ((status)); then
-    echo "--- $t failed; the end of its log:" >&2
-    tail -n 40 "$log" >&2
+    # What failed, first (a CI log may keep only its last lines): libFuzzer's verdict, the
+    # panic, the input it wrote; then the end of the log, without cargo-fuzz's own backtrace.
+    echo "--- $t failed:" >&2
+    grep -E 'panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY|Test unit written|Failing input|ALARM|out-of-memory|^Base64' "$log" | head -n 20 >&2 || true
+    echo "--- the end of $t's log:" >&2
+    grep -vE '^ +[0-9]+: |^ +at ' "$log" | tail -n 25 >&2
+    echo "--- $t: $crashes crashing input(s) in $art" >&2
   fi
   rm -f "$log"
   return "$status"
@@ -70,4 +94,8 @@ for t in "${targets[@]}"; do
   fi
 done
 for p in "${pids[@]}"; do wait "$p" || failed=1; done
+if ((failed)); then
+  echo "fuzz: a target failed; crashing inputs:" >&2
+  find fuzz/artifacts -type f >&2
+fi
 exit $failed

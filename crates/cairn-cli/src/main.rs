@@ -776,7 +776,8 @@ fn write_man_pages(dir: &std::path::Path) -> Result<i32> {
         clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
         std::fs::write(dir.join(format!("{name}.1")), page).with_context(|| format!("writing {name}.1"))?;
         *written += 1;
-        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        // clap's own `help` subcommands are no command of ours: `cairn-backup-help.1` would be noise.
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
             write(dir, sub.clone(), &format!("{name}-{}", sub.get_name()), written)?;
         }
         Ok(())

@@ -41,6 +41,17 @@ pub struct ServerArgs {
     /// Seconds between two looks at the jobs' schedules
     #[arg(long, default_value_t = 10, value_name = "SECONDS", hide = true)]
     tick: u64,
+    /// A folder of the hosts that restores asked through the API and the console may write
+    /// VMs' disks to (repeatable; an API caller picks among these, never another)
+    #[arg(long = "restore-storage", value_name = "DIR", default_value = "/var/lib/libvirt/images")]
+    restore_storage: Vec<PathBuf>,
+    /// At most this many VM backups at once on one host, across all jobs (a job's per_host is
+    /// its own share of it)
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    per_host_limit: usize,
+    /// Seconds between two listings of the hosts' VMs (for the console's VM list and dashboard)
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", hide = true)]
+    inventory_every: u64,
     /// SMTP server that jobs' reports are mailed through [env: CAIRN_SMTP_SERVER; none: reports
     /// are not mailed]
     #[arg(long, value_name = "HOST:PORT")]
@@ -125,6 +136,9 @@ pub fn run(g: &crate::Global, a: &ServerArgs) -> Result<i32> {
             } else {
                 None
             };
+            if let Some(dir) = a.restore_storage.iter().find(|d| !d.is_absolute()) {
+                anyhow::bail!("--restore-storage {}: a host's folder is an absolute path", dir.display());
+            }
             let settings = cairn_director::Settings {
                 mail,
                 listen: a.listen,
@@ -138,6 +152,9 @@ pub fn run(g: &crate::Global, a: &ServerArgs) -> Result<i32> {
                 work_dir: std::path::absolute(&a.work_dir)?,
                 remote: cairn_ops::hosts::RemoteSettings::from_env(),
                 tick: Duration::from_secs(a.tick.max(1)),
+                inventory_every: Duration::from_secs(a.inventory_every.max(1)),
+                per_host_limit: a.per_host_limit.max(1),
+                restore_storage: a.restore_storage.clone(),
                 freeze_limit_secs: a.freeze_limit,
                 debug_hold: a.debug_hold.map(Duration::from_secs_f64),
             };

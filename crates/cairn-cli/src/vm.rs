@@ -275,7 +275,13 @@ pub fn backup(g: &Global, a: &BackupVm) -> Result<i32> {
     let boot_check =
         if a.verify_boot { Some(crate::boot::BootMail::from(&a.mail).request(g, &opts.work_dir)?) } else { None };
     let helpers = crate::helpers(g)?;
-    let req = BackupVmsRequest { vms: a.vms.clone(), options: opts, boot_check, per_host: a.per_host as usize };
+    let req = BackupVmsRequest {
+        vms: a.vms.clone(),
+        options: opts,
+        boot_check,
+        per_host: a.per_host as usize,
+        host_limits: None,
+    };
     let mut print = |o: &VmBackupOutcome| {
         // Failures go to stderr with --json too (the JSON carries them without the advice).
         match &o.result {

@@ -3,121 +3,13 @@
 
 mod common;
 
+use common::director::{catalog_in, token, wait_task, Server};
 use common::guest::{frozen, Guest};
 use common::*;
 use serde_json::{json, Value};
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A running `cairn server`, stopped (SIGTERM) when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(catalog: &Path, work: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-            .args(["server", "--listen", "127.0.0.1:0", "--tick", "1", "--catalog"])
-            .arg(catalog)
-            .arg("--work-dir")
-            .arg(work)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("the server said {line:?}"));
-        Server { child, base: addr.to_string() }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// A request with `token` (if any): (status, body as JSON, or null).
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-        let mut req = ureq::request(method, &self.url(path));
-        if let Some(t) = token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        let r = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        let resp = match r {
-            Ok(resp) => resp,
-            Err(ureq::Error::Status(_, resp)) => resp,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    /// A GET answered in text: (status, body).
-    fn text(&self, path: &str, token: Option<&str>) -> (u16, String) {
-        let mut req = ureq::get(&self.url(path));
-        if let Some(t) = token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        match req.call() {
-            Ok(r) => (r.status(), r.into_string().unwrap()),
-            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
-            Err(e) => panic!("GET {path}: {e}"),
-        }
-    }
-
-    fn kill(mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(60) {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn token(catalog: &Path, name: &str, role: &str) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["server", "token", "create", name, "--role", role, "--catalog"])
-        .arg(catalog)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap().trim().to_string()
-}
-
-/// Waits until task `id` has ended; returns it.
-fn wait_task(s: &Server, token: &str, id: i64, limit: Duration) -> Value {
-    let t = Instant::now();
-    loop {
-        let (status, task) = s.call("GET", &format!("/api/tasks/{id}"), Some(token), None);
-        assert_eq!(status, 200, "{task}");
-        if !matches!(task["state"].as_str(), Some("queued" | "running")) {
-            return task;
-        }
-        assert!(t.elapsed() < limit, "task {id} still {} after {limit:?}: {task}", task["state"]);
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 /// A webhook receiver on loopback: each POST's JSON body, answered 204.
 struct Hook {
@@ -153,10 +45,6 @@ impl Hook {
         });
         Hook { url, bodies }
     }
-}
-
-fn catalog_in(e: &Env) -> PathBuf {
-    e.path("director/catalog.db")
 }
 
 #[test]
@@ -239,6 +127,29 @@ fn the_api_needs_a_token_and_each_role_may_only_what_it_is_given() {
     assert!(log.as_array().unwrap().len() >= 2, "{log}");
     let (_, job_now) = s.call("GET", &format!("/api/jobs/{id}"), Some(&viewer), None);
     assert_eq!(job_now["spec"]["retention"]["keep_daily"], 7, "the retention changed");
+
+    // Restores and a point's files are for operators: a viewer reads the points, not the files.
+    let nowhere = "0".repeat(64);
+    assert_eq!(s.call("GET", "/api/points", Some(&viewer), None).0, 200);
+    assert_eq!(s.call("GET", "/api/overview", Some(&viewer), None).0, 200);
+    assert_eq!(s.call("GET", &format!("/api/points/{nowhere}/files"), Some(&viewer), None).0, 403);
+    assert_eq!(s.call("GET", &format!("/api/points/{nowhere}/files"), Some(&admin), None).0, 404);
+    let restore =
+        json!({"point": nowhere, "kind": "vm", "host": "test:///default", "storage": "/var/lib/libvirt/images"});
+    for who in [&viewer, &backup] {
+        assert_eq!(s.call("POST", "/api/restores", Some(who), Some(restore.clone())).0, 403);
+    }
+    // Onto a host off the list, into a folder not among the restore folders: refused, with why.
+    for (field, value, why) in
+        [("host", "qemu+ext:///system?command=/bin/true", "host list"), ("storage", "/etc", "restore folders")]
+    {
+        let mut bad = restore.clone();
+        bad[field] = value.into();
+        let (status, err) = s.call("POST", "/api/restores", Some(&admin), Some(bad));
+        assert_eq!(status, 400, "{field}: {err}");
+        assert!(err["error"].as_str().unwrap().contains(why), "{field}: {err}");
+    }
+    assert_eq!(s.call("POST", "/api/restores", Some(&admin), Some(restore)).0, 404, "a point nobody has");
     assert_eq!(job_now["last_task"]["id"], task["id"]);
 
     // Prometheus metrics, for a viewer's token.
@@ -291,11 +202,11 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
     let smtp = common::smtp::Smtp::start(e.dir.path());
     let hook = Hook::start();
     let smtp_server = format!("127.0.0.1:{}", smtp.port);
-    let s = Server::start(&catalog, &e.path("work"), &["--smtp-server", &smtp_server]);
     // Tagged in cairn's libvirt metadata; the job selects it by tag.
     let tag = format!("director-{}", std::process::id());
     let hooks = format!("<hooks><tag>{tag}</tag></hooks>");
     common::guest::virsh(&["metadata", &g.name, "https://cairn.dev/xmlns/hooks/1", "--key", "cairn", "--set", &hooks]);
+    let s = Server::start(&catalog, &e.path("work"), &["--smtp-server", &smtp_server]);
     let (status, vms) = s.call("GET", "/api/vms", Some(&admin), None);
     assert_eq!(status, 200);
     let listed = vms.as_array().unwrap().iter().find(|v| v["name"] == g.name.as_str()).cloned().unwrap();
@@ -353,6 +264,30 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
     assert_eq!(ids, vec![points[1].as_str()], "{listed}");
     let (_, tasks) = s.call("GET", &format!("/api/tasks?job={id}"), Some(&admin), None);
     assert_eq!(tasks.as_array().unwrap().len(), 2);
+    // The catalog's points match the repository (the forgotten one gone), with the boot check
+    // and its screen; the VM list and the dashboard count them.
+    let (_, listed) = s.call("GET", &format!("/api/points?vm={}", g.name), Some(&admin), None);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let p = &listed[0];
+    assert_eq!((p["id"].as_str(), p["chain"].as_str()), (Some(points[1].as_str()), Some("incremental")), "{p}");
+    assert_eq!((p["boot_verdict"].as_str(), p["screenshot"].as_bool()), (Some("passed"), Some(true)), "{p}");
+    let png = ureq::get(&s.url(&format!("/api/points/{}/screenshot", points[1])))
+        .set("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap();
+    assert_eq!(png.content_type(), "image/png");
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut png.into_reader(), &mut bytes).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG"), "not a PNG");
+    let (_, overview) = s.call("GET", "/api/overview", Some(&admin), None);
+    assert_eq!(
+        (overview["jobs"]["ok"].as_u64(), overview["points"]["total"].as_u64()),
+        (Some(1), Some(1)),
+        "{overview}"
+    );
+    let usage = &overview["usage"][0]["samples"];
+    assert!(usage.as_array().unwrap().len() >= 2 && usage[1]["stored_bytes"].as_u64() > Some(0), "{overview}");
 }
 
 #[test]
@@ -457,4 +392,38 @@ fn the_api_is_served_over_tls_and_plain_http_only_on_loopback() {
     // Plain HTTP to the HTTPS port gets nothing.
     let (ok, _) = curl(&s.url("/api/version").replace("https://", "http://"));
     assert!(!ok, "plain HTTP was answered on the HTTPS port");
+}
+
+/// Two jobs of two repositories back up VMs of one host: with `--per-host-limit 1`, the second
+/// waits for the first to end on that host (its log says so), and both end ok.
+#[test]
+fn the_per_host_limit_holds_across_the_tasks_of_different_repositories() {
+    let e = Env::new();
+    e.init();
+    let other = e.path("repo2");
+    e.ok(&["--repo", other.to_str().unwrap(), "init"]);
+    let g = Guest::start("director-limit", &[]);
+    let catalog = catalog_in(&e);
+    let admin = token(&catalog, "admin", "admin");
+    // Each point is held 3 s with the guest frozen: long enough for the two runs to meet.
+    let s = Server::start(&catalog, &e.path("work"), &["--per-host-limit", "1", "--debug-hold", "3"]);
+    let mut tasks = Vec::new();
+    for (name, repo) in [("first", e.repo()), ("second", other.clone())] {
+        let job = json!({"name": name, "vms": {"names": [g.name]}, "repository": repo});
+        let (status, created) = s.call("POST", "/api/jobs", Some(&admin), Some(job));
+        assert_eq!(status, 201, "{created}");
+        let (status, task) = s.call("POST", &format!("/api/jobs/{}/run", created["id"]), Some(&admin), None);
+        assert_eq!(status, 202, "{task}");
+        tasks.push(task["id"].as_i64().unwrap());
+    }
+    let ended: Vec<Value> = tasks.iter().map(|t| wait_task(&s, &admin, *t, Duration::from_secs(300))).collect();
+    for t in &ended {
+        assert_eq!(t["state"], "ok", "{t}");
+    }
+    // One of them waited for the other's slot on the host (whichever got it first).
+    let waited = tasks.iter().any(|t| {
+        let (_, log) = s.call("GET", &format!("/api/tasks/{t}/log"), Some(&admin), None);
+        log.to_string().contains("waiting for one to end")
+    });
+    assert!(waited, "neither task waited for the host: {ended:?}");
 }

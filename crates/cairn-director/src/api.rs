@@ -7,7 +7,7 @@
 //! the task is followed at `/api/tasks/{id}` and `/api/tasks/{id}/log`.
 
 use crate::auth::{self, Action, Caller, Role};
-use crate::catalog::{Catalog, Job, LogLine, Task, TokenInfo};
+use crate::catalog::{Catalog, Job, LogLine, PointRow, Task, TokenInfo, UsageSample, VmRow};
 use crate::jobs::JobSpec;
 use crate::runner::Runner;
 use crate::{DirectorError, Settings};
@@ -148,6 +148,7 @@ impl Modify for TokenSecurity {
         (name = "jobs", description = "Backup jobs: which VMs, where, when, what is kept"),
         (name = "tasks", description = "Runs of jobs: state, progress, log"),
         (name = "vms", description = "The VMs of the server's hosts"),
+        (name = "points", description = "Restore points of the jobs' repositories: boot screens, files, restores"),
         (name = "tokens", description = "API tokens (admin only)"),
     )
 )]
@@ -164,7 +165,16 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .routes(routes!(get_task))
         .routes(routes!(task_log))
         .routes(routes!(cancel_task))
+        .routes(routes!(overview))
         .routes(routes!(list_vms))
+        .routes(routes!(list_hosts))
+        .routes(routes!(list_points))
+        .routes(routes!(get_point))
+        .routes(routes!(point_screenshot))
+        .routes(routes!(point_volumes))
+        .routes(routes!(point_files))
+        .routes(routes!(point_download))
+        .routes(routes!(create_restore))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .split_for_parts();
@@ -172,6 +182,7 @@ pub fn router(app: Arc<App>) -> axum::Router {
     router
         .route("/api/openapi.json", axum::routing::get(move || async move { Json(doc.as_ref().clone()) }))
         .route("/metrics", axum::routing::get(metrics))
+        .merge(crate::console::router())
         .with_state(app)
 }
 
@@ -392,44 +403,434 @@ async fn cancel_task(
     Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
-/// A VM of the server's hosts.
-#[derive(Serialize, ToSchema)]
-pub struct VmRow {
-    pub name: String,
-    pub uuid: String,
-    /// The host it runs on (or is defined on).
-    pub host: String,
-    pub state: String,
-    /// The backup method it qualifies for, and why.
-    pub method: String,
-    pub method_reason: String,
-    /// Its tags, that jobs select VMs by.
-    pub tags: Vec<String>,
+/// Runs blocking work (the catalog's SQLite, a repository, a host) off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}")))?
 }
 
-/// The VMs of the server's host list (a host that cannot be reached is left out).
+/// The dashboard's numbers.
+#[derive(Serialize, ToSchema)]
+pub struct Overview {
+    /// How long the server took to gather it, in milliseconds.
+    pub generated_ms: f64,
+    pub jobs: JobCounts,
+    pub vms: VmCounts,
+    pub points: PointCounts,
+    /// The newest tasks that did not end ok (last 7 days, at most 20).
+    pub recent_problems: Vec<Task>,
+    /// The newest tasks (at most 10).
+    pub recent_tasks: Vec<Task>,
+    /// The VMs whose newest point is older than `recent_hours`, or that have none (at most 50).
+    pub stale_vms: Vec<StaleVm>,
+    pub recent_hours: i64,
+    /// Each repository's size over the last 90 days.
+    pub usage: Vec<RepositoryUsage>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobCounts {
+    pub total: usize,
+    /// By the state of each job's newest ended task.
+    pub ok: usize,
+    pub warning: usize,
+    pub failed: usize,
+    pub never_run: usize,
+    /// Jobs with no good run for longer than their schedule allows (an overdue alert is due).
+    pub overdue: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct VmCounts {
+    pub total: usize,
+    pub hosts: usize,
+    pub without_recent_point: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PointCounts {
+    pub total: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StaleVm {
+    pub uuid: String,
+    pub name: String,
+    pub host: String,
+    pub last_point: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RepositoryUsage {
+    pub repository: String,
+    pub samples: Vec<UsageSample>,
+}
+
+#[derive(Deserialize, IntoParams)]
+struct OverviewQuery {
+    /// A VM is "without a recent point" when its newest is older than this (default 26 h).
+    hours: Option<i64>,
+}
+
+/// The dashboard: jobs by their last result, problems, VMs without a recent point, repository use.
+#[utoipa::path(get, path = "/api/overview", tag = "jobs", params(OverviewQuery),
+    responses((status = 200, body = Overview)))]
+async fn overview(
+    State(app): AppState,
+    caller: Authed,
+    Query(q): Query<OverviewQuery>,
+) -> Result<Json<Overview>, ApiError> {
+    caller.may(Action::Read)?;
+    blocking(move || {
+        let started = std::time::Instant::now();
+        let now = jiff::Timestamp::now();
+        let hours = q.hours.unwrap_or(26).clamp(1, 24 * 366);
+        let jobs = app.catalog.jobs()?;
+        let ended = |j: &Job| j.last_task.as_ref().filter(|t| t.state.is_finished()).map(|t| t.state);
+        use crate::catalog::TaskState as S;
+        let overdue = jobs.iter().filter(|j| crate::scheduler::is_overdue(j, now, &app.tz)).count();
+        let counts = JobCounts {
+            total: jobs.len(),
+            ok: jobs.iter().filter(|j| ended(j) == Some(S::Ok)).count(),
+            warning: jobs.iter().filter(|j| ended(j) == Some(S::Warning)).count(),
+            failed: jobs.iter().filter(|j| matches!(ended(j), Some(S::Failed | S::Interrupted | S::Cancelled))).count(),
+            never_run: jobs.iter().filter(|j| j.last_task.is_none()).count(),
+            overdue,
+        };
+        let vms = app.catalog.inventory()?;
+        let cutoff = now - jiff::SignedDuration::from_hours(hours);
+        let stale = |v: &&VmRow| {
+            v.last_point.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok()).is_none_or(|t| t < cutoff)
+        };
+        let stale_vms: Vec<&VmRow> = vms.iter().filter(stale).collect();
+        let hosts: std::collections::HashSet<&str> = vms.iter().map(|v| v.host.as_str()).collect();
+        let week_ago = (now - jiff::SignedDuration::from_hours(24 * 7)).to_string();
+        let recent_tasks = app.catalog.tasks(None, 10)?;
+        let recent_problems = app.catalog.problems_since(&week_ago, 20)?;
+        let since = (now - jiff::SignedDuration::from_hours(24 * 90)).to_string();
+        let usage = app
+            .catalog
+            .usage_since(&since)?
+            .into_iter()
+            .map(|(repository, samples)| RepositoryUsage { repository, samples })
+            .collect();
+        Ok(Json(Overview {
+            jobs: counts,
+            vms: VmCounts { total: vms.len(), hosts: hosts.len(), without_recent_point: stale_vms.len() },
+            points: PointCounts { total: app.catalog.point_count()? },
+            recent_problems,
+            recent_tasks,
+            stale_vms: stale_vms
+                .iter()
+                .take(50)
+                .map(|v| StaleVm {
+                    uuid: v.uuid.clone(),
+                    name: v.name.clone(),
+                    host: v.host.clone(),
+                    last_point: v.last_point.clone(),
+                })
+                .collect(),
+            recent_hours: hours,
+            usage,
+            generated_ms: started.elapsed().as_secs_f64() * 1000.0,
+        }))
+    })
+    .await
+}
+
+/// The VMs of the server's hosts as last listed (every minute), each with its newest point.
 #[utoipa::path(get, path = "/api/vms", tag = "vms", responses((status = 200, body = [VmRow])))]
 async fn list_vms(State(app): AppState, caller: Authed) -> Result<Json<Vec<VmRow>>, ApiError> {
     caller.may(Action::Read)?;
-    let settings = app.settings.clone();
-    let rows = tokio::task::spawn_blocking(move || {
-        let connect = |uri: &str| (settings.connect)(uri);
-        let (vms, _unreachable) = cairn_ops::vm_list::list_vms_on_hosts(&settings.hosts, &connect);
-        vms.into_iter()
-            .map(|v| VmRow {
-                name: v.vm.name.clone(),
-                uuid: v.vm.uuid.clone(),
-                host: v.host.clone(),
-                state: format!("{:?}", v.vm.state).to_lowercase(),
-                method: v.vm.method.to_string(),
-                method_reason: v.vm.method_reason.clone(),
-                tags: v.vm.tags.clone(),
-            })
-            .collect::<Vec<_>>()
+    blocking(move || {
+        // Before the first listing has ended, this request lists the hosts itself.
+        if app.catalog.inventory_time()?.is_none() {
+            crate::inventory::refresh(&app.catalog, &app.settings)?;
+        }
+        Ok(Json(app.catalog.inventory()?))
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(rows))
+}
+
+/// The hosts jobs and restores may name, and the folders restores may write to.
+#[derive(Serialize, ToSchema)]
+pub struct Hosts {
+    pub hosts: Vec<String>,
+    pub restore_storage: Vec<String>,
+}
+
+/// The server's host list and restore folders.
+#[utoipa::path(get, path = "/api/hosts", tag = "vms", responses((status = 200, body = Hosts)))]
+async fn list_hosts(State(app): AppState, caller: Authed) -> Result<Json<Hosts>, ApiError> {
+    caller.may(Action::Read)?;
+    Ok(Json(Hosts {
+        hosts: app.settings.hosts.clone(),
+        restore_storage: app.settings.restore_storage.iter().map(|p| p.display().to_string()).collect(),
+    }))
+}
+
+#[derive(Deserialize, IntoParams)]
+struct PointQuery {
+    /// Only the points of this VM (its UUID or name).
+    vm: Option<String>,
+    /// At most this many (default 200, at most 5000), newest first.
+    limit: Option<i64>,
+}
+
+/// Restore points of the jobs' repositories, newest first.
+#[utoipa::path(get, path = "/api/points", tag = "points", params(PointQuery),
+    responses((status = 200, body = [PointRow])))]
+async fn list_points(
+    State(app): AppState,
+    caller: Authed,
+    Query(q): Query<PointQuery>,
+) -> Result<Json<Vec<PointRow>>, ApiError> {
+    caller.may(Action::Read)?;
+    blocking(move || Ok(Json(app.catalog.points(q.vm.as_deref(), q.limit.unwrap_or(200).clamp(1, 5000))?))).await
+}
+
+#[derive(Deserialize, IntoParams)]
+struct WhichRepository {
+    /// The repository holding the point, when more than one does.
+    repository: Option<String>,
+}
+
+/// The point `id` of the catalog (of `repository` when given).
+fn point_or_404(app: &App, id: &str, repository: Option<&str>) -> Result<PointRow, ApiError> {
+    let mut rows = app.catalog.points_with_id(id)?;
+    if let Some(r) = repository {
+        rows.retain(|p| p.repository == crate::repos::key(r));
+    }
+    match rows.len() {
+        0 => Err(DirectorError::NotFound(format!("no restore point {id}")).into()),
+        1 => Ok(rows.remove(0)),
+        _ => Err(DirectorError::Conflict(format!(
+            "restore point {id} is in {} repositories: say which (repository=...)",
+            rows.len()
+        ))
+        .into()),
+    }
+}
+
+/// One restore point.
+#[utoipa::path(get, path = "/api/points/{id}", tag = "points", params(("id" = String, Path), WhichRepository),
+    responses((status = 200, body = PointRow), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn get_point(
+    State(app): AppState,
+    caller: Authed,
+    Path(id): Path<String>,
+    Query(q): Query<WhichRepository>,
+) -> Result<Json<PointRow>, ApiError> {
+    caller.may(Action::Read)?;
+    blocking(move || Ok(Json(point_or_404(&app, &id, q.repository.as_deref())?))).await
+}
+
+/// The screen of a point's boot check (PNG).
+#[utoipa::path(get, path = "/api/points/{id}/screenshot", tag = "points", params(("id" = String, Path), WhichRepository),
+    responses((status = 200, content_type = "image/png"), (status = 404, body = ErrorBody)))]
+async fn point_screenshot(
+    State(app): AppState,
+    caller: Authed,
+    Path(id): Path<String>,
+    Query(q): Query<WhichRepository>,
+) -> Result<Response, ApiError> {
+    caller.may(Action::Read)?;
+    blocking(move || {
+        let p = point_or_404(&app, &id, q.repository.as_deref())?;
+        let png = app
+            .catalog
+            .screenshot(&p.repository, &p.id)?
+            .ok_or_else(|| DirectorError::NotFound(format!("restore point {id} has no boot screen here")))?;
+        Ok(([(axum::http::header::CONTENT_TYPE, "image/png")], png).into_response())
+    })
+    .await
+}
+
+/// A point's repository, opened and indexed under its shared lock, with the point's `NAME@ID`.
+struct OpenPoint {
+    repo: Arc<cairn_repo::Repository>,
+    _lock: cairn_repo::Lock,
+    spec: String,
+}
+
+fn open_point(app: &App, id: &str, repository: Option<&str>) -> Result<OpenPoint, ApiError> {
+    let p = point_or_404(app, id, repository)?;
+    let job = crate::repos::job_of(&app.catalog, &p.repository)?;
+    let repo = crate::repos::open(&job.spec)?;
+    let lock = repo.lock(false, "files (director)", std::time::Duration::from_secs(30)).map_err(anyhow::Error::from)?;
+    repo.load_index().map_err(anyhow::Error::from)?;
+    Ok(OpenPoint { repo, _lock: lock, spec: format!("{}@{}", p.name, p.id) })
+}
+
+/// A volume of a point.
+#[derive(Serialize, ToSchema)]
+pub struct VolumeRow {
+    pub name: String,
+    pub filesystem: Option<String>,
+    pub size: u64,
+}
+
+/// The volumes (partitions, logical volumes) of a point, with their filesystems.
+#[utoipa::path(get, path = "/api/points/{id}/volumes", tag = "points", params(("id" = String, Path), WhichRepository),
+    responses((status = 200, body = [VolumeRow]), (status = 404, body = ErrorBody)))]
+async fn point_volumes(
+    State(app): AppState,
+    caller: Authed,
+    Path(id): Path<String>,
+    Query(q): Query<WhichRepository>,
+) -> Result<Json<Vec<VolumeRow>>, ApiError> {
+    caller.may(Action::Restore)?;
+    blocking(move || {
+        let open = open_point(&app, &id, q.repository.as_deref())?;
+        let (_, _, volumes) = cairn_ops::files::list_volumes(&open.repo, &open.spec).map_err(anyhow::Error::from)?;
+        Ok(Json(
+            volumes
+                .into_iter()
+                .map(|v| VolumeRow { name: v.name, filesystem: v.filesystem.map(str::to_string), size: v.length })
+                .collect(),
+        ))
+    })
+    .await
+}
+
+#[derive(Deserialize, IntoParams)]
+struct FilesQuery {
+    /// The volume (default: the point's one filesystem).
+    volume: Option<String>,
+    /// The folder (default `/`), or the file to download.
+    path: Option<String>,
+    repository: Option<String>,
+}
+
+/// A folder of a point's volume.
+#[derive(Serialize, ToSchema)]
+pub struct FolderListing {
+    pub volume: String,
+    pub path: String,
+    pub entries: Vec<FileRow>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct FileRow {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    /// Unix seconds.
+    pub modified: i64,
+}
+
+/// The entries of a folder of a point's volume, read from the repository.
+#[utoipa::path(get, path = "/api/points/{id}/files", tag = "points", params(("id" = String, Path), FilesQuery),
+    responses((status = 200, body = FolderListing), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn point_files(
+    State(app): AppState,
+    caller: Authed,
+    Path(id): Path<String>,
+    Query(q): Query<FilesQuery>,
+) -> Result<Json<FolderListing>, ApiError> {
+    caller.may(Action::Restore)?;
+    blocking(move || {
+        let open = open_point(&app, &id, q.repository.as_deref())?;
+        let path = q.path.unwrap_or_else(|| "/".into());
+        let listing = cairn_ops::files::list_files(&open.repo, &open.spec, q.volume.as_deref(), &path)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{:#}", anyhow::Error::from(e))))?;
+        Ok(Json(FolderListing {
+            volume: listing.volume,
+            path,
+            entries: listing
+                .entries
+                .into_iter()
+                .map(|e| FileRow { name: e.name, kind: e.kind.to_string(), size: e.size, modified: e.modified })
+                .collect(),
+        }))
+    })
+    .await
+}
+
+/// A file of a point's volume: its bytes, each checked against its hash as it is read.
+#[utoipa::path(get, path = "/api/points/{id}/download", tag = "points", params(("id" = String, Path), FilesQuery),
+    responses((status = 200, content_type = "application/octet-stream"), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn point_download(
+    State(app): AppState,
+    caller: Authed,
+    Path(id): Path<String>,
+    Query(q): Query<FilesQuery>,
+) -> Result<Response, ApiError> {
+    caller.may(Action::Restore)?;
+    let (file, name) = blocking(move || {
+        let open = open_point(&app, &id, q.repository.as_deref())?;
+        let path = q.path.clone().unwrap_or_default();
+        let (folder, name) = path.trim_end_matches('/').rsplit_once('/').unwrap_or(("", &path));
+        let folder = if folder.is_empty() { "/" } else { folder };
+        let bad = |why: String| ApiError::new(StatusCode::BAD_REQUEST, why);
+        let listing = cairn_ops::files::list_files(&open.repo, &open.spec, q.volume.as_deref(), folder)
+            .map_err(|e| bad(format!("{:#}", anyhow::Error::from(e))))?;
+        match listing.entries.iter().find(|e| e.name == name) {
+            Some(e) if e.kind == "file" => {}
+            Some(e) => return Err(bad(format!("{path} is a {}: only files are downloaded", e.kind))),
+            None => return Err(DirectorError::NotFound(format!("no file {path} in volume {}", listing.volume)).into()),
+        }
+        // Copied out (every block checked against its hash) to a private scratch folder, then
+        // opened and removed: the open file is what is sent.
+        let scratch = app.settings.work_dir.join("downloads");
+        std::fs::create_dir_all(&scratch).map_err(anyhow::Error::from)?;
+        let dir = tempfile_dir(&scratch)?;
+        let dest = dir.join("file");
+        let copied = cairn_ops::files::get_files(&open.repo, &open.spec, &listing.volume, &path, &dest);
+        let opened = copied.map_err(anyhow::Error::from).and_then(|_| Ok(std::fs::File::open(&dest)?));
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok((opened?, name.to_string()))
+    })
+    .await?;
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+    let disposition = format!(
+        "attachment; filename=\"{}\"",
+        name.replace(|c: char| !c.is_ascii_graphic() || c == '"' || c == '\\', "_")
+    );
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// A new folder of its own under `parent` (0700).
+fn tempfile_dir(parent: &std::path::Path) -> Result<std::path::PathBuf, ApiError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no random bytes"))?;
+    let dir = parent.join(hex::encode(bytes));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(anyhow::Error::from)?;
+    Ok(dir)
+}
+
+/// Restores a point onto a host of the server's list, into one of its restore folders: the
+/// whole VM, or an instant recovery. Answers at once with the task.
+#[utoipa::path(post, path = "/api/restores", tag = "points", request_body = crate::restores::RestoreRequest,
+    responses((status = 202, body = Task), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn create_restore(
+    State(app): AppState,
+    caller: Authed,
+    Body(req): Body<crate::restores::RestoreRequest>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    caller.may(Action::Restore)?;
+    req.check(&app.settings)?;
+    let task = blocking(move || {
+        let point = point_or_404(&app, &req.point, req.repository.as_deref())?;
+        let job = crate::repos::job_of(&app.catalog, &point.repository)?;
+        Ok(app.runner.submit_restore(req, point, job.spec, &caller.0.name)?)
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(task)))
 }
 
 /// Every API token (never their secrets).

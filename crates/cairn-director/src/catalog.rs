@@ -5,6 +5,12 @@
 //! the moment it is asked for (`queued`) to its end (`ok`, `warning`, `failed`, `cancelled`), or
 //! `interrupted` when the server stopped under it: at start, [`Catalog::interrupt_unfinished`]
 //! closes what the previous process left open, with the reason.
+//!
+//! It also keeps what the console shows without asking a repository or a host each time: the
+//! restore points of the jobs' repositories (`points`, with the boot checks' screenshots), the
+//! repositories' size over time (`usage`), and the VMs of the host list as last seen
+//! (`inventory`). The repositories and the hosts stay the truth: `points` is made to match a
+//! repository's listing after each of its tasks, and the inventory is listed again every minute.
 
 use crate::roles::Role;
 use anyhow::{bail, Context, Result};
@@ -15,7 +21,7 @@ use std::sync::Mutex;
 use utoipa::ToSchema;
 
 /// The catalog's schema version; a catalog written by a newer version is refused.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,6 +63,42 @@ CREATE TABLE IF NOT EXISTS tokens (
   hash TEXT NOT NULL,
   created TEXT NOT NULL,
   last_used TEXT
+);
+CREATE TABLE IF NOT EXISTS points (
+  repository TEXT NOT NULL,
+  id TEXT NOT NULL,
+  job_id INTEGER,
+  name TEXT NOT NULL,
+  vm_uuid TEXT,
+  host TEXT,
+  time TEXT NOT NULL,
+  chain TEXT,
+  method TEXT,
+  read_bytes INTEGER,
+  boot_verdict TEXT,
+  boot_reason TEXT,
+  screenshot BLOB,
+  PRIMARY KEY (repository, id)
+);
+CREATE INDEX IF NOT EXISTS points_by_id ON points (id);
+CREATE INDEX IF NOT EXISTS points_by_vm ON points (vm_uuid, time);
+CREATE INDEX IF NOT EXISTS points_by_time ON points (time);
+CREATE TABLE IF NOT EXISTS usage (
+  repository TEXT NOT NULL,
+  at TEXT NOT NULL,
+  stored_bytes INTEGER NOT NULL,
+  points INTEGER NOT NULL,
+  PRIMARY KEY (repository, at)
+);
+CREATE TABLE IF NOT EXISTS inventory (
+  uuid TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  host TEXT NOT NULL,
+  state TEXT NOT NULL,
+  method TEXT NOT NULL,
+  method_reason TEXT NOT NULL,
+  tags TEXT NOT NULL,
+  seen TEXT NOT NULL
 );
 ";
 
@@ -167,6 +209,60 @@ pub struct TokenInfo {
     pub last_used: Option<String>,
 }
 
+/// A restore point of a job's repository, as the catalog keeps it.
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct PointRow {
+    /// The point's ID (64 hex digits).
+    pub id: String,
+    pub repository: String,
+    /// The job whose task made it, or that names its repository.
+    pub job_id: Option<i64>,
+    /// The VM's name when it was backed up (the point's name).
+    pub name: String,
+    pub vm_uuid: Option<String>,
+    /// The host it was backed up from.
+    pub host: Option<String>,
+    pub time: String,
+    /// `full` or `incremental`.
+    pub chain: Option<String>,
+    pub method: Option<String>,
+    pub read_bytes: Option<i64>,
+    /// Its boot check: `passed`, `failed`, `inconclusive`; none if it had none here.
+    pub boot_verdict: Option<String>,
+    pub boot_reason: Option<String>,
+    /// Whether `/api/points/{id}/screenshot` has its boot check's screen.
+    pub screenshot: bool,
+}
+
+/// A repository's size at one time.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct UsageSample {
+    pub at: String,
+    /// The bytes of its packs.
+    pub stored_bytes: i64,
+    pub points: i64,
+}
+
+/// A VM of the host list, as last seen there, with what the catalog knows of its points.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct VmRow {
+    pub name: String,
+    pub uuid: String,
+    /// The host it runs on (or is defined on).
+    pub host: String,
+    pub state: String,
+    /// The backup method it qualifies for, and why.
+    pub method: String,
+    pub method_reason: String,
+    /// Its tags, that jobs select VMs by.
+    pub tags: Vec<String>,
+    /// When its newest point was taken.
+    pub last_point: Option<String>,
+    pub points: i64,
+    /// Its newest point's boot check.
+    pub last_boot: Option<String>,
+}
+
 pub fn now() -> String {
     jiff::Timestamp::now().to_string()
 }
@@ -206,6 +302,27 @@ fn task_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Task> {
     })
 }
 
+const POINT_COLUMNS: &str = "id, repository, job_id, name, vm_uuid, host, time, chain, method, read_bytes, \
+                             boot_verdict, boot_reason, screenshot IS NOT NULL";
+
+fn point_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<PointRow> {
+    Ok(PointRow {
+        id: r.get(0)?,
+        repository: r.get(1)?,
+        job_id: r.get(2)?,
+        name: r.get(3)?,
+        vm_uuid: r.get(4)?,
+        host: r.get(5)?,
+        time: r.get(6)?,
+        chain: r.get(7)?,
+        method: r.get(8)?,
+        read_bytes: r.get(9)?,
+        boot_verdict: r.get(10)?,
+        boot_reason: r.get(11)?,
+        screenshot: r.get(12)?,
+    })
+}
+
 impl Catalog {
     /// Opens (or creates) the catalog at `path`; its folder must exist.
     pub fn open(path: &Path) -> Result<Catalog> {
@@ -220,7 +337,11 @@ impl Catalog {
             None => {
                 conn.execute("INSERT INTO meta (key, value) VALUES ('schema', ?1)", [SCHEMA_VERSION.to_string()])?;
             }
-            Some(Ok(v)) if v <= SCHEMA_VERSION => {}
+            // Version 1 lacked the points, usage and inventory tables, made above.
+            Some(Ok(v)) if v < SCHEMA_VERSION => {
+                conn.execute("UPDATE meta SET value = ?1 WHERE key = 'schema'", [SCHEMA_VERSION.to_string()])?;
+            }
+            Some(Ok(v)) if v == SCHEMA_VERSION => {}
             Some(v) => bail!(
                 "the catalog {} was written by a newer cairn (schema {v:?}, this one knows {SCHEMA_VERSION})",
                 path.display()
@@ -385,6 +506,17 @@ impl Catalog {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The newest `limit` tasks ended since `since` (RFC 3339) in another state than `ok`.
+    pub fn problems_since(&self, since: &str, limit: i64) -> Result<Vec<Task>> {
+        let c = self.conn();
+        let mut st = c.prepare(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE ended >= ?1 AND state NOT IN ('ok', 'queued', 'running') \
+             ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![since, limit], task_of)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Whether a task of job `job_id` is queued or running.
     pub fn job_is_active(&self, job_id: i64) -> Result<bool> {
         let c = self.conn();
@@ -416,6 +548,189 @@ impl Catalog {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    // Restore points.
+
+    /// Adds a point, or updates the one kept: what `p` leaves out (no host, no boot check, no
+    /// `screenshot`) keeps its stored value.
+    pub fn record_point(&self, p: &PointRow, screenshot: Option<&[u8]>) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO points (repository, id, job_id, name, vm_uuid, host, time, chain, method, read_bytes, \
+             boot_verdict, boot_reason, screenshot) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+             ON CONFLICT (repository, id) DO UPDATE SET job_id = COALESCE(excluded.job_id, job_id), \
+             name = excluded.name, vm_uuid = excluded.vm_uuid, host = COALESCE(excluded.host, host), \
+             time = excluded.time, chain = COALESCE(excluded.chain, chain), method = COALESCE(excluded.method, method), \
+             read_bytes = COALESCE(excluded.read_bytes, read_bytes), \
+             boot_verdict = COALESCE(excluded.boot_verdict, boot_verdict), \
+             boot_reason = COALESCE(excluded.boot_reason, boot_reason), \
+             screenshot = COALESCE(excluded.screenshot, screenshot)",
+            params![
+                p.repository,
+                p.id,
+                p.job_id,
+                p.name,
+                p.vm_uuid,
+                p.host,
+                p.time,
+                p.chain,
+                p.method,
+                p.read_bytes,
+                p.boot_verdict,
+                p.boot_reason,
+                screenshot
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Makes the catalog's points of `repository` those of `listed`, its listing: the rows of
+    /// points it no longer has go, and the points the catalog lacks are added (what the catalog
+    /// knows of the others is kept). Returns how many were added and removed.
+    pub fn sync_points(&self, repository: &str, listed: &[PointRow]) -> Result<(usize, usize)> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let known: std::collections::HashSet<String> = {
+            let mut st = tx.prepare("SELECT id FROM points WHERE repository = ?1")?;
+            let ids = st.query_map([repository], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            ids
+        };
+        let present: std::collections::HashSet<&str> = listed.iter().map(|p| p.id.as_str()).collect();
+        let mut removed = 0;
+        for id in known.iter().filter(|id| !present.contains(id.as_str())) {
+            removed += tx.execute("DELETE FROM points WHERE repository = ?1 AND id = ?2", params![repository, id])?;
+        }
+        let mut added = 0;
+        for p in listed.iter().filter(|p| !known.contains(&p.id)) {
+            added += tx.execute(
+                "INSERT INTO points (repository, id, job_id, name, vm_uuid, host, time, chain, method, read_bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![repository, p.id, p.job_id, p.name, p.vm_uuid, p.host, p.time, p.chain, p.method, p.read_bytes],
+            )?;
+        }
+        tx.commit()?;
+        Ok((added, removed))
+    }
+
+    /// The newest `limit` points (of the VM whose UUID or name is `vm`, or all), newest first.
+    pub fn points(&self, vm: Option<&str>, limit: i64) -> Result<Vec<PointRow>> {
+        let c = self.conn();
+        let (filter, p) = match vm {
+            Some(vm) => ("WHERE vm_uuid = ?1 OR name = ?1", vm),
+            None => ("WHERE ?1 = ?1", ""),
+        };
+        let mut st = c.prepare(&format!("SELECT {POINT_COLUMNS} FROM points {filter} ORDER BY time DESC LIMIT ?2"))?;
+        let rows = st.query_map(params![p, limit], point_of)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The points with ID `id` (one per repository holding it: a copy keeps its ID).
+    pub fn points_with_id(&self, id: &str) -> Result<Vec<PointRow>> {
+        let c = self.conn();
+        let mut st = c.prepare(&format!("SELECT {POINT_COLUMNS} FROM points WHERE id = ?1 ORDER BY repository"))?;
+        let rows = st.query_map([id], point_of)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The screen of a point's boot check, as a PNG.
+    pub fn screenshot(&self, repository: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        let c = self.conn();
+        let png: Option<Option<Vec<u8>>> = c
+            .query_row("SELECT screenshot FROM points WHERE repository = ?1 AND id = ?2", [repository, id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(png.flatten())
+    }
+
+    pub fn point_count(&self) -> Result<i64> {
+        Ok(self.conn().query_row("SELECT COUNT(*) FROM points", [], |r| r.get(0))?)
+    }
+
+    // Repositories' size.
+
+    pub fn record_usage(&self, repository: &str, stored_bytes: u64, points: usize) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO usage (repository, at, stored_bytes, points) VALUES (?1, ?2, ?3, ?4)",
+            params![repository, now(), stored_bytes as i64, points as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Each repository's size samples since `since` (RFC 3339), oldest first.
+    pub fn usage_since(&self, since: &str) -> Result<Vec<(String, Vec<UsageSample>)>> {
+        let c = self.conn();
+        let mut st =
+            c.prepare("SELECT repository, at, stored_bytes, points FROM usage WHERE at >= ?1 ORDER BY repository, at")?;
+        let rows = st.query_map([since], |r| {
+            Ok((r.get::<_, String>(0)?, UsageSample { at: r.get(1)?, stored_bytes: r.get(2)?, points: r.get(3)? }))
+        })?;
+        let mut out: Vec<(String, Vec<UsageSample>)> = Vec::new();
+        for row in rows {
+            let (repo, sample) = row?;
+            match out.last_mut() {
+                Some((r, samples)) if *r == repo => samples.push(sample),
+                _ => out.push((repo, vec![sample])),
+            }
+        }
+        Ok(out)
+    }
+
+    // The VMs of the host list.
+
+    /// Replaces what the inventory says of hosts `listed` (those that answered) by `vms`; a VM
+    /// seen now on one host is no longer on another.
+    pub fn set_inventory(&self, listed: &[String], vms: &[VmRow]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        for host in listed {
+            tx.execute("DELETE FROM inventory WHERE host = ?1", [host])?;
+        }
+        let t = now();
+        for v in vms {
+            tx.execute(
+                "INSERT OR REPLACE INTO inventory (uuid, name, host, state, method, method_reason, tags, seen) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![v.uuid, v.name, v.host, v.state, v.method, v.method_reason, serde_json::to_string(&v.tags)?, t],
+            )?;
+        }
+        tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('inventory', ?1)", [&t])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// When the inventory was last listed, if ever.
+    pub fn inventory_time(&self) -> Result<Option<String>> {
+        let c = self.conn();
+        Ok(c.query_row("SELECT value FROM meta WHERE key = 'inventory'", [], |r| r.get(0)).optional()?)
+    }
+
+    /// The VMs as last seen, by name, each with its newest point.
+    pub fn inventory(&self) -> Result<Vec<VmRow>> {
+        let c = self.conn();
+        // Each sub-select is a lookup in points_by_vm (vm_uuid, time).
+        let mut st = c.prepare(
+            "SELECT i.uuid, i.name, i.host, i.state, i.method, i.method_reason, i.tags, \
+             (SELECT MAX(time) FROM points p WHERE p.vm_uuid = i.uuid), \
+             (SELECT COUNT(*) FROM points p WHERE p.vm_uuid = i.uuid), \
+             (SELECT boot_verdict FROM points p WHERE p.vm_uuid = i.uuid ORDER BY time DESC LIMIT 1) \
+             FROM inventory i ORDER BY i.name, i.uuid",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(VmRow {
+                uuid: r.get(0)?,
+                name: r.get(1)?,
+                host: r.get(2)?,
+                state: r.get(3)?,
+                method: r.get(4)?,
+                method_reason: r.get(5)?,
+                tags: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
+                last_point: r.get(7)?,
+                points: r.get(8)?,
+                last_boot: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     // Tokens.
 
     pub fn add_token(&self, id: &str, name: &str, role: Role, hash: &str) -> Result<()> {
@@ -444,8 +759,15 @@ impl Catalog {
         Ok(row.and_then(|(h, n, r)| Role::parse(&r).map(|r| (h, n, r))))
     }
 
+    /// Notes that token `id` was used; at most once a minute (a dashboard polling every few
+    /// seconds must not make every request a write).
     pub fn touch_token(&self, id: &str) -> Result<()> {
-        self.conn().execute("UPDATE tokens SET last_used = ?2 WHERE id = ?1", params![id, now()])?;
+        let t = jiff::Timestamp::now();
+        let minute_ago = (t - jiff::SignedDuration::from_mins(1)).to_string();
+        self.conn().execute(
+            "UPDATE tokens SET last_used = ?2 WHERE id = ?1 AND (last_used IS NULL OR last_used < ?3)",
+            params![id, t.to_string(), minute_ago],
+        )?;
         Ok(())
     }
 

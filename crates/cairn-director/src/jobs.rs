@@ -101,7 +101,8 @@ pub struct VmSelection {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackupMethod {
-    /// The best the VM allows: app-consistent with a guest agent, else crash-consistent.
+    /// The best the VM allows: app-consistent with a guest agent, else saved-state (the VM's
+    /// memory saved with its disks, so the point resumes where it was).
     #[default]
     Auto,
     AppConsistent,

@@ -12,7 +12,11 @@
 //! - [`runner`]: a task's run (backup, then retention), one at a time per repository;
 //! - [`scheduler`]: jobs started when due; a due time missed while the server was down runs once;
 //! - [`auth`]: API tokens; [`roles`]: what each role (admin, operator, viewer, backup) may do;
-//! - [`api`]: the REST API under `/api/`, its OpenAPI document at `/api/openapi.json`.
+//! - [`repos`]: the jobs' repositories, opened with their job's password, their points mirrored
+//!   in the catalog; [`inventory`]: the VMs of the host list, listed every minute;
+//! - [`restores`]: a point recovered onto a host of the list, as a task;
+//! - [`api`]: the REST API under `/api/`, its OpenAPI document at `/api/openapi.json`;
+//!   [`console`]: the web console over it, at `/`.
 //!
 //! A server killed in the middle of a task leaves no guest frozen or paused: each VM's watchdog
 //! is a process of its own that thaws or resumes the guest and ends the backup job when the
@@ -22,8 +26,12 @@
 pub mod api;
 pub mod auth;
 pub mod catalog;
+pub mod console;
+pub mod inventory;
 pub mod jobs;
 pub mod notify;
+pub mod repos;
+pub mod restores;
 pub mod roles;
 pub mod runner;
 pub mod scheduler;
@@ -75,6 +83,13 @@ pub struct Settings {
     pub mail: Option<cairn_ops::mail::MailSettings>,
     /// How often the scheduler looks at the jobs.
     pub tick: Duration,
+    /// At most this many VM backups at once on one host, whatever the tasks (each job's
+    /// `per_host` is within it).
+    pub per_host_limit: usize,
+    /// How often the hosts' VMs are listed again for the console.
+    pub inventory_every: Duration,
+    /// The folders of the hosts restores through the API may write to.
+    pub restore_storage: Vec<PathBuf>,
     /// How long a guest may stay frozen (or paused) before its watchdog thaws it.
     pub freeze_limit_secs: u64,
     /// Testing aid: each VM stays frozen this long after its point is taken.
@@ -146,6 +161,25 @@ pub fn serve(settings: Settings) -> Result<()> {
             }
         })?
     };
+    let inventory = {
+        let (catalog, settings, stop) = (catalog.clone(), settings.clone(), stop.clone());
+        std::thread::Builder::new().name("inventory".into()).spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match inventory::refresh(&catalog, &settings) {
+                    Ok(failed) => {
+                        for (host, why) in failed {
+                            eprintln!("inventory: host {host} could not be listed: {why}");
+                        }
+                    }
+                    Err(e) => eprintln!("inventory: {e:#}"),
+                }
+                let t = std::time::Instant::now();
+                while t.elapsed() < settings.inventory_every && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })?
+    };
     let app = Arc::new(api::App { catalog, runner: runner.clone(), settings: settings.clone(), tz });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = rt.block_on(async {
@@ -171,6 +205,7 @@ pub fn serve(settings: Settings) -> Result<()> {
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = scheduler.join();
+    let _ = inventory.join();
     // Running tasks stop between batches of blocks, their guests thawed; they end interrupted,
     // and the scheduled ones run again at the next start.
     runner.stop_all(Duration::from_secs(120));

@@ -9,9 +9,9 @@ use utoipa::ToSchema;
 pub enum Role {
     /// Everything, tokens included.
     Admin,
-    /// Jobs (create, change, delete, run) and everything an viewer sees; not tokens.
+    /// Jobs (create, change, delete, run), restores and everything a viewer sees; not tokens.
     Operator,
-    /// Reads only.
+    /// Reads only (jobs, tasks, VMs, points and their boot screens; never a file of a point).
     Viewer,
     /// Runs jobs (creates restore points) and reads; never changes or deletes a job, so never
     /// its retention: what a backup script or a compromised client may hold.
@@ -24,6 +24,8 @@ pub enum Action {
     Read,
     RunJob,
     ChangeJobs,
+    /// Restores a point, or reads the files in it.
+    Restore,
     ManageTokens,
 }
 

@@ -35,18 +35,21 @@ pub struct Runner {
     submitting: Mutex<()>,
     /// The server is stopping: tasks stopped now end `interrupted`, not `cancelled`.
     stopping: std::sync::atomic::AtomicBool,
+    /// VM backups at once per host, across tasks (a job's `per_host` is its own share).
+    host_limits: Arc<cairn_ops::vm_backup::HostLimits>,
 }
 
 impl Runner {
     pub fn new(catalog: Arc<Catalog>, settings: Arc<Settings>) -> Arc<Runner> {
         Arc::new(Runner {
             catalog,
-            settings,
             repositories: Mutex::default(),
             cancels: Mutex::default(),
             threads: Mutex::default(),
             submitting: Mutex::default(),
             stopping: Default::default(),
+            host_limits: cairn_ops::vm_backup::HostLimits::new(settings.per_host_limit),
+            settings,
         })
     }
 
@@ -91,6 +94,63 @@ impl Runner {
         threads.retain(|t| !t.is_finished());
         threads.push(handle);
         Ok(task)
+    }
+
+    /// Queues a restore of `point` (of job `spec`'s repository) as `req` asks, checked already,
+    /// and starts its thread. A restore is not a job's run: it has no job, and does not wait
+    /// for the repository's backups (it reads under the repository's shared lock). Once it has
+    /// started, a cancel is not heard: a recovery half done is worse than one finished.
+    pub fn submit_restore(
+        self: &Arc<Self>,
+        req: crate::restores::RestoreRequest,
+        point: crate::catalog::PointRow,
+        spec: JobSpec,
+        by: &str,
+    ) -> Result<Task> {
+        let task = self.catalog.enqueue(None, "restore", "api", by)?;
+        let id = task.id;
+        let cancel = Cancel::new();
+        self.cancels.lock().unwrap().insert(id, cancel.clone());
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("task-{id}")).spawn(move || {
+            let log = |line: &str| {
+                let _ = me.catalog.log(id, line);
+            };
+            let (state, result, error) = if cancel.is_cancelled() {
+                (TaskState::Cancelled, None, Some("cancelled before it started".to_string()))
+            } else {
+                let _ = me.catalog.start_task(id);
+                let progress = TaskProgress::new(me.catalog.clone(), id);
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    crate::restores::restore(&me.settings, &spec, &point, &req, &progress)
+                }))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the task's thread panicked")));
+                match run {
+                    Ok(report) => (TaskState::Ok, Some(report), None),
+                    Err(e) => {
+                        log(&format!("failed: {e:#}"));
+                        (TaskState::Failed, None, Some(format!("{e:#}")))
+                    }
+                }
+            };
+            log(&format!("ended: {}", state.as_str()));
+            let _ = me.catalog.finish_task(id, state, result.as_ref(), error.as_deref());
+            me.cancels.lock().unwrap().remove(&id);
+        });
+        match spawned {
+            Ok(handle) => {
+                let mut threads = self.threads.lock().unwrap();
+                threads.retain(|t| !t.is_finished());
+                threads.push(handle);
+                Ok(task)
+            }
+            Err(e) => {
+                self.cancels.lock().unwrap().remove(&id);
+                let _ =
+                    self.catalog.finish_task(id, TaskState::Failed, None, Some(&format!("starting its thread: {e}")));
+                Err(anyhow::Error::new(e).context("starting the task's thread"))
+            }
+        }
     }
 
     /// Asks a task to stop; false if it is not running here.
@@ -158,7 +218,7 @@ impl Runner {
         let progress = TaskProgress::new(self.catalog.clone(), id);
         // Checked again: the server may have been restarted with another host list.
         spec.check(&self.settings.allowed())?;
-        let password = read_password(spec)?;
+        let password = crate::repos::read_password(spec)?;
         let backend = cairn_storage::open(&spec.repository)?;
         let pw = password.clone();
         let repo = Arc::new(Repository::open(backend, move || pw)?);
@@ -185,7 +245,7 @@ impl Runner {
         let req = self.request(spec, vms);
         let helpers = cairn_ops::ExeHelpers {
             exe: std::env::current_exe().context("locating the cairn executable for its helpers")?,
-            repo: helper_location(&spec.repository)?,
+            repo: crate::repos::helper_location(&spec.repository)?,
             password,
         };
         let mut on_done = |o: &VmBackupOutcome| match &o.result {
@@ -222,6 +282,7 @@ impl Runner {
             }
             _ => serde_json::Value::Null,
         };
+        self.catalog_points(id, spec, &repo, &outcomes, &progress);
         let failed = outcomes.len() - ok;
         let state = if cancel.is_cancelled() {
             TaskState::Cancelled
@@ -245,6 +306,44 @@ impl Runner {
             })
             .collect();
         Ok(Ended { state, result: json!({"vms": results, "retention": retention}), error, screenshots })
+    }
+
+    /// Keeps the task's new points in the catalog (with their boot checks and screens), then
+    /// makes the catalog's points of the repository match it (what the retention forgot goes).
+    /// A failure here is a note, not the task's: the points are in the repository.
+    fn catalog_points(
+        &self,
+        task: i64,
+        spec: &JobSpec,
+        repo: &Repository,
+        outcomes: &[VmBackupOutcome],
+        progress: &dyn Progress,
+    ) {
+        let job_id = self.catalog.task(task).ok().flatten().and_then(|t| t.job_id);
+        for o in outcomes {
+            let Ok(b) = &o.result else { continue };
+            let mut row = crate::repos::point_row(&spec.repository, job_id, &b.id, &b.point);
+            row.host = o.host.clone().or(row.host);
+            let mut screenshot = None;
+            match &b.boot {
+                Some(Ok(boot)) => {
+                    row.boot_verdict = Some(boot.check.verdict.clone());
+                    row.boot_reason = Some(boot.check.reason.clone());
+                    screenshot = boot.screenshot.as_deref();
+                }
+                Some(Err(e)) => {
+                    row.boot_verdict = Some("error".into());
+                    row.boot_reason = Some(format!("{e:#}"));
+                }
+                None => {}
+            }
+            if let Err(e) = self.catalog.record_point(&row, screenshot) {
+                progress.note(&format!("the catalog did not take point {}: {e:#}", b.id.short()));
+            }
+        }
+        if let Err(e) = crate::repos::refresh(&self.catalog, repo, &spec.repository, job_id) {
+            progress.note(&format!("the catalog's list of the repository's points was not refreshed: {e:#}"));
+        }
     }
 
     /// The backup request of a job's run over `vms`.
@@ -275,7 +374,13 @@ impl Runner {
             mail: None,
             workers,
         });
-        BackupVmsRequest { vms, options, boot_check, per_host: spec.per_host as usize }
+        BackupVmsRequest {
+            vms,
+            options,
+            boot_check,
+            per_host: spec.per_host as usize,
+            host_limits: Some(self.host_limits.clone()),
+        }
     }
 }
 
@@ -292,30 +397,6 @@ impl Ended {
     fn nothing(state: TaskState, error: &str) -> Ended {
         Ended { state, result: serde_json::Value::Null, error: Some(error.to_string()), screenshots: Vec::new() }
     }
-}
-
-/// The repository's password, from the job's password file (its last line break dropped).
-/// The file must be a regular file of root (or of this process's user), readable by nobody
-/// else, at most 4 KiB, not reached through a symbolic link: the server reads it as root, on
-/// the word of an operator's token.
-fn read_password(spec: &JobSpec) -> Result<Option<String>> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let Some(f) = &spec.password_file else { return Ok(None) };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        // No symbolic link followed; a FIFO does not block the open.
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(f)
-        .with_context(|| format!("opening the password file {f}"))?;
-    let meta = file.metadata()?;
-    let me = unsafe { libc::geteuid() };
-    if !meta.is_file() || (meta.uid() != 0 && meta.uid() != me) || meta.mode() & 0o077 != 0 || meta.len() > 4096 {
-        anyhow::bail!("the password file {f} must be a regular file of root, mode 0600 or stricter, at most 4 KiB");
-    }
-    let mut text = String::new();
-    file.take(4096).read_to_string(&mut text).with_context(|| format!("reading the password file {f}"))?;
-    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
 }
 
 /// Forgets what retention `keep` does not keep of the points of `vms`; what it did, or the
@@ -342,14 +423,6 @@ fn apply_retention(
             Err(format!("retention failed: {e:#}"))
         }
     }
-}
-
-/// The repository as a helper process is told it: a folder made absolute, a URL as given.
-fn helper_location(location: &str) -> Result<std::path::PathBuf> {
-    if location.contains("://") {
-        return Ok(location.into());
-    }
-    Ok(std::path::absolute(location)?)
 }
 
 /// One VM's outcome, as a task's result keeps it.

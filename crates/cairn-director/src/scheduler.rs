@@ -36,6 +36,14 @@ pub fn overdue_at(schedule: &Schedule, since: Timestamp, tz: &TimeZone) -> Optio
     Some((second.checked_add(slack).ok()?, gap))
 }
 
+/// Whether enabled job `job` has had no good run for longer than its schedule allows at `now`.
+pub fn is_overdue(job: &Job, now: Timestamp, tz: &TimeZone) -> bool {
+    let Some(schedule) = job.spec.schedule.as_deref().and_then(|s| Schedule::parse(s).ok()) else { return false };
+    let since = job.last_good.as_deref().unwrap_or(&job.created);
+    let Ok(since) = since.parse::<Timestamp>() else { return false };
+    job.spec.enabled && overdue_at(&schedule, since, tz).is_some_and(|(at, _)| now > at)
+}
+
 /// Sends the overdue alert of `job` if it has had no good run for too long and was not alerted
 /// about this silence yet.
 fn watch_silence(
@@ -70,8 +78,9 @@ pub fn tick(
 ) -> Result<()> {
     for job in catalog.jobs()? {
         let Some(text) = &job.spec.schedule else { continue };
-        let Ok(schedule) = Schedule::parse(text) else { continue }; // checked when stored
-                                                                    // Not at the first pass: the runs missed while the server was down start first.
+        // Checked when stored.
+        let Ok(schedule) = Schedule::parse(text) else { continue };
+        // Not at the first pass: the runs missed while the server was down start first.
         if job.spec.enabled && !first {
             watch_silence(catalog, settings, &job, &schedule, now, tz)?;
         }

@@ -29,6 +29,70 @@ pub struct BackupVmsRequest {
     pub boot_check: Option<BootCheckRequest>,
     /// At most this many VMs of one host backed up at once (at least 1).
     pub per_host: usize,
+    /// A limit shared with other runs (the director's tasks of other repositories): a VM's
+    /// backup waits for a free slot on its host.
+    pub host_limits: Option<Arc<HostLimits>>,
+}
+
+/// At most `per_host` VM backups at once on each host, across every run that shares it.
+pub struct HostLimits {
+    per_host: usize,
+    busy: Mutex<std::collections::HashMap<String, usize>>,
+    freed: std::sync::Condvar,
+}
+
+/// A slot on a host, given back when dropped.
+pub struct HostSlot<'a> {
+    limits: &'a HostLimits,
+    host: String,
+}
+
+impl HostLimits {
+    pub fn new(per_host: usize) -> Arc<HostLimits> {
+        Arc::new(HostLimits { per_host: per_host.max(1), busy: Mutex::default(), freed: Default::default() })
+    }
+
+    /// Waits for a slot on `host` (saying so once, through `progress`); an error if `cancel`
+    /// is set meanwhile.
+    pub fn acquire(&self, host: &str, cancel: &Cancel, progress: &dyn Progress) -> OpResult<HostSlot<'_>> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut said = false;
+        loop {
+            cancel.check(&format!("waiting for a free slot on host {host}"))?;
+            let n = busy.entry(host.to_string()).or_default();
+            if *n < self.per_host {
+                *n += 1;
+                return Ok(HostSlot { limits: self, host: host.to_string() });
+            }
+            if !said {
+                progress.note(&format!(
+                    "host {host} already has {} VM backups running: waiting for one to end",
+                    self.per_host
+                ));
+                said = true;
+            }
+            busy = self
+                .freed
+                .wait_timeout(busy, std::time::Duration::from_millis(500))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// How many backups run on `host` now.
+    pub fn busy(&self, host: &str) -> usize {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner()).get(host).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for HostSlot<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.limits.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = busy.get_mut(&self.host) {
+            *n = n.saturating_sub(1);
+        }
+        self.limits.freed.notify_all();
+    }
 }
 
 /// A VM's restore point, and its boot check if one was asked for.
@@ -154,6 +218,10 @@ pub fn backup_vms(
                         let Some((i, vm)) = queue.lock().unwrap().next() else { break };
                         let name = &req.vms[i];
                         let result = cancel.check(&format!("the backup of VM {name}")).and_then(|()| {
+                            let _slot = match &req.host_limits {
+                                Some(limits) => Some(limits.acquire(&host.uri, cancel, progress)?),
+                                None => None,
+                            };
                             let access = match &access {
                                 Ok(a) => a.as_ref(),
                                 Err(e) => return Err(OpError::new(e.kind(), anyhow::anyhow!("{e:#}"))),
@@ -247,6 +315,35 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
+    #[test]
+    fn a_host_full_of_backups_makes_the_next_wait_and_a_cancel_ends_the_wait() {
+        let limits = HostLimits::new(1);
+        let cancel = Cancel::new();
+        let first = limits.acquire("qemu+ssh://a/system", &cancel, &cairn_engine::NoProgress).unwrap();
+        // Another host is not held up.
+        drop(limits.acquire("qemu+ssh://b/system", &cancel, &cairn_engine::NoProgress).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let slot = limits.acquire("qemu+ssh://a/system", &Cancel::new(), &cairn_engine::NoProgress);
+                tx.send(slot.is_ok()).unwrap();
+            });
+            assert!(rx.recv_timeout(Duration::from_millis(700)).is_err(), "a second backup got the host's one slot");
+            drop(first);
+            assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+        });
+        assert_eq!(limits.busy("qemu+ssh://a/system"), 0);
+        let held = limits.acquire("qemu+ssh://a/system", &cancel, &cairn_engine::NoProgress).unwrap();
+        let waiting = Cancel::new();
+        std::thread::scope(|s| {
+            let w = s.spawn(|| limits.acquire("qemu+ssh://a/system", &waiting, &cairn_engine::NoProgress).is_err());
+            std::thread::sleep(Duration::from_millis(200));
+            waiting.cancel();
+            assert!(w.join().unwrap(), "a cancelled wait went on");
+        });
+        drop(held);
+    }
+
     /// Helpers that must not be reached.
     struct NoHelpers;
     impl Helpers for NoHelpers {
@@ -267,6 +364,7 @@ mod tests {
 
     fn request(vms: &[&str]) -> BackupVmsRequest {
         BackupVmsRequest {
+            host_limits: None,
             vms: vms.iter().map(|v| v.to_string()).collect(),
             options: VmBackupOptions {
                 method: Method::Auto,

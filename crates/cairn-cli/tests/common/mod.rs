@@ -1,6 +1,7 @@
 //! Helpers for the CLI integration tests: run the real `cairn` binary on real files.
 #![allow(dead_code)]
 
+pub mod director;
 pub mod guest;
 pub mod smtp;
 
