@@ -66,5 +66,38 @@ echo "in the recovered VM: /data/new.bin sha256 $got (the same as in the origina
 virsh -q list | grep -E " $vm(-restored)? " || true
 
 "$top/scripts/guest.sh" remove "$vm-restored"
+
+step "the director: cairn server on its defaults (API and web console on 127.0.0.1:8470), a job made and run through its API"
+catalog=$work/director/catalog.db
+token=$("$cairn" server token create demo --role admin --catalog "$catalog")
+"$cairn" server --catalog "$catalog" > server.out 2> server.err &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+until grep -q "listening on" server.out; do
+  kill -0 "$server" 2>/dev/null || { cat server.err >&2; exit 1; }
+  sleep 0.2
+done
+base=$(sed -n 's/^listening on //p' server.out)
+api() { curl -fsS -H "Authorization: Bearer $token" -H 'Content-Type: application/json' "$@"; }
+field() { python3 -c "import json, sys; print(json.load(sys.stdin)$1)"; }
+job=$(api -d "{\"name\": \"demo\", \"vms\": {\"names\": [\"$vm\"]}, \"repository\": \"$CAIRN_REPO\",
+              \"schedule\": \"daily\", \"retention\": {\"keep_last\": 5}, \"verify_boot\": true}" "$base/api/jobs" | field '["id"]')
+task=$(api -X POST "$base/api/jobs/$job/run" | field '["id"]')
+state=queued
+while [[ $state == queued || $state == running ]]; do
+  sleep 1
+  state=$(api "$base/api/tasks/$task" | field '["state"]')
+done
+api "$base/api/tasks/$task/log" | python3 -c 'import json, sys; [print("  " + l["line"]) for l in json.load(sys.stdin)]'
+echo "task $task ended $state"
+[[ $state == ok ]] || { cat server.err >&2; exit 1; }
+api "$base/api/overview" | python3 -c '
+import json, sys
+o = json.load(sys.stdin)
+print(f"dashboard: {o[\"jobs\"][\"ok\"]} job ok, {o[\"vms\"][\"total\"]} VM(s), {o[\"points\"][\"total\"]} point(s) in the catalog")'
+echo "web console: $base/ (token: $token) while cairn server runs; stopping it now"
+kill "$server"; wait "$server" || true
+trap - EXIT
+
 "$top/scripts/guest.sh" remove "$vm"
 printf '\ndemo complete: work folder %s\n' "$work"

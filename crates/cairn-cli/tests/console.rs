@@ -146,6 +146,9 @@ fn an_operator_backs_up_browses_and_restores_a_real_guest_from_the_web_console()
     let mut shots = Shots { dir: e.path("shots"), taken: Vec::new() };
     std::fs::create_dir_all(&shots.dir).unwrap();
     let restored_name = format!("cairn-console-restored-{}", std::process::id());
+    // An offsite copy target (a second repository), typed into the job form.
+    let offsite = e.path("offsite");
+    e.ok(&["--repo", offsite.to_str().unwrap(), "init"]);
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -178,6 +181,7 @@ fn an_operator_backs_up_browses_and_restores_a_real_guest_from_the_web_console()
         // 1 January, 03:00: never due while the test runs.
         type_into(&c, "#job-schedule", "0 3 1 1 *").await;
         type_into(&c, "#job-keep-last", "3").await;
+        type_into(&c, "#job-copies", offsite.to_str().unwrap()).await;
         let verify = find(&c, "#job-verify-boot").await;
         if !verify.is_selected().await.unwrap() {
             verify.click().await.unwrap();
@@ -193,6 +197,7 @@ fn an_operator_backs_up_browses_and_restores_a_real_guest_from_the_web_console()
             (json!([g.name]), Some(true), Some(3)),
             "{jobs}"
         );
+        assert_eq!(spec["copies"], json!([{"repository": offsite, "password_file": null}]), "{jobs}");
         shots.take(&c, "jobs").await;
 
         // Run now: the task page follows it to its end.
@@ -204,11 +209,17 @@ fn an_operator_backs_up_browses_and_restores_a_real_guest_from_the_web_console()
         task_ends_ok(&c, Duration::from_secs(400)).await;
         let result = find(&c, "#task-result").await.text().await.unwrap();
         assert!(result.contains(&g.name) && result.contains("passed"), "{result}");
+        let page = find(&c, "#page-task").await.text().await.unwrap();
+        assert!(page.contains("Offsite copy to") && page.contains("1 point copied"), "{page}");
         shots.take(&c, "task").await;
 
         // The point, with its boot screen shown.
         let (_, points) = s.call("GET", "/api/points", Some(&admin), None);
-        let point = points[0]["id"].as_str().unwrap().to_string();
+        let points = points.as_array().unwrap();
+        // The job's repository's point, and its copy offsite.
+        let at = |repo: &Path| points.iter().find(|p| p["repository"] == repo.to_str().unwrap()).cloned();
+        assert!(at(&offsite).is_some(), "no copy offsite: {points:?}");
+        let point = at(&e.repo()).unwrap()["id"].as_str().unwrap().to_string();
         find(&c, "a#nav-points").await.click().await.unwrap();
         find(&c, &format!("tr[data-point=\"{point}\"] img.boot-shot")).await;
         let script = format!("const i = document.querySelector('tr[data-point=\"{point}\"] img.boot-shot'); return i && i.complete ? i.naturalWidth : 0;");
@@ -221,7 +232,8 @@ fn an_operator_backs_up_browses_and_restores_a_real_guest_from_the_web_console()
 
         // The dashboard counts it and charts the repository's size.
         find(&c, "a#nav-dashboard").await.click().await.unwrap();
-        text_until(&c, "#card-points", Duration::from_secs(20), |t| t.contains('1')).await;
+        // The point and its copy.
+        text_until(&c, "#card-points", Duration::from_secs(20), |t| t.contains('2')).await;
         text_until(&c, "#card-jobs-ok", Duration::from_secs(20), |t| t.contains('1')).await;
         let drawn = c
             .execute("return document.querySelectorAll('#usage-chart polyline, #usage-chart circle').length", vec![])

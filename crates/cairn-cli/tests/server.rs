@@ -206,19 +206,32 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
     let tag = format!("director-{}", std::process::id());
     let hooks = format!("<hooks><tag>{tag}</tag></hooks>");
     common::guest::virsh(&["metadata", &g.name, "https://cairn.dev/xmlns/hooks/1", "--key", "cairn", "--set", &hooks]);
-    let s = Server::start(&catalog, &e.path("work"), &["--smtp-server", &smtp_server]);
+    // An offsite copy to S3 (s3s-fs on loopback) after each run.
+    let s3 = cairn_storage::test_servers::TestServer::start(cairn_storage::test_servers::Flavor::S3sFs);
+    let offsite = s3.as_ref().map(|s3| {
+        let url = s3.bucket("offsite", "director");
+        let mut env = s3.env();
+        env.push(("CAIRN_CACHE_DIR", e.path("cache").to_str().unwrap().to_string()));
+        Env::on(s3, url.clone()).init();
+        (url, env)
+    });
+    let env = offsite.as_ref().map(|(_, env)| env.clone()).unwrap_or_default();
+    let s = Server::start_with_env(&catalog, &e.path("work"), &["--smtp-server", &smtp_server], &env);
     let (status, vms) = s.call("GET", "/api/vms", Some(&admin), None);
     assert_eq!(status, 200);
     let listed = vms.as_array().unwrap().iter().find(|v| v["name"] == g.name.as_str()).cloned().unwrap();
     assert_eq!(listed["method"], "app-consistent", "{vms}");
     assert_eq!(listed["tags"], json!([tag]), "{listed}");
+    let copies: Vec<Value> = offsite.iter().map(|(url, _)| json!({"repository": url})).collect();
     let job = json!({"name": "guest", "vms": {"tags": [tag]}, "repository": e.repo(), "retention": {"keep_last": 1},
-                     "verify_boot": true, "notify": {"mail_to": "ops@example.org", "webhook": hook.url}});
+                     "verify_boot": true, "notify": {"mail_to": "ops@example.org", "webhook": hook.url},
+                     "copies": copies});
     let (status, created) = s.call("POST", "/api/jobs", Some(&admin), Some(job));
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_i64().unwrap();
 
     let mut points = Vec::new();
+    let mut copies_sent = Vec::new();
     for (run, chain) in [(1, "full"), (2, "incremental")] {
         g.exec(&format!("echo run-{run} > /data/run; sync"));
         let (status, task) = s.call("POST", &format!("/api/jobs/{id}/run"), Some(&admin), None);
@@ -239,6 +252,11 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
         assert_eq!(vm["boot"]["verdict"], "passed", "{task}");
         if run == 2 {
             assert_eq!(task["result"]["retention"]["forgotten"], 1, "{task}");
+        }
+        if offsite.is_some() {
+            let copy = &task["result"]["copies"][0];
+            assert_eq!((copy["ok"].as_bool(), copy["points"].as_u64()), (Some(true), Some(1)), "{task}");
+            copies_sent.push(copy["raw_bytes_sent"].as_u64().unwrap());
         }
         // The report went to the webhook (the task as the API gives it) and by mail, with the
         // boot check's screenshot.
@@ -268,6 +286,18 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
     // and its screen; the VM list and the dashboard count them.
     let (_, listed) = s.call("GET", &format!("/api/points?vm={}", g.name), Some(&admin), None);
     let listed = listed.as_array().unwrap();
+    let repo_key = e.repo().to_str().unwrap().to_string();
+    let (here, there): (Vec<&Value>, Vec<&Value>) = listed.iter().partition(|p| p["repository"] == repo_key.as_str());
+    // The offsite copy keeps both points (its own retention is none), and the second sent
+    // only what changed.
+    if let Some((url, env)) = &offsite {
+        assert_eq!(there.len(), 2, "{listed:?}");
+        assert!(copies_sent[1] * 4 < copies_sent[0], "the second copy sent {copies_sent:?}");
+        let mut at = Env::new();
+        at.remote = Some((url.clone(), env.clone()));
+        assert_eq!(at.json(&["points"]).as_array().unwrap().len(), 2);
+    }
+    let listed = here;
     assert_eq!(listed.len(), 1, "{listed:?}");
     let p = &listed[0];
     assert_eq!((p["id"].as_str(), p["chain"].as_str()), (Some(points[1].as_str()), Some("incremental")), "{p}");
@@ -281,9 +311,10 @@ fn a_job_run_through_the_api_backs_up_a_real_guest_and_keeps_what_its_retention_
     std::io::Read::read_to_end(&mut png.into_reader(), &mut bytes).unwrap();
     assert!(bytes.starts_with(b"\x89PNG"), "not a PNG");
     let (_, overview) = s.call("GET", "/api/overview", Some(&admin), None);
+    let total = 1 + if offsite.is_some() { 2 } else { 0 };
     assert_eq!(
         (overview["jobs"]["ok"].as_u64(), overview["points"]["total"].as_u64()),
-        (Some(1), Some(1)),
+        (Some(1), Some(total)),
         "{overview}"
     );
     let usage = &overview["usage"][0]["samples"];

@@ -658,8 +658,7 @@ struct OpenPoint {
 
 fn open_point(app: &App, id: &str, repository: Option<&str>) -> Result<OpenPoint, ApiError> {
     let p = point_or_404(app, id, repository)?;
-    let job = crate::repos::job_of(&app.catalog, &p.repository)?;
-    let repo = crate::repos::open(&job.spec)?;
+    let repo = crate::repos::find(&app.catalog, &p.repository)?.open()?;
     let lock = repo.lock(false, "files (director)", std::time::Duration::from_secs(30)).map_err(anyhow::Error::from)?;
     repo.load_index().map_err(anyhow::Error::from)?;
     Ok(OpenPoint { repo, _lock: lock, spec: format!("{}@{}", p.name, p.id) })
@@ -826,8 +825,8 @@ async fn create_restore(
     req.check(&app.settings)?;
     let task = blocking(move || {
         let point = point_or_404(&app, &req.point, req.repository.as_deref())?;
-        let job = crate::repos::job_of(&app.catalog, &point.repository)?;
-        Ok(app.runner.submit_restore(req, point, job.spec, &caller.0.name)?)
+        let location = crate::repos::find(&app.catalog, &point.repository)?;
+        Ok(app.runner.submit_restore(req, point, location, &caller.0.name)?)
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(task)))

@@ -47,6 +47,22 @@ pub struct JobSpec {
     /// Who hears of each run.
     #[serde(default)]
     pub notify: Option<Notify>,
+    /// Offsite copies: after each run, its new points are copied to each of these repositories
+    /// (only the blocks a target lacks travel; an S3 or Azure target may be immutable).
+    #[serde(default)]
+    pub copies: Vec<CopyTarget>,
+}
+
+/// A repository a job's points are copied to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CopyTarget {
+    /// An absolute folder of the server, or `s3://BUCKET/PREFIX`, `az://CONTAINER/PREFIX`
+    /// (made beforehand with `cairn init`; credentials from the server's environment).
+    pub repository: String,
+    /// Its password file (encrypted targets), in the server's secrets folder.
+    #[serde(default)]
+    pub password_file: Option<String>,
 }
 
 /// Where a job's reports go when a run ends.
@@ -162,6 +178,30 @@ fn plain_absolute(path: &Path) -> bool {
     path.is_absolute() && !path.components().any(|c| matches!(c, std::path::Component::ParentDir))
 }
 
+/// A repository location (`what`) and its password file, as a job may name them.
+fn check_location(
+    what: &str,
+    location: &str,
+    password_file: Option<&str>,
+    allowed: &Allowed,
+) -> Result<(), DirectorError> {
+    let url = location.contains("://");
+    if location.len() > 4096 || !(url || plain_absolute(Path::new(location))) {
+        return Err(invalid(format!("{what}: an absolute folder (no ..) or an s3:// or az:// URL")));
+    }
+    if let Some(f) = password_file {
+        let f = Path::new(f);
+        if !plain_absolute(f) || !f.starts_with(allowed.secrets_dir) {
+            let field = what.replace("repository", "password_file");
+            return Err(invalid(format!(
+                "{field}: a file in the server's secrets folder {}",
+                allowed.secrets_dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl JobSpec {
     /// Checks everything that can be checked without running it; returns its schedule.
     pub fn check(&self, allowed: &Allowed) -> Result<Option<Schedule>, DirectorError> {
@@ -189,17 +229,17 @@ impl JobSpec {
                 allowed.hosts.join(", ")
             )));
         }
-        let url = self.repository.contains("://");
-        if self.repository.len() > 4096 || !(url || plain_absolute(Path::new(&self.repository))) {
-            return Err(invalid("repository: an absolute folder (no ..) or an s3:// or az:// URL".into()));
+        check_location("repository", &self.repository, self.password_file.as_deref(), allowed)?;
+        if self.copies.len() > 8 {
+            return Err(invalid("copies: at most 8 targets".into()));
         }
-        if let Some(f) = &self.password_file {
-            let f = Path::new(f);
-            if !plain_absolute(f) || !f.starts_with(allowed.secrets_dir) {
-                return Err(invalid(format!(
-                    "password_file: a file in the server's secrets folder {}",
-                    allowed.secrets_dir.display()
-                )));
+        for (i, c) in self.copies.iter().enumerate() {
+            check_location(&format!("copies[{i}].repository"), &c.repository, c.password_file.as_deref(), allowed)?;
+            let key = |l: &str| l.trim_end_matches('/').to_string();
+            if key(&c.repository) == key(&self.repository)
+                || self.copies[..i].iter().any(|o| key(&o.repository) == key(&c.repository))
+            {
+                return Err(invalid(format!("copies[{i}].repository: {} is named twice", c.repository)));
             }
         }
         if !(1..=16).contains(&self.per_host) {

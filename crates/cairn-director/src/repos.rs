@@ -7,7 +7,7 @@
 //! API read the catalog, never the repository, to list points: 30,000 points are one indexed
 //! query, not 30,000 object reads.
 
-use crate::catalog::{Catalog, Job, PointRow};
+use crate::catalog::{Catalog, PointRow};
 use crate::jobs::JobSpec;
 use crate::DirectorError;
 use anyhow::{Context, Result};
@@ -21,20 +21,45 @@ pub fn key(location: &str) -> String {
     location.trim_end_matches('/').to_string()
 }
 
-/// Opens the repository of job `spec` with its password file.
-pub fn open(spec: &JobSpec) -> Result<Arc<Repository>> {
-    let password = read_password(spec)?;
-    let backend = cairn_storage::open(&spec.repository)?;
-    Ok(Arc::new(Repository::open(backend, move || password.clone())?))
+/// A repository the director opens: where it is, and its password file.
+#[derive(Clone, Debug)]
+pub struct Location {
+    pub location: String,
+    pub password_file: Option<String>,
 }
 
-/// The job that names repository `location` (the first, by ID): whose password opens it.
-pub fn job_of(catalog: &Catalog, location: &str) -> Result<Job> {
+impl Location {
+    /// The repository of job `spec`.
+    pub fn of_job(spec: &JobSpec) -> Location {
+        Location { location: spec.repository.clone(), password_file: spec.password_file.clone() }
+    }
+
+    /// The repository's password, from its password file (none without one).
+    pub fn password(&self) -> Result<Option<String>> {
+        self.password_file.as_deref().map(read_password_file).transpose()
+    }
+
+    pub fn open(&self) -> Result<Arc<Repository>> {
+        let password = self.password()?;
+        let backend = cairn_storage::open(&self.location)?;
+        Ok(Arc::new(Repository::open(backend, move || password.clone())?))
+    }
+}
+
+/// Repository `location` as a job names it (its own, or a copy target), with the password file
+/// that job gives: a point of it can be restored or browsed.
+pub fn find(catalog: &Catalog, location: &str) -> Result<Location> {
     let k = key(location);
-    catalog.jobs()?.into_iter().find(|j| key(&j.spec.repository) == k).ok_or_else(|| {
-        DirectorError::NotFound(format!("no job names the repository {location} any more: its password is unknown"))
-            .into()
-    })
+    for job in catalog.jobs()? {
+        if key(&job.spec.repository) == k {
+            return Ok(Location::of_job(&job.spec));
+        }
+        if let Some(c) = job.spec.copies.iter().find(|c| key(&c.repository) == k) {
+            return Ok(Location { location: c.repository.clone(), password_file: c.password_file.clone() });
+        }
+    }
+    Err(DirectorError::NotFound(format!("no job names the repository {location} any more: its password is unknown"))
+        .into())
 }
 
 /// A point as the catalog lists it, from the point itself (its VM record when it is a VM's).
@@ -87,14 +112,12 @@ pub fn helper_location(location: &str) -> Result<std::path::PathBuf> {
     Ok(std::path::absolute(location)?)
 }
 
-/// The repository's password, from the job's password file (its last line break dropped).
-/// The file must be a regular file of root (or of this process's user), readable by nobody
-/// else, at most 4 KiB, not reached through a symbolic link: the server reads it as root, on
-/// the word of an operator's token.
-pub fn read_password(spec: &JobSpec) -> Result<Option<String>> {
+/// A password from password file `f` (its last line break dropped). The file must be a regular
+/// file of root (or of this process's user), readable by nobody else, at most 4 KiB, not reached
+/// through a symbolic link: the server reads it as root, on the word of an operator's token.
+pub fn read_password_file(f: &str) -> Result<String> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let Some(f) = &spec.password_file else { return Ok(None) };
     let file = std::fs::OpenOptions::new()
         .read(true)
         // No symbolic link followed; a FIFO does not block the open.
@@ -108,5 +131,5 @@ pub fn read_password(spec: &JobSpec) -> Result<Option<String>> {
     }
     let mut text = String::new();
     file.take(4096).read_to_string(&mut text).with_context(|| format!("reading the password file {f}"))?;
-    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }

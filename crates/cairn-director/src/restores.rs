@@ -8,7 +8,7 @@
 //! original VM nor keeps host devices (both are for an operator at the host's console).
 
 use crate::catalog::PointRow;
-use crate::jobs::JobSpec;
+use crate::repos::Location;
 use crate::{DirectorError, Settings};
 use anyhow::{Context, Result};
 use cairn_engine::Progress;
@@ -93,16 +93,16 @@ impl RestoreRequest {
     }
 }
 
-/// Recovers `point` (of the repository of job `spec`) as `req` asks; the recovery's report.
+/// Recovers `point` (of repository `at`) as `req` asks; the recovery's report.
 pub fn restore(
     settings: &Settings,
-    spec: &JobSpec,
+    at: &Location,
     point: &PointRow,
     req: &RestoreRequest,
     progress: &dyn Progress,
 ) -> Result<serde_json::Value> {
     use cairn_ops::vm_recover::{execute, plan, RecoverOptions};
-    let repo = crate::repos::open(spec)?;
+    let repo = at.open()?;
     let _lock = repo.lock(false, "restore (director)", Duration::from_secs(300))?;
     repo.load_index()?;
     let id = PointId::parse(&point.id).context("the point's ID")?;
@@ -128,8 +128,8 @@ pub fn restore(
     let recovery = plan(hv.as_ref(), host.as_ref(), &repo, &id, &p, &opts, progress)?;
     let helpers = cairn_ops::ExeHelpers {
         exe: std::env::current_exe().context("locating the cairn executable for its helpers")?,
-        repo: crate::repos::helper_location(&spec.repository)?,
-        password: crate::repos::read_password(spec)?,
+        repo: crate::repos::helper_location(&at.location)?,
+        password: at.password()?,
     };
     let report =
         execute(recovery, hv.as_ref(), host.as_ref(), &repo, &format!("{}@{}", p.name, id), &helpers, false, progress)?;

@@ -96,7 +96,7 @@ impl Runner {
         Ok(task)
     }
 
-    /// Queues a restore of `point` (of job `spec`'s repository) as `req` asks, checked already,
+    /// Queues a restore of `point` (of repository `at`) as `req` asks, checked already,
     /// and starts its thread. A restore is not a job's run: it has no job, and does not wait
     /// for the repository's backups (it reads under the repository's shared lock). Once it has
     /// started, a cancel is not heard: a recovery half done is worse than one finished.
@@ -104,7 +104,7 @@ impl Runner {
         self: &Arc<Self>,
         req: crate::restores::RestoreRequest,
         point: crate::catalog::PointRow,
-        spec: JobSpec,
+        at: crate::repos::Location,
         by: &str,
     ) -> Result<Task> {
         let task = self.catalog.enqueue(None, "restore", "api", by)?;
@@ -122,7 +122,7 @@ impl Runner {
                 let _ = me.catalog.start_task(id);
                 let progress = TaskProgress::new(me.catalog.clone(), id);
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    crate::restores::restore(&me.settings, &spec, &point, &req, &progress)
+                    crate::restores::restore(&me.settings, &at, &point, &req, &progress)
                 }))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the task's thread panicked")));
                 match run {
@@ -218,7 +218,7 @@ impl Runner {
         let progress = TaskProgress::new(self.catalog.clone(), id);
         // Checked again: the server may have been restarted with another host list.
         spec.check(&self.settings.allowed())?;
-        let password = crate::repos::read_password(spec)?;
+        let password = crate::repos::Location::of_job(spec).password()?;
         let backend = cairn_storage::open(&spec.repository)?;
         let pw = password.clone();
         let repo = Arc::new(Repository::open(backend, move || pw)?);
@@ -283,6 +283,7 @@ impl Runner {
             _ => serde_json::Value::Null,
         };
         self.catalog_points(id, spec, &repo, &outcomes, &progress);
+        let copies = self.copy_offsite(id, spec, &repo, &outcomes, cancel, &progress, &mut warnings);
         let failed = outcomes.len() - ok;
         let state = if cancel.is_cancelled() {
             TaskState::Cancelled
@@ -305,7 +306,12 @@ impl Runner {
                 Some((format!("{}.png", o.vm), boot.screenshot.clone()?))
             })
             .collect();
-        Ok(Ended { state, result: json!({"vms": results, "retention": retention}), error, screenshots })
+        Ok(Ended {
+            state,
+            result: json!({"vms": results, "retention": retention, "copies": copies}),
+            error,
+            screenshots,
+        })
     }
 
     /// Keeps the task's new points in the catalog (with their boot checks and screens), then
@@ -344,6 +350,75 @@ impl Runner {
         if let Err(e) = crate::repos::refresh(&self.catalog, repo, &spec.repository, job_id) {
             progress.note(&format!("the catalog's list of the repository's points was not refreshed: {e:#}"));
         }
+    }
+
+    /// Copies the run's new points to each of the job's copy targets (only the blocks a target
+    /// lacks travel), then mirrors the target's points in the catalog. What each copy did; a
+    /// target that fails is a warning of the task, and the next targets are still tried.
+    #[allow(clippy::too_many_arguments)] // the task, its job, its repository and outcomes, and how it reports
+    fn copy_offsite(
+        &self,
+        task: i64,
+        spec: &JobSpec,
+        repo: &Arc<Repository>,
+        outcomes: &[VmBackupOutcome],
+        cancel: &Cancel,
+        progress: &dyn Progress,
+        warnings: &mut Vec<String>,
+    ) -> serde_json::Value {
+        let points: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.result.as_ref().ok())
+            .map(|b| format!("{}@{}", b.point.name, b.id))
+            .collect();
+        if points.is_empty() || spec.copies.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let job_id = self.catalog.task(task).ok().flatten().and_then(|t| t.job_id);
+        let mut done = Vec::new();
+        for target in &spec.copies {
+            if cancel.is_cancelled() {
+                break;
+            }
+            progress.note(&format!("copy to {}: {} point(s)", target.repository, points.len()));
+            let at = crate::repos::Location {
+                location: target.repository.clone(),
+                password_file: target.password_file.clone(),
+            };
+            let copied = at.open().and_then(|dst| {
+                let counters = cairn_repo::copy::CopyProgress::default();
+                let report = cairn_ops::offsite::copy(repo, &dst, &points, 0, Duration::from_secs(300), &counters)?;
+                if let Err(e) = crate::repos::refresh(&self.catalog, &dst, &target.repository, job_id) {
+                    progress.note(&format!(
+                        "the catalog's list of {}'s points was not refreshed: {e:#}",
+                        target.repository
+                    ));
+                }
+                Ok(report)
+            });
+            match copied {
+                Ok(r) => {
+                    progress.note(&format!(
+                        "copy to {}: {} point(s), {} blocks sent ({} bytes), {} already there",
+                        target.repository,
+                        r.points.len(),
+                        r.blocks_sent,
+                        r.raw_bytes_sent,
+                        r.blocks_present
+                    ));
+                    done.push(json!({"repository": target.repository, "ok": true, "points": r.points.len(),
+                                     "blocks_sent": r.blocks_sent, "raw_bytes_sent": r.raw_bytes_sent,
+                                     "blocks_present": r.blocks_present}));
+                }
+                Err(e) => {
+                    let said = format!("copy to {} failed: {e:#}", target.repository);
+                    progress.note(&said);
+                    warnings.push(said);
+                    done.push(json!({"repository": target.repository, "ok": false, "error": format!("{e:#}")}));
+                }
+            }
+        }
+        serde_json::Value::Array(done)
     }
 
     /// The backup request of a job's run over `vms`.

@@ -15,7 +15,13 @@ pub struct Server {
 
 impl Server {
     pub fn start(catalog: &Path, work: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(catalog, work, extra, &[])
+    }
+
+    /// With these environment variables too (an object store's credentials).
+    pub fn start_with_env(catalog: &Path, work: &Path, extra: &[&str], env: &[(&str, String)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["server", "--listen", "127.0.0.1:0", "--tick", "1", "--catalog"])
             .arg(catalog)
             .arg("--work-dir")

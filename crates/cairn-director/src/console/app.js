@@ -977,6 +977,7 @@
     const spec = job ? job.spec : {
       name: '', vms: { all: false, names: [], tags: [] }, hosts: [], repository: '', password_file: null,
       method: 'auto', schedule: 'daily', enabled: true, retention: null, verify_boot: false, per_host: 1, notify: null,
+      copies: [],
     };
     const vms = spec.vms || {};
     const retention = spec.retention || {};
@@ -1018,7 +1019,12 @@
         field('Repository', textInput('job-repository', spec.repository, { placeholder: '/srv/cairn or s3://bucket/prefix' }),
           'An absolute folder of the server, or an s3:// or az:// URL.'),
         field('Password file', textInput('job-password-file', spec.password_file || '', { placeholder: '/etc/cairn/repo.pass' }),
-          'For an encrypted repository: a file in the server\'s secrets folder. Empty: none.')),
+          'For an encrypted repository: a file in the server\'s secrets folder. Empty: none.'),
+        field('Offsite copies', el('textarea', { id: 'job-copies', rows: 2, class: 'input',
+          placeholder: 's3://offsite/site-a /etc/cairn/offsite.pass' },
+        (spec.copies || []).map((c) => c.repository + (c.password_file ? ' ' + c.password_file : '')).join('\n')),
+        'One repository per line (made beforehand with cairn init), then its password file if it is encrypted. '
+          + 'After each run its new points are copied there; only the blocks a copy lacks travel.')),
       el('fieldset', null, el('legend', null, 'Backup'),
         field('Method', select('job-method', [
           ['auto', 'auto: app-consistent with a guest agent, else saved-state'],
@@ -1103,6 +1109,10 @@
       verify_boot: $('job-verify-boot').checked,
       per_host: isNaN(perHost) ? 1 : perHost,
       notify: mailTo || webhook ? { mail_to: mailTo || null, webhook: webhook || null, when: $('job-notify-when').value } : null,
+      copies: $('job-copies').value.split('\n').map((l) => l.trim()).filter(Boolean).map((l) => {
+        const [repository, passwordFile] = l.split(/\s+/, 2);
+        return { repository, password_file: passwordFile || null };
+      }),
     };
   }
 
@@ -1306,6 +1316,12 @@
           ? 'Retention: ' + plural(ret.forgotten, 'restore point') + ' forgotten.'
           : 'Retention: ' + valueText(ret);
         parts.push(el('p', { class: 'retention-note' }, text));
+      }
+      for (const c of Array.isArray(r.copies) ? r.copies : []) {
+        parts.push(el('p', { class: 'retention-note copy-note' }, 'Offsite copy to ', el('code', null, String(c.repository)), ': ',
+          c.ok
+            ? plural(c.points, 'point') + ' copied, ' + fmtBytes(c.raw_bytes_sent || 0) + ' sent (' + (c.blocks_present || 0) + ' blocks were there already).'
+            : el('span', { class: 'error-text' }, 'failed: ' + String(c.error))));
       }
       return [panel('Result', parts)];
     }
