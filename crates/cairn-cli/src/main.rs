@@ -60,6 +60,11 @@ pub(crate) struct Global {
     /// host configuration file)
     #[arg(long, env = "CAIRN_REPO", global = true, value_name = "DIR|URL")]
     repo: Option<PathBuf>,
+    /// The host configuration file (TOML: [mail], [s3], [azure], [hosts], [server], ...; see
+    /// docs/GUIDE.md) [default: /etc/cairn/cairn.toml when present; env: CAIRN_CONFIG]
+    #[arg(long, global = true, value_name = "FILE")]
+    #[allow(dead_code)] // read before parsing (config_in_args): declared for --help and checks
+    config: Option<PathBuf>,
     /// Print results as JSON on stdout (for scripts); progress bars are hidden
     #[arg(long, global = true)]
     json: bool,
@@ -550,14 +555,18 @@ enum Format {
 /// [hosts]                           # CAIRN_HOSTS: the hypervisors `vm list` covers by default
 /// uris = ["qemu:///system", "qemu+ssh://kvm2/system"]
 ///
+/// [server]                          # `cairn server`'s options: listen, catalog, secrets_dir,
+/// listen = "127.0.0.1:8470"         #   work_dir, restore_storage (a list), per_host_limit,
+/// restore_storage = ["/var/lib/libvirt/images"] # freeze_limit, tls_cert, tls_key
+///
 /// [cache]                           # local state that can be rebuilt
 /// dir = "/var/cache/cairn"          # CAIRN_CACHE_DIR: large indexes, object store metadata
 /// max = "2G"                        # CAIRN_CACHE_MAX: cap of the object store cache
 /// ```
 fn load_host_config() -> Result<()> {
     use cairn_ops::host_config::{HostConfig, DEFAULT_PATH};
-    let config = match std::env::var_os("CAIRN_CONFIG") {
-        Some(p) => HostConfig::load(&PathBuf::from(p), true)?,
+    let config = match config_in_args().or_else(|| std::env::var_os("CAIRN_CONFIG").map(PathBuf::from)) {
+        Some(p) => HostConfig::load(&p, true)?,
         None => HostConfig::load(std::path::Path::new(DEFAULT_PATH), false)?,
     };
     // Each setting stands for an environment variable (clap's `env =` reads them); one set in
@@ -567,6 +576,24 @@ fn load_host_config() -> Result<()> {
         unsafe { std::env::set_var(var, value) };
     }
     Ok(())
+}
+
+/// `--config FILE` on the command line: read before the command line is parsed, since the file's
+/// settings are the defaults of its options.
+fn config_in_args() -> Option<PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--" {
+            break;
+        }
+        if a == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.to_str().and_then(|s| s.strip_prefix("--config=")) {
+            return Some(v.into());
+        }
+    }
+    None
 }
 
 /// CAIRN_PASSWORD as this process was given it, taken out of its environment at startup.

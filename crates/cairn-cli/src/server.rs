@@ -14,13 +14,13 @@ pub struct ServerArgs {
     #[command(subcommand)]
     pub command: Option<ServerCmd>,
     /// Address of the API: HTTPS with --tls-cert and --tls-key, else plain HTTP on loopback only
-    #[arg(long, default_value = "127.0.0.1:8470", value_name = "HOST:PORT")]
+    #[arg(long, default_value = "127.0.0.1:8470", value_name = "HOST:PORT", env = "CAIRN_SERVER_LISTEN")]
     listen: std::net::SocketAddr,
     /// The server's certificate chain (PEM, server first): the API is served over HTTPS
-    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    #[arg(long, requires = "tls_key", value_name = "FILE", env = "CAIRN_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM)
-    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    #[arg(long, requires = "tls_cert", value_name = "FILE", env = "CAIRN_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// The catalog (jobs, tasks, tokens): a SQLite file
     #[arg(long, default_value = DEFAULT_CATALOG, value_name = "FILE", env = "CAIRN_CATALOG")]
@@ -30,24 +30,30 @@ pub struct ServerArgs {
     #[arg(long = "host", value_name = "URI")]
     hosts: Vec<String>,
     /// The folder where jobs' password files must be (root's files, mode 0600)
-    #[arg(long, default_value = "/etc/cairn", value_name = "DIR")]
+    #[arg(long, default_value = "/etc/cairn", value_name = "DIR", env = "CAIRN_SECRETS_DIR")]
     secrets_dir: PathBuf,
     /// Work folder for the VM jobs' sockets, scratch files and sandboxes
-    #[arg(long, default_value = cairn_ops::DEFAULT_WORK_DIR, value_name = "DIR")]
+    #[arg(long, default_value = cairn_ops::DEFAULT_WORK_DIR, value_name = "DIR", env = "CAIRN_SERVER_WORK_DIR")]
     work_dir: PathBuf,
     /// Seconds a guest may stay frozen (or paused) before its watchdog thaws it
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", env = "CAIRN_SERVER_FREEZE_LIMIT")]
     freeze_limit: u64,
     /// Seconds between two looks at the jobs' schedules
     #[arg(long, default_value_t = 10, value_name = "SECONDS", hide = true)]
     tick: u64,
     /// A folder of the hosts that restores asked through the API and the console may write
     /// VMs' disks to (repeatable; an API caller picks among these, never another)
-    #[arg(long = "restore-storage", value_name = "DIR", default_value = "/var/lib/libvirt/images")]
+    #[arg(
+        long = "restore-storage",
+        value_name = "DIR",
+        default_value = "/var/lib/libvirt/images",
+        env = "CAIRN_RESTORE_STORAGE",
+        value_delimiter = ' '
+    )]
     restore_storage: Vec<PathBuf>,
     /// At most this many VM backups at once on one host, across all jobs (a job's per_host is
     /// its own share of it)
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    #[arg(long, default_value_t = 4, value_name = "N", env = "CAIRN_PER_HOST_LIMIT")]
     per_host_limit: usize,
     /// Seconds between two listings of the hosts' VMs (for the console's VM list and dashboard)
     #[arg(long, default_value_t = 60, value_name = "SECONDS", hide = true)]

@@ -458,3 +458,68 @@ fn the_per_host_limit_holds_across_the_tasks_of_different_repositories() {
     });
     assert!(waited, "neither task waited for the host: {ended:?}");
 }
+
+/// A restore through the API, as the console's wizard asks it: an instant recovery of a real
+/// guest's point onto this host, into a restore folder the server's configuration file names.
+/// The VM runs from the repository at once, then its disks move into the folder; it keeps
+/// running, with the guest's file, and nothing of the recovery is left running.
+#[test]
+fn an_instant_recovery_through_the_api_runs_the_point_and_moves_its_disks() {
+    let e = Env::new();
+    e.init();
+    let g = Guest::start("director-instant", &[]);
+    let marker = format!("instant {}", std::process::id());
+    g.exec(&format!("echo '{marker}' > /data/instant.txt; sync"));
+    let catalog = catalog_in(&e);
+    let admin = token(&catalog, "admin", "admin");
+    // The server's settings from its configuration file (`--config`).
+    let restored = e.path("restored");
+    std::fs::create_dir_all(&restored).unwrap();
+    let config = e.path("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nrestore_storage = [\"{}\"]\nper_host_limit = 2\n[hosts]\nuris = [\"qemu:///system\"]\n",
+            restored.display()
+        ),
+    )
+    .unwrap();
+    let s = Server::start(&catalog, &e.path("work"), &["--config", config.to_str().unwrap()]);
+    let (_, hosts) = s.call("GET", "/api/hosts", Some(&admin), None);
+    assert_eq!(hosts, json!({"hosts": ["qemu:///system"], "restore_storage": [restored]}), "{hosts}");
+
+    let job = json!({"name": "instant", "vms": {"names": [g.name]}, "repository": e.repo()});
+    let (_, created) = s.call("POST", "/api/jobs", Some(&admin), Some(job));
+    let (_, task) = s.call("POST", &format!("/api/jobs/{}/run", created["id"]), Some(&admin), None);
+    let task = wait_task(&s, &admin, task["id"].as_i64().unwrap(), Duration::from_secs(300));
+    assert_eq!(task["state"], "ok", "{task}");
+    let point = task["result"]["vms"][0]["point"].as_str().unwrap().to_string();
+
+    let name = format!("cairn-instant-{}", std::process::id());
+    let ask = json!({"point": point, "kind": "instant", "host": "qemu:///system", "storage": restored, "name": name});
+    let (status, task) = s.call("POST", "/api/restores", Some(&admin), Some(ask));
+    assert_eq!(status, 202, "{task}");
+    let task = wait_task(&s, &admin, task["id"].as_i64().unwrap(), Duration::from_secs(300));
+    let cleanup = || {
+        let _ = Command::new("virsh").args(["-q", "destroy", &name]).output();
+        let _ = Command::new("virsh").args(["-q", "undefine", &name, "--checkpoints-metadata"]).output();
+    };
+    if task["state"] != "ok" {
+        cleanup();
+        panic!("the instant recovery failed: {task}");
+    }
+    assert_eq!((task["kind"].as_str(), task["result"]["name"].as_str()), (Some("restore"), Some(name.as_str())));
+    let state = common::guest::virsh(&["domstate", &name]);
+    let disks = common::guest::virsh(&["domblklist", &name]);
+    // It was started from the point: its guest agent answers once it has booted.
+    let booted = Command::new(common::guest::guest_sh()).args(["wait", &name]).output().unwrap();
+    let guest = Guest { name: name.clone() };
+    let seen = if booted.status.success() { guest.exec("cat /data/instant.txt") } else { String::new() };
+    std::mem::forget(guest); // not a test guest's folder: removed below
+    let servers = common::guest::pgrep(&format!("serve-nbd {}", g.name));
+    cleanup();
+    assert_eq!(state.trim(), "running");
+    assert!(disks.contains(restored.to_str().unwrap()), "the disks did not move into the folder: {disks}");
+    assert_eq!(seen.trim(), marker, "the recovered guest does not hold its file");
+    assert!(servers.is_empty(), "the point's NBD server is still running: {servers:?}");
+}

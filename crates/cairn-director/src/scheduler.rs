@@ -62,7 +62,11 @@ fn watch_silence(
         return Ok(());
     }
     catalog.set_alerted(job.id, &about)?;
-    crate::notify::overdue(settings, job, period, &|line| eprintln!("job {}: {line}", job.spec.name));
+    // Sent from a thread of its own: a slow mail server or webhook must not delay the jobs due.
+    let (settings, job) = (settings.clone(), job.clone());
+    std::thread::Builder::new().name("overdue-alert".into()).spawn(move || {
+        crate::notify::overdue(&settings, &job, period, &|line| eprintln!("job {}: {line}", job.spec.name))
+    })?;
     Ok(())
 }
 

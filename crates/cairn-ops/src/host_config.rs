@@ -42,6 +42,21 @@ pub const SETTINGS: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     ("network", &[("limit_upload", "CAIRN_LIMIT_UPLOAD"), ("request_timeout", "CAIRN_REQUEST_TIMEOUT")]),
+    // `cairn server`: each setting is one of its options.
+    (
+        "server",
+        &[
+            ("listen", "CAIRN_SERVER_LISTEN"),
+            ("catalog", "CAIRN_CATALOG"),
+            ("secrets_dir", "CAIRN_SECRETS_DIR"),
+            ("work_dir", "CAIRN_SERVER_WORK_DIR"),
+            ("restore_storage", "CAIRN_RESTORE_STORAGE"),
+            ("per_host_limit", "CAIRN_PER_HOST_LIMIT"),
+            ("freeze_limit", "CAIRN_SERVER_FREEZE_LIMIT"),
+            ("tls_cert", "CAIRN_TLS_CERT"),
+            ("tls_key", "CAIRN_TLS_KEY"),
+        ],
+    ),
     (
         "azure",
         &[
