@@ -69,6 +69,20 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+impl From<cairn_ops::OpError> for ApiError {
+    fn from(e: cairn_ops::OpError) -> ApiError {
+        use cairn_ops::ErrorKind as K;
+        let status = match e.kind() {
+            K::InvalidRequest => StatusCode::BAD_REQUEST,
+            K::NotFound => StatusCode::NOT_FOUND,
+            K::Conflict => StatusCode::CONFLICT,
+            K::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            K::Damaged | K::Unauthorized | K::Cancelled | K::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, format!("{:#}", e.error()))
+    }
+}
+
 impl From<DirectorError> for ApiError {
     fn from(e: DirectorError) -> ApiError {
         anyhow::Error::from(e).into()
@@ -397,6 +411,12 @@ async fn cancel_task(
             format!("a backup token cancels only its own tasks; task {id} is not"),
         ));
     }
+    if task.kind == "restore" && task.state == crate::catalog::TaskState::Running {
+        return Err(DirectorError::Conflict(format!(
+            "task {id} is a restore under way: it is not stopped half done (remove the VM it makes afterwards)"
+        ))
+        .into());
+    }
     if task.state.is_finished() || !app.runner.cancel(id) {
         return Err(DirectorError::Conflict(format!("task {id} is {}", task.state.as_str())).into());
     }
@@ -507,10 +527,10 @@ async fn overview(
         };
         let stale_vms: Vec<&VmRow> = vms.iter().filter(stale).collect();
         let hosts: std::collections::HashSet<&str> = vms.iter().map(|v| v.host.as_str()).collect();
-        let week_ago = (now - jiff::SignedDuration::from_hours(24 * 7)).to_string();
+        let week_ago = crate::catalog::time_text(now - jiff::SignedDuration::from_hours(24 * 7));
         let recent_tasks = app.catalog.tasks(None, 10)?;
         let recent_problems = app.catalog.problems_since(&week_ago, 20)?;
-        let since = (now - jiff::SignedDuration::from_hours(24 * 90)).to_string();
+        let since = crate::catalog::time_text(now - jiff::SignedDuration::from_hours(24 * 90));
         let usage = app
             .catalog
             .usage_since(&since)?
@@ -601,8 +621,16 @@ struct WhichRepository {
 /// The point `id` of the catalog (of `repository` when given).
 fn point_or_404(app: &App, id: &str, repository: Option<&str>) -> Result<PointRow, ApiError> {
     let mut rows = app.catalog.points_with_id(id)?;
-    if let Some(r) = repository {
-        rows.retain(|p| p.repository == crate::repos::key(r));
+    match repository {
+        Some(r) => rows.retain(|p| p.repository == crate::repos::key(r)),
+        // A point and its offsite copy may share an ID: unless told, the job's own repository's.
+        None if rows.len() > 1 => {
+            let own: Vec<String> = app.catalog.jobs()?.iter().map(|j| crate::repos::key(&j.spec.repository)).collect();
+            if rows.iter().any(|p| own.contains(&p.repository)) {
+                rows.retain(|p| own.contains(&p.repository));
+            }
+        }
+        None => {}
     }
     match rows.len() {
         0 => Err(DirectorError::NotFound(format!("no restore point {id}")).into()),
@@ -684,7 +712,7 @@ async fn point_volumes(
     caller.may(Action::Restore)?;
     blocking(move || {
         let open = open_point(&app, &id, q.repository.as_deref())?;
-        let (_, _, volumes) = cairn_ops::files::list_volumes(&open.repo, &open.spec).map_err(anyhow::Error::from)?;
+        let (_, _, volumes) = cairn_ops::files::list_volumes(&open.repo, &open.spec)?;
         Ok(Json(
             volumes
                 .into_iter()
@@ -735,8 +763,7 @@ async fn point_files(
     blocking(move || {
         let open = open_point(&app, &id, q.repository.as_deref())?;
         let path = q.path.unwrap_or_else(|| "/".into());
-        let listing = cairn_ops::files::list_files(&open.repo, &open.spec, q.volume.as_deref(), &path)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{:#}", anyhow::Error::from(e))))?;
+        let listing = cairn_ops::files::list_files(&open.repo, &open.spec, q.volume.as_deref(), &path)?;
         Ok(Json(FolderListing {
             volume: listing.volume,
             path,
@@ -767,17 +794,28 @@ async fn point_download(
         let (folder, name) = path.trim_end_matches('/').rsplit_once('/').unwrap_or(("", &path));
         let folder = if folder.is_empty() { "/" } else { folder };
         let bad = |why: String| ApiError::new(StatusCode::BAD_REQUEST, why);
-        let listing = cairn_ops::files::list_files(&open.repo, &open.spec, q.volume.as_deref(), folder)
-            .map_err(|e| bad(format!("{:#}", anyhow::Error::from(e))))?;
-        match listing.entries.iter().find(|e| e.name == name) {
-            Some(e) if e.kind == "file" => {}
+        let listing = cairn_ops::files::list_files(&open.repo, &open.spec, q.volume.as_deref(), folder)?;
+        let size = match listing.entries.iter().find(|e| e.name == name) {
+            Some(e) if e.kind == "file" => e.size,
             Some(e) => return Err(bad(format!("{path} is a {}: only files are downloaded", e.kind))),
             None => return Err(DirectorError::NotFound(format!("no file {path} in volume {}", listing.volume)).into()),
-        }
+        };
         // Copied out (every block checked against its hash) to a private scratch folder, then
-        // opened and removed: the open file is what is sent.
+        // opened and removed: the open file is what is sent. The work folder also holds the
+        // running backups' sockets and scratch files: a copy that would leave it less than
+        // 1 GiB free is refused (`cairn files get` on the server's console copies it anywhere).
         let scratch = app.settings.work_dir.join("downloads");
         std::fs::create_dir_all(&scratch).map_err(anyhow::Error::from)?;
+        let fs = rustix::fs::statvfs(&scratch).map_err(|e| anyhow::anyhow!("statvfs {}: {e}", scratch.display()))?;
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        if size.saturating_add(1 << 30) > free {
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!(
+                    "{path} is {size} bytes and the server's work folder has {free} free: use `cairn files get` there"
+                ),
+            ));
+        }
         let dir = tempfile_dir(&scratch)?;
         let dest = dir.join("file");
         let copied = cairn_ops::files::get_files(&open.repo, &open.spec, &listing.volume, &path, &dest);

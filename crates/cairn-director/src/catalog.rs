@@ -263,8 +263,14 @@ pub struct VmRow {
     pub last_boot: Option<String>,
 }
 
+/// A time as the catalog keeps it: RFC 3339 in UTC with nanoseconds always written, so that
+/// SQLite's text comparisons order times (`…:00Z` would sort after `…:00.5Z`).
+pub fn time_text(t: jiff::Timestamp) -> String {
+    format!("{t:.9}")
+}
+
 pub fn now() -> String {
-    jiff::Timestamp::now().to_string()
+    time_text(jiff::Timestamp::now())
 }
 
 /// A job name's uniqueness, broken: a conflict the caller can act on.
@@ -697,6 +703,20 @@ impl Catalog {
         Ok(())
     }
 
+    /// Forgets the VMs of hosts no longer in the server's list.
+    pub fn keep_inventory_of(&self, hosts: &[String]) -> Result<()> {
+        let c = self.conn();
+        let known: Vec<String> = {
+            let mut st = c.prepare("SELECT DISTINCT host FROM inventory")?;
+            let rows = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        for host in known.iter().filter(|h| !hosts.contains(h)) {
+            c.execute("DELETE FROM inventory WHERE host = ?1", [host])?;
+        }
+        Ok(())
+    }
+
     /// When the inventory was last listed, if ever.
     pub fn inventory_time(&self) -> Result<Option<String>> {
         let c = self.conn();
@@ -763,10 +783,10 @@ impl Catalog {
     /// seconds must not make every request a write).
     pub fn touch_token(&self, id: &str) -> Result<()> {
         let t = jiff::Timestamp::now();
-        let minute_ago = (t - jiff::SignedDuration::from_mins(1)).to_string();
+        let minute_ago = time_text(t - jiff::SignedDuration::from_mins(1));
         self.conn().execute(
             "UPDATE tokens SET last_used = ?2 WHERE id = ?1 AND (last_used IS NULL OR last_used < ?3)",
-            params![id, t.to_string(), minute_ago],
+            params![id, time_text(t), minute_ago],
         )?;
         Ok(())
     }
@@ -818,6 +838,15 @@ mod tests {
         let log = cat.log_lines(t.id, 0).unwrap();
         assert_eq!(log.len(), 1);
         assert!(log[0].line.contains("interrupted"));
+    }
+
+    #[test]
+    fn times_are_kept_with_every_fractional_digit_so_text_order_is_time_order() {
+        let whole: jiff::Timestamp = "2026-11-30T17:00:00Z".parse().unwrap();
+        let half: jiff::Timestamp = "2026-11-30T17:00:00.5Z".parse().unwrap();
+        assert_eq!(time_text(whole), "2026-11-30T17:00:00.000000000Z");
+        assert!(time_text(whole) < time_text(half));
+        assert_eq!(time_text(half).parse::<jiff::Timestamp>().unwrap(), half);
     }
 
     #[test]

@@ -32,5 +32,6 @@ pub fn refresh(catalog: &Catalog, settings: &Settings) -> anyhow::Result<Vec<(St
         })
         .collect();
     catalog.set_inventory(&listed, &rows)?;
+    catalog.keep_inventory_of(&settings.hosts)?;
     Ok(failed)
 }

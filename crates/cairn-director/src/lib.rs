@@ -137,6 +137,9 @@ pub fn serve(settings: Settings) -> Result<()> {
         None => None,
     };
     let catalog = Arc::new(open_catalog(&settings.catalog)?);
+    // What downloads a stopped server was sending (each already unlinked once opened; a
+    // folder is only left by a copy cut short).
+    let _ = std::fs::remove_dir_all(settings.work_dir.join("downloads"));
     for id in catalog.interrupt_unfinished(INTERRUPTED)? {
         eprintln!("task {id}: interrupted when the server stopped");
     }
@@ -194,21 +197,50 @@ pub fn serve(settings: Settings) -> Result<()> {
             out.flush()?;
         }
         let router = api::router(app);
+        // At the signal, the tasks start stopping at once (not after the last request ends),
+        // and open requests (a long download) get 10 s before they are cut.
+        let signalled = Arc::new(tokio::sync::Notify::new());
+        let shutdown = {
+            let (runner, stop, signalled) = (runner.clone(), stop.clone(), signalled.clone());
+            async move {
+                stop_signal().await;
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                std::thread::spawn(move || runner.stop_all(Duration::from_secs(120)));
+                signalled.notify_one();
+            }
+        };
+        let cut_after_signal = async {
+            signalled.notified().await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            eprintln!("requests still open 10 s after the stop signal: closed");
+        };
         match tls {
             Some(config) => {
                 let listener = tls::TlsListener::new(listener, config);
-                axum::serve(listener, router).with_graceful_shutdown(stop_signal()).await?
+                let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+                tokio::select! {
+                    r = std::future::IntoFuture::into_future(serve) => r?,
+                    _ = cut_after_signal => {}
+                }
             }
-            None => axum::serve(listener, router).with_graceful_shutdown(stop_signal()).await?,
+            None => {
+                let serve = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+                tokio::select! {
+                    r = std::future::IntoFuture::into_future(serve) => r?,
+                    _ = cut_after_signal => {}
+                }
+            }
         }
         anyhow::Ok(())
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = scheduler.join();
-    let _ = inventory.join();
+    // The inventory thread is not waited for: a listing may hang on a host that went away.
+    drop(inventory);
     // Running tasks stop between batches of blocks, their guests thawed; they end interrupted,
     // and the scheduled ones run again at the next start.
     runner.stop_all(Duration::from_secs(120));
+    rt.shutdown_timeout(Duration::from_secs(1));
     served
 }
 

@@ -80,6 +80,14 @@ pub fn point_row(location: &str, job_id: Option<i64>, id: &PointId, p: &RestoreP
     }
 }
 
+/// Held while a task writes a repository's points into the catalog and syncs it with the
+/// repository's listing: two syncs of one repository (a job's own, and another job copying
+/// into it) must not interleave, or one's older listing removes the other's new rows.
+pub fn catalog_sync() -> std::sync::MutexGuard<'static, ()> {
+    static SYNC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SYNC.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Makes the catalog's points of repository `location` match its listing (under its shared
 /// lock), and records its size now (the bytes of its packs). Returns (added, removed).
 pub fn refresh(catalog: &Catalog, repo: &Repository, location: &str, job_id: Option<i64>) -> Result<(usize, usize)> {

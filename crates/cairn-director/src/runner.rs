@@ -326,6 +326,9 @@ impl Runner {
         progress: &dyn Progress,
     ) {
         let job_id = self.catalog.task(task).ok().flatten().and_then(|t| t.job_id);
+        // The new points' rows and the listing's sync together: another task's sync of this
+        // repository (as a copy target) between them would drop the rows just written.
+        let _one_writer = crate::repos::catalog_sync();
         for o in outcomes {
             let Ok(b) = &o.result else { continue };
             let mut row = crate::repos::point_row(&spec.repository, job_id, &b.id, &b.point);
@@ -366,11 +369,11 @@ impl Runner {
         progress: &dyn Progress,
         warnings: &mut Vec<String>,
     ) -> serde_json::Value {
-        let points: Vec<String> = outcomes
-            .iter()
-            .filter_map(|o| o.result.as_ref().ok())
-            .map(|b| format!("{}@{}", b.point.name, b.id))
-            .collect();
+        // By the VMs' point names, not the run's new points alone: a point an earlier copy
+        // missed (a target down, a cancel) goes now; one already there costs a lookup.
+        let mut points: Vec<String> =
+            outcomes.iter().filter_map(|o| o.result.as_ref().ok()).map(|b| b.point.name.clone()).collect();
+        points.dedup();
         if points.is_empty() || spec.copies.is_empty() {
             return serde_json::Value::Null;
         }
@@ -380,7 +383,7 @@ impl Runner {
             if cancel.is_cancelled() {
                 break;
             }
-            progress.note(&format!("copy to {}: {} point(s)", target.repository, points.len()));
+            progress.note(&format!("copy to {}: the points of {}", target.repository, points.join(", ")));
             let at = crate::repos::Location {
                 location: target.repository.clone(),
                 password_file: target.password_file.clone(),
@@ -388,6 +391,7 @@ impl Runner {
             let copied = at.open().and_then(|dst| {
                 let counters = cairn_repo::copy::CopyProgress::default();
                 let report = cairn_ops::offsite::copy(repo, &dst, &points, 0, Duration::from_secs(300), &counters)?;
+                let _one_writer = crate::repos::catalog_sync();
                 if let Err(e) = crate::repos::refresh(&self.catalog, &dst, &target.repository, job_id) {
                     progress.note(&format!(
                         "the catalog's list of {}'s points was not refreshed: {e:#}",
@@ -398,15 +402,17 @@ impl Runner {
             });
             match copied {
                 Ok(r) => {
+                    let copied = r.points.iter().filter(|p| !p.already_there).count();
                     progress.note(&format!(
-                        "copy to {}: {} point(s), {} blocks sent ({} bytes), {} already there",
+                        "copy to {}: {copied} point(s) copied, {} there already; {} blocks sent ({} bytes), {} blocks there already",
                         target.repository,
-                        r.points.len(),
+                        r.points.len() - copied,
                         r.blocks_sent,
                         r.raw_bytes_sent,
                         r.blocks_present
                     ));
-                    done.push(json!({"repository": target.repository, "ok": true, "points": r.points.len(),
+                    done.push(json!({"repository": target.repository, "ok": true, "points": copied,
+                                     "already_there": r.points.len() - copied,
                                      "blocks_sent": r.blocks_sent, "raw_bytes_sent": r.raw_bytes_sent,
                                      "blocks_present": r.blocks_present}));
                 }

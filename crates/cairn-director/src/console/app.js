@@ -18,6 +18,8 @@
   'use strict';
 
   const TOKEN_KEY = 'cairn-token';
+  // A restore point's ID: the only thing a link may put into an API path after /api/points/.
+  const POINT_ID = /^[0-9a-f]{64}$/;
 
   // ---------------------------------------------------------------- DOM helpers
 
@@ -456,10 +458,10 @@
     } else if (first === 'points' && !second) {
       section = 'points';
       render = () => pagePoints(ctx, view, query.get('vm') || '');
-    } else if (first === 'restore' && second) {
+    } else if (first === 'restore' && POINT_ID.test(second || '')) {
       section = 'points';
       render = () => pageRestore(ctx, view, second);
-    } else if (first === 'files' && second) {
+    } else if (first === 'files' && POINT_ID.test(second || '')) {
       section = 'points';
       render = () => pageFiles(ctx, view, second, query);
     } else if (first === 'tokens' && !second) {
