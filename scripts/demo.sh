@@ -94,7 +94,8 @@ echo "task $task ended $state"
 api "$base/api/overview" | python3 -c '
 import json, sys
 o = json.load(sys.stdin)
-print(f"dashboard: {o[\"jobs\"][\"ok\"]} job ok, {o[\"vms\"][\"total\"]} VM(s), {o[\"points\"][\"total\"]} point(s) in the catalog")'
+print("dashboard: %d job(s) ok, %d VM(s), %d point(s) in the catalog, gathered in %.1f ms"
+      % (o["jobs"]["ok"], o["vms"]["total"], o["points"]["total"], o["generated_ms"]))'
 echo "web console: $base/ (token: $token) while cairn server runs; stopping it now"
 kill "$server"; wait "$server" || true
 trap - EXIT
