@@ -15,14 +15,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// chromedriver on a loopback port, killed when dropped.
+/// chromedriver on a loopback port, and the Chromium it starts (with profile folder
+/// `profile`); both killed when dropped, even if the test failed before closing the browser.
 struct Driver {
     child: Child,
     url: String,
+    profile: PathBuf,
 }
 
 impl Driver {
-    fn start() -> Driver {
+    fn start(profile: PathBuf) -> Driver {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new("chromedriver")
             .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".to_string()])
@@ -36,7 +38,7 @@ impl Driver {
             assert!(t.elapsed() < Duration::from_secs(30), "chromedriver did not answer");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Driver { child, url }
+        Driver { child, url, profile }
     }
 }
 
@@ -44,11 +46,14 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A Chromium left by a failed test outlives its driver (it is re-parented).
+        let _ = Command::new("pkill").arg("-f").arg(format!("--user-data-dir={}", self.profile.display())).status();
     }
 }
 
-/// A headless Chromium of 1280x900, with its own profile folder.
-async fn browser(driver: &Driver, profile: &Path) -> Client {
+/// A headless Chromium of 1280x900, with the driver's profile folder.
+async fn browser(driver: &Driver) -> Client {
+    let profile = &driver.profile;
     let mut caps = serde_json::Map::new();
     let args = [
         "--headless=new".to_string(),
@@ -142,7 +147,7 @@ fn an_operator_backs_up_browses_and_restores_a_real_guest_from_the_web_console()
     let restored = e.path("restored");
     std::fs::create_dir_all(&restored).unwrap();
     let s = Server::start(&catalog, &e.path("work"), &["--restore-storage", restored.to_str().unwrap()]);
-    let driver = Driver::start();
+    let driver = Driver::start(e.path("chromium"));
     let mut shots = Shots { dir: e.path("shots"), taken: Vec::new() };
     std::fs::create_dir_all(&shots.dir).unwrap();
     let restored_name = format!("cairn-console-restored-{}", std::process::id());
@@ -152,7 +157,7 @@ fn an_operator_backs_up_browses_and_restores_a_real_guest_from_the_web_console()
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let c = browser(&driver, &e.path("chromium")).await;
+        let c = browser(&driver).await;
         c.goto(&s.base).await.unwrap();
 
         // Signing in: a wrong token is refused with the server's words, the right one admitted.

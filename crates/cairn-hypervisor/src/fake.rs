@@ -30,9 +30,19 @@ pub struct Fake {
     pub emulators_fail: Mutex<bool>,
     /// The VMs `list` and `find` know (the tests that drive a job hand it a summary instead).
     pub vms: Mutex<Vec<VmSummary>>,
+    /// The VM was undefined: every call about it answers `NoSuchVm`.
+    pub gone: Mutex<bool>,
 }
 
 impl Fake {
+    /// `NoSuchVm` once the VM is gone.
+    fn there(&self, uuid: &str) -> Result<()> {
+        if *self.gone.lock().unwrap() {
+            return Err(crate::NoSuchVm { name: uuid.into(), uri: "fake:///".into() }.into());
+        }
+        Ok(())
+    }
+
     pub fn log(&self, s: &str) {
         self.calls.lock().unwrap().push(s.to_string());
     }
@@ -68,7 +78,8 @@ impl Hypervisor for Handle {
             None => Err(crate::NoSuchVm { name: name_or_uuid.into(), uri: "fake:///".into() }.into()),
         }
     }
-    fn state(&self, _: &str) -> Result<VmState> {
+    fn state(&self, uuid: &str) -> Result<VmState> {
+        self.0.there(uuid)?;
         Ok(if *self.0.paused.lock().unwrap() { VmState::Paused } else { VmState::Running })
     }
     fn config_document(&self, _: &str) -> Result<String> {
@@ -92,8 +103,9 @@ impl Hypervisor for Handle {
         }
         Ok(1)
     }
-    fn thaw(&self, _: &str) -> Result<u32> {
+    fn thaw(&self, uuid: &str) -> Result<u32> {
         self.0.log("thaw");
+        self.0.there(uuid)?;
         if fail(&self.0.thaw_failures) {
             if *self.0.thaw_fails_after_thawing.lock().unwrap() {
                 *self.0.frozen.lock().unwrap() = false;
@@ -105,7 +117,8 @@ impl Hypervisor for Handle {
         *frozen = false;
         Ok(was as u32)
     }
-    fn freeze_status(&self, _: &str) -> Result<String> {
+    fn freeze_status(&self, uuid: &str) -> Result<String> {
+        self.0.there(uuid)?;
         Ok(if *self.0.frozen.lock().unwrap() { "frozen" } else { "thawed" }.into())
     }
     fn pause(&self, _: &str) -> Result<()> {
@@ -171,7 +184,8 @@ impl Hypervisor for Handle {
             .collect();
         Ok(BackupExport { socket, disks })
     }
-    fn running_backup(&self, _: &str) -> Result<Option<PathBuf>> {
+    fn running_backup(&self, uuid: &str) -> Result<Option<PathBuf>> {
+        self.0.there(uuid)?;
         Ok(self.0.job_socket.lock().unwrap().clone())
     }
     fn end_backup(&self, _: &str) -> Result<()> {

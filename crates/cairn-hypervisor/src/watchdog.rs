@@ -548,8 +548,13 @@ pub fn resume_confirmed(hv: &dyn Hypervisor, uuid: &str) -> Result<()> {
     Err(e)
 }
 
+/// Shut off, crashed, or no longer defined at all (undefined while we guarded it): nothing of it
+/// is frozen, paused or backed up.
 fn not_running(hv: &dyn Hypervisor, uuid: &str) -> bool {
-    hv.state(uuid).is_ok_and(|s| matches!(s, crate::VmState::ShutOff | crate::VmState::Crashed))
+    match hv.state(uuid) {
+        Ok(s) => matches!(s, crate::VmState::ShutOff | crate::VmState::Crashed),
+        Err(e) => e.is::<crate::NoSuchVm>(),
+    }
 }
 
 /// Ends the dead job's backup job, recognised by its socket's name. The job may have died while
@@ -583,6 +588,11 @@ fn end_own_job(
             Outcome::Again
         }
         Ok(None) => Outcome::Done,
+        // Undefined: its job went with it.
+        Err(e) if e.is::<crate::NoSuchVm>() => {
+            say("the VM is no longer defined: no backup job left to end");
+            Outcome::Done
+        }
         Err(e) => {
             let mut fail = || Err(anyhow::anyhow!("{e:#}"));
             attempt(p, retry, "looking for the backup job", say, &mut fail)
@@ -644,6 +654,25 @@ mod tests {
         assert!(!*fake.frozen.lock().unwrap(), "still frozen");
         // One connection for the first try, a new one after each failure.
         assert_eq!(*connects.lock().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_vm_undefined_under_its_watchdog_ends_the_watch_at_once() {
+        // The job died with the guest frozen and its backup job running, and the VM was
+        // undefined meanwhile: nothing is left to thaw or end. Before, the watchdog retried
+        // until it gave up (15 minutes in production).
+        let fake = Arc::new(Fake::default());
+        *fake.frozen.lock().unwrap() = true;
+        *fake.job_socket.lock().unwrap() = Some(PathBuf::from(format!("/w/{}", crate::job_socket_name("tok"))));
+        let (tx, t) = start(&fake, Duration::from_secs(60), "tok", Arc::new(Mutex::new(0)));
+        for w in ["job", "frozen"] {
+            send(&tx, w);
+        }
+        *fake.gone.lock().unwrap() = true;
+        let t0 = Instant::now();
+        drop(tx);
+        t.join().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "the watchdog of a VM gone took {:?}", t0.elapsed());
     }
 
     #[test]

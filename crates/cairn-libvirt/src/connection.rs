@@ -61,7 +61,13 @@ impl Libvirt {
     }
 
     fn domain(&self, uuid: &str) -> Result<Domain> {
-        self.conn.lookup_domain_by_uuid_string(uuid).map_err(|e| anyhow!("VM {uuid}: {}", e.message()))
+        self.conn.lookup_domain_by_uuid_string(uuid).map_err(|e| {
+            // Typed: a watchdog stops guarding a VM that no longer exists.
+            if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN {
+                return NoSuchVm { name: uuid.to_string(), uri: self.uri.clone() }.into();
+            }
+            anyhow!("VM {uuid}: {}", e.message())
+        })
     }
 
     fn summary(&self, dom: &Domain) -> Result<VmSummary> {
