@@ -18,6 +18,8 @@ const LAYERS: &[(&str, u32)] = &[
     ("cairn-nbd", 0),
     ("cairn-hypervisor", 0),
     ("cairn-schedule", 0),
+    // The guest agent's wire format, for both ends (issue 16).
+    ("cairn-agent-proto", 0),
     ("cairn-repo", 1),
     ("cairn-libvirt", 1),
     ("cairn-engine", 2),
