@@ -152,26 +152,46 @@ pub enum BlockHash {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Host: the versions it speaks, and a nonce the reply must echo.
-    Hello { versions: Vec<u16>, nonce: [u8; 16] },
+    Hello {
+        versions: Vec<u16>,
+        nonce: [u8; 16],
+    },
     /// Agent: the version chosen, the nonce, and its own version text.
-    HelloReply { version: u16, nonce: [u8; 16], agent: String },
+    HelloReply {
+        version: u16,
+        nonce: [u8; 16],
+        agent: String,
+    },
     /// Host: which disks do you see?
     ListDisks,
     Disks(Vec<DiskInfo>),
     /// Host, while the guest is frozen: take a point-in-time view of these disks. `Done` when
     /// all are taken; an `Error` leaves none.
-    Snapshot { disks: Vec<String> },
+    Snapshot {
+        disks: Vec<String>,
+    },
     /// Host: the hashes of blocks `first_block..first_block + count` of a disk's view.
-    Hashes { disk: String, first_block: u64, count: u32 },
+    Hashes {
+        disk: String,
+        first_block: u64,
+        count: u32,
+    },
     HashList(Vec<BlockHash>),
     /// Host: `len` bytes at `offset` of a disk's view (both multiples of [`BLOCK`], or `len`
     /// reaching the disk's end).
-    Read { disk: String, offset: u64, len: u32 },
+    Read {
+        disk: String,
+        offset: u64,
+        len: u32,
+    },
     Data(Vec<u8>),
     /// Host: drop every view (the point is committed, or given up).
     Release,
     Done,
-    Error { code: u16, message: String },
+    Error {
+        code: u16,
+        message: String,
+    },
     /// Either side: the session ends.
     Bye,
 }

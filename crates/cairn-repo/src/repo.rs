@@ -774,6 +774,22 @@ impl Repository {
     /// Finds a point from `NAME`, `NAME@latest`, `NAME@<id prefix>` or `NAME@<time prefix>`.
     pub fn select_point(&self, spec: &str) -> Result<(PointId, RestorePoint)> {
         let (name, sel) = spec.split_once('@').unwrap_or((spec, "latest"));
+        // A whole ID names one object: read it, not every point (a listing of thousands on an
+        // object store, for each file a console asks about).
+        if let Some(id) = PointId::parse(sel) {
+            let point = match self.load_point(&id) {
+                Ok(p) if p.name == name => p,
+                Ok(_) => return Err(Error::NotFound(format!("{name} has no restore point matching {sel:?}"))),
+                Err(Error::Storage(e)) if e.is_not_found() => {
+                    return Err(Error::NotFound(format!("{name} has no restore point matching {sel:?}")))
+                }
+                Err(e) => return Err(e),
+            };
+            // As a listing does: index files written since (by the backup that made this
+            // point, say) are read, so the point's blocks are found.
+            self.refresh_index()?;
+            return Ok((id, point));
+        }
         let all = self.list_points()?.points;
         let mine: Vec<_> = all.into_iter().filter(|(_, p)| p.name == name).collect();
         if mine.is_empty() {
