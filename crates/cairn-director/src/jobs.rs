@@ -178,6 +178,12 @@ fn plain_absolute(path: &Path) -> bool {
     path.is_absolute() && !path.components().any(|c| matches!(c, std::path::Component::ParentDir))
 }
 
+/// A name as the director takes one (a job's, a restored VM's): 1 to 64 letters, digits, `-`,
+/// `_`, `.`.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// A repository location (`what`) and its password file, as a job may name them.
 fn check_location(
     what: &str,
@@ -205,8 +211,7 @@ fn check_location(
 impl JobSpec {
     /// Checks everything that can be checked without running it; returns its schedule.
     pub fn check(&self, allowed: &Allowed) -> Result<Option<Schedule>, DirectorError> {
-        let plain = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if self.name.is_empty() || self.name.len() > 64 || !plain(&self.name) {
+        if !plain_name(&self.name) {
             return Err(invalid(format!("{:?} is not a job name (1 to 64 letters, digits, - _ .)", self.name)));
         }
         let ways = [self.vms.all, !self.vms.names.is_empty(), !self.vms.tags.is_empty()];

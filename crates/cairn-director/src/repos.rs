@@ -93,8 +93,7 @@ pub fn catalog_sync() -> std::sync::MutexGuard<'static, ()> {
 pub fn refresh(catalog: &Catalog, repo: &Repository, location: &str, job_id: Option<i64>) -> Result<(usize, usize)> {
     let listed = cairn_ops::points::list_points(repo, None, Duration::from_secs(60))?;
     // Damaged points are left as the catalog knows them: a read error is no proof of absence.
-    let rows: Vec<PointRow> = listed.points.iter().map(|(id, p)| point_row(location, job_id, id, p)).collect();
-    let mut rows = rows;
+    let mut rows: Vec<PointRow> = listed.points.iter().map(|(id, p)| point_row(location, job_id, id, p)).collect();
     for (name, _) in &listed.damaged {
         if let Some(kept) = catalog.points_with_id(name)?.into_iter().find(|p| p.repository == key(location)) {
             rows.push(kept);

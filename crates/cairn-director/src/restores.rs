@@ -81,11 +81,7 @@ impl RestoreRequest {
             ));
         }
         if let Some(name) = &self.name {
-            let ok = !name.is_empty()
-                && name.len() <= 64
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                && !name.starts_with('.');
-            if !ok {
+            if !crate::jobs::plain_name(name) || name.starts_with('.') {
                 return bad(format!("VM name {name:?}: letters, digits, -, _ and . only (1 to 64)"));
             }
         }

@@ -75,25 +75,40 @@ impl Runner {
             .into());
         }
         let task = self.catalog.enqueue(Some(job_id), "backup", trigger, by)?;
-        let cancel = Cancel::new();
-        self.cancels.lock().unwrap().insert(task.id, cancel.clone());
-        let me = self.clone();
         let id = task.id;
-        let handle =
-            std::thread::Builder::new().name(format!("task-{id}")).spawn(move || me.run(id, spec, cancel, retention));
-        let handle = match handle {
-            Ok(h) => h,
+        self.start_thread(task, move |me, cancel| me.run(id, job_id, spec, cancel, retention))
+    }
+
+    /// Starts task `task`'s thread running `body` with the task's cancel flag, which stays
+    /// registered (for `cancel` and `stop_all`) until `body` returns. A thread that cannot be
+    /// started fails the task.
+    fn start_thread(
+        self: &Arc<Self>,
+        task: Task,
+        body: impl FnOnce(&Arc<Runner>, Cancel) + Send + 'static,
+    ) -> Result<Task> {
+        let id = task.id;
+        let cancel = Cancel::new();
+        self.cancels.lock().unwrap().insert(id, cancel.clone());
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("task-{id}")).spawn(move || {
+            body(&me, cancel);
+            me.cancels.lock().unwrap().remove(&id);
+        });
+        match spawned {
+            Ok(handle) => {
+                let mut threads = self.threads.lock().unwrap();
+                threads.retain(|t| !t.is_finished());
+                threads.push(handle);
+                Ok(task)
+            }
             Err(e) => {
                 self.cancels.lock().unwrap().remove(&id);
                 let _ =
                     self.catalog.finish_task(id, TaskState::Failed, None, Some(&format!("starting its thread: {e}")));
-                return Err(anyhow::Error::new(e).context("starting the task's thread"));
+                Err(anyhow::Error::new(e).context("starting the task's thread"))
             }
-        };
-        let mut threads = self.threads.lock().unwrap();
-        threads.retain(|t| !t.is_finished());
-        threads.push(handle);
-        Ok(task)
+        }
     }
 
     /// Queues a restore of `point` (of repository `at`) as `req` asks, checked already,
@@ -109,10 +124,7 @@ impl Runner {
     ) -> Result<Task> {
         let task = self.catalog.enqueue(None, "restore", "api", by)?;
         let id = task.id;
-        let cancel = Cancel::new();
-        self.cancels.lock().unwrap().insert(id, cancel.clone());
-        let me = self.clone();
-        let spawned = std::thread::Builder::new().name(format!("task-{id}")).spawn(move || {
+        self.start_thread(task, move |me, cancel| {
             let log = |line: &str| {
                 let _ = me.catalog.log(id, line);
             };
@@ -135,22 +147,7 @@ impl Runner {
             };
             log(&format!("ended: {}", state.as_str()));
             let _ = me.catalog.finish_task(id, state, result.as_ref(), error.as_deref());
-            me.cancels.lock().unwrap().remove(&id);
-        });
-        match spawned {
-            Ok(handle) => {
-                let mut threads = self.threads.lock().unwrap();
-                threads.retain(|t| !t.is_finished());
-                threads.push(handle);
-                Ok(task)
-            }
-            Err(e) => {
-                self.cancels.lock().unwrap().remove(&id);
-                let _ =
-                    self.catalog.finish_task(id, TaskState::Failed, None, Some(&format!("starting its thread: {e}")));
-                Err(anyhow::Error::new(e).context("starting the task's thread"))
-            }
-        }
+        })
     }
 
     /// Asks a task to stop; false if it is not running here.
@@ -178,11 +175,10 @@ impl Runner {
 
     /// The mutex of a repository: one per location, spelled the same (`/srv/repo/` is `/srv/repo`).
     fn repository_mutex(&self, location: &str) -> Arc<Mutex<()>> {
-        let key = location.trim_end_matches('/').to_string();
-        self.repositories.lock().unwrap().entry(key).or_default().clone()
+        self.repositories.lock().unwrap().entry(crate::repos::key(location)).or_default().clone()
     }
 
-    fn run(self: Arc<Self>, id: i64, spec: JobSpec, cancel: Cancel, retention: bool) {
+    fn run(&self, id: i64, job_id: i64, spec: JobSpec, cancel: Cancel, retention: bool) {
         let repo_mutex = self.repository_mutex(&spec.repository);
         let turn = repo_mutex.lock().unwrap_or_else(|e| e.into_inner());
         let log = |line: &str| {
@@ -194,8 +190,10 @@ impl Runner {
             let _ = self.catalog.start_task(id);
             log(&format!("backup job {} started", spec.name));
             // A panic ends the task as failed, not left running for ever.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.back_up(id, &spec, &cancel, retention)))
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the task's thread panicked")))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.back_up(id, job_id, &spec, &cancel, retention)
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the task's thread panicked")))
         };
         drop(turn);
         let mut ended = outcome.unwrap_or_else(|e| Ended::nothing(TaskState::Failed, &format!("{e:#}")));
@@ -207,21 +205,19 @@ impl Runner {
         log(&format!("ended: {}", ended.state.as_str()));
         let result = (!ended.result.is_null()).then_some(&ended.result);
         let _ = self.catalog.finish_task(id, ended.state, result, ended.error.as_deref());
-        self.cancels.lock().unwrap().remove(&id);
         if let Ok(Some(task)) = self.catalog.task(id) {
             crate::notify::task_ended(&self.settings, &spec, &task, &ended.screenshots, &log);
         }
     }
 
     /// The job's backup and retention, and how the task ends.
-    fn back_up(&self, id: i64, spec: &JobSpec, cancel: &Cancel, retention: bool) -> Result<Ended> {
+    fn back_up(&self, id: i64, job_id: i64, spec: &JobSpec, cancel: &Cancel, retention: bool) -> Result<Ended> {
         let progress = TaskProgress::new(self.catalog.clone(), id);
         // Checked again: the server may have been restarted with another host list.
         spec.check(&self.settings.allowed())?;
-        let password = crate::repos::Location::of_job(spec).password()?;
-        let backend = cairn_storage::open(&spec.repository)?;
-        let pw = password.clone();
-        let repo = Arc::new(Repository::open(backend, move || pw)?);
+        let at = crate::repos::Location::of_job(spec);
+        let password = at.password()?;
+        let repo = at.open()?;
         let lock = repo.lock(false, "backup job (director)", Duration::from_secs(300))?;
         repo.load_index()?;
         let hosts = if spec.hosts.is_empty() { self.settings.hosts.clone() } else { spec.hosts.clone() };
@@ -282,8 +278,8 @@ impl Runner {
             }
             _ => serde_json::Value::Null,
         };
-        self.catalog_points(id, spec, &repo, &outcomes, &progress);
-        let copies = self.copy_offsite(id, spec, &repo, &outcomes, cancel, &progress, &mut warnings);
+        self.catalog_points(job_id, spec, &repo, &outcomes, &progress);
+        let copies = self.copy_offsite(job_id, spec, &repo, &outcomes, cancel, &progress, &mut warnings);
         let failed = outcomes.len() - ok;
         let state = if cancel.is_cancelled() {
             TaskState::Cancelled
@@ -319,19 +315,18 @@ impl Runner {
     /// A failure here is a note, not the task's: the points are in the repository.
     fn catalog_points(
         &self,
-        task: i64,
+        job_id: i64,
         spec: &JobSpec,
         repo: &Repository,
         outcomes: &[VmBackupOutcome],
         progress: &dyn Progress,
     ) {
-        let job_id = self.catalog.task(task).ok().flatten().and_then(|t| t.job_id);
         // The new points' rows and the listing's sync together: another task's sync of this
         // repository (as a copy target) between them would drop the rows just written.
         let _one_writer = crate::repos::catalog_sync();
         for o in outcomes {
             let Ok(b) = &o.result else { continue };
-            let mut row = crate::repos::point_row(&spec.repository, job_id, &b.id, &b.point);
+            let mut row = crate::repos::point_row(&spec.repository, Some(job_id), &b.id, &b.point);
             row.host = o.host.clone().or(row.host);
             let mut screenshot = None;
             match &b.boot {
@@ -350,7 +345,7 @@ impl Runner {
                 progress.note(&format!("the catalog did not take point {}: {e:#}", b.id.short()));
             }
         }
-        if let Err(e) = crate::repos::refresh(&self.catalog, repo, &spec.repository, job_id) {
+        if let Err(e) = crate::repos::refresh(&self.catalog, repo, &spec.repository, Some(job_id)) {
             progress.note(&format!("the catalog's list of the repository's points was not refreshed: {e:#}"));
         }
     }
@@ -361,7 +356,7 @@ impl Runner {
     #[allow(clippy::too_many_arguments)] // the task, its job, its repository and outcomes, and how it reports
     fn copy_offsite(
         &self,
-        task: i64,
+        job_id: i64,
         spec: &JobSpec,
         repo: &Arc<Repository>,
         outcomes: &[VmBackupOutcome],
@@ -377,7 +372,6 @@ impl Runner {
         if points.is_empty() || spec.copies.is_empty() {
             return serde_json::Value::Null;
         }
-        let job_id = self.catalog.task(task).ok().flatten().and_then(|t| t.job_id);
         let mut done = Vec::new();
         for target in &spec.copies {
             if cancel.is_cancelled() {
@@ -392,7 +386,7 @@ impl Runner {
                 let counters = cairn_repo::copy::CopyProgress::default();
                 let report = cairn_ops::offsite::copy(repo, &dst, &points, 0, Duration::from_secs(300), &counters)?;
                 let _one_writer = crate::repos::catalog_sync();
-                if let Err(e) = crate::repos::refresh(&self.catalog, &dst, &target.repository, job_id) {
+                if let Err(e) = crate::repos::refresh(&self.catalog, &dst, &target.repository, Some(job_id)) {
                     progress.note(&format!(
                         "the catalog's list of {}'s points was not refreshed: {e:#}",
                         target.repository
