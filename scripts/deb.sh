@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Builds cairn's Debian package, dist/cairn_VERSION_ARCH.deb: /usr/bin/cairn, the server's
-# systemd unit (cairn-server.service, not enabled), man pages, bash and zsh completions, and the
-# docs (README, user guide). Install it with `apt install ./dist/cairn_*.deb`.
+# systemd unit (cairn-server.service, not enabled), man pages, bash and zsh completions, the
+# docs (README, user guide), and the guest agent to copy into guests (/usr/lib/cairn/cairn-agent,
+# static). Install it with `apt install ./dist/cairn_*.deb`.
 #
 #   scripts/deb.sh                   a release build (cargo build --release), then the package
 #   scripts/deb.sh --binary PATH     package this cairn binary instead (the tests use theirs)
+#   scripts/deb.sh --agent PATH      and this cairn-agent (default: scripts/guest.sh agent builds it)
 #   scripts/deb.sh --out DIR         where the package goes (default: dist/)
 #
 # Prints the package's path. Needs dpkg-deb and strip (binutils): Debian has both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-binary="" out=dist
+binary="" out=dist agent=""
 while (($#)); do
   case $1 in
     --binary) binary=$2; shift 2;;
+    --agent) agent=$2; shift 2;;
     --out) out=$2; shift 2;;
     -h|--help) sed -n '2,10p' "$0"; exit 0;;
     *) echo "unknown option $1" >&2; exit 2;;
@@ -24,6 +27,10 @@ if [[ -z $binary ]]; then
   cargo build --release --locked -p cairn-cli >&2
   binary=target/release/cairn
 fi
+if [[ -z $agent ]]; then
+  scripts/guest.sh agent >&2
+  agent=target/agent/x86_64-unknown-linux-gnu/release/cairn-agent
+fi
 version=$("$binary" --version | awk '{print $2}')
 [[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+ ]] || { echo "cannot read a version from $binary --version" >&2; exit 1; }
 arch=$(dpkg --print-architecture)
@@ -33,6 +40,9 @@ trap 'rm -rf "$root"' EXIT
 
 install -D -m 0755 "$binary" "$root/usr/bin/cairn"
 strip --strip-debug "$root/usr/bin/cairn"
+# For the guests: one static file to copy into each (docs/GUIDE.md, "Disks only the guest sees").
+install -D -m 0755 "$agent" "$root/usr/lib/cairn/cairn-agent"
+strip --strip-debug "$root/usr/lib/cairn/cairn-agent"
 # The unit in the tree runs a cairn installed by hand (/usr/local/bin); the package's is /usr/bin.
 install -d "$root/lib/systemd/system"
 sed 's|/usr/local/bin/cairn|/usr/bin/cairn|; s|^# Install: cp .*|# Installed by the cairn package; first:|' \

@@ -3,19 +3,30 @@
 #
 #   scripts/guest.sh build                 kernel + initramfs + base disks into $CAIRN_GUEST_DIR
 #   scripts/guest.sh define NAME [--no-agent] [--two-disks] [--network NET] [--kvm] [--start] [--wait]
+#                    [--cairn-agent [MODE]] [--lun PORT]
 #                                          copy the base disks to $CAIRN_VM_DIR/NAME and define
-#                                          (and start) a libvirt domain NAME
+#                                          (and start) a libvirt domain NAME; --cairn-agent adds
+#                                          cairn's agent (channel org.cairn.agent.0, the binary
+#                                          appended to the initramfs; MODE: its --misbehave),
+#                                          --lun a disk only the guest sees: nbd-client in the
+#                                          guest connects through QEMU's user network (restrict=on,
+#                                          one guestfwd) to a qemu-nbd on 127.0.0.1:PORT, export
+#                                          "lun" (ext4, label glun), wrapped by the agent as
+#                                          cairn-lun0 and mounted on /lun
+#   scripts/guest.sh agent                 build the static cairn-agent (target/agent/...)
 #   scripts/guest.sh wait NAME [SECONDS]   wait until the guest agent answers (or the serial
 #                                          console says GUEST-READY when the guest has no agent)
 #   scripts/guest.sh exec NAME CMD...      run a shell command in the guest through the agent,
 #                                          print its output (needs the agent)
 #   scripts/guest.sh remove NAME           destroy + undefine the domain (checkpoints too), delete its disks
+#   scripts/guest.sh current               exit 0 if the built guest is of this script's format
 #
 # The guest: a Debian kernel (apt-get download, never installed), an initramfs with busybox-static
 # and qemu-guest-agent, an ext4 data disk (vda: ext4 in 0..192 MiB, a raw scratch area
 # 192..256 MiB for writes of known bytes at known offsets) and, with --two-disks, a GPT disk (vdb:
 # p1 64 MiB Linux swap in use by the guest, p2 ext4). The guest appends one fsync'ed line per
-# second to /data/writer.log (paused while /run/writer.pause exists, and by the fsfreeze hook).
+# second to /data/writer.log (and /lun/writer.log with --lun; paused while /run/writer.pause
+# exists, and by the fsfreeze hook). A LUN image: `scripts/guest.sh lun FILE` (64 MiB qcow2).
 # Environment: CAIRN_GUEST_DIR (default /var/lib/cairn-test/guest), CAIRN_VM_DIR
 # (default /var/lib/cairn-test/vms), LIBVIRT_DEFAULT_URI (default qemu:///system).
 # Needs: busybox-static qemu-guest-agent qemu-utils cpio fdisk e2fsprogs kmod xz-utils binutils libvirt-clients
@@ -25,7 +36,21 @@ GUEST_DIR=${CAIRN_GUEST_DIR:-/var/lib/cairn-test/guest}
 VM_DIR=${CAIRN_VM_DIR:-/var/lib/cairn-test/vms}
 export LIBVIRT_DEFAULT_URI=${LIBVIRT_DEFAULT_URI:-qemu:///system}
 
+TOP=$(cd "$(dirname "$0")/.." && pwd)
+# Bumped when build() changes what a guest holds: setup.sh rebuilds an older one.
+FORMAT=2
+AGENT_BIN=${CAIRN_AGENT_BIN:-$TOP/target/agent/x86_64-unknown-linux-gnu/release/cairn-agent}
+
 die() { echo "guest.sh: $*" >&2; exit 1; }
+
+# cairn-agent, static (glibc's static libc: the musl target is not installable here), in its own
+# target folder so that the main build's flags are untouched. A no-op when it is current.
+agent() {
+  [ -n "${CAIRN_AGENT_BIN:-}" ] && { [ -x "$AGENT_BIN" ] || die "CAIRN_AGENT_BIN=$AGENT_BIN is not a program"; return 0; }
+  (cd "$TOP" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$TOP/target/agent \
+     cargo build -q -p cairn-agent --release --target x86_64-unknown-linux-gnu) || die "building cairn-agent failed"
+  file -L "$AGENT_BIN" 2>/dev/null | grep -q 'static' || ! command -v file >/dev/null || die "$AGENT_BIN is not static"
+}
 
 build() {
   local T0=$SECONDS out=$GUEST_DIR cache=$GUEST_DIR/cache
@@ -82,6 +107,32 @@ build() {
       mkdir -p "$r/lib/modules/$kver/$(dirname "$rel")"; cp "$ko" "$r/lib/modules/$kver/$rel"
     done
   done
+  # Loaded only by guests with cairn's agent or a LUN: device-mapper snapshots, zram for their
+  # copy-on-write space, the NBD client and the NIC it goes through.
+  : > "$r/etc/modules.extra"
+  for m in virtio_net nbd dm_snapshot zram; do
+    modprobe -d "$kx" -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1=="insmod"{print $2}' | while read -r ko; do
+      rel=${ko#$kx/lib/modules/$kver/}
+      grep -qxF "$rel" "$r/etc/modules.order" "$r/etc/modules.extra" || echo "$rel" >> "$r/etc/modules.extra"
+      mkdir -p "$r/lib/modules/$kver/$(dirname "$rel")"; cp "$ko" "$r/lib/modules/$kver/$rel"
+    done
+  done
+  # nbd-client (busybox has none): Debian's, unpacked with the one library this host lacks, and
+  # the libraries it links copied like qemu-ga's.
+  local nx=$cache/nbd
+  if [ ! -x "$nx/usr/sbin/nbd-client" ] && [ ! -x "$nx/sbin/nbd-client" ]; then
+    rm -rf "$nx"; mkdir -p "$nx"
+    (cd "$cache" && rm -f nbd-client_*.deb libnl-genl-3-200_*.deb && apt-get download nbd-client libnl-genl-3-200 >/dev/null) \
+      || die "apt-get download nbd-client libnl-genl-3-200 failed"
+    for deb in "$cache"/nbd-client_*.deb "$cache"/libnl-genl-3-200_*.deb; do dpkg -x "$deb" "$nx"; done
+  fi
+  local nbdc=$nx/sbin/nbd-client; [ -x "$nbdc" ] || nbdc=$nx/usr/sbin/nbd-client
+  cp "$nbdc" "$r/usr/sbin/nbd-client"
+  LD_LIBRARY_PATH=$nx/lib/x86_64-linux-gnu:$nx/usr/lib/x86_64-linux-gnu ldd "$nbdc" \
+    | awk '/=>/ && $3 ~ /^\// {print $3} /^[ \t]*\/lib64\// {print $1}' | sort -u | while read -r lib; do
+    local dest=${lib#$nx}
+    mkdir -p "$r$(dirname "$dest")"; cp -L "$lib" "$r$dest"
+  done
   echo "$kver" > "$r/etc/kver"
   cat > "$r/etc/qemu/fsfreeze-hook" <<'HOOK'
 #!/bin/sh
@@ -104,6 +155,10 @@ mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run
 exec 0</dev/console 1>/dev/console 2>&1
 KVER=$(cat /etc/kver)
 for ko in $(cat /etc/modules.order); do insmod /lib/modules/$KVER/$ko 2>/dev/null; done
+LUN=$(sed -n 's/.*cairn\.lun=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$LUN" ] || [ -x /usr/sbin/cairn-agent ]; then
+  for ko in $(cat /etc/modules.extra); do insmod /lib/modules/$KVER/$ko 2>/dev/null; done
+fi
 i=0; while [ $i -lt 50 ] && [ ! -b /dev/vda ]; do sleep 0.1; i=$((i+1)); done
 hostname cairn-guest
 D=$(findfs LABEL=gdata 2>/dev/null || true); [ -n "$D" ] && mount -t ext4 -o noatime "$D" /data
@@ -113,6 +168,25 @@ mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/vport*; do
   [ -e "$p/name" ] && ln -sf /dev/$(basename $p) /dev/virtio-ports/$(cat $p/name)
 done
+if [ -n "$LUN" ]; then
+  # cairn.lun=IP:PORT:EXPORT: a disk the host cannot see, reached from inside the guest.
+  mkdir -p /lun
+  ip link set lo up; ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0
+  IFS=: read -r lip lport lexp <<EOF2
+$LUN
+EOF2
+  nbd-client "$lip" "$lport" /dev/nbd0 -N "$lexp" >/run/nbd-client.log 2>&1 \
+    || nbd-client "$lip" "$lport" /dev/nbd0 -N "$lexp" -nonetlink >>/run/nbd-client.log 2>&1
+  i=0; while [ $i -lt 50 ] && [ "$(cat /sys/block/nbd0/size 2>/dev/null)" = 0 ]; do sleep 0.1; i=$((i+1)); done
+  if [ -x /usr/sbin/cairn-agent ]; then
+    cairn-agent wrap /dev/nbd0 lun0 >/run/lun.dev 2>>/run/nbd-client.log && mount -t ext4 -o noatime "$(cat /run/lun.dev)" /lun
+  else
+    mount -t ext4 -o noatime /dev/nbd0 /lun
+  fi
+fi
+if [ -x /usr/sbin/cairn-agent ]; then
+  cairn-agent serve $(cat /etc/cairn-agent.args 2>/dev/null) >/run/cairn-agent.log 2>&1 &
+fi
 if [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ]; then
   qemu-ga -d -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \
           -F/etc/qemu/fsfreeze-hook -t /run -f /run/qemu-ga.pid -l /run/qemu-ga.log
@@ -121,7 +195,9 @@ if grep -q ' /data ' /proc/mounts; then
   ( n=$(wc -l < /data/writer.log 2>/dev/null || echo 0)
     while :; do
       if [ ! -e /run/writer.pause ]; then
-        n=$((n+1)); echo "seq=$n uptime=$(cut -d' ' -f1 /proc/uptime)" >> /data/writer.log; sync
+        n=$((n+1)); echo "seq=$n uptime=$(cut -d' ' -f1 /proc/uptime)" >> /data/writer.log
+        grep -q ' /lun ' /proc/mounts && echo "seq=$n uptime=$(cut -d' ' -f1 /proc/uptime)" >> /lun/writer.log
+        sync
       fi
       sleep 1
     done ) &
@@ -172,35 +248,50 @@ SF
   dd if="$cache/p2" of="$d" bs=512 seek=$s2 conv=notrunc,sparse status=none
   rm -f "$cache/p1" "$cache/p2" "$out/swapdisk.qcow2"
   qemu-img convert -f raw -O qcow2 "$d" "$out/swapdisk.qcow2"; rm -f "$d"
-  echo "$kver" > "$out/VERSION"
+  printf '%s\nformat=%s\n' "$kver" "$FORMAT" > "$out/VERSION"
   echo "guest built in $((SECONDS-T0)) s: $out (kernel $kver)"
 }
 
 define() {
   local name=$1; shift
-  local agent=1 two=0 start=0 wait=0 accel=qemu net=""
+  local agent=1 two=0 start=0 wait=0 accel=qemu net="" cagent=0 misbehave="" lun=""
   while [ $# -gt 0 ]; do
     case $1 in
       --no-agent) agent=0;; --two-disks) two=1;; --start) start=1;; --wait) start=1; wait=1;;
       --network) net=$2; shift;;
+      --cairn-agent) cagent=1; case ${2:-} in ""|--*) ;; *) misbehave=$2; shift;; esac;;
+      --lun) lun=$2; shift;;
       --kvm) accel=kvm;; *) die "define: unknown option $1";;
     esac; shift
   done
-  [ -f "$GUEST_DIR/VERSION" ] || build
+  current || build
   local dir=$VM_DIR/$name
   mkdir -p "$dir"
+  # The initrd: the base one, plus (--cairn-agent) a second cpio archive with the agent; the
+  # kernel unpacks both.
+  local initrd=$GUEST_DIR/initramfs.img
+  if [ $cagent = 1 ]; then
+    agent
+    local x=$dir/agent-root; rm -rf "$x"; mkdir -p "$x/usr/sbin" "$x/etc"
+    cp "$AGENT_BIN" "$x/usr/sbin/cairn-agent"; strip "$x/usr/sbin/cairn-agent" 2>/dev/null || true
+    [ -n "$misbehave" ] && echo "--misbehave $misbehave" > "$x/etc/cairn-agent.args"
+    { cat "$GUEST_DIR/initramfs.img"; (cd "$x" && find . -print0 | cpio --null -o -H newc --quiet -R 0:0 | gzip -1); } > "$dir/initramfs.img"
+    rm -rf "$x"; initrd=$dir/initramfs.img
+  fi
+  local cmdline="console=tty0 console=ttyS0 panic=-1 loglevel=4"
+  [ -n "$lun" ] && cmdline="$cmdline cairn.lun=10.0.2.100:10809:lun"
   cp --sparse=always "$GUEST_DIR/data.qcow2" "$dir/vda.qcow2"
   [ $two = 1 ] && cp --sparse=always "$GUEST_DIR/swapdisk.qcow2" "$dir/vdb.qcow2"
   local cpu="<cpu mode='maximum' check='none'/>"
   [ $accel = kvm ] && cpu="<cpu mode='host-passthrough'/>"
   {
-    echo "<domain type='$accel'>"
+    echo "<domain type='$accel' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
     echo "  <name>$name</name>"
     echo "  <memory unit='MiB'>256</memory>"
     echo "  <vcpu>1</vcpu>"
     echo "  <os><type arch='x86_64' machine='q35'>hvm</type>"
-    echo "    <kernel>$GUEST_DIR/kernel</kernel><initrd>$GUEST_DIR/initramfs.img</initrd>"
-    echo "    <cmdline>console=tty0 console=ttyS0 panic=-1 loglevel=4</cmdline></os>"
+    echo "    <kernel>$GUEST_DIR/kernel</kernel><initrd>$initrd</initrd>"
+    echo "    <cmdline>$cmdline</cmdline></os>"
     echo "  $cpu"
     echo "  <on_reboot>destroy</on_reboot>"
     echo "  <devices>"
@@ -208,10 +299,21 @@ define() {
     [ $two = 1 ] && echo "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$dir/vdb.qcow2'/><target dev='vdb' bus='virtio'/></disk>"
     [ -n "$net" ] && echo "    <interface type='network'><source network='$net'/><model type='virtio'/></interface>"
     [ $agent = 1 ] && echo "    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+    [ $cagent = 1 ] && echo "    <channel type='unix'><target type='virtio' name='org.cairn.agent.0'/></channel>"
     echo "    <serial type='file'><source path='$dir/serial.log'/><target port='0'/></serial>"
     echo "    <video><model type='vga'/></video>"
     echo "    <memballoon model='none'/>"
     echo "  </devices>"
+    if [ -n "$lun" ]; then
+      # libvirt 9.0 has no XML for slirp's restrict/guestfwd: QEMU arguments. The guest reaches
+      # nothing but the one forward to the LUN's server on the host's loopback.
+      echo "  <qemu:commandline>"
+      echo "    <qemu:arg value='-netdev'/>"
+      echo "    <qemu:arg value='user,id=lun,restrict=on,net=10.0.2.0/24,guestfwd=tcp:10.0.2.100:10809-tcp:127.0.0.1:$lun'/>"
+      echo "    <qemu:arg value='-device'/>"
+      echo "    <qemu:arg value='virtio-net-pci,netdev=lun,bus=pcie.0,addr=0x10'/>"
+      echo "  </qemu:commandline>"
+    fi
     echo "</domain>"
   } > "$dir/domain.xml"
   virsh -q define "$dir/domain.xml" >/dev/null
@@ -261,6 +363,19 @@ remove() {
   rm -rf "${VM_DIR:?}/$name"
 }
 
+current() { grep -qx "format=$FORMAT" "$GUEST_DIR/VERSION" 2>/dev/null; }
+
+# A LUN image: ext4 (label glun) with a few files, 64 MiB, qcow2.
+lun_image() {
+  local file=$1 pf; pf=$(mktemp -d)
+  echo "a LUN only the guest sees" > "$pf/README.txt"
+  head -c 2M /dev/urandom > "$pf/random-2M.bin"
+  : > "$pf/writer.log"
+  rm -f "$file.raw"
+  mkfs.ext4 -q -F -L glun -E lazy_itable_init=0,lazy_journal_init=0 -d "$pf" "$file.raw" 64M
+  qemu-img convert -f raw -O qcow2 "$file.raw" "$file"; rm -rf "$file.raw" "$pf"
+}
+
 cmd=${1:-}; shift || true
 case $cmd in
   build) build;;
@@ -268,6 +383,9 @@ case $cmd in
   wait) [ $# -ge 1 ] || die "wait NAME [SECONDS]"; wait_ready "$@";;
   exec) [ $# -ge 2 ] || die "exec NAME CMD..."; guest_exec "$@";;
   remove) [ $# -ge 1 ] || die "remove NAME"; remove "$1";;
-  -h|--help|help|"") sed -n '2,24p' "$0";;
+  agent) agent;;
+  current) current;;
+  lun) [ $# -ge 1 ] || die "lun FILE"; lun_image "$1";;
+  -h|--help|help|"") sed -n '2,36p' "$0";;
   *) die "unknown command $cmd (try --help)";;
 esac

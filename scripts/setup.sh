@@ -63,7 +63,9 @@ fi
 virsh -c qemu:///system version >/dev/null || { echo "libvirtd did not start" >&2; exit 1; }
 
 # The tiny test guest (kernel, initramfs, disks): seconds to build, reused afterwards.
-[ -f "${CAIRN_GUEST_DIR:-/var/lib/cairn-test/guest}/VERSION" ] || scripts/guest.sh build
+scripts/guest.sh current || scripts/guest.sh build
+# cairn-agent for the guests that carry it (static; its own target folder).
+scripts/guest.sh agent
 
 # Object storage servers for the tests (crates/cairn-storage/src/test_servers.rs starts them on
 # loopback, one per test): moto (S3 with versioning and Object Lock), s3s-fs (plain S3 on a

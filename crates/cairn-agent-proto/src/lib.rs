@@ -101,6 +101,7 @@ pub enum Kind {
     Done = 11,
     Error = 12,
     Bye = 13,
+    Prepare = 14,
 }
 
 impl Kind {
@@ -120,6 +121,7 @@ impl Kind {
             11 => Done,
             12 => Error,
             13 => Bye,
+            14 => Prepare,
             _ => return None,
         })
     }
@@ -165,8 +167,14 @@ pub enum Message {
     /// Host: which disks do you see?
     ListDisks,
     Disks(Vec<DiskInfo>),
-    /// Host, while the guest is frozen: take a point-in-time view of these disks. `Done` when
-    /// all are taken; an `Error` leaves none.
+    /// Host, before the freeze: make ready what a view of these disks needs (its copy-on-write
+    /// space, its devices), so that the frozen instant only switches tables. `Done`, or an
+    /// `Error` that leaves nothing prepared.
+    Prepare {
+        disks: Vec<String>,
+    },
+    /// Host, while the guest is frozen: take a point-in-time view of these (prepared) disks.
+    /// `Done` when all are taken; an `Error` leaves none.
     Snapshot {
         disks: Vec<String>,
     },
@@ -203,6 +211,7 @@ impl Message {
             Message::HelloReply { .. } => Kind::HelloReply,
             Message::ListDisks => Kind::ListDisks,
             Message::Disks(_) => Kind::Disks,
+            Message::Prepare { .. } => Kind::Prepare,
             Message::Snapshot { .. } => Kind::Snapshot,
             Message::Hashes { .. } => Kind::Hashes,
             Message::HashList(_) => Kind::HashList,
@@ -249,7 +258,7 @@ impl Message {
                     put_text(&mut w, &d.reason, MAX_TEXT).map_err(|e| bad(&e))?;
                 }
             }
-            Message::Snapshot { disks } => {
+            Message::Prepare { disks } | Message::Snapshot { disks } => {
                 if disks.is_empty() || disks.len() > MAX_DISKS {
                     return Err(bad("1 to 64 disks"));
                 }
@@ -339,12 +348,17 @@ impl Message {
                 }
                 Message::Disks(disks)
             }
-            Kind::Snapshot => {
+            Kind::Prepare | Kind::Snapshot => {
                 let n = r.u8()? as usize;
                 if n == 0 || n > MAX_DISKS {
                     return Err(r.bad("1 to 64 disks"));
                 }
-                Message::Snapshot { disks: (0..n).map(|_| r.name()).collect::<Result<_>>()? }
+                let disks = (0..n).map(|_| r.name()).collect::<Result<_>>()?;
+                if kind == Kind::Prepare {
+                    Message::Prepare { disks }
+                } else {
+                    Message::Snapshot { disks }
+                }
             }
             Kind::Hashes => {
                 let (disk, first_block, count) = (r.name()?, r.u64()?, r.u32()?);
@@ -389,6 +403,13 @@ impl Message {
         }
         Ok(m)
     }
+}
+
+/// Whether the host sees disks of this transport through the hypervisor (and backs them up
+/// itself): the agent's `DiskInfo::transport` for virtio disks and QEMU's emulated SCSI, NVMe
+/// and ATA disks. The guest sees the others itself (network LUNs, iSCSI, pass-through).
+pub fn host_visible(transport: &str) -> bool {
+    matches!(transport, "virtio" | "qemu-scsi" | "qemu-nvme" | "qemu-ata")
 }
 
 /// Whether `name` may name a disk: 1 to [`MAX_NAME`] bytes of `A-Za-z0-9._-`, not starting
@@ -540,7 +561,21 @@ pub fn read_frame(r: &mut dyn Read) -> Result<(u32, Message)> {
 /// After sending `Hello` with `nonce`: skips what the port holds from before (at most
 /// [`MAX_SKIPPED`] bytes) until a `HelloReply` echoing `nonce`; returns it.
 pub fn resync(r: &mut dyn Read, nonce: &[u8; 16]) -> Result<Message> {
-    // A window of the last HEADER_LEN bytes read; a header is tried wherever the magic starts.
+    let wanted = |h: &Header| h.kind == Kind::HelloReply && h.len as usize <= 2 + 16 + 2 + MAX_NAME;
+    // An older session's reply is stale, like everything before it.
+    let fresh = |m: &Message| matches!(m, Message::HelloReply { nonce: echoed, .. } if echoed == nonce);
+    scan(r, wanted, fresh).map(|(_, m)| m)
+}
+
+/// Skips bytes (at most [`MAX_SKIPPED`]) until a frame whose header `wanted` accepts and whose
+/// message `accept` does; returns its id and message. A header is tried wherever the magic
+/// starts, so a frame is found after any bytes that are not one.
+pub fn scan(
+    r: &mut dyn Read,
+    wanted: impl Fn(&Header) -> bool,
+    accept: impl Fn(&Message) -> bool,
+) -> Result<(u32, Message)> {
+    // A window of the last HEADER_LEN bytes read.
     let mut window: Vec<u8> = Vec::with_capacity(HEADER_LEN);
     let mut skipped = 0usize;
     let mut byte = [0u8; 1];
@@ -559,15 +594,14 @@ pub fn resync(r: &mut dyn Read, nonce: &[u8; 16]) -> Result<Message> {
         }
         let head: [u8; HEADER_LEN] = window[..].try_into().expect("a header's length");
         let Ok(h) = Header::parse(&head) else { continue };
-        if h.kind != Kind::HelloReply || h.len as usize > 2 + 16 + 2 + MAX_NAME {
+        if !wanted(&h) {
             continue;
         }
         let mut payload = vec![0u8; h.len as usize];
         r.read_exact(&mut payload)?;
         skipped += HEADER_LEN + payload.len();
         match Message::decode(h.kind, &payload) {
-            Ok(m @ Message::HelloReply { nonce: echoed, .. }) if echoed == *nonce => return Ok(m),
-            // An older session's reply: stale, like everything before it.
+            Ok(m) if accept(&m) => return Ok((h.id, m)),
             _ => window.clear(),
         }
     }
@@ -593,7 +627,7 @@ pub fn check_reply(asked_id: u32, request: &Message, id: u32, reply: &Message) -
             Ok(())
         }
         (Message::ListDisks, Message::Disks(_)) => Ok(()),
-        (Message::Snapshot { .. } | Message::Release, Message::Done) => Ok(()),
+        (Message::Prepare { .. } | Message::Snapshot { .. } | Message::Release, Message::Done) => Ok(()),
         (Message::Hashes { count, .. }, Message::HashList(h)) if h.len() == *count as usize => Ok(()),
         (Message::Hashes { count, .. }, Message::HashList(h)) => {
             Err(wrong(format!("{} hashes for {count} blocks", h.len())))

@@ -13,6 +13,7 @@ fn every_message() -> Vec<Message> {
             snapshot_ready: false,
             reason: "mounted on /dev/nbd0 itself: wrap it (cairn-agent wrap) to snapshot it".into(),
         }]),
+        Message::Prepare { disks: vec!["lun0".into()] },
         Message::Snapshot { disks: vec!["lun0".into(), "sdb".into()] },
         Message::Hashes { disk: "lun0".into(), first_block: 16, count: 2 },
         Message::HashList(vec![BlockHash::Zero, BlockHash::Blake3([9; 32])]),

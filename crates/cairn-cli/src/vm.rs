@@ -238,6 +238,18 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
             AgentStatus::Answering => "answering".to_string(),
         };
         println!("  guest agent: {agent}");
+        if vm.guest.cairn_agent != "no channel (org.cairn.agent.0)" || !vm.guest.disks.is_empty() {
+            println!("  cairn-agent: {}", vm.guest.cairn_agent);
+        }
+        for d in &vm.guest.disks {
+            let size = d.size.map(bytes).unwrap_or_else(|| "-".into());
+            let what = if d.captured {
+                "backed up through cairn-agent".to_string()
+            } else {
+                format!("NOT backed up: {}", d.why)
+            };
+            println!("  guest disk {:<8} {:<6} {:>10}  {what}", d.disk, d.transport, size);
+        }
         if !vm.tags.is_empty() {
             println!("  tags: {}", vm.tags.join(", "));
         }
@@ -421,7 +433,11 @@ pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     for f in &report.files {
         println!(
             "  {:<14} {}  ({} data)",
-            f.role.as_deref().map(|r| r.to_string()).unwrap_or(format!("disk {}", f.name)),
+            match f.role.as_deref() {
+                None => format!("disk {}", f.name),
+                Some(cairn_vm::guest_disks::ROLE_DISK) => format!("guest disk {}", f.name.trim_start_matches("guest-")),
+                Some(r) => r.to_string(),
+            },
             f.path.display(),
             bytes(f.data_bytes)
         );

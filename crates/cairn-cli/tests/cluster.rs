@@ -595,13 +595,7 @@ fn an_instant_recovery_onto_a_stock_host_runs_from_this_machines_repository_and_
     // Nothing of the recovery is left: no overlay on c, no link folder there, no state or
     // process here.
     let on_c = Path::new(STATE).join("hosts/c/lib");
-    let left: Vec<String> = std::fs::read_dir(on_c.join("images"))
-        .unwrap()
-        .flatten()
-        .map(|f| f.file_name().to_string_lossy().into_owned())
-        .filter(|f| f.contains(".instant"))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_no_instant_files(&on_c.join("images"));
     // WORK/instant/KEY/nbd.sock
     let link_dir = on_c.join(host_socket.trim_start_matches("/var/lib/libvirt/")).parent().unwrap().to_path_buf();
     assert!(!link_dir.exists(), "{} is left on host c", link_dir.display());
@@ -610,6 +604,47 @@ fn an_instant_recovery_onto_a_stock_host_runs_from_this_machines_repository_and_
     assert!(!process_alive(server_pid), "the NBD server of the point still runs");
     let links = Command::new("pgrep").args(["-f", &format!("-R {host_socket}")]).output().unwrap();
     assert!(!links.status.success(), "a link to host c still runs");
+
+    // The same recovery by a cairn on host c itself, next to its unprivileged QEMU: the point's
+    // server's socket (in a folder of root's) is handed to QEMU's user there.
+    hosts.remove(&restored);
+    let here = format!("{name}-here");
+    hosts.guests.push(here.clone());
+    let o = on_host(
+        "c",
+        e.cmd(&["restore", "vm", &point, "--host", "qemu:///system", "--storage", images, "--as", &here, "--instant"]),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for_agent(C, &here);
+    let read = guest_exec(C, &here, "sha256sum /data/kept");
+    assert_eq!(read.split_whitespace().next().unwrap(), sum);
+    assert!(virsh(C, &["dumpxml", &here, "--inactive"]).contains(&format!("{images}/{here}-vda.qcow2")));
+    assert_no_instant_files(&on_c.join("images"));
+}
+
+/// No overlay (`*.instant.qcow2`) nor server folder (`.cairn-instant-*`) of an instant recovery
+/// is left in `images`.
+fn assert_no_instant_files(images: &Path) {
+    let left: Vec<String> = std::fs::read_dir(images)
+        .unwrap()
+        .flatten()
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.contains("instant"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Runs `cmd` inside host `host` (its namespaces), with `cmd`'s environment.
+fn on_host(host: &str, cmd: Command) -> std::process::Output {
+    let mut inside = Command::new(hosts_sh());
+    inside.args(["exec", host]).arg(cmd.get_program()).args(cmd.get_args()).stdin(std::process::Stdio::null());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => inside.env(k, v),
+            None => inside.env_remove(k),
+        };
+    }
+    inside.output().unwrap()
 }
 
 #[test]

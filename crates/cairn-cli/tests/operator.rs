@@ -81,6 +81,7 @@ fn the_debian_package_holds_cairn_its_unit_manual_pages_and_completions() {
         "./usr/share/bash-completion/completions/cairn",
         "./usr/share/zsh/vendor-completions/_cairn",
         "./usr/share/doc/cairn/copyright",
+        "./usr/lib/cairn/cairn-agent",
     ] {
         assert!(list.lines().any(|l| l.ends_with(path)), "{path} not in the package:\n{list}");
     }
@@ -92,4 +93,11 @@ fn the_debian_package_holds_cairn_its_unit_manual_pages_and_completions() {
     assert!(unit.contains("ExecStart=/usr/bin/cairn server"), "{unit}");
     let o = Command::new(root.join("usr/bin/cairn")).arg("--version").output().unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("cairn {version}"));
+    // The guest agent runs anywhere: statically linked, and it answers.
+    let agent = root.join("usr/lib/cairn/cairn-agent");
+    let o = Command::new(&agent).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("cairn-agent {version}"));
+    let o = Command::new("ldd").arg(&agent).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(said.contains("not a dynamic executable") || said.contains("statically linked"), "{said}");
 }

@@ -258,6 +258,12 @@ impl Runner {
         if outcomes.iter().any(|o| o.result.as_ref().is_ok_and(|b| b.unbootable())) {
             warnings.push("a restore point did not pass its boot check".to_string());
         }
+        // A disk only the guest sees that a point lacks is never a silent success.
+        for b in outcomes.iter().filter_map(|o| o.result.as_ref().ok()) {
+            for m in cairn_repo::vm_record::VmRecord::of(&b.point).map(|r| r.not_captured).unwrap_or_default() {
+                warnings.push(format!("VM {}: guest disk {} is not in its point: {}", b.point.name, m.disk, m.why));
+            }
+        }
         // By UUID (a name may be another VM's in the same repository), and only for the VMs
         // whose new point is good: failed boot checks must not push the bootable points out.
         let kept_by_retention: Vec<String> = outcomes

@@ -19,6 +19,11 @@ pub struct VmConfig {
     pub files: Vec<VmFile>,
     /// A virtio-serial channel named `org.qemu.guest_agent.0` exists.
     pub agent_channel: bool,
+    /// A virtio-serial channel named `org.cairn.agent.0` exists: cairn's own guest agent, for
+    /// the disks only the guest sees.
+    pub cairn_agent_channel: bool,
+    /// Its socket on the host, as the running VM's configuration names it (libvirt picks it).
+    pub cairn_agent_socket: Option<String>,
     /// Commands run in the guest before the freeze / after the thaw, kept with the VM in its
     /// hypervisor's per-VM metadata (libvirt: domain metadata in cairn's namespace), so they follow it across hosts.
     pub pre_freeze: Vec<String>,

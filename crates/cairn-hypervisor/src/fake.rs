@@ -2,7 +2,10 @@
 //! a set number of times first, take a set time, and every call is recorded. Built for this
 //! crate's tests and, with the `testing` feature, for other crates' tests.
 
-use crate::{BackupExport, BackupRequest, Checkpoint, GuestExec, GuestFilesystem, Hypervisor, VmState, VmSummary};
+use crate::{
+    BackupExport, BackupRequest, Checkpoint, GuestBlockDevice, GuestExec, GuestFilesystem, Hypervisor, VmState,
+    VmSummary,
+};
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,6 +35,8 @@ pub struct Fake {
     pub vms: Mutex<Vec<VmSummary>>,
     /// The VM was undefined: every call about it answers `NoSuchVm`.
     pub gone: Mutex<bool>,
+    /// What `agent_disks` lists.
+    pub guest_disks: Mutex<Vec<GuestBlockDevice>>,
 }
 
 impl Fake {
@@ -120,6 +125,10 @@ impl Hypervisor for Handle {
     fn freeze_status(&self, uuid: &str) -> Result<String> {
         self.0.there(uuid)?;
         Ok(if *self.0.frozen.lock().unwrap() { "frozen" } else { "thawed" }.into())
+    }
+    fn agent_disks(&self, uuid: &str) -> Result<Vec<GuestBlockDevice>> {
+        self.0.there(uuid)?;
+        Ok(self.0.guest_disks.lock().unwrap().clone())
     }
     fn pause(&self, _: &str) -> Result<()> {
         self.0.log("pause");

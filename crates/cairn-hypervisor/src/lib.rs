@@ -99,6 +99,22 @@ pub struct GuestFilesystem {
     pub devices: Vec<String>,
 }
 
+/// A block device the guest sees (a whole disk, not a partition), as the guest agent lists it
+/// (qemu-ga `guest-get-disks`): what a backup without cairn's agent names as not captured when
+/// the hypervisor does not provide it.
+#[derive(Clone, Debug, Serialize)]
+pub struct GuestBlockDevice {
+    /// `/dev/nbd0`, `/dev/sdb`.
+    pub name: String,
+    /// Whether the device sits on a PCI address of the VM (the hypervisor's own device) rather
+    /// than on a network or software transport the guest set up itself.
+    pub on_pci: bool,
+    /// The bus the guest agent says (`virtio`, `scsi`, ...), if any.
+    pub bus_type: Option<String>,
+    /// Devices it is built on (a device-mapper device's disks): such a device is not a disk.
+    pub dependencies: Vec<String>,
+}
+
 /// A checkpoint: a named point from which the hypervisor tracks writes (one dirty bitmap per disk).
 #[derive(Clone, Debug, Serialize)]
 pub struct Checkpoint {
@@ -184,6 +200,8 @@ pub trait Hypervisor: Send + Sync {
     fn thaw(&self, uuid: &str) -> Result<u32>;
     /// "frozen" or "thawed".
     fn freeze_status(&self, uuid: &str) -> Result<String>;
+    /// The guest's whole block devices, from its guest agent.
+    fn agent_disks(&self, uuid: &str) -> Result<Vec<GuestBlockDevice>>;
 
     fn pause(&self, uuid: &str) -> Result<()>;
     fn resume(&self, uuid: &str) -> Result<()>;

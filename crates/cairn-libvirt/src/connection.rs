@@ -5,8 +5,8 @@ use crate::domain_xml;
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use cairn_hypervisor::{
-    AgentStatus, BackupExport, BackupRequest, Checkpoint, ConfigEdit, ExportedDisk, GuestExec, GuestFilesystem,
-    Hypervisor, NoSuchVm, Rewritten, Unreachable, VmConfig, VmState, VmSummary,
+    AgentStatus, BackupExport, BackupRequest, Checkpoint, ConfigEdit, ExportedDisk, GuestBlockDevice, GuestExec,
+    GuestFilesystem, Hypervisor, NoSuchVm, Rewritten, Unreachable, VmConfig, VmState, VmSummary,
 };
 use serde_json::{json, Value};
 use std::ffi::{CStr, CString};
@@ -228,6 +228,25 @@ impl Hypervisor for Libvirt {
     fn freeze_status(&self, uuid: &str) -> Result<String> {
         let v = agent_command(&self.domain(uuid)?, &json!({"execute": "guest-fsfreeze-status"}), 5)?;
         Ok(v.as_str().unwrap_or("unknown").to_string())
+    }
+
+    fn agent_disks(&self, uuid: &str) -> Result<Vec<GuestBlockDevice>> {
+        let v = agent_command(&self.domain(uuid)?, &json!({"execute": "guest-get-disks"}), 10)?;
+        let list = v.as_array().context("guest-get-disks did not return a list")?;
+        Ok(list
+            .iter()
+            .take(4096)
+            .filter(|d| d["partition"].as_bool() != Some(true))
+            .map(|d| GuestBlockDevice {
+                name: d["name"].as_str().unwrap_or("").chars().take(256).collect(),
+                on_pci: d["address"]["pci-controller"].is_object(),
+                bus_type: d["address"]["bus-type"].as_str().map(|s| s.chars().take(32).collect()),
+                dependencies: d["dependencies"]
+                    .as_array()
+                    .map(|a| a.iter().take(64).filter_map(|x| x.as_str().map(String::from)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect())
     }
 
     fn pause(&self, uuid: &str) -> Result<()> {

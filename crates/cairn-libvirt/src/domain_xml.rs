@@ -84,6 +84,13 @@ pub fn parse(xml: &str) -> Result<VmConfig> {
                 "channel" if child(d, "target").and_then(|t| t.attribute("name")) == Some("org.qemu.guest_agent.0") => {
                     c.agent_channel = true;
                 }
+                "channel" if child(d, "target").and_then(|t| t.attribute("name")) == Some("org.cairn.agent.0") => {
+                    c.cairn_agent_channel = true;
+                    c.cairn_agent_socket = child(d, "source")
+                        .filter(|s| d.attribute("type") == Some("unix") && s.attribute("mode") == Some("bind"))
+                        .and_then(|s| s.attribute("path"))
+                        .map(String::from);
+                }
                 _ => {}
             }
         }

@@ -5,6 +5,7 @@ use crate::error::{OpError, OpResult};
 use crate::hosts::ListedHost;
 use cairn_hypervisor::{AgentStatus, Hypervisor, VmDisk, VmFile, VmNic, VmState};
 use cairn_vm::backup::{app_consistent_requirements, choose_method, Method};
+use cairn_vm::guest_disks::{survey, GuestSurvey};
 use serde::Serialize;
 
 /// One VM as `vm list` shows it (and its `--json` prints it).
@@ -28,12 +29,25 @@ pub struct VmListing {
     pub app_consistent: bool,
     /// Why a backup can (or cannot) be app-consistent.
     pub app_consistent_reason: String,
+    /// Disks only the guest sees (an initiator in the guest, a pass-through device), and cairn's
+    /// guest agent.
+    pub guest: GuestSurvey,
 }
 
-/// Every VM of `hv`.
+/// Every VM of `hv`. Cairn's guest agent is asked only on this machine (`local`).
 pub fn list_vms(hv: &dyn Hypervisor) -> OpResult<Vec<VmListing>> {
+    let local = cairn_vm::ssh::SshTarget::from_uri(hv.uri())
+        .ok()
+        .flatten()
+        .is_none()
+        .then(|| cairn_vm::host::LocalHost { work_dir: crate::DEFAULT_WORK_DIR.into() });
     let mut out = Vec::new();
     for vm in hv.list()? {
+        let guest = if vm.state == VmState::Running {
+            survey(hv, local.as_ref().map(|l| l as &dyn cairn_vm::host::HostAccess), &vm)
+        } else {
+            GuestSurvey { cairn_agent: format!("the VM is {}", vm.state.as_str()), disks: Vec::new() }
+        };
         let (method, method_reason) = match choose_method(hv, &vm, Method::Auto) {
             Ok((m, why)) => (m.as_str().to_string(), why),
             Err(e) => ("none".to_string(), e.to_string()),
@@ -57,6 +71,7 @@ pub fn list_vms(hv: &dyn Hypervisor) -> OpResult<Vec<VmListing>> {
             app_consistent_reason: match app {
                 Ok(s) | Err(s) => s,
             },
+            guest,
         });
     }
     Ok(out)

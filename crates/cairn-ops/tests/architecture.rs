@@ -32,6 +32,8 @@ const LAYERS: &[(&str, u32)] = &[
     ("cairn-cli", 7),
     ("cairn-torture", 7),
     ("cairn-bench", 7),
+    // The guest agent: a binary of its own, for the guest, over the wire format only.
+    ("cairn-agent", 7),
 ];
 
 /// The control plane, where a long function needs a reason (the "~120 lines").

@@ -109,8 +109,49 @@ pub struct VmRecord {
     /// Output of pre-freeze and post-thaw commands.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<HookRun>,
+    /// Disks only the guest sees, captured through cairn's guest agent at the same frozen instant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_disks: Vec<GuestDiskRecord>,
+    /// Disks of the VM this point does not hold, and why (no agent, no snapshot possible, the
+    /// agent failed): never left out silently.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_captured: Vec<NotCaptured>,
     /// The hypervisor's configuration document (libvirt domain XML).
     pub config: String,
+}
+
+/// Role of the image of a disk only the guest sees (FORMAT.md §7).
+pub const ROLE_GUEST_DISK: &str = "guest-disk";
+/// Role of the image holding a guest disk's block hashes (FORMAT.md §7).
+pub const ROLE_GUEST_HASHES: &str = "guest-hashes";
+
+/// A disk only the guest sees, as a VM point holds it (FORMAT.md §7, role `guest-disk`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GuestDiskRecord {
+    /// The agent's name for it (`lun0`).
+    pub disk: String,
+    /// The point's image holding it (`guest-lun0`).
+    pub image: String,
+    /// The point's image holding the BLAKE3 of each 64 KiB block as the host read it (role
+    /// `guest-hashes`), which the next backup compares with the agent's.
+    pub hashes_image: String,
+    /// How the guest reaches it: `nbd`, `iscsi`, `scsi`, `nvme`.
+    pub transport: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub serial: String,
+    pub size: u64,
+    /// "full" or "changed" (only blocks whose hash differs from the last point's were read).
+    pub read: String,
+    pub reason: String,
+}
+
+/// A disk of the VM that a point does not hold.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NotCaptured {
+    pub disk: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub transport: String,
+    pub why: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -15,6 +15,7 @@
 //!    repository. A failure before the commit ends the job and deletes the new checkpoint, so the
 //!    old one (whose bitmap then holds every write since it) still matches the last restore point.
 
+use crate::guest_disks::GuestDisks;
 use crate::host::{private_dir, HostAccess};
 use crate::Refusal;
 use anyhow::{anyhow, bail, Context, Result};
@@ -364,6 +365,7 @@ pub fn backup_vm(
     if method == Method::Offline {
         return backup_offline(host, repo, vm, &disks, chain, prep.last, record, clock, opts, progress);
     }
+    let mut guest = GuestDisks::for_backup(hv, host, vm, method == Method::AppConsistent, progress);
 
     let new_checkpoint =
         format!("{}{}", prep.prefix, SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_millis());
@@ -377,8 +379,20 @@ pub fn backup_vm(
         new_checkpoint: &new_checkpoint,
         memory_file: &memory_file,
     };
-    let (export, listed_changes, chain) =
-        take_live_point(hv, repo, vm, method, &live, chain, opts, watchdog, &mut clock, &mut record, progress)?;
+    let (export, listed_changes, chain) = take_live_point(
+        hv,
+        repo,
+        vm,
+        method,
+        &live,
+        chain,
+        opts,
+        watchdog,
+        &mut clock,
+        &mut record,
+        &mut guest,
+        progress,
+    )?;
     let all_qcow2 = disks.iter().all(|d| d.supports_checkpoints());
     record.checkpoint = if all_qcow2 { Some(new_checkpoint.clone()) } else { None };
     if all_qcow2 {
@@ -419,10 +433,12 @@ pub fn backup_vm(
         prep.last,
         record,
         clock,
+        &mut guest,
         opts,
         progress,
     );
-    // The job ends either way; its scratch files go with it.
+    drop(guest); // the agent's views go
+                 // The job ends either way; its scratch files go with it.
     let ended = end_job(hv, &vm.uuid, &opts.run_token);
     drop(_memory_file);
     host.remove_file(&export.socket);
@@ -550,6 +566,8 @@ fn new_record(
         files: Vec::new(),
         memory_state: None,
         hooks: Vec::new(),
+        guest_disks: Vec::new(),
+        not_captured: Vec::new(),
         config: hv.config_document(&vm.uuid)?,
     })
 }
@@ -638,6 +656,7 @@ fn take_live_point(
     watchdog: &mut Watchdog,
     clock: &mut Clock,
     record: &mut VmRecord,
+    guest: &mut GuestDisks,
     progress: &dyn Progress,
 ) -> Result<(BackupExport, ListedChanges, std::result::Result<String, String>)> {
     let uuid = vm.uuid.as_str();
@@ -656,7 +675,7 @@ fn take_live_point(
             socket_dir: live.socket_dir,
             run_token: &opts.run_token,
         };
-        let taken = take_point(hv, live.host, vm, method, &req, opts, live.memory_file, watchdog, clock, record);
+        let taken = take_point(hv, live.host, vm, method, &req, opts, live.memory_file, watchdog, clock, record, guest);
         // A failure after the job started (a thaw that failed, a point too late) leaves it.
         let job_gone = if taken.is_err() { end_our_job(hv, uuid, &opts.run_token) } else { Ok(()) };
         match taken {
@@ -699,6 +718,7 @@ fn read_live_point(
     last: Option<(PointId, RestorePoint)>,
     mut record: VmRecord,
     clock: Clock,
+    guest: &mut GuestDisks,
     opts: &VmBackupOptions,
     progress: &dyn Progress,
 ) -> Result<(PointId, RestorePoint, VmRecord)> {
@@ -728,6 +748,11 @@ fn read_live_point(
         input.role = Some("memory-state".into());
         inputs.push(input);
         record.memory_state = Some("memory-state".into());
+    }
+    // After the host's disks, each guest disk then its hash list (read once the disk is).
+    inputs.extend(guest.inputs(repo, last.as_ref(), &mut record)?);
+    for m in &record.not_captured {
+        progress.note(&format!("{}: guest disk {} is not in this point: {}", vm.name, m.disk, m.why));
     }
     commit(live.host, repo, vm, inputs, last, record, clock, opts, progress)
 }
@@ -898,9 +923,10 @@ fn take_point(
     watchdog: &mut Watchdog,
     clock: &mut Clock,
     record: &mut VmRecord,
+    guest: &mut GuestDisks,
 ) -> Result<(BackupExport, ListedChanges)> {
     match method {
-        Method::AppConsistent => Ok((take_frozen_point(hv, vm, req, opts, watchdog, clock, record)?, None)),
+        Method::AppConsistent => Ok((take_frozen_point(hv, vm, req, opts, watchdog, clock, record, guest)?, None)),
         Method::SavedState => take_paused_point(hv, host, vm, req, opts, memory_file, watchdog, clock, record),
         Method::CrashConsistent => {
             let e = hv.begin_backup(&vm.uuid, req)?;
@@ -912,7 +938,9 @@ fn take_point(
 }
 
 /// App-consistent: the pre-freeze commands, freeze, the point, thaw at once, the post-thaw
-/// commands. The watchdog is told before each step.
+/// commands. The watchdog is told before each step; the guest's own disks are taken inside the
+/// freeze, right before the host's point.
+#[allow(clippy::too_many_arguments)] // the backup's state, handed on once
 fn take_frozen_point(
     hv: &dyn Hypervisor,
     vm: &VmSummary,
@@ -921,6 +949,7 @@ fn take_frozen_point(
     watchdog: &mut Watchdog,
     clock: &mut Clock,
     record: &mut VmRecord,
+    guest: &mut GuestDisks,
 ) -> Result<BackupExport> {
     let uuid = vm.uuid.as_str();
     let pre: Vec<&String> = vm.config.pre_freeze.iter().chain(&opts.pre_freeze).collect();
@@ -932,6 +961,7 @@ fn take_frozen_point(
             bail!("pre-freeze command `{cmd}` failed in the guest (exit {code}); nothing was frozen");
         }
     }
+    guest.before_freeze();
     // The watchdog's limit runs from when it reads this line: later than now.
     let told = Instant::now();
     watchdog.tell(Guard::Frozen)?;
@@ -951,6 +981,8 @@ fn take_frozen_point(
             return Err(e);
         }
     };
+    // The guest's own disks first, within half of what is left of the limit.
+    guest.at_freeze(opts.freeze_limit.saturating_sub(told.elapsed()) / 2);
     let point = hv.begin_backup(uuid, req);
     let took = told.elapsed();
     if point.is_ok() {
@@ -1360,8 +1392,19 @@ mod tests {
         let mut clock = Clock { t0: Instant::now(), events: vec![] };
         let memory = dir.path().join("memory.state");
         let host = LocalHost { work_dir: dir.path().to_path_buf() };
-        let r =
-            take_point(&hv, &host, &vm(), method, &req, &options(limit), &memory, watchdog, &mut clock, &mut record());
+        let r = take_point(
+            &hv,
+            &host,
+            &vm(),
+            method,
+            &req,
+            &options(limit),
+            &memory,
+            watchdog,
+            &mut clock,
+            &mut record(),
+            &mut GuestDisks::none(),
+        );
         r.map(|_| ())
     }
 

@@ -318,8 +318,18 @@ impl HostAccess for LocalHost {
     ) -> Result<Box<dyn Target>> {
         target::create(path, size, block_size, data_bytes, format, force)
     }
-    fn link_socket(&self, local: &Path, _dir: &Path, _owner: Option<(u32, u32)>, _log: &Path) -> Result<SocketLink> {
-        // The emulator opens the server's socket where it is.
+    fn link_socket(&self, local: &Path, _dir: &Path, owner: Option<(u32, u32)>, _log: &Path) -> Result<SocketLink> {
+        // The emulator opens the server's socket where it is. An unprivileged one (a stock host)
+        // is let through the socket's private folder (0711: it can neither list nor write it) and
+        // given the socket, as on another host (libvirt does not relabel an NBD backing file's
+        // socket).
+        if let Some(owner) = owner {
+            use std::os::unix::fs::PermissionsExt;
+            let folder = local.parent().context("a socket is in a folder")?;
+            std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o711))
+                .with_context(|| format!("letting QEMU's user through {}", folder.display()))?;
+            hand_over(local, owner)?;
+        }
         Ok(SocketLink { socket: local.to_path_buf(), local: local.to_path_buf(), dir: None, pid: 0, start: None })
     }
     fn unlink_socket(&self, _link: &SocketLink) {}

@@ -16,6 +16,7 @@
 pub mod backup;
 pub mod boot;
 mod error;
+pub mod guest_disks;
 pub mod host;
 mod process;
 pub mod recover;

@@ -8,6 +8,7 @@
 //! ([`RecoveryPlan::execute`]). A failure while writing removes what was written and defines
 //! nothing. A caller that confirms a replacement asks between the two steps.
 
+use crate::guest_disks::{ROLE_DISK, ROLE_HASHES};
 use crate::host::{private_dir, HostAccess, PathKind, SocketLink};
 use crate::process;
 use crate::Refusal;
@@ -525,7 +526,14 @@ fn plan_images(
     let mut total = 0;
     for (i, img) in point.disks.iter().enumerate() {
         check_image_name(short, img)?;
-        if let Some(role) = img.role.as_deref().filter(|r| !KNOWN_ROLES.contains(r)) {
+        // A disk only the guest saw: restored to a raw image file next to the VM's disks (its
+        // configuration does not name it; the guest attached it itself). Its hash list is the
+        // next backup's business only.
+        let guest_disk = img.role.as_deref() == Some(ROLE_DISK);
+        if img.role.as_deref() == Some(ROLE_HASHES) {
+            continue;
+        }
+        if let Some(role) = img.role.as_deref().filter(|r| !KNOWN_ROLES.contains(r) && !guest_disk) {
             // A newer writer's kind of image: readers ignore roles they do not know.
             removed.push(format!("image {} (role {role}, unknown to this version)", img.name));
             continue;
@@ -542,6 +550,7 @@ fn plan_images(
         total += bytes;
         let file = match &img.role {
             None => storage.join(format!("{name}-{}.{}", img.name, opts.format.name())),
+            Some(_) if guest_disk => storage.join(format!("{name}-{}.raw", img.name)),
             Some(role) => storage.join(format!("{name}-{role}")),
         };
         if host.path_kind(&file)? != PathKind::Missing
@@ -578,13 +587,15 @@ impl UnfinishedInstant {
                 save_state(&dir, &st)?;
             }
         }
-        if !is_our_server(st.server_pid, st.server_start, &st.socket) || !st.socket.exists() {
+        let relaunched = !is_our_server(st.server_pid, st.server_start, &st.socket) || !st.socket.exists();
+        if relaunched {
             stop_server(st.server_pid, st.server_start, &st.socket); // one without its socket
             st.server_pid = (instant.launch_server)(&st.socket)?;
             st.server_start = process::start_time(st.server_pid);
             save_state(&dir, &st)?;
         }
-        if let Some(link) = st.link.as_ref().filter(|l| !l.is_up()) {
+        // A link on this machine is the socket itself: a new server's socket is handed over again.
+        if let Some(link) = st.link.as_ref().filter(|l| !l.is_up() || (relaunched && l.dir.is_none())) {
             // Made again where it was: the overlays name the socket on the host.
             let host_dir = link.dir.clone().unwrap_or_default();
             let relinked = host.link_socket(&st.socket, &host_dir, st.owner, &dir.join("link.log"))?;
@@ -754,7 +765,7 @@ impl RecoveryPlan {
             let path = f.path.to_string_lossy().into_owned();
             match &f.role {
                 None => self.edit.disks.push(PlacedDisk { target: f.name.clone(), path, format: format.name().into() }),
-                Some(r) if r != "memory-state" => self.edit.files.push((r.clone(), path)),
+                Some(r) if r != "memory-state" && r != ROLE_DISK => self.edit.files.push((r.clone(), path)),
                 Some(_) => {}
             }
         }

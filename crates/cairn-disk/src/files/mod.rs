@@ -185,7 +185,8 @@ fn point_disks(repo: &Arc<Repository>, point: &RestorePoint) -> Vec<Arc<dyn Disk
     point
         .disks
         .iter()
-        .filter(|d| d.is_disk())
+        // A disk only the guest saw is browsed like any other.
+        .filter(|d| d.is_disk() || d.role.as_deref() == Some(cairn_repo::vm_record::ROLE_GUEST_DISK))
         .map(|img| Arc::new(PointDisk::new(repo.clone(), img.clone())) as Arc<dyn DiskRead>)
         .collect()
 }

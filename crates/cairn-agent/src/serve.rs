@@ -1,0 +1,277 @@
+//! The agent's side of the channel: find the virtio-serial port, answer the host's requests one
+//! at a time, and drop every view when the host goes away (the port hangs up), says `Bye`, starts
+//! a new session, or is silent for [`LEASE`].
+
+use crate::disks::{self, Disk};
+use crate::snap::Views;
+use cairn_agent_proto::{read_frame, write_frame, Kind, Message, ProtoError, VERSION};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The channel's name in the domain's XML.
+pub const PORT_NAME: &str = "org.cairn.agent.0";
+/// Views are dropped after this long without a request.
+pub const LEASE: Duration = Duration::from_secs(600);
+
+/// Ways to misbehave, for the host's tests of a lying or stalling agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Misbehave {
+    None,
+    /// Answers a snapshot request 10 s late, without taking anything.
+    StallSnapshot,
+    /// Sends one byte less than each read asks.
+    ShortRead,
+    /// Says every block is zeros.
+    ZeroHashes,
+    /// Exits in the middle of the first read.
+    DieOnRead,
+    /// Writes bytes that are no frame before each answer.
+    Garbage,
+    /// The mode named in [`MISBEHAVE_FILE`] at each request (none when it is absent): one guest
+    /// tries them all.
+    FromFile,
+}
+
+/// Where `--misbehave file` reads its mode.
+pub const MISBEHAVE_FILE: &str = "/run/cairn-agent.misbehave";
+
+impl Misbehave {
+    pub fn parse(s: &str) -> Option<Misbehave> {
+        Some(match s {
+            "stall-snapshot" => Misbehave::StallSnapshot,
+            "short-read" => Misbehave::ShortRead,
+            "zero-hashes" => Misbehave::ZeroHashes,
+            "die-on-read" => Misbehave::DieOnRead,
+            "garbage" => Misbehave::Garbage,
+            "file" => Misbehave::FromFile,
+            _ => return None,
+        })
+    }
+}
+
+/// `/dev/vportNpM` of the port named `name` (`/sys/class/virtio-ports/*/name`; no udev needed).
+pub fn find_port(sys: &Path, name: &str) -> Option<PathBuf> {
+    let mut ports: Vec<_> = std::fs::read_dir(sys).ok()?.flatten().collect();
+    ports.sort_by_key(|e| e.file_name());
+    ports.into_iter().find_map(|e| {
+        let n = std::fs::read_to_string(e.path().join("name")).ok()?;
+        (n.trim() == name).then(|| Path::new("/dev").join(e.file_name()))
+    })
+}
+
+/// Serves the port forever (it comes back when the host reconnects).
+pub fn serve(port_name: &str, misbehave: Misbehave) -> io::Result<()> {
+    let mut said = false;
+    let port = loop {
+        if let Some(p) = find_port(Path::new("/sys/class/virtio-ports"), port_name) {
+            break p;
+        }
+        if !said {
+            eprintln!("cairn-agent: waiting for the port {port_name} (the VM's channel)");
+            said = true;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&port)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", port.display())))?;
+    eprintln!("cairn-agent {}: serving {}", env!("CARGO_PKG_VERSION"), port.display());
+    let mut session = Session { views: Views::default(), disks: Vec::new(), misbehave, last: Instant::now() };
+    loop {
+        match wait_readable(&file, Duration::from_secs(1)) {
+            Ready::HungUp => {
+                session.end("the host closed the channel");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ready::Nothing => {}
+            Ready::Data => match read_request(&mut file) {
+                Ok((id, request)) => {
+                    session.last = Instant::now();
+                    if misbehave == Misbehave::FromFile {
+                        session.misbehave = std::fs::read_to_string(MISBEHAVE_FILE)
+                            .ok()
+                            .and_then(|m| Misbehave::parse(m.trim()))
+                            .unwrap_or(Misbehave::None);
+                    }
+                    if let Some(reply) = session.answer(request) {
+                        if session.misbehave == Misbehave::Garbage {
+                            io::Write::write_all(
+                                &mut file,
+                                b"\x00garbage CAG1\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+                            )?;
+                        }
+                        if let Err(e) = write_frame(&mut file, id, &reply) {
+                            session.end(&format!("cannot answer: {e}"));
+                        }
+                    }
+                }
+                Err(e) => session.end(&format!("{e}")),
+            },
+        }
+        if !session.views.is_empty() && session.last.elapsed() > LEASE {
+            session.end("no request for 10 minutes");
+        }
+    }
+}
+
+enum Ready {
+    Data,
+    HungUp,
+    Nothing,
+}
+
+fn wait_readable(file: &File, timeout: Duration) -> Ready {
+    let mut p = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    if n <= 0 {
+        Ready::Nothing
+    } else if p.revents & libc::POLLIN != 0 {
+        Ready::Data
+    } else if p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+        Ready::HungUp
+    } else {
+        Ready::Nothing
+    }
+}
+
+/// The next request; bytes that are not one (an earlier session's leftovers, noise) are skipped
+/// up to the next `Hello`, which starts a session afresh.
+fn read_request(r: &mut dyn Read) -> Result<(u32, Message), ProtoError> {
+    match read_frame(r) {
+        Err(ProtoError::Io(e)) => Err(ProtoError::Io(e)),
+        Err(_) => skip_to_hello(r),
+        ok => ok,
+    }
+}
+
+fn skip_to_hello(r: &mut dyn Read) -> Result<(u32, Message), ProtoError> {
+    cairn_agent_proto::scan(r, |h| h.kind == Kind::Hello && h.len <= 64, |_| true)
+}
+
+struct Session {
+    views: Views,
+    disks: Vec<Disk>,
+    misbehave: Misbehave,
+    last: Instant,
+}
+
+impl Session {
+    fn end(&mut self, why: &str) {
+        if !self.views.is_empty() {
+            eprintln!("cairn-agent: dropping the disks' views: {why}");
+            self.views.release();
+        }
+    }
+
+    fn answer(&mut self, request: Message) -> Option<Message> {
+        let failed = |code: u16, e: io::Error| Message::Error { code, message: truncate(e.to_string()) };
+        Some(match request {
+            Message::Hello { versions, nonce } => {
+                self.end("a new session began");
+                if !versions.contains(&VERSION) {
+                    return Some(Message::Error { code: 1, message: format!("this agent speaks version {VERSION}") });
+                }
+                let agent = format!("cairn-agent {}", env!("CARGO_PKG_VERSION"));
+                Message::HelloReply { version: VERSION, nonce, agent }
+            }
+            Message::ListDisks => {
+                self.disks = disks::list(Path::new("/sys/block"));
+                Message::Disks(self.disks.iter().map(|d| d.info.clone()).collect())
+            }
+            Message::Prepare { disks } => {
+                self.disks = disks::list(Path::new("/sys/block"));
+                match self.views.prepare(&disks, &self.disks) {
+                    Ok(()) => Message::Done,
+                    Err(e) => failed(3, e),
+                }
+            }
+            Message::Snapshot { disks } => {
+                if self.misbehave == Misbehave::StallSnapshot {
+                    std::thread::sleep(Duration::from_secs(10));
+                    return Some(Message::Done);
+                }
+                match self.views.snapshot(&disks) {
+                    Ok(()) => Message::Done,
+                    Err(e) => failed(3, e),
+                }
+            }
+            Message::Hashes { disk, first_block, count } => match self.views.hashes(&disk, first_block, count) {
+                Ok(h) if self.misbehave == Misbehave::ZeroHashes => {
+                    Message::HashList(vec![cairn_agent_proto::BlockHash::Zero; h.len()])
+                }
+                Ok(h) => Message::HashList(h),
+                Err(e) => failed(3, e),
+            },
+            Message::Read { disk, offset, len } => {
+                if self.misbehave == Misbehave::DieOnRead {
+                    eprintln!("cairn-agent: dying in a read, as asked (--misbehave)");
+                    std::process::exit(3);
+                }
+                match self.views.read(&disk, offset, len) {
+                    Ok(mut data) => {
+                        if self.misbehave == Misbehave::ShortRead {
+                            data.pop();
+                        }
+                        Message::Data(data)
+                    }
+                    Err(e) => failed(3, e),
+                }
+            }
+            Message::Release => {
+                self.views.release();
+                Message::Done
+            }
+            Message::Bye => {
+                self.end("the host said bye");
+                return None;
+            }
+            other => Message::Error { code: 1, message: format!("{:?} is not a request", other.kind()) },
+        })
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > cairn_agent_proto::MAX_TEXT {
+        let mut end = cairn_agent_proto::MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_after_noise_is_found_from_its_hello() {
+        let mut stream = b"left over from before CAG1 and more".to_vec();
+        write_frame(&mut stream, 9, &Message::Read { disk: "lun0".into(), offset: 0, len: 4 }).unwrap();
+        stream.truncate(stream.len() - 3); // a frame cut short
+        write_frame(&mut stream, 1, &Message::Hello { versions: vec![1], nonce: [5; 16] }).unwrap();
+        let mut r = &stream[..];
+        let (id, m) = read_request(&mut r).unwrap();
+        assert_eq!(id, 1);
+        assert_eq!(m, Message::Hello { versions: vec![1], nonce: [5; 16] });
+    }
+
+    #[test]
+    fn the_port_is_found_by_its_name() {
+        let t = std::env::temp_dir().join(format!("cairn-agent-ports-{}", std::process::id()));
+        for (port, name) in [("vport1p1", "org.qemu.guest_agent.0"), ("vport1p2", PORT_NAME)] {
+            std::fs::create_dir_all(t.join(port)).unwrap();
+            std::fs::write(t.join(port).join("name"), format!("{name}\n")).unwrap();
+        }
+        assert_eq!(find_port(&t, PORT_NAME), Some(PathBuf::from("/dev/vport1p2")));
+        assert_eq!(find_port(&t, "none"), None);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+}
