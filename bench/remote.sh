@@ -32,14 +32,7 @@ busy() { awk '/^cpu /{printf "%.2f", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
 
 bash "$top/scripts/hosts.sh" up a >/dev/null
 disk=$state/shared/$vm.qcow2
-if [[ ! -f "$work/data.qcow2" || "$(cat "$work/data.built" 2>/dev/null)" != "$src $gib" ]]; then
-  echo "building the ${gib} GiB data disk from $src ..."
-  rm -f "$work/data.raw" "$work/data.qcow2"
-  mke2fs -q -t ext4 -L gdata -E lazy_itable_init=0,lazy_journal_init=0 -d "$src" "$work/data.raw" "${gib}G"
-  qemu-img convert -f raw -O qcow2 "$work/data.raw" "$work/data.qcow2"
-  rm -f "$work/data.raw"
-  echo "$src $gib" > "$work/data.built"
-fi
+"$top/bench/ext4-qcow2.sh" "$work/data.qcow2" "$src" "$gib" gdata
 cp --sparse=always "$work/data.qcow2" "$disk"
 g=$state/guest
 uuid=$(cat /proc/sys/kernel/random/uuid)

@@ -176,7 +176,9 @@ impl Control {
             let r = unsafe { libc::ioctl(self.0.as_raw_fd(), request as _, words.as_mut_ptr()) };
             if r != 0 {
                 let e = io::Error::last_os_error();
-                return Err(io::Error::new(e.kind(), format!("device-mapper {} of {name:?}: {e}", what(request))));
+                let errno = e.raw_os_error().unwrap_or(0);
+                let text = format!("device-mapper {} of {name:?}: {e}", what(request));
+                return Err(io::Error::new(e.kind(), Failure { errno, text }));
             }
             let out = buf.to_vec();
             if flags_of(&out) & BUFFER_FULL_FLAG != 0 && size < 16 << 20 {
@@ -186,6 +188,26 @@ impl Control {
             return Ok(out);
         }
     }
+}
+
+/// A failed ioctl: its errno kept for callers that act on it ([`errno`]), with a message.
+#[derive(Debug)]
+struct Failure {
+    errno: i32,
+    text: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The errno of a failed call of this module.
+pub fn errno(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| e.get_ref()?.downcast_ref::<Failure>().map(|f| f.errno))
 }
 
 fn what(request: u64) -> &'static str {
@@ -230,5 +252,13 @@ mod tests {
         assert_eq!(super::DM_DEV_SUSPEND, 0xc138fd06);
         assert_eq!(super::DM_TABLE_LOAD, 0xc138fd09);
         assert_eq!(super::DM_TABLE_STATUS, 0xc138fd0c);
+    }
+
+    #[test]
+    fn a_failures_errno_survives_its_message() {
+        let e = std::io::Error::other(super::Failure { errno: libc::EBUSY, text: "busy".into() });
+        assert_eq!(super::errno(&e), Some(libc::EBUSY));
+        assert_eq!(e.to_string(), "busy");
+        assert_eq!(super::errno(&std::io::Error::from_raw_os_error(libc::ENXIO)), Some(libc::ENXIO));
     }
 }

@@ -164,6 +164,11 @@ fn not_found(name: &str) -> io::Error {
 }
 
 fn prepare_one(ctl: &Control, origin: &str, size: u64) -> io::Result<View> {
+    // What an earlier view of this disk left (a remove that found the device busy).
+    let names = ctl.list().unwrap_or_default();
+    if names.iter().any(|n| n == &format!("{origin}{REAL}") || n == &format!("{origin}{SNAP}")) {
+        release_leftover(ctl, &format!("{origin}{REAL}"));
+    }
     let original = ctl.table(origin)?;
     if original.is_empty() || original.iter().any(|t| t.kind.starts_with("snapshot")) {
         return Err(io::Error::other(format!("{origin} has a table cairn-agent cannot snapshot: {original:?}")));
@@ -211,8 +216,9 @@ fn take(ctl: &Control, v: &mut View) -> io::Result<()> {
         ctl.load(&v.origin, &[target(sectors, "snapshot-origin", real.clone())])?;
         Ok::<(), io::Error>(())
     })();
-    // Resumed whatever happened: with the new table if it loaded, else with its own.
-    let resumed = ctl.resume(&v.origin);
+    // Resumed whatever happened: with the new table if it loaded, else with its own (once more
+    // if the first resume failed: a disk left suspended hangs the guest's I/O on it).
+    let resumed = ctl.resume(&v.origin).or_else(|_| ctl.resume(&v.origin));
     switched?;
     resumed?;
     let snap = ctl.status(&v.snap)?.dev;
@@ -222,6 +228,9 @@ fn take(ctl: &Control, v: &mut View) -> io::Result<()> {
 
 fn release_one(ctl: &Control, mut v: View) {
     v.file = None;
+    if ctl.status(&v.origin).is_ok_and(|s| s.suspended) {
+        let _ = ctl.resume(&v.origin);
+    }
     let restore = || -> io::Result<()> {
         if ctl.table(&v.origin)?.iter().any(|t| t.kind == "snapshot-origin") {
             ctl.suspend(&v.origin, false)?;
@@ -235,11 +244,31 @@ fn release_one(ctl: &Control, mut v: View) {
         eprintln!("cairn-agent: cannot give {} its table back: {e}", v.origin);
         return; // the real and snapshot devices are still in use: leave them to the next start
     }
-    let _ = ctl.remove(&v.snap);
-    let _ = ctl.remove(&v.real);
+    // The snapshot holds the real device and the zram: removed in that order.
+    let removed = remove_busy(ctl, &v.snap).and_then(|()| remove_busy(ctl, &v.real));
+    if let Err(e) = removed {
+        eprintln!("cairn-agent: {e} (removed at the next prepare or start)");
+        return;
+    }
     if let Some(id) = v.zram {
         remove_zram(id);
     }
+}
+
+/// Removes a device, retrying a while when it is busy (a udev or blkid scan of a new device
+/// holds it open for a moment); a device that is not there is removed already.
+fn remove_busy(ctl: &Control, name: &str) -> io::Result<()> {
+    for _ in 0..40 {
+        match ctl.remove(name) {
+            Ok(()) => return Ok(()),
+            Err(e) if crate::dm::errno(&e) == Some(libc::ENXIO) => return Ok(()),
+            Err(e) if crate::dm::errno(&e) == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    ctl.remove(name)
 }
 
 /// Releases what an earlier agent left: each `cairn-*` disk resumed and given back the table
@@ -248,25 +277,11 @@ pub fn cleanup() {
     let Ok(ctl) = Control::open() else { return };
     let names = ctl.list().unwrap_or_default();
     for real in names.iter().filter(|n| n.starts_with(crate::disks::PREFIX) && n.ends_with(REAL)) {
-        let origin = real.trim_end_matches(REAL).to_string();
-        if ctl.status(&origin).is_ok_and(|s| s.suspended) {
-            let _ = ctl.resume(&origin);
-        }
-        let Ok(original) = ctl.table(real) else { continue };
-        let v = View {
-            origin: origin.clone(),
-            original,
-            real: real.clone(),
-            snap: format!("{origin}{SNAP}"),
-            zram: None,
-            size: 0,
-            file: None,
-        };
-        eprintln!("cairn-agent: releasing the view of {origin} an earlier agent left");
-        release_one(&ctl, v);
+        eprintln!("cairn-agent: releasing the view of {} an earlier agent left", real.trim_end_matches(REAL));
+        release_leftover(&ctl, real);
     }
     for snap in names.iter().filter(|n| n.starts_with(crate::disks::PREFIX) && n.ends_with(SNAP)) {
-        let _ = ctl.remove(snap);
+        let _ = remove_busy(&ctl, snap);
     }
     if let Ok(text) = std::fs::read_to_string(ZRAM_NOTE) {
         for id in text.split_whitespace().filter_map(|s| s.parse().ok()) {
@@ -274,6 +289,26 @@ pub fn cleanup() {
         }
         let _ = std::fs::remove_file(ZRAM_NOTE);
     }
+}
+
+/// Gives a disk back the table of its leftover `-real` device, and removes the leftovers.
+fn release_leftover(ctl: &Control, real: &str) {
+    let origin = real.trim_end_matches(REAL).to_string();
+    let Ok(original) = ctl.table(real) else {
+        let _ = remove_busy(ctl, &format!("{origin}{SNAP}"));
+        let _ = remove_busy(ctl, real);
+        return;
+    };
+    let v = View {
+        origin: origin.clone(),
+        original,
+        real: real.to_string(),
+        snap: format!("{origin}{SNAP}"),
+        zram: None,
+        size: 0,
+        file: None,
+    };
+    release_one(ctl, v);
 }
 
 fn target(sectors: u64, kind: &str, params: String) -> Target {
@@ -300,6 +335,11 @@ fn add_zram(bytes: u64) -> io::Result<u32> {
     let mut note = std::fs::read_to_string(ZRAM_NOTE).unwrap_or_default();
     note.push_str(&format!("{id}\n"));
     let _ = std::fs::write(ZRAM_NOTE, note);
+    // A quarter of the guest's memory at most: past it, writes to the copy-on-write space fail,
+    // the snapshot becomes invalid (the host's reads of it fail) and the disk goes on unharmed,
+    // rather than the guest running out of memory.
+    let limit = mem_total().map(|m| m / 4).unwrap_or(64 << 20);
+    let _ = std::fs::write(format!("/sys/block/zram{id}/mem_limit"), limit.to_string());
     if let Err(e) = std::fs::write(format!("/sys/block/zram{id}/disksize"), bytes.to_string()) {
         remove_zram(id);
         return Err(io::Error::new(e.kind(), format!("zram{id}: cannot size it to {bytes} bytes: {e}")));
@@ -316,9 +356,18 @@ fn zram_dev(id: u32) -> io::Result<(u32, u32)> {
     ))
 }
 
+/// The guest's memory in bytes (`MemTotal` of /proc/meminfo).
+fn mem_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = text.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    Some(kib * 1024)
+}
+
 fn remove_zram(id: u32) {
     let _ = std::fs::write(format!("/sys/block/zram{id}/reset"), "1");
-    let _ = std::fs::write("/sys/class/zram-control/hot_remove", id.to_string());
+    if std::fs::write("/sys/class/zram-control/hot_remove", id.to_string()).is_err() {
+        return; // still in use: the note keeps it for the next start
+    }
     if let Ok(note) = std::fs::read_to_string(ZRAM_NOTE) {
         let rest: String = note.lines().filter(|l| l.trim() != id.to_string()).map(|l| format!("{l}\n")).collect();
         let _ = std::fs::write(ZRAM_NOTE, rest);

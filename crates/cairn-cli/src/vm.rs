@@ -186,7 +186,8 @@ pub struct WatchdogArgs {
 pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
     let hosts = host_list(&a.hosts);
     let connect = |uri: &str| -> Result<Box<dyn cairn_hypervisor::Hypervisor>> { Ok(Box::new(Libvirt::connect(uri)?)) };
-    let (vms, mut unreachable) = cairn_ops::vm_list::list_vms_on_hosts(&hosts, &connect);
+    let (vms, mut unreachable) =
+        cairn_ops::vm_list::list_vms_on_hosts(&hosts, &connect, cairn_ops::vm_list::GuestDisks::Ask);
     if hosts.len() == 1 && !unreachable.is_empty() {
         return Err(unreachable.remove(0).error.into());
     }

@@ -12,7 +12,8 @@ use crate::Settings;
 /// that could not be listed, with why.
 pub fn refresh(catalog: &Catalog, settings: &Settings) -> anyhow::Result<Vec<(String, String)>> {
     let connect = |uri: &str| (settings.connect)(uri);
-    let (vms, unreachable) = cairn_ops::vm_list::list_vms_on_hosts(&settings.hosts, &connect);
+    let (vms, unreachable) =
+        cairn_ops::vm_list::list_vms_on_hosts(&settings.hosts, &connect, cairn_ops::vm_list::GuestDisks::DoNotAsk);
     let failed: Vec<(String, String)> =
         unreachable.iter().map(|u| (u.host.clone(), format!("{:#}", u.error.error()))).collect();
     let listed: Vec<String> = settings.hosts.iter().filter(|h| !failed.iter().any(|(f, _)| f == *h)).cloned().collect();

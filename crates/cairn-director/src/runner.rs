@@ -224,7 +224,8 @@ impl Runner {
         let connect = |uri: &str| (self.settings.connect)(uri);
         let mut warnings = Vec::new();
         let vms: Vec<String> = if spec.vms.all || !spec.vms.tags.is_empty() {
-            let (found, unreachable) = cairn_ops::vm_list::list_vms_on_hosts(&hosts, &connect);
+            let (found, unreachable) =
+                cairn_ops::vm_list::list_vms_on_hosts(&hosts, &connect, cairn_ops::vm_list::GuestDisks::DoNotAsk);
             for u in unreachable {
                 let said = format!("host {} could not be listed: {:#}", u.host, u.error.error());
                 progress.note(&said);

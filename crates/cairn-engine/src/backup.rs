@@ -113,7 +113,7 @@ pub fn backup_with(
                 bail!("changed ranges for disk {} need a previous restore point of {}", d.name, opts.name)
             }
             (Some(_), Some((pid, p))) => {
-                let pd = p.disks.iter().find(|x| x.name == d.name).with_context(|| {
+                let pd = p.disks.iter().find(|x| x.name == d.name && x.role == d.role).with_context(|| {
                     format!("the previous restore point {} has no disk {}: run a full backup", pid.short(), d.name)
                 })?;
                 if pd.size != d.source.size() {

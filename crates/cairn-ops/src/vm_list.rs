@@ -34,8 +34,16 @@ pub struct VmListing {
     pub guest: GuestSurvey,
 }
 
-/// Every VM of `hv`. Cairn's guest agent is asked only on this machine (`local`).
-pub fn list_vms(hv: &dyn Hypervisor) -> OpResult<Vec<VmListing>> {
+/// Whether a listing asks each running VM which disks only its guest sees (cairn's agent holds
+/// one session at a time: a periodic inventory must not compete with backups for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestDisks {
+    Ask,
+    DoNotAsk,
+}
+
+/// Every VM of `hv`. Cairn's guest agent is asked only on this machine.
+pub fn list_vms(hv: &dyn Hypervisor, guests: GuestDisks) -> OpResult<Vec<VmListing>> {
     let local = cairn_vm::ssh::SshTarget::from_uri(hv.uri())
         .ok()
         .flatten()
@@ -43,7 +51,9 @@ pub fn list_vms(hv: &dyn Hypervisor) -> OpResult<Vec<VmListing>> {
         .then(|| cairn_vm::host::LocalHost { work_dir: crate::DEFAULT_WORK_DIR.into() });
     let mut out = Vec::new();
     for vm in hv.list()? {
-        let guest = if vm.state == VmState::Running {
+        let guest = if guests == GuestDisks::DoNotAsk {
+            GuestSurvey { cairn_agent: "not asked".into(), disks: Vec::new() }
+        } else if vm.state == VmState::Running {
             survey(hv, local.as_ref().map(|l| l as &dyn cairn_vm::host::HostAccess), &vm)
         } else {
             GuestSurvey { cairn_agent: format!("the VM is {}", vm.state.as_str()), disks: Vec::new() }
@@ -109,11 +119,12 @@ pub struct UnreachableHost {
 pub fn list_vms_on_hosts(
     hosts: &[String],
     connect: &crate::hosts::Connect<'_>,
+    guests: GuestDisks,
 ) -> (Vec<HostedVm>, Vec<UnreachableHost>) {
     let mut vms: Vec<HostedVm> = Vec::new();
     let mut unreachable = Vec::new();
     for ListedHost { uri: host, hv } in crate::hosts::connect_all(hosts, connect) {
-        let listed = match hv.and_then(|hv| list_vms(hv.as_ref())) {
+        let listed = match hv.and_then(|hv| list_vms(hv.as_ref(), guests)) {
             Ok(l) => l,
             Err(error) => {
                 unreachable.push(UnreachableHost { host, error });
@@ -174,7 +185,7 @@ mod tests {
             vm("raw", VmState::Running, AgentStatus::Answering, "raw"),
             vm("off", VmState::ShutOff, AgentStatus::NoChannel, "qcow2"),
         ];
-        let got = list_vms(&Handle(fake)).unwrap();
+        let got = list_vms(&Handle(fake), GuestDisks::Ask).unwrap();
         let row = |n: &str| got.iter().find(|v| v.name == n).unwrap();
         assert_eq!((row("web").method.as_str(), row("web").app_consistent), ("app-consistent", true));
         assert_eq!((row("db").method.as_str(), row("db").app_consistent), ("saved-state", false));
@@ -204,7 +215,7 @@ mod tests {
                 }
             }
         };
-        let (vms, down) = list_vms_on_hosts(&hosts, &connect);
+        let (vms, down) = list_vms_on_hosts(&hosts, &connect, GuestDisks::Ask);
         assert_eq!(vms.iter().map(|v| v.vm.name.as_str()).collect::<Vec<_>>(), ["web", "db"]);
         let web = &vms[0];
         assert_eq!(web.host, "fake://b", "placed where it runs");

@@ -726,7 +726,12 @@ fn read_live_point(
         pull_with_qemu_img(live.host, export, o)?;
     }
     let method = record.method;
-    let mut inputs = Vec::new();
+    // The guest's own disks first (each then its hash list): their views in the guest live only
+    // while they are read.
+    let mut inputs = guest.inputs(repo, last.as_ref(), &mut record)?;
+    for m in &record.not_captured {
+        progress.note(&format!("{}: guest disk {} is not in this point: {}", vm.name, m.disk, m.why));
+    }
     for (i, (d, e)) in live.disks.iter().zip(&export.disks).enumerate() {
         let addr = live.host.reach(&cairn_nbd::NbdAddress::parse(&e.uri).map_err(anyhow::Error::msg)?)?;
         let bitmap = match (incremental, &e.dirty_context) {
@@ -748,11 +753,6 @@ fn read_live_point(
         input.role = Some("memory-state".into());
         inputs.push(input);
         record.memory_state = Some("memory-state".into());
-    }
-    // After the host's disks, each guest disk then its hash list (read once the disk is).
-    inputs.extend(guest.inputs(repo, last.as_ref(), &mut record)?);
-    for m in &record.not_captured {
-        progress.note(&format!("{}: guest disk {} is not in this point: {}", vm.name, m.disk, m.why));
     }
     commit(live.host, repo, vm, inputs, last, record, clock, opts, progress)
 }
@@ -952,6 +952,8 @@ fn take_frozen_point(
     guest: &mut GuestDisks,
 ) -> Result<BackupExport> {
     let uuid = vm.uuid.as_str();
+    // Before the applications are quiesced: what the guest's snapshot needs is made ready.
+    guest.before_freeze();
     let pre: Vec<&String> = vm.config.pre_freeze.iter().chain(&opts.pre_freeze).collect();
     for cmd in pre {
         let run = run_hook(hv, uuid, "pre-freeze", cmd).with_context(|| format!("pre-freeze command `{cmd}`"))?;
@@ -961,7 +963,6 @@ fn take_frozen_point(
             bail!("pre-freeze command `{cmd}` failed in the guest (exit {code}); nothing was frozen");
         }
     }
-    guest.before_freeze();
     // The watchdog's limit runs from when it reads this line: later than now.
     let told = Instant::now();
     watchdog.tell(Guard::Frozen)?;

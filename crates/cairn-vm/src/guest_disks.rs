@@ -50,7 +50,10 @@ const PREPARE_WAIT: Duration = Duration::from_secs(30);
 /// The longest a snapshot may take, whatever is left of the freeze budget.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
 const HASHES_WAIT: Duration = Duration::from_secs(120);
-const READ_WAIT: Duration = Duration::from_secs(30);
+/// For at most 1 MiB: an agent slower than 100 KiB/s is taken for stalled.
+const READ_WAIT: Duration = Duration::from_secs(10);
+/// The largest guest disk captured: its hash list (32 bytes per 64 KiB) is held in memory.
+const MAX_GUEST_DISK: u64 = 1 << 40;
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
 /// A session with the agent over its channel: one request at a time, each under a deadline.
@@ -67,7 +70,7 @@ pub struct AgentClient {
 impl AgentClient {
     /// Connects to the channel's socket and says hello; bytes an earlier session left are skipped.
     pub fn connect(socket: &Path) -> Result<AgentClient> {
-        let stream = UnixStream::connect(socket)
+        let stream = connect_within(socket, HELLO_WAIT)
             .with_context(|| format!("cannot connect to the agent's channel {}", socket.display()))?;
         AgentClient::over(stream)
     }
@@ -136,19 +139,11 @@ impl AgentClient {
         }
     }
 
-    fn hashes(&mut self, disk: &str, size: u64) -> Result<Vec<BlockHash>> {
-        let blocks = size.div_ceil(BLOCK);
-        let mut out = Vec::with_capacity(blocks as usize);
-        let mut first = 0u64;
-        while first < blocks {
-            let count = (blocks - first).min(proto::MAX_HASHES as u64) as u32;
-            match self.call(Message::Hashes { disk: disk.into(), first_block: first, count }, HASHES_WAIT)? {
-                Message::HashList(h) => out.extend(h),
-                _ => unreachable!("check_reply lets only HashList answer Hashes"),
-            }
-            first += count as u64;
+    fn hashes(&mut self, disk: &str, first_block: u64, count: u32) -> Result<Vec<BlockHash>> {
+        match self.call(Message::Hashes { disk: disk.into(), first_block, count }, HASHES_WAIT)? {
+            Message::HashList(h) => Ok(h),
+            _ => unreachable!("check_reply lets only HashList answer Hashes"),
         }
-        Ok(out)
     }
 
     fn read(&mut self, disk: &str, offset: u64, out: &mut [u8]) -> Result<()> {
@@ -168,6 +163,62 @@ impl AgentClient {
     fn done(&mut self, request: Message, wait: Duration) -> Result<()> {
         self.call(request, wait).map(|_| ())
     }
+}
+
+/// Connects to a unix socket, giving up after `wait`: QEMU's channel serves one client at a time,
+/// and a blocking connect to it waits while its backlog is full (another session holds it).
+fn connect_within(path: &Path, wait: Duration) -> std::io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::FromRawFd;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied in bounds below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "socket path too long"));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the descriptor is owned by the UnixStream made from it.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let until = Instant::now() + wait;
+    loop {
+        // SAFETY: addr is a valid sockaddr_un of the size given.
+        let r = unsafe {
+            libc::connect(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as u32,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        // A full backlog (EAGAIN) is retried until the deadline.
+        if e.raw_os_error() != Some(libc::EAGAIN) || Instant::now() >= until {
+            return Err(if e.raw_os_error() == Some(libc::EAGAIN) {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "the channel is busy (another session holds it)")
+            } else {
+                e
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// The client, even if a thread panicked while holding it (its state is then `broken` or
+/// consistent: every call either completes or marks it).
+fn lock(c: &Mutex<AgentClient>) -> std::sync::MutexGuard<'_, AgentClient> {
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Reads from the stream until a deadline for the whole reply (a socket timeout alone would
@@ -270,15 +321,21 @@ impl GuestDisks {
                 return g;
             }
         };
+        let mut seen = std::collections::HashSet::new();
         for d in disks.into_iter().filter(|d| !proto::host_visible(&d.transport)) {
             let why = if !d.snapshot_ready {
                 Some(d.reason.clone())
             } else if !frozen {
                 Some("the backup method does not freeze the guest, so its disks cannot be taken at the host's instant (use app-consistent)".into())
-            } else if d.name.len() > 48 {
-                Some("its name is longer than 48 characters".into())
-            } else if d.size == 0 || d.size > cairn_repo::MAX_DISK_SIZE {
-                Some(format!("its size ({} bytes) is out of bounds", d.size))
+            } else if d.name.len() > 48 || d.name.ends_with(".hashes") || !seen.insert(d.name.clone()) {
+                // Its images would collide with another's (`guest-NAME`, `guest-NAME.hashes`).
+                Some("its name is too long, ends in .hashes, or is another disk's".into())
+            } else if d.size == 0 || d.size > MAX_GUEST_DISK {
+                Some(format!(
+                    "its size ({} bytes) is out of bounds (guest disks up to {} GiB: its hash list is held in memory)",
+                    d.size,
+                    MAX_GUEST_DISK >> 30
+                ))
             } else {
                 None
             };
@@ -318,34 +375,36 @@ impl GuestDisks {
         self.capture.iter().map(|d| d.name.clone()).collect()
     }
 
-    /// Gives up on every disk to capture, with the reason.
-    fn give_up(&mut self, why: String) {
+    /// Leaves every disk to capture out of the point, with the reason. The views are released
+    /// later, never here: this may run while the guest is frozen.
+    fn leave_out(&mut self, why: String) {
         for d in self.capture.drain(..) {
             self.not_captured.push(NotCaptured { disk: d.name, transport: d.transport, why: why.clone() });
         }
-        self.release();
     }
 
-    /// Before the freeze: the agent makes ready what the views need (again, if an earlier try
-    /// took them: a retried point must have its guest disks from its own instant).
+    /// Before the pre-freeze commands: the agent makes ready what the views need (again, if an
+    /// earlier try prepared or took them: a retried point must have its guest disks from its own
+    /// instant).
     pub fn before_freeze(&mut self) {
         if !self.any() {
             return;
         }
-        if self.taken {
+        if self.prepared || self.taken {
             self.release();
         }
         let names = self.names();
         let client = self.client.clone().expect("any() holds a client");
-        let r = client.lock().unwrap().done(Message::Prepare { disks: names }, PREPARE_WAIT);
+        let r = lock(&client).done(Message::Prepare { disks: names }, PREPARE_WAIT);
         match r {
             Ok(()) => self.prepared = true,
-            Err(e) => self.give_up(format!("the agent could not prepare the snapshot: {e:#}")),
+            Err(e) => self.leave_out(format!("the agent could not prepare the snapshot: {e:#}")),
         }
     }
 
     /// While the guest is frozen: the agent takes the views, within `budget` (what is left of the
-    /// freeze limit, at most 2 s). A failure leaves the guest's disks out, never the guest frozen.
+    /// freeze limit, at most 2 s). A failure leaves the guest's disks out, never the guest frozen:
+    /// nothing more is asked of the agent until the guest is thawed.
     pub fn at_freeze(&mut self, budget: Duration) {
         if !self.any() || !self.prepared {
             return;
@@ -353,15 +412,19 @@ impl GuestDisks {
         let wait = budget.min(SNAPSHOT_WAIT).max(Duration::from_millis(100));
         let names = self.names();
         let client = self.client.clone().expect("any() holds a client");
-        let r = client.lock().unwrap().done(Message::Snapshot { disks: names }, wait);
+        let r = lock(&client).done(Message::Snapshot { disks: names }, wait);
         match r {
             Ok(()) => self.taken = true,
-            Err(e) => self.give_up(format!("the agent could not take the snapshot while the guest was frozen: {e:#}")),
+            Err(e) => {
+                self.leave_out(format!("the agent could not take the snapshot while the guest was frozen: {e:#}"))
+            }
         }
     }
 
-    /// After the thaw: one input per guest disk and one per hash list, to go into the same point
-    /// after the host's disks; the record says what was captured and what was not.
+    /// After the thaw: one input per guest disk and one per hash list, each list right after its
+    /// disk (the engine backs up a point's inputs one after the other). They go first in the
+    /// point, so the views live only as long as their reads: the last list, once read, releases
+    /// them. The record says what was captured and what was not.
     pub fn inputs(
         &mut self,
         repo: &Arc<Repository>,
@@ -372,15 +435,19 @@ impl GuestDisks {
         if self.any() && self.taken {
             match self.plan_reads(repo, last) {
                 Ok(planned) => {
-                    for (info, input, hashes, rec) in planned {
-                        let _ = info;
+                    for (input, hashes, rec) in planned {
                         inputs.push(input);
                         inputs.push(hashes);
                         record.guest_disks.push(rec);
                     }
                 }
-                Err(e) => self.give_up(format!("the agent could not hash its snapshot: {e:#}")),
+                Err(e) => {
+                    self.leave_out(format!("the agent could not hash its snapshot: {e:#}"));
+                    self.release();
+                }
             }
+        } else {
+            self.release(); // prepared, or a snapshot that failed: nothing to read
         }
         for m in &self.not_captured {
             record.warnings.push(format!("guest disk {} is not in this point: {}", m.disk, m.why));
@@ -389,22 +456,38 @@ impl GuestDisks {
         Ok(inputs)
     }
 
-    #[allow(clippy::type_complexity)]
     fn plan_reads(
         &mut self,
         repo: &Arc<Repository>,
         last: Option<&(PointId, RestorePoint)>,
-    ) -> Result<Vec<(DiskInfo, DiskInput, DiskInput, GuestDiskRecord)>> {
+    ) -> Result<Vec<(DiskInput, DiskInput, GuestDiskRecord)>> {
         let client = self.client.clone().expect("any() holds a client");
         let mut out = Vec::new();
-        for d in &self.capture {
-            let agent_hashes = client.lock().unwrap().hashes(&d.name, d.size)?;
+        let count = self.capture.len();
+        for (i, d) in self.capture.iter().enumerate() {
             let image = format!("guest-{}", d.name);
             let hashes_image = format!("{image}.hashes");
             let stored = last.and_then(|(_, p)| stored_hashes(repo, p, &image, &hashes_image, d.size));
-            let blocks = agent_hashes.len();
-            let (list, changed) = plan_blocks(&agent_hashes, stored.as_deref(), d.size);
-            let zero: Vec<bool> = agent_hashes.iter().map(|h| matches!(h, BlockHash::Zero)).collect();
+            let blocks = d.size.div_ceil(BLOCK);
+            let mut list = vec![UNKNOWN; blocks as usize];
+            let mut zero = vec![false; blocks as usize];
+            let mut changed: Vec<Range> = Vec::new();
+            // The agent's hashes a request at a time, compared as they come: only the host's own
+            // list is held whole.
+            let mut first = 0u64;
+            while first < blocks {
+                let n = (blocks - first).min(proto::MAX_HASHES as u64);
+                let agent = lock(&client).hashes(&d.name, first, n as u32)?;
+                let old = stored.as_ref().map(|o| &o[first as usize..(first + n) as usize]);
+                let span = first as usize..(first + n) as usize;
+                plan_blocks(&agent, old, first, d.size, &mut list[span.clone()], &mut changed);
+                for (z, h) in zero[span].iter_mut().zip(&agent) {
+                    *z = matches!(h, BlockHash::Zero);
+                }
+                first += n;
+            }
+            let changed = cairn_engine::ranges::normalize(changed);
+            drop(stored);
             let list = Arc::new(Mutex::new(list));
             let source = AgentSource {
                 client: client.clone(),
@@ -414,19 +497,18 @@ impl GuestDisks {
                 queue: VecDeque::new(),
                 list: list.clone(),
             };
-            let incremental = stored.is_some();
+            let incremental = last.is_some_and(|(_, p)| stored_hashes_present(p, &image, &hashes_image, d.size));
             let mut input = DiskInput::new(&image, Box::new(source));
             input.role = Some(ROLE_DISK.into());
             input.path = Some(format!("guest:{}", d.name));
-            if incremental {
-                input.changed = Some(changed.clone());
-            }
-            let mut hashes = DiskInput::new(
-                &hashes_image,
-                Box::new(HashListSource { list, size: blocks as u64 * 32, data: None, pending: VecDeque::new() }),
-            );
-            hashes.role = Some(ROLE_HASHES.into());
             let changed_bytes: u64 = changed.iter().map(|r| r.length).sum();
+            if incremental {
+                input.changed = Some(changed);
+            }
+            let release = (i + 1 == count).then(|| client.clone());
+            let mut hashes =
+                DiskInput::new(&hashes_image, Box::new(HashListSource { list, release, pending: VecDeque::new() }));
+            hashes.role = Some(ROLE_HASHES.into());
             let rec = GuestDiskRecord {
                 disk: d.name.clone(),
                 image,
@@ -441,7 +523,7 @@ impl GuestDisks {
                     "no hash list from an earlier point of this disk".into()
                 },
             };
-            out.push((d.clone(), input, hashes, rec));
+            out.push((input, hashes, rec));
         }
         Ok(out)
     }
@@ -450,7 +532,7 @@ impl GuestDisks {
     pub fn release(&mut self) {
         if let Some(c) = &self.client {
             if self.prepared || self.taken {
-                let _ = c.lock().unwrap().done(Message::Release, RELEASE_WAIT);
+                let _ = lock(c).done(Message::Release, RELEASE_WAIT);
             }
         }
         self.prepared = false;
@@ -467,7 +549,7 @@ impl Drop for GuestDisks {
     fn drop(&mut self) {
         self.release();
         if let Some(c) = &self.client {
-            let mut c = c.lock().unwrap();
+            let mut c = lock(c);
             let _ = c.stream.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = proto::write_frame(&mut c.stream, 0, &Message::Bye);
             let _ = c.stream.flush();
@@ -475,32 +557,48 @@ impl Drop for GuestDisks {
     }
 }
 
-/// What the host will believe the point holds, and what to read: for each block, zeros where the
-/// agent says so, the last point's hash where the agent's equals it (kept from the last point),
-/// else [`UNKNOWN`] until read (the block is in the changed ranges). Without a stored list,
-/// every block not zero is read.
-fn plan_blocks(agent: &[BlockHash], stored: Option<&[[u8; 32]]>, size: u64) -> (Vec<[u8; 32]>, Vec<Range>) {
-    let mut list = vec![UNKNOWN; agent.len()];
-    let mut changed: Vec<Range> = Vec::new();
-    for (b, h) in agent.iter().enumerate() {
+/// Plans blocks `first..first + agent.len()` of a guest disk of `size` bytes: into `list` (their
+/// entries), what the host will believe the point holds: zeros where the agent says so, the
+/// last point's hash where the agent's equals it (kept from the last point), else [`UNKNOWN`]
+/// until read; into `changed`, the blocks to read. Without a stored list, every block not zero
+/// is read.
+fn plan_blocks(
+    agent: &[BlockHash],
+    stored: Option<&[[u8; 32]]>,
+    first: u64,
+    size: u64,
+    list: &mut [[u8; 32]],
+    changed: &mut Vec<Range>,
+) {
+    for (i, h) in agent.iter().enumerate() {
         let now = match h {
             BlockHash::Zero => ZERO,
             BlockHash::Blake3(x) => *x,
         };
-        if stored.is_some_and(|old| old.get(b) == Some(&now)) {
-            list[b] = now;
+        if stored.is_some_and(|old| old.get(i) == Some(&now)) {
+            list[i] = now;
             continue;
         }
         if now == ZERO {
-            list[b] = ZERO; // recorded as zeros from the allocation, never read
+            list[i] = ZERO; // recorded as zeros from the allocation, never read
         }
-        let offset = b as u64 * BLOCK;
+        let offset = (first + i as u64) * BLOCK;
         changed.push(Range { offset, length: BLOCK.min(size - offset) });
     }
-    (list, cairn_engine::ranges::normalize(changed))
 }
 
-/// The hash list the last point stored for `image`, when it has both images at this size.
+/// Whether the last point holds `image` (a guest disk of `size` bytes) and its hash list.
+fn stored_hashes_present(last: &RestorePoint, image: &str, hashes: &str, size: u64) -> bool {
+    let blocks = size.div_ceil(BLOCK);
+    last.disks.iter().any(|d| d.name == image && d.role.as_deref() == Some(ROLE_DISK) && d.size == size)
+        && last
+            .disks
+            .iter()
+            .any(|d| d.name == hashes && d.role.as_deref() == Some(ROLE_HASHES) && d.size == blocks * 32)
+}
+
+/// The hash list the last point stored for `image`, when it has both images at this size (read
+/// back checked against its blocks' hashes, like every read).
 fn stored_hashes(
     repo: &Arc<Repository>,
     last: &RestorePoint,
@@ -508,16 +606,21 @@ fn stored_hashes(
     hashes: &str,
     size: u64,
 ) -> Option<Vec<[u8; 32]>> {
-    let disk = last.disks.iter().find(|d| d.name == image && d.role.as_deref() == Some(ROLE_DISK))?;
-    let list = last.disks.iter().find(|d| d.name == hashes && d.role.as_deref() == Some(ROLE_HASHES))?;
-    let blocks = size.div_ceil(BLOCK);
-    if disk.size != size || list.size != blocks * 32 {
+    if !stored_hashes_present(last, image, hashes, size) {
         return None;
     }
+    let list = last.disks.iter().find(|d| d.name == hashes)?;
     let reader = cairn_engine::serve::PointDisk::new(repo.clone(), list.clone());
-    let mut bytes = vec![0u8; list.size as usize];
-    reader.read_exact_at(0, &mut bytes).ok()?;
-    Some(bytes.chunks_exact(32).map(|c| c.try_into().expect("32 bytes")).collect())
+    let mut out: Vec<[u8; 32]> = Vec::with_capacity((list.size / 32) as usize);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < list.size {
+        let n = (list.size - at).min(buf.len() as u64) as usize;
+        reader.read_exact_at(at, &mut buf[..n]).ok()?;
+        out.extend(buf[..n].chunks_exact(32).map(|c| <[u8; 32]>::try_from(c).expect("32 bytes")));
+        at += n as u64;
+    }
+    Some(out)
 }
 
 /// Disks the guest agent (qemu-ga) lists that the hypervisor does not provide: what a backup
@@ -597,21 +700,19 @@ impl Source for AgentSource {
     fn next(&mut self) -> Result<Vec<u8>> {
         let (offset, len, mut buf) = self.queue.pop_front().context("no read was submitted")?;
         buf.resize(len, 0);
-        self.client
-            .lock()
-            .unwrap()
+        lock(&self.client)
             .read(&self.disk, offset, &mut buf)
             .with_context(|| format!("reading guest disk {} through cairn-agent", self.disk))?;
-        let mut list = self.list.lock().unwrap();
-        let first = offset.div_ceil(BLOCK);
-        let mut b = first;
-        while b * BLOCK < offset + len as u64 {
+        let mut list = self.list.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let end = offset + len as u64;
+        let mut b = offset.div_ceil(BLOCK);
+        while b * BLOCK < end {
             let start = b * BLOCK;
-            let end = (start + BLOCK).min(self.size);
-            if end > offset + len as u64 {
-                break; // a block only partly in this read: left UNKNOWN
+            let block_end = (start + BLOCK).min(self.size);
+            if block_end > end {
+                break; // a block only partly in this read: left UNKNOWN, read again next time
             }
-            let block = &buf[(start - offset) as usize..(end - offset) as usize];
+            let block = &buf[(start - offset) as usize..(block_end - offset) as usize];
             list[b as usize] = if block.iter().all(|&x| x == 0) { ZERO } else { *blake3::hash(block).as_bytes() };
             b += 1;
         }
@@ -626,11 +727,11 @@ impl Source for AgentSource {
 }
 
 /// A guest disk's hash list as the host computed it, read once its disk's reads are done (the
-/// engine backs up a point's disks one after the other, the list after its disk).
+/// engine backs up a point's disks one after the other, the list after its disk). The last
+/// one releases the agent's views: every guest disk has been read.
 struct HashListSource {
     list: Arc<Mutex<Vec<[u8; 32]>>>,
-    size: u64,
-    data: Option<Vec<u8>>,
+    release: Option<Arc<Mutex<AgentClient>>>,
     pending: VecDeque<Vec<u8>>,
 }
 
@@ -639,16 +740,26 @@ impl Source for HashListSource {
         "a guest disk's block hashes".into()
     }
     fn size(&self) -> u64 {
-        self.size
+        self.list.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() as u64 * 32
     }
     fn allocation(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        Ok(vec![Extent { offset, length: len.min(self.size.saturating_sub(offset)), kind: Allocation::Data }])
+        Ok(vec![Extent { offset, length: len.min(self.size().saturating_sub(offset)), kind: Allocation::Data }])
     }
     fn submit(&mut self, offset: u64, len: usize, mut buf: Vec<u8>) -> Result<()> {
-        let data = self.data.get_or_insert_with(|| self.list.lock().unwrap().concat());
-        let part = data.get(offset as usize..offset as usize + len).context("a read past the hash list's end")?;
+        if let Some(c) = self.release.take() {
+            // Best effort: the agent also drops its views when the session ends.
+            let _ = lock(&c).done(Message::Release, RELEASE_WAIT);
+        }
+        let list = self.list.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let end = offset.checked_add(len as u64).filter(|&e| e <= list.len() as u64 * 32);
+        let end = end.context("a read past the hash list's end")?;
         buf.clear();
-        buf.extend_from_slice(part);
+        for entry in (offset / 32)..end.div_ceil(32) {
+            let e = &list[entry as usize];
+            let from = offset.saturating_sub(entry * 32).min(32) as usize;
+            let to = (end - entry * 32).min(32) as usize;
+            buf.extend_from_slice(&e[from..to]);
+        }
         self.pending.push_back(buf);
         Ok(())
     }
@@ -787,25 +898,53 @@ mod tests {
         assert!(format!("{e:#}").contains("no answer from cairn-agent"), "{e:#}");
     }
 
+    fn plan(agent: &[BlockHash], stored: Option<&[[u8; 32]]>, size: u64) -> (Vec<[u8; 32]>, Vec<(u64, u64)>) {
+        // In two calls, as the hash pass does a request at a time.
+        let mut list = vec![UNKNOWN; agent.len()];
+        let mut changed = Vec::new();
+        let half = agent.len() / 2;
+        plan_blocks(&agent[..half], stored.map(|s| &s[..half]), 0, size, &mut list[..half], &mut changed);
+        plan_blocks(&agent[half..], stored.map(|s| &s[half..]), half as u64, size, &mut list[half..], &mut changed);
+        let changed = cairn_engine::ranges::normalize(changed);
+        (list, changed.iter().map(|r| (r.offset, r.length)).collect())
+    }
+
     #[test]
     fn blocks_are_read_where_the_agents_hash_differs_from_the_stored_list() {
         let h = |x: u8| BlockHash::Blake3([x; 32]);
         let size = 4 * BLOCK + 100; // a short last block
-        let agent = [h(1), BlockHash::Zero, h(3), h(4), h(5)];
-        // First backup: everything but the zero block is read.
-        let (list, changed) = plan_blocks(&agent, None, size);
+                                    // First backup: everything is in the changed ranges (zero blocks come from the allocation).
+        let (list, changed) = plan(&[h(1), BlockHash::Zero, h(3), h(4), h(5)], None, size);
         assert_eq!(list, [UNKNOWN, ZERO, UNKNOWN, UNKNOWN, UNKNOWN]);
-        let spans: Vec<(u64, u64)> = changed.iter().map(|r| (r.offset, r.length)).collect();
-        assert_eq!(spans, [(0, 4 * BLOCK + 100)]); // the zero block is recorded from the allocation
-                                                   // Next: block 2 changed, block 1 became data, block 4 became zeros.
+        assert_eq!(changed, [(0, 4 * BLOCK + 100)]);
+        // Next: block 2 changed, block 1 became data, block 4 became zeros.
         let stored = [[1; 32], ZERO, [3; 32], [4; 32], [5; 32]];
-        let agent = [h(1), h(9), h(8), h(4), BlockHash::Zero];
-        let (list, changed) = plan_blocks(&agent, Some(&stored), size);
+        let (list, changed) = plan(&[h(1), h(9), h(8), h(4), BlockHash::Zero], Some(&stored), size);
         assert_eq!(list, [[1; 32], UNKNOWN, UNKNOWN, [4; 32], ZERO]);
-        let spans: Vec<(u64, u64)> = changed.iter().map(|r| (r.offset, r.length)).collect();
-        assert_eq!(spans, [(BLOCK, 2 * BLOCK), (4 * BLOCK, 100)]);
+        assert_eq!(changed, [(BLOCK, 2 * BLOCK), (4 * BLOCK, 100)]);
         // A block the host could not hash whole (UNKNOWN) never matches.
-        let (_, changed) = plan_blocks(&[h(1)], Some(&[UNKNOWN]), BLOCK);
-        assert_eq!(changed.len(), 1);
+        let (_, changed) = plan(&[h(1), h(1)], Some(&[UNKNOWN, [1; 32]]), 2 * BLOCK);
+        assert_eq!(changed, [(0, BLOCK)]);
+    }
+
+    #[test]
+    fn the_hash_list_is_served_from_the_hosts_list_and_its_reading_releases_the_views() {
+        let released = Arc::new(Mutex::new(false));
+        let seen = released.clone();
+        let client = fake(move |a, id, m| {
+            if m == Message::Release {
+                *seen.lock().unwrap() = true;
+            }
+            proto::write_frame(a, id, &Message::Done).unwrap();
+        });
+        let list = Arc::new(Mutex::new(vec![[1u8; 32], [2; 32], [3; 32]]));
+        let client = Arc::new(Mutex::new(client));
+        let mut src = HashListSource { list, release: Some(client), pending: VecDeque::new() };
+        assert_eq!(src.size(), 96);
+        src.submit(16, 48, Vec::new()).unwrap();
+        let got = src.next().unwrap();
+        assert_eq!(got, [vec![1u8; 16], vec![2; 32]].concat());
+        assert!(*released.lock().unwrap(), "the views were not released");
+        assert!(src.submit(90, 10, Vec::new()).is_err());
     }
 }

@@ -553,9 +553,10 @@ fn plan_images(
             Some(_) if guest_disk => storage.join(format!("{name}-{}.raw", img.name)),
             Some(role) => storage.join(format!("{name}-{role}")),
         };
-        if host.path_kind(&file)? != PathKind::Missing
-            && !(opts.replace && Some(file.to_string_lossy().as_ref()) == img.path.as_deref())
-        {
+        // Replacing the VM replaces its files: its disks where they were, a guest disk's image
+        // where the last recovery wrote it.
+        let own = Some(file.to_string_lossy().as_ref()) == img.path.as_deref() || guest_disk;
+        if host.path_kind(&file)? != PathKind::Missing && !(opts.replace && own) {
             return Err(Refusal::FileExists(file).into());
         }
         if opts.instant && img.role.is_none() {
