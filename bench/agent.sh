@@ -23,7 +23,6 @@ gib=${BENCH_LUN_GIB:-1}
 work=${BENCH_WORK:-$top/bench/work}/agent
 vm=cairn-bench-agent
 mkdir -p "$work" "$top/bench/results"
-export CAIRN_PASSWORD=bench
 
 "$top/bench/ext4-qcow2.sh" "$work/lun.base.qcow2" "$src" "$gib" glun
 # A fresh copy each run: the guest writes to it.

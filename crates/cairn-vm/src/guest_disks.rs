@@ -473,8 +473,12 @@ impl GuestDisks {
             let mut zero = vec![false; blocks as usize];
             let mut changed: Vec<Range> = Vec::new();
             // The agent's hashes a request at a time, compared as they come: only the host's own
-            // list is held whole.
-            let mut first = 0u64;
+            // list is held whole. Without a list to compare with, there is nothing to skip: the
+            // view is read once, whole (zeros are found by the engine), not hashed first.
+            let mut first = if stored.is_some() { 0 } else { blocks };
+            if stored.is_none() {
+                changed.push(Range { offset: 0, length: d.size });
+            }
             while first < blocks {
                 let n = (blocks - first).min(proto::MAX_HASHES as u64);
                 let agent = lock(&client).hashes(&d.name, first, n as u32)?;
