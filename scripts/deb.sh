@@ -43,6 +43,7 @@ strip --strip-debug "$root/usr/bin/cairn"
 # For the guests: one static file to copy into each (docs/GUIDE.md, "Disks only the guest sees").
 install -D -m 0755 "$agent" "$root/usr/lib/cairn/cairn-agent"
 strip --strip-debug "$root/usr/lib/cairn/cairn-agent"
+install -m 0644 packaging/cairn-agent.service "$root/usr/lib/cairn/cairn-agent.service"
 # The unit in the tree runs a cairn installed by hand (/usr/local/bin); the package's is /usr/bin.
 install -d "$root/lib/systemd/system"
 sed 's|/usr/local/bin/cairn|/usr/bin/cairn|; s|^# Install: cp .*|# Installed by the cairn package; first:|' \

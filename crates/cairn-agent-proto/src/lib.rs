@@ -102,6 +102,10 @@ pub enum Kind {
     Error = 12,
     Bye = 13,
     Prepare = 14,
+    OpenWrite = 15,
+    Write = 16,
+    Zero = 17,
+    CloseWrite = 18,
 }
 
 impl Kind {
@@ -122,6 +126,10 @@ impl Kind {
             12 => Error,
             13 => Bye,
             14 => Prepare,
+            15 => OpenWrite,
+            16 => Write,
+            17 => Zero,
+            18 => CloseWrite,
             _ => return None,
         })
     }
@@ -202,7 +210,27 @@ pub enum Message {
     },
     /// Either side: the session ends.
     Bye,
+    /// Host: open this disk to write it whole (a restore onto it); refused while the disk is
+    /// mounted or open elsewhere, or has a view. `Done`.
+    OpenWrite {
+        disk: String,
+    },
+    /// Host: these bytes at `offset` of the disk open for writing. `Done`.
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Host: zeros over `len` bytes at `offset` (at most [`MAX_ZERO`]). `Done`.
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    /// Host: flush the disk open for writing to stable storage and close it. `Done`.
+    CloseWrite,
 }
+
+/// The most bytes one `Zero` request covers.
+pub const MAX_ZERO: u64 = 1 << 30;
 
 impl Message {
     pub fn kind(&self) -> Kind {
@@ -221,6 +249,10 @@ impl Message {
             Message::Done => Kind::Done,
             Message::Error { .. } => Kind::Error,
             Message::Bye => Kind::Bye,
+            Message::OpenWrite { .. } => Kind::OpenWrite,
+            Message::Write { .. } => Kind::Write,
+            Message::Zero { .. } => Kind::Zero,
+            Message::CloseWrite => Kind::CloseWrite,
         }
     }
 
@@ -243,7 +275,23 @@ impl Message {
                 w.extend_from_slice(nonce);
                 put_text(&mut w, agent, MAX_NAME).map_err(|e| bad(&e))?;
             }
-            Message::ListDisks | Message::Release | Message::Done | Message::Bye => {}
+            Message::ListDisks | Message::Release | Message::Done | Message::Bye | Message::CloseWrite => {}
+            Message::OpenWrite { disk } => put_name(&mut w, disk).map_err(|e| bad(&e))?,
+            Message::Write { offset, data } => {
+                if data.is_empty() || data.len() > MAX_READ as usize {
+                    return Err(bad("1 byte to 1 MiB"));
+                }
+                w.extend_from_slice(&offset.to_le_bytes());
+                w.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                w.extend_from_slice(data);
+            }
+            Message::Zero { offset, len } => {
+                if *len == 0 || *len > MAX_ZERO {
+                    return Err(bad("1 byte to 1 GiB"));
+                }
+                w.extend_from_slice(&offset.to_le_bytes());
+                w.extend_from_slice(&len.to_le_bytes());
+            }
             Message::Disks(disks) => {
                 if disks.len() > MAX_DISKS {
                     return Err(bad("at most 64 disks"));
@@ -330,6 +378,23 @@ impl Message {
             Kind::Release => Message::Release,
             Kind::Done => Message::Done,
             Kind::Bye => Message::Bye,
+            Kind::CloseWrite => Message::CloseWrite,
+            Kind::OpenWrite => Message::OpenWrite { disk: r.name()? },
+            Kind::Write => {
+                let offset = r.u64()?;
+                let n = r.u32()?;
+                if n == 0 || n > MAX_READ {
+                    return Err(r.bad("1 byte to 1 MiB"));
+                }
+                Message::Write { offset, data: r.take(n as usize)?.to_vec() }
+            }
+            Kind::Zero => {
+                let (offset, len) = (r.u64()?, r.u64()?);
+                if len == 0 || len > MAX_ZERO {
+                    return Err(r.bad("1 byte to 1 GiB"));
+                }
+                Message::Zero { offset, len }
+            }
             Kind::Disks => {
                 let n = r.u8()? as usize;
                 if n > MAX_DISKS {
@@ -627,7 +692,16 @@ pub fn check_reply(asked_id: u32, request: &Message, id: u32, reply: &Message) -
             Ok(())
         }
         (Message::ListDisks, Message::Disks(_)) => Ok(()),
-        (Message::Prepare { .. } | Message::Snapshot { .. } | Message::Release, Message::Done) => Ok(()),
+        (
+            Message::Prepare { .. }
+            | Message::Snapshot { .. }
+            | Message::Release
+            | Message::OpenWrite { .. }
+            | Message::Write { .. }
+            | Message::Zero { .. }
+            | Message::CloseWrite,
+            Message::Done,
+        ) => Ok(()),
         (Message::Hashes { count, .. }, Message::HashList(h)) if h.len() == *count as usize => Ok(()),
         (Message::Hashes { count, .. }, Message::HashList(h)) => {
             Err(wrong(format!("{} hashes for {count} blocks", h.len())))

@@ -23,6 +23,10 @@ fn every_message() -> Vec<Message> {
         Message::Done,
         Message::Error { code: 3, message: "no such disk".into() },
         Message::Bye,
+        Message::OpenWrite { disk: "lun0".into() },
+        Message::Write { offset: 4096, data: vec![5; 10] },
+        Message::Zero { offset: 0, len: 1 << 20 },
+        Message::CloseWrite,
     ]
 }
 

@@ -17,6 +17,8 @@ pub struct Disk {
     pub info: DiskInfo,
     /// The device-mapper device whose snapshot is its view (`cairn-NAME`), when it has one.
     pub dm_name: Option<String>,
+    /// Its `/sys/block` (and `/dev`) name: `dm-0`, `nbd2`.
+    pub kernel: String,
 }
 
 /// Every disk of the guest worth naming to the host.
@@ -48,6 +50,7 @@ pub fn list(sys_block: &Path) -> Vec<Disk> {
                         reason: String::new(),
                     },
                     dm_name: Some(name),
+                    kernel: kernel.clone(),
                 });
             }
             // Other device-mapper devices (LVM, crypt) are not disks: the disks beneath them are.
@@ -78,6 +81,7 @@ pub fn list(sys_block: &Path) -> Vec<Disk> {
                 reason,
             },
             dm_name: None,
+            kernel: kernel.clone(),
         });
     }
     out.truncate(cairn_agent_proto::MAX_DISKS);

@@ -81,7 +81,8 @@ pub fn serve(port_name: &str, misbehave: Misbehave) -> io::Result<()> {
         .open(&port)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", port.display())))?;
     eprintln!("cairn-agent {}: serving {}", env!("CARGO_PKG_VERSION"), port.display());
-    let mut session = Session { views: Views::default(), disks: Vec::new(), misbehave, last: Instant::now() };
+    let mut session =
+        Session { views: Views::default(), disks: Vec::new(), writing: None, misbehave, last: Instant::now() };
     loop {
         match wait_readable(&file, Duration::from_secs(1)) {
             Ready::HungUp => {
@@ -157,12 +158,18 @@ fn skip_to_hello(r: &mut dyn Read) -> Result<(u32, Message), ProtoError> {
 struct Session {
     views: Views,
     disks: Vec<Disk>,
+    /// A disk being restored: its name, device and size.
+    writing: Option<(String, File, u64)>,
     misbehave: Misbehave,
     last: Instant,
 }
 
 impl Session {
     fn end(&mut self, why: &str) {
+        if let Some((name, file, _)) = self.writing.take() {
+            eprintln!("cairn-agent: the restore of {name} ended unfinished: {why}");
+            let _ = file.sync_all();
+        }
         if !self.views.is_empty() {
             eprintln!("cairn-agent: dropping the disks' views: {why}");
             self.views.release();
@@ -201,6 +208,16 @@ impl Session {
                     Err(e) => failed(3, e),
                 }
             }
+            // A disk without a view is hashed as it is (a restore's check).
+            Message::Hashes { disk, first_block, count } if !self.views.has(&disk) => {
+                match self
+                    .device(&disk, false)
+                    .and_then(|(f, size)| crate::snap::hash_blocks(&f, size, &disk, first_block, count))
+                {
+                    Ok(h) => Message::HashList(h),
+                    Err(e) => failed(3, e),
+                }
+            }
             Message::Hashes { disk, first_block, count } => match self.views.hashes(&disk, first_block, count) {
                 Ok(h) if self.misbehave == Misbehave::ZeroHashes => {
                     Message::HashList(vec![cairn_agent_proto::BlockHash::Zero; h.len()])
@@ -227,12 +244,96 @@ impl Session {
                 self.views.release();
                 Message::Done
             }
+            Message::OpenWrite { disk } => {
+                if !self.views.is_empty() || self.writing.is_some() {
+                    let e = io::Error::other("a backup's views or another restore are open in this session");
+                    return Some(failed(4, e));
+                }
+                match self.device(&disk, true) {
+                    Ok((f, size)) => {
+                        eprintln!("cairn-agent: restoring {disk} ({size} bytes) from the host");
+                        self.writing = Some((disk, f, size));
+                        Message::Done
+                    }
+                    Err(e) => failed(3, e),
+                }
+            }
+            Message::Write { offset, data } => match self.write_at(offset, &data) {
+                Ok(()) => Message::Done,
+                Err(e) => failed(3, e),
+            },
+            Message::Zero { offset, len } => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut at = offset;
+                let mut r = Ok(());
+                while at < offset.saturating_add(len) && r.is_ok() {
+                    let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                    r = self.write_at(at, &zeros[..n]);
+                    at += n as u64;
+                }
+                match r {
+                    Ok(()) => Message::Done,
+                    Err(e) => failed(3, e),
+                }
+            }
+            Message::CloseWrite => match self.writing.take() {
+                Some((name, file, _)) => match file.sync_all() {
+                    Ok(()) => {
+                        eprintln!("cairn-agent: {name} restored and flushed");
+                        Message::Done
+                    }
+                    Err(e) => failed(3, e),
+                },
+                None => failed(4, io::Error::other("no disk is open for writing")),
+            },
             Message::Bye => {
                 self.end("the host said bye");
                 return None;
             }
             other => Message::Error { code: 1, message: format!("{:?} is not a request", other.kind()) },
         })
+    }
+}
+
+impl Session {
+    /// The device of guest disk `name` and its size: its `cairn-NAME` wrapper, or the disk
+    /// itself when it has none. For writing, opened exclusively (the kernel refuses while it is
+    /// mounted or open elsewhere); never a disk the host backs up itself.
+    fn device(&mut self, name: &str, write: bool) -> io::Result<(File, u64)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.disks = disks::list(Path::new("/sys/block"));
+        let d = self
+            .disks
+            .iter()
+            .find(|d| d.info.name == name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no disk named {name}")))?;
+        if disks::host_visible(&d.info.transport) {
+            return Err(io::Error::other(format!("{name} is the host's to restore, not the agent's")));
+        }
+        let path = Path::new("/dev").join(&d.kernel);
+        let mut o = std::fs::OpenOptions::new();
+        if write {
+            o.write(true).custom_flags(libc::O_EXCL);
+        } else {
+            o.read(true);
+        }
+        let f = o.open(&path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{} ({name}): {e}{}", path.display(), if write { " (unmount it first)" } else { "" }),
+            )
+        })?;
+        Ok((f, d.info.size))
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let (name, file, size) =
+            self.writing.as_ref().ok_or_else(|| io::Error::other("no disk is open for writing"))?;
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > *size) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a write past the end of {name}")));
+        }
+        file.write_all_at(data, offset)
     }
 }
 

@@ -98,26 +98,12 @@ impl Views {
     /// Hashes of `count` blocks of a taken view from block `first`.
     pub fn hashes(&self, name: &str, first: u64, count: u32) -> io::Result<Vec<BlockHash>> {
         let (file, size) = self.taken(name)?;
-        let mut buf = vec![0u8; BLOCK as usize];
-        let mut out = Vec::with_capacity(count as usize);
-        for b in first..first + count as u64 {
-            let off = b * BLOCK;
-            if off >= size {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("block {b} is past the end of {name}"),
-                ));
-            }
-            let len = (size - off).min(BLOCK) as usize;
-            file.read_exact_at(&mut buf[..len], off)?;
-            let block = &buf[..len];
-            out.push(if block.iter().all(|&x| x == 0) {
-                BlockHash::Zero
-            } else {
-                BlockHash::Blake3(*blake3::hash(block).as_bytes())
-            });
-        }
-        Ok(out)
+        hash_blocks(file, size, name, first, count)
+    }
+
+    /// Whether `name` has a view (prepared or taken).
+    pub fn has(&self, name: &str) -> bool {
+        self.views.contains_key(name)
     }
 
     /// `len` bytes at `offset` of a taken view.
@@ -157,6 +143,28 @@ impl Views {
             Err(e) => eprintln!("cairn-agent: cannot release the views: {e}"),
         }
     }
+}
+
+/// Hashes of `count` 64 KiB blocks of `file` (`size` bytes) from block `first`: zeros, or BLAKE3
+/// (the last block may be shorter).
+pub fn hash_blocks(file: &File, size: u64, name: &str, first: u64, count: u32) -> io::Result<Vec<BlockHash>> {
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut out = Vec::with_capacity(count as usize);
+    for b in first..first + count as u64 {
+        let off = b * BLOCK;
+        if off >= size {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("block {b} is past the end of {name}")));
+        }
+        let len = (size - off).min(BLOCK) as usize;
+        file.read_exact_at(&mut buf[..len], off)?;
+        let block = &buf[..len];
+        out.push(if block.iter().all(|&x| x == 0) {
+            BlockHash::Zero
+        } else {
+            BlockHash::Blake3(*blake3::hash(block).as_bytes())
+        });
+    }
+    Ok(out)
 }
 
 fn not_found(name: &str) -> io::Error {

@@ -376,6 +376,18 @@ Examples:\n  cairn restore vm web --repo R --storage /var/lib/libvirt/images --s
 cairn restore vm web@2026-11-25T10 --repo R --storage /srv/vms --as web-test --map-network prod=lab --start\n  \
 cairn restore vm web --repo R --storage /var/lib/libvirt/images --replace --yes --resume-state")]
     Vm(vm::RestoreVm),
+    /// Write a disk only the guest sees back onto it, inside the running VM, through cairn-agent
+    #[command(
+        long_about = "Write a guest disk of a VM restore point (a LUN the guest attached itself, captured through cairn-agent) back onto that disk inside the running VM, through the VM's cairn-agent.
+
+The disk must be unmounted in the guest (the agent opens it exclusively, and refuses while it is in use) and have the point's size. Every block read from the repository is checked against its hash; zero runs are written as zeros. Afterwards the agent hashes the disk and every block must equal what was sent. The disk's old content is overwritten: a question is asked first (or --yes).
+
+To get the disk as a file instead, use `cairn restore vm` (it writes NAME-guest-DISK.raw) or `cairn restore image NAME --disk guest-DISK`.
+
+Example (in the guest first: umount /lun):
+  cairn restore guest-disk db@2026-11-25T10 --disk lun0 --repo R --yes"
+    )]
+    GuestDisk(vm::RestoreGuestDisk),
 }
 
 #[derive(Args)]
@@ -781,6 +793,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Points { name } => points(g, name.as_deref()),
         Command::Restore(RestoreCmd::Image(a)) => restore_image(g, a),
         Command::Restore(RestoreCmd::Vm(a)) => vm::restore(g, a),
+        Command::Restore(RestoreCmd::GuestDisk(a)) => vm::restore_guest_disk(g, a),
         Command::Verify { what: None, points, sample } => verify(g, points, *sample),
         Command::Verify { what: Some(VerifyCmd::Boot(a)), .. } => boot::verify_boot_cmd(g, a),
         Command::Verify { what: Some(VerifyCmd::Locks), .. } => verify_locks(g),

@@ -118,6 +118,63 @@ pub enum DiskFormat {
 }
 
 #[derive(Args)]
+pub struct RestoreGuestDisk {
+    /// NAME[@POINT] of a VM restore point that holds the guest disk
+    point: String,
+    /// The guest disk, by cairn-agent's name for it (`lun0`; `cairn vm list` shows it)
+    #[arg(long, value_name = "NAME")]
+    disk: String,
+    /// The running VM to write it into, by name or UUID [default: the point's VM, by UUID]
+    #[arg(long, value_name = "VM")]
+    vm: Option<String>,
+    /// Hypervisor URI of the VM's host
+    #[arg(long = "host", visible_alias = "connect", default_value = DEFAULT_URI, env = "LIBVIRT_DEFAULT_URI", value_name = "URI")]
+    host: String,
+    /// Overwrite the disk without asking
+    #[arg(long)]
+    yes: bool,
+}
+
+pub fn restore_guest_disk(g: &Global, a: &RestoreGuestDisk) -> Result<i32> {
+    let hv = Libvirt::connect(&a.host)?;
+    let work_dir = PathBuf::from(cairn_ops::DEFAULT_WORK_DIR);
+    let host = cairn_ops::hosts::open_access(&a.host, &work_dir, &cairn_ops::hosts::RemoteSettings::from_env())?;
+    let (repo, _lock) = open_indexed(g, "restore guest-disk")?;
+    let (id, point) = repo.select_point(&a.point)?;
+    let uuid = cairn_repo::vm_record::VmRecord::of(&point).map(|r| r.uuid);
+    let which =
+        a.vm.clone().or(uuid).with_context(|| format!("restore point {} is not a VM's: give --vm", id.short()))?;
+    let vm = hv.find(&which)?;
+    let question = format!(
+        "Disk {} inside VM {} will be overwritten with its copy from restore point {} ({}). Go on?",
+        a.disk,
+        vm.name,
+        id.short(),
+        point.time
+    );
+    if !confirm(&question, a.yes) {
+        bail!("not confirmed: nothing was written");
+    }
+    let done = cairn_ops::vm_recover::restore_guest_disk(host.as_ref(), &vm, &repo, &point, &a.disk, &bar(g))?;
+    if g.json {
+        print_json(&done);
+    } else {
+        println!(
+            "restored guest disk {} of {} ({}) into VM {}: {} data, {} zeros, {} blocks read back and equal, {:.1} s",
+            done.disk,
+            point.name,
+            id.short(),
+            vm.name,
+            bytes(done.data_bytes),
+            bytes(done.zero_bytes),
+            done.verified_blocks,
+            done.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(0)
+}
+
+#[derive(Args)]
 pub struct RestoreVm {
     /// NAME[@POINT] of a VM restore point (see `cairn points`)
     point: String,

@@ -158,6 +158,26 @@ fn a_lun_the_guest_attached_itself_is_in_the_same_point_and_incrementals_read_wh
     assert_eq!(debugfs("/before"), lun_sum);
     assert_eq!(debugfs("/after"), after_sum);
     e.env.ok(&["verify"]);
+
+    // Back onto the LUN itself, through the agent: refused while it is mounted, then, unmounted,
+    // written and read back; the guest mounts it again with the point's files.
+    g.exec("touch /run/writer.pause; rm /lun/before; echo junk > /lun/junk; sync");
+    let args = ["restore", "guest-disk", point.as_str(), "--disk", "lun0", "--yes"];
+    let refused = e.env.run(&args);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("unmount it first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    g.exec("umount /lun");
+    let done = e.env.json(&args);
+    assert_eq!(done["verified_blocks"], 1024, "{done}");
+    g.exec("mount -t ext4 /dev/mapper/cairn-lun0 /lun; rm -f /run/writer.pause");
+    assert_eq!(sha(&g.exec("sha256sum /lun/before")), lun_sum);
+    assert_eq!(sha(&g.exec("sha256sum /lun/after")), after_sum);
+    let junk = g.exec("ls /lun/junk 2>&1 || true");
+    assert!(junk.contains("No such file"), "the LUN kept a file written after the point: {junk}");
     drop(lun);
 }
 

@@ -82,6 +82,7 @@ fn the_debian_package_holds_cairn_its_unit_manual_pages_and_completions() {
         "./usr/share/zsh/vendor-completions/_cairn",
         "./usr/share/doc/cairn/copyright",
         "./usr/lib/cairn/cairn-agent",
+        "./usr/lib/cairn/cairn-agent.service",
     ] {
         assert!(list.lines().any(|l| l.ends_with(path)), "{path} not in the package:\n{list}");
     }

@@ -50,3 +50,16 @@ pub fn execute(
         Recovery::Plan(plan) => plan.execute(hv, host, repo, &instant, progress)?,
     })
 }
+
+/// Writes guest disk `disk` of VM point `point` back onto that disk inside the running VM
+/// `vm`, through its cairn-agent (the disk unmounted there), and checks it by reading it back.
+pub fn restore_guest_disk(
+    host: &dyn HostAccess,
+    vm: &cairn_hypervisor::VmSummary,
+    repo: &std::sync::Arc<Repository>,
+    point: &RestorePoint,
+    disk: &str,
+    progress: &dyn Progress,
+) -> OpResult<cairn_vm::guest_disks::DeviceRestore> {
+    Ok(cairn_vm::guest_disks::restore_onto_device(host, vm, repo, point, disk, progress)?)
+}

@@ -775,6 +775,137 @@ impl Source for HashListSource {
     }
 }
 
+/// What [`restore_onto_device`] did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceRestore {
+    pub disk: String,
+    pub size: u64,
+    /// Bytes sent as data, and as zeros (a request each run, no data).
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    /// Blocks whose hash the agent read back from the device and found equal (all of them).
+    pub verified_blocks: u64,
+    pub duration_ms: u64,
+}
+
+/// Writes guest disk `disk` of VM point `point` back onto that disk in the running VM `vm`,
+/// through its agent: the disk must not be mounted or open in the guest (the agent opens it
+/// exclusively) and must have the point's size. Every block read from the repository is
+/// checked against its hash; afterwards the agent hashes the device and every block must equal
+/// what was sent.
+pub fn restore_onto_device(
+    host: &dyn HostAccess,
+    vm: &VmSummary,
+    repo: &Arc<Repository>,
+    point: &RestorePoint,
+    disk: &str,
+    progress: &dyn cairn_engine::progress::Progress,
+) -> Result<DeviceRestore> {
+    let started = Instant::now();
+    let image_name = format!("guest-{disk}");
+    let image = point
+        .disks
+        .iter()
+        .find(|d| d.name == image_name && d.role.as_deref() == Some(ROLE_DISK))
+        .with_context(|| {
+            let have: Vec<&str> = point
+                .disks
+                .iter()
+                .filter(|d| d.role.as_deref() == Some(ROLE_DISK))
+                .map(|d| d.name.trim_start_matches("guest-"))
+                .collect();
+            format!(
+                "the point holds no guest disk {disk} (it holds: {})",
+                if have.is_empty() { "none".into() } else { have.join(", ") }
+            )
+        })?
+        .clone();
+    let socket =
+        vm.config.cairn_agent_socket.as_deref().filter(|_| vm.config.cairn_agent_channel).with_context(|| {
+            format!("VM {} has no cairn-agent channel (org.cairn.agent.0), or it does not run", vm.name)
+        })?;
+    let socket = match host.reach(&cairn_nbd::NbdAddress::unix(socket, ""))?.transport {
+        cairn_nbd::Transport::Unix { socket } => socket,
+        cairn_nbd::Transport::Tcp { .. } => bail!("the agent's channel is not a socket here"),
+    };
+    let mut c = AgentClient::connect(&socket)?;
+    let found = c.disks()?.into_iter().find(|d| d.name == disk);
+    let found = found.with_context(|| format!("cairn-agent in {} sees no disk {disk}", vm.name))?;
+    if found.size != image.size {
+        bail!(
+            "{disk} in {} is {} bytes and the point's is {}: a restore onto it needs the same size (or restore it to a file with restore vm)",
+            vm.name,
+            found.size,
+            image.size
+        );
+    }
+    c.done(Message::OpenWrite { disk: disk.into() }, PREPARE_WAIT)?;
+    let reader = cairn_engine::serve::PointDisk::new(repo.clone(), image.clone());
+    let blocks = image.size.div_ceil(BLOCK);
+    let mut sent = vec![ZERO; blocks as usize];
+    let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
+    let mut buf = vec![0u8; proto::MAX_READ as usize];
+    let mut at = 0u64;
+    progress.start(&format!("writing {disk} in {}", vm.name), image.size);
+    while at < image.size {
+        if progress.cancelled() {
+            // What was written stays: the disk is the restore's, half done; said so.
+            bail!(
+                "cancelled: {disk} in {} is partly restored ({at} of {} bytes); restore it again",
+                vm.name,
+                image.size
+            );
+        }
+        let n = (image.size - at).min(buf.len() as u64) as usize;
+        reader.read_exact_at(at, &mut buf[..n])?;
+        for (i, block) in buf[..n].chunks(BLOCK as usize).enumerate() {
+            let b = (at / BLOCK) as usize + i;
+            sent[b] = if block.iter().all(|&x| x == 0) { ZERO } else { *blake3::hash(block).as_bytes() };
+        }
+        if buf[..n].iter().all(|&x| x == 0) {
+            c.done(Message::Zero { offset: at, len: n as u64 }, READ_WAIT)?;
+            zero_bytes += n as u64;
+        } else {
+            c.done(Message::Write { offset: at, data: buf[..n].to_vec() }, READ_WAIT)?;
+            data_bytes += n as u64;
+        }
+        at += n as u64;
+        progress.advance(n as u64);
+    }
+    progress.finish();
+    c.done(Message::CloseWrite, PREPARE_WAIT)?;
+    // Read back: the agent hashes the device as it now is.
+    let mut first = 0u64;
+    while first < blocks {
+        let n = (blocks - first).min(proto::MAX_HASHES as u64);
+        let got = c.hashes(disk, first, n as u32)?;
+        for (i, h) in got.iter().enumerate() {
+            let b = first as usize + i;
+            let now = match h {
+                BlockHash::Zero => ZERO,
+                BlockHash::Blake3(x) => *x,
+            };
+            if now != sent[b] {
+                bail!(
+                    "{disk} in {} does not hold what was written at block {b} (offset {}): the restore failed",
+                    vm.name,
+                    b as u64 * BLOCK
+                );
+            }
+        }
+        first += n;
+    }
+    let _ = proto::write_frame(&mut c.stream, 0, &Message::Bye);
+    Ok(DeviceRestore {
+        disk: disk.into(),
+        size: image.size,
+        data_bytes,
+        zero_bytes,
+        verified_blocks: blocks,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
 /// A disk only the guest sees, as `vm list` shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct GuestDiskView {
