@@ -229,8 +229,8 @@ pub enum Message {
     CloseWrite,
 }
 
-/// The most bytes one `Zero` request covers.
-pub const MAX_ZERO: u64 = 1 << 30;
+/// The most bytes one `Zero` request covers (as a `Write`: one buffer, one deadline).
+pub const MAX_ZERO: u64 = MAX_READ as u64;
 
 impl Message {
     pub fn kind(&self) -> Kind {
@@ -287,7 +287,7 @@ impl Message {
             }
             Message::Zero { offset, len } => {
                 if *len == 0 || *len > MAX_ZERO {
-                    return Err(bad("1 byte to 1 GiB"));
+                    return Err(bad("1 byte to 1 MiB"));
                 }
                 w.extend_from_slice(&offset.to_le_bytes());
                 w.extend_from_slice(&len.to_le_bytes());
@@ -391,7 +391,7 @@ impl Message {
             Kind::Zero => {
                 let (offset, len) = (r.u64()?, r.u64()?);
                 if len == 0 || len > MAX_ZERO {
-                    return Err(r.bad("1 byte to 1 GiB"));
+                    return Err(r.bad("1 byte to 1 MiB"));
                 }
                 Message::Zero { offset, len }
             }

@@ -88,6 +88,22 @@ pub fn list(sys_block: &Path) -> Vec<Disk> {
     out
 }
 
+/// The devices a device is built on (`/sys/block/KERNEL/slaves`), recursively: what a
+/// wrapper's writes reach.
+pub fn below(sys_block: &Path, kernel: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![kernel.to_string()];
+    while let Some(k) = todo.pop() {
+        for s in holders_of(&sys_block.join(&k).join("slaves")) {
+            if !out.contains(&s) && out.len() < 64 {
+                out.push(s.clone());
+                todo.push(s);
+            }
+        }
+    }
+    out
+}
+
 pub use cairn_agent_proto::host_visible;
 
 fn transport(sys_block: &Path, kernel: &str) -> String {

@@ -155,20 +155,35 @@ fn skip_to_hello(r: &mut dyn Read) -> Result<(u32, Message), ProtoError> {
     cairn_agent_proto::scan(r, |h| h.kind == Kind::Hello && h.len <= 64, |_| true)
 }
 
+/// A disk open for a restore: exclusively, until the host closes it (after its check).
+struct Writing {
+    name: String,
+    file: File,
+    size: u64,
+    /// Bytes written since the last flush: flushed every [`FLUSH_EVERY`], so that the final
+    /// flush never holds gigabytes of the guest's dirty pages.
+    unflushed: u64,
+}
+
+const FLUSH_EVERY: u64 = 64 << 20;
+
 struct Session {
     views: Views,
     disks: Vec<Disk>,
-    /// A disk being restored: its name, device and size.
-    writing: Option<(String, File, u64)>,
+    /// A disk being restored.
+    writing: Option<Writing>,
     misbehave: Misbehave,
     last: Instant,
 }
 
 impl Session {
     fn end(&mut self, why: &str) {
-        if let Some((name, file, _)) = self.writing.take() {
-            eprintln!("cairn-agent: the restore of {name} ended unfinished: {why}");
-            let _ = file.sync_all();
+        if let Some(w) = self.writing.take() {
+            eprintln!(
+                "cairn-agent: the restore of {} ended unfinished ({why}): do not mount it; restore it again",
+                w.name
+            );
+            let _ = w.file.sync_all();
         }
         if !self.views.is_empty() {
             eprintln!("cairn-agent: dropping the disks' views: {why}");
@@ -191,6 +206,9 @@ impl Session {
                 self.disks = disks::list(Path::new("/sys/block"));
                 Message::Disks(self.disks.iter().map(|d| d.info.clone()).collect())
             }
+            Message::Prepare { .. } | Message::Snapshot { .. } if self.writing.is_some() => {
+                failed(4, io::Error::other("a restore is open in this session"))
+            }
             Message::Prepare { disks } => {
                 self.disks = disks::list(Path::new("/sys/block"));
                 match self.views.prepare(&disks, &self.disks) {
@@ -208,12 +226,16 @@ impl Session {
                     Err(e) => failed(3, e),
                 }
             }
-            // A disk without a view is hashed as it is (a restore's check).
-            Message::Hashes { disk, first_block, count } if !self.views.has(&disk) => {
-                match self
-                    .device(&disk, false)
-                    .and_then(|(f, size)| crate::snap::hash_blocks(&f, size, &disk, first_block, count))
+            // The disk being restored is hashed as it now is on the device (the restore's check),
+            // through the exclusive handle, after a flush and with the page cache dropped.
+            Message::Hashes { disk, first_block, count } if self.writing.as_ref().is_some_and(|w| w.name == disk) => {
+                let w = self.writing.as_mut().expect("checked");
+                match flush_and_forget(w)
+                    .and_then(|()| crate::snap::hash_blocks(&w.file, w.size, &disk, first_block, count))
                 {
+                    Ok(h) if self.misbehave == Misbehave::ZeroHashes => {
+                        Message::HashList(vec![cairn_agent_proto::BlockHash::Zero; h.len()])
+                    }
                     Ok(h) => Message::HashList(h),
                     Err(e) => failed(3, e),
                 }
@@ -250,9 +272,9 @@ impl Session {
                     return Some(failed(4, e));
                 }
                 match self.device(&disk, true) {
-                    Ok((f, size)) => {
+                    Ok((file, size)) => {
                         eprintln!("cairn-agent: restoring {disk} ({size} bytes) from the host");
-                        self.writing = Some((disk, f, size));
+                        self.writing = Some(Writing { name: disk, file, size, unflushed: 0 });
                         Message::Done
                     }
                     Err(e) => failed(3, e),
@@ -262,24 +284,15 @@ impl Session {
                 Ok(()) => Message::Done,
                 Err(e) => failed(3, e),
             },
-            Message::Zero { offset, len } => {
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut at = offset;
-                let mut r = Ok(());
-                while at < offset.saturating_add(len) && r.is_ok() {
-                    let n = (offset + len - at).min(zeros.len() as u64) as usize;
-                    r = self.write_at(at, &zeros[..n]);
-                    at += n as u64;
-                }
-                match r {
-                    Ok(()) => Message::Done,
-                    Err(e) => failed(3, e),
-                }
-            }
+            // At most MAX_ZERO (1 MiB), like a Write: one buffer, one deadline.
+            Message::Zero { offset, len } => match self.write_at(offset, &vec![0u8; len as usize]) {
+                Ok(()) => Message::Done,
+                Err(e) => failed(3, e),
+            },
             Message::CloseWrite => match self.writing.take() {
-                Some((name, file, _)) => match file.sync_all() {
+                Some(w) => match w.file.sync_all() {
                     Ok(()) => {
-                        eprintln!("cairn-agent: {name} restored and flushed");
+                        eprintln!("cairn-agent: {} restored and flushed", w.name);
                         Message::Done
                     }
                     Err(e) => failed(3, e),
@@ -313,28 +326,79 @@ impl Session {
         let path = Path::new("/dev").join(&d.kernel);
         let mut o = std::fs::OpenOptions::new();
         if write {
-            o.write(true).custom_flags(libc::O_EXCL);
+            o.read(true).write(true).custom_flags(libc::O_EXCL); // read too: the check after
         } else {
             o.read(true);
         }
+        if write {
+            // O_EXCL keeps out mounts and other exclusive users; a program that opened the disk
+            // plainly (a database on the raw LUN, dd, an exporter) is looked for.
+            let mut devs = vec![path.clone()];
+            devs.extend(
+                disks::below(Path::new("/sys/block"), &d.kernel).into_iter().map(|k| Path::new("/dev").join(k)),
+            );
+            if let Some((pid, what)) = open_elsewhere(&devs) {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!("{} ({name}) is open in process {pid} ({what}): stop it first", path.display()),
+                ));
+            }
+        }
         let f = o.open(&path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("{} ({name}): {e}{}", path.display(), if write { " (unmount it first)" } else { "" }),
-            )
+            let busy = if e.raw_os_error() == Some(libc::EBUSY) { " (unmount it first)" } else { "" };
+            io::Error::new(e.kind(), format!("{} ({name}): {e}{busy}", path.display()))
         })?;
         Ok((f, d.info.size))
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let (name, file, size) =
-            self.writing.as_ref().ok_or_else(|| io::Error::other("no disk is open for writing"))?;
-        if offset.checked_add(data.len() as u64).is_none_or(|end| end > *size) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a write past the end of {name}")));
+        let w = self.writing.as_mut().ok_or_else(|| io::Error::other("no disk is open for writing"))?;
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > w.size) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a write past the end of {}", w.name)));
         }
-        file.write_all_at(data, offset)
+        w.file.write_all_at(data, offset)?;
+        w.unflushed += data.len() as u64;
+        if w.unflushed >= FLUSH_EVERY {
+            w.file.sync_data()?;
+            w.unflushed = 0;
+        }
+        Ok(())
     }
+}
+
+/// Flushes a disk being restored and drops its cached pages, so that what is read next comes
+/// from the device, not from the guest's memory of what was written.
+fn flush_and_forget(w: &mut Writing) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    w.file.sync_all()?;
+    w.unflushed = 0;
+    // SAFETY: ioctl BLKFLSBUF (_IO(0x12, 97)) on an open block device, no argument.
+    unsafe { libc::ioctl(w.file.as_raw_fd(), 0x1261 as _, 0) };
+    // SAFETY: advice on an open descriptor.
+    unsafe { libc::posix_fadvise(w.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(())
+}
+
+/// A process (other than this one) holding one of `devs` open: its PID and name.
+fn open_elsewhere(devs: &[std::path::PathBuf]) -> Option<(u32, String)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let wanted: Vec<u64> = devs.iter().filter_map(|d| std::fs::metadata(d).ok()).map(|m| m.rdev()).collect();
+    let me = std::process::id();
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        for fd in std::fs::read_dir(p.path().join("fd")).into_iter().flatten().flatten() {
+            let Ok(m) = std::fs::metadata(fd.path()) else { continue };
+            if m.file_type().is_block_device() && wanted.contains(&m.rdev()) {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                return Some((pid, comm.trim().to_string()));
+            }
+        }
+    }
+    None
 }
 
 fn truncate(mut s: String) -> String {

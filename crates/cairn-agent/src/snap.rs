@@ -101,11 +101,6 @@ impl Views {
         hash_blocks(file, size, name, first, count)
     }
 
-    /// Whether `name` has a view (prepared or taken).
-    pub fn has(&self, name: &str) -> bool {
-        self.views.contains_key(name)
-    }
-
     /// `len` bytes at `offset` of a taken view.
     pub fn read(&self, name: &str, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let (file, size) = self.taken(name)?;
@@ -150,8 +145,10 @@ impl Views {
 pub fn hash_blocks(file: &File, size: u64, name: &str, first: u64, count: u32) -> io::Result<Vec<BlockHash>> {
     let mut buf = vec![0u8; BLOCK as usize];
     let mut out = Vec::with_capacity(count as usize);
-    for b in first..first + count as u64 {
-        let off = b * BLOCK;
+    let past = |b: u64| io::Error::new(io::ErrorKind::InvalidInput, format!("block {b} is past the end of {name}"));
+    let end = first.checked_add(count as u64).ok_or_else(|| past(first))?;
+    for b in first..end {
+        let off = b.checked_mul(BLOCK).ok_or_else(|| past(b))?;
         if off >= size {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("block {b} is past the end of {name}")));
         }

@@ -155,7 +155,14 @@ pub fn restore_guest_disk(g: &Global, a: &RestoreGuestDisk) -> Result<i32> {
     if !confirm(&question, a.yes) {
         bail!("not confirmed: nothing was written");
     }
-    let done = cairn_ops::vm_recover::restore_guest_disk(host.as_ref(), &vm, &repo, &point, &a.disk, &bar(g))?;
+    let done = cairn_ops::vm_recover::restore_guest_disk(
+        host.as_ref(),
+        &vm,
+        &repo,
+        &point,
+        &a.disk,
+        &crate::stoppable_bar(g),
+    )?;
     if g.json {
         print_json(&done);
     } else {

@@ -171,6 +171,12 @@ fn a_lun_the_guest_attached_itself_is_in_the_same_point_and_incrementals_read_wh
         String::from_utf8_lossy(&refused.stderr)
     );
     g.exec("umount /lun");
+    // A program reading the LUN underneath (not exclusively, as a database on a raw LUN would).
+    g.exec("(exec 3</dev/nbd0; sleep 60) </dev/null >/dev/null 2>&1 & echo $! > /run/holder.pid");
+    let refused = e.env.run(&args);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("is open in process"), "{said}");
+    g.exec("kill $(cat /run/holder.pid); sleep 0.5");
     let done = e.env.json(&args);
     assert_eq!(done["verified_blocks"], 1024, "{done}");
     g.exec("mount -t ext4 /dev/mapper/cairn-lun0 /lun; rm -f /run/writer.pause");
@@ -286,6 +292,20 @@ fn an_agent_that_lies_stalls_or_dies_cannot_hang_the_backup_keep_the_guest_froze
     let point = format!("{}@{}", g.name, &out[0]["id"].as_str().unwrap()[..8]);
     let ls = e.env.ok(&["files", "ls", &point, "guest-lun0", "/"]);
     assert!(ls.contains("random-2M.bin"), "{ls}");
+
+    // A restore onto the LUN whose read-back lies fails, and says the disk is half done; the
+    // next, honest one goes through.
+    g.exec("touch /run/writer.pause; umount /lun");
+    misbehave(&g, "zero-hashes");
+    let args = ["restore", "guest-disk", point.as_str(), "--disk", "lun0", "--yes"];
+    let o = e.env.run(&args);
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && said.contains("does not hold what was written"), "{said}");
+    assert!(said.contains("partly overwritten"), "{said}");
+    misbehave(&g, "none");
+    e.env.ok(&args);
+    g.exec("mount -t ext4 /dev/mapper/cairn-lun0 /lun; rm -f /run/writer.pause");
+    assert!(g.exec("ls /lun").contains("random-2M.bin"));
 
     // The agent dies in the middle of a read: the backup fails within its read deadline.
     misbehave(&g, "die-on-read");

@@ -828,6 +828,12 @@ pub fn restore_onto_device(
         cairn_nbd::Transport::Unix { socket } => socket,
         cairn_nbd::Transport::Tcp { .. } => bail!("the agent's channel is not a socket here"),
     };
+    if image.size > MAX_GUEST_DISK {
+        bail!(
+            "{disk} is over {} GiB: restore it to a file (restore vm, or restore image --disk {image_name})",
+            MAX_GUEST_DISK >> 30
+        );
+    }
     let mut c = AgentClient::connect(&socket)?;
     let found = c.disks()?.into_iter().find(|d| d.name == disk);
     let found = found.with_context(|| format!("cairn-agent in {} sees no disk {disk}", vm.name))?;
@@ -839,24 +845,61 @@ pub fn restore_onto_device(
             image.size
         );
     }
+    // The same LUN, when both sides know its serial: a disk of the same name and size may be
+    // another LUN now.
+    let recorded =
+        VmRecord::of(point).and_then(|r| r.guest_disks.into_iter().find(|g| g.disk == disk)).map(|g| g.serial);
+    if let Some(serial) = recorded.filter(|s| !s.is_empty() && !found.serial.is_empty() && *s != found.serial) {
+        bail!(
+            "{disk} in {} has serial {}, the point's had serial {serial}: not the same LUN; nothing was written",
+            vm.name,
+            found.serial
+        );
+    }
     c.done(Message::OpenWrite { disk: disk.into() }, PREPARE_WAIT)?;
+    let written = write_and_check(&mut c, repo, &image, disk, progress);
+    let (data_bytes, zero_bytes) = written.with_context(|| {
+        format!("{disk} in {} is partly overwritten: do not mount it there; restore it again", vm.name)
+    })?;
+    let blocks = image.size.div_ceil(BLOCK);
+    let _ = proto::write_frame(&mut c.stream, 0, &Message::Bye);
+    Ok(DeviceRestore {
+        disk: disk.into(),
+        size: image.size,
+        data_bytes,
+        zero_bytes,
+        verified_blocks: blocks,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Writes `image` onto the disk open for writing through `c`, then has the agent hash the device
+/// and compares every block with what was sent; closes it. The first MiB (where a filesystem
+/// keeps its superblock) is zeroed first and written last: a restore cut short leaves a disk
+/// nothing mounts, never a mix of old and new that looks whole. Returns (data, zero) bytes.
+fn write_and_check(
+    c: &mut AgentClient,
+    repo: &Arc<Repository>,
+    image: &cairn_repo::DiskImage,
+    disk: &str,
+    progress: &dyn cairn_engine::progress::Progress,
+) -> Result<(u64, u64)> {
     let reader = cairn_engine::serve::PointDisk::new(repo.clone(), image.clone());
     let blocks = image.size.div_ceil(BLOCK);
     let mut sent = vec![ZERO; blocks as usize];
     let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
-    let mut buf = vec![0u8; proto::MAX_READ as usize];
-    let mut at = 0u64;
-    progress.start(&format!("writing {disk} in {}", vm.name), image.size);
-    while at < image.size {
+    let chunk = proto::MAX_READ as u64;
+    let head = image.size.min(chunk);
+    c.done(Message::Zero { offset: 0, len: head }, READ_WAIT)?;
+    progress.start(&format!("writing {disk}"), image.size);
+    let mut buf = vec![0u8; chunk as usize];
+    // Every chunk but the first, then the first.
+    let offsets = (1..image.size.div_ceil(chunk)).map(|i| i * chunk).chain(std::iter::once(0));
+    for at in offsets {
         if progress.cancelled() {
-            // What was written stays: the disk is the restore's, half done; said so.
-            bail!(
-                "cancelled: {disk} in {} is partly restored ({at} of {} bytes); restore it again",
-                vm.name,
-                image.size
-            );
+            bail!("cancelled");
         }
-        let n = (image.size - at).min(buf.len() as u64) as usize;
+        let n = (image.size - at).min(chunk) as usize;
         reader.read_exact_at(at, &mut buf[..n])?;
         for (i, block) in buf[..n].chunks(BLOCK as usize).enumerate() {
             let b = (at / BLOCK) as usize + i;
@@ -869,12 +912,10 @@ pub fn restore_onto_device(
             c.done(Message::Write { offset: at, data: buf[..n].to_vec() }, READ_WAIT)?;
             data_bytes += n as u64;
         }
-        at += n as u64;
         progress.advance(n as u64);
     }
     progress.finish();
-    c.done(Message::CloseWrite, PREPARE_WAIT)?;
-    // Read back: the agent hashes the device as it now is.
+    // Read back from the device (flushed, its cache dropped), before it is let go.
     let mut first = 0u64;
     while first < blocks {
         let n = (blocks - first).min(proto::MAX_HASHES as u64);
@@ -886,24 +927,13 @@ pub fn restore_onto_device(
                 BlockHash::Blake3(x) => *x,
             };
             if now != sent[b] {
-                bail!(
-                    "{disk} in {} does not hold what was written at block {b} (offset {}): the restore failed",
-                    vm.name,
-                    b as u64 * BLOCK
-                );
+                bail!("the disk does not hold what was written at block {b} (offset {})", b as u64 * BLOCK);
             }
         }
         first += n;
     }
-    let _ = proto::write_frame(&mut c.stream, 0, &Message::Bye);
-    Ok(DeviceRestore {
-        disk: disk.into(),
-        size: image.size,
-        data_bytes,
-        zero_bytes,
-        verified_blocks: blocks,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
+    c.done(Message::CloseWrite, PREPARE_WAIT)?;
+    Ok((data_bytes, zero_bytes))
 }
 
 /// A disk only the guest sees, as `vm list` shows it.
