@@ -135,10 +135,15 @@ pub struct RestoreGuestDisk {
     yes: bool,
 }
 
-pub fn restore_guest_disk(g: &Global, a: &RestoreGuestDisk) -> Result<i32> {
-    let hv = Libvirt::connect(&a.host)?;
+/// The hypervisor at `uri` and its host's side (this machine's default work folder, or SSH).
+fn hypervisor_and_host(uri: &str) -> Result<(Libvirt, Box<dyn cairn_vm::host::HostAccess>)> {
     let work_dir = PathBuf::from(cairn_ops::DEFAULT_WORK_DIR);
-    let host = cairn_ops::hosts::open_access(&a.host, &work_dir, &cairn_ops::hosts::RemoteSettings::from_env())?;
+    let host = cairn_ops::hosts::open_access(uri, &work_dir, &cairn_ops::hosts::RemoteSettings::from_env())?;
+    Ok((Libvirt::connect(uri)?, host))
+}
+
+pub fn restore_guest_disk(g: &Global, a: &RestoreGuestDisk) -> Result<i32> {
+    let (hv, host) = hypervisor_and_host(&a.host)?;
     let (repo, _lock) = open_indexed(g, "restore guest-disk")?;
     let (id, point) = repo.select_point(&a.point)?;
     let uuid = cairn_repo::vm_record::VmRecord::of(&point).map(|r| r.uuid);
@@ -303,7 +308,7 @@ pub fn list(g: &Global, a: &ListArgs) -> Result<i32> {
             AgentStatus::Answering => "answering".to_string(),
         };
         println!("  guest agent: {agent}");
-        if vm.guest.cairn_agent != "no channel (org.cairn.agent.0)" || !vm.guest.disks.is_empty() {
+        if vm.guest.cairn_agent != cairn_vm::guest_disks::NO_CHANNEL || !vm.guest.disks.is_empty() {
             println!("  cairn-agent: {}", vm.guest.cairn_agent);
         }
         for d in &vm.guest.disks {
@@ -436,9 +441,8 @@ fn confirm(question: &str, yes: bool) -> bool {
 pub fn restore(g: &Global, a: &RestoreVm) -> Result<i32> {
     use cairn_engine::target::TargetFormat;
     use cairn_ops::vm_recover::{execute, plan, RecoverOptions, Recovery};
-    let hv = Libvirt::connect(&a.host)?;
+    let (hv, host) = hypervisor_and_host(&a.host)?;
     let work_dir = PathBuf::from(cairn_ops::DEFAULT_WORK_DIR);
-    let host = cairn_ops::hosts::open_access(&a.host, &work_dir, &cairn_ops::hosts::RemoteSettings::from_env())?;
     let (repo, _lock) = open_indexed(g, "restore vm")?;
     let (id, point) = repo.select_point(&a.point)?;
     let mut network_map = Vec::new();

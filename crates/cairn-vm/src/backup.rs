@@ -437,8 +437,9 @@ pub fn backup_vm(
         opts,
         progress,
     );
-    drop(guest); // the agent's views go
-                 // The job ends either way; its scratch files go with it.
+    // The agent's views go (released already when the guest disks were read).
+    drop(guest);
+    // The job ends either way; its scratch files go with it.
     let ended = end_job(hv, &vm.uuid, &opts.run_token);
     drop(_memory_file);
     host.remove_file(&export.socket);

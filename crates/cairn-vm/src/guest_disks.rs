@@ -9,10 +9,14 @@
 //!    devices);
 //! 3. [`GuestDisks::at_freeze`], while the guest is frozen, right before the host's point: the
 //!    agent switches each disk onto a device-mapper snapshot (milliseconds);
-//! 4. after the thaw, [`GuestDisks::inputs`]: the agent hashes every 64 KiB block of its views;
-//!    blocks whose hash differs from the list the last point stored are read (all of them the
-//!    first time) through [`AgentSource`], in the same `backup_with` as the host's disks;
-//! 5. on drop: the views are released.
+//! 4. after the thaw, [`GuestDisks::inputs`]: when the last point stored a hash list, the agent
+//!    hashes every 64 KiB block of its views and only blocks whose hash differs are read (without
+//!    a list, every block, in one pass) through [`AgentSource`], first in the same `backup_with`
+//!    as the host's disks;
+//! 5. once the last hash list is read, the views are released (on drop at the latest).
+//!
+//! [`restore_onto_device`] is the way back: a guest disk of a point written onto its disk
+//! inside the running VM, then read back.
 //!
 //! The agent is not trusted: every byte stored is hashed by the engine as always, the hash list
 //! a point keeps is computed here from the bytes received (never the agent's), every reply is
@@ -55,6 +59,43 @@ const READ_WAIT: Duration = Duration::from_secs(10);
 /// The largest guest disk captured: its hash list (32 bytes per 64 KiB) is held in memory.
 const MAX_GUEST_DISK: u64 = 1 << 40;
 const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// What [`GuestSurvey::cairn_agent`] says of a VM without the agent's channel.
+pub const NO_CHANNEL: &str = "no channel (org.cairn.agent.0)";
+
+/// The point's image of guest disk `disk` (its hash list is this, plus `.hashes`).
+pub fn image_name(disk: &str) -> String {
+    format!("guest-{disk}")
+}
+
+/// A hash list entry for `block` as the host holds it.
+fn entry_of(block: &[u8]) -> [u8; 32] {
+    if block.iter().all(|&x| x == 0) {
+        ZERO
+    } else {
+        *blake3::hash(block).as_bytes()
+    }
+}
+
+/// A hash list entry for what the agent says of a block.
+fn entry_said(h: &BlockHash) -> [u8; 32] {
+    match h {
+        BlockHash::Zero => ZERO,
+        BlockHash::Blake3(x) => *x,
+    }
+}
+
+/// Connects to the cairn-agent of running VM `vm`, through its channel's socket on its host.
+fn connect_to_agent(host: &dyn HostAccess, vm: &VmSummary) -> Result<AgentClient> {
+    let socket =
+        vm.config.cairn_agent_socket.as_deref().filter(|_| vm.config.cairn_agent_channel).with_context(|| {
+            format!("VM {} has no cairn-agent channel (org.cairn.agent.0), or it does not run", vm.name)
+        })?;
+    match host.reach(&cairn_nbd::NbdAddress::unix(socket, ""))?.transport {
+        cairn_nbd::Transport::Unix { socket } => AgentClient::connect(&socket),
+        cairn_nbd::Transport::Tcp { .. } => bail!("the agent's channel is not a socket here"),
+    }
+}
 
 /// A session with the agent over its channel: one request at a time, each under a deadline.
 pub struct AgentClient {
@@ -278,19 +319,11 @@ impl GuestDisks {
     /// guest (only then can its disks be taken at the host's instant).
     pub fn start(hv: &dyn Hypervisor, host: &dyn HostAccess, vm: &VmSummary, frozen: bool) -> GuestDisks {
         let mut g = GuestDisks::none();
-        let socket = vm.config.cairn_agent_socket.as_deref().filter(|_| vm.config.cairn_agent_channel);
-        let Some(socket) = socket else {
+        if vm.config.cairn_agent_socket.is_none() || !vm.config.cairn_agent_channel {
             g.not_captured = seen_without_agent(hv, vm);
             return g;
-        };
-        let connected = host
-            .reach(&cairn_nbd::NbdAddress::unix(socket, ""))
-            .and_then(|a| match a.transport {
-                cairn_nbd::Transport::Unix { socket } => Ok(socket),
-                cairn_nbd::Transport::Tcp { .. } => bail!("the agent's channel is not a socket here"),
-            })
-            .and_then(|s| AgentClient::connect(&s));
-        let mut client = match connected {
+        }
+        let mut client = match connect_to_agent(host, vm) {
             Ok(c) => c,
             Err(e) => {
                 let mut missing = seen_without_agent(hv, vm);
@@ -465,7 +498,7 @@ impl GuestDisks {
         let mut out = Vec::new();
         let count = self.capture.len();
         for (i, d) in self.capture.iter().enumerate() {
-            let image = format!("guest-{}", d.name);
+            let image = image_name(&d.name);
             let hashes_image = format!("{image}.hashes");
             let stored = last.and_then(|(_, p)| stored_hashes(repo, p, &image, &hashes_image, d.size));
             let blocks = d.size.div_ceil(BLOCK);
@@ -542,11 +575,6 @@ impl GuestDisks {
         self.prepared = false;
         self.taken = false;
     }
-
-    /// The agent's version text, if one answered.
-    pub fn agent(&self) -> &str {
-        &self.agent
-    }
 }
 
 impl Drop for GuestDisks {
@@ -575,10 +603,7 @@ fn plan_blocks(
     changed: &mut Vec<Range>,
 ) {
     for (i, h) in agent.iter().enumerate() {
-        let now = match h {
-            BlockHash::Zero => ZERO,
-            BlockHash::Blake3(x) => *x,
-        };
+        let now = entry_said(h);
         if stored.is_some_and(|old| old.get(i) == Some(&now)) {
             list[i] = now;
             continue;
@@ -717,7 +742,7 @@ impl Source for AgentSource {
                 break; // a block only partly in this read: left UNKNOWN, read again next time
             }
             let block = &buf[(start - offset) as usize..(block_end - offset) as usize];
-            list[b as usize] = if block.iter().all(|&x| x == 0) { ZERO } else { *blake3::hash(block).as_bytes() };
+            list[b as usize] = entry_of(block);
             b += 1;
         }
         Ok(buf)
@@ -802,7 +827,7 @@ pub fn restore_onto_device(
     progress: &dyn cairn_engine::progress::Progress,
 ) -> Result<DeviceRestore> {
     let started = Instant::now();
-    let image_name = format!("guest-{disk}");
+    let image_name = image_name(disk);
     let image = point
         .disks
         .iter()
@@ -820,21 +845,13 @@ pub fn restore_onto_device(
             )
         })?
         .clone();
-    let socket =
-        vm.config.cairn_agent_socket.as_deref().filter(|_| vm.config.cairn_agent_channel).with_context(|| {
-            format!("VM {} has no cairn-agent channel (org.cairn.agent.0), or it does not run", vm.name)
-        })?;
-    let socket = match host.reach(&cairn_nbd::NbdAddress::unix(socket, ""))?.transport {
-        cairn_nbd::Transport::Unix { socket } => socket,
-        cairn_nbd::Transport::Tcp { .. } => bail!("the agent's channel is not a socket here"),
-    };
     if image.size > MAX_GUEST_DISK {
         bail!(
             "{disk} is over {} GiB: restore it to a file (restore vm, or restore image --disk {image_name})",
             MAX_GUEST_DISK >> 30
         );
     }
-    let mut c = AgentClient::connect(&socket)?;
+    let mut c = connect_to_agent(host, vm)?;
     let found = c.disks()?.into_iter().find(|d| d.name == disk);
     let found = found.with_context(|| format!("cairn-agent in {} sees no disk {disk}", vm.name))?;
     if found.size != image.size {
@@ -903,7 +920,7 @@ fn write_and_check(
         reader.read_exact_at(at, &mut buf[..n])?;
         for (i, block) in buf[..n].chunks(BLOCK as usize).enumerate() {
             let b = (at / BLOCK) as usize + i;
-            sent[b] = if block.iter().all(|&x| x == 0) { ZERO } else { *blake3::hash(block).as_bytes() };
+            sent[b] = entry_of(block);
         }
         if buf[..n].iter().all(|&x| x == 0) {
             c.done(Message::Zero { offset: at, len: n as u64 }, READ_WAIT)?;
@@ -922,11 +939,7 @@ fn write_and_check(
         let got = c.hashes(disk, first, n as u32)?;
         for (i, h) in got.iter().enumerate() {
             let b = first as usize + i;
-            let now = match h {
-                BlockHash::Zero => ZERO,
-                BlockHash::Blake3(x) => *x,
-            };
-            if now != sent[b] {
+            if entry_said(h) != sent[b] {
                 bail!("the disk does not hold what was written at block {b} (offset {})", b as u64 * BLOCK);
             }
         }
@@ -973,7 +986,7 @@ pub fn survey(hv: &dyn Hypervisor, host: Option<&dyn HostAccess>, vm: &VmSummary
     let cairn_agent = if !g.agent.is_empty() {
         g.agent.clone()
     } else if !channel {
-        "no channel (org.cairn.agent.0)".into()
+        NO_CHANNEL.into()
     } else if host.is_none() {
         "channel present (asked at backup time on that host)".into()
     } else {
