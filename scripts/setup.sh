@@ -11,7 +11,8 @@ pkgs=(e2fsprogs fdisk python3 ca-certificates pkg-config procps mount
       qemu-system-x86 qemu-utils qemu-block-extra libvirt-daemon-system libvirt-clients libvirt-dev
       busybox-static qemu-guest-agent cpio kmod xz-utils binutils python3-aiosmtpd
       dosfstools mtools ntfs-3g lvm2 openssl python3-venv iproute2 util-linux
-      openssh-client openssh-server curl chromium chromium-driver)
+      openssh-client openssh-server curl chromium chromium-driver libc6-dev)
+# libc6-dev: libc.a, for the static build of cairn-agent (scripts/guest.sh agent).
 if [[ "${1:-}" == "--bench" ]]; then
   pkgs+=(restic borgbackup time virtnbdbackup)
 fi
